@@ -1,0 +1,1 @@
+"""egressproxy: a transparent egress proxy with Linkerd and OSM egress policies."""

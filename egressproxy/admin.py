@@ -1,0 +1,155 @@
+"""The admin HTTP server: health, configuration and metrics; it never proxies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from typing import cast
+from dataclasses import dataclass
+
+import h11
+
+from egressproxy.policy.store import PolicyStore
+from egressproxy.settings import Endpoint
+
+log = logging.getLogger("egressproxy.admin")
+
+MAX_REQUEST_HEAD = 16 * 1024
+REQUEST_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    content_type: str
+    body: bytes
+
+
+@dataclass
+class Health:
+    """Readiness as the server sees it: listening, with a policy, and not draining."""
+
+    listening: bool = False
+    draining: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return self.listening and not self.draining
+
+
+Handler = Callable[[dict[str, str]], Response]
+
+
+def text(status: int, body: str) -> Response:
+    return Response(status, "text/plain; charset=utf-8", (body + "\n").encode())
+
+
+def base_handlers(health: Health, store: PolicyStore) -> dict[str, Handler]:
+    def live(_: dict[str, str]) -> Response:
+        return text(200, "live")
+
+    def ready(_: dict[str, str]) -> Response:
+        if health.ready:
+            return text(200, "ready")
+        return text(503, "draining" if health.draining else "not ready")
+
+    def config(_: dict[str, str]) -> Response:
+        snapshot = store.current
+        document = {
+            "file": snapshot.file,
+            "generation": snapshot.generation,
+            "loaded_at": snapshot.loaded_at.isoformat(),
+            "policy": snapshot.index.describe(),
+        }
+        body = json.dumps(document, indent=2, sort_keys=True).encode()
+        return Response(200, "application/json", body + b"\n")
+
+    return {"/live": live, "/ready": ready, "/config": config}
+
+
+class AdminConnection(asyncio.Protocol):
+    """One admin client on h11; GET and HEAD of known paths only."""
+
+    def __init__(self, handlers: dict[str, Handler]) -> None:
+        self.handlers = handlers
+        self.connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        self.transport: asyncio.Transport
+        self.timer: asyncio.TimerHandle
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.timer = asyncio.get_running_loop().call_later(REQUEST_TIMEOUT, transport.close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.timer.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        self.connection.receive_data(data)
+        self._serve()
+
+    def eof_received(self) -> bool:
+        self.connection.receive_data(b"")
+        self._serve()
+        return False
+
+    def _serve(self) -> None:
+        while not self.transport.is_closing():
+            try:
+                event = self.connection.next_event()
+            except h11.RemoteProtocolError as error:
+                self._send(text(error.error_status_hint, "bad request"), head_only=False)
+                self.transport.close()
+                return
+            if event is h11.NEED_DATA or isinstance(event, h11.ConnectionClosed):
+                if isinstance(event, h11.ConnectionClosed):
+                    self.transport.close()
+                return
+            if event is h11.PAUSED:
+                if self.connection.our_state is h11.DONE and self.connection.their_state is h11.DONE:
+                    self.connection.start_next_cycle()
+                    continue
+                return
+            if isinstance(event, h11.Request):
+                self._answer(event)
+
+    def _answer(self, request: h11.Request) -> None:
+        method = request.method.decode("ascii", "replace")
+        path = request.target.decode("ascii", "replace").split("?", 1)[0]
+        headers = {name.decode().lower(): value.decode("latin-1") for name, value in request.headers}
+        handler = self.handlers.get(path)
+        if method not in ("GET", "HEAD"):
+            response = text(405, "method not allowed")
+        elif handler is None:
+            response = text(404, "not found")
+        else:
+            response = handler(headers)
+        self._send(response, head_only=method == "HEAD")
+
+    def _send(self, response: Response, *, head_only: bool) -> None:
+        headers = [
+            ("content-type", response.content_type),
+            ("content-length", str(len(response.body))),
+        ]
+        try:
+            self.transport.write(
+                self.connection.send(h11.Response(status_code=response.status, headers=headers))
+            )
+            if not head_only:
+                self.transport.write(self.connection.send(h11.Data(data=response.body)))
+            self.transport.write(self.connection.send(h11.EndOfMessage()))
+        except h11.LocalProtocolError:
+            self.transport.close()
+            return
+        if self.connection.our_state is h11.MUST_CLOSE:
+            self.transport.close()
+
+
+async def start_admin(endpoint: Endpoint, handlers: dict[str, Handler]) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: AdminConnection(handlers), host=endpoint.host, port=endpoint.port, reuse_address=True
+    )
+    log.info("admin server on %s", endpoint)
+    return server

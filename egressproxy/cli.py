@@ -1,0 +1,239 @@
+"""Command line: argparse into frozen settings and options; the work lives elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from egressproxy.settings import (
+    ADMIN_PORT,
+    DEFAULT_CLUSTER_NETWORKS,
+    DEFAULT_OPAQUE_PORTS,
+    PROXY_PORT,
+    EchPolicy,
+    Endpoint,
+    IPNetwork,
+    LogFormat,
+    Settings,
+    VerifyDestination,
+    bundled_policy,
+    parse_networks,
+)
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def endpoint(text: str) -> Endpoint:
+    """HOST:PORT or [V6]:PORT, host an IP literal."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: {host!r} is not an IP address") from None
+    return Endpoint(str(address), port(port_text))
+
+
+def port(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 < number < 65536:
+        raise argparse.ArgumentTypeError(f"port {number} is outside 1-65535")
+    return number
+
+
+def port_list(text: str) -> frozenset[int]:
+    return frozenset(port(item) for item in text.split(",") if item.strip())
+
+
+def network_list(text: str) -> tuple[IPNetwork, ...]:
+    try:
+        return parse_networks(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def positive_int(text: str) -> int:
+    number = non_negative_int(text)
+    if number == 0:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        number = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return number
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
+def ipv6_available() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def default_listeners() -> tuple[Endpoint, ...]:
+    v4 = Endpoint("0.0.0.0", PROXY_PORT)
+    return (v4, Endpoint("::", PROXY_PORT)) if ipv6_available() else (v4,)
+
+
+def add_identity_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE") or None)
+    parser.add_argument(
+        "--service-account", default=os.environ.get("POD_SERVICE_ACCOUNT") or None
+    )
+    parser.add_argument(
+        "--cluster-networks", type=network_list, default=network_list(DEFAULT_CLUSTER_NETWORKS)
+    )
+    parser.add_argument("--cluster-domain", default="cluster.local")
+    parser.add_argument("--egress-namespace", default="linkerd-egress")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="egressproxy", description="Transparent egress proxy with Linkerd and OSM policies."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the proxy")
+    run.add_argument("--policy", type=Path, default=None)
+    run.add_argument("--listen", type=endpoint, action="append", default=None)
+    run.add_argument("--admin", type=endpoint, default=Endpoint("0.0.0.0", ADMIN_PORT))
+    run.add_argument("--workers", type=positive_int, default=1)
+    add_identity_flags(run)
+    run.add_argument("--mark", type=positive_int, default=None)
+    run.add_argument("--sniff-timeout", type=seconds, default=1.0)
+    run.add_argument("--opaque-ports", type=port_list, default=port_list(DEFAULT_OPAQUE_PORTS))
+    run.add_argument("--max-hostnames", type=non_negative_int, default=1000)
+    run.add_argument("--drain-timeout", type=seconds, default=30.0)
+    run.add_argument("--max-connections", type=positive_int, default=10000)
+    run.add_argument("--connect-timeout", type=seconds, default=5.0)
+    run.add_argument("--idle-timeout", type=seconds, default=3600.0)
+    run.add_argument("--header-timeout", type=seconds, default=10.0)
+    run.add_argument("--max-header-bytes", type=positive_int, default=65536)
+    run.add_argument(
+        "--verify-destination",
+        type=VerifyDestination,
+        choices=list(VerifyDestination),
+        default=VerifyDestination.OFF,
+    )
+    run.add_argument("--ech", type=EchPolicy, choices=list(EchPolicy), default=EchPolicy.ALLOW)
+    run.add_argument("--audit", action="store_true")
+    run.add_argument("--allow-root", action="store_true")
+    run.add_argument(
+        "--log-format", type=LogFormat, choices=list(LogFormat), default=LogFormat.TEXT
+    )
+    run.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+
+    check = commands.add_parser("check", help="validate a policy file and explain decisions")
+    check.add_argument("--policy", type=Path, required=True)
+    check.add_argument("--explain", metavar="DEST", default=None)
+    add_identity_flags(check)
+
+    iptables = commands.add_parser("iptables", help="install the redirect to the proxy")
+    iptables.add_argument("action", choices=("install", "uninstall", "show"))
+    iptables.add_argument("--mode", choices=("sidecar", "gateway"), default="sidecar")
+    iptables.add_argument("--proxy-port", type=port, default=PROXY_PORT)
+    iptables.add_argument("--proxy-uid", type=non_negative_int, default=None)
+    iptables.add_argument("--proxy-mark", type=positive_int, default=None)
+    iptables.add_argument("--exclude-ports", type=port_list, default=frozenset())
+    iptables.add_argument("--include-ports", type=port_list, default=frozenset())
+    iptables.add_argument("--exclude-cidrs", type=network_list, default=())
+    iptables.add_argument("--ipv6", action=argparse.BooleanOptionalAction, default=None)
+    iptables.add_argument("--block-udp", action="store_true")
+    iptables.add_argument("--dry-run", action="store_true")
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    common = {
+        "policy_file": args.policy or bundled_policy(),
+        "namespace": args.namespace,
+        "service_account": args.service_account,
+        "cluster_networks": args.cluster_networks,
+        "cluster_domain": args.cluster_domain,
+        "egress_namespace": args.egress_namespace,
+    }
+    if args.command == "check":
+        return Settings(**common)
+    return Settings(
+        **common,
+        listen=tuple(dict.fromkeys(args.listen)) if args.listen else default_listeners(),
+        admin=args.admin,
+        workers=args.workers,
+        mark=args.mark,
+        sniff_timeout=args.sniff_timeout,
+        opaque_ports=args.opaque_ports,
+        max_hostnames=args.max_hostnames,
+        drain_timeout=args.drain_timeout,
+        max_connections=args.max_connections,
+        connect_timeout=args.connect_timeout,
+        idle_timeout=args.idle_timeout,
+        header_timeout=args.header_timeout,
+        max_header_bytes=args.max_header_bytes,
+        verify_destination=args.verify_destination,
+        ech=args.ech,
+        audit=args.audit,
+        allow_root=args.allow_root,
+        log_format=args.log_format,
+        log_level=args.log_level,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        from egressproxy import server
+
+        return server.main(settings_from(args))
+    if args.command == "check":
+        from egressproxy.policy import explain
+
+        return explain.run_check(settings_from(args), args.explain)
+    from egressproxy.iptables import apply, rules
+
+    options = rules.Options(
+        mode=args.mode,
+        proxy_port=args.proxy_port,
+        proxy_uid=args.proxy_uid,
+        proxy_mark=args.proxy_mark,
+        exclude_ports=args.exclude_ports,
+        include_ports=args.include_ports,
+        exclude_cidrs=args.exclude_cidrs,
+        ipv6=args.ipv6,
+        block_udp=args.block_udp,
+    )
+    return apply.main(args.action, options, dry_run=args.dry_run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""One client connection: original destination → sniff → decide → hand to the actor.
+
+The only module that reads a client before a protocol handler takes over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import cast
+from dataclasses import dataclass, field
+
+from egressproxy import http1, upstream
+from egressproxy.errors import UpstreamError
+from egressproxy.netfilter import local_destination, original_destination
+from egressproxy.policy.decision import (
+    Action,
+    ConnectionFacts,
+    Decision,
+    Destination,
+    Detected,
+)
+from egressproxy.policy.store import PolicyStore
+from egressproxy.relay import Relay, RelayResult
+from egressproxy.settings import Settings
+from egressproxy.sniff import (
+    NEED_MORE,
+    H2Preface,
+    HttpRequestHead,
+    Opaque,
+    Sniffed,
+    TlsHello,
+)
+from egressproxy.sniff.detect import sniff
+
+log = logging.getLogger("egressproxy.flow")
+
+
+@dataclass
+class FlowRecord:
+    """What happened to one connection, for the access log and metrics."""
+
+    client: str
+    destination: Destination | None = None
+    detected: Detected | None = None
+    hostname: str | None = None
+    sniff_outcome: str = ""
+    decision: Decision | None = None
+    error: str = ""
+    bytes_from_client: int = 0
+    bytes_from_upstream: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class FlowContext:
+    """What every connection of a worker shares."""
+
+    settings: Settings
+    policy: PolicyStore
+    open_flows: set[Flow]
+    on_closed: Callable[[FlowRecord], None]
+
+
+def _classify(sniffed: Sniffed) -> tuple[Detected, str | None, str]:
+    """Detected protocol, hostname and sniff outcome word of a sniff result."""
+    if isinstance(sniffed, TlsHello):
+        return Detected.TLS, sniffed.sni, "tls"
+    if isinstance(sniffed, HttpRequestHead):
+        return Detected.HTTP1, sniffed.host, "http1"
+    if isinstance(sniffed, H2Preface):
+        return Detected.H2, None, "h2"
+    return Detected.OPAQUE, None, sniffed.reason
+
+
+class Flow(asyncio.Protocol):
+    """Owns the client transport until a relay or HTTP handler takes it over."""
+
+    def __init__(self, context: FlowContext) -> None:
+        self.context = context
+        self.transport: asyncio.Transport
+        self.buffer = b""
+        self.sniffing = True
+        self.client_eof = False
+        self.client_gone = False
+        self.sniff_timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.record = FlowRecord(client="")
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.context.open_flows.add(self)
+        peer = transport.get_extra_info("peername")
+        self.record.client = f"{peer[0]}:{peer[1]}" if peer else "?"
+        try:
+            destination = original_destination(transport.get_extra_info("socket"))
+        except OSError as error:
+            log.warning("no original destination for %s: %s", self.record.client, error)
+            self._refuse("original_dst_failed")
+            return
+        self.record.destination = destination
+        if destination == local_destination(transport.get_extra_info("sockname")):
+            log.warning("%s connected to the proxy itself, not redirected", self.record.client)
+            self._refuse("loop")
+            return
+        self.snapshot = self.context.policy.current
+        if destination.port in self.context.settings.opaque_ports:
+            self._decide(Opaque("opaque_port"))
+            return
+        loop = asyncio.get_running_loop()
+        self.sniff_timer = loop.call_later(
+            self.context.settings.sniff_timeout, self._sniff_timed_out, "timeout"
+        )
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.sniffing:
+            return
+        result = sniff(self.buffer)
+        if result is NEED_MORE:
+            if len(self.buffer) == len(data):
+                self._restart_sniff_timer()
+            return
+        self._decide(result)
+
+    def eof_received(self) -> bool:
+        self.client_eof = True
+        if self.sniffing:
+            self._decide(Opaque("eof"))
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client_gone = True
+        if self.sniff_timer is not None:
+            self.sniff_timer.cancel()
+        if self.task is None:
+            self._finish(self.record.error or ("reset" if exc else ""))
+
+    def _restart_sniff_timer(self) -> None:
+        """The first bytes came: the hello or request head now has its own, longer deadline."""
+        if self.sniff_timer is not None:
+            self.sniff_timer.cancel()
+        loop = asyncio.get_running_loop()
+        self.sniff_timer = loop.call_later(
+            self.context.settings.sniff_complete_timeout, self._sniff_timed_out, "incomplete"
+        )
+
+    def _sniff_timed_out(self, reason: str) -> None:
+        if self.sniffing:
+            self._decide(Opaque(reason))
+
+    def _decide(self, sniffed: Sniffed) -> None:
+        self.sniffing = False
+        if self.sniff_timer is not None:
+            self.sniff_timer.cancel()
+        detected, hostname, outcome = _classify(sniffed)
+        assert self.record.destination is not None
+        self.record.detected, self.record.hostname = detected, hostname
+        self.record.sniff_outcome = outcome
+        facts = ConnectionFacts(self.record.destination, detected, hostname)
+        decision = self.snapshot.index.decide_connection(facts)
+        self.record.decision = decision
+        if decision.action is Action.DENY and not decision.audit:
+            self._deny(detected)
+            return
+        if decision.backend is not None and decision.action is Action.ROUTE:
+            host, port = decision.backend.host, decision.backend.port
+        else:
+            host, port = str(self.record.destination.ip), self.record.destination.port
+        self.transport.pause_reading()
+        self.task = asyncio.get_running_loop().create_task(
+            self._connect(host, port, detected), name=f"connect {self.record.client}→{host}:{port}"
+        )
+
+    def _deny(self, detected: Detected) -> None:
+        """A denied TLS or opaque connection is closed before anything goes upstream."""
+        if detected is Detected.HTTP1:
+            self.transport.write(http1.error_response(403, "traffic not allowed"))
+            self.record.error = ""
+        else:
+            self.record.error = "forbidden"
+        self.transport.close()
+
+    async def _connect(self, host: str, port: int, detected: Detected) -> None:
+        settings = self.context.settings
+        relay = Relay(self.transport, idle_timeout=settings.idle_timeout, on_close=self._relayed)
+        try:
+            await upstream.connect(
+                host,
+                port,
+                lambda: relay.upstream,
+                timeout=settings.connect_timeout,
+                mark=settings.mark,
+            )
+        except UpstreamError as error:
+            log.info("%s → %s:%s: %s", self.record.client, host, port, error)
+            self.record.error = error.kind
+            if detected is Detected.HTTP1 and not self.client_gone:
+                status = 504 if error.kind == "connect_timeout" else 502
+                self.transport.write(http1.error_response(status, error.kind))
+            self.transport.close()
+            if self.client_gone:
+                self._finish(error.kind)
+            return
+        if self.client_gone:
+            relay.upstream.transport.abort()
+            self._finish("reset")
+            return
+        relay.start(self.buffer, self.client_eof)
+        self.buffer = b""
+
+    def _relayed(self, result: RelayResult) -> None:
+        self.record.bytes_from_client = result.bytes_from_client
+        self.record.bytes_from_upstream = result.bytes_from_upstream
+        self._finish(result.error)
+
+    def _refuse(self, error: str) -> None:
+        self.sniffing = False
+        self.record.error = error
+        self.transport.abort()
+
+    def _finish(self, error: str) -> None:
+        if self not in self.context.open_flows:
+            return
+        self.context.open_flows.discard(self)
+        self.record.error = self.record.error or error
+        self.context.on_closed(self.record)
+
+    def abort(self) -> None:
+        """Drain ran out of time: cut the connection."""
+        self.record.error = self.record.error or "drain"
+        self.transport.abort()

@@ -1,0 +1,114 @@
+"""What the data plane asks the policy, and what it gets back: plain frozen data.
+
+A Decision says what to do and carries the identity of the parent and route
+whose labels the metrics put on every sample, so nothing downstream re-derives
+policy.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class Action(enum.Enum):
+    PASS = "pass"
+    """Forward to the original destination."""
+    DENY = "deny"
+    ROUTE = "route"
+    """Forward to Decision.backend instead of the original destination."""
+
+
+class RouteProtocol(enum.Enum):
+    """Which route family (and metric family) a decision belongs to."""
+
+    HTTP = "http"
+    GRPC = "grpc"
+    TLS = "tls"
+    TCP = "tcp"
+
+
+class Detected(enum.Enum):
+    """What the sniffer saw on the connection."""
+
+    HTTP1 = "http1"
+    H2 = "h2"
+    TLS = "tls"
+    OPAQUE = "opaque"
+
+
+@dataclass(frozen=True)
+class Destination:
+    """The original destination recovered with SO_ORIGINAL_DST."""
+
+    ip: IPAddress
+    port: int
+
+
+@dataclass(frozen=True)
+class ConnectionFacts:
+    """Everything known when the first bytes have been sniffed."""
+
+    destination: Destination
+    detected: Detected
+    hostname: str | None
+    """SNI or HTTP Host without port, lower-case; None when absent."""
+
+
+@dataclass(frozen=True)
+class RequestFacts:
+    """One HTTP request (HTTP/1.x or an HTTP/2 stream)."""
+
+    destination: Destination
+    hostname: str | None
+    method: str
+    path: str
+    """Path without the query string."""
+    query: str
+    headers: tuple[tuple[str, str], ...]
+    """Header names lower-case, in the order the client sent them."""
+    grpc: bool
+    """content-type application/grpc: matched against GRPCRoutes."""
+
+
+@dataclass(frozen=True)
+class ParentRef:
+    group: str
+    kind: str
+    namespace: str
+    name: str
+    port: str
+    section_name: str
+
+
+@dataclass(frozen=True)
+class RouteRef:
+    group: str
+    kind: str
+    namespace: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Backend:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    protocol: RouteProtocol
+    parent: ParentRef | None
+    """None when no egress policy applies at all (traffic passes untouched)."""
+    route: RouteRef | None
+    backend: Backend | None = None
+    audit: bool = False
+    """The policy that produced a DENY is in audit mode: log would_deny, let it pass."""
+    verify_destination: str | None = None
+    """Per-network override of --verify-destination (off|log|enforce), else None."""
+    reason: str = ""
+    """One line saying why, for `check --explain` and debug logs."""

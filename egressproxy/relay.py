@@ -1,0 +1,153 @@
+"""Opaque splice between two transports: backpressure, half-close, idle timeout, reset.
+
+Measured against os.splice through a pipe (benchmarks/README.md): uvloop's
+transports move the bytes with one copy each way and no extra system calls per
+chunk, and they survive a peer reset, so they are the relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import cast
+from dataclasses import dataclass
+
+WRITE_BUFFER_HIGH = 256 * 1024
+"""Above this many unsent bytes towards one side, reading from the other pauses."""
+WRITE_BUFFER_LOW = 64 * 1024
+
+
+@dataclass(frozen=True)
+class RelayResult:
+    bytes_from_client: int
+    bytes_from_upstream: int
+    error: str
+    """"" for a clean close; else a short word (reset, idle_timeout, drain)."""
+
+
+class _Side(asyncio.Protocol):
+    """One end of the splice; writes what it reads to its peer's transport."""
+
+    def __init__(self, relay: Relay, name: str) -> None:
+        self.relay = relay
+        self.name = name
+        self.transport: asyncio.Transport
+        self.peer: _Side
+        self.received = 0
+        self.eof = False
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        self.peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.relay.half_closed()
+        return True
+
+    def pause_writing(self) -> None:
+        self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.relay.side_lost(self, exc)
+
+
+class Relay:
+    """Splices client and upstream until both are done, then reports once."""
+
+    def __init__(
+        self,
+        client: asyncio.Transport,
+        *,
+        idle_timeout: float,
+        on_close: Callable[[RelayResult], None],
+    ) -> None:
+        """Prepare both sides; `upstream` is the protocol to connect the upstream with.
+
+        Bytes the upstream sends before start() (a server-speaks-first banner)
+        already go to the client.
+        """
+        self._loop = asyncio.get_running_loop()
+        self._on_close = on_close
+        self._error = ""
+        self._reported = False
+        self.client = _Side(self, "client")
+        self.upstream = _Side(self, "upstream")
+        self.client.peer, self.upstream.peer = self.upstream, self.client
+        self.client.transport = client
+        self._idle_timeout = idle_timeout
+        self._idle_seen = -1
+        self._idle_ticks = 0
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    def start(self, first_bytes: bytes, client_eof: bool) -> None:
+        """Take over the client once the upstream is connected, sending what was sniffed."""
+        client, upstream = self.client.transport, self.upstream.transport
+        for transport in (client, upstream):
+            transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
+        client.set_protocol(self.client)
+        if first_bytes:
+            self.client.received += len(first_bytes)
+            upstream.write(first_bytes)
+        self._idle_timer = self._loop.call_later(self._idle_timeout / 4, self._check_idle)
+        if client_eof:
+            self.client.eof = True
+            self.half_closed()
+        client.resume_reading()
+
+    def half_closed(self) -> None:
+        """Pass an EOF on; when both directions are finished, close."""
+        for side in (self.client, self.upstream):
+            peer = side.peer.transport
+            if side.eof and not peer.is_closing() and peer.can_write_eof():
+                peer.write_eof()
+        if self.client.eof and self.upstream.eof:
+            self.close()
+
+    def close(self, error: str = "") -> None:
+        """Close both sides gracefully (pending bytes are flushed first)."""
+        if error and not self._error:
+            self._error = error
+        self.client.transport.close()
+        self.upstream.transport.close()
+
+    def abort(self, error: str) -> None:
+        if not self._error:
+            self._error = error
+        self.client.transport.abort()
+        self.upstream.transport.abort()
+
+    def side_lost(self, side: _Side, exc: Exception | None) -> None:
+        if exc is not None:
+            self.abort("reset")
+        else:
+            side.peer.transport.close()
+        if self.client.lost and self.upstream.lost:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+            if not self._reported:
+                self._reported = True
+                self._on_close(
+                    RelayResult(self.client.received, self.upstream.received, self._error)
+                )
+
+    def _check_idle(self) -> None:
+        """Runs every quarter of the idle timeout: close when no byte moved in a whole timeout."""
+        moved = self.client.received + self.upstream.received
+        if moved != self._idle_seen:
+            self._idle_seen = moved
+            self._idle_ticks = 0
+        else:
+            self._idle_ticks += 1
+            if self._idle_ticks >= 4:
+                self.abort("idle_timeout")
+                return
+        self._idle_timer = self._loop.call_later(self._idle_timeout / 4, self._check_idle)

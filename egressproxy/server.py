@@ -1,0 +1,233 @@
+"""Process life: listeners, workers, signals, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import resource
+import signal
+import socket
+import sys
+from collections.abc import Callable
+
+import uvloop
+
+from egressproxy import admin
+from egressproxy.flow import Flow, FlowContext, FlowRecord
+from egressproxy.policy.errors import PolicyError
+from egressproxy.policy.store import PolicyStore
+from egressproxy.settings import Endpoint, Settings
+
+log = logging.getLogger("egressproxy.server")
+
+LISTEN_BACKLOG = 4096
+
+
+def main(settings: Settings) -> int:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    problem = startup_problem(settings)
+    if problem:
+        print(f"egressproxy: {problem}", file=sys.stderr)
+        return 2
+    raise_open_file_limit()
+    store = PolicyStore(settings, on_reload=None)
+    try:
+        store.load_initial()
+    except PolicyError as error:
+        print(error, file=sys.stderr)
+        return 1
+    try:
+        listeners = [bind_listener(endpoint, settings.listen) for endpoint in settings.listen]
+    except OSError as error:
+        print(f"egressproxy: cannot listen: {error}", file=sys.stderr)
+        return 2
+    if settings.workers == 1:
+        return uvloop.run(serve(settings, store, listeners, with_admin=True))
+    return supervise(settings, store, listeners)
+
+
+def startup_problem(settings: Settings) -> str:
+    """Why the proxy must not start as configured, or ""."""
+    if os.geteuid() == 0 and not settings.allow_root:
+        return (
+            "refusing to run as root: the redirect tells the proxy's own traffic apart by uid "
+            "or mark; run as a dedicated user (or pass --allow-root with --mark)"
+        )
+    if settings.mark is not None:
+        with socket.socket() as probe:
+            try:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, settings.mark)
+            except PermissionError:
+                return "--mark needs CAP_NET_ADMIN (setting SO_MARK was refused)"
+    return ""
+
+
+def raise_open_file_limit() -> None:
+    """Each connection holds two descriptors; take the whole hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def bind_listener(endpoint: Endpoint, all_endpoints: tuple[Endpoint, ...]) -> socket.socket:
+    """A listening socket shared by every worker through SO_REUSEPORT.
+
+    A v6 wildcard beside a v4 listener on the same port takes v6 only; alone it
+    is dual-stack and v4 clients arrive as v4-mapped addresses.
+    """
+    family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            has_v4 = any(":" not in other.host and other.port == endpoint.port for other in all_endpoints)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if has_v4 else 0)
+        sock.bind((endpoint.host, endpoint.port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def log_flow(record: FlowRecord) -> None:
+    decision = record.decision
+    log.debug(
+        "flow client=%s dst=%s proto=%s host=%s action=%s error=%s up=%d down=%d",
+        record.client,
+        f"{record.destination.ip}:{record.destination.port}" if record.destination else "-",
+        record.detected.value if record.detected else "-",
+        record.hostname or "-",
+        decision.action.value if decision else "-",
+        record.error or "-",
+        record.bytes_from_client,
+        record.bytes_from_upstream,
+    )
+
+
+async def serve(
+    settings: Settings,
+    store: PolicyStore,
+    listeners: list[socket.socket],
+    *,
+    with_admin: bool,
+    on_listening: Callable[[], None] | None = None,
+) -> int:
+    """Run one worker until SIGTERM, then drain."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, store.reload, True)
+    watcher = loop.create_task(store.watch(), name="policy watch")
+    context = FlowContext(settings, store, set(), log_flow)
+    health = admin.Health()
+    admin_server = None
+    if with_admin:
+        admin_server = await admin.start_admin(settings.admin, admin.base_handlers(health, store))
+    servers = [
+        await loop.create_server(lambda: Flow(context), sock=sock, backlog=LISTEN_BACKLOG)
+        for sock in listeners
+    ]
+    health.listening = True
+    log.info("listening on %s", ", ".join(str(endpoint) for endpoint in settings.listen))
+    if on_listening is not None:
+        on_listening()
+    await stop.wait()
+    health.draining = True
+    log.info("draining %d open connections (up to %ss)", len(context.open_flows), settings.drain_timeout)
+    for server in servers:
+        server.close()
+    await drain(context.open_flows, settings.drain_timeout)
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    if admin_server is not None:
+        admin_server.close()
+    log.info("stopped")
+    return 0
+
+
+async def drain(open_flows: set[Flow], timeout: float) -> None:
+    """Let open connections finish; cut whatever is left when the time is up."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while open_flows and loop.time() < deadline:
+        await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+    for flow in list(open_flows):
+        flow.abort()
+    await asyncio.sleep(0)
+
+
+def supervise(settings: Settings, store: PolicyStore, listeners: list[socket.socket]) -> int:
+    """--workers N: N forked workers share the listeners; this process serves admin."""
+    ready_read, ready_write = os.pipe()
+    children: list[int] = []
+    for _ in range(settings.workers):
+        pid = os.fork()
+        if pid == 0:
+            os.close(ready_read)
+            code = uvloop.run(
+                serve(
+                    settings,
+                    store,
+                    listeners,
+                    with_admin=False,
+                    on_listening=lambda: os.write(ready_write, b"."),
+                )
+            )
+            os._exit(code)
+        children.append(pid)
+    os.close(ready_write)
+    for sock in listeners:
+        sock.close()
+    return uvloop.run(_supervisor(settings, store, children, ready_read))
+
+
+async def _supervisor(
+    settings: Settings, store: PolicyStore, children: list[int], ready_read: int
+) -> int:
+    loop = asyncio.get_running_loop()
+    health = admin.Health()
+    stop = asyncio.Event()
+
+    def forward(signum: int) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        if signum == signal.SIGHUP:
+            store.reload(True)
+        else:
+            stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(signum, forward, signum)
+    admin_server = await admin.start_admin(settings.admin, admin.base_handlers(health, store))
+    watcher = loop.create_task(store.watch(), name="policy watch")
+    started = 0
+    while started < len(children):
+        chunk = await loop.run_in_executor(None, os.read, ready_read, len(children))
+        if not chunk:
+            break
+        started += len(chunk)
+    os.close(ready_read)
+    health.listening = started == len(children)
+    await stop.wait()
+    health.draining = True
+    exit_codes = await asyncio.gather(
+        *(loop.run_in_executor(None, os.waitpid, pid, 0) for pid in children)
+    )
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    admin_server.close()
+    failed = [pid for pid, status in exit_codes if os.waitstatus_to_exitcode(status) != 0]
+    return 1 if failed else 0
