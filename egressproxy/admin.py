@@ -6,8 +6,8 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
-from typing import cast
 from dataclasses import dataclass
+from typing import cast
 
 import h11
 
@@ -107,7 +107,10 @@ class AdminConnection(asyncio.Protocol):
                     self.transport.close()
                 return
             if event is h11.PAUSED:
-                if self.connection.our_state is h11.DONE and self.connection.their_state is h11.DONE:
+                if (
+                    self.connection.our_state is h11.DONE
+                    and self.connection.their_state is h11.DONE
+                ):
                     self.connection.start_next_cycle()
                     continue
                 return
@@ -117,7 +120,9 @@ class AdminConnection(asyncio.Protocol):
     def _answer(self, request: h11.Request) -> None:
         method = request.method.decode("ascii", "replace")
         path = request.target.decode("ascii", "replace").split("?", 1)[0]
-        headers = {name.decode().lower(): value.decode("latin-1") for name, value in request.headers}
+        headers = {
+            name.decode().lower(): value.decode("latin-1") for name, value in request.headers
+        }
         handler = self.handlers.get(path)
         if method not in ("GET", "HEAD"):
             response = text(405, "method not allowed")
@@ -149,7 +154,10 @@ class AdminConnection(asyncio.Protocol):
 async def start_admin(endpoint: Endpoint, handlers: dict[str, Handler]) -> asyncio.Server:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: AdminConnection(handlers), host=endpoint.host, port=endpoint.port, reuse_address=True
+        lambda: AdminConnection(handlers),
+        host=endpoint.host,
+        port=endpoint.port,
+        reuse_address=True,
     )
     log.info("admin server on %s", endpoint)
     return server

@@ -108,9 +108,7 @@ def default_listeners() -> tuple[Endpoint, ...]:
 
 def add_identity_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE") or None)
-    parser.add_argument(
-        "--service-account", default=os.environ.get("POD_SERVICE_ACCOUNT") or None
-    )
+    parser.add_argument("--service-account", default=os.environ.get("POD_SERVICE_ACCOUNT") or None)
     parser.add_argument(
         "--cluster-networks", type=network_list, default=network_list(DEFAULT_CLUSTER_NETWORKS)
     )

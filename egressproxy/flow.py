@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import cast
-from dataclasses import dataclass, field
 
 from egressproxy import http1, upstream
 from egressproxy.errors import UpstreamError
@@ -18,11 +16,10 @@ from egressproxy.netfilter import local_destination, original_destination
 from egressproxy.policy.decision import (
     Action,
     ConnectionFacts,
-    Decision,
-    Destination,
     Detected,
 )
 from egressproxy.policy.store import PolicyStore
+from egressproxy.records import Accounting, FlowRecord
 from egressproxy.relay import Relay, RelayResult
 from egressproxy.settings import Settings
 from egressproxy.sniff import (
@@ -39,29 +36,13 @@ log = logging.getLogger("egressproxy.flow")
 
 
 @dataclass
-class FlowRecord:
-    """What happened to one connection, for the access log and metrics."""
-
-    client: str
-    destination: Destination | None = None
-    detected: Detected | None = None
-    hostname: str | None = None
-    sniff_outcome: str = ""
-    decision: Decision | None = None
-    error: str = ""
-    bytes_from_client: int = 0
-    bytes_from_upstream: int = 0
-    started: float = field(default_factory=time.monotonic)
-
-
-@dataclass
 class FlowContext:
     """What every connection of a worker shares."""
 
     settings: Settings
     policy: PolicyStore
     open_flows: set[Flow]
-    on_closed: Callable[[FlowRecord], None]
+    accounting: Accounting
 
 
 def _classify(sniffed: Sniffed) -> tuple[Detected, str | None, str]:
@@ -92,6 +73,7 @@ class Flow(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.context.open_flows.add(self)
+        self.context.accounting.connection_opened()
         peer = transport.get_extra_info("peername")
         self.record.client = f"{peer[0]}:{peer[1]}" if peer else "?"
         try:
@@ -159,9 +141,11 @@ class Flow(asyncio.Protocol):
         assert self.record.destination is not None
         self.record.detected, self.record.hostname = detected, hostname
         self.record.sniff_outcome = outcome
+        self.record.ech = isinstance(sniffed, TlsHello) and sniffed.ech
         facts = ConnectionFacts(self.record.destination, detected, hostname)
         decision = self.snapshot.index.decide_connection(facts)
         self.record.decision = decision
+        self.context.accounting.connection_decided(self.record)
         if decision.action is Action.DENY and not decision.audit:
             self._deny(detected)
             return
@@ -226,7 +210,7 @@ class Flow(asyncio.Protocol):
             return
         self.context.open_flows.discard(self)
         self.record.error = self.record.error or error
-        self.context.on_closed(self.record)
+        self.context.accounting.connection_closed(self.record)
 
     def abort(self) -> None:
         """Drain ran out of time: cut the connection."""

@@ -10,7 +10,7 @@ from typing import Protocol
 from egressproxy.policy.decision import Destination
 
 SO_ORIGINAL_DST = 80
-"""linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST (linux/netfilter_ipv6/ip6_tables.h) has the same value."""
+"""linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST (ip6_tables.h) has the same value."""
 IP6T_SO_ORIGINAL_DST = 80
 SOCKADDR_IN_SIZE = 16
 SOCKADDR_IN6_SIZE = 28

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import cast
 from dataclasses import dataclass
+from typing import cast
 
 WRITE_BUFFER_HIGH = 256 * 1024
 """Above this many unsent bytes towards one side, reading from the other pauses."""

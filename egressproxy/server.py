@@ -15,9 +15,10 @@ from collections.abc import Callable
 import uvloop
 
 from egressproxy import admin
-from egressproxy.flow import Flow, FlowContext, FlowRecord
+from egressproxy.flow import Flow, FlowContext
 from egressproxy.policy.errors import PolicyError
 from egressproxy.policy.store import PolicyStore
+from egressproxy.records import FlowRecord, RequestRecord
 from egressproxy.settings import Endpoint, Settings
 
 log = logging.getLogger("egressproxy.server")
@@ -87,7 +88,9 @@ def bind_listener(endpoint: Endpoint, all_endpoints: tuple[Endpoint, ...]) -> so
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
-            has_v4 = any(":" not in other.host and other.port == endpoint.port for other in all_endpoints)
+            has_v4 = any(
+                ":" not in other.host and other.port == endpoint.port for other in all_endpoints
+            )
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if has_v4 else 0)
         sock.bind((endpoint.host, endpoint.port))
         sock.listen(LISTEN_BACKLOG)
@@ -98,19 +101,34 @@ def bind_listener(endpoint: Endpoint, all_endpoints: tuple[Endpoint, ...]) -> so
     return sock
 
 
-def log_flow(record: FlowRecord) -> None:
-    decision = record.decision
-    log.debug(
-        "flow client=%s dst=%s proto=%s host=%s action=%s error=%s up=%d down=%d",
-        record.client,
-        f"{record.destination.ip}:{record.destination.port}" if record.destination else "-",
-        record.detected.value if record.detected else "-",
-        record.hostname or "-",
-        decision.action.value if decision else "-",
-        record.error or "-",
-        record.bytes_from_client,
-        record.bytes_from_upstream,
-    )
+class DebugLog:
+    """Accounting that only logs at debug level, until metrics are wired."""
+
+    def connection_opened(self) -> None:
+        pass
+
+    def connection_decided(self, record: FlowRecord) -> None:
+        pass
+
+    def connection_closed(self, record: FlowRecord) -> None:
+        decision = record.decision
+        log.debug(
+            "flow client=%s dst=%s proto=%s host=%s action=%s error=%s up=%d down=%d",
+            record.client,
+            f"{record.destination.ip}:{record.destination.port}" if record.destination else "-",
+            record.detected.value if record.detected else "-",
+            record.hostname or "-",
+            decision.action.value if decision else "-",
+            record.error or "-",
+            record.bytes_from_client,
+            record.bytes_from_upstream,
+        )
+
+    def request_finished(self, record: RequestRecord) -> None:
+        pass
+
+    def policy_reloaded(self, ok: bool, generation: int) -> None:
+        pass
 
 
 async def serve(
@@ -128,7 +146,7 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, store.reload, True)
     watcher = loop.create_task(store.watch(), name="policy watch")
-    context = FlowContext(settings, store, set(), log_flow)
+    context = FlowContext(settings, store, set(), DebugLog())
     health = admin.Health()
     admin_server = None
     if with_admin:
@@ -143,7 +161,9 @@ async def serve(
         on_listening()
     await stop.wait()
     health.draining = True
-    log.info("draining %d open connections (up to %ss)", len(context.open_flows), settings.drain_timeout)
+    log.info(
+        "draining %d open connections (up to %ss)", len(context.open_flows), settings.drain_timeout
+    )
     for server in servers:
         server.close()
     await drain(context.open_flows, settings.drain_timeout)

@@ -1,0 +1,65 @@
+"""What happened to a connection or a request: the record metrics and the access log read."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from egressproxy.policy.decision import Decision, Destination, Detected
+
+
+@dataclass
+class FlowRecord:
+    """One client connection, filled in as it goes."""
+
+    client: str
+    destination: Destination | None = None
+    detected: Detected | None = None
+    hostname: str | None = None
+    sniff_outcome: str = ""
+    """tls, http1, h2, or the reason it is opaque (timeout, eof, not_tls, opaque_port …)."""
+    ech: bool = False
+    decision: Decision | None = None
+    error: str = ""
+    """"" on success; forbidden, connect_refused, reset, idle_timeout, loop …"""
+    bytes_from_client: int = 0
+    bytes_from_upstream: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class RequestRecord:
+    """One HTTP request or gRPC call on an HTTP/1.x or HTTP/2 connection."""
+
+    client: str
+    destination: Destination
+    protocol: str
+    """http1 or h2."""
+    hostname: str | None
+    method: str
+    path: str
+    grpc: bool
+    decision: Decision
+    status: int | None = None
+    """The HTTP status the client got (the proxy's own 403/502/504 included)."""
+    grpc_status: int | None = None
+    error: str = ""
+    bytes_from_client: int = 0
+    bytes_from_upstream: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Accounting(Protocol):
+    """Where the data plane reports; metrics and the access log implement it."""
+
+    def connection_opened(self) -> None: ...
+
+    def connection_decided(self, record: FlowRecord) -> None:
+        """The decision is made (route open counters)."""
+
+    def connection_closed(self, record: FlowRecord) -> None: ...
+
+    def request_finished(self, record: RequestRecord) -> None: ...
+
+    def policy_reloaded(self, ok: bool, generation: int) -> None: ...
