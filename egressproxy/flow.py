@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -35,13 +36,42 @@ from egressproxy.sniff.detect import sniff
 log = logging.getLogger("egressproxy.flow")
 
 
+class OpenFlows:
+    """The open connections of a worker; tells the acceptor when it is full and when not."""
+
+    def __init__(self, limit: int, on_full: Callable[[], None], on_room: Callable[[], None]):
+        self.limit = limit
+        self.flows: set[Flow] = set()
+        self.full = False
+        self._on_full = on_full
+        self._on_room = on_room
+
+    def __len__(self) -> int:
+        return len(self.flows)
+
+    def __contains__(self, flow: Flow) -> bool:
+        return flow in self.flows
+
+    def add(self, flow: Flow) -> None:
+        self.flows.add(flow)
+        if not self.full and len(self.flows) >= self.limit:
+            self.full = True
+            self._on_full()
+
+    def discard(self, flow: Flow) -> None:
+        self.flows.discard(flow)
+        if self.full and len(self.flows) < self.limit:
+            self.full = False
+            self._on_room()
+
+
 @dataclass
 class FlowContext:
     """What every connection of a worker shares."""
 
     settings: Settings
     policy: PolicyStore
-    open_flows: set[Flow]
+    open_flows: OpenFlows
     accounting: Accounting
 
 

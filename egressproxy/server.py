@@ -15,7 +15,7 @@ from collections.abc import Callable
 import uvloop
 
 from egressproxy import admin
-from egressproxy.flow import Flow, FlowContext
+from egressproxy.flow import Flow, FlowContext, OpenFlows
 from egressproxy.policy.errors import PolicyError
 from egressproxy.policy.store import PolicyStore
 from egressproxy.records import FlowRecord, RequestRecord
@@ -24,6 +24,9 @@ from egressproxy.settings import Endpoint, Settings
 log = logging.getLogger("egressproxy.server")
 
 LISTEN_BACKLOG = 4096
+FDS_PER_CONNECTION = 2
+FD_RESERVE = 128
+"""Descriptors kept for the admin server, policy reloads, logs and the loop itself."""
 
 
 def main(settings: Settings) -> int:
@@ -146,27 +149,24 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, store.reload, True)
     watcher = loop.create_task(store.watch(), name="policy watch")
-    context = FlowContext(settings, store, set(), DebugLog())
+    acceptor = Acceptor(listeners)
+    limit = connection_limit(settings.max_connections)
+    open_flows = OpenFlows(limit, on_full=acceptor.pause, on_room=acceptor.resume)
+    context = FlowContext(settings, store, open_flows, DebugLog())
     health = admin.Health()
     admin_server = None
     if with_admin:
         admin_server = await admin.start_admin(settings.admin, admin.base_handlers(health, store))
-    servers = [
-        await loop.create_server(lambda: Flow(context), sock=sock, backlog=LISTEN_BACKLOG)
-        for sock in listeners
-    ]
+    await acceptor.start(lambda: Flow(context))
     health.listening = True
     log.info("listening on %s", ", ".join(str(endpoint) for endpoint in settings.listen))
     if on_listening is not None:
         on_listening()
     await stop.wait()
     health.draining = True
-    log.info(
-        "draining %d open connections (up to %ss)", len(context.open_flows), settings.drain_timeout
-    )
-    for server in servers:
-        server.close()
-    await drain(context.open_flows, settings.drain_timeout)
+    log.info("draining %d open connections (up to %ss)", len(open_flows), settings.drain_timeout)
+    acceptor.close()
+    await drain(open_flows, settings.drain_timeout)
     watcher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await watcher
@@ -176,13 +176,86 @@ async def serve(
     return 0
 
 
-async def drain(open_flows: set[Flow], timeout: float) -> None:
+def connection_limit(max_connections: int) -> int:
+    """--max-connections, lowered so two descriptors per connection always fit the fd limit.
+
+    Running out of descriptors would make libuv accept and drop queued clients;
+    pausing below the limit leaves them waiting in the kernel's backlog instead.
+    """
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        return max_connections
+    fits = max(1, (hard - FD_RESERVE) // FDS_PER_CONNECTION)
+    if fits < max_connections:
+        log.warning(
+            "--max-connections %d lowered to %d: the open-file limit is %d",
+            max_connections,
+            fits,
+            hard,
+        )
+    return min(max_connections, fits)
+
+
+class Acceptor:
+    """Accepting on the listeners, pausable without refusing anyone.
+
+    uvloop servers cannot pause, and closing one closes its socket, so each
+    server gets a duplicate descriptor: closing the server stops accepting
+    while the original socket keeps listening and the kernel queues new clients.
+    """
+
+    def __init__(self, listeners: list[socket.socket]) -> None:
+        self.listeners = listeners
+        self.servers: list[asyncio.AbstractServer] = []
+        self.factory: Callable[[], asyncio.Protocol] | None = None
+        self.resuming: asyncio.Task[None] | None = None
+        self.paused = False
+        self.closed = False
+
+    async def start(self, factory: Callable[[], asyncio.Protocol]) -> None:
+        self.factory = factory
+        loop = asyncio.get_running_loop()
+        self.servers = [
+            await loop.create_server(factory, sock=sock.dup(), backlog=LISTEN_BACKLOG)
+            for sock in self.listeners
+        ]
+
+    def pause(self) -> None:
+        if self.paused or self.closed:
+            return
+        self.paused = True
+        log.warning("connection limit reached: accepting paused")
+        for server in self.servers:
+            server.close()
+        self.servers = []
+
+    def resume(self) -> None:
+        if not self.paused or self.closed or self.factory is None:
+            return
+        self.paused = False
+        log.info("below the connection limit: accepting again")
+        self.resuming = asyncio.get_running_loop().create_task(
+            self.start(self.factory), name="resume accepting"
+        )
+
+    def close(self) -> None:
+        """Stop for good: new clients are refused from now on."""
+        self.closed = True
+        if self.resuming is not None:
+            self.resuming.cancel()
+        for server in self.servers:
+            server.close()
+        for sock in self.listeners:
+            sock.close()
+
+
+async def drain(open_flows: OpenFlows, timeout: float) -> None:
     """Let open connections finish; cut whatever is left when the time is up."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while open_flows and loop.time() < deadline:
         await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
-    for flow in list(open_flows):
+    for flow in list(open_flows.flows):
         flow.abort()
     await asyncio.sleep(0)
 
