@@ -1,0 +1,85 @@
+"""Destination verification: does the name the client chose resolve to where it is going?
+
+Without it a workload allowed `httpbin.org` reaches any address by sending
+`SNI: httpbin.org` there. Answers come from the system resolver through the
+loop's executor (never on the event loop), cached with a bounded size and
+lifetime; concurrent questions about one name share one lookup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections import OrderedDict
+
+from egressproxy.policy.decision import IPAddress
+
+CACHE_ENTRIES = 4096
+CACHE_SECONDS = 30.0
+NEGATIVE_CACHE_SECONDS = 5.0
+
+
+def is_ip_literal(hostname: str) -> bool:
+    try:
+        ipaddress.ip_address(hostname)
+    except ValueError:
+        return False
+    return True
+
+
+class Resolver:
+    """Hostname → the set of its A/AAAA addresses, cached."""
+
+    def __init__(
+        self,
+        entries: int = CACHE_ENTRIES,
+        lifetime: float = CACHE_SECONDS,
+        timeout: float = 5.0,
+    ) -> None:
+        self._entries = entries
+        self._lifetime = lifetime
+        self._timeout = timeout
+        self._cache: OrderedDict[str, tuple[float, frozenset[IPAddress]]] = OrderedDict()
+        self._pending: dict[str, asyncio.Future[frozenset[IPAddress]]] = {}
+
+    async def addresses(self, hostname: str) -> frozenset[IPAddress]:
+        """The addresses hostname resolves to; empty when it does not resolve."""
+        loop = asyncio.get_running_loop()
+        cached = self._cache.get(hostname)
+        if cached is not None and cached[0] > loop.time():
+            self._cache.move_to_end(hostname)
+            return cached[1]
+        pending = self._pending.get(hostname)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[frozenset[IPAddress]] = loop.create_future()
+        self._pending[hostname] = future
+        try:
+            answer = await self._lookup(loop, hostname)
+        except BaseException:
+            future.cancel()
+            raise
+        finally:
+            del self._pending[hostname]
+        lifetime = self._lifetime if answer else NEGATIVE_CACHE_SECONDS
+        self._cache[hostname] = (loop.time() + lifetime, answer)
+        self._cache.move_to_end(hostname)
+        while len(self._cache) > self._entries:
+            self._cache.popitem(last=False)
+        future.set_result(answer)
+        return answer
+
+    async def _lookup(self, loop: asyncio.AbstractEventLoop, hostname: str) -> frozenset[IPAddress]:
+        try:
+            async with asyncio.timeout(self._timeout):
+                infos = await loop.getaddrinfo(hostname, None, type=socket.SOCK_STREAM)
+        except (OSError, TimeoutError, UnicodeError):
+            return frozenset()
+        return frozenset(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos)
+
+    async def matches(self, hostname: str, destination: IPAddress) -> bool:
+        """True when destination is one of hostname's addresses (v4-mapped counts as v4)."""
+        if isinstance(destination, ipaddress.IPv6Address) and destination.ipv4_mapped:
+            destination = destination.ipv4_mapped
+        return destination in await self.addresses(hostname)

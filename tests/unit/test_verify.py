@@ -1,0 +1,69 @@
+import asyncio
+import ipaddress
+
+from egressproxy.policy.decision import IPAddress
+from egressproxy.verify import Resolver, is_ip_literal
+
+
+class CountingResolver(Resolver):
+    """The real cache in front of a fixed table, counting the lookups it needs."""
+
+    def __init__(self, table: dict[str, set[str]], **kwargs: float) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.table = table
+        self.lookups: list[str] = []
+
+    async def _lookup(self, loop: asyncio.AbstractEventLoop, hostname: str) -> frozenset[IPAddress]:
+        self.lookups.append(hostname)
+        await asyncio.sleep(0.01)
+        return frozenset(ipaddress.ip_address(a) for a in self.table.get(hostname, ()))
+
+
+def test_localhost_resolves_through_the_system_resolver() -> None:
+    async def scenario() -> tuple[bool, bool]:
+        resolver = Resolver(timeout=2.0)
+        inside = await resolver.matches("localhost", ipaddress.ip_address("127.0.0.1"))
+        outside = await resolver.matches("localhost", ipaddress.ip_address("203.0.113.5"))
+        return inside, outside
+
+    assert asyncio.run(scenario()) == (True, False)
+
+
+def test_concurrent_questions_share_one_lookup_and_answers_are_cached() -> None:
+    async def scenario() -> CountingResolver:
+        resolver = CountingResolver({"httpbin.org": {"203.0.113.10"}})
+        answers = await asyncio.gather(
+            *(
+                resolver.matches("httpbin.org", ipaddress.ip_address("203.0.113.10"))
+                for _ in range(5)
+            )
+        )
+        assert all(answers)
+        assert not await resolver.matches("httpbin.org", ipaddress.ip_address("203.0.113.20"))
+        return resolver
+
+    assert asyncio.run(scenario()).lookups == ["httpbin.org"]
+
+
+def test_cache_is_bounded_and_forgets_the_oldest() -> None:
+    async def scenario() -> CountingResolver:
+        resolver = CountingResolver({}, entries=2)
+        for name in ("a.test", "b.test", "c.test", "a.test"):
+            await resolver.addresses(name)
+        return resolver
+
+    assert asyncio.run(scenario()).lookups == ["a.test", "b.test", "c.test", "a.test"]
+
+
+def test_v4_mapped_destination_counts_as_its_v4_address() -> None:
+    async def scenario() -> bool:
+        resolver = CountingResolver({"httpbin.org": {"203.0.113.10"}})
+        return await resolver.matches("httpbin.org", ipaddress.ip_address("::ffff:203.0.113.10"))
+
+    assert asyncio.run(scenario())
+
+
+def test_ip_literals() -> None:
+    assert is_ip_literal("203.0.113.5")
+    assert is_ip_literal("2001:db8::1")
+    assert not is_ip_literal("httpbin.org")
