@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from typing import cast
 
 import h11
+from prometheus_client import CollectorRegistry
 
+from egressproxy import metrics
 from egressproxy.policy.store import PolicyStore
 from egressproxy.settings import Endpoint
 
@@ -46,7 +48,9 @@ def text(status: int, body: str) -> Response:
     return Response(status, "text/plain; charset=utf-8", (body + "\n").encode())
 
 
-def base_handlers(health: Health, store: PolicyStore) -> dict[str, Handler]:
+def base_handlers(
+    health: Health, store: PolicyStore, registry: CollectorRegistry
+) -> dict[str, Handler]:
     def live(_: dict[str, str]) -> Response:
         return text(200, "live")
 
@@ -66,7 +70,11 @@ def base_handlers(health: Health, store: PolicyStore) -> dict[str, Handler]:
         body = json.dumps(document, indent=2, sort_keys=True).encode()
         return Response(200, "application/json", body + b"\n")
 
-    return {"/live": live, "/ready": ready, "/config": config}
+    def scrape(headers: dict[str, str]) -> Response:
+        body, content_type = metrics.exposition(registry, headers.get("accept", ""))
+        return Response(200, content_type, body)
+
+    return {"/live": live, "/ready": ready, "/config": config, "/metrics": scrape}
 
 
 class AdminConnection(asyncio.Protocol):

@@ -7,18 +7,21 @@ import contextlib
 import logging
 import os
 import resource
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Callable
 
 import uvloop
+from prometheus_client import CollectorRegistry
 
-from egressproxy import admin
+from egressproxy import accesslog, admin, metrics
 from egressproxy.flow import Flow, FlowContext, OpenFlows
 from egressproxy.policy.errors import PolicyError
 from egressproxy.policy.store import PolicyStore
-from egressproxy.records import FlowRecord, RequestRecord
+from egressproxy.records import Accounting, FlowRecord, RequestRecord
 from egressproxy.settings import Endpoint, Settings
 
 log = logging.getLogger("egressproxy.server")
@@ -30,30 +33,46 @@ FD_RESERVE = 128
 
 
 def main(settings: Settings) -> int:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    problem = startup_problem(settings)
-    if problem:
-        print(f"egressproxy: {problem}", file=sys.stderr)
-        return 2
-    raise_open_file_limit()
-    store = PolicyStore(settings, on_reload=None)
+    accesslog.setup_logging(settings)
+    owner = os.getpid()
+    metrics_dir = None
     try:
-        store.load_initial()
-    except PolicyError as error:
-        print(error, file=sys.stderr)
-        return 1
-    try:
-        listeners = [bind_listener(endpoint, settings.listen) for endpoint in settings.listen]
-    except OSError as error:
-        print(f"egressproxy: cannot listen: {error}", file=sys.stderr)
-        return 2
-    if settings.workers == 1:
-        return uvloop.run(serve(settings, store, listeners, with_admin=True))
-    return supervise(settings, store, listeners)
+        problem = startup_problem(settings)
+        if problem:
+            print(f"egressproxy: {problem}", file=sys.stderr)
+            return 2
+        raise_open_file_limit()
+        if settings.workers > 1:
+            metrics_dir = tempfile.mkdtemp(prefix="egressproxy-metrics-")
+            metrics.use_multiprocess(metrics_dir)
+        registry = CollectorRegistry()
+        meters = metrics.Metrics(registry, max_hostnames=settings.max_hostnames)
+        if metrics_dir is not None:
+            registry = metrics.multiprocess_registry(metrics_dir)
+        store = PolicyStore(
+            settings, on_reload=lambda ok: meters.policy_reloaded(ok, store.current.generation)
+        )
+        try:
+            store.load_initial()
+        except PolicyError as error:
+            print(error, file=sys.stderr)
+            return 1
+        meters.policy_loaded(store.current.generation)
+        try:
+            listeners = [bind_listener(endpoint, settings.listen) for endpoint in settings.listen]
+        except OSError as error:
+            print(f"egressproxy: cannot listen: {error}", file=sys.stderr)
+            return 2
+        accounting = Reporting(meters, accesslog.AccessLog())
+        if settings.workers == 1:
+            return uvloop.run(
+                serve(settings, store, listeners, accounting, registry, with_admin=True)
+            )
+        return supervise(settings, store, listeners, accounting, registry)
+    finally:
+        if metrics_dir is not None and os.getpid() == owner:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+        accesslog.shutdown_logging()
 
 
 def startup_problem(settings: Settings) -> str:
@@ -104,40 +123,37 @@ def bind_listener(endpoint: Endpoint, all_endpoints: tuple[Endpoint, ...]) -> so
     return sock
 
 
-class DebugLog:
-    """Accounting that only logs at debug level, until metrics are wired."""
+class Reporting:
+    """What the data plane reports goes to the metrics and to the access log."""
+
+    def __init__(self, meters: metrics.Metrics, access_log: accesslog.AccessLog) -> None:
+        self.meters = meters
+        self.access_log = access_log
 
     def connection_opened(self) -> None:
-        pass
+        self.meters.connection_opened()
 
     def connection_decided(self, record: FlowRecord) -> None:
-        pass
+        self.meters.connection_decided(record)
 
     def connection_closed(self, record: FlowRecord) -> None:
-        decision = record.decision
-        log.debug(
-            "flow client=%s dst=%s proto=%s host=%s action=%s error=%s up=%d down=%d",
-            record.client,
-            f"{record.destination.ip}:{record.destination.port}" if record.destination else "-",
-            record.detected.value if record.detected else "-",
-            record.hostname or "-",
-            decision.action.value if decision else "-",
-            record.error or "-",
-            record.bytes_from_client,
-            record.bytes_from_upstream,
-        )
+        self.meters.connection_closed(record)
+        self.access_log.connection_closed(record)
 
     def request_finished(self, record: RequestRecord) -> None:
-        pass
+        self.meters.request_finished(record)
+        self.access_log.request_finished(record)
 
     def policy_reloaded(self, ok: bool, generation: int) -> None:
-        pass
+        self.meters.policy_reloaded(ok, generation)
 
 
 async def serve(
     settings: Settings,
     store: PolicyStore,
     listeners: list[socket.socket],
+    accounting: Accounting,
+    registry: CollectorRegistry,
     *,
     with_admin: bool,
     on_listening: Callable[[], None] | None = None,
@@ -152,11 +168,13 @@ async def serve(
     acceptor = Acceptor(listeners)
     limit = connection_limit(settings.max_connections)
     open_flows = OpenFlows(limit, on_full=acceptor.pause, on_room=acceptor.resume)
-    context = FlowContext(settings, store, open_flows, DebugLog())
+    context = FlowContext(settings, store, open_flows, accounting)
     health = admin.Health()
     admin_server = None
     if with_admin:
-        admin_server = await admin.start_admin(settings.admin, admin.base_handlers(health, store))
+        admin_server = await admin.start_admin(
+            settings.admin, admin.base_handlers(health, store, registry)
+        )
     await acceptor.start(lambda: Flow(context))
     health.listening = True
     log.info("listening on %s", ", ".join(str(endpoint) for endpoint in settings.listen))
@@ -164,6 +182,7 @@ async def serve(
         on_listening()
     await stop.wait()
     health.draining = True
+    context.draining = True
     log.info("draining %d open connections (up to %ss)", len(open_flows), settings.drain_timeout)
     acceptor.close()
     await drain(open_flows, settings.drain_timeout)
@@ -260,33 +279,58 @@ async def drain(open_flows: OpenFlows, timeout: float) -> None:
     await asyncio.sleep(0)
 
 
-def supervise(settings: Settings, store: PolicyStore, listeners: list[socket.socket]) -> int:
-    """--workers N: N forked workers share the listeners; this process serves admin."""
+def supervise(
+    settings: Settings,
+    store: PolicyStore,
+    listeners: list[socket.socket],
+    accounting: Accounting,
+    registry: CollectorRegistry,
+) -> int:
+    """--workers N: N forked workers share the listeners; this process serves admin.
+
+    Every process reloads its own copy of the policy; only this one counts the
+    reloads, so a scrape (the sum over all processes) counts each change once.
+    """
     ready_read, ready_write = os.pipe()
     children: list[int] = []
     for _ in range(settings.workers):
         pid = os.fork()
         if pid == 0:
-            os.close(ready_read)
-            code = uvloop.run(
-                serve(
-                    settings,
-                    store,
-                    listeners,
-                    with_admin=False,
-                    on_listening=lambda: os.write(ready_write, b"."),
+            code = 1
+            try:
+                os.close(ready_read)
+                store.on_reload = None
+                code = uvloop.run(
+                    serve(
+                        settings,
+                        store,
+                        listeners,
+                        accounting,
+                        registry,
+                        with_admin=False,
+                        on_listening=lambda: _signal_ready(ready_write),
+                    )
                 )
-            )
-            os._exit(code)
+            finally:
+                accesslog.shutdown_logging()
+                os._exit(code)
         children.append(pid)
     os.close(ready_write)
     for sock in listeners:
         sock.close()
-    return uvloop.run(_supervisor(settings, store, children, ready_read))
+    return uvloop.run(_supervisor(settings, store, registry, children, ready_read))
+
+
+def _signal_ready(ready_write: int) -> None:
+    os.write(ready_write, b".")
 
 
 async def _supervisor(
-    settings: Settings, store: PolicyStore, children: list[int], ready_read: int
+    settings: Settings,
+    store: PolicyStore,
+    registry: CollectorRegistry,
+    children: list[int],
+    ready_read: int,
 ) -> int:
     loop = asyncio.get_running_loop()
     health = admin.Health()
@@ -303,7 +347,9 @@ async def _supervisor(
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(signum, forward, signum)
-    admin_server = await admin.start_admin(settings.admin, admin.base_handlers(health, store))
+    admin_server = await admin.start_admin(
+        settings.admin, admin.base_handlers(health, store, registry)
+    )
     watcher = loop.create_task(store.watch(), name="policy watch")
     started = 0
     while started < len(children):

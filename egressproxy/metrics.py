@@ -1,0 +1,413 @@
+"""Metric families on an injected registry: Linkerd's route metrics, and what an operator needs.
+
+Families are created once; label children are cached per route identity (the
+frozen ParentRef/RouteRef of the Decision, never re-derived), so the hot path
+is a dict lookup and an increment. Model: linkerd2-proxy's `register(reg)`
+then `metrics(labels)`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from egressproxy import upstream
+from egressproxy.policy.decision import Action, Decision, ParentRef, RouteProtocol, RouteRef
+from egressproxy.records import FlowRecord, RequestRecord
+
+# Linkerd's proxies expose no `_created` series; a scrape that is compared with
+# theirs sample by sample must not carry extra families either.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+PARENT_LABELS = (
+    "parent_group",
+    "parent_kind",
+    "parent_namespace",
+    "parent_name",
+    "parent_port",
+    "parent_section_name",
+)
+ROUTE_LABELS = ("route_group", "route_kind", "route_namespace", "route_name")
+ROUTE_IDENTITY = PARENT_LABELS + ROUTE_LABELS
+
+ROUTE_DURATION_BUCKETS = (0.05, 0.5, 1.0, 10.0)
+"""Linkerd's outbound route request-duration buckets."""
+CONNECTION_DURATION_BUCKETS = (0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 3600.0)
+
+OTHER_HOSTNAME = "other"
+
+GRPC_STATUS_NAMES = (
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+)
+
+CONNECT_ERRORS = frozenset(upstream.CONNECT_ERRORS.values()) - {"reset"} | {
+    "connect_timeout",
+    "connect_error",
+    "dns_error",
+    "dns_timeout",
+}
+"""Error words only a failed upstream connect produces (a reset may also come mid-relay)."""
+
+ORIGINAL_DST_FAILED = "original_dst_failed"
+LOOP = "loop"
+DESTINATION_MISMATCH = "destination_mismatch"
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+RouteKey = tuple[ParentRef | None, RouteRef | None]
+
+
+def grpc_status_name(code: int | None) -> str:
+    """The code's name as Linkerd writes it; "" when no status came back."""
+    if code is None:
+        return ""
+    if 0 <= code < len(GRPC_STATUS_NAMES):
+        return GRPC_STATUS_NAMES[code]
+    return str(code)
+
+
+def route_identity(parent: ParentRef | None, route: RouteRef | None) -> tuple[str, ...]:
+    """The ten parent and route label values, all "" when a part is absent."""
+    parent_values = (
+        (parent.group, parent.kind, parent.namespace, parent.name, parent.port, parent.section_name)
+        if parent is not None
+        else ("",) * len(PARENT_LABELS)
+    )
+    route_values = (
+        (route.group, route.kind, route.namespace, route.name)
+        if route is not None
+        else ("",) * len(ROUTE_LABELS)
+    )
+    return parent_values + route_values
+
+
+class HostnameLabels:
+    """Caps the distinct `hostname` values: the first `limit` names keep theirs, the rest `other`.
+
+    The cap is per process: with --workers N a scrape may show up to N x limit names.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.kept: set[str] = set()
+
+    def __call__(self, hostname: str | None) -> str:
+        if not hostname or self.limit == 0:
+            return ""
+        if hostname in self.kept:
+            return hostname
+        if _is_ip_literal(hostname):
+            return ""
+        if len(self.kept) < self.limit:
+            self.kept.add(hostname)
+            return hostname
+        return OTHER_HOSTNAME
+
+
+def _is_ip_literal(hostname: str) -> bool:
+    try:
+        ipaddress.ip_address(hostname.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+Family = TypeVar("Family", Counter, Histogram)
+
+
+class _RouteChildren(Generic[Family]):
+    """Children of a family whose labels start with the route identity, cached by route refs."""
+
+    def __init__(self, family: Family, identity: Callable[[RouteKey], tuple[str, ...]]) -> None:
+        self.family: Family = family
+        self.identity = identity
+        self.cache: dict[tuple[RouteKey, tuple[str, ...]], Family] = {}
+
+    def __call__(self, route: RouteKey, *extra: str) -> Family:
+        key = (route, extra)
+        child = self.cache.get(key)
+        if child is None:
+            child = self.cache[key] = self.family.labels(*self.identity(route), *extra)
+        return child
+
+
+class _Children(Generic[Family]):
+    """Children of a family with a few plain labels, cached by their values."""
+
+    def __init__(self, family: Family) -> None:
+        self.family: Family = family
+        self.cache: dict[tuple[str, ...], Family] = {}
+
+    def __call__(self, *label_values: str) -> Family:
+        child = self.cache.get(label_values)
+        if child is None:
+            child = self.cache[label_values] = self.family.labels(*label_values)
+        return child
+
+
+class Metrics:
+    """The Accounting the data plane reports to, turned into metric samples."""
+
+    def __init__(self, registry: CollectorRegistry, *, max_hostnames: int) -> None:
+        self.hostname = HostnameLabels(max_hostnames)
+        self._identities: dict[RouteKey, tuple[str, ...]] = {}
+
+        def counter(name: str, help_text: str, labels: tuple[str, ...]) -> _RouteChildren[Counter]:
+            family = Counter(name, help_text, (*ROUTE_IDENTITY, *labels), registry=registry)
+            return _RouteChildren(family, self._identity)
+
+        def histogram(
+            name: str, help_text: str, labels: tuple[str, ...], buckets: tuple[float, ...]
+        ) -> _RouteChildren[Histogram]:
+            family = Histogram(
+                name, help_text, (*ROUTE_IDENTITY, *labels), registry=registry, buckets=buckets
+            )
+            return _RouteChildren(family, self._identity)
+
+        def plain(name: str, help_text: str, labels: tuple[str, ...]) -> _Children[Counter]:
+            return _Children(Counter(name, help_text, labels, registry=registry))
+
+        self.http_statuses = counter(
+            "outbound_http_route_request_statuses_total",
+            "HTTP requests by route and outcome",
+            ("hostname", "http_status", "error"),
+        )
+        self.grpc_statuses = counter(
+            "outbound_grpc_route_request_statuses_total",
+            "gRPC calls by route and outcome",
+            ("hostname", "grpc_status", "error"),
+        )
+        self.http_duration = histogram(
+            "outbound_http_route_request_duration_seconds",
+            "HTTP request durations by route",
+            ("hostname",),
+            ROUTE_DURATION_BUCKETS,
+        )
+        self.grpc_duration = histogram(
+            "outbound_grpc_route_request_duration_seconds",
+            "gRPC call durations by route",
+            ("hostname",),
+            ROUTE_DURATION_BUCKETS,
+        )
+        self.tls_open = counter(
+            "outbound_tls_route_open_total", "TLS connections opened by route", ("hostname",)
+        )
+        self.tls_close = counter(
+            "outbound_tls_route_close_total",
+            "TLS connections closed by route and outcome",
+            ("hostname", "error"),
+        )
+        self.tcp_open = counter(
+            "outbound_tcp_route_open_total",
+            "TCP connections opened by route",
+            ("target_ip", "target_port"),
+        )
+        self.tcp_close = counter(
+            "outbound_tcp_route_close_total",
+            "TCP connections closed by route and outcome",
+            ("target_ip", "target_port", "error"),
+        )
+        self.audit_would_deny = counter(
+            "egress_audit_would_deny_total",
+            "Connections and requests an audited policy would have denied (they passed)",
+            ("hostname",),
+        )
+        self.connection_duration = histogram(
+            "egress_connection_duration_seconds",
+            "Client connection lifetimes by the route decided for the connection",
+            (),
+            CONNECTION_DURATION_BUCKETS,
+        )
+        self.sent_bytes = counter(
+            "egress_sent_bytes_total", "Bytes from clients towards upstreams, by route", ()
+        )
+        self.received_bytes = counter(
+            "egress_received_bytes_total", "Bytes from upstreams towards clients, by route", ()
+        )
+        self.destination_mismatch = plain(
+            "egress_destination_mismatch_total",
+            "Hostnames whose addresses do not include the original destination",
+            ("hostname", "mode"),
+        )
+        self.sniff_outcomes = plain(
+            "egress_sniff_outcomes_total",
+            "What protocol detection found on new connections (or why it gave up)",
+            ("outcome",),
+        )
+        self.connect_errors = plain(
+            "egress_upstream_connect_errors_total",
+            "Upstream connections that could not be opened, by cause",
+            ("error",),
+        )
+        self.policy_reloads = plain(
+            "egress_policy_reloads_total", "Policy reloads by result", ("result",)
+        )
+        self.policy_generation = Gauge(
+            "egress_policy_generation",
+            "Generation of the policy in force (1 for the first one loaded)",
+            registry=registry,
+            multiprocess_mode="max",
+        )
+        self.open_connections = Gauge(
+            "egress_open_connections",
+            "Client connections open now",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.original_destination_failures = Counter(
+            "egress_original_destination_failures_total",
+            "Connections whose original destination could not be read (not redirected?)",
+            registry=registry,
+        )
+        self.loops = Counter(
+            "egress_redirect_loops_total",
+            "Connections addressed to the proxy itself (its own traffic redirected back?)",
+            registry=registry,
+        )
+
+    def _identity(self, route: RouteKey) -> tuple[str, ...]:
+        identity = self._identities.get(route)
+        if identity is None:
+            identity = self._identities[route] = route_identity(*route)
+        return identity
+
+    def connection_opened(self) -> None:
+        self.open_connections.inc()
+
+    def connection_decided(self, record: FlowRecord) -> None:
+        self.sniff_outcomes(record.sniff_outcome).inc()
+        decision = record.decision
+        if decision is None or decision.parent is None:
+            return
+        route: RouteKey = (decision.parent, decision.route)
+        if decision.protocol is RouteProtocol.TLS:
+            self.tls_open(route, self.hostname(record.hostname)).inc()
+        elif decision.protocol is RouteProtocol.TCP:
+            self.tcp_open(route, *_target(record)).inc()
+        else:
+            return
+        if _would_deny(decision):
+            self.audit_would_deny(route, self.hostname(record.hostname)).inc()
+
+    def connection_closed(self, record: FlowRecord) -> None:
+        self.open_connections.dec()
+        self._count_error(record.error, record.hostname)
+        decision = record.decision
+        route: RouteKey = (None, None) if decision is None else (decision.parent, decision.route)
+        self.connection_duration(route).observe(time.monotonic() - record.started)
+        if decision is None or decision.protocol not in PER_REQUEST:
+            self._count_bytes(route, record.bytes_from_client, record.bytes_from_upstream)
+        if decision is None or decision.parent is None:
+            return
+        if decision.protocol is RouteProtocol.TLS:
+            self.tls_close(route, self.hostname(record.hostname), record.error).inc()
+        elif decision.protocol is RouteProtocol.TCP:
+            self.tcp_close(route, *_target(record), record.error).inc()
+
+    def request_finished(self, record: RequestRecord) -> None:
+        decision = record.decision
+        route: RouteKey = (decision.parent, decision.route)
+        self._count_error(record.error, record.hostname)
+        self._count_bytes(route, record.bytes_from_client, record.bytes_from_upstream)
+        if decision.parent is None:
+            return
+        hostname = self.hostname(record.hostname)
+        duration = time.monotonic() - record.started
+        if decision.protocol is RouteProtocol.GRPC:
+            status = grpc_status_name(record.grpc_status)
+            self.grpc_statuses(route, hostname, status, record.error).inc()
+            self.grpc_duration(route, hostname).observe(duration)
+        else:
+            status = "" if record.status is None else str(record.status)
+            self.http_statuses(route, hostname, status, record.error).inc()
+            self.http_duration(route, hostname).observe(duration)
+        if _would_deny(decision):
+            self.audit_would_deny(route, hostname).inc()
+
+    def policy_reloaded(self, ok: bool, generation: int) -> None:
+        self.policy_reloads("ok" if ok else "error").inc()
+        if ok:
+            self.policy_generation.set(generation)
+
+    def policy_loaded(self, generation: int) -> None:
+        """The first policy is in force (not a reload: nothing is counted)."""
+        self.policy_generation.set(generation)
+
+    def _count_error(self, error: str, hostname: str | None) -> None:
+        if error == ORIGINAL_DST_FAILED:
+            self.original_destination_failures.inc()
+        elif error == LOOP:
+            self.loops.inc()
+        elif error in CONNECT_ERRORS:
+            self.connect_errors(error).inc()
+        elif error == DESTINATION_MISMATCH:
+            self.destination_mismatch(self.hostname(hostname), "enforce").inc()
+
+    def _count_bytes(self, route: RouteKey, sent: int, received: int) -> None:
+        if sent:
+            self.sent_bytes(route).inc(sent)
+        if received:
+            self.received_bytes(route).inc(received)
+
+
+PER_REQUEST = frozenset({RouteProtocol.HTTP, RouteProtocol.GRPC})
+"""Connections whose traffic the HTTP handlers account request by request."""
+
+
+def _would_deny(decision: Decision) -> bool:
+    return decision.audit and decision.action is Action.DENY
+
+
+def _target(record: FlowRecord) -> tuple[str, str]:
+    if record.destination is None:
+        return "", ""
+    return str(record.destination.ip), str(record.destination.port)
+
+
+def use_multiprocess(directory: str) -> None:
+    """Make every metric value from now on live in mmapped files under `directory`.
+
+    prometheus-client picks its value class when it is imported, from the
+    environment; --workers is only known later, so the choice is made again
+    here, before any family is created. Forked workers then write their own
+    files and one scrape of the directory sums them.
+    """
+    os.environ[MULTIPROCESS_ENV] = directory
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+
+
+def multiprocess_registry(directory: str) -> CollectorRegistry:
+    """A registry whose collection is the sum over every process writing to `directory`."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    return registry
+
+
+def exposition(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
+    """The scrape body and its content type: OpenMetrics when the Accept header asks for it."""
+    encode, content_type = choose_encoder(accept)
+    return encode(registry), content_type

@@ -1,0 +1,332 @@
+"""Access log: one line per TCP/TLS connection or HTTP request, text or JSON, written off-loop."""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import json
+import logging
+import re
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from egressproxy.accesslog import AccessLog, LineFormatter, setup_logging, shutdown_logging
+from egressproxy.policy.decision import ConnectionFacts, Destination, Detected, RequestFacts
+from egressproxy.policy.index import PolicyIndex, compile_policy
+from egressproxy.policy.loader import load_policy, load_policy_text
+from egressproxy.records import FlowRecord, RequestRecord
+from egressproxy.settings import LogFormat, Settings
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
+CLIENT_SETTINGS = Settings(namespace="egress-test")
+EXTERNAL = ipaddress.ip_address("203.0.113.5")
+CLIENT = "198.18.0.2:40000"
+TEXT_PAIR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
+BLOCKED_WRITER_TIMEOUT = 5.0
+
+AUDITED = """
+apiVersion: policy.linkerd.io/v1alpha1
+kind: EgressNetwork
+metadata:
+  namespace: egress-test
+  name: audited
+  annotations: {egressproxy.io/audit: "true"}
+spec: {trafficPolicy: Deny}
+"""
+
+
+def guide_step(name: str) -> PolicyIndex:
+    return compile_policy(load_policy(EXAMPLES / name), CLIENT_SETTINGS)
+
+
+def tls_connection(index: PolicyIndex, sni: str, error: str = "") -> FlowRecord:
+    destination = Destination(EXTERNAL, 443)
+    return FlowRecord(
+        client=CLIENT,
+        destination=destination,
+        detected=Detected.TLS,
+        hostname=sni,
+        sniff_outcome="tls",
+        decision=index.decide_connection(ConnectionFacts(destination, Detected.TLS, sni)),
+        error=error,
+        bytes_from_client=517,
+        bytes_from_upstream=4096,
+        started=time.monotonic() - 1.5,
+    )
+
+
+def http_request(index: PolicyIndex, path: str, status: int) -> RequestRecord:
+    facts = RequestFacts(Destination(EXTERNAL, 80), "httpbin.org", "GET", path, "", (), False)
+    return RequestRecord(
+        client=CLIENT,
+        destination=facts.destination,
+        protocol="http1",
+        hostname="httpbin.org",
+        method="GET",
+        path=path,
+        grpc=False,
+        decision=index.decide_request(facts),
+        status=status,
+        bytes_from_client=80,
+        bytes_from_upstream=300,
+        started=time.monotonic() - 0.25,
+    )
+
+
+class Lines:
+    """An AccessLog writing synchronously into memory, formatted as the proxy formats it."""
+
+    def __init__(self, log_format: LogFormat) -> None:
+        self.buffer = io.StringIO()
+        handler = logging.StreamHandler(self.buffer)
+        handler.setFormatter(LineFormatter(log_format))
+        self.logger = logging.Logger(f"test-access-{log_format.value}")
+        self.logger.addHandler(handler)
+        self.access_log = AccessLog(self.logger)
+
+    def lines(self) -> list[str]:
+        return self.buffer.getvalue().splitlines()
+
+
+def text_fields(line: str) -> tuple[str, dict[str, str]]:
+    """The timestamp and key=value pairs of a text access line."""
+    time_text, kind, rest = line.split(" ", 2)
+    assert kind == "access"
+    pairs = {
+        key: json.loads(value) if value.startswith('"') else value
+        for key, value in TEXT_PAIR.findall(rest)
+    }
+    assert " ".join(f"{key}={value}" for key, value in TEXT_PAIR.findall(rest)) == rest
+    return time_text, pairs
+
+
+def assert_rfc3339(text: str) -> None:
+    assert text.endswith("Z")
+    assert datetime.fromisoformat(text.replace("Z", "+00:00")).utcoffset() is not None
+
+
+def test_tls_connection_text_line() -> None:
+    out = Lines(LogFormat.TEXT)
+    out.access_log.connection_closed(
+        tls_connection(guide_step("linkerd-4-tlsroute.yaml"), "httpbin.org")
+    )
+    (line,) = out.lines()
+    time_text, fields = text_fields(line)
+    assert_rfc3339(time_text)
+    duration = float(fields.pop("duration"))
+    assert 1.5 <= duration < 60
+    assert fields == {
+        "client": CLIENT,
+        "destination": "203.0.113.5:443",
+        "protocol": "tls",
+        "hostname": "httpbin.org",
+        "route": "TLSRoute/egress-test/tls-egress",
+        "decision": "allow",
+        "status": "-",
+        "error": "-",
+        "bytes_sent": "517",
+        "bytes_received": "4096",
+    }
+
+
+def test_denied_tls_connection_json_line() -> None:
+    out = Lines(LogFormat.JSON)
+    index = guide_step("linkerd-4-tlsroute.yaml")
+    out.access_log.connection_closed(tls_connection(index, "github.com", error="forbidden"))
+    (line,) = out.lines()
+    document = json.loads(line)
+    assert_rfc3339(document.pop("time"))
+    assert 1.5 <= document.pop("duration") < 60
+    assert document == {
+        "log": "access",
+        "client": CLIENT,
+        "destination": "203.0.113.5:443",
+        "protocol": "tls",
+        "hostname": "github.com",
+        "route": "default/tls-egress-deny",
+        "decision": "deny",
+        "status": "",
+        "error": "forbidden",
+        "bytes_sent": 517,
+        "bytes_received": 4096,
+    }
+
+
+def test_http_request_json_line() -> None:
+    out = Lines(LogFormat.JSON)
+    index = guide_step("linkerd-3-httproute.yaml")
+    out.access_log.request_finished(http_request(index, "/get", 200))
+    out.access_log.request_finished(http_request(index, "/post", 403))
+    allowed, denied = (json.loads(line) for line in out.lines())
+    for document in (allowed, denied):
+        assert_rfc3339(document.pop("time"))
+        assert 0.25 <= document.pop("duration") < 60
+    common = {
+        "log": "access",
+        "client": CLIENT,
+        "destination": "203.0.113.5:80",
+        "protocol": "http1",
+        "hostname": "httpbin.org",
+        "method": "GET",
+        "error": "",
+        "bytes_sent": 80,
+        "bytes_received": 300,
+    }
+    assert allowed == {
+        **common,
+        "route": "HTTPRoute/egress-test/httpbin-get",
+        "decision": "allow",
+        "path": "/get",
+        "status": "200",
+    }
+    assert denied == {
+        **common,
+        "route": "default/http-egress-deny",
+        "decision": "deny",
+        "path": "/post",
+        "status": "403",
+    }
+
+
+def test_routed_request_says_route() -> None:
+    out = Lines(LogFormat.TEXT)
+    index = guide_step("linkerd-5-redirect.yaml")
+    out.access_log.request_finished(http_request(index, "/anything", 200))
+    _, fields = text_fields(out.lines()[0])
+    assert (fields["decision"], fields["route"]) == (
+        "route",
+        "HTTPRoute/egress-test/unencrypted-http",
+    )
+
+
+def test_audited_denial_is_would_deny() -> None:
+    out = Lines(LogFormat.JSON)
+    index = compile_policy(load_policy_text(AUDITED, "audited.yaml"), CLIENT_SETTINGS)
+    out.access_log.request_finished(http_request(index, "/get", 200))
+    out.access_log.connection_closed(tls_connection(index, "github.com"))
+    request_line, connection_line = (json.loads(line) for line in out.lines())
+    assert (request_line["decision"], request_line["route"]) == (
+        "would_deny",
+        "default/http-egress-deny",
+    )
+    assert (connection_line["decision"], connection_line["error"]) == ("would_deny", "")
+
+
+def test_http_connections_log_per_request_only() -> None:
+    out = Lines(LogFormat.TEXT)
+    index = guide_step("linkerd-3-httproute.yaml")
+    destination = Destination(EXTERNAL, 80)
+    facts = ConnectionFacts(destination, Detected.HTTP1, "httpbin.org")
+    connection = FlowRecord(client=CLIENT, destination=destination, detected=Detected.HTTP1,
+                            hostname="httpbin.org", sniff_outcome="http1",
+                            decision=index.decide_connection(facts))  # fmt: skip
+    out.access_log.connection_closed(connection)
+    assert out.lines() == []
+    out.access_log.request_finished(http_request(index, "/get", 200))
+    assert len(out.lines()) == 1
+
+
+def test_connection_refused_before_a_decision() -> None:
+    out = Lines(LogFormat.TEXT)
+    out.access_log.connection_closed(FlowRecord(client=CLIENT, error="loop"))
+    _, fields = text_fields(out.lines()[0])
+    assert (fields["destination"], fields["decision"], fields["route"], fields["error"]) == (
+        "-",
+        "-",
+        "-",
+        "loop",
+    )
+
+
+def test_text_values_with_spaces_are_quoted() -> None:
+    out = Lines(LogFormat.TEXT)
+    index = guide_step("linkerd-1-allow.yaml")
+    record = http_request(index, "/a b=c", 200)
+    out.access_log.request_finished(record)
+    _, fields = text_fields(out.lines()[0])
+    assert fields["path"] == "/a b=c"
+
+
+def test_ipv6_destination() -> None:
+    out = Lines(LogFormat.JSON)
+    destination = Destination(ipaddress.ip_address("2001:db8::5"), 443)
+    out.access_log.connection_closed(
+        FlowRecord(client="[2001:db8::2]:5000", destination=destination, error="reset")
+    )
+    assert json.loads(out.lines()[0])["destination"] == "[2001:db8::5]:443"
+
+
+# --- the process's log output -------------------------------------------------------------
+
+
+class BlockingStream(io.StringIO):
+    """A stderr whose writes wait until released, like a pipe nobody reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def write(self, text: str) -> int:
+        if not self.release.wait(BLOCKED_WRITER_TIMEOUT):
+            raise TimeoutError("the test never released the stream")
+        return super().write(text)
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    shutdown_logging()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_logging_never_waits_for_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
+    stream = BlockingStream()
+    monkeypatch.setattr(sys, "stderr", stream)
+    setup_logging(Settings(log_format=LogFormat.JSON, log_level="info"))
+    started = time.monotonic()
+    logging.getLogger("egressproxy.test").warning("first %s", "line")
+    AccessLog().connection_closed(FlowRecord(client=CLIENT, error="loop"))
+    logging.getLogger("egressproxy.test").debug("below the level")
+    assert time.monotonic() - started < 1.0
+    assert stream.getvalue() == ""
+    stream.release.set()
+    shutdown_logging()
+    first, access = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert_rfc3339(first.pop("time"))
+    assert first == {
+        "level": "warning",
+        "logger": "egressproxy.test",
+        "message": "first line",
+    }
+    assert (access["log"], access["error"], access["client"]) == ("access", "loop", CLIENT)
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_text_log_line_with_exception(monkeypatch: pytest.MonkeyPatch) -> None:
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    setup_logging(Settings(log_format=LogFormat.TEXT, log_level="warning"))
+    AccessLog().connection_closed(FlowRecord(client=CLIENT, error="loop"))
+    try:
+        raise ValueError("broken")
+    except ValueError:
+        logging.getLogger("egressproxy.test").exception("failed")
+    shutdown_logging()
+    first, *traceback = stream.getvalue().splitlines()
+    time_text, level, name, message = first.split(" ", 3)
+    assert_rfc3339(time_text)
+    assert (level, name, message) == ("ERROR", "egressproxy.test", "failed")
+    assert traceback[-1] == "ValueError: broken"
