@@ -1,0 +1,315 @@
+"""Carry out `egressproxy iptables install|uninstall|show` on this network namespace.
+
+Thin on purpose: every decision about rules is in `rules`. Here are the binaries
+(`*-save` to read, `*-restore --noflush` to change, one transaction per family),
+/proc/sys for the forwarding switch, netlink (pyroute2) to delete an nftables
+table install created, and the failures a user can meet, each turned into one
+line instead of a traceback.
+
+Backend: the host's rules live either in nftables (iptables-nft) or in the old
+x_tables (iptables-legacy), and rules added through the other one are silently
+ignored by half the host. Like linkerd2-proxy-init (after Calico's
+feature_detect_linux.go) and kube's iptables-wrapper: the backend holding
+Kubernetes' canary chains wins, else the one with more rules, else nft.
+
+Gateway mode turns on the family's forwarding switch (net.ipv4.ip_forward,
+net.ipv6.conf.all.forwarding): the redirected TCP is delivered locally, but what
+the rules leave alone (excluded ports and networks, DNS) must still be routed.
+Uninstall turns it off again only if install was the one that turned it on.
+Note that IPv6 forwarding makes the kernel ignore router advertisements unless
+accept_ra is 2.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from egressproxy.iptables.rules import (
+    Family,
+    NetfilterState,
+    Options,
+    OptionsError,
+    Plan,
+    installed,
+    parse_save,
+    plan_install,
+    plan_uninstall,
+    render,
+    tables,
+    validate,
+)
+
+TOOL_TIMEOUT = 60.0
+# Seconds iptables-legacy-restore waits for the xtables lock another tool holds.
+LOCK_WAIT = "10"
+NEEDS_PRIVILEGE = "needs CAP_NET_ADMIN (run as root or in an init container with NET_ADMIN)"
+DENIED = ("Permission denied", "Operation not permitted", "you must be root")
+KUBERNETES_CANARIES = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
+# iptables lives in sbin, which a non-root PATH often lacks.
+SBIN = ("/usr/sbin", "/sbin")
+FORWARDING = {
+    Family.IPV4: Path("/proc/sys/net/ipv4/ip_forward"),
+    Family.IPV6: Path("/proc/sys/net/ipv6/conf/all/forwarding"),
+}
+
+
+class ApplyError(Exception):
+    """A failure the user can act on; the message is the whole story."""
+
+
+class ToolFailed(ApplyError):
+    """An iptables binary ran, had the privilege, and still failed."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    variant: str  # "nft", "legacy", or "" on a host with one unnamed iptables
+
+    def tool(self, family: Family, action: str) -> str:
+        return "-".join(part for part in (family.command, self.variant, action) if part)
+
+    @property
+    def name(self) -> str:
+        return "-".join(part for part in ("iptables", self.variant) if part)
+
+    @property
+    def tables_droppable(self) -> bool:
+        return self.variant == "nft"
+
+    def installed_for(self, family: Family) -> bool:
+        return all(find_tool(self.tool(family, action)) for action in ("save", "restore"))
+
+
+def find_tool(name: str) -> str | None:
+    search = os.pathsep.join([os.environ.get("PATH", ""), *SBIN])
+    return shutil.which(name, path=search)
+
+
+def run_tool(name: str, *args: str, stdin: str | None = None) -> str:
+    path = find_tool(name)
+    if path is None:
+        generic = re.sub(r"-(nft|legacy)-", "-", name)
+        raise ApplyError(f"{generic} not found: install the iptables package")
+    try:
+        done = subprocess.run(
+            [path, *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=TOOL_TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise ApplyError(f"{name} did not finish in {TOOL_TIMEOUT:g} s") from None
+    except OSError as error:
+        raise ApplyError(f"cannot run {path}: {error.strerror}") from None
+    if done.returncode == 0:
+        return done.stdout
+    message = " ".join((done.stderr or done.stdout).split()) or f"exit status {done.returncode}"
+    if any(word in message for word in DENIED):
+        raise ApplyError(f"{name}: {NEEDS_PRIVILEGE}")
+    failed_line = re.search(r"line:? (\d+)", message)
+    if stdin is not None and failed_line:
+        number = int(failed_line.group(1))
+        lines = stdin.splitlines()
+        if 0 < number <= len(lines):
+            message = f"{message} (input line {number}: {lines[number - 1]})"
+    raise ToolFailed(f"{name} failed: {message}")
+
+
+def detect_backend() -> Backend:
+    candidates = [Backend(variant) for variant in ("nft", "legacy")]
+    present = [backend for backend in candidates if backend.installed_for(Family.IPV4)]
+    if not present:
+        plain = Backend("")
+        if not plain.installed_for(Family.IPV4):
+            raise ApplyError("iptables-restore not found: install the iptables package")
+        return plain
+    if len(present) == 1:
+        return present[0]
+    saved = {backend: _save_everything(backend) for backend in present}
+    for backend in present:
+        if any(canary in saved[backend] for canary in KUBERNETES_CANARIES):
+            return backend
+    nft, legacy = present
+    return legacy if _rule_count(saved[legacy]) > _rule_count(saved[nft]) else nft
+
+
+def _save_everything(backend: Backend) -> str:
+    """Both families' rules; a backend the kernel cannot serve holds none.
+
+    Never `-t TABLE`: legacy save would instantiate the table it is asked for."""
+    texts = []
+    for family in Family:
+        if backend.installed_for(family):
+            try:
+                texts.append(run_tool(backend.tool(family, "save")))
+            except ToolFailed:
+                continue
+    return "".join(texts)
+
+
+def _rule_count(saved: str) -> int:
+    return sum(1 for line in saved.splitlines() if line.startswith("-"))
+
+
+def families(backend: Backend, ipv6: bool | None) -> list[Family]:
+    if ipv6 is False:
+        return [Family.IPV4]
+    unusable = _ipv6_unusable(backend)
+    if unusable is None:
+        return [Family.IPV4, Family.IPV6]
+    if ipv6:
+        raise ApplyError(f"--ipv6: {unusable}")
+    return [Family.IPV4]
+
+
+def _ipv6_unusable(backend: Backend) -> str | None:
+    if not Path("/proc/net/if_inet6").exists():
+        return "this kernel has no IPv6"
+    if not backend.installed_for(Family.IPV6):
+        return f"{Family.IPV6.command}-restore not found: install the iptables package"
+    try:
+        run_tool(backend.tool(Family.IPV6, "save"))
+    except ToolFailed as error:
+        return str(error)
+    return None
+
+
+def read_state(backend: Backend, family: Family) -> NetfilterState:
+    saved = parse_save(run_tool(backend.tool(family, "save")))
+    return NetfilterState(saved, forwarding_on(family), backend.tables_droppable)
+
+
+def forwarding_on(family: Family) -> bool:
+    path = FORWARDING[family]
+    try:
+        return path.read_text().strip() != "0"
+    except FileNotFoundError:
+        return False
+    except OSError as error:
+        raise ApplyError(f"{path}: {error.strerror}") from None
+
+
+def set_forwarding(family: Family, on: bool) -> None:
+    path = FORWARDING[family]
+    try:
+        path.write_text("1\n" if on else "0\n")
+    except OSError as error:
+        denied = error.errno in (errno.EACCES, errno.EPERM)
+        reason = NEEDS_PRIVILEGE if denied else error.strerror
+        raise ApplyError(
+            f"cannot turn forwarding {'on' if on else 'off'}: {path}: {reason}"
+        ) from None
+
+
+def drop_table(family: Family, name: str) -> None:
+    """Delete an nftables table install created and uninstall emptied (iptables-nft
+    leaves it behind, and iptables-save would show it)."""
+    from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+    from pyroute2.nftables.main import NFTables  # type: ignore[import-untyped]
+
+    address_family = socket.AF_INET if family is Family.IPV4 else socket.AF_INET6
+    what = f"deleting the empty {family.label} nftables table {name}"
+    try:
+        nftables = NFTables(nfgen_family=address_family)
+        try:
+            nftables.table("del", name=name)
+        finally:
+            nftables.close()
+    except NetlinkError as error:
+        reason = NEEDS_PRIVILEGE if error.code == errno.EPERM else os.strerror(error.code)
+        raise ApplyError(f"{what}: {reason}") from None
+    except OSError as error:
+        raise ApplyError(f"{what}: {error.strerror}") from None
+
+
+def carry_out(backend: Backend, family: Family, plan: Plan) -> None:
+    """Rules first (capture is in place before forwarding opens), then the switch,
+    then the tables left empty."""
+    if plan.restore:
+        run_tool(backend.tool(family, "restore"), "-w", LOCK_WAIT, "--noflush", stdin=plan.restore)
+    if plan.forwarding is not None:
+        set_forwarding(family, plan.forwarding)
+    if plan.drop_tables:
+        saved = parse_save(run_tool(backend.tool(family, "save")))
+        for name in plan.drop_tables:
+            if name in saved and saved[name].is_empty():
+                drop_table(family, name)
+
+
+def print_dry_run(action: str, options: Options) -> None:
+    """What install would restore into an untouched namespace, or what uninstall would
+    restore to take that install away; nothing is read or run."""
+    chosen = [Family.IPV4] if options.ipv6 is False else list(Family)
+    for family in chosen:
+        wanted = tables(options, family)
+        if action == "install":
+            text = render(wanted)
+        else:
+            state = NetfilterState(parse_save(render(wanted)), False, tables_droppable=False)
+            text = plan_uninstall(state).restore
+        print(f"# {family.command}-restore --noflush\n{text}", end="")
+
+
+def show(backend: Backend, chosen: list[Family]) -> int:
+    """Exit 1 when nothing is installed, so scripts can ask."""
+    found = False
+    for family in chosen:
+        text = installed(read_state(backend, family).tables)
+        if text:
+            found = True
+            print(f"# {family.label} ({backend.tool(family, 'save')})\n{text}", end="")
+    if not found:
+        print("no egressproxy rules are installed", file=sys.stderr)
+    return 0 if found else 1
+
+
+def converge(action: str, options: Options, backend: Backend, chosen: list[Family]) -> None:
+    changed = []
+    for family in chosen:
+        state = read_state(backend, family)
+        plan = (
+            plan_install(options, family, state) if action == "install" else plan_uninstall(state)
+        )
+        carry_out(backend, family, plan)
+        if plan.changes:
+            changed.append(family.label)
+    labels = " and ".join(family.label for family in chosen)
+    if action == "install":
+        outcome = "installed" if changed else "already installed"
+        print(f"egressproxy rules {outcome} ({labels}, {backend.name})")
+    elif changed:
+        print(f"egressproxy rules removed ({' and '.join(changed)}, {backend.name})")
+    else:
+        print(f"no egressproxy rules were installed ({labels}, {backend.name})")
+
+
+def main(action: str, options: Options, dry_run: bool) -> int:
+    """Exit 0 done, 1 the system refused (message says why), 2 the options are wrong."""
+    try:
+        if action == "install" or (dry_run and action == "uninstall"):
+            validate(options)
+        if dry_run and action != "show":
+            print_dry_run(action, options)
+            return 0
+        backend = detect_backend()
+        chosen = families(backend, options.ipv6)
+        if action == "show":
+            return show(backend, chosen)
+        converge(action, options, backend, chosen)
+        return 0
+    except OptionsError as error:
+        print(f"egressproxy iptables {action}: {error}", file=sys.stderr)
+        return 2
+    except ApplyError as error:
+        print(f"egressproxy iptables {action}: {error}", file=sys.stderr)
+        return 1

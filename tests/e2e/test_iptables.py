@@ -1,0 +1,504 @@
+"""`egressproxy iptables` for real, in network namespaces this test creates and removes.
+
+Every test builds its own namespaces (ep-ipt-<pid>-<n>) joined by veth pairs;
+the "internet" is a far namespace holding documentation addresses
+(203.0.113.10, 198.51.100.7, 2001:db8:113::10) behind 198.18.0.0/15 and
+2001:db8::/32 links. The host's own network is never touched.
+
+This file doubles as the small program run inside the namespaces (`serve`,
+`probe`; see the bottom): its source is handed to `python -c`, so a client
+running as the proxy's uid needs no read access to the checkout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import json
+import os
+import re
+import selectors
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+PROXY_UID = 2102
+PROXY_PORT = 15001
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same number
+COMMAND_TIMEOUT = 30.0
+READY_TIMEOUT = 10.0
+SERVE_LIMIT = 120.0
+PROBE_TIMEOUT = 3.0
+UDP_WAIT = 1.0
+SAVE_TOOLS = (
+    "iptables-save",
+    "ip6tables-save",
+    "iptables-nft-save",
+    "ip6tables-nft-save",
+    "iptables-legacy-save",
+    "ip6tables-legacy-save",
+)
+FAR_V4 = "203.0.113.10"
+EXCLUDED_V4 = "198.51.100.7"
+FAR_V6 = "2001:db8:113::10"
+FAR_PORTS = (443, 8443, 53)
+COUNTERS = re.compile(r"\[\d+:\d+\]$", re.MULTILINE)
+HIDE_SBIN = 'mount -t tmpfs tmpfs /usr/sbin && exec "$@"'
+_numbers = itertools.count(1)
+
+Probe = tuple[str, str, int]  # protocol, address, port
+Completed = subprocess.CompletedProcess[str]
+
+
+# --- the program run inside the namespaces -------------------------------------------------
+
+
+def serve(specs: Sequence[Sequence[object]]) -> None:
+    """Answer TCP connections and UDP datagrams until stdin closes (or SERVE_LIMIT).
+
+    A spec is (protocol, address, port, reply); the reply "redirected" answers with
+    the connection's SO_ORIGINAL_DST, as the proxy would read it."""
+    selector = selectors.DefaultSelector()
+    listeners: dict[int, tuple[socket.socket, str]] = {}
+    for protocol, address, port, reply in specs:
+        family = socket.AF_INET6 if ":" in str(address) else socket.AF_INET
+        kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+        sock = socket.socket(family, kind)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((str(address), int(str(port))))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(16)
+        selector.register(sock, selectors.EVENT_READ)
+        listeners[sock.fileno()] = (sock, str(reply))
+    selector.register(sys.stdin, selectors.EVENT_READ)
+    print("ready", flush=True)
+    deadline = time.monotonic() + SERVE_LIMIT
+    while time.monotonic() < deadline:
+        for key, _ in selector.select(timeout=1.0):
+            if key.fd not in listeners:
+                return
+            sock, reply = listeners[key.fd]
+            if sock.type == socket.SOCK_STREAM:
+                connection, _ = sock.accept()
+                with connection:
+                    if reply == "redirected":
+                        reply = f"redirected {original_destination(connection)}"
+                    connection.sendall(reply.encode())
+            else:
+                _, peer = sock.recvfrom(2048)
+                sock.sendto(reply.encode(), peer)
+
+
+def original_destination(connection: socket.socket) -> str:
+    if connection.family == socket.AF_INET:
+        raw = connection.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+        address = socket.inet_ntop(socket.AF_INET, raw[4:8])
+    else:
+        raw = connection.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+        address = socket.inet_ntop(socket.AF_INET6, raw[8:24])
+    return f"{address} {int.from_bytes(raw[2:4], 'big')}"
+
+
+def probe(checks: Sequence[Sequence[object]]) -> None:
+    """Print, as JSON, what each (protocol, address, port) got back."""
+    results = []
+    for protocol, address, port in checks:
+        target = (str(address), int(str(port)))
+        results.append(tcp_probe(target) if protocol == "tcp" else udp_probe(target))
+    print(json.dumps(results))
+
+
+def tcp_probe(target: tuple[str, int]) -> str:
+    try:
+        with socket.create_connection(target, timeout=PROBE_TIMEOUT) as connection:
+            chunks = []
+            for _ in range(64):
+                chunk = connection.recv(256)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            return b"".join(chunks).decode()
+    except TimeoutError:
+        return "timed out"
+    except OSError as error:
+        return errno.errorcode.get(error.errno or 0, str(error))
+
+
+def udp_probe(target: tuple[str, int]) -> str:
+    family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(UDP_WAIT)
+        try:
+            sock.sendto(b"ping", target)
+        except PermissionError:
+            return "dropped"
+        try:
+            return sock.recv(256).decode()
+        except TimeoutError:
+            return "no answer"
+
+
+# --- the test side ---------------------------------------------------------------------------
+
+
+def repo() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def program() -> str:
+    """This file's source, for `python -c` (`__file__` exists only on the test side)."""
+    return Path(__file__).read_text()
+
+
+def run(*args: str, check: bool = True, env: dict[str, str] | None = None) -> Completed:
+    done = subprocess.run(
+        args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False, env=env
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {done.returncode}: {done.stderr.strip()}")
+    return done
+
+
+def sh(line: str) -> Completed:
+    """A command line without quoting: words split on blanks."""
+    return run(*line.split())
+
+
+def egressproxy(ns: str, *args: str, prefix: Sequence[str] = ()) -> Completed:
+    """`python -m egressproxy iptables ARGS` inside namespace `ns`, from this checkout."""
+    env = {**os.environ, "PYTHONPATH": str(repo())}
+    command = ["ip", "netns", "exec", ns, *prefix, sys.executable, "-m", "egressproxy", "iptables"]
+    return run(*command, *args, check=False, env=env)
+
+
+def saved_rules(ns: str) -> dict[str, str]:
+    """Every backend's and family's iptables-save output but header comments and the
+    legacy backend's packet counters."""
+    outputs = {}
+    for tool in SAVE_TOOLS:
+        text = sh(f"ip netns exec {ns} {tool}").stdout
+        lines = [line for line in text.splitlines(True) if not line.startswith("#")]
+        outputs[tool] = COUNTERS.sub("[0:0]", "".join(lines))
+    return outputs
+
+
+def forwarding(ns: str) -> tuple[str, str]:
+    paths = ("/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding")
+    v4, v6 = (sh(f"ip netns exec {ns} cat {path}").stdout.strip() for path in paths)
+    return v4, v6
+
+
+def own_rules_by_chain(text: str) -> dict[str, list[str]]:
+    chains: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.startswith("-A EGRESSPROXY_"):
+            chains.setdefault(line.split()[1], []).append(line)
+    return chains
+
+
+@dataclass
+class Lab:
+    """Namespaces and helper processes of one test, all removed when it ends."""
+
+    stack: contextlib.ExitStack
+
+    def namespace(self) -> str:
+        name = f"ep-ipt-{os.getpid()}-{next(_numbers)}"
+        sh(f"ip netns add {name}")
+        self.stack.callback(run, "ip", "netns", "del", name, check=False)
+        sh(f"ip -n {name} link set lo up")
+        return name
+
+    def link(self, left: str, left_addresses: str, right: str, right_addresses: str) -> None:
+        """A veth pair between two namespaces, made inside them (never in the host's);
+        addresses blank-separated, IPv6 ones usable at once (nodad)."""
+        number = next(_numbers)
+        left_dev, right_dev = f"epl{number}", f"epr{number}"
+        sh(f"ip -n {left} link add {left_dev} type veth peer name {right_dev} netns {right}")
+        for ns, dev, addresses in (
+            (left, left_dev, left_addresses),
+            (right, right_dev, right_addresses),
+        ):
+            for address in addresses.split():
+                nodad = "nodad" if ":" in address else ""
+                sh(f"ip -n {ns} addr add {address} dev {dev} {nodad}")
+            sh(f"ip -n {ns} link set {dev} up")
+
+    def serve(self, ns: str, specs: Sequence[tuple[str, str, int, str]]) -> None:
+        process = subprocess.Popen(
+            [*in_namespace(ns), "serve", json.dumps(specs)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.stack.callback(stop, process)
+        assert process.stdout is not None
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.stdout, selectors.EVENT_READ)
+            if not selector.select(timeout=READY_TIMEOUT):
+                raise AssertionError(f"server in {ns} not ready in {READY_TIMEOUT} s")
+        line = process.stdout.readline().strip()
+        if line != "ready":
+            assert process.stderr is not None
+            raise AssertionError(f"server in {ns} failed: {line} {process.stderr.read()}")
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    """Closing stdin asks the server to end; a kill (by its PID) if it does not."""
+    with process:
+        assert process.stdin is not None
+        process.stdin.close()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def in_namespace(ns: str, as_user: Sequence[str] = ()) -> list[str]:
+    """This file as a program, run inside namespace `ns` (optionally as another user)."""
+    return ["ip", "netns", "exec", ns, *as_user, sys.executable, "-I", "-c", program()]
+
+
+def probes(ns: str, checks: Sequence[Probe], uid: int | None = None) -> dict[Probe, str]:
+    as_user = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"] if uid else []
+    done = run(*in_namespace(ns, as_user), "probe", json.dumps(checks))
+    return dict(zip(checks, json.loads(done.stdout), strict=True))
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    with contextlib.ExitStack() as stack:
+        yield Lab(stack)
+
+
+def far_side(lab: Lab, near: str, near_v4: str, near_v6: str, far_v4: str, far_v6: str) -> str:
+    """The "internet": a namespace answering "far" on FAR_PORTS at the documentation addresses."""
+    far = lab.namespace()
+    lab.link(near, f"{near_v4}/24 {near_v6}/64", far, f"{far_v4}/24 {far_v6}/64")
+    for address in (f"{FAR_V4}/32", f"{EXCLUDED_V4}/32", f"{FAR_V6}/128"):
+        sh(f"ip -n {far} addr add {address} dev lo")
+    # UDP answers from the address it was asked at only when bound to it.
+    specs = [("tcp", address, port, "far") for address in ("0.0.0.0", "::") for port in FAR_PORTS]
+    specs += [("udp", address, port, "far") for address in (FAR_V4, FAR_V6) for port in FAR_PORTS]
+    lab.serve(far, specs)
+    return far
+
+
+def route(ns: str, gateway_v4: str, gateway_v6: str) -> None:
+    for network in ("203.0.113.0/24", "198.51.100.0/24"):
+        sh(f"ip -n {ns} route add {network} via {gateway_v4}")
+    sh(f"ip -n {ns} -6 route add 2001:db8:113::/64 via {gateway_v6}")
+
+
+def seed(ns: str, variant: str) -> None:
+    """Rules of some other tool, which install must work around and uninstall must keep."""
+    for command, address in (("iptables", "192.0.2.99"), ("ip6tables", "2001:db8:ffff::99")):
+        for table, chain in (("nat", "OUTPUT"), ("filter", "OUTPUT")):
+            sh(
+                f"ip netns exec {ns} {command}-{variant} -t {table} -A {chain} -d {address}"
+                " -m comment --comment not-egressproxy -j RETURN"
+            )
+
+
+PROXY_LISTENERS = [
+    ("tcp", "0.0.0.0", PROXY_PORT, "redirected"),
+    ("tcp", "::", PROXY_PORT, "redirected"),
+]
+SIDECAR_OPTIONS = (
+    f"--proxy-uid={PROXY_UID}",
+    "--exclude-ports=8443",
+    "--exclude-cidrs=198.51.100.0/24",
+    "--block-udp",
+)
+
+
+@pytest.mark.parametrize("existing", ["none", "nft", "legacy"])
+def test_sidecar_install_redirects_and_uninstall_restores(lab: Lab, existing: str) -> None:
+    app = lab.namespace()
+    far_side(lab, app, "198.18.0.1", "2001:db8:18::1", "198.18.0.2", "2001:db8:18::2")
+    route(app, "198.18.0.2", "2001:db8:18::2")
+    lab.serve(app, [*PROXY_LISTENERS, ("tcp", "0.0.0.0", 9000, "local")])
+    if existing != "none":
+        seed(app, existing)
+    backend = "legacy" if existing == "legacy" else "nft"
+
+    tcp = ("tcp", FAR_V4, 443)
+    tcp6 = ("tcp", FAR_V6, 443)
+    udp_quic = ("udp", FAR_V4, 443)
+    udp_quic6 = ("udp", FAR_V6, 443)
+    udp_dns = ("udp", FAR_V4, 53)
+    udp_dns6 = ("udp", FAR_V6, 53)
+    assert probes(app, [tcp, tcp6, udp_quic]) == {tcp: "far", tcp6: "far", udp_quic: "far"}
+
+    before = saved_rules(app)
+    dry = egressproxy(app, "install", *SIDECAR_OPTIONS, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert saved_rules(app) == before
+
+    first = egressproxy(app, "install", *SIDECAR_OPTIONS)
+    assert first.returncode == 0, first.stderr
+    assert f"installed (IPv4 and IPv6, iptables-{backend})" in first.stdout
+    installed = saved_rules(app)
+    again = egressproxy(app, "install", *SIDECAR_OPTIONS)
+    assert again.returncode == 0, again.stderr
+    assert "already installed" in again.stdout
+    assert saved_rules(app) == installed
+
+    shown = egressproxy(app, "show")
+    assert shown.returncode == 0, shown.stderr
+    v4_dry, v6_dry = dry.stdout.split("# ip6tables-restore --noflush\n")
+    v4_shown, v6_shown = shown.stdout.split("# IPv6")
+    assert own_rules_by_chain(v4_shown) == own_rules_by_chain(v4_dry)
+    assert own_rules_by_chain(v6_shown) == own_rules_by_chain(v6_dry)
+    assert set(own_rules_by_chain(v4_shown)) == {
+        "EGRESSPROXY_OUTPUT",
+        "EGRESSPROXY_REDIRECT",
+        "EGRESSPROXY_UDP",
+    }
+    assert own_rules_by_chain(installed[f"iptables-{backend}-save"]) == own_rules_by_chain(v4_dry)
+    other = "nft" if backend == "legacy" else "legacy"
+    for family in ("iptables", "ip6tables"):
+        tool = f"{family}-{other}-save"
+        assert installed[tool] == before[tool], f"{tool} changed: the wrong backend was used"
+
+    workload = probes(
+        app,
+        [
+            tcp,
+            tcp6,
+            ("tcp", FAR_V4, 8443),
+            ("tcp", EXCLUDED_V4, 443),
+            ("tcp", "127.0.0.1", 9000),
+            ("tcp", "198.18.0.1", 9000),
+            udp_quic,
+            udp_quic6,
+            udp_dns,
+            udp_dns6,
+        ],
+    )
+    assert workload == {
+        tcp: f"redirected {FAR_V4} 443",
+        tcp6: f"redirected {FAR_V6} 443",
+        ("tcp", FAR_V4, 8443): "far",
+        ("tcp", EXCLUDED_V4, 443): "far",
+        ("tcp", "127.0.0.1", 9000): "local",
+        ("tcp", "198.18.0.1", 9000): "local",
+        udp_quic: "dropped",
+        udp_quic6: "dropped",
+        udp_dns: "far",
+        udp_dns6: "far",
+    }
+    proxy = probes(app, [tcp, tcp6, udp_quic], uid=PROXY_UID)
+    assert proxy == {tcp: "far", tcp6: "far", udp_quic: "far"}
+
+    removed = egressproxy(app, "uninstall")
+    assert removed.returncode == 0, removed.stderr
+    assert saved_rules(app) == before
+    assert probes(app, [tcp, tcp6, udp_quic]) == {tcp: "far", tcp6: "far", udp_quic: "far"}
+    nothing = egressproxy(app, "show")
+    assert nothing.returncode == 1
+    assert "no egressproxy rules are installed" in nothing.stderr
+
+
+def test_reinstall_with_other_options_leaves_only_the_new_rules(lab: Lab) -> None:
+    app = lab.namespace()
+    before = saved_rules(app)
+    wide = egressproxy(app, "install", "--proxy-mark=7", "--block-udp", "--exclude-ports=22")
+    assert wide.returncode == 0, wide.stderr
+    narrow = egressproxy(app, "install", f"--proxy-uid={PROXY_UID}", "--no-ipv6")
+    assert narrow.returncode == 0, narrow.stderr
+    after = saved_rules(app)
+    assert "EGRESSPROXY_UDP" not in after["iptables-save"]
+    assert "--mark" not in after["iptables-save"]
+    assert "EGRESSPROXY_UDP" in after["ip6tables-save"], "--no-ipv6 must leave IPv6 alone"
+    fresh = lab.namespace()
+    assert egressproxy(fresh, "install", f"--proxy-uid={PROXY_UID}", "--no-ipv6").returncode == 0
+    assert saved_rules(fresh)["iptables-save"] == after["iptables-save"]
+    assert egressproxy(app, "uninstall").returncode == 0
+    assert saved_rules(app) == before
+
+
+def test_gateway_redirects_routed_tcp_and_forwards_the_rest(lab: Lab) -> None:
+    client = lab.namespace()
+    gateway = lab.namespace()
+    lab.link(client, "198.18.1.2/24 2001:db8:1::2/64", gateway, "198.18.1.1/24 2001:db8:1::1/64")
+    route(client, "198.18.1.1", "2001:db8:1::1")
+    far = far_side(lab, gateway, "198.18.2.1", "2001:db8:2::1", "198.18.2.2", "2001:db8:2::2")
+    route(gateway, "198.18.2.2", "2001:db8:2::2")
+    sh(f"ip -n {far} route add 198.18.1.0/24 via 198.18.2.1")
+    sh(f"ip -n {far} -6 route add 2001:db8:1::/64 via 2001:db8:2::1")
+    lab.serve(gateway, PROXY_LISTENERS)
+    for switch in ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"):
+        sh(f"ip netns exec {gateway} sysctl -qw {switch}=0")
+    before = saved_rules(gateway)
+
+    options = ("--mode=gateway", "--exclude-ports=8443", "--block-udp")
+    installed = egressproxy(gateway, "install", *options)
+    assert installed.returncode == 0, installed.stderr
+    assert egressproxy(gateway, "install", *options).stdout.startswith("egressproxy rules already")
+    assert forwarding(gateway) == ("1", "1")
+
+    tcp, tcp6 = ("tcp", FAR_V4, 443), ("tcp", FAR_V6, 443)
+    routed = probes(
+        client,
+        [
+            tcp,
+            tcp6,
+            ("tcp", FAR_V4, 8443),
+            ("tcp", FAR_V6, 8443),
+            ("udp", FAR_V4, 443),
+            ("udp", FAR_V4, 53),
+            ("udp", FAR_V6, 53),
+        ],
+    )
+    assert routed == {
+        tcp: f"redirected {FAR_V4} 443",
+        tcp6: f"redirected {FAR_V6} 443",
+        ("tcp", FAR_V4, 8443): "far",
+        ("tcp", FAR_V6, 8443): "far",
+        ("udp", FAR_V4, 443): "no answer",
+        ("udp", FAR_V4, 53): "far",
+        ("udp", FAR_V6, 53): "far",
+    }
+    assert probes(gateway, [tcp, tcp6]) == {tcp: "far", tcp6: "far"}, "own traffic is not routed"
+
+    removed = egressproxy(gateway, "uninstall")
+    assert removed.returncode == 0, removed.stderr
+    assert saved_rules(gateway) == before
+    assert forwarding(gateway) == ("0", "0")
+
+
+def test_without_net_admin_the_error_says_so(lab: Lab) -> None:
+    app = lab.namespace()
+    # Root in a user namespace of its own: what a container without NET_ADMIN is.
+    done = egressproxy(
+        app, "install", f"--proxy-uid={PROXY_UID}", prefix=["unshare", "--user", "--map-root-user"]
+    )
+    assert done.returncode == 1
+    assert "needs CAP_NET_ADMIN (run as root or in an init container with NET_ADMIN)" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_without_iptables_binaries_the_error_says_so(lab: Lab) -> None:
+    app = lab.namespace()
+    hide_sbin = ["unshare", "--mount", "sh", "-c", HIDE_SBIN, "-"]
+    done = egressproxy(app, "install", f"--proxy-uid={PROXY_UID}", prefix=hide_sbin)
+    assert done.returncode == 1
+    assert "iptables-restore not found: install the iptables package" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+if __name__ == "__main__":
+    {"serve": serve, "probe": probe}[sys.argv[1]](json.loads(sys.argv[2]))

@@ -1,0 +1,547 @@
+"""The capture rules as text, without root: exact output for representative options,
+properties over any options, and install/uninstall convergence against a model of
+iptables-restore (the real thing is exercised in tests/e2e/test_iptables.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import shlex
+from collections.abc import Iterable
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from egressproxy.iptables import apply
+from egressproxy.iptables.rules import (
+    CREATED_TABLE,
+    GATEWAY,
+    MULTIPORT_LIMIT,
+    OUTPUT_CHAIN,
+    PREROUTING_CHAIN,
+    REDIRECT_CHAIN,
+    SIDECAR,
+    TURNED_ON_FORWARDING,
+    UDP_CHAIN,
+    Family,
+    NetfilterState,
+    Options,
+    OptionsError,
+    SavedTable,
+    installed,
+    parse_save,
+    plan_install,
+    plan_uninstall,
+    port_groups,
+    render,
+    rule_target,
+    tables,
+)
+from egressproxy.settings import IPNetwork
+
+V4 = Family.IPV4
+V6 = Family.IPV6
+
+
+def net(text: str) -> IPNetwork:
+    return ipaddress.ip_network(text)
+
+
+# --- exact text ------------------------------------------------------------------------------
+
+SIDECAR_UID_V4 = """\
+*nat
+:EGRESSPROXY_OUTPUT - [0:0]
+:EGRESSPROXY_REDIRECT - [0:0]
+-A EGRESSPROXY_OUTPUT -m owner --uid-owner 2102 -m comment --comment "egressproxy: proxy uid 2102 goes direct" -j RETURN
+-A EGRESSPROXY_OUTPUT -d 127.0.0.0/8 -m comment --comment "egressproxy: loopback goes direct" -j RETURN
+-A EGRESSPROXY_OUTPUT -o lo -m comment --comment "egressproxy: this host goes direct" -j RETURN
+-A EGRESSPROXY_OUTPUT -p tcp -m comment --comment "egressproxy: all other TCP to the proxy" -j EGRESSPROXY_REDIRECT
+-A EGRESSPROXY_REDIRECT -p tcp -m comment --comment "egressproxy: to the proxy on port 15001" -j REDIRECT --to-ports 15001
+-A OUTPUT -p tcp -m comment --comment "egressproxy: capture outbound TCP" -j EGRESSPROXY_OUTPUT
+COMMIT
+"""  # noqa: E501
+
+SIDECAR_FULL_V6 = """\
+*nat
+:EGRESSPROXY_OUTPUT - [0:0]
+:EGRESSPROXY_REDIRECT - [0:0]
+-A EGRESSPROXY_OUTPUT -m owner --uid-owner 2102 -m comment --comment "egressproxy: proxy uid 2102 goes direct" -j RETURN
+-A EGRESSPROXY_OUTPUT -m mark --mark 0x2a -m comment --comment "egressproxy: proxy mark 0x2a goes direct" -j RETURN
+-A EGRESSPROXY_OUTPUT -d ::1/128 -m comment --comment "egressproxy: loopback goes direct" -j RETURN
+-A EGRESSPROXY_OUTPUT -o lo -m comment --comment "egressproxy: this host goes direct" -j RETURN
+-A EGRESSPROXY_OUTPUT -d 2001:db8::/32 -m comment --comment "egressproxy: excluded network 2001:db8::/32" -j RETURN
+-A EGRESSPROXY_OUTPUT -p tcp -m multiport --dports 22,8000:8002 -m comment --comment "egressproxy: excluded ports 22,8000:8002" -j RETURN
+-A EGRESSPROXY_OUTPUT -p tcp -m multiport --dports 80,443 -m comment --comment "egressproxy: included ports 80,443 to the proxy" -j EGRESSPROXY_REDIRECT
+-A EGRESSPROXY_REDIRECT -p tcp -m comment --comment "egressproxy: to the proxy on port 4140" -j REDIRECT --to-ports 4140
+-A OUTPUT -p tcp -m comment --comment "egressproxy: capture outbound TCP" -j EGRESSPROXY_OUTPUT
+COMMIT
+*filter
+:EGRESSPROXY_UDP - [0:0]
+-A EGRESSPROXY_UDP -m owner --uid-owner 2102 -m comment --comment "egressproxy: proxy uid 2102 goes direct" -j RETURN
+-A EGRESSPROXY_UDP -m mark --mark 0x2a -m comment --comment "egressproxy: proxy mark 0x2a goes direct" -j RETURN
+-A EGRESSPROXY_UDP -d ::1/128 -m comment --comment "egressproxy: loopback goes direct" -j RETURN
+-A EGRESSPROXY_UDP -o lo -m comment --comment "egressproxy: this host goes direct" -j RETURN
+-A EGRESSPROXY_UDP -d 2001:db8::/32 -m comment --comment "egressproxy: excluded network 2001:db8::/32" -j RETURN
+-A EGRESSPROXY_UDP -p udp -m multiport --dports 22,8000:8002 -m comment --comment "egressproxy: excluded ports 22,8000:8002" -j RETURN
+-A EGRESSPROXY_UDP -p udp -m udp --dport 53 -m comment --comment "egressproxy: DNS stays open" -j RETURN
+-A EGRESSPROXY_UDP -p udp -m multiport --dports 80,443 -m comment --comment "egressproxy: included ports 80,443 dropped so QUIC cannot bypass the proxy" -j DROP
+-A OUTPUT -p udp -m comment --comment "egressproxy: block outbound UDP" -j EGRESSPROXY_UDP
+COMMIT
+"""  # noqa: E501
+
+GATEWAY_V4 = """\
+*nat
+:EGRESSPROXY_PREROUTING - [0:0]
+:EGRESSPROXY_REDIRECT - [0:0]
+-A EGRESSPROXY_PREROUTING -m addrtype --dst-type LOCAL -m comment --comment "egressproxy: this host goes direct" -j RETURN
+-A EGRESSPROXY_PREROUTING -d 10.0.0.0/8 -m comment --comment "egressproxy: excluded network 10.0.0.0/8" -j RETURN
+-A EGRESSPROXY_PREROUTING -p tcp -m comment --comment "egressproxy: all other TCP to the proxy" -j EGRESSPROXY_REDIRECT
+-A EGRESSPROXY_REDIRECT -p tcp -m comment --comment "egressproxy: to the proxy on port 15001" -j REDIRECT --to-ports 15001
+-A PREROUTING -p tcp -m comment --comment "egressproxy: capture routed TCP" -j EGRESSPROXY_PREROUTING
+COMMIT
+*filter
+:EGRESSPROXY_UDP - [0:0]
+-A EGRESSPROXY_UDP -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment "egressproxy: replies of allowed flows pass" -j RETURN
+-A EGRESSPROXY_UDP -d 10.0.0.0/8 -m comment --comment "egressproxy: excluded network 10.0.0.0/8" -j RETURN
+-A EGRESSPROXY_UDP -p udp -m udp --dport 53 -m comment --comment "egressproxy: DNS stays open" -j RETURN
+-A EGRESSPROXY_UDP -p udp -m comment --comment "egressproxy: all other UDP dropped so QUIC cannot bypass the proxy" -j DROP
+-A FORWARD -p udp -m comment --comment "egressproxy: block routed UDP" -j EGRESSPROXY_UDP
+COMMIT
+"""  # noqa: E501
+
+
+def test_sidecar_with_a_uid_only() -> None:
+    assert render(tables(Options(proxy_uid=2102), V4)) == SIDECAR_UID_V4
+
+
+def test_sidecar_with_everything_keeps_ipv6_to_ipv6() -> None:
+    options = Options(
+        proxy_port=4140,
+        proxy_uid=2102,
+        proxy_mark=42,
+        exclude_ports=frozenset({22, 8000, 8001, 8002}),
+        include_ports=frozenset({443, 80}),
+        exclude_cidrs=(net("203.0.113.0/24"), net("2001:db8::/32")),
+        block_udp=True,
+    )
+    assert render(tables(options, V6)) == SIDECAR_FULL_V6
+
+
+def test_gateway_with_udp_blocked() -> None:
+    options = Options(
+        mode=GATEWAY, exclude_cidrs=(net("10.0.0.0/8"), net("fd00::/8")), block_udp=True
+    )
+    assert render(tables(options, V4)) == GATEWAY_V4
+
+
+def test_uninstall_of_a_fresh_install() -> None:
+    state = NetfilterState(parse_save(SIDECAR_UID_V4), forwarding=False, tables_droppable=False)
+    assert plan_uninstall(state).restore == (
+        "*nat\n"
+        '-D OUTPUT -p tcp -m comment --comment "egressproxy: capture outbound TCP"'
+        " -j EGRESSPROXY_OUTPUT\n"
+        "-F EGRESSPROXY_OUTPUT\n"
+        "-F EGRESSPROXY_REDIRECT\n"
+        "-X EGRESSPROXY_OUTPUT\n"
+        "-X EGRESSPROXY_REDIRECT\n"
+        "COMMIT\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (Options(), "sidecar mode needs --proxy-uid or --proxy-mark"),
+        (Options(mode=GATEWAY, proxy_uid=2102), "--proxy-uid and --proxy-mark are for sidecar"),
+        (Options(mode="router", proxy_uid=1), "--mode 'router': must be sidecar or gateway"),
+        (Options(proxy_uid=1, proxy_port=0), "--proxy-port: port 0 is outside 1-65535"),
+        (Options(proxy_mark=2**32), "--proxy-mark 4294967296 is outside 1-4294967295"),
+        (
+            Options(
+                proxy_uid=1, exclude_ports=frozenset({80, 443}), include_ports=frozenset({443})
+            ),
+            "ports 443 are both in --exclude-ports and --include-ports",
+        ),
+    ],
+)
+def test_options_that_cannot_work_are_refused(options: Options, message: str) -> None:
+    with pytest.raises(OptionsError, match="^" + message.replace("(", r"\(")):
+        tables(options, V4)
+
+
+@pytest.mark.parametrize(
+    ("ports", "groups"),
+    [
+        ([], ()),
+        ([22, 25, 26, 27, 33], ("22,25:27,33",)),
+        ([443, 80, 80], ("80,443",)),
+        (range(1, 16, 2), ("1,3,5,7,9,11,13,15",)),
+        (range(1, 32, 2), ("1,3,5,7,9,11,13,15,17,19,21,23,25,27,29", "31")),
+        ([*range(1, 29, 2), 40, 41], ("1,3,5,7,9,11,13,15,17,19,21,23,25,27", "40:41")),
+    ],
+)
+def test_port_groups(ports: Iterable[int], groups: tuple[str, ...]) -> None:
+    assert port_groups(ports) == groups
+
+
+def test_parse_save_finds_only_real_jumps_into_own_chains() -> None:
+    saved = parse_save(
+        "# Generated by iptables-save\n"
+        "*nat\n"
+        ":OUTPUT ACCEPT [7:420]\n"
+        ":EGRESSPROXY_OUTPUT - [0:0]\n"
+        ":KUBE-SERVICES - [0:0]\n"
+        '-A OUTPUT -m comment --comment "mentions -j EGRESSPROXY_OUTPUT" -j KUBE-SERVICES\n'
+        '-A OUTPUT -p tcp -m comment --comment "egressproxy: capture outbound TCP"'
+        " -j EGRESSPROXY_OUTPUT\n"
+        "-A EGRESSPROXY_OUTPUT -j RETURN\n"
+        "COMMIT\n"
+        "# Completed\n"
+    )
+    nat = saved["nat"]
+    assert nat.own_chains() == ("EGRESSPROXY_OUTPUT",)
+    assert nat.own_rules() == ("-A EGRESSPROXY_OUTPUT -j RETURN",)
+    assert [rule_target(line) for line in nat.own_jumps()] == ["EGRESSPROXY_OUTPUT"]
+    assert not nat.is_empty()
+    assert installed(saved).splitlines() == [
+        "*nat",
+        ":EGRESSPROXY_OUTPUT - [0:0]",
+        nat.rules[1],
+        nat.rules[2],
+        "COMMIT",
+    ]
+
+
+# --- properties of any options ---------------------------------------------------------------
+
+port_sets = st.frozensets(st.integers(1, 65535), max_size=40)
+networks_v4 = st.builds(
+    lambda address, prefix: ipaddress.IPv4Network((address, prefix), strict=False),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 32),
+)
+networks_v6 = st.builds(
+    lambda address, prefix: ipaddress.IPv6Network((address, prefix), strict=False),
+    st.integers(0, 2**128 - 1),
+    st.integers(0, 128),
+)
+
+
+@st.composite
+def any_options(draw: st.DrawFn) -> Options:
+    mode = draw(st.sampled_from([SIDECAR, GATEWAY]))
+    uid = mark = None
+    if mode == SIDECAR:
+        uid, mark = draw(
+            st.one_of(
+                st.tuples(st.integers(0, 2**32 - 2), st.none()),
+                st.tuples(st.none(), st.integers(1, 2**32 - 1)),
+                st.tuples(st.integers(0, 2**32 - 2), st.integers(1, 2**32 - 1)),
+            )
+        )
+    excluded = draw(port_sets)
+    included = draw(port_sets) - excluded
+    cidrs = draw(st.lists(st.one_of(networks_v4, networks_v6), max_size=6))
+    return Options(
+        mode=mode,
+        proxy_port=draw(st.integers(1, 65535)),
+        proxy_uid=uid,
+        proxy_mark=mark,
+        exclude_ports=excluded,
+        include_ports=included,
+        exclude_cidrs=tuple(cidrs),
+        block_udp=draw(st.booleans()),
+    )
+
+
+def rule_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("-A ")]
+
+
+def chain_lines(text: str, chain: str) -> list[str]:
+    return [line for line in rule_lines(text) if line.split()[1] == chain]
+
+
+def first_index(lines: list[str], needle: str) -> int:
+    return next(index for index, line in enumerate(lines) if needle in line)
+
+
+def dports(line: str) -> set[int]:
+    tokens = shlex.split(line)
+    if "--dports" not in tokens:
+        return set()
+    ports: set[int] = set()
+    for item in tokens[tokens.index("--dports") + 1].split(","):
+        low, _, high = item.partition(":")
+        ports.update(range(int(low), int(high or low) + 1))
+    return ports
+
+
+@given(any_options(), st.sampled_from(list(Family)))
+def test_every_rule_has_a_comment(options: Options, family: Family) -> None:
+    for line in rule_lines(render(tables(options, family))):
+        assert ' -m comment --comment "egressproxy: ' in line
+
+
+@given(any_options(), st.sampled_from(list(Family)))
+def test_nothing_is_redirected_before_the_proxy_and_the_exclusions_return(
+    options: Options, family: Family
+) -> None:
+    text = render(tables(options, family))
+    capture = OUTPUT_CHAIN if options.mode == SIDECAR else PREROUTING_CHAIN
+    lines = chain_lines(text, capture)
+    first_capture = first_index(lines, f"-j {REDIRECT_CHAIN}")
+    before = lines[:first_capture]
+    assert all(line.endswith("-j RETURN") for line in before)
+    assert all(line.endswith(f"-j {REDIRECT_CHAIN}") for line in lines[first_capture:])
+    if options.proxy_uid is not None:
+        assert lines[0].startswith(f"-A {capture} -m owner --uid-owner {options.proxy_uid} ")
+    if options.proxy_mark is not None:
+        assert any(f"-m mark --mark {options.proxy_mark:#x} " in line for line in lines[:2])
+    assert set().union(*(dports(line) for line in before)) == options.exclude_ports
+    excluded = {network for network in options.exclude_cidrs if network.version == family.value}
+    assert {net(shlex.split(line)[3]) for line in before if " excluded network " in line} == (
+        excluded
+    )
+    taken = set().union(*(dports(line) for line in lines[first_capture:]))
+    assert taken == options.include_ports
+    assert "REDIRECT --to-ports" not in "\n".join(lines)
+    assert chain_lines(text, REDIRECT_CHAIN) == [
+        f"-A {REDIRECT_CHAIN} -p tcp -m comment --comment"
+        f' "egressproxy: to the proxy on port {options.proxy_port}"'
+        f" -j REDIRECT --to-ports {options.proxy_port}"
+    ]
+
+
+@given(any_options(), st.sampled_from(list(Family)))
+def test_udp_blocking_keeps_dns_and_what_is_left_alone(options: Options, family: Family) -> None:
+    text = render(tables(options, family))
+    lines = chain_lines(text, UDP_CHAIN)
+    assert bool(lines) == options.block_udp
+    if not lines:
+        return
+    first_drop = first_index(lines, "-j DROP")
+    assert all(line.endswith("-j RETURN") for line in lines[:first_drop])
+    assert all(line.endswith("-j DROP") for line in lines[first_drop:])
+    assert any("--dport 53 " in line for line in lines[:first_drop])
+    if options.proxy_uid is not None:
+        assert lines[0].startswith(f"-A {UDP_CHAIN} -m owner --uid-owner {options.proxy_uid} ")
+    dropped = set().union(*(dports(line) for line in lines[first_drop:]))
+    assert dropped == options.include_ports
+
+
+@given(any_options(), st.sampled_from(list(Family)))
+def test_each_family_sees_only_its_own_addresses(options: Options, family: Family) -> None:
+    for line in rule_lines(render(tables(options, family))):
+        tokens = shlex.split(line)
+        for flag in ("-d", "-s"):
+            if flag in tokens:
+                assert net(tokens[tokens.index(flag) + 1]).version == family.value
+
+
+@given(port_sets)
+def test_port_groups_cover_the_ports_within_the_multiport_limit(ports: frozenset[int]) -> None:
+    covered: set[int] = set()
+    for group in port_groups(ports):
+        weight = sum(2 if ":" in item else 1 for item in group.split(","))
+        assert 0 < weight <= MULTIPORT_LIMIT
+        covered |= dports(f"--dports {group}")
+    assert covered == ports
+
+
+# --- install and uninstall converge (against a model of iptables-restore --noflush) ----------
+
+BUILTIN = {
+    "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
+    "filter": ("INPUT", "FORWARD", "OUTPUT"),
+}
+
+
+@dataclasses.dataclass
+class Model:
+    """Tables as chain -> rule lines; what iptables-save would print, order kept."""
+
+    tables: dict[str, dict[str, list[str]]]
+    forwarding: bool
+
+    def saved(self) -> dict[str, SavedTable]:
+        return {
+            name: SavedTable(
+                tuple((chain, "ACCEPT" if chain in BUILTIN[name] else "-") for chain in chains),
+                tuple(line for rules in chains.values() for line in rules),
+            )
+            for name, chains in self.tables.items()
+        }
+
+    def state(self, droppable: bool) -> NetfilterState:
+        return NetfilterState(self.saved(), self.forwarding, droppable)
+
+    def restore(self, text: str) -> None:
+        """The semantics of `iptables-restore --noflush` the plans rely on."""
+        table: dict[str, list[str]] = {}
+        for line in text.splitlines():
+            command, _, rest = line.partition(" ")
+            if line.startswith("*"):
+                table = self.tables.setdefault(line[1:], {c: [] for c in BUILTIN[line[1:]]})
+            elif line.startswith(":"):
+                table[line[1:].split()[0]] = []
+            elif command == "-A":
+                table[rest.split()[0]].append(line)
+            elif command == "-D":
+                table[rest.split()[0]].remove(f"-A {rest}")
+            elif command == "-F":
+                table[rest] = []
+            elif command == "-X":
+                assert not table[rest], f"deleting non-empty chain {rest}"
+                assert not any(rule_target(r) == rest for rules in table.values() for r in rules)
+                del table[rest]
+
+    def carry_out(self, plan_text: str, drop: tuple[str, ...], forwarding: bool | None) -> None:
+        self.restore(plan_text)
+        if forwarding is not None:
+            self.forwarding = forwarding
+        saved = self.saved()
+        for name in drop:
+            if saved[name].is_empty():
+                del self.tables[name]
+
+    def install(self, options: Options, droppable: bool) -> bool:
+        plan = plan_install(options, V4, self.state(droppable))
+        self.carry_out(plan.restore, plan.drop_tables, plan.forwarding)
+        return plan.changes
+
+    def uninstall(self, droppable: bool) -> bool:
+        plan = plan_uninstall(self.state(droppable))
+        self.carry_out(plan.restore, plan.drop_tables, plan.forwarding)
+        return plan.changes
+
+    def copy(self) -> Model:
+        tables = {
+            name: {c: list(r) for c, r in chains.items()} for name, chains in self.tables.items()
+        }
+        return Model(tables, self.forwarding)
+
+
+FOREIGN = '-A {chain} -d 192.0.2.{n}/32 -m comment --comment "not ours" -j RETURN'
+
+
+@st.composite
+def starting_points(draw: st.DrawFn) -> Model:
+    """No tables, empty tables, or tables holding other tools' rules; forwarding either way."""
+    tables: dict[str, dict[str, list[str]]] = {}
+    for name in ("nat", "filter"):
+        kind = draw(st.sampled_from(["absent", "empty", "foreign"]))
+        if kind == "absent":
+            continue
+        tables[name] = {chain: [] for chain in BUILTIN[name]}
+        if kind == "foreign":
+            chain = draw(st.sampled_from(BUILTIN[name]))
+            tables[name][chain].append(FOREIGN.format(chain=chain, n=draw(st.integers(1, 254))))
+    return Model(tables, draw(st.booleans()))
+
+
+@given(starting_points(), any_options(), st.booleans())
+def test_install_twice_equals_install_once(start: Model, options: Options, droppable: bool) -> None:
+    model = start.copy()
+    assert model.install(options, droppable)
+    once = model.copy()
+    assert not model.install(options, droppable)
+    assert model == once
+
+
+@given(starting_points(), any_options())
+def test_uninstall_restores_exactly_what_was_there(start: Model, options: Options) -> None:
+    model = start.copy()
+    model.install(options, droppable=True)
+    assert model.uninstall(droppable=True)
+    assert model == start
+    assert not model.uninstall(droppable=True)
+
+
+@given(starting_points(), any_options())
+def test_uninstall_without_table_deletion_leaves_only_empty_tables(
+    start: Model, options: Options
+) -> None:
+    model = start.copy()
+    model.install(options, droppable=False)
+    model.uninstall(droppable=False)
+    assert model.forwarding == start.forwarding
+    for name, chains in model.tables.items():
+        assert chains == start.tables.get(name, {chain: [] for chain in BUILTIN[name]})
+
+
+@given(starting_points(), any_options(), any_options(), st.booleans())
+def test_install_over_another_install_equals_installing_it_alone(
+    start: Model, first: Options, second: Options, droppable: bool
+) -> None:
+    layered = start.copy()
+    layered.install(first, droppable)
+    layered.install(second, droppable)
+    alone = start.copy()
+    alone.install(second, droppable)
+    if droppable:
+        assert layered == alone
+    else:
+        # iptables-legacy cannot delete a table: one the first install created stays, empty.
+        assert without_empty_tables(layered) == without_empty_tables(alone)
+
+
+def without_empty_tables(model: Model) -> Model:
+    saved = model.saved()
+    kept = {name: chains for name, chains in model.tables.items() if not saved[name].is_empty()}
+    return Model(kept, model.forwarding)
+
+
+def test_receipts_are_kept_in_the_jump_comment() -> None:
+    model = Model({}, forwarding=False)
+    model.install(Options(mode=GATEWAY, block_udp=True), droppable=True)
+    jumps = [line for line in model.saved()["nat"].own_jumps()]
+    assert jumps == [
+        '-A PREROUTING -p tcp -m comment --comment "egressproxy: capture routed TCP;'
+        f' {CREATED_TABLE}; {TURNED_ON_FORWARDING}" -j EGRESSPROXY_PREROUTING'
+    ]
+    assert model.forwarding
+    model.uninstall(droppable=True)
+    assert model == Model({}, forwarding=False)
+
+
+# --- the runner's parts that need no root ----------------------------------------------------
+
+
+def test_dry_run_prints_both_families_and_changes_nothing(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert apply.main("install", Options(proxy_uid=2102), dry_run=True) == 0
+    out = capsys.readouterr().out
+    v4, v6 = out.split("# ip6tables-restore --noflush\n")
+    assert v4 == "# iptables-restore --noflush\n" + SIDECAR_UID_V4
+    assert "-d ::1/128 " in v6
+
+
+def test_dry_run_of_uninstall_prints_the_removal(capsys: pytest.CaptureFixture[str]) -> None:
+    assert apply.main("uninstall", Options(proxy_uid=2102, ipv6=False), dry_run=True) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# iptables-restore --noflush\n*nat\n-D OUTPUT -p tcp ")
+    assert out.endswith("-X EGRESSPROXY_OUTPUT\n-X EGRESSPROXY_REDIRECT\nCOMMIT\n")
+
+
+def test_wrong_options_are_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert apply.main("install", Options(), dry_run=False) == 2
+    assert capsys.readouterr().err == (
+        "egressproxy iptables install: sidecar mode needs --proxy-uid or --proxy-mark: without"
+        " one the proxy's own connections would be redirected back to the proxy\n"
+    )
+
+
+def test_a_missing_binary_names_the_package() -> None:
+    with pytest.raises(apply.ApplyError, match=r"^ip6tables-nosuch-restore not found: install the"):
+        apply.run_tool("ip6tables-nosuch-restore")
+
+
+def test_backend_binaries() -> None:
+    assert apply.Backend("nft").tool(V6, "restore") == "ip6tables-nft-restore"
+    assert apply.Backend("").tool(V4, "save") == "iptables-save"
+    assert apply.Backend("legacy").name == "iptables-legacy"
