@@ -1,5 +1,5 @@
 import sys
 
-from egressproxy.cli import main
+from egressproxy.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

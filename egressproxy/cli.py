@@ -233,5 +233,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return apply.main(args.action, options, dry_run=args.dry_run)
 
 
+def entry() -> int:
+    """Console entry: a closed stdout (`egressproxy check … | head`) is not an error."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -1,0 +1,1 @@
+"""Policy: YAML → frozen model → compiled index → Decision; pure except store.py."""

@@ -1,0 +1,269 @@
+"""Where a policy went wrong: every problem carries FILE:LINE, and all of them are reported.
+
+The YAML tree types (YMap, YList) remember the line of every key and item so
+the dialect readers can point at the exact field; Checker collects problems
+instead of raising at the first one, so a user fixes a file in one pass.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time
+from typing import Any, TypeVar
+
+from egressproxy.settings import IPNetwork
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}"
+
+
+class PolicyError(Exception):
+    """A policy file that cannot be used; str() is one `FILE:LINE: reason` per line."""
+
+    def __init__(self, problems: Iterable[Problem]) -> None:
+        self.problems: tuple[Problem, ...] = tuple(problems)
+        super().__init__("\n".join(str(problem) for problem in self.problems))
+
+    def __str__(self) -> str:
+        return "\n".join(str(problem) for problem in self.problems)
+
+
+class YMap(dict[str, Any]):
+    """A YAML mapping that knows its own line and the line of each key."""
+
+    def __init__(self, line: int) -> None:
+        super().__init__()
+        self.line = line
+        self.key_lines: dict[str, int] = {}
+
+    def line_of(self, key: str) -> int:
+        return self.key_lines.get(key, self.line)
+
+
+class YList(list[Any]):
+    """A YAML sequence that knows its own line and the line of each item."""
+
+    def __init__(self, line: int) -> None:
+        super().__init__()
+        self.line = line
+        self.item_lines: list[int] = []
+
+    def line_of(self, index: int) -> int:
+        return self.item_lines[index] if index < len(self.item_lines) else self.line
+
+
+T = TypeVar("T")
+
+TYPE_NAMES: dict[type, str] = {
+    YMap: "a mapping",
+    YList: "a list",
+    str: "a string",
+    int: "an integer",
+    bool: "true or false",
+}
+
+
+def describe_value(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, YMap):
+        return "a mapping"
+    if isinstance(value, YList):
+        return "a list"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    return f"{type(value).__name__} {value!r}"
+
+
+class Checker:
+    """Reads fields out of a YAML tree, recording a Problem for each thing that is wrong."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.problems: list[Problem] = []
+
+    def error(self, line: int, reason: str) -> None:
+        self.problems.append(Problem(self.file, line, reason))
+
+    def known_fields(self, node: YMap, where: str, allowed: Collection[str]) -> None:
+        for key in node:
+            if key not in allowed:
+                self.error(node.line_of(key), f"{where}: unknown field {key!r}")
+
+    def typed(self, value: object, expected: type[T], line: int, where: str) -> T | None:
+        """value if it has the expected type (bool is not an int), else a problem and None."""
+        if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+            return value
+        self.error(line, f"{where}: expected {TYPE_NAMES[expected]}, got {describe_value(value)}")
+        return None
+
+    def get(
+        self, node: YMap, key: str, expected: type[T], where: str, *, required: bool = False
+    ) -> T | None:
+        if key not in node or node[key] is None:
+            if required:
+                self.error(node.line, f"{where}: missing required field {key!r}")
+            return None
+        return self.typed(node[key], expected, node.line_of(key), f"{where}.{key}")
+
+    def items(self, node: YMap, key: str, where: str) -> list[tuple[int, int, object]]:
+        """(index, line, value) for each item of an optional list field."""
+        sequence = self.get(node, key, YList, where)
+        if sequence is None:
+            return []
+        return [(index, sequence.line_of(index), item) for index, item in enumerate(sequence)]
+
+    def mappings(self, node: YMap, key: str, where: str) -> list[tuple[str, YMap]]:
+        """(where, mapping) for each item of an optional list of mappings."""
+        found = []
+        for index, line, item in self.items(node, key, where):
+            item_where = f"{where}.{key}[{index}]"
+            mapping = self.typed(item, YMap, line, item_where)
+            if mapping is not None:
+                found.append((item_where, mapping))
+        return found
+
+    def strings(self, node: YMap, key: str, where: str) -> list[tuple[int, str]]:
+        """(line, text) for each item of an optional list of strings."""
+        found = []
+        for index, line, item in self.items(node, key, where):
+            text = self.typed(item, str, line, f"{where}.{key}[{index}]")
+            if text is not None:
+                found.append((line, text))
+        return found
+
+    def choice(self, node: YMap, key: str, where: str, choices: Sequence[str], default: str) -> str:
+        value = self.get(node, key, str, where)
+        if value is None:
+            return default
+        if value not in choices:
+            self.error(
+                node.line_of(key),
+                f"{where}.{key}: {value!r} is not one of {', '.join(choices)}",
+            )
+            return default
+        return value
+
+    def port(self, node: YMap, key: str, where: str, *, required: bool = False) -> int | None:
+        number = self.get(node, key, int, where, required=required)
+        if number is not None and not 0 < number < 65536:
+            self.error(node.line_of(key), f"{where}.{key}: port {number} is outside 1-65535")
+            return None
+        return number
+
+    def network(self, text: str, line: int, where: str) -> IPNetwork | None:
+        """A CIDR (or a bare address, meaning /32 or /128); host bits set are allowed."""
+        try:
+            return ipaddress.ip_network(text.strip(), strict=False)
+        except ValueError:
+            self.error(line, f"{where}: {text!r} is not a CIDR")
+            return None
+
+    def regex(self, pattern: str, line: int, where: str) -> str | None:
+        try:
+            re.compile(pattern)
+        except (re.error, OverflowError, RecursionError) as error:
+            self.error(line, f"{where}: invalid regular expression {pattern!r}: {error}")
+            return None
+        return pattern
+
+    def hostname(self, text: str, line: int, where: str, *, wildcard: bool = True) -> str | None:
+        """A lower-cased DNS name, optionally `*.suffix`, as Gateway API hostnames allow."""
+        name = text.strip().lower().rstrip(".")
+        labels = name[2:] if wildcard and name.startswith("*.") else name
+        if not labels or not all(HOST_LABEL.fullmatch(label) for label in labels.split(".")):
+            self.error(line, f"{where}: {text!r} is not a valid hostname")
+            return None
+        return name
+
+
+HOST_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
+
+
+@dataclass(frozen=True)
+class ObjectMeta:
+    """The parts of Kubernetes metadata the policy interprets."""
+
+    namespace: str
+    name: str
+    annotations: dict[str, str]
+    created: datetime | None
+    line: int
+
+
+OBJECT_META_FIELDS = frozenset(
+    {
+        "name",
+        "namespace",
+        "labels",
+        "annotations",
+        "creationTimestamp",
+        "uid",
+        "resourceVersion",
+        "generation",
+        "generateName",
+        "managedFields",
+        "finalizers",
+        "ownerReferences",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "selfLink",
+    }
+)
+
+
+def read_object_meta(
+    checker: Checker, document: YMap, kind: str, *, namespaced: bool = True
+) -> ObjectMeta | None:
+    """metadata of a used kind; namespace defaults to `default` as kubectl would apply it."""
+    where = f"{kind}.metadata"
+    meta = checker.get(document, "metadata", YMap, kind, required=True)
+    if meta is None:
+        return None
+    checker.known_fields(meta, where, OBJECT_META_FIELDS)
+    name = checker.get(meta, "name", str, where, required=True)
+    namespace = checker.get(meta, "namespace", str, where) or ("default" if namespaced else "")
+    annotations: dict[str, str] = {}
+    raw = checker.get(meta, "annotations", YMap, where)
+    for key, value in (raw or {}).items():
+        text = checker.typed(
+            value, str, raw.line_of(key) if raw else meta.line, f"{where}.annotations.{key}"
+        )
+        if text is not None:
+            annotations[key] = text
+    created = read_timestamp(checker, meta, "creationTimestamp", where)
+    if name is None:
+        return None
+    return ObjectMeta(namespace, name, annotations, created, document.line)
+
+
+def read_timestamp(checker: Checker, node: YMap, key: str, where: str) -> datetime | None:
+    value = node.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            checker.error(node.line_of(key), f"{where}.{key}: {value!r} is not an RFC 3339 time")
+            return None
+    if isinstance(value, date) and not isinstance(value, datetime):
+        value = datetime.combine(value, time.min)
+    if not isinstance(value, datetime):
+        checker.error(
+            node.line_of(key), f"{where}.{key}: expected a time, got {describe_value(value)}"
+        )
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)

@@ -1,0 +1,223 @@
+"""`egressproxy check`: validate a policy, summarise it on one screen, explain one destination.
+
+Everything a user can get wrong ends as `FILE:LINE: reason` on stderr and exit
+status 1, never a traceback. DNS is never resolved: a hostname is assumed to
+live at a documentation address outside the cluster networks, and the output
+says so.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TextIO
+from urllib.parse import urlsplit
+
+from egressproxy.policy.decision import (
+    Action,
+    ConnectionFacts,
+    Decision,
+    Destination,
+    Detected,
+    IPAddress,
+    RequestFacts,
+)
+from egressproxy.policy.errors import PolicyError
+from egressproxy.policy.index import PolicyIndex, compile_policy, default_ranges, route_name
+from egressproxy.policy.loader import load_policy
+from egressproxy.policy.model import Model, Network, TrafficPolicy
+from egressproxy.settings import Settings
+
+ASSUMED_ADDRESSES = ("203.0.113.1", "198.51.100.1", "192.0.2.1", "2001:db8::1")
+DEFAULT_PORTS = {"http": 80, "https": 443, "tls": 443, "grpc": 80}
+
+
+def run_check(settings: Settings, explain: str | None) -> int:
+    try:
+        model = load_policy(settings.policy_file)
+    except PolicyError as error:
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    index = compile_policy(model, settings)
+    if explain is None:
+        print_summary(model, index, settings, sys.stdout)
+        return 0
+    try:
+        query = parse_destination(explain, settings)
+    except ValueError as error:
+        print(f"egressproxy check: --explain {explain}: {error}", file=sys.stderr)
+        return 2
+    print_explanation(query, index, sys.stdout)
+    return 0
+
+
+def print_summary(model: Model, index: PolicyIndex, settings: Settings, out: TextIO) -> None:
+    client = (
+        f"namespace {settings.namespace}" if settings.namespace else "any namespace (unset)"
+    ) + (f", service account {settings.service_account}" if settings.service_account else "")
+    print(
+        f"{model.file}: valid, {len(model.networks)} network(s), {len(model.routes)} route(s)",
+        file=out,
+    )
+    print(f"client: {client}", file=out)
+    ports: dict[object, dict[int | None, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for route in model.routes:
+        for attachment in route.attachments:
+            label = f"{route.ref.kind} {route_name(route.ref)}"
+            if route.hostnames:
+                label += f" [{', '.join(route.hostnames)}]"
+            ports[attachment.network][attachment.port].append(label)
+    for network in model.networks:
+        applies = "applies" if network.id in index.compiled else "does not apply to this client"
+        print(
+            f"\n{network.id} ({network.origin}): default {network.traffic_policy.value}, {applies}",
+            file=out,
+        )
+        print(f"  networks: {describe_ranges(network, settings)}", file=out)
+        for port, routes in sorted(ports[network.id].items(), key=lambda item: item[0] or 0):
+            where = f"port {port}" if port is not None else "every port"
+            compiled = index.compiled.get(network.id)
+            fixed = compiled.table(port).fixed if compiled and port is not None else None
+            protocol = f" ({fixed.value.upper()})" if fixed else ""
+            print(f"  {where}{protocol}: {'; '.join(routes)}", file=out)
+        verdict = "allow" if network.traffic_policy == TrafficPolicy.ALLOW else "deny"
+        print(
+            f"  otherwise: HTTP → http-egress-{verdict}, other traffic → tcp-egress-{verdict}",
+            file=out,
+        )
+    if not model.networks:
+        print("\nno egress networks: all traffic passes untouched", file=out)
+
+
+def describe_ranges(network: Network, settings: Settings) -> str:
+    if network.ranges is None:
+        return "everything outside " + ", ".join(str(n) for n in settings.cluster_networks)
+    return (
+        ", ".join(
+            str(r.cidr) + (f" except {', '.join(str(e) for e in r.excepts)}" if r.excepts else "")
+            for r in network.ranges
+        )
+        or "none"
+    )
+
+
+@dataclass(frozen=True)
+class ExplainQuery:
+    text: str
+    connection: ConnectionFacts | None
+    request: RequestFacts | None
+    assumed: str
+    """Why the IP address was chosen, when DEST named a host."""
+
+
+def parse_destination(text: str, settings: Settings) -> ExplainQuery:
+    parts = urlsplit(text)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https", "tls", "tcp", "grpc"):
+        raise ValueError("use http://, https://, tls://, tcp:// or grpc:// followed by HOST[:PORT]")
+    host = (parts.hostname or "").lower()
+    if not host:
+        raise ValueError("no host")
+    try:
+        port = parts.port or DEFAULT_PORTS.get(scheme)
+    except ValueError:
+        raise ValueError("the port is not a number from 1 to 65535") from None
+    if port is None:
+        raise ValueError(f"{scheme}:// needs a port")
+    address, assumed, hostname = resolve_without_dns(host, settings)
+    destination = Destination(address, port)
+    path = parts.path or "/"
+    if scheme in ("https", "tls"):
+        facts = ConnectionFacts(destination, Detected.TLS, hostname)
+        return ExplainQuery(text, facts, None, assumed)
+    if scheme == "tcp":
+        return ExplainQuery(
+            text, ConnectionFacts(destination, Detected.OPAQUE, None), None, assumed
+        )
+    grpc = scheme == "grpc"
+    headers = (("content-type", "application/grpc"),) if grpc else ()
+    request = RequestFacts(
+        destination, hostname, "POST" if grpc else "GET", path, parts.query, headers, grpc=grpc
+    )
+    return ExplainQuery(text, None, request, assumed)
+
+
+def resolve_without_dns(host: str, settings: Settings) -> tuple[IPAddress, str, str | None]:
+    """(address, note, hostname): an IP literal is used as is, a name gets an assumed address."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")), "", None
+    except ValueError:
+        pass
+    for candidate in ASSUMED_ADDRESSES:
+        address = ipaddress.ip_address(candidate)
+        if not any(address in network for network in settings.cluster_networks):
+            note = (
+                f"{host} is not resolved (no DNS here): assuming {address}, "
+                "an address outside the cluster networks"
+            )
+            return address, note, host
+    everything = default_ranges(settings)[0].cidr
+    raise ValueError(f"every documentation address is inside --cluster-networks ({everything})")
+
+
+def print_explanation(query: ExplainQuery, index: PolicyIndex, out: TextIO) -> None:
+    if query.connection is not None:
+        decision = index.decide_connection(query.connection)
+        destination = query.connection.destination
+        hostname = query.connection.hostname
+    else:
+        assert query.request is not None
+        decision = index.decide_request(query.request)
+        destination = query.request.destination
+        hostname = query.request.hostname
+    print(f"destination: {query.text}", file=out)
+    print(f"address:     {destination.ip} port {destination.port}", file=out)
+    if query.assumed:
+        print(f"             ({query.assumed})", file=out)
+    print(f"hostname:    {hostname or '(none)'}", file=out)
+    fixed = index.port_protocol(destination)
+    protocol = f"protocol fixed by routes: {fixed.value.upper()}" if fixed else "detected"
+    print(f"port:        {protocol}", file=out)
+    print_decision(decision, out)
+
+
+def print_decision(decision: Decision, out: TextIO) -> None:
+    parent = decision.parent
+    route = decision.route
+    print(
+        "network:     "
+        + (f"{parent.kind} {parent.namespace}/{parent.name}" if parent else "none (not egress)"),
+        file=out,
+    )
+    print(
+        "route:       " + (f"{route.kind} {route_name(route)}" if route else "none"),
+        file=out,
+    )
+    action = {
+        Action.PASS: "PASS to the original destination",
+        Action.DENY: "DENY",
+        Action.ROUTE: (
+            f"ROUTE to {decision.backend.host}:{decision.backend.port}"
+            if decision.backend
+            else "ROUTE"
+        ),
+    }[decision.action]
+    if decision.audit and decision.action == Action.DENY:
+        action += " (audit: logged as would_deny, the traffic passes)"
+    print(f"action:      {action} ({decision.protocol.value})", file=out)
+    if decision.verify_destination:
+        print(f"verify:      destination verification {decision.verify_destination}", file=out)
+    print(f"why:         {decision.reason}", file=out)
+    if parent and route:
+        print(
+            "labels:      "
+            f'parent_group="{parent.group}" parent_kind="{parent.kind}" '
+            f'parent_namespace="{parent.namespace}" parent_name="{parent.name}" '
+            f'parent_port="{parent.port}" parent_section_name="{parent.section_name}" '
+            f'route_group="{route.group}" route_kind="{route.kind}" '
+            f'route_namespace="{route.namespace}" route_name="{route.name}"',
+            file=out,
+        )

@@ -1,0 +1,634 @@
+"""The model compiled once into lookup tables, so a decision costs O(labels), not O(rules).
+
+Networks sit in a CIDR table keyed by prefix length (at most 33 or 129 dict
+probes, most specific first). Each network has a table per port; each port
+holds routes by family in host tables: an exact-host dict, a reversed-label
+wildcard trie (most specific suffix first) and the routes without hostnames.
+Only the routes at the best hostname level are evaluated against a request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import ipaddress
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Generic, TypeVar
+from urllib.parse import parse_qsl
+
+from egressproxy.policy.decision import (
+    Action,
+    Backend,
+    ConnectionFacts,
+    Decision,
+    Destination,
+    Detected,
+    IPAddress,
+    ParentRef,
+    RequestFacts,
+    RouteProtocol,
+    RouteRef,
+)
+from egressproxy.policy.model import (
+    CidrRange,
+    ClientRef,
+    GrpcMatch,
+    HostBackend,
+    HttpMatch,
+    MatchKind,
+    Model,
+    Network,
+    NetworkId,
+    Route,
+    Rule,
+    ServiceBackend,
+    TrafficPolicy,
+    ValueMatch,
+)
+from egressproxy.settings import Settings
+
+OLDEST = datetime.min.replace(tzinfo=UTC)
+T = TypeVar("T")
+
+
+def age_key(created: datetime | None, order: int, namespace: str, name: str) -> tuple[object, ...]:
+    """Oldest first: creationTimestamp when given (then namespace/name), else document order."""
+    return (created or OLDEST, 0 if created else order, namespace, name)
+
+
+class HostTable(Generic[T]):
+    """Items keyed by hostname pattern: exact names, `*.suffix` wildcards, and no hostname."""
+
+    def __init__(self) -> None:
+        self.exact: dict[str, list[T]] = {}
+        self.wildcards: dict[str, WildcardNode[T]] = {}
+        self.any: list[T] = []
+
+    def add(self, hostnames: Sequence[str], item: T) -> None:
+        if not hostnames:
+            self.any.append(item)
+        for hostname in hostnames:
+            if hostname.startswith("*."):
+                labels = reversed(hostname[2:].split("."))
+                children = self.wildcards
+                node: WildcardNode[T] | None = None
+                for label in labels:
+                    node = children.setdefault(label, WildcardNode())
+                    children = node.children
+                assert node is not None
+                node.items.append(item)
+            else:
+                self.exact.setdefault(hostname, []).append(item)
+
+    def __bool__(self) -> bool:
+        return bool(self.exact or self.wildcards or self.any)
+
+    def sort(self, key: Callable[[T], tuple[object, ...]]) -> None:
+        self.any.sort(key=key)
+        for items in self.exact.values():
+            items.sort(key=key)
+        pending = list(self.wildcards.values())
+        while pending:
+            node = pending.pop()
+            node.items.sort(key=key)
+            pending.extend(node.children.values())
+
+    def levels(self, hostname: str | None) -> Iterator[list[T]]:
+        """Candidate lists, most specific first: exact, longest wildcard suffix …, no hostname."""
+        if hostname:
+            exact = self.exact.get(hostname)
+            if exact:
+                yield exact
+            labels = hostname.split(".")
+            matched: list[list[T]] = []
+            children = self.wildcards
+            for label in reversed(labels[1:]):
+                node = children.get(label)
+                if node is None:
+                    break
+                if node.items:
+                    matched.append(node.items)
+                children = node.children
+            yield from reversed(matched)
+        if self.any:
+            yield self.any
+
+
+@dataclass
+class WildcardNode(Generic[T]):
+    children: dict[str, WildcardNode[T]] = field(default_factory=dict)
+    items: list[T] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CompiledRule:
+    position: tuple[object, ...]
+    """Route age, then rule order: the tie-break between equally specific matches."""
+    rule: Rule
+    route: Route
+    section_name: str
+    http: tuple[CompiledHttpMatch, ...]
+    grpc: tuple[CompiledGrpcMatch, ...]
+    backend: Backend | None
+
+    def covers(self, address: IPAddress) -> bool:
+        return not self.rule.cidrs or any(address in cidr for cidr in self.rule.cidrs)
+
+    def describe(self) -> str:
+        route = f"{self.route.ref.kind} {route_name(self.route.ref)}"
+        return f"{route} rule {self.rule.name} ({self.rule.origin})"
+
+
+def route_name(ref: RouteRef) -> str:
+    return f"{ref.namespace}/{ref.name}" if ref.namespace else ref.name
+
+
+class CompiledValueMatch:
+    def __init__(self, match: ValueMatch) -> None:
+        self.name = match.name
+        self.exact = match.value if match.kind == MatchKind.EXACT else None
+        self.pattern = re.compile(match.value) if match.kind == MatchKind.REGEX else None
+
+    def matches(self, pairs: Sequence[tuple[str, str]]) -> bool:
+        for name, value in pairs:
+            if name != self.name:
+                continue
+            if self.exact is not None and value == self.exact:
+                return True
+            if self.pattern is not None and self.pattern.fullmatch(value):
+                return True
+        return False
+
+
+class CompiledHttpMatch:
+    """One HTTPRoute match; score() orders matches as Gateway API precedence says."""
+
+    def __init__(self, match: HttpMatch) -> None:
+        path = match.path
+        self.path_kind = path.kind if path else MatchKind.PREFIX
+        value = path.value if path else "/"
+        self.path_value = value
+        self.prefix = value.rstrip("/") if self.path_kind == MatchKind.PREFIX else value
+        self.pattern = re.compile(value) if self.path_kind == MatchKind.REGEX else None
+        self.method = match.method
+        self.headers = tuple(CompiledValueMatch(header) for header in match.headers)
+        self.query = tuple(CompiledValueMatch(param) for param in match.query)
+        rank = {MatchKind.EXACT: 3, MatchKind.PREFIX: 2, MatchKind.REGEX: 1}[self.path_kind]
+        self.score = (rank, len(value), self.method is not None, len(self.headers), len(self.query))
+
+    def matches(self, request: RequestFacts, query: Sequence[tuple[str, str]]) -> bool:
+        return (
+            self.path_matches(request.path)
+            and (self.method is None or request.method.upper() == self.method)
+            and all(header.matches(request.headers) for header in self.headers)
+            and all(param.matches(query) for param in self.query)
+        )
+
+    def path_matches(self, path: str) -> bool:
+        if self.path_kind == MatchKind.EXACT:
+            return path == self.path_value
+        if self.pattern is not None:
+            return self.pattern.fullmatch(path) is not None
+        return not self.prefix or path == self.prefix or path.startswith(self.prefix + "/")
+
+
+DEFAULT_HTTP_MATCH = CompiledHttpMatch(HttpMatch())
+
+
+class CompiledGrpcMatch:
+    def __init__(self, match: GrpcMatch) -> None:
+        self.service = match.service
+        self.method = match.method
+        self.regex = match.kind == MatchKind.REGEX
+        self.service_pattern = re.compile(match.service) if self.regex and match.service else None
+        self.method_pattern = re.compile(match.method) if self.regex and match.method else None
+        self.headers = tuple(CompiledValueMatch(header) for header in match.headers)
+        specified = (match.service is not None) + (match.method is not None)
+        self.score = (specified, not self.regex, len(self.headers))
+
+    def matches(self, service: str | None, method: str | None, request: RequestFacts) -> bool:
+        return (
+            self.part_matches(self.service, self.service_pattern, service)
+            and self.part_matches(self.method, self.method_pattern, method)
+            and all(header.matches(request.headers) for header in self.headers)
+        )
+
+    def part_matches(
+        self, wanted: str | None, pattern: re.Pattern[str] | None, actual: str | None
+    ) -> bool:
+        if wanted is None:
+            return True
+        if actual is None:
+            return False
+        if pattern is not None:
+            return pattern.fullmatch(actual) is not None
+        return actual == wanted
+
+
+DEFAULT_GRPC_SCORE = (0, True, 0)
+
+
+@dataclass
+class PortTable:
+    """The routes of one port of one network, by family."""
+
+    fixed: RouteProtocol | None = None
+    http: HostTable[CompiledRule] = field(default_factory=HostTable)
+    grpc: HostTable[CompiledRule] = field(default_factory=HostTable)
+    tls: HostTable[CompiledRule] = field(default_factory=HostTable)
+    tcp: list[CompiledRule] = field(default_factory=list)
+
+    def sort(self) -> None:
+        """Every candidate list oldest route first, so ties go to the oldest."""
+        self.tcp.sort(key=position)
+        for hosts in (self.http, self.grpc, self.tls):
+            hosts.sort(position)
+
+
+def position(rule: CompiledRule) -> tuple[object, ...]:
+    return rule.position
+
+
+FIX_PRIORITY = (RouteProtocol.GRPC, RouteProtocol.HTTP, RouteProtocol.TLS, RouteProtocol.TCP)
+
+
+@dataclass
+class CompiledNetwork:
+    network: Network
+    audit: bool
+    ports: dict[int, PortTable] = field(default_factory=dict)
+    every_port: PortTable = field(default_factory=PortTable)
+
+    def table(self, port: int) -> PortTable:
+        return self.ports.get(port, self.every_port)
+
+
+@dataclass(frozen=True)
+class CidrEntry:
+    key: tuple[object, ...]
+    cidr: CidrRange
+    network: CompiledNetwork
+
+
+class CidrTable:
+    """Networks by prefix length: smallest matching CIDR first, then oldest, then name."""
+
+    def __init__(self) -> None:
+        self.by_length: dict[int, dict[tuple[int, int], list[CidrEntry]]] = {}
+        self.lengths: list[int] = []
+
+    def add(self, cidr: CidrRange, network: CompiledNetwork) -> None:
+        net = network.network
+        key = age_key(net.created, net.order, net.id.namespace, net.id.name)
+        slot = (cidr.cidr.version, int(cidr.cidr.network_address))
+        by_address = self.by_length.setdefault(cidr.cidr.prefixlen, {})
+        by_address.setdefault(slot, []).append(CidrEntry(key, cidr, network))
+        by_address[slot].sort(key=lambda entry: entry.key)
+        self.lengths = sorted(self.by_length, reverse=True)
+
+    def lookup(self, address: IPAddress) -> CompiledNetwork | None:
+        bits = address.max_prefixlen
+        value = int(address)
+        for length in self.lengths:
+            if length > bits:
+                continue
+            masked = value >> (bits - length) << (bits - length)
+            for entry in self.by_length[length].get((address.version, masked), ()):
+                if entry.cidr.covers(address):
+                    return entry.network
+        return None
+
+
+def default_ranges(settings: Settings) -> tuple[CidrRange, ...]:
+    """Linkerd's EgressNetwork without `networks`: everything outside the cluster networks."""
+    v4 = tuple(n for n in settings.cluster_networks if n.version == 4)
+    v6 = tuple(n for n in settings.cluster_networks if n.version == 6)
+    return (
+        CidrRange(ipaddress.ip_network("0.0.0.0/0"), v4),
+        CidrRange(ipaddress.ip_network("::/0"), v6),
+    )
+
+
+def networks_in_scope(networks: Sequence[Network], settings: Settings) -> list[Network]:
+    """Linkerd's rule: the client's namespace's networks if any, else the global namespace's."""
+    if settings.namespace is None:
+        return list(networks)
+    scoped_namespaces = {n.id.namespace for n in networks if n.namespace_scoped}
+    visible = (
+        settings.namespace if settings.namespace in scoped_namespaces else settings.egress_namespace
+    )
+    return [n for n in networks if not n.namespace_scoped or n.id.namespace == visible]
+
+
+def client_matches(clients: Sequence[ClientRef], settings: Settings) -> bool:
+    """OSM Egress sources: an unset identity matches every source."""
+    if not clients:
+        return True
+    return any(
+        client.kind == "ServiceAccount"
+        and settings.service_account in (None, client.name)
+        and settings.namespace in (None, client.namespace)
+        for client in clients
+    )
+
+
+def compile_policy(model: Model, settings: Settings) -> PolicyIndex:
+    return PolicyIndex(model, settings)
+
+
+class PolicyIndex:
+    """Immutable once built: decide_* only read it, so one index serves every connection."""
+
+    def __init__(self, model: Model, settings: Settings) -> None:
+        self.model = model
+        self.settings = settings
+        self.cidrs = CidrTable()
+        self.compiled: dict[NetworkId, CompiledNetwork] = {}
+        for network in networks_in_scope(model.networks, settings):
+            compiled = CompiledNetwork(network, audit=network.audit or settings.audit)
+            self.compiled[network.id] = compiled
+            ranges = network.ranges if network.ranges is not None else default_ranges(settings)
+            for cidr in ranges:
+                self.cidrs.add(cidr, compiled)
+        routes = sorted(
+            (route for route in model.routes if client_matches(route.clients, settings)),
+            key=lambda r: age_key(r.created, r.order, r.ref.namespace, r.ref.name),
+        )
+        every_port = [
+            (route, attachment)
+            for route in routes
+            for attachment in route.attachments
+            if attachment.port is None
+        ]
+        for route in routes:
+            for attachment in route.attachments:
+                target = self.compiled.get(attachment.network)
+                if target is None or attachment.port is None:
+                    continue
+                table = target.ports.setdefault(attachment.port, PortTable())
+                self.add_route(table, route, attachment.section_name)
+        for route, attachment in every_port:
+            target = self.compiled.get(attachment.network)
+            if target is None:
+                continue
+            for table in [*target.ports.values(), target.every_port]:
+                self.add_route(table, route, attachment.section_name)
+        for compiled in self.compiled.values():
+            for table in [*compiled.ports.values(), compiled.every_port]:
+                table.sort()
+
+    def add_route(self, table: PortTable, route: Route, section_name: str) -> None:
+        if route.fixes_protocol:
+            current = FIX_PRIORITY.index(table.fixed) if table.fixed else len(FIX_PRIORITY)
+            if FIX_PRIORITY.index(route.protocol) < current:
+                table.fixed = route.protocol
+        route_key = age_key(route.created, route.order, route.ref.namespace, route.ref.name)
+        for rule_index, rule in enumerate(route.rules):
+            compiled = CompiledRule(
+                position=(*route_key, rule_index),
+                rule=rule,
+                route=route,
+                section_name=section_name,
+                http=tuple(CompiledHttpMatch(m) for m in rule.http_matches),
+                grpc=tuple(CompiledGrpcMatch(m) for m in rule.grpc_matches),
+                backend=self.backend(rule.backend),
+            )
+            if route.protocol == RouteProtocol.TCP:
+                table.tcp.append(compiled)
+            else:
+                family = {
+                    RouteProtocol.HTTP: table.http,
+                    RouteProtocol.GRPC: table.grpc,
+                    RouteProtocol.TLS: table.tls,
+                }[route.protocol]
+                family.add(route.hostnames, compiled)
+
+    def backend(self, target: ServiceBackend | HostBackend | None) -> Backend | None:
+        if isinstance(target, ServiceBackend):
+            host = f"{target.name}.{target.namespace}.svc.{self.settings.cluster_domain}"
+            return Backend(host, target.port)
+        if isinstance(target, HostBackend):
+            return Backend(target.host, target.port)
+        return None
+
+    # --- the data plane's questions -------------------------------------------------
+
+    def network_for(self, destination: Destination) -> CompiledNetwork | None:
+        return self.cidrs.lookup(destination.ip)
+
+    def port_protocol(self, destination: Destination) -> RouteProtocol | None:
+        """The protocol the port's Gateway API routes fix; None: detect."""
+        network = self.network_for(destination)
+        return network.table(destination.port).fixed if network else None
+
+    def decide_connection(self, facts: ConnectionFacts) -> Decision:
+        """TLS, opaque and h2 connections, and HTTP/1 when decided for a whole connection.
+
+        HTTP is decided here as a `GET /` to the connection's host; per-request
+        handlers call decide_request with the real request instead.
+        """
+        if facts.detected in (Detected.HTTP1, Detected.H2):
+            return self.decide_request(
+                RequestFacts(facts.destination, facts.hostname, "GET", "/", "", (), grpc=False)
+            )
+        destination = facts.destination
+        network = self.network_for(destination)
+        protocol = RouteProtocol.TLS if facts.detected == Detected.TLS else RouteProtocol.TCP
+        if network is None:
+            return no_network(protocol, destination)
+        table = network.table(destination.port)
+        if facts.detected == Detected.TLS and table.fixed not in (
+            RouteProtocol.HTTP,
+            RouteProtocol.GRPC,
+        ):
+            if table.fixed != RouteProtocol.TCP:
+                for level in table.tls.levels(facts.hostname):
+                    for rule in level:
+                        if rule.covers(destination.ip):
+                            return self.matched(network, destination, RouteProtocol.TLS, rule)
+            if table.fixed == RouteProtocol.TLS or (table.tls and not table.tcp):
+                return self.default(network, destination, RouteProtocol.TLS, "no TLSRoute matched")
+        if table.fixed == RouteProtocol.TLS and facts.detected != Detected.TLS and not table.tcp:
+            return dataclasses.replace(
+                self.default(network, destination, RouteProtocol.TLS, ""),
+                action=Action.DENY,
+                audit=network.audit,
+                reason=f"not TLS on port {destination.port}, whose routes are TLSRoutes",
+            )
+        if table.fixed not in (RouteProtocol.HTTP, RouteProtocol.GRPC):
+            for rule in table.tcp:
+                if rule.covers(destination.ip):
+                    return self.matched(network, destination, RouteProtocol.TCP, rule)
+        return self.default(network, destination, RouteProtocol.TCP, "no route matched")
+
+    def decide_request(self, facts: RequestFacts) -> Decision:
+        """One HTTP/1 request, HTTP/2 stream or gRPC call."""
+        destination = facts.destination
+        network = self.network_for(destination)
+        grpc_port = False
+        if network is not None:
+            table = network.table(destination.port)
+            grpc_port = bool(table.grpc) and (facts.grpc or not table.http)
+        protocol = RouteProtocol.GRPC if grpc_port else RouteProtocol.HTTP
+        if network is None:
+            return no_network(protocol, destination)
+        if grpc_port:
+            rule = best_grpc_rule(table.grpc, facts)
+            if rule is not None:
+                return self.matched(network, destination, RouteProtocol.GRPC, rule)
+            return self.default(network, destination, RouteProtocol.GRPC, "no GRPCRoute matched")
+        if table.fixed in (RouteProtocol.TLS, RouteProtocol.TCP):
+            return self.decide_connection(
+                ConnectionFacts(destination, Detected.OPAQUE, facts.hostname)
+            )
+        rule = best_http_rule(table.http, facts)
+        if rule is not None:
+            return self.matched(network, destination, RouteProtocol.HTTP, rule)
+        if table.fixed is None:
+            for tcp_rule in table.tcp:
+                if tcp_rule.covers(destination.ip):
+                    return self.matched(network, destination, RouteProtocol.HTTP, tcp_rule)
+        return self.default(network, destination, RouteProtocol.HTTP, "no HTTPRoute matched")
+
+    # --- building decisions ---------------------------------------------------------
+
+    def parent(self, network: CompiledNetwork, destination: Destination, section: str) -> ParentRef:
+        net = network.network.id
+        return ParentRef(
+            net.group, net.kind, net.namespace, net.name, str(destination.port), section
+        )
+
+    def matched(
+        self,
+        network: CompiledNetwork,
+        destination: Destination,
+        protocol: RouteProtocol,
+        rule: CompiledRule,
+    ) -> Decision:
+        action = rule.rule.action
+        return Decision(
+            action=action,
+            protocol=protocol,
+            parent=self.parent(network, destination, rule.section_name),
+            route=rule.route.ref,
+            backend=rule.backend,
+            audit=action == Action.DENY and network.audit,
+            verify_destination=network.network.verify_destination,
+            reason=f"matched {rule.describe()}",
+        )
+
+    def default(
+        self,
+        network: CompiledNetwork,
+        destination: Destination,
+        protocol: RouteProtocol,
+        why: str,
+    ) -> Decision:
+        policy = network.network.traffic_policy
+        allow = policy == TrafficPolicy.ALLOW
+        action = Action.PASS if allow else Action.DENY
+        name = f"{protocol.value}-egress-{'allow' if allow else 'deny'}"
+        return Decision(
+            action=action,
+            protocol=protocol,
+            parent=self.parent(network, destination, ""),
+            route=RouteRef("", "default", "", name),
+            audit=not allow and network.audit,
+            verify_destination=network.network.verify_destination,
+            reason=f"{why} on port {destination.port} of {network.network.id}: "
+            f"default {policy.value}",
+        )
+
+    def describe(self) -> dict[str, object]:
+        """The loaded model as JSON-able data, for the admin /config endpoint."""
+        return {
+            "file": self.model.file,
+            "networks": [
+                {**as_dict(network), "applies": network.id in self.compiled}
+                for network in self.model.networks
+            ],
+            "routes": [
+                {**as_dict(route), "applies": client_matches(route.clients, self.settings)}
+                for route in self.model.routes
+            ],
+        }
+
+
+def no_network(protocol: RouteProtocol, destination: Destination) -> Decision:
+    return Decision(
+        action=Action.PASS,
+        protocol=protocol,
+        parent=None,
+        route=None,
+        reason=f"{destination.ip} is covered by no egress network: passed untouched",
+    )
+
+
+def best_http_rule(table: HostTable[CompiledRule], request: RequestFacts) -> CompiledRule | None:
+    """Most specific hostname level first; within it Gateway API match precedence, then age."""
+    query: list[tuple[str, str]] | None = None
+    for level in table.levels(request.hostname):
+        best: CompiledRule | None = None
+        best_score: tuple[object, ...] = ()
+        for rule in level:
+            if not rule.covers(request.destination.ip):
+                continue
+            if query is None:
+                query = parse_qsl(request.query, keep_blank_values=True)
+            for match in rule.http or (DEFAULT_HTTP_MATCH,):
+                if (best is None or match.score > best_score) and match.matches(request, query):
+                    best, best_score = rule, match.score
+        if best is not None:
+            return best
+    return None
+
+
+def best_grpc_rule(table: HostTable[CompiledRule], request: RequestFacts) -> CompiledRule | None:
+    service, method = split_grpc_path(request.path)
+    for level in table.levels(request.hostname):
+        best: CompiledRule | None = None
+        best_score: tuple[object, ...] = ()
+        for rule in level:
+            if not rule.covers(request.destination.ip):
+                continue
+            if not rule.grpc and (best is None or best_score < DEFAULT_GRPC_SCORE):
+                best, best_score = rule, DEFAULT_GRPC_SCORE
+            for match in rule.grpc:
+                if (best is None or match.score > best_score) and match.matches(
+                    service, method, request
+                ):
+                    best, best_score = rule, match.score
+        if best is not None:
+            return best
+    return None
+
+
+def split_grpc_path(path: str) -> tuple[str | None, str | None]:
+    """`/pkg.Service/Method` → (service, method); anything else matches no method match."""
+    parts = path.split("/")
+    if len(parts) == 3 and not parts[0] and parts[1] and parts[2]:
+        return parts[1], parts[2]
+    return None, None
+
+
+def as_dict(value: Network | Route) -> dict[str, object]:
+    described = jsonable(value)
+    assert isinstance(described, dict)
+    return described
+
+
+def jsonable(value: object) -> object:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, tuple | list):
+        return [jsonable(item) for item in value]
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return str(value)
+    return value

@@ -1,0 +1,448 @@
+"""Linkerd's egress resources, as pasted from its guide: EgressNetwork, Gateway API routes, Service.
+
+Semantics follow linkerd2's policy controller: routes attach to an
+EgressNetwork through parentRefs with a required port; a rule without
+backendRefs, or with the EgressNetwork itself as backend, goes to the
+original destination; a Service backendRef goes to NAME.NAMESPACE.svc.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from egressproxy.policy.decision import Action, RouteProtocol, RouteRef
+from egressproxy.policy.errors import Checker, ObjectMeta, YMap, read_object_meta
+from egressproxy.policy.model import (
+    Attachment,
+    CidrRange,
+    GrpcMatch,
+    HttpMatch,
+    MatchKind,
+    Network,
+    NetworkId,
+    Origin,
+    PathMatch,
+    Route,
+    Rule,
+    ServiceBackend,
+    TrafficPolicy,
+    ValueMatch,
+)
+
+log = logging.getLogger(__name__)
+
+LINKERD_GROUP = "policy.linkerd.io"
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+ROUTE_VERSIONS = frozenset({"v1alpha2", "v1beta1", "v1"})
+ROUTE_PROTOCOLS = {
+    "HTTPRoute": RouteProtocol.HTTP,
+    "GRPCRoute": RouteProtocol.GRPC,
+    "TLSRoute": RouteProtocol.TLS,
+    "TCPRoute": RouteProtocol.TCP,
+}
+SUPPORTED: dict[tuple[str, str], frozenset[str]] = {
+    (LINKERD_GROUP, "EgressNetwork"): frozenset({"v1alpha1"}),
+    ("", "Service"): frozenset({"v1"}),
+    **{(GATEWAY_GROUP, kind): ROUTE_VERSIONS for kind in ROUTE_PROTOCOLS},
+}
+
+AUDIT_ANNOTATION = "egressproxy.io/audit"
+VERIFY_ANNOTATION = "egressproxy.io/verify-destination"
+VERIFY_MODES = ("off", "log", "enforce")
+TOP_LEVEL_FIELDS = frozenset({"apiVersion", "kind", "metadata", "spec", "status"})
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+RULE_FIELDS = {
+    RouteProtocol.HTTP: frozenset({"name", "matches", "filters", "backendRefs"}),
+    RouteProtocol.GRPC: frozenset({"name", "matches", "filters", "backendRefs"}),
+    RouteProtocol.TLS: frozenset({"name", "backendRefs"}),
+    RouteProtocol.TCP: frozenset({"name", "backendRefs"}),
+}
+UNSUPPORTED_RULE_FIELDS = frozenset({"timeouts", "retry", "sessionPersistence"})
+
+
+def kind_of(document: YMap) -> tuple[str, str]:
+    api_version = str(document.get("apiVersion", ""))
+    return api_version.rpartition("/")[0], str(document.get("kind", ""))
+
+
+def read(
+    documents: Sequence[tuple[int, YMap]], checker: Checker
+) -> tuple[list[Network], list[Route]]:
+    networks = [
+        network
+        for order, document in documents
+        if kind_of(document) == (LINKERD_GROUP, "EgressNetwork")
+        if (network := read_egress_network(document, order, checker)) is not None
+    ]
+    service_ports = {
+        key: ports
+        for _, document in documents
+        if kind_of(document) == ("", "Service")
+        if (service := read_service(document, checker)) is not None
+        for key, ports in [service]
+    }
+    context = RouteContext(checker, {network.id for network in networks}, service_ports)
+    routes = [
+        route
+        for order, document in documents
+        if kind_of(document)[0] == GATEWAY_GROUP
+        if (route := read_route(document, order, context)) is not None
+    ]
+    return networks, routes
+
+
+def read_egress_network(document: YMap, order: int, checker: Checker) -> Network | None:
+    checker.known_fields(document, "EgressNetwork", TOP_LEVEL_FIELDS)
+    meta = read_object_meta(checker, document, "EgressNetwork")
+    where = f"EgressNetwork {meta.namespace}/{meta.name}" if meta else "EgressNetwork"
+    spec = checker.get(document, "spec", YMap, where, required=True)
+    if meta is None or spec is None:
+        return None
+    where += ".spec"
+    checker.known_fields(spec, where, {"trafficPolicy", "networks"})
+    policy = checker.get(spec, "trafficPolicy", str, where, required=True)
+    traffic_policy = TrafficPolicy.ALLOW
+    if policy is not None:
+        if policy not in ("Allow", "Deny"):
+            checker.error(
+                spec.line_of("trafficPolicy"),
+                f"{where}.trafficPolicy: {policy!r} is not one of Allow, Deny",
+            )
+        else:
+            traffic_policy = TrafficPolicy(policy)
+    ranges: tuple[CidrRange, ...] | None = None
+    if spec.get("networks") is not None:
+        ranges = tuple(read_cidr_ranges(checker, spec, where))
+    audit, verify = read_annotations(checker, meta, where)
+    return Network(
+        id=NetworkId(LINKERD_GROUP, "EgressNetwork", meta.namespace, meta.name),
+        ranges=ranges,
+        traffic_policy=traffic_policy,
+        namespace_scoped=True,
+        audit=audit,
+        verify_destination=verify,
+        created=meta.created,
+        order=order,
+        origin=Origin(checker.file, meta.line),
+    )
+
+
+def read_cidr_ranges(checker: Checker, spec: YMap, where: str) -> list[CidrRange]:
+    ranges = []
+    for item_where, item in checker.mappings(spec, "networks", where):
+        checker.known_fields(item, item_where, {"cidr", "except"})
+        text = checker.get(item, "cidr", str, item_where, required=True)
+        cidr = checker.network(text, item.line_of("cidr"), f"{item_where}.cidr") if text else None
+        excepts = [
+            network
+            for line, excepted in checker.strings(item, "except", item_where)
+            if (network := checker.network(excepted, line, f"{item_where}.except")) is not None
+        ]
+        if cidr is not None:
+            ranges.append(CidrRange(cidr, tuple(excepts)))
+    return ranges
+
+
+def read_annotations(checker: Checker, meta: ObjectMeta, where: str) -> tuple[bool, str | None]:
+    """The egressproxy.io annotations: audit mode and destination verification per network."""
+    audit_text = meta.annotations.get(AUDIT_ANNOTATION, "false")
+    if audit_text not in ("true", "false"):
+        checker.error(
+            meta.line, f'{where}: annotation {AUDIT_ANNOTATION} must be "true" or "false"'
+        )
+    verify = meta.annotations.get(VERIFY_ANNOTATION)
+    if verify is not None and verify not in VERIFY_MODES:
+        checker.error(
+            meta.line,
+            f"{where}: annotation {VERIFY_ANNOTATION} must be one of {', '.join(VERIFY_MODES)}",
+        )
+        verify = None
+    return audit_text == "true", verify
+
+
+def read_service(document: YMap, checker: Checker) -> tuple[tuple[str, str], frozenset[int]] | None:
+    """Only a Service's ports matter: they validate backendRef ports."""
+    meta = read_object_meta(checker, document, "Service")
+    if meta is None:
+        return None
+    where = f"Service {meta.namespace}/{meta.name}"
+    spec = checker.get(document, "spec", YMap, where)
+    ports: set[int] = set()
+    for item_where, item in checker.mappings(spec, "ports", f"{where}.spec") if spec else []:
+        port = checker.port(item, "port", item_where, required=True)
+        if port is not None:
+            ports.add(port)
+    return (meta.namespace, meta.name), frozenset(ports)
+
+
+@dataclass
+class RouteContext:
+    checker: Checker
+    networks: set[NetworkId]
+    service_ports: dict[tuple[str, str], frozenset[int]]
+
+
+def read_route(document: YMap, order: int, context: RouteContext) -> Route | None:
+    checker = context.checker
+    kind = kind_of(document)[1]
+    protocol = ROUTE_PROTOCOLS[kind]
+    checker.known_fields(document, kind, TOP_LEVEL_FIELDS)
+    meta = read_object_meta(checker, document, kind)
+    where = f"{kind} {meta.namespace}/{meta.name}" if meta else kind
+    spec = checker.get(document, "spec", YMap, where, required=True)
+    if meta is None or spec is None:
+        return None
+    where += ".spec"
+    allowed = {"parentRefs", "rules"} | ({"hostnames"} if protocol != RouteProtocol.TCP else set())
+    checker.known_fields(spec, where, allowed)
+    attachments = read_parent_refs(context, spec, meta, where)
+    hostnames = tuple(
+        hostname
+        for line, text in checker.strings(spec, "hostnames", where)
+        if (hostname := checker.hostname(text, line, f"{where}.hostnames")) is not None
+    )
+    parents = {attachment.network for attachment in attachments}
+    rules = tuple(
+        rule
+        for index, (rule_where, rule_node) in enumerate(checker.mappings(spec, "rules", where))
+        if (rule := read_rule(context, rule_node, rule_where, index, protocol, meta, parents))
+        is not None
+    )
+    if not attachments:
+        log.info(
+            "%s:%d: skipping %s: no parentRef to an EgressNetwork", checker.file, meta.line, where
+        )
+        return None
+    if not spec.get("rules"):
+        rules = (Rule(name="rules[0]", origin=Origin(checker.file, spec.line)),)
+    return Route(
+        ref=RouteRef(GATEWAY_GROUP, kind, meta.namespace, meta.name),
+        protocol=protocol,
+        fixes_protocol=True,
+        hostnames=hostnames,
+        rules=rules,
+        attachments=tuple(attachments),
+        clients=(),
+        created=meta.created,
+        order=order,
+        origin=Origin(checker.file, meta.line),
+    )
+
+
+def read_parent_refs(
+    context: RouteContext, spec: YMap, meta: ObjectMeta, where: str
+) -> list[Attachment]:
+    checker = context.checker
+    attachments = []
+    for ref_where, ref in checker.mappings(spec, "parentRefs", where):
+        checker.known_fields(
+            ref, ref_where, {"group", "kind", "namespace", "name", "sectionName", "port"}
+        )
+        group = checker.get(ref, "group", str, ref_where)
+        kind = checker.get(ref, "kind", str, ref_where)
+        name = checker.get(ref, "name", str, ref_where, required=True)
+        namespace = checker.get(ref, "namespace", str, ref_where) or meta.namespace
+        section = checker.get(ref, "sectionName", str, ref_where) or ""
+        if kind != "EgressNetwork" or group not in (None, LINKERD_GROUP):
+            continue
+        port = checker.port(ref, "port", ref_where)
+        if "port" not in ref:
+            checker.error(
+                ref.line,
+                f"{ref_where}: port is required for an EgressNetwork parent (as in Linkerd)",
+            )
+        if name is None or port is None:
+            continue
+        network = NetworkId(LINKERD_GROUP, "EgressNetwork", namespace, name)
+        if network not in context.networks:
+            checker.error(
+                ref.line_of("name"),
+                f"{ref_where}: EgressNetwork {namespace}/{name} does not exist in this policy",
+            )
+            continue
+        attachments.append(Attachment(network, port, section))
+    return attachments
+
+
+def read_rule(
+    context: RouteContext,
+    node: YMap,
+    where: str,
+    index: int,
+    protocol: RouteProtocol,
+    meta: ObjectMeta,
+    parents: set[NetworkId],
+) -> Rule | None:
+    checker = context.checker
+    for key in node:
+        if key in UNSUPPORTED_RULE_FIELDS:
+            checker.error(node.line_of(key), f"{where}: {key} is not supported by egressproxy")
+    checker.known_fields(node, where, RULE_FIELDS[protocol] | UNSUPPORTED_RULE_FIELDS)
+    kind_name = next(kind for kind, value in ROUTE_PROTOCOLS.items() if value == protocol)
+    for filter_where, filter_node in checker.mappings(node, "filters", where):
+        filter_type = filter_node.get("type")
+        checker.error(
+            filter_node.line_of("type"),
+            f"{filter_where}: {kind_name} filter {filter_type} is not supported",
+        )
+    name = checker.get(node, "name", str, where) or f"rules[{index}]"
+    http_matches: tuple[HttpMatch, ...] = ()
+    grpc_matches: tuple[GrpcMatch, ...] = ()
+    if protocol == RouteProtocol.HTTP:
+        http_matches = tuple(
+            read_http_match(checker, match_node, match_where)
+            for match_where, match_node in checker.mappings(node, "matches", where)
+        )
+    elif protocol == RouteProtocol.GRPC:
+        grpc_matches = tuple(
+            read_grpc_match(checker, match_node, match_where)
+            for match_where, match_node in checker.mappings(node, "matches", where)
+        )
+    backends = checker.mappings(node, "backendRefs", where)
+    if len(backends) > 1:
+        checker.error(
+            node.line_of("backendRefs"),
+            f"{where}.backendRefs: {len(backends)} backends: traffic splitting is not supported",
+        )
+    backend: ServiceBackend | None = None
+    for backend_where, backend_node in backends[:1]:
+        backend = read_backend_ref(context, backend_node, backend_where, kind_name, meta, parents)
+    return Rule(
+        name=name,
+        http_matches=http_matches,
+        grpc_matches=grpc_matches,
+        action=Action.ROUTE if backend is not None else Action.PASS,
+        backend=backend,
+        origin=Origin(checker.file, node.line),
+    )
+
+
+def read_backend_ref(
+    context: RouteContext,
+    node: YMap,
+    where: str,
+    route_kind: str,
+    meta: ObjectMeta,
+    parents: set[NetworkId],
+) -> ServiceBackend | None:
+    """None for the parent EgressNetwork itself (original destination), else a Service."""
+    checker = context.checker
+    checker.known_fields(
+        node, where, {"group", "kind", "name", "namespace", "port", "weight", "filters"}
+    )
+    for filter_where, filter_node in checker.mappings(node, "filters", where):
+        checker.error(
+            filter_node.line_of("type"),
+            f"{filter_where}: {route_kind} filter {filter_node.get('type')} is not supported",
+        )
+    checker.get(node, "weight", int, where)
+    group = checker.get(node, "group", str, where) or ""
+    kind = checker.get(node, "kind", str, where) or "Service"
+    name = checker.get(node, "name", str, where, required=True)
+    namespace = checker.get(node, "namespace", str, where) or meta.namespace
+    port = checker.port(node, "port", where)
+    if name is None:
+        return None
+    if kind == "EgressNetwork" and group == LINKERD_GROUP:
+        target = NetworkId(LINKERD_GROUP, "EgressNetwork", namespace, name)
+        if parents and target not in parents:
+            checker.error(
+                node.line_of("name"),
+                f"{where}: backendRef EgressNetwork {namespace}/{name} is not this route's parent",
+            )
+        return None
+    if kind != "Service" or group not in ("", "core"):
+        checker.error(node.line_of("kind"), f"{where}: backendRef kind {kind} is not supported")
+        return None
+    if port is None:
+        if "port" not in node:
+            checker.error(node.line, f"{where}: port is required for a Service backendRef")
+        return None
+    known_ports = context.service_ports.get((namespace, name))
+    if known_ports is not None and port not in known_ports:
+        checker.error(
+            node.line_of("port"),
+            f"{where}: Service {namespace}/{name} has no port {port}",
+        )
+    return ServiceBackend(namespace, name, port)
+
+
+def read_http_match(checker: Checker, node: YMap, where: str) -> HttpMatch:
+    checker.known_fields(node, where, {"path", "headers", "queryParams", "method"})
+    path = None
+    path_node = checker.get(node, "path", YMap, where)
+    if path_node is not None:
+        path_where = f"{where}.path"
+        checker.known_fields(path_node, path_where, {"type", "value"})
+        kind = MatchKind(
+            checker.choice(
+                path_node, "type", path_where, [k.value for k in MatchKind], "PathPrefix"
+            )
+        )
+        value = checker.get(path_node, "value", str, path_where) or "/"
+        line = path_node.line_of("value")
+        if kind == MatchKind.REGEX:
+            path = PathMatch(kind, value) if checker.regex(value, line, path_where) else None
+        elif not value.startswith("/"):
+            checker.error(line, f"{path_where}.value: {value!r} must start with '/'")
+        else:
+            path = PathMatch(kind, value)
+    method = checker.get(node, "method", str, where)
+    if method is not None and method not in HTTP_METHODS:
+        checker.error(node.line_of("method"), f"{where}.method: {method!r} is not an HTTP method")
+    return HttpMatch(
+        path=path,
+        method=method,
+        headers=read_value_matches(checker, node, "headers", where, lower_names=True),
+        query=read_value_matches(checker, node, "queryParams", where, lower_names=False),
+    )
+
+
+def read_value_matches(
+    checker: Checker, node: YMap, key: str, where: str, *, lower_names: bool
+) -> tuple[ValueMatch, ...]:
+    matches = []
+    for item_where, item in checker.mappings(node, key, where):
+        checker.known_fields(item, item_where, {"type", "name", "value"})
+        kind = MatchKind(
+            checker.choice(item, "type", item_where, ["Exact", "RegularExpression"], "Exact")
+        )
+        name = checker.get(item, "name", str, item_where, required=True)
+        value = checker.get(item, "value", str, item_where, required=True)
+        if name is None or value is None:
+            continue
+        if kind == MatchKind.REGEX and not checker.regex(value, item.line_of("value"), item_where):
+            continue
+        matches.append(ValueMatch(name.lower() if lower_names else name, kind, value))
+    return tuple(matches)
+
+
+def read_grpc_match(checker: Checker, node: YMap, where: str) -> GrpcMatch:
+    checker.known_fields(node, where, {"method", "headers"})
+    service = method = None
+    kind = MatchKind.EXACT
+    method_node = checker.get(node, "method", YMap, where)
+    if method_node is not None:
+        method_where = f"{where}.method"
+        checker.known_fields(method_node, method_where, {"type", "service", "method"})
+        kind = MatchKind(
+            checker.choice(
+                method_node, "type", method_where, ["Exact", "RegularExpression"], "Exact"
+            )
+        )
+        service = checker.get(method_node, "service", str, method_where)
+        method = checker.get(method_node, "method", str, method_where)
+        if service is None and method is None:
+            checker.error(method_node.line, f"{method_where}: one of service or method is required")
+        if kind == MatchKind.REGEX:
+            for value, key in ((service, "service"), (method, "method")):
+                if value is not None:
+                    checker.regex(value, method_node.line_of(key), f"{method_where}.{key}")
+    return GrpcMatch(
+        service=service,
+        method=method,
+        kind=kind,
+        headers=read_value_matches(checker, node, "headers", where, lower_names=True),
+    )

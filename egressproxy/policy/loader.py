@@ -1,0 +1,181 @@
+"""YAML text → frozen Model, or PolicyError listing every problem with FILE:LINE.
+
+PyYAML composes the node graph (which keeps each node's line); we build the
+tree ourselves so every mapping key and list item remembers where it was
+written, then hand the documents to each dialect. Any input whatsoever ends as
+a Model or a PolicyError: the proxy must never die on a bad file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import yaml
+
+from egressproxy.policy import linkerd, native, osm
+from egressproxy.policy.errors import Checker, PolicyError, Problem, YList, YMap
+from egressproxy.policy.model import Model
+
+log = logging.getLogger(__name__)
+
+MAX_NODES = 200_000
+"""Alias expansion ("billion laughs") is cut off here; real policies are far smaller."""
+
+
+def load_policy(path: Path) -> Model:
+    file = str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise PolicyError([Problem(file, 0, f"cannot read the policy: {error.strerror}")]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise PolicyError([Problem(file, line, "the policy is not valid UTF-8")]) from None
+    return load_policy_text(text, file)
+
+
+def load_policy_text(text: str, file: str) -> Model:
+    checker = Checker(file)
+    try:
+        documents = parse_documents(text, checker)
+    except RecursionError:
+        raise PolicyError([Problem(file, 1, "YAML nesting is too deep")]) from None
+    if checker.problems:
+        raise PolicyError(checker.problems)
+    recognised: list[tuple[int, YMap]] = []
+    for order, document in enumerate(documents):
+        kind_line = document.line_of("kind")
+        api_version = checker.get(document, "apiVersion", str, "document", required=True)
+        kind = checker.get(document, "kind", str, "document", required=True)
+        if api_version is None or kind is None:
+            continue
+        group, _, version = api_version.rpartition("/")
+        versions = SUPPORTED.get((group, kind))
+        if versions is not None and version in versions:
+            recognised.append((order, document))
+        elif versions is not None:
+            checker.error(
+                document.line_of("apiVersion"),
+                f"{kind}: apiVersion {api_version!r} is not supported "
+                f"(use {', '.join(f'{group}/{v}' if group else v for v in sorted(versions))})",
+            )
+        else:
+            log.info("%s:%d: skipping %s: no egress meaning", file, kind_line, kind)
+    networks, routes = linkerd.read(recognised, checker)
+    osm_networks, osm_routes = osm.read(recognised, checker)
+    native_networks, native_routes = native.read(recognised, checker)
+    all_networks = [*networks, *osm_networks, *native_networks]
+    seen: dict[object, int] = {}
+    for network in all_networks:
+        if network.id in seen:
+            checker.error(network.origin.line, f"{network.id} is defined twice")
+        seen[network.id] = network.origin.line
+    if checker.problems:
+        raise PolicyError(sorted(checker.problems, key=lambda problem: problem.line))
+    return Model(
+        file=file,
+        networks=tuple(all_networks),
+        routes=tuple([*routes, *osm_routes, *native_routes]),
+    )
+
+
+SUPPORTED: dict[tuple[str, str], frozenset[str]] = {
+    **linkerd.SUPPORTED,
+    **osm.SUPPORTED,
+    **native.SUPPORTED,
+}
+"""(API group, kind) → the versions we read; other kinds are skipped."""
+
+
+def parse_documents(text: str, checker: Checker) -> list[YMap]:
+    """Every non-empty document as a YMap; syntax errors become problems at the YAML mark."""
+    try:
+        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        checker.error(line, f"YAML syntax: {error.problem or error.context}")
+        return []
+    except yaml.YAMLError as error:
+        position = getattr(error, "position", 0)
+        checker.error(text[:position].count("\n") + 1, f"YAML: {error}")
+        return []
+    builder = TreeBuilder(checker)
+    documents = []
+    for node in nodes:
+        if node is None:
+            continue
+        tree = builder.build(node)
+        if tree is None:
+            continue
+        if isinstance(tree, YMap):
+            documents.append(tree)
+        else:
+            checker.error(node.start_mark.line + 1, "a policy document must be a mapping")
+    return documents
+
+
+class TreeBuilder:
+    """yaml.Node → YMap / YList / plain scalars, counting nodes against MAX_NODES."""
+
+    def __init__(self, checker: Checker) -> None:
+        self.checker = checker
+        self.scalars = yaml.constructor.SafeConstructor()
+        self.budget = MAX_NODES
+        self.active: set[int] = set()
+
+    def build(self, node: yaml.Node) -> object:
+        line = node.start_mark.line + 1
+        self.budget -= 1
+        if self.budget < 0:
+            if self.budget == -1:
+                self.checker.error(line, f"the policy expands to more than {MAX_NODES} nodes")
+            return None
+        if isinstance(node, yaml.ScalarNode):
+            return self.scalar(node, line)
+        if id(node) in self.active:
+            self.checker.error(line, "recursive YAML alias")
+            return None
+        self.active.add(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode):
+                return self.sequence(node, line)
+            if isinstance(node, yaml.MappingNode):
+                return self.mapping(node, line)
+        finally:
+            self.active.discard(id(node))
+        self.checker.error(line, "unsupported YAML node")
+        return None
+
+    def scalar(self, node: yaml.ScalarNode, line: int) -> object:
+        try:
+            return self.scalars.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError) as error:
+            self.checker.error(line, f"YAML value {node.value!r}: {error}".splitlines()[0])
+            return None
+
+    def sequence(self, node: yaml.SequenceNode, line: int) -> YList:
+        result = YList(line)
+        for item in node.value:
+            result.append(self.build(item))
+            result.item_lines.append(item.start_mark.line + 1)
+        return result
+
+    def mapping(self, node: yaml.MappingNode, line: int) -> YMap:
+        result = YMap(line)
+        for key_node, value_node in node.value:
+            key_line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):
+                self.checker.error(key_line, "a mapping key must be a plain value")
+                continue
+            key = self.scalar(key_node, key_line)
+            text = key if isinstance(key, str) else str(key)
+            if text in result:
+                self.checker.error(key_line, f"duplicate key {text!r}")
+                continue
+            result[text] = self.build(value_node)
+            result.key_lines[text] = key_line
+        return result

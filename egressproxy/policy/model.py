@@ -1,0 +1,181 @@
+"""The one frozen model every dialect produces: networks, and routes attached to their ports.
+
+A Network is what Linkerd calls an EgressNetwork (OSM's MeshConfig and the
+native EgressPolicy become one too); a Route is a Gateway API route (OSM
+Egress policies and native rules become routes too). Nothing here depends on
+the client's identity or the cluster settings: compile_policy bakes those in.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+
+from egressproxy.policy.decision import Action, IPAddress, RouteProtocol, RouteRef
+from egressproxy.settings import IPNetwork
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a resource was written, for `check --explain` and error messages."""
+
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+class TrafficPolicy(enum.Enum):
+    ALLOW = "Allow"
+    DENY = "Deny"
+
+
+@dataclass(frozen=True)
+class CidrRange:
+    """One `networks` entry: addresses in `cidr` and in none of `excepts`."""
+
+    cidr: IPNetwork
+    excepts: tuple[IPNetwork, ...] = ()
+
+    def covers(self, address: IPAddress) -> bool:
+        return address in self.cidr and not any(address in excluded for excluded in self.excepts)
+
+
+@dataclass(frozen=True)
+class NetworkId:
+    group: str
+    kind: str
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.kind} {self.namespace}/{self.name}"
+            if self.namespace
+            else (f"{self.kind} {self.name}")
+        )
+
+
+@dataclass(frozen=True)
+class Network:
+    id: NetworkId
+    ranges: tuple[CidrRange, ...] | None
+    """None: everything outside the cluster networks (EgressNetwork without `networks`)."""
+    traffic_policy: TrafficPolicy
+    namespace_scoped: bool
+    """Linkerd's rule: a client sees its namespace's networks, else the global namespace's."""
+    audit: bool
+    verify_destination: str | None
+    created: datetime | None
+    order: int
+    """Position in the file: the tie-break after creationTimestamp."""
+    origin: Origin
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A route's parentRef: which network, which port (None: every port), which section."""
+
+    network: NetworkId
+    port: int | None
+    section_name: str
+
+
+class MatchKind(enum.Enum):
+    EXACT = "Exact"
+    PREFIX = "PathPrefix"
+    REGEX = "RegularExpression"
+
+
+@dataclass(frozen=True)
+class PathMatch:
+    kind: MatchKind
+    value: str
+
+
+@dataclass(frozen=True)
+class ValueMatch:
+    """A header or query parameter match; header names are lower-case."""
+
+    name: str
+    kind: MatchKind
+    value: str
+
+
+@dataclass(frozen=True)
+class HttpMatch:
+    path: PathMatch | None = None
+    method: str | None = None
+    headers: tuple[ValueMatch, ...] = ()
+    query: tuple[ValueMatch, ...] = ()
+
+
+@dataclass(frozen=True)
+class GrpcMatch:
+    service: str | None = None
+    method: str | None = None
+    kind: MatchKind = MatchKind.EXACT
+    headers: tuple[ValueMatch, ...] = ()
+
+
+@dataclass(frozen=True)
+class ServiceBackend:
+    """A Kubernetes Service: becomes NAME.NAMESPACE.svc.<cluster-domain>:PORT at compile time."""
+
+    namespace: str
+    name: str
+    port: int
+
+
+@dataclass(frozen=True)
+class HostBackend:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    """Gateway API rule name, native rule name, or `rules[N]`: shown by --explain."""
+    http_matches: tuple[HttpMatch, ...] = ()
+    grpc_matches: tuple[GrpcMatch, ...] = ()
+    """Empty: the rule matches every request (Gateway API's default `/` prefix)."""
+    cidrs: tuple[IPNetwork, ...] = ()
+    """Empty: any destination address (OSM ipAddresses, native cidrs restrict it)."""
+    action: Action = Action.PASS
+    backend: ServiceBackend | HostBackend | None = None
+    origin: Origin = Origin("", 0)
+
+
+@dataclass(frozen=True)
+class ClientRef:
+    """An OSM Egress source: the policy applies only to this client identity."""
+
+    kind: str
+    namespace: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Route:
+    ref: RouteRef
+    protocol: RouteProtocol
+    fixes_protocol: bool
+    """Gateway API routes fix their port's protocol (Linkerd); OSM and native rules do not."""
+    hostnames: tuple[str, ...]
+    rules: tuple[Rule, ...]
+    attachments: tuple[Attachment, ...]
+    clients: tuple[ClientRef, ...]
+    """Empty: every client."""
+    created: datetime | None
+    order: int
+    origin: Origin
+
+
+@dataclass(frozen=True)
+class Model:
+    file: str
+    networks: tuple[Network, ...]
+    routes: tuple[Route, ...]

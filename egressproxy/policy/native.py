@@ -1,0 +1,273 @@
+"""The native dialect: one compact EgressPolicy for hosts without Kubernetes.
+
+An EgressPolicy is a network (its `networks`, default everything outside the
+cluster networks) with a default action; each rule becomes routes on its ports
+(every port when none are given): `http` matches make an HTTP route, `grpc`
+matches a gRPC route, and a rule with neither matches TLS by SNI and HTTP by
+Host when it names hosts, or any TCP connection when it does not. Rules never
+fix a port's protocol: the proxy keeps detecting it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from egressproxy.policy.decision import Action, RouteProtocol, RouteRef
+from egressproxy.policy.errors import Checker, YMap, read_object_meta
+from egressproxy.policy.linkerd import (
+    HTTP_METHODS,
+    TOP_LEVEL_FIELDS,
+    VERIFY_MODES,
+    kind_of,
+    read_annotations,
+)
+from egressproxy.policy.model import (
+    Attachment,
+    CidrRange,
+    GrpcMatch,
+    HostBackend,
+    HttpMatch,
+    MatchKind,
+    Network,
+    NetworkId,
+    Origin,
+    PathMatch,
+    Route,
+    Rule,
+    TrafficPolicy,
+    ValueMatch,
+)
+
+GROUP = "egressproxy.io"
+SUPPORTED: dict[tuple[str, str], frozenset[str]] = {
+    (GROUP, "EgressPolicy"): frozenset({"v1alpha1"})
+}
+ACTIONS = {"allow": Action.PASS, "deny": Action.DENY, "route": Action.ROUTE}
+PATH_KEYS = {"path": MatchKind.EXACT, "pathPrefix": MatchKind.PREFIX, "pathRegex": MatchKind.REGEX}
+
+
+def read(
+    documents: Sequence[tuple[int, YMap]], checker: Checker
+) -> tuple[list[Network], list[Route]]:
+    networks: list[Network] = []
+    routes: list[Route] = []
+    for order, document in documents:
+        if kind_of(document) == (GROUP, "EgressPolicy"):
+            read_policy(document, order, checker, networks, routes)
+    return networks, routes
+
+
+def read_policy(
+    document: YMap, order: int, checker: Checker, networks: list[Network], routes: list[Route]
+) -> None:
+    checker.known_fields(document, "EgressPolicy", TOP_LEVEL_FIELDS)
+    meta = read_object_meta(checker, document, "EgressPolicy", namespaced=False)
+    if meta is None:
+        return
+    where = f"EgressPolicy {meta.name}.spec"
+    spec = checker.get(document, "spec", YMap, where, required=True)
+    if spec is None:
+        return
+    checker.known_fields(
+        spec, where, {"default", "networks", "audit", "verifyDestination", "rules"}
+    )
+    default = checker.choice(spec, "default", where, ["allow", "deny"], "deny")
+    if "default" not in spec:
+        checker.error(spec.line, f"{where}: missing required field 'default' (allow or deny)")
+    audit, verify = read_annotations(checker, meta, where)
+    audit = bool(checker.get(spec, "audit", bool, where)) or audit
+    if "verifyDestination" in spec:
+        verify = checker.choice(spec, "verifyDestination", where, VERIFY_MODES, "off")
+    network_id = NetworkId(GROUP, "EgressPolicy", meta.namespace, meta.name)
+    networks.append(
+        Network(
+            id=network_id,
+            ranges=read_networks(checker, spec, where) if "networks" in spec else None,
+            traffic_policy=TrafficPolicy.ALLOW if default == "allow" else TrafficPolicy.DENY,
+            namespace_scoped=False,
+            audit=audit,
+            verify_destination=verify,
+            created=meta.created,
+            order=order,
+            origin=Origin(checker.file, meta.line),
+        )
+    )
+    names: set[str] = set()
+    for index, (rule_where, node) in enumerate(checker.mappings(spec, "rules", where)):
+        name = checker.get(node, "name", str, rule_where) or f"rule-{index}"
+        if name in names:
+            checker.error(node.line_of("name"), f"{rule_where}: rule name {name!r} is used twice")
+        names.add(name)
+        routes.extend(read_rule(checker, node, rule_where, name, network_id, order))
+
+
+def read_networks(checker: Checker, spec: YMap, where: str) -> tuple[CidrRange, ...]:
+    """Each entry a CIDR string, or {cidr, except} as in an EgressNetwork."""
+    ranges = []
+    for index, line, item in checker.items(spec, "networks", where):
+        item_where = f"{where}.networks[{index}]"
+        if isinstance(item, str):
+            cidr = checker.network(item, line, item_where)
+            if cidr is not None:
+                ranges.append(CidrRange(cidr))
+            continue
+        node = checker.typed(item, YMap, line, item_where)
+        if node is None:
+            continue
+        checker.known_fields(node, item_where, {"cidr", "except"})
+        text = checker.get(node, "cidr", str, item_where, required=True)
+        cidr = checker.network(text, node.line_of("cidr"), f"{item_where}.cidr") if text else None
+        excepts = tuple(
+            excluded
+            for except_line, value in checker.strings(node, "except", item_where)
+            if (excluded := checker.network(value, except_line, f"{item_where}.except")) is not None
+        )
+        if cidr is not None:
+            ranges.append(CidrRange(cidr, excepts))
+    return tuple(ranges)
+
+
+def read_rule(
+    checker: Checker,
+    node: YMap,
+    where: str,
+    name: str,
+    network: NetworkId,
+    order: int,
+) -> list[Route]:
+    checker.known_fields(
+        node, where, {"name", "hosts", "cidrs", "ports", "http", "grpc", "action", "to"}
+    )
+    hosts = tuple(
+        hostname
+        for line, text in checker.strings(node, "hosts", where)
+        if (hostname := checker.hostname(text, line, f"{where}.hosts")) is not None
+    )
+    cidrs = tuple(
+        cidr
+        for line, text in checker.strings(node, "cidrs", where)
+        if (cidr := checker.network(text, line, f"{where}.cidrs")) is not None
+    )
+    ports: list[int | None] = []
+    for index, line, item in checker.items(node, "ports", where):
+        port = checker.typed(item, int, line, f"{where}.ports[{index}]")
+        if port is not None and not 0 < port < 65536:
+            checker.error(line, f"{where}.ports[{index}]: port {port} is outside 1-65535")
+        elif port is not None:
+            ports.append(port)
+    action = ACTIONS[checker.choice(node, "action", where, list(ACTIONS), "allow")]
+    backend = read_backend(checker, node, where, action)
+    http = tuple(
+        match
+        for match_where, match_node in checker.mappings(node, "http", where)
+        for match in read_http(checker, match_node, match_where)
+    )
+    grpc = tuple(
+        read_grpc(checker, match_node, match_where)
+        for match_where, match_node in checker.mappings(node, "grpc", where)
+    )
+    origin = Origin(checker.file, node.line)
+    families: list[tuple[RouteProtocol, Rule]] = []
+    if "http" in node:
+        families.append((RouteProtocol.HTTP, Rule(name, http_matches=http)))
+    if "grpc" in node:
+        families.append((RouteProtocol.GRPC, Rule(name, grpc_matches=grpc)))
+    if not families and hosts:
+        families = [(RouteProtocol.TLS, Rule(name)), (RouteProtocol.HTTP, Rule(name))]
+    elif not families:
+        families = [(RouteProtocol.TCP, Rule(name))]
+    attachments = tuple(Attachment(network, port, "") for port in ports or [None])
+    return [
+        Route(
+            ref=RouteRef(GROUP, "EgressRule", network.namespace, f"{network.name}.{name}"),
+            protocol=protocol,
+            fixes_protocol=False,
+            hostnames=hosts if protocol != RouteProtocol.TCP else (),
+            rules=(
+                Rule(
+                    name=name,
+                    http_matches=rule.http_matches,
+                    grpc_matches=rule.grpc_matches,
+                    cidrs=cidrs,
+                    action=action,
+                    backend=backend,
+                    origin=origin,
+                ),
+            ),
+            attachments=attachments,
+            clients=(),
+            created=None,
+            order=order,
+            origin=origin,
+        )
+        for protocol, rule in families
+    ]
+
+
+def read_backend(checker: Checker, node: YMap, where: str, action: Action) -> HostBackend | None:
+    target = checker.get(node, "to", str, where)
+    if action != Action.ROUTE:
+        if target is not None:
+            checker.error(node.line_of("to"), f"{where}.to: only an action: route has a target")
+        return None
+    if target is None:
+        checker.error(node.line, f"{where}: action route needs to: HOST:PORT")
+        return None
+    host, _, port_text = target.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        checker.error(node.line_of("to"), f"{where}.to: {target!r} is not HOST:PORT")
+        return None
+    return HostBackend(host, int(port_text))
+
+
+def read_http(checker: Checker, node: YMap, where: str) -> list[HttpMatch]:
+    """One match per method (Gateway API matches carry a single method)."""
+    checker.known_fields(node, where, {*PATH_KEYS, "methods", "headers", "query"})
+    given = [key for key in PATH_KEYS if key in node]
+    if len(given) > 1:
+        checker.error(node.line, f"{where}: give only one of path, pathPrefix, pathRegex")
+    path = None
+    for key in given[:1]:
+        value = checker.get(node, key, str, where)
+        line = node.line_of(key)
+        if value is None:
+            continue
+        if PATH_KEYS[key] == MatchKind.REGEX:
+            if checker.regex(value, line, f"{where}.{key}"):
+                path = PathMatch(MatchKind.REGEX, value)
+        elif not value.startswith("/"):
+            checker.error(line, f"{where}.{key}: {value!r} must start with '/'")
+        else:
+            path = PathMatch(PATH_KEYS[key], value)
+    headers = read_pairs(checker, node, "headers", where, lower=True)
+    query = read_pairs(checker, node, "query", where, lower=False)
+    methods: list[str | None] = []
+    for line, method in checker.strings(node, "methods", where):
+        if method.upper() not in HTTP_METHODS:
+            checker.error(line, f"{where}.methods: {method!r} is not an HTTP method")
+        methods.append(method.upper())
+    return [
+        HttpMatch(path=path, method=method, headers=headers, query=query)
+        for method in (methods or [None])
+    ]
+
+
+def read_pairs(
+    checker: Checker, node: YMap, key: str, where: str, *, lower: bool
+) -> tuple[ValueMatch, ...]:
+    pairs = checker.get(node, key, YMap, where)
+    found = []
+    for name, value in (pairs or {}).items():
+        line = pairs.line_of(name) if pairs is not None else node.line
+        text = checker.typed(value, str, line, f"{where}.{key}.{name}")
+        if text is not None:
+            found.append(ValueMatch(name.lower() if lower else name, MatchKind.EXACT, text))
+    return tuple(found)
+
+
+def read_grpc(checker: Checker, node: YMap, where: str) -> GrpcMatch:
+    checker.known_fields(node, where, {"service", "method"})
+    service = checker.get(node, "service", str, where)
+    method = checker.get(node, "method", str, where)
+    return GrpcMatch(service=service, method=method)

@@ -1,0 +1,328 @@
+"""OSM's egress resources: MeshConfig's enableEgress switch, Egress policies, SMI HTTPRouteGroups.
+
+The MeshConfig becomes one network covering everything outside the cluster
+networks, Allow when `spec.traffic.enableEgress` is true, else Deny (OSM's
+default, also used when Egress policies come without a MeshConfig). Each
+Egress policy becomes routes attached to that network on its ports: `http`
+ports match Host (and HTTPRouteGroup matches), `https` ports match SNI, `tcp`
+ports match the destination address against `ipAddresses`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from egressproxy.policy.decision import RouteProtocol, RouteRef
+from egressproxy.policy.errors import Checker, ObjectMeta, YMap, read_object_meta
+from egressproxy.policy.linkerd import TOP_LEVEL_FIELDS, kind_of, read_annotations
+from egressproxy.policy.model import (
+    Attachment,
+    ClientRef,
+    HttpMatch,
+    MatchKind,
+    Network,
+    NetworkId,
+    Origin,
+    PathMatch,
+    Route,
+    Rule,
+    TrafficPolicy,
+    ValueMatch,
+)
+from egressproxy.settings import IPNetwork
+
+log = logging.getLogger(__name__)
+
+CONFIG_GROUP = "config.openservicemesh.io"
+POLICY_GROUP = "policy.openservicemesh.io"
+SMI_GROUP = "specs.smi-spec.io"
+SUPPORTED: dict[tuple[str, str], frozenset[str]] = {
+    (CONFIG_GROUP, "MeshConfig"): frozenset({"v1alpha1", "v1alpha2", "v1alpha3"}),
+    (POLICY_GROUP, "Egress"): frozenset({"v1alpha1"}),
+    (SMI_GROUP, "HTTPRouteGroup"): frozenset({"v1alpha4"}),
+}
+IMPLICIT_MESH_CONFIG = ("osm-system", "osm-mesh-config")
+MESH_CONFIG_SECTIONS = frozenset(
+    {"sidecar", "traffic", "observability", "certificate", "featureFlags"}
+)
+TRAFFIC_FIELDS = frozenset(
+    {
+        "enableEgress",
+        "enablePermissiveTrafficPolicyMode",
+        "outboundIPRangeExclusionList",
+        "outboundIPRangeInclusionList",
+        "outboundPortExclusionList",
+        "inboundPortExclusionList",
+        "networkInterfaceExclusionList",
+        "inboundExternalAuthorization",
+        "useHTTPSIngress",
+    }
+)
+PROTOCOLS = {
+    "http": RouteProtocol.HTTP,
+    "https": RouteProtocol.TLS,
+    "tcp": RouteProtocol.TCP,
+    "tcp-server-first": RouteProtocol.TCP,
+}
+
+
+def read(
+    documents: Sequence[tuple[int, YMap]], checker: Checker
+) -> tuple[list[Network], list[Route]]:
+    mesh_configs = [
+        network
+        for order, document in documents
+        if kind_of(document) == (CONFIG_GROUP, "MeshConfig")
+        if (network := read_mesh_config(document, order, checker)) is not None
+    ]
+    for extra in mesh_configs[1:]:
+        checker.error(extra.origin.line, f"{extra.id}: only one MeshConfig may be given")
+    groups = {
+        (meta.namespace, meta.name): matches
+        for _, document in documents
+        if kind_of(document) == (SMI_GROUP, "HTTPRouteGroup")
+        for meta, matches in [read_route_group(document, checker)]
+        if meta is not None
+    }
+    egresses = [
+        (order, document)
+        for order, document in documents
+        if kind_of(document) == (POLICY_GROUP, "Egress")
+    ]
+    if not egresses:
+        return mesh_configs, []
+    if not mesh_configs:
+        first_order, first = egresses[0]
+        namespace, name = IMPLICIT_MESH_CONFIG
+        mesh_configs.append(
+            mesh_network(namespace, name, TrafficPolicy.DENY, first_order, checker.file, first.line)
+        )
+    parent = mesh_configs[0].id
+    routes = [
+        route
+        for order, document in egresses
+        for route in read_egress(document, order, checker, parent, groups)
+    ]
+    return mesh_configs[:1], routes
+
+
+def mesh_network(
+    namespace: str, name: str, policy: TrafficPolicy, order: int, file: str, line: int
+) -> Network:
+    return Network(
+        id=NetworkId(CONFIG_GROUP, "MeshConfig", namespace, name),
+        ranges=None,
+        traffic_policy=policy,
+        namespace_scoped=False,
+        audit=False,
+        verify_destination=None,
+        created=None,
+        order=order,
+        origin=Origin(file, line),
+    )
+
+
+def read_mesh_config(document: YMap, order: int, checker: Checker) -> Network | None:
+    checker.known_fields(document, "MeshConfig", TOP_LEVEL_FIELDS)
+    meta = read_object_meta(checker, document, "MeshConfig")
+    if meta is None:
+        return None
+    where = f"MeshConfig {meta.namespace}/{meta.name}.spec"
+    spec = checker.get(document, "spec", YMap, where) or YMap(document.line)
+    checker.known_fields(spec, where, MESH_CONFIG_SECTIONS)
+    traffic = checker.get(spec, "traffic", YMap, where) or YMap(spec.line)
+    checker.known_fields(traffic, f"{where}.traffic", TRAFFIC_FIELDS)
+    enabled = checker.get(traffic, "enableEgress", bool, f"{where}.traffic")
+    audit, verify = read_annotations(checker, meta, where)
+    return Network(
+        id=NetworkId(CONFIG_GROUP, "MeshConfig", meta.namespace, meta.name),
+        ranges=None,
+        traffic_policy=TrafficPolicy.ALLOW if enabled else TrafficPolicy.DENY,
+        namespace_scoped=False,
+        audit=audit,
+        verify_destination=verify,
+        created=meta.created,
+        order=order,
+        origin=Origin(checker.file, meta.line),
+    )
+
+
+@dataclass(frozen=True)
+class RouteGroupMatch:
+    name: str
+    match: tuple[HttpMatch, ...]
+    line: int
+
+
+def read_route_group(
+    document: YMap, checker: Checker
+) -> tuple[ObjectMeta | None, list[RouteGroupMatch]]:
+    checker.known_fields(document, "HTTPRouteGroup", TOP_LEVEL_FIELDS)
+    meta = read_object_meta(checker, document, "HTTPRouteGroup")
+    if meta is None:
+        return None, []
+    where = f"HTTPRouteGroup {meta.namespace}/{meta.name}.spec"
+    spec = checker.get(document, "spec", YMap, where, required=True)
+    if spec is None:
+        return meta, []
+    checker.known_fields(spec, where, {"matches"})
+    found = []
+    for index, (item_where, item) in enumerate(checker.mappings(spec, "matches", where)):
+        checker.known_fields(item, item_where, {"name", "pathRegex", "methods", "headers"})
+        name = checker.get(item, "name", str, item_where) or f"matches[{index}]"
+        path = None
+        regex = checker.get(item, "pathRegex", str, item_where)
+        if regex is not None and checker.regex(regex, item.line_of("pathRegex"), item_where):
+            path = PathMatch(MatchKind.REGEX, regex)
+        headers = []
+        header_map = checker.get(item, "headers", YMap, item_where)
+        for header, value in (header_map or {}).items():
+            line = header_map.line_of(header) if header_map is not None else item.line
+            text = checker.typed(value, str, line, f"{item_where}.headers.{header}")
+            if text is not None and checker.regex(text, line, f"{item_where}.headers.{header}"):
+                headers.append(ValueMatch(header.lower(), MatchKind.REGEX, text))
+        methods = [method.upper() for _, method in checker.strings(item, "methods", item_where)]
+        if not methods or "*" in methods:
+            matches: tuple[HttpMatch, ...] = (HttpMatch(path=path, headers=tuple(headers)),)
+        else:
+            matches = tuple(
+                HttpMatch(path=path, method=method, headers=tuple(headers)) for method in methods
+            )
+        found.append(RouteGroupMatch(name, matches, item.line))
+    return meta, found
+
+
+def read_egress(
+    document: YMap,
+    order: int,
+    checker: Checker,
+    parent: NetworkId,
+    groups: dict[tuple[str, str], list[RouteGroupMatch]],
+) -> list[Route]:
+    checker.known_fields(document, "Egress", TOP_LEVEL_FIELDS)
+    meta = read_object_meta(checker, document, "Egress")
+    if meta is None:
+        return []
+    where = f"Egress {meta.namespace}/{meta.name}.spec"
+    spec = checker.get(document, "spec", YMap, where, required=True)
+    if spec is None:
+        return []
+    checker.known_fields(spec, where, {"sources", "hosts", "ipAddresses", "ports", "matches"})
+    clients = read_sources(checker, spec, where)
+    hosts = tuple(
+        hostname
+        for line, text in checker.strings(spec, "hosts", where)
+        if (hostname := checker.hostname(text, line, f"{where}.hosts")) is not None
+    )
+    cidrs = tuple(
+        network
+        for line, text in checker.strings(spec, "ipAddresses", where)
+        if (network := checker.network(text, line, f"{where}.ipAddresses")) is not None
+    )
+    if "ports" not in spec:
+        checker.error(spec.line, f"{where}: missing required field 'ports'")
+    ports: dict[RouteProtocol, list[int]] = {}
+    for item_where, item in checker.mappings(spec, "ports", where):
+        checker.known_fields(item, item_where, {"number", "protocol"})
+        number = checker.port(item, "number", item_where, required=True)
+        name = checker.get(item, "protocol", str, item_where, required=True)
+        if name is not None and name.lower() not in PROTOCOLS:
+            checker.error(
+                item.line_of("protocol"),
+                f"{item_where}.protocol: {name!r} is not one of {', '.join(PROTOCOLS)}",
+            )
+        elif number is not None and name is not None:
+            ports.setdefault(PROTOCOLS[name.lower()], []).append(number)
+    http_rules = read_egress_matches(checker, spec, where, meta, groups, cidrs)
+    origin = Origin(checker.file, meta.line)
+    routes = []
+    for protocol, numbers in ports.items():
+        rules = (
+            http_rules
+            if protocol == RouteProtocol.HTTP and http_rules
+            else (Rule(name="egress", cidrs=cidrs, origin=origin),)
+        )
+        routes.append(
+            Route(
+                ref=RouteRef(POLICY_GROUP, "Egress", meta.namespace, meta.name),
+                protocol=protocol,
+                fixes_protocol=False,
+                hostnames=hosts if protocol != RouteProtocol.TCP else (),
+                rules=rules,
+                attachments=tuple(Attachment(parent, port, "") for port in numbers),
+                clients=clients,
+                created=meta.created,
+                order=order,
+                origin=origin,
+            )
+        )
+    return routes
+
+
+def read_sources(checker: Checker, spec: YMap, where: str) -> tuple[ClientRef, ...]:
+    if "sources" not in spec:
+        checker.error(spec.line, f"{where}: missing required field 'sources'")
+    clients = []
+    for item_where, item in checker.mappings(spec, "sources", where):
+        checker.known_fields(item, item_where, {"kind", "name", "namespace"})
+        kind = checker.get(item, "kind", str, item_where, required=True)
+        name = checker.get(item, "name", str, item_where, required=True)
+        namespace = checker.get(item, "namespace", str, item_where, required=True)
+        if kind is not None and kind != "ServiceAccount":
+            checker.error(
+                item.line_of("kind"), f"{item_where}.kind: only ServiceAccount is supported"
+            )
+        elif kind and name and namespace:
+            clients.append(ClientRef(kind, namespace, name))
+    return tuple(clients)
+
+
+def read_egress_matches(
+    checker: Checker,
+    spec: YMap,
+    where: str,
+    meta: ObjectMeta,
+    groups: dict[tuple[str, str], list[RouteGroupMatch]],
+    cidrs: tuple[IPNetwork, ...],
+) -> tuple[Rule, ...]:
+    """One rule per HTTPRouteGroup match named by `matches`; none: every request."""
+    rules: list[Rule] = []
+    for item_where, item in checker.mappings(spec, "matches", where):
+        checker.known_fields(item, item_where, {"apiGroup", "kind", "name"})
+        kind = checker.get(item, "kind", str, item_where, required=True)
+        name = checker.get(item, "name", str, item_where, required=True)
+        checker.get(item, "apiGroup", str, item_where)
+        if kind == "UpstreamTrafficSetting":
+            log.info(
+                "%s:%d: %s: UpstreamTrafficSetting has no egress meaning",
+                checker.file,
+                item.line,
+                item_where,
+            )
+            continue
+        if kind != "HTTPRouteGroup":
+            if kind is not None:
+                checker.error(item.line_of("kind"), f"{item_where}.kind: {kind!r} is not supported")
+            continue
+        if name is None:
+            continue
+        group = groups.get((meta.namespace, name))
+        if group is None:
+            checker.error(
+                item.line_of("name"),
+                f"{item_where}: HTTPRouteGroup {meta.namespace}/{name} "
+                "does not exist in this policy",
+            )
+            continue
+        rules.extend(
+            Rule(
+                name=f"{name}/{match.name}",
+                http_matches=match.match,
+                cidrs=cidrs,
+                origin=Origin(checker.file, match.line),
+            )
+            for match in group
+        )
+    return tuple(rules)

@@ -1,0 +1,103 @@
+"""`egressproxy check`: exit codes, FILE:LINE on stderr, and --explain's answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from egressproxy.policy.explain import run_check
+from egressproxy.settings import Settings
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
+STEP5 = EXAMPLES / "linkerd-5-redirect.yaml"
+
+
+def check(
+    capsys: pytest.CaptureFixture[str], policy: Path, explain: str | None = None
+) -> tuple[int, str, str]:
+    status = run_check(Settings(policy_file=policy, namespace="egress-test"), explain)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_valid_policy_prints_a_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = check(capsys, STEP5)
+    assert (status, err) == (0, "")
+    assert "EgressNetwork egress-test/all-egress-traffic" in out
+    assert (
+        "port 80 (HTTP): HTTPRoute egress-test/httpbin-get; HTTPRoute egress-test/unencrypted-http"
+        in out
+    )
+    assert "port 443 (TLS): TLSRoute egress-test/tls-egress" in out
+    assert len(out.splitlines()) < 25
+
+
+def test_invalid_policy_lists_every_problem(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(
+        STEP5.read_text()
+        .replace("trafficPolicy: Deny", "trafficPolicy: Deny\n  colour: red")
+        .replace("port: 443", "port: https")
+    )
+    status, out, err = check(capsys, broken)
+    assert (status, out) == (1, "")
+    lines = err.splitlines()
+    assert len(lines) == 2
+    assert (
+        lines[0]
+        == f"{broken}:10: EgressNetwork egress-test/all-egress-traffic.spec: unknown field 'colour'"
+    )
+    assert (
+        lines[1].startswith(f"{broken}:")
+        and "expected an integer, got the string 'https'" in lines[1]
+    )
+    assert "Traceback" not in err
+
+
+def test_missing_file_and_syntax_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    status, _, err = check(capsys, tmp_path / "absent.yaml")
+    assert status == 1 and err.startswith(f"{tmp_path / 'absent.yaml'}:0: cannot read")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: EgressNetwork\nspec: {trafficPolicy: Allow\n")
+    status, _, err = check(capsys, bad)
+    assert status == 1 and err.startswith(f"{bad}:3: YAML syntax:")
+
+
+@pytest.mark.parametrize(
+    ("destination", "expected"),
+    [
+        ("https://httpbin.org/get", ["route:       TLSRoute egress-test/tls-egress", "PASS"]),
+        (
+            "http://google.com/",
+            [
+                "route:       HTTPRoute egress-test/unencrypted-http",
+                "ROUTE to internal-egress.egress-test.svc.cluster.local:80",
+                "google.com is not resolved",
+            ],
+        ),
+        ("http://httpbin.org/get", ["HTTPRoute egress-test/httpbin-get", "rule rules[0]"]),
+        ("tcp://203.0.113.5:5432", ["route:       default tcp-egress-deny", "action:      DENY"]),
+        ("grpc://api.example.com:9000/pkg.Service/Method", ["default http-egress-deny"]),
+        ("tcp://10.0.0.1:80", ["network:     none (not egress)", "PASS"]),
+    ],
+)
+def test_explain(capsys: pytest.CaptureFixture[str], destination: str, expected: list[str]) -> None:
+    status, out, err = check(capsys, STEP5, destination)
+    assert (status, err) == (0, "")
+    for fragment in expected:
+        assert fragment in out
+    if "egress-test" in out:
+        assert 'parent_name="all-egress-traffic"' in out
+
+
+@pytest.mark.parametrize(
+    "destination", ["ftp://x/", "tcp://203.0.113.5", "http:///nohost", "http://h:99999/"]
+)
+def test_explain_rejects_bad_destinations(
+    capsys: pytest.CaptureFixture[str], destination: str
+) -> None:
+    status, out, err = check(capsys, STEP5, destination)
+    assert status == 2 and out == "" and err.startswith("egressproxy check: --explain")

@@ -1,0 +1,151 @@
+"""The compiled index: host tables, CIDR table, mixed dialects, and decide() on arbitrary input."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from egressproxy.policy.decision import (
+    Action,
+    ConnectionFacts,
+    Destination,
+    Detected,
+    RequestFacts,
+)
+from egressproxy.policy.index import (
+    CidrTable,
+    CompiledNetwork,
+    HostTable,
+    PolicyIndex,
+    compile_policy,
+)
+from egressproxy.policy.loader import load_policy_text
+from egressproxy.policy.model import CidrRange, Network, NetworkId, Origin, TrafficPolicy
+from egressproxy.settings import Settings
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
+
+
+def test_host_table_levels_most_specific_first() -> None:
+    table: HostTable[str] = HostTable()
+    table.add(["*.example.com"], "wild")
+    table.add(["*.a.example.com"], "deeper")
+    table.add(["b.a.example.com"], "exact")
+    table.add([], "any")
+    assert list(table.levels("b.a.example.com")) == [["exact"], ["deeper"], ["wild"], ["any"]]
+    assert list(table.levels("x.a.example.com")) == [["deeper"], ["wild"], ["any"]]
+    assert list(table.levels("a.example.com")) == [["wild"], ["any"]]
+    assert list(table.levels("example.com")) == [["any"]]
+    assert list(table.levels(None)) == [["any"]]
+
+
+def network(name: str) -> CompiledNetwork:
+    return CompiledNetwork(
+        Network(
+            id=NetworkId("g", "K", "ns", name),
+            ranges=None,
+            traffic_policy=TrafficPolicy.ALLOW,
+            namespace_scoped=False,
+            audit=False,
+            verify_destination=None,
+            created=None,
+            order=0,
+            origin=Origin("f", 1),
+        ),
+        audit=False,
+    )
+
+
+def test_cidr_table_v4_and_v6() -> None:
+    table = CidrTable()
+    v4, v6 = network("v4"), network("v6")
+    table.add(CidrRange(ipaddress.ip_network("198.51.100.0/24")), v4)
+    table.add(CidrRange(ipaddress.ip_network("2001:db8::/32")), v6)
+    assert table.lookup(ipaddress.ip_address("198.51.100.255")) is v4
+    assert table.lookup(ipaddress.ip_address("2001:db8::1")) is v6
+    assert table.lookup(ipaddress.ip_address("::ffff:198.51.100.1")) is None
+    assert table.lookup(ipaddress.ip_address("192.0.2.1")) is None
+
+
+def test_default_network_excludes_cluster_networks_per_family() -> None:
+    text = (EXAMPLES / "linkerd-2-deny.yaml").read_text()
+    index = compile_policy(load_policy_text(text, "p.yaml"), Settings(namespace="egress-test"))
+    for address, egress in [("2001:db8::5", True), ("fd00::5", False), ("100.64.0.1", False)]:
+        destination = Destination(ipaddress.ip_address(address), 22)
+        decision = index.decide_connection(ConnectionFacts(destination, Detected.OPAQUE, None))
+        assert (decision.parent is not None) is egress
+
+
+def test_linkerd_and_osm_in_one_file() -> None:
+    linkerd_text = (EXAMPLES / "linkerd-3-httproute.yaml").read_text()
+    osm_text = (EXAMPLES / "osm-3-egress-policy.yaml").read_text()
+    model = load_policy_text(linkerd_text + "\n---\n" + osm_text, "mixed.yaml")
+    assert {n.id.kind for n in model.networks} == {"EgressNetwork", "MeshConfig"}
+    facts = RequestFacts(
+        Destination(ipaddress.ip_address("203.0.113.1"), 80),
+        "httpbin.org",
+        "GET",
+        "/get",
+        "",
+        (),
+        grpc=False,
+    )
+    linkerd_client = compile_policy(model, Settings(namespace="egress-test"))
+    decision = linkerd_client.decide_request(facts)
+    assert decision.parent is not None and decision.parent.kind == "EgressNetwork"
+    osm_client = compile_policy(model, Settings(namespace="curl", service_account="curl"))
+    decision = osm_client.decide_request(facts)
+    assert decision.parent is not None and decision.parent.kind == "MeshConfig"
+    assert decision.action == Action.PASS
+
+
+INDEXES = [
+    compile_policy(load_policy_text(path.read_text(), str(path)), Settings(namespace="egress-test"))
+    for path in sorted(EXAMPLES.glob("*.yaml"))
+]
+HOSTNAMES = st.one_of(
+    st.none(),
+    st.text(max_size=40),
+    st.lists(st.sampled_from(["a", "example", "com", "httpbin", "org", "*", ""]), max_size=6).map(
+        ".".join
+    ),
+)
+ADDRESSES = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6))
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.sampled_from(INDEXES),
+    ADDRESSES,
+    st.integers(1, 65535),
+    HOSTNAMES,
+    st.text(max_size=30),
+    st.text(max_size=20),
+    st.lists(st.tuples(st.text(max_size=8), st.text(max_size=8)), max_size=3),
+    st.booleans(),
+    st.sampled_from(list(Detected)),
+)
+def test_decide_never_raises(
+    index: PolicyIndex,
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    port: int,
+    hostname: str | None,
+    path: str,
+    query: str,
+    headers: list[tuple[str, str]],
+    grpc: bool,
+    detected: Detected,
+) -> None:
+    compiled = index
+    destination = Destination(address, port)
+    connection = compiled.decide_connection(ConnectionFacts(destination, detected, hostname))
+    request = compiled.decide_request(
+        RequestFacts(destination, hostname, "GET", path, query, tuple(headers), grpc=grpc)
+    )
+    for decision in (connection, request):
+        assert (decision.parent is None) == (decision.route is None)
+        assert (decision.action == Action.ROUTE) == (decision.backend is not None)
+    compiled.port_protocol(destination)

@@ -1,0 +1,514 @@
+"""Every step of the Linkerd egress guide, decided exactly as its metric samples show."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from egressproxy.policy.decision import (
+    Action,
+    Backend,
+    ConnectionFacts,
+    Decision,
+    Destination,
+    Detected,
+    ParentRef,
+    RequestFacts,
+    RouteProtocol,
+    RouteRef,
+)
+from egressproxy.policy.index import PolicyIndex, compile_policy
+from egressproxy.policy.loader import load_policy, load_policy_text
+from egressproxy.settings import Settings
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
+EXTERNAL = ipaddress.ip_address("203.0.113.5")
+CLIENT = Settings(namespace="egress-test")
+GATEWAY = "gateway.networking.k8s.io"
+
+
+def parent(port: int) -> ParentRef:
+    return ParentRef(
+        "policy.linkerd.io", "EgressNetwork", "egress-test", "all-egress-traffic", str(port), ""
+    )
+
+
+def default(name: str) -> RouteRef:
+    return RouteRef("", "default", "", name)
+
+
+def route(kind: str, name: str) -> RouteRef:
+    return RouteRef(GATEWAY, kind, "egress-test", name)
+
+
+def step(name: str, settings: Settings = CLIENT) -> PolicyIndex:
+    return compile_policy(load_policy(EXAMPLES / name), settings)
+
+
+def http(index: PolicyIndex, host: str, path: str, port: int = 80) -> Decision:
+    facts = RequestFacts(Destination(EXTERNAL, port), host, "GET", path, "", (), grpc=False)
+    return index.decide_request(facts)
+
+
+def tls(index: PolicyIndex, sni: str | None, port: int = 443) -> Decision:
+    return index.decide_connection(ConnectionFacts(Destination(EXTERNAL, port), Detected.TLS, sni))
+
+
+def opaque(index: PolicyIndex, port: int) -> Decision:
+    return index.decide_connection(
+        ConnectionFacts(Destination(EXTERNAL, port), Detected.OPAQUE, None)
+    )
+
+
+def labels(decision: Decision) -> tuple[Action, RouteProtocol, ParentRef | None, RouteRef | None]:
+    return decision.action, decision.protocol, decision.parent, decision.route
+
+
+def test_step1_allow_observes_with_http_egress_allow() -> None:
+    index = step("linkerd-1-allow.yaml")
+    assert labels(http(index, "httpbin.org", "/get")) == (
+        Action.PASS,
+        RouteProtocol.HTTP,
+        parent(80),
+        default("http-egress-allow"),
+    )
+    assert labels(tls(index, "httpbin.org")) == (
+        Action.PASS,
+        RouteProtocol.TCP,
+        parent(443),
+        default("tcp-egress-allow"),
+    )
+
+
+def test_step2_deny_gives_http_egress_deny() -> None:
+    index = step("linkerd-2-deny.yaml")
+    assert labels(http(index, "httpbin.org", "/get")) == (
+        Action.DENY,
+        RouteProtocol.HTTP,
+        parent(80),
+        default("http-egress-deny"),
+    )
+    assert labels(tls(index, "httpbin.org"))[::3] == (Action.DENY, default("tcp-egress-deny"))
+    assert labels(opaque(index, 5432))[::3] == (Action.DENY, default("tcp-egress-deny"))
+
+
+def test_step3_httproute_allows_only_get() -> None:
+    index = step("linkerd-3-httproute.yaml")
+    assert labels(http(index, "httpbin.org", "/get")) == (
+        Action.PASS,
+        RouteProtocol.HTTP,
+        parent(80),
+        route("HTTPRoute", "httpbin-get"),
+    )
+    assert labels(http(index, "httpbin.org", "/get/x"))[0] == Action.PASS
+    assert labels(http(index, "httpbin.org", "/getx"))[::3] == (
+        Action.DENY,
+        default("http-egress-deny"),
+    )
+    assert labels(http(index, "httpbin.org", "/ip"))[::3] == (
+        Action.DENY,
+        default("http-egress-deny"),
+    )
+    assert labels(tls(index, "httpbin.org"))[::3] == (Action.DENY, default("tcp-egress-deny"))
+    assert index.port_protocol(Destination(EXTERNAL, 80)) == RouteProtocol.HTTP
+    assert index.port_protocol(Destination(EXTERNAL, 443)) is None
+
+
+def test_step4_tlsroute_allows_httpbin_and_closes_github() -> None:
+    index = step("linkerd-4-tlsroute.yaml")
+    assert labels(tls(index, "httpbin.org")) == (
+        Action.PASS,
+        RouteProtocol.TLS,
+        parent(443),
+        route("TLSRoute", "tls-egress"),
+    )
+    assert labels(tls(index, "github.com")) == (
+        Action.DENY,
+        RouteProtocol.TLS,
+        parent(443),
+        default("tls-egress-deny"),
+    )
+    assert tls(index, None).route == default("tls-egress-deny")
+    assert index.port_protocol(Destination(EXTERNAL, 443)) == RouteProtocol.TLS
+    plaintext_on_tls_port = opaque(index, 443)
+    assert plaintext_on_tls_port.action == Action.DENY
+
+
+def test_step5_redirects_plaintext_to_the_internal_service() -> None:
+    index = step("linkerd-5-redirect.yaml")
+    get = http(index, "httpbin.org", "/get")
+    assert labels(get) == (
+        Action.PASS,
+        RouteProtocol.HTTP,
+        parent(80),
+        route("HTTPRoute", "httpbin-get"),
+    )
+    assert get.backend is None
+    google = http(index, "google.com", "/")
+    assert labels(google) == (
+        Action.ROUTE,
+        RouteProtocol.HTTP,
+        parent(80),
+        route("HTTPRoute", "unencrypted-http"),
+    )
+    assert google.backend == Backend("internal-egress.egress-test.svc.cluster.local", 80)
+    assert http(index, "httpbin.org", "/ip").route == route("HTTPRoute", "unencrypted-http")
+    for sni in ("httpbin.org", "github.com", None):
+        assert labels(tls(index, sni)) == (
+            Action.PASS,
+            RouteProtocol.TLS,
+            parent(443),
+            route("TLSRoute", "tls-egress"),
+        )
+
+
+def test_step5_cluster_domain_is_baked_in() -> None:
+    index = step(
+        "linkerd-5-redirect.yaml", Settings(namespace="egress-test", cluster_domain="corp")
+    )
+    assert http(index, "google.com", "/").backend == Backend(
+        "internal-egress.egress-test.svc.corp", 80
+    )
+
+
+def test_http1_connection_level_decision_is_get_slash() -> None:
+    index = step("linkerd-3-httproute.yaml")
+    facts = ConnectionFacts(Destination(EXTERNAL, 80), Detected.HTTP1, "httpbin.org")
+    assert index.decide_connection(facts).route == default("http-egress-deny")
+
+
+def test_cluster_networks_are_not_egress() -> None:
+    index = step("linkerd-2-deny.yaml")
+    inside = RequestFacts(
+        Destination(ipaddress.ip_address("10.1.2.3"), 80), "svc", "GET", "/", "", (), grpc=False
+    )
+    decision = index.decide_request(inside)
+    assert (decision.action, decision.parent, decision.route) == (Action.PASS, None, None)
+
+
+def network(name: str, namespace: str, policy: str, networks: str = "", extra: str = "") -> str:
+    body = f"""
+apiVersion: policy.linkerd.io/v1alpha1
+kind: EgressNetwork
+metadata:
+  namespace: {namespace}
+  name: {name}
+{extra}
+spec:
+  trafficPolicy: {policy}
+"""
+    if networks:
+        body += "  networks:\n" + networks
+    return body
+
+
+def compiled(text: str, settings: Settings = CLIENT) -> PolicyIndex:
+    return compile_policy(load_policy_text(text, "policy.yaml"), settings)
+
+
+def decide_ip(index: PolicyIndex, address: str, port: int = 5432) -> Decision:
+    facts = ConnectionFacts(Destination(ipaddress.ip_address(address), port), Detected.OPAQUE, None)
+    return index.decide_connection(facts)
+
+
+def test_smallest_cidr_wins_and_except_is_honoured() -> None:
+    text = "---".join(
+        [
+            network("wide", "egress-test", "Allow", "  - cidr: 198.51.100.0/24\n"),
+            network(
+                "narrow",
+                "egress-test",
+                "Deny",
+                "  - cidr: 198.51.100.0/28\n    except: [198.51.100.5/32]\n",
+            ),
+        ]
+    )
+    index = compiled(text)
+    assert decide_ip(index, "198.51.100.1").parent.name == "narrow"  # type: ignore[union-attr]
+    assert decide_ip(index, "198.51.100.5").parent.name == "wide"  # type: ignore[union-attr]
+    assert decide_ip(index, "198.51.100.200").parent.name == "wide"  # type: ignore[union-attr]
+    assert decide_ip(index, "192.0.2.1").parent is None
+
+
+def test_oldest_then_name_breaks_ties() -> None:
+    older = "  creationTimestamp: 2020-01-01T00:00:00Z"
+    newer = "  creationTimestamp: 2024-01-01T00:00:00Z"
+    text = "---".join(
+        [
+            network("a", "egress-test", "Allow", extra=newer),
+            network("b", "egress-test", "Deny", extra=older),
+        ]
+    )
+    assert decide_ip(compiled(text), "203.0.113.1").parent.name == "b"  # type: ignore[union-attr]
+    by_order = "---".join(
+        [network("z", "egress-test", "Allow"), network("a", "egress-test", "Deny")]
+    )
+    assert decide_ip(compiled(by_order), "203.0.113.1").parent.name == "z"  # type: ignore[union-attr]
+
+
+def test_explicit_network_covers_cluster_addresses() -> None:
+    text = network("internal", "egress-test", "Deny", "  - cidr: 10.9.0.0/16\n")
+    index = compiled(text)
+    assert decide_ip(index, "10.9.1.1").action == Action.DENY
+    assert decide_ip(index, "10.8.1.1").parent is None
+
+
+@pytest.mark.parametrize(
+    ("namespace", "expected"),
+    [("egress-test", "local"), ("other", "global"), (None, "unrelated")],
+)
+def test_namespace_scoping(namespace: str | None, expected: str) -> None:
+    text = "---".join(
+        [
+            network("local", "egress-test", "Deny", "  - cidr: 203.0.113.0/24\n"),
+            network("global", "linkerd-egress", "Allow", "  - cidr: 203.0.113.0/25\n"),
+            network("unrelated", "elsewhere", "Allow", "  - cidr: 203.0.113.0/26\n"),
+        ]
+    )
+    index = compiled(text, Settings(namespace=namespace))
+    decision = decide_ip(index, "203.0.113.10")
+    assert decision.parent is not None and decision.parent.name == expected
+
+
+def test_unset_namespace_sees_every_namespace() -> None:
+    text = network("unrelated", "elsewhere", "Deny", "  - cidr: 203.0.113.0/26\n")
+    assert decide_ip(compiled(text, Settings()), "203.0.113.1").action == Action.DENY
+    assert decide_ip(compiled(text, Settings(namespace="x")), "203.0.113.1").parent is None
+
+
+def http_route(name: str, rules: str, hostnames: str = "", port: int = 80, extra: str = "") -> str:
+    return f"""
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: {name}
+  namespace: egress-test
+{extra}
+spec:
+  parentRefs:
+  - name: all-egress-traffic
+    kind: EgressNetwork
+    group: policy.linkerd.io
+    port: {port}
+{hostnames}
+  rules:
+{rules}
+"""
+
+
+DENY_NET = network("all-egress-traffic", "egress-test", "Deny")
+
+
+def request(
+    index: PolicyIndex,
+    path: str,
+    *,
+    host: str = "example.com",
+    method: str = "GET",
+    headers: tuple[tuple[str, str], ...] = (),
+    query: str = "",
+) -> str:
+    facts = RequestFacts(Destination(EXTERNAL, 80), host, method, path, query, headers, grpc=False)
+    decision = index.decide_request(facts)
+    assert decision.route is not None
+    return decision.route.name
+
+
+def test_http_match_precedence() -> None:
+    routes = [
+        http_route("prefix", "  - matches:\n    - path: {type: PathPrefix, value: /a}\n"),
+        http_route("longer", "  - matches:\n    - path: {type: PathPrefix, value: /a/b/}\n"),
+        http_route("exact", "  - matches:\n    - path: {type: Exact, value: /a/b/c}\n"),
+        http_route(
+            "method",
+            "  - matches:\n    - path: {type: PathPrefix, value: /a}\n      method: POST\n",
+        ),
+        http_route(
+            "headers",
+            "  - matches:\n    - path: {value: /a}\n      method: POST\n      headers:\n"
+            "      - {name: X-Team, value: blue}\n",
+        ),
+        http_route(
+            "query",
+            "  - matches:\n    - path: {value: /a}\n      method: POST\n      headers:\n"
+            "      - {name: x-team, value: blue}\n      queryParams:\n"
+            "      - {type: RegularExpression, name: v, value: '[0-9]+'}\n",
+        ),
+    ]
+    index = compiled("---".join([DENY_NET, *routes]))
+    assert request(index, "/a/b/c") == "exact"
+    assert request(index, "/a/b/c/d") == "longer"
+    assert request(index, "/a/b") == "longer"
+    assert request(index, "/a/x") == "prefix"
+    assert request(index, "/a/x", method="POST") == "method"
+    assert request(index, "/a/x", method="POST", headers=(("x-team", "blue"),)) == "headers"
+    assert (
+        request(index, "/a", method="POST", headers=(("x-team", "blue"),), query="v=12") == "query"
+    )
+    assert request(index, "/ab") == "http-egress-deny"
+
+
+def test_hostnames_exact_before_wildcard_before_none() -> None:
+    routes = [
+        http_route("none", "  - {}\n"),
+        http_route("wild", "  - {}\n", hostnames="  hostnames: ['*.example.com']"),
+        http_route("deeper", "  - {}\n", hostnames="  hostnames: ['*.api.example.com']"),
+        http_route("exact", "  - {}\n", hostnames="  hostnames: [www.example.com]"),
+    ]
+    index = compiled("---".join([DENY_NET, *routes]))
+    assert request(index, "/", host="www.example.com") == "exact"
+    assert request(index, "/", host="a.example.com") == "wild"
+    assert request(index, "/", host="a.b.example.com") == "wild"
+    assert request(index, "/", host="v1.api.example.com") == "deeper"
+    assert request(index, "/", host="example.com") == "none"
+    assert request(index, "/", host="other.org") == "none"
+
+
+def test_hostname_level_without_matching_rule_falls_back() -> None:
+    routes = [
+        http_route("catch-all", "  - {}\n"),
+        http_route(
+            "exact-get",
+            "  - matches:\n    - path: {type: Exact, value: /get}\n",
+            hostnames="  hostnames: [httpbin.org]",
+        ),
+    ]
+    index = compiled("---".join([DENY_NET, *routes]))
+    assert request(index, "/get", host="httpbin.org") == "exact-get"
+    assert request(index, "/ip", host="httpbin.org") == "catch-all"
+
+
+def test_oldest_route_wins_a_tie() -> None:
+    routes = [
+        http_route("b-new", "  - {}\n", extra="  creationTimestamp: '2024-05-01T00:00:00Z'"),
+        http_route("a-old", "  - {}\n", extra="  creationTimestamp: '2021-05-01T00:00:00Z'"),
+    ]
+    assert request(compiled("---".join([DENY_NET, *routes])), "/") == "a-old"
+    same_age = [http_route("b", "  - {}\n"), http_route("a", "  - {}\n")]
+    assert request(compiled("---".join([DENY_NET, *same_age])), "/") == "b"
+
+
+def grpc_route(name: str, rules: str, port: int = 50051) -> str:
+    return f"""
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata:
+  name: {name}
+  namespace: egress-test
+spec:
+  parentRefs:
+  - {{name: all-egress-traffic, kind: EgressNetwork, group: policy.linkerd.io, port: {port}}}
+  rules:
+{rules}
+"""
+
+
+def grpc_call(index: PolicyIndex, path: str, port: int = 50051) -> Decision:
+    facts = RequestFacts(
+        Destination(EXTERNAL, port),
+        "api.example.com",
+        "POST",
+        path,
+        "",
+        (("content-type", "application/grpc"),),
+        grpc=True,
+    )
+    return index.decide_request(facts)
+
+
+def test_grpc_routes() -> None:
+    routes = [
+        grpc_route("service", "  - matches:\n    - method: {service: pkg.Greeter}\n"),
+        grpc_route(
+            "method", "  - matches:\n    - method: {service: pkg.Greeter, method: SayHello}\n"
+        ),
+    ]
+    index = compiled("---".join([DENY_NET, *routes]))
+    hello = grpc_call(index, "/pkg.Greeter/SayHello")
+    assert (hello.protocol, hello.route) == (RouteProtocol.GRPC, route("GRPCRoute", "method"))
+    assert grpc_call(index, "/pkg.Greeter/Other").route == route("GRPCRoute", "service")
+    denied = grpc_call(index, "/pkg.Other/Call")
+    assert (denied.action, denied.route) == (Action.DENY, default("grpc-egress-deny"))
+    assert index.port_protocol(Destination(EXTERNAL, 50051)) == RouteProtocol.GRPC
+    undeclared = grpc_call(index, "/pkg.Greeter/SayHello", port=9000)
+    assert (undeclared.protocol, undeclared.route) == (
+        RouteProtocol.HTTP,
+        default("http-egress-deny"),
+    )
+
+
+def test_tcp_route_fixes_the_port() -> None:
+    text = (
+        DENY_NET
+        + """---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {name: postgres, namespace: egress-test}
+spec:
+  parentRefs:
+  - {name: all-egress-traffic, kind: EgressNetwork, group: policy.linkerd.io, port: 5432}
+  rules:
+  - backendRefs:
+    - {kind: EgressNetwork, group: policy.linkerd.io, name: all-egress-traffic}
+"""
+    )
+    index = compiled(text)
+    decision = decide_ip(index, "203.0.113.9", 5432)
+    assert labels(decision) == (
+        Action.PASS,
+        RouteProtocol.TCP,
+        parent(5432),
+        route("TCPRoute", "postgres"),
+    )
+    assert decide_ip(index, "203.0.113.9", 5433).route == default("tcp-egress-deny")
+
+
+def test_section_name_is_reported() -> None:
+    text = (
+        DENY_NET
+        + "---"
+        + http_route("r", "  - {}\n").replace("    port: 80", "    port: 80\n    sectionName: web")
+    )
+    decision = compiled(text).decide_request(
+        RequestFacts(Destination(EXTERNAL, 80), "a", "GET", "/", "", (), grpc=False)
+    )
+    assert decision.parent == ParentRef(
+        "policy.linkerd.io", "EgressNetwork", "egress-test", "all-egress-traffic", "80", "web"
+    )
+
+
+def test_annotations_and_global_audit() -> None:
+    annotated = network(
+        "all-egress-traffic",
+        "egress-test",
+        "Deny",
+        extra="  annotations:\n    egressproxy.io/audit: 'true'\n"
+        "    egressproxy.io/verify-destination: enforce",
+    )
+    decision = decide_ip(compiled(annotated), "203.0.113.1")
+    assert (decision.action, decision.audit, decision.verify_destination) == (
+        Action.DENY,
+        True,
+        "enforce",
+    )
+    plain = decide_ip(compiled(DENY_NET), "203.0.113.1")
+    assert (plain.audit, plain.verify_destination) == (False, None)
+    audited = decide_ip(
+        compiled(DENY_NET, Settings(namespace="egress-test", audit=True)), "203.0.113.1"
+    )
+    assert audited.audit is True
+    allowed = decide_ip(
+        compiled(network("n", "egress-test", "Allow"), Settings(audit=True)), "203.0.113.1"
+    )
+    assert allowed.audit is False
+
+
+def test_describe_is_json() -> None:
+    import json
+
+    description = step("linkerd-5-redirect.yaml").describe()
+    text = json.dumps(description)
+    assert "unencrypted-http" in text and "internal-egress" in text
+    assert str(description["file"]).endswith("linkerd-5-redirect.yaml")

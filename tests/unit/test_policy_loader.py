@@ -1,0 +1,256 @@
+"""Bad policies: every problem reported as FILE:LINE: reason; only PolicyError escapes."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from egressproxy.policy.decision import ConnectionFacts, Destination, Detected, RequestFacts
+from egressproxy.policy.errors import PolicyError, Problem
+from egressproxy.policy.index import compile_policy
+from egressproxy.policy.loader import load_policy, load_policy_text
+from egressproxy.settings import Settings, bundled_policy
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
+
+NETWORK = """\
+apiVersion: policy.linkerd.io/v1alpha1
+kind: EgressNetwork
+metadata:
+  namespace: egress-test
+  name: all-egress-traffic
+spec:
+  trafficPolicy: Deny
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(text, "p.yaml")
+    return [str(problem) for problem in caught.value.problems]
+
+
+def test_policy_error_renders_one_line_per_problem() -> None:
+    error = PolicyError([Problem("a.yaml", 3, "first"), Problem("a.yaml", 9, "second")])
+    assert str(error) == "a.yaml:3: first\na.yaml:9: second"
+
+
+def test_unknown_field_has_its_own_line() -> None:
+    text = NETWORK + "  trafficPolcy: Allow\n"
+    assert problems(text) == [
+        "p.yaml:8: EgressNetwork egress-test/all-egress-traffic.spec: unknown field 'trafficPolcy'"
+    ]
+
+
+def test_wrong_type_and_bad_value() -> None:
+    text = NETWORK.replace("trafficPolicy: Deny", "trafficPolicy: Maybe\n  networks: 10.0.0.0/8")
+    assert problems(text) == [
+        "p.yaml:7: EgressNetwork egress-test/all-egress-traffic.spec.trafficPolicy: "
+        "'Maybe' is not one of Allow, Deny",
+        "p.yaml:8: EgressNetwork egress-test/all-egress-traffic.spec.networks: "
+        "expected a list, got the string '10.0.0.0/8'",
+    ]
+
+
+def test_bad_cidr() -> None:
+    text = NETWORK + "  networks:\n  - cidr: 10.0.0.0/33\n    except: [nonsense]\n"
+    found = problems(text)
+    assert found[0].startswith("p.yaml:9: ") and "'10.0.0.0/33' is not a CIDR" in found[0]
+    assert found[1].startswith("p.yaml:10: ") and "'nonsense' is not a CIDR" in found[1]
+
+
+ROUTE = """\
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: HTTPRoute
+metadata:
+  name: httpbin-get
+  namespace: egress-test
+spec:
+  parentRefs:
+    - name: all-egress-trafic
+      kind: EgressNetwork
+      group: policy.linkerd.io
+      port: 80
+  rules:
+    - matches:
+      - path:
+          value: "/get"
+"""
+
+
+def test_dangling_parent_every_error_reported() -> None:
+    text = NETWORK + ROUTE + ROUTE.replace("port: 80", "sectionName: x")
+    found = problems(text)
+    assert found == [
+        "p.yaml:16: HTTPRoute egress-test/httpbin-get.spec.parentRefs[0]: "
+        "EgressNetwork egress-test/all-egress-trafic does not exist in this policy",
+        "p.yaml:32: HTTPRoute egress-test/httpbin-get.spec.parentRefs[0]: "
+        "port is required for an EgressNetwork parent (as in Linkerd)",
+    ]
+
+
+def test_unsupported_filter_is_an_error() -> None:
+    route = ROUTE.replace("all-egress-trafic", "all-egress-traffic") + (
+        "      filters:\n      - type: RequestMirror\n        requestMirror: {}\n"
+    )
+    assert problems(NETWORK + route) == [
+        "p.yaml:25: HTTPRoute egress-test/httpbin-get.spec.rules[0].filters[0]: "
+        "HTTPRoute filter RequestMirror is not supported"
+    ]
+
+
+def test_service_backend_port_must_exist() -> None:
+    service = "---\napiVersion: v1\nkind: Service\nmetadata: {name: svc, namespace: egress-test}\n"
+    service += "spec:\n  ports:\n  - port: 8080\n"
+    route = ROUTE.replace("all-egress-trafic", "all-egress-traffic") + (
+        "      backendRefs:\n      - {kind: Service, name: svc, port: 80}\n"
+    )
+    assert problems(NETWORK + service + route) == [
+        "p.yaml:32: HTTPRoute egress-test/httpbin-get.spec.rules[0].backendRefs[0]: "
+        "Service egress-test/svc has no port 80"
+    ]
+
+
+def test_yaml_syntax_error_uses_the_mark() -> None:
+    assert problems(NETWORK + "  networks: [\n") == [
+        "p.yaml:9: YAML syntax: expected the node content, but found '<stream end>'"
+    ]
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError) as caught:
+        load_policy(tmp_path / "absent.yaml")
+    assert str(caught.value).endswith(
+        "absent.yaml:0: cannot read the policy: No such file or directory"
+    )
+
+
+def test_unsupported_version_of_a_used_kind() -> None:
+    text = NETWORK.replace("v1alpha1", "v9")
+    assert problems(text) == [
+        "p.yaml:1: EgressNetwork: apiVersion 'policy.linkerd.io/v9' is not supported "
+        "(use policy.linkerd.io/v1alpha1)"
+    ]
+
+
+def test_other_kinds_are_skipped_with_one_info_line(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="egressproxy.policy.loader")
+    model = load_policy(EXAMPLES / "linkerd-5-redirect.yaml")
+    assert len(model.networks) == 1 and len(model.routes) == 3
+    skipped = [record.getMessage() for record in caplog.records]
+    assert len(skipped) == 1 and "skipping Deployment" in skipped[0]
+
+
+def test_every_example_and_the_bundled_policy_load() -> None:
+    files = sorted(EXAMPLES.glob("*.yaml"))
+    assert len(files) >= 8
+    for file in [*files, bundled_policy()]:
+        compile_policy(load_policy(file), Settings())
+
+
+def test_duplicate_keys_and_duplicate_networks() -> None:
+    assert problems(NETWORK + "  trafficPolicy: Allow\n") == [
+        "p.yaml:8: duplicate key 'trafficPolicy'"
+    ]
+    assert problems(NETWORK + "---\n" + NETWORK) == [
+        "p.yaml:9: EgressNetwork egress-test/all-egress-traffic is defined twice"
+    ]
+
+
+def test_alias_bomb_and_recursion_are_policy_errors() -> None:
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+    for level in "bcdefgh":
+        previous = chr(ord(level) - 1)
+        bomb += f"{level}: &{level} [{', '.join([f'*{previous}'] * 10)}]\n"
+    with pytest.raises(PolicyError, match="more than"):
+        load_policy_text(bomb, "p.yaml")
+    with pytest.raises(PolicyError):
+        load_policy_text("&a [*a]", "p.yaml")
+    with pytest.raises(PolicyError):
+        load_policy_text("[" * 5000 + "]" * 5000, "p.yaml")
+
+
+YAML_TEXT = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8) | st.floats(allow_nan=False),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "apiVersion",
+                    "kind",
+                    "metadata",
+                    "spec",
+                    "name",
+                    "namespace",
+                    "trafficPolicy",
+                    "networks",
+                    "cidr",
+                    "parentRefs",
+                    "rules",
+                    "port",
+                    "matches",
+                    "path",
+                    "x",
+                ]
+            ),
+            children,
+            max_size=5,
+        )
+    ),
+    max_leaves=20,
+)
+
+KIND_HEADS = st.sampled_from(
+    [
+        "apiVersion: policy.linkerd.io/v1alpha1\nkind: EgressNetwork\n",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\n",
+        "apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TLSRoute\n",
+        "apiVersion: policy.openservicemesh.io/v1alpha1\nkind: Egress\n",
+        "apiVersion: config.openservicemesh.io/v1alpha2\nkind: MeshConfig\n",
+        "apiVersion: specs.smi-spec.io/v1alpha4\nkind: HTTPRouteGroup\n",
+        "apiVersion: egressproxy.io/v1alpha1\nkind: EgressPolicy\n",
+        "apiVersion: v1\nkind: Service\n",
+        "",
+    ]
+)
+
+
+def only_policy_errors(text: str) -> None:
+    try:
+        model = load_policy_text(text, "fuzz.yaml")
+    except PolicyError as error:
+        assert all(isinstance(problem, Problem) for problem in error.problems)
+        assert error.problems
+        return
+    index = compile_policy(model, Settings(namespace="egress-test"))
+    destination = Destination(ipaddress.ip_address("203.0.113.7"), 80)
+    index.decide_connection(ConnectionFacts(destination, Detected.TLS, "a.example.com"))
+    index.decide_request(RequestFacts(destination, "a.example.com", "GET", "/", "", (), grpc=False))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(max_size=200))
+def test_arbitrary_text_gives_model_or_policy_error(text: str) -> None:
+    only_policy_errors(text)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(KIND_HEADS, YAML_TEXT)
+def test_arbitrary_structures_give_model_or_policy_error(head: str, body: object) -> None:
+    dumped = yaml.safe_dump(body, default_flow_style=False) if body is not None else ""
+    only_policy_errors(head + dumped if isinstance(body, dict) else head + "spec: " + dumped)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="&*[]{}:-!|>'\"\n #%@`,?ab", max_size=80))
+def test_yaml_punctuation_gives_model_or_policy_error(text: str) -> None:
+    only_policy_errors(text)

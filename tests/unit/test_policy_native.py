@@ -1,0 +1,158 @@
+"""The native EgressPolicy dialect: hosts, wildcards, CIDRs, ports, HTTP, gRPC, actions."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from egressproxy.policy.decision import (
+    Action,
+    Backend,
+    ConnectionFacts,
+    Decision,
+    Destination,
+    Detected,
+    ParentRef,
+    RequestFacts,
+    RouteProtocol,
+    RouteRef,
+)
+from egressproxy.policy.errors import PolicyError
+from egressproxy.policy.index import PolicyIndex, compile_policy
+from egressproxy.policy.loader import load_policy, load_policy_text
+from egressproxy.settings import Settings
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
+EXTERNAL = ipaddress.ip_address("198.51.100.7")
+
+
+def index_of(name: str) -> PolicyIndex:
+    return compile_policy(load_policy(EXAMPLES / name), Settings())
+
+
+def tls(index: PolicyIndex, sni: str, port: int = 443, address: str = "198.51.100.7") -> Decision:
+    destination = Destination(ipaddress.ip_address(address), port)
+    return index.decide_connection(ConnectionFacts(destination, Detected.TLS, sni))
+
+
+def tcp(index: PolicyIndex, address: str, port: int) -> Decision:
+    destination = Destination(ipaddress.ip_address(address), port)
+    return index.decide_connection(ConnectionFacts(destination, Detected.OPAQUE, None))
+
+
+def http(
+    index: PolicyIndex,
+    host: str,
+    path: str,
+    method: str = "GET",
+    port: int = 80,
+    headers: tuple[tuple[str, str], ...] = (),
+) -> Decision:
+    facts = RequestFacts(Destination(EXTERNAL, port), host, method, path, "", headers, grpc=False)
+    return index.decide_request(facts)
+
+
+def rule(name: str, policy: str = "standalone") -> RouteRef:
+    return RouteRef("egressproxy.io", "EgressRule", "", f"{policy}.{name}")
+
+
+def test_allowlist() -> None:
+    index = index_of("native-1-allowlist.yaml")
+    github = tls(index, "api.github.com")
+    assert (github.action, github.protocol, github.route) == (
+        Action.PASS,
+        RouteProtocol.TLS,
+        rule("github"),
+    )
+    assert github.parent == ParentRef("egressproxy.io", "EgressPolicy", "", "standalone", "443", "")
+    assert tls(index, "github.com").action == Action.PASS
+    assert tls(index, "github.com", port=8443).action == Action.DENY
+    denied = tls(index, "gitlab.com")
+    assert (denied.action, denied.route) == (
+        Action.DENY,
+        RouteRef("", "default", "", "tls-egress-deny"),
+    )
+    assert http(index, "httpbin.org", "/get").route == rule("httpbin-get")
+    assert http(index, "httpbin.org", "/get", method="POST").action == Action.DENY
+    assert http(index, "httpbin.org", "/ip").action == Action.DENY
+    assert http(index, "deb.debian.org", "/debian/", port=80).route == rule("package-mirror")
+    assert tls(index, "security.debian.org", port=443).route == rule("package-mirror")
+    assert tcp(index, "203.0.113.9", 5432).route == rule("database")
+    assert tcp(index, "192.0.2.9", 5432).action == Action.DENY
+    assert index.port_protocol(Destination(EXTERNAL, 443)) is None
+
+
+def test_grpc_rule() -> None:
+    index = index_of("native-1-allowlist.yaml")
+
+    def call(path: str) -> Decision:
+        facts = RequestFacts(
+            Destination(EXTERNAL, 50051),
+            "grpc.example.com",
+            "POST",
+            path,
+            "",
+            (("content-type", "application/grpc"),),
+            grpc=True,
+        )
+        return index.decide_request(facts)
+
+    assert call("/helloworld.Greeter/SayHello").route == rule("greeter")
+    assert call("/helloworld.Greeter/Other").route == RouteRef(
+        "", "default", "", "grpc-egress-deny"
+    )
+
+
+def test_audit_deny_rule_and_networks() -> None:
+    index = index_of("native-2-observe.yaml")
+    tracker = tls(index, "tracker.example.net")
+    assert (tracker.action, tracker.audit, tracker.verify_destination) == (Action.DENY, True, "log")
+    assert tls(index, "example.org").action == Action.PASS
+    assert tcp(index, "198.51.100.1", 22).audit is True
+    assert tcp(index, "169.254.169.254", 80).parent is None
+
+
+def test_route_and_deny_actions() -> None:
+    index = index_of("native-3-redirect.yaml")
+    legacy = http(index, "legacy.example.com", "/anything")
+    assert (legacy.action, legacy.backend) == (
+        Action.ROUTE,
+        Backend("internal-egress.egress-test.svc.cluster.local", 80),
+    )
+    assert http(index, "example.com", "/admin/users").action == Action.DENY
+    assert http(index, "example.com", "/administrator").action == Action.PASS
+    assert http(index, "example.com", "/debug", headers=(("x-debug", "1"),)).action == Action.DENY
+    assert http(index, "example.com", "/debug").action == Action.PASS
+    assert tls(index, "legacy.example.com").action == Action.PASS
+
+
+def test_native_errors_are_reported_with_lines() -> None:
+    text = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: p}
+spec:
+  default: maybe
+  rules:
+  - hosts: ["bad host"]
+    ports: [70000]
+    action: route
+  - http:
+    - path: nope
+      pathPrefix: /x
+    colour: red
+"""
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(text, "n.yaml")
+    assert [str(problem) for problem in caught.value.problems] == [
+        "n.yaml:5: EgressPolicy p.spec.default: 'maybe' is not one of allow, deny",
+        "n.yaml:7: EgressPolicy p.spec.rules[0].hosts: 'bad host' is not a valid hostname",
+        "n.yaml:7: EgressPolicy p.spec.rules[0]: action route needs to: HOST:PORT",
+        "n.yaml:8: EgressPolicy p.spec.rules[0].ports[0]: port 70000 is outside 1-65535",
+        "n.yaml:11: EgressPolicy p.spec.rules[1].http[0]: "
+        "give only one of path, pathPrefix, pathRegex",
+        "n.yaml:11: EgressPolicy p.spec.rules[1].http[0].path: 'nope' must start with '/'",
+        "n.yaml:13: EgressPolicy p.spec.rules[1]: unknown field 'colour'",
+    ]

@@ -1,0 +1,158 @@
+"""The OSM egress guide and Egress policy demo, step by step."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from egressproxy.policy.decision import (
+    Action,
+    ConnectionFacts,
+    Decision,
+    Destination,
+    Detected,
+    ParentRef,
+    RequestFacts,
+    RouteProtocol,
+    RouteRef,
+)
+from egressproxy.policy.errors import PolicyError
+from egressproxy.policy.index import PolicyIndex, compile_policy
+from egressproxy.policy.loader import load_policy, load_policy_text
+from egressproxy.settings import Settings
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
+EXTERNAL = ipaddress.ip_address("198.51.100.20")
+CURL = Settings(namespace="curl", service_account="curl")
+
+
+def step(name: str, settings: Settings = CURL) -> PolicyIndex:
+    return compile_policy(load_policy(EXAMPLES / name), settings)
+
+
+def mesh(port: int) -> ParentRef:
+    return ParentRef(
+        "config.openservicemesh.io", "MeshConfig", "osm-system", "osm-mesh-config", str(port), ""
+    )
+
+
+def egress(name: str) -> RouteRef:
+    return RouteRef("policy.openservicemesh.io", "Egress", "curl", name)
+
+
+def http(index: PolicyIndex, host: str, path: str, port: int = 80) -> Decision:
+    facts = RequestFacts(Destination(EXTERNAL, port), host, "GET", path, "", (), grpc=False)
+    return index.decide_request(facts)
+
+
+def tls(index: PolicyIndex, sni: str, port: int = 443) -> Decision:
+    return index.decide_connection(ConnectionFacts(Destination(EXTERNAL, port), Detected.TLS, sni))
+
+
+def test_mesh_wide_egress_enabled_passes_everything() -> None:
+    index = step("osm-1-egress-enabled.yaml")
+    decision = tls(index, "httpbin.org")
+    assert (decision.action, decision.parent, decision.route) == (
+        Action.PASS,
+        mesh(443),
+        RouteRef("", "default", "", "tcp-egress-allow"),
+    )
+    assert http(index, "example.com", "/").route == RouteRef("", "default", "", "http-egress-allow")
+
+
+def test_mesh_wide_egress_disabled_denies() -> None:
+    index = step("osm-2-egress-disabled.yaml")
+    assert tls(index, "httpbin.org").action == Action.DENY
+    assert http(index, "httpbin.org", "/get").route == RouteRef(
+        "", "default", "", "http-egress-deny"
+    )
+
+
+def test_egress_policy_http_and_https() -> None:
+    index = step("osm-3-egress-policy.yaml")
+    allowed = http(index, "httpbin.org", "/get")
+    assert (allowed.action, allowed.protocol, allowed.parent, allowed.route) == (
+        Action.PASS,
+        RouteProtocol.HTTP,
+        mesh(80),
+        egress("httpbin-80"),
+    )
+    assert http(index, "example.com", "/get").action == Action.DENY
+    secure = tls(index, "httpbin.org")
+    assert (secure.action, secure.protocol, secure.route) == (
+        Action.PASS,
+        RouteProtocol.TLS,
+        egress("httpbin-443"),
+    )
+    other = tls(index, "github.com")
+    assert (other.action, other.route) == (
+        Action.DENY,
+        RouteRef("", "default", "", "tls-egress-deny"),
+    )
+    assert http(index, "httpbin.org", "/get", port=8080).action == Action.DENY
+    assert index.port_protocol(Destination(EXTERNAL, 443)) is None
+
+
+@pytest.mark.parametrize(
+    ("settings", "allowed"),
+    [
+        (Settings(namespace="curl", service_account="curl"), True),
+        (Settings(namespace="curl", service_account="other"), False),
+        (Settings(namespace="other", service_account="curl"), False),
+        (Settings(), True),
+    ],
+)
+def test_sources_match_the_client_identity(settings: Settings, allowed: bool) -> None:
+    index = step("osm-3-egress-policy.yaml", settings)
+    assert (http(index, "httpbin.org", "/get").action == Action.PASS) is allowed
+
+
+def test_tcp_egress_allows_any_host_on_the_port() -> None:
+    index = step("osm-4-egress-tcp.yaml")
+    for decision in (tls(index, "openservicemesh.io"), http(index, "anything", "/", port=443)):
+        assert (decision.action, decision.route) == (Action.PASS, egress("tcp-443"))
+    assert tls(index, "openservicemesh.io", port=8443).action == Action.DENY
+
+
+def test_http_route_group_matches() -> None:
+    index = step("osm-5-egress-routegroup.yaml")
+    assert http(index, "httpbin.org", "/get").action == Action.PASS
+    assert http(index, "httpbin.org", "/status/200").action == Action.PASS
+    assert http(index, "httpbin.org", "/ip").action == Action.DENY
+    assert http(index, "example.com", "/get").action == Action.DENY
+
+
+def test_ip_addresses_restrict_tcp_egress() -> None:
+    text = (
+        (EXAMPLES / "osm-4-egress-tcp.yaml")
+        .read_text()
+        .replace("  ports:\n", "  ipAddresses:\n  - 198.51.100.0/24\n  ports:\n")
+    )
+    index = compile_policy(load_policy_text(text, "p.yaml"), CURL)
+    assert tls(index, "a").action == Action.PASS
+    outside = ConnectionFacts(
+        Destination(ipaddress.ip_address("203.0.113.1"), 443), Detected.TLS, "a"
+    )
+    assert index.decide_connection(outside).action == Action.DENY
+
+
+def test_egress_without_mesh_config_is_egress_disabled() -> None:
+    text = (EXAMPLES / "osm-3-egress-policy.yaml").read_text().split("---", 1)[1]
+    index = compile_policy(load_policy_text(text, "p.yaml"), CURL)
+    assert http(index, "httpbin.org", "/get").action == Action.PASS
+    denied = http(index, "example.com", "/")
+    assert (denied.action, denied.parent) == (Action.DENY, mesh(80))
+
+
+def test_osm_errors() -> None:
+    text = (EXAMPLES / "osm-5-egress-routegroup.yaml").read_text()
+    broken = text.replace("    name: egress-http-route\n", "    name: missing\n")
+    broken = broken.replace("protocol: http\n", "protocol: smtp\n")
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(broken, "p.yaml")
+    reasons = [problem.reason for problem in caught.value.problems]
+    assert len(reasons) == 2
+    assert "'smtp' is not one of http, https, tcp, tcp-server-first" in reasons[0]
+    assert "HTTPRouteGroup curl/missing does not exist in this policy" in reasons[1]
