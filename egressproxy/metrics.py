@@ -8,7 +8,6 @@ then `metrics(labels)`.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from egressproxy import upstream
 from egressproxy.policy.decision import Action, Decision, ParentRef, RouteProtocol, RouteRef
 from egressproxy.records import FlowRecord, RequestRecord
+from egressproxy.verify import is_ip_literal
 
 # Linkerd's proxies expose no `_created` series; a scrape that is compared with
 # theirs sample by sample must not carry extra families either.
@@ -74,7 +74,6 @@ CONNECT_ERRORS = frozenset(upstream.CONNECT_ERRORS.values()) - {"reset"} | {
 
 ORIGINAL_DST_FAILED = "original_dst_failed"
 LOOP = "loop"
-DESTINATION_MISMATCH = "destination_mismatch"
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -120,20 +119,12 @@ class HostnameLabels:
             return ""
         if hostname in self.kept:
             return hostname
-        if _is_ip_literal(hostname):
+        if is_ip_literal(hostname):
             return ""
         if len(self.kept) < self.limit:
             self.kept.add(hostname)
             return hostname
         return OTHER_HOSTNAME
-
-
-def _is_ip_literal(hostname: str) -> bool:
-    try:
-        ipaddress.ip_address(hostname.strip("[]"))
-    except ValueError:
-        return False
-    return True
 
 
 Family = TypeVar("Family", Counter, Histogram)
@@ -316,6 +307,7 @@ class Metrics:
     def connection_closed(self, record: FlowRecord) -> None:
         self.open_connections.dec()
         self._count_error(record.error, record.hostname)
+        self._count_mismatch(record.destination_mismatch, record.hostname)
         decision = record.decision
         route: RouteKey = (None, None) if decision is None else (decision.parent, decision.route)
         self.connection_duration(route).observe(time.monotonic() - record.started)
@@ -332,6 +324,7 @@ class Metrics:
         decision = record.decision
         route: RouteKey = (decision.parent, decision.route)
         self._count_error(record.error, record.hostname)
+        self._count_mismatch(record.destination_mismatch, record.hostname)
         self._count_bytes(route, record.bytes_from_client, record.bytes_from_upstream)
         if decision.parent is None:
             return
@@ -364,8 +357,10 @@ class Metrics:
             self.loops.inc()
         elif error in CONNECT_ERRORS:
             self.connect_errors(error).inc()
-        elif error == DESTINATION_MISMATCH:
-            self.destination_mismatch(self.hostname(hostname), "enforce").inc()
+
+    def _count_mismatch(self, mode: str, hostname: str | None) -> None:
+        if mode:
+            self.destination_mismatch(self.hostname(hostname), mode).inc()
 
     def _count_bytes(self, route: RouteKey, sent: int, received: int) -> None:
         if sent:

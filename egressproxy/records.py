@@ -21,6 +21,8 @@ class FlowRecord:
     """tls, http1, h2, or the reason it is opaque (timeout, eof, not_tls, opaque_port …)."""
     ech: bool = False
     decision: Decision | None = None
+    destination_mismatch: str = ""
+    """The --verify-destination mode (log, enforce) that found the hostname elsewhere, or ""."""
     error: str = ""
     """"" on success; forbidden, connect_refused, reset, idle_timeout, loop …"""
     bytes_from_client: int = 0
@@ -44,6 +46,7 @@ class RequestRecord:
     status: int | None = None
     """The HTTP status the client got (the proxy's own 403/502/504 included)."""
     grpc_status: int | None = None
+    destination_mismatch: str = ""
     error: str = ""
     bytes_from_client: int = 0
     bytes_from_upstream: int = 0

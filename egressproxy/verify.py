@@ -13,7 +13,8 @@ import ipaddress
 import socket
 from collections import OrderedDict
 
-from egressproxy.policy.decision import IPAddress
+from egressproxy.policy.decision import Action, Decision, IPAddress
+from egressproxy.settings import VerifyDestination
 
 CACHE_ENTRIES = 4096
 CACHE_SECONDS = 30.0
@@ -21,11 +22,29 @@ NEGATIVE_CACHE_SECONDS = 5.0
 
 
 def is_ip_literal(hostname: str) -> bool:
+    """An IPv4 or IPv6 address (brackets allowed), not a name."""
     try:
-        ipaddress.ip_address(hostname)
+        ipaddress.ip_address(hostname.strip("[]"))
     except ValueError:
         return False
     return True
+
+
+def verification_mode(
+    decision: Decision, hostname: str | None, default: VerifyDestination
+) -> VerifyDestination:
+    """How to check this traffic's destination: OFF when nothing rests on a name.
+
+    A network's annotation overrides --verify-destination. Traffic that is
+    denied, or routed to a backend (the client's address is not used), needs no check.
+    """
+    if hostname is None or decision.action is Action.ROUTE:
+        return VerifyDestination.OFF
+    if decision.action is Action.DENY and not decision.audit:
+        return VerifyDestination.OFF
+    if decision.verify_destination is not None:
+        return VerifyDestination(decision.verify_destination)
+    return default
 
 
 class Resolver:
@@ -79,7 +98,13 @@ class Resolver:
         return frozenset(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos)
 
     async def matches(self, hostname: str, destination: IPAddress) -> bool:
-        """True when destination is one of hostname's addresses (v4-mapped counts as v4)."""
+        """True when destination is one of hostname's addresses (v4-mapped counts as v4).
+
+        An IP-literal name (an SNI RFC 6066 forbids, or a Host) must be the destination itself.
+        """
         if isinstance(destination, ipaddress.IPv6Address) and destination.ipv4_mapped:
             destination = destination.ipv4_mapped
-        return destination in await self.addresses(hostname)
+        try:
+            return ipaddress.ip_address(hostname) == destination
+        except ValueError:
+            return destination in await self.addresses(hostname)

@@ -624,18 +624,26 @@ def test_http_connection_is_accounted_per_request(
     assert {"outbound_tls_route_open_total", "outbound_tcp_route_open_total"}.isdisjoint(samples)
 
 
-def test_destination_mismatch_enforced(registry: CollectorRegistry, metrics: Metrics) -> None:
+def test_destination_mismatch_counted_by_mode(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
     index = policy(EVERY_ROUTE_KIND)
-    whole_connection(
-        metrics, connection(index, Detected.TLS, 443, "httpbin.org", error="destination_mismatch")
-    )
-    metrics.request_finished(
-        request(index, "httpbin.org", "/get", status=421, error="destination_mismatch")
-    )
+    enforced = connection(index, Detected.TLS, 443, "httpbin.org", error="destination_mismatch")
+    enforced.destination_mismatch = "enforce"
+    whole_connection(metrics, enforced)
+    refused = request(index, "httpbin.org", "/get", status=421, error="destination_mismatch")
+    refused.destination_mismatch = "enforce"
+    metrics.request_finished(refused)
+    logged = request(index, "httpbin.org", "/get", status=200)
+    logged.destination_mismatch = "log"
+    metrics.request_finished(logged)
     samples = scrape(registry)
-    assert samples["egress_destination_mismatch_total"] == [
-        ({"hostname": "httpbin.org", "mode": "enforce"}, 2)
-    ]
+    assert unordered(samples["egress_destination_mismatch_total"]) == unordered(
+        [
+            ({"hostname": "httpbin.org", "mode": "enforce"}, 2),
+            ({"hostname": "httpbin.org", "mode": "log"}, 1),
+        ]
+    )
 
 
 def test_policy_reloads_and_generation(registry: CollectorRegistry, metrics: Metrics) -> None:
@@ -732,8 +740,9 @@ def every_kind_of_traffic(metrics: Metrics) -> None:
     metrics.request_finished(request(audited, "httpbin.org", "/", status=200))
     whole_connection(metrics, connection(index, Detected.TLS, 443, "httpbin.org"))
     whole_connection(metrics, connection(index, Detected.OPAQUE, 5432, received=3))
-    whole_connection(metrics, connection(index, Detected.TLS, 443, "httpbin.org",
-                                         error="destination_mismatch"))  # fmt: skip
+    mismatch = connection(index, Detected.TLS, 443, "httpbin.org", error="destination_mismatch")
+    mismatch.destination_mismatch = "enforce"
+    whole_connection(metrics, mismatch)
     whole_connection(metrics, FlowRecord(client=CLIENT, error="loop"))
     whole_connection(metrics, FlowRecord(client=CLIENT, error="original_dst_failed"))
     metrics.policy_reloaded(True, 2)

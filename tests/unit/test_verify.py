@@ -1,8 +1,9 @@
 import asyncio
 import ipaddress
 
-from egressproxy.policy.decision import IPAddress
-from egressproxy.verify import Resolver, is_ip_literal
+from egressproxy.policy.decision import Action, Backend, Decision, IPAddress, RouteProtocol
+from egressproxy.settings import VerifyDestination
+from egressproxy.verify import Resolver, is_ip_literal, verification_mode
 
 
 class CountingResolver(Resolver):
@@ -67,3 +68,49 @@ def test_ip_literals() -> None:
     assert is_ip_literal("203.0.113.5")
     assert is_ip_literal("2001:db8::1")
     assert not is_ip_literal("httpbin.org")
+
+
+def decision(action: Action, *, audit: bool = False, verify: str | None = None) -> Decision:
+    backend = Backend("internal-egress.egress-test.svc.cluster.local", 80)
+    return Decision(
+        action,
+        RouteProtocol.TLS,
+        None,
+        None,
+        backend=backend if action is Action.ROUTE else None,
+        audit=audit,
+        verify_destination=verify,
+    )
+
+
+def test_verification_applies_to_named_traffic_that_goes_to_its_destination() -> None:
+    enforce = VerifyDestination.ENFORCE
+    assert verification_mode(decision(Action.PASS), "httpbin.org", enforce) is enforce
+    assert verification_mode(decision(Action.PASS), None, enforce) is VerifyDestination.OFF
+    assert verification_mode(decision(Action.ROUTE), "google.com", enforce) is VerifyDestination.OFF
+    assert verification_mode(decision(Action.DENY), "github.com", enforce) is VerifyDestination.OFF
+    audited = decision(Action.DENY, audit=True)
+    assert verification_mode(audited, "github.com", enforce) is enforce
+
+
+def test_a_network_annotation_overrides_the_flag() -> None:
+    annotated = decision(Action.PASS, verify="log")
+    assert (
+        verification_mode(annotated, "httpbin.org", VerifyDestination.OFF) is VerifyDestination.LOG
+    )
+    relaxed = decision(Action.PASS, verify="off")
+    assert (
+        verification_mode(relaxed, "httpbin.org", VerifyDestination.ENFORCE)
+        is VerifyDestination.OFF
+    )
+
+
+def test_an_ip_literal_name_must_be_the_destination_itself() -> None:
+    async def scenario() -> tuple[bool, bool]:
+        resolver = CountingResolver({})
+        same = await resolver.matches("203.0.113.10", ipaddress.ip_address("203.0.113.10"))
+        other = await resolver.matches("203.0.113.10", ipaddress.ip_address("203.0.113.20"))
+        assert resolver.lookups == []
+        return same, other
+
+    assert asyncio.run(scenario()) == (True, False)
