@@ -51,6 +51,17 @@ def local_destination(sockname: tuple[str, int] | tuple[str, int, int, int]) -> 
     return Destination(address, sockname[1])
 
 
+def is_local_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether this host owns address: binding to it succeeds only then."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((str(address), 0))
+        except OSError:
+            return False
+    return True
+
+
 def set_mark(sock: socket.socket, mark: int) -> None:
     """SO_MARK on an upstream socket so the redirect rules let the proxy's own traffic out."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)

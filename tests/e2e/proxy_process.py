@@ -1,0 +1,160 @@
+"""Running `egressproxy run` inside the client namespace, under the proxy's own uid.
+
+The package is copied into a world-readable directory first: the checkout may
+live under /root (mode 0700), which uid 2102 cannot enter.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Protocol
+
+from .netns import http_get_in
+from .world import PROXY_UID, STOP_TIMEOUT, LogFile, World, make_workdir, stop_process
+
+PACKAGE_SOURCE = Path(__file__).resolve().parents[2] / "egressproxy"
+ADMIN_HOST, ADMIN_PORT = "127.0.0.1", 4191
+READY_TIMEOUT = 15.0
+
+
+class ProxyNotReady(RuntimeError):
+    pass
+
+
+class StartProxy(Protocol):
+    """The `proxy` fixture: start `egressproxy run POLICY ARGS` and (by default) wait for /ready."""
+
+    def __call__(self, policy_text: str | None = None, *args: str, ready: bool = True) -> Proxy: ...
+
+
+class Proxy:
+    """One `egressproxy run` process (PID = the python process: ip netns exec and setpriv exec)."""
+
+    def __init__(self, world: World, process: subprocess.Popen[bytes], log: LogFile) -> None:
+        self.world = world
+        self.process = process
+        self.log = log
+        self.exit_expected = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.poll()
+
+    def log_text(self) -> str:
+        return self.log.text()
+
+    def send_signal(self, sig: int) -> None:
+        """Send a signal without waiting (SIGHUP, or SIGTERM to watch the drain)."""
+        if sig in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL):
+            self.exit_expected = True
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout: float = STOP_TIMEOUT) -> int:
+        """The exit code; raises subprocess.TimeoutExpired if it is still running."""
+        self.exit_expected = True
+        return self.process.wait(timeout)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Signal, wait (bounded), SIGKILL if needed; the exit code (negative: killed by signal)."""
+        self.exit_expected = True
+        code = stop_process(self.process, sig)
+        self.log.text()
+        return code
+
+    def admin_get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+        return http_get_in(self.world.client_ns, ADMIN_HOST, ADMIN_PORT, path, timeout)
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"no VmRSS for pid {self.pid}")
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.returncode is not None:
+                raise ProxyNotReady(
+                    f"egressproxy exited with {self.returncode} before it was ready:\n"
+                    f"{self.log_text()}"
+                )
+            try:
+                status, _ = self.admin_get("/ready", timeout=1.0)
+            except OSError:
+                status = 0
+            if status == 200:
+                return
+            time.sleep(0.05)
+        raise ProxyNotReady(f"GET /ready did not answer 200 within {timeout}s:\n{self.log_text()}")
+
+
+class ProxyLauncher:
+    """Starts proxies for one test session; holds the world-readable copy of the package."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.root = make_workdir("proxy")
+        self.root.chmod(0o755)
+        shutil.copytree(
+            PACKAGE_SOURCE,
+            self.root / "egressproxy",
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
+        for directory, _, files in os.walk(self.root):
+            Path(directory).chmod(0o755)
+            for name in files:
+                Path(directory, name).chmod(0o644)
+        self.started = 0
+
+    def start(self, policy_text: str | None, args: tuple[str, ...], ready: bool) -> Proxy:
+        self.started += 1
+        command = [
+            "ip", "netns", "exec", self.world.client_ns,
+            "setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups",
+            sys.executable, "-m", "egressproxy", "run",
+            "--admin", f"{ADMIN_HOST}:{ADMIN_PORT}", "--log-level", "debug",
+        ]  # fmt: skip
+        if policy_text is not None:
+            policy = self.root / f"policy-{self.started}.yaml"
+            policy.write_text(policy_text)
+            policy.chmod(0o644)
+            command += ["--policy", str(policy)]
+        command += args
+        log = LogFile(self.world.workdir / f"proxy-{self.started}.log")
+        environment = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "PYTHONPATH": str(self.root),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+        with log.path.open("wb") as output:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env=environment,
+                cwd=self.root,
+                start_new_session=True,
+            )
+        proxy = Proxy(self.world, process, log)
+        if ready:
+            try:
+                proxy.wait_ready()
+            except BaseException:
+                proxy.stop(signal.SIGKILL)
+                raise
+        return proxy
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
