@@ -63,6 +63,7 @@ def connection_fields(record: FlowRecord, duration: float) -> dict[str, object]:
         "destination": address_text(record.destination),
         "protocol": record.detected.value if record.detected else "",
         "hostname": record.hostname or "",
+        "ech": record.ech,
         "route": route_text(record.decision),
         "decision": decision_word(record.decision),
         "status": "",
@@ -133,6 +134,8 @@ def _timestamp(created: float) -> str:
 
 
 def _text_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     text = str(value)
     if not text:
         return "-"

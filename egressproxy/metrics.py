@@ -249,6 +249,11 @@ class Metrics:
             "What protocol detection found on new connections (or why it gave up)",
             ("outcome",),
         )
+        self.encrypted_client_hellos = Counter(
+            "egress_encrypted_client_hellos_total",
+            "ClientHellos carrying Encrypted Client Hello (decided on their outer SNI, or denied)",
+            registry=registry,
+        )
         self.connect_errors = plain(
             "egress_upstream_connect_errors_total",
             "Upstream connections that could not be opened, by cause",
@@ -291,6 +296,8 @@ class Metrics:
 
     def connection_decided(self, record: FlowRecord) -> None:
         self.sniff_outcomes(record.sniff_outcome).inc()
+        if record.ech:
+            self.encrypted_client_hellos.inc()
         decision = record.decision
         if decision is None or decision.parent is None:
             return

@@ -725,6 +725,7 @@ EXPOSED_FAMILIES = {
     "egress_received_bytes_total": "counter",
     "egress_sniff_outcomes_total": "counter",
     "egress_upstream_connect_errors_total": "counter",
+    "egress_encrypted_client_hellos_total": "counter",
     "egress_original_destination_failures_total": "counter",
     "egress_redirect_loops_total": "counter",
 }
