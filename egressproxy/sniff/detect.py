@@ -1,0 +1,53 @@
+"""Which protocol a connection speaks, from its first bytes.
+
+Dispatch on the first byte keeps the common cases to one parser: a TLS record starts
+with 0x16, an HTTP/1 method with an upper-case letter, the h2 preface with "P" (shared
+with PATCH, POST, PUT). Anything else is opaque at once, so server-speaks-first and
+binary protocols never wait for a buffer to fill.
+"""
+
+from __future__ import annotations
+
+from egressproxy.sniff import (
+    NEED_MORE,
+    H2Preface,
+    HttpRequestHead,
+    NeedMore,
+    NotThis,
+    Opaque,
+    Sniffed,
+    TlsHello,
+)
+from egressproxy.sniff.http import parse_h2_preface, parse_request_head
+from egressproxy.sniff.tls import parse_client_hello
+
+_TLS_HANDSHAKE = 0x16
+_LETTER_P = 0x50
+
+
+def sniff(buf: bytes) -> Sniffed | NeedMore:
+    """Classify ``buf``; NEED_MORE while it is a strict prefix of something recognisable."""
+    if not buf:
+        return NEED_MORE
+    first = buf[0]
+    if first == _TLS_HANDSHAKE:
+        return _settle(parse_client_hello(buf))
+    if first == _LETTER_P:
+        preface = parse_h2_preface(buf)
+        if preface is not NEED_MORE and not isinstance(preface, NotThis):
+            return preface
+        request = parse_request_head(buf)
+        if preface is NEED_MORE and isinstance(request, NotThis):
+            return NEED_MORE
+        return _settle(request)
+    if 0x41 <= first <= 0x5A:
+        return _settle(parse_request_head(buf))
+    return Opaque("unknown_protocol")
+
+
+def _settle(
+    result: TlsHello | HttpRequestHead | H2Preface | NeedMore | NotThis,
+) -> Sniffed | NeedMore:
+    if isinstance(result, NotThis):
+        return Opaque(result.reason)
+    return result

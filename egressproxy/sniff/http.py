@@ -1,0 +1,176 @@
+"""HTTP/1.0 and 1.1 request heads, and the HTTP/2 prior-knowledge preface.
+
+The grammar is h11's (h11/_abnf.py, h11/_receivebuffer.py): the data plane hands the
+connection to h11 afterwards, so a head that sniffs as one request must not parse as
+another there. Stricter than h11 where strictness closes a gap between what the policy
+sees and what the origin sees: obsolete line folding, userinfo in the target and odd
+Host values are rejected.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from egressproxy.sniff import (
+    NEED_MORE,
+    SNIFF_BUFFER_LIMIT,
+    H2Preface,
+    HttpRequestHead,
+    NeedMore,
+    NotThis,
+)
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+_TCHAR = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]"
+# Registered methods are at most 17 characters long; the bound rejects a long run of
+# letters (a binary protocol, a banner) early instead of at the buffer limit.
+_METHOD = _TCHAR + rb"{1,24}"
+_TARGET = rb"[\x21-\x7e]+"
+_REQUEST_LINE = re.compile(rb"(" + _METHOD + rb") (" + _TARGET + rb") (HTTP/[0-9]\.[0-9])")
+_VERSION_PREFIX = rb"H(?:T(?:T(?:P(?:/(?:[0-9](?:\.(?:[0-9]\r?)?)?)?)?)?)?)?"
+_REQUEST_LINE_PREFIX = re.compile(
+    _METHOD + rb"(?: (?:" + _TARGET + rb"(?: (?:" + _VERSION_PREFIX + rb")?)?)?)?"
+)
+_HEAD_END = re.compile(rb"\n\r?\n")
+_FIELD_VALUE = rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?"
+_HEADER_BLOCK = re.compile(rb"(?:" + _TCHAR + rb"+:[ \t]*" + _FIELD_VALUE + rb"[ \t]*\r?\n)*")
+# Applied to the lower-cased header block, which the block pattern has validated.
+_HOST_FIELD = re.compile(rb"^host:[ \t]*([^\r\n]*)", re.MULTILINE)
+_ABSOLUTE_TARGET = re.compile(rb"[hH][tT][tT][pP][sS]?://([^/?#]*)")
+_AUTHORITY = re.compile(rb"(?:\[([0-9A-Fa-f:.]+)\]|([-0-9A-Za-z._]+))(?::([0-9]{1,5}))?")
+_DNS_NAME = re.compile(r"(?:[a-z0-9_-]{1,63}\.)*[a-z0-9_-]{1,63}\.?")
+_MAX_DNS_NAME_LENGTH = 253
+
+_SUPPORTED_VERSIONS = (b"HTTP/1.0", b"HTTP/1.1")
+_NOT_HTTP = NotThis("not_http")
+_TOO_LARGE = NotThis("too_large")
+_BAD_HOST = NotThis("bad_host")
+_BAD_TARGET = NotThis("bad_target")
+_H2_PREFACE_FOUND = H2Preface()
+
+Authority = tuple[str | None, int | None]
+
+
+def parse_h2_preface(buf: bytes) -> H2Preface | NeedMore | NotThis:
+    """The connection preface of HTTP/2 with prior knowledge (RFC 9113 section 3.4)."""
+    if buf.startswith(H2_PREFACE):
+        return _H2_PREFACE_FOUND
+    if H2_PREFACE.startswith(buf):
+        return NEED_MORE
+    return NotThis("not_h2")
+
+
+def parse_request_head(buf: bytes) -> HttpRequestHead | NeedMore | NotThis:
+    """The request line and Host of the head at the start of ``buf``.
+
+    The whole head is needed: a second Host header may come last. Until then NEED_MORE,
+    as long as what has arrived can still begin a valid request line.
+    """
+    line_end = buf.find(b"\n", 0, SNIFF_BUFFER_LIMIT)
+    if line_end < 0:
+        if buf and _REQUEST_LINE_PREFIX.fullmatch(buf, 0, SNIFF_BUFFER_LIMIT) is None:
+            return _NOT_HTTP
+        return _TOO_LARGE if len(buf) >= SNIFF_BUFFER_LIMIT else NEED_MORE
+
+    request_line = buf[: line_end - 1 if buf[line_end - 1 : line_end] == b"\r" else line_end]
+    match = _REQUEST_LINE.fullmatch(request_line)
+    if match is None:
+        return _NOT_HTTP
+    method, target, version = match.groups()
+    if version not in _SUPPORTED_VERSIONS:
+        return NotThis("unsupported_version")
+    target_authority = _target_authority(method, target)
+    if isinstance(target_authority, NotThis):
+        return target_authority
+
+    head_end = _HEAD_END.search(buf, line_end, SNIFF_BUFFER_LIMIT)
+    if head_end is None:
+        return _TOO_LARGE if len(buf) >= SNIFF_BUFFER_LIMIT else NEED_MORE
+    header_block = buf[line_end + 1 : head_end.start() + 1]
+    if _HEADER_BLOCK.fullmatch(header_block) is None:
+        return NotThis("malformed_header")
+    host_values = _HOST_FIELD.findall(header_block.lower())
+    if len(host_values) > 1:
+        return _BAD_HOST
+    if host_values:
+        host_value = host_values[0].rstrip(b" \t")
+        header_authority = _parse_authority(host_value) if host_value else (None, None)
+        if header_authority is None:
+            return _BAD_HOST
+    elif version == b"HTTP/1.1":
+        return NotThis("missing_host")  # RFC 9112 section 3.2; h11 rejects it too
+    else:
+        header_authority = (None, None)
+
+    # RFC 9112 section 3.2.2: a target with an authority overrides Host.
+    host, port = target_authority or header_authority
+    return HttpRequestHead(
+        method=method.decode("ascii"),
+        target=target.decode("ascii"),
+        version=version.decode("ascii"),
+        host=host,
+        port=port,
+    )
+
+
+def _target_authority(method: bytes, target: bytes) -> Authority | NotThis | None:
+    """The host and port a request target names, or None when it names none (origin-form, *)."""
+    if method == b"CONNECT":
+        authority = _parse_authority(target)
+        if authority is None or authority[1] is None:
+            return _BAD_TARGET
+        return authority
+    if target.startswith(b"/"):
+        return None
+    if target == b"*":
+        return None if method == b"OPTIONS" else _BAD_TARGET
+    absolute = _ABSOLUTE_TARGET.match(target)
+    if absolute is None:
+        return _BAD_TARGET
+    return _parse_authority(absolute[1]) or _BAD_HOST
+
+
+def _parse_authority(text: bytes) -> Authority | None:
+    """``host[:port]`` with host lower-cased and IPv6 brackets removed; None if implausible."""
+    match = _AUTHORITY.fullmatch(text)
+    if match is None:
+        return None
+    bracketed, name, port_digits = match.groups()
+    if bracketed is not None:
+        host = bracketed.decode("ascii").lower()
+        if not _is_ipv6_address(host):
+            return None
+    else:
+        host = name.decode("ascii").lower()
+        if not _is_dns_name(host):
+            return None
+    if port_digits is None:
+        return host, None
+    port = int(port_digits)
+    if not 0 < port < 65536:
+        return None
+    return host, port
+
+
+def is_plausible_host(name: str) -> bool:
+    """A lower-case DNS name (underscores allowed, as found in the wild) or an IP literal."""
+    return _is_dns_name(name) or (":" in name and _is_ipv6_address(name))
+
+
+def _is_dns_name(name: str) -> bool:
+    return (
+        len(name.removesuffix(".")) <= _MAX_DNS_NAME_LENGTH
+        and _DNS_NAME.fullmatch(name) is not None
+    )
+
+
+def _is_ipv6_address(text: str) -> bool:
+    if "%" in text:  # a zone index names an interface of the client, not a destination
+        return False
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,184 @@
+"""TLS ClientHello sniffing: SNI, ALPN and whether Encrypted Client Hello is offered.
+
+Modelled on linkerd2-proxy's ``parse_sni`` (linkerd/tls/src/server/client_hello.rs) but
+without its one-record assumption: the handshake message is reassembled from consecutive
+handshake records, because record-splitting the hello is a known way to slip past
+sniffers. Every length is bounds-checked; malformed input is an answer, not an exception.
+"""
+
+from __future__ import annotations
+
+from egressproxy.sniff import NEED_MORE, SNIFF_BUFFER_LIMIT, NeedMore, NotThis, TlsHello
+from egressproxy.sniff.http import is_plausible_host
+
+_CONTENT_TYPE_HANDSHAKE = 22
+_HANDSHAKE_CLIENT_HELLO = 1
+_RECORD_HEADER_LENGTH = 5
+_HANDSHAKE_HEADER_LENGTH = 4
+_MAX_RECORD_LENGTH = 1 << 14  # RFC 8446 section 5.1
+# Every call walks the records from the start, and a client sending one byte per segment
+# causes a call per byte: the bound caps that walk. A real hello needs one record, a
+# deliberately split one tens; 16 KiB of one-byte records would be over 2700.
+_MAX_RECORDS = 256
+
+_EXTENSION_SERVER_NAME = 0
+_EXTENSION_ALPN = 16
+_EXTENSION_ENCRYPTED_CLIENT_HELLO = 0xFE0D
+_NAME_TYPE_HOST_NAME = 0
+
+_MALFORMED_RECORD = NotThis("malformed_record")
+_NOT_TLS = NotThis("not_tls")
+
+
+def parse_client_hello(buf: bytes) -> TlsHello | NeedMore | NotThis:
+    """Find the ClientHello at the start of ``buf`` (bytes after it are ignored).
+
+    Only the first SNIFF_BUFFER_LIMIT bytes count, so an answer never changes as more
+    bytes arrive; a hello still incomplete there is NotThis("too_large").
+    """
+    if len(buf) > SNIFF_BUFFER_LIMIT:
+        buf = buf[:SNIFF_BUFFER_LIMIT]
+    size = len(buf)
+    fragments: list[bytes] = []
+    gathered = 0
+    message_length = -1  # handshake header + body, once the header has arrived
+    record_start = 0
+    for record_index in range(_MAX_RECORDS):
+        header = buf[record_start : record_start + _RECORD_HEADER_LENGTH]
+        rejected = _check_record_header(header, first=record_index == 0)
+        if rejected is not None:
+            return rejected
+        if len(header) < _RECORD_HEADER_LENGTH:
+            return _incomplete(size)
+        record_length = header[3] << 8 | header[4]
+        if record_length == 0 or record_length > _MAX_RECORD_LENGTH:
+            return NotThis("malformed_record_length")
+        fragment_start = record_start + _RECORD_HEADER_LENGTH
+        record_start = fragment_start + record_length
+        fragment = buf[fragment_start:record_start]
+        if record_index == 0 and fragment and fragment[0] != _HANDSHAKE_CLIENT_HELLO:
+            return NotThis("not_client_hello")
+        fragments.append(fragment)
+        gathered += len(fragment)
+        if message_length < 0 and gathered >= _HANDSHAKE_HEADER_LENGTH:
+            # Joining a single fragment returns it as it is, without a copy.
+            message_length = _HANDSHAKE_HEADER_LENGTH + int.from_bytes(b"".join(fragments)[1:4])
+        if gathered >= message_length >= 0:
+            message = b"".join(fragments)
+            return _parse_client_hello_body(message, _HANDSHAKE_HEADER_LENGTH, message_length)
+        if record_start > size:
+            return _incomplete(size)
+    return NotThis("too_many_records")
+
+
+def _check_record_header(header: bytes, *, first: bool) -> NotThis | None:
+    """Reject on whatever part of a record header has arrived, so non-TLS fails at once."""
+    if not header:
+        return None
+    mismatch = _NOT_TLS if first else _MALFORMED_RECORD
+    if header[0] != _CONTENT_TYPE_HANDSHAKE:
+        return mismatch
+    if len(header) >= 2 and header[1] != 3:
+        return mismatch
+    if first and len(header) >= 3 and header[2] > 0x0F:
+        return mismatch
+    return None
+
+
+def _incomplete(size: int) -> NeedMore | NotThis:
+    return NotThis("too_large") if size >= SNIFF_BUFFER_LIMIT else NEED_MORE
+
+
+def _parse_client_hello_body(data: bytes, pos: int, end: int) -> TlsHello | NotThis:
+    """Parse the ClientHello body in ``data[pos:end]`` (RFC 8446 section 4.1.2)."""
+    # legacy_version (2) + random (32) + session id length (1)
+    if end - pos < 35 or data[pos] != 3:
+        return NotThis("malformed_hello")
+    pos += 34
+    session_id_length = data[pos]
+    pos += 1 + session_id_length
+    if session_id_length > 32 or pos + 2 > end:
+        return NotThis("malformed_session_id")
+    cipher_suites_length = data[pos] << 8 | data[pos + 1]
+    pos += 2 + cipher_suites_length
+    if cipher_suites_length < 2 or cipher_suites_length & 1 or pos + 1 > end:
+        return NotThis("malformed_cipher_suites")
+    compression_methods_length = data[pos]
+    pos += 1 + compression_methods_length
+    if compression_methods_length < 1 or pos > end:
+        return NotThis("malformed_compression_methods")
+    if pos == end:
+        return TlsHello(sni=None, alpn=(), ech=False)
+    if pos + 2 > end or pos + 2 + (data[pos] << 8 | data[pos + 1]) != end:
+        return NotThis("malformed_extensions")
+    pos += 2
+
+    sni: str | None = None
+    alpn: tuple[str, ...] = ()
+    ech = False
+    seen: set[int] = set()
+    while pos < end:
+        if pos + 4 > end:
+            return NotThis("malformed_extensions")
+        extension_type = data[pos] << 8 | data[pos + 1]
+        body_start = pos + 4
+        pos = body_start + (data[pos + 2] << 8 | data[pos + 3])
+        if pos > end:
+            return NotThis("malformed_extensions")
+        if extension_type in seen:
+            # RFC 8446 forbids it, and two SNIs could be read differently by the server.
+            return NotThis("malformed_duplicate_extension")
+        seen.add(extension_type)
+        if extension_type == _EXTENSION_SERVER_NAME:
+            server_name = _parse_server_name(data, body_start, pos)
+            if isinstance(server_name, NotThis):
+                return server_name
+            sni = server_name
+        elif extension_type == _EXTENSION_ALPN:
+            protocols = _parse_alpn(data, body_start, pos)
+            if isinstance(protocols, NotThis):
+                return protocols
+            alpn = protocols
+        elif extension_type == _EXTENSION_ENCRYPTED_CLIENT_HELLO:
+            ech = True
+    return TlsHello(sni=sni, alpn=alpn, ech=ech)
+
+
+def _parse_server_name(data: bytes, pos: int, end: int) -> str | NotThis:
+    """The single host_name of a server_name extension (RFC 6066 section 3), lower-cased."""
+    # server_name_list length (2) + name_type (1) + HostName length (2)
+    if end - pos < 5 or (data[pos] << 8 | data[pos + 1]) != end - pos - 2:
+        return NotThis("malformed_sni")
+    if data[pos + 2] != _NAME_TYPE_HOST_NAME:
+        return NotThis("malformed_sni")
+    name_length = data[pos + 3] << 8 | data[pos + 4]
+    pos += 5
+    # One name filling the whole list: OpenSSL and BoringSSL reject anything else too.
+    if name_length == 0 or pos + name_length != end:
+        return NotThis("malformed_sni")
+    try:
+        name = data[pos:end].decode("ascii").lower()
+    except UnicodeDecodeError:
+        return NotThis("bad_sni")
+    if not is_plausible_host(name):
+        return NotThis("bad_sni")
+    return name
+
+
+def _parse_alpn(data: bytes, pos: int, end: int) -> tuple[str, ...] | NotThis:
+    """The protocol list of an ALPN extension (RFC 7301 section 3.1).
+
+    Names are opaque bytes on the wire; latin-1 keeps them lossless.
+    """
+    if end - pos < 3 or (data[pos] << 8 | data[pos + 1]) != end - pos - 2:
+        return NotThis("malformed_alpn")
+    pos += 2
+    protocols: list[str] = []
+    while pos < end:
+        name_length = data[pos]
+        pos += 1
+        if name_length == 0 or pos + name_length > end:
+            return NotThis("malformed_alpn")
+        protocols.append(data[pos : pos + name_length].decode("latin-1"))
+        pos += name_length
+    return tuple(protocols)

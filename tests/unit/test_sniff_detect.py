@@ -1,0 +1,157 @@
+"""Protocol detection over the first bytes: dispatch, prefixes, and answers that never change."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from egressproxy.sniff import (
+    NEED_MORE,
+    SNIFF_BUFFER_LIMIT,
+    H2Preface,
+    HttpRequestHead,
+    NeedMore,
+    Opaque,
+    TlsHello,
+)
+from egressproxy.sniff.detect import sniff
+
+CAPTURES = Path(__file__).resolve().parent.parent / "captures"
+RESULT_TYPES = (TlsHello, HttpRequestHead, H2Preface, Opaque, NeedMore)
+
+EXPECTED = {
+    "chromium.bin": TlsHello("example.test", ("h2", "http/1.1"), ech=True),
+    "chromium_three_records.bin": TlsHello("example.test", ("h2", "http/1.1"), ech=True),
+    "curl_tls12.bin": TlsHello("www.example.com", ("h2", "http/1.1"), ech=False),
+    "curl_tls13.bin": TlsHello("example.test", ("h2", "http/1.1"), ech=False),
+    "curl_tls13_ech.bin": TlsHello("example.test", ("h2", "http/1.1"), ech=True),
+    "curl_tls13_two_records.bin": TlsHello("example.test", ("h2", "http/1.1"), ech=False),
+    "openssl_no_sni.bin": TlsHello(None, ("http/1.1",), ech=False),
+    "openssl_s_client.bin": TlsHello("api.example.org", (), ech=False),
+    "python_ssl.bin": TlsHello("python.example.net", ("http/1.1",), ech=False),
+    "curl_http_origin_form.bin": HttpRequestHead(
+        "GET", "/get?x=1", "HTTP/1.1", "example.test", 18080
+    ),
+    "curl_http_absolute_form.bin": HttpRequestHead(
+        "GET", "http://WWW.Example.COM:8080/path", "HTTP/1.1", "www.example.com", 8080
+    ),
+    "curl_http_connect.bin": HttpRequestHead(
+        "CONNECT", "api.example.org:443", "HTTP/1.1", "api.example.org", 443
+    ),
+    "curl_http_ipv6_host.bin": HttpRequestHead("GET", "/", "HTTP/1.1", "2001:db8::1", 8080),
+}
+P_HEADS = {
+    b"POST /form HTTP/1.1\r\nHost: p.example\r\nContent-Length: 3\r\n\r\n": HttpRequestHead(
+        "POST", "/form", "HTTP/1.1", "p.example", None
+    ),
+    b"PUT /x HTTP/1.0\r\n\r\n": HttpRequestHead("PUT", "/x", "HTTP/1.0", None, None),
+    b"PATCH /x HTTP/1.1\r\nHost: [2001:db8::2]\r\n\r\n": HttpRequestHead(
+        "PATCH", "/x", "HTTP/1.1", "2001:db8::2", None
+    ),
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n": H2Preface(),
+}
+
+
+def load(name: str) -> bytes:
+    return (CAPTURES / name).read_bytes()
+
+
+def test_every_capture_is_expected_here() -> None:
+    captures = {path.name for path in CAPTURES.glob("*.bin")}
+    assert captures == {*EXPECTED, "curl_h2_prior_knowledge.bin"}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_prefix_of_a_capture_needs_more(name: str) -> None:
+    capture = load(name)
+    for end in range(len(capture)):
+        assert sniff(capture[:end]) is NEED_MORE, end
+    assert sniff(capture) == EXPECTED[name]
+    assert sniff(capture + b"\x00\xffjunk" * 10) == EXPECTED[name]
+
+
+@pytest.mark.parametrize(("head", "expected"), list(P_HEADS.items()))
+def test_heads_starting_with_p(head: bytes, expected: H2Preface | HttpRequestHead) -> None:
+    for end in range(len(head)):
+        assert sniff(head[:end]) is NEED_MORE, head[:end]
+    assert sniff(head) == expected
+    assert sniff(head + b"\x00\x00\x12\x04\x00") == expected
+
+
+def test_h2_prior_knowledge_capture() -> None:
+    assert sniff(load("curl_h2_prior_knowledge.bin")) == H2Preface()
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"\x00", "unknown_protocol"),  # PostgreSQL, MySQL replies, most binary protocols
+        (b"*1\r\n$4\r\nPING\r\n", "unknown_protocol"),  # Redis
+        (b"\x80\x2e\x01\x03\x01", "unknown_protocol"),  # SSLv2-compatible ClientHello
+        (b"get / HTTP/1.1\r\n", "unknown_protocol"),
+        (b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n", "not_http"),
+        (b"PRI * HTTP/2.0\r\n\r\nXX", "unsupported_version"),
+        (b"PING\r\n", "not_http"),
+        (b"\x16\x03\x01\x00\x05\x02", "not_client_hello"),
+        (b"\x16\x04", "not_tls"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "bad_host"),
+    ],
+)
+def test_rejected_early(data: bytes, reason: str) -> None:
+    assert sniff(data) == Opaque(reason)
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        b"\x16\x03\x01\x40\x00\x01\x00\x40\x00",
+        b"GET /",
+        b"GET / HTTP/1.1\r\nCookie: ",
+        b"POST /",
+        b"PATCH /x HTTP/1.1\r\nX: ",
+    ],
+)
+def test_a_full_buffer_without_an_answer_is_opaque(start: bytes) -> None:
+    buffer = (start + b"a" * SNIFF_BUFFER_LIMIT)[:SNIFF_BUFFER_LIMIT]
+    assert sniff(buffer[:-1]) is NEED_MORE
+    assert sniff(buffer) == Opaque("too_large")
+
+
+def test_an_empty_buffer_needs_more() -> None:
+    assert sniff(b"") is NEED_MORE
+
+
+# -- properties -------------------------------------------------------------------------
+
+
+@st.composite
+def first_flights(draw: st.DrawFn) -> bytes:
+    """Captures and heads, sometimes damaged, followed by arbitrary bytes."""
+    base = draw(st.sampled_from([*(load(name) for name in sorted(EXPECTED)), *P_HEADS]))
+    data = bytearray(base)
+    if draw(st.booleans()):
+        at = draw(st.integers(0, len(data) - 1))
+        data[at] = draw(st.integers(0, 255))
+    return bytes(data) + draw(st.binary(max_size=64))
+
+
+@given(st.binary(max_size=600) | first_flights())
+def test_arbitrary_bytes_give_a_result(data: bytes) -> None:
+    assert isinstance(sniff(data), RESULT_TYPES)
+
+
+@given(first_flights(), st.data())
+def test_an_answer_never_changes_as_more_bytes_arrive(data: bytes, draw: st.DataObject) -> None:
+    cut = draw.draw(st.integers(0, len(data)))
+    early = sniff(data[:cut])
+    if early is not NEED_MORE:
+        assert sniff(data) == early
+
+
+@given(st.binary(min_size=1, max_size=64), st.sampled_from([b"\x16\x03\x01", b"GET /", b""]))
+def test_a_full_buffer_never_needs_more(tail: bytes, start: bytes) -> None:
+    buffer = start + tail * (SNIFF_BUFFER_LIMIT // len(tail) + 1)
+    assert sniff(buffer) is not NEED_MORE
