@@ -7,7 +7,7 @@ import errno
 import ipaddress
 import socket
 from collections.abc import Callable
-from typing import TypeVar, cast
+from typing import TypeVar
 
 from egressproxy.errors import UpstreamError
 from egressproxy.netfilter import set_mark
@@ -60,7 +60,7 @@ async def connect(
     except BaseException:
         sock.close()
         raise
-    return cast(asyncio.Transport, transport), protocol
+    return transport, protocol
 
 
 async def _resolve(
