@@ -8,21 +8,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
-from egressproxy import http1, upstream
+from egressproxy import http1, http2, upstream
 from egressproxy.errors import UpstreamError
-from egressproxy.netfilter import local_destination, original_destination
+from egressproxy.netfilter import is_local_address, local_destination, original_destination
 from egressproxy.policy.decision import (
     Action,
     ConnectionFacts,
+    Destination,
     Detected,
+    RouteProtocol,
 )
 from egressproxy.policy.store import PolicyStore
 from egressproxy.records import Accounting, FlowRecord
 from egressproxy.relay import Relay, RelayResult
-from egressproxy.settings import Settings
+from egressproxy.settings import EchPolicy, Settings, VerifyDestination
 from egressproxy.sniff import (
     NEED_MORE,
     H2Preface,
@@ -32,6 +34,7 @@ from egressproxy.sniff import (
     TlsHello,
 )
 from egressproxy.sniff.detect import sniff
+from egressproxy.verify import Resolver, verification_mode
 
 log = logging.getLogger("egressproxy.flow")
 
@@ -73,17 +76,48 @@ class FlowContext:
     policy: PolicyStore
     open_flows: OpenFlows
     accounting: Accounting
+    draining: bool = False
+    """Set on SIGTERM: keep-alive connections close after the request in flight."""
+    resolver: Resolver = field(default_factory=Resolver)
+    listener_ports: frozenset[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.listener_ports = frozenset(endpoint.port for endpoint in self.settings.listen)
 
 
-def _classify(sniffed: Sniffed) -> tuple[Detected, str | None, str]:
-    """Detected protocol, hostname and sniff outcome word of a sniff result."""
+OPAQUE_REASONS = frozenset(
+    {"timeout", "incomplete", "eof", "opaque_port", "unknown_protocol", "not_http", "not_tls"}
+)
+"""Sniff outcomes that mean "not HTTP or TLS at all"; any other reason the parsers give
+means an HTTP head or ClientHello that is malformed or too large to read."""
+TLS_RECORD_HANDSHAKE = 0x16
+
+
+def _classify(sniffed: Sniffed, first_bytes: bytes) -> tuple[Detected, str | None, str]:
+    """Detected protocol, hostname (one trailing dot dropped) and sniff outcome word.
+
+    A malformed or oversized head still counts as its protocol, with no hostname: relayed
+    as opaque bytes it would slip past host rules (a second Host, userinfo in the target),
+    and the HTTP handler answers it 400 or 431 as it should.
+    """
     if isinstance(sniffed, TlsHello):
-        return Detected.TLS, sniffed.sni, "tls"
+        return Detected.TLS, _without_root_dot(sniffed.sni), "tls"
     if isinstance(sniffed, HttpRequestHead):
-        return Detected.HTTP1, sniffed.host, "http1"
+        return Detected.HTTP1, _without_root_dot(sniffed.host), "http1"
     if isinstance(sniffed, H2Preface):
         return Detected.H2, None, "h2"
-    return Detected.OPAQUE, None, sniffed.reason
+    if sniffed.reason in OPAQUE_REASONS:
+        return Detected.OPAQUE, None, sniffed.reason
+    if first_bytes[:1] == bytes([TLS_RECORD_HANDSHAKE]):
+        return Detected.TLS, None, sniffed.reason
+    return Detected.HTTP1, None, sniffed.reason
+
+
+def _without_root_dot(hostname: str | None) -> str | None:
+    """`example.com.` is `example.com`: a rule must not be sidestepped by the root label."""
+    if hostname and hostname.endswith("."):
+        return hostname[:-1] or None
+    return hostname
 
 
 class Flow(asyncio.Protocol):
@@ -98,6 +132,8 @@ class Flow(asyncio.Protocol):
         self.client_gone = False
         self.sniff_timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
+        self.handler: http1.Http1Proxy | http2.H2Proxy | None = None
+        """The per-request handler, once an HTTP connection is handed over."""
         self.record = FlowRecord(client="")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -113,7 +149,7 @@ class Flow(asyncio.Protocol):
             self._refuse("original_dst_failed")
             return
         self.record.destination = destination
-        if destination == local_destination(transport.get_extra_info("sockname")):
+        if self._is_own_listener(destination):
             log.warning("%s connected to the proxy itself, not redirected", self.record.client)
             self._refuse("loop")
             return
@@ -125,6 +161,13 @@ class Flow(asyncio.Protocol):
         self.sniff_timer = loop.call_later(
             self.context.settings.sniff_timeout, self._sniff_timed_out, "timeout"
         )
+
+    def _is_own_listener(self, destination: Destination) -> bool:
+        """A connection meant for the proxy's own port (no redirect, or a loop through it)."""
+        if destination.port not in self.context.listener_ports:
+            return False
+        sockname = self.transport.get_extra_info("sockname")
+        return destination == local_destination(sockname) or is_local_address(destination.ip)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -148,7 +191,7 @@ class Flow(asyncio.Protocol):
         if self.sniff_timer is not None:
             self.sniff_timer.cancel()
         if self.task is None:
-            self._finish(self.record.error or ("reset" if exc else ""))
+            self.finish(self.record.error or ("reset" if exc else ""))
 
     def _restart_sniff_timer(self) -> None:
         """The first bytes came: the hello or request head now has its own, longer deadline."""
@@ -167,7 +210,7 @@ class Flow(asyncio.Protocol):
         self.sniffing = False
         if self.sniff_timer is not None:
             self.sniff_timer.cancel()
-        detected, hostname, outcome = _classify(sniffed)
+        detected, hostname, outcome = _classify(sniffed, self.buffer)
         assert self.record.destination is not None
         self.record.detected, self.record.hostname = detected, hostname
         self.record.sniff_outcome = outcome
@@ -176,7 +219,20 @@ class Flow(asyncio.Protocol):
         decision = self.snapshot.index.decide_connection(facts)
         self.record.decision = decision
         self.context.accounting.connection_decided(self.record)
+        if decision.protocol in (RouteProtocol.HTTP, RouteProtocol.GRPC):
+            if detected is Detected.HTTP1:
+                self.handler = http1.Http1Proxy(self)
+                self.handler.start()
+                return
+            if detected is Detected.H2:
+                self.handler = http2.H2Proxy(self)
+                self.handler.start()
+                return
         if decision.action is Action.DENY and not decision.audit:
+            self._deny(detected)
+            return
+        if self.record.ech and self.context.settings.ech is EchPolicy.DENY:
+            log.info("%s: Encrypted Client Hello denied (--ech deny)", self.record.client)
             self._deny(detected)
             return
         if decision.backend is not None and decision.action is Action.ROUTE:
@@ -197,8 +253,38 @@ class Flow(asyncio.Protocol):
             self.record.error = "forbidden"
         self.transport.close()
 
+    async def _destination_verified(self, detected: Detected) -> bool:
+        """False when --verify-destination enforce found the name pointing elsewhere."""
+        record = self.record
+        assert record.decision is not None and record.destination is not None
+        mode = verification_mode(
+            record.decision, record.hostname, self.context.settings.verify_destination
+        )
+        if mode is VerifyDestination.OFF or record.hostname is None:
+            return True
+        if await self.context.resolver.matches(record.hostname, record.destination.ip):
+            return True
+        record.destination_mismatch = mode.value
+        log.warning(
+            "%s: %s does not resolve to %s (verify-destination %s)",
+            record.client,
+            record.hostname,
+            record.destination.ip,
+            mode.value,
+        )
+        if mode is VerifyDestination.LOG:
+            return True
+        record.error = "destination_mismatch"
+        if detected is Detected.HTTP1 and not self.client_gone:
+            self.transport.write(http1.error_response(421, "destination does not match the host"))
+        self.transport.close()
+        self.finish(record.error)
+        return False
+
     async def _connect(self, host: str, port: int, detected: Detected) -> None:
         settings = self.context.settings
+        if not await self._destination_verified(detected):
+            return
         relay = Relay(self.transport, idle_timeout=settings.idle_timeout, on_close=self._relayed)
         try:
             await upstream.connect(
@@ -215,12 +301,11 @@ class Flow(asyncio.Protocol):
                 status = 504 if error.kind == "connect_timeout" else 502
                 self.transport.write(http1.error_response(status, error.kind))
             self.transport.close()
-            if self.client_gone:
-                self._finish(error.kind)
+            self.finish(error.kind)
             return
         if self.client_gone:
             relay.upstream.transport.abort()
-            self._finish("reset")
+            self.finish("reset")
             return
         relay.start(self.buffer, self.client_eof)
         self.buffer = b""
@@ -228,19 +313,28 @@ class Flow(asyncio.Protocol):
     def _relayed(self, result: RelayResult) -> None:
         self.record.bytes_from_client = result.bytes_from_client
         self.record.bytes_from_upstream = result.bytes_from_upstream
-        self._finish(result.error)
+        self.finish(result.error)
 
     def _refuse(self, error: str) -> None:
         self.sniffing = False
         self.record.error = error
         self.transport.abort()
 
-    def _finish(self, error: str) -> None:
+    def finish(self, error: str) -> None:
         if self not in self.context.open_flows:
             return
         self.context.open_flows.discard(self)
         self.record.error = self.record.error or error
         self.context.accounting.connection_closed(self.record)
+
+    def drain(self) -> None:
+        """The server stops: HTTP connections close after their exchanges in flight.
+
+        Spliced connections have no request boundary; they run until they end or
+        the drain timeout cuts them.
+        """
+        if self.handler is not None:
+            self.handler.drain()
 
     def abort(self) -> None:
         """Drain ran out of time: cut the connection."""

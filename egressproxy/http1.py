@@ -1,8 +1,46 @@
-"""HTTP/1.x answers the proxy gives itself (403 deny, 502/504 upstream failures)."""
+"""HTTP/1.x request by request on h11: decide, forward, answer 403/502/504, splice upgrades.
+
+Each request on a keep-alive connection is decided on its own. Allowed requests go to
+the original destination or the route's backend over upstream connections kept per
+(host, port) for the life of the client connection. Heads are written from h11's raw
+items so names, case, order and the request-target reach the upstream as sent; bodies
+stream through h11's framing with backpressure both ways.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from dataclasses import dataclass
 from http import HTTPStatus
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import h11
+
+from egressproxy import upstream as upstream_connector
+from egressproxy.errors import UpstreamError
+from egressproxy.policy.decision import Action, Decision, Destination, RequestFacts
+from egressproxy.records import RequestRecord
+from egressproxy.relay import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW, Relay, RelayResult
+from egressproxy.settings import VerifyDestination
+from egressproxy.verify import verification_mode
+
+if TYPE_CHECKING:
+    from egressproxy.flow import Flow
+
+log = logging.getLogger("egressproxy.http1")
+
+DENIED_BODY = "traffic not allowed"
+MAX_IDLE_UPSTREAMS = 8
+"""Idle upstream connections kept per client connection (one per (host, port))."""
+LINGER_SECONDS = 2.0
+"""After an error answer, keep reading (and dropping) this long so the client sees it."""
+
+_PAUSED_BY_UPSTREAM = 1
+_PAUSED_BY_BACKLOG = 2
+
+_PROTOCOL_ERRORS = {400: "bad_request", 431: "header_too_large", 501: "not_implemented"}
 
 
 def error_response(status: int, body: str, *, close: bool = True) -> bytes:
@@ -17,3 +55,873 @@ def error_response(status: int, body: str, *, close: bool = True) -> bytes:
     if close:
         headers.append("connection: close")
     return ("\r\n".join(headers) + "\r\n\r\n").encode() + payload
+
+
+def request_head(request: h11.Request) -> bytes:
+    """The request head as the client wrote it: raw names, their order, the target's form."""
+    parts = [b"%s %s HTTP/%s\r\n" % (request.method, request.target, request.http_version)]
+    parts.extend(b"%s: %s\r\n" % item for item in request.headers.raw_items())
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def response_head(response: h11.Response | h11.InformationalResponse) -> bytes:
+    """The response head as the upstream wrote it."""
+    parts = [b"HTTP/%s %d %s\r\n" % (response.http_version, response.status_code, response.reason)]
+    parts.extend(b"%s: %s\r\n" % item for item in response.headers.raw_items())
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def split_authority(authority: str) -> str | None:
+    """Host of a Host header or authority: lower-case, without port, IPv6 brackets or the
+    root label's dot (`example.com.` must not sidestep a rule for `example.com`)."""
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        end = authority.find("]")
+        return authority[1:end] if end > 1 else None
+    host, colon, port = authority.rpartition(":")
+    if colon and port.isdigit() and ":" not in host:
+        authority = host
+    if authority.endswith("."):
+        authority = authority[:-1]
+    return authority or None
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """What the policy and the framing logic need from one request head."""
+
+    facts: RequestFacts
+    has_body: bool
+    smuggling: bool
+    """Content-Length beside Transfer-Encoding: the policy and the upstream could frame the
+    body differently, and the head is forwarded raw, so it is refused (400). (A second Host
+    h11 refuses itself.)"""
+    is_connect: bool
+    head_size: int
+    """Bytes of the request line and header lines (h11 only bounds an incomplete head)."""
+    h2c_upgrade: bool
+    """Upgrade: h2c asked for: after a 101 the rest would be HTTP/2 no policy sees."""
+
+
+def parse_request(request: h11.Request, destination: Destination) -> ParsedRequest:
+    """RequestFacts and framing flags of an h11 request (names already lower-case)."""
+    host_header: str | None = None
+    content_length = b""
+    chunked = False
+    grpc = False
+    h2c_upgrade = False
+    headers: list[tuple[str, str]] = []
+    head_size = len(request.method) + len(request.target) + 14
+    for name, value in request.headers:
+        head_size += len(name) + len(value) + 4
+        text_name, text_value = name.decode("latin-1"), value.decode("latin-1")
+        headers.append((text_name, text_value))
+        if name == b"host":
+            host_header = text_value
+        elif name == b"content-length":
+            content_length = value
+        elif name == b"transfer-encoding":
+            chunked = True
+        elif name == b"content-type":
+            grpc = text_value.lower().startswith("application/grpc")
+        elif name == b"upgrade":
+            h2c_upgrade = h2c_upgrade or "h2c" in text_value.lower()
+    target = request.target.decode("latin-1")
+    is_connect = request.method == b"CONNECT"
+    authority = host_header
+    if is_connect:
+        authority, path, query = target, "/", ""
+    elif target.startswith("/") or target == "*":
+        path, _, query = target.partition("?")
+    else:
+        absolute = urlsplit(target)
+        authority = absolute.netloc.rpartition("@")[2] or host_header
+        path, query = absolute.path or "/", absolute.query
+    facts = RequestFacts(
+        destination=destination,
+        hostname=split_authority(authority) if authority is not None else None,
+        method=request.method.decode("latin-1"),
+        path=path,
+        query=query,
+        headers=tuple(headers),
+        grpc=grpc,
+    )
+    return ParsedRequest(
+        facts=facts,
+        has_body=chunked or content_length not in (b"", b"0"),
+        smuggling=chunked and content_length != b"",
+        is_connect=is_connect,
+        head_size=head_size,
+        h2c_upgrade=h2c_upgrade,
+    )
+
+
+def as_sent_by_h11(request: h11.Request) -> h11.Request:
+    """The event that puts an h11 client in the state a request leaves the upstream in.
+
+    h11 only sends HTTP/1.1; an HTTP/1.0 request (whose own head is what goes out) is
+    one without keep-alive, and a Host only to satisfy h11.
+    """
+    if request.http_version == b"1.1":
+        return request
+    headers = [*request.headers.raw_items(), (b"connection", b"close")]
+    if not any(name == b"host" for name, _ in request.headers):
+        headers.append((b"host", b"http-1.0"))
+    return h11.Request(method=request.method, target=request.target, headers=headers)
+
+
+def without_upgrade(request: h11.Request) -> h11.Request:
+    """The request minus its Upgrade and HTTP2-Settings headers, the one rewrite the proxy
+    makes: an h2c upgrade would carry requests past the per-request policy."""
+    headers = [
+        (name, value)
+        for name, value in request.headers.raw_items()
+        if name.lower() not in (b"upgrade", b"http2-settings")
+    ]
+    return h11.Request(
+        method=request.method,
+        target=request.target,
+        headers=headers,
+        http_version=request.http_version,
+    )
+
+
+def _self_delimited(response: h11.Response, request_method: bytes) -> bool:
+    """The response body's end is marked in the message itself (not by closing)."""
+    if response.status_code in (204, 304) or request_method == b"HEAD":
+        return True
+    if request_method == b"CONNECT" and 200 <= response.status_code < 300:
+        return True
+    return any(name in (b"content-length", b"transfer-encoding") for name, _ in response.headers)
+
+
+class _Upstream(asyncio.Protocol):
+    """One upstream HTTP/1.x connection; events go to the proxy that owns it."""
+
+    def __init__(self, proxy: Http1Proxy, key: tuple[str, int]) -> None:
+        self.proxy = proxy
+        self.key = key
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.transport: asyncio.Transport
+        self.reused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
+
+    def data_received(self, data: bytes) -> None:
+        self.proxy.upstream_data(self, data)
+
+    def eof_received(self) -> bool:
+        self.proxy.upstream_data(self, b"")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.proxy.upstream_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        if self.proxy.upstream is self:
+            self.proxy.pause_client(_PAUSED_BY_UPSTREAM)
+
+    def resume_writing(self) -> None:
+        self.proxy.resume_client(_PAUSED_BY_UPSTREAM)
+
+
+class Http1Proxy(asyncio.Protocol):
+    """The client side of an HTTP/1.x connection after sniffing: one exchange at a time.
+
+    h11 keeps pipelined requests queued (PAUSED) until the current response is done,
+    so answers go out in order without any queue of our own.
+    """
+
+    def __init__(self, flow: Flow) -> None:
+        self.flow = flow
+        self.settings = flow.context.settings
+        self.accounting = flow.context.accounting
+        self.transport = flow.transport
+        self.loop = asyncio.get_running_loop()
+        self.client = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=self.settings.max_header_bytes
+        )
+        self.idle: dict[tuple[str, int], _Upstream] = {}
+        self.upstream: _Upstream | None = None
+        """The upstream of the exchange in progress."""
+        self.request: h11.Request | None = None
+        self.parsed: ParsedRequest | None = None
+        self.record: RequestRecord | None = None
+        self.forwarding = False
+        """The current request goes upstream (else its body is dropped: denied or failed)."""
+        self.connecting: asyncio.Task[None] | None = None
+        self.response_started = False
+        self.request_body_sent = False
+        self.paused = 0
+        self.backlog = 0
+        self.client_write_paused = False
+        self.closed = False
+        self.batch: list[bytes] | None = None
+        """Client-bound bytes collected while one upstream read is handled."""
+        self.processing = False
+        self.draining = False
+        self.error = ""
+        self.last_activity = self.loop.time()
+        self.head_deadline: float | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    # ---- life of the client connection -------------------------------------------------
+
+    def start(self) -> None:
+        """Take over the client transport and the bytes the flow has already read."""
+        flow = self.flow
+        self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
+        self.transport.set_protocol(self)
+        now = self.loop.time()
+        self.head_deadline = now + self.settings.header_timeout
+        self._arm_timer(min(self.head_deadline, now + self.settings.idle_timeout))
+        if flow.buffer:
+            self.client.receive_data(flow.buffer)
+            flow.record.bytes_from_client += len(flow.buffer)
+            flow.buffer = b""
+        if flow.client_eof:
+            self.client.receive_data(b"")
+        self.transport.resume_reading()
+        self._process()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
+        self.flow.record.bytes_from_client += len(data)
+        if self.head_deadline is None and self.client.their_state is h11.IDLE:
+            self._set_head_deadline()
+        self.client.receive_data(data)
+        if self.connecting is not None:
+            self._count_backlog(len(data))
+            return
+        self._process()
+
+    def eof_received(self) -> bool:
+        self.client.receive_data(b"")
+        if self.connecting is None:
+            self._process()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.record is not None:
+            self._request_failed("reset")
+        self._close_upstreams()
+        self._stop()
+        self.flow.finish(self.error or ("reset" if exc else ""))
+
+    def pause_writing(self) -> None:
+        self.client_write_paused = True
+        if self.upstream is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.client_write_paused = False
+        if self.upstream is not None:
+            self.upstream.transport.resume_reading()
+
+    def drain(self) -> None:
+        """The server is stopping: finish the request in flight, then close."""
+        self.draining = True
+        if self.record is None and self.client.their_state is h11.IDLE:
+            self._close()
+
+    def pause_client(self, reason: int) -> None:
+        if not self.paused:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def resume_client(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused:
+                self.transport.resume_reading()
+
+    def _count_backlog(self, size: int) -> None:
+        """Bytes waiting for the exchange in progress; too many: stop reading the client."""
+        self.backlog += size
+        if self.backlog > WRITE_BUFFER_HIGH:
+            self.pause_client(_PAUSED_BY_BACKLOG)
+
+    def _close(self) -> None:
+        """Close once what is written has gone out; connection_lost does the accounting."""
+        self._stop()
+        self._flush_batch()
+        self.closed = True
+        self.transport.close()
+
+    def _stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+
+    def _close_upstreams(self) -> None:
+        for idle in self.idle.values():
+            idle.transport.close()
+        self.idle.clear()
+        if self.upstream is not None:
+            self.upstream.transport.abort()
+            self.upstream = None
+
+    # ---- timers: header deadline (408) and idle timeout -----------------------------
+
+    def _set_head_deadline(self) -> None:
+        self.head_deadline = self.loop.time() + self.settings.header_timeout
+        if self.timer is None or self.timer.when() > self.head_deadline:
+            self._arm_timer(self.head_deadline)
+
+    def _arm_timer(self, when: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        now = self.loop.time()
+        if self.head_deadline is not None and now >= self.head_deadline:
+            self._head_timed_out()
+            return
+        idle_deadline = self.last_activity + self.settings.idle_timeout
+        if now >= idle_deadline:
+            log.info(
+                "%s: idle for %ss, closing", self.flow.record.client, self.settings.idle_timeout
+            )
+            self.error = "idle_timeout"
+            if self.record is not None:
+                self._request_failed("idle_timeout")
+            self._close_upstreams()
+            self.transport.abort()
+            return
+        self._arm_timer(min(idle_deadline, self.head_deadline or idle_deadline))
+
+    def _head_timed_out(self) -> None:
+        log.info(
+            "%s: request head incomplete after %ss",
+            self.flow.record.client,
+            self.settings.header_timeout,
+        )
+        self._protocol_failure(408, "header_timeout")
+
+    # ---- client events ------------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Pull client events until h11 needs bytes or waits for the current response."""
+        self.processing = True
+        try:
+            self._pull_client_events()
+        finally:
+            self.processing = False
+
+    def _pull_client_events(self) -> None:
+        client = self.client
+        while not self.closed:
+            try:
+                event = client.next_event()
+            except h11.RemoteProtocolError as error:
+                self._client_protocol_error(error)
+                return
+            kind = type(event)
+            if kind is h11.Data:
+                self._request_data(event)  # type: ignore[arg-type]
+            elif kind is h11.Request:
+                self._request_started(event)  # type: ignore[arg-type]
+                if self.connecting is not None:
+                    return
+            elif kind is h11.EndOfMessage:
+                self._request_ended(event)  # type: ignore[arg-type]
+            elif event is h11.NEED_DATA:
+                if (
+                    client.their_state is h11.IDLE
+                    and self.head_deadline is None
+                    and client.trailing_data[0]
+                ):
+                    self._set_head_deadline()
+                return
+            elif event is h11.PAUSED:
+                if client.their_state is h11.DONE:
+                    self.backlog = 0
+                    self._count_backlog(len(client.trailing_data[0]))
+                return
+            else:  # ConnectionClosed: the client sends no more; finish what is in flight
+                if self.record is None:
+                    self._close()
+                return
+
+    def _request_started(self, request: h11.Request) -> None:
+        self.head_deadline = None
+        flow = self.flow
+        assert flow.record.destination is not None
+        parsed = parse_request(request, flow.record.destination)
+        decision = flow.snapshot.index.decide_request(parsed.facts)
+        self.request, self.parsed = request, parsed
+        self.response_started = self.request_body_sent = False
+        self.record = RequestRecord(
+            client=flow.record.client,
+            destination=flow.record.destination,
+            protocol="http1",
+            hostname=parsed.facts.hostname,
+            method=parsed.facts.method,
+            path=parsed.facts.path,
+            grpc=parsed.facts.grpc,
+            decision=decision,
+        )
+        if parsed.head_size > self.settings.max_header_bytes:
+            self._protocol_failure(431, "header_too_large")
+            return
+        if parsed.smuggling:
+            self._protocol_failure(400, "bad_request")
+            return
+        if decision.action is Action.DENY:
+            if not decision.audit:
+                self._respond_locally(403, DENIED_BODY, "")
+                return
+            log.info(
+                "%s: would deny %s %s (audit)",
+                flow.record.client,
+                parsed.facts.method,
+                parsed.facts.hostname,
+            )
+        if parsed.h2c_upgrade:
+            self.request = without_upgrade(request)
+        mode = verification_mode(decision, parsed.facts.hostname, self.settings.verify_destination)
+        if mode is not VerifyDestination.OFF:
+            self.backlog = 0
+            self.connecting = self.loop.create_task(
+                self._verify_then_forward(decision, mode),
+                name=f"http1 verify {flow.record.client} {parsed.facts.hostname}",
+            )
+            return
+        self._forward(self._target(decision))
+
+    async def _verify_then_forward(self, decision: Decision, mode: VerifyDestination) -> None:
+        """--verify-destination: the Host must resolve to the original destination."""
+        record, destination = self.record, self.flow.record.destination
+        assert record is not None and record.hostname is not None and destination is not None
+        matches = await self.flow.context.resolver.matches(record.hostname, destination.ip)
+        self.connecting = None
+        if not matches:
+            record.destination_mismatch = mode.value
+            log.warning(
+                "%s: %s does not resolve to %s (verify-destination %s)",
+                self.flow.record.client,
+                record.hostname,
+                destination.ip,
+                mode.value,
+            )
+            if mode is VerifyDestination.ENFORCE:
+                self._respond_locally(
+                    421, "destination does not match the host", "destination_mismatch"
+                )
+                self._resume_after_backlog()
+                return
+        self._forward(self._target(decision))
+        if self.connecting is None:
+            self._resume_after_backlog()
+
+    def _target(self, decision: Decision) -> tuple[str, int]:
+        if decision.action is Action.ROUTE and decision.backend is not None:
+            return decision.backend.host, decision.backend.port
+        destination = self.flow.record.destination
+        assert destination is not None
+        return str(destination.ip), destination.port
+
+    def _forward(self, key: tuple[str, int]) -> None:
+        self.forwarding = True
+        idle = self.idle.pop(key, None)
+        if idle is not None:
+            idle.reused = True
+            self._send_request(idle)
+            return
+        self.backlog = 0
+        self.connecting = self.loop.create_task(
+            self._connect(key), name=f"http1 connect {self.flow.record.client}→{key[0]}:{key[1]}"
+        )
+
+    async def _connect(self, key: tuple[str, int]) -> None:
+        try:
+            _, connected = await upstream_connector.connect(
+                key[0],
+                key[1],
+                lambda: _Upstream(self, key),
+                timeout=self.settings.connect_timeout,
+                mark=self.settings.mark,
+            )
+        except UpstreamError as error:
+            self.connecting = None
+            log.info("%s → %s:%s: %s", self.flow.record.client, key[0], key[1], error)
+            self._upstream_unavailable(error.kind)
+            self._resume_after_backlog()
+            return
+        self.upstream_ready(connected)
+
+    def _resume_after_backlog(self) -> None:
+        self.backlog = 0
+        self.resume_client(_PAUSED_BY_BACKLOG)
+        self._process()
+
+    def upstream_ready(self, upstream: _Upstream) -> None:
+        """A freshly connected upstream: send the waiting request and go on reading."""
+        self.connecting = None
+        if self.closed:
+            upstream.transport.abort()
+            return
+        self._send_request(upstream)
+        self._resume_after_backlog()
+
+    def _send_request(self, upstream: _Upstream) -> None:
+        assert self.request is not None
+        self.upstream = upstream
+        upstream.h11.send(as_sent_by_h11(self.request))
+        upstream.transport.write(request_head(self.request))
+        if self.client.their_state is not h11.SEND_BODY:
+            # a retry on a fresh connection: the (bodiless) request had already ended
+            upstream.transport.write(upstream.h11.send(h11.EndOfMessage()) or b"")
+        if self.client_write_paused:
+            upstream.transport.pause_reading()
+
+    def _request_data(self, data: h11.Data) -> None:
+        upstream = self.upstream
+        if upstream is None or not self.forwarding:
+            return
+        assert self.record is not None
+        self.record.bytes_from_client += len(data.data)
+        self.request_body_sent = True
+        pieces = upstream.h11.send_with_data_passthrough(data)
+        if pieces:
+            upstream.transport.writelines(pieces)
+
+    def _request_ended(self, end: h11.EndOfMessage) -> None:
+        upstream = self.upstream
+        if upstream is not None and self.forwarding:
+            tail = upstream.h11.send(end)
+            if tail:
+                upstream.transport.write(tail)
+        self._maybe_next_cycle()
+
+    def _maybe_next_cycle(self) -> None:
+        """Both halves of the exchange are done: reuse the upstream, await the next request."""
+        client = self.client
+        ours, theirs = client.our_state, client.their_state
+        if ours not in (h11.DONE, h11.MUST_CLOSE) or theirs is h11.SEND_BODY:
+            return
+        self._finish_exchange()
+        if (
+            ours is not h11.DONE
+            or theirs is not h11.DONE
+            or self.draining
+            or self.flow.context.draining
+        ):
+            self._close()
+            return
+        client.start_next_cycle()
+        self.backlog = 0
+        self.resume_client(_PAUSED_BY_BACKLOG)
+        if not self.processing:
+            self._process()
+
+    def _finish_exchange(self) -> None:
+        self.response_started = False
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            self._release(upstream)
+            # a full upstream write buffer paused the client; that upstream is done with
+            self.resume_client(_PAUSED_BY_UPSTREAM)
+        if self.record is not None:
+            self.accounting.request_finished(self.record)
+            self.record = None
+        self.request = self.parsed = None
+        self.forwarding = False
+
+    def _release(self, upstream: _Upstream) -> None:
+        """Keep the upstream for the next request to the same (host, port), if it can be."""
+        connection = upstream.h11
+        if connection.our_state is h11.DONE and connection.their_state is h11.DONE:
+            connection.start_next_cycle()
+            if self.client_write_paused:
+                upstream.transport.resume_reading()
+            previous = self.idle.pop(upstream.key, None)
+            if previous is not None:
+                previous.transport.close()
+            if len(self.idle) >= MAX_IDLE_UPSTREAMS:
+                oldest = next(iter(self.idle))
+                self.idle.pop(oldest).transport.close()
+            self.idle[upstream.key] = upstream
+        else:
+            upstream.transport.close()
+
+    # ---- upstream events ----------------------------------------------------------------
+
+    def upstream_data(self, upstream: _Upstream, data: bytes) -> None:
+        if upstream is not self.upstream:
+            self._forget_idle(upstream)
+            upstream.transport.close()
+            return
+        self.last_activity = self.loop.time()
+        self.flow.record.bytes_from_upstream += len(data)
+        connection = upstream.h11
+        connection.receive_data(data)
+        self.batch = []
+        try:
+            self._pull_upstream_events(upstream, connection, data)
+        finally:
+            self._flush_batch()
+
+    def _flush_batch(self) -> None:
+        """Write what one read of the upstream produced with one system call."""
+        batch, self.batch = self.batch, None
+        if batch:
+            self.transport.writelines(batch)
+
+    def _pull_upstream_events(
+        self, upstream: _Upstream, connection: h11.Connection, data: bytes
+    ) -> None:
+        while upstream is self.upstream:
+            try:
+                event = connection.next_event()
+            except h11.RemoteProtocolError as error:
+                log.info(
+                    "%s: bad response from %s:%s: %s", self.flow.record.client, *upstream.key, error
+                )
+                self._upstream_broken(upstream, "reset" if not data else "bad_response")
+                return
+            kind = type(event)
+            if kind is h11.Data:
+                self._response_data(event)  # type: ignore[arg-type]
+            elif kind is h11.Response:
+                self._response_started(event)  # type: ignore[arg-type]
+            elif kind is h11.EndOfMessage:
+                self._response_ended(event)  # type: ignore[arg-type]
+            elif kind is h11.InformationalResponse:
+                self._informational(event)  # type: ignore[arg-type]
+            elif event is h11.PAUSED:
+                if connection.their_state is h11.SWITCHED_PROTOCOL:
+                    self._switch(upstream)
+                return
+            else:  # NEED_DATA, or ConnectionClosed after the response
+                return
+
+    def upstream_lost(self, upstream: _Upstream, exc: Exception | None) -> None:
+        if upstream is not self.upstream:
+            self._forget_idle(upstream)
+            return
+        if self.closed:
+            return
+        self._upstream_broken(upstream, "reset")
+
+    def _forget_idle(self, upstream: _Upstream) -> None:
+        if self.idle.get(upstream.key) is upstream:
+            del self.idle[upstream.key]
+
+    def _upstream_broken(self, upstream: _Upstream, error: str) -> None:
+        """The upstream failed mid-exchange: retry, answer 502, or cut the client."""
+        self.upstream = None
+        upstream.transport.abort()
+        self.resume_client(_PAUSED_BY_UPSTREAM)
+        if self.response_started:
+            self._request_failed(error)
+            self.error = error
+            self.transport.abort()
+            return
+        if upstream.reused and not self.request_body_sent and not self._expects_body():
+            log.debug(
+                "%s: reused upstream %s:%s closed, retrying", self.flow.record.client, *upstream.key
+            )
+            self.connecting = self.loop.create_task(
+                self._connect(upstream.key),
+                name=f"http1 reconnect {self.flow.record.client}→{upstream.key[0]}",
+            )
+            return
+        self._upstream_unavailable(error)
+
+    def _expects_body(self) -> bool:
+        return self.parsed is not None and self.parsed.has_body
+
+    def _upstream_unavailable(self, error: str) -> None:
+        status = 504 if error == "connect_timeout" else 502
+        self._respond_locally(status, f"upstream {error}", error)
+
+    def _informational(self, response: h11.InformationalResponse) -> None:
+        if response.status_code == 101:
+            self._respond_upstream_head(response)
+            return
+        self._write_client(self.client.send(response))
+
+    def _response_started(self, response: h11.Response) -> None:
+        assert self.record is not None and self.request is not None
+        self.record.status = response.status_code
+        self.response_started = True
+        head = self.client.send(response)
+        if self.request.http_version == b"1.1" and _self_delimited(response, self.request.method):
+            head = response_head(response)
+        self._write_client(head)
+
+    def _respond_upstream_head(self, response: h11.InformationalResponse) -> None:
+        assert self.record is not None
+        self.record.status = response.status_code
+        self.response_started = True
+        self.client.send(response)
+        self._write_client(response_head(response))
+
+    def _response_data(self, data: h11.Data) -> None:
+        assert self.record is not None
+        self.record.bytes_from_upstream += len(data.data)
+        pieces = self.client.send_with_data_passthrough(data)
+        if not pieces:
+            return
+        if self.batch is not None:
+            self.batch.extend(pieces)
+        else:
+            self.transport.writelines(pieces)
+
+    def _response_ended(self, end: h11.EndOfMessage) -> None:
+        self._write_client(self.client.send(end))
+        self._maybe_next_cycle()
+
+    def _write_client(self, data: bytes | None) -> None:
+        if not data:
+            return
+        if self.batch is not None:
+            self.batch.append(data)
+        else:
+            self.transport.write(data)
+
+    def _switch(self, upstream: _Upstream) -> None:
+        """The upstream accepted an Upgrade or CONNECT: from now on an opaque splice."""
+        if self.client.our_state is not h11.SWITCHED_PROTOCOL:
+            self._upstream_broken(upstream, "bad_response")
+            return
+        self.upstream = None
+        if self.record is not None:
+            self.accounting.request_finished(self.record)
+            self.record = None
+        self._stop()
+        self._flush_batch()
+        for idle in self.idle.values():
+            idle.transport.close()
+        self.idle.clear()
+        client_rest, client_eof = self.client.trailing_data
+        upstream_rest = upstream.h11.trailing_data[0]
+        self.resume_client(self.paused)
+        relay = Relay(
+            self.transport, idle_timeout=self.settings.idle_timeout, on_close=self._spliced
+        )
+        self.closed = True
+        relay.adopt(upstream.transport, upstream_rest)
+        relay.start(client_rest, client_eof)
+
+    def _spliced(self, result: RelayResult) -> None:
+        record = self.flow.record
+        record.bytes_from_client += result.bytes_from_client
+        record.bytes_from_upstream += result.bytes_from_upstream
+        self.flow.finish(result.error)
+
+    # ---- answers of the proxy itself -------------------------------------------------
+
+    def _respond_locally(self, status: int, text: str, error: str) -> None:
+        """Answer this request ourselves (403, 400, 502, 504); the client's body is dropped.
+
+        The connection stays usable, except when the client holds its body back for a
+        100 Continue it will not get: then it is closed after the answer.
+        """
+        assert self.record is not None and self.request is not None
+        self.forwarding = False
+        self.record.status = status
+        self.record.error = error
+        if self.client.our_state is not h11.SEND_RESPONSE:
+            self._request_failed(error)
+            self.transport.abort()
+            return
+        payload = (text + "\n").encode()
+        headers = [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(payload))]
+        close = self.client.they_are_waiting_for_100_continue and self._expects_body()
+        if close:
+            headers.append((b"connection", b"close"))
+        reason = HTTPStatus(status).phrase.encode()
+        head = h11.Response(status_code=status, headers=headers, reason=reason)
+        self._write_client(self.client.send(head))
+        if self.request.method != b"HEAD":
+            self._write_client(self.client.send(h11.Data(data=payload)))
+        self._write_client(self.client.send(h11.EndOfMessage()))
+        if close:
+            self._finish_exchange()
+            self._linger()
+            return
+        self._maybe_next_cycle()
+
+    def _request_failed(self, error: str) -> None:
+        record, self.record = self.record, None
+        if record is not None:
+            record.error = record.error or error
+            self.accounting.request_finished(record)
+
+    def _client_protocol_error(self, error: h11.RemoteProtocolError) -> None:
+        status = error.error_status_hint
+        kind = _PROTOCOL_ERRORS.get(status, "bad_request")
+        log.info("%s: bad request head: %s", self.flow.record.client, error)
+        if self.upstream is not None:
+            # the body was malformed while it streamed: the upstream request is broken too
+            self.upstream.transport.abort()
+            self.upstream = None
+        self._protocol_failure(status, kind)
+
+    def _protocol_failure(self, status: int, kind: str) -> None:
+        """A request the proxy cannot parse: answer (if it can), record, and close."""
+        flow = self.flow
+        if self.record is None:
+            assert flow.record.destination is not None and flow.record.decision is not None
+            self.record = RequestRecord(
+                client=flow.record.client,
+                destination=flow.record.destination,
+                protocol="http1",
+                hostname=flow.record.hostname,
+                method="",
+                path="",
+                grpc=False,
+                decision=flow.record.decision,
+            )
+        can_answer = self.client.our_state in (h11.IDLE, h11.SEND_RESPONSE)
+        self.record.status = status if can_answer else self.record.status
+        self._request_failed(kind)
+        self.error = kind
+        if not can_answer:
+            self._close_upstreams()
+            self.transport.abort()
+            return
+        self._write_client(error_response(status, HTTPStatus(status).phrase.lower()))
+        self._close_upstreams()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close after an error answer without resetting the unread request bytes away."""
+        self._stop()
+        self._flush_batch()
+        self.closed = True
+        self.flow.finish(self.error)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.transport.set_protocol(_Linger(self.transport, self.loop))
+
+
+class _Linger(asyncio.Protocol):
+    """Drops what the client still sends until it closes or LINGER_SECONDS pass."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self.timer = loop.call_later(LINGER_SECONDS, transport.close)
+        transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        """Dropped: the request was already answered."""
+
+    def eof_received(self) -> bool:
+        self.timer.cancel()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.timer.cancel()

@@ -88,6 +88,19 @@ class Relay:
         self._idle_ticks = 0
         self._idle_timer: asyncio.TimerHandle | None = None
 
+    def adopt(self, upstream: asyncio.Transport, to_client: bytes) -> None:
+        """Splice an upstream that is already connected (an Upgrade or CONNECT it accepted).
+
+        to_client: bytes the upstream sent after its answer that are already read.
+        Call start() next.
+        """
+        self.upstream.transport = upstream
+        upstream.set_protocol(self.upstream)
+        upstream.resume_reading()
+        if to_client:
+            self.upstream.received += len(to_client)
+            self.client.transport.write(to_client)
+
     def start(self, first_bytes: bytes, client_eof: bool) -> None:
         """Take over the client once the upstream is connected, sending what was sniffed."""
         client, upstream = self.client.transport, self.upstream.transport

@@ -183,6 +183,8 @@ async def serve(
     await stop.wait()
     health.draining = True
     context.draining = True
+    for flow in list(open_flows.flows):
+        flow.drain()
     log.info("draining %d open connections (up to %ss)", len(open_flows), settings.drain_timeout)
     acceptor.close()
     await drain(open_flows, settings.drain_timeout)

@@ -1,0 +1,754 @@
+"""HTTP/2 cleartext with prior knowledge, and gRPC, stream by stream on h2.
+
+Each client stream is decided on its own :authority, :path and headers. Allowed
+streams are multiplexed onto one upstream h2 connection per (host, port); denied
+ones are answered here (403, or a trailers-only `grpc-status: 7` for gRPC). Data a
+peer sends is acknowledged (its flow-control window reopened) only once it has been
+handed to the other side, so a slow reader slows the writer end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, cast
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from egressproxy import upstream as upstream_connector
+from egressproxy.errors import UpstreamError
+from egressproxy.http1 import DENIED_BODY, split_authority
+from egressproxy.policy.decision import Action, Decision, RequestFacts
+from egressproxy.records import RequestRecord
+from egressproxy.relay import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW
+from egressproxy.settings import VerifyDestination
+from egressproxy.verify import verification_mode
+
+if TYPE_CHECKING:
+    from egressproxy.flow import Flow
+
+log = logging.getLogger("egressproxy.http2")
+
+STREAM_WINDOW = 1 << 20
+"""Per-stream receive window offered to each peer: bytes in flight per stream."""
+CONNECTION_WINDOW = 16 << 20
+MAX_CONCURRENT_STREAMS = 256
+
+GRPC_PERMISSION_DENIED = 7
+GRPC_UNAVAILABLE = 14
+
+Headers = list[tuple[bytes, bytes]]
+
+
+def _connection(client_side: bool, max_header_bytes: int) -> h2.connection.H2Connection:
+    config = h2.config.H2Configuration(
+        client_side=client_side, header_encoding=None, validate_inbound_headers=True
+    )
+    connection = h2.connection.H2Connection(config=config)
+    connection.local_settings = h2.settings.Settings(
+        client=client_side,
+        initial_values={
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_bytes,
+        },
+    )
+    return connection
+
+
+def stream_facts(headers: Headers, flow: Flow) -> RequestFacts:
+    """RequestFacts of one stream's request headers (pseudo-headers give method and path)."""
+    assert flow.record.destination is not None
+    authority: str | None = None
+    host: str | None = None
+    method = path = ""
+    grpc = False
+    plain: list[tuple[str, str]] = []
+    for raw_name, raw_value in headers:
+        name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+        if name.startswith(":"):
+            if name == ":authority":
+                authority = value
+            elif name == ":method":
+                method = value
+            elif name == ":path":
+                path = value
+            continue
+        plain.append((name, value))
+        if name == "host":
+            host = value
+        elif name == "content-type":
+            grpc = value.lower().startswith("application/grpc")
+    path, _, query = path.partition("?")
+    named = authority if authority is not None else host
+    return RequestFacts(
+        destination=flow.record.destination,
+        hostname=split_authority(named) if named is not None else None,
+        method=method,
+        path=path or "/",
+        query=query,
+        headers=tuple(plain),
+        grpc=grpc,
+    )
+
+
+def grpc_status_of(headers: Headers) -> int | None:
+    for name, value in headers:
+        if name == b"grpc-status":
+            return int(value) if value.isdigit() else None
+    return None
+
+
+class _Stream:
+    """One client stream and, once forwarded, its upstream twin."""
+
+    __slots__ = (
+        "client_id",
+        "done",
+        "end_sent",
+        "headers",
+        "record",
+        "request_ended",
+        "request_trailers",
+        "response_ended",
+        "response_started",
+        "response_trailers",
+        "to_client",
+        "to_upstream",
+        "upstream",
+        "upstream_id",
+    )
+
+    def __init__(self, client_id: int, record: RequestRecord, headers: Headers) -> None:
+        self.client_id = client_id
+        self.record = record
+        self.headers = headers
+        self.upstream: _Upstream | None = None
+        self.upstream_id = 0
+        self.to_upstream = bytearray()
+        self.request_ended = False
+        self.request_trailers: Headers | None = None
+        self.end_sent = False
+        """The end of the request (END_STREAM or trailers) went upstream."""
+        self.to_client = bytearray()
+        self.response_ended = False
+        self.response_trailers: Headers | None = None
+        self.response_started = False
+        self.done = False
+
+
+class _Upstream(asyncio.Protocol):
+    """One upstream h2 connection carrying many client streams."""
+
+    def __init__(self, proxy: H2Proxy, key: tuple[str, int]) -> None:
+        self.proxy = proxy
+        self.key = key
+        self.h2 = _connection(True, proxy.settings.max_header_bytes)
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, _Stream] = {}
+        self.waiting: deque[_Stream] = deque()
+        """Streams not yet opened upstream (connecting, or at the peer's stream limit)."""
+        self.usable = True
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+
+    def data_received(self, data: bytes) -> None:
+        self.proxy.upstream_data(self, data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.proxy.upstream_lost(self, "reset" if exc is not None else "upstream_closed")
+
+    def pause_writing(self) -> None:
+        self.proxy.upstream_full(self, True)
+
+    def resume_writing(self) -> None:
+        self.proxy.upstream_full(self, False)
+
+    def flush(self) -> None:
+        if self.transport is not None:
+            data = self.h2.data_to_send()
+            if data:
+                self.transport.write(data)
+
+
+class H2Proxy(asyncio.Protocol):
+    """The client side of an h2c connection after sniffing the preface."""
+
+    def __init__(self, flow: Flow) -> None:
+        self.flow = flow
+        self.settings = flow.context.settings
+        self.accounting = flow.context.accounting
+        self.transport = flow.transport
+        self.loop = asyncio.get_running_loop()
+        self.h2 = _connection(False, self.settings.max_header_bytes)
+        self.streams: dict[int, _Stream] = {}
+        self.upstreams: dict[tuple[str, int], _Upstream] = {}
+        self.connecting: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self.verifying: set[asyncio.Task[None]] = set()
+        self.full_upstreams: set[_Upstream] = set()
+        """Upstreams whose write buffer is high: the client is not read meanwhile."""
+        self.closed = False
+        self.goaway_sent = False
+        self.error = ""
+        self.last_activity = self.loop.time()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
+        self.transport.set_protocol(self)
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.timer = self.loop.call_later(self.settings.idle_timeout, self._on_timer)
+        buffered, self.flow.buffer = self.flow.buffer, b""
+        self.transport.resume_reading()
+        if buffered:
+            self.data_received(buffered)
+        else:
+            self._flush()
+        if self.flow.client_eof and not self.closed:
+            self._close()
+
+    # ---- client side ---------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
+        self.flow.record.bytes_from_client += len(data)
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as error:
+            log.info("%s: h2 protocol error: %s", self.flow.record.client, error)
+            self.error = "bad_request"
+            self._flush()
+            self._close()
+            return
+        for event in events:
+            self._client_event(event)
+        self._flush()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        closed_here, self.closed = self.closed, True
+        for stream in list(self.streams.values()):
+            self._finish_stream(stream, "reset")
+        for task in [*self.connecting.values(), *self.verifying]:
+            task.cancel()
+        for upstream in list(self.upstreams.values()):
+            if upstream.transport is not None:
+                upstream.transport.abort()
+        self.upstreams.clear()
+        if self.timer is not None:
+            self.timer.cancel()
+        self.flow.finish(self.error or ("reset" if exc and not closed_here else ""))
+
+    def pause_writing(self) -> None:
+        for upstream in self.upstreams.values():
+            if upstream.transport is not None:
+                upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        for upstream in self.upstreams.values():
+            if upstream.transport is not None:
+                upstream.transport.resume_reading()
+
+    def drain(self) -> None:
+        """The server is stopping: refuse new streams, finish the open ones, then close."""
+        self._goaway()
+        self._flush()
+        if not self.streams:
+            self._close()
+
+    def _client_event(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.DataReceived):
+            self._request_data(event)
+        elif isinstance(event, h2.events.RequestReceived):
+            self._request_started(event)
+        elif isinstance(event, h2.events.StreamEnded):
+            self._request_ended(event.stream_id, None)
+        elif isinstance(event, h2.events.TrailersReceived):
+            self._request_ended(event.stream_id, list(event.headers))
+        elif isinstance(event, h2.events.WindowUpdated):
+            self._client_window_opened(event.stream_id)
+        elif isinstance(event, h2.events.StreamReset):
+            self._client_reset(event.stream_id)
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._goaway()
+            if not self.streams:
+                self._close()
+
+    def _request_started(self, event: h2.events.RequestReceived) -> None:
+        assert event.stream_id is not None and event.headers is not None
+        headers: Headers = list(event.headers)
+        facts = stream_facts(headers, self.flow)
+        decision = self.flow.snapshot.index.decide_request(facts)
+        assert self.flow.record.destination is not None
+        record = RequestRecord(
+            client=self.flow.record.client,
+            destination=self.flow.record.destination,
+            protocol="h2",
+            hostname=facts.hostname,
+            method=facts.method,
+            path=facts.path,
+            grpc=facts.grpc,
+            decision=decision,
+        )
+        stream = _Stream(event.stream_id, record, headers)
+        self.streams[event.stream_id] = stream
+        if event.stream_ended is not None:
+            stream.request_ended = True
+        if decision.action is Action.DENY:
+            if not decision.audit:
+                self._deny(stream)
+                return
+            log.info(
+                "%s: would deny %s %s (audit)",
+                self.flow.record.client,
+                facts.method,
+                facts.hostname,
+            )
+        mode = verification_mode(decision, facts.hostname, self.settings.verify_destination)
+        if mode is not VerifyDestination.OFF:
+            task = self.loop.create_task(
+                self._verify_then_forward(stream, decision, mode),
+                name=f"h2 verify {self.flow.record.client} {facts.hostname}",
+            )
+            self.verifying.add(task)
+            task.add_done_callback(self.verifying.discard)
+            return
+        self._forward(stream, self._target(decision))
+
+    async def _verify_then_forward(
+        self, stream: _Stream, decision: Decision, mode: VerifyDestination
+    ) -> None:
+        """--verify-destination: the :authority must resolve to the original destination."""
+        record, destination = stream.record, self.flow.record.destination
+        assert record.hostname is not None and destination is not None
+        matches = await self.flow.context.resolver.matches(record.hostname, destination.ip)
+        if stream.done or self.closed:
+            return
+        if not matches:
+            record.destination_mismatch = mode.value
+            log.warning(
+                "%s: %s does not resolve to %s (verify-destination %s)",
+                self.flow.record.client,
+                record.hostname,
+                destination.ip,
+                mode.value,
+            )
+            if mode is VerifyDestination.ENFORCE:
+                text = "destination does not match the host"
+                if record.grpc:
+                    self._grpc_answer(stream, GRPC_PERMISSION_DENIED, text, "destination_mismatch")
+                else:
+                    self._local_answer(stream, 421, text, "destination_mismatch")
+                self._flush()
+                return
+        self._forward(stream, self._target(decision))
+        self._flush()
+
+    def _target(self, decision: Decision) -> tuple[str, int]:
+        if decision.action is Action.ROUTE and decision.backend is not None:
+            return decision.backend.host, decision.backend.port
+        destination = self.flow.record.destination
+        assert destination is not None
+        return str(destination.ip), destination.port
+
+    def _deny(self, stream: _Stream) -> None:
+        if stream.record.grpc:
+            self._grpc_answer(stream, GRPC_PERMISSION_DENIED, DENIED_BODY, "")
+        else:
+            self._local_answer(stream, 403, DENIED_BODY, "")
+
+    def _local_answer(self, stream: _Stream, status: int, text: str, error: str) -> None:
+        """Answer a stream here (403, 502, 504); whatever the client still sends is refused."""
+        body = (text + "\n").encode()
+        stream.record.status, stream.record.error = status, error
+        headers = [
+            (b":status", b"%d" % status),
+            (b"content-type", b"text/plain"),
+            (b"content-length", b"%d" % len(body)),
+        ]
+        self.h2.send_headers(stream.client_id, headers)
+        self.h2.send_data(stream.client_id, body, end_stream=True)
+        self._answered_locally(stream)
+
+    def _grpc_answer(self, stream: _Stream, code: int, text: str, error: str) -> None:
+        """A trailers-only gRPC answer: HTTP 200 with the status in the only HEADERS frame."""
+        stream.record.status, stream.record.grpc_status, stream.record.error = 200, code, error
+        headers = [
+            (b":status", b"200"),
+            (b"content-type", b"application/grpc"),
+            (b"grpc-status", b"%d" % code),
+            (b"grpc-message", text.replace(" ", "%20").encode()),
+        ]
+        self.h2.send_headers(stream.client_id, headers, end_stream=True)
+        self._answered_locally(stream)
+
+    def _answered_locally(self, stream: _Stream) -> None:
+        if not stream.request_ended:
+            with contextlib.suppress(h2.exceptions.StreamClosedError):
+                self.h2.reset_stream(stream.client_id, h2.errors.ErrorCodes.NO_ERROR)
+        self._finish_stream(stream, stream.record.error)
+
+    def _forward(self, stream: _Stream, key: tuple[str, int]) -> None:
+        upstream = self.upstreams.get(key)
+        if upstream is None or not upstream.usable:
+            upstream = _Upstream(self, key)
+            self.upstreams[key] = upstream
+            self.connecting[key] = self.loop.create_task(
+                self._connect(upstream),
+                name=f"h2 connect {self.flow.record.client}→{key[0]}:{key[1]}",
+            )
+        stream.upstream = upstream
+        upstream.waiting.append(stream)
+        if upstream.transport is not None:
+            self._open_waiting(upstream)
+
+    async def _connect(self, upstream: _Upstream) -> None:
+        key = upstream.key
+        try:
+            await upstream_connector.connect(
+                key[0],
+                key[1],
+                lambda: upstream,
+                timeout=self.settings.connect_timeout,
+                mark=self.settings.mark,
+            )
+        except UpstreamError as error:
+            log.info("%s → %s:%s: %s", self.flow.record.client, key[0], key[1], error)
+            self.connecting.pop(key, None)
+            if self.upstreams.get(key) is upstream:
+                del self.upstreams[key]
+            self._fail_streams(upstream, error.kind)
+            self._flush()
+            return
+        self.connecting.pop(key, None)
+        if self.closed:
+            assert upstream.transport is not None
+            upstream.transport.abort()
+            return
+        self._open_waiting(upstream)
+        self._flush()
+
+    def _fail_streams(self, upstream: _Upstream, error: str) -> None:
+        """Streams that never got an answer from a failed upstream: 502/504 or UNAVAILABLE."""
+        streams = [*upstream.waiting, *upstream.streams.values()]
+        upstream.waiting.clear()
+        upstream.streams.clear()
+        for stream in streams:
+            if stream.done:
+                continue
+            if stream.response_started:
+                self.h2.reset_stream(stream.client_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+                self._finish_stream(stream, error)
+            elif stream.record.grpc:
+                self._grpc_answer(stream, GRPC_UNAVAILABLE, f"upstream {error}", error)
+            else:
+                status = 504 if error == "connect_timeout" else 502
+                self._local_answer(stream, status, f"upstream {error}", error)
+
+    def _open_waiting(self, upstream: _Upstream) -> None:
+        limit = upstream.h2.remote_settings.max_concurrent_streams
+        while upstream.waiting and upstream.h2.open_outbound_streams < limit:
+            stream = upstream.waiting.popleft()
+            if stream.done:
+                continue
+            stream.upstream_id = upstream.h2.get_next_available_stream_id()
+            upstream.streams[stream.upstream_id] = stream
+            ended = stream.request_ended and not stream.to_upstream and not stream.request_trailers
+            upstream.h2.send_headers(stream.upstream_id, stream.headers, end_stream=ended)
+            stream.end_sent = ended
+            self._pump_upstream(stream)
+
+    def _request_data(self, event: h2.events.DataReceived) -> None:
+        assert event.stream_id is not None and event.data is not None
+        stream = self.streams.get(event.stream_id)
+        padding = (event.flow_controlled_length or 0) - len(event.data)
+        if stream is None or stream.done:
+            self.h2.acknowledge_received_data(event.flow_controlled_length or 0, event.stream_id)
+            return
+        if padding:
+            self.h2.acknowledge_received_data(padding, event.stream_id)
+        stream.record.bytes_from_client += len(event.data)
+        stream.to_upstream += event.data
+        if stream.upstream_id:
+            self._pump_upstream(stream)
+
+    def _request_ended(self, stream_id: int | None, trailers: Headers | None) -> None:
+        stream = self.streams.get(stream_id or 0)
+        if stream is None or stream.done:
+            return
+        stream.request_ended = True
+        if trailers is not None:
+            stream.request_trailers = trailers
+        if stream.upstream_id:
+            self._pump_upstream(stream)
+
+    def _pump_upstream(self, stream: _Stream) -> None:
+        """Send what the client sent, as far as the upstream's window allows; ack as sent."""
+        upstream = stream.upstream
+        assert upstream is not None
+        connection = upstream.h2
+        pending = stream.to_upstream
+        try:
+            while pending:
+                size = min(
+                    connection.local_flow_control_window(stream.upstream_id),
+                    connection.max_outbound_frame_size,
+                    len(pending),
+                )
+                if size <= 0:
+                    return
+                connection.send_data(stream.upstream_id, bytes(pending[:size]))
+                del pending[:size]
+                self.h2.acknowledge_received_data(size, stream.client_id)
+            if stream.request_ended and not stream.end_sent:
+                stream.end_sent = True
+                if stream.request_trailers is not None:
+                    trailers = stream.request_trailers
+                    connection.send_headers(stream.upstream_id, trailers, end_stream=True)
+                else:
+                    connection.end_stream(stream.upstream_id)
+        except h2.exceptions.StreamClosedError:
+            return
+
+    def _client_window_opened(self, stream_id: int | None) -> None:
+        if stream_id:
+            stream = self.streams.get(stream_id)
+            if stream is not None:
+                self._pump_client(stream)
+            return
+        for stream in list(self.streams.values()):
+            if stream.to_client or stream.response_ended:
+                self._pump_client(stream)
+
+    def _client_reset(self, stream_id: int | None) -> None:
+        stream = self.streams.get(stream_id or 0)
+        if stream is None:
+            return
+        upstream = stream.upstream
+        if upstream is not None and stream.upstream_id:
+            with contextlib.suppress(h2.exceptions.StreamClosedError):
+                upstream.h2.reset_stream(stream.upstream_id, h2.errors.ErrorCodes.CANCEL)
+            upstream.streams.pop(stream.upstream_id, None)
+        self._finish_stream(stream, "client_reset")
+
+    # ---- upstream side -------------------------------------------------------------
+
+    def upstream_data(self, upstream: _Upstream, data: bytes) -> None:
+        self.last_activity = self.loop.time()
+        self.flow.record.bytes_from_upstream += len(data)
+        try:
+            events = upstream.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as error:
+            log.info("%s: bad h2 from %s:%s: %s", self.flow.record.client, *upstream.key, error)
+            upstream.flush()
+            if upstream.transport is not None:
+                upstream.transport.abort()
+            return
+        for event in events:
+            self._upstream_event(upstream, event)
+        self._flush()
+
+    def _upstream_event(self, upstream: _Upstream, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.DataReceived):
+            stream = upstream.streams.get(event.stream_id or 0)
+            size = event.flow_controlled_length or 0
+            if stream is None or stream.done:
+                upstream.h2.acknowledge_received_data(size, event.stream_id)
+                return
+            assert event.data is not None
+            if size > len(event.data):
+                upstream.h2.acknowledge_received_data(size - len(event.data), event.stream_id)
+            stream.record.bytes_from_upstream += len(event.data)
+            stream.to_client += event.data
+            self._pump_client(stream)
+        elif isinstance(event, h2.events.ResponseReceived):
+            stream = upstream.streams.get(event.stream_id or 0)
+            if stream is not None and not stream.done:
+                headers: Headers = list(event.headers or [])
+                self._response_started(stream, headers, event.stream_ended is not None)
+        elif isinstance(event, h2.events.InformationalResponseReceived):
+            stream = upstream.streams.get(event.stream_id or 0)
+            if stream is not None and not stream.done:
+                self.h2.send_headers(stream.client_id, list(event.headers or []))
+        elif isinstance(event, h2.events.TrailersReceived):
+            stream = upstream.streams.get(event.stream_id or 0)
+            if stream is not None and not stream.done:
+                stream.response_trailers = list(event.headers or [])
+                status = grpc_status_of(stream.response_trailers)
+                if status is not None:
+                    stream.record.grpc_status = status
+                stream.response_ended = True
+                self._pump_client(stream)
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = upstream.streams.get(event.stream_id or 0)
+            if stream is not None and not stream.done:
+                stream.response_ended = True
+                self._pump_client(stream)
+        elif isinstance(event, h2.events.StreamReset):
+            stream = upstream.streams.pop(event.stream_id or 0, None)
+            if stream is not None and not stream.done:
+                self._upstream_reset(stream, event.error_code)
+        elif isinstance(event, h2.events.WindowUpdated):
+            streams = (
+                [upstream.streams[event.stream_id]]
+                if event.stream_id and event.stream_id in upstream.streams
+                else list(upstream.streams.values())
+            )
+            for stream in streams:
+                self._pump_upstream(stream)
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            self._open_waiting(upstream)
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            upstream.usable = False
+            last = event.last_stream_id or 0
+            unprocessed = [s for up_id, s in upstream.streams.items() if up_id > last]
+            for stream in unprocessed:
+                upstream.streams.pop(stream.upstream_id, None)
+                self._upstream_reset(stream, h2.errors.ErrorCodes.REFUSED_STREAM)
+            if self.upstreams.get(upstream.key) is upstream:
+                del self.upstreams[upstream.key]
+
+    def _response_started(self, stream: _Stream, headers: Headers, ended: bool) -> None:
+        stream.response_started = True
+        for name, value in headers:
+            if name == b":status":
+                stream.record.status = int(value)
+        grpc_status = grpc_status_of(headers)
+        if grpc_status is not None:
+            stream.record.grpc_status = grpc_status
+        self.h2.send_headers(stream.client_id, headers, end_stream=ended)
+        if ended:
+            self._stream_complete(stream)
+
+    def _upstream_reset(self, stream: _Stream, code: object) -> None:
+        if not stream.response_started:
+            if stream.record.grpc:
+                self._grpc_answer(stream, GRPC_UNAVAILABLE, "upstream reset", "reset")
+            else:
+                self._local_answer(stream, 502, "upstream reset", "reset")
+            return
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
+            self.h2.reset_stream(stream.client_id, h2.errors.ErrorCodes.CANCEL)
+        self._finish_stream(stream, "reset")
+
+    def _pump_client(self, stream: _Stream) -> None:
+        """Send the upstream's data as far as the client's window allows; ack upstream as sent."""
+        pending = stream.to_client
+        upstream = stream.upstream
+        try:
+            while pending:
+                size = min(
+                    self.h2.local_flow_control_window(stream.client_id),
+                    self.h2.max_outbound_frame_size,
+                    len(pending),
+                )
+                if size <= 0:
+                    return
+                self.h2.send_data(stream.client_id, bytes(pending[:size]))
+                del pending[:size]
+                if upstream is not None:
+                    upstream.h2.acknowledge_received_data(size, stream.upstream_id)
+            if stream.response_ended:
+                if stream.response_trailers is not None:
+                    self.h2.send_headers(
+                        stream.client_id, stream.response_trailers, end_stream=True
+                    )
+                else:
+                    self.h2.end_stream(stream.client_id)
+                self._stream_complete(stream)
+        except h2.exceptions.StreamClosedError:
+            self._finish_stream(stream, "client_reset")
+
+    def _stream_complete(self, stream: _Stream) -> None:
+        upstream = stream.upstream
+        if upstream is not None:
+            upstream.streams.pop(stream.upstream_id, None)
+            self._open_waiting(upstream)
+        if not stream.request_ended:
+            with contextlib.suppress(h2.exceptions.StreamClosedError):
+                self.h2.reset_stream(stream.client_id, h2.errors.ErrorCodes.NO_ERROR)
+        self._finish_stream(stream, "")
+
+    def _finish_stream(self, stream: _Stream, error: str) -> None:
+        if stream.done:
+            return
+        stream.done = True
+        self.streams.pop(stream.client_id, None)
+        stream.record.error = stream.record.error or error
+        self.accounting.request_finished(stream.record)
+        if not self.streams and (self.goaway_sent or self.flow.context.draining):
+            self._goaway()
+            self._close()
+
+    def upstream_full(self, upstream: _Upstream, full: bool) -> None:
+        was_full = bool(self.full_upstreams)
+        if full:
+            self.full_upstreams.add(upstream)
+        else:
+            self.full_upstreams.discard(upstream)
+        if was_full != bool(self.full_upstreams) and not self.closed:
+            if full:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    def upstream_lost(self, upstream: _Upstream, error: str) -> None:
+        self.upstream_full(upstream, False)
+        if self.upstreams.get(upstream.key) is upstream:
+            del self.upstreams[upstream.key]
+        if not self.closed:
+            self._fail_streams(upstream, error)
+            self._flush()
+
+    # ---- connection ----------------------------------------------------------------
+
+    def _flush(self) -> None:
+        if self.closed:
+            return
+        data = self.h2.data_to_send()
+        if data:
+            self.transport.write(data)
+        for upstream in self.upstreams.values():
+            upstream.flush()
+
+    def _goaway(self) -> None:
+        if not self.goaway_sent and not self.closed:
+            self.goaway_sent = True
+            self.h2.close_connection()
+
+    def _close(self) -> None:
+        if self.closed:
+            return
+        self._flush()
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self.transport.close()
+
+    def _on_timer(self) -> None:
+        idle_deadline = self.last_activity + self.settings.idle_timeout
+        if self.loop.time() >= idle_deadline and not self.closed:
+            self.error = "idle_timeout"
+            self._goaway()
+            self._flush()
+            self.transport.abort()
+            return
+        self.timer = self.loop.call_at(idle_deadline, self._on_timer)

@@ -1,0 +1,669 @@
+"""HTTP request by request through the real redirect: HTTP/1.x, h2c and gRPC, with real clients."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .clients import recv_exactly, recv_until_eof, stream_sha256
+from .netns import NamespaceHTTPConnection, call_in
+from .proxy_process import StartProxy
+from .world import BLACKHOLE_V4, STOP_TIMEOUT, World, stop_process
+
+pytestmark = pytest.mark.e2e
+
+H1_PORT, H2_PORT, GRPC_PORT = 8080, 8081, 50051
+SERVERS_READY_TIMEOUT = 15.0
+TIMEOUT = 10.0
+
+DENY_BUT_GET = """\
+apiVersion: policy.linkerd.io/v1alpha1
+kind: EgressNetwork
+metadata:
+  namespace: egress-test
+  name: all-egress-traffic
+spec:
+  trafficPolicy: Deny
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: HTTPRoute
+metadata:
+  name: httpbin-get
+  namespace: egress-test
+spec:
+  parentRefs:
+  - name: all-egress-traffic
+    kind: EgressNetwork
+    group: policy.linkerd.io
+    namespace: egress-test
+    port: {port}
+  rules:
+  - matches:
+    - path:
+        value: "/get"
+    - path:
+        type: PathPrefix
+        value: "/bytes"
+    - path:
+        value: "/raw-head"
+    - path:
+        type: PathPrefix
+        value: "/chat"
+    - path:
+        type: PathPrefix
+        value: "/up"
+    - method: CONNECT
+"""
+
+GRPC_POLICY = """\
+apiVersion: policy.linkerd.io/v1alpha1
+kind: EgressNetwork
+metadata:
+  namespace: egress-test
+  name: all-egress-traffic
+spec:
+  trafficPolicy: Deny
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata:
+  name: echo-only
+  namespace: egress-test
+spec:
+  parentRefs:
+  - name: all-egress-traffic
+    kind: EgressNetwork
+    group: policy.linkerd.io
+    namespace: egress-test
+    port: {port}
+  rules:
+  - matches:
+    - method:
+        service: test.Echo
+        method: Echo
+"""
+
+REDIRECT_GUIDE = Path(__file__).resolve().parents[2] / "config/examples/linkerd-5-redirect.yaml"
+
+
+@pytest.fixture(scope="module")
+def http_servers(world: World) -> Iterator[None]:
+    """tests/e2e/http_servers.py in the internet namespace, for this module's tests."""
+    log_path = world.workdir / "http_servers.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                world.internet_ns,
+                sys.executable,
+                str(Path(__file__).with_name("http_servers.py")),
+                "--h1",
+                str(H1_PORT),
+                "--h2",
+                str(H2_PORT),
+                "--grpc",
+                str(GRPC_PORT),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + SERVERS_READY_TIMEOUT
+        while b"ready" not in log_path.read_bytes() or not _accepts(world, GRPC_PORT):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"http_servers.py did not start:\n{log_path.read_text()}")
+            time.sleep(0.05)
+        yield
+    finally:
+        stop_process(process)
+
+
+def _accepts(world: World, port: int) -> bool:
+    address = world.host("example.test").v4
+
+    def probe() -> bool:
+        with socket.socket() as sock:
+            sock.settimeout(1.0)
+            return sock.connect_ex((address, port)) == 0
+
+    return call_in(world.internet_ns, probe)
+
+
+def policy(port: int = 80) -> str:
+    return DENY_BUT_GET.format(port=port)
+
+
+def run_proxy(proxy: StartProxy, text: str, *args: str) -> None:
+    proxy(text, "--namespace", "egress-test", *args)
+
+
+def metrics_text(world: World, proxy_port: int = 4191) -> str:
+    from .netns import http_get_in
+
+    status, body = http_get_in(world.client_ns, "127.0.0.1", proxy_port, "/metrics")
+    assert status == 200
+    return body.decode()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.partition("}")[0]))
+        if all(found.get(key) == value for key, value in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def connection(world: World, host: str, port: int = 80) -> NamespaceHTTPConnection:
+    return NamespaceHTTPConnection(world.client_ns, world.host(host).v4, port, TIMEOUT)
+
+
+def request(
+    conn: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    host: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, bytes]:
+    all_headers = {"Host": host, **(headers or {})}
+    chunked = all_headers.get("Transfer-Encoding") == "chunked"
+    conn.request(method, path, body=body, headers=all_headers, encode_chunked=chunked)
+    response = conn.getresponse()
+    return response.status, response.read()
+
+
+# --- HTTP/1.x -----------------------------------------------------------------
+
+
+def test_curl_keep_alive_decides_every_request(world: World, proxy: StartProxy) -> None:
+    run_proxy(proxy, policy())
+    urls = ["/get", "/post", "/get", "/anything/get", "/get"]
+    targets = [arg for url in urls for arg in ("-o", "/dev/null", f"http://httpbin.org{url}")]
+    result = world.curl("--http1.1", "-w", "%{http_code} %{num_connects}\\n", *targets)
+    assert result.returncode == 0, result
+    lines = [line.split() for line in result.stdout.decode().splitlines()]
+    assert [code for code, _ in lines] == ["200", "403", "200", "403", "200"]
+    assert [connects for _, connects in lines] == ["1", "0", "0", "0", "0"], "one connection"
+    text = metrics_text(world)
+    assert (
+        metric_value(
+            text,
+            "outbound_http_route_request_statuses_total",
+            route_name="httpbin-get",
+            hostname="httpbin.org",
+            http_status="200",
+        )
+        == 3
+    )
+    assert (
+        metric_value(
+            text,
+            "outbound_http_route_request_statuses_total",
+            route_name="http-egress-deny",
+            hostname="httpbin.org",
+            http_status="403",
+            error="",
+        )
+        == 2
+    )
+
+
+def test_python_keep_alive_and_pipelining(world: World, proxy: StartProxy) -> None:
+    run_proxy(proxy, policy())
+    conn = connection(world, "httpbin.org")
+    try:
+        for path, expected in [("/get", 200), ("/admin", 403), ("/get?x=1", 200), ("/", 403)]:
+            status, body = request(conn, "GET", path, "httpbin.org")
+            assert status == expected, path
+            if status == 403:
+                assert body == b"traffic not allowed\n"
+            else:
+                assert json.loads(body)["path"] == path
+        first_socket = conn.sock
+        status, _ = request(conn, "GET", "/get", "httpbin.org")
+        assert (status, conn.sock) == (200, first_socket)
+    finally:
+        conn.close()
+    paths = ["/get", "/nope", "/bytes/70000", "/get", "/nope"]
+    sock = world.connect(world.host("httpbin.org").v4, 80)
+    try:
+        sock.sendall(
+            b"".join(f"GET {p} HTTP/1.1\r\nHost: httpbin.org\r\n\r\n".encode() for p in paths)
+            + b"GET /get HTTP/1.1\r\nHost: httpbin.org\r\nConnection: close\r\n\r\n"
+        )
+        answers = recv_until_eof(sock, TIMEOUT)
+    finally:
+        sock.close()
+    assert split_responses(answers) == [200, 403, 200, 200, 403, 200]
+
+
+def split_responses(data: bytes) -> list[int]:
+    """Statuses of back-to-back responses framed by Content-Length."""
+    statuses = []
+    while data:
+        head, _, data = data.partition(b"\r\n\r\n")
+        statuses.append(int(head.split(b" ", 2)[1]))
+        length = re.search(rb"(?im)^content-length: *(\d+)", head)
+        assert length is not None, head
+        data = data[int(length.group(1)) :]
+    return statuses
+
+
+def test_50_mib_upload_and_256_mib_download(world: World, proxy: StartProxy) -> None:
+    run_proxy(proxy, policy())
+    conn = connection(world, "httpbin.org")
+    upload = 50 << 20
+    block = hashlib.sha256(b"seed").digest() * 2048
+
+    def body() -> Iterator[bytes]:
+        for _ in range(upload // len(block)):
+            yield block
+
+    expected_upload = hashlib.sha256(block * (upload // len(block))).hexdigest()
+    try:
+        status, answer = request(
+            conn, "POST", "/get", "httpbin.org", body(), {"Content-Length": str(upload)}
+        )
+        assert status == 200
+        assert json.loads(answer)["body"] == {"length": upload, "sha256": expected_upload}
+        status, answer = request(
+            conn, "POST", "/get", "httpbin.org", body(), {"Transfer-Encoding": "chunked"}
+        )
+        assert json.loads(answer)["body"] == {"length": upload, "sha256": expected_upload}
+        total = 256 << 20
+        conn.request("GET", f"/bytes/{total}", headers={"Host": "httpbin.org"})
+        response = conn.getresponse()
+        digest = hashlib.sha256()
+        received = 0
+        while chunk := response.read(1 << 20):
+            digest.update(chunk)
+            received += len(chunk)
+        assert (received, digest.hexdigest()) == (total, stream_sha256(total))
+    finally:
+        conn.close()
+
+
+def test_100_continue_through_curl(
+    world: World, proxy: StartProxy, http_servers: None, tmp_path: Path
+) -> None:
+    run_proxy(proxy, policy(H1_PORT))
+    payload = tmp_path / "payload"
+    payload.write_bytes(b"x" * 200_000)
+    payload.chmod(0o644)
+    result = world.curl(
+        "--http1.1",
+        "-v",
+        "-H",
+        "Expect: 100-continue",
+        "--data-binary",
+        f"@{payload}",
+        f"http://example.test:{H1_PORT}/up",
+    )
+    assert result.returncode == 0, result
+    assert b"< HTTP/1.1 100" in result.stderr, result.stderr.decode()
+    assert json.loads(result.stdout)["body"]["length"] == 200_000
+
+
+def test_request_head_is_forwarded_byte_for_byte(
+    world: World, proxy: StartProxy, http_servers: None
+) -> None:
+    run_proxy(proxy, policy(H1_PORT))
+    head = (
+        f"GET http://example.test:{H1_PORT}/raw-head HTTP/1.1\r\nX-B: 1\r\n"
+        f"hOsT: example.test:{H1_PORT}\r\nX-A: two  words\r\n\r\n"
+    ).encode()
+    sock = world.connect(world.host("example.test").v4, H1_PORT)
+    try:
+        sock.sendall(head)
+        answer = b""
+        sock.settimeout(TIMEOUT)
+        while head not in answer:
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+def test_websocket_upgrade_and_connect_are_spliced(
+    world: World, proxy: StartProxy, http_servers: None
+) -> None:
+    run_proxy(proxy, policy(H1_PORT))
+    address = world.host("example.test").v4
+    sock = world.connect(address, H1_PORT)
+    try:
+        sock.sendall(
+            b"GET /chat HTTP/1.1\r\nHost: example.test\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        head = _read_head(sock)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head
+        frame = b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58"  # masked "Hello" (RFC 6455)
+        sock.sendall(frame)
+        assert recv_exactly(sock, len(frame), TIMEOUT) == frame
+    finally:
+        sock.close()
+    sock = world.connect(address, H1_PORT)
+    try:
+        sock.sendall(b"CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n\r\n")
+        assert _read_head(sock).startswith(b"HTTP/1.1 200 ")
+        sock.sendall(b"\x16\x03\x01 anything at all")
+        assert recv_exactly(sock, 19, TIMEOUT) == b"\x16\x03\x01 anything at all"
+    finally:
+        sock.close()
+
+
+def _read_head(sock: socket.socket) -> bytes:
+    sock.settimeout(TIMEOUT)
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        byte = sock.recv(1)
+        assert byte, head
+        head += byte
+    return head
+
+
+def test_502_and_504(world: World, proxy: StartProxy) -> None:
+    run_proxy(proxy, policy(81), "--connect-timeout", "1")
+    result = world.curl(
+        "--http1.1", "-w", "%{http_code}", "-o", "/dev/null", "http://httpbin.org:81/get"
+    )
+    assert result.stdout == b"502"
+    run_proxy_504 = world.curl(
+        "--http1.1", "-w", "%{http_code}", "-o", "/dev/null", f"http://{BLACKHOLE_V4}:81/get"
+    )
+    assert run_proxy_504.stdout == b"504"
+    text = metrics_text(world)
+    assert (
+        metric_value(
+            text,
+            "outbound_http_route_request_statuses_total",
+            http_status="502",
+            error="connect_refused",
+        )
+        == 1
+    )
+    assert (
+        metric_value(
+            text,
+            "outbound_http_route_request_statuses_total",
+            http_status="504",
+            error="connect_timeout",
+        )
+        == 1
+    )
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"GET /get HTTP/1.1\r\nHost: httpbin.org\r\nno colon here\r\n\r\n", 400),
+        (b"GET /get HTTP/1.1\r\nHost: httpbin.org\r\nX-Big: " + b"b" * 70_000 + b"\r\n\r\n", 431),
+        (b"GET /get HTTP/1.1\r\nHost: httpbin.org\r\nX-Slow: 1\r\n", 408),
+    ],
+)
+def test_bad_heads_get_400_431_408(
+    world: World, proxy: StartProxy, head: bytes, status: int
+) -> None:
+    run_proxy(proxy, policy(), "--header-timeout", "1")
+    sock = world.connect(world.host("httpbin.org").v4, 80)
+    try:
+        sock.sendall(b"GET /get HTTP/1.1\r\nHost: httpbin.org\r\n\r\n")
+        first = _read_head(sock)
+        length = int(re.search(rb"(?i)content-length: (\d+)", first).group(1))  # type: ignore[union-attr]
+        recv_exactly(sock, length, TIMEOUT)
+        sock.sendall(head)
+        answer = recv_until_eof(sock, TIMEOUT)
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 %d " % status)
+
+
+def test_linkerd_guide_redirect_section(world: World, proxy: StartProxy) -> None:
+    run_proxy(proxy, REDIRECT_GUIDE.read_text())
+    conn = connection(world, "httpbin.org")
+    try:
+        status, body = request(conn, "GET", "/get", "httpbin.org")
+        assert (status, json.loads(body)["server"]["name"]) == (200, "httpbin.org")
+        status, body = request(conn, "GET", "/ip", "httpbin.org")
+        document = json.loads(body)
+        assert document["server"]["name"] == "internal-egress.egress-test.svc.cluster.local"
+        assert document["host"] == "httpbin.org"
+        status, body = request(conn, "GET", "/get", "httpbin.org")
+        assert json.loads(body)["server"]["name"] == "httpbin.org"
+    finally:
+        conn.close()
+    result = world.curl("--http1.1", "http://google.com")
+    document = json.loads(result.stdout)
+    assert document["server"]["name"] == "internal-egress.egress-test.svc.cluster.local"
+    assert document["host"] == "google.com"
+    text = metrics_text(world)
+    assert (
+        metric_value(
+            text,
+            "outbound_http_route_request_statuses_total",
+            route_name="unencrypted-http",
+            hostname="google.com",
+            http_status="200",
+        )
+        == 1
+    )
+
+
+def test_sigterm_finishes_the_request_in_flight(world: World, proxy: StartProxy) -> None:
+    import signal
+
+    started = proxy(policy(), "--namespace", "egress-test")
+    conn = connection(world, "httpbin.org")
+    try:
+        total = 64 << 20
+        conn.request("GET", f"/bytes/{total}", headers={"Host": "httpbin.org"})
+        response = conn.getresponse()
+        first = response.read(1 << 20)
+        started.send_signal(signal.SIGTERM)
+        rest = response.read()
+        assert hashlib.sha256(first + rest).hexdigest() == stream_sha256(total)
+        with contextlib.suppress(ConnectionError, http.client.HTTPException):
+            request(conn, "GET", "/get", "httpbin.org")
+    finally:
+        conn.close()
+    assert started.wait(STOP_TIMEOUT) == 0
+
+
+# --- HTTP/2 cleartext and gRPC ---------------------------------------------------
+
+
+def test_curl_http2_prior_knowledge(world: World, proxy: StartProxy, http_servers: None) -> None:
+    """One curl per request: curl 7.88 fails reusing an h2c connection even talking directly
+    to the h2 server (the h2 unit tests cover multiplexing on one connection)."""
+    run_proxy(proxy, policy(H2_PORT))
+    answers = []
+    for path in ("/get", "/nope", "/get?a=b"):
+        result = world.curl(
+            "--http2-prior-knowledge",
+            "-w",
+            "\\n%{http_version} %{http_code}",
+            f"http://example.test:{H2_PORT}{path}",
+        )
+        assert result.returncode == 0, result
+        answers.append(result.stdout.decode().rpartition("\n"))
+    assert [status for _, _, status in answers] == ["2 200", "2 403", "2 200"]
+    first = json.loads(answers[0][0])
+    assert [":authority", f"example.test:{H2_PORT}"] in first["headers"]
+    assert [":path", "/get"] in first["headers"]
+    assert answers[1][0] == "traffic not allowed\n"
+    text = metrics_text(world)
+    assert (
+        metric_value(
+            text,
+            "outbound_http_route_request_statuses_total",
+            route_name="http-egress-deny",
+            http_status="403",
+        )
+        == 1
+    )
+
+
+def grpc_call(world: World, method: str, payload: str, port: int = GRPC_PORT) -> dict[str, Any]:
+    result = world.run(
+        [
+            "env",
+            "GRPC_DNS_RESOLVER=native",
+            sys.executable,
+            str(Path(__file__).with_name("http_servers.py")),
+            "--call",
+            f"example.test:{port}",
+            method,
+            payload,
+        ],
+        timeout=20,
+    )
+    assert result.returncode == 0, result
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def test_grpcio_allowed_and_denied(world: World, proxy: StartProxy, http_servers: None) -> None:
+    run_proxy(proxy, GRPC_POLICY.format(port=GRPC_PORT))
+    assert grpc_call(world, "/test.Echo/Echo", "hello") == {"code": "OK", "response": "hello"}
+    assert grpc_call(world, "/test.Echo/Fail", "x") == {
+        "code": "PERMISSION_DENIED",
+        "response": None,
+    }
+    text = metrics_text(world)
+    assert (
+        metric_value(
+            text,
+            "outbound_grpc_route_request_statuses_total",
+            route_name="echo-only",
+            grpc_status="OK",
+        )
+        == 1
+    )
+    assert (
+        metric_value(
+            text,
+            "outbound_grpc_route_request_statuses_total",
+            route_name="grpc-egress-deny",
+            grpc_status="PERMISSION_DENIED",
+        )
+        == 1
+    )
+
+
+def test_grpc_upstream_unreachable_is_unavailable(
+    world: World, proxy: StartProxy, http_servers: None
+) -> None:
+    closed = GRPC_PORT + 1
+    run_proxy(proxy, GRPC_POLICY.format(port=closed))
+    assert grpc_call(world, "/test.Echo/Echo", "x", closed) == {
+        "code": "UNAVAILABLE",
+        "response": None,
+    }
+    text = metrics_text(world)
+    assert (
+        metric_value(
+            text,
+            "outbound_grpc_route_request_statuses_total",
+            route_name="echo-only",
+            grpc_status="UNAVAILABLE",
+            error="connect_refused",
+        )
+        >= 1
+    )
+
+
+def test_h2c_download_respects_flow_control(
+    world: World, proxy: StartProxy, http_servers: None
+) -> None:
+    run_proxy(proxy, policy(H2_PORT))
+    total = 64 << 20
+    result = world.curl(
+        "--http2-prior-knowledge", f"http://example.test:{H2_PORT}/bytes/{total}", timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    assert hashlib.sha256(result.stdout).hexdigest() == stream_sha256(total)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /get HTTP/1.1\r\nHost: httpbin.org\r\nHost: github.com\r\n\r\n",
+        b"GET /get HTTP/1.1\r\nHost: httpbin.org\r\nX-Big: " + b"b" * 70_000 + b"\r\n\r\n",
+    ],
+)
+def test_a_bad_first_head_is_answered_not_relayed(
+    world: World, proxy: StartProxy, head: bytes
+) -> None:
+    run_proxy(proxy, policy())
+    sock = world.connect(world.host("httpbin.org").v4, 80)
+    try:
+        sock.sendall(head)
+        answer = recv_until_eof(sock, TIMEOUT)
+    finally:
+        sock.close()
+    assert re.match(rb"HTTP/1\.1 (400|431) ", answer), answer[:200]
+
+
+@pytest.mark.parametrize("port", [80, H2_PORT])
+def test_a_client_that_reads_nothing_keeps_proxy_memory_bounded(
+    world: World, proxy: StartProxy, http_servers: None, port: int
+) -> None:
+    """256 MiB offered by the server, nothing read by the client: reading the upstream pauses
+    (HTTP/1: transport backpressure; h2: the client's window is never reopened)."""
+    running = proxy(policy(port), "--namespace", "egress-test")
+    address = world.host("httpbin.org").v4
+    warm_up = world.curl(
+        *(["--http2-prior-knowledge"] if port == H2_PORT else ["--http1.1"]),
+        "-o", "/dev/null", f"http://httpbin.org:{port}/bytes/{8 << 20}",
+    )  # fmt: skip
+    assert warm_up.returncode == 0, warm_up
+    baseline = running.rss_bytes()
+    sock = world.connect(address, port)
+    try:
+        if port == H2_PORT:
+            sock.sendall(
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+                + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # empty SETTINGS
+                + h2_get_frame(f"/bytes/{256 << 20}", f"httpbin.org:{port}")
+            )
+        else:
+            sock.sendall(f"GET /bytes/{256 << 20} HTTP/1.1\r\nHost: httpbin.org\r\n\r\n".encode())
+        time.sleep(1.5)
+        growth = running.rss_bytes() - baseline
+        recv_exactly(sock, 1 << 16, TIMEOUT)
+    finally:
+        sock.close()
+    assert growth < 32 << 20, f"the proxy grew {growth >> 20} MiB for a reader that reads nothing"
+
+
+def h2_get_frame(path: str, authority: str) -> bytes:
+    """A HEADERS frame (END_STREAM, END_HEADERS) for GET path on stream 1, by hpack."""
+    import hpack
+
+    block = hpack.Encoder().encode(
+        [(":method", "GET"), (":scheme", "http"), (":authority", authority), (":path", path)]
+    )
+    return len(block).to_bytes(3, "big") + b"\x01\x05" + (1).to_bytes(4, "big") + block

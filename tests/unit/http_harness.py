@@ -1,0 +1,115 @@
+"""A proxy on loopback for the HTTP handler tests: the real Flow, policy and handlers.
+
+Only the original destination is given instead of read with SO_ORIGINAL_DST (there
+is no redirect on loopback): every connection to the proxy "was meant for" the
+origin the test names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pytest
+
+from egressproxy import flow as flow_module
+from egressproxy.flow import Flow, FlowContext, OpenFlows
+from egressproxy.policy.decision import Destination
+from egressproxy.policy.store import PolicyStore
+from egressproxy.records import FlowRecord, RequestRecord
+from egressproxy.settings import Settings
+
+
+def _nothing() -> None:
+    """The loopback proxy never pauses accepting."""
+
+
+@dataclass
+class Ledger:
+    """Accounting that keeps every record, so tests can check what metrics would get."""
+
+    flows: list[FlowRecord] = field(default_factory=list)
+    requests: list[RequestRecord] = field(default_factory=list)
+
+    def connection_opened(self) -> None:
+        """Nothing to count here."""
+
+    def connection_decided(self, record: FlowRecord) -> None:
+        """Nothing to count here."""
+
+    def connection_closed(self, record: FlowRecord) -> None:
+        self.flows.append(record)
+
+    def request_finished(self, record: RequestRecord) -> None:
+        self.requests.append(record)
+
+    def policy_reloaded(self, ok: bool, generation: int) -> None:
+        """Nothing to count here."""
+
+
+@dataclass
+class LoopbackProxy:
+    host: str
+    port: int
+    context: FlowContext
+    ledger: Ledger
+    destination: list[Destination]
+    """The original destination every new connection gets (tests may change it)."""
+
+    async def wait_closed_flows(self, count: int, timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.ledger.flows) < count:
+                await asyncio.sleep(0.01)
+
+    async def wait_requests(self, count: int, timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.ledger.requests) < count:
+                await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def loopback_proxy(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    policy_text: str,
+    destination: Destination,
+    **settings: object,
+) -> AsyncIterator[LoopbackProxy]:
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(policy_text)
+    config = replace(Settings(), policy_file=policy_file, **settings)  # type: ignore[arg-type]
+    store = PolicyStore(config)
+    store.load_initial()
+    ledger = Ledger()
+    context = FlowContext(config, store, OpenFlows(10_000, _nothing, _nothing), ledger)
+    chosen = [destination]
+
+    def given_destination(sock: object) -> Destination:
+        return chosen[0]
+
+    monkeypatch.setattr(flow_module, "original_destination", given_destination)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: Flow(context), "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        yield LoopbackProxy("127.0.0.1", port, context, ledger, chosen)
+    finally:
+        server.close()
+        for open_flow in list(context.open_flows.flows):
+            open_flow.abort()
+        await asyncio.sleep(0)
+
+
+@contextlib.asynccontextmanager
+async def origin(
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], object],
+) -> AsyncIterator[int]:
+    """A stream server on 127.0.0.1; yields its port."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)  # type: ignore[arg-type]
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()

@@ -1,0 +1,441 @@
+"""Http1Proxy on loopback: the real Flow, policy index and h11 handler between real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from egressproxy.policy.decision import Destination
+from egressproxy.settings import VerifyDestination
+from tests.e2e.http_servers import h1
+from tests.unit.http_harness import LoopbackProxy, loopback_proxy, origin
+
+POLICY = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: test
+spec:
+  default: allow
+  rules:
+  - name: no-denied
+    http:
+    - pathPrefix: /denied
+    action: deny
+  - name: to-backend
+    http:
+    - pathPrefix: /routed
+    action: route
+    to: 127.0.0.1:{backend}
+"""
+
+
+@pytest_asyncio.fixture
+async def setup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[LoopbackProxy, int, int]]:
+    async with origin(h1) as origin_port, origin(h1) as backend_port:
+        destination = Destination(ipaddress.ip_address("127.0.0.1"), origin_port)
+        async with loopback_proxy(
+            tmp_path,
+            monkeypatch,
+            POLICY.format(backend=backend_port),
+            destination,
+            header_timeout=0.5,
+        ) as proxy:
+            yield proxy, origin_port, backend_port
+
+
+async def read_response(
+    reader: asyncio.StreamReader, head_only: bool = False
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with Content-Length or chunked framing."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    if head_only or status < 200 or status in (204, 304):
+        return status, headers, b""
+    if headers.get("transfer-encoding") == "chunked":
+        body = bytearray()
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                return status, headers, bytes(body)
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+    if "content-length" in headers:
+        return status, headers, await reader.readexactly(int(headers["content-length"]))
+    return status, headers, await reader.read()
+
+
+def document(body: bytes) -> Any:
+    return json.loads(body)
+
+
+@pytest.mark.asyncio
+async def test_each_request_on_a_keep_alive_connection_is_decided_on_its_own(
+    setup: tuple[LoopbackProxy, int, int],
+) -> None:
+    proxy, _, _ = setup
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    for path, expected in [("/a", 200), ("/denied", 403), ("/b", 200), ("/denied/x", 403)]:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: example.test\r\n\r\n".encode())
+        status, _, body = await read_response(reader)
+        assert status == expected, path
+        if expected == 403:
+            assert body == b"traffic not allowed\n"
+        else:
+            assert document(body)["target"] == path
+    writer.close()
+    await proxy.wait_closed_flows(1)
+    statuses = [(record.path, record.status) for record in proxy.ledger.requests]
+    assert statuses == [("/a", 200), ("/denied", 403), ("/b", 200), ("/denied/x", 403)]
+
+
+@pytest.mark.asyncio
+async def test_routed_request_goes_to_the_backend_and_keeps_its_host(
+    setup: tuple[LoopbackProxy, int, int],
+) -> None:
+    proxy, _, backend_port = setup
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(b"GET /raw-head HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    status, _, body = await read_response(reader)
+    assert status == 200
+    writer.write(b"GET /routed HTTP/1.1\r\nHOST: example.test\r\n\r\n")
+    status, _, body = await read_response(reader)
+    assert ["host", "example.test"] in document(body)["headers"]
+    writer.close()
+    await proxy.wait_closed_flows(1)
+    first, second = proxy.ledger.requests
+    assert first.decision.backend is None
+    assert second.decision.backend is not None
+    assert second.decision.backend.port == backend_port
+
+
+@pytest.mark.asyncio
+async def test_request_head_reaches_the_upstream_byte_for_byte(
+    setup: tuple[LoopbackProxy, int, int],
+) -> None:
+    proxy, _, _ = setup
+    head = (
+        b"GET /raw-head HTTP/1.1\r\nX-Zeta: 1\r\nhOsT: Example.Test:80\r\n"
+        b"X-Alpha: two words\r\nAccept: */*\r\nx-zeta: 2\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(head)
+    status, _, body = await read_response(reader)
+    assert (status, body) == (200, head)
+    absolute = b"GET http://example.test/raw-head?q=1 HTTP/1.1\r\nHost: example.test\r\n\r\n"
+    writer.write(absolute)
+    status, _, body = await read_response(reader)
+    assert (status, body) == (200, absolute)
+    writer.close()
+
+
+@pytest.mark.asyncio
+async def test_pipelined_requests_are_answered_in_order(
+    setup: tuple[LoopbackProxy, int, int],
+) -> None:
+    proxy, _, _ = setup
+    paths = ["/one", "/denied", "/routed/two", "/three", "/denied", "/bytes/100000", "/four"]
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(
+        b"".join(f"GET {path} HTTP/1.1\r\nHost: example.test\r\n\r\n".encode() for path in paths)
+    )
+    for path in paths:
+        status, _, body = await read_response(reader)
+        if path == "/denied":
+            assert status == 403
+        elif path.startswith("/bytes/"):
+            assert len(body) == 100000
+        else:
+            assert document(body)["target"] == path
+    writer.close()
+
+
+@pytest.mark.asyncio
+async def test_bodies_stream_both_ways(setup: tuple[LoopbackProxy, int, int]) -> None:
+    proxy, _, _ = setup
+    payload = bytes(range(256)) * 40000
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(
+        b"POST /upload HTTP/1.1\r\nHost: example.test\r\nContent-Length: %d\r\n\r\n" % len(payload)
+    )
+    writer.write(payload)
+    status, _, body = await read_response(reader)
+    assert document(body)["body"] == {
+        "length": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+    }
+    writer.write(
+        b"POST /chunked HTTP/1.1\r\nHost: example.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    for start in range(0, len(payload), 300000):
+        piece = payload[start : start + 300000]
+        writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+    writer.write(b"0\r\n\r\n")
+    status, _, body = await read_response(reader)
+    assert document(body)["body"]["sha256"] == hashlib.sha256(payload).hexdigest()
+    writer.write(b"GET /close-delimited/300000 HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    status, headers, body = await read_response(reader)
+    assert (status, len(body), headers.get("transfer-encoding")) == (200, 300000, "chunked")
+    writer.write(b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    status, _, body = await read_response(reader)
+    assert status == 200
+    writer.close()
+
+
+@pytest.mark.asyncio
+async def test_100_continue(setup: tuple[LoopbackProxy, int, int]) -> None:
+    proxy, _, _ = setup
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(
+        b"POST /up HTTP/1.1\r\nHost: example.test\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 5\r\n\r\n"
+    )
+    status, _, _ = await read_response(reader)
+    assert status == 100
+    writer.write(b"hello")
+    status, _, body = await read_response(reader)
+    assert document(body)["body"]["length"] == 5
+    writer.write(
+        b"POST /denied HTTP/1.1\r\nHost: example.test\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 5\r\n\r\n"
+    )
+    status, headers, body = await read_response(reader)
+    assert (status, headers["connection"]) == (403, "close")
+    assert await reader.read() == b""
+    writer.close()
+
+
+@pytest.mark.asyncio
+async def test_denied_request_body_is_dropped_and_the_connection_stays_usable(
+    setup: tuple[LoopbackProxy, int, int],
+) -> None:
+    proxy, _, _ = setup
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(b"POST /denied HTTP/1.1\r\nHost: example.test\r\nContent-Length: 100000\r\n\r\n")
+    writer.write(b"x" * 100000)
+    writer.write(b"HEAD /denied HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    writer.write(b"GET /after HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    assert (await read_response(reader))[0] == 403
+    status, headers, _ = await read_response(reader, head_only=True)
+    assert (status, headers["content-length"]) == (403, "20")
+    status, _, body = await read_response(reader)
+    assert document(body)["target"] == "/after"
+    writer.close()
+
+
+@pytest.mark.asyncio
+async def test_upgrade_and_connect_are_spliced(setup: tuple[LoopbackProxy, int, int]) -> None:
+    proxy, _, _ = setup
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(
+        b"GET /chat HTTP/1.1\r\nHost: example.test\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\nearly"
+    )
+    status, headers, _ = await read_response(reader)
+    assert (status, headers["sec-websocket-accept"]) == (101, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+    assert await reader.readexactly(5) == b"early"
+    writer.write(b"GET /not-http-anymore\r\n")
+    assert await reader.readexactly(23) == b"GET /not-http-anymore\r\n"
+    writer.write_eof()
+    assert await reader.read() == b""
+    writer.close()
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(b"CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n\r\n")
+    status, _, _ = await read_response(reader, head_only=True)
+    assert status == 200
+    writer.write(b"\x16\x03\x01opaque")
+    assert await reader.readexactly(9) == b"\x16\x03\x01opaque"
+    writer.close()
+    await proxy.wait_closed_flows(2)
+    assert [r.status for r in proxy.ledger.requests] == [101, 200]
+
+
+@pytest.mark.asyncio
+async def test_unreachable_upstream_gets_502_and_the_cause(
+    setup: tuple[LoopbackProxy, int, int],
+) -> None:
+    proxy, _, _ = setup
+    with __import__("socket").socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        closed_port = unused.getsockname()[1]
+    proxy.destination[0] = Destination(ipaddress.ip_address("127.0.0.1"), closed_port)
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    status, _, body = await read_response(reader)
+    assert (status, body) == (502, b"upstream connect_refused\n")
+    writer.write(b"GET /routed HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    assert (await read_response(reader))[0] == 200
+    writer.close()
+    await proxy.wait_closed_flows(1)
+    assert [(r.status, r.error) for r in proxy.ledger.requests] == [
+        (502, "connect_refused"),
+        (200, ""),
+    ]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "error"),
+    [
+        (b"GET /a HTTP/1.1\r\nHost: example.test\r\nBad Header\r\n\r\n", 400, "bad_request"),
+        (b"GET /a HTTP/1.1\r\nHost: x\r\nHost: denied.test\r\n\r\n", 400, "bad_request"),
+        (
+            b"GET /a HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n",
+            431,
+            "header_too_large",
+        ),
+        (b"GET /a HTTP/1.1\r\nHost: example.test\r\nX-Slow: 1", 408, "header_timeout"),
+        (
+            b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked"
+            b"\r\n\r\n0\r\n\r\n",
+            400,
+            "bad_request",
+        ),
+    ],
+)
+async def test_bad_request_heads(
+    setup: tuple[LoopbackProxy, int, int], request_bytes: bytes, status: int, error: str
+) -> None:
+    proxy, _, _ = setup
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(b"GET /first HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    assert (await read_response(reader))[0] == 200
+    writer.write(request_bytes)
+    got, _, _ = await read_response(reader)
+    assert got == status
+    assert await reader.read() == b""
+    writer.close()
+    await proxy.wait_closed_flows(1)
+    assert (proxy.ledger.requests[-1].status, proxy.ledger.requests[-1].error) == (status, error)
+
+
+async def answer_once_then_drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers the first request of a connection; on the second it closes without a word
+    (what a keep-alive timeout racing a new request looks like to the proxy)."""
+    with contextlib.suppress(asyncio.IncompleteReadError):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+
+
+@pytest.mark.asyncio
+async def test_request_on_a_reused_upstream_that_closed_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with origin(answer_once_then_drop) as port:
+        destination = Destination(ipaddress.ip_address("127.0.0.1"), port)
+        async with loopback_proxy(
+            tmp_path, monkeypatch, POLICY.format(backend=1), destination
+        ) as proxy:
+            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+            for _ in range(3):
+                writer.write(b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n")
+                assert await read_response(reader) == (200, {"content-length": "2"}, b"ok")
+            writer.close()
+            await proxy.wait_closed_flows(1)
+            assert [(r.status, r.error) for r in proxy.ledger.requests] == [(200, "")] * 3
+
+
+@pytest.mark.asyncio
+async def test_idle_keep_alive_connection_is_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with origin(h1) as port:
+        destination = Destination(ipaddress.ip_address("127.0.0.1"), port)
+        async with loopback_proxy(
+            tmp_path, monkeypatch, POLICY.format(backend=1), destination, idle_timeout=0.3
+        ) as proxy:
+            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+            writer.write(b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n")
+            assert (await read_response(reader))[0] == 200
+            async with asyncio.timeout(2):
+                assert await reader.read() == b""
+            writer.close()
+            await proxy.wait_closed_flows(1)
+            assert proxy.ledger.flows[0].error == "idle_timeout"
+
+
+@pytest.mark.asyncio
+async def test_h2c_upgrade_is_not_offered_upstream(setup: tuple[LoopbackProxy, int, int]) -> None:
+    """After a 101 to h2c the requests would pass unseen: the upgrade is dropped instead."""
+    proxy, _, _ = setup
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(
+        b"GET /raw-head HTTP/1.1\r\nHost: example.test\r\nConnection: Upgrade, HTTP2-Settings"
+        b"\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+    )
+    status, _, body = await read_response(reader)
+    assert (status, body) == (
+        200,
+        b"GET /raw-head HTTP/1.1\r\nHost: example.test\r\n"
+        b"Connection: Upgrade, HTTP2-Settings\r\n\r\n",
+    )
+    writer.write(b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    assert (await read_response(reader))[0] == 200
+    writer.close()
+
+
+@pytest.mark.asyncio
+async def test_http_1_0_request_without_host(setup: tuple[LoopbackProxy, int, int]) -> None:
+    proxy, _, _ = setup
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(b"GET /raw-head HTTP/1.0\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert await reader.read() == b"GET /raw-head HTTP/1.0\r\n\r\n"
+    writer.close()
+    await proxy.wait_closed_flows(1)
+    assert proxy.ledger.requests[0].hostname is None
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("mode", "elsewhere_status"), [("enforce", 421), ("log", 200)])
+async def test_verify_destination_per_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, elsewhere_status: int
+) -> None:
+    async with origin(h1) as port:
+        destination = Destination(ipaddress.ip_address("127.0.0.1"), port)
+        async with loopback_proxy(
+            tmp_path,
+            monkeypatch,
+            POLICY.format(backend=1),
+            destination,
+            verify_destination=VerifyDestination(mode),
+        ) as proxy:
+            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+            for host, expected in [
+                ("localhost", 200),
+                ("nowhere.invalid", elsewhere_status),
+                ("127.0.0.1", 200),
+            ]:
+                writer.write(f"GET /a HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                assert (await read_response(reader))[0] == expected, host
+            writer.close()
+            await proxy.wait_closed_flows(1)
+    mismatches = [(r.hostname, r.destination_mismatch, r.error) for r in proxy.ledger.requests]
+    assert mismatches == [
+        ("localhost", "", ""),
+        ("nowhere.invalid", mode, "destination_mismatch" if mode == "enforce" else ""),
+        ("127.0.0.1", "", ""),
+    ]

@@ -1,0 +1,286 @@
+"""H2Proxy on loopback: h2c prior knowledge and gRPC through the real Flow and policy."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import json
+import socket
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+import pytest_asyncio
+
+from egressproxy.policy.decision import Destination
+from egressproxy.settings import VerifyDestination
+from tests.e2e.http_servers import H2Server, grpc_server
+from tests.e2e.servers import deterministic_chunks
+from tests.unit.http_harness import LoopbackProxy, loopback_proxy
+
+POLICY = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: test
+spec:
+  default: allow
+  rules:
+  - name: no-denied
+    http:
+    - pathPrefix: /denied
+    action: deny
+  - name: no-fail
+    grpc:
+    - service: test.Echo
+      method: Fail
+    action: deny
+  - name: echo
+    grpc:
+    - service: test.Echo
+      method: Echo
+    action: allow
+"""
+
+TIMEOUT = 10.0
+
+
+def local(port: int) -> Destination:
+    return Destination(ipaddress.ip_address("127.0.0.1"), port)
+
+
+@dataclass
+class Answer:
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytearray = field(default_factory=bytearray)
+    trailers: dict[str, str] = field(default_factory=dict)
+    reset: bool = False
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class H2Client(asyncio.Protocol):
+    """A small h2c prior-knowledge client that reads every stream as fast as it arrives."""
+
+    def __init__(self) -> None:
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding="utf-8"))
+        self.transport: asyncio.Transport
+        self.answers: dict[int, Answer] = {}
+        self.uploads: dict[int, memoryview] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.h2.initiate_connection()
+        self.transport.write(self.h2.data_to_send())
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        authority: str = "example.test",
+    ) -> Answer:
+        stream_id = self.h2.get_next_available_stream_id()
+        self.h2.send_headers(
+            stream_id,
+            [
+                (":method", method),
+                (":scheme", "http"),
+                (":authority", authority),
+                (":path", path),
+                *(headers or {}).items(),
+            ],
+            end_stream=not body,
+        )
+        self.answers[stream_id] = Answer()
+        if body:
+            self.uploads[stream_id] = memoryview(body)
+            self._upload()
+        self.transport.write(self.h2.data_to_send())
+        return self.answers[stream_id]
+
+    def _upload(self) -> None:
+        for stream_id, rest in list(self.uploads.items()):
+            while rest:
+                size = min(self.h2.local_flow_control_window(stream_id), 16384, len(rest))
+                if size <= 0:
+                    break
+                self.h2.send_data(stream_id, bytes(rest[:size]))
+                rest = rest[size:]
+            self.uploads[stream_id] = rest
+            if not rest:
+                del self.uploads[stream_id]
+                self.h2.end_stream(stream_id)
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                self.answers[event.stream_id].headers = dict(event.headers)  # type: ignore[arg-type]
+            elif isinstance(event, h2.events.DataReceived):
+                self.answers[event.stream_id].body += event.data
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.TrailersReceived):
+                self.answers[event.stream_id].trailers = dict(event.headers)  # type: ignore[arg-type]
+            elif isinstance(event, h2.events.StreamEnded):
+                self.answers[event.stream_id].done.set()
+            elif isinstance(event, h2.events.StreamReset):
+                answer = self.answers[event.stream_id]
+                answer.reset = True
+                answer.done.set()
+            elif isinstance(event, h2.events.WindowUpdated):
+                self._upload()
+        self.transport.write(self.h2.data_to_send())
+
+
+@pytest_asyncio.fixture
+async def h2_setup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[LoopbackProxy, int]]:
+    loop = asyncio.get_running_loop()
+    origin = await loop.create_server(H2Server, "127.0.0.1", 0)
+    port = origin.sockets[0].getsockname()[1]
+    try:
+        async with loopback_proxy(tmp_path, monkeypatch, POLICY, local(port)) as proxy:
+            yield proxy, port
+    finally:
+        origin.close()
+
+
+@pytest.fixture
+def grpc_origin() -> Iterator[int]:
+    server, port = grpc_server("127.0.0.1:0")
+    try:
+        yield port
+    finally:
+        server.stop(None)
+
+
+async def connect_h2(proxy: LoopbackProxy) -> H2Client:
+    loop = asyncio.get_running_loop()
+    _, client = await loop.create_connection(H2Client, proxy.host, proxy.port)
+    return client
+
+
+@pytest.mark.asyncio
+async def test_streams_are_decided_and_multiplexed(h2_setup: tuple[LoopbackProxy, int]) -> None:
+    proxy, _ = h2_setup
+    client = await connect_h2(proxy)
+    total = 5 << 20
+    upload = bytes(range(256)) * 12000
+    allowed = client.request("GET", "/a?x=1", headers={"x-test": "kept"})
+    denied = client.request("GET", "/denied/thing")
+    download = client.request("GET", f"/bytes/{total}")
+    posted = client.request("POST", "/upload", upload)
+    async with asyncio.timeout(TIMEOUT):
+        for answer in (allowed, denied, download, posted):
+            await answer.done.wait()
+    assert allowed.headers[":status"] == "200"
+    echoed = json.loads(allowed.body)
+    assert ["x-test", "kept"] in echoed["headers"]
+    assert [":path", "/a?x=1"] in echoed["headers"]
+    assert (denied.headers[":status"], bytes(denied.body)) == ("403", b"traffic not allowed\n")
+    expected = hashlib.sha256(b"".join(deterministic_chunks(total))).hexdigest()
+    assert hashlib.sha256(download.body).hexdigest() == expected
+    assert json.loads(posted.body)["body"] == {
+        "length": len(upload),
+        "sha256": hashlib.sha256(upload).hexdigest(),
+    }
+    client.transport.close()
+    await proxy.wait_closed_flows(1)
+    statuses = sorted((r.path, r.status) for r in proxy.ledger.requests)
+    assert statuses == [
+        ("/a", 200),
+        (f"/bytes/{total}", 200),
+        ("/denied/thing", 403),
+        ("/upload", 200),
+    ]
+
+
+@pytest.mark.asyncio
+async def test_unreachable_upstream_gives_502(h2_setup: tuple[LoopbackProxy, int]) -> None:
+    proxy, _ = h2_setup
+    proxy.destination[0] = local(closed_port())
+    client = await connect_h2(proxy)
+    answer = client.request("GET", "/a")
+    async with asyncio.timeout(TIMEOUT):
+        await answer.done.wait()
+    assert (answer.headers[":status"], bytes(answer.body)) == ("502", b"upstream connect_refused\n")
+    client.transport.close()
+    await proxy.wait_closed_flows(1)
+    assert [(r.status, r.error) for r in proxy.ledger.requests] == [(502, "connect_refused")]
+
+
+def closed_port() -> int:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        return int(unused.getsockname()[1])
+
+
+def call(port: int, method: str, payload: bytes) -> tuple[Any, bytes | None]:
+    """One unary call with grpcio; (status code, response or None)."""
+    # a channel of its own connection: the global subchannel pool would reuse an older one
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+        stub: Any = channel.unary_unary(method)
+        try:
+            return grpc.StatusCode.OK, stub(payload, timeout=TIMEOUT)
+        except grpc.RpcError as error:
+            return error.code(), None
+
+
+@pytest.mark.asyncio
+async def test_grpc_allowed_denied_and_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, grpc_origin: int
+) -> None:
+    async with loopback_proxy(tmp_path, monkeypatch, POLICY, local(grpc_origin)) as proxy:
+        ok = await asyncio.to_thread(call, proxy.port, "/test.Echo/Echo", b"ping" * 100_000)
+        assert ok == (grpc.StatusCode.OK, b"ping" * 100_000)
+        denied = await asyncio.to_thread(call, proxy.port, "/test.Echo/Fail", b"x")
+        assert denied == (grpc.StatusCode.PERMISSION_DENIED, None)
+        proxy.destination[0] = local(closed_port())
+        down = await asyncio.to_thread(call, proxy.port, "/test.Echo/Echo", b"x")
+        assert down == (grpc.StatusCode.UNAVAILABLE, None)
+        await proxy.wait_requests(3)
+    records = [(r.path, r.grpc, r.grpc_status, r.error) for r in proxy.ledger.requests]
+    assert records == [
+        ("/test.Echo/Echo", True, 0, ""),
+        ("/test.Echo/Fail", True, 7, ""),
+        ("/test.Echo/Echo", True, 14, "connect_refused"),
+    ]
+
+
+@pytest.mark.asyncio
+async def test_verify_destination_enforced_per_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = asyncio.get_running_loop()
+    origin = await loop.create_server(H2Server, "127.0.0.1", 0)
+    port = origin.sockets[0].getsockname()[1]
+    try:
+        async with loopback_proxy(
+            tmp_path,
+            monkeypatch,
+            POLICY,
+            local(port),
+            verify_destination=VerifyDestination.ENFORCE,
+        ) as proxy:
+            client = await connect_h2(proxy)
+            good = client.request("GET", "/a", authority=f"localhost:{port}")
+            bad = client.request("GET", "/a", authority="nowhere.invalid")
+            async with asyncio.timeout(TIMEOUT):
+                await good.done.wait()
+                await bad.done.wait()
+            assert (good.headers[":status"], bad.headers[":status"]) == ("200", "421")
+            client.transport.close()
+            await proxy.wait_closed_flows(1)
+    finally:
+        origin.close()
+    errors = sorted((r.hostname or "", r.error) for r in proxy.ledger.requests)
+    assert errors == [("localhost", ""), ("nowhere.invalid", "destination_mismatch")]
