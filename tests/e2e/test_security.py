@@ -1,0 +1,186 @@
+"""Egress control that holds (issue 9): spoofed names, Encrypted Client Hello, audit mode,
+least privilege — through the real redirect.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .clients import TlsClient, bytes_before_close, http_request, recv_line, recv_until_eof
+from .proxy_process import Proxy
+from .world import World
+
+pytestmark = pytest.mark.e2e
+
+StartProxy = Callable[..., Proxy]
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
+CAPTURES = Path(__file__).resolve().parents[1] / "captures"
+TLS_ROUTE_POLICY = (EXAMPLES / "linkerd-4-tlsroute.yaml").read_text()
+"""Default Deny; HTTP /get and TLS httpbin.org allowed."""
+DENY_ALL_POLICY = (EXAMPLES / "linkerd-2-deny.yaml").read_text()
+SETTLE_TIMEOUT = 5.0
+
+
+def metric_samples(proxy: Proxy, name: str) -> list[tuple[dict[str, str], float]]:
+    status, body = proxy.admin_get("/metrics")
+    assert status == 200
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+        if sample.name == name
+    ]
+
+
+def settled(proxy: Proxy, name: str, total: float) -> list[tuple[dict[str, str], float]]:
+    """The samples of `name` once they add up to `total` (closes are counted after the fact)."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while True:
+        samples = metric_samples(proxy, name)
+        if sum(value for _, value in samples) >= total or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.05)
+
+
+def spoofed_tls_get(world: World, sni: str, address: str) -> dict[str, object] | None:
+    """A TLS GET carrying `sni`, sent to `address`; the server's echo, or None if cut off."""
+    with world.connect(address, 443) as sock:
+        client = TlsClient(sock, world.tls_context(), sni)
+        try:
+            client.handshake()
+        except OSError:
+            return None
+        client.send(http_request(sni, "/get", "Connection: close\r\n"))
+        status, _, body = client.recv_http_response()
+        sock.shutdown(socket.SHUT_WR)
+        recv_until_eof(sock)
+    assert status == 200
+    echoed: dict[str, object] = json.loads(body)
+    return echoed
+
+
+def server_address(echoed: dict[str, object]) -> object:
+    server = echoed["server"]
+    assert isinstance(server, dict)
+    return server["address"]
+
+
+@pytest.mark.parametrize("mode", ["off", "log", "enforce"])
+def test_sni_of_an_allowed_host_sent_to_another_address(
+    world: World, proxy: StartProxy, mode: str
+) -> None:
+    running = proxy(TLS_ROUTE_POLICY, "--verify-destination", mode)
+    github = world.host("github.com")
+    echoed = spoofed_tls_get(world, "httpbin.org", github.v4)
+    if mode == "enforce":
+        assert echoed is None
+        closes = settled(running, "outbound_tls_route_close_total", 1)
+        assert [(labels["route_name"], labels["error"]) for labels, _ in closes] == [
+            ("tls-egress", "destination_mismatch")
+        ]
+    else:
+        assert echoed is not None and server_address(echoed) == github.v4
+    mismatches = metric_samples(running, "egress_destination_mismatch_total")
+    if mode == "off":
+        assert mismatches == []
+    else:
+        assert mismatches == [({"hostname": "httpbin.org", "mode": mode}, 1.0)]
+    honest = spoofed_tls_get(world, "httpbin.org", world.host("httpbin.org").v4)
+    assert honest is not None and server_address(honest) == world.host("httpbin.org").v4
+
+
+def test_a_network_annotation_enforces_verification(world: World, proxy: StartProxy) -> None:
+    annotated = TLS_ROUTE_POLICY.replace(
+        "  name: all-egress-traffic\n",
+        "  name: all-egress-traffic\n"
+        "  annotations:\n"
+        "    egressproxy.io/verify-destination: enforce\n",
+        1,
+    )
+    assert annotated != TLS_ROUTE_POLICY
+    proxy(annotated)
+    assert spoofed_tls_get(world, "httpbin.org", world.host("github.com").v4) is None
+
+
+@pytest.mark.parametrize("mode", ["log", "enforce"])
+def test_spoofed_host_header(world: World, proxy: StartProxy, mode: str) -> None:
+    running = proxy(TLS_ROUTE_POLICY, "--verify-destination", mode)
+    github = world.host("github.com")
+    result = world.curl(
+        "-4", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: httpbin.org",
+        f"http://{github.v4}/get",
+    )  # fmt: skip
+    assert result.stdout.decode() == ("421" if mode == "enforce" else "200")
+    assert metric_samples(running, "egress_destination_mismatch_total") == [
+        ({"hostname": "httpbin.org", "mode": mode}, 1.0)
+    ]
+
+
+@pytest.mark.parametrize("ech", ["allow", "deny"])
+def test_encrypted_client_hello(world: World, proxy: StartProxy, ech: str) -> None:
+    """A hello with the ECH extension (0xfe0d) is seen by policy and decided on its outer SNI."""
+    hello = (CAPTURES / "curl_tls13_ech.bin").read_bytes()
+    running = proxy(None, "--ech", ech)
+    with world.connect(world.host("example.test").v4, 443) as sock:
+        sock.sendall(hello)
+        answer = bytes_before_close(sock)
+    if ech == "deny":
+        assert answer == b""
+        closes = settled(running, "outbound_tcp_route_close_total", 1)
+        assert [labels["error"] for labels, _ in closes] == ["forbidden"]
+    else:
+        assert answer is None or answer.startswith(b"\x16\x03")
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while not re.search(r"\bech=true\b", running.log_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert re.search(r"\bech=true\b", running.log_text()), running.log_text()
+    assert metric_samples(running, "egress_encrypted_client_hellos_total") == [({}, 1.0)]
+
+
+def test_audit_mode_lets_denials_pass_and_counts_them(world: World, proxy: StartProxy) -> None:
+    running = proxy(DENY_ALL_POLICY, "--audit")
+    status = world.curl("-4", "-o", "/dev/null", "-w", "%{http_code}", "http://httpbin.org/get")
+    assert status.stdout.decode() == "200"
+    would_deny = settled(running, "egress_audit_would_deny_total", 1)
+    assert [(labels["route_name"], value) for labels, value in would_deny] == [
+        ("http-egress-deny", 1.0)
+    ]
+    assert "decision=would_deny" in running.log_text()
+
+
+def test_an_audit_annotation_applies_to_its_network_only(world: World, proxy: StartProxy) -> None:
+    audited = DENY_ALL_POLICY.replace(
+        "  name: all-egress-traffic\n",
+        "  name: all-egress-traffic\n  annotations:\n    egressproxy.io/audit: \"true\"\n",
+        1,
+    )
+    assert audited != DENY_ALL_POLICY
+    proxy(audited)
+    with world.connect(world.host("github.com").v4, 443) as sock:
+        client = TlsClient(sock, world.tls_context(), "github.com")
+        client.handshake()
+    assert client.version is not None
+
+
+def test_the_admin_server_never_proxies(world: World, proxy: StartProxy) -> None:
+    running = proxy()
+    assert running.admin_get("http://httpbin.org/get")[0] == 404
+    with world.connect("127.0.0.1", 4191) as sock:
+        sock.sendall(b"CONNECT httpbin.org:443 HTTP/1.1\r\nHost: httpbin.org:443\r\n\r\n")
+        assert recv_line(sock) == b"HTTP/1.1 405 \r\n"
+
+
+def test_mark_without_the_capability_is_a_clear_error(world: World, proxy: StartProxy) -> None:
+    refused = proxy(None, "--mark", "7", ready=False)
+    assert refused.wait(10) == 2
+    assert "--mark needs CAP_NET_ADMIN" in refused.log_text()
+    assert "Traceback" not in refused.log_text()
