@@ -132,6 +132,7 @@ class Flow(asyncio.Protocol):
         self.client_gone = False
         self.sniff_timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
+        self.peer: tuple[str, int] | None = None
         self.handler: http1.Http1Proxy | http2.H2Proxy | None = None
         """The per-request handler, once an HTTP connection is handed over."""
         self.record = FlowRecord(client="")
@@ -141,6 +142,7 @@ class Flow(asyncio.Protocol):
         self.context.open_flows.add(self)
         self.context.accounting.connection_opened()
         peer = transport.get_extra_info("peername")
+        self.peer = peer
         self.record.client = f"{peer[0]}:{peer[1]}" if peer else "?"
         try:
             destination = original_destination(transport.get_extra_info("socket"))
@@ -206,10 +208,24 @@ class Flow(asyncio.Protocol):
         if self.sniffing:
             self._decide(Opaque(reason))
 
+    def _looped(self) -> bool:
+        """The client is this proxy's own upstream connection, redirected back to it.
+
+        Asked once bytes came (the hop before wrote them after it connected, so it is
+        known by then) and again before connecting.
+        """
+        if not self.peer or not upstream.is_own_connection(self.peer):
+            return False
+        log.warning("%s is the proxy's own upstream connection: a redirect loop", self.peer)
+        self._refuse("loop")
+        return True
+
     def _decide(self, sniffed: Sniffed) -> None:
         self.sniffing = False
         if self.sniff_timer is not None:
             self.sniff_timer.cancel()
+        if self._looped():
+            return
         detected, hostname, outcome = _classify(sniffed, self.buffer)
         assert self.record.destination is not None
         self.record.detected, self.record.hostname = detected, hostname
@@ -283,6 +299,8 @@ class Flow(asyncio.Protocol):
 
     async def _connect(self, host: str, port: int, detected: Detected) -> None:
         settings = self.context.settings
+        if self._looped():
+            return
         if not await self._destination_verified(detected):
             return
         relay = Relay(self.transport, idle_timeout=settings.idle_timeout, on_close=self._relayed)

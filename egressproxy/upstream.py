@@ -39,28 +39,79 @@ async def connect(
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    address = await _resolve(loop, host, port, timeout)
-    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    ip, port = await _resolve(loop, host, port, timeout)
+    try:
+        async with asyncio.timeout_at(deadline):
+            if mark is None:
+                transport, protocol = await loop.create_connection(protocol_factory, ip, port)
+            else:
+                transport, protocol = await _connect_marked(
+                    loop, ip, port, mark, protocol_factory
+                )
+    except TimeoutError:
+        raise UpstreamError("connect_timeout", f"{host}:{port}") from None
+    except OSError as error:
+        kind = CONNECT_ERRORS.get(error.errno or 0, "connect_error")
+        raise UpstreamError(kind, f"{host}:{port}: {error.strerror}") from None
+    _remember(transport)
+    return transport, protocol
+
+
+_own_endpoints: dict[tuple[str, int], asyncio.BaseTransport] = {}
+"""Local address and port of every upstream connection this process opened (closed ones
+are purged now and then): a client connecting from one of them is the proxy itself."""
+_purge_at = 1024
+
+
+def _remember(transport: asyncio.BaseTransport) -> None:
+    global _purge_at
+    sockname = transport.get_extra_info("sockname")
+    if not sockname:
+        return
+    _own_endpoints[(sockname[0], sockname[1])] = transport
+    if len(_own_endpoints) >= _purge_at:
+        for endpoint, known in list(_own_endpoints.items()):
+            if known.is_closing():
+                del _own_endpoints[endpoint]
+        _purge_at = max(1024, 2 * len(_own_endpoints))
+
+
+def is_own_connection(peer: tuple[str, int] | tuple[str, int, int, int]) -> bool:
+    """Whether a client is one of this process's own upstream connections, redirected back.
+
+    That happens when the redirect does not exempt the proxy (root without --mark, or a
+    mark the rules do not return); each hop would otherwise open another.
+    """
+    host = peer[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[len("::ffff:") :]
+    known = _own_endpoints.get((host, peer[1]))
+    return known is not None and not known.is_closing()
+
+
+async def _connect_marked(
+    loop: asyncio.AbstractEventLoop,
+    ip: str,
+    port: int,
+    mark: int,
+    protocol_factory: Callable[[], ProtocolT],
+) -> tuple[asyncio.Transport, ProtocolT]:
+    """The slower path: SO_MARK must be on the socket before it connects.
+
+    Without a mark, create_connection with an IP literal connects inside uvloop
+    with no Python in between, which is most of the cost of a new connection.
+    """
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if mark is not None:
-            set_mark(sock, mark)
-        async with asyncio.timeout_at(deadline):
-            await loop.sock_connect(sock, address)
-        transport, protocol = await loop.create_connection(protocol_factory, sock=sock)
-    except TimeoutError:
-        sock.close()
-        raise UpstreamError("connect_timeout", f"{host}:{port}") from None
-    except OSError as error:
-        sock.close()
-        kind = CONNECT_ERRORS.get(error.errno or 0, "connect_error")
-        raise UpstreamError(kind, f"{host}:{port}: {error.strerror}") from None
+        set_mark(sock, mark)
+        await loop.sock_connect(sock, (ip, port))
+        return await loop.create_connection(protocol_factory, sock=sock)
     except BaseException:
         sock.close()
         raise
-    return transport, protocol
 
 
 async def _resolve(

@@ -49,16 +49,18 @@ def proxy_launcher(world: World) -> Iterator[ProxyLauncher]:
 def proxy(proxy_launcher: ProxyLauncher, request: pytest.FixtureRequest) -> Iterator[StartProxy]:
     """Start `egressproxy run` in the client namespace; stopped (and checked) at teardown.
 
-    proxy(policy_text=None, *args, ready=True): policy_text None runs the
-    bundled policy; args are extra `run` flags; ready=False returns at once
-    instead of waiting for GET /ready. Teardown fails the test if a proxy
+    proxy(policy_text=None, *args, ready=True, as_root=False): policy_text None
+    runs the bundled policy; args are extra `run` flags; ready=False returns at
+    once instead of waiting for GET /ready; as_root runs it as uid 0. Teardown fails the test if a proxy
     exited without the test asking, or logged a traceback.
     """
     started: list[Proxy] = []
     request.node.stash[PROXIES] = started
 
-    def start(policy_text: str | None = None, *args: str, ready: bool = True) -> Proxy:
-        launched = proxy_launcher.start(policy_text, args, ready)
+    def start(
+        policy_text: str | None = None, *args: str, ready: bool = True, as_root: bool = False
+    ) -> Proxy:
+        launched = proxy_launcher.start(policy_text, args, ready, as_root)
         started.append(launched)
         return launched
 

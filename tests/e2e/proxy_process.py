@@ -30,7 +30,9 @@ class ProxyNotReady(RuntimeError):
 class StartProxy(Protocol):
     """The `proxy` fixture: start `egressproxy run POLICY ARGS` and (by default) wait for /ready."""
 
-    def __call__(self, policy_text: str | None = None, *args: str, ready: bool = True) -> Proxy: ...
+    def __call__(
+        self, policy_text: str | None = None, *args: str, ready: bool = True, as_root: bool = False
+    ) -> Proxy: ...
 
 
 class Proxy:
@@ -116,11 +118,16 @@ class ProxyLauncher:
                 Path(directory, name).chmod(0o644)
         self.started = 0
 
-    def start(self, policy_text: str | None, args: tuple[str, ...], ready: bool) -> Proxy:
+    def start(
+        self, policy_text: str | None, args: tuple[str, ...], ready: bool, as_root: bool = False
+    ) -> Proxy:
+        """as_root runs the proxy as uid 0 (it then needs --allow-root, and --mark to avoid a loop)."""
         self.started += 1
-        command = [
-            "ip", "netns", "exec", self.world.client_ns,
+        identity = [] if as_root else [
             "setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups",
+        ]  # fmt: skip
+        command = [
+            "ip", "netns", "exec", self.world.client_ns, *identity,
             sys.executable, "-m", "egressproxy", "run",
             "--admin", f"{ADMIN_HOST}:{ADMIN_PORT}", "--log-level", "debug",
         ]  # fmt: skip

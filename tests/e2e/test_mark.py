@@ -1,0 +1,54 @@
+"""Loop avoidance by mark: a proxy running as root puts --mark on its upstream sockets and
+the redirect returns that mark, instead of returning the proxy's uid.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from .proxy_process import Proxy
+from .world import REDIRECT_CHAIN, World
+
+pytestmark = pytest.mark.e2e
+
+StartProxy = Callable[..., Proxy]
+MARK = 42
+
+
+@pytest.fixture
+def mark_returned(world: World) -> Iterator[None]:
+    """The redirect also returns packets carrying MARK, for as long as the test runs."""
+    rule = ["-m", "mark", "--mark", str(MARK), "-j", "RETURN"]
+    for tool in ("iptables", "ip6tables"):
+        world.run([tool, "-t", "nat", "-I", REDIRECT_CHAIN, "1", *rule]).check_returncode()
+    try:
+        yield
+    finally:
+        for tool in ("iptables", "ip6tables"):
+            world.run([tool, "-t", "nat", "-D", REDIRECT_CHAIN, *rule])
+
+
+@pytest.mark.parametrize("family", ["-4", "-6"])
+def test_marked_upstream_connections_are_not_redirected_again(
+    world: World, proxy: StartProxy, mark_returned: None, family: str
+) -> None:
+    running = proxy(None, "--allow-root", "--mark", str(MARK), as_root=True)
+    result = world.curl(family, "http://httpbin.org/get")
+    assert result.returncode == 0, result.stderr
+    echoed = json.loads(result.stdout)
+    assert echoed["host"] == "httpbin.org"
+    assert "loop" not in running.log_text()
+
+
+def test_without_the_mark_a_root_proxy_would_loop_and_says_so(
+    world: World, proxy: StartProxy
+) -> None:
+    """Without --mark the root proxy's own connection is redirected back to it: the loop
+    guard closes it instead of proxying to itself."""
+    running = proxy(None, "--allow-root", as_root=True)
+    result = world.curl("-4", "-o", "/dev/null", "-w", "%{http_code}", "http://httpbin.org/get")
+    assert result.stdout.decode() == "502"
+    assert "own upstream connection: a redirect loop" in running.log_text()
