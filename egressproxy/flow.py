@@ -123,6 +123,21 @@ def _without_root_dot(hostname: str | None) -> str | None:
 class Flow(asyncio.Protocol):
     """Owns the client transport until a relay or HTTP handler takes it over."""
 
+    __slots__ = (
+        "buffer",
+        "client_eof",
+        "client_gone",
+        "context",
+        "handler",
+        "peer",
+        "record",
+        "snapshot",
+        "sniff_timer",
+        "sniffing",
+        "task",
+        "transport",
+    )
+
     def __init__(self, context: FlowContext) -> None:
         self.context = context
         self.transport: asyncio.Transport
@@ -327,6 +342,7 @@ class Flow(asyncio.Protocol):
             return
         relay.start(self.buffer, self.client_eof)
         self.buffer = b""
+        self.task = self.sniff_timer = None
 
     def _relayed(self, result: RelayResult) -> None:
         self.record.bytes_from_client = result.bytes_from_client

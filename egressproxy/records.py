@@ -9,7 +9,7 @@ from typing import Protocol
 from egressproxy.policy.decision import Decision, Destination, Detected
 
 
-@dataclass
+@dataclass(slots=True)
 class FlowRecord:
     """One client connection, filled in as it goes."""
 
@@ -30,7 +30,7 @@ class FlowRecord:
     started: float = field(default_factory=time.monotonic)
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestRecord:
     """One HTTP request or gRPC call on an HTTP/1.x or HTTP/2 connection."""
 

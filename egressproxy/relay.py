@@ -27,9 +27,10 @@ class RelayResult:
 class _Side(asyncio.Protocol):
     """One end of the splice; writes what it reads to its peer's transport."""
 
-    def __init__(self, relay: Relay, name: str) -> None:
+    __slots__ = ("eof", "lost", "peer", "received", "relay", "transport")
+
+    def __init__(self, relay: Relay) -> None:
         self.relay = relay
-        self.name = name
         self.transport: asyncio.Transport
         self.peer: _Side
         self.received = 0
@@ -62,6 +63,19 @@ class _Side(asyncio.Protocol):
 class Relay:
     """Splices client and upstream until both are done, then reports once."""
 
+    __slots__ = (
+        "_error",
+        "_idle_seen",
+        "_idle_ticks",
+        "_idle_timeout",
+        "_idle_timer",
+        "_loop",
+        "_on_close",
+        "_reported",
+        "client",
+        "upstream",
+    )
+
     def __init__(
         self,
         client: asyncio.Transport,
@@ -78,8 +92,8 @@ class Relay:
         self._on_close = on_close
         self._error = ""
         self._reported = False
-        self.client = _Side(self, "client")
-        self.upstream = _Side(self, "upstream")
+        self.client = _Side(self)
+        self.upstream = _Side(self)
         self.client.peer, self.upstream.peer = self.upstream, self.client
         self.client.transport = client
         self._idle_timeout = idle_timeout
