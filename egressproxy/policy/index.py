@@ -516,7 +516,8 @@ class PolicyIndex:
             route=rule.route.ref,
             backend=rule.backend,
             audit=action == Action.DENY and network.audit,
-            verify_destination=network.network.verify_destination,
+            verify_destination=rule.route.verify_destination
+            or network.network.verify_destination,
             reason=f"matched {rule.describe()}",
         )
 

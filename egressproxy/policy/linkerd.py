@@ -146,7 +146,8 @@ def read_cidr_ranges(checker: Checker, spec: YMap, where: str) -> list[CidrRange
 
 
 def read_annotations(checker: Checker, meta: ObjectMeta, where: str) -> tuple[bool, str | None]:
-    """The egressproxy.io annotations: audit mode and destination verification per network."""
+    """The egressproxy.io annotations: audit mode and destination verification (a network's
+    or, for verification, a route's)."""
     audit_text = meta.annotations.get(AUDIT_ANNOTATION, "false")
     if audit_text not in ("true", "false"):
         checker.error(
@@ -217,6 +218,14 @@ def read_route(document: YMap, order: int, context: RouteContext) -> Route | Non
         return None
     if not spec.get("rules"):
         rules = (Rule(name="rules[0]", origin=Origin(checker.file, spec.line)),)
+    route_where = where.removesuffix(".spec")
+    if AUDIT_ANNOTATION in meta.annotations:
+        checker.error(
+            meta.line,
+            f"{route_where}: annotation {AUDIT_ANNOTATION} applies to an EgressNetwork, "
+            "not a route",
+        )
+    _, verify = read_annotations(checker, meta, route_where)
     return Route(
         ref=RouteRef(GATEWAY_GROUP, kind, meta.namespace, meta.name),
         protocol=protocol,
@@ -228,6 +237,7 @@ def read_route(document: YMap, order: int, context: RouteContext) -> Route | Non
         created=meta.created,
         order=order,
         origin=Origin(checker.file, meta.line),
+        verify_destination=verify,
     )
 
 

@@ -172,6 +172,8 @@ class Route:
     created: datetime | None
     order: int
     origin: Origin
+    verify_destination: str | None = None
+    """Overrides its network's verify-destination mode for the traffic it matches."""
 
 
 @dataclass(frozen=True)

@@ -136,7 +136,14 @@ def read_rule(
     order: int,
 ) -> list[Route]:
     checker.known_fields(
-        node, where, {"name", "hosts", "cidrs", "ports", "http", "grpc", "action", "to"}
+        node,
+        where,
+        {"name", "hosts", "cidrs", "ports", "http", "grpc", "action", "to", "verifyDestination"},
+    )
+    verify = (
+        checker.choice(node, "verifyDestination", where, VERIFY_MODES, "off")
+        if "verifyDestination" in node
+        else None
     )
     hosts = tuple(
         hostname
@@ -198,6 +205,7 @@ def read_rule(
             clients=(),
             created=None,
             order=order,
+            verify_destination=verify,
             origin=origin,
         )
         for protocol, rule in families
