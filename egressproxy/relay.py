@@ -4,6 +4,7 @@ Measured against os.splice through a pipe (benchmarks/relay_splice_vs_copy.py; R
 "Performance"): no clear winner in CPU per GB, and splice would need pipes per
 connection, so the relay stays on uvloop's transports, which also survive a peer reset.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -45,9 +45,7 @@ async def connect(
             if mark is None:
                 transport, protocol = await loop.create_connection(protocol_factory, ip, port)
             else:
-                transport, protocol = await _connect_marked(
-                    loop, ip, port, mark, protocol_factory
-                )
+                transport, protocol = await _connect_marked(loop, ip, port, mark, protocol_factory)
     except TimeoutError:
         raise UpstreamError("connect_timeout", f"{host}:{port}") from None
     except OSError as error:

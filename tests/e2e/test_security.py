@@ -160,7 +160,7 @@ def test_audit_mode_lets_denials_pass_and_counts_them(world: World, proxy: Start
 def test_an_audit_annotation_applies_to_its_network_only(world: World, proxy: StartProxy) -> None:
     audited = DENY_ALL_POLICY.replace(
         "  name: all-egress-traffic\n",
-        "  name: all-egress-traffic\n  annotations:\n    egressproxy.io/audit: \"true\"\n",
+        '  name: all-egress-traffic\n  annotations:\n    egressproxy.io/audit: "true"\n',
         1,
     )
     assert audited != DENY_ALL_POLICY
