@@ -5,21 +5,28 @@ the original destination or the route's backend over upstream connections kept p
 (host, port) for the life of the client connection. Heads are written from h11's raw
 items so names, case, order and the request-target reach the upstream as sent; bodies
 stream through h11's framing with backpressure both ways.
+
+The common exchange (a bodiless HTTP/1.1 request to an upstream already open, answered
+with a Content-Length response) takes a lean path that skips h11: http1_lean parses the
+heads with h11's grammar and the body is counted through. Anything else, at any point
+before the client has seen a byte of the response, is replayed into h11 and handled there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import h11
 
+from egressproxy import http1_lean
 from egressproxy import upstream as upstream_connector
 from egressproxy.errors import UpstreamError
+from egressproxy.http1_lean import NEED_MORE, LeanRequest, LeanResponse
 from egressproxy.policy.decision import Action, Decision, Destination, RequestFacts
 from egressproxy.records import RequestRecord
 from egressproxy.relay import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW, Relay, RelayResult
@@ -43,6 +50,19 @@ _PAUSED_BY_BACKLOG = 2
 _PROTOCOL_ERRORS = {400: "bad_request", 431: "header_too_large", 501: "not_implemented"}
 
 
+@dataclass(slots=True)
+class _LeanExchange:
+    """A request on the lean path, and how far its response has come."""
+
+    request: LeanRequest
+    received: bytes = b""
+    """Response bytes before its head is complete."""
+    remaining: int = field(default=-1)
+    """Response body bytes still to come; -1 until the head is through."""
+    reusable: bool = True
+    """False once the upstream sent more than the response: it is not kept."""
+
+
 def error_response(status: int, body: str, *, close: bool = True) -> bytes:
     """A complete, small HTTP/1.1 response; the body is plain text ending in a newline."""
     payload = (body + "\n").encode()
@@ -55,6 +75,11 @@ def error_response(status: int, body: str, *, close: bool = True) -> bytes:
     if close:
         headers.append("connection: close")
     return ("\r\n".join(headers) + "\r\n\r\n").encode() + payload
+
+
+DENIED_RESPONSE = error_response(403, DENIED_BODY, close=False)
+"""The 403 as h11 writes it on a connection that stays open."""
+DENIED_HEAD = DENIED_RESPONSE[: DENIED_RESPONSE.index(b"\r\n\r\n") + 4]
 
 
 def request_head(request: h11.Request) -> bytes:
@@ -268,6 +293,14 @@ class Http1Proxy(asyncio.Protocol):
         self.last_activity = self.loop.time()
         self.head_deadline: float | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.lean = True
+        """Between exchanges h11 is bypassed: client bytes wait in inbox, h11 stays fresh."""
+        self.inbox = b""
+        self.inbox_eof = False
+        self.exchange: _LeanExchange | None = None
+        self.host_header = ""
+        self.hostname: str | None = None
+        """The last Host header and its hostname: a connection mostly sends one."""
 
     # ---- life of the client connection -------------------------------------------------
 
@@ -279,18 +312,23 @@ class Http1Proxy(asyncio.Protocol):
         now = self.loop.time()
         self.head_deadline = now + self.settings.header_timeout
         self._arm_timer(min(self.head_deadline, now + self.settings.idle_timeout))
-        if flow.buffer:
-            self.client.receive_data(flow.buffer)
-            flow.record.bytes_from_client += len(flow.buffer)
-            flow.buffer = b""
-        if flow.client_eof:
-            self.client.receive_data(b"")
+        self.inbox = flow.buffer
+        flow.record.bytes_from_client += len(flow.buffer)
+        flow.buffer = b""
+        self.inbox_eof = flow.client_eof
         self.transport.resume_reading()
-        self._process()
+        self._process_lean()
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
         self.flow.record.bytes_from_client += len(data)
+        if self.lean:
+            self.inbox += data
+            if self.exchange is None:
+                self._process_lean()
+            elif len(self.inbox) > WRITE_BUFFER_HIGH:
+                self.pause_client(_PAUSED_BY_BACKLOG)
+            return
         if self.head_deadline is None and self.client.their_state is h11.IDLE:
             self._set_head_deadline()
         self.client.receive_data(data)
@@ -300,6 +338,11 @@ class Http1Proxy(asyncio.Protocol):
         self._process()
 
     def eof_received(self) -> bool:
+        if self.lean:
+            self.inbox_eof = True
+            if self.exchange is None:
+                self._process_lean()
+            return True
         self.client.receive_data(b"")
         if self.connecting is None:
             self._process()
@@ -417,10 +460,12 @@ class Http1Proxy(asyncio.Protocol):
             self._pull_client_events()
         finally:
             self.processing = False
+        if self.lean:
+            self._process_lean()
 
     def _pull_client_events(self) -> None:
         client = self.client
-        while not self.closed:
+        while not self.closed and not self.lean:
             try:
                 event = client.next_event()
             except h11.RemoteProtocolError as error:
@@ -452,6 +497,174 @@ class Http1Proxy(asyncio.Protocol):
                 if self.record is None:
                     self._close()
                 return
+
+    def _process_lean(self) -> None:
+        """Serve requests from the inbox while each is lean; hand the first other to h11."""
+        while self.lean and not self.closed and self.exchange is None:
+            if not self.inbox:
+                if self.inbox_eof:
+                    self._close()
+                return
+            request = http1_lean.parse_request(self.inbox, self.settings.max_header_bytes)
+            if request is NEED_MORE:
+                if self.inbox_eof:
+                    self._leave_lean()
+                elif self.head_deadline is None:
+                    self._set_head_deadline()
+                return
+            if request is None or not self._lean_request(request):
+                self._leave_lean()
+                return
+
+    def _leave_lean(self) -> None:
+        """From the next request on, h11 reads the client (until the exchange ends)."""
+        self.lean = False
+        self.client.receive_data(self.inbox)
+        self.inbox = b""
+        if self.inbox_eof:
+            self.client.receive_data(b"")
+        self._process()
+
+    def _lean_request(self, request: LeanRequest) -> bool:
+        """Decide and deny or forward a lean request; False: h11 must take it (nothing done)."""
+        flow = self.flow
+        destination = flow.record.destination
+        assert destination is not None
+        target = request.target.decode("latin-1")
+        if not target.startswith("/"):
+            return False
+        if request.host != self.host_header:
+            self.host_header, self.hostname = request.host, split_authority(request.host)
+        path, _, query = target.partition("?")
+        method = request.method.decode("latin-1")
+        facts = RequestFacts(
+            destination, self.hostname, method, path, query, request.headers, request.grpc
+        )
+        decision = flow.snapshot.index.decide_request(facts)
+        denied = decision.action is Action.DENY
+        if denied and decision.audit:
+            return False
+        upstream = None
+        if not denied:
+            if verification_mode(decision, self.hostname, self.settings.verify_destination) is not (
+                VerifyDestination.OFF
+            ):
+                return False
+            upstream = self.idle.pop(self._target(decision), None)
+            if upstream is None:
+                return False
+        self.inbox = self.inbox[request.size :]
+        self.head_deadline = None
+        record = RequestRecord(
+            client=flow.record.client,
+            destination=destination,
+            protocol="http1",
+            hostname=self.hostname,
+            method=method,
+            path=path,
+            grpc=request.grpc,
+            decision=decision,
+        )
+        if upstream is None:
+            record.status = 403
+            self._write_client(DENIED_HEAD if method == "HEAD" else DENIED_RESPONSE)
+            self.accounting.request_finished(record)
+            if self.draining or flow.context.draining:
+                self._close()
+            return True
+        self.record = record
+        self.exchange = _LeanExchange(request)
+        self.upstream = upstream
+        self.forwarding = True
+        upstream.reused = True
+        upstream.transport.write(request.head)
+        if self.client_write_paused:
+            upstream.transport.pause_reading()
+        return True
+
+    def _lean_response(self, upstream: _Upstream, exchange: _LeanExchange, data: bytes) -> None:
+        record = self.record
+        assert record is not None
+        if exchange.remaining < 0:
+            received = exchange.received + data if exchange.received else data
+            response = http1_lean.parse_response(received, exchange.request.method)
+            if response is NEED_MORE:
+                exchange.received = received
+                return
+            if response is None:
+                self._lean_to_h11(upstream, received)
+                return
+            self._lean_response_head(exchange, response, received)
+        else:
+            body = data
+            if len(body) > exchange.remaining:
+                body = body[: exchange.remaining]
+                exchange.reusable = False
+            exchange.remaining -= len(body)
+            record.bytes_from_upstream += len(body)
+            self._write_client(body)
+        if exchange.remaining == 0:
+            self._lean_exchange_done(upstream, exchange)
+
+    def _lean_response_head(
+        self, exchange: _LeanExchange, response: LeanResponse, received: bytes
+    ) -> None:
+        record = self.record
+        assert record is not None
+        record.status = response.status
+        self.response_started = True
+        end = response.size + response.body_length
+        body = received[response.size : end]
+        exchange.reusable = len(received) <= end
+        exchange.remaining = response.body_length - len(body)
+        record.bytes_from_upstream += len(body)
+        if self.batch is not None:
+            self.batch.extend((response.head, body))
+        else:
+            self.transport.writelines((response.head, body))
+
+    def _lean_exchange_done(self, upstream: _Upstream, exchange: _LeanExchange) -> None:
+        self.exchange = None
+        self.upstream = None
+        self.response_started = self.forwarding = False
+        if exchange.reusable:
+            self._keep_idle(upstream)
+        else:
+            upstream.transport.close()
+        self.resume_client(_PAUSED_BY_UPSTREAM)
+        record, self.record = self.record, None
+        assert record is not None
+        self.accounting.request_finished(record)
+        if self.draining or self.flow.context.draining:
+            self._close()
+            return
+        self.resume_client(_PAUSED_BY_BACKLOG)
+        self._process_lean()
+
+    def _lean_to_h11(self, upstream: _Upstream, received: bytes) -> None:
+        """Replay the lean request into h11 (both sides), then let h11 read the response.
+
+        Only while the client has seen nothing of the response: from here on the
+        exchange is exactly as if h11 had read it from the start.
+        """
+        exchange, self.exchange = self.exchange, None
+        assert exchange is not None
+        self.lean = False
+        client = self.client
+        client.receive_data(exchange.request.head + self.inbox)
+        self.inbox = b""
+        if self.inbox_eof:
+            client.receive_data(b"")
+        request = client.next_event()
+        assert isinstance(request, h11.Request)
+        assert isinstance(client.next_event(), h11.EndOfMessage)
+        destination = self.flow.record.destination
+        assert destination is not None
+        self.request, self.parsed = request, parse_request(request, destination)
+        upstream.h11.send(request)
+        upstream.h11.send(h11.EndOfMessage())
+        if received:
+            self._upstream_events(upstream, received)
 
     def _request_started(self, request: h11.Request) -> None:
         self.head_deadline = None
@@ -619,11 +832,15 @@ class Http1Proxy(asyncio.Protocol):
         ):
             self._close()
             return
-        client.start_next_cycle()
+        rest, self.inbox_eof = client.trailing_data
+        self.client = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=self.settings.max_header_bytes
+        )
+        self.lean, self.inbox = True, bytes(rest)
         self.backlog = 0
         self.resume_client(_PAUSED_BY_BACKLOG)
         if not self.processing:
-            self._process()
+            self._process_lean()
 
     def _finish_exchange(self) -> None:
         self.response_started = False
@@ -643,17 +860,20 @@ class Http1Proxy(asyncio.Protocol):
         connection = upstream.h11
         if connection.our_state is h11.DONE and connection.their_state is h11.DONE:
             connection.start_next_cycle()
-            if self.client_write_paused:
-                upstream.transport.resume_reading()
-            previous = self.idle.pop(upstream.key, None)
-            if previous is not None:
-                previous.transport.close()
-            if len(self.idle) >= MAX_IDLE_UPSTREAMS:
-                oldest = next(iter(self.idle))
-                self.idle.pop(oldest).transport.close()
-            self.idle[upstream.key] = upstream
+            self._keep_idle(upstream)
         else:
             upstream.transport.close()
+
+    def _keep_idle(self, upstream: _Upstream) -> None:
+        if self.client_write_paused:
+            upstream.transport.resume_reading()
+        previous = self.idle.pop(upstream.key, None)
+        if previous is not None:
+            previous.transport.close()
+        if len(self.idle) >= MAX_IDLE_UPSTREAMS:
+            oldest = next(iter(self.idle))
+            self.idle.pop(oldest).transport.close()
+        self.idle[upstream.key] = upstream
 
     # ---- upstream events ----------------------------------------------------------------
 
@@ -664,6 +884,14 @@ class Http1Proxy(asyncio.Protocol):
             return
         self.last_activity = self.loop.time()
         self.flow.record.bytes_from_upstream += len(data)
+        exchange = self.exchange
+        if exchange is not None:
+            if data:
+                self._lean_response(upstream, exchange, data)
+            return
+        self._upstream_events(upstream, data)
+
+    def _upstream_events(self, upstream: _Upstream, data: bytes) -> None:
         connection = upstream.h11
         connection.receive_data(data)
         self.batch = []
@@ -720,6 +948,11 @@ class Http1Proxy(asyncio.Protocol):
 
     def _upstream_broken(self, upstream: _Upstream, error: str) -> None:
         """The upstream failed mid-exchange: retry, answer 502, or cut the client."""
+        if self.exchange is not None:
+            if self.response_started:
+                self.exchange = None
+            else:
+                self._lean_to_h11(upstream, b"")
         self.upstream = None
         upstream.transport.abort()
         self.resume_client(_PAUSED_BY_UPSTREAM)

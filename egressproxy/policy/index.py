@@ -339,12 +339,21 @@ def compile_policy(model: Model, settings: Settings) -> PolicyIndex:
     return PolicyIndex(model, settings)
 
 
+MAX_MEMOISED_DECISIONS = 4096
+"""Bounds the memo when many ports are decided (it is cleared, not evicted, when full)."""
+
+
 class PolicyIndex:
-    """Immutable once built: decide_* only read it, so one index serves every connection."""
+    """Immutable once built: decide_* only read it, so one index serves every connection.
+
+    (Decisions already built are memoised: they depend only on the rule or network, the
+    port and the protocol, and building one costs more than finding the rule.)
+    """
 
     def __init__(self, model: Model, settings: Settings) -> None:
         self.model = model
         self.settings = settings
+        self.decisions: dict[tuple[int, int, RouteProtocol, str], Decision] = {}
         self.cidrs = CidrTable()
         self.compiled: dict[NetworkId, CompiledNetwork] = {}
         for network in networks_in_scope(model.networks, settings):
@@ -508,6 +517,25 @@ class PolicyIndex:
         protocol: RouteProtocol,
         rule: CompiledRule,
     ) -> Decision:
+        key = (id(rule), destination.port, protocol, "")
+        decision = self.decisions.get(key)
+        if decision is None:
+            decision = self.remember(key, self.build_matched(network, destination, protocol, rule))
+        return decision
+
+    def remember(self, key: tuple[int, int, RouteProtocol, str], decision: Decision) -> Decision:
+        if len(self.decisions) >= MAX_MEMOISED_DECISIONS:
+            self.decisions.clear()
+        self.decisions[key] = decision
+        return decision
+
+    def build_matched(
+        self,
+        network: CompiledNetwork,
+        destination: Destination,
+        protocol: RouteProtocol,
+        rule: CompiledRule,
+    ) -> Decision:
         action = rule.rule.action
         return Decision(
             action=action,
@@ -516,12 +544,24 @@ class PolicyIndex:
             route=rule.route.ref,
             backend=rule.backend,
             audit=action == Action.DENY and network.audit,
-            verify_destination=rule.route.verify_destination
-            or network.network.verify_destination,
+            verify_destination=rule.route.verify_destination or network.network.verify_destination,
             reason=f"matched {rule.describe()}",
         )
 
     def default(
+        self,
+        network: CompiledNetwork,
+        destination: Destination,
+        protocol: RouteProtocol,
+        why: str,
+    ) -> Decision:
+        key = (id(network), destination.port, protocol, why)
+        decision = self.decisions.get(key)
+        if decision is None:
+            decision = self.remember(key, self.build_default(network, destination, protocol, why))
+        return decision
+
+    def build_default(
         self,
         network: CompiledNetwork,
         destination: Destination,

@@ -1,0 +1,233 @@
+"""The lean head parsers agree with h11: what they accept h11 reads the same, with the same
+framing and keep-alive; what h11 refuses they leave to h11."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import h11
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from egressproxy import http1_lean
+from egressproxy.http1 import DENIED_HEAD, DENIED_RESPONSE, parse_request, response_head
+from egressproxy.http1 import request_head as h11_request_head
+from egressproxy.http1_lean import NEED_MORE, LeanRequest, LeanResponse
+from egressproxy.policy.decision import Destination
+
+LIMIT = 1024
+DESTINATION = Destination(ipaddress.ip_address("192.0.2.1"), 80)
+
+NAMES = [
+    "Host", "host", "HOST", "Content-Length", "content-length", "Transfer-Encoding",
+    "Connection", "Upgrade", "Expect", "Content-Type", "X-Trace", "Accept",
+    "Bad Name", "", " X-Folded", "X\x00", "Ünï",
+]  # fmt: skip
+VALUES = [
+    "example.test", "example.test:8080", "0", "00", "7", "-1", "1 2", "chunked", "gzip, chunked",
+    "close", "keep-alive", "Keep-Alive, Close", "upgrade", "websocket", "100-continue",
+    "application/grpc", "text/plain", "a  b", "", " ", "\x80x", "a\x00b", "a\rb", "a\nb",
+    "99999999999999999999",
+]  # fmt: skip
+SEPARATORS = [":", ": ", ":\t", " :", ":  "]
+TRAILERS = ["", " ", "\t "]
+EOLS = ["\r\n"] * 8 + ["\n", "\r", ""]
+ENDS = ["\r\n\r\n"] * 6 + ["\n\n", "\r\n\n", "\n\r\n", "\r\n", ""]
+
+
+@st.composite
+def heads(draw: st.DrawFn, first_lines: list[str]) -> bytes:
+    lines = [draw(st.sampled_from(first_lines))]
+    for _ in range(draw(st.integers(0, 5))):
+        name = draw(st.sampled_from(NAMES))
+        lines.append(
+            name
+            + draw(st.sampled_from(SEPARATORS))
+            + draw(st.sampled_from(VALUES))
+            + draw(st.sampled_from(TRAILERS))
+        )
+    text = lines[0]
+    for line in lines[1:]:
+        text += draw(st.sampled_from(EOLS)) + line
+    text += draw(st.sampled_from(ENDS))
+    return text.encode("latin-1") + draw(st.sampled_from([b"", b"GET / HTTP/1.1\r\n", b"\x00x"]))
+
+
+REQUEST_LINES = [
+    "GET / HTTP/1.1", "GET /get?x=1&y HTTP/1.1", "HEAD /h HTTP/1.1", "POST /p HTTP/1.1",
+    "CONNECT example.test:443 HTTP/1.1", "GET http://example.test/a HTTP/1.1", "OPTIONS * HTTP/1.1",
+    "GET / HTTP/1.0", "GET / HTTP/2.0", "GET  / HTTP/1.1", "GET / HTTP/1.1 ", "get /x HTTP/1.1",
+    "G(T / HTTP/1.1", "GET /\x80 HTTP/1.1", "", " GET / HTTP/1.1", "\r\nGET / HTTP/1.1",
+]  # fmt: skip
+STATUS_LINES = [
+    "HTTP/1.1 200 OK", "HTTP/1.1 200", "HTTP/1.1 200 ", "HTTP/1.1 404 Not  Found",
+    "HTTP/1.1 204 No Content", "HTTP/1.1 304 Not Modified", "HTTP/1.1 101 Switching Protocols",
+    "HTTP/1.1 100 Continue", "HTTP/1.0 200 OK", "HTTP/1.1 2000 OK", "HTTP/1.1 099 X",
+    "HTTP/1.1 500 \x80rr", "HTTP/1.1  200 OK", "HTTP/2 200", "",
+]  # fmt: skip
+
+
+def h11_request(data: bytes) -> tuple[h11.Connection, h11.Request | None, object]:
+    """h11's reading of data as a server: (connection, request or None, next event or error)."""
+    connection = h11.Connection(h11.SERVER, max_incomplete_event_size=LIMIT)
+    if data:  # b"" would tell h11 the peer closed
+        connection.receive_data(data)
+    try:
+        first = connection.next_event()
+        if not isinstance(first, h11.Request):
+            return connection, None, first
+        return connection, first, connection.next_event()
+    except h11.RemoteProtocolError as error:
+        return connection, None, error
+
+
+def check_request(data: bytes) -> LeanRequest | None:
+    lean = http1_lean.parse_request(data, LIMIT)
+    connection, request, following = h11_request(data)
+    if isinstance(following, h11.RemoteProtocolError):
+        assert lean is None, "h11 refuses what the lean parser accepts"
+    if lean is NEED_MORE:
+        assert following is h11.NEED_DATA and request is None
+        return None
+    if lean is None:
+        return None
+    assert isinstance(lean, LeanRequest)
+    assert request is not None, following
+    assert (request.method, request.target, request.http_version) == (
+        lean.method,
+        lean.target,
+        b"1.1",
+    )
+    assert type(following) is h11.EndOfMessage, "a lean request has no body"
+    assert connection.their_state is h11.DONE, "no upgrade, CONNECT or 100-continue"
+    assert connection.trailing_data[0] == data[lean.size :]
+    assert h11_request_head(request) == lean.head
+    parsed = parse_request(request, DESTINATION)
+    assert parsed.facts.headers == lean.headers
+    assert parsed.facts.grpc == lean.grpc
+    assert parsed.head_size == lean.head_size
+    assert parsed.facts.hostname is not None or lean.host.strip() == ""
+    assert dict(parsed.facts.headers)["host"] == lean.host
+    assert not parsed.smuggling and not parsed.has_body and not parsed.h2c_upgrade
+    connection.send(h11.Response(status_code=200, headers=[(b"content-length", b"0")]))
+    connection.send(h11.EndOfMessage())
+    assert connection.our_state is h11.DONE, "h11 would close after this request"
+    return lean
+
+
+@settings(max_examples=1500)
+@given(heads(REQUEST_LINES))
+@example(b"GET / HTTP/1.1\r\nHost: example.test\r\n\r\n")
+@example(b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n")
+@example(b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n")
+@example(b"GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n")
+@example(b"GET / HTTP/1.1\nHost: a\r\n\r\n")
+def test_requests_the_lean_parser_accepts_h11_reads_the_same(data: bytes) -> None:
+    check_request(data)
+
+
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_agree_with_h11(data: bytes) -> None:
+    check_request(data)
+    check_request(b"GET / HTTP/1.1\r\nHost: a\r\n" + data)
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["X-A", "Accept", "Content-Type"]), st.sampled_from(VALUES[:18])),
+        max_size=4,
+    ),
+    st.sampled_from([" ", "", "  "]),
+)
+def test_ordinary_requests_take_the_lean_path(headers: list[tuple[str, str]], space: str) -> None:
+    """Not vacuous: a plain keep-alive GET is lean, with or without tidy spacing."""
+    lines = ["GET /get?a=1 HTTP/1.1", f"Host:{space}example.test"]
+    lines += [f"{name}:{space}{value}" for name, value in headers if value.strip() == value]
+    data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    lean = check_request(data)
+    assert lean is not None
+    assert lean.size == len(data)
+
+
+def h11_response(data: bytes, method: bytes) -> tuple[h11.Connection, list[object]]:
+    """h11's reading of data as the client that sent `method`: its events, or the error last."""
+    connection = h11.Connection(h11.CLIENT)
+    connection.send(h11.Request(method=method, target="/", headers=[(b"host", b"a")]))
+    connection.send(h11.EndOfMessage())
+    if data:
+        connection.receive_data(data)
+    events: list[object] = []
+    try:
+        while True:
+            event = connection.next_event()
+            events.append(event)
+            if event is h11.NEED_DATA or type(event) in (h11.EndOfMessage, h11.ConnectionClosed):
+                return connection, events
+            if type(event) is h11.InformationalResponse or event is h11.PAUSED:
+                return connection, events
+    except h11.RemoteProtocolError as error:
+        events.append(error)
+        return connection, events
+
+
+def check_response(data: bytes, method: bytes) -> LeanResponse | None:
+    lean = http1_lean.parse_response(data, method)
+    _, events = h11_response(data, method)
+    if isinstance(events[-1], h11.RemoteProtocolError):
+        assert lean is None, "h11 refuses what the lean parser accepts"
+    if lean is NEED_MORE:
+        assert events == [h11.NEED_DATA]
+        return None
+    if lean is None:
+        return None
+    assert isinstance(lean, LeanResponse)
+    body = bytes(range(256)) * (lean.body_length // 256 + 1)
+    whole = data[: lean.size] + body[: lean.body_length]
+    connection, events = h11_response(whole, method)
+    response = events[0]
+    assert type(response) is h11.Response
+    assert response.status_code == lean.status
+    assert response_head(response) == lean.head
+    assert b"".join(e.data for e in events if type(e) is h11.Data) == body[: lean.body_length]
+    assert type(events[-1]) is h11.EndOfMessage
+    assert connection.trailing_data[0] == b""
+    connection.start_next_cycle()  # the upstream is reusable, as on the lean path
+    return lean
+
+
+@settings(max_examples=1500)
+@given(heads(STATUS_LINES), st.sampled_from([b"GET", b"HEAD", b"POST"]))
+@example(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", b"GET")
+@example(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n", b"GET")
+@example(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n", b"GET")
+@example(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b"HEAD")
+@example(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\n", b"GET")
+def test_responses_the_lean_parser_accepts_h11_reads_the_same(data: bytes, method: bytes) -> None:
+    check_response(data.replace(b"99999999999999999999", b"12"), method)
+
+
+@given(st.binary(max_size=200), st.sampled_from([b"GET", b"HEAD"]))
+def test_arbitrary_response_bytes_agree_with_h11(data: bytes, method: bytes) -> None:
+    check_response(data, method)
+    check_response(b"HTTP/1.1 200 OK\r\n" + data, method)
+
+
+def test_ordinary_responses_take_the_lean_path() -> None:
+    plain = b"HTTP/1.1 200 OK\r\nServer: t\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\n"
+    lean = check_response(plain + b"abc", b"GET")
+    assert lean is not None and lean.head == plain and lean.body_length == 3
+    untidy = check_response(b"HTTP/1.1 200 OK\r\nContent-Length:3 \r\n\r\n", b"GET")
+    assert untidy is not None and untidy.head == b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n"
+    head = check_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", b"HEAD")
+    assert head is not None and head.body_length == 0
+
+
+def test_the_lean_denial_is_what_h11_writes() -> None:
+    connection = h11.Connection(h11.SERVER)
+    connection.receive_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    connection.next_event()
+    payload = b"traffic not allowed\n"
+    headers = [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(payload))]
+    written = connection.send(h11.Response(status_code=403, headers=headers, reason=b"Forbidden"))
+    assert written == DENIED_HEAD
+    assert written + (connection.send(h11.Data(data=payload)) or b"") == DENIED_RESPONSE
