@@ -51,8 +51,8 @@ def proxy(proxy_launcher: ProxyLauncher, request: pytest.FixtureRequest) -> Iter
 
     proxy(policy_text=None, *args, ready=True, as_root=False): policy_text None
     runs the bundled policy; args are extra `run` flags; ready=False returns at
-    once instead of waiting for GET /ready; as_root runs it as uid 0. Teardown fails the test if a proxy
-    exited without the test asking, or logged a traceback.
+    once instead of waiting for GET /ready; as_root runs it as uid 0. Teardown
+    fails the test if a proxy exited without the test asking, or logged a traceback.
     """
     started: list[Proxy] = []
     request.node.stash[PROXIES] = started

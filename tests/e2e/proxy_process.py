@@ -121,7 +121,7 @@ class ProxyLauncher:
     def start(
         self, policy_text: str | None, args: tuple[str, ...], ready: bool, as_root: bool = False
     ) -> Proxy:
-        """as_root runs the proxy as uid 0 (it then needs --allow-root, and --mark to avoid a loop)."""
+        """as_root runs the proxy as uid 0 (then it needs --allow-root, and --mark not to loop)."""
         self.started += 1
         identity = [] if as_root else [
             "setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups",
