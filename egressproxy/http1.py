@@ -39,8 +39,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("egressproxy.http1")
 
 DENIED_BODY = "traffic not allowed"
-MAX_IDLE_UPSTREAMS = 8
-"""Idle upstream connections kept per client connection (one per (host, port))."""
+MAX_IDLE_UPSTREAMS = 1
+"""Idle upstream connections kept per client connection: one, closed before another
+upstream is opened, so a client connection holds two descriptors at most (the
+connection limit counts on it)."""
 LINGER_SECONDS = 2.0
 """After an error answer, keep reading (and dropping) this long so the client sees it."""
 
@@ -431,6 +433,19 @@ class Http1Proxy(asyncio.Protocol):
             self._head_timed_out()
             return
         idle_deadline = self.last_activity + self.settings.idle_timeout
+        if now >= idle_deadline and self._awaiting_response():
+            assert self.upstream is not None
+            log.info(
+                "%s: no answer from %s:%s for %ss",
+                self.flow.record.client,
+                *self.upstream.key,
+                self.settings.idle_timeout,
+            )
+            self._upstream_broken(self.upstream, "idle_timeout")
+            self.last_activity = now
+            if not self.closed:
+                self._arm_timer(now + self.settings.idle_timeout)
+            return
         if now >= idle_deadline:
             log.info(
                 "%s: idle for %ss, closing", self.flow.record.client, self.settings.idle_timeout
@@ -442,6 +457,10 @@ class Http1Proxy(asyncio.Protocol):
             self.transport.abort()
             return
         self._arm_timer(min(idle_deadline, self.head_deadline or idle_deadline))
+
+    def _awaiting_response(self) -> bool:
+        """A request went upstream and no response has started: a stall is the upstream's."""
+        return self.upstream is not None and self.record is not None and not self.response_started
 
     def _head_timed_out(self) -> None:
         log.info(
@@ -751,6 +770,9 @@ class Http1Proxy(asyncio.Protocol):
             idle.reused = True
             self._send_request(idle)
             return
+        for other in self.idle.values():
+            other.transport.close()
+        self.idle.clear()
         self.backlog = 0
         self.connecting = self.loop.create_task(
             self._connect(key), name=f"http1 connect {self.flow.record.client}→{key[0]}:{key[1]}"
@@ -961,7 +983,12 @@ class Http1Proxy(asyncio.Protocol):
             self.error = error
             self.transport.abort()
             return
-        if upstream.reused and not self.request_body_sent and not self._expects_body():
+        if (
+            error == "reset"
+            and upstream.reused
+            and not self.request_body_sent
+            and not self._expects_body()
+        ):
             log.debug(
                 "%s: reused upstream %s:%s closed, retrying", self.flow.record.client, *upstream.key
             )
@@ -976,7 +1003,7 @@ class Http1Proxy(asyncio.Protocol):
         return self.parsed is not None and self.parsed.has_body
 
     def _upstream_unavailable(self, error: str) -> None:
-        status = 504 if error == "connect_timeout" else 502
+        status = 504 if error in ("connect_timeout", "idle_timeout") else 502
         self._respond_locally(status, f"upstream {error}", error)
 
     def _informational(self, response: h11.InformationalResponse) -> None:
