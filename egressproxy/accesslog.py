@@ -1,20 +1,28 @@
 """One structured line per TCP/TLS connection or HTTP request, and the process's log output.
 
-Every record, access lines included, goes through a queue to one thread that
+Every line, access lines included, goes through a queue to one thread that
 formats and writes it to stderr, so a slow or blocked stderr never stalls the
-event loop. Admin requests (/metrics scrapes too) are never access-logged.
+event loop. An access line costs the loop only a level check and a queue put:
+the finished record goes to the writer as it is (records are final once
+reported), and the fields, the timestamp and the text are made there; logging's
+LogRecord machinery is for diagnostics only. Admin requests (/metrics scrapes
+too) are never access-logged.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import os
 import queue
+import re
 import sys
+import threading
 import time
-from datetime import UTC, datetime
-from logging.handlers import QueueHandler, QueueListener
+from logging.handlers import QueueHandler
+from typing import TextIO
 
 from egressproxy.policy.decision import Action, Decision, Destination, RouteProtocol
 from egressproxy.records import FlowRecord, RequestRecord
@@ -27,7 +35,11 @@ ACCESS_FIELDS = "access"
 PER_REQUEST = frozenset({RouteProtocol.HTTP, RouteProtocol.GRPC})
 """Connections handed to the HTTP handlers, which log each request instead."""
 
-_TEXT_SPECIAL = frozenset(' "=\\')
+_TEXT_SPECIAL = re.compile(r'[ "=\\]')
+"""Characters that make a text value ambiguous unless quoted (so do unprintable ones)."""
+
+AccessEntry = tuple[FlowRecord | RequestRecord, float, float]
+"""A finished record, the wall-clock time it finished and its duration: one access line."""
 
 
 def decision_word(decision: Decision | None) -> str:
@@ -96,11 +108,22 @@ def request_fields(record: RequestRecord, duration: float) -> dict[str, object]:
     }
 
 
+def access_fields(record: FlowRecord | RequestRecord, duration: float) -> dict[str, object]:
+    if isinstance(record, RequestRecord):
+        return request_fields(record, duration)
+    return connection_fields(record, duration)
+
+
 class AccessLog:
-    """The Accounting that writes access lines; it only builds a dict on the event loop."""
+    """The Accounting that writes access lines.
+
+    With the process's writer running (setup_logging), a line is handed to it as an
+    AccessEntry. A logger given explicitly (tests, embedding) gets LogRecords instead.
+    """
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self.logger = logger or logging.getLogger(ACCESS_LOGGER)
+        self.to_writer = logger is None
 
     def connection_opened(self) -> None:
         """Lines are written when a connection ends."""
@@ -112,36 +135,47 @@ class AccessLog:
         if record.decision is not None and record.decision.protocol in PER_REQUEST:
             return
         if self.logger.isEnabledFor(logging.INFO):
-            fields = connection_fields(record, _since(record.started))
-            self.logger.info("access", extra={ACCESS_FIELDS: fields})
+            self._write(record)
 
     def request_finished(self, record: RequestRecord) -> None:
         if self.logger.isEnabledFor(logging.INFO):
-            fields = request_fields(record, _since(record.started))
-            self.logger.info("access", extra={ACCESS_FIELDS: fields})
+            self._write(record)
 
     def policy_reloaded(self, ok: bool, generation: int) -> None:
         """The policy store logs reloads itself."""
 
+    def _write(self, record: FlowRecord | RequestRecord) -> None:
+        duration = time.monotonic() - record.started
+        writer = _writer
+        if self.to_writer and writer is not None:
+            writer.put((record, time.time(), duration))
+        else:
+            fields = access_fields(record, duration)
+            self.logger.info("access", extra={ACCESS_FIELDS: fields})
 
-def _since(started: float) -> float:
-    return time.monotonic() - started
+
+@functools.lru_cache(maxsize=4)
+def _second_text(seconds: int) -> str:
+    """The RFC 3339 text of a whole second: lines come in bursts within the same second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 def _timestamp(created: float) -> str:
-    moment = datetime.fromtimestamp(created, tz=UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """UTC with milliseconds, microseconds rounded first as datetime.fromtimestamp does."""
+    fraction, whole = math.modf(created)
+    seconds, micros = divmod(round(fraction * 1_000_000), 1_000_000)
+    return f"{_second_text(int(whole) + seconds)}.{micros // 1000:03d}Z"
 
 
 def _text_value(value: object) -> str:
-    if isinstance(value, bool):
+    if value is True or value is False:
         return "true" if value else "false"
-    text = str(value)
+    text = value if type(value) is str else str(value)
     if not text:
         return "-"
-    if any(char in _TEXT_SPECIAL or not char.isprintable() for char in text):
-        return json.dumps(text)
-    return text
+    if text.isprintable() and not _TEXT_SPECIAL.search(text):
+        return text
+    return json.dumps(text)
 
 
 class LineFormatter(logging.Formatter):
@@ -158,42 +192,126 @@ class LineFormatter(logging.Formatter):
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
             message = f"{message}\n{record.exc_text}"
+        if fields is not None:
+            return self.access_line(fields, record.created)
         time_text = _timestamp(record.created)
         if self.json:
-            if fields is not None:
-                document: dict[str, object] = {"time": time_text, "log": "access", **fields}
-            else:
-                document = {
-                    "time": time_text,
-                    "level": record.levelname.lower(),
-                    "logger": record.name,
-                    "message": message,
-                }
+            document = {
+                "time": time_text,
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "message": message,
+            }
             return json.dumps(document, separators=(",", ":"))
-        if fields is not None:
-            pairs = " ".join(f"{key}={_text_value(value)}" for key, value in fields.items())
-            return f"{time_text} access {pairs}"
         return f"{time_text} {record.levelname} {record.name} {message}"
 
+    def access_line(self, fields: dict[str, object], created: float) -> str:
+        time_text = _timestamp(created)
+        if self.json:
+            document = {"time": time_text, "log": "access", **fields}
+            return json.dumps(document, separators=(",", ":"))
+        pairs = " ".join([f"{key}={_text_value(value)}" for key, value in fields.items()])
+        return f"{time_text} access {pairs}"
 
-_listener: QueueListener | None = None
+
+WRITER_BATCH = 4096
+"""At most this many queued lines are taken at once and written with one syscall."""
+WRITER_PAUSE = 0.01
+WRITER_BUSY = 8
+"""Lines taken at once that mean the loop is busy: the writer then rests WRITER_PAUSE
+after each write, so lines gather into batches (which keeps it resting while the load
+lasts) and the loop is not interrupted by a thread wake-up for every line it queues.
+A quiet loop (a line or two at a time) gets its lines written at once."""
+
+
+class _Stop:
+    """Queued by stop(): the writer ends after the lines queued before it."""
+
+
+QueueItem = logging.LogRecord | AccessEntry | _Stop
+
+
+class LineWriter:
+    """The thread that formats and writes every line, in the order they were queued."""
+
+    def __init__(self, handler: logging.StreamHandler[TextIO], formatter: LineFormatter) -> None:
+        self.queue: queue.SimpleQueue[QueueItem] = queue.SimpleQueue()
+        self.handler = handler
+        """Writes diagnostics (with logging's own handling of bad records)."""
+        self.formatter = formatter
+        self.thread: threading.Thread | None = None
+
+    def put(self, item: QueueItem) -> None:
+        self.queue.put(item)
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="egressproxy-log-writer", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Write out everything queued so far, then end the thread."""
+        if self.thread is not None:
+            self.queue.put(_Stop())
+            self.thread.join()
+            self.thread = None
+
+    def _run(self) -> None:
+        while True:
+            batch = [self.queue.get()]
+            while len(batch) < WRITER_BATCH and not isinstance(batch[-1], _Stop):
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            access_lines: list[str] = []
+            for item in batch:
+                if isinstance(item, _Stop):
+                    self._write(access_lines)
+                    return
+                if isinstance(item, logging.LogRecord):
+                    self._write(access_lines)
+                    access_lines = []
+                    self.handler.handle(item)
+                else:
+                    record, created, duration = item
+                    fields = access_fields(record, duration)
+                    access_lines.append(self.formatter.access_line(fields, created))
+            self._write(access_lines)
+            if len(batch) >= WRITER_BUSY:
+                time.sleep(WRITER_PAUSE)
+
+    def _write(self, lines: list[str]) -> None:
+        if not lines:
+            return
+        stream = self.handler.stream
+        terminator = self.handler.terminator
+        try:
+            stream.write(terminator.join(lines) + terminator)
+            stream.flush()
+        except (OSError, ValueError):
+            # stderr is closed or broken: there is nowhere left to report that to.
+            return
+
+
+_writer: LineWriter | None = None
 _fork_hooks_registered = False
 
 
 def setup_logging(settings: Settings) -> None:
-    """Route every log record through a queue to a writer thread, formatted as asked."""
-    global _listener, _fork_hooks_registered
+    """Route every log record and access line through a queue to a writer thread."""
+    global _writer, _fork_hooks_registered
     shutdown_logging()
-    writer = logging.StreamHandler(sys.stderr)
-    writer.setFormatter(LineFormatter(settings.log_format))
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    formatter = LineFormatter(settings.log_format)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    writer = LineWriter(handler, formatter)
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    root.addHandler(QueueHandler(records))
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(QueueHandler(writer.queue))
     root.setLevel(settings.log_level.upper())
-    _listener = QueueListener(records, writer)
-    _listener.start()
+    writer.start()
+    _writer = writer
     if not _fork_hooks_registered:
         # A writer thread does not survive fork(), and one caught holding
         # stderr's lock would hang the child: stop it around every fork.
@@ -204,18 +322,18 @@ def setup_logging(settings: Settings) -> None:
 
 
 def shutdown_logging() -> None:
-    """Write out every queued record and stop the writer thread."""
-    global _listener
-    if _listener is not None:
-        _listener.stop()
-        _listener = None
+    """Write out every queued line and stop the writer thread."""
+    global _writer
+    if _writer is not None:
+        _writer.stop()
+        _writer = None
 
 
 def _pause_writer() -> None:
-    if _listener is not None:
-        _listener.stop()
+    if _writer is not None:
+        _writer.stop()
 
 
 def _resume_writer() -> None:
-    if _listener is not None:
-        _listener.start()
+    if _writer is not None:
+        _writer.start()

@@ -1,9 +1,10 @@
 """Metric families on an injected registry: Linkerd's route metrics, and what an operator needs.
 
 Families are created once; label children are cached per route identity (the
-frozen ParentRef/RouteRef of the Decision, never re-derived), so the hot path
-is a dict lookup and an increment. Model: linkerd2-proxy's `register(reg)`
-then `metrics(labels)`.
+frozen ParentRef/RouteRef of the Decision, never re-derived). A finished request
+goes further: every child it touches is bound once per (decision, hostname,
+status, error), so accounting a request is one dict lookup and the increments.
+Model: linkerd2-proxy's `register(reg)` then `metrics(labels)`.
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ LOOP = "loop"
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 RouteKey = tuple[ParentRef | None, RouteRef | None]
+
+MAX_BOUND_KINDS = 4096
+"""Bound children kept per kind of request or connection; more (hostile Host headers,
+decisions of many reloads) start the cache afresh rather than grow it without end."""
 
 
 def grpc_status_name(code: int | None) -> str:
@@ -160,12 +165,76 @@ class _Children(Generic[Family]):
         return child
 
 
+class _RouteMeters:
+    """The children of a decision's route that do not depend on hostname or outcome.
+
+    Keyed by id(decision) in a cache: holding the decision keeps that id its own.
+    Each child is made on first use, so a route shows only the series it has.
+    """
+
+    __slots__ = ("_connection_duration", "_metrics", "_received", "_sent", "decision", "route")
+
+    def __init__(self, metrics: Metrics, decision: Decision | None) -> None:
+        self._metrics = metrics
+        self.decision = decision
+        self.route: RouteKey = (
+            (None, None) if decision is None else (decision.parent, decision.route)
+        )
+        self._connection_duration: Histogram | None = None
+        self._sent: Counter | None = None
+        self._received: Counter | None = None
+
+    def connection_ended(self, duration: float) -> None:
+        if self._connection_duration is None:
+            self._connection_duration = self._metrics.connection_duration(self.route)
+        self._connection_duration.observe(duration)
+
+    def count_bytes(self, sent: int, received: int) -> None:
+        if sent:
+            if self._sent is None:
+                self._sent = self._metrics.sent_bytes(self.route)
+            self._sent.inc(sent)
+        if received:
+            if self._received is None:
+                self._received = self._metrics.received_bytes(self.route)
+            self._received.inc(received)
+
+
+class _RequestMeters:
+    """The children one kind of finished request touches: (decision, hostname, status, error)."""
+
+    __slots__ = ("duration", "route", "statuses", "would_deny")
+
+    def __init__(self, metrics: Metrics, record: RequestRecord) -> None:
+        decision = record.decision
+        self.route = metrics.route_meters(decision)
+        self.statuses: Counter | None = None
+        self.duration: Histogram | None = None
+        self.would_deny: Counter | None = None
+        if decision.parent is None:
+            return
+        route: RouteKey = (decision.parent, decision.route)
+        hostname = metrics.hostname(record.hostname)
+        if decision.protocol is RouteProtocol.GRPC:
+            status = grpc_status_name(record.grpc_status)
+            self.statuses = metrics.grpc_statuses(route, hostname, status, record.error)
+            self.duration = metrics.grpc_duration(route, hostname)
+        else:
+            status = "" if record.status is None else str(record.status)
+            self.statuses = metrics.http_statuses(route, hostname, status, record.error)
+            self.duration = metrics.http_duration(route, hostname)
+        if _would_deny(decision):
+            self.would_deny = metrics.audit_would_deny(route, hostname)
+
+
 class Metrics:
     """The Accounting the data plane reports to, turned into metric samples."""
 
     def __init__(self, registry: CollectorRegistry, *, max_hostnames: int) -> None:
         self.hostname = HostnameLabels(max_hostnames)
         self._identities: dict[RouteKey, tuple[str, ...]] = {}
+        self._route_meters: dict[int, _RouteMeters] = {}
+        self._request_meters: dict[tuple[int, str | None, int | None, str], _RequestMeters] = {}
 
         def counter(name: str, help_text: str, labels: tuple[str, ...]) -> _RouteChildren[Counter]:
             family = Counter(name, help_text, (*ROUTE_IDENTITY, *labels), registry=registry)
@@ -316,12 +385,13 @@ class Metrics:
         self._count_error(record.error, record.hostname)
         self._count_mismatch(record.destination_mismatch, record.hostname)
         decision = record.decision
-        route: RouteKey = (None, None) if decision is None else (decision.parent, decision.route)
-        self.connection_duration(route).observe(time.monotonic() - record.started)
+        meters = self.route_meters(decision)
+        meters.connection_ended(time.monotonic() - record.started)
         if decision is None or decision.protocol not in PER_REQUEST:
-            self._count_bytes(route, record.bytes_from_client, record.bytes_from_upstream)
+            meters.count_bytes(record.bytes_from_client, record.bytes_from_upstream)
         if decision is None or decision.parent is None:
             return
+        route: RouteKey = (decision.parent, decision.route)
         if decision.protocol is RouteProtocol.TLS:
             self.tls_close(route, self.hostname(record.hostname), record.error).inc()
         elif decision.protocol is RouteProtocol.TCP:
@@ -329,24 +399,31 @@ class Metrics:
 
     def request_finished(self, record: RequestRecord) -> None:
         decision = record.decision
-        route: RouteKey = (decision.parent, decision.route)
-        self._count_error(record.error, record.hostname)
-        self._count_mismatch(record.destination_mismatch, record.hostname)
-        self._count_bytes(route, record.bytes_from_client, record.bytes_from_upstream)
-        if decision.parent is None:
-            return
-        hostname = self.hostname(record.hostname)
-        duration = time.monotonic() - record.started
-        if decision.protocol is RouteProtocol.GRPC:
-            status = grpc_status_name(record.grpc_status)
-            self.grpc_statuses(route, hostname, status, record.error).inc()
-            self.grpc_duration(route, hostname).observe(duration)
-        else:
-            status = "" if record.status is None else str(record.status)
-            self.http_statuses(route, hostname, status, record.error).inc()
-            self.http_duration(route, hostname).observe(duration)
-        if _would_deny(decision):
-            self.audit_would_deny(route, hostname).inc()
+        status = record.grpc_status if decision.protocol is RouteProtocol.GRPC else record.status
+        key = (id(decision), record.hostname, status, record.error)
+        meters = self._request_meters.get(key)
+        if meters is None:
+            if len(self._request_meters) >= MAX_BOUND_KINDS:
+                self._request_meters.clear()
+            meters = self._request_meters[key] = _RequestMeters(self, record)
+        if record.error:
+            self._count_error(record.error, record.hostname)
+        if record.destination_mismatch:
+            self._count_mismatch(record.destination_mismatch, record.hostname)
+        meters.route.count_bytes(record.bytes_from_client, record.bytes_from_upstream)
+        if meters.statuses is not None and meters.duration is not None:
+            meters.statuses.inc()
+            meters.duration.observe(time.monotonic() - record.started)
+        if meters.would_deny is not None:
+            meters.would_deny.inc()
+
+    def route_meters(self, decision: Decision | None) -> _RouteMeters:
+        meters = self._route_meters.get(id(decision))
+        if meters is None:
+            if len(self._route_meters) >= MAX_BOUND_KINDS:
+                self._route_meters.clear()
+            meters = self._route_meters[id(decision)] = _RouteMeters(self, decision)
+        return meters
 
     def policy_reloaded(self, ok: bool, generation: int) -> None:
         self.policy_reloads("ok" if ok else "error").inc()
@@ -368,12 +445,6 @@ class Metrics:
     def _count_mismatch(self, mode: str, hostname: str | None) -> None:
         if mode:
             self.destination_mismatch(self.hostname(hostname), mode).inc()
-
-    def _count_bytes(self, route: RouteKey, sent: int, received: int) -> None:
-        if sent:
-            self.sent_bytes(route).inc(sent)
-        if received:
-            self.received_bytes(route).inc(received)
 
 
 PER_REQUEST = frozenset({RouteProtocol.HTTP, RouteProtocol.GRPC})

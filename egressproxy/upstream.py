@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import socket
 from collections.abc import Callable
 from typing import TypeVar
@@ -39,7 +38,7 @@ async def connect(
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    ip, port = await _resolve(loop, host, port, timeout)
+    ip = host if _is_ip_literal(host) else await _resolve(loop, host, port, timeout)
     try:
         async with asyncio.timeout_at(deadline):
             if mark is None:
@@ -112,13 +111,20 @@ async def _connect_marked(
         raise
 
 
-async def _resolve(
-    loop: asyncio.AbstractEventLoop, host: str, port: int, timeout: float
-) -> tuple[str, int]:
+def _is_ip_literal(host: str) -> bool:
+    """An address create_connection takes as it is (inet_pton: a C call, no parsing in Python).
+
+    Anything else, a scoped IPv6 address included, goes through getaddrinfo.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        return (str(ipaddress.ip_address(host)), port)
-    except ValueError:
-        pass
+        socket.inet_pton(family, host)
+    except OSError:
+        return False
+    return True
+
+
+async def _resolve(loop: asyncio.AbstractEventLoop, host: str, port: int, timeout: float) -> str:
     try:
         async with asyncio.timeout(timeout):
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -128,4 +134,4 @@ async def _resolve(
         raise UpstreamError("dns_error", f"{host}: {error}") from None
     if not infos:
         raise UpstreamError("dns_error", f"{host}: no addresses")
-    return (str(infos[0][4][0]), port)
+    return str(infos[0][4][0])
