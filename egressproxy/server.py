@@ -288,7 +288,11 @@ def supervise(
     accounting: Accounting,
     registry: CollectorRegistry,
 ) -> int:
-    """--workers N: N forked workers share the listeners; this process serves admin.
+    """--workers N: N forked workers, each with its own SO_REUSEPORT listeners (the kernel
+    spreads new connections over them); this process serves admin.
+
+    This process's listeners, bound first so a taken port is reported at once, stay
+    open until every worker listens, so there is no moment without a listener.
 
     Every process reloads its own copy of the policy; only this one counts the
     reloads, so a scrape (the sum over all processes) counts each change once.
@@ -302,11 +306,14 @@ def supervise(
             try:
                 os.close(ready_read)
                 store.on_reload = None
+                own = [bind_listener(endpoint, settings.listen) for endpoint in settings.listen]
+                for sock in listeners:
+                    sock.close()
                 code = uvloop.run(
                     serve(
                         settings,
                         store,
-                        listeners,
+                        own,
                         accounting,
                         registry,
                         with_admin=False,
@@ -318,9 +325,7 @@ def supervise(
                 os._exit(code)
         children.append(pid)
     os.close(ready_write)
-    for sock in listeners:
-        sock.close()
-    return uvloop.run(_supervisor(settings, store, registry, children, ready_read))
+    return uvloop.run(_supervisor(settings, store, registry, children, ready_read, listeners))
 
 
 def _signal_ready(ready_write: int) -> None:
@@ -333,6 +338,7 @@ async def _supervisor(
     registry: CollectorRegistry,
     children: list[int],
     ready_read: int,
+    listeners: list[socket.socket],
 ) -> int:
     loop = asyncio.get_running_loop()
     health = admin.Health()
@@ -360,6 +366,11 @@ async def _supervisor(
             break
         started += len(chunk)
     os.close(ready_read)
+    for sock in listeners:
+        sock.close()
+    if started < len(children):
+        log.error("a worker failed to start; stopping the others")
+        forward(signal.SIGTERM)
     health.listening = started == len(children)
     await stop.wait()
     health.draining = True
