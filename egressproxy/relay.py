@@ -8,6 +8,7 @@ connection, so the relay stays on uvloop's transports, which also survive a peer
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -15,6 +16,9 @@ from typing import cast
 WRITE_BUFFER_HIGH = 256 * 1024
 """Above this many unsent bytes towards one side, reading from the other pauses."""
 WRITE_BUFFER_LOW = 64 * 1024
+PAUSED_CHECK_SECONDS = 1.0
+"""How often a side whose reading is paused is asked for a pending error: paused, its
+socket is not polled, and a reset from that peer would go unseen until the idle timeout."""
 
 
 @dataclass(frozen=True)
@@ -28,10 +32,11 @@ class RelayResult:
 class _Side(asyncio.Protocol):
     """One end of the splice; writes what it reads to its peer's transport."""
 
-    __slots__ = ("eof", "lost", "peer", "received", "relay", "transport")
+    __slots__ = ("eof", "lost", "paused_check", "peer", "received", "relay", "transport")
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
+        self.paused_check: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport
         self.peer: _Side
         self.received = 0
@@ -52,9 +57,11 @@ class _Side(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.peer.transport.pause_reading()
+        self.relay.watch_paused(self.peer)
 
     def resume_writing(self) -> None:
         self.peer.transport.resume_reading()
+        self.relay.unwatch_paused(self.peer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -152,12 +159,35 @@ class Relay:
         self.client.transport.abort()
         self.upstream.transport.abort()
 
+    def watch_paused(self, side: _Side) -> None:
+        if side.paused_check is None:
+            side.paused_check = self._loop.call_later(
+                PAUSED_CHECK_SECONDS, self._check_paused, side
+            )
+
+    def unwatch_paused(self, side: _Side) -> None:
+        if side.paused_check is not None:
+            side.paused_check.cancel()
+            side.paused_check = None
+
+    def _check_paused(self, side: _Side) -> None:
+        side.paused_check = None
+        sock = side.transport.get_extra_info("socket")
+        if sock is None or side.lost:
+            return
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            self.abort("reset")
+            return
+        self.watch_paused(side)
+
     def side_lost(self, side: _Side, exc: Exception | None) -> None:
         if exc is not None:
             self.abort("reset")
         else:
             side.peer.transport.close()
         if self.client.lost and self.upstream.lost:
+            self.unwatch_paused(self.client)
+            self.unwatch_paused(self.upstream)
             if self._idle_timer is not None:
                 self._idle_timer.cancel()
             if not self._reported:
