@@ -91,6 +91,8 @@ OPAQUE_REASONS = frozenset(
 """Sniff outcomes that mean "not HTTP or TLS at all"; any other reason the parsers give
 means an HTTP head or ClientHello that is malformed or too large to read."""
 TLS_RECORD_HANDSHAKE = 0x16
+HEADER_TIMEOUT = "header_timeout"
+"""The sniff outcome of a request head still incomplete at --header-timeout."""
 
 
 def _classify(sniffed: Sniffed, first_bytes: bytes) -> tuple[Detected, str | None, str]:
@@ -128,6 +130,7 @@ class Flow(asyncio.Protocol):
         "client_eof",
         "client_gone",
         "context",
+        "first_byte_at",
         "handler",
         "peer",
         "record",
@@ -148,6 +151,8 @@ class Flow(asyncio.Protocol):
         self.sniff_timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
         self.peer: tuple[str, int] | None = None
+        self.first_byte_at: float | None = None
+        """Loop time of the client's first byte: a request head's deadline counts from it."""
         self.handler: http1.Http1Proxy | http2.H2Proxy | None = None
         """The per-request handler, once an HTTP connection is handed over."""
         self.record = FlowRecord(client="")
@@ -211,13 +216,23 @@ class Flow(asyncio.Protocol):
             self.finish(self.record.error or ("reset" if exc else ""))
 
     def _restart_sniff_timer(self) -> None:
-        """The first bytes came: the hello or request head now has its own, longer deadline."""
+        """The first bytes came: the hello or request head now has its own, longer deadline.
+
+        A request head gets --header-timeout (when shorter), and running out of it is
+        HTTP's own failure: the HTTP handler answers 408 rather than the bytes going
+        through as opaque TCP past the host rules.
+        """
         if self.sniff_timer is not None:
             self.sniff_timer.cancel()
         loop = asyncio.get_running_loop()
-        self.sniff_timer = loop.call_later(
-            self.context.settings.sniff_complete_timeout, self._sniff_timed_out, "incomplete"
-        )
+        settings = self.context.settings
+        self.first_byte_at = loop.time()
+        if self.buffer[:1].isupper():
+            timeout = min(settings.sniff_complete_timeout, settings.header_timeout)
+            reason = HEADER_TIMEOUT
+        else:
+            timeout, reason = settings.sniff_complete_timeout, "incomplete"
+        self.sniff_timer = loop.call_later(timeout, self._sniff_timed_out, reason)
 
     def _sniff_timed_out(self, reason: str) -> None:
         if self.sniffing:
@@ -229,7 +244,10 @@ class Flow(asyncio.Protocol):
         Asked once bytes came (the hop before wrote them after it connected, so it is
         known by then) and again before connecting.
         """
-        if not self.peer or not upstream.is_own_connection(self.peer):
+        destination = self.record.destination
+        if not self.peer or destination is None:
+            return False
+        if not upstream.is_own_connection(self.peer, destination):
             return False
         log.warning("%s is the proxy's own upstream connection: a redirect loop", self.peer)
         self._refuse("loop")

@@ -312,7 +312,7 @@ class Http1Proxy(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
         self.transport.set_protocol(self)
         now = self.loop.time()
-        self.head_deadline = now + self.settings.header_timeout
+        self.head_deadline = (flow.first_byte_at or now) + self.settings.header_timeout
         self._arm_timer(min(self.head_deadline, now + self.settings.idle_timeout))
         self.inbox = flow.buffer
         flow.record.bytes_from_client += len(flow.buffer)

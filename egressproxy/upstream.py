@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
 from collections.abc import Callable
 from typing import TypeVar
 
 from egressproxy.errors import UpstreamError
 from egressproxy.netfilter import set_mark
+from egressproxy.policy.decision import Destination
 
 ProtocolT = TypeVar("ProtocolT", bound=asyncio.BaseProtocol)
 
@@ -50,12 +52,18 @@ async def connect(
     except OSError as error:
         kind = CONNECT_ERRORS.get(error.errno or 0, "connect_error")
         raise UpstreamError(kind, f"{host}:{port}: {error.strerror}") from None
-    _remember(transport)
+    if mark is None and RUNNING_AS_ROOT:
+        _remember(transport)
     return transport, protocol
 
 
+RUNNING_AS_ROOT = os.geteuid() == 0
+"""Root without --mark is the one set-up the redirect cannot exempt (it returns the
+proxy's uid or mark): only then are upstream connections remembered to catch a loop.
+Elsewhere a workload may legitimately reuse such an address and port (it shares the
+proxy's address, and a port it just aborted), so matching there would refuse it."""
 _own_endpoints: dict[tuple[str, int], asyncio.BaseTransport] = {}
-"""Local address and port of every upstream connection this process opened (closed ones
+"""Local address and port of the upstream connections this process opened (closed ones
 are purged now and then): a client connecting from one of them is the proxy itself."""
 _purge_at = 1024
 
@@ -73,17 +81,24 @@ def _remember(transport: asyncio.BaseTransport) -> None:
         _purge_at = max(1024, 2 * len(_own_endpoints))
 
 
-def is_own_connection(peer: tuple[str, int] | tuple[str, int, int, int]) -> bool:
+def is_own_connection(
+    peer: tuple[str, int] | tuple[str, int, int, int], destination: Destination
+) -> bool:
     """Whether a client is one of this process's own upstream connections, redirected back.
 
     That happens when the redirect does not exempt the proxy (root without --mark, or a
-    mark the rules do not return); each hop would otherwise open another.
+    mark the rules do not return); each hop would otherwise open another. The whole
+    4-tuple must match: the kernel reuses a local port towards other destinations, so a
+    workload sharing the proxy's address may well have the same (address, port).
     """
     host = peer[0]
     if host.startswith("::ffff:") and "." in host:
         host = host[len("::ffff:") :]
     known = _own_endpoints.get((host, peer[1]))
-    return known is not None and not known.is_closing()
+    if known is None or known.is_closing():
+        return False
+    remote = known.get_extra_info("peername")
+    return bool(remote) and (remote[0], remote[1]) == (str(destination.ip), destination.port)
 
 
 async def _connect_marked(
