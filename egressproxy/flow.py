@@ -311,16 +311,8 @@ class Flow(asyncio.Protocol):
         )
         if mode is VerifyDestination.OFF or record.hostname is None:
             return True
-        if await self.context.resolver.matches(record.hostname, record.destination.ip):
+        if await self.context.resolver.check(record, record.destination, mode):
             return True
-        record.destination_mismatch = mode.value
-        log.warning(
-            "%s: %s does not resolve to %s (verify-destination %s)",
-            record.client,
-            record.hostname,
-            record.destination.ip,
-            mode.value,
-        )
         if mode is VerifyDestination.LOG:
             return True
         record.error = "destination_mismatch"

@@ -735,23 +735,14 @@ class Http1Proxy(asyncio.Protocol):
         """--verify-destination: the Host must resolve to the original destination."""
         record, destination = self.record, self.flow.record.destination
         assert record is not None and record.hostname is not None and destination is not None
-        matches = await self.flow.context.resolver.matches(record.hostname, destination.ip)
+        matches = await self.flow.context.resolver.check(record, destination, mode)
         self.connecting = None
-        if not matches:
-            record.destination_mismatch = mode.value
-            log.warning(
-                "%s: %s does not resolve to %s (verify-destination %s)",
-                self.flow.record.client,
-                record.hostname,
-                destination.ip,
-                mode.value,
+        if not matches and mode is VerifyDestination.ENFORCE:
+            self._respond_locally(
+                421, "destination does not match the host", "destination_mismatch"
             )
-            if mode is VerifyDestination.ENFORCE:
-                self._respond_locally(
-                    421, "destination does not match the host", "destination_mismatch"
-                )
-                self._resume_after_backlog()
-                return
+            self._resume_after_backlog()
+            return
         self._forward(self._target(decision))
         if self.connecting is None:
             self._resume_after_backlog()

@@ -339,26 +339,17 @@ class H2Proxy(asyncio.Protocol):
         """--verify-destination: the :authority must resolve to the original destination."""
         record, destination = stream.record, self.flow.record.destination
         assert record.hostname is not None and destination is not None
-        matches = await self.flow.context.resolver.matches(record.hostname, destination.ip)
+        matches = await self.flow.context.resolver.check(record, destination, mode)
         if stream.done or self.closed:
             return
-        if not matches:
-            record.destination_mismatch = mode.value
-            log.warning(
-                "%s: %s does not resolve to %s (verify-destination %s)",
-                self.flow.record.client,
-                record.hostname,
-                destination.ip,
-                mode.value,
-            )
-            if mode is VerifyDestination.ENFORCE:
-                text = "destination does not match the host"
-                if record.grpc:
-                    self._grpc_answer(stream, GRPC_PERMISSION_DENIED, text, "destination_mismatch")
-                else:
-                    self._local_answer(stream, 421, text, "destination_mismatch")
-                self._flush()
-                return
+        if not matches and mode is VerifyDestination.ENFORCE:
+            text = "destination does not match the host"
+            if record.grpc:
+                self._grpc_answer(stream, GRPC_PERMISSION_DENIED, text, "destination_mismatch")
+            else:
+                self._local_answer(stream, 421, text, "destination_mismatch")
+            self._flush()
+            return
         self._forward(stream, self._target(decision))
         self._flush()
 

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 from collections import OrderedDict
 
-from egressproxy.policy.decision import Action, Decision, IPAddress
+from egressproxy.policy.decision import Action, Decision, Destination, IPAddress
+from egressproxy.records import FlowRecord, RequestRecord
 from egressproxy.settings import VerifyDestination
+
+log = logging.getLogger("egressproxy.verify")
 
 CACHE_ENTRIES = 4096
 CACHE_SECONDS = 30.0
@@ -108,3 +112,24 @@ class Resolver:
             return ipaddress.ip_address(hostname) == destination
         except ValueError:
             return destination in await self.addresses(hostname)
+
+    async def check(
+        self,
+        record: FlowRecord | RequestRecord,
+        destination: Destination,
+        mode: VerifyDestination,
+    ) -> bool:
+        """Whether the record's hostname resolves to destination; a mismatch is noted
+        on the record (its mode, for the metrics) and logged. The caller enforces."""
+        assert record.hostname is not None
+        if await self.matches(record.hostname, destination.ip):
+            return True
+        record.destination_mismatch = mode.value
+        log.warning(
+            "%s: %s does not resolve to %s (verify-destination %s)",
+            record.client,
+            record.hostname,
+            destination.ip,
+            mode.value,
+        )
+        return False
