@@ -17,7 +17,7 @@ from typing import Generic, TypeVar
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from egressproxy import upstream
 from egressproxy.policy.decision import Action, Decision, ParentRef, RouteProtocol, RouteRef
@@ -471,6 +471,11 @@ def use_multiprocess(directory: str) -> None:
     """
     os.environ[MULTIPROCESS_ENV] = directory
     values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+
+
+def forget_worker(pid: int) -> None:
+    """A worker is gone: its live gauges (open connections) no longer count."""
+    mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 def multiprocess_registry(directory: str) -> CollectorRegistry:

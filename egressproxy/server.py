@@ -355,31 +355,47 @@ async def _supervisor(
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(signum, forward, signum)
+    exit_codes: dict[int, int] = {}
+    died_serving: list[int] = []
+
+    async def reap() -> None:
+        """A worker that exits while serving stops them all: the proxy then exits non-zero
+        and its supervisor (systemd, the kubelet) restarts it whole."""
+        while len(exit_codes) < len(children):
+            pid, status = await loop.run_in_executor(None, os.wait)
+            exit_codes[pid] = os.waitstatus_to_exitcode(status)
+            children.remove(pid)
+            metrics.forget_worker(pid)
+            if not stop.is_set():
+                died_serving.append(pid)
+                log.error("worker %d exited (%d); stopping the others", pid, exit_codes[pid])
+                forward(signal.SIGTERM)
+
+    worker_count = len(children)
+    reaper = loop.create_task(reap(), name="reap workers")
     admin_server = await admin.start_admin(
         settings.admin, admin.base_handlers(health, store, registry)
     )
     watcher = loop.create_task(store.watch(), name="policy watch")
     started = 0
-    while started < len(children):
-        chunk = await loop.run_in_executor(None, os.read, ready_read, len(children))
+    while started < worker_count:
+        chunk = await loop.run_in_executor(None, os.read, ready_read, worker_count)
         if not chunk:
             break
         started += len(chunk)
     os.close(ready_read)
     for sock in listeners:
         sock.close()
-    if started < len(children):
+    if started < worker_count and not stop.is_set():
         log.error("a worker failed to start; stopping the others")
         forward(signal.SIGTERM)
-    health.listening = started == len(children)
+    health.listening = started == worker_count
     await stop.wait()
     health.draining = True
-    exit_codes = await asyncio.gather(
-        *(loop.run_in_executor(None, os.waitpid, pid, 0) for pid in children)
-    )
+    await reaper
     watcher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await watcher
     admin_server.close()
-    failed = [pid for pid, status in exit_codes if os.waitstatus_to_exitcode(status) != 0]
+    failed = died_serving or [pid for pid, code in exit_codes.items() if code != 0]
     return 1 if failed else 0

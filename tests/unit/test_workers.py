@@ -1,0 +1,67 @@
+"""--workers: a worker that dies while serving takes the proxy down with a non-zero exit,
+so systemd or the kubelet restarts it whole instead of it limping on with fewer workers."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.unit.test_metrics import EXAMPLES, free_port, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+EXIT_TIMEOUT = 15.0
+
+
+def children_of(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    found: list[int] = []
+    for task in tasks.iterdir():
+        children = (task / "children").read_text().split()
+        found.extend(int(child) for child in children)
+    return found
+
+
+def test_a_dead_worker_stops_the_proxy_with_an_error(tmp_path: Path) -> None:
+    proxy_port, admin_port = free_port(), free_port()
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text((EXAMPLES / "linkerd-1-allow.yaml").read_text())
+    environment = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+    environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    command = [
+        sys.executable, "-m", "egressproxy", "run", "--allow-root", "--workers", "2",
+        "--listen", f"127.0.0.1:{proxy_port}", "--admin", f"127.0.0.1:{admin_port}",
+        "--policy", str(policy_file),
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, env=environment, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+    try:
+
+        def ready() -> bool:
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{admin_port}/ready", timeout=2
+                ) as response:
+                    return bool(response.status == 200)
+            except OSError:
+                return False
+
+        wait_for("/ready", ready)
+        workers = children_of(process.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[0], signal.SIGKILL)
+        code = process.wait(EXIT_TIMEOUT)
+        deadline = time.monotonic() + EXIT_TIMEOUT
+        while time.monotonic() < deadline and Path(f"/proc/{workers[1]}").exists():
+            time.sleep(0.05)
+        assert not Path(f"/proc/{workers[1]}").exists(), "the other worker is still running"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(EXIT_TIMEOUT)
+    _, errors = process.communicate()
+    assert code == 1
+    assert f"worker {workers[0]} exited (-9); stopping the others" in errors
