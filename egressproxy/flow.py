@@ -284,10 +284,7 @@ class Flow(asyncio.Protocol):
             log.info("%s: Encrypted Client Hello denied (--ech deny)", self.record.client)
             self._deny(detected)
             return
-        if decision.backend is not None and decision.action is Action.ROUTE:
-            host, port = decision.backend.host, decision.backend.port
-        else:
-            host, port = str(self.record.destination.ip), self.record.destination.port
+        host, port = upstream.address_for(decision, self.record.destination)
         self.transport.pause_reading()
         self.task = asyncio.get_running_loop().create_task(
             self._connect(host, port, detected), name=f"connect {self.record.client}→{host}:{port}"

@@ -748,11 +748,9 @@ class Http1Proxy(asyncio.Protocol):
             self._resume_after_backlog()
 
     def _target(self, decision: Decision) -> tuple[str, int]:
-        if decision.action is Action.ROUTE and decision.backend is not None:
-            return decision.backend.host, decision.backend.port
         destination = self.flow.record.destination
         assert destination is not None
-        return str(destination.ip), destination.port
+        return upstream_connector.address_for(decision, destination)
 
     def _forward(self, key: tuple[str, int]) -> None:
         self.forwarding = True

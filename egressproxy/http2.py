@@ -354,11 +354,9 @@ class H2Proxy(asyncio.Protocol):
         self._flush()
 
     def _target(self, decision: Decision) -> tuple[str, int]:
-        if decision.action is Action.ROUTE and decision.backend is not None:
-            return decision.backend.host, decision.backend.port
         destination = self.flow.record.destination
         assert destination is not None
-        return str(destination.ip), destination.port
+        return upstream_connector.address_for(decision, destination)
 
     def _deny(self, stream: _Stream) -> None:
         if stream.record.grpc:

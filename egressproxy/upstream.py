@@ -11,7 +11,7 @@ from typing import TypeVar
 
 from egressproxy.errors import UpstreamError
 from egressproxy.netfilter import set_mark
-from egressproxy.policy.decision import Destination
+from egressproxy.policy.decision import Action, Decision, Destination
 
 ProtocolT = TypeVar("ProtocolT", bound=asyncio.BaseProtocol)
 
@@ -24,6 +24,13 @@ CONNECT_ERRORS = {
     errno.EMFILE: "no_file_descriptors",
     errno.ENFILE: "no_file_descriptors",
 }
+
+
+def address_for(decision: Decision, destination: Destination) -> tuple[str, int]:
+    """Where traffic goes: the route's backend, or the original destination."""
+    if decision.action is Action.ROUTE and decision.backend is not None:
+        return decision.backend.host, decision.backend.port
+    return str(destination.ip), destination.port
 
 
 async def connect(
