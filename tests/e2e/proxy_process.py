@@ -7,6 +7,7 @@ live under /root (mode 0700), which uid 2102 cannot enter.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from .world import PROXY_UID, STOP_TIMEOUT, LogFile, World, make_workdir, stop_p
 PACKAGE_SOURCE = Path(__file__).resolve().parents[2] / "egressproxy"
 ADMIN_HOST, ADMIN_PORT = "127.0.0.1", 4191
 READY_TIMEOUT = 15.0
+LOG_TIMEOUT = 5.0
 
 
 class ProxyNotReady(RuntimeError):
@@ -54,6 +56,16 @@ class Proxy:
 
     def log_text(self) -> str:
         return self.log.text()
+
+    def logged(self, pattern: str, timeout: float = LOG_TIMEOUT) -> bool:
+        """Whether the regex `pattern` shows in the log within `timeout`: log and access lines
+        are written by a background thread, so they can trail the traffic that caused them."""
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, self.log_text()):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def send_signal(self, sig: int) -> None:
         """Send a signal without waiting (SIGHUP, or SIGTERM to watch the drain)."""

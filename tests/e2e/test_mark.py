@@ -51,4 +51,4 @@ def test_without_the_mark_a_root_proxy_would_loop_and_says_so(
     running = proxy(None, "--allow-root", as_root=True)
     result = world.curl("-4", "-o", "/dev/null", "-w", "%{http_code}", "http://httpbin.org/get")
     assert result.stdout.decode() == "502"
-    assert "own upstream connection: a redirect loop" in running.log_text()
+    assert running.logged("own upstream connection: a redirect loop"), running.log_text()

@@ -253,7 +253,7 @@ def test_max_connections_pauses_accepting_and_the_backlog_is_served(
             sock.close()
         for sock in waiting:
             assert recv_exactly(sock, len(b"waiting\n"), TIMEOUT) == b"waiting\n"
-    assert "accepting paused" in running.log_text()
+    assert running.logged("accepting paused"), running.log_text()
 
 
 UPPERCASE_FLOOD = b"A" * (100 << 10)
@@ -355,7 +355,7 @@ def test_a_low_descriptor_limit_pauses_accepting_instead_of_failing(
     monkeypatch.setattr(subprocess, "Popen", with_fd_limit)
     running = proxy()
     monkeypatch.undo()
-    assert f"lowered to {FD_LIMITED_CONNECTIONS}" in running.log_text()
+    assert running.logged(f"lowered to {FD_LIMITED_CONNECTIONS}"), running.log_text()
     address = world.host("httpbin.org").v4
     with contextlib.ExitStack() as stack:
         served = [

@@ -5,7 +5,6 @@ least privilege — through the real redirect.
 from __future__ import annotations
 
 import json
-import re
 import socket
 import time
 from collections.abc import Callable
@@ -139,10 +138,7 @@ def test_encrypted_client_hello(world: World, proxy: StartProxy, ech: str) -> No
         assert [labels["error"] for labels, _ in closes] == ["forbidden"]
     else:
         assert answer is None or answer.startswith(b"\x16\x03")
-    deadline = time.monotonic() + SETTLE_TIMEOUT
-    while not re.search(r"\bech=true\b", running.log_text()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert re.search(r"\bech=true\b", running.log_text()), running.log_text()
+    assert running.logged(r"\bech=true\b"), running.log_text()
     assert metric_samples(running, "egress_encrypted_client_hellos_total") == [({}, 1.0)]
 
 
@@ -154,7 +150,7 @@ def test_audit_mode_lets_denials_pass_and_counts_them(world: World, proxy: Start
     assert [(labels["route_name"], value) for labels, value in would_deny] == [
         ("http-egress-deny", 1.0)
     ]
-    assert "decision=would_deny" in running.log_text()
+    assert running.logged("decision=would_deny"), running.log_text()
 
 
 def test_an_audit_annotation_applies_to_its_network_only(world: World, proxy: StartProxy) -> None:
