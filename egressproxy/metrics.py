@@ -70,6 +70,7 @@ CONNECT_ERRORS = frozenset(upstream.CONNECT_ERRORS.values()) - {"reset"} | {
     "connect_error",
     "dns_error",
     "dns_timeout",
+    "no_source_port",
 }
 """Error words only a failed upstream connect produces (a reset may also come mid-relay)."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+from pathlib import Path
 from typing import Protocol
 
 from egressproxy.policy.decision import Destination
@@ -14,6 +15,19 @@ SO_ORIGINAL_DST = 80
 IP6T_SO_ORIGINAL_DST = 80
 SOCKADDR_IN_SIZE = 16
 SOCKADDR_IN6_SIZE = 28
+
+PROXY_SOURCE_PORTS = range(16384, 32768)
+"""The local ports of the proxy's upstream connections, bound explicitly.
+
+The proxy and a sidecar's workload share one address, and conntrack entries outlive
+sockets (TIME_WAIT for two minutes, an entry whose reset it judged out of window for
+days). If the two drew local ports from the same pool, a workload connection could
+meet a stale entry of the proxy's, which was never redirected, and reach its
+destination past the proxy; or the proxy's connection could meet a workload's entry
+and be redirected back to itself. Linux gives connections ports from 32768-60999
+unless told otherwise, so this range is the workload's only by explicit bind.
+"""
+IPV4_SYSCTLS = Path("/proc/sys/net/ipv4")
 
 
 class SocketLike(Protocol):
@@ -60,6 +74,36 @@ def is_local_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> 
         except OSError:
             return False
     return True
+
+
+def source_ports_conflict(ephemeral: str, reserved: str) -> str | None:
+    """Why workloads could be given the proxy's source ports, from the sysctls
+    net.ipv4.ip_local_port_range and ip_local_reserved_ports (as /proc/sys prints them);
+    None when they cannot."""
+    low, high = (int(word) for word in ephemeral.split())
+    shared = set(range(max(low, PROXY_SOURCE_PORTS.start), min(high + 1, PROXY_SOURCE_PORTS.stop)))
+    for item in reserved.replace(",", " ").split():
+        first, _, last = item.partition("-")
+        shared -= set(range(int(first), int(last or first) + 1))
+    if not shared:
+        return None
+    ours = f"{PROXY_SOURCE_PORTS.start}-{PROXY_SOURCE_PORTS.stop - 1}"
+    return (
+        f"the proxy's source ports {ours} overlap this network namespace's ephemeral ports"
+        f" {low}-{high} (net.ipv4.ip_local_port_range), so a workload connection could"
+        f" collide with the proxy's; reserve them with"
+        f" net.ipv4.ip_local_reserved_ports={ours} (a safe sysctl in a pod's securityContext)"
+    )
+
+
+def read_source_ports_conflict(sysctls: Path = IPV4_SYSCTLS) -> str | None:
+    """source_ports_conflict for this network namespace; None where /proc/sys cannot say."""
+    try:
+        ephemeral = (sysctls / "ip_local_port_range").read_text()
+        reserved = (sysctls / "ip_local_reserved_ports").read_text()
+    except OSError:
+        return None
+    return source_ports_conflict(ephemeral, reserved)
 
 
 def set_mark(sock: socket.socket, mark: int) -> None:

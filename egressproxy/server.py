@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from egressproxy import accesslog, admin, metrics
 from egressproxy.flow import Flow, FlowContext, OpenFlows
+from egressproxy.netfilter import read_source_ports_conflict
 from egressproxy.policy.errors import PolicyError
 from egressproxy.policy.store import PolicyStore
 from egressproxy.records import Accounting, FlowRecord, RequestRecord
@@ -42,6 +43,9 @@ def main(settings: Settings) -> int:
             print(f"egressproxy: {problem}", file=sys.stderr)
             return 2
         raise_open_file_limit()
+        conflict = read_source_ports_conflict()
+        if conflict:
+            log.warning("%s", conflict)
         if settings.workers > 1:
             metrics_dir = tempfile.mkdtemp(prefix="egressproxy-metrics-")
             metrics.use_multiprocess(metrics_dir)

@@ -1,16 +1,17 @@
-"""The only place that opens upstream sockets: timeout, SO_MARK, name resolution."""
+"""The only place that opens upstream sockets: source port, timeout, SO_MARK, name resolution."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
 import os
+import random
 import socket
 from collections.abc import Callable
 from typing import TypeVar
 
 from egressproxy.errors import UpstreamError
-from egressproxy.netfilter import set_mark
+from egressproxy.netfilter import PROXY_SOURCE_PORTS, set_mark
 from egressproxy.policy.decision import Action, Decision, Destination
 
 ProtocolT = TypeVar("ProtocolT", bound=asyncio.BaseProtocol)
@@ -41,34 +42,80 @@ async def connect(
     timeout: float,
     mark: int | None,
 ) -> tuple[asyncio.Transport, ProtocolT]:
-    """Open a TCP connection to host:port; every failure is an UpstreamError with a kind.
+    """Open a TCP connection to host:port from one of PROXY_SOURCE_PORTS; every failure
+    is an UpstreamError with a kind.
 
     host is an IP literal (original destination) or a name (a route's backend).
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     ip = host if _is_ip_literal(host) else await _resolve(loop, host, port, timeout)
+    wildcard = "::" if ":" in ip else "0.0.0.0"
     try:
         async with asyncio.timeout_at(deadline):
-            if mark is None:
-                transport, protocol = await loop.create_connection(protocol_factory, ip, port)
-            else:
-                transport, protocol = await _connect_marked(loop, ip, port, mark, protocol_factory)
+            for _ in range(SOURCE_PORT_ATTEMPTS):
+                source = (wildcard, _source_ports.take())
+                try:
+                    if mark is None:
+                        transport, protocol = await loop.create_connection(
+                            protocol_factory, ip, port, local_addr=source
+                        )
+                    else:
+                        transport, protocol = await _connect_marked(
+                            loop, ip, port, source, mark, protocol_factory
+                        )
+                except OSError as error:
+                    if error.errno not in SOURCE_PORT_TAKEN:
+                        raise
+                else:
+                    if mark is None and RUNNING_AS_ROOT:
+                        _remember(transport)
+                    return transport, protocol
     except TimeoutError:
         raise UpstreamError("connect_timeout", f"{host}:{port}") from None
     except OSError as error:
         kind = CONNECT_ERRORS.get(error.errno or 0, "connect_error")
         raise UpstreamError(kind, f"{host}:{port}: {error.strerror}") from None
-    if mark is None and RUNNING_AS_ROOT:
-        _remember(transport)
-    return transport, protocol
+    raise UpstreamError(
+        "no_source_port", f"{host}:{port}: {SOURCE_PORT_ATTEMPTS} source ports in a row were taken"
+    )
+
+
+SOURCE_PORT_ATTEMPTS = 32
+SOURCE_PORT_TAKEN = (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
+"""A listener holds the port (bind), or a connection, perhaps in TIME_WAIT, already links
+it to the same destination (connect): the next port will do."""
+
+
+class SourcePorts:
+    """PROXY_SOURCE_PORTS in turn: a port comes back to a destination only after the whole
+    range, and the start is random per process, so workers rarely ask for the same one.
+
+    Sockets bind with SO_REUSEADDR (libuv sets it), so one port serves any number of
+    destinations; the kernel refuses only a repeated address pair.
+    """
+
+    def __init__(self, ports: range = PROXY_SOURCE_PORTS) -> None:
+        self.ports = ports
+        self.position: int | None = None
+
+    def take(self) -> int:
+        if self.position is None:
+            self.position = random.randrange(len(self.ports))
+        port = self.ports[self.position]
+        self.position = (self.position + 1) % len(self.ports)
+        return port
+
+
+_source_ports = SourcePorts()
 
 
 RUNNING_AS_ROOT = os.geteuid() == 0
 """Root without --mark is the one set-up the redirect cannot exempt (it returns the
 proxy's uid or mark): only then are upstream connections remembered to catch a loop.
-Elsewhere a workload may legitimately reuse such an address and port (it shares the
-proxy's address, and a port it just aborted), so matching there would refuse it."""
+Elsewhere a workload's redirected connection may show up with the same address and
+port: it shares the proxy's address, and the redirect's NAT may give it any source port
+to keep its reply tuple unique (so not even PROXY_SOURCE_PORTS tell the two apart)."""
 _own_endpoints: dict[tuple[str, int], asyncio.BaseTransport] = {}
 """Local address and port of the upstream connections this process opened (closed ones
 are purged now and then): a client connecting from one of them is the proxy itself."""
@@ -112,20 +159,23 @@ async def _connect_marked(
     loop: asyncio.AbstractEventLoop,
     ip: str,
     port: int,
+    source: tuple[str, int],
     mark: int,
     protocol_factory: Callable[[], ProtocolT],
 ) -> tuple[asyncio.Transport, ProtocolT]:
     """The slower path: SO_MARK must be on the socket before it connects.
 
-    Without a mark, create_connection with an IP literal connects inside uvloop
-    with no Python in between, which is most of the cost of a new connection.
+    Without a mark, create_connection with IP literals connects inside uvloop with
+    no Python in between, which is most of the cost of a new connection.
     """
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         set_mark(sock, mark)
+        sock.bind(source)
         await loop.sock_connect(sock, (ip, port))
         return await loop.create_connection(protocol_factory, sock=sock)
     except BaseException:

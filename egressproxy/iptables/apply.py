@@ -16,6 +16,10 @@ Gateway mode turns on the family's forwarding switch (net.ipv4.ip_forward,
 net.ipv6.conf.all.forwarding): the redirected TCP is delivered locally, but what
 the rules leave alone (excluded ports and networks, DNS) must still be routed.
 Uninstall turns it off again only if install was the one that turned it on.
+
+Sidecar mode refuses to install where the workload's ephemeral ports overlap the
+proxy's source ports (netfilter.PROXY_SOURCE_PORTS) and are not reserved: the two
+would share conntrack tuples, and a workload could slip past the proxy.
 Note that IPv6 forwarding makes the kernel ignore router advertisements unless
 accept_ra is 2.
 """
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from egressproxy.iptables.rules import (
+    SIDECAR,
     Family,
     NetfilterState,
     Options,
@@ -46,6 +51,7 @@ from egressproxy.iptables.rules import (
     tables,
     validate,
 )
+from egressproxy.netfilter import read_source_ports_conflict
 
 TOOL_TIMEOUT = 60.0
 # Seconds iptables-legacy-restore waits for the xtables lock another tool holds.
@@ -301,6 +307,10 @@ def main(action: str, options: Options, dry_run: bool) -> int:
         if dry_run and action != "show":
             print_dry_run(action, options)
             return 0
+        if action == "install" and options.mode == SIDECAR:
+            conflict = read_source_ports_conflict()
+            if conflict:
+                raise ApplyError(conflict)
         backend = detect_backend()
         chosen = families(backend, options.ipv6)
         if action == "show":

@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from egressproxy.netfilter import PROXY_SOURCE_PORTS
+
 from . import servers
 from .clients import (
     TlsClient,
@@ -63,6 +65,7 @@ def assert_relayed_to(
     assert document["server"] == {"name": host, "address": address, "port": port}
     assert document["host"] == host
     assert document["client"]["port"] != client_port, "reached the server without the proxy"
+    assert document["client"]["port"] in PROXY_SOURCE_PORTS, "left from a workload's port"
 
 
 # --- passthrough of each protocol ---------------------------------------------

@@ -480,6 +480,23 @@ def test_gateway_redirects_routed_tcp_and_forwards_the_rest(lab: Lab) -> None:
     assert forwarding(gateway) == ("0", "0")
 
 
+def test_sidecar_install_refuses_ephemeral_ports_that_overlap_the_proxy_ports(lab: Lab) -> None:
+    """Workload connections drawing ports from the proxy's source ports could share a
+    conntrack tuple with the proxy's: install says so and how to fix it, and installs
+    once the ports are reserved."""
+    app = lab.namespace()
+    before = saved_rules(app)
+    run("ip", "netns", "exec", app, "sysctl", "-qw", "net.ipv4.ip_local_port_range=10000 60999")
+    refused = egressproxy(app, "install", f"--proxy-uid={PROXY_UID}")
+    assert refused.returncode == 1
+    assert "net.ipv4.ip_local_reserved_ports=16384-32767" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert saved_rules(app) == before
+    sh(f"ip netns exec {app} sysctl -qw net.ipv4.ip_local_reserved_ports=16384-32767")
+    done = egressproxy(app, "install", f"--proxy-uid={PROXY_UID}")
+    assert done.returncode == 0, done.stderr
+
+
 def test_without_net_admin_the_error_says_so(lab: Lab) -> None:
     app = lab.namespace()
     # Root in a user namespace of its own: what a container without NET_ADMIN is.

@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from egressproxy.netfilter import PROXY_SOURCE_PORTS
+
 from .proxy_process import Proxy
 from .world import REDIRECT_CHAIN, World
 
@@ -40,6 +42,7 @@ def test_marked_upstream_connections_are_not_redirected_again(
     assert result.returncode == 0, result.stderr
     echoed = json.loads(result.stdout)
     assert echoed["host"] == "httpbin.org"
+    assert echoed["client"]["port"] in PROXY_SOURCE_PORTS
     assert "loop" not in running.log_text()
 
 
@@ -52,3 +55,16 @@ def test_without_the_mark_a_root_proxy_would_loop_and_says_so(
     result = world.curl("-4", "-o", "/dev/null", "-w", "%{http_code}", "http://httpbin.org/get")
     assert result.stdout.decode() == "502"
     assert running.logged("own upstream connection: a redirect loop"), running.log_text()
+
+
+def test_the_proxy_warns_when_workloads_could_get_its_source_ports(
+    world: World, proxy: StartProxy
+) -> None:
+    setting = "net.ipv4.ip_local_port_range"
+    before = " ".join(world.run(["sysctl", "-n", setting]).stdout.decode().split())
+    world.run(["sysctl", "-qw", f"{setting}=10000 60999"]).check_returncode()
+    try:
+        running = proxy(None)
+        assert running.logged("ip_local_reserved_ports=16384-32767"), running.log_text()
+    finally:
+        world.run(["sysctl", "-qw", f"{setting}={before}"]).check_returncode()
