@@ -344,6 +344,12 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        self.tasks = Gauge(
+            "egress_event_loop_tasks",
+            "Asyncio tasks alive in the event loops (rising while connections do not: a leak)",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self.original_destination_failures = Counter(
             "egress_original_destination_failures_total",
             "Connections whose original destination could not be read (not redirected?)",

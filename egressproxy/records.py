@@ -66,3 +66,7 @@ class Accounting(Protocol):
     def request_finished(self, record: RequestRecord) -> None: ...
 
     def policy_reloaded(self, ok: bool, generation: int) -> None: ...
+
+    def tasks_counted(self, alive: int) -> None:
+        """The event loop's tasks now, reported every second: a count that keeps growing
+        while connections do not is a leak."""

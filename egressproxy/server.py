@@ -148,8 +148,21 @@ class Reporting:
         self.meters.request_finished(record)
         self.access_log.request_finished(record)
 
+    def tasks_counted(self, alive: int) -> None:
+        self.meters.tasks.set(alive)
+
     def policy_reloaded(self, ok: bool, generation: int) -> None:
         self.meters.policy_reloaded(ok, generation)
+
+
+TASK_COUNT_INTERVAL = 1.0
+
+
+def count_tasks(accounting: Accounting) -> None:
+    """Report the loop's live tasks now and every TASK_COUNT_INTERVAL from now on."""
+    loop = asyncio.get_running_loop()
+    accounting.tasks_counted(len(asyncio.all_tasks(loop)))
+    loop.call_later(TASK_COUNT_INTERVAL, count_tasks, accounting)
 
 
 async def serve(
@@ -180,6 +193,7 @@ async def serve(
             settings.admin, admin.base_handlers(health, store, registry)
         )
     await acceptor.start(lambda: Flow(context))
+    count_tasks(accounting)
     health.listening = True
     log.info("listening on %s", ", ".join(str(endpoint) for endpoint in settings.listen))
     if on_listening is not None:

@@ -33,6 +33,8 @@ from typing import Any, Protocol
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from egressproxy.server import TASK_COUNT_INTERVAL
+
 from . import fault_servers, servers
 from .clients import (
     bytes_before_close,
@@ -113,6 +115,11 @@ def open_connections(proxy: Proxy) -> float:
     return metric(metrics_text(proxy), "egress_open_connections")
 
 
+def tasks_alive(proxy: Proxy) -> float:
+    """The proxy's asyncio tasks, as it counted them within the last second."""
+    return metric(metrics_text(proxy), "egress_event_loop_tasks")
+
+
 def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -126,25 +133,32 @@ def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 
 class Baseline:
     fds: int
     open_connections: float
+    tasks: float
 
 
 def baseline_of(proxy: Proxy) -> Baseline:
-    """Descriptors and open connections of a proxy at rest (admin scrapes closed too)."""
+    """Descriptors, open connections and tasks of a proxy at rest (admin scrapes closed too;
+    tasks counted once more after the last connection closed)."""
     assert wait_until(lambda: open_connections(proxy) == 0, SETTLE_TIMEOUT)
-    time.sleep(0.2)
-    return Baseline(min(fd_count(proxy), fd_count(proxy)), 0.0)
+    time.sleep(TASK_COUNT_INTERVAL + 0.1)
+    tasks = min(tasks_alive(proxy), tasks_alive(proxy))
+    return Baseline(min(fd_count(proxy), fd_count(proxy)), 0.0, tasks)
 
 
 def assert_back_to(proxy: Proxy, baseline: Baseline, timeout: float = SETTLE_TIMEOUT) -> None:
-    seen: list[tuple[int, float]] = []
+    seen: list[tuple[int, float, float]] = []
 
     def settled() -> bool:
-        now = (fd_count(proxy), open_connections(proxy))
+        now = (fd_count(proxy), open_connections(proxy), tasks_alive(proxy))
         seen.append(now)
-        return now[0] <= baseline.fds and now[1] == baseline.open_connections
+        return (
+            now[0] <= baseline.fds
+            and now[1] == baseline.open_connections
+            and now[2] <= baseline.tasks
+        )
 
     assert wait_until(settled, timeout, 0.1), (
-        f"not back to {baseline} within {timeout}s (fds, open connections): {seen[-3:]}"
+        f"not back to {baseline} within {timeout}s (fds, open connections, tasks): {seen[-3:]}"
     )
     assert proxy.returncode is None
 
@@ -441,6 +455,25 @@ def test_connect_timeout_is_named_for_tcp_and_http(world: World, proxy: StartPro
         running, destination=f"{BLACKHOLE_V4}:{servers.ECHO_PORT}", error="connect_timeout"
     )
     assert_logged(running, destination=f"{BLACKHOLE_V4}:80", status="504", error="connect_timeout")
+
+
+def test_connecting_tasks_are_counted_and_none_outlives_its_client(
+    world: World, proxy: StartProxy
+) -> None:
+    """Twenty clients wait on connects that never finish, then vanish: the task gauge saw
+    each connect and returns to rest."""
+    running = proxy(None, "--connect-timeout", "3")
+    clients = 20
+    with unchanged(running):
+        at_rest = tasks_alive(running)
+        sockets = [world.connect(BLACKHOLE_V4, servers.ECHO_PORT) for _ in range(clients)]
+        try:
+            for sock in sockets:
+                sock.sendall(b"hello\n")
+            assert wait_until(lambda: tasks_alive(running) >= at_rest + clients, TIMEOUT)
+        finally:
+            for sock in sockets:
+                sock.close()
 
 
 def test_sniff_timeout_lets_a_server_speak_first(world: World, proxy: StartProxy) -> None:

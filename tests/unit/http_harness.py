@@ -49,6 +49,9 @@ class Ledger:
     def policy_reloaded(self, ok: bool, generation: int) -> None:
         """Nothing to count here."""
 
+    def tasks_counted(self, alive: int) -> None:
+        """Nothing to count here."""
+
 
 @dataclass
 class LoopbackProxy:

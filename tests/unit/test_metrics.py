@@ -720,6 +720,7 @@ EXPOSED_FAMILIES = {
     "egress_policy_reloads_total": "counter",
     "egress_policy_generation": "gauge",
     "egress_open_connections": "gauge",
+    "egress_event_loop_tasks": "gauge",
     "egress_connection_duration_seconds": "histogram",
     "egress_sent_bytes_total": "counter",
     "egress_received_bytes_total": "counter",
