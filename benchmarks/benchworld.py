@@ -286,6 +286,7 @@ class World:
         for ns in (client, upstream):
             for sysctl in (
                 "net.ipv4.ip_local_port_range=1024 65000",
+                "net.ipv4.ip_local_reserved_ports=16384-32767",
                 "net.ipv4.tcp_tw_reuse=1",
                 "net.core.somaxconn=8192",
                 "net.ipv4.tcp_max_syn_backlog=8192",
