@@ -6,10 +6,12 @@ the original destination or the route's backend over upstream connections kept p
 items so names, case, order and the request-target reach the upstream as sent; bodies
 stream through h11's framing with backpressure both ways.
 
-The common exchange (a bodiless HTTP/1.1 request to an upstream already open, answered
-with a Content-Length response) takes a lean path that skips h11: http1_lean parses the
-heads with h11's grammar and the body is counted through. Anything else, at any point
-before the client has seen a byte of the response, is replayed into h11 and handled there.
+The common exchange (a bodiless HTTP/1.1 request answered with a Content-Length
+response, on a new or a kept upstream connection) takes a lean path that skips h11:
+http1_lean parses the heads with h11's grammar and the body is counted through. Anything
+else, at any point before the client has seen a byte of the response (a failed connect
+included), is replayed into h11 and handled there. h11's connections are only made when
+an exchange needs them.
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ class _LeanExchange:
     remaining: int = field(default=-1)
     """Response body bytes still to come; -1 until the head is through."""
     reusable: bool = True
-    """False once the upstream sent more than the response: it is not kept."""
+    """False once the upstream sent more than the response, or either side closes: not kept."""
+    close: bool = False
+    """The request or the response said Connection: close: the client connection ends too."""
 
 
 def error_response(status: int, body: str, *, close: bool = True) -> bytes:
@@ -82,6 +86,9 @@ def error_response(status: int, body: str, *, close: bool = True) -> bytes:
 DENIED_RESPONSE = error_response(403, DENIED_BODY, close=False)
 """The 403 as h11 writes it on a connection that stays open."""
 DENIED_HEAD = DENIED_RESPONSE[: DENIED_RESPONSE.index(b"\r\n\r\n") + 4]
+DENIED_CLOSING_HEAD = DENIED_HEAD[:-2] + b"Connection: close\r\n\r\n"
+"""The 403 head as h11 writes it to a client that sent Connection: close."""
+DENIED_CLOSING_RESPONSE = DENIED_CLOSING_HEAD + DENIED_RESPONSE[len(DENIED_HEAD) :]
 
 
 def request_head(request: h11.Request) -> bytes:
@@ -230,9 +237,16 @@ class _Upstream(asyncio.Protocol):
     def __init__(self, proxy: Http1Proxy, key: tuple[str, int]) -> None:
         self.proxy = proxy
         self.key = key
-        self.h11 = h11.Connection(h11.CLIENT)
+        self._h11: h11.Connection | None = None
         self.transport: asyncio.Transport
         self.reused = False
+
+    @property
+    def h11(self) -> h11.Connection:
+        """Made on first use: lean exchanges leave it fresh, so most connections never need it."""
+        if self._h11 is None:
+            self._h11 = h11.Connection(h11.CLIENT)
+        return self._h11
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -269,9 +283,7 @@ class Http1Proxy(asyncio.Protocol):
         self.accounting = flow.context.accounting
         self.transport = flow.transport
         self.loop = asyncio.get_running_loop()
-        self.client = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=self.settings.max_header_bytes
-        )
+        self._client: h11.Connection | None = None
         self.idle: dict[tuple[str, int], _Upstream] = {}
         self.upstream: _Upstream | None = None
         """The upstream of the exchange in progress."""
@@ -300,9 +312,21 @@ class Http1Proxy(asyncio.Protocol):
         self.inbox = b""
         self.inbox_eof = False
         self.exchange: _LeanExchange | None = None
+        self.targeted: Decision | None = None
+        self.target = ("", 0)
+        """The last decision _target answered, and its answer."""
         self.host_header = ""
         self.hostname: str | None = None
         """The last Host header and its hostname: a connection mostly sends one."""
+
+    @property
+    def client(self) -> h11.Connection:
+        """h11's view of the client, made when an exchange leaves the lean path."""
+        if self._client is None:
+            self._client = h11.Connection(
+                h11.SERVER, max_incomplete_event_size=self.settings.max_header_bytes
+            )
+        return self._client
 
     # ---- life of the client connection -------------------------------------------------
 
@@ -325,11 +349,15 @@ class Http1Proxy(asyncio.Protocol):
         self.last_activity = self.loop.time()
         self.flow.record.bytes_from_client += len(data)
         if self.lean:
-            self.inbox += data
-            if self.exchange is None:
+            exchange = self.exchange
+            if exchange is None:
+                self.inbox += data
                 self._process_lean()
-            elif len(self.inbox) > WRITE_BUFFER_HIGH:
-                self.pause_client(_PAUSED_BY_BACKLOG)
+            elif not exchange.request.close:
+                self.inbox += data
+                if len(self.inbox) > WRITE_BUFFER_HIGH:
+                    self.pause_client(_PAUSED_BY_BACKLOG)
+            # else: bytes after Connection: close are dropped; the connection ends with the answer
             return
         if self.head_deadline is None and self.client.their_state is h11.IDLE:
             self._set_head_deadline()
@@ -563,15 +591,10 @@ class Http1Proxy(asyncio.Protocol):
         denied = decision.action is Action.DENY
         if denied and decision.audit:
             return False
-        upstream = None
-        if not denied:
-            if verification_mode(decision, self.hostname, self.settings.verify_destination) is not (
-                VerifyDestination.OFF
-            ):
-                return False
-            upstream = self.idle.pop(self._target(decision), None)
-            if upstream is None:
-                return False
+        if not denied and verification_mode(
+            decision, self.hostname, self.settings.verify_destination
+        ) is not (VerifyDestination.OFF):
+            return False
         self.inbox = self.inbox[request.size :]
         self.head_deadline = None
         record = RequestRecord(
@@ -584,22 +607,34 @@ class Http1Proxy(asyncio.Protocol):
             grpc=request.grpc,
             decision=decision,
         )
-        if upstream is None:
+        if denied:
             record.status = 403
-            self._write_client(DENIED_HEAD if method == "HEAD" else DENIED_RESPONSE)
+            if request.close:
+                denial = DENIED_CLOSING_HEAD if method == "HEAD" else DENIED_CLOSING_RESPONSE
+            else:
+                denial = DENIED_HEAD if method == "HEAD" else DENIED_RESPONSE
+            self._write_client(denial)
             self.accounting.request_finished(record)
-            if self.draining or flow.context.draining:
+            if request.close or self.draining or flow.context.draining:
                 self._close()
             return True
         self.record = record
-        self.exchange = _LeanExchange(request)
-        self.upstream = upstream
+        self.exchange = _LeanExchange(request, close=request.close)
         self.forwarding = True
+        key = self._target(decision)
+        upstream = self.idle.pop(key, None)
+        if upstream is None:
+            self._connect_for(key)
+            return True
         upstream.reused = True
+        self._send_lean(upstream, request)
+        return True
+
+    def _send_lean(self, upstream: _Upstream, request: LeanRequest) -> None:
+        self.upstream = upstream
         upstream.transport.write(request.head)
         if self.client_write_paused:
             upstream.transport.pause_reading()
-        return True
 
     def _lean_response(self, upstream: _Upstream, exchange: _LeanExchange, data: bytes) -> None:
         record = self.record
@@ -634,7 +669,8 @@ class Http1Proxy(asyncio.Protocol):
         self.response_started = True
         end = response.size + response.body_length
         body = received[response.size : end]
-        exchange.reusable = len(received) <= end
+        exchange.close = exchange.close or response.close
+        exchange.reusable = len(received) <= end and not exchange.close
         exchange.remaining = response.body_length - len(body)
         record.bytes_from_upstream += len(body)
         if self.batch is not None:
@@ -654,17 +690,18 @@ class Http1Proxy(asyncio.Protocol):
         record, self.record = self.record, None
         assert record is not None
         self.accounting.request_finished(record)
-        if self.draining or self.flow.context.draining:
+        if exchange.close or self.draining or self.flow.context.draining:
             self._close()
             return
         self.resume_client(_PAUSED_BY_BACKLOG)
         self._process_lean()
 
-    def _lean_to_h11(self, upstream: _Upstream, received: bytes) -> None:
+    def _lean_to_h11(self, upstream: _Upstream | None, received: bytes) -> None:
         """Replay the lean request into h11 (both sides), then let h11 read the response.
 
         Only while the client has seen nothing of the response: from here on the
-        exchange is exactly as if h11 had read it from the start.
+        exchange is exactly as if h11 had read it from the start. Without an upstream
+        (the connect failed) only the client side is replayed, for the proxy's answer.
         """
         exchange, self.exchange = self.exchange, None
         assert exchange is not None
@@ -680,6 +717,8 @@ class Http1Proxy(asyncio.Protocol):
         destination = self.flow.record.destination
         assert destination is not None
         self.request, self.parsed = request, parse_request(request, destination)
+        if upstream is None:
+            return
         upstream.h11.send(request)
         upstream.h11.send(h11.EndOfMessage())
         if received:
@@ -748,9 +787,13 @@ class Http1Proxy(asyncio.Protocol):
             self._resume_after_backlog()
 
     def _target(self, decision: Decision) -> tuple[str, int]:
-        destination = self.flow.record.destination
-        assert destination is not None
-        return upstream_connector.address_for(decision, destination)
+        """address_for, asked once per decision: a connection's requests mostly share one."""
+        if decision is not self.targeted:
+            destination = self.flow.record.destination
+            assert destination is not None
+            self.target = upstream_connector.address_for(decision, destination)
+            self.targeted = decision
+        return self.target
 
     def _forward(self, key: tuple[str, int]) -> None:
         self.forwarding = True
@@ -759,6 +802,10 @@ class Http1Proxy(asyncio.Protocol):
             idle.reused = True
             self._send_request(idle)
             return
+        self._connect_for(key)
+
+    def _connect_for(self, key: tuple[str, int]) -> None:
+        """Open a new upstream, closing the idle one first (two descriptors per client)."""
         for other in self.idle.values():
             other.transport.close()
         self.idle.clear()
@@ -779,6 +826,8 @@ class Http1Proxy(asyncio.Protocol):
         except UpstreamError as error:
             self.connecting = None
             log.info("%s → %s:%s: %s", self.flow.record.client, key[0], key[1], error)
+            if self.exchange is not None:
+                self._lean_to_h11(None, b"")
             self._upstream_unavailable(error.kind)
             self._resume_after_backlog()
             return
@@ -794,6 +843,9 @@ class Http1Proxy(asyncio.Protocol):
         self.connecting = None
         if self.closed:
             upstream.transport.abort()
+            return
+        if self.exchange is not None:
+            self._send_lean(upstream, self.exchange.request)
             return
         self._send_request(upstream)
         self._resume_after_backlog()
@@ -844,9 +896,7 @@ class Http1Proxy(asyncio.Protocol):
             self._close()
             return
         rest, self.inbox_eof = client.trailing_data
-        self.client = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=self.settings.max_header_bytes
-        )
+        self._client = None
         self.lean, self.inbox = True, bytes(rest)
         self.backlog = 0
         self.resume_client(_PAUSED_BY_BACKLOG)

@@ -37,7 +37,7 @@ _REFUSED_REQUEST_HEADERS = frozenset((b"transfer-encoding", b"upgrade", b"expect
 
 @dataclass(frozen=True, slots=True)
 class LeanRequest:
-    """A bodiless HTTP/1.1 request that keeps the connection open."""
+    """A bodiless HTTP/1.1 request, the last of its connection or not."""
 
     method: bytes
     target: bytes
@@ -51,17 +51,21 @@ class LeanRequest:
     """Bytes the head took in the buffer."""
     head_size: int
     """As http1.ParsedRequest.head_size."""
+    close: bool
+    """Connection: close: the client sends nothing after it (h11 refuses bytes that follow)."""
 
 
 @dataclass(frozen=True, slots=True)
 class LeanResponse:
-    """A final HTTP/1.1 response whose body length its head tells, keeping the connection."""
+    """A final HTTP/1.1 response whose body length its head tells."""
 
     status: int
     head: bytes
     """The head as the client gets it (as http1.response_head writes h11's event)."""
     size: int
     body_length: int
+    close: bool
+    """Connection: close: neither the upstream nor the client connection is used again."""
 
 
 def _head_lines(buffer: bytes, limit: int) -> tuple[list[bytes], int] | Incomplete | None:
@@ -87,7 +91,10 @@ def _head_lines(buffer: bytes, limit: int) -> tuple[list[bytes], int] | Incomple
 
 def _keeps_alive(value: bytes) -> bool:
     """A Connection header h11 reads as keep-alive (no `close` token)."""
-    return all(token.strip(b" \t").lower() != b"close" for token in value.split(b","))
+    lowered = value.lower()
+    if b"close" not in lowered:
+        return True
+    return all(token.strip(b" \t") != b"close" for token in lowered.split(b","))
 
 
 def parse_request(buffer: bytes, limit: int) -> LeanRequest | Incomplete | None:
@@ -106,6 +113,7 @@ def parse_request(buffer: bytes, limit: int) -> LeanRequest | Incomplete | None:
     canonical = True
     host: str | None = None
     grpc = False
+    close = False
     content_length = False
     headers: list[tuple[str, str]] = []
     raw: list[bytes] = [lines[0]]
@@ -129,18 +137,17 @@ def parse_request(buffer: bytes, limit: int) -> LeanRequest | Incomplete | None:
         elif lower in _REFUSED_REQUEST_HEADERS:
             return None
         elif lower == b"connection":
-            if not _keeps_alive(value):
-                return None
+            close = close or not _keeps_alive(value)
         elif lower == b"content-type":
             grpc = text_value.lower().startswith("application/grpc")
         headers.append((lower.decode("latin-1"), text_value))
         written = name + b": " + value
         raw.append(written)
         canonical = canonical and written == line
-    if host is None or head_size > limit:
+    if host is None or head_size > limit or (close and len(buffer) > size):
         return None
     head = buffer[:size] if canonical else b"\r\n".join(raw) + b"\r\n\r\n"
-    return LeanRequest(method, target, tuple(headers), host, grpc, head, size, head_size)
+    return LeanRequest(method, target, tuple(headers), host, grpc, head, size, head_size, close)
 
 
 def parse_response(buffer: bytes, request_method: bytes) -> LeanResponse | Incomplete | None:
@@ -164,6 +171,7 @@ def parse_response(buffer: bytes, request_method: bytes) -> LeanResponse | Incom
     canonical = first == lines[0]
     raw = [first]
     length: int | None = None
+    close = False
     for line in lines[1:]:
         field = _HEADER_FIELD.fullmatch(line)
         if field is None:
@@ -174,8 +182,10 @@ def parse_response(buffer: bytes, request_method: bytes) -> LeanResponse | Incom
             if length is not None or _DIGITS.fullmatch(value) is None:
                 return None
             length = int(value)
-        elif lower == b"transfer-encoding" or (lower == b"connection" and not _keeps_alive(value)):
+        elif lower == b"transfer-encoding":
             return None
+        elif lower == b"connection":
+            close = close or not _keeps_alive(value)
         written = name + b": " + value
         raw.append(written)
         canonical = canonical and written == line
@@ -184,7 +194,7 @@ def parse_response(buffer: bytes, request_method: bytes) -> LeanResponse | Incom
     elif length is None:
         return None
     head = buffer[:size] if canonical else b"\r\n".join(raw) + b"\r\n\r\n"
-    return LeanResponse(status, head, size, length)
+    return LeanResponse(status, head, size, length, close)
 
 
 def _parse_tidy_response(buffer: bytes, request_method: bytes) -> LeanResponse | None:
@@ -200,16 +210,19 @@ def _parse_tidy_response(buffer: bytes, request_method: bytes) -> LeanResponse |
     if status < 200 or _TIDY_FIELDS.fullmatch(buffer, line_end + 2, end + 2) is None:
         return None
     length: int | None = None
+    close = False
     for framing in _FRAMING_FIELD.finditer(buffer, line_end, end):
         name, value = framing[1].lower(), framing[2]
         if name == b"content-length":
             if length is not None or _DIGITS.fullmatch(value) is None:
                 return None
             length = int(value)
-        elif name == b"transfer-encoding" or not _keeps_alive(value):
+        elif name == b"transfer-encoding":
             return None
+        else:
+            close = close or not _keeps_alive(value)
     if status in (204, 304) or request_method == b"HEAD":
         length = 0
     elif length is None:
         return None
-    return LeanResponse(status, buffer[: end + 4], end + 4, length)
+    return LeanResponse(status, buffer[: end + 4], end + 4, length, close)

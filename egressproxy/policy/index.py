@@ -340,6 +340,7 @@ def compile_policy(model: Model, settings: Settings) -> PolicyIndex:
 
 
 MAX_MEMOISED_DECISIONS = 4096
+MAX_MEMOISED_NETWORKS = 4096
 """Bounds the memo when many ports are decided (it is cleared, not evicted, when full)."""
 
 
@@ -354,6 +355,8 @@ class PolicyIndex:
         self.model = model
         self.settings = settings
         self.decisions: dict[tuple[int, int, RouteProtocol, str], Decision] = {}
+        self.networks: dict[IPAddress, CompiledNetwork | None] = {}
+        """network_for's answers: a client talks to few addresses, each asked per request."""
         self.cidrs = CidrTable()
         self.compiled: dict[NetworkId, CompiledNetwork] = {}
         for network in networks_in_scope(model.networks, settings):
@@ -426,7 +429,15 @@ class PolicyIndex:
     # --- the data plane's questions -------------------------------------------------
 
     def network_for(self, destination: Destination) -> CompiledNetwork | None:
-        return self.cidrs.lookup(destination.ip)
+        ip = destination.ip
+        try:
+            return self.networks[ip]
+        except KeyError:
+            pass
+        if len(self.networks) >= MAX_MEMOISED_NETWORKS:
+            self.networks.clear()
+        network = self.networks[ip] = self.cidrs.lookup(ip)
+        return network
 
     def port_protocol(self, destination: Destination) -> RouteProtocol | None:
         """The protocol the port's Gateway API routes fix; None: detect."""
@@ -617,10 +628,12 @@ def best_http_rule(table: HostTable[CompiledRule], request: RequestFacts) -> Com
         for rule in level:
             if not rule.covers(request.destination.ip):
                 continue
-            if query is None:
-                query = parse_qsl(request.query, keep_blank_values=True)
             for match in rule.http or (DEFAULT_HTTP_MATCH,):
-                if (best is None or match.score > best_score) and match.matches(request, query):
+                if best is not None and match.score <= best_score:
+                    continue
+                if query is None and match.query:
+                    query = parse_qsl(request.query, keep_blank_values=True)
+                if match.matches(request, query or ()):
                     best, best_score = rule, match.score
         if best is not None:
             return best

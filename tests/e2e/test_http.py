@@ -257,6 +257,23 @@ def test_python_keep_alive_and_pipelining(world: World, proxy: StartProxy) -> No
     assert split_responses(answers) == [200, 403, 200, 200, 403, 200]
 
 
+def test_a_closing_first_request_is_answered_then_closed(world: World, proxy: StartProxy) -> None:
+    """wrk's new-connection load: one request with Connection: close, allowed or denied."""
+    run_proxy(proxy, policy())
+    for path, expected in [("/get", 200), ("/admin", 403)]:
+        sock = world.connect(world.host("httpbin.org").v4, 80)
+        try:
+            sock.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: httpbin.org\r\nConnection: close\r\n\r\n".encode()
+            )
+            answer = recv_until_eof(sock, TIMEOUT)
+        finally:
+            sock.close()
+        assert split_responses(answer) == [expected], path
+        if expected == 403:
+            assert answer.endswith(b"\r\nConnection: close\r\n\r\ntraffic not allowed\n")
+
+
 def split_responses(data: bytes) -> list[int]:
     """Statuses of back-to-back responses framed by Content-Length."""
     statuses = []

@@ -6,11 +6,19 @@ from __future__ import annotations
 import ipaddress
 
 import h11
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from egressproxy import http1_lean
-from egressproxy.http1 import DENIED_HEAD, DENIED_RESPONSE, parse_request, response_head
+from egressproxy.http1 import (
+    DENIED_CLOSING_HEAD,
+    DENIED_CLOSING_RESPONSE,
+    DENIED_HEAD,
+    DENIED_RESPONSE,
+    parse_request,
+    response_head,
+)
 from egressproxy.http1 import request_head as h11_request_head
 from egressproxy.http1_lean import NEED_MORE, LeanRequest, LeanResponse
 from egressproxy.policy.decision import Destination
@@ -99,7 +107,8 @@ def check_request(data: bytes) -> LeanRequest | None:
         b"1.1",
     )
     assert type(following) is h11.EndOfMessage, "a lean request has no body"
-    assert connection.their_state is h11.DONE, "no upgrade, CONNECT or 100-continue"
+    ended = h11.MUST_CLOSE if lean.close else h11.DONE
+    assert connection.their_state is ended, "no upgrade, CONNECT or 100-continue; same keep-alive"
     assert connection.trailing_data[0] == data[lean.size :]
     assert h11_request_head(request) == lean.head
     parsed = parse_request(request, DESTINATION)
@@ -111,7 +120,11 @@ def check_request(data: bytes) -> LeanRequest | None:
     assert not parsed.smuggling and not parsed.has_body and not parsed.h2c_upgrade
     connection.send(h11.Response(status_code=200, headers=[(b"content-length", b"0")]))
     connection.send(h11.EndOfMessage())
-    assert connection.our_state is h11.DONE, "h11 would close after this request"
+    if lean.close:
+        assert connection.our_state is h11.MUST_CLOSE, "h11 would keep the connection"
+        assert lean.size == len(data), "h11 refuses bytes after a closing request"
+    else:
+        assert connection.our_state is h11.DONE, "h11 would close after this request"
     return lean
 
 
@@ -191,7 +204,10 @@ def check_response(data: bytes, method: bytes) -> LeanResponse | None:
     assert b"".join(e.data for e in events if type(e) is h11.Data) == body[: lean.body_length]
     assert type(events[-1]) is h11.EndOfMessage
     assert connection.trailing_data[0] == b""
-    connection.start_next_cycle()  # the upstream is reusable, as on the lean path
+    if lean.close:
+        assert connection.their_state is h11.MUST_CLOSE, "h11 would reuse the upstream"
+    else:
+        connection.start_next_cycle()  # the upstream is reusable, as on the lean path
     return lean
 
 
@@ -222,12 +238,38 @@ def test_ordinary_responses_take_the_lean_path() -> None:
     assert head is not None and head.body_length == 0
 
 
-def test_the_lean_denial_is_what_h11_writes() -> None:
+@pytest.mark.parametrize(
+    ("connection_header", "head", "whole"),
+    [
+        (b"", DENIED_HEAD, DENIED_RESPONSE),
+        (b"Connection: close\r\n", DENIED_CLOSING_HEAD, DENIED_CLOSING_RESPONSE),
+    ],
+)
+def test_the_lean_denial_is_what_h11_writes(
+    connection_header: bytes, head: bytes, whole: bytes
+) -> None:
     connection = h11.Connection(h11.SERVER)
-    connection.receive_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    connection.receive_data(b"GET / HTTP/1.1\r\nHost: a\r\n" + connection_header + b"\r\n")
     connection.next_event()
     payload = b"traffic not allowed\n"
     headers = [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(payload))]
     written = connection.send(h11.Response(status_code=403, headers=headers, reason=b"Forbidden"))
-    assert written == DENIED_HEAD
-    assert written + (connection.send(h11.Data(data=payload)) or b"") == DENIED_RESPONSE
+    assert written == head
+    assert written + (connection.send(h11.Data(data=payload)) or b"") == whole
+
+
+def test_closing_exchanges_take_the_lean_path() -> None:
+    """wrk -H 'Connection: close' and nginx's answer to it: lean, and marked as the last."""
+    request = b"GET /100b HTTP/1.1\r\nHost: bench.example\r\nConnection: close\r\n\r\n"
+    lean = check_request(request)
+    assert lean is not None and lean.close and lean.head == request
+    assert check_request(request + b"GET / HTTP/1.1\r\n") is None
+    keep = check_request(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\n\r\n")
+    assert keep is not None and not keep.close
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\n"
+    tidy = check_response(response + b"abc", b"GET")
+    assert tidy is not None and tidy.close and tidy.head == response
+    untidy = check_response(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection:close\r\n\r\n", b"GET"
+    )
+    assert untidy is not None and untidy.close
