@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TYPE_CHECKING
@@ -41,6 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("egressproxy.http1")
 
 DENIED_BODY = "traffic not allowed"
+RESET_ON_CLOSE = struct.pack("ii", 1, 0)
+"""struct linger {l_onoff = 1, l_linger = 0}."""
 MAX_IDLE_UPSTREAMS = 1
 """Idle upstream connections kept per client connection: one, closed before another
 upstream is opened, so a client connection holds two descriptors at most (the
@@ -270,6 +274,18 @@ class _Upstream(asyncio.Protocol):
         self.proxy.resume_client(_PAUSED_BY_UPSTREAM)
 
 
+def _discard(upstream: _Upstream) -> None:
+    """Let go of an upstream between exchanges with a reset, not a FIN: a FIN sent first
+    leaves the proxy's end in TIME_WAIT for a minute, holding one of its source ports
+    towards that destination (HAProxy resets the server side for the same reason).
+    abort() alone only skips the write buffer; a zero linger makes the close a reset."""
+    transport = upstream.transport
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+    transport.abort()
+
+
 class Http1Proxy(asyncio.Protocol):
     """The client side of an HTTP/1.x connection after sniffing: one exchange at a time.
 
@@ -436,7 +452,7 @@ class Http1Proxy(asyncio.Protocol):
 
     def _close_upstreams(self) -> None:
         for idle in self.idle.values():
-            idle.transport.close()
+            _discard(idle)
         self.idle.clear()
         if self.upstream is not None:
             self.upstream.transport.abort()
@@ -685,7 +701,7 @@ class Http1Proxy(asyncio.Protocol):
         if exchange.reusable:
             self._keep_idle(upstream)
         else:
-            upstream.transport.close()
+            _discard(upstream)
         self.resume_client(_PAUSED_BY_UPSTREAM)
         record, self.record = self.record, None
         assert record is not None
@@ -807,7 +823,7 @@ class Http1Proxy(asyncio.Protocol):
     def _connect_for(self, key: tuple[str, int]) -> None:
         """Open a new upstream, closing the idle one first (two descriptors per client)."""
         for other in self.idle.values():
-            other.transport.close()
+            _discard(other)
         self.idle.clear()
         self.backlog = 0
         self.connecting = self.loop.create_task(
@@ -923,17 +939,17 @@ class Http1Proxy(asyncio.Protocol):
             connection.start_next_cycle()
             self._keep_idle(upstream)
         else:
-            upstream.transport.close()
+            _discard(upstream)
 
     def _keep_idle(self, upstream: _Upstream) -> None:
         if self.client_write_paused:
             upstream.transport.resume_reading()
         previous = self.idle.pop(upstream.key, None)
         if previous is not None:
-            previous.transport.close()
+            _discard(previous)
         if len(self.idle) >= MAX_IDLE_UPSTREAMS:
             oldest = next(iter(self.idle))
-            self.idle.pop(oldest).transport.close()
+            _discard(self.idle.pop(oldest))
         self.idle[upstream.key] = upstream
 
     # ---- upstream events ----------------------------------------------------------------
@@ -941,7 +957,7 @@ class Http1Proxy(asyncio.Protocol):
     def upstream_data(self, upstream: _Upstream, data: bytes) -> None:
         if upstream is not self.upstream:
             self._forget_idle(upstream)
-            upstream.transport.close()
+            _discard(upstream)
             return
         self.last_activity = self.loop.time()
         self.flow.record.bytes_from_upstream += len(data)
@@ -1102,7 +1118,7 @@ class Http1Proxy(asyncio.Protocol):
         self._stop()
         self._flush_batch()
         for idle in self.idle.values():
-            idle.transport.close()
+            _discard(idle)
         self.idle.clear()
         client_rest, client_eof = self.client.trailing_data
         upstream_rest = upstream.h11.trailing_data[0]
