@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from egressproxy.netfilter import PROXY_SOURCE_PORTS
+
 from .clients import recv_exactly, recv_until_eof, stream_sha256
 from .netns import NamespaceHTTPConnection, call_in
 from .proxy_process import StartProxy
@@ -684,3 +686,30 @@ def h2_get_frame(path: str, authority: str) -> bytes:
         [(":method", "GET"), (":scheme", "http"), (":authority", authority), (":path", path)]
     )
     return len(block).to_bytes(3, "big") + b"\x01\x05" + (1).to_bytes(4, "big") + block
+
+
+def proxy_ports_in_time_wait(world: World, address: str) -> int:
+    """The proxy's upstream sockets towards address:80 waiting out TIME_WAIT."""
+    listing = world.run(["ss", "-Htan", "state", "time-wait", "dst", f"{address}:80"])
+    ports = [
+        int(line.split()[2].rsplit(":", 1)[1]) for line in listing.stdout.decode().splitlines()
+    ]
+    return sum(port in PROXY_SOURCE_PORTS for port in ports)
+
+
+@pytest.mark.parametrize("connection", ["close", "keep-alive"])
+def test_upstreams_the_proxy_lets_go_hold_no_source_port(
+    world: World, proxy: StartProxy, connection: str
+) -> None:
+    """Closing or keep-alive requests, each on its own client connection: the proxy resets
+    the upstreams it is done with, so none of its source ports waits out TIME_WAIT."""
+    proxy()
+    address = str(world.host("httpbin.org").v4)
+    before = proxy_ports_in_time_wait(world, address)
+    for _ in range(10):
+        result = world.curl(
+            "-4", "-H", f"Connection: {connection}", "-o", "/dev/null", "-w", "%{http_code}",
+            "http://httpbin.org/get",
+        )  # fmt: skip
+        assert result.stdout == b"200", result
+    assert proxy_ports_in_time_wait(world, address) == before
