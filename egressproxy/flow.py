@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
@@ -23,7 +24,7 @@ from egressproxy.policy.decision import (
 )
 from egressproxy.policy.store import PolicyStore
 from egressproxy.records import Accounting, FlowRecord
-from egressproxy.relay import Relay, RelayResult
+from egressproxy.relay import IdleSweep, Relay, RelayResult
 from egressproxy.settings import EchPolicy, Settings, VerifyDestination
 from egressproxy.sniff import (
     NEED_MORE,
@@ -80,9 +81,17 @@ class FlowContext:
     """Set on SIGTERM: keep-alive connections close after the request in flight."""
     resolver: Resolver = field(default_factory=Resolver)
     listener_ports: frozenset[int] = field(init=False)
+    loop: asyncio.AbstractEventLoop = field(init=False)
+    """The worker's loop, made once: asyncio.get_running_loop() costs a getpid() each time."""
+    idle_sweep: IdleSweep = field(init=False)
+    watch_loops: bool = field(init=False)
+    """Only root without --mark remembers its upstream connections to catch a loop."""
 
     def __post_init__(self) -> None:
         self.listener_ports = frozenset(endpoint.port for endpoint in self.settings.listen)
+        self.loop = asyncio.get_running_loop()
+        self.idle_sweep = IdleSweep(self.loop, self.settings.idle_timeout)
+        self.watch_loops = upstream.RUNNING_AS_ROOT and self.settings.mark is None
 
 
 OPAQUE_REASONS = frozenset(
@@ -116,10 +125,18 @@ def _classify(sniffed: Sniffed, first_bytes: bytes) -> tuple[Detected, str | Non
 
 
 def _without_root_dot(hostname: str | None) -> str | None:
-    """`example.com.` is `example.com`: a rule must not be sidestepped by the root label."""
-    if hostname and hostname.endswith("."):
-        return hostname[:-1] or None
-    return hostname
+    """`example.com.` is `example.com`: a rule must not be sidestepped by the root label.
+
+    Interned: the record of every connection keeps its hostname until it closes, and
+    thousands of idle connections to one host then share one string.
+    """
+    if not hostname:
+        return hostname
+    if hostname.endswith("."):
+        hostname = hostname[:-1]
+        if not hostname:
+            return None
+    return sys.intern(hostname)
 
 
 class Flow(asyncio.Protocol):
@@ -151,6 +168,7 @@ class Flow(asyncio.Protocol):
         self.sniff_timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
         self.peer: tuple[str, int] | None = None
+        """The client's address, kept only where upstream.is_own_connection can say yes."""
         self.first_byte_at: float | None = None
         """Loop time of the client's first byte: a request head's deadline counts from it."""
         self.handler: http1.Http1Proxy | http2.H2Proxy | None = None
@@ -162,7 +180,8 @@ class Flow(asyncio.Protocol):
         self.context.open_flows.add(self)
         self.context.accounting.connection_opened()
         peer = transport.get_extra_info("peername")
-        self.peer = peer
+        if self.context.watch_loops:
+            self.peer = peer
         self.record.client = f"{peer[0]}:{peer[1]}" if peer else "?"
         try:
             destination = original_destination(transport.get_extra_info("socket"))
@@ -179,8 +198,7 @@ class Flow(asyncio.Protocol):
         if destination.port in self.context.settings.opaque_ports:
             self._decide(Opaque("opaque_port"))
             return
-        loop = asyncio.get_running_loop()
-        self.sniff_timer = loop.call_later(
+        self.sniff_timer = self.context.loop.call_later(
             self.context.settings.sniff_timeout, self._sniff_timed_out, "timeout"
         )
 
@@ -224,7 +242,7 @@ class Flow(asyncio.Protocol):
         """
         if self.sniff_timer is not None:
             self.sniff_timer.cancel()
-        loop = asyncio.get_running_loop()
+        loop = self.context.loop
         settings = self.context.settings
         self.first_byte_at = loop.time()
         if self.buffer[:1].isupper():
@@ -286,7 +304,7 @@ class Flow(asyncio.Protocol):
             return
         host, port = upstream.address_for(decision, self.record.destination)
         self.transport.pause_reading()
-        self.task = asyncio.get_running_loop().create_task(
+        self.task = self.context.loop.create_task(
             self._connect(host, port, detected), name=f"connect {self.record.client}→{host}:{port}"
         )
 
@@ -325,12 +343,13 @@ class Flow(asyncio.Protocol):
             return
         if not await self._destination_verified(detected):
             return
-        relay = Relay(self.transport, idle_timeout=settings.idle_timeout, on_close=self._relayed)
+        relay = Relay(self.transport, idle_sweep=self.context.idle_sweep, on_close=self._relayed)
         try:
             await upstream.connect(
                 host,
                 port,
                 lambda: relay.upstream,
+                loop=self.context.loop,
                 timeout=settings.connect_timeout,
                 mark=settings.mark,
             )

@@ -298,7 +298,7 @@ class Http1Proxy(asyncio.Protocol):
         self.settings = flow.context.settings
         self.accounting = flow.context.accounting
         self.transport = flow.transport
-        self.loop = asyncio.get_running_loop()
+        self.loop = flow.context.loop
         self._client: h11.Connection | None = None
         self.idle: dict[tuple[str, int], _Upstream] = {}
         self.upstream: _Upstream | None = None
@@ -836,6 +836,7 @@ class Http1Proxy(asyncio.Protocol):
                 key[0],
                 key[1],
                 lambda: _Upstream(self, key),
+                loop=self.loop,
                 timeout=self.settings.connect_timeout,
                 mark=self.settings.mark,
             )
@@ -1124,7 +1125,7 @@ class Http1Proxy(asyncio.Protocol):
         upstream_rest = upstream.h11.trailing_data[0]
         self.resume_client(self.paused)
         relay = Relay(
-            self.transport, idle_timeout=self.settings.idle_timeout, on_close=self._spliced
+            self.transport, idle_sweep=self.flow.context.idle_sweep, on_close=self._spliced
         )
         self.closed = True
         relay.adopt(upstream.transport, upstream_rest)

@@ -194,7 +194,7 @@ class H2Proxy(asyncio.Protocol):
         self.settings = flow.context.settings
         self.accounting = flow.context.accounting
         self.transport = flow.transport
-        self.loop = asyncio.get_running_loop()
+        self.loop = flow.context.loop
         self.h2 = _connection(False, self.settings.max_header_bytes)
         self.streams: dict[int, _Stream] = {}
         self.upstreams: dict[tuple[str, int], _Upstream] = {}
@@ -416,6 +416,7 @@ class H2Proxy(asyncio.Protocol):
                 key[0],
                 key[1],
                 lambda: upstream,
+                loop=self.loop,
                 timeout=self.settings.connect_timeout,
                 mark=self.settings.mark,
             )

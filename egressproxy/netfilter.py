@@ -50,11 +50,31 @@ def original_destination(sock: SocketLike) -> Destination:
     """
     if sock.family == socket.AF_INET6 and not _is_v4_mapped(sock.getpeername()[0]):
         raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, SOCKADDR_IN6_SIZE)
-        port = struct.unpack_from("!H", raw, 2)[0]
-        return Destination(ipaddress.IPv6Address(raw[8:24]), port)
+        known = _destinations.get(raw)
+        if known is None:
+            port = struct.unpack_from("!H", raw, 2)[0]
+            known = _remember(raw, Destination(ipaddress.IPv6Address(raw[8:24]), port))
+        return known
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, SOCKADDR_IN_SIZE)
-    port = struct.unpack_from("!H", raw, 2)[0]
-    return Destination(ipaddress.IPv4Address(raw[4:8]), port)
+    known = _destinations.get(raw)
+    if known is None:
+        port = struct.unpack_from("!H", raw, 2)[0]
+        known = _remember(raw, Destination(ipaddress.IPv4Address(raw[4:8]), port))
+    return known
+
+
+MAX_REMEMBERED_DESTINATIONS = 4096
+_destinations: dict[bytes, Destination] = {}
+"""Destinations by the kernel's raw answer: connections to one destination share one
+(immutable) object, which saves building an address per connection and the memory of
+one per open connection."""
+
+
+def _remember(raw: bytes, destination: Destination) -> Destination:
+    if len(_destinations) >= MAX_REMEMBERED_DESTINATIONS:
+        _destinations.clear()
+    _destinations[raw] = destination
+    return destination
 
 
 def local_destination(sockname: tuple[str, int] | tuple[str, int, int, int]) -> Destination:

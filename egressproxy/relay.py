@@ -68,16 +68,45 @@ class _Side(asyncio.Protocol):
         self.relay.side_lost(self, exc)
 
 
+class IdleSweep:
+    """The idle timeout of every relay of a worker, on one timer.
+
+    Each quarter of the timeout, every relay is asked whether a byte moved; four quarters
+    in a row without one close it. A timer per relay would cost each idle connection a
+    timer handle (a few hundred bytes) and a re-arm every quarter. A relay is closed
+    after at least one whole timeout without a byte and at most a quarter more.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, idle_timeout: float) -> None:
+        self.loop = loop
+        self.interval = idle_timeout / 4
+        self.relays: set[Relay] = set()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, relay: Relay) -> None:
+        self.relays.add(relay)
+        if self.timer is None:
+            self.timer = self.loop.call_later(self.interval, self._sweep)
+
+    def discard(self, relay: Relay) -> None:
+        self.relays.discard(relay)
+
+    def _sweep(self) -> None:
+        self.timer = None
+        for relay in list(self.relays):
+            relay.tick()
+        if self.relays:
+            self.timer = self.loop.call_later(self.interval, self._sweep)
+
+
 class Relay:
     """Splices client and upstream until both are done, then reports once."""
 
     __slots__ = (
         "_error",
         "_idle_seen",
+        "_idle_sweep",
         "_idle_ticks",
-        "_idle_timeout",
-        "_idle_timer",
-        "_loop",
         "_on_close",
         "_reported",
         "client",
@@ -88,7 +117,7 @@ class Relay:
         self,
         client: asyncio.Transport,
         *,
-        idle_timeout: float,
+        idle_sweep: IdleSweep,
         on_close: Callable[[RelayResult], None],
     ) -> None:
         """Prepare both sides; `upstream` is the protocol to connect the upstream with.
@@ -96,7 +125,6 @@ class Relay:
         Bytes the upstream sends before start() (a server-speaks-first banner)
         already go to the client.
         """
-        self._loop = asyncio.get_running_loop()
         self._on_close = on_close
         self._error = ""
         self._reported = False
@@ -104,10 +132,9 @@ class Relay:
         self.upstream = _Side(self)
         self.client.peer, self.upstream.peer = self.upstream, self.client
         self.client.transport = client
-        self._idle_timeout = idle_timeout
+        self._idle_sweep = idle_sweep
         self._idle_seen = -1
         self._idle_ticks = 0
-        self._idle_timer: asyncio.TimerHandle | None = None
 
     def adopt(self, upstream: asyncio.Transport, to_client: bytes) -> None:
         """Splice an upstream that is already connected (an Upgrade or CONNECT it accepted).
@@ -131,7 +158,7 @@ class Relay:
         if first_bytes:
             self.client.received += len(first_bytes)
             upstream.write(first_bytes)
-        self._idle_timer = self._loop.call_later(self._idle_timeout / 4, self._check_idle)
+        self._idle_sweep.add(self)
         if client_eof:
             self.client.eof = True
             self.half_closed()
@@ -161,7 +188,7 @@ class Relay:
 
     def watch_paused(self, side: _Side) -> None:
         if side.paused_check is None:
-            side.paused_check = self._loop.call_later(
+            side.paused_check = self._idle_sweep.loop.call_later(
                 PAUSED_CHECK_SECONDS, self._check_paused, side
             )
 
@@ -188,23 +215,21 @@ class Relay:
         if self.client.lost and self.upstream.lost:
             self.unwatch_paused(self.client)
             self.unwatch_paused(self.upstream)
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
+            self._idle_sweep.discard(self)
             if not self._reported:
                 self._reported = True
                 self._on_close(
                     RelayResult(self.client.received, self.upstream.received, self._error)
                 )
 
-    def _check_idle(self) -> None:
-        """Runs every quarter of the idle timeout: close when no byte moved in a whole timeout."""
+    def tick(self) -> None:
+        """A quarter of the idle timeout has passed: close when no byte moved in four."""
         moved = self.client.received + self.upstream.received
         if moved != self._idle_seen:
             self._idle_seen = moved
             self._idle_ticks = 0
-        else:
-            self._idle_ticks += 1
-            if self._idle_ticks >= 4:
-                self.abort("idle_timeout")
-                return
-        self._idle_timer = self._loop.call_later(self._idle_timeout / 4, self._check_idle)
+            return
+        self._idle_ticks += 1
+        if self._idle_ticks >= 4:
+            self._idle_sweep.discard(self)
+            self.abort("idle_timeout")

@@ -39,6 +39,7 @@ async def connect(
     port: int,
     protocol_factory: Callable[[], ProtocolT],
     *,
+    loop: asyncio.AbstractEventLoop,
     timeout: float,
     mark: int | None,
 ) -> tuple[asyncio.Transport, ProtocolT]:
@@ -47,38 +48,60 @@ async def connect(
 
     host is an IP literal (original destination) or a name (a route's backend).
     """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    when = loop.time() + timeout
     ip = host if _is_ip_literal(host) else await _resolve(loop, host, port, timeout)
     wildcard = "::" if ":" in ip else "0.0.0.0"
+    deadline = _Deadline(loop, when)
     try:
-        async with asyncio.timeout_at(deadline):
-            for _ in range(SOURCE_PORT_ATTEMPTS):
-                source = (wildcard, _source_ports.take())
-                try:
-                    if mark is None:
-                        transport, protocol = await loop.create_connection(
-                            protocol_factory, ip, port, local_addr=source
-                        )
-                    else:
-                        transport, protocol = await _connect_marked(
-                            loop, ip, port, source, mark, protocol_factory
-                        )
-                except OSError as error:
-                    if error.errno not in SOURCE_PORT_TAKEN:
-                        raise
+        for _ in range(SOURCE_PORT_ATTEMPTS):
+            source = (wildcard, _source_ports.take())
+            try:
+                if mark is None:
+                    transport, protocol = await loop.create_connection(
+                        protocol_factory, ip, port, local_addr=source
+                    )
                 else:
-                    if mark is None and RUNNING_AS_ROOT:
-                        _remember(transport)
-                    return transport, protocol
-    except TimeoutError:
+                    transport, protocol = await _connect_marked(
+                        loop, ip, port, source, mark, protocol_factory
+                    )
+            except OSError as error:
+                if error.errno not in SOURCE_PORT_TAKEN:
+                    raise
+            else:
+                if mark is None and RUNNING_AS_ROOT:
+                    _remember(transport)
+                return transport, protocol
+    except asyncio.CancelledError:
+        if not deadline.expired:
+            raise
+        deadline.task.uncancel()
         raise UpstreamError("connect_timeout", f"{host}:{port}") from None
     except OSError as error:
         kind = CONNECT_ERRORS.get(error.errno or 0, "connect_error")
         raise UpstreamError(kind, f"{host}:{port}: {error.strerror}") from None
+    finally:
+        deadline.handle.cancel()
     raise UpstreamError(
         "no_source_port", f"{host}:{port}: {SOURCE_PORT_ATTEMPTS} source ports in a row were taken"
     )
+
+
+class _Deadline:
+    """asyncio.timeout_at for the connect, for less: every new connection pays for it,
+    and the context manager looks the running loop up twice (a getpid() each)."""
+
+    __slots__ = ("expired", "handle", "task")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        task = asyncio.current_task(loop)
+        assert task is not None, "connect runs in a task"
+        self.task = task
+        self.expired = False
+        self.handle = loop.call_at(when, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        self.task.cancel()
 
 
 SOURCE_PORT_ATTEMPTS = 32

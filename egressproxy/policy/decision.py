@@ -40,7 +40,7 @@ class Detected(enum.Enum):
     OPAQUE = "opaque"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Destination:
     """The original destination recovered with SO_ORIGINAL_DST."""
 

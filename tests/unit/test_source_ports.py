@@ -74,7 +74,12 @@ def test_upstream_connections_leave_from_the_proxy_ports(mark: int | None) -> No
         try:
             for _ in range(5):
                 transport, _ = await upstream.connect(
-                    "127.0.0.1", port, asyncio.Protocol, timeout=5.0, mark=mark
+                    "127.0.0.1",
+                    port,
+                    asyncio.Protocol,
+                    loop=asyncio.get_running_loop(),
+                    timeout=5.0,
+                    mark=mark,
                 )
                 transports.append(transport)
             return [transport.get_extra_info("sockname")[1] for transport in transports]
@@ -101,13 +106,23 @@ def test_a_taken_source_port_is_skipped() -> None:
         blocker.listen()
         ports.position = 1
         first, _ = await upstream.connect(
-            "127.0.0.1", port, asyncio.Protocol, timeout=5.0, mark=None
+            "127.0.0.1",
+            port,
+            asyncio.Protocol,
+            loop=asyncio.get_running_loop(),
+            timeout=5.0,
+            mark=None,
         )
         try:
             assert first.get_extra_info("sockname")[1] == PROXY_SOURCE_PORTS[1]
             ports.position = 0
             second, _ = await upstream.connect(
-                "127.0.0.1", port, asyncio.Protocol, timeout=5.0, mark=None
+                "127.0.0.1",
+                port,
+                asyncio.Protocol,
+                loop=asyncio.get_running_loop(),
+                timeout=5.0,
+                mark=None,
             )
             second.abort()
             return int(second.get_extra_info("sockname")[1])
@@ -131,7 +146,14 @@ def test_when_every_attempt_is_taken_the_error_is_named() -> None:
         blocker.listen()
         try:
             with pytest.raises(UpstreamError) as raised:
-                await upstream.connect("127.0.0.1", port, asyncio.Protocol, timeout=5.0, mark=None)
+                await upstream.connect(
+                    "127.0.0.1",
+                    port,
+                    asyncio.Protocol,
+                    loop=asyncio.get_running_loop(),
+                    timeout=5.0,
+                    mark=None,
+                )
             assert raised.value.kind == "no_source_port"
         finally:
             upstream._source_ports = original

@@ -1,0 +1,75 @@
+"""The connect deadline of upstream.connect: its own expiry is connect_timeout, anyone
+else's cancellation stays a cancellation (as with asyncio.timeout)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Iterator
+
+import pytest
+import uvloop
+
+from egressproxy import upstream
+from egressproxy.errors import UpstreamError
+
+
+@contextlib.contextmanager
+def listener_that_never_answers() -> Iterator[int]:
+    """A loopback listener whose accept queue is full: the kernel drops further SYNs,
+    so a connect to it hangs until someone gives up."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(2):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        yield port
+    finally:
+        for filler in fillers:
+            filler.close()
+        server.close()
+
+
+def test_a_connect_that_hangs_ends_as_connect_timeout_in_time() -> None:
+    async def scenario() -> tuple[str, float, bool]:
+        loop = asyncio.get_running_loop()
+        with listener_that_never_answers() as port:
+            started = loop.time()
+            async with asyncio.timeout(5.0):  # bounds the test if the deadline never fires
+                with pytest.raises(UpstreamError) as raised:
+                    await upstream.connect(
+                        "127.0.0.1", port, asyncio.Protocol, loop=loop, timeout=0.3, mark=None
+                    )
+            task = asyncio.current_task()
+            assert task is not None
+            return raised.value.kind, loop.time() - started, task.cancelling() == 0
+
+    kind, took, not_cancelling = uvloop.run(scenario())
+    assert kind == "connect_timeout"
+    assert 0.25 <= took < 2.0
+    assert not_cancelling, "the deadline's own cancel is taken back"
+
+
+def test_a_cancel_from_outside_is_not_a_timeout() -> None:
+    async def scenario() -> bool:
+        loop = asyncio.get_running_loop()
+        with listener_that_never_answers() as port:
+            attempt = loop.create_task(
+                upstream.connect(
+                    "127.0.0.1", port, asyncio.Protocol, loop=loop, timeout=30.0, mark=None
+                )
+            )
+            await asyncio.sleep(0.1)
+            attempt.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await attempt
+            return attempt.cancelled()
+
+    assert uvloop.run(scenario())
