@@ -61,6 +61,12 @@ def test_source_ports_go_round_the_whole_range_from_a_random_start() -> None:
     assert all((b - a) % 4 == 1 for a, b in itertools.pairwise(taken))
 
 
+async def _connect(port: int, mark: int | None) -> tuple[asyncio.Transport, asyncio.Protocol]:
+    return await upstream.connect(
+        "127.0.0.1", port, asyncio.Protocol, loop=asyncio.get_running_loop(), timeout=5.0, mark=mark
+    )
+
+
 async def _echo_server(host: str) -> tuple[asyncio.Server, int]:
     server = await asyncio.get_running_loop().create_server(asyncio.Protocol, host, 0)
     return server, server.sockets[0].getsockname()[1]
@@ -73,14 +79,7 @@ def test_upstream_connections_leave_from_the_proxy_ports(mark: int | None) -> No
         transports = []
         try:
             for _ in range(5):
-                transport, _ = await upstream.connect(
-                    "127.0.0.1",
-                    port,
-                    asyncio.Protocol,
-                    loop=asyncio.get_running_loop(),
-                    timeout=5.0,
-                    mark=mark,
-                )
+                transport, _ = await _connect(port, mark)
                 transports.append(transport)
             return [transport.get_extra_info("sockname")[1] for transport in transports]
         finally:
@@ -105,25 +104,11 @@ def test_a_taken_source_port_is_skipped() -> None:
         blocker.bind(("0.0.0.0", PROXY_SOURCE_PORTS[0]))
         blocker.listen()
         ports.position = 1
-        first, _ = await upstream.connect(
-            "127.0.0.1",
-            port,
-            asyncio.Protocol,
-            loop=asyncio.get_running_loop(),
-            timeout=5.0,
-            mark=None,
-        )
+        first, _ = await _connect(port, None)
         try:
             assert first.get_extra_info("sockname")[1] == PROXY_SOURCE_PORTS[1]
             ports.position = 0
-            second, _ = await upstream.connect(
-                "127.0.0.1",
-                port,
-                asyncio.Protocol,
-                loop=asyncio.get_running_loop(),
-                timeout=5.0,
-                mark=None,
-            )
+            second, _ = await _connect(port, None)
             second.abort()
             return int(second.get_extra_info("sockname")[1])
         finally:
@@ -146,14 +131,7 @@ def test_when_every_attempt_is_taken_the_error_is_named() -> None:
         blocker.listen()
         try:
             with pytest.raises(UpstreamError) as raised:
-                await upstream.connect(
-                    "127.0.0.1",
-                    port,
-                    asyncio.Protocol,
-                    loop=asyncio.get_running_loop(),
-                    timeout=5.0,
-                    mark=None,
-                )
+                await _connect(port, None)
             assert raised.value.kind == "no_source_port"
         finally:
             upstream._source_ports = original
