@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from dataclasses import dataclass
+from typing import NamedTuple
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -48,9 +49,11 @@ class Destination:
     port: int
 
 
-@dataclass(frozen=True)
-class ConnectionFacts:
-    """Everything known when the first bytes have been sniffed."""
+class ConnectionFacts(NamedTuple):
+    """Everything known when the first bytes have been sniffed.
+
+    Facts are made for every connection and request: a NamedTuple is as immutable as a
+    frozen dataclass and several times cheaper to make."""
 
     destination: Destination
     detected: Detected
@@ -58,8 +61,7 @@ class ConnectionFacts:
     """SNI or HTTP Host without port, lower-case; None when absent."""
 
 
-@dataclass(frozen=True)
-class RequestFacts:
+class RequestFacts(NamedTuple):
     """One HTTP request (HTTP/1.x or an HTTP/2 stream)."""
 
     destination: Destination

@@ -59,6 +59,10 @@ def age_key(created: datetime | None, order: int, namespace: str, name: str) -> 
     return (created or OLDEST, 0 if created else order, namespace, name)
 
 
+MAX_MEMOISED_LEVELS = 4096
+"""Hostnames whose candidate levels a HostTable remembers (hostile Host headers included)."""
+
+
 class HostTable(Generic[T]):
     """Items keyed by hostname pattern: exact names, `*.suffix` wildcards, and no hostname."""
 
@@ -66,8 +70,10 @@ class HostTable(Generic[T]):
         self.exact: dict[str, list[T]] = {}
         self.wildcards: dict[str, WildcardNode[T]] = {}
         self.any: list[T] = []
+        self._levels: dict[str | None, tuple[list[T], ...]] = {}
 
     def add(self, hostnames: Sequence[str], item: T) -> None:
+        self._levels.clear()
         if not hostnames:
             self.any.append(item)
         for hostname in hostnames:
@@ -96,8 +102,20 @@ class HostTable(Generic[T]):
             node.items.sort(key=key)
             pending.extend(node.children.values())
 
-    def levels(self, hostname: str | None) -> Iterator[list[T]]:
-        """Candidate lists, most specific first: exact, longest wildcard suffix …, no hostname."""
+    def levels(self, hostname: str | None) -> tuple[list[T], ...]:
+        """Candidate lists, most specific first: exact, longest wildcard suffix …, no hostname.
+
+        Remembered per hostname (a connection's requests mostly share one), at most
+        MAX_MEMOISED_LEVELS names, forgotten all at once when full.
+        """
+        levels = self._levels.get(hostname)
+        if levels is None:
+            if len(self._levels) >= MAX_MEMOISED_LEVELS:
+                self._levels.clear()
+            levels = self._levels[hostname] = tuple(self._find_levels(hostname))
+        return levels
+
+    def _find_levels(self, hostname: str | None) -> Iterator[list[T]]:
         if hostname:
             exact = self.exact.get(hostname)
             if exact:
@@ -180,12 +198,14 @@ class CompiledHttpMatch:
         self.score = (rank, len(value), self.method is not None, len(self.headers), len(self.query))
 
     def matches(self, request: RequestFacts, query: Sequence[tuple[str, str]]) -> bool:
-        return (
-            self.path_matches(request.path)
-            and (self.method is None or request.method.upper() == self.method)
-            and all(header.matches(request.headers) for header in self.headers)
-            and all(param.matches(query) for param in self.query)
-        )
+        """Runs for every request: no generator is made for a match without headers or query."""
+        if not self.path_matches(request.path):
+            return False
+        if self.method is not None and request.method.upper() != self.method:
+            return False
+        if self.headers and not all(header.matches(request.headers) for header in self.headers):
+            return False
+        return not self.query or all(param.matches(query) for param in self.query)
 
     def path_matches(self, path: str) -> bool:
         if self.path_kind == MatchKind.EXACT:
