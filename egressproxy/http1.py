@@ -188,7 +188,7 @@ def parse_request(request: h11.Request, destination: Destination) -> ParsedReque
     )
     return ParsedRequest(
         facts=facts,
-        has_body=chunked or content_length not in (b"", b"0"),
+        has_body=chunked or content_length.lstrip(b"0") != b"",
         smuggling=chunked and content_length != b"",
         is_connect=is_connect,
         head_size=head_size,

@@ -16,6 +16,7 @@ from egressproxy.policy.decision import (
     RequestFacts,
 )
 from egressproxy.policy.index import (
+    MAX_MEMOISED_LEVELS,
     CidrTable,
     CompiledNetwork,
     HostTable,
@@ -40,6 +41,18 @@ def test_host_table_levels_most_specific_first() -> None:
     assert list(table.levels("a.example.com")) == [["wild"], ["any"]]
     assert list(table.levels("example.com")) == [["any"]]
     assert list(table.levels(None)) == [["any"]]
+
+
+def test_host_table_remembers_levels_within_bounds_and_forgets_them_on_add() -> None:
+    table: HostTable[str] = HostTable()
+    table.add(["*.example.com"], "wild")
+    first = table.levels("a.example.com")
+    assert table.levels("a.example.com") is first, "asked again, answered from memory"
+    table.add(["a.example.com"], "exact")
+    assert list(table.levels("a.example.com")) == [["exact"], ["wild"]], "an add is seen"
+    for number in range(MAX_MEMOISED_LEVELS + 10):
+        assert list(table.levels(f"h{number}.example.com")) == [["wild"]]
+    assert len(table._levels) <= MAX_MEMOISED_LEVELS
 
 
 def network(name: str) -> CompiledNetwork:
