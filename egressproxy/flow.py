@@ -343,7 +343,7 @@ class Flow(asyncio.Protocol):
             return
         if not await self._destination_verified(detected):
             return
-        relay = Relay(self.transport, idle_sweep=self.context.idle_sweep, on_close=self._relayed)
+        relay = Relay(self.transport, idle_sweep=self.context.idle_sweep, owner=self)
         try:
             await upstream.connect(
                 host,
@@ -368,9 +368,9 @@ class Flow(asyncio.Protocol):
             return
         relay.start(self.buffer, self.client_eof)
         self.buffer = b""
-        self.task = self.sniff_timer = None
+        self.task = self.sniff_timer = self.first_byte_at = None
 
-    def _relayed(self, result: RelayResult) -> None:
+    def relayed(self, result: RelayResult) -> None:
         self.record.bytes_from_client = result.bytes_from_client
         self.record.bytes_from_upstream = result.bytes_from_upstream
         self.finish(result.error)

@@ -1129,14 +1129,12 @@ class Http1Proxy(asyncio.Protocol):
         client_rest, client_eof = self.client.trailing_data
         upstream_rest = upstream.h11.trailing_data[0]
         self.resume_client(self.paused)
-        relay = Relay(
-            self.transport, idle_sweep=self.flow.context.idle_sweep, on_close=self._spliced
-        )
+        relay = Relay(self.transport, idle_sweep=self.flow.context.idle_sweep, owner=self)
         self.closed = True
         relay.adopt(upstream.transport, upstream_rest)
         relay.start(client_rest, client_eof)
 
-    def _spliced(self, result: RelayResult) -> None:
+    def relayed(self, result: RelayResult) -> None:
         record = self.flow.record
         record.bytes_from_client += result.bytes_from_client
         record.bytes_from_upstream += result.bytes_from_upstream

@@ -13,15 +13,22 @@ from egressproxy.relay import IdleSweep, Relay, RelayResult
 IDLE_TIMEOUT = 0.4
 
 
+class _Results(list[RelayResult]):
+    """A relay owner that keeps what it is told."""
+
+    def relayed(self, result: RelayResult) -> None:
+        self.append(result)
+
+
 async def _spliced(
-    sweep: IdleSweep, results: list[RelayResult]
+    sweep: IdleSweep, results: _Results
 ) -> tuple[Relay, socket.socket, socket.socket]:
     """A relay between two real socket pairs; returns it and the two outer ends."""
     loop = asyncio.get_running_loop()
     client_end, client_side = socket.socketpair()
     upstream_side, upstream_end = socket.socketpair()
     client, _ = await loop.create_unix_connection(asyncio.Protocol, sock=client_side)
-    relay = Relay(client, idle_sweep=sweep, on_close=results.append)
+    relay = Relay(client, idle_sweep=sweep, owner=results)
     await loop.create_unix_connection(lambda: relay.upstream, sock=upstream_side)
     relay.start(b"", False)
     return relay, client_end, upstream_end
@@ -31,8 +38,8 @@ def test_one_sweep_closes_the_idle_relay_keeps_the_busy_one_and_then_stops() -> 
     async def scenario() -> tuple[list[str], list[str], int, bool]:
         loop = asyncio.get_running_loop()
         sweep = IdleSweep(loop, IDLE_TIMEOUT)
-        idle_results: list[RelayResult] = []
-        busy_results: list[RelayResult] = []
+        idle_results = _Results()
+        busy_results = _Results()
         _, idle_client, idle_upstream = await _spliced(sweep, idle_results)
         _, busy_client, busy_upstream = await _spliced(sweep, busy_results)
         ends = (idle_client, idle_upstream, busy_client, busy_upstream)
