@@ -707,14 +707,15 @@ class Http1Proxy(asyncio.Protocol):
             self._keep_idle(upstream)
         else:
             _discard(upstream)
-        self.resume_client(_PAUSED_BY_UPSTREAM)
         record, self.record = self.record, None
         assert record is not None
         self.accounting.request_finished(record)
         if exchange.close or self.draining or self.flow.context.draining:
+            self.resume_client(_PAUSED_BY_UPSTREAM)
             self._close()
             return
-        self.resume_client(_PAUSED_BY_BACKLOG)
+        if self.paused:
+            self.resume_client(_PAUSED_BY_UPSTREAM | _PAUSED_BY_BACKLOG)
         self._process_lean()
 
     def _lean_to_h11(self, upstream: _Upstream | None, received: bytes) -> None:

@@ -47,12 +47,8 @@ _TIDY_RESPONSE = re.compile(
 """h11's status line with a reason (maybe empty) and tidy fields."""
 _FIELD_ITEM = re.compile(rb"(%s): ([^\r]*)\r\n" % _abnf.field_name.encode("ascii"))
 """The name and value of each line of fields already known to be tidy."""
-_TIDY_FRAMING = (
-    (b"\r\ncontent-length: ", b"content-length"),
-    (b"\r\ntransfer-encoding: ", b"transfer-encoding"),
-    (b"\r\nconnection: ", b"connection"),
-)
-"""How each framing field starts in a tidy head, lower-cased, and its name."""
+_TIDY_FRAMING = re.compile(rb"\r\n(content-length|transfer-encoding|connection): ([^\r]*)")
+"""The framing fields of a tidy head, found in its lower-cased copy."""
 _REFUSED_REQUEST_HEADERS = frozenset((b"transfer-encoding", b"upgrade", b"expect"))
 
 
@@ -125,19 +121,6 @@ def _fields(lines: list[bytes]) -> tuple[list[tuple[bytes, bytes]], list[bytes]]
 def _is_length(value: bytes) -> bool:
     """A Content-Length h11 takes (its grammar is 1*DIGIT), short enough to be sane."""
     return value.isdigit() and len(value) <= MAX_LENGTH_DIGITS
-
-
-def _tidy_framing(lowered: bytes) -> list[tuple[bytes, bytes]]:
-    """The framing fields of a tidy head (lower-cased): a few searches instead of a scan."""
-    found: list[tuple[bytes, bytes]] = []
-    for start, name in _TIDY_FRAMING:
-        at = lowered.find(start)
-        while at >= 0:
-            value_start = at + len(start)
-            value_end = lowered.find(b"\r\n", value_start)
-            found.append((name, lowered[value_start:value_end]))
-            at = lowered.find(start, value_end)
-    return found
 
 
 def _keeps_alive(value: bytes) -> bool:
@@ -223,7 +206,8 @@ def parse_response(buffer: bytes, request_method: bytes) -> LeanResponse | Incom
     if tidy is not None:
         size = tidy.end()
         head = buffer[:size]
-        return _response(int(tidy[1]), request_method, _tidy_framing(head.lower()), head, size)
+        framing: Iterable[tuple[bytes, bytes]] = _TIDY_FRAMING.findall(head.lower())
+        return _response(int(tidy[1]), request_method, framing, head, size)
     found = _head_lines(buffer, MAX_RESPONSE_HEAD)
     if found is None or found is NEED_MORE:
         return found
