@@ -104,18 +104,29 @@ def _head_lines(buffer: bytes, limit: int) -> tuple[list[bytes], int] | Incomple
     return lines, end + 4
 
 
-def _fields(lines: list[bytes]) -> tuple[list[tuple[bytes, bytes]], list[bytes]] | None:
-    """Name and value of each header line as h11 reads it, and each line as h11 writes it."""
+def _untidy_head(
+    buffer: bytes, limit: int, start_line: re.Pattern[bytes]
+) -> tuple[re.Match[bytes], list[tuple[bytes, bytes]], list[bytes], int] | Incomplete | None:
+    """A head taken apart line by line as h11 reads it: its HTTP/1.1 start line, the name
+    and value of each field, each field line as h11 writes it, and the head's size."""
+    found = _head_lines(buffer, limit)
+    if found is None or found is NEED_MORE:
+        return found
+    assert not isinstance(found, Incomplete)
+    lines, size = found
+    start = start_line.fullmatch(lines[0])
+    if start is None or start["http_version"] != b"1.1":
+        return None
     items: list[tuple[bytes, bytes]] = []
     written: list[bytes] = []
-    for line in lines:
+    for line in lines[1:]:
         field = _HEADER_FIELD.fullmatch(line)
         if field is None:
             return None
         name, value = field["field_name"], field["field_value"]
         items.append((name, value))
         written.append(name + b": " + value)
-    return items, written
+    return start, items, written, size
 
 
 def _is_length(value: bytes) -> bool:
@@ -141,21 +152,14 @@ def parse_request(buffer: bytes, limit: int) -> LeanRequest | Incomplete | None:
         items = _FIELD_ITEM.findall(buffer, fields_start, size)
         head_size = len(method) + len(target) + 14 + size - 2 - fields_start
         return _request(buffer, method, target, items, buffer[:size], size, head_size, limit)
-    found = _head_lines(buffer, limit)
-    if found is None or found is NEED_MORE:
-        return found
-    assert not isinstance(found, Incomplete)
-    lines, size = found
-    start = _REQUEST_LINE.fullmatch(lines[0])
-    if start is None or start["http_version"] != b"1.1":
-        return None
-    fields = _fields(lines[1:])
-    if fields is None:
-        return None
-    items, written = fields
+    untidy = _untidy_head(buffer, limit, _REQUEST_LINE)
+    if untidy is None or untidy is NEED_MORE:
+        return untidy
+    assert not isinstance(untidy, Incomplete)
+    start, items, written, size = untidy
     method, target = start["method"], start["target"]
     head_size = len(method) + len(target) + 14 + sum(len(line) + 2 for line in written)
-    head = b"\r\n".join([lines[0], *written]) + b"\r\n\r\n"
+    head = b"\r\n".join([start[0], *written]) + b"\r\n\r\n"
     return _request(buffer, method, target, items, head, size, head_size, limit)
 
 
@@ -208,18 +212,11 @@ def parse_response(buffer: bytes, request_method: bytes) -> LeanResponse | Incom
         head = buffer[:size]
         framing: Iterable[tuple[bytes, bytes]] = _TIDY_FRAMING.findall(head.lower())
         return _response(int(tidy[1]), request_method, framing, head, size)
-    found = _head_lines(buffer, MAX_RESPONSE_HEAD)
-    if found is None or found is NEED_MORE:
-        return found
-    assert not isinstance(found, Incomplete)
-    lines, size = found
-    start = _STATUS_LINE.fullmatch(lines[0])
-    if start is None or start["http_version"] != b"1.1":
-        return None
-    fields = _fields(lines[1:])
-    if fields is None:
-        return None
-    items, written = fields
+    untidy = _untidy_head(buffer, MAX_RESPONSE_HEAD, _STATUS_LINE)
+    if untidy is None or untidy is NEED_MORE:
+        return untidy
+    assert not isinstance(untidy, Incomplete)
+    start, items, written, size = untidy
     status = int(start["status_code"])
     first = b"HTTP/1.1 %d %s" % (status, start["reason"] or b"")
     head = b"\r\n".join([first, *written]) + b"\r\n\r\n"
