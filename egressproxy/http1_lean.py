@@ -110,9 +110,8 @@ def _untidy_head(
     """A head taken apart line by line as h11 reads it: its HTTP/1.1 start line, the name
     and value of each field, each field line as h11 writes it, and the head's size."""
     found = _head_lines(buffer, limit)
-    if found is None or found is NEED_MORE:
+    if found is None or isinstance(found, Incomplete):
         return found
-    assert not isinstance(found, Incomplete)
     lines, size = found
     start = start_line.fullmatch(lines[0])
     if start is None or start["http_version"] != b"1.1":
@@ -153,9 +152,8 @@ def parse_request(buffer: bytes, limit: int) -> LeanRequest | Incomplete | None:
         head_size = len(method) + len(target) + 14 + size - 2 - fields_start
         return _request(buffer, method, target, items, buffer[:size], size, head_size, limit)
     untidy = _untidy_head(buffer, limit, _REQUEST_LINE)
-    if untidy is None or untidy is NEED_MORE:
+    if untidy is None or isinstance(untidy, Incomplete):
         return untidy
-    assert not isinstance(untidy, Incomplete)
     start, items, written, size = untidy
     method, target = start["method"], start["target"]
     head_size = len(method) + len(target) + 14 + sum(len(line) + 2 for line in written)
@@ -213,9 +211,8 @@ def parse_response(buffer: bytes, request_method: bytes) -> LeanResponse | Incom
         framing: Iterable[tuple[bytes, bytes]] = _TIDY_FRAMING.findall(head.lower())
         return _response(int(tidy[1]), request_method, framing, head, size)
     untidy = _untidy_head(buffer, MAX_RESPONSE_HEAD, _STATUS_LINE)
-    if untidy is None or untidy is NEED_MORE:
+    if untidy is None or isinstance(untidy, Incomplete):
         return untidy
-    assert not isinstance(untidy, Incomplete)
     start, items, written, size = untidy
     status = int(start["status_code"])
     first = b"HTTP/1.1 %d %s" % (status, start["reason"] or b"")
