@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from .netns import http_get_in
 from .world import PROXY_UID, STOP_TIMEOUT, LogFile, World, make_workdir, stop_process
 
@@ -177,3 +179,13 @@ class ProxyLauncher:
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total

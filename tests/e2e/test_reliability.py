@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from egressproxy.server import TASK_COUNT_INTERVAL
 
@@ -47,7 +46,7 @@ from .clients import (
     stream_sha256,
 )
 from .netns import NamespaceHTTPConnection
-from .proxy_process import Proxy, StartProxy
+from .proxy_process import Proxy, StartProxy, metric
 from .world import BLACKHOLE_V4, World, make_workdir, stop_process
 
 pytestmark = pytest.mark.e2e
@@ -99,16 +98,6 @@ def metrics_text(proxy: Proxy) -> str:
     status, body = proxy.admin_get("/metrics")
     assert status == 200
     return body.decode()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The sum of the samples of `name` whose labels include `labels`."""
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 def open_connections(proxy: Proxy) -> float:

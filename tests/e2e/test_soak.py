@@ -28,12 +28,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from . import servers
 from .clients import stream_sha256
 from .netns import sockets_in
-from .proxy_process import Proxy, StartProxy
+from .proxy_process import Proxy, StartProxy, metric
 from .world import World
 
 pytestmark = pytest.mark.e2e
@@ -90,15 +89,6 @@ def admin_ready(proxy: Proxy) -> int:
         return proxy.admin_get("/ready", timeout=5.0)[0]
     except OSError:
         return 0
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 def scrape(proxy: Proxy) -> str:
