@@ -334,8 +334,6 @@ class Http1Proxy(asyncio.Protocol):
         self.host_header = ""
         self.hostname: str | None = None
         """The last Host header and its hostname: a connection mostly sends one."""
-        self.verifying = self.settings.verify_destination is not VerifyDestination.OFF
-        """--verify-destination is on; else only a decision's own setting can turn it on."""
 
     @property
     def client(self) -> h11.Connection:
@@ -609,12 +607,9 @@ class Http1Proxy(asyncio.Protocol):
         denied = decision.action is Action.DENY
         if denied and decision.audit:
             return False
-        if (
-            not denied
-            and (self.verifying or decision.verify_destination is not None)
-            and verification_mode(decision, self.hostname, self.settings.verify_destination)
-            is not VerifyDestination.OFF
-        ):
+        if not denied and verification_mode(
+            decision, self.hostname, self.settings.verify_destination
+        ) is not (VerifyDestination.OFF):
             return False
         self.inbox = self.inbox[request.size :]
         self.head_deadline = None
