@@ -24,7 +24,7 @@ from egressproxy.policy.decision import (
 )
 from egressproxy.policy.store import PolicyStore
 from egressproxy.records import Accounting, FlowRecord
-from egressproxy.relay import IdleSweep, Relay, RelayResult
+from egressproxy.relay import Relay, RelayResult
 from egressproxy.settings import EchPolicy, Settings, VerifyDestination
 from egressproxy.sniff import (
     NEED_MORE,
@@ -35,6 +35,7 @@ from egressproxy.sniff import (
     TlsHello,
 )
 from egressproxy.sniff.detect import sniff
+from egressproxy.timeouts import IdleSweep, PendingTimeout, TimeoutQueue
 from egressproxy.verify import Resolver, verification_mode
 
 log = logging.getLogger("egressproxy.flow")
@@ -84,13 +85,27 @@ class FlowContext:
     loop: asyncio.AbstractEventLoop = field(init=False)
     """The worker's loop, made once: asyncio.get_running_loop() costs a getpid() each time."""
     idle_sweep: IdleSweep = field(init=False)
+    sniff_timeouts: TimeoutQueue = field(init=False)
+    """--sniff-timeout from the accept: no byte yet."""
+    hello_timeouts: TimeoutQueue = field(init=False)
+    """--sniff-complete-timeout from the first byte: the rest of a hello or opaque bytes."""
+    head_timeouts: TimeoutQueue = field(init=False)
+    """From the first byte of what looks like a request head: --header-timeout if shorter."""
+    connect_timeouts: TimeoutQueue = field(init=False)
     watch_loops: bool = field(init=False)
     """Only root without --mark remembers its upstream connections to catch a loop."""
 
     def __post_init__(self) -> None:
         self.listener_ports = frozenset(endpoint.port for endpoint in self.settings.listen)
         self.loop = asyncio.get_running_loop()
-        self.idle_sweep = IdleSweep(self.loop, self.settings.idle_timeout)
+        settings = self.settings
+        self.idle_sweep = IdleSweep(self.loop, settings.idle_timeout)
+        self.sniff_timeouts = TimeoutQueue(self.loop, settings.sniff_timeout)
+        self.hello_timeouts = TimeoutQueue(self.loop, settings.sniff_complete_timeout)
+        self.head_timeouts = TimeoutQueue(
+            self.loop, min(settings.sniff_complete_timeout, settings.header_timeout)
+        )
+        self.connect_timeouts = TimeoutQueue(self.loop, settings.connect_timeout)
         self.watch_loops = upstream.RUNNING_AS_ROOT and self.settings.mark is None
 
 
@@ -165,7 +180,7 @@ class Flow(asyncio.Protocol):
         self.sniffing = True
         self.client_eof = False
         self.client_gone = False
-        self.sniff_timer: asyncio.TimerHandle | None = None
+        self.sniff_timer: PendingTimeout | None = None
         self.task: asyncio.Task[None] | None = None
         self.peer: tuple[str, int] | None = None
         """The client's address, kept only where upstream.is_own_connection can say yes."""
@@ -198,9 +213,7 @@ class Flow(asyncio.Protocol):
         if destination.port in self.context.settings.opaque_ports:
             self._decide(Opaque("opaque_port"))
             return
-        self.sniff_timer = self.context.loop.call_later(
-            self.context.settings.sniff_timeout, self._sniff_timed_out, "timeout"
-        )
+        self.sniff_timer = self.context.sniff_timeouts.start(self._sniff_timed_out, "timeout")
 
     def _is_own_listener(self, destination: Destination) -> bool:
         """A connection meant for the proxy's own port (no redirect, or a loop through it)."""
@@ -242,15 +255,12 @@ class Flow(asyncio.Protocol):
         """
         if self.sniff_timer is not None:
             self.sniff_timer.cancel()
-        loop = self.context.loop
-        settings = self.context.settings
-        self.first_byte_at = loop.time()
+        context = self.context
+        self.first_byte_at = context.loop.time()
         if self.buffer[:1].isupper():
-            timeout = min(settings.sniff_complete_timeout, settings.header_timeout)
-            reason = HEADER_TIMEOUT
+            self.sniff_timer = context.head_timeouts.start(self._sniff_timed_out, HEADER_TIMEOUT)
         else:
-            timeout, reason = settings.sniff_complete_timeout, "incomplete"
-        self.sniff_timer = loop.call_later(timeout, self._sniff_timed_out, reason)
+            self.sniff_timer = context.hello_timeouts.start(self._sniff_timed_out, "incomplete")
 
     def _sniff_timed_out(self, reason: str) -> None:
         if self.sniffing:
@@ -275,6 +285,7 @@ class Flow(asyncio.Protocol):
         self.sniffing = False
         if self.sniff_timer is not None:
             self.sniff_timer.cancel()
+            self.sniff_timer = None
         if self._looped():
             return
         detected, hostname, outcome = _classify(sniffed, self.buffer)
@@ -338,7 +349,6 @@ class Flow(asyncio.Protocol):
         return False
 
     async def _connect(self, host: str, port: int, detected: Detected) -> None:
-        settings = self.context.settings
         if self._looped():
             return
         if not await self._destination_verified(detected):
@@ -349,9 +359,8 @@ class Flow(asyncio.Protocol):
                 host,
                 port,
                 lambda: relay.upstream,
-                loop=self.context.loop,
-                timeout=settings.connect_timeout,
-                mark=settings.mark,
+                timeouts=self.context.connect_timeouts,
+                mark=self.context.settings.mark,
             )
         except UpstreamError as error:
             log.info("%s → %s:%s: %s", self.record.client, host, port, error)
@@ -368,7 +377,7 @@ class Flow(asyncio.Protocol):
             return
         relay.start(self.buffer, self.client_eof)
         self.buffer = b""
-        self.task = self.sniff_timer = self.first_byte_at = None
+        self.task = self.first_byte_at = None
 
     def relayed(self, result: RelayResult) -> None:
         self.record.bytes_from_client = result.bytes_from_client

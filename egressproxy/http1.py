@@ -351,9 +351,8 @@ class Http1Proxy(asyncio.Protocol):
         flow = self.flow
         self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
         self.transport.set_protocol(self)
-        now = self.loop.time()
-        self.head_deadline = (flow.first_byte_at or now) + self.settings.header_timeout
-        self._arm_timer(min(self.head_deadline, now + self.settings.idle_timeout))
+        self.head_deadline = (flow.first_byte_at or self.loop.time()) + self.settings.header_timeout
+        flow.context.idle_sweep.add(self)
         self.inbox = flow.buffer
         flow.record.bytes_from_client += len(flow.buffer)
         flow.buffer = b""
@@ -376,7 +375,7 @@ class Http1Proxy(asyncio.Protocol):
             # else: bytes after Connection: close are dropped; the connection ends with the answer
             return
         if self.head_deadline is None and self.client.their_state is h11.IDLE:
-            self._set_head_deadline()
+            self._await_head()
         self.client.receive_data(data)
         if self.connecting is not None:
             self._count_backlog(len(data))
@@ -443,6 +442,7 @@ class Http1Proxy(asyncio.Protocol):
         self.transport.close()
 
     def _stop(self) -> None:
+        self.flow.context.idle_sweep.discard(self)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -460,24 +460,31 @@ class Http1Proxy(asyncio.Protocol):
 
     # ---- timers: header deadline (408) and idle timeout -----------------------------
 
-    def _set_head_deadline(self) -> None:
-        self.head_deadline = self.loop.time() + self.settings.header_timeout
+    def _await_head(self) -> None:
+        """A request head is incomplete: it must be whole by head_deadline (set from now
+        unless it is already running)."""
+        if self.head_deadline is None:
+            self.head_deadline = self.loop.time() + self.settings.header_timeout
         if self.timer is None or self.timer.when() > self.head_deadline:
-            self._arm_timer(self.head_deadline)
-
-    def _arm_timer(self, when: float) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.loop.call_at(when, self._on_timer)
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = self.loop.call_at(self.head_deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self.timer = None
-        now = self.loop.time()
-        if self.head_deadline is not None and now >= self.head_deadline:
+        if self.head_deadline is None:
+            return
+        if self.loop.time() >= self.head_deadline:
             self._head_timed_out()
             return
-        idle_deadline = self.last_activity + self.settings.idle_timeout
-        if now >= idle_deadline and self._awaiting_response():
+        self._await_head()
+
+    def tick(self) -> None:
+        """The idle sweep's check, every quarter of --idle-timeout."""
+        now = self.loop.time()
+        if now - self.last_activity < self.settings.idle_timeout:
+            return
+        if self._awaiting_response():
             assert self.upstream is not None
             log.info(
                 "%s: no answer from %s:%s for %ss",
@@ -487,20 +494,13 @@ class Http1Proxy(asyncio.Protocol):
             )
             self._upstream_broken(self.upstream, "idle_timeout")
             self.last_activity = now
-            if not self.closed:
-                self._arm_timer(now + self.settings.idle_timeout)
             return
-        if now >= idle_deadline:
-            log.info(
-                "%s: idle for %ss, closing", self.flow.record.client, self.settings.idle_timeout
-            )
-            self.error = "idle_timeout"
-            if self.record is not None:
-                self._request_failed("idle_timeout")
-            self._close_upstreams()
-            self.transport.abort()
-            return
-        self._arm_timer(min(idle_deadline, self.head_deadline or idle_deadline))
+        log.info("%s: idle for %ss, closing", self.flow.record.client, self.settings.idle_timeout)
+        self.error = "idle_timeout"
+        if self.record is not None:
+            self._request_failed("idle_timeout")
+        self._close_upstreams()
+        self.transport.abort()
 
     def _awaiting_response(self) -> bool:
         """A request went upstream and no response has started: a stall is the upstream's."""
@@ -544,12 +544,8 @@ class Http1Proxy(asyncio.Protocol):
             elif kind is h11.EndOfMessage:
                 self._request_ended(event)  # type: ignore[arg-type]
             elif event is h11.NEED_DATA:
-                if (
-                    client.their_state is h11.IDLE
-                    and self.head_deadline is None
-                    and client.trailing_data[0]
-                ):
-                    self._set_head_deadline()
+                if client.their_state is h11.IDLE and client.trailing_data[0]:
+                    self._await_head()
                 return
             elif event is h11.PAUSED:
                 if client.their_state is h11.DONE:
@@ -572,8 +568,8 @@ class Http1Proxy(asyncio.Protocol):
             if request is NEED_MORE:
                 if self.inbox_eof:
                     self._leave_lean()
-                elif self.head_deadline is None:
-                    self._set_head_deadline()
+                else:
+                    self._await_head()
                 return
             if request is None or not self._lean_request(request):
                 self._leave_lean()
@@ -837,8 +833,7 @@ class Http1Proxy(asyncio.Protocol):
                 key[0],
                 key[1],
                 lambda: _Upstream(self, key),
-                loop=self.loop,
-                timeout=self.settings.connect_timeout,
+                timeouts=self.flow.context.connect_timeouts,
                 mark=self.settings.mark,
             )
         except UpstreamError as error:

@@ -416,8 +416,7 @@ class H2Proxy(asyncio.Protocol):
                 key[0],
                 key[1],
                 lambda: upstream,
-                loop=self.loop,
-                timeout=self.settings.connect_timeout,
+                timeouts=self.flow.context.connect_timeouts,
                 mark=self.settings.mark,
             )
         except UpstreamError as error:

@@ -12,6 +12,8 @@ import socket
 from dataclasses import dataclass
 from typing import Protocol, cast
 
+from egressproxy.timeouts import IdleSweep
+
 WRITE_BUFFER_HIGH = 256 * 1024
 """Above this many unsent bytes towards one side, reading from the other pauses."""
 WRITE_BUFFER_LOW = 64 * 1024
@@ -65,37 +67,6 @@ class _Side(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.relay.side_lost(self, exc)
-
-
-class IdleSweep:
-    """The idle timeout of every relay of a worker, on one timer.
-
-    Each quarter of the timeout, every relay is asked whether a byte moved; four quarters
-    in a row without one close it. A timer per relay would cost each idle connection a
-    timer handle (a few hundred bytes) and a re-arm every quarter. A relay is closed
-    after at least one whole timeout without a byte and at most a quarter more.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, idle_timeout: float) -> None:
-        self.loop = loop
-        self.interval = idle_timeout / 4
-        self.relays: set[Relay] = set()
-        self.timer: asyncio.TimerHandle | None = None
-
-    def add(self, relay: Relay) -> None:
-        self.relays.add(relay)
-        if self.timer is None:
-            self.timer = self.loop.call_later(self.interval, self._sweep)
-
-    def discard(self, relay: Relay) -> None:
-        self.relays.discard(relay)
-
-    def _sweep(self) -> None:
-        self.timer = None
-        for relay in list(self.relays):
-            relay.tick()
-        if self.relays:
-            self.timer = self.loop.call_later(self.interval, self._sweep)
 
 
 class RelayOwner(Protocol):

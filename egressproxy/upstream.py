@@ -13,6 +13,7 @@ from typing import TypeVar
 from egressproxy.errors import UpstreamError
 from egressproxy.netfilter import PROXY_SOURCE_PORTS, set_mark
 from egressproxy.policy.decision import Action, Decision, Destination
+from egressproxy.timeouts import TimeoutQueue
 
 ProtocolT = TypeVar("ProtocolT", bound=asyncio.BaseProtocol)
 
@@ -39,20 +40,20 @@ async def connect(
     port: int,
     protocol_factory: Callable[[], ProtocolT],
     *,
-    loop: asyncio.AbstractEventLoop,
-    timeout: float,
+    timeouts: TimeoutQueue,
     mark: int | None,
 ) -> tuple[asyncio.Transport, ProtocolT]:
-    """Open a TCP connection to host:port from one of PROXY_SOURCE_PORTS; every failure
-    is an UpstreamError with a kind.
+    """Open a TCP connection to host:port from one of PROXY_SOURCE_PORTS within the
+    timeouts' delay (the connect timeout); every failure is an UpstreamError with a kind.
 
     host is an IP literal (original destination) or a name (a route's backend).
     """
-    when = loop.time() + timeout
-    ip = host if _is_ip_literal(host) else await _resolve(loop, host, port, timeout)
-    wildcard = "::" if ":" in ip else "0.0.0.0"
-    deadline = _Deadline(loop, when)
+    loop = timeouts.loop
+    deadline = _Deadline(loop, timeouts)
+    ip = ""
     try:
+        ip = host if _is_ip_literal(host) else await _resolve(loop, host, port)
+        wildcard = "::" if ":" in ip else "0.0.0.0"
         for _ in range(SOURCE_PORT_ATTEMPTS):
             source = (wildcard, _source_ports.take())
             try:
@@ -75,29 +76,34 @@ async def connect(
         if not deadline.expired:
             raise
         deadline.task.uncancel()
+        if not ip:
+            raise UpstreamError("dns_timeout", host) from None
         raise UpstreamError("connect_timeout", f"{host}:{port}") from None
     except OSError as error:
         kind = CONNECT_ERRORS.get(error.errno or 0, "connect_error")
         raise UpstreamError(kind, f"{host}:{port}: {error.strerror}") from None
     finally:
-        deadline.handle.cancel()
+        deadline.pending.cancel()
     raise UpstreamError(
         "no_source_port", f"{host}:{port}: {SOURCE_PORT_ATTEMPTS} source ports in a row were taken"
     )
 
 
 class _Deadline:
-    """asyncio.timeout_at for the connect, for less: every new connection pays for it,
-    and the context manager looks the running loop up twice (a getpid() each)."""
+    """asyncio.timeout for the connect, for less: every new connection pays for it.
 
-    __slots__ = ("expired", "handle", "task")
+    The context manager looks the running loop up twice (a getpid() each) and arms a
+    loop timer of its own; this one joins the worker's queue of connect timeouts.
+    """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+    __slots__ = ("expired", "pending", "task")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeouts: TimeoutQueue) -> None:
         task = asyncio.current_task(loop)
         assert task is not None, "connect runs in a task"
         self.task = task
         self.expired = False
-        self.handle = loop.call_at(when, self._expire)
+        self.pending = timeouts.start(self._expire)
 
     def _expire(self) -> None:
         self.expired = True
@@ -219,12 +225,9 @@ def _is_ip_literal(host: str) -> bool:
     return True
 
 
-async def _resolve(loop: asyncio.AbstractEventLoop, host: str, port: int, timeout: float) -> str:
+async def _resolve(loop: asyncio.AbstractEventLoop, host: str, port: int) -> str:
     try:
-        async with asyncio.timeout(timeout):
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except TimeoutError:
-        raise UpstreamError("dns_timeout", host) from None
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as error:
         raise UpstreamError("dns_error", f"{host}: {error}") from None
     if not infos:

@@ -1,4 +1,4 @@
-"""One idle-timeout timer per worker (relay.IdleSweep): idle relays close, busy ones stay,
+"""One idle-timeout timer per worker (timeouts.IdleSweep): idle relays close, busy ones stay,
 and the sweep lets go of every relay and of its timer once they are done."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import socket
 
 import uvloop
 
-from egressproxy.relay import IdleSweep, Relay, RelayResult
+from egressproxy.relay import Relay, RelayResult
+from egressproxy.timeouts import IdleSweep
 
 IDLE_TIMEOUT = 0.4
 
@@ -54,7 +55,7 @@ def test_one_sweep_closes_the_idle_relay_keeps_the_busy_one_and_then_stops() -> 
                 await asyncio.sleep(0.05)
             await asyncio.sleep(IDLE_TIMEOUT / 2)  # a sweep finding nothing left
             after = [r.error for r in busy_results]
-            return closed_while_busy, after, len(sweep.relays), sweep.timer is None
+            return closed_while_busy, after, len(sweep.members), sweep.timer is None
         finally:
             for end in ends:
                 end.close()

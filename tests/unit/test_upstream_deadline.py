@@ -13,6 +13,7 @@ import uvloop
 
 from egressproxy import upstream
 from egressproxy.errors import UpstreamError
+from egressproxy.timeouts import TimeoutQueue
 
 
 @contextlib.contextmanager
@@ -45,7 +46,11 @@ def test_a_connect_that_hangs_ends_as_connect_timeout_in_time() -> None:
             async with asyncio.timeout(5.0):  # bounds the test if the deadline never fires
                 with pytest.raises(UpstreamError) as raised:
                     await upstream.connect(
-                        "127.0.0.1", port, asyncio.Protocol, loop=loop, timeout=0.3, mark=None
+                        "127.0.0.1",
+                        port,
+                        asyncio.Protocol,
+                        timeouts=TimeoutQueue(loop, 0.3),
+                        mark=None,
                     )
             task = asyncio.current_task()
             assert task is not None
@@ -63,7 +68,11 @@ def test_a_cancel_from_outside_is_not_a_timeout() -> None:
         with listener_that_never_answers() as port:
             attempt = loop.create_task(
                 upstream.connect(
-                    "127.0.0.1", port, asyncio.Protocol, loop=loop, timeout=30.0, mark=None
+                    "127.0.0.1",
+                    port,
+                    asyncio.Protocol,
+                    timeouts=TimeoutQueue(loop, 30.0),
+                    mark=None,
                 )
             )
             await asyncio.sleep(0.1)
