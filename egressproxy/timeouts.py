@@ -8,7 +8,7 @@ head) only to cancel them milliseconds later: a sixteenth of all it cost.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
@@ -17,16 +17,24 @@ CLOCK_RESOLUTION = 0.001
 
 
 class PendingTimeout:
-    """One timeout of a TimeoutQueue; cancel() lets go of its callback at once."""
+    """One timeout of a TimeoutQueue; cancel() takes it out at once."""
 
-    __slots__ = ("args", "callback", "when")
+    __slots__ = ("args", "callback", "queue", "when")
 
-    def __init__(self, when: float, callback: Callable[..., None], args: tuple[object, ...]):
+    def __init__(
+        self,
+        queue: TimeoutQueue,
+        when: float,
+        callback: Callable[..., None],
+        args: tuple[object, ...],
+    ) -> None:
+        self.queue = queue
         self.when = when
         self.callback: Callable[..., None] | None = callback
         self.args = args
 
     def cancel(self) -> None:
+        self.queue.pending.pop(self, None)
         self.callback = None
         self.args = ()
 
@@ -35,21 +43,23 @@ class TimeoutQueue:
     """Timeouts of one fixed length, on one loop timer.
 
     Started in time order and all equally long, they expire in the order they were
-    started, so the loop need only know the oldest one still pending. A cancelled one
-    stays queued, small and without its callback, until its time would have come.
+    started, so the loop need only know the oldest one still pending. An ordered dict
+    keeps them: the oldest is first, and a cancelled one leaves at once, so a burst of
+    connections leaves nothing behind (a queue of cancelled ones would hold a connect
+    timeout's worth of them).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
         self.loop = loop
         self.delay = delay
-        self.pending: deque[PendingTimeout] = deque()
+        self.pending: OrderedDict[PendingTimeout, None] = OrderedDict()
         self.timer: asyncio.TimerHandle | None = None
         self.expiring = False
 
     def start(self, callback: Callable[..., None], *args: object) -> PendingTimeout:
         """Call callback(*args) `delay` seconds from now unless cancelled first."""
-        timeout = PendingTimeout(self.loop.time() + self.delay, callback, args)
-        self.pending.append(timeout)
+        timeout = PendingTimeout(self, self.loop.time() + self.delay, callback, args)
+        self.pending[timeout] = None
         if self.timer is None and not self.expiring:
             self.timer = self.loop.call_at(timeout.when, self._expire)
         return timeout
@@ -61,19 +71,17 @@ class TimeoutQueue:
         due = self.loop.time() + CLOCK_RESOLUTION
         try:
             while pending:
-                oldest = pending[0]
-                callback = oldest.callback
-                if callback is not None and oldest.when > due:
+                oldest = next(iter(pending))
+                if oldest.when > due:
                     break
-                pending.popleft()
+                callback, args = oldest.callback, oldest.args
+                oldest.cancel()
                 if callback is not None:
-                    args = oldest.args
-                    oldest.cancel()
                     callback(*args)
         finally:
             self.expiring = False
             if pending:
-                self.timer = self.loop.call_at(pending[0].when, self._expire)
+                self.timer = self.loop.call_at(next(iter(pending)).when, self._expire)
 
 
 class Ticking(Protocol):
