@@ -17,7 +17,7 @@ from collections.abc import Callable
 import uvloop
 from prometheus_client import CollectorRegistry
 
-from egressproxy import accesslog, admin, metrics
+from egressproxy import accesslog, admin, metrics, upstream
 from egressproxy.flow import Flow, FlowContext, OpenFlows
 from egressproxy.netfilter import read_source_ports_conflict
 from egressproxy.policy.errors import PolicyError
@@ -317,13 +317,14 @@ def supervise(
     """
     ready_read, ready_write = os.pipe()
     children: list[int] = []
-    for _ in range(settings.workers):
+    for index in range(settings.workers):
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 os.close(ready_read)
                 store.on_reload = None
+                upstream.take_worker_share(index, settings.workers)
                 own = [bind_listener(endpoint, settings.listen) for endpoint in settings.listen]
                 for sock in listeners:
                     sock.close()

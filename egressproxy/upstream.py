@@ -118,7 +118,9 @@ it to the same destination (connect): the next port will do."""
 
 class SourcePorts:
     """PROXY_SOURCE_PORTS in turn: a port comes back to a destination only after the whole
-    range, and the start is random per process, so workers rarely ask for the same one.
+    range, and the start is random per process, so a restarted proxy does not begin where
+    its predecessor's connections (perhaps in TIME_WAIT) are. Workers take disjoint
+    shares of the range (take_worker_share).
 
     Sockets bind with SO_REUSEADDR (libuv sets it), so one port serves any number of
     destinations; the kernel refuses only a repeated address pair.
@@ -137,6 +139,17 @@ class SourcePorts:
 
 
 _source_ports = SourcePorts()
+
+
+def take_worker_share(index: int, workers: int) -> None:
+    """Worker `index` of `workers` draws its source ports from every workers-th port only.
+
+    Workers walking one range from random starts collide once one's start falls inside
+    the stretch another holds (many connections to one destination): it then meets
+    SOURCE_PORT_ATTEMPTS taken ports in a row and refuses connections until it is past.
+    """
+    global _source_ports
+    _source_ports = SourcePorts(PROXY_SOURCE_PORTS[index::workers])
 
 
 RUNNING_AS_ROOT = os.geteuid() == 0

@@ -139,3 +139,17 @@ def test_when_every_attempt_is_taken_the_error_is_named() -> None:
             server.close()
 
     uvloop.run(scenario())
+
+
+def test_the_workers_shares_split_the_range() -> None:
+    original = upstream._source_ports
+    try:
+        for workers in (1, 2, 3, 7):
+            shares = []
+            for index in range(workers):
+                upstream.take_worker_share(index, workers)
+                shares.append(set(upstream._source_ports.ports))
+            assert set().union(*shares) == set(PROXY_SOURCE_PORTS)
+            assert sum(len(share) for share in shares) == len(PROXY_SOURCE_PORTS)
+    finally:
+        upstream._source_ports = original
