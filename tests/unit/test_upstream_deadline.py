@@ -82,3 +82,30 @@ def test_a_cancel_from_outside_is_not_a_timeout() -> None:
             return attempt.cancelled()
 
     assert uvloop.run(scenario())
+
+
+def test_a_name_that_never_resolves_ends_as_dns_timeout_within_the_connect_timeout() -> None:
+    """The connect timeout covers resolving a route's backend name and connecting to it."""
+
+    async def never_answers(*args: object, **kwargs: object) -> list[object]:
+        await asyncio.sleep(30)
+        return []
+
+    async def scenario() -> tuple[str, float]:
+        loop = asyncio.get_running_loop()
+        loop.getaddrinfo = never_answers  # type: ignore[method-assign]
+        started = loop.time()
+        async with asyncio.timeout(5.0):
+            with pytest.raises(UpstreamError) as raised:
+                await upstream.connect(
+                    "backend.example.test",
+                    80,
+                    asyncio.Protocol,
+                    timeouts=TimeoutQueue(loop, 0.3),
+                    mark=None,
+                )
+        return raised.value.kind, loop.time() - started
+
+    kind, took = asyncio.run(scenario())  # a pure-Python loop: its getaddrinfo can be replaced
+    assert kind == "dns_timeout"
+    assert 0.25 <= took < 2.0

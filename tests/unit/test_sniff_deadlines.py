@@ -1,0 +1,76 @@
+"""The sniff deadlines that start at the first byte (timeouts.TimeoutQueue in the flow):
+a request head still incomplete gets 408 at --header-timeout, other bytes still
+incomplete at the sniff-complete timeout go through as opaque TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from pathlib import Path
+
+import pytest
+
+from egressproxy.policy.decision import Destination
+from tests.unit.http_harness import loopback_proxy, origin
+
+POLICY = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: test
+spec:
+  default: allow
+"""
+PARTIAL_TLS_RECORD = b"\x16\x03\x01\x02\x00\x01"
+"""The start of a ClientHello record announcing 512 bytes that never come."""
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+    writer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_first_request_head_incomplete_at_the_header_timeout_gets_408(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with origin(echo) as port:
+        destination = Destination(ipaddress.ip_address("127.0.0.1"), port)
+        async with loopback_proxy(
+            tmp_path, monkeypatch, POLICY, destination, header_timeout=0.4
+        ) as proxy:
+            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+            started = time.monotonic()
+            writer.write(b"GET /a HTTP/1.1\r\nHost: example.test\r\nX-Slow: 1")
+            async with asyncio.timeout(5):
+                answer = await reader.read()
+            waited = time.monotonic() - started
+            writer.close()
+            await proxy.wait_closed_flows(1)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert 0.35 <= waited < 3
+    assert proxy.ledger.flows[0].sniff_outcome == "header_timeout"
+
+
+@pytest.mark.asyncio
+async def test_bytes_still_incomplete_at_the_sniff_complete_timeout_go_through_opaque(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with origin(echo) as port:
+        destination = Destination(ipaddress.ip_address("127.0.0.1"), port)
+        async with loopback_proxy(
+            tmp_path, monkeypatch, POLICY, destination, sniff_complete_timeout=0.4
+        ) as proxy:
+            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+            started = time.monotonic()
+            writer.write(PARTIAL_TLS_RECORD)
+            async with asyncio.timeout(5):
+                echoed = await reader.readexactly(len(PARTIAL_TLS_RECORD))
+            waited = time.monotonic() - started
+            writer.close()
+            await proxy.wait_closed_flows(1)
+    assert echoed == PARTIAL_TLS_RECORD
+    assert 0.35 <= waited < 3
+    assert proxy.ledger.flows[0].sniff_outcome == "incomplete"
