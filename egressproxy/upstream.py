@@ -49,7 +49,7 @@ async def connect(
     host is an IP literal (original destination) or a name (a route's backend).
     """
     loop = timeouts.loop
-    deadline = _Deadline(loop, timeouts)
+    deadline = _Deadline(timeouts)
     ip = ""
     try:
         ip = host if _is_ip_literal(host) else await _resolve(loop, host, port)
@@ -98,8 +98,8 @@ class _Deadline:
 
     __slots__ = ("expired", "pending", "task")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeouts: TimeoutQueue) -> None:
-        task = asyncio.current_task(loop)
+    def __init__(self, timeouts: TimeoutQueue) -> None:
+        task = asyncio.current_task(timeouts.loop)
         assert task is not None, "connect runs in a task"
         self.task = task
         self.expired = False
