@@ -523,6 +523,21 @@ class Results:
         ]
         return statistics.median(values) if values else None
 
+    def round_ratios(self, workload: str, proxy: str, reference: str) -> list[float]:
+        """value / the reference's value within each round that measured both.
+
+        Rounds interleave the proxies, so a slow spell of the machine weighs on both
+        sides of a round's ratio: their spread shows how far one run's median can be
+        trusted."""
+        ratios = []
+        for measured in self.rounds:
+            by_proxy = measured.get(workload, {})
+            value = by_proxy.get(proxy, {}).get("value")
+            base = by_proxy.get(reference, {}).get("value")
+            if value is not None and base:
+                ratios.append(value / base)
+        return ratios
+
 
 def applicable(workload: Workload, proxy: Proxy) -> bool:
     if proxy.only is not None and workload.name not in proxy.only:
@@ -585,6 +600,10 @@ def number(value: float | None) -> str:
     return f"{value:.2f}"
 
 
+def by_round(ratios: list[float]) -> str:
+    return " ".join(f"{value:.2f}" for value in ratios) or "—"
+
+
 def notes(results: Results, workload: Workload, proxy: str) -> str:
     parts = []
     p50 = results.median(workload.name, proxy, "p50_ms")
@@ -611,8 +630,8 @@ def notes(results: Results, workload: Workload, proxy: str) -> str:
 def table(results: Results) -> str:
     lines = [
         f"| workload | proxy | result | {TIMES} direct | {TIMES} HAProxy "
-        f"| proxy CPU | CPU {TIMES} HAProxy | notes |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| {TIMES} HAProxy by round | proxy CPU | CPU {TIMES} HAProxy | notes |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for workload in WORKLOADS:
         direct = results.median(workload.name, "direct", "value")
@@ -625,9 +644,14 @@ def table(results: Results) -> str:
             value = results.median(workload.name, proxy.name, "value")
             cpu = results.median(workload.name, proxy.name, reference_cpu_key)
             is_direct = proxy.name == "direct"
+            rounds = (
+                "—"
+                if proxy.name == workload.reference
+                else by_round(results.round_ratios(workload.name, proxy.name, workload.reference))
+            )
             lines.append(
                 f"| {workload.title} | {proxy.name} | {number(value)} {workload.unit} "
-                f"| {ratio(value, direct)} | {ratio(value, reference)} "
+                f"| {ratio(value, direct)} | {ratio(value, reference)} | {rounds} "
                 f"| {'—' if is_direct else f'{number(cpu)} {workload.cpu_unit}'} "
                 f"| {'—' if is_direct else ratio(cpu, reference_cpu)} "
                 f"| {notes(results, workload, proxy.name)} |"
