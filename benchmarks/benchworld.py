@@ -290,6 +290,14 @@ class World:
                 "net.ipv4.tcp_tw_reuse=1",
                 "net.core.somaxconn=8192",
                 "net.ipv4.tcp_max_syn_backlog=8192",
+                # Timestamps without the per-address-pair random offset. The redirect
+                # brings connections to different original destinations onto one
+                # listener address, so a TIME_WAIT there can have seen timestamps of
+                # another offset than the next SYN from the same client port: the SYN
+                # fails PAWS and waits a second for its retransmission. From round 3 on
+                # this halved new connections per second through every proxy (nstat:
+                # PAWSTimewait as many as TCPSynRetrans); without the offset, none.
+                "net.ipv4.tcp_timestamps=2",
             ):
                 steps.append((ns, ["sysctl", "-q", "-w", sysctl]))
         uid = self.proxy_uid()
