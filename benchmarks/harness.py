@@ -369,7 +369,10 @@ def bulk_tcp(streams: int) -> Callable[[Run], Measurement]:
             timeout=context.duration + 60,
         )
         cpu = context.cpu() - before
-        received = json.loads(output)["end"]["sum_received"]
+        report = json.loads(output)
+        if "error" in report:
+            raise RuntimeError(f"iperf3: {report['error']}")
+        received = report["end"]["sum_received"]
         return {
             "value": received["bits_per_second"] / 1e9,
             "cpu_per_unit": cpu * 100 / (received["bytes"] * 8 / 1e9),
