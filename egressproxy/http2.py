@@ -206,14 +206,13 @@ class H2Proxy(asyncio.Protocol):
         self.goaway_sent = False
         self.error = ""
         self.last_activity = self.loop.time()
-        self.timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
         self.transport.set_protocol(self)
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
-        self.timer = self.loop.call_later(self.settings.idle_timeout, self._on_timer)
+        self.flow.context.idle_sweep.add(self)
         buffered, self.flow.buffer = self.flow.buffer, b""
         self.transport.resume_reading()
         if buffered:
@@ -253,8 +252,7 @@ class H2Proxy(asyncio.Protocol):
             if upstream.transport is not None:
                 upstream.transport.abort()
         self.upstreams.clear()
-        if self.timer is not None:
-            self.timer.cancel()
+        self.flow.context.idle_sweep.discard(self)
         self.flow.finish(self.error or ("reset" if exc and not closed_here else ""))
 
     def pause_writing(self) -> None:
@@ -728,16 +726,15 @@ class H2Proxy(asyncio.Protocol):
             return
         self._flush()
         self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
+        self.flow.context.idle_sweep.discard(self)
         self.transport.close()
 
-    def _on_timer(self) -> None:
-        idle_deadline = self.last_activity + self.settings.idle_timeout
-        if self.loop.time() >= idle_deadline and not self.closed:
-            self.error = "idle_timeout"
-            self._goaway()
-            self._flush()
-            self.transport.abort()
+    def tick(self) -> None:
+        """The idle sweep's check, every quarter of --idle-timeout: no bytes either way for
+        a whole timeout ends the connection with a GOAWAY."""
+        if self.closed or self.loop.time() - self.last_activity < self.settings.idle_timeout:
             return
-        self.timer = self.loop.call_at(idle_deadline, self._on_timer)
+        self.error = "idle_timeout"
+        self._goaway()
+        self._flush()
+        self.transport.abort()

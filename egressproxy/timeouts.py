@@ -91,7 +91,7 @@ class Ticking(Protocol):
 
 
 class IdleSweep:
-    """The idle timeout of every relay and HTTP/1 connection of a worker, on one timer.
+    """The idle timeout of every relay and HTTP connection of a worker, on one timer.
 
     Each quarter of the timeout, every member is asked whether it moved a byte (tick);
     one that moved none for a whole timeout closes, at most a quarter late. A timer per

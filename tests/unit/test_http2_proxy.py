@@ -73,6 +73,9 @@ class H2Client(asyncio.Protocol):
         self.transport: asyncio.Transport
         self.answers: dict[int, Answer] = {}
         self.uploads: dict[int, memoryview] = {}
+        self.goaway = False
+        self.lost = asyncio.Event()
+        self.lost_at = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -136,7 +139,13 @@ class H2Client(asyncio.Protocol):
                 answer.done.set()
             elif isinstance(event, h2.events.WindowUpdated):
                 self._upload()
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self.goaway = True
         self.transport.write(self.h2.data_to_send())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost_at = asyncio.get_running_loop().time()
+        self.lost.set()
 
 
 @pytest_asyncio.fixture
@@ -166,6 +175,43 @@ async def connect_h2(proxy: LoopbackProxy) -> H2Client:
     loop = asyncio.get_running_loop()
     _, client = await loop.create_connection(H2Client, proxy.host, proxy.port)
     return client
+
+
+@pytest.mark.asyncio
+async def test_idle_connection_ends_with_goaway_and_a_busy_one_stays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's idle sweep ends an h2 connection that moved no byte for the idle
+    timeout (within a quarter more), and leaves alone one that keeps asking."""
+    idle_timeout = 0.4
+    loop = asyncio.get_running_loop()
+    origin = await loop.create_server(H2Server, "127.0.0.1", 0)
+    port = origin.sockets[0].getsockname()[1]
+    try:
+        async with loopback_proxy(
+            tmp_path, monkeypatch, POLICY, local(port), idle_timeout=idle_timeout
+        ) as proxy:
+            idle, busy = await connect_h2(proxy), await connect_h2(proxy)
+            for client in (idle, busy):
+                async with asyncio.timeout(TIMEOUT):
+                    await client.request("GET", "/a").done.wait()
+            quiet_since = loop.time()
+            for _ in range(20):  # one second of requests: more than two idle timeouts
+                async with asyncio.timeout(TIMEOUT):
+                    await busy.request("GET", "/a").done.wait()
+                await asyncio.sleep(0.05)
+            async with asyncio.timeout(TIMEOUT):
+                await idle.lost.wait()
+            busy_alive = not busy.lost.is_set()
+            busy.transport.close()
+            await proxy.wait_closed_flows(2)
+    finally:
+        origin.close()
+    assert idle.goaway, "the idle connection got a GOAWAY before it was closed"
+    assert busy_alive, "the busy connection stayed open"
+    # The proxy's last byte on it went out a little before the client read it (quiet_since).
+    assert idle_timeout - 0.05 <= idle.lost_at - quiet_since < idle_timeout * 1.25 + 0.6
+    assert sorted(flow.error for flow in proxy.ledger.flows) == ["", "idle_timeout"]
 
 
 @pytest.mark.asyncio
