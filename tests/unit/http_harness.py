@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,6 +22,11 @@ from egressproxy.policy.decision import Destination
 from egressproxy.policy.store import PolicyStore
 from egressproxy.records import FlowRecord, RequestRecord
 from egressproxy.settings import Settings
+
+
+def local(port: int) -> Destination:
+    """An origin on 127.0.0.1: what a test's connections "were meant for"."""
+    return Destination(ipaddress.ip_address("127.0.0.1"), port)
 
 
 def _nothing() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import ipaddress
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,10 +13,9 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from egressproxy.policy.decision import Destination
 from egressproxy.settings import VerifyDestination
 from tests.e2e.http_servers import h1
-from tests.unit.http_harness import LoopbackProxy, loopback_proxy, origin
+from tests.unit.http_harness import LoopbackProxy, local, loopback_proxy, origin
 
 POLICY = """\
 apiVersion: egressproxy.io/v1alpha1
@@ -44,7 +42,7 @@ async def setup(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[tuple[LoopbackProxy, int, int]]:
     async with origin(h1) as origin_port, origin(h1) as backend_port:
-        destination = Destination(ipaddress.ip_address("127.0.0.1"), origin_port)
+        destination = local(origin_port)
         async with loopback_proxy(
             tmp_path,
             monkeypatch,
@@ -277,7 +275,7 @@ async def test_unreachable_upstream_gets_502_and_the_cause(
     with __import__("socket").socket() as unused:
         unused.bind(("127.0.0.1", 0))
         closed_port = unused.getsockname()[1]
-    proxy.destination[0] = Destination(ipaddress.ip_address("127.0.0.1"), closed_port)
+    proxy.destination[0] = local(closed_port)
     reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
     writer.write(b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n")
     status, _, body = await read_response(reader)
@@ -344,7 +342,7 @@ async def test_request_on_a_reused_upstream_that_closed_is_retried(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with origin(answer_once_then_drop) as port:
-        destination = Destination(ipaddress.ip_address("127.0.0.1"), port)
+        destination = local(port)
         async with loopback_proxy(
             tmp_path, monkeypatch, POLICY.format(backend=1), destination
         ) as proxy:
@@ -362,7 +360,7 @@ async def test_idle_keep_alive_connection_is_closed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with origin(h1) as port:
-        destination = Destination(ipaddress.ip_address("127.0.0.1"), port)
+        destination = local(port)
         async with loopback_proxy(
             tmp_path, monkeypatch, POLICY.format(backend=1), destination, idle_timeout=0.3
         ) as proxy:
@@ -415,7 +413,7 @@ async def test_verify_destination_per_request(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, elsewhere_status: int
 ) -> None:
     async with origin(h1) as port:
-        destination = Destination(ipaddress.ip_address("127.0.0.1"), port)
+        destination = local(port)
         async with loopback_proxy(
             tmp_path,
             monkeypatch,

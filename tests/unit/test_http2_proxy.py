@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ipaddress
 import json
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -19,11 +18,10 @@ import h2.events
 import pytest
 import pytest_asyncio
 
-from egressproxy.policy.decision import Destination
 from egressproxy.settings import VerifyDestination
 from tests.e2e.http_servers import H2Server, grpc_server
 from tests.e2e.servers import deterministic_chunks
-from tests.unit.http_harness import LoopbackProxy, loopback_proxy
+from tests.unit.http_harness import LoopbackProxy, local, loopback_proxy
 
 POLICY = """\
 apiVersion: egressproxy.io/v1alpha1
@@ -50,10 +48,6 @@ spec:
 """
 
 TIMEOUT = 10.0
-
-
-def local(port: int) -> Destination:
-    return Destination(ipaddress.ip_address("127.0.0.1"), port)
 
 
 @dataclass

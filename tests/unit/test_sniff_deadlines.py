@@ -5,14 +5,12 @@ incomplete at the sniff-complete timeout go through as opaque TCP."""
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import time
 from pathlib import Path
 
 import pytest
 
-from egressproxy.policy.decision import Destination
-from tests.unit.http_harness import loopback_proxy, origin
+from tests.unit.http_harness import local, loopback_proxy, origin
 
 POLICY = """\
 apiVersion: egressproxy.io/v1alpha1
@@ -37,7 +35,7 @@ async def test_a_first_request_head_incomplete_at_the_header_timeout_gets_408(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with origin(echo) as port:
-        destination = Destination(ipaddress.ip_address("127.0.0.1"), port)
+        destination = local(port)
         async with loopback_proxy(
             tmp_path, monkeypatch, POLICY, destination, header_timeout=0.4
         ) as proxy:
@@ -59,7 +57,7 @@ async def test_bytes_still_incomplete_at_the_sniff_complete_timeout_go_through_o
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with origin(echo) as port:
-        destination = Destination(ipaddress.ip_address("127.0.0.1"), port)
+        destination = local(port)
         async with loopback_proxy(
             tmp_path, monkeypatch, POLICY, destination, sniff_complete_timeout=0.4
         ) as proxy:
