@@ -21,6 +21,8 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
+from json.encoder import encode_basestring_ascii
 from logging.handlers import QueueHandler
 from typing import TextIO
 
@@ -29,8 +31,8 @@ from egressproxy.records import FlowRecord, RequestRecord
 from egressproxy.settings import LogFormat, Settings
 
 ACCESS_LOGGER = "egressproxy.access"
-ACCESS_FIELDS = "access"
-"""The LogRecord attribute holding an access line's fields."""
+ACCESS_ENTRY = "access"
+"""The LogRecord attribute holding an access line's record and duration."""
 
 PER_REQUEST = frozenset({RouteProtocol.HTTP, RouteProtocol.GRPC})
 """Connections handed to the HTTP handlers, which log each request instead."""
@@ -69,49 +71,45 @@ def address_text(destination: Destination | None) -> str:
     return f"{destination.ip}:{destination.port}"
 
 
-def connection_fields(record: FlowRecord, duration: float) -> dict[str, object]:
-    return {
-        "client": record.client,
-        "destination": address_text(record.destination),
-        "protocol": record.detected.value if record.detected else "",
-        "hostname": record.hostname or "",
-        "ech": record.ech,
-        "route": route_text(record.decision),
-        "decision": decision_word(record.decision),
-        "status": "",
-        "error": record.error,
-        "bytes_sent": record.bytes_from_client,
-        "bytes_received": record.bytes_from_upstream,
-        "duration": round(duration, 6),
-    }
+CONNECTION_KEYS = (
+    "client",
+    "destination",
+    "protocol",
+    "hostname",
+    "ech",
+    "route",
+    "decision",
+    "status",
+    "error",
+    "bytes_sent",
+    "bytes_received",
+    "duration",
+)
+REQUEST_KEYS = (
+    "client",
+    "destination",
+    "protocol",
+    "hostname",
+    "route",
+    "decision",
+    "method",
+    "path",
+    "status",
+    "error",
+    "bytes_sent",
+    "bytes_received",
+    "duration",
+)
+MAX_REMEMBERED_TEXTS = 4096
+"""Per formatter: how many encoded texts of decisions, destinations and words it keeps."""
 
 
-def request_fields(record: RequestRecord, duration: float) -> dict[str, object]:
-    if record.grpc:
-        status = "" if record.grpc_status is None else str(record.grpc_status)
-    else:
-        status = "" if record.status is None else str(record.status)
-    return {
-        "client": record.client,
-        "destination": address_text(record.destination),
-        "protocol": "grpc" if record.grpc else record.protocol,
-        "hostname": record.hostname or "",
-        "route": route_text(record.decision),
-        "decision": decision_word(record.decision),
-        "method": record.method,
-        "path": record.path,
-        "status": status,
-        "error": record.error,
-        "bytes_sent": record.bytes_from_client,
-        "bytes_received": record.bytes_from_upstream,
-        "duration": round(duration, 6),
-    }
-
-
-def access_fields(record: FlowRecord | RequestRecord, duration: float) -> dict[str, object]:
-    if isinstance(record, RequestRecord):
-        return request_fields(record, duration)
-    return connection_fields(record, duration)
+def _line_template(keys: tuple[str, ...], json_lines: bool) -> str:
+    """A str.format template taking the time and then each key's encoded value."""
+    if json_lines:
+        pairs = ",".join(f'"{key}":{{}}' for key in keys)
+        return f'{{{{"time":"{{}}","log":"access",{pairs}}}}}'
+    return "{} access " + " ".join(f"{key}={{}}" for key in keys)
 
 
 class AccessLog:
@@ -150,8 +148,7 @@ class AccessLog:
         if self.to_writer and writer is not None:
             writer.put((record, time.time(), duration))
         else:
-            fields = access_fields(record, duration)
-            self.logger.info("access", extra={ACCESS_FIELDS: fields})
+            self.logger.info("access", extra={ACCESS_ENTRY: (record, duration)})
 
 
 @functools.lru_cache(maxsize=4)
@@ -167,10 +164,7 @@ def _timestamp(created: float) -> str:
     return f"{_second_text(int(whole) + seconds)}.{micros // 1000:03d}Z"
 
 
-def _text_value(value: object) -> str:
-    if value is True or value is False:
-        return "true" if value else "false"
-    text = value if type(value) is str else str(value)
+def _text_value(text: str) -> str:
     if not text:
         return "-"
     if text.isprintable() and not _TEXT_SPECIAL.search(text):
@@ -179,21 +173,34 @@ def _text_value(value: object) -> str:
 
 
 class LineFormatter(logging.Formatter):
-    """One line per record, access lines and diagnostics alike, as text or JSON."""
+    """One line per record, access lines and diagnostics alike, as text or JSON.
+
+    An access line is one str.format of a template made once per record type, with
+    every string value encoded for the format (quoted in text when needed, JSON
+    string literals in JSON). The texts of decisions, destinations and values with few
+    distinct ones (hostnames, methods, statuses, errors) are remembered: the policy
+    shares its decisions and the data plane its destinations, so lines repeat them.
+    """
 
     def __init__(self, log_format: LogFormat) -> None:
         super().__init__()
         self.json = log_format is LogFormat.JSON
+        self.encode: Callable[[str], str] = encode_basestring_ascii if self.json else _text_value
+        self.connection_template = _line_template(CONNECTION_KEYS, self.json)
+        self.request_template = _line_template(REQUEST_KEYS, self.json)
+        self.decisions: dict[int, tuple[Decision | None, str, str]] = {}
+        self.destinations: dict[int, tuple[Destination | None, str]] = {}
+        self.words: dict[str, str] = {}
 
     def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, object] | None = getattr(record, ACCESS_FIELDS, None)
+        entry: tuple[FlowRecord | RequestRecord, float] | None = getattr(record, ACCESS_ENTRY, None)
         message = record.getMessage()
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
             message = f"{message}\n{record.exc_text}"
-        if fields is not None:
-            return self.access_line(fields, record.created)
+        if entry is not None:
+            return self.access_line(entry[0], record.created, entry[1])
         time_text = _timestamp(record.created)
         if self.json:
             document = {
@@ -205,13 +212,79 @@ class LineFormatter(logging.Formatter):
             return json.dumps(document, separators=(",", ":"))
         return f"{time_text} {record.levelname} {record.name} {message}"
 
-    def access_line(self, fields: dict[str, object], created: float) -> str:
-        time_text = _timestamp(created)
-        if self.json:
-            document = {"time": time_text, "log": "access", **fields}
-            return json.dumps(document, separators=(",", ":"))
-        pairs = " ".join([f"{key}={_text_value(value)}" for key, value in fields.items()])
-        return f"{time_text} access {pairs}"
+    def access_line(
+        self, record: FlowRecord | RequestRecord, created: float, duration: float
+    ) -> str:
+        word = self.word
+        destination = self.destination_text(record.destination)
+        hostname = word(record.hostname or "")
+        route, decision = self.decision_texts(record.decision)
+        if isinstance(record, RequestRecord):
+            if record.grpc:
+                protocol = "grpc"
+                status = "" if record.grpc_status is None else str(record.grpc_status)
+            else:
+                protocol = record.protocol
+                status = "" if record.status is None else str(record.status)
+            return self.request_template.format(
+                _timestamp(created),
+                self.encode(record.client),
+                destination,
+                word(protocol),
+                hostname,
+                route,
+                decision,
+                word(record.method),
+                self.encode(record.path),
+                word(status),
+                word(record.error),
+                record.bytes_from_client,
+                record.bytes_from_upstream,
+                round(duration, 6),
+            )
+        return self.connection_template.format(
+            _timestamp(created),
+            self.encode(record.client),
+            destination,
+            word(record.detected.value if record.detected else ""),
+            hostname,
+            "true" if record.ech else "false",
+            route,
+            decision,
+            word(""),
+            word(record.error),
+            record.bytes_from_client,
+            record.bytes_from_upstream,
+            round(duration, 6),
+        )
+
+    def decision_texts(self, decision: Decision | None) -> tuple[str, str]:
+        """The encoded route and decision word."""
+        known = self.decisions.get(id(decision))
+        if known is None or known[0] is not decision:
+            if len(self.decisions) >= MAX_REMEMBERED_TEXTS:
+                self.decisions.clear()
+            texts = (self.encode(route_text(decision)), self.encode(decision_word(decision)))
+            known = self.decisions[id(decision)] = (decision, *texts)
+        return known[1], known[2]
+
+    def destination_text(self, destination: Destination | None) -> str:
+        known = self.destinations.get(id(destination))
+        if known is None or known[0] is not destination:
+            if len(self.destinations) >= MAX_REMEMBERED_TEXTS:
+                self.destinations.clear()
+            text = self.encode(address_text(destination))
+            known = self.destinations[id(destination)] = (destination, text)
+        return known[1]
+
+    def word(self, value: str) -> str:
+        """A value of few distinct ones (hostname, protocol, method, status, error), encoded."""
+        text = self.words.get(value)
+        if text is None:
+            if len(self.words) >= MAX_REMEMBERED_TEXTS:
+                self.words.clear()
+            text = self.words[value] = self.encode(value)
+        return text
 
 
 WRITER_BATCH = 4096
@@ -274,8 +347,7 @@ class LineWriter:
                     self.handler.handle(item)
                 else:
                     record, created, duration = item
-                    fields = access_fields(record, duration)
-                    access_lines.append(self.formatter.access_line(fields, created))
+                    access_lines.append(self.formatter.access_line(record, created, duration))
             self._write(access_lines)
             if len(batch) >= WRITER_BUSY:
                 time.sleep(WRITER_PAUSE)

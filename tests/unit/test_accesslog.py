@@ -15,9 +15,17 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from egressproxy.accesslog import AccessLog, LineFormatter, setup_logging, shutdown_logging
-from egressproxy.policy.decision import ConnectionFacts, Destination, Detected, RequestFacts
+from egressproxy.policy.decision import (
+    ConnectionFacts,
+    Decision,
+    Destination,
+    Detected,
+    RequestFacts,
+)
 from egressproxy.policy.index import PolicyIndex, compile_policy
 from egressproxy.policy.loader import load_policy, load_policy_text
 from egressproxy.records import FlowRecord, RequestRecord
@@ -262,6 +270,195 @@ def test_ipv6_destination() -> None:
         FlowRecord(client="[2001:db8::2]:5000", destination=destination, error="reset")
     )
     assert json.loads(out.lines()[0])["destination"] == "[2001:db8::5]:443"
+
+
+STRINGS = st.text(max_size=12)
+COUNTS = st.integers(min_value=0, max_value=2**40)
+DESTINATIONS = st.sampled_from(
+    [
+        (Destination(EXTERNAL, 80), "203.0.113.5:80"),
+        (Destination(ipaddress.ip_address("2001:db8::5"), 443), "[2001:db8::5]:443"),
+    ]
+)
+
+
+def route_decision(path: str) -> Decision:
+    facts = RequestFacts(Destination(EXTERNAL, 80), "httpbin.org", "GET", path, "", (), False)
+    return guide_step("linkerd-3-httproute.yaml").decide_request(facts)
+
+
+def tls_decision(sni: str) -> Decision:
+    facts = ConnectionFacts(Destination(EXTERNAL, 443), Detected.TLS, sni)
+    return guide_step("linkerd-4-tlsroute.yaml").decide_connection(facts)
+
+
+REQUEST_DECISIONS = st.sampled_from(
+    [
+        (route_decision("/get"), "HTTPRoute/egress-test/httpbin-get", "allow"),
+        (route_decision("/post"), "default/http-egress-deny", "deny"),
+    ]
+)
+CONNECTION_DECISIONS = st.sampled_from(
+    [
+        (tls_decision("httpbin.org"), "TLSRoute/egress-test/tls-egress", "allow"),
+        (tls_decision("github.com"), "default/tls-egress-deny", "deny"),
+    ]
+)
+
+
+def read_back(out: Lines, log_format: LogFormat) -> dict[str, object]:
+    """The last line's fields without time and duration (both checked for form)."""
+    line = out.lines()[-1]
+    if log_format is LogFormat.JSON:
+        document: dict[str, object] = json.loads(line)
+        assert list(document)[:2] == ["time", "log"]
+        assert document.pop("log") == "access"
+        assert_rfc3339(str(document.pop("time")))
+    else:
+        time_text, fields = text_fields(line)
+        assert_rfc3339(time_text)
+        document = dict(fields)
+    assert float(str(document.pop("duration"))) >= 0
+    return document
+
+
+def as_written(fields: dict[str, object], log_format: LogFormat) -> dict[str, object]:
+    """Fields as the format promises them: text makes every value a string and "" a dash."""
+    if log_format is LogFormat.JSON:
+        return fields
+    return {
+        key: ("true" if value else "false") if isinstance(value, bool) else str(value) or "-"
+        for key, value in fields.items()
+    }
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    log_format=st.sampled_from(LogFormat),
+    client=STRINGS,
+    hostname=st.none() | STRINGS,
+    method=STRINGS,
+    path=STRINGS,
+    error=STRINGS,
+    status=st.none() | st.integers(min_value=0, max_value=599),
+    grpc=st.booleans(),
+    decided=REQUEST_DECISIONS,
+    destination=DESTINATIONS,
+    sent=COUNTS,
+    received=COUNTS,
+)
+def test_any_request_line_reads_back(
+    log_format: LogFormat,
+    client: str,
+    hostname: str | None,
+    method: str,
+    path: str,
+    error: str,
+    status: int | None,
+    grpc: bool,
+    decided: tuple[Decision, str, str],
+    destination: tuple[Destination, str],
+    sent: int,
+    received: int,
+) -> None:
+    """Whatever text a request brings (quotes, blanks, =, control characters) reads back."""
+    out = Lines(log_format)
+    out.access_log.request_finished(
+        RequestRecord(client=client, destination=destination[0], protocol="h2",
+                      hostname=hostname, method=method, path=path, grpc=grpc,
+                      decision=decided[0], status=None if grpc else status,
+                      grpc_status=status if grpc else None, error=error,
+                      bytes_from_client=sent, bytes_from_upstream=received)
+    )  # fmt: skip
+    assert read_back(out, log_format) == as_written(
+        {
+            "client": client,
+            "destination": destination[1],
+            "protocol": "grpc" if grpc else "h2",
+            "hostname": hostname or "",
+            "route": decided[1],
+            "decision": decided[2],
+            "method": method,
+            "path": path,
+            "status": "" if status is None else str(status),
+            "error": error,
+            "bytes_sent": sent,
+            "bytes_received": received,
+        },
+        log_format,
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    log_format=st.sampled_from(LogFormat),
+    client=STRINGS,
+    hostname=st.none() | STRINGS,
+    error=STRINGS,
+    ech=st.booleans(),
+    detected=st.none() | st.sampled_from(Detected),
+    decided=st.none() | CONNECTION_DECISIONS,
+    destination=st.none() | DESTINATIONS,
+    sent=COUNTS,
+    received=COUNTS,
+)
+def test_any_connection_line_reads_back(
+    log_format: LogFormat,
+    client: str,
+    hostname: str | None,
+    error: str,
+    ech: bool,
+    detected: Detected | None,
+    decided: tuple[Decision, str, str] | None,
+    destination: tuple[Destination, str] | None,
+    sent: int,
+    received: int,
+) -> None:
+    """The same for connections, with the fields a connection may not have yet."""
+    out = Lines(log_format)
+    out.access_log.connection_closed(
+        FlowRecord(client=client, destination=destination and destination[0],
+                   detected=detected, hostname=hostname, ech=ech,
+                   decision=decided and decided[0], error=error,
+                   bytes_from_client=sent, bytes_from_upstream=received)
+    )  # fmt: skip
+    assert read_back(out, log_format) == as_written(
+        {
+            "client": client,
+            "destination": destination[1] if destination else "",
+            "protocol": detected.value if detected else "",
+            "hostname": hostname or "",
+            "ech": ech,
+            "route": decided[1] if decided else "",
+            "decision": decided[2] if decided else "",
+            "status": "",
+            "error": error,
+            "bytes_sent": sent,
+            "bytes_received": received,
+        },
+        log_format,
+    )
+
+
+def test_a_remembered_text_is_never_another_objects() -> None:
+    """Texts are remembered by object id; an id reused by a new object must not reuse them."""
+    formatter = LineFormatter(LogFormat.TEXT)
+    allowed = route_decision("/get")
+    denied = route_decision("/post")
+    gone = Destination(EXTERNAL, 81)
+    here = Destination(EXTERNAL, 80)
+    formatter.decisions[id(denied)] = (allowed, "HTTPRoute/stale", "allow")
+    formatter.destinations[id(here)] = (gone, "203.0.113.5:81")
+    record = RequestRecord(client=CLIENT, destination=here, protocol="http1",
+                           hostname="httpbin.org", method="GET", path="/post", grpc=False,
+                           decision=denied, status=403)  # fmt: skip
+    line = formatter.access_line(record, time.time(), 0.5)
+    _, fields = text_fields(line)
+    assert (fields["route"], fields["decision"], fields["destination"]) == (
+        "default/http-egress-deny",
+        "deny",
+        "203.0.113.5:80",
+    )
 
 
 # --- the process's log output -------------------------------------------------------------
