@@ -178,7 +178,15 @@ def start_haproxy(config: str, name: str) -> Callable[[World], Started]:
     return start
 
 
-def start_egressproxy(workers: int) -> Callable[[World], Started]:
+def start_egressproxy(workers: int, *, access_log: bool = False) -> Callable[[World], Started]:
+    """--workers N; the access log (the default --log-level info) only when asked for.
+
+    Without it the proxies compare like for like (no HAProxy here logs); with it,
+    one line per request or connection goes to the proxy's log file, as shipped.
+    """
+    name = f"egressproxy-w{workers}{'-log' if access_log else ''}"
+    levels = [] if access_log else ["--log-level", "warning"]
+
     def start(world: World) -> Started:
         policy = world.tmp / "policy.yaml"
         if not policy.exists():
@@ -205,10 +213,9 @@ def start_egressproxy(workers: int) -> Callable[[World], Started]:
             str(workers),
             "--drain-timeout",
             "1",
-            "--log-level",
-            "warning",
+            *levels,
         ]
-        started = world.start(f"egressproxy-w{workers}", world.client_ns, PROXY_CPU, command)
+        started = world.start(name, world.client_ns, PROXY_CPU, command)
         world.wait_listening(world.client_ns, PROXY_PORT, started)
         deadline = time.monotonic() + 20.0
         while time.monotonic() < deadline:
@@ -237,6 +244,11 @@ PROXIES = [
         only=frozenset({"new-conn", "keepalive"}),
     ),
     Proxy("egressproxy-w1", start_egressproxy(1)),
+    Proxy(
+        "egressproxy-w1-log",
+        start_egressproxy(1, access_log=True),
+        only=frozenset({"new-conn", "keepalive"}),
+    ),
     Proxy("egressproxy-w2", start_egressproxy(2)),
 ]
 
