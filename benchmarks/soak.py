@@ -11,10 +11,10 @@ grew, so later rounds show the same peaks), peak descriptors,
 exchanges and failures; at the end, RSS and descriptors after every round closed,
 which must stay flat from round to round (a leak grows them).
 
-The first rounds grow it anyway: the proxy's bounded caches (decisions, destinations,
-metric children, hostname labels) fill and the allocator keeps what they took. With
-3,000 connections RSS after a round went 50, 52, 55, 56, 56, 56, 56 MiB, so a leak shows
-only in the rounds after the fourth; hence six by default.
+The first rounds grow it anyway, then it stays: with 3,000 connections RSS after a round
+went 50, 52, 55, 56, 56, 56, 56 MiB (something bounded fills: the proxy keeps several
+caches of limited size, and CPython keeps the arenas a round grew). A leak shows only in
+the rounds after the fourth; hence six by default.
 """
 
 from __future__ import annotations
