@@ -178,6 +178,35 @@ def start_haproxy(config: str, name: str) -> Callable[[World], Started]:
     return start
 
 
+def start_as_proxy_user(world: World, name: str, arguments: list[str]) -> Started:
+    """A Python proxy under the proxy's uid (which the redirect returns), once /ready says 200."""
+    command = [
+        "setpriv",
+        f"--reuid={PROXY_USER}",
+        f"--regid={PROXY_USER}",
+        "--init-groups",
+        "env",
+        f"PYTHONPATH={world.tmp / 'pythonpath'}",
+        sys.executable,
+        *arguments,
+        "--listen",
+        f"0.0.0.0:{PROXY_PORT}",
+        "--admin",
+        f"127.0.0.1:{ADMIN_PORT}",
+    ]
+    started = world.start(name, world.client_ns, PROXY_CPU, command)
+    world.wait_listening(world.client_ns, PROXY_PORT, started)
+    deadline = time.monotonic() + 20.0
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if http_get(world.client_ns, ADMIN_PORT, "/ready")[0] == 200:
+                return started
+        if started.process.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise RuntimeError(f"{name} never got ready: {last_line(started.log)}")
+
+
 def start_egressproxy(workers: int, *, access_log: bool = False) -> Callable[[World], Started]:
     """--workers N; the access log (the default --log-level info) only when asked for.
 
@@ -192,40 +221,19 @@ def start_egressproxy(workers: int, *, access_log: bool = False) -> Callable[[Wo
         if not policy.exists():
             policy.write_text(POLICY)
             policy.chmod(0o644)
-        command = [
-            "setpriv",
-            f"--reuid={PROXY_USER}",
-            f"--regid={PROXY_USER}",
-            "--init-groups",
-            "env",
-            f"PYTHONPATH={world.tmp / 'pythonpath'}",
-            sys.executable,
-            "-m",
-            "egressproxy",
-            "run",
-            "--policy",
-            str(policy),
-            "--listen",
-            f"0.0.0.0:{PROXY_PORT}",
-            "--admin",
-            f"127.0.0.1:{ADMIN_PORT}",
-            "--workers",
-            str(workers),
-            "--drain-timeout",
-            "1",
-            *levels,
-        ]
-        started = world.start(name, world.client_ns, PROXY_CPU, command)
-        world.wait_listening(world.client_ns, PROXY_PORT, started)
-        deadline = time.monotonic() + 20.0
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                if http_get(world.client_ns, ADMIN_PORT, "/ready")[0] == 200:
-                    return started
-            if started.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"egressproxy never got ready: {last_line(started.log)}")
+        arguments = ["-m", "egressproxy", "run", "--policy", str(policy)]
+        options = ["--workers", str(workers), "--drain-timeout", "1", *levels]
+        return start_as_proxy_user(world, name, [*arguments, *options])
+
+    return start
+
+
+def start_floor(kind: str) -> Callable[[World], Started]:
+    """benchmarks/floors.py: the same connection handling with no work of egressproxy's."""
+
+    def start(world: World) -> Started:
+        script = world.tmp / "pythonpath" / "floors.py"
+        return start_as_proxy_user(world, f"floor-{kind}", [str(script), kind])
 
     return start
 
@@ -250,6 +258,8 @@ PROXIES = [
         only=frozenset({"new-conn", "keepalive"}),
     ),
     Proxy("egressproxy-w2", start_egressproxy(2)),
+    Proxy("floor-uvloop", start_floor("uvloop"), only=frozenset({"new-conn", "keepalive"})),
+    Proxy("floor-epoll", start_floor("epoll"), only=frozenset({"new-conn", "keepalive"})),
 ]
 
 
