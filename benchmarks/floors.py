@@ -238,6 +238,9 @@ class EpollRelay:
             if side.peer.eof:
                 side.sock.shutdown(socket.SHUT_WR)
             return
+        if side.eof:
+            self.close(side)  # a hang-up or error after its end: epoll reports it anyway
+            return
         try:
             data = side.sock.recv(CHUNK)
         except BlockingIOError:
