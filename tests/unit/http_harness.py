@@ -122,3 +122,19 @@ async def origin(
         yield server.sockets[0].getsockname()[1]
     finally:
         server.close()
+
+
+@contextlib.asynccontextmanager
+async def proxy_to_origin(
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], object],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    policy_text: str,
+    **settings: object,
+) -> AsyncIterator[LoopbackProxy]:
+    """A loopback proxy whose every connection was meant for one origin running handler."""
+    async with (
+        origin(handler) as port,
+        loopback_proxy(tmp_path, monkeypatch, policy_text, local(port), **settings) as proxy,
+    ):
+        yield proxy

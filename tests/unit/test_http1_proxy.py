@@ -15,7 +15,7 @@ import pytest_asyncio
 
 from egressproxy.settings import VerifyDestination
 from tests.e2e.http_servers import h1
-from tests.unit.http_harness import LoopbackProxy, local, loopback_proxy, origin
+from tests.unit.http_harness import LoopbackProxy, local, loopback_proxy, origin, proxy_to_origin
 
 POLICY = """\
 apiVersion: egressproxy.io/v1alpha1
@@ -341,37 +341,33 @@ async def answer_once_then_drop(reader: asyncio.StreamReader, writer: asyncio.St
 async def test_request_on_a_reused_upstream_that_closed_is_retried(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with origin(answer_once_then_drop) as port:
-        destination = local(port)
-        async with loopback_proxy(
-            tmp_path, monkeypatch, POLICY.format(backend=1), destination
-        ) as proxy:
-            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
-            for _ in range(3):
-                writer.write(b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n")
-                assert await read_response(reader) == (200, {"content-length": "2"}, b"ok")
-            writer.close()
-            await proxy.wait_closed_flows(1)
-            assert [(r.status, r.error) for r in proxy.ledger.requests] == [(200, "")] * 3
+    async with proxy_to_origin(
+        answer_once_then_drop, tmp_path, monkeypatch, POLICY.format(backend=1)
+    ) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        for _ in range(3):
+            writer.write(b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n")
+            assert await read_response(reader) == (200, {"content-length": "2"}, b"ok")
+        writer.close()
+        await proxy.wait_closed_flows(1)
+        assert [(r.status, r.error) for r in proxy.ledger.requests] == [(200, "")] * 3
 
 
 @pytest.mark.asyncio
 async def test_idle_keep_alive_connection_is_closed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with origin(h1) as port:
-        destination = local(port)
-        async with loopback_proxy(
-            tmp_path, monkeypatch, POLICY.format(backend=1), destination, idle_timeout=0.3
-        ) as proxy:
-            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
-            writer.write(b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n")
-            assert (await read_response(reader))[0] == 200
-            async with asyncio.timeout(2):
-                assert await reader.read() == b""
-            writer.close()
-            await proxy.wait_closed_flows(1)
-            assert proxy.ledger.flows[0].error == "idle_timeout"
+    async with proxy_to_origin(
+        h1, tmp_path, monkeypatch, POLICY.format(backend=1), idle_timeout=0.3
+    ) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        assert (await read_response(reader))[0] == 200
+        async with asyncio.timeout(2):
+            assert await reader.read() == b""
+        writer.close()
+        await proxy.wait_closed_flows(1)
+        assert proxy.ledger.flows[0].error == "idle_timeout"
 
 
 @pytest.mark.asyncio
@@ -412,25 +408,23 @@ async def test_http_1_0_request_without_host(setup: tuple[LoopbackProxy, int, in
 async def test_verify_destination_per_request(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, elsewhere_status: int
 ) -> None:
-    async with origin(h1) as port:
-        destination = local(port)
-        async with loopback_proxy(
-            tmp_path,
-            monkeypatch,
-            POLICY.format(backend=1),
-            destination,
-            verify_destination=VerifyDestination(mode),
-        ) as proxy:
-            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
-            for host, expected in [
-                ("localhost", 200),
-                ("nowhere.invalid", elsewhere_status),
-                ("127.0.0.1", 200),
-            ]:
-                writer.write(f"GET /a HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-                assert (await read_response(reader))[0] == expected, host
-            writer.close()
-            await proxy.wait_closed_flows(1)
+    async with proxy_to_origin(
+        h1,
+        tmp_path,
+        monkeypatch,
+        POLICY.format(backend=1),
+        verify_destination=VerifyDestination(mode),
+    ) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        for host, expected in [
+            ("localhost", 200),
+            ("nowhere.invalid", elsewhere_status),
+            ("127.0.0.1", 200),
+        ]:
+            writer.write(f"GET /a HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            assert (await read_response(reader))[0] == expected, host
+        writer.close()
+        await proxy.wait_closed_flows(1)
     mismatches = [(r.hostname, r.destination_mismatch, r.error) for r in proxy.ledger.requests]
     assert mismatches == [
         ("localhost", "", ""),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.http_harness import local, loopback_proxy, origin
+from tests.unit.http_harness import proxy_to_origin
 
 POLICY = """\
 apiVersion: egressproxy.io/v1alpha1
@@ -34,19 +34,15 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
 async def test_a_first_request_head_incomplete_at_the_header_timeout_gets_408(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with origin(echo) as port:
-        destination = local(port)
-        async with loopback_proxy(
-            tmp_path, monkeypatch, POLICY, destination, header_timeout=0.4
-        ) as proxy:
-            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
-            started = time.monotonic()
-            writer.write(b"GET /a HTTP/1.1\r\nHost: example.test\r\nX-Slow: 1")
-            async with asyncio.timeout(5):
-                answer = await reader.read()
-            waited = time.monotonic() - started
-            writer.close()
-            await proxy.wait_closed_flows(1)
+    async with proxy_to_origin(echo, tmp_path, monkeypatch, POLICY, header_timeout=0.4) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        started = time.monotonic()
+        writer.write(b"GET /a HTTP/1.1\r\nHost: example.test\r\nX-Slow: 1")
+        async with asyncio.timeout(5):
+            answer = await reader.read()
+        waited = time.monotonic() - started
+        writer.close()
+        await proxy.wait_closed_flows(1)
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert 0.35 <= waited < 3
     assert proxy.ledger.flows[0].sniff_outcome == "header_timeout"
@@ -56,19 +52,17 @@ async def test_a_first_request_head_incomplete_at_the_header_timeout_gets_408(
 async def test_bytes_still_incomplete_at_the_sniff_complete_timeout_go_through_opaque(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with origin(echo) as port:
-        destination = local(port)
-        async with loopback_proxy(
-            tmp_path, monkeypatch, POLICY, destination, sniff_complete_timeout=0.4
-        ) as proxy:
-            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
-            started = time.monotonic()
-            writer.write(PARTIAL_TLS_RECORD)
-            async with asyncio.timeout(5):
-                echoed = await reader.readexactly(len(PARTIAL_TLS_RECORD))
-            waited = time.monotonic() - started
-            writer.close()
-            await proxy.wait_closed_flows(1)
+    async with proxy_to_origin(
+        echo, tmp_path, monkeypatch, POLICY, sniff_complete_timeout=0.4
+    ) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        started = time.monotonic()
+        writer.write(PARTIAL_TLS_RECORD)
+        async with asyncio.timeout(5):
+            echoed = await reader.readexactly(len(PARTIAL_TLS_RECORD))
+        waited = time.monotonic() - started
+        writer.close()
+        await proxy.wait_closed_flows(1)
     assert echoed == PARTIAL_TLS_RECORD
     assert 0.35 <= waited < 3
     assert proxy.ledger.flows[0].sniff_outcome == "incomplete"
