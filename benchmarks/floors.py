@@ -3,7 +3,7 @@
     floors.py uvloop|epoll --listen HOST:PORT --admin HOST:PORT
 
 Each accepts a redirected connection, reads its original destination, connects from a
-source port of egressproxy's range (16384-32767, as egressproxy binds one), relays
+source port drawn as egressproxy draws them (upstream.SourcePorts), relays
 bytes both ways and closes once both sides are done. No policy, no parsing, no
 metrics: the benchmark runs them beside egressproxy so that every report shows how
 much of a connection's or a request's cost is the loop's and the kernel's, and how
@@ -21,24 +21,16 @@ import socket
 import struct
 from typing import cast
 
-SO_ORIGINAL_DST = 80
-SOURCE_PORTS = range(16384, 32768)
+from egressproxy.netfilter import SO_ORIGINAL_DST, SOCKADDR_IN_SIZE
+from egressproxy.upstream import SourcePorts
+
 READY = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 CHUNK = 262144
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:
-    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, SOCKADDR_IN_SIZE)
     return socket.inet_ntoa(raw[4:8]), struct.unpack_from("!H", raw, 2)[0]
-
-
-class SourcePorts:
-    def __init__(self) -> None:
-        self.position = 0
-
-    def take(self) -> int:
-        self.position = (self.position + 1) % len(SOURCE_PORTS)
-        return SOURCE_PORTS[self.position]
 
 
 def address(text: str) -> tuple[str, int]:
