@@ -11,7 +11,6 @@ too) are never access-logged.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -100,16 +99,24 @@ REQUEST_KEYS = (
     "bytes_received",
     "duration",
 )
+DECIDED_KEYS = frozenset({"destination", "protocol", "hostname", "ech", "route", "decision"})
+"""The fields that follow the client and stay the same for every line of one destination,
+hostname and decision: written once into a remembered text (LineFormatter.decided_text)."""
 MAX_REMEMBERED_TEXTS = 4096
-"""Per formatter: how many encoded texts of decisions, destinations and words it keeps."""
+"""Per formatter: how many DECIDED_KEYS texts, and how many words, it keeps."""
 
 
-def _line_template(keys: tuple[str, ...], json_lines: bool) -> str:
-    """A str.format template taking the time and then each key's encoded value."""
+def _line_template(keys: tuple[str, ...], json_lines: bool) -> tuple[str, str]:
+    """str.format templates: the line (the time, the client, the DECIDED_KEYS text,
+    then each other key's encoded value) and that text (each of its keys' values)."""
+    where = tuple(key for key in keys if key in DECIDED_KEYS)
+    rest = tuple(key for key in keys if key not in DECIDED_KEYS and key != "client")
     if json_lines:
-        pairs = ",".join(f'"{key}":{{}}' for key in keys)
-        return f'{{{{"time":"{{}}","log":"access",{pairs}}}}}'
-    return "{} access " + " ".join(f"{key}={{}}" for key in keys)
+        fields = ",".join(f'"{key}":{{}}' for key in rest)
+        line = f'{{{{"time":"{{}}","log":"access","client":{{}},{{}},{fields}}}}}'
+        return line, ",".join(f'"{key}":{{}}' for key in where)
+    fields = " ".join(f"{key}={{}}" for key in rest)
+    return f"{{}} access client={{}} {{}} {fields}", " ".join(f"{key}={{}}" for key in where)
 
 
 class AccessLog:
@@ -151,19 +158,6 @@ class AccessLog:
             self.logger.info("access", extra={ACCESS_ENTRY: (record, duration)})
 
 
-@functools.lru_cache(maxsize=4)
-def _second_text(seconds: int) -> str:
-    """The RFC 3339 text of a whole second: lines come in bursts within the same second."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-
-
-def _timestamp(created: float) -> str:
-    """UTC with milliseconds, microseconds rounded first as datetime.fromtimestamp does."""
-    fraction, whole = math.modf(created)
-    seconds, micros = divmod(round(fraction * 1_000_000), 1_000_000)
-    return f"{_second_text(int(whole) + seconds)}.{micros // 1000:03d}Z"
-
-
 def _text_value(text: str) -> str:
     if not text:
         return "-"
@@ -172,25 +166,37 @@ def _text_value(text: str) -> str:
     return json.dumps(text)
 
 
+MILLISECOND_TEXTS = tuple(f".{millis:03d}Z" for millis in range(1000))
+
+DecidedKey = tuple[int, int, str, str | None, bool | None]
+"""What a DECIDED_KEYS text is remembered by: the ids of its destination and decision,
+the protocol, the hostname, and the ECH flag (None in request lines, which have none)."""
+
+
 class LineFormatter(logging.Formatter):
     """One line per record, access lines and diagnostics alike, as text or JSON.
 
     An access line is one str.format of a template made once per record type, with
     every string value encoded for the format (quoted in text when needed, JSON
-    string literals in JSON). The texts of decisions, destinations and values with few
-    distinct ones (hostnames, methods, statuses, errors) are remembered: the policy
-    shares its decisions and the data plane its destinations, so lines repeat them.
+    string literals in JSON). What a line says about the destination, hostname and
+    decision is remembered whole, and so are values with few distinct ones (methods,
+    statuses, errors) and the current second's text: the data plane shares its
+    destinations, the policy its decisions, and the requests of a connection, or the
+    connections to one service, repeat them.
     """
 
     def __init__(self, log_format: LogFormat) -> None:
         super().__init__()
         self.json = log_format is LogFormat.JSON
         self.encode: Callable[[str], str] = encode_basestring_ascii if self.json else _text_value
-        self.connection_template = _line_template(CONNECTION_KEYS, self.json)
-        self.request_template = _line_template(REQUEST_KEYS, self.json)
-        self.decisions: dict[int, tuple[Decision | None, str, str]] = {}
-        self.destinations: dict[int, tuple[Destination | None, str]] = {}
+        self.connection_template, self.connection_decided = _line_template(
+            CONNECTION_KEYS, self.json
+        )
+        self.request_template, self.request_decided = _line_template(REQUEST_KEYS, self.json)
+        self.decided: dict[DecidedKey, tuple[Destination | None, Decision | None, str]] = {}
         self.words: dict[str, str] = {}
+        self.second = -1
+        self.second_text = ""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: tuple[FlowRecord | RequestRecord, float] | None = getattr(record, ACCESS_ENTRY, None)
@@ -201,7 +207,7 @@ class LineFormatter(logging.Formatter):
             message = f"{message}\n{record.exc_text}"
         if entry is not None:
             return self.access_line(entry[0], record.created, entry[1])
-        time_text = _timestamp(record.created)
+        time_text = self.timestamp(record.created)
         if self.json:
             document = {
                 "time": time_text,
@@ -212,13 +218,25 @@ class LineFormatter(logging.Formatter):
             return json.dumps(document, separators=(",", ":"))
         return f"{time_text} {record.levelname} {record.name} {message}"
 
+    def timestamp(self, created: float) -> str:
+        """RFC 3339 in UTC with milliseconds, microseconds rounded first as datetime does.
+
+        Lines come in bursts within one second, whose text is kept.
+        """
+        fraction, whole = math.modf(created)
+        micros = round(fraction * 1_000_000)
+        second = int(whole)
+        if micros == 1_000_000:
+            second, micros = second + 1, 0
+        if second != self.second:
+            self.second = second
+            self.second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return self.second_text + MILLISECOND_TEXTS[micros // 1000]
+
     def access_line(
         self, record: FlowRecord | RequestRecord, created: float, duration: float
     ) -> str:
         word = self.word
-        destination = self.destination_text(record.destination)
-        hostname = word(record.hostname or "")
-        route, decision = self.decision_texts(record.decision)
         if isinstance(record, RequestRecord):
             if record.grpc:
                 protocol = "grpc"
@@ -226,14 +244,11 @@ class LineFormatter(logging.Formatter):
             else:
                 protocol = record.protocol
                 status = "" if record.status is None else str(record.status)
+            decided = self.decided_text(record, protocol, None)
             return self.request_template.format(
-                _timestamp(created),
+                self.timestamp(created),
                 self.encode(record.client),
-                destination,
-                word(protocol),
-                hostname,
-                route,
-                decision,
+                decided,
                 word(record.method),
                 self.encode(record.path),
                 word(status),
@@ -242,15 +257,11 @@ class LineFormatter(logging.Formatter):
                 record.bytes_from_upstream,
                 round(duration, 6),
             )
+        protocol = record.detected.value if record.detected else ""
         return self.connection_template.format(
-            _timestamp(created),
+            self.timestamp(created),
             self.encode(record.client),
-            destination,
-            word(record.detected.value if record.detected else ""),
-            hostname,
-            "true" if record.ech else "false",
-            route,
-            decision,
+            self.decided_text(record, protocol, record.ech),
             word(""),
             word(record.error),
             record.bytes_from_client,
@@ -258,27 +269,29 @@ class LineFormatter(logging.Formatter):
             round(duration, 6),
         )
 
-    def decision_texts(self, decision: Decision | None) -> tuple[str, str]:
-        """The encoded route and decision word."""
-        known = self.decisions.get(id(decision))
-        if known is None or known[0] is not decision:
-            if len(self.decisions) >= MAX_REMEMBERED_TEXTS:
-                self.decisions.clear()
-            texts = (self.encode(route_text(decision)), self.encode(decision_word(decision)))
-            known = self.decisions[id(decision)] = (decision, *texts)
-        return known[1], known[2]
-
-    def destination_text(self, destination: Destination | None) -> str:
-        known = self.destinations.get(id(destination))
-        if known is None or known[0] is not destination:
-            if len(self.destinations) >= MAX_REMEMBERED_TEXTS:
-                self.destinations.clear()
-            text = self.encode(address_text(destination))
-            known = self.destinations[id(destination)] = (destination, text)
-        return known[1]
+    def decided_text(
+        self, record: FlowRecord | RequestRecord, protocol: str, ech: bool | None
+    ) -> str:
+        """The DECIDED_KEYS fields, encoded; remembered by the ids of the destination and
+        the decision, each checked to be the same object (an id outlives no object)."""
+        destination, decision = record.destination, record.decision
+        key = (id(destination), id(decision), protocol, record.hostname, ech)
+        known = self.decided.get(key)
+        if known is None or known[0] is not destination or known[1] is not decision:
+            if len(self.decided) >= MAX_REMEMBERED_TEXTS:
+                self.decided.clear()
+            encode = self.encode
+            texts = [encode(address_text(destination)), encode(protocol)]
+            texts.append(encode(record.hostname or ""))
+            if ech is not None:
+                texts.append("true" if ech else "false")
+            texts += (encode(route_text(decision)), encode(decision_word(decision)))
+            template = self.connection_decided if ech is not None else self.request_decided
+            known = self.decided[key] = (destination, decision, template.format(*texts))
+        return known[2]
 
     def word(self, value: str) -> str:
-        """A value of few distinct ones (hostname, protocol, method, status, error), encoded."""
+        """A value of few distinct ones (method, status, error), encoded."""
         text = self.words.get(value)
         if text is None:
             if len(self.words) >= MAX_REMEMBERED_TEXTS:

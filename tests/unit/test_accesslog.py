@@ -11,14 +11,23 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from egressproxy.accesslog import AccessLog, LineFormatter, setup_logging, shutdown_logging
+from egressproxy.accesslog import (
+    CONNECTION_KEYS,
+    REQUEST_KEYS,
+    AccessLog,
+    LineFormatter,
+    decision_word,
+    route_text,
+    setup_logging,
+    shutdown_logging,
+)
 from egressproxy.policy.decision import (
     ConnectionFacts,
     Decision,
@@ -440,15 +449,19 @@ def test_any_connection_line_reads_back(
     )
 
 
-def test_a_remembered_text_is_never_another_objects() -> None:
-    """Texts are remembered by object id; an id reused by a new object must not reuse them."""
+@pytest.mark.parametrize("stale", ["destination", "decision"])
+def test_a_remembered_text_is_never_another_objects(stale: str) -> None:
+    """Texts are remembered by object ids; an id reused by a new object must not reuse them."""
     formatter = LineFormatter(LogFormat.TEXT)
-    allowed = route_decision("/get")
     denied = route_decision("/post")
-    gone = Destination(EXTERNAL, 81)
     here = Destination(EXTERNAL, 80)
-    formatter.decisions[id(denied)] = (allowed, "HTTPRoute/stale", "allow")
-    formatter.destinations[id(here)] = (gone, "203.0.113.5:81")
+    remembered = (
+        (Destination(EXTERNAL, 81), denied)
+        if stale == "destination"
+        else (here, route_decision("/get"))
+    )
+    key = (id(here), id(denied), "http1", "httpbin.org", None)
+    formatter.decided[key] = (*remembered, "destination=203.0.113.5:81 route=stale")
     record = RequestRecord(client=CLIENT, destination=here, protocol="http1",
                            hostname="httpbin.org", method="GET", path="/post", grpc=False,
                            decision=denied, status=403)  # fmt: skip
@@ -459,6 +472,84 @@ def test_a_remembered_text_is_never_another_objects() -> None:
         "deny",
         "203.0.113.5:80",
     )
+
+
+SHARED_DECISIONS = {
+    "/get": route_decision("/get"),
+    "/post": route_decision("/post"),
+    **{sni: tls_decision(sni) for sni in ("httpbin.org", "github.com", "")},
+}
+"""Decided once, so that lines share decisions as the policy's lines do."""
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    log_format=st.sampled_from(LogFormat),
+    lines=st.lists(
+        st.tuples(
+            st.booleans(),
+            st.sampled_from(["httpbin.org", "github.com", ""]),
+            st.sampled_from(["http1", "h2"]),
+            st.booleans(),
+            DESTINATIONS,
+            st.sampled_from(["/get", "/post"]),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+)
+def test_lines_sharing_remembered_texts_read_back(
+    log_format: LogFormat,
+    lines: list[tuple[bool, str, str, bool, tuple[Destination, str], str]],
+) -> None:
+    """Lines of one formatter that share destinations, decisions and hostnames each still
+    say their own: a remembered text is never another line's."""
+    out = Lines(log_format)
+    for number, (request, hostname, protocol, ech, destination, path) in enumerate(lines):
+        decision = SHARED_DECISIONS[path if request else hostname]
+        if request:
+            out.access_log.request_finished(
+                RequestRecord(client=CLIENT, destination=destination[0], protocol=protocol,
+                              hostname=hostname or None, method="GET", path=path, grpc=False,
+                              decision=decision, status=200 + number)
+            )  # fmt: skip
+            expected: dict[str, object] = {
+                "protocol": protocol,
+                "method": "GET",
+                "path": path,
+                "status": str(200 + number),
+            }
+        else:
+            out.access_log.connection_closed(
+                FlowRecord(client=CLIENT, destination=destination[0], detected=Detected.TLS,
+                           hostname=hostname or None, ech=ech, decision=decision)
+            )  # fmt: skip
+            expected = {"protocol": "tls", "ech": ech, "status": ""}
+        expected |= {
+            "client": CLIENT,
+            "destination": destination[1],
+            "hostname": hostname,
+            "route": route_text(decision),
+            "decision": decision_word(decision),
+            "error": "",
+            "bytes_sent": 0,
+            "bytes_received": 0,
+        }
+        fields = read_back(out, log_format)
+        assert fields == as_written(expected, log_format)
+        assert list(fields) == [
+            key for key in (REQUEST_KEYS if request else CONNECTION_KEYS) if key != "duration"
+        ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(created=st.floats(min_value=0, max_value=4e9) | st.just(1_700_000_000.9999996))
+def test_timestamp_is_datetimes_to_the_millisecond(created: float) -> None:
+    """The second's text is kept between lines; the time still reads as datetime reads it."""
+    formatter = LineFormatter(LogFormat.TEXT)
+    formatter.timestamp(created - 1)
+    expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+    assert formatter.timestamp(created) == expected.replace("+00:00", "Z")
 
 
 # --- the process's log output -------------------------------------------------------------
