@@ -238,28 +238,32 @@ def start_floor(kind: str) -> Callable[[World], Started]:
     return start
 
 
+BULK = frozenset({"bulk-1", "bulk-4", "bulk-tls"})
+HTTP_EXCHANGES = frozenset({"new-conn", "keepalive"})
+
 PROXIES = [
     Proxy("direct", lambda world: None),
     Proxy("haproxy-tcp", start_haproxy(haproxy_tcp(splice=False), "haproxy-tcp")),
     Proxy(
         "haproxy-tcp-splice",
         start_haproxy(haproxy_tcp(splice=True), "haproxy-tcp-splice"),
-        only=frozenset({"bulk-1", "bulk-4", "bulk-tls"}),
+        only=BULK,
     ),
     Proxy(
         "haproxy-http",
         start_haproxy(HAPROXY_HTTP, "haproxy-http"),
-        only=frozenset({"new-conn", "keepalive"}),
+        only=HTTP_EXCHANGES,
     ),
     Proxy("egressproxy-w1", start_egressproxy(1)),
     Proxy(
         "egressproxy-w1-log",
         start_egressproxy(1, access_log=True),
-        only=frozenset({"new-conn", "keepalive"}),
+        only=HTTP_EXCHANGES,
     ),
     Proxy("egressproxy-w2", start_egressproxy(2)),
-    Proxy("floor-uvloop", start_floor("uvloop"), only=frozenset({"new-conn", "keepalive"})),
-    Proxy("floor-epoll", start_floor("epoll"), only=frozenset({"new-conn", "keepalive"})),
+    Proxy("floor-uvloop", start_floor("uvloop"), only=BULK | HTTP_EXCHANGES),
+    Proxy("floor-epoll", start_floor("epoll"), only=HTTP_EXCHANGES),
+    Proxy("floor-splice", start_floor("splice"), only=BULK),
 ]
 
 
