@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from egressproxy.policy.decision import (
 )
 from egressproxy.policy.store import PolicyStore
 from egressproxy.records import Accounting, FlowRecord
-from egressproxy.relay import Relay, RelayResult
+from egressproxy.relay import RelayResult
 from egressproxy.settings import EchPolicy, Settings, VerifyDestination
 from egressproxy.sniff import (
     NEED_MORE,
@@ -35,6 +37,7 @@ from egressproxy.sniff import (
     TlsHello,
 )
 from egressproxy.sniff.detect import sniff
+from egressproxy.splice import SplicedRelay, Splicer
 from egressproxy.timeouts import IdleSweep, PendingTimeout, TimeoutQueue
 from egressproxy.verify import Resolver, verification_mode
 
@@ -92,6 +95,7 @@ class FlowContext:
     head_timeouts: TimeoutQueue = field(init=False)
     """From the first byte of what looks like a request head: --header-timeout if shorter."""
     connect_timeouts: TimeoutQueue = field(init=False)
+    splicer: Splicer = field(init=False)
     watch_loops: bool = field(init=False)
     """Only root without --mark remembers its upstream connections to catch a loop."""
 
@@ -106,6 +110,7 @@ class FlowContext:
             self.loop, min(settings.sniff_complete_timeout, settings.header_timeout)
         )
         self.connect_timeouts = TimeoutQueue(self.loop, settings.connect_timeout)
+        self.splicer = Splicer(self.loop)
         self.watch_loops = upstream.RUNNING_AS_ROOT and self.settings.mark is None
 
 
@@ -166,6 +171,7 @@ class Flow(asyncio.Protocol):
         "handler",
         "peer",
         "record",
+        "relay",
         "snapshot",
         "sniff_timer",
         "sniffing",
@@ -188,6 +194,8 @@ class Flow(asyncio.Protocol):
         """Loop time of the client's first byte: a request head's deadline counts from it."""
         self.handler: http1.Http1Proxy | http2.H2Proxy | None = None
         """The per-request handler, once an HTTP connection is handed over."""
+        self.relay: SplicedRelay | None = None
+        """The splice, once a TLS or opaque connection is handed over."""
         self.record = FlowRecord(client="")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -353,14 +361,13 @@ class Flow(asyncio.Protocol):
             return
         if not await self._destination_verified(detected):
             return
-        relay = Relay(self.transport, idle_sweep=self.context.idle_sweep, owner=self)
         try:
-            await upstream.connect(
+            upstream_socket = await upstream.open_socket(
                 host,
                 port,
-                lambda: relay.upstream,
                 timeouts=self.context.connect_timeouts,
                 mark=self.context.settings.mark,
+                connector=self.context.splicer.connect,
             )
         except UpstreamError as error:
             log.info("%s → %s:%s: %s", self.record.client, host, port, error)
@@ -372,12 +379,43 @@ class Flow(asyncio.Protocol):
             self.finish(error.kind)
             return
         if self.client_gone:
-            relay.upstream.transport.abort()
+            upstream_socket.close()
             self.finish("reset")
             return
-        relay.start(self.buffer, self.client_eof)
+        try:
+            client_socket = self._take_socket()
+        except OSError as error:
+            log.warning("%s: cannot take over the connection: %s", self.record.client, error)
+            upstream_socket.close()
+            self.transport.abort()
+            self.finish("no_file_descriptors")
+            return
+        context = self.context
+        self.relay = SplicedRelay(
+            client_socket,
+            upstream_socket,
+            splicer=context.splicer,
+            idle_sweep=context.idle_sweep,
+            owner=self,
+        )
+        self.relay.start(self.buffer, self.client_eof)
         self.buffer = b""
         self.task = self.first_byte_at = None
+
+    def _take_socket(self) -> socket.socket:
+        """The client's socket out of uvloop's hands, for the splice: a duplicate of its
+        descriptor, then the transport closed with no protocol left to tell.
+
+        Closed from a task (never inside the loop's poll), libuv takes the descriptor out
+        of its epoll set at once, before closing it, so the duplicate is not polled twice.
+        """
+        sock = self.transport.get_extra_info("socket")
+        duplicate = os.dup(sock.fileno())
+        taken = socket.socket(sock.family, socket.SOCK_STREAM, socket.IPPROTO_TCP, duplicate)
+        taken.setblocking(False)
+        self.transport.set_protocol(_HandedOver())
+        self.transport.abort()
+        return taken
 
     def relayed(self, result: RelayResult) -> None:
         self.record.bytes_from_client = result.bytes_from_client
@@ -408,4 +446,11 @@ class Flow(asyncio.Protocol):
     def abort(self) -> None:
         """Drain ran out of time: cut the connection."""
         self.record.error = self.record.error or "drain"
-        self.transport.abort()
+        if self.relay is not None:
+            self.relay.abort("drain")
+        else:
+            self.transport.abort()
+
+
+class _HandedOver(asyncio.Protocol):
+    """The protocol of a client transport whose socket went to a spliced relay."""

@@ -211,6 +211,7 @@ async def serve(
         await watcher
     if admin_server is not None:
         admin_server.close()
+    context.splicer.close()
     log.info("stopped")
     return 0
 

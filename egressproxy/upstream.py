@@ -7,7 +7,7 @@ import errno
 import os
 import random
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from egressproxy.errors import UpstreamError
@@ -16,6 +16,7 @@ from egressproxy.policy.decision import Action, Decision, Destination
 from egressproxy.timeouts import TimeoutQueue
 
 ProtocolT = TypeVar("ProtocolT", bound=asyncio.BaseProtocol)
+Connected = TypeVar("Connected")
 
 CONNECT_ERRORS = {
     errno.ECONNREFUSED: "connect_refused",
@@ -49,29 +50,61 @@ async def connect(
     host is an IP literal (original destination) or a name (a route's backend).
     """
     loop = timeouts.loop
+
+    async def attempt(ip: str, source: tuple[str, int]) -> tuple[asyncio.Transport, ProtocolT]:
+        if mark is not None:
+            sock = await _socket_connected(loop.sock_connect, ip, port, source, mark)
+            try:
+                return await loop.create_connection(protocol_factory, sock=sock)
+            except BaseException:
+                sock.close()
+                raise
+        transport, protocol = await loop.create_connection(
+            protocol_factory, ip, port, local_addr=source
+        )
+        if RUNNING_AS_ROOT:
+            _remember(transport)
+        return transport, protocol
+
+    return await _from_source_port(host, port, timeouts, attempt)
+
+
+SocketConnector = Callable[[socket.socket, tuple[str, int]], Awaitable[None]]
+"""Connects a non-blocking socket (loop.sock_connect, or Splicer.connect)."""
+
+
+async def open_socket(
+    host: str, port: int, *, timeouts: TimeoutQueue, mark: int | None, connector: SocketConnector
+) -> socket.socket:
+    """connect() for a relay that splices: the connected non-blocking socket itself."""
+
+    async def attempt(ip: str, source: tuple[str, int]) -> socket.socket:
+        sock = await _socket_connected(connector, ip, port, source, mark)
+        if mark is None and RUNNING_AS_ROOT:
+            _remember(sock)
+        return sock
+
+    return await _from_source_port(host, port, timeouts, attempt)
+
+
+async def _from_source_port(
+    host: str,
+    port: int,
+    timeouts: TimeoutQueue,
+    attempt: Callable[[str, tuple[str, int]], Awaitable[Connected]],
+) -> Connected:
+    """Resolve host, then attempt from one source port after another until one is free."""
     deadline = _Deadline(timeouts)
     ip = ""
     try:
-        ip = host if _is_ip_literal(host) else await _resolve(loop, host, port)
+        ip = host if _is_ip_literal(host) else await _resolve(timeouts.loop, host, port)
         wildcard = "::" if ":" in ip else "0.0.0.0"
         for _ in range(SOURCE_PORT_ATTEMPTS):
-            source = (wildcard, _source_ports.take())
             try:
-                if mark is None:
-                    transport, protocol = await loop.create_connection(
-                        protocol_factory, ip, port, local_addr=source
-                    )
-                else:
-                    transport, protocol = await _connect_marked(
-                        loop, ip, port, source, mark, protocol_factory
-                    )
+                return await attempt(ip, (wildcard, _source_ports.take()))
             except OSError as error:
                 if error.errno not in SOURCE_PORT_TAKEN:
                     raise
-            else:
-                if mark is None and RUNNING_AS_ROOT:
-                    _remember(transport)
-                return transport, protocol
     except asyncio.CancelledError:
         if not deadline.expired:
             raise
@@ -158,23 +191,43 @@ proxy's uid or mark): only then are upstream connections remembered to catch a l
 Elsewhere a workload's redirected connection may show up with the same address and
 port: it shares the proxy's address, and the redirect's NAT may give it any source port
 to keep its reply tuple unique (so not even PROXY_SOURCE_PORTS tell the two apart)."""
-_own_endpoints: dict[tuple[str, int], asyncio.BaseTransport] = {}
+_own_endpoints: dict[tuple[str, int], asyncio.BaseTransport | socket.socket] = {}
 """Local address and port of the upstream connections this process opened (closed ones
 are purged now and then): a client connecting from one of them is the proxy itself."""
 _purge_at = 1024
 
 
-def _remember(transport: asyncio.BaseTransport) -> None:
+def _remember(connection: asyncio.BaseTransport | socket.socket) -> None:
     global _purge_at
-    sockname = transport.get_extra_info("sockname")
+    if isinstance(connection, socket.socket):
+        sockname = connection.getsockname()
+    else:
+        sockname = connection.get_extra_info("sockname")
     if not sockname:
         return
-    _own_endpoints[(sockname[0], sockname[1])] = transport
+    _own_endpoints[(sockname[0], sockname[1])] = connection
     if len(_own_endpoints) >= _purge_at:
         for endpoint, known in list(_own_endpoints.items()):
-            if known.is_closing():
+            if _closed(known):
                 del _own_endpoints[endpoint]
         _purge_at = max(1024, 2 * len(_own_endpoints))
+
+
+def _closed(connection: asyncio.BaseTransport | socket.socket) -> bool:
+    if isinstance(connection, socket.socket):
+        return connection.fileno() == -1
+    return connection.is_closing()
+
+
+def _remote(connection: asyncio.BaseTransport | socket.socket) -> tuple[str, int] | None:
+    if isinstance(connection, socket.socket):
+        try:
+            peer: tuple[str, int] = connection.getpeername()
+        except OSError:
+            return None
+        return peer
+    remote: tuple[str, int] | None = connection.get_extra_info("peername")
+    return remote
 
 
 def is_own_connection(
@@ -191,38 +244,36 @@ def is_own_connection(
     if host.startswith("::ffff:") and "." in host:
         host = host[len("::ffff:") :]
     known = _own_endpoints.get((host, peer[1]))
-    if known is None or known.is_closing():
+    if known is None or _closed(known):
         return False
-    remote = known.get_extra_info("peername")
-    return bool(remote) and (remote[0], remote[1]) == (str(destination.ip), destination.port)
+    remote = _remote(known)
+    return remote is not None and (remote[0], remote[1]) == (str(destination.ip), destination.port)
 
 
-async def _connect_marked(
-    loop: asyncio.AbstractEventLoop,
+async def _socket_connected(
+    connector: SocketConnector,
     ip: str,
     port: int,
     source: tuple[str, int],
-    mark: int,
-    protocol_factory: Callable[[], ProtocolT],
-) -> tuple[asyncio.Transport, ProtocolT]:
-    """The slower path: SO_MARK must be on the socket before it connects.
-
-    Without a mark, create_connection with IP literals connects inside uvloop with
-    no Python in between, which is most of the cost of a new connection.
-    """
+    mark: int | None,
+) -> socket.socket:
+    """A socket of our own: for a splice, or to mark before it connects (SO_MARK must
+    come first). A transport without a mark is cheaper: create_connection with IP
+    literals connects inside uvloop with no Python in between."""
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        set_mark(sock, mark)
+        if mark is not None:
+            set_mark(sock, mark)
         sock.bind(source)
-        await loop.sock_connect(sock, (ip, port))
-        return await loop.create_connection(protocol_factory, sock=sock)
+        await connector(sock, (ip, port))
     except BaseException:
         sock.close()
         raise
+    return sock
 
 
 def _is_ip_literal(host: str) -> bool:

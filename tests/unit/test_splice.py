@@ -1,0 +1,271 @@
+"""The spliced relay (splice.SplicedRelay) between real TCP sockets on 127.0.0.1: bytes
+exact both ways, backpressure, half-close, resets, idle timeout, no pipe to be had."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pytest
+import uvloop
+
+from egressproxy import splice
+from egressproxy.relay import RelayResult
+from egressproxy.splice import Pipes, SplicedRelay, Splicer
+from egressproxy.timeouts import IdleSweep
+
+TIMEOUT = 10.0
+LONG_IDLE = 60.0
+SHORT_IDLE = 0.4
+CHUNK = 64 * 1024
+RESET_ON_CLOSE = struct.pack("ii", 1, 0)
+
+Result = TypeVar("Result")
+
+
+def run(scenario: Coroutine[Any, Any, Result]) -> Result:
+    return uvloop.run(asyncio.wait_for(scenario, TIMEOUT))
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """(the test's end, the relay's end) of one TCP connection on 127.0.0.1."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        outer = socket.create_connection(listener.getsockname())
+        inner, _ = listener.accept()
+    outer.setblocking(False)
+    inner.setblocking(False)
+    return outer, inner
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@dataclass
+class Spliced:
+    """A relay between a client and an upstream the test plays, and what it reported."""
+
+    relay: SplicedRelay
+    splicer: Splicer
+    client: socket.socket
+    upstream: socket.socket
+    results: list[RelayResult] = field(default_factory=list)
+
+    def relayed(self, result: RelayResult) -> None:
+        self.results.append(result)
+
+    async def finished(self) -> RelayResult:
+        while not self.results:
+            await asyncio.sleep(0.01)
+        return self.results[0]
+
+
+@contextlib.asynccontextmanager
+async def spliced(
+    first_bytes: bytes = b"", client_eof: bool = False, idle_timeout: float = LONG_IDLE
+) -> AsyncIterator[Spliced]:
+    loop = asyncio.get_running_loop()
+    splicer = Splicer(loop)
+    client, client_inner = tcp_pair()
+    upstream, upstream_inner = tcp_pair()
+    sweep = IdleSweep(loop, idle_timeout)
+    world = Spliced(None, splicer, client, upstream)  # type: ignore[arg-type]
+    world.relay = SplicedRelay(
+        client_inner, upstream_inner, splicer=splicer, idle_sweep=sweep, owner=world
+    )
+    world.relay.start(first_bytes, client_eof)
+    try:
+        yield world
+    finally:
+        client.close()
+        upstream.close()
+        world.relay.abort("test over")
+        splicer.close()
+
+
+async def read_to_eof(sock: socket.socket, pause: float = 0.0) -> bytes:
+    loop = asyncio.get_running_loop()
+    chunks = []
+    while data := await loop.sock_recv(sock, CHUNK):
+        chunks.append(data)
+        if pause:
+            await asyncio.sleep(pause)
+    return b"".join(chunks)
+
+
+async def send_and_end(sock: socket.socket, data: bytes) -> None:
+    await asyncio.get_running_loop().sock_sendall(sock, data)
+    sock.shutdown(socket.SHUT_WR)
+
+
+def test_bytes_cross_exactly_both_ways_with_the_first_bytes_first() -> None:
+    out, back = os.urandom(8 << 20), os.urandom(6 << 20)
+
+    async def scenario() -> tuple[bytes, bytes, RelayResult]:
+        async with spliced(first_bytes=b"hello") as world:
+            received = await asyncio.gather(
+                send_and_end(world.client, out),
+                read_to_eof(world.upstream),
+                send_and_end(world.upstream, back),
+                read_to_eof(world.client),
+            )
+            return received[1], received[3], await world.finished()
+
+    at_upstream, at_client, result = run(scenario())
+    assert hashlib.sha256(at_upstream).digest() == hashlib.sha256(b"hello" + out).digest()
+    assert hashlib.sha256(at_client).digest() == hashlib.sha256(back).digest()
+    assert result == RelayResult(len(out) + 5, len(back), "")
+
+
+def test_one_direction_ends_and_the_other_goes_on() -> None:
+    """Half-close: the client's EOF reaches the upstream, whose answer still comes back."""
+
+    async def scenario() -> tuple[bytes, bytes, RelayResult]:
+        async with spliced(first_bytes=b"request", client_eof=True) as world:
+            request = await read_to_eof(world.upstream)
+            await send_and_end(world.upstream, b"answer" * 1000)
+            return request, await read_to_eof(world.client), await world.finished()
+
+    request, answer, result = run(scenario())
+    assert (request, answer) == (b"request", b"answer" * 1000)
+    assert result == RelayResult(7, 6000, "")
+
+
+def test_a_slow_reader_holds_the_writer_back_without_buffering() -> None:
+    data = os.urandom(32 << 20)
+
+    async def scenario() -> tuple[bool, bool, bytes]:
+        async with spliced() as world:
+            sender = asyncio.ensure_future(send_and_end(world.upstream, data))
+            await asyncio.sleep(0.5)
+            holding = world.relay.upstream
+            bounded = holding.in_pipe <= splice.PIPE_SIZE and not holding.pending
+            blocked = not sender.done()
+            received = await read_to_eof(world.client)
+            await sender
+            return bounded, blocked, received
+
+    bounded, blocked, received = run(scenario())
+    assert blocked, "32 MiB cannot all be in flight while the client reads nothing"
+    assert bounded, "the relay holds no more than one pipe of what the client has not taken"
+    assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
+
+
+@pytest.mark.parametrize("resetting", ["reader", "writer"])
+def test_a_reset_while_the_relay_is_held_back_ends_both_at_once(resetting: str) -> None:
+    """The client stops reading and the upstream fills every buffer (or the other way
+    round), then one of them resets. The relay polls the reader's socket for room, but the
+    writer's for nothing at all (its reading is paused): only our own epoll set still
+    reports that one's reset, as a hang-up with an error."""
+
+    async def scenario() -> RelayResult:
+        loop = asyncio.get_running_loop()
+        async with spliced() as world:
+            flood = asyncio.ensure_future(loop.sock_sendall(world.upstream, bytes(64 << 20)))
+            await asyncio.sleep(0.5)
+            gone, other = (
+                (world.client, world.upstream)
+                if resetting == "reader"
+                else (world.upstream, world.client)
+            )
+            flood.cancel()
+            gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+            gone.close()
+            result = await world.finished()
+            with contextlib.suppress(OSError):
+                await read_to_eof(other)  # the other side ends too (a close or a reset)
+            return result
+
+    assert run(scenario()).error == "reset"
+
+
+def test_without_a_pipe_to_be_had_bytes_are_copied(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Pipes, "take", lambda self: None)
+    out, back = os.urandom(3 << 20), os.urandom(2 << 20)
+
+    async def scenario() -> tuple[bytes, bytes, RelayResult]:
+        async with spliced() as world:
+            received = await asyncio.gather(
+                send_and_end(world.client, out),
+                read_to_eof(world.upstream, pause=0.001),
+                send_and_end(world.upstream, back),
+                read_to_eof(world.client),
+            )
+            return received[1], received[3], await world.finished()
+
+    at_upstream, at_client, result = run(scenario())
+    assert (at_upstream, at_client) == (out, back)
+    assert result == RelayResult(len(out), len(back), "")
+
+
+def test_a_side_that_hung_up_is_not_polled_while_the_other_drains(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """HTTP/1.0 style: the client ends its request, the upstream answers and closes, and
+    the client reads slowly. The upstream's socket hangs up (both directions over) while
+    its bytes still wait for the client: polling it would wake the loop without end."""
+    events = 0
+    ready = SplicedRelay.ready
+
+    def counted(relay: SplicedRelay, side: Any, mask: int) -> None:
+        nonlocal events
+        events += 1
+        ready(relay, side, mask)
+
+    monkeypatch.setattr(SplicedRelay, "ready", counted)
+    answer = os.urandom(32 << 20)
+
+    async def scenario() -> tuple[bytes, RelayResult]:
+        async with spliced(first_bytes=b"GET / HTTP/1.0\r\n\r\n", client_eof=True) as world:
+            await read_to_eof(world.upstream)
+
+            async def answer_and_close() -> None:
+                await asyncio.get_running_loop().sock_sendall(world.upstream, answer)
+                world.upstream.close()
+
+            closing = asyncio.ensure_future(answer_and_close())
+            received = await read_to_eof(world.client, pause=0.002)
+            await closing
+            return received, await world.finished()
+
+    received, result = run(scenario())
+    assert received == answer
+    assert result.error == ""
+    assert events < 5000, f"{events} events for {len(answer) // CHUNK} reads: the loop spun"
+
+
+def test_an_idle_relay_closes_both_sides() -> None:
+    async def scenario() -> tuple[RelayResult, bytes, bytes]:
+        async with spliced(idle_timeout=SHORT_IDLE) as world:
+            result = await world.finished()
+            return result, await read_to_eof(world.client), await read_to_eof(world.upstream)
+
+    result, client_rest, upstream_rest = run(scenario())
+    assert result == RelayResult(0, 0, "idle_timeout")
+    assert client_rest == upstream_rest == b""
+
+
+def test_the_last_relay_to_close_takes_the_pooled_pipes_along() -> None:
+    async def scenario() -> tuple[int, int, int]:
+        before = open_fds()
+        async with spliced() as world:
+            await asyncio.gather(
+                send_and_end(world.client, bytes(1 << 20)),
+                read_to_eof(world.upstream),
+                send_and_end(world.upstream, bytes(1 << 20)),
+                read_to_eof(world.client),
+            )
+            await world.finished()
+            pooled = len(world.splicer.pipes.idle)
+        return before, open_fds(), pooled
+
+    before, after, pooled = run(scenario())
+    assert pooled == 0
+    assert after == before
