@@ -37,7 +37,7 @@ from egressproxy.sniff import (
     TlsHello,
 )
 from egressproxy.sniff.detect import sniff
-from egressproxy.splice import SplicedRelay, Splicer
+from egressproxy.splice import MAX_PIPES, SplicedRelay, Splicer
 from egressproxy.timeouts import IdleSweep, PendingTimeout, TimeoutQueue
 from egressproxy.verify import Resolver, verification_mode
 
@@ -81,6 +81,8 @@ class FlowContext:
     policy: PolicyStore
     open_flows: OpenFlows
     accounting: Accounting
+    max_pipes: int = MAX_PIPES
+    """Pipes the worker's splices may hold (server.descriptor_budget)."""
     draining: bool = False
     """Set on SIGTERM: keep-alive connections close after the request in flight."""
     resolver: Resolver = field(default_factory=Resolver)
@@ -110,7 +112,7 @@ class FlowContext:
             self.loop, min(settings.sniff_complete_timeout, settings.header_timeout)
         )
         self.connect_timeouts = TimeoutQueue(self.loop, settings.connect_timeout)
-        self.splicer = Splicer(self.loop)
+        self.splicer = Splicer(self.loop, self.max_pipes)
         self.watch_loops = upstream.RUNNING_AS_ROOT and self.settings.mark is None
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import uvloop
 from prometheus_client import CollectorRegistry
 
-from egressproxy import accesslog, admin, metrics, upstream
+from egressproxy import accesslog, admin, metrics, splice, upstream
 from egressproxy.flow import Flow, FlowContext, OpenFlows
 from egressproxy.netfilter import read_source_ports_conflict
 from egressproxy.policy.errors import PolicyError
@@ -31,6 +31,8 @@ LISTEN_BACKLOG = 4096
 FDS_PER_CONNECTION = 2
 FD_RESERVE = 128
 """Descriptors kept for the admin server, policy reloads, logs and the loop itself."""
+PIPE_SHARE = 32
+"""Pipes for splicing get at most one descriptor in PIPE_SHARE beyond the reserve."""
 
 
 def main(settings: Settings) -> int:
@@ -183,9 +185,9 @@ async def serve(
     loop.add_signal_handler(signal.SIGHUP, store.reload, True)
     watcher = loop.create_task(store.watch(), name="policy watch")
     acceptor = Acceptor(listeners)
-    limit = connection_limit(settings.max_connections)
+    limit, pipes = descriptor_budget(settings.max_connections)
     open_flows = OpenFlows(limit, on_full=acceptor.pause, on_room=acceptor.resume)
-    context = FlowContext(settings, store, open_flows, accounting)
+    context = FlowContext(settings, store, open_flows, accounting, max_pipes=pipes)
     health = admin.Health()
     admin_server = None
     if with_admin:
@@ -216,16 +218,19 @@ async def serve(
     return 0
 
 
-def connection_limit(max_connections: int) -> int:
-    """--max-connections, lowered so two descriptors per connection always fit the fd limit.
+def descriptor_budget(max_connections: int) -> tuple[int, int]:
+    """Connections (--max-connections, lowered so two descriptors each always fit the
+    open-file limit) and pipes for splicing (a share of the descriptors, two each).
 
     Running out of descriptors would make libuv accept and drop queued clients;
     pausing below the limit leaves them waiting in the kernel's backlog instead.
     """
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
-        return max_connections
-    fits = max(1, (hard - FD_RESERVE) // FDS_PER_CONNECTION)
+        return max_connections, splice.MAX_PIPES
+    spare = max(0, hard - FD_RESERVE)
+    pipes = min(splice.MAX_PIPES, spare // PIPE_SHARE)
+    fits = max(1, (spare - 2 * pipes) // FDS_PER_CONNECTION)
     if fits < max_connections:
         log.warning(
             "--max-connections %d lowered to %d: the open-file limit is %d",
@@ -233,7 +238,7 @@ def connection_limit(max_connections: int) -> int:
             fits,
             hard,
         )
-    return min(max_connections, fits)
+    return min(max_connections, fits), pipes
 
 
 class Acceptor:

@@ -32,6 +32,9 @@ PIPE_SIZE = 1 << 20
 """/proc/sys/fs/pipe-max-size by default: the largest pipe an unprivileged process may
 ask for. Past the user's pipe-user-pages-soft, pipes keep the kernel's default size."""
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+MAX_PIPES = 256
+"""Pipes a worker holds at most, lent and pooled (past them, directions copy): their
+descriptors are kept out of the connections' share of the open-file limit."""
 MAX_POOLED_PIPES = 64
 """Empty pipes kept for the next burst; the rest are closed when given back."""
 COPY_CHUNK = 256 * 1024
@@ -45,19 +48,24 @@ class Pipes:
     """Empty pipes to lend to a direction while it has bytes in flight; kept while the
     worker has spliced connections, so a quiet worker holds no descriptor for them."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
         self.idle: list[tuple[int, int]] = []
 
     def take(self) -> tuple[int, int] | None:
-        """A pipe (read end, write end), or None when no descriptor is left for one."""
+        """A pipe (read end, write end), or None past the limit or the descriptors."""
         if self.idle:
             return self.idle.pop()
+        if self.open >= self.limit:
+            return None
         try:
             pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as error:
             if error.errno in NO_DESCRIPTORS:
                 return None
             raise
+        self.open += 1
         with contextlib.suppress(OSError):  # past the user's pipe pages: the default size
             fcntl.fcntl(pipe[1], F_SETPIPE_SZ, PIPE_SIZE)
         return pipe
@@ -66,6 +74,7 @@ class Pipes:
         if empty and len(self.idle) < MAX_POOLED_PIPES:
             self.idle.append(pipe)
             return
+        self.open -= 1
         for end in pipe:
             os.close(end)
 
@@ -77,12 +86,12 @@ class Pipes:
 class Splicer:
     """A worker's spliced sockets: one epoll set, watched by the loop as one descriptor."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_pipes: int = MAX_PIPES) -> None:
         self.loop = loop
         self.epoll = select.epoll()
         self.sides: dict[int, _Side] = {}
         self.connecting: dict[int, asyncio.Future[None]] = {}
-        self.pipes = Pipes()
+        self.pipes = Pipes(max_pipes)
         loop.add_reader(self.epoll.fileno(), self._ready)
 
     def _ready(self) -> None:

@@ -69,10 +69,13 @@ class Spliced:
 
 @contextlib.asynccontextmanager
 async def spliced(
-    first_bytes: bytes = b"", client_eof: bool = False, idle_timeout: float = LONG_IDLE
+    first_bytes: bytes = b"",
+    client_eof: bool = False,
+    idle_timeout: float = LONG_IDLE,
+    max_pipes: int = splice.MAX_PIPES,
 ) -> AsyncIterator[Spliced]:
     loop = asyncio.get_running_loop()
-    splicer = Splicer(loop)
+    splicer = Splicer(loop, max_pipes)
     client, client_inner = tcp_pair()
     upstream, upstream_inner = tcp_pair()
     sweep = IdleSweep(loop, idle_timeout)
@@ -186,12 +189,24 @@ def test_a_reset_while_the_relay_is_held_back_ends_both_at_once(resetting: str) 
     assert run(scenario()).error == "reset"
 
 
-def test_without_a_pipe_to_be_had_bytes_are_copied(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(Pipes, "take", lambda self: None)
+def test_pipes_are_lent_up_to_their_limit_and_pooled() -> None:
+    pipes = Pipes(limit=1)
+    lent = pipes.take()
+    assert lent is not None
+    assert pipes.take() is None, "past the limit a direction copies"
+    pipes.give(lent)
+    assert pipes.take() == lent, "an empty pipe given back is lent again"
+    pipes.give(lent, empty=False)
+    assert pipes.open == 0
+    with pytest.raises(OSError):
+        os.fstat(lent[0])
+
+
+def test_without_a_pipe_to_be_had_bytes_are_copied() -> None:
     out, back = os.urandom(3 << 20), os.urandom(2 << 20)
 
     async def scenario() -> tuple[bytes, bytes, RelayResult]:
-        async with spliced() as world:
+        async with spliced(max_pipes=0) as world:
             received = await asyncio.gather(
                 send_and_end(world.client, out),
                 read_to_eof(world.upstream, pause=0.001),
