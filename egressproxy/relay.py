@@ -1,8 +1,8 @@
-"""Opaque splice between two transports: backpressure, half-close, idle timeout, reset.
+"""Opaque relay between two transports: backpressure, half-close, idle timeout, reset.
 
-Measured against os.splice through a pipe (benchmarks/relay_splice_vs_copy.py; README,
-"Performance"): no clear winner in CPU per GB, and splice would need pipes per
-connection, so the relay stays on uvloop's transports, which also survive a peer reset.
+For the tunnels HTTP/1 opens (Upgrade, CONNECT), whose two ends are transports already.
+TLS and other opaque connections go through splice.py, whose os.splice costs less per
+byte than copies through transports.
 """
 
 from __future__ import annotations
