@@ -12,7 +12,7 @@ import socket
 from dataclasses import dataclass
 from typing import Protocol, cast
 
-from egressproxy.timeouts import IdleSweep
+from egressproxy.timeouts import IdleCounting, IdleSweep
 
 WRITE_BUFFER_HIGH = 256 * 1024
 """Above this many unsent bytes towards one side, reading from the other pauses."""
@@ -75,15 +75,13 @@ class RelayOwner(Protocol):
     def relayed(self, result: RelayResult) -> None: ...
 
 
-class Relay:
+class Relay(IdleCounting):
     """Splices client and upstream until both are done, then reports once (to its owner,
     not to a bound method: one object less for each of thousands of idle connections)."""
 
     __slots__ = (
         "_error",
-        "_idle_seen",
         "_idle_sweep",
-        "_idle_ticks",
         "_owner",
         "_reported",
         "client",
@@ -102,6 +100,7 @@ class Relay:
         Bytes the upstream sends before start() (a server-speaks-first banner)
         already go to the client.
         """
+        super().__init__()
         self._owner = owner
         self._error = ""
         self._reported = False
@@ -110,8 +109,6 @@ class Relay:
         self.client.peer, self.upstream.peer = self.upstream, self.client
         self.client.transport = client
         self._idle_sweep = idle_sweep
-        self._idle_seen = -1
-        self._idle_ticks = 0
 
     def adopt(self, upstream: asyncio.Transport, to_client: bytes) -> None:
         """Splice an upstream that is already connected (an Upgrade or CONNECT it accepted).
@@ -201,12 +198,6 @@ class Relay:
 
     def tick(self) -> None:
         """A quarter of the idle timeout has passed: close when no byte moved in four."""
-        moved = self.client.received + self.upstream.received
-        if moved != self._idle_seen:
-            self._idle_seen = moved
-            self._idle_ticks = 0
-            return
-        self._idle_ticks += 1
-        if self._idle_ticks >= 4:
+        if self.idle_for_the_timeout(self.client.received + self.upstream.received):
             self._idle_sweep.discard(self)
             self.abort("idle_timeout")

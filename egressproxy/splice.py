@@ -23,10 +23,9 @@ import fcntl
 import os
 import select
 import socket
-from typing import Protocol
 
-from egressproxy.relay import RelayResult
-from egressproxy.timeouts import IdleSweep
+from egressproxy.relay import RelayOwner, RelayResult
+from egressproxy.timeouts import IdleCounting, IdleSweep
 
 PIPE_SIZE = 1 << 20
 """/proc/sys/fs/pipe-max-size by default: the largest pipe an unprivileged process may
@@ -157,10 +156,6 @@ class Splicer:
         self.pipes.close()
 
 
-class RelayOwner(Protocol):
-    def relayed(self, result: RelayResult) -> None: ...
-
-
 class _Side:
     """One socket of a spliced pair and the direction of the bytes it reads."""
 
@@ -211,15 +206,13 @@ class _Side:
         return events
 
 
-class SplicedRelay:
+class SplicedRelay(IdleCounting):
     """Splices client and upstream sockets until both directions end, then reports once:
     backpressure, half-close, idle timeout and resets as the transport Relay has them."""
 
     __slots__ = (
         "_error",
-        "_idle_seen",
         "_idle_sweep",
-        "_idle_ticks",
         "_owner",
         "_splicer",
         "client",
@@ -236,12 +229,11 @@ class SplicedRelay:
         idle_sweep: IdleSweep,
         owner: RelayOwner,
     ) -> None:
+        super().__init__()
         self._splicer = splicer
         self._idle_sweep = idle_sweep
         self._owner = owner
         self._error = ""
-        self._idle_seen = -1
-        self._idle_ticks = 0
         self.closed = False
         self.client = _Side(self, client)
         self.upstream = _Side(self, upstream)
@@ -354,11 +346,5 @@ class SplicedRelay:
 
     def tick(self) -> None:
         """A quarter of the idle timeout has passed: close when no byte moved in four."""
-        moved = self.client.received + self.upstream.received
-        if moved != self._idle_seen:
-            self._idle_seen = moved
-            self._idle_ticks = 0
-            return
-        self._idle_ticks += 1
-        if self._idle_ticks >= 4:
+        if self.idle_for_the_timeout(self.client.received + self.upstream.received):
             self.abort("idle_timeout")

@@ -90,6 +90,25 @@ class Ticking(Protocol):
     def tick(self) -> None: ...
 
 
+class IdleCounting:
+    """A relay in an IdleSweep: it counts the sweeps in which it moved no byte."""
+
+    __slots__ = ("_idle_seen", "_idle_ticks")
+
+    def __init__(self) -> None:
+        self._idle_seen = -1
+        self._idle_ticks = 0
+
+    def idle_for_the_timeout(self, moved: int) -> bool:
+        """Whether `moved` (bytes so far) stayed the same for four sweeps, a whole timeout."""
+        if moved != self._idle_seen:
+            self._idle_seen = moved
+            self._idle_ticks = 0
+            return False
+        self._idle_ticks += 1
+        return self._idle_ticks >= 4
+
+
 class IdleSweep:
     """The idle timeout of every relay and HTTP connection of a worker, on one timer.
 
