@@ -11,6 +11,8 @@ import pytest
 
 from egressproxy.netfilter import PROXY_SOURCE_PORTS
 
+from . import servers
+from .clients import closed_by_peer, echo_once
 from .proxy_process import Proxy
 from .world import REDIRECT_CHAIN, World
 
@@ -44,6 +46,28 @@ def test_marked_upstream_connections_are_not_redirected_again(
     assert echoed["host"] == "httpbin.org"
     assert echoed["client"]["port"] in PROXY_SOURCE_PORTS
     assert "loop" not in running.log_text()
+
+
+@pytest.mark.parametrize("family", ["v4", "v6"])
+def test_marked_spliced_connections_are_not_redirected_again(
+    world: World, proxy: StartProxy, mark_returned: None, family: str
+) -> None:
+    """The same for opaque TCP, whose upstream socket the splice opens itself."""
+    running = proxy(None, "--allow-root", "--mark", str(MARK), as_root=True)
+    address = getattr(world.host("httpbin.org"), family)
+    with world.connect(address, servers.ECHO_PORT) as sock:
+        assert echo_once(sock, b"marked\n") == b"marked\n"
+    assert "loop" not in running.log_text()
+
+
+def test_without_the_mark_a_root_proxy_closes_a_spliced_loop(
+    world: World, proxy: StartProxy
+) -> None:
+    running = proxy(None, "--allow-root", as_root=True)
+    with world.connect(world.host("httpbin.org").v4, servers.ECHO_PORT) as sock:
+        sock.sendall(b"looping\n")
+        assert closed_by_peer(sock)
+    assert running.logged("own upstream connection: a redirect loop"), running.log_text()
 
 
 def test_without_the_mark_a_root_proxy_would_loop_and_says_so(
