@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import select
 import socket
 import struct
 from collections.abc import AsyncIterator, Coroutine
@@ -254,6 +255,29 @@ def test_a_side_that_hung_up_is_not_polled_while_the_other_drains(
     assert received == answer
     assert result.error == ""
     assert events < 5000, f"{events} events for {len(answer) // CHUNK} reads: the loop spun"
+
+
+def test_a_pipe_is_lent_only_while_bytes_are_in_flight() -> None:
+    """After a transfer, and after a wake-up that brought nothing, no pipe stays lent."""
+
+    async def scenario() -> tuple[bool, bool, bytes]:
+        loop = asyncio.get_running_loop()
+        async with spliced() as world:
+            relay = world.relay
+            await loop.sock_sendall(world.client, b"x" * 100_000)
+            echoed = b""
+            while len(echoed) < 100_000:
+                echoed += await loop.sock_recv(world.upstream, CHUNK)
+            after_bytes = relay.client.pipe is None and relay.upstream.pipe is None
+            relay.ready(relay.client, select.EPOLLIN)
+            after_nothing = relay.client.pipe is None
+            await loop.sock_sendall(world.client, b"still here")
+            return after_bytes, after_nothing, await loop.sock_recv(world.upstream, CHUNK)
+
+    after_bytes, after_nothing, still = run(scenario())
+    assert after_bytes
+    assert after_nothing, "a wake-up with nothing to read returns the pipe it took"
+    assert still == b"still here"
 
 
 def test_an_idle_relay_closes_both_sides() -> None:
