@@ -835,6 +835,7 @@ class Http1Proxy(asyncio.Protocol):
                 lambda: _Upstream(self, key),
                 timeouts=self.flow.context.connect_timeouts,
                 mark=self.settings.mark,
+                connector=self.flow.context.splicer.connect,
             )
         except UpstreamError as error:
             self.connecting = None

@@ -416,6 +416,7 @@ class H2Proxy(asyncio.Protocol):
                 lambda: upstream,
                 timeouts=self.flow.context.connect_timeouts,
                 mark=self.settings.mark,
+                connector=self.flow.context.splicer.connect,
             )
         except UpstreamError as error:
             log.info("%s → %s:%s: %s", self.flow.record.client, key[0], key[1], error)

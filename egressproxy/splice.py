@@ -104,10 +104,9 @@ class Splicer:
                 waiter.set_result(None)
 
     async def connect(self, sock: socket.socket, address: tuple[str, int]) -> None:
-        """Connect a non-blocking socket, waiting in this set, where a refusal is an event.
-
-        (uvloop's sock_connect would also resolve the literal address in its thread pool.)
-        """
+        """Connect a non-blocking socket, waiting in this set, where a refusal is an event
+        (uvloop's sock_connect waits through add_writer, and resolves the address literal
+        in its thread pool first)."""
         error = sock.connect_ex(address)
         if error == errno.EINPROGRESS:
             fd = sock.fileno()

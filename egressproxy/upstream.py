@@ -36,6 +36,11 @@ def address_for(decision: Decision, destination: Destination) -> tuple[str, int]
     return str(destination.ip), destination.port
 
 
+SocketConnector = Callable[[socket.socket, tuple[str, int]], Awaitable[None]]
+"""Connects a non-blocking socket: Splicer.connect (uvloop's sock_connect would resolve
+even an address literal in its thread pool)."""
+
+
 async def connect(
     host: str,
     port: int,
@@ -43,17 +48,19 @@ async def connect(
     *,
     timeouts: TimeoutQueue,
     mark: int | None,
+    connector: SocketConnector,
 ) -> tuple[asyncio.Transport, ProtocolT]:
     """Open a TCP connection to host:port from one of PROXY_SOURCE_PORTS within the
     timeouts' delay (the connect timeout); every failure is an UpstreamError with a kind.
 
-    host is an IP literal (original destination) or a name (a route's backend).
+    host is an IP literal (original destination) or a name (a route's backend). With a
+    mark, the socket is made and connected here (by connector), then given a transport.
     """
     loop = timeouts.loop
 
     async def attempt(ip: str, source: tuple[str, int]) -> tuple[asyncio.Transport, ProtocolT]:
         if mark is not None:
-            sock = await _socket_connected(loop.sock_connect, ip, port, source, mark)
+            sock = await _socket_connected(connector, ip, port, source, mark)
             try:
                 return await loop.create_connection(protocol_factory, sock=sock)
             except BaseException:
@@ -67,10 +74,6 @@ async def connect(
         return transport, protocol
 
     return await _from_source_port(host, port, timeouts, attempt)
-
-
-SocketConnector = Callable[[socket.socket, tuple[str, int]], Awaitable[None]]
-"""Connects a non-blocking socket (loop.sock_connect, or Splicer.connect)."""
 
 
 async def open_socket(

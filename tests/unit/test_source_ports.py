@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from egressproxy import upstream
 from egressproxy.errors import UpstreamError
 from egressproxy.netfilter import PROXY_SOURCE_PORTS, source_ports_conflict
+from egressproxy.splice import Splicer
 from egressproxy.timeouts import TimeoutQueue
 
 OURS = f"{PROXY_SOURCE_PORTS.start}-{PROXY_SOURCE_PORTS.stop - 1}"
@@ -63,8 +64,15 @@ def test_source_ports_go_round_the_whole_range_from_a_random_start() -> None:
 
 
 async def _connect(port: int, mark: int | None) -> tuple[asyncio.Transport, asyncio.Protocol]:
-    timeouts = TimeoutQueue(asyncio.get_running_loop(), 5.0)
-    return await upstream.connect("127.0.0.1", port, asyncio.Protocol, timeouts=timeouts, mark=mark)
+    loop = asyncio.get_running_loop()
+    return await upstream.connect(
+        "127.0.0.1",
+        port,
+        asyncio.Protocol,
+        timeouts=TimeoutQueue(loop, 5.0),
+        mark=mark,
+        connector=Splicer(loop).connect,
+    )
 
 
 async def _echo_server(host: str) -> tuple[asyncio.Server, int]:

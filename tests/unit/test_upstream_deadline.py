@@ -13,6 +13,7 @@ import uvloop
 
 from egressproxy import upstream
 from egressproxy.errors import UpstreamError
+from egressproxy.splice import Splicer
 from egressproxy.timeouts import TimeoutQueue
 
 
@@ -51,6 +52,7 @@ def test_a_connect_that_hangs_ends_as_connect_timeout_in_time() -> None:
                         asyncio.Protocol,
                         timeouts=TimeoutQueue(loop, 0.3),
                         mark=None,
+                        connector=loop.sock_connect,
                     )
             task = asyncio.current_task()
             assert task is not None
@@ -60,6 +62,34 @@ def test_a_connect_that_hangs_ends_as_connect_timeout_in_time() -> None:
     assert kind == "connect_timeout"
     assert 0.25 <= took < 2.0
     assert not_cancelling, "the deadline's own cancel is taken back"
+
+
+def test_a_spliced_connect_that_hangs_ends_as_connect_timeout_and_leaves_no_waiter() -> None:
+    """The same for the socket a splice opens, waited for in the splicer's epoll set."""
+
+    async def scenario() -> tuple[str, float, int]:
+        loop = asyncio.get_running_loop()
+        splicer = Splicer(loop)
+        try:
+            with listener_that_never_answers() as port:
+                started = loop.time()
+                async with asyncio.timeout(5.0):
+                    with pytest.raises(UpstreamError) as raised:
+                        await upstream.open_socket(
+                            "127.0.0.1",
+                            port,
+                            timeouts=TimeoutQueue(loop, 0.3),
+                            mark=None,
+                            connector=splicer.connect,
+                        )
+                return raised.value.kind, loop.time() - started, len(splicer.connecting)
+        finally:
+            splicer.close()
+
+    kind, took, waiting = uvloop.run(scenario())
+    assert kind == "connect_timeout"
+    assert 0.25 <= took < 2.0
+    assert waiting == 0
 
 
 def test_a_cancel_from_outside_is_not_a_timeout() -> None:
@@ -73,6 +103,7 @@ def test_a_cancel_from_outside_is_not_a_timeout() -> None:
                     asyncio.Protocol,
                     timeouts=TimeoutQueue(loop, 30.0),
                     mark=None,
+                    connector=loop.sock_connect,
                 )
             )
             await asyncio.sleep(0.1)
@@ -103,6 +134,7 @@ def test_a_name_that_never_resolves_ends_as_dns_timeout_within_the_connect_timeo
                     asyncio.Protocol,
                     timeouts=TimeoutQueue(loop, 0.3),
                     mark=None,
+                    connector=loop.sock_connect,
                 )
         return raised.value.kind, loop.time() - started
 
