@@ -3,12 +3,18 @@ v4-mapped addresses and their original destination is still found) and several w
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 from collections.abc import Callable
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from egressproxy.netfilter import PROXY_SOURCE_PORTS
+
+from . import servers
+from .clients import echo_once
 from .proxy_process import Proxy
 from .world import World
 
@@ -50,3 +56,28 @@ def test_workers_share_the_listeners(world: World, proxy: StartProxy) -> None:
     }
     assert samples[("egress_sniff_outcomes_total", (("outcome", "http1"),))] == 20
     assert samples[("egress_open_connections", ())] == 0
+
+
+def test_each_worker_draws_its_own_share_of_source_ports(world: World, proxy: StartProxy) -> None:
+    """Worker i of N connects from every N-th port of PROXY_SOURCE_PORTS only, so two
+    workers connecting to one destination never walk into each other's ports."""
+    proxy(None, "--workers", "2")
+    address = world.host("github.com").v4
+    with contextlib.ExitStack() as held:
+        for number in range(24):
+            sock = held.enter_context(world.connect(address, servers.ECHO_PORT))
+            line = b"connection %d\n" % number
+            assert echo_once(sock, line) == line
+        listing = world.run(
+            ["ss", "-Htnp", "state", "established", "dst", f"{address}:{servers.ECHO_PORT}"]
+        )
+    assert listing.returncode == 0, listing.stderr
+    shares: dict[int, set[int]] = {}
+    for line in listing.stdout.decode().splitlines():
+        local, owner = line.split()[2], re.search(r"pid=(\d+)", line)
+        port = int(local.rpartition(":")[2])
+        if owner is not None and port in PROXY_SOURCE_PORTS:
+            share = (port - PROXY_SOURCE_PORTS.start) % 2
+            shares.setdefault(int(owner.group(1)), set()).add(share)
+    assert len(shares) == 2, listing.stdout.decode()
+    assert sorted(share for worker in shares.values() for share in worker) == [0, 1], shares
