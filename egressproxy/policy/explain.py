@@ -23,11 +23,12 @@ from egressproxy.policy.decision import (
     Detected,
     IPAddress,
     RequestFacts,
+    RouteProtocol,
 )
 from egressproxy.policy.errors import PolicyError
 from egressproxy.policy.index import PolicyIndex, compile_policy, default_ranges, route_name
 from egressproxy.policy.loader import load_policy
-from egressproxy.policy.model import Model, Network, TrafficPolicy
+from egressproxy.policy.model import Model, Network, Route, TrafficPolicy
 from egressproxy.settings import Settings
 
 ASSUMED_ADDRESSES = ("203.0.113.1", "198.51.100.1", "192.0.2.1", "2001:db8::1")
@@ -63,13 +64,10 @@ def print_summary(model: Model, index: PolicyIndex, settings: Settings, out: Tex
         file=out,
     )
     print(f"client: {client}", file=out)
-    ports: dict[object, dict[int | None, list[str]]] = defaultdict(lambda: defaultdict(list))
+    ports: dict[object, dict[int | None, list[Route]]] = defaultdict(lambda: defaultdict(list))
     for route in model.routes:
         for attachment in route.attachments:
-            label = f"{route.ref.kind} {route_name(route.ref)}"
-            if route.hostnames:
-                label += f" [{', '.join(route.hostnames)}]"
-            ports[attachment.network][attachment.port].append(label)
+            ports[attachment.network][attachment.port].append(route)
     for network in model.networks:
         applies = "applies" if network.id in index.compiled else "does not apply to this client"
         print(
@@ -82,7 +80,8 @@ def print_summary(model: Model, index: PolicyIndex, settings: Settings, out: Tex
             compiled = index.compiled.get(network.id)
             fixed = compiled.table(port).fixed if compiled and port is not None else None
             protocol = f" ({fixed.value.upper()})" if fixed else ""
-            print(f"  {where}{protocol}: {'; '.join(routes)}", file=out)
+            labels = "; ".join(route_label(route, fixed) for route in routes)
+            print(f"  {where}{protocol}: {labels}", file=out)
         verdict = "allow" if network.traffic_policy == TrafficPolicy.ALLOW else "deny"
         print(
             f"  otherwise: HTTP → http-egress-{verdict}, other traffic → tcp-egress-{verdict}",
@@ -90,6 +89,18 @@ def print_summary(model: Model, index: PolicyIndex, settings: Settings, out: Tex
         )
     if not model.networks:
         print("\nno egress networks: all traffic passes untouched", file=out)
+
+
+def route_label(route: Route, fixed: RouteProtocol | None) -> str:
+    """A route's kind and name, its hostnames, and whether the port's protocol leaves it out
+    (one kind of route per port: a GRPCRoute makes the port's HTTPRoutes unused, a
+    TLSRoute its TCPRoutes)."""
+    label = f"{route.ref.kind} {route_name(route.ref)}"
+    if route.hostnames:
+        label += f" [{', '.join(route.hostnames)}]"
+    if fixed is not None and route.fixes_protocol and route.protocol is not fixed:
+        label += f" (unused: the port's {fixed.value.upper()} routes take precedence)"
+    return label
 
 
 def describe_ranges(network: Network, settings: Settings) -> str:

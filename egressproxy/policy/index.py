@@ -491,7 +491,7 @@ class PolicyIndex:
                             return self.matched(network, destination, RouteProtocol.TLS, rule)
             if table.fixed == RouteProtocol.TLS or (table.tls and not table.tcp):
                 return self.default(network, destination, RouteProtocol.TLS, "no TLSRoute matched")
-        if table.fixed == RouteProtocol.TLS and facts.detected != Detected.TLS and not table.tcp:
+        if table.fixed == RouteProtocol.TLS and facts.detected != Detected.TLS:
             return dataclasses.replace(
                 self.default(network, destination, RouteProtocol.TLS, ""),
                 action=Action.DENY,
@@ -511,7 +511,9 @@ class PolicyIndex:
         grpc_port = False
         if network is not None:
             table = network.table(destination.port)
-            grpc_port = bool(table.grpc) and (facts.grpc or not table.http)
+            grpc_port = table.fixed is RouteProtocol.GRPC or (
+                table.fixed is None and bool(table.grpc) and (facts.grpc or not table.http)
+            )
         protocol = RouteProtocol.GRPC if grpc_port else RouteProtocol.HTTP
         if network is None:
             return no_network(protocol, destination)

@@ -33,6 +33,30 @@ def test_valid_policy_prints_a_summary(capsys: pytest.CaptureFixture[str]) -> No
     assert len(out.splitlines()) < 25
 
 
+def test_summary_marks_routes_the_ports_protocol_leaves_unused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    mixed = tmp_path / "mixed.yaml"
+    mixed.write_text(
+        STEP5.read_text()
+        + """---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {name: anything, namespace: egress-test}
+spec:
+  parentRefs:
+  - {name: all-egress-traffic, kind: EgressNetwork, group: policy.linkerd.io, port: 443}
+  rules: [{}]
+"""
+    )
+    status, out, err = check(capsys, mixed)
+    assert (status, err) == (0, "")
+    assert (
+        "port 443 (TLS): TLSRoute egress-test/tls-egress;"
+        " TCPRoute egress-test/anything (unused: the port's TLS routes take precedence)"
+    ) in out
+
+
 def test_invalid_policy_lists_every_problem(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -465,6 +465,67 @@ spec:
     assert decide_ip(index, "203.0.113.9", 5433).route == default("tcp-egress-deny")
 
 
+EVERYTHING = "  - matches:\n    - path: {type: PathPrefix, value: /}\n"
+
+TLS_AND_TCP_ON_443 = """---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TLSRoute
+metadata: {name: api, namespace: egress-test}
+spec:
+  hostnames: [api.example.com]
+  parentRefs:
+  - {name: all-egress-traffic, kind: EgressNetwork, group: policy.linkerd.io, port: 443}
+  rules: [{}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {name: anything, namespace: egress-test}
+spec:
+  parentRefs:
+  - {name: all-egress-traffic, kind: EgressNetwork, group: policy.linkerd.io, port: 443}
+  rules: [{}]
+"""
+
+
+def test_a_grpc_route_leaves_the_ports_http_routes_unused() -> None:
+    """One kind of route per port, GRPCRoute first: a plain HTTP request to the port is
+    a gRPC call that no GRPCRoute matched, not a request for its HTTPRoute."""
+    routes = [
+        grpc_route("service", "  - matches:\n    - method: {service: pkg.Greeter}\n"),
+        http_route("everything", EVERYTHING, port=50051),
+    ]
+    index = compiled("---".join([DENY_NET, *routes]))
+    assert grpc_call(index, "/pkg.Greeter/SayHello").route == route("GRPCRoute", "service")
+    plain = http(index, "api.example.com", "/", port=50051)
+    assert labels(plain) == (
+        Action.DENY,
+        RouteProtocol.GRPC,
+        parent(50051),
+        default("grpc-egress-deny"),
+    )
+
+
+def test_a_tls_route_leaves_the_ports_tcp_routes_unused() -> None:
+    """TLSRoute before TCPRoute: TLS goes by SNI (the default when none matches) and
+    anything else is refused, as on a port with TLSRoutes alone."""
+    index = compiled(DENY_NET + TLS_AND_TCP_ON_443)
+    assert tls(index, "api.example.com").route == route("TLSRoute", "api")
+    assert labels(tls(index, "other.example.com")) == (
+        Action.DENY,
+        RouteProtocol.TLS,
+        parent(443),
+        default("tls-egress-deny"),
+    )
+    for decision in (opaque(index, 443), http(index, "api.example.com", "/", port=443)):
+        assert labels(decision) == (
+            Action.DENY,
+            RouteProtocol.TLS,
+            parent(443),
+            default("tls-egress-deny"),
+        )
+        assert decision.reason == "not TLS on port 443, whose routes are TLSRoutes"
+
+
 def test_section_name_is_reported() -> None:
     text = (
         DENY_NET
