@@ -9,6 +9,7 @@ says so.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ DEFAULT_PORTS = {"http": 80, "https": 443, "tls": 443, "grpc": 80}
 
 def run_check(settings: Settings, explain: str | None) -> int:
     try:
-        model = load_policy(settings.policy_file)
+        model = _load_saying_what_is_skipped(settings)
     except PolicyError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)
@@ -53,6 +54,22 @@ def run_check(settings: Settings, explain: str | None) -> int:
         return 2
     print_explanation(query, index, sys.stdout)
     return 0
+
+
+def _load_saying_what_is_skipped(settings: Settings) -> Model:
+    """The policy, with the loader's info lines (documents and routes it skips, each with
+    FILE:LINE) on stderr, as `run` logs them."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    policy_log = logging.getLogger("egressproxy.policy")
+    level = policy_log.level
+    policy_log.addHandler(handler)
+    policy_log.setLevel(logging.INFO)
+    try:
+        return load_policy(settings.policy_file)
+    finally:
+        policy_log.removeHandler(handler)
+        policy_log.setLevel(level)
 
 
 def print_summary(model: Model, index: PolicyIndex, settings: Settings, out: TextIO) -> None:

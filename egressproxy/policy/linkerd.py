@@ -198,7 +198,9 @@ def read_route(document: YMap, order: int, context: RouteContext) -> Route | Non
     where += ".spec"
     allowed = {"parentRefs", "rules"} | ({"hostnames"} if protocol != RouteProtocol.TCP else set())
     checker.known_fields(spec, where, allowed)
+    problems_before = len(checker.problems)
     attachments = read_parent_refs(context, spec, meta, where)
+    parent_refs_broken = len(checker.problems) > problems_before
     hostnames = tuple(
         hostname
         for line, text in checker.strings(spec, "hostnames", where)
@@ -212,9 +214,13 @@ def read_route(document: YMap, order: int, context: RouteContext) -> Route | Non
         is not None
     )
     if not attachments:
-        log.info(
-            "%s:%d: skipping %s: no parentRef to an EgressNetwork", checker.file, meta.line, where
-        )
+        if not parent_refs_broken:  # a broken parentRef has its own error
+            log.info(
+                "%s:%d: skipping %s: no parentRef to an EgressNetwork",
+                checker.file,
+                meta.line,
+                where,
+            )
         return None
     if not spec.get("rules"):
         rules = (Rule(name="rules[0]", origin=Origin(checker.file, spec.line)),)

@@ -11,6 +11,8 @@ from egressproxy.settings import Settings
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
 STEP5 = EXAMPLES / "linkerd-5-redirect.yaml"
+STEP5_SKIPS = "26: skipping Deployment: no egress meaning"
+"""The info line for the guide's Deployment (line 26), on stderr."""
 
 
 def check(
@@ -23,7 +25,7 @@ def check(
 
 def test_valid_policy_prints_a_summary(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, err = check(capsys, STEP5)
-    assert (status, err) == (0, "")
+    assert (status, err) == (0, f"{STEP5}:{STEP5_SKIPS}\n")
     assert "EgressNetwork egress-test/all-egress-traffic" in out
     assert (
         "port 80 (HTTP): HTTPRoute egress-test/httpbin-get; HTTPRoute egress-test/unencrypted-http"
@@ -50,11 +52,27 @@ spec:
 """
     )
     status, out, err = check(capsys, mixed)
-    assert (status, err) == (0, "")
+    assert (status, err) == (0, f"{mixed}:{STEP5_SKIPS}\n")
     assert (
         "port 443 (TLS): TLSRoute egress-test/tls-egress;"
         " TCPRoute egress-test/anything (unused: the port's TLS routes take precedence)"
     ) in out
+
+
+def test_skipped_documents_get_an_info_line_each(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    pasted = tmp_path / "pasted.yaml"
+    pasted.write_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: egress-test}\n---\n")
+    with pasted.open("a") as policy:
+        policy.write(STEP5.read_text())
+    status, out, err = check(capsys, pasted)
+    assert status == 0
+    assert err.splitlines() == [
+        f"{pasted}:2: skipping Namespace: no egress meaning",
+        f"{pasted}:30: skipping Deployment: no egress meaning",
+    ]
+    assert "EgressNetwork egress-test/all-egress-traffic" in out
 
 
 def test_invalid_policy_lists_every_problem(
@@ -68,7 +86,8 @@ def test_invalid_policy_lists_every_problem(
     )
     status, out, err = check(capsys, broken)
     assert (status, out) == (1, "")
-    lines = err.splitlines()
+    skipped, *lines = err.splitlines()
+    assert skipped == f"{broken}:27: skipping Deployment: no egress meaning"
     assert len(lines) == 2
     assert (
         lines[0]
@@ -110,7 +129,7 @@ def test_missing_file_and_syntax_error(capsys: pytest.CaptureFixture[str], tmp_p
 )
 def test_explain(capsys: pytest.CaptureFixture[str], destination: str, expected: list[str]) -> None:
     status, out, err = check(capsys, STEP5, destination)
-    assert (status, err) == (0, "")
+    assert (status, err) == (0, f"{STEP5}:{STEP5_SKIPS}\n")
     for fragment in expected:
         assert fragment in out
     if "egress-test" in out:
@@ -124,4 +143,5 @@ def test_explain_rejects_bad_destinations(
     capsys: pytest.CaptureFixture[str], destination: str
 ) -> None:
     status, out, err = check(capsys, STEP5, destination)
-    assert status == 2 and out == "" and err.startswith("egressproxy check: --explain")
+    assert status == 2 and out == ""
+    assert err.splitlines()[-1].startswith("egressproxy check: --explain")
