@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import enum
 import ipaddress
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from egressproxy.settings import (
     ADMIN_PORT,
@@ -26,6 +28,7 @@ from egressproxy.settings import (
 )
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ChoiceT = TypeVar("ChoiceT", bound=enum.Enum)
 
 
 def endpoint(text: str) -> Endpoint:
@@ -71,13 +74,33 @@ def positive_int(text: str) -> int:
 
 
 def non_negative_int(text: str) -> int:
+    """Decimal, or hexadecimal as marks are often written (0x539); a leading zero is
+    decimal, not octal."""
     try:
-        number = int(text, 0)
+        number = int(text, 16) if text.lower().startswith("0x") else int(text, 10)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if number < 0:
         raise argparse.ArgumentTypeError("must not be negative")
     return number
+
+
+def one_of(kind: type[ChoiceT]) -> Callable[[str], ChoiceT]:
+    """An argparse type for an enumeration's values, naming them when one is wrong."""
+
+    def parse(text: str) -> ChoiceT:
+        try:
+            return kind(text)
+        except ValueError:
+            allowed = ", ".join(str(member.value) for member in kind)
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {allowed}") from None
+
+    return parse
+
+
+def values_of(kind: type[enum.Enum]) -> str:
+    """The help's {a,b,c} for an enumeration's values."""
+    return "{" + ",".join(str(member.value) for member in kind) + "}"
 
 
 def seconds(text: str) -> float:
@@ -140,15 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-header-bytes", type=positive_int, default=65536)
     run.add_argument(
         "--verify-destination",
-        type=VerifyDestination,
-        choices=list(VerifyDestination),
+        type=one_of(VerifyDestination),
+        metavar=values_of(VerifyDestination),
         default=VerifyDestination.OFF,
     )
-    run.add_argument("--ech", type=EchPolicy, choices=list(EchPolicy), default=EchPolicy.ALLOW)
+    run.add_argument(
+        "--ech", type=one_of(EchPolicy), metavar=values_of(EchPolicy), default=EchPolicy.ALLOW
+    )
     run.add_argument("--audit", action="store_true")
     run.add_argument("--allow-root", action="store_true")
     run.add_argument(
-        "--log-format", type=LogFormat, choices=list(LogFormat), default=LogFormat.TEXT
+        "--log-format", type=one_of(LogFormat), metavar=values_of(LogFormat), default=LogFormat.TEXT
     )
     run.add_argument("--log-level", choices=LOG_LEVELS, default="info")
 

@@ -1,9 +1,14 @@
 """What stops the proxy before it serves: said in one line, never a traceback."""
 
+import argparse
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from egressproxy.cli import non_negative_int, positive_int
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,3 +49,27 @@ def test_bad_flags_are_usage_errors() -> None:
     refused = start("--allow-root", "--verify-destination", "sometimes")
     assert refused.returncode == 2
     assert "--verify-destination" in refused.stderr
+    assert "'sometimes' is not one of off, log, enforce" in refused.stderr
+
+
+def test_help_names_the_values_of_each_choice() -> None:
+    shown = subprocess.run(
+        [sys.executable, "-m", "egressproxy", "run", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert shown.returncode == 0
+    for choice in ("{off,log,enforce}", "{allow,deny}", "{text,json}"):
+        assert choice in shown.stdout
+
+
+def test_whole_numbers_are_decimal_or_hexadecimal() -> None:
+    assert non_negative_int("010") == 10
+    assert non_negative_int("0x539") == 1337
+    assert positive_int("0X2a") == 42
+    for text in ("1e3", "0o17", "-0x1", "ten"):
+        with pytest.raises(argparse.ArgumentTypeError, match="is not a whole number"):
+            non_negative_int(text)
