@@ -92,14 +92,16 @@ def print_summary(model: Model, index: PolicyIndex, settings: Settings, out: Tex
             file=out,
         )
         print(f"  networks: {describe_ranges(network, settings)}", file=out)
+        verdict = "allow" if network.traffic_policy == TrafficPolicy.ALLOW else "deny"
         for port, routes in sorted(ports[network.id].items(), key=lambda item: item[0] or 0):
             where = f"port {port}" if port is not None else "every port"
             compiled = index.compiled.get(network.id)
             fixed = compiled.table(port).fixed if compiled and port is not None else None
-            protocol = f" ({fixed.value.upper()})" if fixed else ""
+            protocol = (
+                f" ({fixed.value.upper()}, else {fixed.value}-egress-{verdict})" if fixed else ""
+            )
             labels = "; ".join(route_label(route, fixed) for route in routes)
             print(f"  {where}{protocol}: {labels}", file=out)
-        verdict = "allow" if network.traffic_policy == TrafficPolicy.ALLOW else "deny"
         print(
             f"  otherwise: HTTP → http-egress-{verdict}, other traffic → tcp-egress-{verdict}",
             file=out,
@@ -109,12 +111,14 @@ def print_summary(model: Model, index: PolicyIndex, settings: Settings, out: Tex
 
 
 def route_label(route: Route, fixed: RouteProtocol | None) -> str:
-    """A route's kind and name, its hostnames, and whether the port's protocol leaves it out
-    (one kind of route per port: a GRPCRoute makes the port's HTTPRoutes unused, a
-    TLSRoute its TCPRoutes)."""
+    """A route's kind and name, its hostnames, the protocol of an OSM or native rule, and
+    whether the port's protocol leaves it out (one kind of Gateway API route per port: a
+    GRPCRoute makes the port's HTTPRoutes unused, a TLSRoute its TCPRoutes)."""
     label = f"{route.ref.kind} {route_name(route.ref)}"
     if route.hostnames:
         label += f" [{', '.join(route.hostnames)}]"
+    if not route.fixes_protocol:  # an OSM or native rule: one route per protocol it covers
+        label += f" ({route.protocol.value.upper()})"
     if fixed is not None and route.fixes_protocol and route.protocol is not fixed:
         label += f" (unused: the port's {fixed.value.upper()} routes take precedence)"
     return label

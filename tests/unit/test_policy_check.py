@@ -28,10 +28,10 @@ def test_valid_policy_prints_a_summary(capsys: pytest.CaptureFixture[str]) -> No
     assert (status, err) == (0, f"{STEP5}:{STEP5_SKIPS}\n")
     assert "EgressNetwork egress-test/all-egress-traffic" in out
     assert (
-        "port 80 (HTTP): HTTPRoute egress-test/httpbin-get; HTTPRoute egress-test/unencrypted-http"
-        in out
+        "port 80 (HTTP, else http-egress-deny):"
+        " HTTPRoute egress-test/httpbin-get; HTTPRoute egress-test/unencrypted-http" in out
     )
-    assert "port 443 (TLS): TLSRoute egress-test/tls-egress" in out
+    assert "port 443 (TLS, else tls-egress-deny): TLSRoute egress-test/tls-egress" in out
     assert len(out.splitlines()) < 25
 
 
@@ -54,9 +54,21 @@ spec:
     status, out, err = check(capsys, mixed)
     assert (status, err) == (0, f"{mixed}:{STEP5_SKIPS}\n")
     assert (
-        "port 443 (TLS): TLSRoute egress-test/tls-egress;"
+        "port 443 (TLS, else tls-egress-deny): TLSRoute egress-test/tls-egress;"
         " TCPRoute egress-test/anything (unused: the port's TLS routes take precedence)"
     ) in out
+
+
+def test_summary_names_the_protocol_of_each_native_rule(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A native rule with hosts and no protocol is a TLS route by SNI and an HTTP route by
+    Host; the summary tells the two apart."""
+    status, out, _ = check(capsys, EXAMPLES / "native-1-allowlist.yaml")
+    assert status == 0
+    github = "EgressRule standalone.github [github.com, *.github.com]"
+    assert f"port 443: {github} (TLS); {github} (HTTP)" in out
+    assert "port 5432: EgressRule standalone.database (TCP)" in out
 
 
 def test_skipped_documents_get_an_info_line_each(
