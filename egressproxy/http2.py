@@ -144,6 +144,11 @@ class _Stream:
         self.response_started = False
         self.done = False
 
+    @property
+    def answered_here(self) -> bool:
+        """The proxy answers this stream itself (its body may still wait for a window)."""
+        return self.response_started and self.upstream is None
+
 
 class _Upstream(asyncio.Protocol):
     """One upstream h2 connection carrying many client streams."""
@@ -363,7 +368,9 @@ class H2Proxy(asyncio.Protocol):
             self._local_answer(stream, 403, DENIED_BODY, "")
 
     def _local_answer(self, stream: _Stream, status: int, text: str, error: str) -> None:
-        """Answer a stream here (403, 502, 504); whatever the client still sends is refused."""
+        """Answer a stream here (403, 421, 502, 504); whatever the client still sends is
+        dropped. The body waits for the client's window like an upstream's would; once it
+        is out, a request still being sent is reset (NO_ERROR)."""
         body = (text + "\n").encode()
         stream.record.status, stream.record.error = status, error
         headers = [
@@ -372,8 +379,10 @@ class H2Proxy(asyncio.Protocol):
             (b"content-length", b"%d" % len(body)),
         ]
         self.h2.send_headers(stream.client_id, headers)
-        self.h2.send_data(stream.client_id, body, end_stream=True)
-        self._answered_locally(stream)
+        stream.upstream, stream.upstream_id = None, 0  # a failed upstream's, if any
+        stream.response_started = stream.response_ended = True
+        stream.to_client += body
+        self._pump_client(stream)
 
     def _grpc_answer(self, stream: _Stream, code: int, text: str, error: str) -> None:
         """A trailers-only gRPC answer: HTTP 200 with the status in the only HEADERS frame."""
@@ -468,7 +477,7 @@ class H2Proxy(asyncio.Protocol):
         assert event.stream_id is not None and event.data is not None
         stream = self.streams.get(event.stream_id)
         padding = (event.flow_controlled_length or 0) - len(event.data)
-        if stream is None or stream.done:
+        if stream is None or stream.done or stream.answered_here:
             self.h2.acknowledge_received_data(event.flow_controlled_length or 0, event.stream_id)
             return
         if padding:

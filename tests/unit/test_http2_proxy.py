@@ -15,6 +15,7 @@ import grpc
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import pytest
 import pytest_asyncio
 
@@ -255,6 +256,53 @@ async def test_unreachable_upstream_gives_502(h2_setup: tuple[LoopbackProxy, int
     client.transport.close()
     await proxy.wait_closed_flows(1)
     assert [(r.status, r.error) for r in proxy.ledger.requests] == [(502, "connect_refused")]
+
+
+class ClosedWindowClient(H2Client):
+    """Gives the server no window for stream data (SETTINGS_INITIAL_WINDOW_SIZE 0) until
+    it opens one stream's window itself."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.h2.local_settings = h2.settings.Settings(
+            client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}
+        )
+        super().connection_made(transport)
+
+    def open_window(self, stream_id: int, size: int) -> None:
+        self.h2.increment_flow_control_window(size, stream_id)
+        self.transport.write(self.h2.data_to_send())
+
+
+@pytest.mark.asyncio
+async def test_a_local_answer_waits_for_the_clients_window(
+    h2_setup: tuple[LoopbackProxy, int],
+) -> None:
+    """A 403 whose body the client has no window for yet is sent once the window opens;
+    the connection and the client's other streams carry on meanwhile."""
+    proxy, _ = h2_setup
+    loop = asyncio.get_running_loop()
+    _, client = await loop.create_connection(ClosedWindowClient, proxy.host, proxy.port)
+    denied = client.request("GET", "/denied/thing")
+    async with asyncio.timeout(TIMEOUT):
+        while ":status" not in denied.headers:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    assert (denied.headers[":status"], bytes(denied.body)) == ("403", b"")
+    assert not denied.done.is_set() and not client.lost.is_set()
+    client.open_window(1, 64)
+    async with asyncio.timeout(TIMEOUT):
+        await denied.done.wait()
+    assert (bytes(denied.body), denied.reset) == (b"traffic not allowed\n", False)
+    allowed = client.request("GET", "/a")
+    async with asyncio.timeout(TIMEOUT):
+        while ":status" not in allowed.headers:
+            await asyncio.sleep(0.01)
+    assert allowed.headers[":status"] == "200"
+    client.transport.close()
+    await proxy.wait_closed_flows(1)
+    assert ("/denied/thing", 403, "") in [
+        (r.path, r.status, r.error) for r in proxy.ledger.requests
+    ]
 
 
 def closed_port() -> int:
