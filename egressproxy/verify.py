@@ -39,10 +39,11 @@ def verification_mode(
 ) -> VerifyDestination:
     """How to check this traffic's destination: OFF when nothing rests on a name.
 
-    A network's annotation overrides --verify-destination. Traffic that is
-    denied, or routed to a backend (the client's address is not used), needs no check.
+    A network's annotation overrides --verify-destination. Traffic that is denied,
+    routed to a backend (the client's address is not used), or covered by no network
+    (passed untouched on its address alone) needs no check.
     """
-    if hostname is None or decision.action is Action.ROUTE:
+    if hostname is None or decision.action is Action.ROUTE or decision.parent is None:
         return VerifyDestination.OFF
     if decision.action is Action.DENY and not decision.audit:
         return VerifyDestination.OFF

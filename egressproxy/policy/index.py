@@ -468,12 +468,16 @@ class PolicyIndex:
         """TLS, opaque and h2 connections, and HTTP/1 when decided for a whole connection.
 
         HTTP is decided here as a `GET /` to the connection's host; per-request
-        handlers call decide_request with the real request instead.
+        handlers call decide_request with the real request instead. HTTP to an address
+        no network covers is not read at all: it passes untouched, as opaque TCP.
         """
         if facts.detected in (Detected.HTTP1, Detected.H2):
-            return self.decide_request(
+            decision = self.decide_request(
                 RequestFacts(facts.destination, facts.hostname, "GET", "/", "", (), grpc=False)
             )
+            if decision.parent is None:
+                return no_network(RouteProtocol.TCP, facts.destination)
+            return decision
         destination = facts.destination
         network = self.network_for(destination)
         protocol = RouteProtocol.TLS if facts.detected == Detected.TLS else RouteProtocol.TCP

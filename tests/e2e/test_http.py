@@ -395,6 +395,42 @@ def test_websocket_upgrade_and_connect_are_spliced(
         sock.close()
 
 
+ONLY_GITHUB = """\
+apiVersion: policy.linkerd.io/v1alpha1
+kind: EgressNetwork
+metadata: {namespace: egress-test, name: github-only}
+spec:
+  trafficPolicy: Deny
+  networks:
+  - cidr: 203.0.113.20/32
+"""
+
+
+def test_http_to_an_address_no_network_covers_passes_untouched(
+    world: World, proxy: StartProxy, http_servers: None
+) -> None:
+    """Not egress, so not read: an h2c upgrade, which the HTTP handler would take out of a
+    request it forwards, reaches the server and is spliced after its 101."""
+    running = proxy(ONLY_GITHUB, "--namespace", "egress-test")
+    sock = world.connect(world.host("example.test").v4, H1_PORT)
+    try:
+        sock.sendall(
+            b"GET /chat HTTP/1.1\r\nHost: example.test\r\nConnection: Upgrade, HTTP2-Settings"
+            b"\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+        )
+        assert _read_head(sock).startswith(b"HTTP/1.1 101 ")
+        sock.sendall(b"PRI * HTTP/2.0 as opaque bytes")
+        assert recv_exactly(sock, 30, TIMEOUT) == b"PRI * HTTP/2.0 as opaque bytes"
+    finally:
+        sock.close()
+    untouched = (
+        r"access client=\S+ destination=203\.0\.113\.40:8080 protocol=http1 "
+        r"hostname=example\.test ech=false route=- decision=allow "
+    )
+    assert running.logged(untouched), running.log_text()
+    assert "method=GET" not in running.log_text()
+
+
 def _read_head(sock: socket.socket) -> bytes:
     sock.settimeout(TIMEOUT)
     head = b""

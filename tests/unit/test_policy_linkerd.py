@@ -186,6 +186,14 @@ def test_cluster_networks_are_not_egress() -> None:
     )
     decision = index.decide_request(inside)
     assert (decision.action, decision.parent, decision.route) == (Action.PASS, None, None)
+    for detected in (Detected.HTTP1, Detected.H2):
+        connection = ConnectionFacts(inside.destination, detected, "svc")
+        untouched = index.decide_connection(connection)
+        assert (untouched.action, untouched.protocol, untouched.parent) == (
+            Action.PASS,
+            RouteProtocol.TCP,
+            None,
+        ), "HTTP no network covers is spliced as opaque TCP, not read"
 
 
 def network(name: str, namespace: str, policy: str, networks: str = "", extra: str = "") -> str:

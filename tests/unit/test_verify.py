@@ -1,7 +1,14 @@
 import asyncio
 import ipaddress
 
-from egressproxy.policy.decision import Action, Backend, Decision, IPAddress, RouteProtocol
+from egressproxy.policy.decision import (
+    Action,
+    Backend,
+    Decision,
+    IPAddress,
+    ParentRef,
+    RouteProtocol,
+)
 from egressproxy.settings import VerifyDestination
 from egressproxy.verify import Resolver, is_ip_literal, verification_mode
 
@@ -70,12 +77,15 @@ def test_ip_literals() -> None:
     assert not is_ip_literal("httpbin.org")
 
 
+NETWORK = ParentRef("policy.linkerd.io", "EgressNetwork", "egress-test", "all", "443", "")
+
+
 def decision(action: Action, *, audit: bool = False, verify: str | None = None) -> Decision:
     backend = Backend("internal-egress.egress-test.svc.cluster.local", 80)
     return Decision(
         action,
         RouteProtocol.TLS,
-        None,
+        NETWORK,
         None,
         backend=backend if action is Action.ROUTE else None,
         audit=audit,
@@ -91,6 +101,8 @@ def test_verification_applies_to_named_traffic_that_goes_to_its_destination() ->
     assert verification_mode(decision(Action.DENY), "github.com", enforce) is VerifyDestination.OFF
     audited = decision(Action.DENY, audit=True)
     assert verification_mode(audited, "github.com", enforce) is enforce
+    untouched = Decision(Action.PASS, RouteProtocol.TLS, None, None)
+    assert verification_mode(untouched, "cluster-service", enforce) is VerifyDestination.OFF
 
 
 def test_a_network_annotation_overrides_the_flag() -> None:
