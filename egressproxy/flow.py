@@ -330,12 +330,12 @@ class Flow(asyncio.Protocol):
         )
 
     def _deny(self, detected: Detected) -> None:
-        """A denied TLS or opaque connection is closed before anything goes upstream."""
+        """A denied TLS or opaque connection is closed before anything goes upstream
+        (error="forbidden" on its TLS or TCP route). An HTTP/1 client that landed on such
+        a route, plain HTTP on a port of TLSRoutes say, is told why with a 403 first."""
         if detected is Detected.HTTP1:
             self.transport.write(http1.error_response(403, "traffic not allowed"))
-            self.record.error = ""
-        else:
-            self.record.error = "forbidden"
+        self.record.error = "forbidden"
         self.transport.close()
 
     async def _destination_verified(self, detected: Detected) -> bool:

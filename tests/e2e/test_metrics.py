@@ -131,6 +131,7 @@ def test_every_kind_of_traffic_then_one_scrape(world: World, proxy: StartProxy) 
         sock.shutdown(socket.SHUT_WR)
         recv_until_eof(sock)
     assert curl_status(world, "-4", "https://github.com/") == "000"
+    assert curl_status(world, "-4", "http://httpbin.org:443/get") == "403"  # not TLS: denied
     with world.connect(httpbin.v4, servers.ECHO_PORT) as sock:
         assert echo_once(sock, b"hello\n") == b"hello\n"
     with world.connect(httpbin.v4, REFUSED_PORT) as sock:
@@ -153,11 +154,16 @@ def test_every_kind_of_traffic_then_one_scrape(world: World, proxy: StartProxy) 
     )  # fmt: skip
     tls_allowed = route(443, "TLSRoute", "tls-egress", hostname="httpbin.org")
     tls_denied = route(443, "default", "tls-egress-deny", hostname="github.com")
+    plain_denied = route(443, "default", "tls-egress-deny", hostname="httpbin.org")
     assert unordered(samples["outbound_tls_route_open_total"]) == unordered(
-        [(tls_allowed, 1), (tls_denied, 1)]
+        [(tls_allowed, 1), (tls_denied, 1), (plain_denied, 1)]
     )
     assert unordered(samples["outbound_tls_route_close_total"]) == unordered(
-        [({**tls_allowed, "error": ""}, 1), ({**tls_denied, "error": "forbidden"}, 1)]
+        [
+            ({**tls_allowed, "error": ""}, 1),
+            ({**tls_denied, "error": "forbidden"}, 1),
+            ({**plain_denied, "error": "forbidden"}, 1),
+        ]
     )
     target = {"target_ip": httpbin.v4}
     echo = route(servers.ECHO_PORT, "TCPRoute", "echo", **target,
@@ -196,5 +202,5 @@ def test_every_kind_of_traffic_then_one_scrape(world: World, proxy: StartProxy) 
     }
     assert opened == {
         ("outbound_tls_route_open_total", tuple(sorted(labels.items())), value)
-        for labels, value in ((tls_allowed, 1.0), (tls_denied, 1.0))
+        for labels, value in ((tls_allowed, 1.0), (tls_denied, 1.0), (plain_denied, 1.0))
     }
