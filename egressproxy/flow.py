@@ -6,6 +6,7 @@ The only module that reads a client before a protocol handler takes over.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -20,6 +21,7 @@ from egressproxy.netfilter import is_local_address, local_destination, original_
 from egressproxy.policy.decision import (
     Action,
     ConnectionFacts,
+    Decision,
     Destination,
     Detected,
     RouteProtocol,
@@ -124,6 +126,18 @@ means an HTTP head or ClientHello that is malformed or too large to read."""
 TLS_RECORD_HANDSHAKE = 0x16
 HEADER_TIMEOUT = "header_timeout"
 """The sniff outcome of a request head still incomplete at --header-timeout."""
+
+
+def _denied_for_ech(decision: Decision) -> Decision:
+    """--ech deny: the hello's decision, on the same route, made a denial. An audited
+    network lets it pass as would_deny, to where the original decision sends it."""
+    if decision.action is Action.DENY:
+        return decision
+    return dataclasses.replace(
+        decision,
+        action=Action.DENY,
+        reason=f"Encrypted Client Hello denied (--ech deny); else {decision.reason}",
+    )
 
 
 def _classify(sniffed: Sniffed, first_bytes: bytes) -> tuple[Detected, str | None, str]:
@@ -305,7 +319,8 @@ class Flow(asyncio.Protocol):
         self.record.ech = isinstance(sniffed, TlsHello) and sniffed.ech
         facts = ConnectionFacts(self.record.destination, detected, hostname)
         decision = self.snapshot.index.decide_connection(facts)
-        self.record.decision = decision
+        ech_denied = self.record.ech and self.context.settings.ech is EchPolicy.DENY
+        self.record.decision = _denied_for_ech(decision) if ech_denied else decision
         self.context.accounting.connection_decided(self.record)
         if decision.protocol in (RouteProtocol.HTTP, RouteProtocol.GRPC):
             if detected is Detected.HTTP1:
@@ -316,11 +331,10 @@ class Flow(asyncio.Protocol):
                 self.handler = http2.H2Proxy(self)
                 self.handler.start()
                 return
-        if decision.action is Action.DENY and not decision.audit:
-            self._deny(detected)
-            return
-        if self.record.ech and self.context.settings.ech is EchPolicy.DENY:
-            log.info("%s: Encrypted Client Hello denied (--ech deny)", self.record.client)
+        recorded = self.record.decision
+        if recorded.action is Action.DENY and not recorded.audit:
+            if ech_denied:
+                log.info("%s: Encrypted Client Hello denied (--ech deny)", self.record.client)
             self._deny(detected)
             return
         host, port = upstream.address_for(decision, self.record.destination)

@@ -43,7 +43,7 @@ def verification_mode(
     routed to a backend (the client's address is not used), or covered by no network
     (passed untouched on its address alone) needs no check.
     """
-    if hostname is None or decision.action is Action.ROUTE or decision.parent is None:
+    if hostname is None or decision.backend is not None or decision.parent is None:
         return VerifyDestination.OFF
     if decision.action is Action.DENY and not decision.audit:
         return VerifyDestination.OFF

@@ -109,7 +109,8 @@ class Decision:
     route: RouteRef | None
     backend: Backend | None = None
     audit: bool = False
-    """The policy that produced a DENY is in audit mode: log would_deny, let it pass."""
+    """The network is in audit mode: a DENY (the policy's, or --ech deny's) is logged and
+    counted as would_deny, and the traffic passes."""
     verify_destination: str | None = None
     """Per-network override of --verify-destination (off|log|enforce), else None."""
     reason: str = ""

@@ -580,7 +580,7 @@ class PolicyIndex:
             parent=self.parent(network, destination, rule.section_name),
             route=rule.route.ref,
             backend=rule.backend,
-            audit=action == Action.DENY and network.audit,
+            audit=network.audit,
             verify_destination=rule.route.verify_destination or network.network.verify_destination,
             reason=f"matched {rule.describe()}",
         )
@@ -614,7 +614,7 @@ class PolicyIndex:
             protocol=protocol,
             parent=self.parent(network, destination, ""),
             route=RouteRef("", "default", "", name),
-            audit=not allow and network.audit,
+            audit=network.audit,
             verify_destination=network.network.verify_destination,
             reason=f"{why} on port {destination.port} of {network.network.id}: "
             f"default {policy.value}",

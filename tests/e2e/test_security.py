@@ -124,11 +124,13 @@ def test_spoofed_host_header(world: World, proxy: StartProxy, mode: str) -> None
     ]
 
 
-@pytest.mark.parametrize("ech", ["allow", "deny"])
+@pytest.mark.parametrize("ech", ["allow", "deny", "deny-audited"])
 def test_encrypted_client_hello(world: World, proxy: StartProxy, ech: str) -> None:
-    """A hello with the ECH extension (0xfe0d) is seen by policy and decided on its outer SNI."""
+    """A hello with the ECH extension (0xfe0d) is seen by policy and decided on its outer SNI;
+    under --audit, --ech deny only logs and counts it as would_deny."""
     hello = (CAPTURES / "curl_tls13_ech.bin").read_bytes()
-    running = proxy(None, "--ech", ech)
+    audited = ech == "deny-audited"
+    running = proxy(None, "--ech", ech.removesuffix("-audited"), *(["--audit"] if audited else []))
     with world.connect(world.host("example.test").v4, 443) as sock:
         sock.sendall(hello)
         answer = bytes_before_close(sock)
@@ -136,8 +138,15 @@ def test_encrypted_client_hello(world: World, proxy: StartProxy, ech: str) -> No
         assert answer == b""
         closes = settled(running, "outbound_tcp_route_close_total", 1)
         assert [labels["error"] for labels, _ in closes] == ["forbidden"]
+        assert running.logged(r"\bech=true route=\S+ decision=deny\b"), running.log_text()
     else:
         assert answer is None or answer.startswith(b"\x16\x03")
+    if audited:
+        would_deny = settled(running, "egress_audit_would_deny_total", 1)
+        assert [(labels["route_name"], value) for labels, value in would_deny] == [
+            ("tcp-egress-allow", 1.0)
+        ]
+        assert running.logged(r"\bech=true route=\S+ decision=would_deny\b"), running.log_text()
     assert running.logged(r"\bech=true\b"), running.log_text()
     assert metric_samples(running, "egress_encrypted_client_hellos_total") == [({}, 1.0)]
 

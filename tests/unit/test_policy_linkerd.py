@@ -571,7 +571,7 @@ def test_annotations_and_global_audit() -> None:
     allowed = decide_ip(
         compiled(network("n", "egress-test", "Allow"), Settings(audit=True)), "203.0.113.1"
     )
-    assert allowed.audit is False
+    assert (allowed.action, allowed.audit) == (Action.PASS, True), "a denial of it (ECH) is audited"
 
 
 def test_describe_is_json() -> None:
