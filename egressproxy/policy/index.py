@@ -375,6 +375,7 @@ class PolicyIndex:
         self.model = model
         self.settings = settings
         self.decisions: dict[tuple[int, int, RouteProtocol, str], Decision] = {}
+        self.untouched_decisions: dict[tuple[RouteProtocol, Destination], Decision] = {}
         self.networks: dict[IPAddress, CompiledNetwork | None] = {}
         """network_for's answers: a client talks to few addresses, each asked per request."""
         self.cidrs = CidrTable()
@@ -476,13 +477,13 @@ class PolicyIndex:
                 RequestFacts(facts.destination, facts.hostname, "GET", "/", "", (), grpc=False)
             )
             if decision.parent is None:
-                return no_network(RouteProtocol.TCP, facts.destination)
+                return self.untouched(RouteProtocol.TCP, facts.destination)
             return decision
         destination = facts.destination
         network = self.network_for(destination)
         protocol = RouteProtocol.TLS if facts.detected == Detected.TLS else RouteProtocol.TCP
         if network is None:
-            return no_network(protocol, destination)
+            return self.untouched(protocol, destination)
         table = network.table(destination.port)
         if facts.detected == Detected.TLS and table.fixed not in (
             RouteProtocol.HTTP,
@@ -520,7 +521,7 @@ class PolicyIndex:
             )
         protocol = RouteProtocol.GRPC if grpc_port else RouteProtocol.HTTP
         if network is None:
-            return no_network(protocol, destination)
+            return self.untouched(protocol, destination)
         if grpc_port:
             rule = best_grpc_rule(table.grpc, facts)
             if rule is not None:
@@ -558,6 +559,17 @@ class PolicyIndex:
         decision = self.decisions.get(key)
         if decision is None:
             decision = self.remember(key, self.build_matched(network, destination, protocol, rule))
+        return decision
+
+    def untouched(self, protocol: RouteProtocol, destination: Destination) -> Decision:
+        """Traffic no network covers: one shared decision per address and protocol, so the
+        metrics and the access log find what they made for it the last time."""
+        key = (protocol, destination)
+        decision = self.untouched_decisions.get(key)
+        if decision is None:
+            if len(self.untouched_decisions) >= MAX_MEMOISED_DECISIONS:
+                self.untouched_decisions.clear()
+            decision = self.untouched_decisions[key] = no_network(protocol, destination)
         return decision
 
     def remember(self, key: tuple[int, int, RouteProtocol, str], decision: Decision) -> Decision:

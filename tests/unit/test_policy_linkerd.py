@@ -194,6 +194,7 @@ def test_cluster_networks_are_not_egress() -> None:
             RouteProtocol.TCP,
             None,
         ), "HTTP no network covers is spliced as opaque TCP, not read"
+        assert index.decide_connection(connection) is untouched, "one shared decision"
 
 
 def network(name: str, namespace: str, policy: str, networks: str = "", extra: str = "") -> str:
