@@ -105,6 +105,54 @@ async def test_each_request_on_a_keep_alive_connection_is_decided_on_its_own(
     assert statuses == [("/a", 200), ("/denied", 403), ("/b", 200), ("/denied/x", 403)]
 
 
+BLOCKED_HOST = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: test
+spec:
+  default: allow
+  rules:
+  - name: blocked
+    hosts: [blocked.test, "*.blocked.test"]
+    action: deny
+"""
+
+
+@pytest.mark.asyncio
+async def test_each_request_is_decided_on_its_own_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An allowed first request does not carry a denied Host through on the same connection,
+    in the Host header or in an absolute-form target."""
+    async with (
+        origin(h1) as origin_port,
+        loopback_proxy(tmp_path, monkeypatch, BLOCKED_HOST, local(origin_port)) as proxy,
+    ):
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        heads = [
+            ("GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n", 200),
+            ("GET /b HTTP/1.1\r\nHost: blocked.test\r\n\r\n", 403),
+            ("GET /c HTTP/1.1\r\nHost: example.test\r\n\r\n", 200),
+            ("GET http://www.blocked.test/d HTTP/1.1\r\nHost: example.test\r\n\r\n", 403),
+            ("GET /e HTTP/1.1\r\nHost: EXAMPLE.test.\r\n\r\n", 200),
+        ]
+        for head, expected in heads:
+            writer.write(head.encode())
+            status, _, _ = await read_response(reader)
+            assert status == expected, head
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    decided = [(record.hostname, record.status) for record in proxy.ledger.requests]
+    assert decided == [
+        ("example.test", 200),
+        ("blocked.test", 403),
+        ("example.test", 200),
+        ("www.blocked.test", 403),
+        ("example.test", 200),
+    ]
+
+
 @pytest.mark.asyncio
 async def test_routed_request_goes_to_the_backend_and_keeps_its_host(
     setup: tuple[LoopbackProxy, int, int],
