@@ -316,6 +316,30 @@ async def test_upgrade_and_connect_are_spliced(setup: tuple[LoopbackProxy, int, 
 
 
 @pytest.mark.asyncio
+async def test_a_denied_upgrade_is_answered_and_the_connection_stays_http(
+    setup: tuple[LoopbackProxy, int, int],
+) -> None:
+    proxy, _, _ = setup
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(
+        b"GET /denied/chat HTTP/1.1\r\nHost: example.test\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    status, _, body = await read_response(reader)
+    assert (status, body) == (403, b"traffic not allowed\n")
+    writer.write(b"GET /after HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    status, _, body = await read_response(reader)
+    assert (status, document(body)["target"]) == (200, "/after")
+    writer.close()
+    await proxy.wait_closed_flows(1)
+    assert [(r.path, r.status) for r in proxy.ledger.requests] == [
+        ("/denied/chat", 403),
+        ("/after", 200),
+    ]
+
+
+@pytest.mark.asyncio
 async def test_unreachable_upstream_gets_502_and_the_cause(
     setup: tuple[LoopbackProxy, int, int],
 ) -> None:
