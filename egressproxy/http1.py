@@ -306,6 +306,8 @@ class Http1Proxy(asyncio.Protocol):
         self.request: h11.Request | None = None
         self.parsed: ParsedRequest | None = None
         self.record: RequestRecord | None = None
+        self.tunnel: RequestRecord | None = None
+        """The Upgrade or CONNECT request whose tunnel is open, reported when it ends."""
         self.forwarding = False
         """The current request goes upstream (else its body is dropped: denied or failed)."""
         self.connecting: asyncio.Task[None] | None = None
@@ -1110,9 +1112,7 @@ class Http1Proxy(asyncio.Protocol):
             self._upstream_broken(upstream, "bad_response")
             return
         self.upstream = None
-        if self.record is not None:
-            self.accounting.request_finished(self.record)
-            self.record = None
+        self.tunnel, self.record = self.record, None
         self._stop()
         self._flush_batch()
         for idle in self.idle.values():
@@ -1127,9 +1127,17 @@ class Http1Proxy(asyncio.Protocol):
         relay.start(client_rest, client_eof)
 
     def relayed(self, result: RelayResult) -> None:
+        """The tunnel ended: its request is reported now, with the tunnel's bytes, time
+        and end (an Upgrade's or CONNECT's exchange is the whole tunnel)."""
         record = self.flow.record
         record.bytes_from_client += result.bytes_from_client
         record.bytes_from_upstream += result.bytes_from_upstream
+        tunnel, self.tunnel = self.tunnel, None
+        if tunnel is not None:
+            tunnel.bytes_from_client += result.bytes_from_client
+            tunnel.bytes_from_upstream += result.bytes_from_upstream
+            tunnel.error = tunnel.error or result.error
+            self.accounting.request_finished(tunnel)
         self.flow.finish(result.error)
 
     # ---- answers of the proxy itself -------------------------------------------------

@@ -312,7 +312,9 @@ async def test_upgrade_and_connect_are_spliced(setup: tuple[LoopbackProxy, int, 
     assert await reader.readexactly(9) == b"\x16\x03\x01opaque"
     writer.close()
     await proxy.wait_closed_flows(2)
-    assert [r.status for r in proxy.ledger.requests] == [101, 200]
+    tunnels = [(r.status, r.bytes_from_client, r.bytes_from_upstream, r.error)
+               for r in proxy.ledger.requests]  # fmt: skip
+    assert tunnels == [(101, 28, 28, ""), (200, 9, 9, "")], "reported as the tunnels end"
 
 
 @pytest.mark.asyncio
