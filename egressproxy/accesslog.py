@@ -149,6 +149,9 @@ class AccessLog:
     def policy_reloaded(self, ok: bool, generation: int) -> None:
         """The policy store logs reloads itself."""
 
+    def upstream_failed(self, error: str) -> None:
+        """The failed request or connection has its own line."""
+
     def _write(self, record: FlowRecord | RequestRecord) -> None:
         duration = time.monotonic() - record.started
         writer = _writer

@@ -387,6 +387,7 @@ class Flow(asyncio.Protocol):
             )
         except UpstreamError as error:
             log.info("%s → %s:%s: %s", self.record.client, host, port, error)
+            self.context.accounting.upstream_failed(error.kind)
             self.record.error = error.kind
             if detected is Detected.HTTP1 and not self.client_gone:
                 status = 504 if error.kind == "connect_timeout" else 502
@@ -404,6 +405,7 @@ class Flow(asyncio.Protocol):
             log.warning("%s: cannot take over the connection: %s", self.record.client, error)
             upstream_socket.close()
             self.transport.abort()
+            self.context.accounting.upstream_failed("no_file_descriptors")
             self.finish("no_file_descriptors")
             return
         context = self.context

@@ -842,6 +842,7 @@ class Http1Proxy(asyncio.Protocol):
         except UpstreamError as error:
             self.connecting = None
             log.info("%s → %s:%s: %s", self.flow.record.client, key[0], key[1], error)
+            self.accounting.upstream_failed(error.kind)
             if self.exchange is not None:
                 self._lean_to_h11(None, b"")
             self._upstream_unavailable(error.kind)

@@ -429,6 +429,7 @@ class H2Proxy(asyncio.Protocol):
             )
         except UpstreamError as error:
             log.info("%s → %s:%s: %s", self.flow.record.client, key[0], key[1], error)
+            self.accounting.upstream_failed(error.kind)
             self.connecting.pop(key, None)
             if self.upstreams.get(key) is upstream:
                 del self.upstreams[key]

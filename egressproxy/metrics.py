@@ -19,7 +19,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, valu
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from egressproxy import upstream
 from egressproxy.policy.decision import Action, Decision, ParentRef, RouteProtocol, RouteRef
 from egressproxy.records import FlowRecord, RequestRecord
 from egressproxy.verify import is_ip_literal
@@ -64,15 +63,6 @@ GRPC_STATUS_NAMES = (
     "DATA_LOSS",
     "UNAUTHENTICATED",
 )
-
-CONNECT_ERRORS = frozenset(upstream.CONNECT_ERRORS.values()) - {"reset"} | {
-    "connect_timeout",
-    "connect_error",
-    "dns_error",
-    "dns_timeout",
-    "no_source_port",
-}
-"""Error words only a failed upstream connect produces (a reset may also come mid-relay)."""
 
 ORIGINAL_DST_FAILED = "original_dst_failed"
 LOOP = "loop"
@@ -446,8 +436,9 @@ class Metrics:
             self.original_destination_failures.inc()
         elif error == LOOP:
             self.loops.inc()
-        elif error in CONNECT_ERRORS:
-            self.connect_errors(error).inc()
+
+    def upstream_failed(self, error: str) -> None:
+        self.connect_errors(error).inc()
 
     def _count_mismatch(self, mode: str, hostname: str | None) -> None:
         if mode:

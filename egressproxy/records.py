@@ -65,6 +65,10 @@ class Accounting(Protocol):
 
     def request_finished(self, record: RequestRecord) -> None: ...
 
+    def upstream_failed(self, error: str) -> None:
+        """A connect to an upstream failed (or the connection it made could not be taken
+        over): once per connect, however many requests were waiting for it."""
+
     def policy_reloaded(self, ok: bool, generation: int) -> None: ...
 
     def tasks_counted(self, alive: int) -> None:

@@ -150,6 +150,9 @@ class Reporting:
         self.meters.request_finished(record)
         self.access_log.request_finished(record)
 
+    def upstream_failed(self, error: str) -> None:
+        self.meters.upstream_failed(error)
+
     def tasks_counted(self, alive: int) -> None:
         self.meters.tasks.set(alive)
 

@@ -39,6 +39,7 @@ class Ledger:
 
     flows: list[FlowRecord] = field(default_factory=list)
     requests: list[RequestRecord] = field(default_factory=list)
+    connect_failures: list[str] = field(default_factory=list)
 
     def connection_opened(self) -> None:
         """Nothing to count here."""
@@ -57,6 +58,9 @@ class Ledger:
 
     def tasks_counted(self, alive: int) -> None:
         """Nothing to count here."""
+
+    def upstream_failed(self, error: str) -> None:
+        self.connect_failures.append(error)
 
 
 @dataclass

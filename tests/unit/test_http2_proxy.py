@@ -249,13 +249,19 @@ async def test_unreachable_upstream_gives_502(h2_setup: tuple[LoopbackProxy, int
     proxy, _ = h2_setup
     proxy.destination[0] = local(closed_port())
     client = await connect_h2(proxy)
-    answer = client.request("GET", "/a")
+    answers = [client.request("GET", path) for path in ("/a", "/b", "/c")]
     async with asyncio.timeout(TIMEOUT):
-        await answer.done.wait()
-    assert (answer.headers[":status"], bytes(answer.body)) == ("502", b"upstream connect_refused\n")
+        for answer in answers:
+            await answer.done.wait()
+    for answer in answers:
+        assert (answer.headers[":status"], bytes(answer.body)) == (
+            "502",
+            b"upstream connect_refused\n",
+        )
     client.transport.close()
     await proxy.wait_closed_flows(1)
-    assert [(r.status, r.error) for r in proxy.ledger.requests] == [(502, "connect_refused")]
+    assert [(r.status, r.error) for r in proxy.ledger.requests] == [(502, "connect_refused")] * 3
+    assert proxy.ledger.connect_failures == ["connect_refused"], "one connect, counted once"
 
 
 class ClosedWindowClient(H2Client):

@@ -405,6 +405,8 @@ def test_http_allowed_denied_routed_failed(registry: CollectorRegistry, metrics:
     metrics.request_finished(
         request(index, "httpbin.org", "/get", status=504, error="connect_timeout")
     )
+    for failed_connect in ("connect_refused", "connect_timeout"):
+        metrics.upstream_failed(failed_connect)
     samples = scrape(registry)
     assert unordered(samples["outbound_http_route_request_statuses_total"]) == unordered(
         [
@@ -473,6 +475,7 @@ def test_tls_allowed_denied_failed(registry: CollectorRegistry, metrics: Metrics
     whole_connection(
         metrics, connection(index, Detected.TLS, 443, "httpbin.org", error="connect_timeout")
     )
+    metrics.upstream_failed("connect_timeout")
     samples = scrape(registry)
     allowed = route_labels(443, "TLSRoute", "tls-egress", hostname="httpbin.org")
     denied = route_labels(443, "default", "tls-egress-deny", hostname="github.com")
@@ -737,6 +740,7 @@ def every_kind_of_traffic(metrics: Metrics) -> None:
     audited = policy(AUDITED)
     metrics.request_finished(request(index, "httpbin.org", "/get", status=502,
                                      error="connect_refused", sent=5))  # fmt: skip
+    metrics.upstream_failed("connect_refused")
     metrics.request_finished(request(index, "g.example", "/helloworld.Greeter/SayHello",
                                      50051, grpc=True, grpc_status=0))  # fmt: skip
     metrics.request_finished(request(audited, "httpbin.org", "/", status=200))
