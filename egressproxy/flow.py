@@ -374,6 +374,7 @@ class Flow(asyncio.Protocol):
 
     async def _connect(self, host: str, port: int, detected: Detected) -> None:
         if self._looped():
+            self.finish("loop")  # the client's connection_lost leaves finishing to this task
             return
         if not await self._destination_verified(detected):
             return
