@@ -746,6 +746,30 @@ class H2Proxy(asyncio.Protocol):
         if self.closed or self.loop.time() - self.last_activity < self.settings.idle_timeout:
             return
         self.error = "idle_timeout"
+        for stream in list(self.streams.values()):
+            self._timed_out(stream)
         self._goaway()
         self._flush()
         self.transport.abort()
+
+    def _timed_out(self, stream: _Stream) -> None:
+        """A stream still waiting when the connection went idle: 504 (gRPC: UNAVAILABLE),
+        as HTTP/1 answers, or a reset once its response has begun."""
+        if stream.done:
+            return
+        upstream = stream.upstream
+        if upstream is not None:
+            if stream.upstream_id:
+                with contextlib.suppress(h2.exceptions.StreamClosedError):
+                    upstream.h2.reset_stream(stream.upstream_id, h2.errors.ErrorCodes.CANCEL)
+                upstream.streams.pop(stream.upstream_id, None)
+            elif stream in upstream.waiting:
+                upstream.waiting.remove(stream)
+        if stream.response_started:
+            with contextlib.suppress(h2.exceptions.StreamClosedError):
+                self.h2.reset_stream(stream.client_id, h2.errors.ErrorCodes.CANCEL)
+            self._finish_stream(stream, "idle_timeout")
+        elif stream.record.grpc:
+            self._grpc_answer(stream, GRPC_UNAVAILABLE, "upstream idle_timeout", "idle_timeout")
+        else:
+            self._local_answer(stream, 504, "upstream idle_timeout", "idle_timeout")

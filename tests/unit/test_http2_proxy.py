@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import socket
@@ -22,7 +23,7 @@ import pytest_asyncio
 from egressproxy.settings import VerifyDestination
 from tests.e2e.http_servers import H2Server, grpc_server
 from tests.e2e.servers import deterministic_chunks
-from tests.unit.http_harness import LoopbackProxy, local, loopback_proxy
+from tests.unit.http_harness import LoopbackProxy, local, loopback_proxy, proxy_to_origin
 
 POLICY = """\
 apiVersion: egressproxy.io/v1alpha1
@@ -308,6 +309,41 @@ async def test_a_local_answer_waits_for_the_clients_window(
     await proxy.wait_closed_flows(1)
     assert ("/denied/thing", 403, "") in [
         (r.path, r.status, r.error) for r in proxy.ledger.requests
+    ]
+
+
+async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An upstream that takes the connection and never answers."""
+    with contextlib.suppress(ConnectionError):
+        while await reader.read(65536):
+            pass
+    writer.close()
+
+
+@pytest.mark.asyncio
+async def test_streams_waiting_when_the_connection_goes_idle_are_answered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing moved for --idle-timeout: each waiting stream gets 504 (a gRPC call
+    UNAVAILABLE) with error=idle_timeout, as HTTP/1 answers, then the GOAWAY."""
+    async with proxy_to_origin(silent, tmp_path, monkeypatch, POLICY, idle_timeout=0.4) as proxy:
+        client = await connect_h2(proxy)
+        plain = client.request("GET", "/a")
+        call = client.request(
+            "POST", "/test.Echo/Echo", headers={"content-type": "application/grpc"}
+        )
+        async with asyncio.timeout(TIMEOUT):
+            await plain.done.wait()
+            await call.done.wait()
+            await client.lost.wait()
+        await proxy.wait_closed_flows(1)
+    assert (plain.headers[":status"], bytes(plain.body)) == ("504", b"upstream idle_timeout\n")
+    assert call.headers["grpc-status"] == "14"
+    assert client.goaway
+    outcomes = sorted((r.path, r.status, r.grpc_status, r.error) for r in proxy.ledger.requests)
+    assert outcomes == [
+        ("/a", 504, None, "idle_timeout"),
+        ("/test.Echo/Echo", 200, 14, "idle_timeout"),
     ]
 
 
