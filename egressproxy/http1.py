@@ -397,8 +397,8 @@ class Http1Proxy(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.record is not None:
-            self._request_failed("reset")
+        if self.record is not None:  # cut by the drain timeout (Flow.abort), or by the client
+            self._request_failed(self.flow.record.error or "reset")
         self._close_upstreams()
         self._stop()
         self.flow.finish(self.error or ("reset" if exc else ""))

@@ -249,8 +249,9 @@ class H2Proxy(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         closed_here, self.closed = self.closed, True
+        cut = self.flow.record.error or "reset"  # "drain" when the drain timeout cut it
         for stream in list(self.streams.values()):
-            self._finish_stream(stream, "reset")
+            self._finish_stream(stream, cut)
         for task in [*self.connecting.values(), *self.verifying]:
             task.cancel()
         for upstream in list(self.upstreams.values()):

@@ -342,6 +342,33 @@ async def test_a_denied_upgrade_is_answered_and_the_connection_stays_http(
 
 
 @pytest.mark.asyncio
+async def test_a_request_cut_by_the_drain_timeout_says_drain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    arrived = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Takes the request and never answers."""
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):
+                arrived.set()
+        writer.close()
+
+    async with proxy_to_origin(silent, tmp_path, monkeypatch, POLICY.format(backend=1)) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        async with asyncio.timeout(5):
+            await arrived.wait()
+        for flow in list(proxy.context.open_flows.flows):
+            flow.abort()  # what the drain timeout does to what is left
+        assert await reader.read() == b""
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    assert [(r.path, r.error) for r in proxy.ledger.requests] == [("/slow", "drain")]
+    assert [f.error for f in proxy.ledger.flows] == ["drain"]
+
+
+@pytest.mark.asyncio
 async def test_unreachable_upstream_gets_502_and_the_cause(
     setup: tuple[LoopbackProxy, int, int],
 ) -> None:

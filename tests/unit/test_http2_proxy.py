@@ -347,6 +347,33 @@ async def test_streams_waiting_when_the_connection_goes_idle_are_answered(
     ]
 
 
+@pytest.mark.asyncio
+async def test_streams_cut_by_the_drain_timeout_say_drain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    arrived = asyncio.Event()
+
+    async def listening(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):
+                arrived.set()
+        writer.close()
+
+    async with proxy_to_origin(listening, tmp_path, monkeypatch, POLICY) as proxy:
+        client = await connect_h2(proxy)
+        waiting = client.request("GET", "/slow")
+        async with asyncio.timeout(TIMEOUT):
+            await arrived.wait()
+        for flow in list(proxy.context.open_flows.flows):
+            flow.abort()  # what the drain timeout does to what is left
+        async with asyncio.timeout(TIMEOUT):
+            await client.lost.wait()
+        await proxy.wait_closed_flows(1)
+    assert not waiting.done.is_set()
+    assert [(r.path, r.error) for r in proxy.ledger.requests] == [("/slow", "drain")]
+    assert [f.error for f in proxy.ledger.flows] == ["drain"]
+
+
 def closed_port() -> int:
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
