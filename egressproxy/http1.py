@@ -1205,6 +1205,9 @@ class Http1Proxy(asyncio.Protocol):
                 grpc=False,
                 decision=flow.record.decision,
             )
+            if self.head_deadline is not None:  # the head began header_timeout before it
+                began = self.head_deadline - self.settings.header_timeout
+                self.record.started -= self.loop.time() - began
         can_answer = self.client.our_state in (h11.IDLE, h11.SEND_RESPONSE)
         self.record.status = status if can_answer else self.record.status
         self._request_failed(kind)

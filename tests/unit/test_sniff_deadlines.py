@@ -46,6 +46,9 @@ async def test_a_first_request_head_incomplete_at_the_header_timeout_gets_408(
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert 0.35 <= waited < 3
     assert proxy.ledger.flows[0].sniff_outcome == "header_timeout"
+    (timed_out,) = proxy.ledger.requests
+    assert (timed_out.status, timed_out.error) == (408, "header_timeout")
+    assert abs(timed_out.started - started) < 0.1, "its duration counts from the head's start"
 
 
 @pytest.mark.asyncio
