@@ -126,6 +126,10 @@ means an HTTP head or ClientHello that is malformed or too large to read."""
 TLS_RECORD_HANDSHAKE = 0x16
 HEADER_TIMEOUT = "header_timeout"
 """The sniff outcome of a request head still incomplete at --header-timeout."""
+HEAD_CUT_BY_EOF = "eof_in_head"
+"""The sniff outcome of a request head the client ended (EOF) before it was whole: HTTP's
+to refuse with 400, like one the header timeout ends with 408. Relayed as opaque bytes it
+would slip past the HTTP rules, and some servers act on a head that ends at EOF."""
 
 
 def _denied_for_ech(decision: Decision) -> Decision:
@@ -260,7 +264,7 @@ class Flow(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.client_eof = True
         if self.sniffing:
-            self._decide(Opaque("eof"))
+            self._decide(Opaque(HEAD_CUT_BY_EOF if self.buffer[:1].isupper() else "eof"))
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -329,6 +329,7 @@ class Http1Proxy(asyncio.Protocol):
         """Between exchanges h11 is bypassed: client bytes wait in inbox, h11 stays fresh."""
         self.inbox = b""
         self.inbox_eof = False
+        """The client sent its EOF: it sends nothing more."""
         self.exchange: _LeanExchange | None = None
         self.targeted: Decision | None = None
         self.target = ("", 0)
@@ -385,8 +386,8 @@ class Http1Proxy(asyncio.Protocol):
         self._process()
 
     def eof_received(self) -> bool:
+        self.inbox_eof = True
         if self.lean:
-            self.inbox_eof = True
             if self.exchange is None:
                 self._process_lean()
             return True
@@ -1226,6 +1227,9 @@ class Http1Proxy(asyncio.Protocol):
         self._flush_batch()
         self.closed = True
         self.flow.finish(self.error)
+        if self.inbox_eof:
+            self.transport.close()  # the client sends nothing more: nothing to drop
+            return
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.transport.set_protocol(_Linger(self.transport, self.loop))

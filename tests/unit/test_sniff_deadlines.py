@@ -52,6 +52,33 @@ async def test_a_first_request_head_incomplete_at_the_header_timeout_gets_408(
 
 
 @pytest.mark.asyncio
+async def test_a_request_head_the_client_ends_early_is_refused_not_relayed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A head cut short by EOF (no blank line yet) gets 400; as opaque bytes it would pass
+    the HTTP rules, and some servers (Python's http.server) act on a head ending at EOF."""
+    received = bytearray()
+
+    async def recording(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            received.extend(data)
+        writer.close()
+
+    async with proxy_to_origin(recording, tmp_path, monkeypatch, POLICY) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"GET /admin HTTP/1.1\r\nHost: example.test\r\n")
+        writer.write_eof()
+        async with asyncio.timeout(5):
+            answer = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        await proxy.wait_closed_flows(1)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert received == b""
+    assert proxy.ledger.flows[0].sniff_outcome == "eof_in_head"
+
+
+@pytest.mark.asyncio
 async def test_bytes_still_incomplete_at_the_sniff_complete_timeout_go_through_opaque(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
