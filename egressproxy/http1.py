@@ -30,7 +30,7 @@ import h11
 from egressproxy import http1_lean
 from egressproxy import upstream as upstream_connector
 from egressproxy.errors import UpstreamError
-from egressproxy.http1_lean import NEED_MORE, LeanRequest, LeanResponse
+from egressproxy.http1_lean import MAX_RESPONSE_HEAD, NEED_MORE, LeanRequest, LeanResponse
 from egressproxy.policy.decision import Action, Decision, Destination, RequestFacts
 from egressproxy.records import RequestRecord
 from egressproxy.relay import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW, Relay, RelayResult
@@ -133,9 +133,9 @@ class ParsedRequest:
     facts: RequestFacts
     has_body: bool
     smuggling: bool
-    """Content-Length beside Transfer-Encoding: the policy and the upstream could frame the
-    body differently, and the head is forwarded raw, so it is refused (400). (A second Host
-    h11 refuses itself.)"""
+    """Content-Length beside Transfer-Encoding, or Transfer-Encoding in HTTP/1.0 (RFC 9112
+    6.1: faulty framing): the policy and the upstream could frame the body differently, and
+    the head is forwarded raw, so it is refused (400). (A second Host h11 refuses itself.)"""
     is_connect: bool
     head_size: int
     """Bytes of the request line and header lines (h11 only bounds an incomplete head)."""
@@ -189,7 +189,7 @@ def parse_request(request: h11.Request, destination: Destination) -> ParsedReque
     return ParsedRequest(
         facts=facts,
         has_body=chunked or content_length.lstrip(b"0") != b"",
-        smuggling=chunked and content_length != b"",
+        smuggling=chunked and (content_length != b"" or request.http_version == b"1.0"),
         is_connect=is_connect,
         head_size=head_size,
         h2c_upgrade=h2c_upgrade,
@@ -226,6 +226,25 @@ def without_upgrade(request: h11.Request) -> h11.Request:
     )
 
 
+def _as_http11(response: h11.Response) -> h11.Response:
+    """h11 writes HTTP/1.1 only: an HTTP/1.0 upstream's response, for the client's h11, is
+    the same response as 1.1 (the head the client gets is the upstream's when it delimits
+    itself; else h11 frames the body for the client)."""
+    if response.http_version == b"1.1":
+        return response
+    return h11.Response(
+        status_code=response.status_code, headers=response.headers, reason=response.reason
+    )
+
+
+def _framed_twice(response: h11.Response) -> bool:
+    """Content-Length beside Transfer-Encoding (RFC 9112 6.3: "ought to be handled as an
+    error"): the head goes to the client as the upstream wrote it, so a client trusting the
+    length would read the body differently from us."""
+    names = {name for name, _ in response.headers}
+    return b"content-length" in names and b"transfer-encoding" in names
+
+
 def _self_delimited(response: h11.Response, request_method: bytes) -> bool:
     """The response body's end is marked in the message itself (not by closing)."""
     if response.status_code in (204, 304) or request_method == b"HEAD":
@@ -249,7 +268,7 @@ class _Upstream(asyncio.Protocol):
     def h11(self) -> h11.Connection:
         """Made on first use: lean exchanges leave it fresh, so most connections never need it."""
         if self._h11 is None:
-            self._h11 = h11.Connection(h11.CLIENT)
+            self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
         return self._h11
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -377,6 +396,8 @@ class Http1Proxy(asyncio.Protocol):
                     self.pause_client(_PAUSED_BY_BACKLOG)
             # else: bytes after Connection: close are dropped; the connection ends with the answer
             return
+        if self.client.their_state is h11.MUST_CLOSE:
+            return  # after a request that said close: dropped, the answer ends the connection
         if self.head_deadline is None and self.client.their_state is h11.IDLE:
             self._await_head()
         self.client.receive_data(data)
@@ -532,6 +553,8 @@ class Http1Proxy(asyncio.Protocol):
     def _pull_client_events(self) -> None:
         client = self.client
         while not self.closed and not self.lean:
+            if client.their_state is h11.MUST_CLOSE:
+                return  # the request said close (RFC 9112 9.6): no later request is read
             try:
                 event = client.next_event()
             except h11.RemoteProtocolError as error:
@@ -937,7 +960,11 @@ class Http1Proxy(asyncio.Protocol):
     def _release(self, upstream: _Upstream) -> None:
         """Keep the upstream for the next request to the same (host, port), if it can be."""
         connection = upstream.h11
-        if connection.our_state is h11.DONE and connection.their_state is h11.DONE:
+        if (
+            connection.our_state is h11.DONE
+            and connection.their_state is h11.DONE
+            and not connection.trailing_data[0]  # bytes past the response: not to be trusted
+        ):
             connection.start_next_cycle()
             self._keep_idle(upstream)
         else:
@@ -1001,6 +1028,11 @@ class Http1Proxy(asyncio.Protocol):
             if kind is h11.Data:
                 self._response_data(event)  # type: ignore[arg-type]
             elif kind is h11.Response:
+                if _framed_twice(event):  # type: ignore[arg-type]
+                    client = self.flow.record.client
+                    log.info("%s: response from %s:%s framed twice", client, *upstream.key)
+                    self._upstream_broken(upstream, "bad_response")
+                    return
                 self._response_started(event)  # type: ignore[arg-type]
             elif kind is h11.EndOfMessage:
                 self._response_ended(event)  # type: ignore[arg-type]
@@ -1073,7 +1105,7 @@ class Http1Proxy(asyncio.Protocol):
         assert self.record is not None and self.request is not None
         self.record.status = response.status_code
         self.response_started = True
-        head = self.client.send(response)
+        head = self.client.send(_as_http11(response))
         if self.request.http_version == b"1.1" and _self_delimited(response, self.request.method):
             head = response_head(response)
         self._write_client(head)

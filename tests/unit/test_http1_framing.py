@@ -1,0 +1,221 @@
+"""Http1Proxy on loopback against scripted origins: responses framed in ways a well-behaved
+nginx never writes (HTTP/1.0, bytes past the response, long heads) and requests whose
+framing is faulty, byte for byte on both sides, and the connection after each."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.unit.http_harness import proxy_to_origin
+from tests.unit.test_http1_proxy import read_response
+
+POLICY = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: test
+spec:
+  default: allow
+"""
+TIMEOUT = 5.0
+
+Script = Callable[[bytes], tuple[bytes, bool]]
+"""The request head's first line → the bytes to answer and whether to close after them."""
+
+
+def scripted(script: Script, heads: list[bytes]) -> Callable[..., object]:
+    """An origin that reads request heads (and Content-Length bodies) and answers each as
+    the script says; every head it read is kept in heads."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                heads.append(head)
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        await reader.readexactly(int(line.split(b":")[1]))
+                answer, close = script(head.split(b"\r\n", 1)[0])
+                writer.write(answer)
+                await writer.drain()
+                if close:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    return serve
+
+
+@pytest.mark.asyncio
+async def test_an_http_1_0_response_reaches_the_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python's http.server answers HTTP/1.0: with a length the head goes through as sent,
+    without one (the end is the close) h11 frames the body for an HTTP/1.1 client."""
+
+    def script(line: bytes) -> tuple[bytes, bool]:
+        if line.startswith(b"GET /length"):
+            return b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", True
+        return b"HTTP/1.0 200 OK\r\nX-A: 1\r\n\r\nhello world", True
+
+    heads: list[bytes] = []
+    async with proxy_to_origin(scripted(script, heads), tmp_path, monkeypatch, POLICY) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        async with asyncio.timeout(TIMEOUT):
+            writer.write(b"GET /length HTTP/1.1\r\nHost: example.test\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head == b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n"
+            assert await reader.readexactly(2) == b"ok"
+            writer.write(b"GET /close HTTP/1.1\r\nHost: example.test\r\n\r\n")
+            status, headers, body = await read_response(reader)
+        assert (status, headers.get("x-a"), body) == (200, "1", b"hello world")
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    assert [(r.path, r.status, r.error) for r in proxy.ledger.requests] == [
+        ("/length", 200, ""),
+        ("/close", 200, ""),
+    ]
+
+
+@pytest.mark.asyncio
+async def test_bytes_past_a_response_keep_the_upstream_from_being_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunked response followed in the same read by a whole second response: the
+    upstream is let go, and the client's next request gets its own answer."""
+
+    def script(line: bytes) -> tuple[bytes, bool]:
+        if line.startswith(b"POST /first"):
+            chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+            return chunked + b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL", False
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nGOOD", False
+
+    heads: list[bytes] = []
+    async with proxy_to_origin(scripted(script, heads), tmp_path, monkeypatch, POLICY) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        async with asyncio.timeout(TIMEOUT):
+            writer.write(
+                b"POST /first HTTP/1.1\r\nHost: example.test\r\nContent-Length: 2\r\n\r\nhi"
+            )
+            assert (await read_response(reader))[2] == b"ok"
+            writer.write(
+                b"POST /next HTTP/1.1\r\nHost: example.test\r\nContent-Length: 2\r\n\r\nzz"
+            )
+            assert (await read_response(reader))[2] == b"GOOD"
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    assert [head.split(b" ")[1] for head in heads] == [b"/first", b"/next"]
+
+
+@pytest.mark.asyncio
+async def test_a_request_after_one_that_said_close_is_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 9112 9.6: the first request is answered and the connection closed; the one
+    pipelined after it is dropped, not answered 400 in place of the first's answer."""
+    heads: list[bytes] = []
+
+    def script(line: bytes) -> tuple[bytes, bool]:
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", False
+
+    async with proxy_to_origin(scripted(script, heads), tmp_path, monkeypatch, POLICY) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(
+            b"GET /a HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n"
+            b"GET /b HTTP/1.1\r\nHost: example.test\r\n\r\n"
+        )
+        async with asyncio.timeout(TIMEOUT):
+            assert await read_response(reader) == (200, {"content-length": "2"}, b"ok")
+            assert await reader.read() == b""
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    assert [head.split(b" ")[1] for head in heads] == [b"/a"]
+    assert [(r.path, r.status) for r in proxy.ledger.requests] == [("/a", 200)]
+
+
+@pytest.mark.asyncio
+async def test_a_long_response_head_split_over_reads_passes_on_either_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """40 KB of response head in two writes: the lean path (GET) and h11's (POST with a
+    body) take the same heads, up to 64 KiB."""
+    long_header = b"X-Long: " + b"v" * 40_000 + b"\r\n"
+
+    async def split_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if b"Content-Length: 2" in head:
+                    await reader.readexactly(2)
+                writer.write(b"HTTP/1.1 200 OK\r\n" + long_header[:20_000])
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                writer.write(long_header[20_000:] + b"Content-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    async with proxy_to_origin(split_head, tmp_path, monkeypatch, POLICY) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        async with asyncio.timeout(TIMEOUT):
+            writer.write(b"GET /lean HTTP/1.1\r\nHost: example.test\r\n\r\n")
+            assert (await read_response(reader))[0::2] == (200, b"ok")
+            writer.write(b"POST /h11 HTTP/1.1\r\nHost: example.test\r\nContent-Length: 2\r\n\r\nhi")
+            assert (await read_response(reader))[0::2] == (200, b"ok")
+        writer.close()
+        await proxy.wait_closed_flows(1)
+
+
+@pytest.mark.asyncio
+async def test_transfer_encoding_in_an_http_1_0_request_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 9112 6.1: faulty framing; an upstream that ignores TE in HTTP/1.0 would read
+    the body as the next request."""
+    heads: list[bytes] = []
+
+    def script(line: bytes) -> tuple[bytes, bool]:
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", False
+
+    async with proxy_to_origin(scripted(script, heads), tmp_path, monkeypatch, POLICY) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(
+            b"POST /a HTTP/1.0\r\nHost: example.test\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        )
+        async with asyncio.timeout(TIMEOUT):
+            answer = await reader.read()
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert heads == []
+
+
+@pytest.mark.asyncio
+async def test_a_response_framed_twice_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Content-Length beside Transfer-Encoding (RFC 9112 6.3): 502, not a head a client
+    could read by its length while the proxy reads it chunked."""
+
+    def script(line: bytes) -> tuple[bytes, bool]:
+        return (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n"
+        ), False
+
+    heads: list[bytes] = []
+    async with proxy_to_origin(scripted(script, heads), tmp_path, monkeypatch, POLICY) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        async with asyncio.timeout(TIMEOUT):
+            status, _, body = await read_response(reader)
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    assert (status, body) == (502, b"upstream bad_response\n")
+    assert [(r.status, r.error) for r in proxy.ledger.requests] == [(502, "bad_response")]
