@@ -1099,7 +1099,9 @@ class Http1Proxy(asyncio.Protocol):
         if response.status_code == 101:
             self._respond_upstream_head(response)
             return
-        self._write_client(self.client.send(response))
+        assert self.request is not None
+        if self.request.http_version != b"1.0":  # RFC 9110 15.2: no 1xx to an HTTP/1.0 client
+            self._write_client(self.client.send(response))
 
     def _response_started(self, response: h11.Response) -> None:
         assert self.record is not None and self.request is not None

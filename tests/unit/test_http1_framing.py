@@ -219,3 +219,27 @@ async def test_a_response_framed_twice_is_refused(
         await proxy.wait_closed_flows(1)
     assert (status, body) == (502, b"upstream bad_response\n")
     assert [(r.status, r.error) for r in proxy.ledger.requests] == [(502, "bad_response")]
+
+
+@pytest.mark.asyncio
+async def test_an_http_1_0_client_gets_no_informational_response(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 9110 15.2: a 1xx (103 Early Hints here) is not for an HTTP/1.0 client."""
+
+    def script(line: bytes) -> tuple[bytes, bool]:
+        return (
+            b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        ), False
+
+    heads: list[bytes] = []
+    async with proxy_to_origin(scripted(script, heads), tmp_path, monkeypatch, POLICY) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"GET /a HTTP/1.0\r\nHost: example.test\r\n\r\n")
+        async with asyncio.timeout(TIMEOUT):
+            answer = await reader.read()
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\nok")
+    assert b"103" not in answer
