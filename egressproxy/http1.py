@@ -1068,6 +1068,12 @@ class Http1Proxy(asyncio.Protocol):
         upstream.transport.abort()
         self.resume_client(_PAUSED_BY_UPSTREAM)
         if self.response_started:
+            if self._client is not None and self.client.our_state in (h11.DONE, h11.MUST_CLOSE):
+                # The answer went out whole (an early 413, say) before the upstream closed:
+                # the exchange is over; the rest of the body is dropped, not reset away.
+                self._request_failed("")
+                self._linger()
+                return
             self._request_failed(error)
             self.error = error
             self.transport.abort()

@@ -243,3 +243,32 @@ async def test_an_http_1_0_client_gets_no_informational_response(
         await proxy.wait_closed_flows(1)
     assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\nok")
     assert b"103" not in answer
+
+
+@pytest.mark.asyncio
+async def test_an_early_answer_then_close_reaches_an_uploading_client_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upstream answers 413 before the body is in, then closes: the client gets the
+    answer and an orderly end while it still uploads, not a reset."""
+
+    async def refuse_early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n\r\nbig!")
+        await writer.drain()
+        writer.close()
+
+    async with proxy_to_origin(refuse_early, tmp_path, monkeypatch, POLICY) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"POST /up HTTP/1.1\r\nHost: example.test\r\nContent-Length: 10000000\r\n\r\n")
+        answer = b""
+        async with asyncio.timeout(TIMEOUT):
+            for _ in range(40):  # keep uploading while the answer comes
+                writer.write(b"x" * 16384)
+                await asyncio.sleep(0.005)
+            while chunk := await reader.read(65536):
+                answer += chunk
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    assert answer == b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n\r\nbig!"
+    assert [(r.status, r.error) for r in proxy.ledger.requests] == [(413, "")]
