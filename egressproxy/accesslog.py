@@ -137,7 +137,9 @@ class AccessLog:
         """Lines are written when a connection ends."""
 
     def connection_closed(self, record: FlowRecord) -> None:
-        if record.decision is not None and record.decision.protocol in PER_REQUEST:
+        """An HTTP connection's requests have their lines; one that carried none (an h2
+        protocol error, say) gets a line of its own."""
+        if record.requests:
             return
         if self.logger.isEnabledFor(logging.INFO):
             self._write(record)

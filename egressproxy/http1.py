@@ -652,7 +652,7 @@ class Http1Proxy(asyncio.Protocol):
             else:
                 denial = DENIED_HEAD if method == "HEAD" else DENIED_RESPONSE
             self._write_client(denial)
-            self.accounting.request_finished(record)
+            self._report(record)
             if request.close or self.draining or flow.context.draining:
                 self._close()
             return True
@@ -726,7 +726,7 @@ class Http1Proxy(asyncio.Protocol):
             _discard(upstream)
         record, self.record = self.record, None
         assert record is not None
-        self.accounting.request_finished(record)
+        self._report(record)
         if exchange.close or self.draining or self.flow.context.draining:
             self.resume_client(_PAUSED_BY_UPSTREAM)
             self._close()
@@ -952,7 +952,7 @@ class Http1Proxy(asyncio.Protocol):
             # a full upstream write buffer paused the client; that upstream is done with
             self.resume_client(_PAUSED_BY_UPSTREAM)
         if self.record is not None:
-            self.accounting.request_finished(self.record)
+            self._report(self.record)
             self.record = None
         self.request = self.parsed = None
         self.forwarding = False
@@ -1179,7 +1179,7 @@ class Http1Proxy(asyncio.Protocol):
             tunnel.bytes_from_client += result.bytes_from_client
             tunnel.bytes_from_upstream += result.bytes_from_upstream
             tunnel.error = tunnel.error or result.error
-            self.accounting.request_finished(tunnel)
+            self._report(tunnel)
         self.flow.finish(result.error)
 
     # ---- answers of the proxy itself -------------------------------------------------
@@ -1215,11 +1215,15 @@ class Http1Proxy(asyncio.Protocol):
             return
         self._maybe_next_cycle()
 
+    def _report(self, record: RequestRecord) -> None:
+        self.flow.record.requests += 1
+        self.accounting.request_finished(record)
+
     def _request_failed(self, error: str) -> None:
         record, self.record = self.record, None
         if record is not None:
             record.error = record.error or error
-            self.accounting.request_finished(record)
+            self._report(record)
 
     def _client_protocol_error(self, error: h11.RemoteProtocolError) -> None:
         status = error.error_status_hint

@@ -692,6 +692,7 @@ class H2Proxy(asyncio.Protocol):
         stream.done = True
         self.streams.pop(stream.client_id, None)
         stream.record.error = stream.record.error or error
+        self.flow.record.requests += 1
         self.accounting.request_finished(stream.record)
         if not self.streams and (self.goaway_sent or self.flow.context.draining):
             self._goaway()

@@ -27,6 +27,8 @@ class FlowRecord:
     """"" on success; forbidden, connect_refused, reset, idle_timeout, loop …"""
     bytes_from_client: int = 0
     bytes_from_upstream: int = 0
+    requests: int = 0
+    """HTTP requests reported on this connection (each with its own access line)."""
     started: float = field(default_factory=time.monotonic)
 
 

@@ -237,18 +237,23 @@ def test_audited_denial_is_would_deny() -> None:
     assert (connection_line["decision"], connection_line["error"]) == ("would_deny", "")
 
 
-def test_http_connections_log_per_request_only() -> None:
+def test_http_connections_log_per_request_and_one_without_requests_once() -> None:
     out = Lines(LogFormat.TEXT)
     index = guide_step("linkerd-3-httproute.yaml")
     destination = Destination(EXTERNAL, 80)
     facts = ConnectionFacts(destination, Detected.HTTP1, "httpbin.org")
     connection = FlowRecord(client=CLIENT, destination=destination, detected=Detected.HTTP1,
                             hostname="httpbin.org", sniff_outcome="http1",
-                            decision=index.decide_connection(facts))  # fmt: skip
-    out.access_log.connection_closed(connection)
-    assert out.lines() == []
+                            decision=index.decide_connection(facts), requests=1)  # fmt: skip
     out.access_log.request_finished(http_request(index, "/get", 200))
-    assert len(out.lines()) == 1
+    out.access_log.connection_closed(connection)
+    assert len(out.lines()) == 1, "the request's line only"
+    broken = FlowRecord(client=CLIENT, destination=destination, detected=Detected.H2,
+                        sniff_outcome="h2", decision=connection.decision,
+                        error="bad_request")  # fmt: skip
+    out.access_log.connection_closed(broken)
+    _, fields = text_fields(out.lines()[1])
+    assert (fields["protocol"], fields["error"]) == ("h2", "bad_request")
 
 
 def test_connection_refused_before_a_decision() -> None:
