@@ -21,6 +21,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hyperframe.frame
 
 from egressproxy import upstream as upstream_connector
 from egressproxy.errors import UpstreamError
@@ -162,6 +163,9 @@ class _Upstream(asyncio.Protocol):
         self.waiting: deque[_Stream] = deque()
         """Streams not yet opened upstream (connecting, or at the peer's stream limit)."""
         self.usable = True
+        self.settled = False
+        """The upstream's first SETTINGS came: until then its stream limit is unknown (h2
+        assumes none), so no stream is opened and a burst is not refused wholesale."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -287,8 +291,8 @@ class H2Proxy(asyncio.Protocol):
             self._request_ended(event.stream_id, None)
         elif isinstance(event, h2.events.TrailersReceived):
             self._request_ended(event.stream_id, list(event.headers))
-        elif isinstance(event, h2.events.WindowUpdated):
-            self._client_window_opened(event.stream_id)
+        elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+            self._client_window_opened(getattr(event, "stream_id", None))
         elif isinstance(event, h2.events.StreamReset):
             self._client_reset(event.stream_id)
         elif isinstance(event, h2.events.ConnectionTerminated):
@@ -298,6 +302,9 @@ class H2Proxy(asyncio.Protocol):
 
     def _request_started(self, event: h2.events.RequestReceived) -> None:
         assert event.stream_id is not None and event.headers is not None
+        if self.goaway_sent:  # past our GOAWAY's last stream: not processed
+            self.h2.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
         headers: Headers = list(event.headers)
         facts = stream_facts(headers, self.flow)
         decision = self.flow.snapshot.index.decide_request(facts)
@@ -463,6 +470,8 @@ class H2Proxy(asyncio.Protocol):
                 self._local_answer(stream, status, f"upstream {error}", error)
 
     def _open_waiting(self, upstream: _Upstream) -> None:
+        if not upstream.settled:
+            return
         limit = upstream.h2.remote_settings.max_concurrent_streams
         while upstream.waiting and upstream.h2.open_outbound_streams < limit:
             stream = upstream.waiting.popleft()
@@ -614,7 +623,10 @@ class H2Proxy(asyncio.Protocol):
             for stream in streams:
                 self._pump_upstream(stream)
         elif isinstance(event, h2.events.RemoteSettingsChanged):
+            upstream.settled = True
             self._open_waiting(upstream)
+            for stream in list(upstream.streams.values()):  # a larger initial window
+                self._pump_upstream(stream)
         elif isinstance(event, h2.events.ConnectionTerminated):
             upstream.usable = False
             last = event.last_stream_id or 0
@@ -679,6 +691,10 @@ class H2Proxy(asyncio.Protocol):
     def _stream_complete(self, stream: _Stream) -> None:
         upstream = stream.upstream
         if upstream is not None:
+            if not stream.end_sent and stream.upstream_id:  # answered before the request ended
+                with contextlib.suppress(h2.exceptions.StreamClosedError):
+                    upstream.h2.reset_stream(stream.upstream_id, h2.errors.ErrorCodes.NO_ERROR)
+                upstream.flush()
             upstream.streams.pop(stream.upstream_id, None)
             self._open_waiting(upstream)
         if not stream.request_ended:
@@ -690,6 +706,7 @@ class H2Proxy(asyncio.Protocol):
         if stream.done:
             return
         stream.done = True
+        self._give_back_windows(stream)
         self.streams.pop(stream.client_id, None)
         stream.record.error = stream.record.error or error
         self.flow.record.requests += 1
@@ -697,6 +714,19 @@ class H2Proxy(asyncio.Protocol):
         if not self.streams and (self.goaway_sent or self.flow.context.draining):
             self._goaway()
             self._close()
+
+    def _give_back_windows(self, stream: _Stream) -> None:
+        """Bytes a stream held that will never be sent on: acknowledged to whoever sent
+        them, or their connection's window would shrink by them for good."""
+        upstream = stream.upstream
+        if stream.to_client and upstream is not None:
+            upstream.h2.acknowledge_received_data(len(stream.to_client), stream.upstream_id)
+            stream.to_client.clear()
+            upstream.flush()
+        if stream.to_upstream:
+            with contextlib.suppress(h2.exceptions.StreamClosedError):
+                self.h2.acknowledge_received_data(len(stream.to_upstream), stream.client_id)
+            stream.to_upstream.clear()
 
     def upstream_full(self, upstream: _Upstream, full: bool) -> None:
         was_full = bool(self.full_upstreams)
@@ -730,9 +760,20 @@ class H2Proxy(asyncio.Protocol):
             upstream.flush()
 
     def _goaway(self) -> None:
-        if not self.goaway_sent and not self.closed:
-            self.goaway_sent = True
+        """No new stream is taken. With streams in flight the GOAWAY frame is written past
+        h2, whose close_connection() would forbid answering them; a stream the client opens
+        after it is refused (REFUSED_STREAM: the client may retry it elsewhere)."""
+        if self.goaway_sent or self.closed:
+            return
+        self.goaway_sent = True
+        if not self.streams:
             self.h2.close_connection()
+            return
+        frame = hyperframe.frame.GoAwayFrame(0)
+        frame.last_stream_id = self.h2.highest_inbound_stream_id
+        frame.error_code = h2.errors.ErrorCodes.NO_ERROR
+        self._flush()
+        self.transport.write(frame.serialize())
 
     def _close(self) -> None:
         if self.closed:

@@ -10,12 +10,13 @@ import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 import h2.settings
 import pytest
 import pytest_asyncio
@@ -372,6 +373,84 @@ async def test_streams_cut_by_the_drain_timeout_say_drain(
     assert not waiting.done.is_set()
     assert [(r.path, r.error) for r in proxy.ledger.requests] == [("/slow", "drain")]
     assert [f.error for f in proxy.ledger.flows] == ["drain"]
+
+
+class SlowH2Origin(asyncio.Protocol):
+    """An h2 origin that answers each stream 200 "late" after DELAY, and says SETTINGS with
+    a limit of LIMIT concurrent streams."""
+
+    DELAY = 0.3
+    LIMIT = 2
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        self.h2.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.LIMIT},
+        )
+        self.h2.initiate_connection()
+        self.transport.write(self.h2.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                asyncio.get_running_loop().call_later(self.DELAY, self.answer, event.stream_id)
+        self.transport.write(self.h2.data_to_send())
+
+    def answer(self, stream_id: int) -> None:
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
+            self.h2.send_headers(stream_id, [(":status", "200"), ("content-length", "4")])
+            self.h2.send_data(stream_id, b"late", end_stream=True)
+        self.transport.write(self.h2.data_to_send())
+
+
+@pytest_asyncio.fixture
+async def slow_h2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[LoopbackProxy]:
+    loop = asyncio.get_running_loop()
+    origin = await loop.create_server(SlowH2Origin, "127.0.0.1", 0)
+    port = origin.sockets[0].getsockname()[1]
+    try:
+        async with loopback_proxy(tmp_path, monkeypatch, POLICY, local(port)) as proxy:
+            yield proxy
+    finally:
+        origin.close()
+
+
+@pytest.mark.asyncio
+async def test_a_burst_waits_for_the_upstreams_stream_limit(slow_h2: LoopbackProxy) -> None:
+    """Ten streams at once on a new upstream that takes two at a time: none is sent before
+    its SETTINGS say so, so none is refused, and all ten are answered."""
+    client = await connect_h2(slow_h2)
+    answers = [client.request("GET", f"/{number}") for number in range(10)]
+    async with asyncio.timeout(TIMEOUT):
+        for answer in answers:
+            await answer.done.wait()
+    assert [(a.headers[":status"], bytes(a.body)) for a in answers] == [("200", b"late")] * 10
+    client.transport.close()
+    await slow_h2.wait_closed_flows(1)
+
+
+@pytest.mark.asyncio
+async def test_drain_lets_streams_in_flight_finish(slow_h2: LoopbackProxy) -> None:
+    """A graceful stop: the client gets a GOAWAY at once and still gets the answer of the
+    stream in flight, then the connection closes. (curl: the h2 library itself accepts no
+    frame after a GOAWAY, so its client cannot show this.)"""
+    curl = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "--max-time", "5", "--http2-prior-knowledge",
+        f"http://{slow_h2.host}:{slow_h2.port}/slow",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(TIMEOUT):
+        while not any(flow.handler for flow in slow_h2.context.open_flows.flows):
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        for flow in list(slow_h2.context.open_flows.flows):
+            flow.drain()
+        out, err = await curl.communicate()
+    assert (curl.returncode, out) == (0, b"late"), err
+    await slow_h2.wait_closed_flows(1)
+    assert [(r.path, r.status, r.error) for r in slow_h2.ledger.requests] == [("/slow", 200, "")]
 
 
 def closed_port() -> int:
