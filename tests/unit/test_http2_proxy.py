@@ -15,6 +15,7 @@ from typing import Any, cast
 import grpc
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
@@ -451,6 +452,103 @@ async def test_drain_lets_streams_in_flight_finish(slow_h2: LoopbackProxy) -> No
     assert (curl.returncode, out) == (0, b"late"), err
     await slow_h2.wait_closed_flows(1)
     assert [(r.path, r.status, r.error) for r in slow_h2.ledger.requests] == [("/slow", 200, "")]
+
+
+@pytest.mark.asyncio
+async def test_a_window_opened_by_settings_restarts_a_download(
+    h2_setup: tuple[LoopbackProxy, int],
+) -> None:
+    """The client raises SETTINGS_INITIAL_WINDOW_SIZE instead of sending WINDOW_UPDATEs."""
+    proxy, _ = h2_setup
+    loop = asyncio.get_running_loop()
+    _, client = await loop.create_connection(ClosedWindowClient, proxy.host, proxy.port)
+    download = client.request("GET", "/bytes/50000")
+    async with asyncio.timeout(TIMEOUT):
+        while ":status" not in download.headers:
+            await asyncio.sleep(0.01)
+        client.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 65535})
+        client.transport.write(client.h2.data_to_send())
+        await download.done.wait()
+    assert len(download.body) == 50000
+    client.transport.close()
+    await proxy.wait_closed_flows(1)
+
+
+@pytest.mark.asyncio
+async def test_downloads_the_client_resets_give_back_the_upstream_window(
+    h2_setup: tuple[LoopbackProxy, int],
+) -> None:
+    """What the proxy held for a reset stream is acknowledged upstream: seventeen 1 MiB
+    holds would otherwise spend the upstream connection's 16 MiB window for good."""
+    proxy, _ = h2_setup
+    loop = asyncio.get_running_loop()
+    _, client = await loop.create_connection(ClosedWindowClient, proxy.host, proxy.port)
+    async with asyncio.timeout(4 * TIMEOUT):
+        for _ in range(17):
+            client.request("GET", "/bytes/3000000")
+            stream_id = max(client.answers)
+            while not any(flow.handler for flow in proxy.context.open_flows.flows):
+                await asyncio.sleep(0.01)
+            (flow,) = proxy.context.open_flows.flows
+            handler = cast(Any, flow.handler)
+            while (
+                stream_id not in handler.streams
+                or len(handler.streams[stream_id].to_client) < (1 << 20) - 70000
+            ):
+                await asyncio.sleep(0.01)
+            client.h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+            client.transport.write(client.h2.data_to_send())
+            while stream_id in handler.streams:
+                await asyncio.sleep(0.01)
+        last = client.request("GET", "/bytes/1000")
+        client.open_window(max(client.answers), 5000)
+        await last.done.wait()
+    assert len(last.body) == 1000
+    client.transport.close()
+    await proxy.wait_closed_flows(1)
+
+
+class EarlyH2Origin(SlowH2Origin):
+    """Answers each request as its HEADERS come, without waiting for the body (RFC 9113
+    8.1 allows it), with a limit of 2 concurrent streams."""
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                self.h2.send_headers(event.stream_id, [(":status", "200")])
+                self.h2.send_data(event.stream_id, b"early", end_stream=True)
+            elif isinstance(event, h2.events.DataReceived):
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        self.transport.write(self.h2.data_to_send())
+
+
+@pytest.mark.asyncio
+async def test_an_answer_before_the_request_ends_frees_the_upstream_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four uploads in turn that the upstream answers early, against its limit of two: each
+    frees its upstream stream, so none waits for a slot that never comes."""
+    loop = asyncio.get_running_loop()
+    origin = await loop.create_server(EarlyH2Origin, "127.0.0.1", 0)
+    port = origin.sockets[0].getsockname()[1]
+    try:
+        async with loopback_proxy(tmp_path, monkeypatch, POLICY, local(port)) as proxy:
+            client = await connect_h2(proxy)
+            for number in range(4):
+                stream_id = client.h2.get_next_available_stream_id()
+                headers = [(":method", "POST"), (":scheme", "http"),
+                           (":authority", "example.test"), (":path", f"/up{number}")]  # fmt: skip
+                client.h2.send_headers(stream_id, headers)
+                client.h2.send_data(stream_id, b"partial")
+                answer = client.answers[stream_id] = Answer()
+                client.transport.write(client.h2.data_to_send())
+                async with asyncio.timeout(TIMEOUT):
+                    await answer.done.wait()
+                assert (answer.headers[":status"], bytes(answer.body)) == ("200", b"early")
+            client.transport.close()
+            await proxy.wait_closed_flows(1)
+    finally:
+        origin.close()
 
 
 def closed_port() -> int:
