@@ -389,7 +389,7 @@ async def _supervisor(
     async def reap() -> None:
         """A worker that exits while serving stops them all: the proxy then exits non-zero
         and its supervisor (systemd, the kubelet) restarts it whole."""
-        while len(exit_codes) < len(children):
+        while children:  # every worker, the last ones to drain included
             pid, status = await loop.run_in_executor(None, os.wait)
             exit_codes[pid] = os.waitstatus_to_exitcode(status)
             children.remove(pid)
