@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import resource
@@ -326,11 +327,13 @@ def supervise(
     """
     ready_read, ready_write = os.pipe()
     children: list[int] = []
+    supervisor = os.getpid()
     for index in range(settings.workers):
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
+                _stop_with(supervisor)
                 os.close(ready_read)
                 store.on_reload = None
                 upstream.take_worker_share(index, settings.workers)
@@ -427,3 +430,15 @@ async def _supervisor(
     admin_server.close()
     failed = died_serving or [pid for pid, code in exit_codes.items() if code != 0]
     return 1 if failed else 0
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _stop_with(supervisor: int) -> None:
+    """A worker gets SIGTERM (and drains) when its supervisor dies, even by SIGKILL: left
+    serving, orphans would share the port with the next proxy, its scrapes missing them."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != supervisor:  # it died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -68,3 +68,58 @@ def test_a_dead_worker_stops_the_proxy_with_an_error(tmp_path: Path) -> None:
     _, errors = process.communicate()
     assert code == 1
     assert f"worker {workers[0]} exited (-9); stopping the others" in errors
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's reaper may be slow or absent)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
+    """Orphaned workers would go on serving the port beside the next proxy, and its
+    scrapes would miss them: they get SIGTERM when the supervisor dies, even by SIGKILL."""
+    proxy_port, admin_port = free_port(), free_port()
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text((EXAMPLES / "linkerd-1-allow.yaml").read_text())
+    environment = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+    environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    command = [
+        sys.executable, "-m", "egressproxy", "run", "--allow-root", "--workers", "2",
+        "--listen", f"127.0.0.1:{proxy_port}", "--admin", f"127.0.0.1:{admin_port}",
+        "--policy", str(policy_file), "--drain-timeout", "1",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, env=environment, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+    )
+    workers: list[int] = []
+    try:
+
+        def ready() -> bool:
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{admin_port}/ready", timeout=2
+                ) as response:
+                    return bool(response.status == 200)
+            except OSError:
+                return False
+
+        wait_for("/ready", ready)
+        workers = children_of(process.pid)
+        assert len(workers) == 2, workers
+        process.kill()
+        process.wait(EXIT_TIMEOUT)
+        deadline = time.monotonic() + EXIT_TIMEOUT
+        while time.monotonic() < deadline and any(running(pid) for pid in workers):
+            time.sleep(0.05)
+        assert not [pid for pid in workers if running(pid)], "orphaned workers still serve"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(EXIT_TIMEOUT)
+        for pid in workers:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
