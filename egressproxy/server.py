@@ -37,6 +37,9 @@ PIPE_SHARE = 32
 
 
 def main(settings: Settings) -> int:
+    # A reload asked for before the policy is in has nothing to reload; until the loop's
+    # handler takes over (workers inherit this across fork), SIGHUP must not end us.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     accesslog.setup_logging(settings)
     owner = os.getpid()
     metrics_dir = None

@@ -2,8 +2,10 @@
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,30 @@ def test_whole_numbers_are_decimal_or_hexadecimal() -> None:
     for text in ("1e3", "0o17", "-0x1", "ten"):
         with pytest.raises(argparse.ArgumentTypeError, match="is not a whole number"):
             non_negative_int(text)
+
+
+def test_a_sighup_before_the_policy_is_in_is_not_fatal(tmp_path: Path) -> None:
+    """The policy file is a FIFO, so loading it waits for its writer: a SIGHUP meanwhile
+    (a ConfigMap update, a reload at the wrong time) leaves the start going."""
+    policy = tmp_path / "policy.yaml"
+    os.mkfifo(policy)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "egressproxy", "run", "--allow-root", "--policy", str(policy),
+         "--listen", "127.0.0.1:15997", "--admin", "127.0.0.1:15996"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    try:
+        time.sleep(1.0)  # past the interpreter's start, into the wait for the policy
+        process.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+        assert process.poll() is None, "ended by the SIGHUP"
+        with policy.open("w") as writer:
+            writer.write("apiVersion: egressproxy.io/v1alpha1\nkind: EgressPolicy\n"
+                         "metadata: {name: p}\nspec: {default: allow}\n")  # fmt: skip
+        time.sleep(1.0)
+        assert process.poll() is None
+    finally:
+        process.terminate()
+        _, errors = process.communicate(timeout=30)
+    assert process.returncode == 0, errors
