@@ -473,12 +473,11 @@ class PolicyIndex:
         no network covers is not read at all: it passes untouched, as opaque TCP.
         """
         if facts.detected in (Detected.HTTP1, Detected.H2):
-            decision = self.decide_request(
+            if self.network_for(facts.destination) is None:
+                return self.untouched(RouteProtocol.TCP, facts.destination)
+            return self.decide_request(
                 RequestFacts(facts.destination, facts.hostname, "GET", "/", "", (), grpc=False)
             )
-            if decision.parent is None:
-                return self.untouched(RouteProtocol.TCP, facts.destination)
-            return decision
         destination = facts.destination
         network = self.network_for(destination)
         protocol = RouteProtocol.TLS if facts.detected == Detected.TLS else RouteProtocol.TCP
