@@ -132,6 +132,12 @@ to refuse with 400, like one the header timeout ends with 408. Relayed as opaque
 would slip past the HTTP rules, and some servers act on a head that ends at EOF."""
 
 
+def _begins_a_head(first_bytes: bytes) -> bool:
+    """Bytes still undecided that start like a request method: a request head in the
+    making, HTTP's to time out (408) or refuse when cut short (400)."""
+    return first_bytes[:1].isupper()
+
+
 def _denied_for_ech(decision: Decision) -> Decision:
     """--ech deny: the hello's decision, on the same route, made a denial. An audited
     network lets it pass as would_deny, to where the original decision sends it."""
@@ -264,7 +270,7 @@ class Flow(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.client_eof = True
         if self.sniffing:
-            self._decide(Opaque(HEAD_CUT_BY_EOF if self.buffer[:1].isupper() else "eof"))
+            self._decide(Opaque(HEAD_CUT_BY_EOF if _begins_a_head(self.buffer) else "eof"))
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -285,7 +291,7 @@ class Flow(asyncio.Protocol):
             self.sniff_timer.cancel()
         context = self.context
         self.first_byte_at = context.loop.time()
-        if self.buffer[:1].isupper():
+        if _begins_a_head(self.buffer):
             self.sniff_timer = context.head_timeouts.start(self._sniff_timed_out, HEADER_TIMEOUT)
         else:
             self.sniff_timer = context.hello_timeouts.start(self._sniff_timed_out, "incomplete")
