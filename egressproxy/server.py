@@ -34,6 +34,8 @@ FD_RESERVE = 128
 """Descriptors kept for the admin server, policy reloads, logs and the loop itself."""
 PIPE_SHARE = 32
 """Pipes for splicing get at most one descriptor in PIPE_SHARE beyond the reserve."""
+PR_SET_PDEATHSIG = 1
+"""prctl(2): the signal a worker gets when its supervisor dies."""
 
 
 def main(settings: Settings) -> int:
@@ -433,9 +435,6 @@ async def _supervisor(
     admin_server.close()
     failed = died_serving or [pid for pid, code in exit_codes.items() if code != 0]
     return 1 if failed else 0
-
-
-PR_SET_PDEATHSIG = 1
 
 
 def _stop_with(supervisor: int) -> None:
