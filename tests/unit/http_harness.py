@@ -142,3 +142,35 @@ async def proxy_to_origin(
         loopback_proxy(tmp_path, monkeypatch, policy_text, local(port), **settings) as proxy,
     ):
         yield proxy
+
+
+ALLOW_ALL = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: test
+spec:
+  default: allow
+"""
+"""A native policy that lets everything through: for tests about the data plane alone."""
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An origin that sends back what it reads."""
+    while data := await reader.read(65536):
+        writer.write(data)
+    writer.close()
+
+
+class Silent:
+    """An origin that takes what it is sent and never answers; `arrived` is set once the
+    first bytes (the request) are in."""
+
+    def __init__(self) -> None:
+        self.arrived = asyncio.Event()
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):
+                self.arrived.set()
+        writer.close()

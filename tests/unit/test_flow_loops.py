@@ -10,23 +10,9 @@ from pathlib import Path
 import pytest
 
 from egressproxy import upstream
-from tests.unit.http_harness import proxy_to_origin
+from tests.unit.http_harness import ALLOW_ALL, echo, proxy_to_origin
 
-POLICY = """\
-apiVersion: egressproxy.io/v1alpha1
-kind: EgressPolicy
-metadata:
-  name: test
-spec:
-  default: allow
-"""
 TIMEOUT = 5.0
-
-
-async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while data := await reader.read(65536):
-        writer.write(data)
-    writer.close()
 
 
 @pytest.mark.asyncio
@@ -37,7 +23,7 @@ async def test_a_loop_found_just_before_connecting_is_reported_and_frees_the_flo
     may have connected in between); here only the second answer is yes."""
     answers = iter([False, True])
     monkeypatch.setattr(upstream, "is_own_connection", lambda peer, dest: next(answers, True))
-    async with proxy_to_origin(echo, tmp_path, monkeypatch, POLICY) as proxy:
+    async with proxy_to_origin(echo, tmp_path, monkeypatch, ALLOW_ALL) as proxy:
         assert proxy.context.watch_loops, "root without --mark watches for loops"
         reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
         writer.write(b"\x00\x01 a binary protocol")

@@ -10,21 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.http_harness import proxy_to_origin
+from tests.unit.http_harness import ALLOW_ALL, proxy_to_origin
 from tests.unit.test_http1_proxy import read_response
 
-POLICY = """\
-apiVersion: egressproxy.io/v1alpha1
-kind: EgressPolicy
-metadata:
-  name: test
-spec:
-  default: allow
-"""
 TIMEOUT = 5.0
 
 Script = Callable[[bytes], tuple[bytes, bool]]
 """The request head's first line → the bytes to answer and whether to close after them."""
+
+
+def always(answer: bytes) -> Script:
+    """A script answering every request with the same bytes, keeping the connection."""
+    return lambda line: (answer, False)
 
 
 def scripted(script: Script, heads: list[bytes]) -> Callable[..., object]:
@@ -64,7 +61,7 @@ async def test_an_http_1_0_response_reaches_the_client(
         return b"HTTP/1.0 200 OK\r\nX-A: 1\r\n\r\nhello world", True
 
     heads: list[bytes] = []
-    async with proxy_to_origin(scripted(script, heads), tmp_path, monkeypatch, POLICY) as proxy:
+    async with proxy_to_origin(scripted(script, heads), tmp_path, monkeypatch, ALLOW_ALL) as proxy:
         reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
         async with asyncio.timeout(TIMEOUT):
             writer.write(b"GET /length HTTP/1.1\r\nHost: example.test\r\n\r\n")
@@ -96,7 +93,7 @@ async def test_bytes_past_a_response_keep_the_upstream_from_being_reused(
         return b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nGOOD", False
 
     heads: list[bytes] = []
-    async with proxy_to_origin(scripted(script, heads), tmp_path, monkeypatch, POLICY) as proxy:
+    async with proxy_to_origin(scripted(script, heads), tmp_path, monkeypatch, ALLOW_ALL) as proxy:
         reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
         async with asyncio.timeout(TIMEOUT):
             writer.write(
@@ -120,10 +117,8 @@ async def test_a_request_after_one_that_said_close_is_not_read(
     pipelined after it is dropped, not answered 400 in place of the first's answer."""
     heads: list[bytes] = []
 
-    def script(line: bytes) -> tuple[bytes, bool]:
-        return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", False
-
-    async with proxy_to_origin(scripted(script, heads), tmp_path, monkeypatch, POLICY) as proxy:
+    script = always(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    async with proxy_to_origin(scripted(script, heads), tmp_path, monkeypatch, ALLOW_ALL) as proxy:
         reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
         writer.write(
             b"GET /a HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n"
@@ -161,7 +156,7 @@ async def test_a_long_response_head_split_over_reads_passes_on_either_path(
             pass
         writer.close()
 
-    async with proxy_to_origin(split_head, tmp_path, monkeypatch, POLICY) as proxy:
+    async with proxy_to_origin(split_head, tmp_path, monkeypatch, ALLOW_ALL) as proxy:
         reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
         async with asyncio.timeout(TIMEOUT):
             writer.write(b"GET /lean HTTP/1.1\r\nHost: example.test\r\n\r\n")
@@ -180,10 +175,8 @@ async def test_transfer_encoding_in_an_http_1_0_request_is_refused(
     the body as the next request."""
     heads: list[bytes] = []
 
-    def script(line: bytes) -> tuple[bytes, bool]:
-        return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", False
-
-    async with proxy_to_origin(scripted(script, heads), tmp_path, monkeypatch, POLICY) as proxy:
+    script = always(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    async with proxy_to_origin(scripted(script, heads), tmp_path, monkeypatch, ALLOW_ALL) as proxy:
         reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
         writer.write(
             b"POST /a HTTP/1.0\r\nHost: example.test\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
@@ -203,14 +196,12 @@ async def test_a_response_framed_twice_is_refused(
     """Content-Length beside Transfer-Encoding (RFC 9112 6.3): 502, not a head a client
     could read by its length while the proxy reads it chunked."""
 
-    def script(line: bytes) -> tuple[bytes, bool]:
-        return (
-            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
-            b"5\r\nhello\r\n0\r\n\r\n"
-        ), False
-
+    script = always(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n"
+    )
     heads: list[bytes] = []
-    async with proxy_to_origin(scripted(script, heads), tmp_path, monkeypatch, POLICY) as proxy:
+    async with proxy_to_origin(scripted(script, heads), tmp_path, monkeypatch, ALLOW_ALL) as proxy:
         reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
         writer.write(b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n")
         async with asyncio.timeout(TIMEOUT):
@@ -227,14 +218,12 @@ async def test_an_http_1_0_client_gets_no_informational_response(
 ) -> None:
     """RFC 9110 15.2: a 1xx (103 Early Hints here) is not for an HTTP/1.0 client."""
 
-    def script(line: bytes) -> tuple[bytes, bool]:
-        return (
-            b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
-            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-        ), False
-
+    script = always(
+        b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    )
     heads: list[bytes] = []
-    async with proxy_to_origin(scripted(script, heads), tmp_path, monkeypatch, POLICY) as proxy:
+    async with proxy_to_origin(scripted(script, heads), tmp_path, monkeypatch, ALLOW_ALL) as proxy:
         reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
         writer.write(b"GET /a HTTP/1.0\r\nHost: example.test\r\n\r\n")
         async with asyncio.timeout(TIMEOUT):
@@ -258,7 +247,7 @@ async def test_an_early_answer_then_close_reaches_an_uploading_client_whole(
         await writer.drain()
         writer.close()
 
-    async with proxy_to_origin(refuse_early, tmp_path, monkeypatch, POLICY) as proxy:
+    async with proxy_to_origin(refuse_early, tmp_path, monkeypatch, ALLOW_ALL) as proxy:
         reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
         writer.write(b"POST /up HTTP/1.1\r\nHost: example.test\r\nContent-Length: 10000000\r\n\r\n")
         answer = b""

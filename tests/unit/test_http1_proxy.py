@@ -15,7 +15,14 @@ import pytest_asyncio
 
 from egressproxy.settings import VerifyDestination
 from tests.e2e.http_servers import h1
-from tests.unit.http_harness import LoopbackProxy, local, loopback_proxy, origin, proxy_to_origin
+from tests.unit.http_harness import (
+    LoopbackProxy,
+    Silent,
+    local,
+    loopback_proxy,
+    origin,
+    proxy_to_origin,
+)
 
 POLICY = """\
 apiVersion: egressproxy.io/v1alpha1
@@ -79,6 +86,15 @@ async def read_response(
     if "content-length" in headers:
         return status, headers, await reader.readexactly(int(headers["content-length"]))
     return status, headers, await reader.read()
+
+
+def websocket_upgrade(path: str) -> bytes:
+    """RFC 6455's sample handshake request (its accept key is s3pPLMBiTxaQ9kYGzzhZRbK+xOo=)."""
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: example.test\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
 
 
 def document(body: bytes) -> Any:
@@ -291,11 +307,7 @@ async def test_denied_request_body_is_dropped_and_the_connection_stays_usable(
 async def test_upgrade_and_connect_are_spliced(setup: tuple[LoopbackProxy, int, int]) -> None:
     proxy, _, _ = setup
     reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
-    writer.write(
-        b"GET /chat HTTP/1.1\r\nHost: example.test\r\nUpgrade: websocket\r\n"
-        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        b"Sec-WebSocket-Version: 13\r\n\r\nearly"
-    )
+    writer.write(websocket_upgrade("/chat") + b"early")
     status, headers, _ = await read_response(reader)
     assert (status, headers["sec-websocket-accept"]) == (101, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
     assert await reader.readexactly(5) == b"early"
@@ -323,11 +335,7 @@ async def test_a_denied_upgrade_is_answered_and_the_connection_stays_http(
 ) -> None:
     proxy, _, _ = setup
     reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
-    writer.write(
-        b"GET /denied/chat HTTP/1.1\r\nHost: example.test\r\nUpgrade: websocket\r\n"
-        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        b"Sec-WebSocket-Version: 13\r\n\r\n"
-    )
+    writer.write(websocket_upgrade("/denied/chat"))
     status, _, body = await read_response(reader)
     assert (status, body) == (403, b"traffic not allowed\n")
     writer.write(b"GET /after HTTP/1.1\r\nHost: example.test\r\n\r\n")
@@ -345,20 +353,12 @@ async def test_a_denied_upgrade_is_answered_and_the_connection_stays_http(
 async def test_a_request_cut_by_the_drain_timeout_says_drain(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    arrived = asyncio.Event()
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Takes the request and never answers."""
-        with contextlib.suppress(ConnectionError):
-            while await reader.read(65536):
-                arrived.set()
-        writer.close()
-
+    silent = Silent()
     async with proxy_to_origin(silent, tmp_path, monkeypatch, POLICY.format(backend=1)) as proxy:
         reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
         writer.write(b"GET /slow HTTP/1.1\r\nHost: example.test\r\n\r\n")
         async with asyncio.timeout(5):
-            await arrived.wait()
+            await silent.arrived.wait()
         for flow in list(proxy.context.open_flows.flows):
             flow.abort()  # what the drain timeout does to what is left
         assert await reader.read() == b""

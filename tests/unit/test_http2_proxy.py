@@ -10,7 +10,7 @@ import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import grpc
 import h2.config
@@ -25,7 +25,7 @@ import pytest_asyncio
 from egressproxy.settings import VerifyDestination
 from tests.e2e.http_servers import H2Server, grpc_server
 from tests.e2e.servers import deterministic_chunks
-from tests.unit.http_harness import LoopbackProxy, local, loopback_proxy, proxy_to_origin
+from tests.unit.http_harness import LoopbackProxy, Silent, local, loopback_proxy, proxy_to_origin
 
 POLICY = """\
 apiVersion: egressproxy.io/v1alpha1
@@ -146,6 +146,9 @@ class H2Client(asyncio.Protocol):
         self.lost.set()
 
 
+ClientT = TypeVar("ClientT", bound=H2Client)
+
+
 @pytest_asyncio.fixture
 async def h2_setup(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -169,9 +172,10 @@ def grpc_origin() -> Iterator[int]:
         server.stop(None)
 
 
-async def connect_h2(proxy: LoopbackProxy) -> H2Client:
+async def connect_h2(proxy: LoopbackProxy, kind: type[ClientT] = H2Client) -> ClientT:
+    """A client of kind (H2Client by default) connected to the proxy."""
     loop = asyncio.get_running_loop()
-    _, client = await loop.create_connection(H2Client, proxy.host, proxy.port)
+    _, client = await loop.create_connection(kind, proxy.host, proxy.port)
     return client
 
 
@@ -289,8 +293,7 @@ async def test_a_local_answer_waits_for_the_clients_window(
     """A 403 whose body the client has no window for yet is sent once the window opens;
     the connection and the client's other streams carry on meanwhile."""
     proxy, _ = h2_setup
-    loop = asyncio.get_running_loop()
-    _, client = await loop.create_connection(ClosedWindowClient, proxy.host, proxy.port)
+    client = await connect_h2(proxy, ClosedWindowClient)
     denied = client.request("GET", "/denied/thing")
     async with asyncio.timeout(TIMEOUT):
         while ":status" not in denied.headers:
@@ -314,21 +317,13 @@ async def test_a_local_answer_waits_for_the_clients_window(
     ]
 
 
-async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """An upstream that takes the connection and never answers."""
-    with contextlib.suppress(ConnectionError):
-        while await reader.read(65536):
-            pass
-    writer.close()
-
-
 @pytest.mark.asyncio
 async def test_streams_waiting_when_the_connection_goes_idle_are_answered(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Nothing moved for --idle-timeout: each waiting stream gets 504 (a gRPC call
     UNAVAILABLE) with error=idle_timeout, as HTTP/1 answers, then the GOAWAY."""
-    async with proxy_to_origin(silent, tmp_path, monkeypatch, POLICY, idle_timeout=0.4) as proxy:
+    async with proxy_to_origin(Silent(), tmp_path, monkeypatch, POLICY, idle_timeout=0.4) as proxy:
         client = await connect_h2(proxy)
         plain = client.request("GET", "/a")
         call = client.request(
@@ -353,19 +348,12 @@ async def test_streams_waiting_when_the_connection_goes_idle_are_answered(
 async def test_streams_cut_by_the_drain_timeout_say_drain(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    arrived = asyncio.Event()
-
-    async def listening(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while await reader.read(65536):
-                arrived.set()
-        writer.close()
-
-    async with proxy_to_origin(listening, tmp_path, monkeypatch, POLICY) as proxy:
+    silent = Silent()
+    async with proxy_to_origin(silent, tmp_path, monkeypatch, POLICY) as proxy:
         client = await connect_h2(proxy)
         waiting = client.request("GET", "/slow")
         async with asyncio.timeout(TIMEOUT):
-            await arrived.wait()
+            await silent.arrived.wait()
         for flow in list(proxy.context.open_flows.flows):
             flow.abort()  # what the drain timeout does to what is left
         async with asyncio.timeout(TIMEOUT):
@@ -460,8 +448,7 @@ async def test_a_window_opened_by_settings_restarts_a_download(
 ) -> None:
     """The client raises SETTINGS_INITIAL_WINDOW_SIZE instead of sending WINDOW_UPDATEs."""
     proxy, _ = h2_setup
-    loop = asyncio.get_running_loop()
-    _, client = await loop.create_connection(ClosedWindowClient, proxy.host, proxy.port)
+    client = await connect_h2(proxy, ClosedWindowClient)
     download = client.request("GET", "/bytes/50000")
     async with asyncio.timeout(TIMEOUT):
         while ":status" not in download.headers:
@@ -481,8 +468,7 @@ async def test_downloads_the_client_resets_give_back_the_upstream_window(
     """What the proxy held for a reset stream is acknowledged upstream: seventeen 1 MiB
     holds would otherwise spend the upstream connection's 16 MiB window for good."""
     proxy, _ = h2_setup
-    loop = asyncio.get_running_loop()
-    _, client = await loop.create_connection(ClosedWindowClient, proxy.host, proxy.port)
+    client = await connect_h2(proxy, ClosedWindowClient)
     async with asyncio.timeout(4 * TIMEOUT):
         for _ in range(17):
             client.request("GET", "/bytes/3000000")

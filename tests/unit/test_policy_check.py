@@ -8,6 +8,7 @@ import pytest
 
 from egressproxy.policy.explain import run_check
 from egressproxy.settings import Settings
+from tests.unit.test_policy_linkerd import TCP_ROUTE_ON_443
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
 STEP5 = EXAMPLES / "linkerd-5-redirect.yaml"
@@ -39,18 +40,7 @@ def test_summary_marks_routes_the_ports_protocol_leaves_unused(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     mixed = tmp_path / "mixed.yaml"
-    mixed.write_text(
-        STEP5.read_text()
-        + """---
-apiVersion: gateway.networking.k8s.io/v1alpha2
-kind: TCPRoute
-metadata: {name: anything, namespace: egress-test}
-spec:
-  parentRefs:
-  - {name: all-egress-traffic, kind: EgressNetwork, group: policy.linkerd.io, port: 443}
-  rules: [{}]
-"""
-    )
+    mixed.write_text(STEP5.read_text() + TCP_ROUTE_ON_443)
     status, out, err = check(capsys, mixed)
     assert (status, err) == (0, f"{mixed}:{STEP5_SKIPS}\n")
     assert (

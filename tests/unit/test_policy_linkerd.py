@@ -476,16 +476,7 @@ spec:
 
 EVERYTHING = "  - matches:\n    - path: {type: PathPrefix, value: /}\n"
 
-TLS_AND_TCP_ON_443 = """---
-apiVersion: gateway.networking.k8s.io/v1alpha2
-kind: TLSRoute
-metadata: {name: api, namespace: egress-test}
-spec:
-  hostnames: [api.example.com]
-  parentRefs:
-  - {name: all-egress-traffic, kind: EgressNetwork, group: policy.linkerd.io, port: 443}
-  rules: [{}]
----
+TCP_ROUTE_ON_443 = """---
 apiVersion: gateway.networking.k8s.io/v1alpha2
 kind: TCPRoute
 metadata: {name: anything, namespace: egress-test}
@@ -494,6 +485,21 @@ spec:
   - {name: all-egress-traffic, kind: EgressNetwork, group: policy.linkerd.io, port: 443}
   rules: [{}]
 """
+"""A TCPRoute for every address on port 443 of the guide's network (egress-test)."""
+
+TLS_AND_TCP_ON_443 = (
+    """---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TLSRoute
+metadata: {name: api, namespace: egress-test}
+spec:
+  hostnames: [api.example.com]
+  parentRefs:
+  - {name: all-egress-traffic, kind: EgressNetwork, group: policy.linkerd.io, port: 443}
+  rules: [{}]
+"""
+    + TCP_ROUTE_ON_443
+)
 
 
 def test_a_grpc_route_leaves_the_ports_http_routes_unused() -> None:

@@ -10,31 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.http_harness import proxy_to_origin
+from tests.unit.http_harness import ALLOW_ALL, echo, proxy_to_origin
 
-POLICY = """\
-apiVersion: egressproxy.io/v1alpha1
-kind: EgressPolicy
-metadata:
-  name: test
-spec:
-  default: allow
-"""
 PARTIAL_TLS_RECORD = b"\x16\x03\x01\x02\x00\x01"
 """The start of a ClientHello record announcing 512 bytes that never come."""
-
-
-async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while data := await reader.read(65536):
-        writer.write(data)
-    writer.close()
 
 
 @pytest.mark.asyncio
 async def test_a_first_request_head_incomplete_at_the_header_timeout_gets_408(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with proxy_to_origin(echo, tmp_path, monkeypatch, POLICY, header_timeout=0.4) as proxy:
+    async with proxy_to_origin(echo, tmp_path, monkeypatch, ALLOW_ALL, header_timeout=0.4) as proxy:
         reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
         started = time.monotonic()
         writer.write(b"GET /a HTTP/1.1\r\nHost: example.test\r\nX-Slow: 1")
@@ -64,7 +50,7 @@ async def test_a_request_head_the_client_ends_early_is_refused_not_relayed(
             received.extend(data)
         writer.close()
 
-    async with proxy_to_origin(recording, tmp_path, monkeypatch, POLICY) as proxy:
+    async with proxy_to_origin(recording, tmp_path, monkeypatch, ALLOW_ALL) as proxy:
         reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
         writer.write(b"GET /admin HTTP/1.1\r\nHost: example.test\r\n")
         writer.write_eof()
@@ -83,7 +69,7 @@ async def test_bytes_still_incomplete_at_the_sniff_complete_timeout_go_through_o
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with proxy_to_origin(
-        echo, tmp_path, monkeypatch, POLICY, sniff_complete_timeout=0.4
+        echo, tmp_path, monkeypatch, ALLOW_ALL, sniff_complete_timeout=0.4
     ) as proxy:
         reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
         started = time.monotonic()

@@ -26,7 +26,8 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
-def test_a_dead_worker_stops_the_proxy_with_an_error(tmp_path: Path) -> None:
+def start_two_workers(tmp_path: Path, stderr: int) -> tuple[subprocess.Popen[str], list[int]]:
+    """egressproxy with --workers 2 on loopback ports, once /ready says 200, and its workers."""
     proxy_port, admin_port = free_port(), free_port()
     policy_file = tmp_path / "policy.yaml"
     policy_file.write_text((EXAMPLES / "linkerd-1-allow.yaml").read_text())
@@ -35,25 +36,35 @@ def test_a_dead_worker_stops_the_proxy_with_an_error(tmp_path: Path) -> None:
     command = [
         sys.executable, "-m", "egressproxy", "run", "--allow-root", "--workers", "2",
         "--listen", f"127.0.0.1:{proxy_port}", "--admin", f"127.0.0.1:{admin_port}",
-        "--policy", str(policy_file),
+        "--policy", str(policy_file), "--drain-timeout", "1",
     ]  # fmt: skip
     process = subprocess.Popen(
-        command, env=environment, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+        command, env=environment, stderr=stderr, stdout=subprocess.DEVNULL, text=True
     )
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{admin_port}/ready", timeout=2
+            ) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
     try:
-
-        def ready() -> bool:
-            try:
-                with urllib.request.urlopen(
-                    f"http://127.0.0.1:{admin_port}/ready", timeout=2
-                ) as response:
-                    return bool(response.status == 200)
-            except OSError:
-                return False
-
         wait_for("/ready", ready)
-        workers = children_of(process.pid)
-        assert len(workers) == 2, workers
+    except BaseException:
+        process.kill()
+        process.wait(EXIT_TIMEOUT)
+        raise
+    workers = children_of(process.pid)
+    assert len(workers) == 2, workers
+    return process, workers
+
+
+def test_a_dead_worker_stops_the_proxy_with_an_error(tmp_path: Path) -> None:
+    process, workers = start_two_workers(tmp_path, subprocess.PIPE)
+    try:
         os.kill(workers[1], signal.SIGSTOP)  # it cannot finish until it is let go
         os.kill(workers[0], signal.SIGKILL)
         time.sleep(1.0)
@@ -82,34 +93,8 @@ def running(pid: int) -> bool:
 def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
     """Orphaned workers would go on serving the port beside the next proxy, and its
     scrapes would miss them: they get SIGTERM when the supervisor dies, even by SIGKILL."""
-    proxy_port, admin_port = free_port(), free_port()
-    policy_file = tmp_path / "policy.yaml"
-    policy_file.write_text((EXAMPLES / "linkerd-1-allow.yaml").read_text())
-    environment = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO)}
-    environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    command = [
-        sys.executable, "-m", "egressproxy", "run", "--allow-root", "--workers", "2",
-        "--listen", f"127.0.0.1:{proxy_port}", "--admin", f"127.0.0.1:{admin_port}",
-        "--policy", str(policy_file), "--drain-timeout", "1",
-    ]  # fmt: skip
-    process = subprocess.Popen(
-        command, env=environment, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL
-    )
-    workers: list[int] = []
+    process, workers = start_two_workers(tmp_path, subprocess.DEVNULL)
     try:
-
-        def ready() -> bool:
-            try:
-                with urllib.request.urlopen(
-                    f"http://127.0.0.1:{admin_port}/ready", timeout=2
-                ) as response:
-                    return bool(response.status == 200)
-            except OSError:
-                return False
-
-        wait_for("/ready", ready)
-        workers = children_of(process.pid)
-        assert len(workers) == 2, workers
         process.kill()
         process.wait(EXIT_TIMEOUT)
         deadline = time.monotonic() + EXIT_TIMEOUT
