@@ -497,6 +497,21 @@ def test_bad_heads_get_400_431_408(
     assert answer.startswith(b"HTTP/1.1 %d " % status)
 
 
+def test_a_first_head_the_client_ends_early_gets_400(world: World, proxy: StartProxy) -> None:
+    """A head cut short by the client's EOF is refused, not relayed as opaque bytes past
+    the HTTP rules (policy(): only GET /get and a few paths are allowed)."""
+    running = proxy(policy(), "--namespace", "egress-test")
+    sock = world.connect(world.host("httpbin.org").v4, 80)
+    try:
+        sock.sendall(b"GET /admin HTTP/1.1\r\nHost: httpbin.org\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        answer = recv_until_eof(sock, TIMEOUT)
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert running.logged(r"error=bad_request"), running.log_text()
+
+
 def test_linkerd_guide_redirect_section(world: World, proxy: StartProxy) -> None:
     run_proxy(proxy, REDIRECT_GUIDE.read_text())
     conn = connection(world, "httpbin.org")
