@@ -56,7 +56,18 @@ def port(text: str) -> int:
 
 
 def port_list(text: str) -> frozenset[int]:
-    return frozenset(port(item) for item in text.split(",") if item.strip())
+    """Ports and inclusive ranges, `25,8000-8080`, as Linkerd's port lists take them."""
+    ports: set[int] = set()
+    for item in text.split(","):
+        first, dash, last = item.strip().partition("-")
+        if not first and not dash:
+            continue
+        low = port(first)
+        high = port(last) if dash else low
+        if high < low:
+            raise argparse.ArgumentTypeError(f"{item.strip()!r}: the range ends before it starts")
+        ports.update(range(low, high + 1))
+    return frozenset(ports)
 
 
 def network_list(text: str) -> tuple[IPNetwork, ...]:

@@ -57,6 +57,10 @@ TOOL_TIMEOUT = 60.0
 # Seconds iptables-legacy-restore waits for the xtables lock another tool holds.
 LOCK_WAIT = "10"
 NEEDS_PRIVILEGE = "needs CAP_NET_ADMIN (run as root or in an init container with NET_ADMIN)"
+LEGACY_NEEDS_PRIVILEGE = (
+    "needs CAP_NET_ADMIN and CAP_NET_RAW (iptables-legacy talks to the kernel through a raw"
+    " socket: run as root or in an init container with NET_ADMIN and NET_RAW)"
+)
 DENIED = ("Permission denied", "Operation not permitted", "you must be root")
 KUBERNETES_CANARIES = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
 # iptables lives in sbin, which a non-root PATH often lacks.
@@ -121,7 +125,8 @@ def run_tool(name: str, *args: str, stdin: str | None = None) -> str:
         return done.stdout
     message = " ".join((done.stderr or done.stdout).split()) or f"exit status {done.returncode}"
     if any(word in message for word in DENIED):
-        raise ApplyError(f"{name}: {NEEDS_PRIVILEGE}")
+        needs = LEGACY_NEEDS_PRIVILEGE if "-legacy-" in name else NEEDS_PRIVILEGE
+        raise ApplyError(f"{name}: {needs}")
     failed_line = re.search(r"line:? (\d+)", message)
     if stdin is not None and failed_line:
         number = int(failed_line.group(1))
@@ -141,11 +146,23 @@ def detect_backend() -> Backend:
         return plain
     if len(present) == 1:
         return present[0]
-    saved = {backend: _save_everything(backend) for backend in present}
+    nft, legacy = present
+    try:
+        saved = {backend: _save_everything(backend) for backend in present}
+    except ApplyError as refused:
+        if LEGACY_NEEDS_PRIVILEGE not in str(refused):
+            raise
+        # A pod's init container has NET_ADMIN only, and its namespace may hold empty
+        # legacy tables (a kernel with the legacy modules loaded): nft serves it.
+        print(
+            f"egressproxy iptables: {refused}; its rules, if any, stay unread and"
+            f" {nft.name} is used (the kernel applies both)",
+            file=sys.stderr,
+        )
+        return nft
     for backend in present:
         if any(canary in saved[backend] for canary in KUBERNETES_CANARIES):
             return backend
-    nft, legacy = present
     return legacy if _rule_count(saved[legacy]) > _rule_count(saved[nft]) else nft
 
 
@@ -261,7 +278,8 @@ def print_dry_run(action: str, options: Options) -> None:
         if action == "install":
             text = render(wanted)
         else:
-            state = NetfilterState(parse_save(render(wanted)), False, tables_droppable=False)
+            saved = {table.name: table.saved() for table in wanted}
+            state = NetfilterState(saved, False, tables_droppable=False)
             text = plan_uninstall(state).restore
         print(f"# {family.command}-restore --noflush\n{text}", end="")
 

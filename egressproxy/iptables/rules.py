@@ -142,6 +142,23 @@ class Table:
     chains: tuple[str, ...]
     rules: tuple[Rule, ...]
     jump: Rule
+    jump_first: bool = False
+    """The jump goes in front of the built-in chain's other rules: a DROP is worth nothing
+    behind another tool's ACCEPT (ufw's, Docker's), which ends the chain for the packet."""
+
+    @property
+    def jump_addition(self) -> str:
+        """The restore line that adds the jump: inserted first, or appended."""
+        if not self.jump_first:
+            return self.jump.line
+        return f"-I {self.jump.chain} 1 {self.jump.line.removeprefix(f'-A {self.jump.chain} ')}"
+
+    def saved(self) -> SavedTable:
+        """The table as iptables-save would print it right after a fresh install."""
+        return SavedTable(
+            tuple((chain, "-") for chain in self.chains),
+            (self.jump.line, *(rule.line for rule in self.rules)),
+        )
 
 
 def port_groups(ports: Iterable[int]) -> tuple[str, ...]:
@@ -202,14 +219,23 @@ def tables(options: Options, family: Family) -> tuple[Table, ...]:
             *_taken(options, UDP_CHAIN, "udp", "dropped so QUIC cannot bypass the proxy", "DROP"),
         ),
         jump=Rule(udp_builtin, f"block {direction} UDP", UDP_CHAIN, "-p udp"),
+        jump_first=True,
     )
     return (nat, udp)
 
 
 def _own_traffic(options: Options, family: Family, chain: str, *, nat: bool) -> Iterator[Rule]:
-    """Traffic that is not new egress of the workload: the proxy's own and this host's
-    (sidecar), traffic for the gateway itself, replies to flows already let through
-    (routed UDP crosses FORWARD in both directions)."""
+    """Traffic that is not new egress of the workload: replies to flows already let
+    through (routed UDP crosses FORWARD in both directions; a UDP server in a pod, DNS
+    included, answers through OUTPUT), the proxy's own and this host's (sidecar),
+    traffic for the gateway itself."""
+    if not nat:
+        yield Rule(
+            chain,
+            "replies of allowed flows pass",
+            "RETURN",
+            "-m conntrack --ctstate RELATED,ESTABLISHED",
+        )
     if options.mode == SIDECAR:
         if options.proxy_uid is not None:
             uid = options.proxy_uid
@@ -223,13 +249,6 @@ def _own_traffic(options: Options, family: Family, chain: str, *, nat: bool) -> 
         yield Rule(chain, "this host goes direct", "RETURN", "-o lo")
     elif nat:
         yield Rule(chain, "this host goes direct", "RETURN", "-m addrtype --dst-type LOCAL")
-    else:
-        yield Rule(
-            chain,
-            "replies of allowed flows pass",
-            "RETURN",
-            "-m conntrack --ctstate RELATED,ESTABLISHED",
-        )
 
 
 def _excluded(options: Options, family: Family, chain: str, protocol: str) -> Iterator[Rule]:
@@ -266,7 +285,7 @@ def render(wanted: Sequence[Table]) -> str:
         lines.append(f"*{table.name}")
         lines += [f":{chain} - [0:0]" for chain in table.chains]
         lines += [rule.line for rule in table.rules]
-        lines += [table.jump.line, "COMMIT"]
+        lines += [table.jump_addition, "COMMIT"]
     return "".join(f"{line}\n" for line in lines)
 
 
@@ -443,10 +462,14 @@ def _table_change(table: Table, saved: SavedTable | None) -> str:
     """
     saved = saved or SavedTable()
     wanted_rules = [rule.line for rule in table.rules]
+    in_place = table.jump.line
+    if table.jump_first:
+        chain = table.jump.chain
+        in_place = next((line for line in saved.rules if rule_chain(line) == chain), "")
     kept = False
     deletions: list[str] = []
     for line in saved.own_jumps():
-        if not kept and line == table.jump.line:
+        if not kept and line == table.jump.line == in_place:
             kept = True
         else:
             deletions.append(f"-D {line[3:]}")
@@ -464,7 +487,7 @@ def _table_change(table: Table, saved: SavedTable | None) -> str:
     lines += [f"-F {chain}" for chain in stale] + [f"-X {chain}" for chain in stale]
     lines += wanted_rules
     if not kept:
-        lines.append(table.jump.line)
+        lines.append(table.jump_addition)
     lines.append("COMMIT")
     return "".join(f"{line}\n" for line in lines)
 

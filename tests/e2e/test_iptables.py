@@ -303,13 +303,16 @@ def route(ns: str, gateway_v4: str, gateway_v6: str) -> None:
 
 
 def seed(ns: str, variant: str) -> None:
-    """Rules of some other tool, which install must work around and uninstall must keep."""
+    """Rules of some other tool, which install must work around and uninstall must keep:
+    among them ufw's shape, new UDP accepted in OUTPUT (which ends the chain for it)."""
     for command, address in (("iptables", "192.0.2.99"), ("ip6tables", "2001:db8:ffff::99")):
+        tool = f"ip netns exec {ns} {command}-{variant}"
         for table, chain in (("nat", "OUTPUT"), ("filter", "OUTPUT")):
             sh(
-                f"ip netns exec {ns} {command}-{variant} -t {table} -A {chain} -d {address}"
+                f"{tool} -t {table} -A {chain} -d {address}"
                 " -m comment --comment not-egressproxy -j RETURN"
             )
+        sh(f"{tool} -A OUTPUT -p udp -m conntrack --ctstate NEW -j ACCEPT")
 
 
 PROXY_LISTENERS = [
@@ -327,9 +330,10 @@ SIDECAR_OPTIONS = (
 @pytest.mark.parametrize("existing", ["none", "nft", "legacy"])
 def test_sidecar_install_redirects_and_uninstall_restores(lab: Lab, existing: str) -> None:
     app = lab.namespace()
-    far_side(lab, app, "198.18.0.1", "2001:db8:18::1", "198.18.0.2", "2001:db8:18::2")
+    far = far_side(lab, app, "198.18.0.1", "2001:db8:18::1", "198.18.0.2", "2001:db8:18::2")
     route(app, "198.18.0.2", "2001:db8:18::2")
-    lab.serve(app, [*PROXY_LISTENERS, ("tcp", "0.0.0.0", 9000, "local")])
+    pod_server = ("udp", "198.18.0.1", 5000)
+    lab.serve(app, [*PROXY_LISTENERS, ("tcp", "0.0.0.0", 9000, "local"), (*pod_server, "pod")])
     if existing != "none":
         seed(app, existing)
     backend = "legacy" if existing == "legacy" else "nft"
@@ -402,6 +406,7 @@ def test_sidecar_install_redirects_and_uninstall_restores(lab: Lab, existing: st
     }
     proxy = probes(app, [tcp, tcp6, udp_quic], uid=PROXY_UID)
     assert proxy == {tcp: "far", tcp6: "far", udp_quic: "far"}
+    assert probes(far, [pod_server]) == {pod_server: "pod"}, "a UDP server in the pod answers"
 
     removed = egressproxy(app, "uninstall")
     assert removed.returncode == 0, removed.stderr
@@ -442,6 +447,8 @@ def test_gateway_redirects_routed_tcp_and_forwards_the_rest(lab: Lab) -> None:
     lab.serve(gateway, PROXY_LISTENERS)
     for switch in ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"):
         sh(f"ip netns exec {gateway} sysctl -qw {switch}=0")
+    # Docker's shape: traffic from a bridge accepted in FORWARD, which ends the chain.
+    sh(f"ip netns exec {gateway} iptables-nft -A FORWARD -s 198.18.1.0/24 -j ACCEPT")
     before = saved_rules(gateway)
 
     options = ("--mode=gateway", "--exclude-ports=8443", "--block-udp")
@@ -506,6 +513,23 @@ def test_without_net_admin_the_error_says_so(lab: Lab) -> None:
     assert done.returncode == 1
     assert "needs CAP_NET_ADMIN (run as root or in an init container with NET_ADMIN)" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+NET_ADMIN_ONLY = ["setpriv", "--inh-caps=-all", "--bounding-set=-all,+net_admin"]
+"""An init container granted NET_ADMIN and nothing else."""
+
+
+def test_net_admin_alone_installs_with_nft_beside_legacy_tables(lab: Lab) -> None:
+    """Legacy's save needs CAP_NET_RAW too (a pod whose kernel has the legacy modules
+    loaded may hold its empty tables): the refused probe says why and nft serves."""
+    app = lab.namespace()
+    sh(f"ip netns exec {app} iptables-legacy -t nat -S")
+    done = egressproxy(app, "install", f"--proxy-uid={PROXY_UID}", prefix=NET_ADMIN_ONLY)
+    assert done.returncode == 0, done.stderr
+    assert "installed (IPv4 and IPv6, iptables-nft)" in done.stdout
+    assert "needs CAP_NET_ADMIN and CAP_NET_RAW" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "EGRESSPROXY_OUTPUT" in sh(f"ip netns exec {app} iptables-nft-save").stdout
 
 
 def test_without_iptables_binaries_the_error_says_so(lab: Lab) -> None:

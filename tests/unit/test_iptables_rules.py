@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from egressproxy.cli import build_parser
 from egressproxy.iptables import apply
 from egressproxy.iptables.rules import (
     CREATED_TABLE,
@@ -80,6 +81,7 @@ SIDECAR_FULL_V6 = """\
 COMMIT
 *filter
 :EGRESSPROXY_UDP - [0:0]
+-A EGRESSPROXY_UDP -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment "egressproxy: replies of allowed flows pass" -j RETURN
 -A EGRESSPROXY_UDP -m owner --uid-owner 2102 -m comment --comment "egressproxy: proxy uid 2102 goes direct" -j RETURN
 -A EGRESSPROXY_UDP -m mark --mark 0x2a -m comment --comment "egressproxy: proxy mark 0x2a goes direct" -j RETURN
 -A EGRESSPROXY_UDP -d ::1/128 -m comment --comment "egressproxy: loopback goes direct" -j RETURN
@@ -88,7 +90,7 @@ COMMIT
 -A EGRESSPROXY_UDP -p udp -m multiport --dports 22,8000:8002 -m comment --comment "egressproxy: excluded ports 22,8000:8002" -j RETURN
 -A EGRESSPROXY_UDP -p udp -m udp --dport 53 -m comment --comment "egressproxy: DNS stays open" -j RETURN
 -A EGRESSPROXY_UDP -p udp -m multiport --dports 80,443 -m comment --comment "egressproxy: included ports 80,443 dropped so QUIC cannot bypass the proxy" -j DROP
--A OUTPUT -p udp -m comment --comment "egressproxy: block outbound UDP" -j EGRESSPROXY_UDP
+-I OUTPUT 1 -p udp -m comment --comment "egressproxy: block outbound UDP" -j EGRESSPROXY_UDP
 COMMIT
 """  # noqa: E501
 
@@ -108,7 +110,7 @@ COMMIT
 -A EGRESSPROXY_UDP -d 10.0.0.0/8 -m comment --comment "egressproxy: excluded network 10.0.0.0/8" -j RETURN
 -A EGRESSPROXY_UDP -p udp -m udp --dport 53 -m comment --comment "egressproxy: DNS stays open" -j RETURN
 -A EGRESSPROXY_UDP -p udp -m comment --comment "egressproxy: all other UDP dropped so QUIC cannot bypass the proxy" -j DROP
--A FORWARD -p udp -m comment --comment "egressproxy: block routed UDP" -j EGRESSPROXY_UDP
+-I FORWARD 1 -p udp -m comment --comment "egressproxy: block routed UDP" -j EGRESSPROXY_UDP
 COMMIT
 """  # noqa: E501
 
@@ -258,7 +260,7 @@ def any_options(draw: st.DrawFn) -> Options:
 
 
 def rule_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith("-A ")]
+    return [line for line in text.splitlines() if line.startswith(("-A ", "-I "))]
 
 
 def chain_lines(text: str, chain: str) -> list[str]:
@@ -327,8 +329,9 @@ def test_udp_blocking_keeps_dns_and_what_is_left_alone(options: Options, family:
     assert all(line.endswith("-j RETURN") for line in lines[:first_drop])
     assert all(line.endswith("-j DROP") for line in lines[first_drop:])
     assert any("--dport 53 " in line for line in lines[:first_drop])
+    assert "--ctstate RELATED,ESTABLISHED " in lines[0], "replies, of a pod's UDP server too"
     if options.proxy_uid is not None:
-        assert lines[0].startswith(f"-A {UDP_CHAIN} -m owner --uid-owner {options.proxy_uid} ")
+        assert lines[1].startswith(f"-A {UDP_CHAIN} -m owner --uid-owner {options.proxy_uid} ")
     dropped = set().union(*(dports(line) for line in lines[first_drop:]))
     assert dropped == options.include_ports
 
@@ -390,6 +393,9 @@ class Model:
                 table[line[1:].split()[0]] = []
             elif command == "-A":
                 table[rest.split()[0]].append(line)
+            elif command == "-I":
+                chain, position, rule = rest.split(" ", 2)
+                table[chain].insert(int(position) - 1, f"-A {chain} {rule}")
             elif command == "-D":
                 table[rest.split()[0]].remove(f"-A {rest}")
             elif command == "-F":
@@ -489,6 +495,23 @@ def test_install_over_another_install_equals_installing_it_alone(
         assert without_empty_tables(layered) == without_empty_tables(alone)
 
 
+@given(starting_points(), any_options(), st.booleans())
+def test_the_udp_block_comes_before_other_tools_rules(
+    start: Model, options: Options, droppable: bool
+) -> None:
+    """An ACCEPT of ufw or Docker in front of it would make the block do nothing."""
+    options = dataclasses.replace(options, block_udp=True)
+    builtin = "OUTPUT" if options.mode == SIDECAR else "FORWARD"
+    model = start.copy()
+    model.install(options, droppable)
+    assert rule_target(model.tables["filter"][builtin][0]) == UDP_CHAIN
+    model.tables["filter"][builtin].insert(0, FOREIGN.format(chain=builtin, n=7))
+    assert model.install(options, droppable), "a rule put in front later is overtaken"
+    assert rule_target(model.tables["filter"][builtin][0]) == UDP_CHAIN
+    assert [rule_target(line) for line in model.tables["filter"][builtin]].count(UDP_CHAIN) == 1
+    assert not model.install(options, droppable)
+
+
 def without_empty_tables(model: Model) -> Model:
     saved = model.saved()
     kept = {name: chains for name, chains in model.tables.items() if not saved[name].is_empty()}
@@ -534,6 +557,33 @@ def test_wrong_options_are_one_line_and_exit_2(capsys: pytest.CaptureFixture[str
         "egressproxy iptables install: sidecar mode needs --proxy-uid or --proxy-mark: without"
         " one the proxy's own connections would be redirected back to the proxy\n"
     )
+
+
+def test_port_lists_take_ranges_as_linkerd_does() -> None:
+    parser = build_parser()
+    args = ["iptables", "install", "--proxy-uid=1", "--exclude-ports=22,8000-8002,8001"]
+    assert parser.parse_args(args).exclude_ports == frozenset({22, 8000, 8001, 8002})
+    assert parser.parse_args(["run", "--opaque-ports=6000-6001"]).opaque_ports == frozenset(
+        {6000, 6001}
+    )
+
+
+@pytest.mark.parametrize(
+    ("ports", "message"),
+    [
+        ("8001-8000", "'8001-8000': the range ends before it starts"),
+        ("80-", "'' is not a port number"),
+        ("1-70000", "port 70000 is outside 1-65535"),
+    ],
+)
+def test_a_wrong_port_range_is_one_line(
+    ports: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(
+            ["iptables", "install", "--proxy-uid=1", f"--include-ports={ports}"]
+        )
+    assert f"argument --include-ports: {message}" in capsys.readouterr().err
 
 
 def test_a_missing_binary_names_the_package() -> None:
