@@ -214,6 +214,15 @@ def test_the_policy_comes_from_the_configmap(documents: list[Doc], pod: Doc) -> 
     assert configmap["metadata"]["namespace"] == deployment["metadata"]["namespace"]
 
 
+def test_a_read_only_proxy_has_a_writable_tmp_for_its_workers(pod: Doc) -> None:
+    """--workers N > 1 keeps the workers' metrics files in a temporary directory."""
+    proxy = proxy_container(pod)
+    assert proxy["securityContext"]["readOnlyRootFilesystem"]
+    mounts = {m["mountPath"]: m["name"] for m in proxy["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+
+
 def test_the_configmap_holds_the_linkerd_guide_policy(documents: list[Doc]) -> None:
     text = only(documents, "ConfigMap")["data"]["policy.yaml"]
     kinds = [doc["kind"] for doc in yaml.safe_load_all(text)]
@@ -276,6 +285,14 @@ def test_dockerignore_lets_in_only_what_the_build_copies() -> None:
 
 
 # --- systemd ---------------------------------------------------------------------------------
+
+
+def test_the_unit_readme_links_the_console_script_scripts_setup_makes() -> None:
+    venv = re.search(r"EGRESSPROXY_VENV:-([^}]+)}", (ROOT / "scripts/setup").read_text())
+    assert venv is not None
+    readme = (ROOT / "config/systemd/README.md").read_text()
+    (source,) = re.findall(r"ln -s (\S+) /usr/local/bin/", readme)
+    assert source == f"{venv.group(1)}/bin/egressproxy"
 
 
 def test_unit_runs_as_a_fixed_user_and_brackets_the_redirect() -> None:
