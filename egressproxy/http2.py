@@ -211,6 +211,10 @@ class H2Proxy(asyncio.Protocol):
         self.verifying: set[asyncio.Task[None]] = set()
         self.full_upstreams: set[_Upstream] = set()
         """Upstreams whose write buffer is high: the client is not read meanwhile."""
+        self.client_full = False
+        """The client's own write buffer is high: it is not read either, or frames that ask
+        for an answer (PING, SETTINGS) would queue answers it never reads without bound."""
+        self.reading = True
         self.closed = False
         self.goaway_sent = False
         self.error = ""
@@ -266,11 +270,15 @@ class H2Proxy(asyncio.Protocol):
         self.flow.finish(self.error or ("reset" if exc and not closed_here else ""))
 
     def pause_writing(self) -> None:
+        self.client_full = True
+        self._read_client_if_room()
         for upstream in self.upstreams.values():
             if upstream.transport is not None:
                 upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.client_full = False
+        self._read_client_if_room()
         for upstream in self.upstreams.values():
             if upstream.transport is not None:
                 upstream.transport.resume_reading()
@@ -729,16 +737,23 @@ class H2Proxy(asyncio.Protocol):
             stream.to_upstream.clear()
 
     def upstream_full(self, upstream: _Upstream, full: bool) -> None:
-        was_full = bool(self.full_upstreams)
         if full:
             self.full_upstreams.add(upstream)
         else:
             self.full_upstreams.discard(upstream)
-        if was_full != bool(self.full_upstreams) and not self.closed:
-            if full:
-                self.transport.pause_reading()
-            else:
-                self.transport.resume_reading()
+        self._read_client_if_room()
+
+    def _read_client_if_room(self) -> None:
+        """The client is read only while neither its own write buffer nor any upstream's
+        is high: either reason alone keeps it paused, whichever clears first."""
+        reading = not self.client_full and not self.full_upstreams
+        if reading == self.reading or self.closed:
+            return
+        self.reading = reading
+        if reading:
+            self.transport.resume_reading()
+        else:
+            self.transport.pause_reading()
 
     def upstream_lost(self, upstream: _Upstream, error: str) -> None:
         self.upstream_full(upstream, False)

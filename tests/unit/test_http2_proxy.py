@@ -19,6 +19,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hyperframe.frame
 import pytest
 import pytest_asyncio
 
@@ -604,3 +605,84 @@ async def test_verify_destination_enforced_per_stream(
         origin.close()
     errors = sorted((r.hostname or "", r.error) for r in proxy.ledger.requests)
     assert errors == [("localhost", ""), ("nowhere.invalid", "destination_mismatch")]
+
+
+async def only_handler(proxy: LoopbackProxy) -> Any:
+    """The H2Proxy of the proxy's one open connection, once there is one."""
+    async with asyncio.timeout(TIMEOUT):
+        while not any(flow.handler for flow in proxy.context.open_flows.flows):
+            await asyncio.sleep(0.01)
+    (flow,) = proxy.context.open_flows.flows
+    return flow.handler
+
+
+def frames_of(buffer: bytearray) -> Iterator[tuple[int, bytes]]:
+    """The whole frames at the start of buffer as (type, bytes), taken out of it."""
+    while len(buffer) >= 9:
+        size = 9 + int.from_bytes(buffer[:3], "big")
+        if len(buffer) < size:
+            return
+        frame = bytes(buffer[:size])
+        del buffer[:size]
+        yield frame[3], frame
+
+
+@pytest.mark.asyncio
+async def test_a_client_that_floods_pings_and_never_reads_is_not_read_either(
+    h2_setup: tuple[LoopbackProxy, int],
+) -> None:
+    """Each PING asks for a PING ACK: a client that sends them and reads nothing would
+    have the proxy queue the ACKs without end. Reading it stops while its write buffer
+    is high, so the flood stalls in the kernel; once it reads, the connection goes on."""
+    proxy, _ = h2_setup
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, (proxy.host, proxy.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding="utf-8"))
+    client.initiate_connection()
+    writer.write(client.data_to_send())
+    handler = await only_handler(proxy)
+    pings = hyperframe.frame.PingFrame(0, opaque_data=b"flooding").serialize() * 4096
+    sent = 0
+    for _ in range((8 << 20) // len(pings)):  # 8 MiB of PINGs, or until the proxy stops reading
+        writer.write(pings)
+        sent += 4096
+        try:
+            async with asyncio.timeout(0.5):
+                await writer.drain()
+        except TimeoutError:
+            break
+    read = -1
+    async with asyncio.timeout(TIMEOUT):
+        while read != handler.flow.record.bytes_from_client:  # the proxy caught up
+            read = handler.flow.record.bytes_from_client
+            await asyncio.sleep(0.2)
+    held = handler.transport.get_write_buffer_size()
+    client.send_headers(
+        1,
+        [(":method", "GET"), (":scheme", "http"), (":authority", "a.test"), (":path", "/a")],
+        end_stream=True,
+    )
+    writer.write(client.data_to_send())
+    buffer, ended, acks = bytearray(), False, 0
+    async with asyncio.timeout(4 * TIMEOUT):
+        while not ended:
+            data = await reader.read(1 << 20)
+            assert data, "the proxy closed the connection"
+            buffer += data
+            for kind, frame in frames_of(buffer):
+                if kind == hyperframe.frame.PingFrame.type:
+                    acks += 1
+                    continue
+                for event in client.receive_data(frame):
+                    ended = ended or isinstance(event, h2.events.StreamEnded)
+            writer.write(client.data_to_send())
+    writer.close()
+    await proxy.wait_closed_flows(1)
+    assert held < 1 << 20, f"{held} bytes held for a client that does not read"
+    assert acks == sent, "every PING was answered once the client read"
+    assert [(r.path, r.status) for r in proxy.ledger.requests] == [("/a", 200)]
