@@ -621,7 +621,10 @@ class H2Proxy(asyncio.Protocol):
         elif isinstance(event, h2.events.StreamReset):
             stream = upstream.streams.pop(event.stream_id or 0, None)
             if stream is not None and not stream.done:
-                self._upstream_reset(stream, event.error_code)
+                code = event.error_code
+                if not event.remote_reset:  # h2's own reset: the upstream's fault, not the client's
+                    code = h2.errors.ErrorCodes.INTERNAL_ERROR
+                self._upstream_reset(stream, code)
         elif isinstance(event, h2.events.WindowUpdated):
             streams = (
                 [upstream.streams[event.stream_id]]
@@ -657,7 +660,9 @@ class H2Proxy(asyncio.Protocol):
         if ended:
             self._stream_complete(stream)
 
-    def _upstream_reset(self, stream: _Stream, code: object) -> None:
+    def _upstream_reset(self, stream: _Stream, code: h2.errors.ErrorCodes | int) -> None:
+        """Before a response: 502 (gRPC UNAVAILABLE), as HTTP/1 answers. After: the client
+        stream is reset with the upstream's code, which says why (INTERNAL_ERROR, CANCEL)."""
         if not stream.response_started:
             if stream.record.grpc:
                 self._grpc_answer(stream, GRPC_UNAVAILABLE, "upstream reset", "reset")
@@ -665,7 +670,7 @@ class H2Proxy(asyncio.Protocol):
                 self._local_answer(stream, 502, "upstream reset", "reset")
             return
         with contextlib.suppress(h2.exceptions.StreamClosedError):
-            self.h2.reset_stream(stream.client_id, h2.errors.ErrorCodes.CANCEL)
+            self.h2.reset_stream(stream.client_id, code)
         self._finish_stream(stream, "reset")
 
     def _pump_client(self, stream: _Stream) -> None:

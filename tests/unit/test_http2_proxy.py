@@ -61,6 +61,7 @@ class Answer:
     body: bytearray = field(default_factory=bytearray)
     trailers: dict[str, str] = field(default_factory=dict)
     reset: bool = False
+    reset_code: int | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -134,7 +135,7 @@ class H2Client(asyncio.Protocol):
                 self.answers[event.stream_id].done.set()
             elif isinstance(event, h2.events.StreamReset):
                 answer = self.answers[event.stream_id]
-                answer.reset = True
+                answer.reset, answer.reset_code = True, event.error_code
                 answer.done.set()
             elif isinstance(event, h2.events.WindowUpdated):
                 self._upload()
@@ -536,6 +537,46 @@ async def test_an_answer_before_the_request_ends_frees_the_upstream_stream(
             await proxy.wait_closed_flows(1)
     finally:
         origin.close()
+
+
+class ResettingH2Origin(SlowH2Origin):
+    """Answers /reset/<code> with a 200 and some data, then resets the stream with that code."""
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                path = dict(event.headers)[b":path"]
+                self.h2.send_headers(event.stream_id, [(":status", "200")])
+                self.h2.send_data(event.stream_id, b"part")
+                self.h2.reset_stream(event.stream_id, int(path.rpartition(b"/")[2]))
+        self.transport.write(self.h2.data_to_send())
+
+
+@pytest.mark.asyncio
+async def test_an_upstream_reset_keeps_its_error_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream the upstream resets after its response began is reset toward the client
+    with the upstream's own code: INTERNAL_ERROR is not the same news as CANCEL."""
+    loop = asyncio.get_running_loop()
+    origin = await loop.create_server(ResettingH2Origin, "127.0.0.1", 0)
+    port = origin.sockets[0].getsockname()[1]
+    codes = [h2.errors.ErrorCodes.INTERNAL_ERROR, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM]
+    try:
+        async with loopback_proxy(tmp_path, monkeypatch, POLICY, local(port)) as proxy:
+            client = await connect_h2(proxy)
+            answers = [client.request("GET", f"/reset/{int(code)}") for code in codes]
+            async with asyncio.timeout(TIMEOUT):
+                for answer in answers:
+                    await answer.done.wait()
+            client.transport.close()
+            await proxy.wait_closed_flows(1)
+    finally:
+        origin.close()
+    assert [(a.headers[":status"], a.reset_code) for a in answers] == [
+        ("200", code) for code in codes
+    ]
+    assert [(r.status, r.error) for r in proxy.ledger.requests] == [(200, "reset")] * 2
 
 
 def closed_port() -> int:
