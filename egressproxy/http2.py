@@ -21,6 +21,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hyperframe.exceptions
 import hyperframe.frame
 
 from egressproxy import upstream as upstream_connector
@@ -30,6 +31,7 @@ from egressproxy.policy.decision import Action, Decision, RequestFacts
 from egressproxy.records import RequestRecord
 from egressproxy.relay import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW
 from egressproxy.settings import VerifyDestination
+from egressproxy.sniff.http import H2_PREFACE
 from egressproxy.verify import verification_mode
 
 if TYPE_CHECKING:
@@ -106,6 +108,78 @@ def grpc_status_of(headers: Headers) -> int | None:
         if name == b"grpc-status":
             return int(value) if value.isdigit() else None
     return None
+
+
+_GOAWAY = hyperframe.frame.GoAwayFrame.type
+_HEADER_BLOCK = (
+    hyperframe.frame.HeadersFrame.type,
+    hyperframe.frame.PushPromiseFrame.type,
+    hyperframe.frame.ContinuationFrame.type,
+)
+_END_HEADERS = 0x4
+
+
+class GoawayFilter:
+    """Takes GOAWAY frames out of a peer's bytes before h2 sees them.
+
+    h2 moves its whole connection to CLOSED on a GOAWAY it receives and refuses every frame
+    after it either way (h2/connection.py, RECV_GOAWAY), yet a GOAWAY only says which
+    streams its sender will still process (RFC 9113 6.8): those in flight may finish. Only
+    frame boundaries are followed here; h2 still checks every frame, and gets to see (and
+    refuse) a GOAWAY that is malformed, too long or inside a header block.
+    """
+
+    def __init__(self, preface: int) -> None:
+        self.passing = preface
+        """Bytes of the current frame (at first the client's preface) that go to h2 as they are."""
+        self.held = b""
+        """A frame header, or a whole GOAWAY frame, begun but not complete yet."""
+        self.in_header_block = False
+
+    def split(
+        self, data: bytes, max_frame_size: int
+    ) -> tuple[bytes, list[hyperframe.frame.GoAwayFrame]]:
+        """The bytes for h2, and the GOAWAY frames taken out of them, in order."""
+        if self.held:
+            data, self.held = self.held + data, b""
+        end = len(data)
+        position = min(self.passing, end)
+        self.passing -= position
+        kept: list[bytes] = []
+        goaways: list[hyperframe.frame.GoAwayFrame] = []
+        keep_from = 0
+        while end - position >= 9:
+            length = int.from_bytes(data[position : position + 3], "big")
+            kind, flags = data[position + 3], data[position + 4]
+            size = 9 + length
+            if kind == _GOAWAY and length <= max_frame_size and not self.in_header_block:
+                if end - position < size:
+                    break
+                frame = _goaway_frame(data[position : position + size])
+                if frame is not None:
+                    kept.append(data[keep_from:position])
+                    goaways.append(frame)
+                    position = keep_from = position + size
+                    continue
+            if kind in _HEADER_BLOCK:
+                self.in_header_block = not flags & _END_HEADERS
+            step = min(size, end - position)
+            position += step
+            self.passing = size - step
+        if self.passing == 0:
+            self.held = data[position:]
+            end = position
+        kept.append(data[keep_from:end])
+        return b"".join(kept), goaways
+
+
+def _goaway_frame(raw: bytes) -> hyperframe.frame.GoAwayFrame | None:
+    try:
+        frame, _ = hyperframe.frame.Frame.parse_frame_header(memoryview(raw[:9]))
+        frame.parse_body(memoryview(raw[9:]))
+    except (hyperframe.exceptions.InvalidDataError, hyperframe.exceptions.InvalidFrameError):
+        return None
+    return cast(hyperframe.frame.GoAwayFrame, frame)
 
 
 class _Stream:
@@ -205,6 +279,7 @@ class H2Proxy(asyncio.Protocol):
         self.transport = flow.transport
         self.loop = flow.context.loop
         self.h2 = _connection(False, self.settings.max_header_bytes)
+        self.goaways = GoawayFilter(len(H2_PREFACE))
         self.streams: dict[int, _Stream] = {}
         self.upstreams: dict[tuple[str, int], _Upstream] = {}
         self.connecting: dict[tuple[str, int], asyncio.Task[None]] = {}
@@ -240,6 +315,7 @@ class H2Proxy(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
         self.flow.record.bytes_from_client += len(data)
+        data, goaways = self.goaways.split(data, self.h2.max_inbound_frame_size)
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as error:
@@ -250,6 +326,8 @@ class H2Proxy(asyncio.Protocol):
             return
         for event in events:
             self._client_event(event)
+        if goaways:
+            self._client_goaway()
         self._flush()
 
     def eof_received(self) -> bool:
@@ -303,10 +381,13 @@ class H2Proxy(asyncio.Protocol):
             self._client_window_opened(getattr(event, "stream_id", None))
         elif isinstance(event, h2.events.StreamReset):
             self._client_reset(event.stream_id)
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            self._goaway()
-            if not self.streams:
-                self._close()
+
+    def _client_goaway(self) -> None:
+        """The client opens no more streams: the ones in flight are still answered, then
+        the connection closes (after our own GOAWAY, which refuses any it opens still)."""
+        self._goaway()
+        if not self.streams:
+            self._close()
 
     def _request_started(self, event: h2.events.RequestReceived) -> None:
         assert event.stream_id is not None and event.headers is not None

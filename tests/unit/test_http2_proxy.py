@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -23,7 +24,9 @@ import hyperframe.frame
 import pytest
 import pytest_asyncio
 
+from egressproxy.http2 import GoawayFilter
 from egressproxy.settings import VerifyDestination
+from egressproxy.sniff.http import H2_PREFACE
 from tests.e2e.http_servers import H2Server, grpc_server
 from tests.e2e.servers import deterministic_chunks
 from tests.unit.http_harness import LoopbackProxy, Silent, local, loopback_proxy, proxy_to_origin
@@ -179,6 +182,26 @@ async def connect_h2(proxy: LoopbackProxy, kind: type[ClientT] = H2Client) -> Cl
     loop = asyncio.get_running_loop()
     _, client = await loop.create_connection(kind, proxy.host, proxy.port)
     return client
+
+
+async def only_handler(proxy: LoopbackProxy) -> Any:
+    """The H2Proxy of the proxy's one open connection, once there is one."""
+    async with asyncio.timeout(TIMEOUT):
+        while not any(flow.handler for flow in proxy.context.open_flows.flows):
+            await asyncio.sleep(0.01)
+    (flow,) = proxy.context.open_flows.flows
+    return flow.handler
+
+
+def frames_of(buffer: bytearray) -> Iterator[tuple[int, bytes]]:
+    """The whole frames at the start of buffer as (type, bytes), taken out of it."""
+    while len(buffer) >= 9:
+        size = 9 + int.from_bytes(buffer[:3], "big")
+        if len(buffer) < size:
+            return
+        frame = bytes(buffer[:size])
+        del buffer[:size]
+        yield frame[3], frame
 
 
 @pytest.mark.asyncio
@@ -444,6 +467,73 @@ async def test_drain_lets_streams_in_flight_finish(slow_h2: LoopbackProxy) -> No
     assert [(r.path, r.status, r.error) for r in slow_h2.ledger.requests] == [("/slow", 200, "")]
 
 
+class GoawayReadingClient(H2Client):
+    """Reads on after a GOAWAY from the proxy: the h2 library would refuse every frame after
+    it, the answers of streams in flight too, so GOAWAY frames are taken out here."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.unread = bytearray()
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.unread += data
+        for kind, frame in frames_of(self.unread):
+            if kind == hyperframe.frame.GoAwayFrame.type:
+                self.goaway = True
+            else:
+                super().data_received(frame)
+
+
+def goaway(last_stream_id: int) -> bytes:
+    """A GOAWAY frame (NO_ERROR), written past the h2 library: its own close_connection()
+    would make it refuse every frame after, the answers of streams in flight too."""
+    return hyperframe.frame.GoAwayFrame(0, last_stream_id=last_stream_id).serialize()
+
+
+def test_goaway_filter_takes_out_goaways_however_the_bytes_are_cut() -> None:
+    """Every cut of a preface and frames into two reads, and one byte a read: h2 gets all
+    but the GOAWAYs, in order, and each GOAWAY comes out once, whole."""
+    frame = hyperframe.frame
+    before = frame.SettingsFrame(0).serialize() + frame.DataFrame(1, b"x" * 40).serialize()
+    inside = frame.HeadersFrame(3, b"abc").serialize()  # no END_HEADERS: a block is open
+    after = frame.ContinuationFrame(3, b"d", flags=["END_HEADERS"]).serialize() + goaway(9)[:9]
+    wire = H2_PREFACE + before + goaway(3) + inside + goaway(5) + after
+    expected = H2_PREFACE + before + inside + goaway(5) + after
+    cuts = [[wire[:cut], wire[cut:]] for cut in range(len(wire) + 1)]
+    for reads in [*cuts, [wire[i : i + 1] for i in range(len(wire))]]:
+        goaways = GoawayFilter(len(H2_PREFACE))
+        kept, found = b"", []
+        for data in reads:
+            part, frames = goaways.split(data, 16384)
+            kept += part
+            found += frames
+        kept += goaways.held  # a header that is not whole yet is held back, not lost
+        assert kept == expected
+        assert [f.last_stream_id for f in found] == [3]
+
+
+@pytest.mark.asyncio
+async def test_a_client_goaway_lets_its_streams_in_flight_finish(
+    slow_h2: LoopbackProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client's GOAWAY says it opens no more streams, not that it wants no more answers
+    (RFC 9113 6.8): the stream it opened before is still answered, the proxy says GOAWAY
+    in turn, and the connection closes once nothing is in flight."""
+    client = await connect_h2(slow_h2, GoawayReadingClient)
+    answer = client.request("GET", "/slow")
+    await only_handler(slow_h2)
+    client.transport.write(goaway(0))
+    async with asyncio.timeout(TIMEOUT):
+        await answer.done.wait()
+        await client.lost.wait()
+    await slow_h2.wait_closed_flows(1)
+    assert (answer.headers[":status"], bytes(answer.body), answer.reset) == ("200", b"late", False)
+    assert client.goaway
+    assert [(r.path, r.status, r.error) for r in slow_h2.ledger.requests] == [("/slow", 200, "")]
+    assert [f.error for f in slow_h2.ledger.flows] == [""]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
 @pytest.mark.asyncio
 async def test_a_window_opened_by_settings_restarts_a_download(
     h2_setup: tuple[LoopbackProxy, int],
@@ -646,26 +736,6 @@ async def test_verify_destination_enforced_per_stream(
         origin.close()
     errors = sorted((r.hostname or "", r.error) for r in proxy.ledger.requests)
     assert errors == [("localhost", ""), ("nowhere.invalid", "destination_mismatch")]
-
-
-async def only_handler(proxy: LoopbackProxy) -> Any:
-    """The H2Proxy of the proxy's one open connection, once there is one."""
-    async with asyncio.timeout(TIMEOUT):
-        while not any(flow.handler for flow in proxy.context.open_flows.flows):
-            await asyncio.sleep(0.01)
-    (flow,) = proxy.context.open_flows.flows
-    return flow.handler
-
-
-def frames_of(buffer: bytearray) -> Iterator[tuple[int, bytes]]:
-    """The whole frames at the start of buffer as (type, bytes), taken out of it."""
-    while len(buffer) >= 9:
-        size = 9 + int.from_bytes(buffer[:3], "big")
-        if len(buffer) < size:
-            return
-        frame = bytes(buffer[:size])
-        del buffer[:size]
-        yield frame[3], frame
 
 
 @pytest.mark.asyncio
