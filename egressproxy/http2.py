@@ -196,6 +196,7 @@ class _Stream:
         "response_ended",
         "response_started",
         "response_trailers",
+        "retried",
         "to_client",
         "to_upstream",
         "upstream",
@@ -217,7 +218,18 @@ class _Stream:
         self.response_ended = False
         self.response_trailers: Headers | None = None
         self.response_started = False
+        self.retried = False
         self.done = False
+
+    @property
+    def replayable(self) -> bool:
+        """Nothing of the request is lost yet: its headers are kept and no byte of its body
+        went upstream (sent bytes are not kept), so it can be sent again, once."""
+        return (
+            not self.retried
+            and not self.response_started
+            and self.record.bytes_from_client == len(self.to_upstream)
+        )
 
     @property
     def answered_here(self) -> bool:
@@ -236,7 +248,7 @@ class _Upstream(asyncio.Protocol):
         self.streams: dict[int, _Stream] = {}
         self.waiting: deque[_Stream] = deque()
         """Streams not yet opened upstream (connecting, or at the peer's stream limit)."""
-        self.usable = True
+        self.goaways = GoawayFilter(0)
         self.settled = False
         """The upstream's first SETTINGS came: until then its stream limit is unknown (h2
         assumes none), so no stream is opened and a burst is not refused wholesale."""
@@ -282,6 +294,9 @@ class H2Proxy(asyncio.Protocol):
         self.goaways = GoawayFilter(len(H2_PREFACE))
         self.streams: dict[int, _Stream] = {}
         self.upstreams: dict[tuple[str, int], _Upstream] = {}
+        """The upstream new streams to (host, port) go to."""
+        self.retired: set[_Upstream] = set()
+        """Upstreams that said GOAWAY: they take no new stream, and finish the ones they took."""
         self.connecting: dict[tuple[str, int], asyncio.Task[None]] = {}
         self.verifying: set[asyncio.Task[None]] = set()
         self.full_upstreams: set[_Upstream] = set()
@@ -340,24 +355,25 @@ class H2Proxy(asyncio.Protocol):
             self._finish_stream(stream, cut)
         for task in [*self.connecting.values(), *self.verifying]:
             task.cancel()
-        for upstream in list(self.upstreams.values()):
+        for upstream in self._all_upstreams():
             if upstream.transport is not None:
                 upstream.transport.abort()
         self.upstreams.clear()
+        self.retired.clear()
         self.flow.context.idle_sweep.discard(self)
         self.flow.finish(self.error or ("reset" if exc and not closed_here else ""))
 
     def pause_writing(self) -> None:
         self.client_full = True
         self._read_client_if_room()
-        for upstream in self.upstreams.values():
+        for upstream in self._all_upstreams():
             if upstream.transport is not None:
                 upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.client_full = False
         self._read_client_if_room()
-        for upstream in self.upstreams.values():
+        for upstream in self._all_upstreams():
             if upstream.transport is not None:
                 upstream.transport.resume_reading()
 
@@ -501,7 +517,7 @@ class H2Proxy(asyncio.Protocol):
 
     def _forward(self, stream: _Stream, key: tuple[str, int]) -> None:
         upstream = self.upstreams.get(key)
-        if upstream is None or not upstream.usable:
+        if upstream is None:
             upstream = _Upstream(self, key)
             self.upstreams[key] = upstream
             self.connecting[key] = self.loop.create_task(
@@ -651,6 +667,7 @@ class H2Proxy(asyncio.Protocol):
     def upstream_data(self, upstream: _Upstream, data: bytes) -> None:
         self.last_activity = self.loop.time()
         self.flow.record.bytes_from_upstream += len(data)
+        data, goaways = upstream.goaways.split(data, upstream.h2.max_inbound_frame_size)
         try:
             events = upstream.h2.receive_data(data)
         except h2.exceptions.ProtocolError as error:
@@ -661,6 +678,8 @@ class H2Proxy(asyncio.Protocol):
             return
         for event in events:
             self._upstream_event(upstream, event)
+        for goaway in goaways:
+            self._upstream_goaway(upstream, goaway.last_stream_id)
         self._flush()
 
     def _upstream_event(self, upstream: _Upstream, event: h2.events.Event) -> None:
@@ -705,7 +724,10 @@ class H2Proxy(asyncio.Protocol):
                 code = event.error_code
                 if not event.remote_reset:  # h2's own reset: the upstream's fault, not the client's
                     code = h2.errors.ErrorCodes.INTERNAL_ERROR
-                self._upstream_reset(stream, code)
+                if code == h2.errors.ErrorCodes.REFUSED_STREAM:
+                    self._refused(stream, upstream.key)
+                else:
+                    self._upstream_reset(stream, code)
         elif isinstance(event, h2.events.WindowUpdated):
             streams = (
                 [upstream.streams[event.stream_id]]
@@ -719,15 +741,24 @@ class H2Proxy(asyncio.Protocol):
             self._open_waiting(upstream)
             for stream in list(upstream.streams.values()):  # a larger initial window
                 self._pump_upstream(stream)
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            upstream.usable = False
-            last = event.last_stream_id or 0
-            unprocessed = [s for up_id, s in upstream.streams.items() if up_id > last]
-            for stream in unprocessed:
-                upstream.streams.pop(stream.upstream_id, None)
-                self._upstream_reset(stream, h2.errors.ErrorCodes.REFUSED_STREAM)
-            if self.upstreams.get(upstream.key) is upstream:
-                del self.upstreams[upstream.key]
+
+    def _upstream_goaway(self, upstream: _Upstream, last_stream_id: int) -> None:
+        """The upstream takes no new stream: those up to last_stream_id finish on it, the
+        ones it did not process (above it) and those still waiting for it go elsewhere."""
+        if self.upstreams.get(upstream.key) is upstream:
+            del self.upstreams[upstream.key]
+        self.retired.add(upstream)
+        waiting = list(upstream.waiting)
+        upstream.waiting.clear()
+        unprocessed = [s for up_id, s in upstream.streams.items() if up_id > last_stream_id]
+        for stream in unprocessed:
+            del upstream.streams[stream.upstream_id]
+        for stream in waiting:
+            if not stream.done:
+                self._forward(stream, upstream.key)
+        for stream in unprocessed:
+            if not stream.done:
+                self._refused(stream, upstream.key)
 
     def _response_started(self, stream: _Stream, headers: Headers, ended: bool) -> None:
         stream.response_started = True
@@ -740,6 +771,17 @@ class H2Proxy(asyncio.Protocol):
         self.h2.send_headers(stream.client_id, headers, end_stream=ended)
         if ended:
             self._stream_complete(stream)
+
+    def _refused(self, stream: _Stream, key: tuple[str, int]) -> None:
+        """The upstream did not process the stream (RST_STREAM REFUSED_STREAM, or above its
+        GOAWAY's last stream): sent again once, where a new stream would go, if nothing of
+        it is lost; else answered as a reset."""
+        if not stream.replayable:
+            self._upstream_reset(stream, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        stream.retried = True
+        stream.upstream_id, stream.end_sent = 0, False
+        self._forward(stream, key)
 
     def _upstream_reset(self, stream: _Stream, code: h2.errors.ErrorCodes | int) -> None:
         """Before a response: 502 (gRPC UNAVAILABLE), as HTTP/1 answers. After: the client
@@ -845,6 +887,7 @@ class H2Proxy(asyncio.Protocol):
         self.upstream_full(upstream, False)
         if self.upstreams.get(upstream.key) is upstream:
             del self.upstreams[upstream.key]
+        self.retired.discard(upstream)
         if not self.closed:
             self._fail_streams(upstream, error)
             self._flush()
@@ -857,8 +900,15 @@ class H2Proxy(asyncio.Protocol):
         data = self.h2.data_to_send()
         if data:
             self.transport.write(data)
-        for upstream in self.upstreams.values():
+        for upstream in self._all_upstreams():
             upstream.flush()
+        for upstream in [upstream for upstream in self.retired if not upstream.streams]:
+            self.retired.discard(upstream)
+            if upstream.transport is not None:
+                upstream.transport.close()
+
+    def _all_upstreams(self) -> list[_Upstream]:
+        return [*self.upstreams.values(), *self.retired]
 
     def _goaway(self) -> None:
         """No new stream is taken. With streams in flight the GOAWAY frame is written past

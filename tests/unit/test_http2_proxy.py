@@ -669,6 +669,121 @@ async def test_an_upstream_reset_keeps_its_error_code(
     assert [(r.status, r.error) for r in proxy.ledger.requests] == [(200, "reset")] * 2
 
 
+class GoawayH2Origin(SlowH2Origin):
+    """On its first connection, once a request body is in: GOAWAY naming the first stream
+    as the last it processes, which it then answers (after DELAY) before it closes. Later
+    connections answer every stream after DELAY."""
+
+    LIMIT = 10
+
+    def __init__(self, connections: list[GoawayH2Origin]) -> None:
+        connections.append(self)
+        self.first = len(connections) == 1
+        self.streams: list[int] = []
+
+    def data_received(self, data: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                self.streams.append(event.stream_id)
+                if not self.first:
+                    loop.call_later(self.DELAY, self.answer, event.stream_id)
+            elif isinstance(event, h2.events.DataReceived) and self.first:
+                self.transport.write(goaway(self.streams[0]))
+                loop.call_later(self.DELAY, self.answer_and_close, self.streams[0])
+        self.transport.write(self.h2.data_to_send())
+
+    def answer_and_close(self, stream_id: int) -> None:
+        self.answer(stream_id)
+        self.transport.close()
+
+
+@pytest.mark.asyncio
+async def test_an_upstream_goaway_finishes_its_streams_and_retries_the_unprocessed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Streams up to the GOAWAY's last stream are answered on that connection; one above
+    it that lost nothing is sent again on a new connection; one whose body already went
+    upstream cannot be sent again and is answered 502."""
+    loop = asyncio.get_running_loop()
+    connections: list[GoawayH2Origin] = []
+    origin = await loop.create_server(lambda: GoawayH2Origin(connections), "127.0.0.1", 0)
+    port = origin.sockets[0].getsockname()[1]
+    try:
+        async with loopback_proxy(tmp_path, monkeypatch, POLICY, local(port)) as proxy:
+            client = await connect_h2(proxy)
+            answers = [
+                client.request("GET", "/processed"),
+                client.request("GET", "/unprocessed"),
+                client.request("POST", "/sent-body", b"partial"),
+            ]
+            async with asyncio.timeout(TIMEOUT):
+                for answer in answers:
+                    await answer.done.wait()
+            client.transport.close()
+            await proxy.wait_closed_flows(1)
+    finally:
+        origin.close()
+    assert [(a.headers[":status"], bytes(a.body)) for a in answers] == [
+        ("200", b"late"),
+        ("200", b"late"),
+        ("502", b"upstream reset\n"),
+    ]
+    assert [c.streams for c in connections] == [[1, 3, 5], [1]]
+    outcomes = sorted((r.path, r.status, r.error) for r in proxy.ledger.requests)
+    assert outcomes == [
+        ("/processed", 200, ""),
+        ("/sent-body", 502, "reset"),
+        ("/unprocessed", 200, ""),
+    ]
+
+
+class RefusingH2Origin(SlowH2Origin):
+    """Refuses (RST_STREAM REFUSED_STREAM, before any response) every /always stream and the
+    first /once stream; answers the rest after DELAY."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.refused: list[bytes] = []
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                path = dict(event.headers)[b":path"]
+                if path == b"/always" or path not in self.refused:
+                    self.refused.append(path)
+                    self.h2.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                else:
+                    asyncio.get_running_loop().call_later(self.DELAY, self.answer, event.stream_id)
+        self.transport.write(self.h2.data_to_send())
+
+
+@pytest.mark.asyncio
+async def test_a_refused_stream_is_sent_again_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """REFUSED_STREAM says the upstream did nothing with the stream: it is sent again, once;
+    refused a second time it is answered 502."""
+    loop = asyncio.get_running_loop()
+    origin = await loop.create_server(RefusingH2Origin, "127.0.0.1", 0)
+    port = origin.sockets[0].getsockname()[1]
+    try:
+        async with loopback_proxy(tmp_path, monkeypatch, POLICY, local(port)) as proxy:
+            client = await connect_h2(proxy)
+            once, always = client.request("GET", "/once"), client.request("GET", "/always")
+            async with asyncio.timeout(TIMEOUT):
+                await once.done.wait()
+                await always.done.wait()
+            client.transport.close()
+            await proxy.wait_closed_flows(1)
+    finally:
+        origin.close()
+    assert (once.headers[":status"], bytes(once.body)) == ("200", b"late")
+    assert (always.headers[":status"], bytes(always.body)) == ("502", b"upstream reset\n")
+    outcomes = sorted((r.path, r.status, r.error) for r in proxy.ledger.requests)
+    assert outcomes == [("/always", 502, "reset"), ("/once", 200, "")]
+
+
 def closed_port() -> int:
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
