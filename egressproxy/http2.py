@@ -44,6 +44,13 @@ STREAM_WINDOW = 1 << 20
 CONNECTION_WINDOW = 16 << 20
 MAX_CONCURRENT_STREAMS = 256
 
+MAX_ANSWERS_UNREAD = 1000
+"""PINGs and SETTINGS (each answered by h2 at once) a peer may send while it reads nothing
+of ours (its write buffer high): past that it floods and its connection ends, as with
+Envoy's max_outbound_control_frames (CVE-2019-9512, -9515). Pausing its reading instead
+could deadlock a peer that writes its request body before it reads our response."""
+ANSWERED_BY_H2 = (h2.events.PingReceived, h2.events.RemoteSettingsChanged)
+
 GRPC_PERMISSION_DENIED = 7
 GRPC_UNAVAILABLE = 14
 
@@ -249,6 +256,8 @@ class _Upstream(asyncio.Protocol):
         self.waiting: deque[_Stream] = deque()
         """Streams not yet opened upstream (connecting, or at the peer's stream limit)."""
         self.goaways = GoawayFilter(0)
+        self.answers_unread = 0
+        """PINGs and SETTINGS answered while the write buffer towards it was high."""
         self.settled = False
         """The upstream's first SETTINGS came: until then its stream limit is unknown (h2
         assumes none), so no stream is opened and a burst is not refused wholesale."""
@@ -302,9 +311,8 @@ class H2Proxy(asyncio.Protocol):
         self.full_upstreams: set[_Upstream] = set()
         """Upstreams whose write buffer is high: the client is not read meanwhile."""
         self.client_full = False
-        """The client's own write buffer is high: it is not read either, or frames that ask
-        for an answer (PING, SETTINGS) would queue answers it never reads without bound."""
-        self.reading = True
+        self.answers_unread = 0
+        """PINGs and SETTINGS the client sent while its write buffer was high."""
         self.closed = False
         self.goaway_sent = False
         self.error = ""
@@ -341,6 +349,13 @@ class H2Proxy(asyncio.Protocol):
             return
         for event in events:
             self._client_event(event)
+        if self.client_full:
+            self.answers_unread += sum(isinstance(event, ANSWERED_BY_H2) for event in events)
+            if self.answers_unread > MAX_ANSWERS_UNREAD:
+                log.warning("%s: h2 PING/SETTINGS flood, not reading", self.flow.record.client)
+                self.error = self.flow.record.error = "flood"
+                self.transport.abort()
+                return
         if goaways:
             self._client_goaway()
         self._flush()
@@ -365,14 +380,13 @@ class H2Proxy(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.client_full = True
-        self._read_client_if_room()
         for upstream in self._all_upstreams():
             if upstream.transport is not None:
                 upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.client_full = False
-        self._read_client_if_room()
+        self.answers_unread = 0
         for upstream in self._all_upstreams():
             if upstream.transport is not None:
                 upstream.transport.resume_reading()
@@ -678,6 +692,14 @@ class H2Proxy(asyncio.Protocol):
             return
         for event in events:
             self._upstream_event(upstream, event)
+        if upstream in self.full_upstreams:
+            upstream.answers_unread += sum(isinstance(event, ANSWERED_BY_H2) for event in events)
+            if upstream.answers_unread > MAX_ANSWERS_UNREAD and upstream.transport is not None:
+                log.warning(
+                    "%s: h2 PING/SETTINGS flood from %s:%s", self.flow.record.client, *upstream.key
+                )
+                upstream.transport.abort()
+                return
         for goaway in goaways:
             self._upstream_goaway(upstream, goaway.last_stream_id)
         self._flush()
@@ -865,23 +887,17 @@ class H2Proxy(asyncio.Protocol):
             stream.to_upstream.clear()
 
     def upstream_full(self, upstream: _Upstream, full: bool) -> None:
+        was_full = bool(self.full_upstreams)
         if full:
             self.full_upstreams.add(upstream)
         else:
             self.full_upstreams.discard(upstream)
-        self._read_client_if_room()
-
-    def _read_client_if_room(self) -> None:
-        """The client is read only while neither its own write buffer nor any upstream's
-        is high: either reason alone keeps it paused, whichever clears first."""
-        reading = not self.client_full and not self.full_upstreams
-        if reading == self.reading or self.closed:
-            return
-        self.reading = reading
-        if reading:
-            self.transport.resume_reading()
-        else:
-            self.transport.pause_reading()
+            upstream.answers_unread = 0
+        if was_full != bool(self.full_upstreams) and not self.closed:
+            if full:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
 
     def upstream_lost(self, upstream: _Upstream, error: str) -> None:
         self.upstream_full(upstream, False)
