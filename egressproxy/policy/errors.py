@@ -20,15 +20,19 @@ from egressproxy.settings import IPNetwork
 @dataclass(frozen=True)
 class Problem:
     file: str
-    line: int
+    line: int | None
+    """None when the whole file is at fault (it cannot be read): there is no line to name."""
     reason: str
 
     def __str__(self) -> str:
+        if self.line is None:
+            return f"{self.file}: {self.reason}"
         return f"{self.file}:{self.line}: {self.reason}"
 
 
 class PolicyError(Exception):
-    """A policy file that cannot be used; str() is one `FILE:LINE: reason` per line."""
+    """A policy file that cannot be used; str() is one `FILE:LINE: reason` (or
+    `FILE: reason`) per line."""
 
     def __init__(self, problems: Iterable[Problem]) -> None:
         self.problems: tuple[Problem, ...] = tuple(problems)

@@ -25,16 +25,26 @@ MAX_NODES = 200_000
 
 def load_policy(path: Path) -> Model:
     file = str(path)
+    return load_policy_text(decode_policy(read_policy(file), file), file)
+
+
+def read_policy(file: str) -> bytes:
+    """The file's bytes; PolicyError naming the file (no line: none was read) when it cannot
+    be read: missing, a directory, permission denied."""
     try:
-        data = path.read_bytes()
+        with open(file, "rb") as policy:
+            return policy.read()
     except OSError as error:
-        raise PolicyError([Problem(file, 0, f"cannot read the policy: {error.strerror}")]) from None
+        reason = f"cannot read the policy: {error.strerror or error}"
+        raise PolicyError([Problem(file, None, reason)]) from None
+
+
+def decode_policy(data: bytes, file: str) -> str:
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise PolicyError([Problem(file, line, "the policy is not valid UTF-8")]) from None
-    return load_policy_text(text, file)
 
 
 def load_policy_text(text: str, file: str) -> Model:
@@ -74,7 +84,7 @@ def load_policy_text(text: str, file: str) -> Model:
             checker.error(network.origin.line, f"{network.id} is defined twice")
         seen[network.id] = network.origin.line
     if checker.problems:
-        raise PolicyError(sorted(checker.problems, key=lambda problem: problem.line))
+        raise PolicyError(sorted(checker.problems, key=lambda problem: problem.line or 0))
     return Model(
         file=file,
         networks=tuple(all_networks),

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from egressproxy.policy.errors import PolicyError, Problem
+from egressproxy.policy.errors import PolicyError
 from egressproxy.policy.index import PolicyIndex, compile_policy
-from egressproxy.policy.loader import load_policy_text
+from egressproxy.policy.loader import decode_policy, load_policy_text, read_policy
 from egressproxy.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class PolicyStore:
 
     def load_initial(self) -> None:
         """Load the first policy; PolicyError when the file is unusable (the proxy cannot start)."""
-        data = self._read()
+        data = read_policy(self.file)
         self._last_digest = hashlib.sha256(data).digest()
         self._install(self._compile(data), generation=1)
 
@@ -61,7 +61,7 @@ class PolicyStore:
         to on_reload(False).
         """
         try:
-            data: bytes | None = self._read()
+            data: bytes | None = read_policy(self.file)
         except PolicyError as error:
             data, unreadable = None, error
         digest = hashlib.sha256(data).digest() if data is not None else str(unreadable).encode()
@@ -91,20 +91,8 @@ class PolicyStore:
             await asyncio.sleep(interval)
             self.reload(force=False)
 
-    def _read(self) -> bytes:
-        try:
-            with open(self.file, "rb") as policy:
-                return policy.read()
-        except OSError as error:
-            reason = f"cannot read the policy: {error.strerror or error}"
-            raise PolicyError([Problem(self.file, 0, reason)]) from None
-
     def _compile(self, data: bytes) -> PolicyIndex:
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as error:
-            line = data[: error.start].count(b"\n") + 1
-            raise PolicyError([Problem(self.file, line, "the policy is not valid UTF-8")]) from None
+        text = decode_policy(data, self.file)
         return compile_policy(load_policy_text(text, self.file), self.settings)
 
     def _install(self, index: PolicyIndex, generation: int) -> None:

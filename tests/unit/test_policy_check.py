@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,7 @@ import pytest
 from egressproxy.policy.explain import run_check
 from egressproxy.settings import Settings
 from tests.unit.test_policy_linkerd import TCP_ROUTE_ON_443
+from tests.unit.test_startup import NOBODY, REPO
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
 STEP5 = EXAMPLES / "linkerd-5-redirect.yaml"
@@ -102,9 +106,20 @@ def test_invalid_policy_lists_every_problem(
     assert "Traceback" not in err
 
 
+def test_a_directory_is_named_without_a_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """An unreadable file has no line to point at: `FILE: reason`, not a line 0."""
+    status, _, err = check(capsys, tmp_path)
+    assert (status, err) == (1, f"{tmp_path}: cannot read the policy: Is a directory\n")
+
+
 def test_missing_file_and_syntax_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     status, _, err = check(capsys, tmp_path / "absent.yaml")
-    assert status == 1 and err.startswith(f"{tmp_path / 'absent.yaml'}:0: cannot read")
+    assert (status, err) == (
+        1,
+        f"{tmp_path / 'absent.yaml'}: cannot read the policy: No such file or directory\n",
+    )
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: EgressNetwork\nspec: {trafficPolicy: Allow\n")
     status, _, err = check(capsys, bad)
@@ -147,3 +162,23 @@ def test_explain_rejects_bad_destinations(
     status, out, err = check(capsys, STEP5, destination)
     assert status == 2 and out == ""
     assert err.splitlines()[-1].startswith("egressproxy check: --explain")
+
+
+def test_a_file_it_may_not_read_is_named_without_a_line(tmp_path: Path) -> None:
+    """Run as nobody (the suite runs as root, which may read anything)."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(STEP5.read_text())
+    policy.chmod(0)
+    checked = subprocess.run(
+        [sys.executable, "-m", "egressproxy", "check", "--policy", str(policy)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        user=NOBODY,
+    )
+    assert (checked.returncode, checked.stderr) == (
+        1,
+        f"{policy}: cannot read the policy: Permission denied\n",
+    )

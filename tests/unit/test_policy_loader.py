@@ -128,7 +128,7 @@ def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(PolicyError) as caught:
         load_policy(tmp_path / "absent.yaml")
     assert str(caught.value).endswith(
-        "absent.yaml:0: cannot read the policy: No such file or directory"
+        "absent.yaml: cannot read the policy: No such file or directory"
     )
 
 

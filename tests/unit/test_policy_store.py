@@ -80,6 +80,24 @@ def test_broken_file_keeps_the_old_policy_and_logs_file_line(
     assert store.current.generation == 2
 
 
+def test_an_unreadable_file_on_reload_is_named_without_a_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "policy.yaml"
+    write(path, "Deny")
+    store, reported = make_store(path)
+    path.unlink()
+    with caplog.at_level(logging.ERROR, logger="egressproxy.policy.store"):
+        assert store.reload(force=True) is False
+        path.mkdir()
+        assert store.reload(force=True) is False
+    assert (store.current.generation, action(store), reported) == (1, Action.DENY, [False, False])
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{path}: cannot read the policy: No such file or directory",
+        f"{path}: cannot read the policy: Is a directory",
+    ]
+
+
 def test_initial_load_raises(tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text("kind: [")

@@ -15,7 +15,10 @@ from egressproxy.cli import non_negative_int, positive_int
 REPO = Path(__file__).resolve().parents[2]
 
 
-def start(*args: str) -> subprocess.CompletedProcess[str]:
+NOBODY = 65534
+
+
+def start(*args: str, user: int | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "egressproxy", "run", "--listen", "127.0.0.1:15999",
          "--admin", "127.0.0.1:15998", *args],
@@ -24,6 +27,7 @@ def start(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=30,
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
+        user=user,
     )  # fmt: skip
 
 
@@ -45,6 +49,35 @@ def test_an_invalid_policy_stops_the_start_with_file_and_line(tmp_path: Path) ->
     assert refused.returncode == 1
     assert f"{policy}:5:" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("missing", "No such file or directory"),
+        ("directory", "Is a directory"),
+        ("denied", "Permission denied"),
+    ],
+)
+def test_an_unreadable_policy_is_named_without_a_line(
+    tmp_path: Path, kind: str, reason: str
+) -> None:
+    """There is no line to point at: `FILE: reason`, not a line 0 that does not exist."""
+    policy = tmp_path / "policy.yaml"
+    if kind == "directory":
+        policy.mkdir()
+    elif kind == "denied":
+        policy.write_text("apiVersion: egressproxy.io/v1alpha1\n")
+        policy.chmod(0)
+    refused = (
+        start("--policy", str(policy), user=NOBODY)
+        if kind == "denied"
+        else start("--allow-root", "--policy", str(policy))
+    )
+    assert (refused.returncode, refused.stderr) == (
+        1,
+        f"{policy}: cannot read the policy: {reason}\n",
+    )
 
 
 def test_bad_flags_are_usage_errors() -> None:
