@@ -19,7 +19,7 @@ from egressproxy.settings import Endpoint
 log = logging.getLogger("egressproxy.admin")
 
 MAX_REQUEST_HEAD = 16 * 1024
-REQUEST_TIMEOUT = 10.0
+IDLE_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,10 @@ def base_handlers(
 class AdminConnection(asyncio.Protocol):
     """One admin client on h11; GET and HEAD of known paths only."""
 
+    idle_timeout = IDLE_TIMEOUT
+    """Seconds from the connection's start or its last answer to the next complete request
+    head; a scraper reusing its connection restarts the clock with every request."""
+
     def __init__(self, handlers: dict[str, Handler]) -> None:
         self.handlers = handlers
         self.connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
@@ -88,7 +92,7 @@ class AdminConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.timer = asyncio.get_running_loop().call_later(REQUEST_TIMEOUT, transport.close)
+        self._start_idle_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.timer.cancel()
@@ -124,6 +128,12 @@ class AdminConnection(asyncio.Protocol):
                 return
             if isinstance(event, h11.Request):
                 self._answer(event)
+                self.timer.cancel()
+                self._start_idle_timer()
+
+    def _start_idle_timer(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(self.idle_timeout, self.transport.close)
 
     def _answer(self, request: h11.Request) -> None:
         method = request.method.decode("ascii", "replace")
