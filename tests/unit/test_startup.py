@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from egressproxy.cli import non_negative_int, positive_int
+from tests.unit.test_metrics import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,8 +21,8 @@ NOBODY = 65534
 
 def start(*args: str, user: int | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "egressproxy", "run", "--listen", "127.0.0.1:15999",
-         "--admin", "127.0.0.1:15998", *args],
+        [sys.executable, "-m", "egressproxy", "run", "--listen", f"127.0.0.1:{free_port()}",
+         "--admin", f"127.0.0.1:{free_port()}", *args],
         capture_output=True,
         text=True,
         timeout=30,
@@ -117,7 +118,7 @@ def test_a_sighup_before_the_policy_is_in_is_not_fatal(tmp_path: Path) -> None:
     os.mkfifo(policy)
     process = subprocess.Popen(
         [sys.executable, "-m", "egressproxy", "run", "--allow-root", "--policy", str(policy),
-         "--listen", "127.0.0.1:15997", "--admin", "127.0.0.1:15996"],
+         "--listen", f"127.0.0.1:{free_port()}", "--admin", f"127.0.0.1:{free_port()}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
