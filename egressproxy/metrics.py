@@ -10,6 +10,7 @@ Model: linkerd2-proxy's `register(reg)` then `metrics(labels)`.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -459,16 +460,31 @@ def _target(record: FlowRecord) -> tuple[str, str]:
     return str(record.destination.ip), str(record.destination.port)
 
 
-def use_multiprocess(directory: str) -> None:
-    """Make every metric value from now on live in mmapped files under `directory`.
+def keep_values(workers: int) -> str | None:
+    """Where metric values live from now on: in this process (one worker, None), or in
+    mmapped files under a fresh directory of this run's own (returned, to be removed at exit).
 
-    prometheus-client picks its value class when it is imported, from the
-    environment; --workers is only known later, so the choice is made again
-    here, before any family is created. Forked workers then write their own
-    files and one scrape of the directory sums them.
+    prometheus-client picks its value class when it is imported, from the environment
+    (PROMETHEUS_MULTIPROC_DIR); --workers is only known later, so the choice is made again
+    here, before any family is created. For --workers N the directory is made inside
+    PROMETHEUS_MULTIPROC_DIR when that is set (a writable volume beside a read-only root),
+    else in the temporary directory: files already there, another run's or program's, are
+    never summed in nor removed. Forked workers write their own files; one scrape of the
+    directory sums them. OSError, saying where, when the directory cannot be made.
     """
+    parent = os.environ.pop(MULTIPROCESS_ENV, "")
+    if workers == 1:
+        values.ValueClass = values.MutexValue
+        return None
+    try:
+        directory = tempfile.mkdtemp(prefix="egressproxy-metrics-", dir=parent or None)
+    except OSError as error:
+        where = f"{MULTIPROCESS_ENV}={parent}" if parent else tempfile.gettempdir()
+        reason = error.strerror or str(error)
+        raise OSError(f"cannot make the metrics directory in {where}: {reason}") from None
     os.environ[MULTIPROCESS_ENV] = directory
     values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    return directory
 
 
 def forget_worker(pid: int) -> None:

@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 from collections.abc import Callable
 
 import uvloop
@@ -54,9 +53,11 @@ def main(settings: Settings) -> int:
         conflict = read_source_ports_conflict()
         if conflict:
             log.warning("%s", conflict)
-        if settings.workers > 1:
-            metrics_dir = tempfile.mkdtemp(prefix="egressproxy-metrics-")
-            metrics.use_multiprocess(metrics_dir)
+        try:
+            metrics_dir = metrics.keep_values(settings.workers)
+        except OSError as error:
+            print(f"egressproxy: {error}", file=sys.stderr)
+            return 2
         registry = CollectorRegistry()
         meters = metrics.Metrics(registry, max_hostnames=settings.max_hostnames)
         if metrics_dir is not None:

@@ -1,0 +1,133 @@
+"""PROMETHEUS_MULTIPROC_DIR preset in the environment: one worker keeps its metrics in memory
+and writes nothing there; --workers N makes its own directory inside it and removes it at
+exit; a directory it cannot use is one line on stderr, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_metrics import EXAMPLES, REPO, admin_get, free_port, only, parsed, wait_for
+
+EXIT_TIMEOUT = 15.0
+STALE = b"not a metrics file: another run's or program's, never read nor removed"
+
+
+def start(tmp_path: Path, workers: int, preset: Path) -> tuple[subprocess.Popen[str], int]:
+    """The proxy on loopback ports with PROMETHEUS_MULTIPROC_DIR=preset and its own TMPDIR."""
+    admin_port = free_port()
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text((EXAMPLES / "linkerd-1-allow.yaml").read_text())
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    environment = {
+        **os.environ,
+        "TMPDIR": str(temporary),
+        "PYTHONPATH": str(REPO),
+        "PROMETHEUS_MULTIPROC_DIR": str(preset),
+    }
+    command = [
+        sys.executable, "-m", "egressproxy", "run", "--allow-root", "--workers", str(workers),
+        "--listen", f"127.0.0.1:{free_port()}", "--admin", f"127.0.0.1:{admin_port}",
+        "--policy", str(policy_file), "--drain-timeout", "1",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    return process, admin_port
+
+
+def serve_until_ready(process: subprocess.Popen[str], admin_port: int) -> None:
+    def ready() -> bool:
+        if process.poll() is not None:
+            pytest.fail(f"the proxy exited ({process.returncode}): {process.communicate()[1]}")
+        try:
+            return admin_get(admin_port, "/ready")[0] == 200
+        except OSError:
+            return False
+
+    wait_for("/ready", ready)
+
+
+def stop(process: subprocess.Popen[str]) -> str:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        _, errors = process.communicate(timeout=EXIT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, errors = process.communicate(timeout=EXIT_TIMEOUT)
+    return errors
+
+
+def with_stale_file(preset: Path) -> Path:
+    preset.mkdir()
+    stale = preset / "counter_1.db"
+    stale.write_bytes(STALE)
+    return stale
+
+
+@pytest.mark.parametrize("exists", [True, False], ids=["directory", "missing"])
+def test_one_worker_writes_no_metric_files(tmp_path: Path, exists: bool) -> None:
+    preset = tmp_path / "multiproc"
+    if exists:
+        stale = with_stale_file(preset)
+    process, admin_port = start(tmp_path, 1, preset)
+    try:
+        serve_until_ready(process, admin_port)
+        samples = parsed(admin_get(admin_port, "/metrics")[2])
+        assert only(samples, "egress_policy_generation") == ({}, 1)
+        if exists:
+            assert list(preset.iterdir()) == [stale]
+    finally:
+        errors = stop(process)
+    assert process.returncode == 0, errors
+    assert "Traceback" not in errors
+    if exists:
+        assert list(preset.iterdir()) == [stale] and stale.read_bytes() == STALE
+    else:
+        assert not preset.exists()
+    assert not list((tmp_path / "tmp").iterdir())
+
+
+def test_workers_make_their_directory_inside_it_and_remove_it(tmp_path: Path) -> None:
+    preset = tmp_path / "multiproc"
+    stale = with_stale_file(preset)
+    process, admin_port = start(tmp_path, 2, preset)
+    try:
+        serve_until_ready(process, admin_port)
+        samples = parsed(admin_get(admin_port, "/metrics")[2])
+        assert only(samples, "egress_policy_generation") == ({}, 1)
+        (own,) = preset.glob("egressproxy-metrics-*")
+        assert list(own.glob("*.db"))
+        assert sorted(preset.iterdir()) == sorted([stale, own])
+        assert not list((tmp_path / "tmp").iterdir())
+    finally:
+        errors = stop(process)
+    assert process.returncode == 0, errors
+    assert list(preset.iterdir()) == [stale] and stale.read_bytes() == STALE
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [("missing", "No such file or directory"), ("file", "Not a directory")],
+)
+def test_workers_name_a_directory_they_cannot_use(tmp_path: Path, kind: str, reason: str) -> None:
+    preset = tmp_path / "multiproc"
+    if kind == "file":
+        preset.write_bytes(STALE)
+    process, _ = start(tmp_path, 2, preset)
+    try:
+        process.wait(EXIT_TIMEOUT)
+    finally:
+        errors = stop(process)
+    assert (process.returncode, errors) == (
+        2,
+        "egressproxy: cannot make the metrics directory in "
+        f"PROMETHEUS_MULTIPROC_DIR={preset}: {reason}\n",
+    )
