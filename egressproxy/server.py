@@ -192,7 +192,7 @@ async def serve(
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, store.reload, True)
+    loop.add_signal_handler(signal.SIGHUP, store.request_reload)
     watcher = loop.create_task(store.watch(), name="policy watch")
     acceptor = Acceptor(listeners)
     limit, pipes = descriptor_budget(settings.max_connections)
@@ -386,7 +386,7 @@ async def _supervisor(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
         if signum == signal.SIGHUP:
-            store.reload(True)
+            store.request_reload()
         else:
             stop.set()
 

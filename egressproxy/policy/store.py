@@ -9,6 +9,7 @@ rename and a Kubernetes ConfigMap's `..data` symlink swap alike.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import Callable
@@ -40,6 +41,10 @@ class PolicyStore:
         self._current: Snapshot | None = None
         self._last_digest: bytes | None = None
         """Digest of the last content tried, good or bad: the same bad file is reported once."""
+        self._forced = False
+        """A forced reload is asked for and not yet begun."""
+        self._wake: asyncio.Event | None = None
+        """Set by request_reload() to wake watch() before its next poll."""
 
     @property
     def current(self) -> Snapshot:
@@ -53,43 +58,69 @@ class PolicyStore:
         self._last_digest = hashlib.sha256(data).digest()
         self._install(self._compile(data), generation=1)
 
-    def reload(self, force: bool = False) -> bool:
+    def request_reload(self) -> None:
+        """A forced reload (SIGHUP), made by watch(); requests while one runs fold into one
+        more after it, never a pile-up."""
+        self._forced = True
+        if self._wake is not None:
+            self._wake.set()
+
+    async def watch(self, interval: float = 1.0) -> None:
+        """Reload on each request_reload() and each change of the file's content (polled every
+        interval), forever; being the only caller of reload(), one reload at a time."""
+        self._wake = asyncio.Event()
+        while True:
+            if not self._forced:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), interval)
+            self._wake.clear()
+            force, self._forced = self._forced, False
+            await self.reload(force)
+
+    async def reload(self, force: bool = False) -> bool:
         """Re-read the file; True when a new snapshot is in force.
 
-        Unchanged content is a no-op unless forced (SIGHUP). An unusable file
-        keeps the running policy, is logged as FILE:LINE: reason, and reported
-        to on_reload(False).
+        Reading, parsing and compiling run in a worker thread: a large policy takes
+        seconds, which on the loop would stall every connection. The swap, the generation,
+        on_reload and the log line stay on the loop. Unchanged content is a no-op unless
+        forced (SIGHUP). An unusable file keeps the running policy, is logged as
+        FILE:LINE: reason, and reported to on_reload(False).
         """
-        try:
-            data: bytes | None = read_policy(self.file)
-        except PolicyError as error:
-            data, unreadable = None, error
-        digest = hashlib.sha256(data).digest() if data is not None else str(unreadable).encode()
-        if not force and digest == self._last_digest:
+        loop = asyncio.get_running_loop()
+        attempt = await loop.run_in_executor(None, self._attempt, force, self._last_digest)
+        if attempt is None:
             return False
-        self._last_digest = digest
-        try:
-            if data is None:
-                raise unreadable
-            index = self._compile(data)
-        except PolicyError as error:
-            for problem in error.problems:
+        self._last_digest, outcome = attempt
+        if isinstance(outcome, PolicyError):
+            for problem in outcome.problems:
                 log.error("%s", problem)
             if self.on_reload is not None:
                 self.on_reload(False)
             return False
         previous = self._current.generation if self._current else 0
-        self._install(index, generation=previous + 1)
+        self._install(outcome, generation=previous + 1)
         log.info("%s: policy reloaded, generation %d", self.file, previous + 1)
         if self.on_reload is not None:
             self.on_reload(True)
         return True
 
-    async def watch(self, interval: float = 1.0) -> None:
-        """Poll the file's content forever; each change is one reload."""
-        while True:
-            await asyncio.sleep(interval)
-            self.reload(force=False)
+    def _attempt(
+        self, force: bool, last_digest: bytes | None
+    ) -> tuple[bytes, PolicyIndex | PolicyError] | None:
+        """The file's digest and its compiled index or its problems, off the loop; None when
+        the content is the last one tried and the reload is not forced."""
+        try:
+            data = read_policy(self.file)
+        except PolicyError as unreadable:
+            digest = str(unreadable).encode()
+            return None if not force and digest == last_digest else (digest, unreadable)
+        digest = hashlib.sha256(data).digest()
+        if not force and digest == last_digest:
+            return None
+        try:
+            return digest, self._compile(data)
+        except PolicyError as error:
+            return digest, error
 
     def _compile(self, data: bytes) -> PolicyIndex:
         text = decode_policy(data, self.file)

@@ -1,19 +1,28 @@
-"""Hot reload: generation +1 per change, unchanged content a no-op, a broken file keeps the old."""
+"""Hot reload: generation +1 per change, unchanged content a no-op, a broken file keeps the old;
+the file is read and compiled off the loop, one reload at a time."""
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from egressproxy import admin
+from egressproxy.policy import store as store_module
 from egressproxy.policy.decision import Action, ConnectionFacts, Destination, Detected
 from egressproxy.policy.errors import PolicyError
+from egressproxy.policy.index import PolicyIndex, compile_policy
+from egressproxy.policy.model import Model
 from egressproxy.policy.store import PolicyStore
-from egressproxy.settings import Settings
+from egressproxy.settings import Endpoint, Settings
 
 POLICY = """\
 apiVersion: policy.linkerd.io/v1alpha1
@@ -33,6 +42,10 @@ def action(store: PolicyStore) -> Action:
     return store.current.index.decide_connection(FACTS).action
 
 
+def reload(store: PolicyStore, force: bool = False) -> bool:
+    return asyncio.run(store.reload(force))
+
+
 def make_store(path: Path) -> tuple[PolicyStore, list[bool]]:
     reported: list[bool] = []
     store = PolicyStore(Settings(policy_file=path), on_reload=reported.append)
@@ -46,13 +59,13 @@ def test_reload_bumps_generation_once_per_change(tmp_path: Path) -> None:
     store, reported = make_store(path)
     first = store.current
     assert (first.generation, action(store)) == (1, Action.PASS)
-    assert store.reload(force=False) is False
+    assert reload(store, force=False) is False
     assert store.current is first and reported == []
     write(path, "Deny")
-    assert store.reload(force=False) is True
+    assert reload(store, force=False) is True
     assert (store.current.generation, action(store), reported) == (2, Action.DENY, [True])
-    assert store.reload(force=False) is False
-    assert store.reload(force=True) is True
+    assert reload(store, force=False) is False
+    assert reload(store, force=True) is True
     assert store.current.generation == 3
     assert first.index.decide_connection(FACTS).action == Action.PASS
 
@@ -65,18 +78,18 @@ def test_broken_file_keeps_the_old_policy_and_logs_file_line(
     store, reported = make_store(path)
     write(path, "Sometimes")
     with caplog.at_level(logging.ERROR, logger="egressproxy.policy.store"):
-        assert store.reload(force=False) is False
-        assert store.reload(force=False) is False
+        assert reload(store, force=False) is False
+        assert reload(store, force=False) is False
     assert (store.current.generation, action(store), reported) == (1, Action.PASS, [False])
     assert [record.getMessage() for record in caplog.records] == [
         f"{path}:5: EgressNetwork linkerd-egress/all.spec.trafficPolicy: "
         "'Sometimes' is not one of Allow, Deny"
     ]
     path.unlink()
-    assert store.reload(force=True) is False
+    assert reload(store, force=True) is False
     assert reported == [False, False]
     write(path, "Deny")
-    assert store.reload(force=False) is True
+    assert reload(store, force=False) is True
     assert store.current.generation == 2
 
 
@@ -88,9 +101,9 @@ def test_an_unreadable_file_on_reload_is_named_without_a_line(
     store, reported = make_store(path)
     path.unlink()
     with caplog.at_level(logging.ERROR, logger="egressproxy.policy.store"):
-        assert store.reload(force=True) is False
+        assert reload(store, force=True) is False
         path.mkdir()
-        assert store.reload(force=True) is False
+        assert reload(store, force=True) is False
     assert (store.current.generation, action(store), reported) == (1, Action.DENY, [False, False])
     assert [record.getMessage() for record in caplog.records] == [
         f"{path}: cannot read the policy: No such file or directory",
@@ -143,7 +156,7 @@ def test_watch_sees_configmap_symlink_swap_and_atomic_rename(tmp_path: Path) -> 
     replacement = tmp_path / "new.yaml"
     write(replacement, "Allow")
     os.replace(replacement, plain)
-    assert renamed.reload(force=False) is True
+    assert reload(renamed, force=False) is True
     assert action(renamed) == Action.PASS
 
 
@@ -153,3 +166,131 @@ async def wait_for_generation(store: PolicyStore, generation: int) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"generation {generation} never reached")
+
+
+# --- reloads off the loop, one at a time -------------------------------------------------
+
+GATE_TIMEOUT = 10.0
+STEPS = 1000
+"""Loop iterations (10 ms each) waited for a condition before failing."""
+
+
+class GatedCompile:
+    """Stands in for compile_policy: notes the thread, says it began, waits to be let through
+    (a policy that takes as long as the test likes to compile)."""
+
+    def __init__(self) -> None:
+        self.threads: list[int] = []
+        self.began = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, model: Model, settings: Settings) -> PolicyIndex:
+        self.threads.append(threading.get_ident())
+        self.began.set()
+        if not self.release.wait(GATE_TIMEOUT):
+            raise AssertionError("the compile was never let through")
+        return compile_policy(model, settings)
+
+
+def gate_compile(monkeypatch: pytest.MonkeyPatch) -> GatedCompile:
+    """From now on (after the initial load) compiles pass through a gate."""
+    gated = GatedCompile()
+    monkeypatch.setattr(store_module, "compile_policy", gated)
+    return gated
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(STEPS):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never: {what}")
+
+
+def test_reload_compiles_in_a_thread_not_the_loops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "policy.yaml"
+    write(path, "Allow")
+    store, _ = make_store(path)
+    gate = gate_compile(monkeypatch)
+    gate.release.set()
+
+    async def scenario() -> int:
+        assert await store.reload(force=True) is True
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(scenario())
+    assert len(gate.threads) == 1 and gate.threads[0] != loop_thread
+    assert store.current.generation == 2
+
+
+def test_admin_answers_while_a_reload_compiles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop keeps serving during a reload; the new policy comes in whole when it is done."""
+    path = tmp_path / "policy.yaml"
+    write(path, "Allow")
+    store, reported = make_store(path)
+    gate = gate_compile(monkeypatch)
+    write(path, "Deny")
+
+    async def generation_served(port: int) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /config HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+            response = await asyncio.wait_for(reader.read(), GATE_TIMEOUT)
+        finally:
+            writer.close()
+        return int(json.loads(response.split(b"\r\n\r\n", 1)[1])["generation"])
+
+    async def scenario() -> None:
+        handlers = admin.base_handlers(admin.Health(), store, CollectorRegistry())
+        server = await admin.start_admin(Endpoint("127.0.0.1", 0), handlers)
+        port = server.sockets[0].getsockname()[1]
+        reloading = asyncio.create_task(store.reload(force=False))
+        try:
+            await until(gate.began.is_set, "the reload began compiling")
+            assert await generation_served(port) == 1
+            assert not reloading.done() and action(store) == Action.PASS
+            gate.release.set()
+            assert await reloading is True
+            assert await generation_served(port) == 2
+        finally:
+            gate.release.set()
+            await reloading
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(scenario())
+    assert (action(store), reported) == (Action.DENY, [True])
+
+
+def test_reloads_asked_for_during_a_reload_make_exactly_one_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "policy.yaml"
+    write(path, "Allow")
+    store, reported = make_store(path)
+    gate = gate_compile(monkeypatch)
+
+    async def scenario() -> None:
+        watcher = asyncio.create_task(store.watch(interval=3600))
+        try:
+            store.request_reload()
+            await until(gate.began.is_set, "the first reload began compiling")
+            write(path, "Deny")
+            for _ in range(3):
+                store.request_reload()
+            gate.release.set()
+            await until(lambda: store.current.generation == 3, "generation 3")
+            await asyncio.sleep(0.2)  # room for a reload too many to show itself
+        finally:
+            gate.release.set()
+            watcher.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await watcher
+
+    asyncio.run(scenario())
+    assert (store.current.generation, action(store)) == (3, Action.DENY)
+    assert (len(gate.threads), reported) == (2, [True, True])
