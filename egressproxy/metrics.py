@@ -479,7 +479,8 @@ def keep_values(workers: int) -> str | None:
     try:
         directory = tempfile.mkdtemp(prefix="egressproxy-metrics-", dir=parent or None)
     except OSError as error:
-        where = f"{MULTIPROCESS_ENV}={parent}" if parent else tempfile.gettempdir()
+        # Without one usable, tempfile.gettempdir() itself raises: name the search instead.
+        where = f"{MULTIPROCESS_ENV}={parent}" if parent else "TMPDIR, /tmp, /var/tmp or /usr/tmp"
         reason = error.strerror or str(error)
         raise OSError(f"cannot make the metrics directory in {where}: {reason}") from None
     os.environ[MULTIPROCESS_ENV] = directory

@@ -8,10 +8,12 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from egressproxy import metrics
 from tests.unit.test_metrics import EXAMPLES, REPO, admin_get, free_port, only, parsed, wait_for
 
 EXIT_TIMEOUT = 15.0
@@ -131,3 +133,12 @@ def test_workers_name_a_directory_they_cannot_use(tmp_path: Path, kind: str, rea
         "egressproxy: cannot make the metrics directory in "
         f"PROMETHEUS_MULTIPROC_DIR={preset}: {reason}\n",
     )
+
+
+def test_workers_without_any_temporary_directory_say_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only root filesystem (no writable /tmp at all): one line, not a traceback."""
+    monkeypatch.delenv(metrics.MULTIPROCESS_ENV, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setattr(tempfile, "_candidate_tempdir_list", lambda: ["/nonexistent-tmp"])
+    with pytest.raises(OSError, match=r"^cannot make the metrics directory in TMPDIR, /tmp"):
+        metrics.keep_values(2)
