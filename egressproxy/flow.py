@@ -39,6 +39,7 @@ from egressproxy.sniff import (
     TlsHello,
 )
 from egressproxy.sniff.detect import sniff
+from egressproxy.sniff.http import could_begin_request
 from egressproxy.splice import MAX_PIPES, SplicedRelay, Splicer
 from egressproxy.timeouts import IdleSweep, PendingTimeout, TimeoutQueue
 from egressproxy.verify import Resolver, verification_mode
@@ -130,12 +131,6 @@ HEAD_CUT_BY_EOF = "eof_in_head"
 """The sniff outcome of a request head the client ended (EOF) before it was whole: HTTP's
 to refuse with 400, like one the header timeout ends with 408. Relayed as opaque bytes it
 would slip past the HTTP rules, and some servers act on a head that ends at EOF."""
-
-
-def _begins_a_head(first_bytes: bytes) -> bool:
-    """Bytes still undecided that start like a request method: a request head in the
-    making, HTTP's to time out (408) or refuse when cut short (400)."""
-    return first_bytes[:1].isupper()
 
 
 def _denied_for_ech(decision: Decision) -> Decision:
@@ -270,7 +265,7 @@ class Flow(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.client_eof = True
         if self.sniffing:
-            self._decide(Opaque(HEAD_CUT_BY_EOF if _begins_a_head(self.buffer) else "eof"))
+            self._decide(Opaque(HEAD_CUT_BY_EOF if could_begin_request(self.buffer) else "eof"))
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -291,7 +286,7 @@ class Flow(asyncio.Protocol):
             self.sniff_timer.cancel()
         context = self.context
         self.first_byte_at = context.loop.time()
-        if _begins_a_head(self.buffer):
+        if could_begin_request(self.buffer):
             self.sniff_timer = context.head_timeouts.start(self._sniff_timed_out, HEADER_TIMEOUT)
         else:
             self.sniff_timer = context.hello_timeouts.start(self._sniff_timed_out, "incomplete")

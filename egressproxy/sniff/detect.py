@@ -2,8 +2,10 @@
 
 Dispatch on the first byte keeps the common cases to one parser: a TLS record starts
 with 0x16, an HTTP/1 method with an upper-case letter, the h2 preface with "P" (shared
-with PATCH, POST, PUT). Anything else is opaque at once, so server-speaks-first and
-binary protocols never wait for a buffer to fill.
+with PATCH, POST, PUT). Text that the strict request grammar refuses is asked once more
+whether it is an irregular request line (an empty line first, doubled spaces, a
+lower-case method), which stays HTTP. Binary bytes are opaque at once, so
+server-speaks-first and binary protocols never wait for a buffer to fill.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from egressproxy.sniff import (
     Sniffed,
     TlsHello,
 )
-from egressproxy.sniff.http import parse_h2_preface, parse_request_head
+from egressproxy.sniff.http import loose_request_line, parse_h2_preface, parse_request_head
 from egressproxy.sniff.tls import parse_client_hello
 
 _TLS_HANDSHAKE = 0x16
@@ -36,13 +38,25 @@ def sniff(buf: bytes) -> Sniffed | NeedMore:
         preface = parse_h2_preface(buf)
         if preface is not NEED_MORE and not isinstance(preface, NotThis):
             return preface
-        request = parse_request_head(buf)
+        request = _request(buf)
         if preface is NEED_MORE and isinstance(request, NotThis):
             return NEED_MORE
         return _settle(request)
     if 0x41 <= first <= 0x5A:
-        return _settle(parse_request_head(buf))
+        return _settle(_request(buf))
+    if first in _TEXT_START:
+        return _settle(loose_request_line(buf))
     return Opaque("unknown_protocol")
+
+
+_TEXT_START = frozenset(b"\r\n") | frozenset(range(0x21, 0x7F))
+
+
+def _request(buf: bytes) -> HttpRequestHead | NeedMore | NotThis:
+    request = parse_request_head(buf)
+    if isinstance(request, NotThis) and request.reason == "not_http":
+        return loose_request_line(buf)
+    return request
 
 
 def _settle(

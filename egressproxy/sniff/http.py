@@ -34,6 +34,21 @@ _REQUEST_LINE_PREFIX = re.compile(
     _METHOD + rb"(?: (?:" + _TARGET + rb"(?: (?:" + _VERSION_PREFIX + rb")?)?)?)?"
 )
 _HEAD_END = re.compile(rb"\n\r?\n")
+# What a lenient server may still take for a request line (RFC 9112 2.2 and 3: empty
+# lines before it, any whitespace between its parts; h11 takes lower-case and long
+# methods; raw UTF-8 in a target is common): HTTP, to be refused or parsed as such.
+# The first word is bounded as the method is, more loosely: a banner or a long run of
+# text is still told apart early.
+_EMPTY_LINES = re.compile(rb"(?:\r?\n)*")
+_LINE_TEXT = rb"[^\x00-\x08\x0a-\x1f\x7f]"
+_LOOSE_METHOD = rb"[\x21-\x7e]{1,64}"
+_LOOSE_REQUEST_LINE = re.compile(
+    _LOOSE_METHOD + rb"[ \t]+" + _LINE_TEXT + rb"*[ \t](?i:HTTP)/[0-9]\.[0-9][ \t]*\r?"
+)
+_LOOSE_REQUEST_LINE_PREFIX = re.compile(
+    rb"\r?|" + _LOOSE_METHOD + rb"(?:[ \t]" + _LINE_TEXT + rb"*)?"
+)
+_BAD_REQUEST_LINE = NotThis("bad_request_line")
 _FIELD_VALUE = rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?"
 _HEADER_BLOCK = re.compile(rb"(?:" + _TCHAR + rb"+:[ \t]*" + _FIELD_VALUE + rb"[ \t]*\r?\n)*")
 # Applied to the lower-cased header block, which the block pattern has validated.
@@ -113,6 +128,30 @@ def parse_request_head(buf: bytes) -> HttpRequestHead | NeedMore | NotThis:
         host=host,
         port=port,
     )
+
+
+def loose_request_line(buf: bytes) -> NeedMore | NotThis:
+    """For a head parse_request_head refuses as not HTTP: bad_request_line (HTTP all the
+    same, for the HTTP handler to answer 400 rather than opaque bytes slipping past the host
+    rules) once the first line is a request line however irregular, NEED_MORE while it may
+    still become one, else not_http."""
+    start = _EMPTY_LINES.match(buf, 0, SNIFF_BUFFER_LIMIT)
+    first = start.end() if start else 0
+    line_end = buf.find(b"\n", first, SNIFF_BUFFER_LIMIT)
+    if line_end < 0:
+        if _LOOSE_REQUEST_LINE_PREFIX.fullmatch(buf, first, SNIFF_BUFFER_LIMIT) is None:
+            return _NOT_HTTP
+        return _TOO_LARGE if len(buf) >= SNIFF_BUFFER_LIMIT else NEED_MORE
+    if _LOOSE_REQUEST_LINE.fullmatch(buf, first, line_end) is None:
+        return _NOT_HTTP
+    return _BAD_REQUEST_LINE
+
+
+def could_begin_request(first_bytes: bytes) -> bool:
+    """Undecided bytes that may begin a request head (a method's capital, the h2 preface,
+    or an irregular request line still growing): a head in the making, HTTP's to time out
+    (408) or refuse when cut short (400), never opaque bytes past the rules."""
+    return first_bytes[:1].isupper() or loose_request_line(first_bytes) is NEED_MORE
 
 
 def _target_authority(method: bytes, target: bytes) -> Authority | NotThis | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.unit.http_harness import ALLOW_ALL, echo, proxy_to_origin
+from tests.unit.test_sniff_detect import IRREGULAR_REQUEST_LINES
 
 PARTIAL_TLS_RECORD = b"\x16\x03\x01\x02\x00\x01"
 """The start of a ClientHello record announcing 512 bytes that never come."""
@@ -82,3 +83,40 @@ async def test_bytes_still_incomplete_at_the_sniff_complete_timeout_go_through_o
     assert echoed == PARTIAL_TLS_RECORD
     assert 0.35 <= waited < 3
     assert proxy.ledger.flows[0].sniff_outcome == "incomplete"
+
+
+DENY_TRACKER = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: test
+spec:
+  default: allow
+  rules:
+  - hosts: [tracker.example.net]
+    action: deny
+"""
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("line", IRREGULAR_REQUEST_LINES)
+async def test_an_irregular_head_does_not_slip_past_a_host_rule(
+    line: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nginx serves most of these; spliced as opaque bytes, they reached it past the deny."""
+    received = bytearray()
+
+    async def recording(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            received.extend(data)
+        writer.close()
+
+    async with proxy_to_origin(recording, tmp_path, monkeypatch, DENY_TRACKER) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(line + b"\r\nHost: tracker.example.net\r\n\r\n")
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    assert head.split(b" ", 2)[1] in (b"400", b"403"), head
+    assert received == b""

@@ -8,6 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from egressproxy.flow import _classify
+from egressproxy.policy.decision import Detected
 from egressproxy.sniff import (
     NEED_MORE,
     SNIFF_BUFFER_LIMIT,
@@ -18,6 +20,7 @@ from egressproxy.sniff import (
     TlsHello,
 )
 from egressproxy.sniff.detect import sniff
+from egressproxy.sniff.http import could_begin_request
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 RESULT_TYPES = (TlsHello, HttpRequestHead, H2Preface, Opaque, NeedMore)
@@ -89,9 +92,11 @@ def test_h2_prior_knowledge_capture() -> None:
     ("data", "reason"),
     [
         (b"\x00", "unknown_protocol"),  # PostgreSQL, MySQL replies, most binary protocols
-        (b"*1\r\n$4\r\nPING\r\n", "unknown_protocol"),  # Redis
+        (b"*1\r\n$4\r\nPING\r\n", "not_http"),  # Redis
         (b"\x80\x2e\x01\x03\x01", "unknown_protocol"),  # SSLv2-compatible ClientHello
-        (b"get / HTTP/1.1\r\n", "unknown_protocol"),
+        (b"get key\r\n", "not_http"),  # memcached
+        (b"NICK egress\r\n", "not_http"),  # IRC
+        (b"INVITE sip:a@example.test SIP/2.0\r\n", "not_http"),
         (b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n", "not_http"),
         (b"PRI * HTTP/2.0\r\n\r\nXX", "unsupported_version"),
         (b"PING\r\n", "not_http"),
@@ -102,6 +107,32 @@ def test_h2_prior_knowledge_capture() -> None:
 )
 def test_rejected_early(data: bytes, reason: str) -> None:
     assert sniff(data) == Opaque(reason)
+
+
+IRREGULAR_REQUEST_LINES = [
+    b"\r\nGET / HTTP/1.1",
+    b"\n\nGET / HTTP/1.1",
+    b"GET  / HTTP/1.1",
+    b"GET / HTTP/1.1 ",
+    b"GET\t/ HTTP/1.1",
+    b"GET /caf\xc3\xa9 HTTP/1.1",
+    b"get / HTTP/1.1",
+    b"get / http/1.1",
+    b"A" * 30 + b" / HTTP/1.1",
+]
+
+
+@pytest.mark.parametrize("line", IRREGULAR_REQUEST_LINES)
+def test_an_irregular_request_line_is_http_not_opaque(line: bytes) -> None:
+    """A lenient server (nginx, RFC 9112 2.2 and 3) may take these for requests: as opaque
+    bytes they would pass the host rules, so they stay HTTP, for the handler to refuse or
+    parse; while the line grows, the sniffer waits for it."""
+    head = line + b"\r\nHost: a.test\r\n\r\n"
+    assert sniff(head) == Opaque("bad_request_line")
+    assert _classify(Opaque("bad_request_line"), head)[0] is Detected.HTTP1
+    for end in range(1, len(line)):
+        assert sniff(line[:end]) is NEED_MORE, line[:end]
+        assert could_begin_request(line[:end]), line[:end]
 
 
 @pytest.mark.parametrize(
