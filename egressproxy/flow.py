@@ -133,15 +133,20 @@ to refuse with 400, like one the header timeout ends with 408. Relayed as opaque
 would slip past the HTTP rules, and some servers act on a head that ends at EOF."""
 
 
-def _denied_for_ech(decision: Decision) -> Decision:
-    """--ech deny: the hello's decision, on the same route, made a denial. An audited
-    network lets it pass as would_deny, to where the original decision sends it."""
+EVASIVE_HELLO = "too_many_records"
+"""The sniff outcome of a ClientHello cut into more records than the sniffer walks: no
+client does that but to hide its SNI from a sniffer, and servers accept it, so it is
+denied whatever the policy says of its address."""
+
+
+def _denied(decision: Decision, why: str) -> Decision:
+    """The hello's decision, on the same route, made a denial (--ech deny, an evasive
+    hello). An audited network lets it pass as would_deny, to where the original decision
+    sends it."""
     if decision.action is Action.DENY:
         return decision
     return dataclasses.replace(
-        decision,
-        action=Action.DENY,
-        reason=f"Encrypted Client Hello denied (--ech deny); else {decision.reason}",
+        decision, action=Action.DENY, reason=f"{why}; else {decision.reason}"
     )
 
 
@@ -325,7 +330,12 @@ class Flow(asyncio.Protocol):
         facts = ConnectionFacts(self.record.destination, detected, hostname)
         decision = self.snapshot.index.decide_connection(facts)
         ech_denied = self.record.ech and self.context.settings.ech is EchPolicy.DENY
-        self.record.decision = _denied_for_ech(decision) if ech_denied else decision
+        self.record.decision = decision
+        if ech_denied:
+            self.record.decision = _denied(decision, "Encrypted Client Hello denied (--ech deny)")
+        elif outcome == EVASIVE_HELLO:
+            log.info("%s: ClientHello split to hide its SNI, denied", self.record.client)
+            self.record.decision = _denied(decision, "ClientHello split into too many records")
         self.context.accounting.connection_decided(self.record)
         if decision.protocol in (RouteProtocol.HTTP, RouteProtocol.GRPC):
             if detected is Detected.HTTP1:

@@ -5,6 +5,8 @@ incomplete at the sniff-complete timeout go through as opaque TCP."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ssl
 import time
 from pathlib import Path
 
@@ -119,4 +121,44 @@ async def test_an_irregular_head_does_not_slip_past_a_host_rule(
         writer.close()
         await proxy.wait_closed_flows(1)
     assert head.split(b" ", 2)[1] in (b"400", b"403"), head
+    assert received == b""
+
+
+def client_hello(server_name: str) -> bytes:
+    """The ClientHello record Python's ssl sends for server_name."""
+    outgoing = ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(
+        ssl.MemoryBIO(), outgoing, server_hostname=server_name
+    )
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+@pytest.mark.asyncio
+async def test_a_hello_split_to_hide_its_sni_is_denied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One-byte records: legal (RFC 8446 5.1), accepted by OpenSSL, and past the records
+    the sniffer walks, so its SNI stays unread; under an allow-by-default policy it passed
+    as TLS without a name, past every host rule. It is denied instead."""
+    record = client_hello("tracker.example.net")
+    message = record[5:]
+    split = b"".join(record[:3] + b"\x00\x01" + message[i : i + 1] for i in range(len(message)))
+    received = bytearray()
+
+    async def recording(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            received.extend(data)
+        writer.close()
+
+    async with proxy_to_origin(recording, tmp_path, monkeypatch, DENY_TRACKER) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(split)
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    (flow,) = proxy.ledger.flows
+    assert (flow.sniff_outcome, flow.error) == ("too_many_records", "forbidden")
     assert received == b""
