@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Generic, TypeVar
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 from egressproxy.policy.decision import (
     Action,
@@ -509,7 +509,10 @@ class PolicyIndex:
         return self.default(network, destination, RouteProtocol.TCP, "no route matched")
 
     def decide_request(self, facts: RequestFacts) -> Decision:
-        """One HTTP/1 request, HTTP/2 stream or gRPC call."""
+        """One HTTP/1 request, HTTP/2 stream or gRPC call, its path matched as normalised."""
+        path = normalized_path(facts.path)
+        if path is not facts.path:
+            facts = facts._replace(path=path)
         destination = facts.destination
         network = self.network_for(destination)
         grpc_port = False
@@ -654,6 +657,31 @@ def no_network(protocol: RouteProtocol, destination: Destination) -> Decision:
         route=None,
         reason=f"{destination.ip} is covered by no egress network: passed untouched",
     )
+
+
+_NEEDS_NORMALISING = re.compile(r"%|//|/\.")
+_SLASHES = re.compile(r"/{2,}")
+
+
+def normalized_path(path: str) -> str:
+    """The path as a server resolving it would see it, for matching only (the request goes
+    on as it came): percent-escapes decoded (nginx decodes them all, %2F included), slashes
+    merged, dot segments removed (RFC 3986 5.2.4). Else `/%61dmin`, `//admin` or
+    `/public/../admin` would get past a rule on `/admin`, or into one on `/public`."""
+    if not path.startswith("/") or _NEEDS_NORMALISING.search(path) is None:
+        return path
+    parts = _SLASHES.sub("/", unquote(path, encoding="latin-1")).split("/")[1:]
+    kept: list[str] = []
+    for number, part in enumerate(parts, 1):
+        if part == "..":
+            if kept:
+                kept.pop()
+        elif part != ".":
+            kept.append(part)
+            continue
+        if number == len(parts):
+            kept.append("")
+    return "/" + "/".join(kept)
 
 
 def best_http_rule(table: HostTable[CompiledRule], request: RequestFacts) -> CompiledRule | None:

@@ -22,6 +22,7 @@ from egressproxy.policy.index import (
     HostTable,
     PolicyIndex,
     compile_policy,
+    normalized_path,
 )
 from egressproxy.policy.loader import load_policy_text
 from egressproxy.policy.model import CidrRange, Network, NetworkId, Origin, TrafficPolicy
@@ -162,3 +163,45 @@ def test_decide_never_raises(
         assert (decision.parent is None) == (decision.route is None)
         assert (decision.action == Action.ROUTE) == (decision.backend is not None)
     compiled.port_protocol(destination)
+
+
+PATH_RULES = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: paths
+spec:
+  default: {default}
+  rules:
+  - hosts: [app.example.com]
+    http:
+    - pathPrefix: {prefix}
+    action: {action}
+"""
+
+
+def path_action(default: str, prefix: str, action: str, path: str) -> Action:
+    text = PATH_RULES.format(default=default, prefix=prefix, action=action)
+    index = compile_policy(load_policy_text(text, "paths.yaml"), Settings())
+    destination = Destination(ipaddress.ip_address("203.0.113.7"), 80)
+    facts = RequestFacts(destination, "app.example.com", "GET", path, "", (), grpc=False)
+    return index.decide_request(facts).action
+
+
+def test_a_path_is_matched_as_a_server_resolves_it() -> None:
+    """nginx serves /admin for each of these; none may get past a deny on /admin, nor
+    into an allow on /public."""
+    for path in ("/%61dmin", "//admin", "/./admin", "/x/../admin", "/admin%2Fx", "/%2e%2e/admin"):
+        assert path_action("allow", "/admin", "deny", path) is Action.DENY, path
+    for path in ("/public/../admin", "/public/%2e%2e/admin", "/public%2F..%2Fadmin"):
+        assert path_action("deny", "/public", "allow", path) is Action.DENY, path
+    assert path_action("deny", "/public", "allow", "/public/./a//b") is Action.PASS
+
+
+@given(st.text(alphabet="/.%2eaF", max_size=24))
+def test_a_normalised_path_has_no_dot_segments_or_empty_ones(text: str) -> None:
+    path = normalized_path("/" + text)
+    assert path.startswith("/")
+    assert "//" not in path
+    segments = path.split("/")[1:]
+    assert "." not in segments and ".." not in segments
