@@ -239,11 +239,14 @@ def read_egress(
     origin = Origin(checker.file, meta.line)
     routes = []
     for protocol, numbers in ports.items():
-        rules = (
-            http_rules
-            if protocol == RouteProtocol.HTTP and http_rules
-            else (Rule(name="egress", cidrs=cidrs, origin=origin),)
-        )
+        rules: tuple[Rule, ...] = (Rule(name="egress", cidrs=cidrs, origin=origin),)
+        if protocol == RouteProtocol.HTTP:
+            # OSM builds HTTP routes per host and per match: without either, none.
+            nothing = "no hosts" if not hosts else "no HTTPRouteGroup matches"
+            rules = () if not hosts else rules if http_rules is None else http_rules
+            if not rules:
+                log.info("%s: %s: %s: its http ports allow nothing", origin, where, nothing)
+                continue
         routes.append(
             Route(
                 ref=RouteRef(POLICY_GROUP, "Egress", meta.namespace, meta.name),
@@ -286,9 +289,12 @@ def read_egress_matches(
     meta: ObjectMeta,
     groups: dict[tuple[str, str], list[RouteGroupMatch]],
     cidrs: tuple[IPNetwork, ...],
-) -> tuple[Rule, ...]:
-    """One rule per HTTPRouteGroup match named by `matches`; none: every request."""
+) -> tuple[Rule, ...] | None:
+    """One rule per HTTPRouteGroup match named by `matches`; None when `matches` names no
+    HTTPRouteGroup (every request); empty when the groups it names have no matches (no
+    request, as in OSM, whose Envoy then gets a route configuration without routes)."""
     rules: list[Rule] = []
+    named = False
     for item_where, item in checker.mappings(spec, "matches", where):
         checker.known_fields(item, item_where, {"apiGroup", "kind", "name"})
         kind = checker.get(item, "kind", str, item_where, required=True)
@@ -308,6 +314,7 @@ def read_egress_matches(
             continue
         if name is None:
             continue
+        named = True
         group = groups.get((meta.namespace, name))
         if group is None:
             checker.error(
@@ -325,4 +332,4 @@ def read_egress_matches(
             )
             for match in group
         )
-    return tuple(rules)
+    return tuple(rules) if named else None

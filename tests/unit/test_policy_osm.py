@@ -156,3 +156,58 @@ def test_osm_errors() -> None:
     assert len(reasons) == 2
     assert "'smtp' is not one of http, https, tcp, tcp-server-first" in reasons[0]
     assert "HTTPRouteGroup curl/missing does not exist in this policy" in reasons[1]
+
+
+OSM_HTTP_EGRESS = """\
+apiVersion: config.openservicemesh.io/v1alpha2
+kind: MeshConfig
+metadata:
+  name: osm-mesh-config
+  namespace: osm-system
+spec:
+  traffic:
+    enableEgress: false
+---
+apiVersion: policy.openservicemesh.io/v1alpha1
+kind: Egress
+metadata:
+  name: http-80
+  namespace: curl
+spec:
+  sources:
+  - kind: ServiceAccount
+    name: curl
+    namespace: curl
+  {hosts}
+  ports:
+  - number: 80
+    protocol: http
+  {matches}
+---
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: HTTPRouteGroup
+metadata:
+  name: nothing
+  namespace: curl
+spec:
+  matches: []
+"""
+
+
+NAMES_EMPTY_GROUP = (
+    "matches: [{apiGroup: specs.smi-spec.io/v1alpha4, kind: HTTPRouteGroup, name: nothing}]"
+)
+
+
+@pytest.mark.parametrize(
+    ("hosts", "matches"), [("", ""), ("hosts: [httpbin.org]", NAMES_EMPTY_GROUP)]
+)
+def test_an_http_egress_without_hosts_or_route_matches_allows_nothing(
+    hosts: str, matches: str
+) -> None:
+    """OSM builds an http port's routes per host and per HTTPRouteGroup match; with no
+    host, or groups without matches, Envoy gets a route configuration without routes."""
+    text = OSM_HTTP_EGRESS.format(hosts=hosts, matches=matches)
+    index = compile_policy(load_policy_text(text, "osm.yaml"), CURL)
+    assert http(index, "httpbin.org", "/get").action is Action.DENY
+    assert http(index, "anything.example", "/").action is Action.DENY
