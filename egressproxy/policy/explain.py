@@ -216,12 +216,21 @@ def print_explanation(query: ExplainQuery, index: PolicyIndex, out: TextIO) -> N
     print_decision(decision, out)
 
 
+def _named(namespace: str, name: str) -> str:
+    """namespace/name, or the name alone when there is no namespace (the native dialect)."""
+    return f"{namespace}/{name}" if namespace else name
+
+
 def print_decision(decision: Decision, out: TextIO) -> None:
     parent = decision.parent
     route = decision.route
     print(
         "network:     "
-        + (f"{parent.kind} {parent.namespace}/{parent.name}" if parent else "none (not egress)"),
+        + (
+            f"{parent.kind} {_named(parent.namespace, parent.name)}"
+            if parent
+            else "none (not egress)"
+        ),
         file=out,
     )
     print(

@@ -182,3 +182,38 @@ def test_a_file_it_may_not_read_is_named_without_a_line(tmp_path: Path) -> None:
         1,
         f"{policy}: cannot read the policy: Permission denied\n",
     )
+
+
+NATIVE_ROUTE = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: standalone
+spec:
+  default: allow
+  rules:
+  - hosts: [app.example.com]
+    action: route
+    to: "{target}"
+"""
+
+
+def test_a_route_target_that_is_no_host_is_refused_at_its_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    policy = tmp_path / "native.yaml"
+    policy.write_text(NATIVE_ROUTE.format(target="not a host!:80"))
+    status, _, err = check(capsys, policy)
+    assert status == 1
+    assert f"{policy}:10: EgressPolicy standalone.spec.rules[0].to: 'not a host!'" in err
+
+
+def test_explain_names_a_native_network_without_a_namespace(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    policy = tmp_path / "native.yaml"
+    policy.write_text(NATIVE_ROUTE.format(target="[2001:db8::1]:8080"))
+    status, out, _ = check(capsys, policy, "http://app.example.com/")
+    assert status == 0
+    assert "network:     EgressPolicy standalone\n" in out
+    assert "ROUTE to 2001:db8::1:8080" in out
