@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -175,6 +175,20 @@ def grpc_origin() -> Iterator[int]:
         yield port
     finally:
         server.stop(None)
+
+
+@contextlib.asynccontextmanager
+async def proxy_to_h2_origin(
+    factory: Callable[[], asyncio.BaseProtocol], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[LoopbackProxy]:
+    """A loopback proxy whose every connection was meant for an h2 origin made by factory."""
+    origin = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    try:
+        port = origin.sockets[0].getsockname()[1]
+        async with loopback_proxy(tmp_path, monkeypatch, POLICY, local(port)) as proxy:
+            yield proxy
+    finally:
+        origin.close()
 
 
 async def connect_h2(proxy: LoopbackProxy, kind: type[ClientT] = H2Client) -> ClientT:
@@ -421,14 +435,8 @@ class SlowH2Origin(asyncio.Protocol):
 
 @pytest_asyncio.fixture
 async def slow_h2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[LoopbackProxy]:
-    loop = asyncio.get_running_loop()
-    origin = await loop.create_server(SlowH2Origin, "127.0.0.1", 0)
-    port = origin.sockets[0].getsockname()[1]
-    try:
-        async with loopback_proxy(tmp_path, monkeypatch, POLICY, local(port)) as proxy:
-            yield proxy
-    finally:
-        origin.close()
+    async with proxy_to_h2_origin(SlowH2Origin, tmp_path, monkeypatch) as proxy:
+        yield proxy
 
 
 @pytest.mark.asyncio
@@ -606,27 +614,21 @@ async def test_an_answer_before_the_request_ends_frees_the_upstream_stream(
 ) -> None:
     """Four uploads in turn that the upstream answers early, against its limit of two: each
     frees its upstream stream, so none waits for a slot that never comes."""
-    loop = asyncio.get_running_loop()
-    origin = await loop.create_server(EarlyH2Origin, "127.0.0.1", 0)
-    port = origin.sockets[0].getsockname()[1]
-    try:
-        async with loopback_proxy(tmp_path, monkeypatch, POLICY, local(port)) as proxy:
-            client = await connect_h2(proxy)
-            for number in range(4):
-                stream_id = client.h2.get_next_available_stream_id()
-                headers = [(":method", "POST"), (":scheme", "http"),
-                           (":authority", "example.test"), (":path", f"/up{number}")]  # fmt: skip
-                client.h2.send_headers(stream_id, headers)
-                client.h2.send_data(stream_id, b"partial")
-                answer = client.answers[stream_id] = Answer()
-                client.transport.write(client.h2.data_to_send())
-                async with asyncio.timeout(TIMEOUT):
-                    await answer.done.wait()
-                assert (answer.headers[":status"], bytes(answer.body)) == ("200", b"early")
-            client.transport.close()
-            await proxy.wait_closed_flows(1)
-    finally:
-        origin.close()
+    async with proxy_to_h2_origin(EarlyH2Origin, tmp_path, monkeypatch) as proxy:
+        client = await connect_h2(proxy)
+        for number in range(4):
+            stream_id = client.h2.get_next_available_stream_id()
+            headers = [(":method", "POST"), (":scheme", "http"),
+                       (":authority", "example.test"), (":path", f"/up{number}")]  # fmt: skip
+            client.h2.send_headers(stream_id, headers)
+            client.h2.send_data(stream_id, b"partial")
+            answer = client.answers[stream_id] = Answer()
+            client.transport.write(client.h2.data_to_send())
+            async with asyncio.timeout(TIMEOUT):
+                await answer.done.wait()
+            assert (answer.headers[":status"], bytes(answer.body)) == ("200", b"early")
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
 
 
 class ResettingH2Origin(SlowH2Origin):
@@ -648,21 +650,15 @@ async def test_an_upstream_reset_keeps_its_error_code(
 ) -> None:
     """A stream the upstream resets after its response began is reset toward the client
     with the upstream's own code: INTERNAL_ERROR is not the same news as CANCEL."""
-    loop = asyncio.get_running_loop()
-    origin = await loop.create_server(ResettingH2Origin, "127.0.0.1", 0)
-    port = origin.sockets[0].getsockname()[1]
     codes = [h2.errors.ErrorCodes.INTERNAL_ERROR, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM]
-    try:
-        async with loopback_proxy(tmp_path, monkeypatch, POLICY, local(port)) as proxy:
-            client = await connect_h2(proxy)
-            answers = [client.request("GET", f"/reset/{int(code)}") for code in codes]
-            async with asyncio.timeout(TIMEOUT):
-                for answer in answers:
-                    await answer.done.wait()
-            client.transport.close()
-            await proxy.wait_closed_flows(1)
-    finally:
-        origin.close()
+    async with proxy_to_h2_origin(ResettingH2Origin, tmp_path, monkeypatch) as proxy:
+        client = await connect_h2(proxy)
+        answers = [client.request("GET", f"/reset/{int(code)}") for code in codes]
+        async with asyncio.timeout(TIMEOUT):
+            for answer in answers:
+                await answer.done.wait()
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
     assert [(a.headers[":status"], a.reset_code) for a in answers] == [
         ("200", code) for code in codes
     ]
@@ -705,25 +701,21 @@ async def test_an_upstream_goaway_finishes_its_streams_and_retries_the_unprocess
     """Streams up to the GOAWAY's last stream are answered on that connection; one above
     it that lost nothing is sent again on a new connection; one whose body already went
     upstream cannot be sent again and is answered 502."""
-    loop = asyncio.get_running_loop()
     connections: list[GoawayH2Origin] = []
-    origin = await loop.create_server(lambda: GoawayH2Origin(connections), "127.0.0.1", 0)
-    port = origin.sockets[0].getsockname()[1]
-    try:
-        async with loopback_proxy(tmp_path, monkeypatch, POLICY, local(port)) as proxy:
-            client = await connect_h2(proxy)
-            answers = [
-                client.request("GET", "/processed"),
-                client.request("GET", "/unprocessed"),
-                client.request("POST", "/sent-body", b"partial"),
-            ]
-            async with asyncio.timeout(TIMEOUT):
-                for answer in answers:
-                    await answer.done.wait()
-            client.transport.close()
-            await proxy.wait_closed_flows(1)
-    finally:
-        origin.close()
+    async with proxy_to_h2_origin(
+        lambda: GoawayH2Origin(connections), tmp_path, monkeypatch
+    ) as proxy:
+        client = await connect_h2(proxy)
+        answers = [
+            client.request("GET", "/processed"),
+            client.request("GET", "/unprocessed"),
+            client.request("POST", "/sent-body", b"partial"),
+        ]
+        async with asyncio.timeout(TIMEOUT):
+            for answer in answers:
+                await answer.done.wait()
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
     assert [(a.headers[":status"], bytes(a.body)) for a in answers] == [
         ("200", b"late"),
         ("200", b"late"),
@@ -764,20 +756,14 @@ async def test_a_refused_stream_is_sent_again_once(
 ) -> None:
     """REFUSED_STREAM says the upstream did nothing with the stream: it is sent again, once;
     refused a second time it is answered 502."""
-    loop = asyncio.get_running_loop()
-    origin = await loop.create_server(RefusingH2Origin, "127.0.0.1", 0)
-    port = origin.sockets[0].getsockname()[1]
-    try:
-        async with loopback_proxy(tmp_path, monkeypatch, POLICY, local(port)) as proxy:
-            client = await connect_h2(proxy)
-            once, always = client.request("GET", "/once"), client.request("GET", "/always")
-            async with asyncio.timeout(TIMEOUT):
-                await once.done.wait()
-                await always.done.wait()
-            client.transport.close()
-            await proxy.wait_closed_flows(1)
-    finally:
-        origin.close()
+    async with proxy_to_h2_origin(RefusingH2Origin, tmp_path, monkeypatch) as proxy:
+        client = await connect_h2(proxy)
+        once, always = client.request("GET", "/once"), client.request("GET", "/always")
+        async with asyncio.timeout(TIMEOUT):
+            await once.done.wait()
+            await always.done.wait()
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
     assert (once.headers[":status"], bytes(once.body)) == ("200", b"late")
     assert (always.headers[":status"], bytes(always.body)) == ("502", b"upstream reset\n")
     outcomes = sorted((r.path, r.status, r.error) for r in proxy.ledger.requests)
@@ -921,22 +907,11 @@ async def test_an_upstream_that_floods_pings_and_never_reads_is_cut_off(
 ) -> None:
     """The same flood from the other side: the upstream connection ends, and its stream
     is answered 502 rather than left waiting while ACKs pile up for it."""
-    loop = asyncio.get_running_loop()
-    origin = await loop.create_server(FloodingH2Origin, "127.0.0.1", 0)
-    port = origin.sockets[0].getsockname()[1]
-    try:
-        async with loopback_proxy(tmp_path, monkeypatch, POLICY, local(port)) as proxy:
-            client = await connect_h2(proxy)
-            stream_id = client.h2.get_next_available_stream_id()
-            headers = [(":method", "GET"), (":scheme", "http"),
-                       (":authority", "example.test"), (":path", "/a")]  # fmt: skip
-            client.h2.send_headers(stream_id, headers, end_stream=True)
-            answer = client.answers[stream_id] = Answer()
-            client.transport.write(client.h2.data_to_send())
-            async with asyncio.timeout(4 * TIMEOUT):
-                await answer.done.wait()
-            assert answer.headers[":status"] == "502"
-            client.transport.close()
-            await proxy.wait_closed_flows(1)
-    finally:
-        origin.close()
+    async with proxy_to_h2_origin(FloodingH2Origin, tmp_path, monkeypatch) as proxy:
+        client = await connect_h2(proxy)
+        answer = client.request("GET", "/a")
+        async with asyncio.timeout(4 * TIMEOUT):
+            await answer.done.wait()
+        assert answer.headers[":status"] == "502"
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
