@@ -162,6 +162,18 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
     writer.close()
 
 
+class Recording:
+    """An origin that keeps every byte it is sent in `received` and never answers."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            self.received.extend(data)
+        writer.close()
+
+
 class Silent:
     """An origin that takes what it is sent and never answers; `arrived` is set once the
     first bytes (the request) are in."""

@@ -5,15 +5,14 @@ incomplete at the sniff-complete timeout go through as opaque TCP."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ssl
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.unit.http_harness import ALLOW_ALL, echo, proxy_to_origin
+from tests.unit.http_harness import ALLOW_ALL, Recording, echo, proxy_to_origin
 from tests.unit.test_sniff_detect import IRREGULAR_REQUEST_LINES
+from tests.unit.test_sniff_tls import frame, load
 
 PARTIAL_TLS_RECORD = b"\x16\x03\x01\x02\x00\x01"
 """The start of a ClientHello record announcing 512 bytes that never come."""
@@ -46,14 +45,8 @@ async def test_a_request_head_the_client_ends_early_is_refused_not_relayed(
 ) -> None:
     """A head cut short by EOF (no blank line yet) gets 400; as opaque bytes it would pass
     the HTTP rules, and some servers (Python's http.server) act on a head ending at EOF."""
-    received = bytearray()
-
-    async def recording(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            received.extend(data)
-        writer.close()
-
-    async with proxy_to_origin(recording, tmp_path, monkeypatch, ALLOW_ALL) as proxy:
+    origin = Recording()
+    async with proxy_to_origin(origin, tmp_path, monkeypatch, ALLOW_ALL) as proxy:
         reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
         writer.write(b"GET /admin HTTP/1.1\r\nHost: example.test\r\n")
         writer.write_eof()
@@ -63,7 +56,7 @@ async def test_a_request_head_the_client_ends_early_is_refused_not_relayed(
         await writer.wait_closed()
         await proxy.wait_closed_flows(1)
     assert answer.startswith(b"HTTP/1.1 400 ")
-    assert received == b""
+    assert origin.received == b""
     assert proxy.ledger.flows[0].sniff_outcome == "eof_in_head"
 
 
@@ -106,14 +99,8 @@ async def test_an_irregular_head_does_not_slip_past_a_host_rule(
     line: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """nginx serves most of these; spliced as opaque bytes, they reached it past the deny."""
-    received = bytearray()
-
-    async def recording(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            received.extend(data)
-        writer.close()
-
-    async with proxy_to_origin(recording, tmp_path, monkeypatch, DENY_TRACKER) as proxy:
+    origin = Recording()
+    async with proxy_to_origin(origin, tmp_path, monkeypatch, DENY_TRACKER) as proxy:
         reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
         writer.write(line + b"\r\nHost: tracker.example.net\r\n\r\n")
         async with asyncio.timeout(5):
@@ -121,18 +108,7 @@ async def test_an_irregular_head_does_not_slip_past_a_host_rule(
         writer.close()
         await proxy.wait_closed_flows(1)
     assert head.split(b" ", 2)[1] in (b"400", b"403"), head
-    assert received == b""
-
-
-def client_hello(server_name: str) -> bytes:
-    """The ClientHello record Python's ssl sends for server_name."""
-    outgoing = ssl.MemoryBIO()
-    tls = ssl.create_default_context().wrap_bio(
-        ssl.MemoryBIO(), outgoing, server_hostname=server_name
-    )
-    with contextlib.suppress(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
+    assert origin.received == b""
 
 
 @pytest.mark.asyncio
@@ -141,18 +117,11 @@ async def test_a_hello_split_to_hide_its_sni_is_denied(
 ) -> None:
     """One-byte records: legal (RFC 8446 5.1), accepted by OpenSSL, and past the records
     the sniffer walks, so its SNI stays unread; under an allow-by-default policy it passed
-    as TLS without a name, past every host rule. It is denied instead."""
-    record = client_hello("tracker.example.net")
-    message = record[5:]
-    split = b"".join(record[:3] + b"\x00\x01" + message[i : i + 1] for i in range(len(message)))
-    received = bytearray()
-
-    async def recording(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            received.extend(data)
-        writer.close()
-
-    async with proxy_to_origin(recording, tmp_path, monkeypatch, DENY_TRACKER) as proxy:
+    as TLS without a name, past every host rule. It is denied, whatever the policy says."""
+    message = load("curl_tls13.bin")[5:]
+    split = frame(message, [1] * len(message))
+    origin = Recording()
+    async with proxy_to_origin(origin, tmp_path, monkeypatch, ALLOW_ALL) as proxy:
         reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
         writer.write(split)
         async with asyncio.timeout(5):
@@ -161,4 +130,4 @@ async def test_a_hello_split_to_hide_its_sni_is_denied(
         await proxy.wait_closed_flows(1)
     (flow,) = proxy.ledger.flows
     assert (flow.sniff_outcome, flow.error) == ("too_many_records", "forbidden")
-    assert received == b""
+    assert origin.received == b""
