@@ -79,6 +79,10 @@ class ToolFailed(ApplyError):
     """An iptables binary ran, had the privilege, and still failed."""
 
 
+class NeedsPrivilege(ApplyError):
+    """An iptables binary was refused: the message names the capabilities it needs."""
+
+
 @dataclass(frozen=True)
 class Backend:
     variant: str  # "nft", "legacy", or "" on a host with one unnamed iptables
@@ -126,7 +130,7 @@ def run_tool(name: str, *args: str, stdin: str | None = None) -> str:
     message = " ".join((done.stderr or done.stdout).split()) or f"exit status {done.returncode}"
     if any(word in message for word in DENIED):
         needs = LEGACY_NEEDS_PRIVILEGE if "-legacy-" in name else NEEDS_PRIVILEGE
-        raise ApplyError(f"{name}: {needs}")
+        raise NeedsPrivilege(f"{name}: {needs}")
     failed_line = re.search(r"line:? (\d+)", message)
     if stdin is not None and failed_line:
         number = int(failed_line.group(1))
@@ -147,11 +151,10 @@ def detect_backend() -> Backend:
     if len(present) == 1:
         return present[0]
     nft, legacy = present
+    saved = {nft: _save_everything(nft)}
     try:
-        saved = {backend: _save_everything(backend) for backend in present}
-    except ApplyError as refused:
-        if LEGACY_NEEDS_PRIVILEGE not in str(refused):
-            raise
+        saved[legacy] = _save_everything(legacy)
+    except NeedsPrivilege as refused:
         # A pod's init container has NET_ADMIN only, and its namespace may hold empty
         # legacy tables (a kernel with the legacy modules loaded): nft serves it.
         print(
