@@ -40,6 +40,7 @@ from egressproxy.sniff import (
 )
 from egressproxy.sniff.detect import sniff
 from egressproxy.sniff.http import could_begin_request
+from egressproxy.sniff.tls import TOO_MANY_RECORDS
 from egressproxy.splice import MAX_PIPES, SplicedRelay, Splicer
 from egressproxy.timeouts import IdleSweep, PendingTimeout, TimeoutQueue
 from egressproxy.verify import Resolver, verification_mode
@@ -131,12 +132,6 @@ HEAD_CUT_BY_EOF = "eof_in_head"
 """The sniff outcome of a request head the client ended (EOF) before it was whole: HTTP's
 to refuse with 400, like one the header timeout ends with 408. Relayed as opaque bytes it
 would slip past the HTTP rules, and some servers act on a head that ends at EOF."""
-
-
-EVASIVE_HELLO = "too_many_records"
-"""The sniff outcome of a ClientHello cut into more records than the sniffer walks: no
-client does that but to hide its SNI from a sniffer, and servers accept it, so it is
-denied whatever the policy says of its address."""
 
 
 def _denied(decision: Decision, why: str) -> Decision:
@@ -333,7 +328,9 @@ class Flow(asyncio.Protocol):
         self.record.decision = decision
         if ech_denied:
             self.record.decision = _denied(decision, "Encrypted Client Hello denied (--ech deny)")
-        elif outcome == EVASIVE_HELLO:
+        elif outcome == TOO_MANY_RECORDS:
+            # No client cuts its hello so small but to hide its SNI from a sniffer, and
+            # servers accept it: denied whatever the policy says of its address.
             log.info("%s: ClientHello split to hide its SNI, denied", self.record.client)
             self.record.decision = _denied(decision, "ClientHello split into too many records")
         self.context.accounting.connection_decided(self.record)

@@ -672,15 +672,14 @@ def normalized_path(path: str) -> str:
         return path
     parts = _SLASHES.sub("/", unquote(path, encoding="latin-1")).split("/")[1:]
     kept: list[str] = []
-    for number, part in enumerate(parts, 1):
+    for part in parts:
         if part == "..":
             if kept:
                 kept.pop()
         elif part != ".":
             kept.append(part)
-            continue
-        if number == len(parts):
-            kept.append("")
+    if parts[-1] in (".", ".."):
+        kept.append("")  # `/a/b/..` is `/a/`
     return "/" + "/".join(kept)
 
 

@@ -242,9 +242,10 @@ def read_egress(
         rules: tuple[Rule, ...] = (Rule(name="egress", cidrs=cidrs, origin=origin),)
         if protocol == RouteProtocol.HTTP:
             # OSM builds HTTP routes per host and per match: without either, none.
-            nothing = "no hosts" if not hosts else "no HTTPRouteGroup matches"
-            rules = () if not hosts else rules if http_rules is None else http_rules
-            if not rules:
+            if http_rules is not None:
+                rules = http_rules
+            if not hosts or not rules:
+                nothing = "no hosts" if not hosts else "no HTTPRouteGroup matches"
                 log.info("%s: %s: %s: its http ports allow nothing", origin, where, nothing)
                 continue
         routes.append(

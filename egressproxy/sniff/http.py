@@ -39,14 +39,13 @@ _HEAD_END = re.compile(rb"\n\r?\n")
 # methods; raw UTF-8 in a target is common): HTTP, to be refused or parsed as such.
 # The first word is bounded as the method is, more loosely: a banner or a long run of
 # text is still told apart early.
-_EMPTY_LINES = re.compile(rb"(?:\r?\n)*")
 _LINE_TEXT = rb"[^\x00-\x08\x0a-\x1f\x7f]"
 _LOOSE_METHOD = rb"[\x21-\x7e]{1,64}"
 _LOOSE_REQUEST_LINE = re.compile(
     _LOOSE_METHOD + rb"[ \t]+" + _LINE_TEXT + rb"*[ \t](?i:HTTP)/[0-9]\.[0-9][ \t]*\r?"
 )
 _LOOSE_REQUEST_LINE_PREFIX = re.compile(
-    rb"\r?|" + _LOOSE_METHOD + rb"(?:[ \t]" + _LINE_TEXT + rb"*)?"
+    rb"(?:" + _LOOSE_METHOD + rb"(?:[ \t]" + _LINE_TEXT + rb"*)?)?"
 )
 _BAD_REQUEST_LINE = NotThis("bad_request_line")
 _FIELD_VALUE = rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?"
@@ -135,8 +134,8 @@ def loose_request_line(buf: bytes) -> NeedMore | NotThis:
     same, for the HTTP handler to answer 400 rather than opaque bytes slipping past the host
     rules) once the first line is a request line however irregular, NEED_MORE while it may
     still become one, else not_http."""
-    start = _EMPTY_LINES.match(buf, 0, SNIFF_BUFFER_LIMIT)
-    first = start.end() if start else 0
+    buf = buf[:SNIFF_BUFFER_LIMIT]
+    first = len(buf) - len(buf.lstrip(b"\r\n"))
     line_end = buf.find(b"\n", first, SNIFF_BUFFER_LIMIT)
     if line_end < 0:
         if _LOOSE_REQUEST_LINE_PREFIX.fullmatch(buf, first, SNIFF_BUFFER_LIMIT) is None:

@@ -27,6 +27,8 @@ _EXTENSION_ENCRYPTED_CLIENT_HELLO = 0xFE0D
 _NAME_TYPE_HOST_NAME = 0
 
 _MALFORMED_RECORD = NotThis("malformed_record")
+TOO_MANY_RECORDS = "too_many_records"
+"""More records than _MAX_RECORDS before the hello is whole."""
 _NOT_TLS = NotThis("not_tls")
 
 
@@ -68,7 +70,7 @@ def parse_client_hello(buf: bytes) -> TlsHello | NeedMore | NotThis:
             return _parse_client_hello_body(message, _HANDSHAKE_HEADER_LENGTH, message_length)
         if record_start > size:
             return _incomplete(size)
-    return NotThis("too_many_records")
+    return NotThis(TOO_MANY_RECORDS)
 
 
 def _check_record_header(header: bytes, *, first: bool) -> NotThis | None:
