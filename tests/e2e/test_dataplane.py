@@ -263,6 +263,19 @@ def garbage(size: int) -> bytes:
     return b"\xff" + random.Random(2).randbytes(size - 1)
 
 
+def test_a_hello_in_one_byte_records_is_denied(world: World, proxy: StartProxy) -> None:
+    """One-byte records hide the SNI past the records the sniffer walks, and the origin's
+    TLS server takes them (the 64-byte records above complete a handshake): denied, even
+    under the allow-all policy, before anything reaches the origin."""
+    running = proxy()
+    hello = client_hello(world.tls_context(), "httpbin.org")
+    with world.connect(world.host("httpbin.org").v4, 443) as sock:
+        sock.sendall(split_records(hello, 1))
+        sock.shutdown(socket.SHUT_WR)
+        assert bytes_before_close(sock) == b""
+    assert running.logged(r"error=forbidden"), running.log_text()
+
+
 def test_garbage_is_relayed_and_the_proxy_stays_up(world: World, proxy: StartProxy) -> None:
     running = proxy()
     host = world.host("httpbin.org")

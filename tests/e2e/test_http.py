@@ -512,6 +512,42 @@ def test_a_first_head_the_client_ends_early_gets_400(world: World, proxy: StartP
     assert running.logged(r"error=bad_request"), running.log_text()
 
 
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"GET  /admin HTTP/1.1\r\nHost: httpbin.org\r\n\r\n", 400),
+        (b"\r\nGET /admin HTTP/1.1\r\nHost: httpbin.org\r\n\r\n", 400),
+        (b"get /admin HTTP/1.1\r\nHost: httpbin.org\r\n\r\n", 403),
+    ],
+)
+def test_an_irregular_request_line_is_http(
+    world: World, proxy: StartProxy, head: bytes, status: int
+) -> None:
+    """Lenient servers take these for requests: they are refused or decided as HTTP,
+    never relayed as opaque bytes (policy(): /admin is not allowed)."""
+    run_proxy(proxy, policy())
+    sock = world.connect(world.host("httpbin.org").v4, 80)
+    try:
+        sock.sendall(head)
+        assert _read_head(sock).startswith(b"HTTP/1.1 %d " % status)
+    finally:
+        sock.close()
+
+
+def test_a_path_is_decided_normalised_and_sent_as_it_came(world: World, proxy: StartProxy) -> None:
+    """`/x/../get` is `/get` to the policy (only /get and a few prefixes are allowed), and
+    the origin still gets the target the client sent."""
+    run_proxy(proxy, policy())
+    conn = connection(world, "httpbin.org")
+    try:
+        status, body = request(conn, "GET", "/x/../get", "httpbin.org")
+        assert status == 200, body
+        assert json.loads(body)["path"] == "/x/../get"
+        assert request(conn, "GET", "/get/../admin", "httpbin.org")[0] == 403
+    finally:
+        conn.close()
+
+
 def test_linkerd_guide_redirect_section(world: World, proxy: StartProxy) -> None:
     run_proxy(proxy, REDIRECT_GUIDE.read_text())
     conn = connection(world, "httpbin.org")
