@@ -684,7 +684,10 @@ def normalized_path(path: str) -> str:
 
 
 def best_http_rule(table: HostTable[CompiledRule], request: RequestFacts) -> CompiledRule | None:
-    """Most specific hostname level first; within it Gateway API match precedence, then age."""
+    """Most specific hostname level first; within it Gateway API match precedence, then age.
+
+    A level holding an OSM route ends the search whatever it matched.
+    """
     query: list[tuple[str, str]] | None = None
     for level in table.levels(request.hostname):
         best: CompiledRule | None = None
@@ -701,6 +704,8 @@ def best_http_rule(table: HostTable[CompiledRule], request: RequestFacts) -> Com
                     best, best_score = rule, match.score
         if best is not None:
             return best
+        if any(rule.route.most_specific_host_only for rule in level):
+            return None
     return None
 
 

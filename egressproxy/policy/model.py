@@ -174,6 +174,10 @@ class Route:
     origin: Origin
     verify_destination: str | None = None
     """Overrides its network's verify-destination mode for the traffic it matches."""
+    most_specific_host_only: bool = False
+    """OSM: Envoy picks one virtual host, the most specific hostname's; a request none of
+    its routes match is not tried against a wildcard that also covers it (Gateway API
+    routes, as in Linkerd, are)."""
 
 
 @dataclass(frozen=True)

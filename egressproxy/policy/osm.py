@@ -260,6 +260,7 @@ def read_egress(
                 created=meta.created,
                 order=order,
                 origin=origin,
+                most_specific_host_only=True,
             )
         )
     return routes

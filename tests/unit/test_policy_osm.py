@@ -211,3 +211,57 @@ def test_an_http_egress_without_hosts_or_route_matches_allows_nothing(
     index = compile_policy(load_policy_text(text, "osm.yaml"), CURL)
     assert http(index, "httpbin.org", "/get").action is Action.DENY
     assert http(index, "anything.example", "/").action is Action.DENY
+
+
+WILDCARD_AND_EXACT = """\
+apiVersion: policy.openservicemesh.io/v1alpha1
+kind: Egress
+metadata:
+  name: {name}
+  namespace: curl
+spec:
+  sources:
+  - kind: ServiceAccount
+    name: curl
+    namespace: curl
+  hosts: [{host}]
+  ports:
+  - number: 80
+    protocol: http
+  {matches}
+"""
+ONLY_GET = """\
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: HTTPRouteGroup
+metadata:
+  name: only-get
+  namespace: curl
+spec:
+  matches:
+  - name: get
+    pathRegex: /get
+    methods: [GET]
+"""
+
+
+def test_the_most_specific_egress_host_alone_decides_a_request() -> None:
+    """OSM gives every Egress host its own Envoy virtual host, and Envoy routes a request
+    by the most specific one: what api.example.com's Egress does not allow is denied
+    even though a *.example.com Egress allows every request."""
+    text = "---\n".join(
+        [
+            WILDCARD_AND_EXACT.format(name="everything", host='"*.example.com"', matches=""),
+            WILDCARD_AND_EXACT.format(
+                name="api-get",
+                host="api.example.com",
+                matches="matches: [{apiGroup: specs.smi-spec.io/v1alpha4, "
+                "kind: HTTPRouteGroup, name: only-get}]",
+            ),
+            ONLY_GET,
+        ]
+    )
+    index = compile_policy(load_policy_text(text, "osm.yaml"), CURL)
+    assert http(index, "api.example.com", "/get").route == egress("api-get")
+    denied = http(index, "api.example.com", "/delete")
+    assert (denied.action, denied.route.kind) == (Action.DENY, "default")
+    assert http(index, "www.example.com", "/delete").route == egress("everything")
