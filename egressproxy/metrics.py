@@ -20,9 +20,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, valu
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from egressproxy.policy.decision import Action, Decision, ParentRef, RouteProtocol, RouteRef
+from egressproxy.policy.decision import (
+    Action,
+    Decision,
+    ParentRef,
+    RouteProtocol,
+    RouteRef,
+    is_ip_literal,
+)
 from egressproxy.records import FlowRecord, RequestRecord
-from egressproxy.verify import is_ip_literal
 
 # Linkerd's proxies expose no `_created` series; a scrape that is compared with
 # theirs sample by sample must not carry extra families either.

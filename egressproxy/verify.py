@@ -25,15 +25,6 @@ CACHE_SECONDS = 30.0
 NEGATIVE_CACHE_SECONDS = 5.0
 
 
-def is_ip_literal(hostname: str) -> bool:
-    """An IPv4 or IPv6 address (brackets allowed), not a name."""
-    try:
-        ipaddress.ip_address(hostname.strip("[]"))
-    except ValueError:
-        return False
-    return True
-
-
 def verification_mode(
     decision: Decision, hostname: str | None, default: VerifyDestination
 ) -> VerifyDestination:

@@ -15,6 +15,15 @@ from typing import NamedTuple
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+def is_ip_literal(hostname: str) -> bool:
+    """An IPv4 or IPv6 address (brackets allowed), not a name."""
+    try:
+        ipaddress.ip_address(hostname.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
 class Action(enum.Enum):
     PASS = "pass"
     """Forward to the original destination."""

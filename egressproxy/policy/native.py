@@ -10,10 +10,9 @@ fix a port's protocol: the proxy keeps detecting it.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 
-from egressproxy.policy.decision import Action, RouteProtocol, RouteRef
+from egressproxy.policy.decision import Action, RouteProtocol, RouteRef, is_ip_literal
 from egressproxy.policy.errors import Checker, YMap, read_object_meta
 from egressproxy.policy.linkerd import (
     HTTP_METHODS,
@@ -227,20 +226,12 @@ def read_backend(checker: Checker, node: YMap, where: str, action: Action) -> Ho
     if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         checker.error(node.line_of("to"), f"{where}.to: {target!r} is not HOST:PORT")
         return None
-    if not _is_ip_literal(host):
+    if not is_ip_literal(host):
         name = checker.hostname(host, node.line_of("to"), f"{where}.to", wildcard=False)
         if name is None:
             return None
         host = name
     return HostBackend(host, int(port_text))
-
-
-def _is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def read_http(checker: Checker, node: YMap, where: str) -> list[HttpMatch]:

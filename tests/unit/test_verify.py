@@ -8,9 +8,10 @@ from egressproxy.policy.decision import (
     IPAddress,
     ParentRef,
     RouteProtocol,
+    is_ip_literal,
 )
 from egressproxy.settings import VerifyDestination
-from egressproxy.verify import Resolver, is_ip_literal, verification_mode
+from egressproxy.verify import Resolver, verification_mode
 
 
 class CountingResolver(Resolver):
