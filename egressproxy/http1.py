@@ -35,6 +35,7 @@ from egressproxy.policy.decision import Action, Decision, Destination, RequestFa
 from egressproxy.records import RequestRecord
 from egressproxy.relay import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW, Relay, RelayResult
 from egressproxy.settings import VerifyDestination
+from egressproxy.sniff.http import authority_host
 from egressproxy.verify import verification_mode
 
 if TYPE_CHECKING:
@@ -111,21 +112,6 @@ def response_head(response: h11.Response | h11.InformationalResponse) -> bytes:
     return b"".join(parts)
 
 
-def split_authority(authority: str) -> str | None:
-    """Host of a Host header or authority: lower-case, without port, IPv6 brackets or the
-    root label's dot (`example.com.` must not sidestep a rule for `example.com`)."""
-    authority = authority.strip().lower()
-    if authority.startswith("["):
-        end = authority.find("]")
-        return authority[1:end] if end > 1 else None
-    host, colon, port = authority.rpartition(":")
-    if colon and port.isdigit() and ":" not in host:
-        authority = host
-    if authority.endswith("."):
-        authority = authority[:-1]
-    return authority or None
-
-
 @dataclass(frozen=True)
 class ParsedRequest:
     """What the policy and the framing logic need from one request head."""
@@ -141,6 +127,8 @@ class ParsedRequest:
     """Bytes of the request line and header lines (h11 only bounds an incomplete head)."""
     h2c_upgrade: bool
     """Upgrade: h2c asked for: after a 101 the rest would be HTTP/2 no policy sees."""
+    bad_authority: bool
+    """A Host or target authority that is not `host[:port]` (sniff.http.authority_host)."""
 
 
 def parse_request(request: h11.Request, destination: Destination) -> ParsedRequest:
@@ -177,9 +165,10 @@ def parse_request(request: h11.Request, destination: Destination) -> ParsedReque
         absolute = urlsplit(target)
         authority = absolute.netloc.rpartition("@")[2] or host_header
         path, query = absolute.path or "/", absolute.query
+    hostname = authority_host(authority) if authority else None
     facts = RequestFacts(
         destination=destination,
-        hostname=split_authority(authority) if authority is not None else None,
+        hostname=hostname,
         method=request.method.decode("latin-1"),
         path=path,
         query=query,
@@ -193,6 +182,7 @@ def parse_request(request: h11.Request, destination: Destination) -> ParsedReque
         is_connect=is_connect,
         head_size=head_size,
         h2c_upgrade=h2c_upgrade,
+        bad_authority=bool(authority) and hostname is None,
     )
 
 
@@ -619,7 +609,10 @@ class Http1Proxy(asyncio.Protocol):
         if not target.startswith("/"):
             return False
         if request.host != self.host_header:
-            self.host_header, self.hostname = request.host, split_authority(request.host)
+            hostname = authority_host(request.host)
+            if hostname is None and request.host:
+                return False  # h11's path answers it 400
+            self.host_header, self.hostname = request.host, hostname
         path, _, query = target.partition("?")
         method = request.method.decode("latin-1")
         facts = RequestFacts(
@@ -784,7 +777,7 @@ class Http1Proxy(asyncio.Protocol):
         if parsed.head_size > self.settings.max_header_bytes:
             self._protocol_failure(431, "header_too_large")
             return
-        if parsed.smuggling:
+        if parsed.smuggling or parsed.bad_authority:
             self._protocol_failure(400, "bad_request")
             return
         if decision.action is Action.DENY:

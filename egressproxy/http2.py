@@ -26,12 +26,12 @@ import hyperframe.frame
 
 from egressproxy import upstream as upstream_connector
 from egressproxy.errors import UpstreamError
-from egressproxy.http1 import DENIED_BODY, split_authority
+from egressproxy.http1 import DENIED_BODY
 from egressproxy.policy.decision import Action, Decision, RequestFacts
 from egressproxy.records import RequestRecord
 from egressproxy.relay import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW
 from egressproxy.settings import VerifyDestination
-from egressproxy.sniff.http import H2_PREFACE
+from egressproxy.sniff.http import H2_PREFACE, authority_host
 from egressproxy.verify import verification_mode
 
 if TYPE_CHECKING:
@@ -74,8 +74,9 @@ def _connection(client_side: bool, max_header_bytes: int) -> h2.connection.H2Con
     return connection
 
 
-def stream_facts(headers: Headers, flow: Flow) -> RequestFacts:
-    """RequestFacts of one stream's request headers (pseudo-headers give method and path)."""
+def stream_facts(headers: Headers, flow: Flow) -> tuple[RequestFacts, bool]:
+    """RequestFacts of one stream's request headers (pseudo-headers give method and path),
+    and whether its :authority (or Host) is well formed (sniff.http.authority_host)."""
     assert flow.record.destination is not None
     authority: str | None = None
     host: str | None = None
@@ -99,15 +100,17 @@ def stream_facts(headers: Headers, flow: Flow) -> RequestFacts:
             grpc = value.lower().startswith("application/grpc")
     path, _, query = path.partition("?")
     named = authority if authority is not None else host
-    return RequestFacts(
+    hostname = authority_host(named) if named else None
+    facts = RequestFacts(
         destination=flow.record.destination,
-        hostname=split_authority(named) if named is not None else None,
+        hostname=hostname,
         method=method,
         path=path or "/",
         query=query,
         headers=tuple(plain),
         grpc=grpc,
     )
+    return facts, not named or hostname is not None
 
 
 def grpc_status_of(headers: Headers) -> int | None:
@@ -425,7 +428,7 @@ class H2Proxy(asyncio.Protocol):
             self.h2.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         headers: Headers = list(event.headers)
-        facts = stream_facts(headers, self.flow)
+        facts, well_formed = stream_facts(headers, self.flow)
         decision = self.flow.snapshot.index.decide_request(facts)
         assert self.flow.record.destination is not None
         record = RequestRecord(
@@ -442,6 +445,9 @@ class H2Proxy(asyncio.Protocol):
         self.streams[event.stream_id] = stream
         if event.stream_ended is not None:
             stream.request_ended = True
+        if not well_formed:
+            self._local_answer(stream, 400, "bad request: malformed :authority", "bad_request")
+            return
         if decision.action is Action.DENY:
             if not decision.audit:
                 self._deny(stream)

@@ -53,7 +53,8 @@ _HEADER_BLOCK = re.compile(rb"(?:" + _TCHAR + rb"+:[ \t]*" + _FIELD_VALUE + rb"[
 # Applied to the lower-cased header block, which the block pattern has validated.
 _HOST_FIELD = re.compile(rb"^host:[ \t]*([^\r\n]*)", re.MULTILINE)
 _ABSOLUTE_TARGET = re.compile(rb"[hH][tT][tT][pP][sS]?://([^/?#]*)")
-_AUTHORITY = re.compile(rb"(?:\[([0-9A-Fa-f:.]+)\]|([-0-9A-Za-z._]+))(?::([0-9]{1,5}))?")
+_AUTHORITY = re.compile(rb"(?:\[([0-9A-Fa-f:.]+)\]|([-0-9A-Za-z._]+))(?::([0-9]{0,5}))?")
+"""RFC 3986 host and port; an empty port (`host:`) is no port, as servers read it."""
 _DNS_NAME = re.compile(r"(?:[a-z0-9_-]{1,63}\.)*[a-z0-9_-]{1,63}\.?")
 _MAX_DNS_NAME_LENGTH = 253
 
@@ -184,12 +185,25 @@ def _parse_authority(text: bytes) -> Authority | None:
         host = name.decode("ascii").lower()
         if not _is_dns_name(host):
             return None
-    if port_digits is None:
+    if not port_digits:
         return host, None
     port = int(port_digits)
     if not 0 < port < 65536:
         return None
     return host, port
+
+
+def authority_host(authority: str) -> str | None:
+    """The host a Host header or :authority names: lower-case, without port, IPv6 brackets
+    or the root label's dot (`example.com.` must not sidestep a rule for `example.com`).
+
+    None when it is not `host[:port]`: the request is then refused (400), since a name
+    no rule could match (`example.com:x`) would get the default decision instead.
+    """
+    parsed = _parse_authority(authority.strip().encode("latin-1"))
+    if parsed is None or parsed[0] is None:
+        return None
+    return parsed[0].removesuffix(".") or None
 
 
 def is_plausible_host(name: str) -> bool:

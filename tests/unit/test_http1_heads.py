@@ -13,10 +13,10 @@ from egressproxy.http1 import (
     parse_request,
     request_head,
     response_head,
-    split_authority,
     without_upgrade,
 )
 from egressproxy.policy.decision import Destination
+from egressproxy.sniff.http import authority_host
 
 DESTINATION = Destination(ipaddress.ip_address("203.0.113.10"), 80)
 TCHAR = "!#$%&'*+-.^_`|~0123456789" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -106,13 +106,22 @@ def test_obsolete_whitespace_is_normalised_the_way_h11_reads_it() -> None:
         ("203.0.113.5:80", "203.0.113.5"),
         (" example.test ", "example.test"),
         ("example.test.:80", "example.test"),
+        ("evil.example:", "evil.example"),
+        ("evil.example.:", "evil.example"),
         (".", None),
         ("", None),
         ("[", None),
+        ("evil.example:80:80", None),
+        ("evil.example:x", None),
+        ("evil.example:99999", None),
+        ("2001:db8::1", None),
+        ("evil example", None),
+        ("user@evil.example", None),
     ],
 )
-def test_split_authority(authority: str, host: str | None) -> None:
-    assert split_authority(authority) == host
+def test_authority_host(authority: str, host: str | None) -> None:
+    """An empty port is no port; what is not `host[:port]` has no host (and is refused)."""
+    assert authority_host(authority) == host
 
 
 def request(head: bytes) -> h11.Request:

@@ -170,6 +170,30 @@ async def test_each_request_is_decided_on_its_own_host(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("first", ["example.test", "blocked.test:"])
+async def test_a_host_with_an_empty_or_malformed_port_gets_no_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: str
+) -> None:
+    """`blocked.test:` is blocked.test (an empty port is no port), on the connection's
+    first request as on later ones; a Host that is not host[:port] is refused, since no
+    rule could match it and it would get the default allow."""
+    async with (
+        origin(h1) as origin_port,
+        loopback_proxy(tmp_path, monkeypatch, BLOCKED_HOST, local(origin_port)) as proxy,
+    ):
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        expected = {"example.test": 200, "blocked.test:": 403, "blocked.test.:": 403}
+        for host, status in [(first, expected[first]), *expected.items()]:
+            writer.write(f"GET /a HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            assert (await read_response(reader))[0] == status, host
+        writer.write(b"GET /a HTTP/1.1\r\nHost: blocked.test:80:80\r\n\r\n")
+        assert (await read_response(reader))[0] == 400
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    assert proxy.ledger.requests[-1].error == "bad_request"
+
+
+@pytest.mark.asyncio
 async def test_routed_request_goes_to_the_backend_and_keeps_its_host(
     setup: tuple[LoopbackProxy, int, int],
 ) -> None:

@@ -839,6 +839,47 @@ async def test_verify_destination_enforced_per_stream(
     assert errors == [("localhost", ""), ("nowhere.invalid", "destination_mismatch")]
 
 
+BLOCKED_AUTHORITY = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: test
+spec:
+  default: allow
+  rules:
+  - name: blocked
+    hosts: [blocked.test]
+    action: deny
+"""
+
+
+@pytest.mark.asyncio
+async def test_an_authority_with_an_empty_or_malformed_port_gets_no_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`:authority blocked.test:` is blocked.test; one that is not host[:port] is refused
+    (400) rather than given the default allow that no host rule can take from it."""
+    loop = asyncio.get_running_loop()
+    origin = await loop.create_server(H2Server, "127.0.0.1", 0)
+    port = origin.sockets[0].getsockname()[1]
+    try:
+        async with loopback_proxy(tmp_path, monkeypatch, BLOCKED_AUTHORITY, local(port)) as proxy:
+            client = await connect_h2(proxy)
+            authorities = ["example.test", "blocked.test:", "blocked.test:80:80"]
+            answers = [client.request("GET", "/a", authority=name) for name in authorities]
+            async with asyncio.timeout(TIMEOUT):
+                for answer in answers:
+                    await answer.done.wait()
+            statuses = [answer.headers[":status"] for answer in answers]
+            assert statuses == ["200", "403", "400"]
+            client.transport.close()
+            await proxy.wait_closed_flows(1)
+    finally:
+        origin.close()
+    errors = sorted((r.status, r.error) for r in proxy.ledger.requests)
+    assert errors == [(200, ""), (400, "bad_request"), (403, "")]
+
+
 @pytest.mark.asyncio
 async def test_a_client_that_floods_pings_and_never_reads_is_cut_off(
     h2_setup: tuple[LoopbackProxy, int],
