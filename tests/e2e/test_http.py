@@ -27,6 +27,7 @@ from .world import BLACKHOLE_V4, STOP_TIMEOUT, World, stop_process
 pytestmark = pytest.mark.e2e
 
 H1_PORT, H2_PORT, GRPC_PORT = 8080, 8081, 50051
+H2_URL = f"http://example.test:{H2_PORT}/get"
 SERVERS_READY_TIMEOUT = 15.0
 TIMEOUT = 10.0
 
@@ -546,6 +547,39 @@ def test_a_path_is_decided_normalised_and_sent_as_it_came(world: World, proxy: S
         assert request(conn, "GET", "/get/../admin", "httpbin.org")[0] == 403
     finally:
         conn.close()
+
+
+HTTPBIN_DENIED = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: no-httpbin}
+spec:
+  default: allow
+  rules:
+  - name: no-httpbin
+    hosts: [httpbin.org]
+    action: deny
+"""
+
+
+@pytest.mark.parametrize(
+    ("version", "url"),
+    [("--http1.1", "http://httpbin.org/get"), ("--http2-prior-knowledge", H2_URL)],
+)
+def test_a_host_with_an_empty_port_is_that_host_and_a_malformed_one_is_refused(
+    world: World, proxy: StartProxy, http_servers: None, version: str, url: str
+) -> None:
+    """curl sends Host or :authority as given: `httpbin.org:` is httpbin.org, denied, and
+    `httpbin.org:80:80`, no host[:port], is refused rather than allowed by default."""
+    run_proxy(proxy, HTTPBIN_DENIED)
+    codes = []
+    for host in ("example.test", "httpbin.org:", "httpbin.org:80:80"):
+        result = world.curl(
+            version, "-o", "/dev/null", "-w", "%{http_code}", "-H", f"Host: {host}", url
+        )
+        assert result.returncode == 0, result
+        codes.append(result.stdout.decode())
+    assert codes == ["200", "403", "400"]
 
 
 def test_linkerd_guide_redirect_section(world: World, proxy: StartProxy) -> None:
