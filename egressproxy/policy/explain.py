@@ -8,6 +8,7 @@ says so.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import sys
@@ -27,7 +28,14 @@ from egressproxy.policy.decision import (
     RouteProtocol,
 )
 from egressproxy.policy.errors import PolicyError
-from egressproxy.policy.index import PolicyIndex, compile_policy, default_ranges, route_name
+from egressproxy.policy.index import (
+    CompiledNetwork,
+    PolicyIndex,
+    PortTable,
+    compile_policy,
+    default_ranges,
+    route_name,
+)
 from egressproxy.policy.loader import load_policy
 from egressproxy.policy.model import Model, Network, Route, TrafficPolicy
 from egressproxy.settings import Settings
@@ -102,12 +110,46 @@ def print_summary(model: Model, index: PolicyIndex, settings: Settings, out: Tex
             )
             labels = "; ".join(route_label(route, fixed) for route in routes)
             print(f"  {where}{protocol}: {labels}", file=out)
-        print(
-            f"  otherwise: HTTP → http-egress-{verdict}, other traffic → tcp-egress-{verdict}",
-            file=out,
-        )
+        compiled = index.compiled.get(network.id)
+        if compiled is None:  # out of this client's scope: its tables as for any client
+            unscoped = dataclasses.replace(settings, namespace=None, service_account=None)
+            compiled = compile_policy(model, unscoped).compiled[network.id]
+        print(f"  otherwise: {unmatched_defaults(compiled, verdict)}", file=out)
     if not model.networks:
         print("\nno egress networks: all traffic passes untouched", file=out)
+
+
+def unmatched_defaults(network: CompiledNetwork, verdict: str) -> str:
+    """The default route of what no rule matches, as decide_* pick it: gRPC gets
+    grpc-egress-* only on a port with gRPC rules (plain HTTP too when it has no HTTP rules),
+    TLS gets tls-egress-* on a port with TLS rules and no TCP ones. A port whose routes fix
+    the protocol says its own default on its line."""
+
+    def targets(table: PortTable) -> dict[str, str]:
+        return {
+            "HTTP": "grpc" if table.grpc and not table.http else "http",
+            "gRPC": "grpc" if table.grpc else "http",
+            "TLS": "tls" if table.tls and not table.tcp else "tcp",
+            "other traffic": "tcp",
+        }
+
+    def said(kinds: dict[str, str]) -> str:
+        by_target: dict[str, list[str]] = defaultdict(list)
+        for kind, target in kinds.items():
+            by_target[target].append(kind)
+        return ", ".join(
+            " and ".join(names) + f" → {target}-egress-{verdict}"
+            for target, names in by_target.items()
+        )
+
+    base = targets(network.every_port)
+    text = said(base)
+    for port, table in sorted(network.ports.items()):
+        if table.fixed is None:
+            differs = {k: v for k, v in targets(table).items() if base[k] != v}
+            if differs:
+                text += f"; port {port}: {said(differs)}"
+    return text
 
 
 def route_label(route: Route, fixed: RouteProtocol | None) -> str:

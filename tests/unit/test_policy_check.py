@@ -21,9 +21,12 @@ STEP5_SKIPS = "26: skipping Deployment: no egress meaning"
 
 
 def check(
-    capsys: pytest.CaptureFixture[str], policy: Path, explain: str | None = None
+    capsys: pytest.CaptureFixture[str],
+    policy: Path,
+    explain: str | None = None,
+    namespace: str | None = "egress-test",
 ) -> tuple[int, str, str]:
-    status = run_check(Settings(policy_file=policy, namespace="egress-test"), explain)
+    status = run_check(Settings(policy_file=policy, namespace=namespace), explain)
     captured = capsys.readouterr()
     return status, captured.out, captured.err
 
@@ -37,6 +40,10 @@ def test_valid_policy_prints_a_summary(capsys: pytest.CaptureFixture[str]) -> No
         " HTTPRoute egress-test/httpbin-get; HTTPRoute egress-test/unencrypted-http" in out
     )
     assert "port 443 (TLS, else tls-egress-deny): TLSRoute egress-test/tls-egress" in out
+    assert (
+        "otherwise: HTTP and gRPC → http-egress-deny, TLS and other traffic → tcp-egress-deny\n"
+        in out
+    )
     assert len(out.splitlines()) < 25
 
 
@@ -63,6 +70,60 @@ def test_summary_names_the_protocol_of_each_native_rule(
     github = "EgressRule standalone.github [github.com, *.github.com]"
     assert f"port 443: {github} (TLS); {github} (HTTP)" in out
     assert "port 5432: EgressRule standalone.database (TCP)" in out
+
+
+@pytest.mark.parametrize(
+    ("example", "otherwise", "tls_elsewhere"),
+    [
+        (
+            "native-1-allowlist.yaml",
+            "HTTP and gRPC → http-egress-deny, TLS → tls-egress-deny,"
+            " other traffic → tcp-egress-deny;"
+            " port 5432: TLS → tcp-egress-deny; port 50051: gRPC → grpc-egress-deny",
+            "tls-egress-deny",  # every port has the TLS rule of *.debian.org
+        ),
+        (
+            "osm-3-egress-policy.yaml",
+            "HTTP and gRPC → http-egress-deny, TLS and other traffic → tcp-egress-deny;"
+            " port 443: TLS → tls-egress-deny",
+            "tcp-egress-deny",
+        ),
+    ],
+)
+def test_summary_names_the_default_route_of_each_kind_of_unmatched_traffic(
+    capsys: pytest.CaptureFixture[str], example: str, otherwise: str, tls_elsewhere: str
+) -> None:
+    """The defaults decide_* pick: TLS gets tls-egress-* on a port with TLS rules and no
+    TCP ones, gRPC gets grpc-egress-* only on a port with gRPC rules."""
+    policy = EXAMPLES / example
+    status, out, _ = check(capsys, policy, namespace=None)
+    assert status == 0
+    assert f"  otherwise: {otherwise}\n" in out
+    for destination, route in [
+        ("https://example.org/", "tls-egress-deny"),
+        ("tls://example.org:8443", tls_elsewhere),
+        ("grpc://example.org:9000/pkg.Service/Method", "http-egress-deny"),
+        ("tcp://198.51.100.7:5432", "tcp-egress-deny"),
+    ]:
+        _, explained, _ = check(capsys, policy, destination, namespace=None)
+        assert f"route:       default {route}" in explained
+
+
+def test_summary_names_the_grpc_default_of_a_port_with_grpc_rules_alone(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """No HTTP rule on the port: every request there is decided as gRPC."""
+    policy = tmp_path / "grpc.yaml"
+    policy.write_text(
+        "apiVersion: egressproxy.io/v1alpha1\nkind: EgressPolicy\nmetadata: {name: g}\n"
+        "spec:\n  default: deny\n  rules:\n  - name: greeter\n    hosts: [grpc.example.com]\n"
+        "    ports: [9000]\n    grpc:\n    - service: helloworld.Greeter\n"
+    )
+    status, out, _ = check(capsys, policy)
+    assert status == 0
+    assert out.endswith("; port 9000: HTTP and gRPC → grpc-egress-deny\n")
+    _, explained, _ = check(capsys, policy, "http://example.org:9000/")
+    assert "route:       default grpc-egress-deny" in explained
 
 
 def test_skipped_documents_get_an_info_line_each(
