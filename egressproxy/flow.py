@@ -385,6 +385,16 @@ class Flow(asyncio.Protocol):
         return False
 
     async def _connect(self, host: str, port: int, detected: Detected) -> None:
+        """Verify, connect and splice. The flow is finished however this ends: cancelled
+        too (the worker stopping: the drain timeout's abort, or its loop closing)."""
+        try:
+            await self._verify_connect_and_splice(host, port, detected)
+        except asyncio.CancelledError:
+            self.transport.abort()
+            self.finish("drain")
+            raise
+
+    async def _verify_connect_and_splice(self, host: str, port: int, detected: Detected) -> None:
         if self._looped():
             self.finish("loop")  # the client's connection_lost leaves finishing to this task
             return
@@ -481,6 +491,8 @@ class Flow(asyncio.Protocol):
             self.relay.abort("drain")
         else:
             self.transport.abort()
+            if self.task is not None:  # still verifying or connecting
+                self.task.cancel()
 
 
 class _HandedOver(asyncio.Protocol):

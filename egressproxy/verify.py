@@ -56,7 +56,7 @@ class Resolver:
         self._lifetime = lifetime
         self._timeout = timeout
         self._cache: OrderedDict[str, tuple[float, frozenset[IPAddress]]] = OrderedDict()
-        self._pending: dict[str, asyncio.Future[frozenset[IPAddress]]] = {}
+        self._lookups: dict[str, asyncio.Task[frozenset[IPAddress]]] = {}
 
     async def addresses(self, hostname: str) -> frozenset[IPAddress]:
         """The addresses hostname resolves to; empty when it does not resolve."""
@@ -65,24 +65,28 @@ class Resolver:
         if cached is not None and cached[0] > loop.time():
             self._cache.move_to_end(hostname)
             return cached[1]
-        pending = self._pending.get(hostname)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[frozenset[IPAddress]] = loop.create_future()
-        self._pending[hostname] = future
+        lookup = self._lookups.get(hostname)
+        if lookup is None:
+            lookup = loop.create_task(
+                self._shared_lookup(loop, hostname), name=f"resolve {hostname}"
+            )
+            self._lookups[hostname] = lookup
+        return await asyncio.shield(lookup)
+
+    async def _shared_lookup(
+        self, loop: asyncio.AbstractEventLoop, hostname: str
+    ) -> frozenset[IPAddress]:
+        """One lookup in a task of its own, which every waiter shields: a client that leaves
+        (its task cancelled) must not cancel the answer other clients wait for."""
         try:
             answer = await self._lookup(loop, hostname)
-        except BaseException:
-            future.cancel()
-            raise
         finally:
-            del self._pending[hostname]
+            del self._lookups[hostname]
         lifetime = self._lifetime if answer else NEGATIVE_CACHE_SECONDS
         self._cache[hostname] = (loop.time() + lifetime, answer)
         self._cache.move_to_end(hostname)
         while len(self._cache) > self._entries:
             self._cache.popitem(last=False)
-        future.set_result(answer)
         return answer
 
     async def _lookup(self, loop: asyncio.AbstractEventLoop, hostname: str) -> frozenset[IPAddress]:

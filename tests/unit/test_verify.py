@@ -127,3 +127,36 @@ def test_an_ip_literal_name_must_be_the_destination_itself() -> None:
         return same, other
 
     assert asyncio.run(scenario()) == (True, False)
+
+
+class HeldResolver(CountingResolver):
+    """Answers from the table once `release` is set."""
+
+    def __init__(self, table: dict[str, set[str]]) -> None:
+        super().__init__(table)
+        self.release = asyncio.Event()
+
+    async def _lookup(self, loop: asyncio.AbstractEventLoop, hostname: str) -> frozenset[IPAddress]:
+        await self.release.wait()
+        return await super()._lookup(loop, hostname)
+
+
+def test_a_waiter_cancelled_leaves_the_shared_lookup_to_the_others() -> None:
+    """The first to ask is a client that goes away (its task cancelled): the others asking
+    meanwhile still get the answer, and it is cached."""
+
+    async def scenario() -> tuple[HeldResolver, bool, bool]:
+        resolver = HeldResolver({"httpbin.org": {"203.0.113.10"}})
+        destination = ipaddress.ip_address("203.0.113.10")
+        leaving = asyncio.create_task(resolver.matches("httpbin.org", destination))
+        await asyncio.sleep(0)
+        staying = asyncio.create_task(resolver.matches("httpbin.org", destination))
+        await asyncio.sleep(0)
+        leaving.cancel()
+        await asyncio.sleep(0)
+        resolver.release.set()
+        stayed = await staying
+        return resolver, stayed, await resolver.matches("httpbin.org", destination)
+
+    resolver, stayed, later = asyncio.run(scenario())
+    assert (stayed, later, resolver.lookups) == (True, True, ["httpbin.org"])

@@ -1,0 +1,100 @@
+"""Destination verification on loopback: the real Flow, policy and handlers, with a resolver
+whose answers the test holds back until it lets them go."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from egressproxy.policy.decision import IPAddress
+from egressproxy.settings import VerifyDestination
+from egressproxy.verify import Resolver
+from tests.unit.http_harness import ALLOW_ALL, LoopbackProxy, echo, proxy_to_origin
+from tests.unit.test_http2_proxy import connect_h2
+from tests.unit.test_sniff_tls import client_hello, frame, sni_extension
+
+TIMEOUT = 5.0
+HELLO = frame(client_hello([sni_extension(b"slow.test")]))
+
+
+class HeldResolver(Resolver):
+    """Every name resolves to 127.0.0.1 (the loopback origin), once `release` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.lookups: list[str] = []
+
+    async def _lookup(self, loop: asyncio.AbstractEventLoop, hostname: str) -> frozenset[IPAddress]:
+        self.lookups.append(hostname)
+        await self.release.wait()
+        return frozenset({ipaddress.ip_address("127.0.0.1")})
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+def decided(proxy: LoopbackProxy, count: int) -> bool:
+    flows = proxy.context.open_flows.flows
+    return len(flows) == count and all(flow.record.decision for flow in flows)
+
+
+@pytest.mark.asyncio
+async def test_a_client_leaving_during_a_shared_lookup_leaves_the_others_theirs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An HTTP/2 client asks first and goes away (its stream's task is cancelled); a TLS
+    client asking about the same name meanwhile still gets the answer, is spliced, and is
+    finished."""
+    resolver = HeldResolver()
+    async with proxy_to_origin(
+        echo, tmp_path, monkeypatch, ALLOW_ALL, verify_destination=VerifyDestination.ENFORCE
+    ) as proxy:
+        proxy.context.resolver = resolver
+        leaving = await connect_h2(proxy)
+        leaving.request("GET", "/", authority="slow.test")
+        await until(lambda: resolver.lookups == ["slow.test"])
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(HELLO)
+        await until(lambda: decided(proxy, 2))
+        await asyncio.sleep(0.05)
+        leaving.transport.abort()
+        await proxy.wait_closed_flows(1)
+        resolver.release.set()
+        assert await asyncio.wait_for(reader.readexactly(len(HELLO)), TIMEOUT) == HELLO
+        writer.close()
+        await proxy.wait_closed_flows(2)
+        assert not proxy.context.open_flows.flows
+    assert resolver.lookups == ["slow.test"]
+    assert [(flow.detected.value, flow.error) for flow in proxy.ledger.flows][1:] == [("tls", "")]
+
+
+@pytest.mark.asyncio
+async def test_a_connection_aborted_while_verifying_is_finished_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The drain timeout cuts a TLS connection whose name is still being looked up: it is
+    reported (error=drain) and leaves the open flows at once, not when the answer comes."""
+    resolver = HeldResolver()
+    async with proxy_to_origin(
+        echo, tmp_path, monkeypatch, ALLOW_ALL, verify_destination=VerifyDestination.ENFORCE
+    ) as proxy:
+        proxy.context.resolver = resolver
+        _, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(HELLO)
+        await until(lambda: resolver.lookups == ["slow.test"])
+        (flow,) = proxy.context.open_flows.flows
+        flow.abort()
+        await proxy.wait_closed_flows(1)
+        assert not proxy.context.open_flows.flows
+        writer.close()
+        resolver.release.set()
+        await asyncio.sleep(0.05)
+    assert [flow.error for flow in proxy.ledger.flows] == ["drain"]
