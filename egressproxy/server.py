@@ -224,6 +224,7 @@ async def serve(
     if admin_server is not None:
         admin_server.close()
     context.splicer.close()
+    context.resolver.close()
     log.info("stopped")
     return 0
 

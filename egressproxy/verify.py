@@ -1,9 +1,10 @@
 """Destination verification: does the name the client chose resolve to where it is going?
 
 Without it a workload allowed `httpbin.org` reaches any address by sending
-`SNI: httpbin.org` there. Answers come from the system resolver through the
-loop's executor (never on the event loop), cached with a bounded size and
-lifetime; concurrent questions about one name share one lookup.
+`SNI: httpbin.org` there. Answers come from the system resolver in threads of
+the resolver's own (never on the event loop, nor in the pool the loop shares),
+cached with a bounded size and lifetime; concurrent questions about one name
+share one lookup.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import ipaddress
 import logging
 import socket
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 from egressproxy.policy.decision import Action, Decision, Destination, IPAddress
 from egressproxy.records import FlowRecord, RequestRecord
@@ -23,6 +25,10 @@ log = logging.getLogger("egressproxy.verify")
 CACHE_ENTRIES = 4096
 CACHE_SECONDS = 30.0
 NEGATIVE_CACHE_SECONDS = 5.0
+LOOKUP_THREADS = 8
+"""Lookups at once. A slow name holds one of these threads until the system resolver gives
+up, and only these: under uvloop, loop.getaddrinfo takes one of libuv's four threads,
+which the whole worker shares."""
 
 
 def verification_mode(
@@ -57,9 +63,12 @@ class Resolver:
         self._timeout = timeout
         self._cache: OrderedDict[str, tuple[float, frozenset[IPAddress]]] = OrderedDict()
         self._lookups: dict[str, asyncio.Task[frozenset[IPAddress]]] = {}
+        self._threads = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="resolver")
 
     async def addresses(self, hostname: str) -> frozenset[IPAddress]:
-        """The addresses hostname resolves to; empty when it does not resolve."""
+        """The addresses hostname resolves to; empty when it does not resolve, or gave no
+        answer within the timeout (checks then fail closed). No answer is not cached: the
+        lookup goes on, later questions join it, and its answer, when it comes, is."""
         loop = asyncio.get_running_loop()
         cached = self._cache.get(hostname)
         if cached is not None and cached[0] > loop.time():
@@ -71,7 +80,12 @@ class Resolver:
                 self._shared_lookup(loop, hostname), name=f"resolve {hostname}"
             )
             self._lookups[hostname] = lookup
-        return await asyncio.shield(lookup)
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await asyncio.shield(lookup)
+        except TimeoutError:
+            log.warning("%s: no answer from the resolver within %ss", hostname, self._timeout)
+            return frozenset()
 
     async def _shared_lookup(
         self, loop: asyncio.AbstractEventLoop, hostname: str
@@ -82,6 +96,8 @@ class Resolver:
             answer = await self._lookup(loop, hostname)
         finally:
             del self._lookups[hostname]
+        if answer is None:
+            return frozenset()
         lifetime = self._lifetime if answer else NEGATIVE_CACHE_SECONDS
         self._cache[hostname] = (loop.time() + lifetime, answer)
         self._cache.move_to_end(hostname)
@@ -89,13 +105,25 @@ class Resolver:
             self._cache.popitem(last=False)
         return answer
 
-    async def _lookup(self, loop: asyncio.AbstractEventLoop, hostname: str) -> frozenset[IPAddress]:
+    async def _lookup(
+        self, loop: asyncio.AbstractEventLoop, hostname: str
+    ) -> frozenset[IPAddress] | None:
+        """The system resolver's answer: empty when the name does not exist or has no
+        address; None when its servers gave no answer (EAI_AGAIN), not to be remembered."""
         try:
-            async with asyncio.timeout(self._timeout):
-                infos = await loop.getaddrinfo(hostname, None, type=socket.SOCK_STREAM)
-        except (OSError, TimeoutError, UnicodeError):
+            infos = await loop.run_in_executor(
+                self._threads, socket.getaddrinfo, hostname, None, 0, socket.SOCK_STREAM
+            )
+        except socket.gaierror as error:
+            return None if error.errno == socket.EAI_AGAIN else frozenset()
+        except (OSError, UnicodeError):
             return frozenset()
         return frozenset(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos)
+
+    def close(self) -> None:
+        """The worker stops: queued lookups are dropped, and one still inside getaddrinfo
+        is not waited for."""
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def matches(self, hostname: str, destination: IPAddress) -> bool:
         """True when destination is one of hostname's addresses (v4-mapped counts as v4).

@@ -114,6 +114,7 @@ async def loopback_proxy(
         for open_flow in list(context.open_flows.flows):
             open_flow.abort()
         await asyncio.sleep(0)
+        context.resolver.close()
 
 
 @contextlib.asynccontextmanager

@@ -1,5 +1,10 @@
 import asyncio
 import ipaddress
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
 
 from egressproxy.policy.decision import (
     Action,
@@ -160,3 +165,91 @@ def test_a_waiter_cancelled_leaves_the_shared_lookup_to_the_others() -> None:
 
     resolver, stayed, later = asyncio.run(scenario())
     assert (stayed, later, resolver.lookups) == (True, True, ["httpbin.org"])
+
+
+ADDRESS = "203.0.113.10"
+HELD_AT_MOST = 5.0
+"""A held getaddrinfo lets go after this whatever happens: no test leaves a thread behind."""
+
+
+class SystemResolver:
+    """socket.getaddrinfo as the test says: names under .slow.test wait for `release`,
+    `errors` fail with their EAI_ code, the rest resolve to ADDRESS; `calls` lists names."""
+
+    def __init__(self, errors: dict[str, int] | None = None) -> None:
+        self.release = threading.Event()
+        self.errors = errors or {}
+        self.calls: list[str] = []
+
+    def __call__(self, host: str, port: object, *args: int, **kwargs: int) -> list[object]:
+        self.calls.append(host)
+        if host.endswith(".slow.test"):
+            self.release.wait(HELD_AT_MOST)
+        if host in self.errors:
+            raise socket.gaierror(self.errors[host], "from the test")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ADDRESS, 0))]
+
+
+def test_slow_names_and_a_busy_shared_pool_do_not_hold_up_other_lookups(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Lookups have threads of their own: names that never answer, and the loop's default
+    pool taken (under uvloop, getaddrinfo's four libuv threads serve the whole worker),
+    leave a lookup of another name unhindered."""
+    system = SystemResolver()
+    monkeypatch.setattr(socket, "getaddrinfo", system)
+
+    async def scenario() -> frozenset[IPAddress]:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(1))
+        loop.run_in_executor(None, system.release.wait, HELD_AT_MOST)
+        resolver = Resolver(timeout=2.0)
+        slow = [asyncio.create_task(resolver.addresses(f"n{i}.slow.test")) for i in range(4)]
+        try:
+            return await resolver.addresses("fast.test")
+        finally:
+            system.release.set()
+            await asyncio.gather(*slow)
+            resolver.close()
+
+    assert asyncio.run(scenario()) == {ipaddress.ip_address(ADDRESS)}
+
+
+def test_no_answer_in_time_fails_closed_and_is_not_remembered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lookup that outlasts the timeout answers "no addresses" (enforce denies), but that
+    is not cached as the name's answer: the one lookup goes on, and what it finds serves
+    the next question."""
+    system = SystemResolver()
+    monkeypatch.setattr(socket, "getaddrinfo", system)
+
+    async def scenario() -> list[frozenset[IPAddress]]:
+        resolver = Resolver(timeout=0.2)
+        try:
+            answers = [await resolver.addresses("a.slow.test") for _ in range(2)]
+            system.release.set()
+            return [*answers, await resolver.addresses("a.slow.test")]
+        finally:
+            resolver.close()
+
+    assert asyncio.run(scenario()) == [frozenset(), frozenset(), {ipaddress.ip_address(ADDRESS)}]
+    assert system.calls == ["a.slow.test"]
+
+
+def test_a_name_that_does_not_exist_is_remembered_a_silent_server_is_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    system = SystemResolver({"gone.test": socket.EAI_NONAME, "flaky.test": socket.EAI_AGAIN})
+    monkeypatch.setattr(socket, "getaddrinfo", system)
+
+    async def scenario() -> None:
+        resolver = Resolver()
+        try:
+            for name in ("gone.test", "gone.test", "flaky.test", "flaky.test"):
+                assert await resolver.addresses(name) == frozenset()
+        finally:
+            resolver.close()
+
+    asyncio.run(scenario())
+    assert system.calls == ["gone.test", "flaky.test", "flaky.test"]
