@@ -128,14 +128,15 @@ class Resolver:
     async def matches(self, hostname: str, destination: IPAddress) -> bool:
         """True when destination is one of hostname's addresses (v4-mapped counts as v4).
 
-        An IP-literal name (an SNI RFC 6066 forbids, or a Host) must be the destination itself.
+        An IP-literal name (an SNI RFC 6066 forbids, or a Host) must be the destination itself,
+        v4-mapped or not.
         """
-        if isinstance(destination, ipaddress.IPv6Address) and destination.ipv4_mapped:
-            destination = destination.ipv4_mapped
+        destination = _unmapped(destination)
         try:
-            return ipaddress.ip_address(hostname) == destination
+            literal = ipaddress.ip_address(hostname)
         except ValueError:
             return destination in await self.addresses(hostname)
+        return _unmapped(literal) == destination
 
     async def check(
         self,
@@ -157,3 +158,10 @@ class Resolver:
             mode.value,
         )
         return False
+
+
+def _unmapped(address: IPAddress) -> IPAddress:
+    """::ffff:192.0.2.1 is 192.0.2.1 (a dual-stack socket's view of an IPv4 peer)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address

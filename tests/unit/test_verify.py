@@ -253,3 +253,19 @@ def test_a_name_that_does_not_exist_is_remembered_a_silent_server_is_not(
 
     asyncio.run(scenario())
     assert system.calls == ["gone.test", "flaky.test", "flaky.test"]
+
+
+def test_a_v4_mapped_ip_literal_name_is_its_v4_address() -> None:
+    async def scenario() -> list[bool]:
+        resolver = CountingResolver({})
+        return [
+            await resolver.matches(name, ipaddress.ip_address(destination))
+            for name, destination in [
+                ("::ffff:127.0.0.1", "127.0.0.1"),
+                ("::ffff:127.0.0.1", "::ffff:127.0.0.1"),
+                ("127.0.0.1", "::ffff:127.0.0.1"),
+                ("::ffff:127.0.0.1", "127.0.0.2"),
+            ]
+        ]
+
+    assert asyncio.run(scenario()) == [True, True, True, False]
