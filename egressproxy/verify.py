@@ -38,15 +38,19 @@ def verification_mode(
 
     A network's annotation overrides --verify-destination. Traffic that is denied,
     routed to a backend (the client's address is not used), or covered by no network
-    (passed untouched on its address alone) needs no check.
+    (passed untouched on its address alone) needs no check. An audited network denies
+    nothing: there enforce only logs, and the traffic passes.
     """
     if hostname is None or decision.backend is not None or decision.parent is None:
         return VerifyDestination.OFF
     if decision.action is Action.DENY and not decision.audit:
         return VerifyDestination.OFF
+    mode = default
     if decision.verify_destination is not None:
-        return VerifyDestination(decision.verify_destination)
-    return default
+        mode = VerifyDestination(decision.verify_destination)
+    if decision.audit and mode is VerifyDestination.ENFORCE:
+        return VerifyDestination.LOG
+    return mode
 
 
 class Resolver:

@@ -119,7 +119,8 @@ class Decision:
     backend: Backend | None = None
     audit: bool = False
     """The network is in audit mode: a DENY (the policy's, or --ech deny's) is logged and
-    counted as would_deny, and the traffic passes."""
+    counted as would_deny, and the traffic passes; a destination mismatch that enforce
+    would deny is only logged."""
     verify_destination: str | None = None
     """Per-network override of --verify-destination (off|log|enforce), else None."""
     reason: str = ""

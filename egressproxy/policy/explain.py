@@ -292,7 +292,10 @@ def print_decision(decision: Decision, out: TextIO) -> None:
         action += " (audit: logged as would_deny, the traffic passes)"
     print(f"action:      {action} ({decision.protocol.value})", file=out)
     if decision.verify_destination:
-        print(f"verify:      destination verification {decision.verify_destination}", file=out)
+        verify = decision.verify_destination
+        if decision.audit and verify == "enforce":
+            verify += " (audit: a mismatch is logged, the traffic passes)"
+        print(f"verify:      destination verification {verify}", file=out)
     print(f"why:         {decision.reason}", file=out)
     if parent and route:
         print(

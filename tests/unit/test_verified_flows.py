@@ -13,7 +13,9 @@ import pytest
 from egressproxy.policy.decision import IPAddress
 from egressproxy.settings import VerifyDestination
 from egressproxy.verify import Resolver
+from tests.e2e.http_servers import h1
 from tests.unit.http_harness import ALLOW_ALL, LoopbackProxy, echo, proxy_to_origin
+from tests.unit.test_http1_proxy import read_response
 from tests.unit.test_http2_proxy import connect_h2
 from tests.unit.test_sniff_tls import client_hello, frame, sni_extension
 
@@ -33,6 +35,13 @@ class HeldResolver(Resolver):
         self.lookups.append(hostname)
         await self.release.wait()
         return frozenset({ipaddress.ip_address("127.0.0.1")})
+
+
+class Elsewhere(Resolver):
+    """Every name resolves to an address that is not the loopback origin's."""
+
+    async def _lookup(self, loop: asyncio.AbstractEventLoop, hostname: str) -> frozenset[IPAddress]:
+        return frozenset({ipaddress.ip_address("203.0.113.99")})
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -98,3 +107,46 @@ async def test_a_connection_aborted_while_verifying_is_finished_once(
         resolver.release.set()
         await asyncio.sleep(0.05)
     assert [flow.error for flow in proxy.ledger.flows] == ["drain"]
+
+
+AUDITED_ENFORCED = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: test
+spec:
+  default: deny
+  audit: true
+  verifyDestination: enforce
+  rules:
+  - name: allowed
+    hosts: [allowed.example]
+"""
+
+
+@pytest.mark.asyncio
+async def test_an_audited_network_lets_a_mismatch_pass_and_logs_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audit's contract is that traffic passes: under enforce, an HTTP request (allowed or
+    a would-deny) and a TLS connection whose names resolve elsewhere are not refused, and
+    the mismatch is recorded as logged."""
+    async with proxy_to_origin(h1, tmp_path, monkeypatch, AUDITED_ENFORCED) as proxy:
+        proxy.context.resolver = Elsewhere()
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        for host in ("allowed.example", "other.example"):
+            writer.write(f"GET /a HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            assert (await asyncio.wait_for(read_response(reader), TIMEOUT))[0] == 200, host
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    requests = [(r.hostname, r.destination_mismatch, r.error) for r in proxy.ledger.requests]
+    assert requests == [("allowed.example", "log", ""), ("other.example", "log", "")]
+    async with proxy_to_origin(echo, tmp_path, monkeypatch, AUDITED_ENFORCED) as proxy:
+        proxy.context.resolver = Elsewhere()
+        hello = frame(client_hello([sni_extension(b"allowed.example")]))
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(hello)
+        assert await asyncio.wait_for(reader.readexactly(len(hello)), TIMEOUT) == hello
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    assert [(f.destination_mismatch, f.error) for f in proxy.ledger.flows] == [("log", "")]

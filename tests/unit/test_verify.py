@@ -106,7 +106,7 @@ def test_verification_applies_to_named_traffic_that_goes_to_its_destination() ->
     assert verification_mode(decision(Action.ROUTE), "google.com", enforce) is VerifyDestination.OFF
     assert verification_mode(decision(Action.DENY), "github.com", enforce) is VerifyDestination.OFF
     audited = decision(Action.DENY, audit=True)
-    assert verification_mode(audited, "github.com", enforce) is enforce
+    assert verification_mode(audited, "github.com", VerifyDestination.LOG) is VerifyDestination.LOG
     untouched = Decision(Action.PASS, RouteProtocol.TLS, None, None)
     assert verification_mode(untouched, "cluster-service", enforce) is VerifyDestination.OFF
 
@@ -269,3 +269,15 @@ def test_a_v4_mapped_ip_literal_name_is_its_v4_address() -> None:
         ]
 
     assert asyncio.run(scenario()) == [True, True, True, False]
+
+
+def test_an_audited_network_only_logs_what_enforce_would_deny() -> None:
+    """Audit denies nothing: neither its would-be denials nor its allowed traffic are held
+    to enforce, whether the flag or the network's annotation asks for it."""
+    enforce, log, off = VerifyDestination.ENFORCE, VerifyDestination.LOG, VerifyDestination.OFF
+    for action in (Action.PASS, Action.DENY):
+        assert verification_mode(decision(action, audit=True), "github.com", enforce) is log
+        annotated = decision(action, audit=True, verify="enforce")
+        assert verification_mode(annotated, "github.com", off) is log
+        relaxed = decision(action, audit=True, verify="off")
+        assert verification_mode(relaxed, "github.com", enforce) is off
