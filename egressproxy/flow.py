@@ -134,14 +134,18 @@ to refuse with 400, like one the header timeout ends with 408. Relayed as opaque
 would slip past the HTTP rules, and some servers act on a head that ends at EOF."""
 
 
-def _denied(decision: Decision, why: str) -> Decision:
+def _denied(decision: Decision, why: str, audit: bool) -> Decision:
     """The hello's decision, on the same route, made a denial (--ech deny, an evasive
-    hello). An audited network lets it pass as would_deny, to where the original decision
-    sends it."""
+    hello). In an audited network, or anywhere under --audit (audit: traffic no network
+    covers has no network to be audited by), it passes as would_deny, to where the
+    original decision sends it."""
     if decision.action is Action.DENY:
         return decision
     return dataclasses.replace(
-        decision, action=Action.DENY, reason=f"{why}; else {decision.reason}"
+        decision,
+        action=Action.DENY,
+        audit=decision.audit or audit,
+        reason=f"{why}; else {decision.reason}",
     )
 
 
@@ -324,15 +328,21 @@ class Flow(asyncio.Protocol):
         self.record.ech = isinstance(sniffed, TlsHello) and sniffed.ech
         facts = ConnectionFacts(self.record.destination, detected, hostname)
         decision = self.snapshot.index.decide_connection(facts)
-        ech_denied = self.record.ech and self.context.settings.ech is EchPolicy.DENY
+        settings = self.context.settings
+        ech_denied = self.record.ech and settings.ech is EchPolicy.DENY
         self.record.decision = decision
         if ech_denied:
-            self.record.decision = _denied(decision, "Encrypted Client Hello denied (--ech deny)")
+            self.record.decision = _denied(
+                decision, "Encrypted Client Hello denied (--ech deny)", settings.audit
+            )
         elif outcome == TOO_MANY_RECORDS:
             # No client cuts its hello so small but to hide its SNI from a sniffer, and
             # servers accept it: denied whatever the policy says of its address.
-            log.info("%s: ClientHello split to hide its SNI, denied", self.record.client)
-            self.record.decision = _denied(decision, "ClientHello split into too many records")
+            self.record.decision = _denied(
+                decision, "ClientHello split into too many records", settings.audit
+            )
+            outcome_word = "would deny (audit)" if self.record.decision.audit else "denied"
+            log.info("%s: ClientHello split to hide its SNI, %s", self.record.client, outcome_word)
         self.context.accounting.connection_decided(self.record)
         if decision.protocol in (RouteProtocol.HTTP, RouteProtocol.GRPC):
             if detected is Detected.HTTP1:

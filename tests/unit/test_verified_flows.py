@@ -1,5 +1,5 @@
-"""Destination verification on loopback: the real Flow, policy and handlers, with a resolver
-whose answers the test holds back until it lets them go."""
+"""Destination verification and audit mode on loopback: the real Flow, policy and handlers,
+with resolvers whose answers the tests choose."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from egressproxy.accesslog import decision_word
 from egressproxy.policy.decision import IPAddress
-from egressproxy.settings import VerifyDestination
+from egressproxy.settings import EchPolicy, VerifyDestination
 from egressproxy.verify import Resolver
 from tests.e2e.http_servers import h1
 from tests.unit.http_harness import ALLOW_ALL, LoopbackProxy, echo, proxy_to_origin
 from tests.unit.test_http1_proxy import read_response
 from tests.unit.test_http2_proxy import connect_h2
-from tests.unit.test_sniff_tls import client_hello, frame, sni_extension
+from tests.unit.test_sniff_tls import client_hello, extension, frame, sni_extension
 
 TIMEOUT = 5.0
 HELLO = frame(client_hello([sni_extension(b"slow.test")]))
@@ -150,3 +151,51 @@ async def test_an_audited_network_lets_a_mismatch_pass_and_logs_it(
         writer.close()
         await proxy.wait_closed_flows(1)
     assert [(f.destination_mismatch, f.error) for f in proxy.ledger.flows] == [("log", "")]
+
+
+UNCOVERED = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: test
+spec:
+  default: deny
+  networks: [203.0.113.0/24]
+"""
+"""A policy whose network leaves the loopback origin uncovered."""
+ECH_HELLO = frame(client_hello([sni_extension(b"public.example"), extension(0xFE0D, bytes(8))]))
+PADDED_HELLO = client_hello([sni_extension(b"public.example"), extension(21, bytes(400))])
+SPLIT_HELLO = frame(PADDED_HELLO, [1] * 300)
+"""A hello cut into more one-byte records than the sniffer reads: one hiding its SNI."""
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("hello", "settings", "outcome"),
+    [(ECH_HELLO, {"ech": EchPolicy.DENY}, "tls"), (SPLIT_HELLO, {}, "too_many_records")],
+    ids=["ech-deny", "split-hello"],
+)
+async def test_under_audit_the_proxys_own_tls_denials_pass_where_no_network_covers(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    hello: bytes,
+    settings: dict[str, object],
+    outcome: str,
+) -> None:
+    """--audit means no denial stops traffic: an ECH hello under --ech deny, or a hello split
+    to hide its SNI, to an address no network covers passes as would_deny, as it does to an
+    address a network covers."""
+    async with proxy_to_origin(
+        echo, tmp_path, monkeypatch, UNCOVERED, audit=True, **settings
+    ) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(hello)
+        assert await asyncio.wait_for(reader.readexactly(len(hello)), TIMEOUT) == hello
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    (flow,) = proxy.ledger.flows
+    assert (flow.sniff_outcome, decision_word(flow.decision), flow.error) == (
+        outcome,
+        "would_deny",
+        "",
+    )
