@@ -35,6 +35,7 @@ from egressproxy.policy.index import (
     compile_policy,
     default_ranges,
     route_name,
+    serves_client,
 )
 from egressproxy.policy.loader import load_policy
 from egressproxy.policy.model import Model, Network, Route, TrafficPolicy
@@ -108,7 +109,10 @@ def print_summary(model: Model, index: PolicyIndex, settings: Settings, out: Tex
             protocol = (
                 f" ({fixed.value.upper()}, else {fixed.value}-egress-{verdict})" if fixed else ""
             )
-            labels = "; ".join(route_label(route, fixed) for route in routes)
+            labels = "; ".join(
+                route_label(route, fixed) + consumer_note(route, network, settings)
+                for route in routes
+            )
             print(f"  {where}{protocol}: {labels}", file=out)
         compiled = index.compiled.get(network.id)
         if compiled is None:  # out of this client's scope: its tables as for any client
@@ -164,6 +168,13 @@ def route_label(route: Route, fixed: RouteProtocol | None) -> str:
     if fixed is not None and route.fixes_protocol and route.protocol is not fixed:
         label += f" (unused: the port's {fixed.value.upper()} routes take precedence)"
     return label
+
+
+def consumer_note(route: Route, network: Network, settings: Settings) -> str:
+    """Says why a route from another namespace than its network's decides nothing here."""
+    if serves_client(route, network, settings):
+        return ""
+    return f" (not for this client: a route in {route.ref.namespace} serves its clients only)"
 
 
 def describe_ranges(network: Network, settings: Settings) -> str:

@@ -33,6 +33,7 @@ from egressproxy.policy.decision import (
     RouteRef,
 )
 from egressproxy.policy.model import (
+    Attachment,
     CidrRange,
     ClientRef,
     GrpcMatch,
@@ -343,6 +344,15 @@ def networks_in_scope(networks: Sequence[Network], settings: Settings) -> list[N
     return [n for n in networks if not n.namespace_scoped or n.id.namespace == visible]
 
 
+def serves_client(route: Route, network: Network, settings: Settings) -> bool:
+    """Linkerd's (GAMMA's) producer and consumer routes: a route in its parent network's
+    namespace serves every client, one in another namespace only that namespace's clients.
+    An unset --namespace matches any namespace, so standalone every route applies."""
+    if not network.namespace_scoped or settings.namespace is None:
+        return True
+    return route.ref.namespace in (network.id.namespace, settings.namespace)
+
+
 def client_matches(clients: Sequence[ClientRef], settings: Settings) -> bool:
     """OSM Egress sources: an unset identity matches every source."""
     if not clients:
@@ -398,13 +408,13 @@ class PolicyIndex:
         ]
         for route in routes:
             for attachment in route.attachments:
-                target = self.compiled.get(attachment.network)
+                target = self.attached_network(route, attachment)
                 if target is None or attachment.port is None:
                     continue
                 table = target.ports.setdefault(attachment.port, PortTable())
                 self.add_route(table, route, attachment.section_name)
         for route, attachment in every_port:
-            target = self.compiled.get(attachment.network)
+            target = self.attached_network(route, attachment)
             if target is None:
                 continue
             for table in [*target.ports.values(), target.every_port]:
@@ -412,6 +422,19 @@ class PolicyIndex:
         for compiled in self.compiled.values():
             for table in [*compiled.ports.values(), compiled.every_port]:
                 table.sort()
+
+    def attached_network(self, route: Route, attachment: Attachment) -> CompiledNetwork | None:
+        """The network a parentRef attaches the route to, if it applies to this client."""
+        target = self.compiled.get(attachment.network)
+        if target is None or not serves_client(route, target.network, self.settings):
+            return None
+        return target
+
+    def applies(self, route: Route) -> bool:
+        """Whether the route decides any of this client's traffic."""
+        return client_matches(route.clients, self.settings) and any(
+            self.attached_network(route, attachment) is not None for attachment in route.attachments
+        )
 
     def add_route(self, table: PortTable, route: Route, section_name: str) -> None:
         if route.fixes_protocol:
@@ -643,8 +666,7 @@ class PolicyIndex:
                 for network in self.model.networks
             ],
             "routes": [
-                {**as_dict(route), "applies": client_matches(route.clients, self.settings)}
-                for route in self.model.routes
+                {**as_dict(route), "applies": self.applies(route)} for route in self.model.routes
             ],
         }
 

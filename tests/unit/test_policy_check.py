@@ -126,6 +126,33 @@ def test_summary_names_the_grpc_default_of_a_port_with_grpc_rules_alone(
     assert "route:       default grpc-egress-deny" in explained
 
 
+def test_summary_marks_another_namespaces_consumer_route(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    consumer = tmp_path / "consumer.yaml"
+    consumer.write_text(
+        """apiVersion: policy.linkerd.io/v1alpha1
+kind: EgressNetwork
+metadata: {namespace: linkerd-egress, name: global}
+spec: {trafficPolicy: Deny}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {namespace: team-a, name: team-a-allow}
+spec:
+  parentRefs:
+  - {name: global, namespace: linkerd-egress, kind: EgressNetwork, group: policy.linkerd.io,
+     port: 80}
+"""
+    )
+    status, out, _ = check(capsys, consumer)
+    assert status == 0
+    assert (
+        "port 80: HTTPRoute team-a/team-a-allow"
+        " (not for this client: a route in team-a serves its clients only)"
+    ) in out
+
+
 def test_skipped_documents_get_an_info_line_each(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

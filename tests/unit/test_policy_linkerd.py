@@ -287,6 +287,44 @@ def test_unset_namespace_sees_every_namespace() -> None:
     assert decide_ip(compiled(text, Settings(namespace="x")), "203.0.113.1").parent is None
 
 
+def test_a_consumer_route_serves_only_its_own_namespace() -> None:
+    """Linkerd's producer/consumer rule: a route beside its EgressNetwork serves every
+    client, a route from another namespace only that namespace's clients; with no
+    --namespace every route applies."""
+
+    def route_in(namespace: str, name: str, prefix: str) -> str:
+        return f"""
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{namespace: {namespace}, name: {name}}}
+spec:
+  parentRefs:
+  - {{name: global, namespace: linkerd-egress, kind: EgressNetwork, group: policy.linkerd.io,
+     port: 80}}
+  rules:
+  - matches: [{{path: {{value: {prefix}}}}}]
+"""
+
+    text = "---".join(
+        [
+            network("global", "linkerd-egress", "Deny"),
+            route_in("linkerd-egress", "producer", "/shared"),
+            route_in("team-a", "consumer", "/team-a"),
+        ]
+    )
+    expected = {
+        "team-a": ("producer", "consumer"),
+        "team-b": ("producer", "http-egress-deny"),
+        None: ("producer", "consumer"),
+    }
+    for namespace, names in expected.items():
+        index = compiled(text, Settings(namespace=namespace))
+        assert (request(index, "/shared"), request(index, "/team-a")) == names, namespace
+    team_b = compiled(text, Settings(namespace="team-b"))
+    applies = {route.ref.name: team_b.applies(route) for route in team_b.model.routes}
+    assert applies == {"producer": True, "consumer": False}, "as /config reports it"
+
+
 def http_route(name: str, rules: str, hostnames: str = "", port: int = 80, extra: str = "") -> str:
     return f"""
 apiVersion: gateway.networking.k8s.io/v1
