@@ -261,7 +261,17 @@ def read_parent_refs(
         name = checker.get(ref, "name", str, ref_where, required=True)
         namespace = checker.get(ref, "namespace", str, ref_where) or meta.namespace
         section = checker.get(ref, "sectionName", str, ref_where) or ""
-        if kind != "EgressNetwork" or group not in (None, LINKERD_GROUP):
+        if not is_egress_network(group, kind):
+            if not group and kind is not None and kind.lower() == "egressnetwork":
+                log.warning(
+                    "%s:%d: %s is not an EgressNetwork: it has no group, which Gateway API "
+                    "defaults to %s (add group: %s)",
+                    checker.file,
+                    ref.line,
+                    ref_where,
+                    GATEWAY_GROUP,
+                    LINKERD_GROUP,
+                )
             continue
         port = checker.port(ref, "port", ref_where)
         if "port" not in ref:
@@ -280,6 +290,17 @@ def read_parent_refs(
             continue
         attachments.append(Attachment(network, port, section))
     return attachments
+
+
+def is_egress_network(group: str | None, kind: str | None) -> bool:
+    """Linkerd's test, both case-insensitive: a parentRef's group defaults to Gateway API's
+    own, so one without `group: policy.linkerd.io` is no EgressNetwork."""
+    return (
+        group is not None
+        and group.lower() == LINKERD_GROUP
+        and kind is not None
+        and kind.lower() == "egressnetwork"
+    )
 
 
 def read_rule(
@@ -361,7 +382,7 @@ def read_backend_ref(
     port = checker.port(node, "port", where)
     if name is None:
         return None
-    if kind == "EgressNetwork" and group == LINKERD_GROUP:
+    if is_egress_network(group, kind):
         target = NetworkId(LINKERD_GROUP, "EgressNetwork", namespace, name)
         if parents and target not in parents:
             checker.error(

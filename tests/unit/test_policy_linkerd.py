@@ -579,6 +579,38 @@ def test_a_tls_route_leaves_the_ports_tcp_routes_unused() -> None:
         assert decision.reason == "not TLS on port 443, whose routes are TLSRoutes"
 
 
+def test_a_parent_ref_is_an_egress_network_only_with_linkerds_group(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As in Linkerd: group and kind compared case-insensitively, and a parentRef without
+    group is Gateway API's (group gateway.networking.k8s.io), so it attaches nothing and a
+    warning names its line."""
+    mixed_case = http_route(
+        "mixed-case",
+        "  - backendRefs: [{group: Policy.Linkerd.IO, kind: egressnetwork,"
+        " name: all-egress-traffic}]\n",
+    ).replace(
+        "kind: EgressNetwork\n    group: policy.linkerd.io",
+        "kind: egressnetwork\n    group: POLICY.linkerd.io",
+    )
+    assert "kind: egressnetwork" in mixed_case
+    decision = compiled(DENY_NET + "---" + mixed_case).decide_request(
+        RequestFacts(Destination(EXTERNAL, 80), "a", "GET", "/", "", (), grpc=False)
+    )
+    assert (decision.action, decision.route) == (Action.PASS, route("HTTPRoute", "mixed-case"))
+    no_group = http_route("no-group", "  - {}\n").replace("    group: policy.linkerd.io\n", "")
+    text = DENY_NET + "---" + no_group
+    with caplog.at_level("INFO", logger="egressproxy.policy"):
+        index = compiled(text)
+    assert request(index, "/") == "http-egress-deny"
+    line = text.splitlines().index("  - name: all-egress-traffic") + 1
+    assert (
+        f"policy.yaml:{line}: HTTPRoute egress-test/no-group.spec.parentRefs[0] is not an "
+        "EgressNetwork: it has no group, which Gateway API defaults to "
+        "gateway.networking.k8s.io (add group: policy.linkerd.io)"
+    ) in caplog.messages
+
+
 def test_section_name_is_reported() -> None:
     text = (
         DENY_NET
