@@ -193,6 +193,7 @@ class CompiledHttpMatch:
         self.prefix = value.rstrip("/") if self.path_kind == MatchKind.PREFIX else value
         self.pattern = re.compile(value) if self.path_kind == MatchKind.REGEX else None
         self.method = match.method
+        self.method_any_case = match.method_any_case
         self.headers = tuple(CompiledValueMatch(header) for header in match.headers)
         self.query = tuple(CompiledValueMatch(param) for param in match.query)
         rank = {MatchKind.EXACT: 3, MatchKind.PREFIX: 2, MatchKind.REGEX: 1}[self.path_kind]
@@ -202,7 +203,9 @@ class CompiledHttpMatch:
         """Runs for every request: no generator is made for a match without headers or query."""
         if not self.path_matches(request.path):
             return False
-        if self.method is not None and request.method.upper() != self.method:
+        if self.method is not None and self.method != (
+            request.method.upper() if self.method_any_case else request.method
+        ):
             return False
         if self.headers and not all(header.matches(request.headers) for header in self.headers):
             return False

@@ -108,6 +108,10 @@ class ValueMatch:
 class HttpMatch:
     path: PathMatch | None = None
     method: str | None = None
+    """Upper case, compared exactly (as Linkerd and Envoy do) unless method_any_case."""
+    method_any_case: bool = False
+    """Native rules: a `deny` rule on DELETE must also catch `delete`, which some servers
+    take for DELETE."""
     headers: tuple[ValueMatch, ...] = ()
     query: tuple[ValueMatch, ...] = ()
 

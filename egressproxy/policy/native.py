@@ -261,7 +261,7 @@ def read_http(checker: Checker, node: YMap, where: str) -> list[HttpMatch]:
             checker.error(line, f"{where}.methods: {method!r} is not an HTTP method")
         methods.append(method.upper())
     return [
-        HttpMatch(path=path, method=method, headers=headers, query=query)
+        HttpMatch(path=path, method=method, method_any_case=True, headers=headers, query=query)
         for method in (methods or [None])
     ]
 

@@ -16,7 +16,12 @@ from dataclasses import dataclass
 
 from egressproxy.policy.decision import RouteProtocol, RouteRef
 from egressproxy.policy.errors import Checker, ObjectMeta, YMap, read_object_meta
-from egressproxy.policy.linkerd import TOP_LEVEL_FIELDS, kind_of, read_annotations
+from egressproxy.policy.linkerd import (
+    HTTP_METHODS,
+    TOP_LEVEL_FIELDS,
+    kind_of,
+    read_annotations,
+)
 from egressproxy.policy.model import (
     Attachment,
     ClientRef,
@@ -183,7 +188,15 @@ def read_route_group(
             text = checker.typed(value, str, line, f"{item_where}.headers.{header}")
             if text is not None and checker.regex(text, line, f"{item_where}.headers.{header}"):
                 headers.append(ValueMatch(header.lower(), MatchKind.REGEX, text))
-        methods = [method.upper() for _, method in checker.strings(item, "methods", item_where)]
+        methods = []
+        for line, method in checker.strings(item, "methods", item_where):
+            if method != "*" and method not in HTTP_METHODS:
+                checker.error(
+                    line,
+                    f"{item_where}.methods: {method!r} is not one of *, "
+                    f"{', '.join(HTTP_METHODS)} (the HTTPRouteGroup CRD's values)",
+                )
+            methods.append(method)
         if not methods or "*" in methods:
             matches: tuple[HttpMatch, ...] = (HttpMatch(path=path, headers=tuple(headers)),)
         else:

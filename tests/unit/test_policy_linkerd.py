@@ -397,6 +397,14 @@ def test_http_match_precedence() -> None:
     assert request(index, "/ab") == "http-egress-deny"
 
 
+def test_a_method_match_is_exact() -> None:
+    """linkerd2-proxy compares methods exactly: `get` is not GET."""
+    get = http_route("get", "  - matches:\n    - method: GET\n")
+    index = compiled(DENY_NET + "---" + get)
+    assert request(index, "/", method="GET") == "get"
+    assert request(index, "/", method="get") == "http-egress-deny"
+
+
 def test_hostnames_exact_before_wildcard_before_none() -> None:
     routes = [
         http_route("none", "  - {}\n"),

@@ -128,6 +128,26 @@ def test_route_and_deny_actions() -> None:
     assert tls(index, "legacy.example.com").action == Action.PASS
 
 
+def test_a_deny_rule_on_a_method_catches_it_in_any_case() -> None:
+    """Unlike Linkerd's exact match: some servers take `delete` for DELETE, so a native
+    deny rule must not let it by."""
+    text = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: no-delete}
+spec:
+  default: allow
+  rules:
+  - name: no-delete
+    http: [{methods: [DELETE]}]
+    action: deny
+"""
+    index = compile_policy(load_policy_text(text, "native.yaml"), Settings())
+    for method in ("DELETE", "delete", "Delete"):
+        assert http(index, "example.com", "/", method=method).action == Action.DENY, method
+    assert http(index, "example.com", "/").action == Action.PASS
+
+
 def test_native_errors_are_reported_with_lines() -> None:
     text = """\
 apiVersion: egressproxy.io/v1alpha1

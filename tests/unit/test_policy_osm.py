@@ -265,3 +265,19 @@ def test_the_most_specific_egress_host_alone_decides_a_request() -> None:
     denied = http(index, "api.example.com", "/delete")
     assert (denied.action, denied.route.kind) == (Action.DENY, "default")
     assert http(index, "www.example.com", "/delete").route == egress("everything")
+
+
+def test_route_group_methods_are_the_crds_upper_case_values() -> None:
+    """Envoy matches OSM's :method header exactly, and the CRD admits only upper-case
+    methods: `get` is an error at its line rather than a rule that matches GET."""
+    lower = ONLY_GET.replace("methods: [GET]", "methods: [get]")
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(lower, "osm.yaml")
+    assert [(p.line, p.reason) for p in caught.value.problems] == [
+        (
+            10,
+            "HTTPRouteGroup curl/only-get.spec.matches[0].methods: 'get' is not one of *, "
+            "GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH "
+            "(the HTTPRouteGroup CRD's values)",
+        )
+    ]
