@@ -230,12 +230,14 @@ class CompiledGrpcMatch:
         self.service_pattern = re.compile(match.service) if self.regex and match.service else None
         self.method_pattern = re.compile(match.method) if self.regex and match.method else None
         self.headers = tuple(CompiledValueMatch(header) for header in match.headers)
+        self.any_method = match.any_method
         specified = (match.service is not None) + (match.method is not None)
         self.score = (specified, not self.regex, len(self.headers))
 
     def matches(self, service: str | None, method: str | None, request: RequestFacts) -> bool:
         return (
-            self.part_matches(self.service, self.service_pattern, service)
+            (self.any_method or request.method == "POST")
+            and self.part_matches(self.service, self.service_pattern, service)
             and self.part_matches(self.method, self.method_pattern, method)
             and all(header.matches(request.headers) for header in self.headers)
         )

@@ -122,6 +122,9 @@ class GrpcMatch:
     method: str | None = None
     kind: MatchKind = MatchKind.EXACT
     headers: tuple[ValueMatch, ...] = ()
+    any_method: bool = False
+    """Linkerd matches only POST (gRPC's method); native rules any, so a deny is never
+    dodged by another method."""
 
 
 @dataclass(frozen=True)

@@ -283,4 +283,4 @@ def read_grpc(checker: Checker, node: YMap, where: str) -> GrpcMatch:
     checker.known_fields(node, where, {"service", "method"})
     service = checker.get(node, "service", str, where)
     method = checker.get(node, "method", str, where)
-    return GrpcMatch(service=service, method=method)
+    return GrpcMatch(service=service, method=method, any_method=True)

@@ -143,13 +143,14 @@ def request(
     sent: int = 0,
     received: int = 0,
 ) -> RequestRecord:
-    facts = RequestFacts(Destination(address, port), host, "GET", path, "", (), grpc=grpc)
+    method = "POST" if grpc else "GET"
+    facts = RequestFacts(Destination(address, port), host, method, path, "", (), grpc=grpc)
     return RequestRecord(
         client=CLIENT,
         destination=facts.destination,
         protocol="h2" if grpc else "http1",
         hostname=host,
-        method="POST" if grpc else "GET",
+        method=method,
         path=path,
         grpc=grpc,
         decision=index.decide_request(facts),

@@ -460,11 +460,11 @@ spec:
 """
 
 
-def grpc_call(index: PolicyIndex, path: str, port: int = 50051) -> Decision:
+def grpc_call(index: PolicyIndex, path: str, port: int = 50051, method: str = "POST") -> Decision:
     facts = RequestFacts(
         Destination(EXTERNAL, port),
         "api.example.com",
-        "POST",
+        method,
         path,
         "",
         (("content-type", "application/grpc"),),
@@ -491,6 +491,22 @@ def test_grpc_routes() -> None:
     assert (undeclared.protocol, undeclared.route) == (
         RouteProtocol.HTTP,
         default("http-egress-deny"),
+    )
+
+
+def test_a_grpc_method_match_takes_only_post() -> None:
+    """linkerd2-proxy: a GRPCRoute match never matches another method than POST, while a
+    rule without matches matches every request."""
+    service = grpc_route("service", "  - matches:\n    - method: {service: pkg.Greeter}\n")
+    index = compiled(DENY_NET + "---" + service)
+    assert grpc_call(index, "/pkg.Greeter/SayHello").route == route("GRPCRoute", "service")
+    for method in ("GET", "post"):
+        assert grpc_call(index, "/pkg.Greeter/SayHello", method=method).route == default(
+            "grpc-egress-deny"
+        ), method
+    everything = compiled(DENY_NET + "---" + grpc_route("everything", "  - {}\n"))
+    assert grpc_call(everything, "/pkg.Greeter/SayHello", method="GET").route == route(
+        "GRPCRoute", "everything"
     )
 
 

@@ -148,6 +148,26 @@ spec:
     assert http(index, "example.com", "/").action == Action.PASS
 
 
+def test_a_grpc_deny_rule_catches_any_method() -> None:
+    """Unlike Linkerd's GRPCRoute (POST only), so a deny is not dodged with a GET."""
+    text = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: no-admin}
+spec:
+  default: allow
+  rules:
+  - name: no-admin
+    ports: [50051]
+    grpc: [{service: pkg.Admin}]
+    action: deny
+"""
+    index = compile_policy(load_policy_text(text, "native.yaml"), Settings())
+    for method in ("POST", "GET"):
+        call = http(index, "grpc.example.com", "/pkg.Admin/Drop", method=method, port=50051)
+        assert call.action == Action.DENY, method
+
+
 def test_native_errors_are_reported_with_lines() -> None:
     text = """\
 apiVersion: egressproxy.io/v1alpha1
