@@ -182,6 +182,30 @@ class CompiledValueMatch:
         return False
 
 
+_NEEDS_NORMALISING = re.compile(r"%|//|/\.")
+_SLASHES = re.compile(r"/{2,}")
+
+
+def normalized_path(path: str) -> str:
+    """The path as a server resolving it would see it, for matching only (the request goes
+    on as it came): percent-escapes decoded (nginx decodes them all, %2F included), slashes
+    merged, dot segments removed (RFC 3986 5.2.4). Else `/%61dmin`, `//admin` or
+    `/public/../admin` would get past a rule on `/admin`, or into one on `/public`."""
+    if not path.startswith("/") or _NEEDS_NORMALISING.search(path) is None:
+        return path
+    parts = _SLASHES.sub("/", unquote(path, encoding="latin-1")).split("/")[1:]
+    kept: list[str] = []
+    for part in parts:
+        if part == "..":
+            if kept:
+                kept.pop()
+        elif part != ".":
+            kept.append(part)
+    if parts[-1] in (".", ".."):
+        kept.append("")  # `/a/b/..` is `/a/`
+    return "/" + "/".join(kept)
+
+
 class CompiledHttpMatch:
     """One HTTPRoute match; score() orders matches as Gateway API precedence says."""
 
@@ -189,6 +213,8 @@ class CompiledHttpMatch:
         path = match.path
         self.path_kind = path.kind if path else MatchKind.PREFIX
         value = path.value if path else "/"
+        if self.path_kind != MatchKind.REGEX:
+            value = normalized_path(value)  # as requests are, else `/a%20b` never matches
         self.path_value = value
         self.prefix = value.rstrip("/") if self.path_kind == MatchKind.PREFIX else value
         self.pattern = re.compile(value) if self.path_kind == MatchKind.REGEX else None
@@ -684,30 +710,6 @@ def no_network(protocol: RouteProtocol, destination: Destination) -> Decision:
         route=None,
         reason=f"{destination.ip} is covered by no egress network: passed untouched",
     )
-
-
-_NEEDS_NORMALISING = re.compile(r"%|//|/\.")
-_SLASHES = re.compile(r"/{2,}")
-
-
-def normalized_path(path: str) -> str:
-    """The path as a server resolving it would see it, for matching only (the request goes
-    on as it came): percent-escapes decoded (nginx decodes them all, %2F included), slashes
-    merged, dot segments removed (RFC 3986 5.2.4). Else `/%61dmin`, `//admin` or
-    `/public/../admin` would get past a rule on `/admin`, or into one on `/public`."""
-    if not path.startswith("/") or _NEEDS_NORMALISING.search(path) is None:
-        return path
-    parts = _SLASHES.sub("/", unquote(path, encoding="latin-1")).split("/")[1:]
-    kept: list[str] = []
-    for part in parts:
-        if part == "..":
-            if kept:
-                kept.pop()
-        elif part != ".":
-            kept.append(part)
-    if parts[-1] in (".", ".."):
-        kept.append("")  # `/a/b/..` is `/a/`
-    return "/" + "/".join(kept)
 
 
 def best_http_rule(table: HostTable[CompiledRule], request: RequestFacts) -> CompiledRule | None:

@@ -397,6 +397,22 @@ def test_http_match_precedence() -> None:
     assert request(index, "/ab") == "http-egress-deny"
 
 
+def test_rule_paths_are_normalised_as_request_paths_are() -> None:
+    """A request path is matched decoded, merged and without dot segments; so are the
+    Exact and PathPrefix values, else `/files/a%20b` or `/a//b` could never match."""
+    routes = [
+        http_route("exact", "  - matches:\n    - path: {type: Exact, value: /files/a%20b}\n"),
+        http_route("prefix", "  - matches:\n    - path: {type: PathPrefix, value: /a//b/}\n"),
+    ]
+    index = compiled("---".join([DENY_NET, *routes]))
+    assert request(index, "/files/a%20b") == "exact"
+    assert request(index, "/files/a%20bc") == "http-egress-deny"
+    for path in ("/a/b", "/a//b", "/a/b/c", "/a/%62/c"):
+        assert request(index, path) == "prefix", path
+    for path in ("/a/bc", "/a"):
+        assert request(index, path) == "http-egress-deny", "on segment boundaries still"
+
+
 def test_a_method_match_is_exact() -> None:
     """linkerd2-proxy compares methods exactly: `get` is not GET."""
     get = http_route("get", "  - matches:\n    - method: GET\n")
