@@ -223,7 +223,8 @@ class CompiledHttpMatch:
         self.headers = tuple(CompiledValueMatch(header) for header in match.headers)
         self.query = tuple(CompiledValueMatch(param) for param in match.query)
         rank = {MatchKind.EXACT: 3, MatchKind.PREFIX: 2, MatchKind.REGEX: 1}[self.path_kind]
-        self.score = (rank, len(value), self.method is not None, len(self.headers), len(self.query))
+        length = len(self.prefix)  # Linkerd's: `/foo/` is no longer a prefix than `/foo`
+        self.score = (rank, length, self.method is not None, len(self.headers), len(self.query))
 
     def matches(self, request: RequestFacts, query: Sequence[tuple[str, str]]) -> bool:
         """Runs for every request: no generator is made for a match without headers or query."""

@@ -413,6 +413,26 @@ def test_rule_paths_are_normalised_as_request_paths_are() -> None:
         assert request(index, path) == "http-egress-deny", "on segment boundaries still"
 
 
+def test_a_trailing_slash_does_not_lengthen_a_prefix() -> None:
+    """linkerd2-proxy trims it before comparing lengths: `/foo/` ties with `/foo`, and the
+    older route wins the tie."""
+    routes = [
+        http_route(
+            "b-new",
+            "  - matches:\n    - path: {value: /foo/}\n",
+            extra="  creationTimestamp: '2024-06-01T00:00:00Z'",
+        ),
+        http_route(
+            "a-old",
+            "  - matches:\n    - path: {value: /foo}\n",
+            extra="  creationTimestamp: '2024-01-01T00:00:00Z'",
+        ),
+    ]
+    index = compiled("---".join([DENY_NET, *routes]))
+    assert request(index, "/foo/bar") == "a-old"
+    assert request(index, "/foo") == "a-old"
+
+
 def test_a_method_match_is_exact() -> None:
     """linkerd2-proxy compares methods exactly: `get` is not GET."""
     get = http_route("get", "  - matches:\n    - method: GET\n")
