@@ -196,6 +196,8 @@ class ExplainQuery:
     request: RequestFacts | None
     assumed: str
     """Why the IP address was chosen, when DEST named a host."""
+    opaque_port: bool = False
+    """The port is in --opaque-ports: never sniffed, so decided as opaque TCP."""
 
 
 def parse_destination(text: str, settings: Settings) -> ExplainQuery:
@@ -215,6 +217,9 @@ def parse_destination(text: str, settings: Settings) -> ExplainQuery:
     address, assumed, hostname = resolve_without_dns(host, settings)
     destination = Destination(address, port)
     path = parts.path or "/"
+    if port in settings.opaque_ports:  # as the data plane: no sniffing, no hostname
+        facts = ConnectionFacts(destination, Detected.OPAQUE, None)
+        return ExplainQuery(text, facts, None, assumed, opaque_port=True)
     if scheme in ("https", "tls"):
         facts = ConnectionFacts(destination, Detected.TLS, hostname)
         return ExplainQuery(text, facts, None, assumed)
@@ -265,6 +270,8 @@ def print_explanation(query: ExplainQuery, index: PolicyIndex, out: TextIO) -> N
     print(f"hostname:    {hostname or '(none)'}", file=out)
     fixed = index.port_protocol(destination)
     protocol = f"protocol fixed by routes: {fixed.value.upper()}" if fixed else "detected"
+    if query.opaque_port:
+        protocol = "in --opaque-ports: never sniffed, decided as opaque TCP"
     print(f"port:        {protocol}", file=out)
     print_decision(decision, out)
 

@@ -241,6 +241,32 @@ def test_explain(capsys: pytest.CaptureFixture[str], destination: str, expected:
         assert 'parent_name="all-egress-traffic"' in out
 
 
+def test_explain_decides_an_opaque_port_as_opaque_tcp(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The data plane never sniffs a port in --opaque-ports, so an HTTPRoute on it
+    decides nothing: --explain says what the traffic would get, not what HTTP would."""
+    policy = tmp_path / "opaque.yaml"
+    policy.write_text(
+        """apiVersion: policy.linkerd.io/v1alpha1
+kind: EgressNetwork
+metadata: {namespace: egress-test, name: all}
+spec: {trafficPolicy: Deny}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {namespace: egress-test, name: r}
+spec:
+  parentRefs: [{name: all, kind: EgressNetwork, group: policy.linkerd.io, port: 3306}]
+"""
+    )
+    status, out, _ = check(capsys, policy, "http://db.example.com:3306/")
+    assert status == 0
+    assert "port:        in --opaque-ports: never sniffed, decided as opaque TCP" in out
+    assert "route:       default tcp-egress-deny" in out
+    assert "action:      DENY (tcp)" in out
+
+
 @pytest.mark.parametrize(
     "destination", ["ftp://x/", "tcp://203.0.113.5", "http:///nohost", "http://h:99999/"]
 )
