@@ -42,8 +42,12 @@ ROUTE_PROTOCOLS = {
     "TLSRoute": RouteProtocol.TLS,
     "TCPRoute": RouteProtocol.TCP,
 }
+LINKERD_HTTP_ROUTE_VERSIONS = frozenset({"v1beta1", "v1beta2", "v1beta3"})
+"""Linkerd's own HTTPRoute: Gateway API's schema, but its parentRefs' group defaults to
+policy.linkerd.io."""
 SUPPORTED: dict[tuple[str, str], frozenset[str]] = {
     (LINKERD_GROUP, "EgressNetwork"): frozenset({"v1alpha1"}),
+    (LINKERD_GROUP, "HTTPRoute"): LINKERD_HTTP_ROUTE_VERSIONS,
     ("", "Service"): frozenset({"v1"}),
     **{(GATEWAY_GROUP, kind): ROUTE_VERSIONS for kind in ROUTE_PROTOCOLS},
 }
@@ -88,6 +92,7 @@ def read(
         route
         for order, document in documents
         if kind_of(document)[0] == GATEWAY_GROUP
+        or kind_of(document) == (LINKERD_GROUP, "HTTPRoute")
         if (route := read_route(document, order, context)) is not None
     ]
     return networks, routes
@@ -187,7 +192,7 @@ class RouteContext:
 
 def read_route(document: YMap, order: int, context: RouteContext) -> Route | None:
     checker = context.checker
-    kind = kind_of(document)[1]
+    group, kind = kind_of(document)
     protocol = ROUTE_PROTOCOLS[kind]
     checker.known_fields(document, kind, TOP_LEVEL_FIELDS)
     meta = read_object_meta(checker, document, kind)
@@ -199,7 +204,7 @@ def read_route(document: YMap, order: int, context: RouteContext) -> Route | Non
     allowed = {"parentRefs", "rules"} | ({"hostnames"} if protocol != RouteProtocol.TCP else set())
     checker.known_fields(spec, where, allowed)
     problems_before = len(checker.problems)
-    attachments = read_parent_refs(context, spec, meta, where)
+    attachments = read_parent_refs(context, spec, meta, where, default_group=group)
     parent_refs_broken = len(checker.problems) > problems_before
     hostnames = tuple(
         hostname
@@ -233,7 +238,7 @@ def read_route(document: YMap, order: int, context: RouteContext) -> Route | Non
         )
     _, verify = read_annotations(checker, meta, route_where)
     return Route(
-        ref=RouteRef(GATEWAY_GROUP, kind, meta.namespace, meta.name),
+        ref=RouteRef(group, kind, meta.namespace, meta.name),
         protocol=protocol,
         fixes_protocol=True,
         hostnames=hostnames,
@@ -248,8 +253,9 @@ def read_route(document: YMap, order: int, context: RouteContext) -> Route | Non
 
 
 def read_parent_refs(
-    context: RouteContext, spec: YMap, meta: ObjectMeta, where: str
+    context: RouteContext, spec: YMap, meta: ObjectMeta, where: str, *, default_group: str
 ) -> list[Attachment]:
+    """default_group: the route's CRD's default for a parentRef's group (its own group)."""
     checker = context.checker
     attachments = []
     for ref_where, ref in checker.mappings(spec, "parentRefs", where):
@@ -257,19 +263,21 @@ def read_parent_refs(
             ref, ref_where, {"group", "kind", "namespace", "name", "sectionName", "port"}
         )
         group = checker.get(ref, "group", str, ref_where)
+        if "group" not in ref:
+            group = default_group
         kind = checker.get(ref, "kind", str, ref_where)
         name = checker.get(ref, "name", str, ref_where, required=True)
         namespace = checker.get(ref, "namespace", str, ref_where) or meta.namespace
         section = checker.get(ref, "sectionName", str, ref_where) or ""
         if not is_egress_network(group, kind):
-            if not group and kind is not None and kind.lower() == "egressnetwork":
+            if "group" not in ref and kind is not None and kind.lower() == "egressnetwork":
                 log.warning(
                     "%s:%d: %s is not an EgressNetwork: it has no group, which Gateway API "
                     "defaults to %s (add group: %s)",
                     checker.file,
                     ref.line,
                     ref_where,
-                    GATEWAY_GROUP,
+                    default_group,
                     LINKERD_GROUP,
                 )
             continue

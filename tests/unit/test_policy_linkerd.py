@@ -671,6 +671,26 @@ def test_a_parent_ref_is_an_egress_network_only_with_linkerds_group(
     ) in caplog.messages
 
 
+@pytest.mark.parametrize("version", ["v1beta1", "v1beta2", "v1beta3"])
+def test_linkerds_own_httproute_attaches_too(version: str) -> None:
+    """policy.linkerd.io's HTTPRoute has Gateway API's schema, but its CRD defaults a
+    parentRef's group to policy.linkerd.io; its metrics say route_group policy.linkerd.io."""
+    linkerd_route = (
+        http_route("linkerd-flavoured", "  - matches:\n    - path: {value: /get}\n")
+        .replace("gateway.networking.k8s.io/v1", f"policy.linkerd.io/{version}")
+        .replace("    group: policy.linkerd.io\n", "")
+    )
+    index = compiled(DENY_NET + "---" + linkerd_route)
+    decision = index.decide_request(
+        RequestFacts(Destination(EXTERNAL, 80), "a", "GET", "/get", "", (), grpc=False)
+    )
+    assert (decision.action, decision.route) == (
+        Action.PASS,
+        RouteRef("policy.linkerd.io", "HTTPRoute", "egress-test", "linkerd-flavoured"),
+    )
+    assert request(index, "/post") == "http-egress-deny"
+
+
 def test_section_name_is_reported() -> None:
     text = (
         DENY_NET
