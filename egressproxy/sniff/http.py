@@ -45,8 +45,9 @@ _LOOSE_REQUEST_LINE = re.compile(
     _LOOSE_METHOD + rb"[ \t]+" + _LINE_TEXT + rb"*[ \t](?i:HTTP)/[0-9]\.[0-9][ \t]*\r?"
 )
 _LOOSE_REQUEST_LINE_PREFIX = re.compile(
-    rb"(?:" + _LOOSE_METHOD + rb"(?:[ \t]" + _LINE_TEXT + rb"*)?)?"
+    rb"(?:" + _LOOSE_METHOD + rb"(?:[ \t]" + _LINE_TEXT + rb"*\r?)?)?"
 )
+"""What may still grow into a loose request line: its CR included, the LF not yet come."""
 _BAD_REQUEST_LINE = NotThis("bad_request_line")
 _FIELD_VALUE = rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?"
 _HEADER_BLOCK = re.compile(rb"(?:" + _TCHAR + rb"+:[ \t]*" + _FIELD_VALUE + rb"[ \t]*\r?\n)*")
