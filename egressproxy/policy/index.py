@@ -583,7 +583,9 @@ class PolicyIndex:
             rule = best_grpc_rule(table.grpc, facts)
             if rule is not None:
                 return self.matched(network, destination, RouteProtocol.GRPC, rule)
-            return self.default(network, destination, RouteProtocol.GRPC, "no GRPCRoute matched")
+            return self.unmatched_request(
+                network, table, destination, RouteProtocol.GRPC, "no GRPCRoute matched"
+            )
         if table.fixed in (RouteProtocol.TLS, RouteProtocol.TCP):
             return self.decide_connection(
                 ConnectionFacts(destination, Detected.OPAQUE, facts.hostname)
@@ -591,11 +593,26 @@ class PolicyIndex:
         rule = best_http_rule(table.http, facts)
         if rule is not None:
             return self.matched(network, destination, RouteProtocol.HTTP, rule)
+        return self.unmatched_request(
+            network, table, destination, RouteProtocol.HTTP, "no HTTPRoute matched"
+        )
+
+    def unmatched_request(
+        self,
+        network: CompiledNetwork,
+        table: PortTable,
+        destination: Destination,
+        protocol: RouteProtocol,
+        why: str,
+    ) -> Decision:
+        """A request no HTTP or gRPC rule took, on a port where gRPC or HTTP rules are: an
+        OSM tcp Egress or a native rule for every connection takes it (Gateway API routes
+        fix their port's protocol, so theirs never do); else the network's default."""
         if table.fixed is None:
-            for tcp_rule in table.tcp:
-                if tcp_rule.covers(destination.ip):
-                    return self.matched(network, destination, RouteProtocol.HTTP, tcp_rule)
-        return self.default(network, destination, RouteProtocol.HTTP, "no HTTPRoute matched")
+            for rule in table.tcp:
+                if rule.covers(destination.ip):
+                    return self.matched(network, destination, protocol, rule)
+        return self.default(network, destination, protocol, why)
 
     # --- building decisions ---------------------------------------------------------
 

@@ -105,6 +105,37 @@ def test_grpc_rule() -> None:
     )
 
 
+EVERY_CONNECTION_BESIDE_GRPC = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: standalone}
+spec:
+  default: deny
+  rules:
+  - name: greeter
+    hosts: [grpc.example.com]
+    ports: [9000]
+    grpc:
+    - service: helloworld.Greeter
+  - name: everything
+    ports: [9000]
+"""
+
+
+def test_a_rule_for_every_connection_takes_the_requests_grpc_rules_leave() -> None:
+    """A rule without hosts, http or grpc matches every connection on its ports, HTTP and
+    gRPC requests included, also where a gRPC rule makes the port's requests gRPC's."""
+    index = compile_policy(load_policy_text(EVERY_CONNECTION_BESIDE_GRPC, "p.yaml"), Settings())
+    plain = http(index, "example.org", "/", port=9000)
+    assert (plain.action, plain.route) == (Action.PASS, rule("everything"))
+    call = RequestFacts(
+        Destination(EXTERNAL, 9000), "example.org", "POST", "/a.B/C", "", (), grpc=True
+    )
+    assert index.decide_request(call).route == rule("everything")
+    greeter = call._replace(hostname="grpc.example.com", path="/helloworld.Greeter/Hi")
+    assert index.decide_request(greeter).route == rule("greeter")
+
+
 def test_audit_deny_rule_and_networks() -> None:
     index = index_of("native-2-observe.yaml")
     tracker = tls(index, "tracker.example.net")
