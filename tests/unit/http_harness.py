@@ -187,3 +187,18 @@ class Silent:
             while await reader.read(65536):
                 self.arrived.set()
         writer.close()
+
+
+BLOCKED_HOST = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: test
+spec:
+  default: allow
+  rules:
+  - name: blocked
+    hosts: [blocked.test, "*.blocked.test"]
+    action: deny
+"""
+"""Default allow, a deny on blocked.test and its subdomains."""

@@ -16,6 +16,7 @@ import pytest_asyncio
 from egressproxy.settings import VerifyDestination
 from tests.e2e.http_servers import h1
 from tests.unit.http_harness import (
+    BLOCKED_HOST,
     LoopbackProxy,
     Silent,
     local,
@@ -119,20 +120,6 @@ async def test_each_request_on_a_keep_alive_connection_is_decided_on_its_own(
     await proxy.wait_closed_flows(1)
     statuses = [(record.path, record.status) for record in proxy.ledger.requests]
     assert statuses == [("/a", 200), ("/denied", 403), ("/b", 200), ("/denied/x", 403)]
-
-
-BLOCKED_HOST = """\
-apiVersion: egressproxy.io/v1alpha1
-kind: EgressPolicy
-metadata:
-  name: test
-spec:
-  default: allow
-  rules:
-  - name: blocked
-    hosts: [blocked.test, "*.blocked.test"]
-    action: deny
-"""
 
 
 @pytest.mark.asyncio

@@ -29,7 +29,14 @@ from egressproxy.settings import VerifyDestination
 from egressproxy.sniff.http import H2_PREFACE
 from tests.e2e.http_servers import H2Server, grpc_server
 from tests.e2e.servers import deterministic_chunks
-from tests.unit.http_harness import LoopbackProxy, Silent, local, loopback_proxy, proxy_to_origin
+from tests.unit.http_harness import (
+    BLOCKED_HOST,
+    LoopbackProxy,
+    Silent,
+    local,
+    loopback_proxy,
+    proxy_to_origin,
+)
 
 POLICY = """\
 apiVersion: egressproxy.io/v1alpha1
@@ -839,20 +846,6 @@ async def test_verify_destination_enforced_per_stream(
     assert errors == [("localhost", ""), ("nowhere.invalid", "destination_mismatch")]
 
 
-BLOCKED_AUTHORITY = """\
-apiVersion: egressproxy.io/v1alpha1
-kind: EgressPolicy
-metadata:
-  name: test
-spec:
-  default: allow
-  rules:
-  - name: blocked
-    hosts: [blocked.test]
-    action: deny
-"""
-
-
 @pytest.mark.asyncio
 async def test_an_authority_with_an_empty_or_malformed_port_gets_no_default(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -863,7 +856,7 @@ async def test_an_authority_with_an_empty_or_malformed_port_gets_no_default(
     origin = await loop.create_server(H2Server, "127.0.0.1", 0)
     port = origin.sockets[0].getsockname()[1]
     try:
-        async with loopback_proxy(tmp_path, monkeypatch, BLOCKED_AUTHORITY, local(port)) as proxy:
+        async with loopback_proxy(tmp_path, monkeypatch, BLOCKED_HOST, local(port)) as proxy:
             client = await connect_h2(proxy)
             authorities = ["example.test", "blocked.test:", "blocked.test:80:80"]
             answers = [client.request("GET", "/a", authority=name) for name in authorities]
