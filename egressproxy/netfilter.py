@@ -8,7 +8,7 @@ import struct
 from pathlib import Path
 from typing import Protocol
 
-from egressproxy.policy.decision import Destination
+from egressproxy.policy.decision import Destination, unmapped
 
 SO_ORIGINAL_DST = 80
 """linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST (ip6_tables.h) has the same value."""
@@ -79,10 +79,7 @@ def _remember(raw: bytes, destination: Destination) -> Destination:
 
 def local_destination(sockname: tuple[str, int] | tuple[str, int, int, int]) -> Destination:
     """The listener address a client reached, normalised like original_destination."""
-    address = ipaddress.ip_address(sockname[0].split("%", 1)[0])
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return Destination(address, sockname[1])
+    return Destination(unmapped(ipaddress.ip_address(sockname[0].split("%", 1)[0])), sockname[1])
 
 
 def is_local_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

@@ -16,7 +16,7 @@ import socket
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
-from egressproxy.policy.decision import Action, Decision, Destination, IPAddress
+from egressproxy.policy.decision import Action, Decision, Destination, IPAddress, unmapped
 from egressproxy.records import FlowRecord, RequestRecord
 from egressproxy.settings import VerifyDestination
 
@@ -135,12 +135,12 @@ class Resolver:
         An IP-literal name (an SNI RFC 6066 forbids, or a Host) must be the destination itself,
         v4-mapped or not.
         """
-        destination = _unmapped(destination)
+        destination = unmapped(destination)
         try:
             literal = ipaddress.ip_address(hostname)
         except ValueError:
             return destination in await self.addresses(hostname)
-        return _unmapped(literal) == destination
+        return unmapped(literal) == destination
 
     async def check(
         self,
@@ -162,10 +162,3 @@ class Resolver:
             mode.value,
         )
         return False
-
-
-def _unmapped(address: IPAddress) -> IPAddress:
-    """::ffff:192.0.2.1 is 192.0.2.1 (a dual-stack socket's view of an IPv4 peer)."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return address.ipv4_mapped
-    return address

@@ -15,6 +15,13 @@ from typing import NamedTuple
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+def unmapped(address: IPAddress) -> IPAddress:
+    """::ffff:192.0.2.1 is 192.0.2.1 (a dual-stack socket's view of an IPv4 peer)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 def is_ip_literal(hostname: str) -> bool:
     """An IPv4 or IPv6 address (brackets allowed), not a name."""
     try:
