@@ -55,9 +55,16 @@ OLDEST = datetime.min.replace(tzinfo=UTC)
 T = TypeVar("T")
 
 
-def age_key(created: datetime | None, order: int, namespace: str, name: str) -> tuple[object, ...]:
-    """Oldest first: creationTimestamp when given (then namespace/name), else document order."""
-    return (created or OLDEST, 0 if created else order, namespace, name)
+def age_key(
+    created: datetime | None, order: int, namespace: str, name: str, rank: int = 0
+) -> tuple[object, ...]:
+    """Oldest first: creationTimestamp when given (then namespace/name), else document
+    order, then the place within the document (rank: a native policy's rules)."""
+    return (created or OLDEST, 0 if created else order, rank, namespace, name)
+
+
+def route_age(route: Route) -> tuple[object, ...]:
+    return age_key(route.created, route.order, route.ref.namespace, route.ref.name, route.rank)
 
 
 MAX_MEMOISED_LEVELS = 4096
@@ -430,7 +437,7 @@ class PolicyIndex:
                 self.cidrs.add(cidr, compiled)
         routes = sorted(
             (route for route in model.routes if client_matches(route.clients, settings)),
-            key=lambda r: age_key(r.created, r.order, r.ref.namespace, r.ref.name),
+            key=route_age,
         )
         every_port = [
             (route, attachment)
@@ -473,7 +480,7 @@ class PolicyIndex:
             current = FIX_PRIORITY.index(table.fixed) if table.fixed else len(FIX_PRIORITY)
             if FIX_PRIORITY.index(route.protocol) < current:
                 table.fixed = route.protocol
-        route_key = age_key(route.created, route.order, route.ref.namespace, route.ref.name)
+        route_key = route_age(route)
         for rule_index, rule in enumerate(route.rules):
             compiled = CompiledRule(
                 position=(*route_key, rule_index),

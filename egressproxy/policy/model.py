@@ -181,6 +181,9 @@ class Route:
     origin: Origin
     verify_destination: str | None = None
     """Overrides its network's verify-destination mode for the traffic it matches."""
+    rank: int = 0
+    """Place among the routes its document wrote, for ties: a native policy's rules, the
+    one written first first (a Kubernetes document is one route)."""
     most_specific_host_only: bool = False
     """OSM: Envoy picks one virtual host, the most specific hostname's; a request none of
     its routes match is not tried against a wildcard that also covers it (Gateway API

@@ -98,7 +98,7 @@ def read_policy(
         if name in names:
             checker.error(node.line_of("name"), f"{rule_where}: rule name {name!r} is used twice")
         names.add(name)
-        routes.extend(read_rule(checker, node, rule_where, name, network_id, order))
+        routes.extend(read_rule(checker, node, rule_where, name, network_id, order, index))
 
 
 def read_networks(checker: Checker, spec: YMap, where: str) -> tuple[CidrRange, ...]:
@@ -134,6 +134,7 @@ def read_rule(
     name: str,
     network: NetworkId,
     order: int,
+    rank: int,
 ) -> list[Route]:
     checker.known_fields(
         node,
@@ -205,6 +206,7 @@ def read_rule(
             clients=(),
             created=None,
             order=order,
+            rank=rank,
             verify_destination=verify,
             origin=origin,
         )

@@ -136,6 +136,23 @@ def test_a_rule_for_every_connection_takes_the_requests_grpc_rules_leave() -> No
     assert index.decide_request(greeter).route == rule("greeter")
 
 
+def test_between_equal_rules_the_one_written_first_wins() -> None:
+    """Not the name: z-first is written before a-second and matches the same requests."""
+    text = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: standalone}
+spec:
+  default: allow
+  rules:
+  - {name: z-first, hosts: [x.example], action: allow}
+  - {name: a-second, hosts: [x.example], action: deny}
+"""
+    index = compile_policy(load_policy_text(text, "p.yaml"), Settings())
+    assert http(index, "x.example", "/").route == rule("z-first")
+    assert tls(index, "x.example").route == rule("z-first")
+
+
 def test_audit_deny_rule_and_networks() -> None:
     index = index_of("native-2-observe.yaml")
     tracker = tls(index, "tracker.example.net")
