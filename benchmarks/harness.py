@@ -211,7 +211,8 @@ def start_egressproxy(workers: int, *, access_log: bool = False) -> Callable[[Wo
     """--workers N; the access log (the default --log-level info) only when asked for.
 
     Without it the proxies compare like for like (no HAProxy here logs); with it,
-    one line per request or connection goes to the proxy's log file, as shipped.
+    one line per request or connection goes to the proxy's stderr, as shipped; the
+    harness keeps that stream in a file of the run's temporary directory.
     """
     name = f"egressproxy-w{workers}{'-log' if access_log else ''}"
     levels = [] if access_log else ["--log-level", "warning"]
