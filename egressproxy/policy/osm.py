@@ -250,6 +250,10 @@ def read_egress(
             ports.setdefault(PROTOCOLS[name.lower()], []).append(number)
     http_rules = read_egress_matches(checker, spec, where, meta, groups, cidrs)
     origin = Origin(checker.file, meta.line)
+    if not clients:
+        # OSM applies an Egress to the sources it lists: with none, to no client.
+        log.info("%s: %s: no sources: it applies to no client", origin, where)
+        return []
     routes = []
     for protocol, numbers in ports.items():
         rules: tuple[Rule, ...] = (Rule(name="egress", cidrs=cidrs, origin=origin),)

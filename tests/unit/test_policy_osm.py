@@ -281,3 +281,18 @@ def test_route_group_methods_are_the_crds_upper_case_values() -> None:
             "(the HTTPRouteGroup CRD's values)",
         )
     ]
+
+
+@pytest.mark.parametrize("settings", [CURL, Settings()])
+def test_an_egress_with_no_sources_applies_to_no_client(settings: Settings) -> None:
+    """OSM lists a client's Egresses by the sources that name it: `sources: []` names no
+    client, so it allows nothing (it does not apply to every client)."""
+    text = (EXAMPLES / "osm-3-egress-policy.yaml").read_text()
+    no_sources = text.replace(
+        "  sources:\n  - kind: ServiceAccount\n    name: curl\n    namespace: curl\n",
+        "  sources: []\n",
+    )
+    assert no_sources.count("sources: []") == 2
+    index = compile_policy(load_policy_text(no_sources, "p.yaml"), settings)
+    assert http(index, "httpbin.org", "/get").action is Action.DENY
+    assert tls(index, "httpbin.org").action is Action.DENY
