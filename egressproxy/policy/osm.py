@@ -48,6 +48,11 @@ SUPPORTED: dict[tuple[str, str], frozenset[str]] = {
     (POLICY_GROUP, "Egress"): frozenset({"v1alpha1"}),
     (SMI_GROUP, "HTTPRouteGroup"): frozenset({"v1alpha4"}),
 }
+MATCH_KINDS = {
+    f"{SMI_GROUP}/v1alpha4": "HTTPRouteGroup",
+    f"{POLICY_GROUP}/v1alpha1": "UpstreamTrafficSetting",
+}
+"""Egress.spec.matches: the apiGroup (group/version) and kind pairs OSM's webhook admits."""
 IMPLICIT_MESH_CONFIG = ("osm-system", "osm-mesh-config")
 MESH_CONFIG_SECTIONS = frozenset(
     {"sidecar", "traffic", "observability", "certificate", "featureFlags"}
@@ -314,22 +319,37 @@ def read_egress_matches(
     request, as in OSM, whose Envoy then gets a route configuration without routes)."""
     rules: list[Rule] = []
     named = False
+    traffic_settings = 0
     for item_where, item in checker.mappings(spec, "matches", where):
         checker.known_fields(item, item_where, {"apiGroup", "kind", "name"})
+        api_group = checker.get(item, "apiGroup", str, item_where, required=True)
         kind = checker.get(item, "kind", str, item_where, required=True)
         name = checker.get(item, "name", str, item_where, required=True)
-        checker.get(item, "apiGroup", str, item_where)
+        if api_group is None or kind is None:
+            continue
+        expected = MATCH_KINDS.get(api_group)
+        if expected is None:
+            checker.error(
+                item.line_of("apiGroup"),
+                f"{item_where}.apiGroup: {api_group!r} is not one of {', '.join(MATCH_KINDS)}",
+            )
+            continue
+        if kind != expected:
+            checker.error(
+                item.line_of("kind"),
+                f"{item_where}.kind: expected {expected} for apiGroup {api_group}, got {kind!r}",
+            )
+            continue
         if kind == "UpstreamTrafficSetting":
+            traffic_settings += 1
+            if traffic_settings > 1:
+                checker.error(item.line, f"{item_where}: only one UpstreamTrafficSetting match")
             log.info(
                 "%s:%d: %s: UpstreamTrafficSetting has no egress meaning",
                 checker.file,
                 item.line,
                 item_where,
             )
-            continue
-        if kind != "HTTPRouteGroup":
-            if kind is not None:
-                checker.error(item.line_of("kind"), f"{item_where}.kind: {kind!r} is not supported")
             continue
         if name is None:
             continue

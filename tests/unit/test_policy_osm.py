@@ -296,3 +296,42 @@ def test_an_egress_with_no_sources_applies_to_no_client(settings: Settings) -> N
     index = compile_policy(load_policy_text(no_sources, "p.yaml"), settings)
     assert http(index, "httpbin.org", "/get").action is Action.DENY
     assert tls(index, "httpbin.org").action is Action.DENY
+
+
+@pytest.mark.parametrize(
+    ("match", "reason"),
+    [
+        (
+            "{kind: HTTPRouteGroup, name: egress-http-route}",
+            "Egress curl/httpbin-80.spec.matches[0]: missing required field 'apiGroup'",
+        ),
+        (
+            "{apiGroup: specs.smi-spec.io/v1alpha3, kind: HTTPRouteGroup, name: egress-http-route}",
+            "Egress curl/httpbin-80.spec.matches[0].apiGroup: 'specs.smi-spec.io/v1alpha3' is "
+            "not one of specs.smi-spec.io/v1alpha4, policy.openservicemesh.io/v1alpha1",
+        ),
+        (
+            "{apiGroup: policy.openservicemesh.io/v1alpha1, kind: HTTPRouteGroup, name: x}",
+            "Egress curl/httpbin-80.spec.matches[0].kind: expected UpstreamTrafficSetting for "
+            "apiGroup policy.openservicemesh.io/v1alpha1, got 'HTTPRouteGroup'",
+        ),
+        (
+            "{apiGroup: policy.openservicemesh.io/v1alpha1, kind: UpstreamTrafficSetting, name: a}"
+            ", {apiGroup: policy.openservicemesh.io/v1alpha1, kind: UpstreamTrafficSetting, "
+            "name: b}",
+            "Egress curl/httpbin-80.spec.matches[1]: only one UpstreamTrafficSetting match",
+        ),
+    ],
+    ids=["no-apiGroup", "other-smi-version", "kind-of-another-group", "two-traffic-settings"],
+)
+def test_egress_matches_are_checked_as_osms_admission_webhook_does(match: str, reason: str) -> None:
+    """The CRD requires apiGroup, kind and name; OSM's webhook admits HTTPRouteGroup of
+    specs.smi-spec.io/v1alpha4 and at most one UpstreamTrafficSetting of
+    policy.openservicemesh.io/v1alpha1, and rejects anything else."""
+    text = (EXAMPLES / "osm-5-egress-routegroup.yaml").read_text()
+    start = text.index("  matches:\n  - apiGroup")
+    broken = text[:start] + f"  matches: [{match}]\n"
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(broken, "p.yaml")
+    assert [problem.reason for problem in caught.value.problems] == [reason]
+    assert caught.value.problems[0].line == broken.count("\n")
