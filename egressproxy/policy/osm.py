@@ -11,6 +11,7 @@ ports match the destination address against `ipAddresses`.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,6 +54,7 @@ MATCH_KINDS = {
     f"{POLICY_GROUP}/v1alpha1": "UpstreamTrafficSetting",
 }
 """Egress.spec.matches: the apiGroup (group/version) and kind pairs OSM's webhook admits."""
+EGRESS_CIDR = re.compile(r"(?:\d{1,3}\.){3}\d{1,3}/\d{1,2}")
 IMPLICIT_MESH_CONFIG = ("osm-system", "osm-mesh-config")
 MESH_CONFIG_SECTIONS = frozenset(
     {"sidecar", "traffic", "observability", "certificate", "featureFlags"}
@@ -237,7 +239,7 @@ def read_egress(
     cidrs = tuple(
         network
         for line, text in checker.strings(spec, "ipAddresses", where)
-        if (network := checker.network(text, line, f"{where}.ipAddresses")) is not None
+        if (network := egress_cidr(checker, text, line, f"{where}.ipAddresses")) is not None
     )
     if "ports" not in spec:
         checker.error(spec.line, f"{where}: missing required field 'ports'")
@@ -286,6 +288,14 @@ def read_egress(
             )
         )
     return routes
+
+
+def egress_cidr(checker: Checker, text: str, line: int, where: str) -> IPNetwork | None:
+    """The Egress CRD admits IPv4 CIDRs with a prefix length only: no bare address, no IPv6."""
+    if EGRESS_CIDR.fullmatch(text) is None:
+        checker.error(line, f"{where}: {text!r} is not an IPv4 CIDR a.b.c.d/n (the Egress CRD's)")
+        return None
+    return checker.network(text, line, where)
 
 
 def read_sources(checker: Checker, spec: YMap, where: str) -> tuple[ClientRef, ...]:

@@ -335,3 +335,24 @@ def test_egress_matches_are_checked_as_osms_admission_webhook_does(match: str, r
         load_policy_text(broken, "p.yaml")
     assert [problem.reason for problem in caught.value.problems] == [reason]
     assert caught.value.problems[0].line == broken.count("\n")
+
+
+@pytest.mark.parametrize("address", ["198.51.100.7", "2001:db8::/32", "198.51.100.0/24 x"])
+def test_egress_ip_addresses_are_ipv4_cidrs_as_the_crd_admits(address: str) -> None:
+    """The Egress CRD's pattern for ipAddresses is a.b.c.d/n: the API server refuses a
+    bare address or an IPv6 range, and so does the loader, at the entry's line."""
+    text = (
+        (EXAMPLES / "osm-4-egress-tcp.yaml")
+        .read_text()
+        .replace("  ports:\n", f"  ipAddresses:\n  - {address}\n  ports:\n")
+    )
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(text, "p.yaml")
+    line = text.splitlines().index(f"  - {address}") + 1
+    assert [(p.line, p.reason) for p in caught.value.problems] == [
+        (
+            line,
+            f"Egress curl/tcp-443.spec.ipAddresses: {address!r} is not an IPv4 CIDR a.b.c.d/n "
+            "(the Egress CRD's)",
+        )
+    ]
