@@ -111,12 +111,21 @@ def read(
         mesh_configs.append(
             mesh_network(namespace, name, TrafficPolicy.DENY, first_order, checker.file, first.line)
         )
-    parent = mesh_configs[0].id
+    mesh_config = mesh_configs[0]
     routes = [
         route
         for order, document in egresses
-        for route in read_egress(document, order, checker, parent, groups)
+        for route in read_egress(document, order, checker, mesh_config.id, groups)
     ]
+    if mesh_config.traffic_policy is TrafficPolicy.ALLOW:
+        # OSM: "Mesh-wide global egress is enabled, so EgressPolicy is implicitly disabled".
+        log.info(
+            "%s: %s: enableEgress is true: its %d Egress policies are not applied",
+            mesh_config.origin,
+            mesh_config.id,
+            len(egresses),
+        )
+        return mesh_configs[:1], []
     return mesh_configs[:1], routes
 
 

@@ -356,3 +356,20 @@ def test_egress_ip_addresses_are_ipv4_cidrs_as_the_crd_admits(address: str) -> N
             "(the Egress CRD's)",
         )
     ]
+
+
+def test_mesh_wide_egress_leaves_egress_policies_unapplied() -> None:
+    """OSM's catalog returns no Egress policy when enableEgress is true: everything is the
+    passthrough's, counted under http-egress-allow / tcp-egress-allow, not an Egress."""
+    text = (EXAMPLES / "osm-3-egress-policy.yaml").read_text()
+    enabled = text.replace("enableEgress: false", "enableEgress: true")
+    model = load_policy_text(enabled, "p.yaml")
+    assert model.routes == ()
+    index = compile_policy(model, CURL)
+    assert http(index, "httpbin.org", "/get").route == RouteRef(
+        "", "default", "", "http-egress-allow"
+    )
+    assert (tls(index, "httpbin.org").action, tls(index, "httpbin.org").route) == (
+        Action.PASS,
+        RouteRef("", "default", "", "tcp-egress-allow"),
+    )
