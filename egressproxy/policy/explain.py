@@ -32,6 +32,7 @@ from egressproxy.policy.index import (
     CompiledNetwork,
     PolicyIndex,
     PortTable,
+    client_matches,
     compile_policy,
     default_ranges,
     route_name,
@@ -171,7 +172,11 @@ def route_label(route: Route, fixed: RouteProtocol | None) -> str:
 
 
 def consumer_note(route: Route, network: Network, settings: Settings) -> str:
-    """Says why a route from another namespace than its network's decides nothing here."""
+    """Says why a route decides nothing here: an OSM Egress whose sources are other
+    clients, or a route from another namespace than its network's."""
+    if not client_matches(route.clients, settings):
+        sources = ", ".join(f"{client.namespace}/{client.name}" for client in route.clients)
+        return f" (not for this client: its sources are {sources})"
     if serves_client(route, network, settings):
         return ""
     return f" (not for this client: a route in {route.ref.namespace} serves its clients only)"

@@ -331,3 +331,18 @@ def test_explain_names_a_native_network_without_a_namespace(
     assert status == 0
     assert "network:     EgressPolicy standalone\n" in out
     assert "ROUTE to 2001:db8::1:8080" in out
+
+
+def test_summary_marks_an_egress_whose_sources_are_other_clients(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    policy = EXAMPLES / "osm-5-egress-routegroup.yaml"
+    status = run_check(Settings(policy_file=policy, namespace="other", service_account="x"), None)
+    out = capsys.readouterr().out
+    assert status == 0
+    assert (
+        "port 80: Egress curl/httpbin-80 [httpbin.org] (HTTP)"
+        " (not for this client: its sources are curl/curl)\n"
+    ) in out
+    run_check(Settings(policy_file=policy, namespace="curl", service_account="curl"), None)
+    assert "port 80: Egress curl/httpbin-80 [httpbin.org] (HTTP)\n" in capsys.readouterr().out
