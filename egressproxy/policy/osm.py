@@ -257,13 +257,14 @@ def read_egress(
         checker.known_fields(item, item_where, {"number", "protocol"})
         number = checker.port(item, "number", item_where, required=True)
         name = checker.get(item, "protocol", str, item_where, required=True)
-        if name is not None and name.lower() not in PROTOCOLS:
+        if name is not None and name not in PROTOCOLS:
             checker.error(
                 item.line_of("protocol"),
-                f"{item_where}.protocol: {name!r} is not one of {', '.join(PROTOCOLS)}",
+                f"{item_where}.protocol: {name!r} is not one of {', '.join(PROTOCOLS)}"
+                " (lower case: OSM's listener builds a filter chain for no other spelling)",
             )
         elif number is not None and name is not None:
-            ports.setdefault(PROTOCOLS[name.lower()], []).append(number)
+            ports.setdefault(PROTOCOLS[name], []).append(number)
     http_rules = read_egress_matches(checker, spec, where, meta, groups, cidrs)
     origin = Origin(checker.file, meta.line)
     if not clients:

@@ -373,3 +373,21 @@ def test_mesh_wide_egress_leaves_egress_policies_unapplied() -> None:
         Action.PASS,
         RouteRef("", "default", "", "tcp-egress-allow"),
     )
+
+
+def test_egress_port_protocols_are_lower_case() -> None:
+    """OSM's listener compares a port's protocol with `http`, `https`, `tcp` as written:
+    `HTTP` gets no filter chain there (its traffic goes to the default), so it is an
+    error at its line rather than a port that allows HTTP."""
+    text = (EXAMPLES / "osm-3-egress-policy.yaml").read_text()
+    upper = text.replace("protocol: http\n", "protocol: HTTP\n")
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(upper, "p.yaml")
+    assert [(p.line, p.reason) for p in caught.value.problems] == [
+        (
+            upper.splitlines().index("    protocol: HTTP") + 1,
+            "Egress curl/httpbin-80.spec.ports[0].protocol: 'HTTP' is not one of http, https, "
+            "tcp, tcp-server-first (lower case: OSM's listener builds a filter chain for no "
+            "other spelling)",
+        )
+    ]
