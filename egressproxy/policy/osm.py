@@ -1,11 +1,12 @@
 """OSM's egress resources: MeshConfig's enableEgress switch, Egress policies, SMI HTTPRouteGroups.
 
 The MeshConfig becomes one network covering everything outside the cluster
-networks, Allow when `spec.traffic.enableEgress` is true, else Deny (OSM's
-default, also used when Egress policies come without a MeshConfig). Each
-Egress policy becomes routes attached to that network on its ports: `http`
-ports match Host (and HTTPRouteGroup matches), `https` ports match SNI, `tcp`
-ports match the destination address against `ipAddresses`.
+networks, Allow when `spec.traffic.enableEgress` is true (and then, as in OSM,
+no Egress policy applies), else Deny (OSM's default, also used when Egress
+policies come without a MeshConfig). Each Egress policy becomes routes attached
+to that network on its ports: `http` ports match Host (and HTTPRouteGroup
+matches), `https` ports match SNI, `tcp` ports match the destination address
+against `ipAddresses`.
 """
 
 from __future__ import annotations
