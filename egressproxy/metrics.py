@@ -84,12 +84,11 @@ decisions of many reloads) start the cache afresh rather than grow it without en
 
 
 def grpc_status_name(code: int | None) -> str:
-    """The code's name as Linkerd writes it; "" when no status came back."""
-    if code is None:
-        return ""
-    if 0 <= code < len(GRPC_STATUS_NAMES):
-        return GRPC_STATUS_NAMES[code]
-    return str(code)
+    """The code's name as Linkerd writes it: UNKNOWN when no status came back (a call reset
+    or cut before its trailers) or the code is none of gRPC's, as tonic reads it."""
+    if code is None or not 0 <= code < len(GRPC_STATUS_NAMES):
+        return "UNKNOWN"
+    return GRPC_STATUS_NAMES[code]
 
 
 def route_identity(parent: ParentRef | None, route: RouteRef | None) -> tuple[str, ...]:

@@ -468,6 +468,28 @@ def test_grpc_allowed_denied_failed(registry: CollectorRegistry, metrics: Metric
     assert "outbound_http_route_request_statuses_total" not in samples
 
 
+def test_grpc_call_without_a_known_status_is_unknown(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    """As in Linkerd (tonic's Code::Unknown): a call reset before its trailers, or one whose
+    grpc-status is no code of gRPC's, is UNKNOWN, never an empty or numeric grpc_status."""
+    index = policy(EVERY_ROUTE_KIND)
+    say_hello = "/helloworld.Greeter/SayHello"
+    metrics.request_finished(request(index, "greeter.example", say_hello, 50051, grpc=True,
+                                     status=200, grpc_status=None, error="reset"))  # fmt: skip
+    metrics.request_finished(request(index, "greeter.example", say_hello, 50051, grpc=True,
+                                     status=200, grpc_status=42))  # fmt: skip
+    samples = scrape(registry)
+    assert unordered(samples["outbound_grpc_route_request_statuses_total"]) == unordered(
+        [
+            (route_labels(50051, "GRPCRoute", "greeter", hostname="greeter.example",
+                          grpc_status="UNKNOWN", error="reset"), 1),
+            (route_labels(50051, "GRPCRoute", "greeter", hostname="greeter.example",
+                          grpc_status="UNKNOWN", error=""), 1),
+        ]
+    )  # fmt: skip
+
+
 def test_tls_allowed_denied_failed(registry: CollectorRegistry, metrics: Metrics) -> None:
     index = policy(EVERY_ROUTE_KIND)
     whole_connection(metrics, connection(index, Detected.TLS, 443, "httpbin.org", sent=517,
