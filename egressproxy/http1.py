@@ -1163,7 +1163,8 @@ class Http1Proxy(asyncio.Protocol):
 
     def relayed(self, result: RelayResult) -> None:
         """The tunnel ended: its request is reported now, with the tunnel's bytes, time
-        and end (an Upgrade's or CONNECT's exchange is the whole tunnel)."""
+        and end (an Upgrade's or CONNECT's exchange is the whole tunnel). Cut by the drain
+        timeout (Flow.abort), its end is the flow's "drain": the relay saw only a close."""
         record = self.flow.record
         record.bytes_from_client += result.bytes_from_client
         record.bytes_from_upstream += result.bytes_from_upstream
@@ -1171,7 +1172,7 @@ class Http1Proxy(asyncio.Protocol):
         if tunnel is not None:
             tunnel.bytes_from_client += result.bytes_from_client
             tunnel.bytes_from_upstream += result.bytes_from_upstream
-            tunnel.error = tunnel.error or result.error
+            tunnel.error = tunnel.error or result.error or record.error
             self._report(tunnel)
         self.flow.finish(result.error)
 

@@ -6,13 +6,19 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
+from egressproxy.accesslog import AccessLog
+from egressproxy.metrics import Metrics, exposition
+from egressproxy.server import Reporting
 from egressproxy.settings import VerifyDestination
 from tests.e2e.http_servers import h1
 from tests.unit.http_harness import (
@@ -338,6 +344,36 @@ async def test_upgrade_and_connect_are_spliced(setup: tuple[LoopbackProxy, int, 
     tunnels = [(r.status, r.bytes_from_client, r.bytes_from_upstream, r.error)
                for r in proxy.ledger.requests]  # fmt: skip
     assert tunnels == [(101, 28, 28, ""), (200, 9, 9, "")], "reported as the tunnels end"
+
+
+@pytest.mark.asyncio
+async def test_a_tunnel_cut_by_the_drain_timeout_is_counted_as_drained(
+    setup: tuple[LoopbackProxy, int, int],
+) -> None:
+    """The drain timeout's abort closes the tunnel's client side; its request must not be
+    counted as a tunnel that ended well."""
+    proxy, _, _ = setup
+    registry = CollectorRegistry()
+    proxy.context.accounting = Reporting(
+        Metrics(registry, max_hostnames=10), AccessLog(logging.getLogger("test.access"))
+    )
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(websocket_upgrade("/chat"))
+    assert (await read_response(reader))[0] == 101
+    (tunnel,) = proxy.context.open_flows.flows
+    tunnel.abort()
+    async with asyncio.timeout(5):
+        while proxy.context.open_flows.flows:
+            await asyncio.sleep(0.01)
+    writer.close()
+    body, _ = exposition(registry, "")
+    statuses = [
+        (sample.labels["http_status"], sample.labels["error"], sample.value)
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+        if sample.name == "outbound_http_route_request_statuses_total"
+    ]
+    assert statuses == [("101", "drain", 1.0)]
 
 
 @pytest.mark.asyncio
