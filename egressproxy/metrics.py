@@ -507,5 +507,33 @@ def multiprocess_registry(directory: str) -> CollectorRegistry:
 
 def exposition(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
     """The scrape body and its content type: OpenMetrics when the Accept header asks for it."""
-    encode, content_type = choose_encoder(accept)
+    encode, content_type = choose_encoder(accept if _prefers_openmetrics(accept) else "")
     return encode(registry), content_type
+
+
+OPENMETRICS_TYPE = "application/openmetrics-text"
+TEXT_TYPES = frozenset({"text/plain", "text/*", "*/*"})
+
+
+def _prefers_openmetrics(accept: str) -> bool:
+    """OpenMetrics is acceptable (q > 0) and weighed no lower than the text format.
+
+    choose_encoder answers OpenMetrics whenever it is named, even at q=0 or below a
+    preferred text/plain (a scraper told to prefer the text format says so with q).
+    """
+    best = {OPENMETRICS_TYPE: 0.0, "text": 0.0}
+    for media_range in accept.split(","):
+        media_type, *parameters = (part.strip() for part in media_range.split(";"))
+        media_type = media_type.lower()
+        weight = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        kind = "text" if media_type in TEXT_TYPES else media_type
+        if kind in best:
+            best[kind] = max(best[kind], weight)
+    return best[OPENMETRICS_TYPE] > 0 and best[OPENMETRICS_TYPE] >= best["text"]

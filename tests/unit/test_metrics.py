@@ -831,6 +831,25 @@ def test_openmetrics_only_when_asked(registry: CollectorRegistry, metrics: Metri
     assert exposition(registry, accept)[1].startswith("application/openmetrics-text")
 
 
+@pytest.mark.parametrize(
+    "accept",
+    [
+        "text/plain;version=0.0.4;q=0.5,application/openmetrics-text;version=1.0.0;q=0.1",
+        "application/openmetrics-text;version=1.0.0;q=0,text/plain;version=0.0.4",
+        "application/openmetrics-text;q=0.2,*/*;q=0.3",
+    ],
+)
+def test_text_when_the_scraper_weighs_it_above_openmetrics(
+    registry: CollectorRegistry, metrics: Metrics, accept: str
+) -> None:
+    """The Accept header's q values say which format the scraper prefers."""
+    metrics.policy_loaded(1)
+    body, content_type = exposition(registry, accept)
+    assert content_type.startswith("text/plain; version=0.0.4")
+    families = {family.name for family in text_string_to_metric_families(body.decode())}
+    assert "egress_policy_generation" in families
+
+
 # --- --workers: one scrape sums every worker ---------------------------------------------------
 
 CONNECTIONS = 40
