@@ -417,6 +417,7 @@ class Flow(asyncio.Protocol):
                 timeouts=self.context.connect_timeouts,
                 mark=self.context.settings.mark,
                 connector=self.context.splicer.connect,
+                lookups=self.context.resolver.threads,
             )
         except UpstreamError as error:
             log.info("%s → %s:%s: %s", self.record.client, host, port, error)

@@ -855,6 +855,7 @@ class Http1Proxy(asyncio.Protocol):
                 timeouts=self.flow.context.connect_timeouts,
                 mark=self.settings.mark,
                 connector=self.flow.context.splicer.connect,
+                lookups=self.flow.context.resolver.threads,
             )
         except UpstreamError as error:
             self.connecting = None

@@ -559,6 +559,7 @@ class H2Proxy(asyncio.Protocol):
                 timeouts=self.flow.context.connect_timeouts,
                 mark=self.settings.mark,
                 connector=self.flow.context.splicer.connect,
+                lookups=self.flow.context.resolver.threads,
             )
         except UpstreamError as error:
             log.info("%s → %s:%s: %s", self.flow.record.client, key[0], key[1], error)

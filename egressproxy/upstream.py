@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from egressproxy.errors import UpstreamError
+from egressproxy.lookups import LookupThreads
 from egressproxy.netfilter import PROXY_SOURCE_PORTS, set_mark
 from egressproxy.policy.decision import Action, Decision, Destination
 from egressproxy.timeouts import TimeoutQueue
@@ -49,12 +50,14 @@ async def connect(
     timeouts: TimeoutQueue,
     mark: int | None,
     connector: SocketConnector,
+    lookups: LookupThreads,
 ) -> tuple[asyncio.Transport, ProtocolT]:
     """Open a TCP connection to host:port from one of PROXY_SOURCE_PORTS within the
     timeouts' delay (the connect timeout); every failure is an UpstreamError with a kind.
 
-    host is an IP literal (original destination) or a name (a route's backend). With a
-    mark, the socket is made and connected here (by connector), then given a transport.
+    host is an IP literal (original destination) or a name (a route's backend, looked up
+    in the worker's lookup threads). With a mark, the socket is made and connected here
+    (by connector), then given a transport.
     """
     loop = timeouts.loop
 
@@ -73,11 +76,17 @@ async def connect(
             _remember(transport)
         return transport, protocol
 
-    return await _from_source_port(host, port, timeouts, attempt)
+    return await _from_source_port(host, port, timeouts, lookups, attempt)
 
 
 async def open_socket(
-    host: str, port: int, *, timeouts: TimeoutQueue, mark: int | None, connector: SocketConnector
+    host: str,
+    port: int,
+    *,
+    timeouts: TimeoutQueue,
+    mark: int | None,
+    connector: SocketConnector,
+    lookups: LookupThreads,
 ) -> socket.socket:
     """connect() for a relay that splices: the connected non-blocking socket itself."""
 
@@ -87,20 +96,21 @@ async def open_socket(
             _remember(sock)
         return sock
 
-    return await _from_source_port(host, port, timeouts, attempt)
+    return await _from_source_port(host, port, timeouts, lookups, attempt)
 
 
 async def _from_source_port(
     host: str,
     port: int,
     timeouts: TimeoutQueue,
+    lookups: LookupThreads,
     attempt: Callable[[str, tuple[str, int]], Awaitable[Connected]],
 ) -> Connected:
     """Resolve host, then attempt from one source port after another until one is free."""
     deadline = _Deadline(timeouts)
     ip = ""
     try:
-        ip = host if _is_ip_literal(host) else await _resolve(timeouts.loop, host, port)
+        ip = host if _is_ip_literal(host) else await _resolve(lookups, host, port)
         wildcard = "::" if ":" in ip else "0.0.0.0"
         for _ in range(SOURCE_PORT_ATTEMPTS):
             try:
@@ -292,11 +302,11 @@ def _is_ip_literal(host: str) -> bool:
     return True
 
 
-async def _resolve(loop: asyncio.AbstractEventLoop, host: str, port: int) -> str:
+async def _resolve(lookups: LookupThreads, host: str, port: int) -> str:
     try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        found = await lookups.addresses(host, port)
     except OSError as error:
         raise UpstreamError("dns_error", f"{host}: {error}") from None
-    if not infos:
+    if not found:
         raise UpstreamError("dns_error", f"{host}: no addresses")
-    return str(infos[0][4][0])
+    return found[0]

@@ -1,10 +1,9 @@
 """Destination verification: does the name the client chose resolve to where it is going?
 
 Without it a workload allowed `httpbin.org` reaches any address by sending
-`SNI: httpbin.org` there. Answers come from the system resolver in threads of
-the resolver's own (never on the event loop, nor in the pool the loop shares),
-cached with a bounded size and lifetime; concurrent questions about one name
-share one lookup.
+`SNI: httpbin.org` there. Answers come from the system resolver in the worker's
+lookup threads (never on the event loop), cached with a bounded size and
+lifetime; concurrent questions about one name share one lookup.
 """
 
 from __future__ import annotations
@@ -14,8 +13,8 @@ import ipaddress
 import logging
 import socket
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 
+from egressproxy.lookups import LookupThreads
 from egressproxy.policy.decision import Action, Decision, Destination, IPAddress, unmapped
 from egressproxy.records import FlowRecord, RequestRecord
 from egressproxy.settings import VerifyDestination
@@ -25,10 +24,6 @@ log = logging.getLogger("egressproxy.verify")
 CACHE_ENTRIES = 4096
 CACHE_SECONDS = 30.0
 NEGATIVE_CACHE_SECONDS = 5.0
-LOOKUP_THREADS = 8
-"""Lookups at once. A slow name holds one of these threads until the system resolver gives
-up, and only these: under uvloop, loop.getaddrinfo takes one of libuv's four threads,
-which the whole worker shares."""
 
 
 def verification_mode(
@@ -54,7 +49,8 @@ def verification_mode(
 
 
 class Resolver:
-    """Hostname → the set of its A/AAAA addresses, cached."""
+    """Hostname → the set of its A/AAAA addresses, cached. Its lookup threads also serve
+    the worker's other lookups (routes' backends), uncached."""
 
     def __init__(
         self,
@@ -67,7 +63,7 @@ class Resolver:
         self._timeout = timeout
         self._cache: OrderedDict[str, tuple[float, frozenset[IPAddress]]] = OrderedDict()
         self._lookups: dict[str, asyncio.Task[frozenset[IPAddress]]] = {}
-        self._threads = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="resolver")
+        self.threads = LookupThreads()
 
     async def addresses(self, hostname: str) -> frozenset[IPAddress]:
         """The addresses hostname resolves to; empty when it does not resolve, or gave no
@@ -97,7 +93,7 @@ class Resolver:
         """One lookup in a task of its own, which every waiter shields: a client that leaves
         (its task cancelled) must not cancel the answer other clients wait for."""
         try:
-            answer = await self._lookup(loop, hostname)
+            answer = await self._lookup(hostname)
         finally:
             del self._lookups[hostname]
         if answer is None:
@@ -109,25 +105,19 @@ class Resolver:
             self._cache.popitem(last=False)
         return answer
 
-    async def _lookup(
-        self, loop: asyncio.AbstractEventLoop, hostname: str
-    ) -> frozenset[IPAddress] | None:
+    async def _lookup(self, hostname: str) -> frozenset[IPAddress] | None:
         """The system resolver's answer: empty when the name does not exist or has no
         address; None when its servers gave no answer (EAI_AGAIN), not to be remembered."""
         try:
-            infos = await loop.run_in_executor(
-                self._threads, socket.getaddrinfo, hostname, None, 0, socket.SOCK_STREAM
-            )
+            found = await self.threads.addresses(hostname, None)
         except socket.gaierror as error:
             return None if error.errno == socket.EAI_AGAIN else frozenset()
         except (OSError, UnicodeError):
             return frozenset()
-        return frozenset(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos)
+        return frozenset(ipaddress.ip_address(address.split("%", 1)[0]) for address in found)
 
     def close(self) -> None:
-        """The worker stops: queued lookups are dropped, and one still inside getaddrinfo
-        is not waited for."""
-        self._threads.shutdown(wait=False, cancel_futures=True)
+        self.threads.close()
 
     async def matches(self, hostname: str, destination: IPAddress) -> bool:
         """True when destination is one of hostname's addresses (v4-mapped counts as v4).

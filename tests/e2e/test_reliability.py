@@ -47,7 +47,7 @@ from .clients import (
 )
 from .netns import NamespaceHTTPConnection
 from .proxy_process import Proxy, StartProxy, metric
-from .world import BLACKHOLE_V4, World, make_workdir, stop_process
+from .world import BLACKHOLE_V4, NETNS_ETC, World, make_workdir, stop_process
 
 pytestmark = pytest.mark.e2e
 
@@ -519,6 +519,59 @@ def test_drain_timeout_cuts_what_is_left_and_names_it(world: World, proxy: Start
         assert 0.9 <= time.monotonic() - started < 3.0
     assert running.wait(TIMEOUT) == 0
     assert access_lines(running, destination=f"{address}:{servers.ECHO_PORT}", error="drain")
+
+
+HUNG_LOOKUP_SECONDS = 30
+"""glibc's longest wait for one DNS server (RES_MAXRETRANS): a lookup that hangs this long."""
+DRAIN_TIMEOUT = 1.0
+EXIT_MARGIN = 3.0
+
+
+@pytest.fixture
+def hung_lookups(world: World) -> Iterator[None]:
+    """Names not in the client namespace's hosts file are asked of a black-holed address
+    (dropped, no ICMP), so their lookups hang HUNG_LOOKUP_SECONDS. The file is written in
+    place: `ip netns exec` binds it over /etc/resolv.conf of the processes it starts."""
+    resolv_conf = NETNS_ETC / world.client_ns / "resolv.conf"
+    if not resolv_conf.exists():
+        pytest.skip("the world has no resolv.conf (the host has none to bind it over)")
+    before = resolv_conf.read_text()
+    resolv_conf.write_text(
+        f"nameserver {BLACKHOLE_V4}\noptions timeout:{HUNG_LOOKUP_SECONDS} attempts:1\n"
+    )
+    try:
+        yield
+    finally:
+        resolv_conf.write_text(before)
+
+
+@pytest.mark.usefixtures("hung_lookups")
+@pytest.mark.parametrize("asker", ["verification", "backend"])
+def test_exit_does_not_wait_for_a_hung_lookup(world: World, proxy: StartProxy, asker: str) -> None:
+    """SIGTERM while a name's lookup hangs (destination verification, or a route's backend
+    Service): the proxy exits after its drain timeout, not when the system resolver gives
+    up. A thread pool the interpreter or libuv joins at exit would hold it there."""
+    drain = ("--drain-timeout", str(DRAIN_TIMEOUT))
+    if asker == "verification":
+        running = proxy(None, *drain, "--verify-destination", "log")
+        path, host = "/get", "hung.example.test"
+    else:
+        backend_domain = ("--cluster-domain", "hung.example.test")
+        policy = ROUTED.format(down=REFUSED_PORT)
+        running = proxy(policy, *drain, "--namespace", "egress-test", *backend_domain)
+        path, host = "/missing", "httpbin.org"
+    with world.connect(world.host("httpbin.org").v4, 80) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        time.sleep(0.5)  # the lookup is under way
+        running.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        try:
+            code = running.wait(DRAIN_TIMEOUT + EXIT_MARGIN)
+        except subprocess.TimeoutExpired:
+            code = None
+        took = time.monotonic() - started
+    assert code == 0, f"still running {took:.1f}s after SIGTERM:\n{running.log_text()[-3000:]}"
+    assert took < DRAIN_TIMEOUT + EXIT_MARGIN
 
 
 # --- 3. faults survived, nothing leaked --------------------------------------------------

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from egressproxy import upstream
 from egressproxy.errors import UpstreamError
+from egressproxy.lookups import LookupThreads
 from egressproxy.netfilter import PROXY_SOURCE_PORTS, source_ports_conflict
 from egressproxy.splice import Splicer
 from egressproxy.timeouts import TimeoutQueue
@@ -72,6 +73,7 @@ async def _connect(port: int, mark: int | None) -> tuple[asyncio.Transport, asyn
         timeouts=TimeoutQueue(loop, 5.0),
         mark=mark,
         connector=Splicer(loop).connect,
+        lookups=LookupThreads(),
     )
 
 

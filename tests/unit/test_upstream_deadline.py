@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -13,6 +14,7 @@ import uvloop
 
 from egressproxy import upstream
 from egressproxy.errors import UpstreamError
+from egressproxy.lookups import LookupThreads
 from egressproxy.splice import Splicer
 from egressproxy.timeouts import TimeoutQueue
 
@@ -53,6 +55,7 @@ def test_a_connect_that_hangs_ends_as_connect_timeout_in_time() -> None:
                         timeouts=TimeoutQueue(loop, 0.3),
                         mark=None,
                         connector=loop.sock_connect,
+                        lookups=LookupThreads(),
                     )
             task = asyncio.current_task()
             assert task is not None
@@ -81,6 +84,7 @@ def test_a_spliced_connect_that_hangs_ends_as_connect_timeout_and_leaves_no_wait
                             timeouts=TimeoutQueue(loop, 0.3),
                             mark=None,
                             connector=splicer.connect,
+                            lookups=LookupThreads(),
                         )
                 return raised.value.kind, loop.time() - started, len(splicer.connecting)
         finally:
@@ -104,6 +108,7 @@ def test_a_cancel_from_outside_is_not_a_timeout() -> None:
                     timeouts=TimeoutQueue(loop, 30.0),
                     mark=None,
                     connector=loop.sock_connect,
+                    lookups=LookupThreads(),
                 )
             )
             await asyncio.sleep(0.1)
@@ -115,29 +120,39 @@ def test_a_cancel_from_outside_is_not_a_timeout() -> None:
     assert uvloop.run(scenario())
 
 
-def test_a_name_that_never_resolves_ends_as_dns_timeout_within_the_connect_timeout() -> None:
+def test_a_name_that_never_resolves_ends_as_dns_timeout_within_the_connect_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The connect timeout covers resolving a route's backend name and connecting to it."""
+    release = threading.Event()
 
-    async def never_answers(*args: object, **kwargs: object) -> list[object]:
-        await asyncio.sleep(30)
+    def never_answers(*args: object, **kwargs: object) -> list[object]:
+        release.wait(5.0)
         return []
+
+    monkeypatch.setattr(socket, "getaddrinfo", never_answers)
 
     async def scenario() -> tuple[str, float]:
         loop = asyncio.get_running_loop()
-        loop.getaddrinfo = never_answers  # type: ignore[method-assign]
+        lookups = LookupThreads()
         started = loop.time()
-        async with asyncio.timeout(5.0):
-            with pytest.raises(UpstreamError) as raised:
-                await upstream.connect(
-                    "backend.example.test",
-                    80,
-                    asyncio.Protocol,
-                    timeouts=TimeoutQueue(loop, 0.3),
-                    mark=None,
-                    connector=loop.sock_connect,
-                )
+        try:
+            async with asyncio.timeout(5.0):
+                with pytest.raises(UpstreamError) as raised:
+                    await upstream.connect(
+                        "backend.example.test",
+                        80,
+                        asyncio.Protocol,
+                        timeouts=TimeoutQueue(loop, 0.3),
+                        mark=None,
+                        connector=loop.sock_connect,
+                        lookups=lookups,
+                    )
+        finally:
+            release.set()
+            lookups.close()
         return raised.value.kind, loop.time() - started
 
-    kind, took = asyncio.run(scenario())  # a pure-Python loop: its getaddrinfo can be replaced
+    kind, took = uvloop.run(scenario())
     assert kind == "dns_timeout"
     assert 0.25 <= took < 2.0

@@ -32,7 +32,7 @@ class HeldResolver(Resolver):
         self.release = asyncio.Event()
         self.lookups: list[str] = []
 
-    async def _lookup(self, loop: asyncio.AbstractEventLoop, hostname: str) -> frozenset[IPAddress]:
+    async def _lookup(self, hostname: str) -> frozenset[IPAddress]:
         self.lookups.append(hostname)
         await self.release.wait()
         return frozenset({ipaddress.ip_address("127.0.0.1")})
@@ -41,7 +41,7 @@ class HeldResolver(Resolver):
 class Elsewhere(Resolver):
     """Every name resolves to an address that is not the loopback origin's."""
 
-    async def _lookup(self, loop: asyncio.AbstractEventLoop, hostname: str) -> frozenset[IPAddress]:
+    async def _lookup(self, hostname: str) -> frozenset[IPAddress]:
         return frozenset({ipaddress.ip_address("203.0.113.99")})
 
 

@@ -27,7 +27,7 @@ class CountingResolver(Resolver):
         self.table = table
         self.lookups: list[str] = []
 
-    async def _lookup(self, loop: asyncio.AbstractEventLoop, hostname: str) -> frozenset[IPAddress]:
+    async def _lookup(self, hostname: str) -> frozenset[IPAddress]:
         self.lookups.append(hostname)
         await asyncio.sleep(0.01)
         return frozenset(ipaddress.ip_address(a) for a in self.table.get(hostname, ()))
@@ -141,9 +141,9 @@ class HeldResolver(CountingResolver):
         super().__init__(table)
         self.release = asyncio.Event()
 
-    async def _lookup(self, loop: asyncio.AbstractEventLoop, hostname: str) -> frozenset[IPAddress]:
+    async def _lookup(self, hostname: str) -> frozenset[IPAddress]:
         await self.release.wait()
-        return await super()._lookup(loop, hostname)
+        return await super()._lookup(hostname)
 
 
 def test_a_waiter_cancelled_leaves_the_shared_lookup_to_the_others() -> None:

@@ -1,0 +1,96 @@
+"""The system resolver's getaddrinfo, in daemon threads of the worker's own.
+
+Every name the worker resolves goes through here: a verified hostname and a route's
+backend alike, so one stuck name holds one of these threads whoever asked. Not a
+ThreadPoolExecutor, nor loop.getaddrinfo: the interpreter joins the executor's threads at
+exit, and libuv (under uvloop, loop.getaddrinfo takes one of its four threads) joins its
+own, so a lookup stuck in the resolver (30 s and more) would hold the worker's exit long
+after its drain. Daemon threads are left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import socket
+import threading
+
+LOOKUP_THREADS = 8
+"""Lookups at once. A name that never answers holds one of these threads until the system
+resolver gives up; the worker's other names go on in the rest."""
+QUEUED_LOOKUPS = 1024
+"""Lookups waiting for a thread; more: refused at once as the resolver not answering."""
+
+_Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[list[str]]", str, int | None]
+
+
+class LookupThreads:
+    """getaddrinfo for the event loop's tasks, through a bounded queue."""
+
+    def __init__(self, threads: int = LOOKUP_THREADS, queued: int = QUEUED_LOOKUPS) -> None:
+        self._size = threads
+        self._queue: queue.Queue[_Job | None] = queue.Queue(queued)
+        self._threads: list[threading.Thread] = []
+
+    async def addresses(self, host: str, port: int | None) -> list[str]:
+        """The stream addresses getaddrinfo gives host, in its order; socket.gaierror as it
+        raises it, and EAI_AGAIN when too many lookups are waiting already."""
+        if not self._threads:
+            self._start()
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[list[str]] = loop.create_future()
+        try:
+            self._queue.put_nowait((loop, answer, host, port))
+        except queue.Full:
+            raise socket.gaierror(socket.EAI_AGAIN, "too many lookups waiting") from None
+        return await answer
+
+    def close(self) -> None:
+        """The worker stops: queued lookups are dropped, and the threads end once free (one
+        still inside getaddrinfo is not waited for)."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._queue.get_nowait()
+        for _ in self._threads:
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(None)
+        self._threads = []
+
+    def _start(self) -> None:
+        """Started at the first lookup: in the worker (after the fork), and only if needed."""
+        for number in range(self._size):
+            thread = threading.Thread(target=self._work, name=f"lookup-{number}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _work(self) -> None:
+        while (job := self._queue.get()) is not None:
+            loop, answer, host, port = job
+            if answer.done():  # its waiter gave up (a connect timeout) while it was queued
+                continue
+            try:
+                infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+            except Exception as error:  # handed to the waiter, as it came
+                _deliver(loop, answer, error)
+            else:
+                _deliver(loop, answer, [str(info[4][0]) for info in infos])
+
+
+def _deliver(
+    loop: asyncio.AbstractEventLoop,
+    answer: asyncio.Future[list[str]],
+    outcome: list[str] | Exception,
+) -> None:
+    """Hand a thread's outcome to the waiter, on its loop (unless it gave up meanwhile)."""
+
+    def settle() -> None:
+        if answer.done():
+            return
+        if isinstance(outcome, Exception):
+            answer.set_exception(outcome)
+        else:
+            answer.set_result(outcome)
+
+    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+        loop.call_soon_threadsafe(settle)
