@@ -371,17 +371,17 @@ class Metrics:
         if record.ech:
             self.encrypted_client_hellos.inc()
         decision = record.decision
-        if decision is None or decision.parent is None:
+        if decision is None or decision.protocol in PER_REQUEST:
             return
         route: RouteKey = (decision.parent, decision.route)
+        if _would_deny(decision):  # traffic no network covers too: --ech deny under --audit
+            self.audit_would_deny(route, self.hostname(record.hostname)).inc()
+        if decision.parent is None:
+            return
         if decision.protocol is RouteProtocol.TLS:
             self.tls_open(route, self.hostname(record.hostname)).inc()
-        elif decision.protocol is RouteProtocol.TCP:
-            self.tcp_open(route, *_target(record)).inc()
         else:
-            return
-        if _would_deny(decision):
-            self.audit_would_deny(route, self.hostname(record.hostname)).inc()
+            self.tcp_open(route, *_target(record)).inc()
 
     def connection_closed(self, record: FlowRecord) -> None:
         self.open_connections.dec()

@@ -151,6 +151,30 @@ def test_encrypted_client_hello(world: World, proxy: StartProxy, ech: str) -> No
     assert metric_samples(running, "egress_encrypted_client_hellos_total") == [({}, 1.0)]
 
 
+def test_a_would_deny_no_network_covers_is_counted(world: World, proxy: StartProxy) -> None:
+    """--ech deny under --audit, on traffic no EgressNetwork covers (in the cluster networks
+    here): it passes as would_deny and is counted as one, with the empty parent and route
+    labels of traffic that has neither."""
+    hello = (CAPTURES / "curl_tls13_ech.bin").read_bytes()
+    address = world.host("example.test").v4
+    running = proxy(None, "--ech", "deny", "--audit", "--cluster-networks", f"{address}/32")
+    with world.connect(address, 443) as sock:
+        sock.sendall(hello)
+        answer = bytes_before_close(sock)
+    assert answer is None or answer.startswith(b"\x16\x03")
+    assert running.logged(r"\bech=true route=- decision=would_deny\b"), running.log_text()
+    no_route = dict.fromkeys(
+        (
+            *("parent_group", "parent_kind", "parent_namespace", "parent_name", "parent_port"),
+            *("parent_section_name", "route_group", "route_kind", "route_namespace", "route_name"),
+        ),
+        "",
+    )
+    assert settled(running, "egress_audit_would_deny_total", 1) == [
+        ({**no_route, "hostname": "example.test"}, 1.0)
+    ]
+
+
 def test_audit_mode_lets_denials_pass_and_counts_them(world: World, proxy: StartProxy) -> None:
     running = proxy(DENY_ALL_POLICY, "--audit")
     status = world.curl("-4", "-o", "/dev/null", "-w", "%{http_code}", "http://httpbin.org/get")
