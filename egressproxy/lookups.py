@@ -28,9 +28,8 @@ _Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[list[str]]", str, int | 
 class LookupThreads:
     """getaddrinfo for the event loop's tasks, through a bounded queue."""
 
-    def __init__(self, threads: int = LOOKUP_THREADS, queued: int = QUEUED_LOOKUPS) -> None:
-        self._size = threads
-        self._queue: queue.Queue[_Job | None] = queue.Queue(queued)
+    def __init__(self) -> None:
+        self._queue: queue.Queue[_Job | None] = queue.Queue(QUEUED_LOOKUPS)
         self._threads: list[threading.Thread] = []
 
     async def addresses(self, host: str, port: int | None) -> list[str]:
@@ -59,7 +58,7 @@ class LookupThreads:
 
     def _start(self) -> None:
         """Started at the first lookup: in the worker (after the fork), and only if needed."""
-        for number in range(self._size):
+        for number in range(LOOKUP_THREADS):
             thread = threading.Thread(target=self._work, name=f"lookup-{number}", daemon=True)
             thread.start()
             self._threads.append(thread)
