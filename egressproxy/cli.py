@@ -16,6 +16,7 @@ from egressproxy.settings import (
     ADMIN_PORT,
     DEFAULT_CLUSTER_NETWORKS,
     DEFAULT_OPAQUE_PORTS,
+    MAX_MARK,
     PROXY_PORT,
     EchPolicy,
     Endpoint,
@@ -96,6 +97,16 @@ def non_negative_int(text: str) -> int:
     return number
 
 
+def mark(text: str) -> int:
+    """A netfilter mark: 32 bits, and 0 is no mark."""
+    number = positive_int(text)
+    if number > MAX_MARK:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} does not fit in 32 bits (at most {MAX_MARK:#x})"
+        )
+    return number
+
+
 def one_of(kind: type[ChoiceT]) -> Callable[[str], ChoiceT]:
     """An argparse type for an enumeration's values, naming them when one is wrong."""
 
@@ -162,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--admin", type=endpoint, default=Endpoint("0.0.0.0", ADMIN_PORT))
     run.add_argument("--workers", type=positive_int, default=1)
     add_identity_flags(run)
-    run.add_argument("--mark", type=positive_int, default=None)
+    run.add_argument("--mark", type=mark, default=None)
     run.add_argument("--sniff-timeout", type=seconds, default=1.0)
     run.add_argument("--opaque-ports", type=port_list, default=port_list(DEFAULT_OPAQUE_PORTS))
     run.add_argument("--max-hostnames", type=non_negative_int, default=1000)

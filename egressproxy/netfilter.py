@@ -124,8 +124,10 @@ def read_source_ports_conflict(sysctls: Path = IPV4_SYSCTLS) -> str | None:
 
 
 def set_mark(sock: socket.socket, mark: int) -> None:
-    """SO_MARK on an upstream socket so the redirect rules let the proxy's own traffic out."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+    """SO_MARK on an upstream socket so the redirect rules let the proxy's own traffic out.
+
+    As bytes: an int argument is a C int, which refuses marks of 2**31 and above."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, struct.pack("=I", mark))
 
 
 def _is_v4_mapped(host: str) -> bool:

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from egressproxy import accesslog, admin, metrics, splice, upstream
 from egressproxy.flow import Flow, FlowContext, OpenFlows
-from egressproxy.netfilter import read_source_ports_conflict
+from egressproxy.netfilter import read_source_ports_conflict, set_mark
 from egressproxy.policy.errors import PolicyError
 from egressproxy.policy.store import PolicyStore
 from egressproxy.records import Accounting, FlowRecord, RequestRecord
@@ -98,7 +98,7 @@ def startup_problem(settings: Settings) -> str:
     if settings.mark is not None:
         with socket.socket() as probe:
             try:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, settings.mark)
+                set_mark(probe, settings.mark)
             except PermissionError:
                 return "--mark needs CAP_NET_ADMIN (setting SO_MARK was refused)"
     return ""

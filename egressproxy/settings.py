@@ -14,6 +14,8 @@ DEFAULT_CLUSTER_NETWORKS = "10.0.0.0/8,100.64.0.0/10,172.16.0.0/12,192.168.0.0/1
 DEFAULT_OPAQUE_PORTS = "25,587,3306,4444,5432,6379,9300,11211"
 PROXY_PORT = 15001
 ADMIN_PORT = 4191
+MAX_MARK = 2**32 - 1
+"""A netfilter mark is 32 bits (SO_MARK, `-m mark`)."""
 
 
 class VerifyDestination(enum.Enum):

@@ -29,7 +29,7 @@ import shlex
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from egressproxy.settings import PROXY_PORT, IPNetwork
+from egressproxy.settings import MAX_MARK, PROXY_PORT, IPNetwork
 
 SIDECAR = "sidecar"
 GATEWAY = "gateway"
@@ -46,7 +46,6 @@ DNS_PORT = 53
 MULTIPORT_LIMIT = 15
 # (uid_t)-1 means "no uid" to the kernel.
 MAX_UID = 2**32 - 2
-MAX_MARK = 2**32 - 1
 
 
 class OptionsError(ValueError):

@@ -3,6 +3,8 @@
 import argparse
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -11,6 +13,9 @@ from pathlib import Path
 import pytest
 
 from egressproxy.cli import non_negative_int, positive_int
+from egressproxy.netfilter import set_mark
+from egressproxy.server import startup_problem
+from egressproxy.settings import Settings
 from tests.unit.test_metrics import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,6 +91,24 @@ def test_bad_flags_are_usage_errors() -> None:
     assert refused.returncode == 2
     assert "--verify-destination" in refused.stderr
     assert "'sometimes' is not one of off, log, enforce" in refused.stderr
+
+
+def test_a_mark_wider_than_32_bits_is_a_usage_error() -> None:
+    refused = start("--allow-root", "--mark", "0x100000000")
+    assert refused.returncode == 2
+    assert "argument --mark: '0x100000000' does not fit in 32 bits" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+@pytest.mark.parametrize("mark", [0x539, 0x80000000, 0xFFFFFFFF])
+def test_every_32_bit_mark_is_put_on_sockets(mark: int) -> None:
+    """The upper half too (`--proxy-mark` takes it): no C-int overflow at start or later."""
+    assert os.geteuid() == 0, "SO_MARK needs CAP_NET_ADMIN"
+    assert startup_problem(Settings(mark=mark, allow_root=True)) == ""
+    with socket.socket() as sock:
+        set_mark(sock, mark)
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK, 4)
+    assert struct.unpack("=I", raw)[0] == mark
 
 
 def test_help_names_the_values_of_each_choice() -> None:
