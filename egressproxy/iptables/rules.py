@@ -253,7 +253,9 @@ def _own_traffic(options: Options, family: Family, chain: str, *, nat: bool) -> 
 def _excluded(options: Options, family: Family, chain: str, protocol: str) -> Iterator[Rule]:
     for network in options.exclude_cidrs:
         if network.version == family.value:
-            yield Rule(chain, f"excluded network {network}", "RETURN", f"-d {network}")
+            # iptables-save prints no `-d` for a whole family (0.0.0.0/0, ::/0).
+            matches = f"-d {network}" if network.prefixlen else ""
+            yield Rule(chain, f"excluded network {network}", "RETURN", matches)
     for group in port_groups(options.exclude_ports):
         yield Rule(
             chain,

@@ -435,6 +435,22 @@ def test_reinstall_with_other_options_leaves_only_the_new_rules(lab: Lab) -> Non
     assert saved_rules(app) == before
 
 
+def test_excluding_a_whole_family_installs_once(lab: Lab) -> None:
+    """iptables-save prints no `-d 0.0.0.0/0`: a second install still sees the first."""
+    app = lab.namespace()
+    before = saved_rules(app)
+    options = (f"--proxy-uid={PROXY_UID}", "--exclude-cidrs=0.0.0.0/0,::/0", "--block-udp")
+    first = egressproxy(app, "install", *options)
+    assert first.returncode == 0, first.stderr
+    installed = saved_rules(app)
+    again = egressproxy(app, "install", *options)
+    assert again.returncode == 0, again.stderr
+    assert "already installed" in again.stdout
+    assert saved_rules(app) == installed
+    assert egressproxy(app, "uninstall").returncode == 0
+    assert saved_rules(app) == before
+
+
 def test_gateway_redirects_routed_tcp_and_forwards_the_rest(lab: Lab) -> None:
     client = lab.namespace()
     gateway = lab.namespace()

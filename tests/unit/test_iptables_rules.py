@@ -139,6 +139,21 @@ def test_gateway_with_udp_blocked() -> None:
     assert render(tables(options, V4)) == GATEWAY_V4
 
 
+@pytest.mark.parametrize(("family", "everything"), [(V4, "0.0.0.0/0"), (V6, "::/0")])
+def test_excluding_a_whole_family_is_written_as_iptables_save_prints_it(
+    family: Family, everything: str
+) -> None:
+    """No `-d 0.0.0.0/0`, which iptables-save leaves out: else a second install would
+    not recognise the first and rewrite the chains."""
+    options = Options(proxy_uid=2102, exclude_cidrs=(net(everything),), block_udp=True)
+    lines = rule_lines(render(tables(options, family)))
+    for chain in (OUTPUT_CHAIN, UDP_CHAIN):
+        assert (
+            f'-A {chain} -m comment --comment "egressproxy: excluded network {everything}"'
+            " -j RETURN"
+        ) in lines
+
+
 def test_uninstall_of_a_fresh_install() -> None:
     state = NetfilterState(parse_save(SIDECAR_UID_V4), forwarding=False, tables_droppable=False)
     assert plan_uninstall(state).restore == (
@@ -271,6 +286,14 @@ def first_index(lines: list[str], needle: str) -> int:
     return next(index for index, line in enumerate(lines) if needle in line)
 
 
+def destination(line: str, family: Family) -> IPNetwork:
+    """The rule's `-d`; without one, every address of the family."""
+    tokens = shlex.split(line)
+    if "-d" not in tokens:
+        return net("0.0.0.0/0" if family is V4 else "::/0")
+    return net(tokens[tokens.index("-d") + 1])
+
+
 def dports(line: str) -> set[int]:
     tokens = shlex.split(line)
     if "--dports" not in tokens:
@@ -305,7 +328,7 @@ def test_nothing_is_redirected_before_the_proxy_and_the_exclusions_return(
         assert any(f"-m mark --mark {options.proxy_mark:#x} " in line for line in lines[:2])
     assert set().union(*(dports(line) for line in before)) == options.exclude_ports
     excluded = {network for network in options.exclude_cidrs if network.version == family.value}
-    assert {net(shlex.split(line)[3]) for line in before if " excluded network " in line} == (
+    assert {destination(line, family) for line in before if " excluded network " in line} == (
         excluded
     )
     taken = set().union(*(dports(line) for line in lines[first_capture:]))
