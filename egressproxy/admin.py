@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -169,13 +170,27 @@ class AdminConnection(asyncio.Protocol):
             self.transport.close()
 
 
-async def start_admin(endpoint: Endpoint, handlers: dict[str, Handler]) -> asyncio.Server:
+def bind_admin(endpoint: Endpoint) -> socket.socket:
+    """The admin server's socket, bound before anything serves: a taken or foreign address
+    is then one line naming --admin, not a traceback from inside the event loop."""
+    family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((endpoint.host, endpoint.port))
+        sock.listen()
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def start_admin(sock: socket.socket, handlers: dict[str, Handler]) -> asyncio.Server:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: AdminConnection(handlers),
-        host=endpoint.host,
-        port=endpoint.port,
-        reuse_address=True,
-    )
-    log.info("admin server on %s", endpoint)
+    server = await loop.create_server(lambda: AdminConnection(handlers), sock=sock)
+    host, port = sock.getsockname()[:2]
+    log.info("admin server on %s", Endpoint(host, port))
     return server

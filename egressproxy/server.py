@@ -71,17 +71,24 @@ def main(settings: Settings) -> int:
             print(error, file=sys.stderr)
             return 1
         meters.policy_loaded(store.current.generation)
+        listeners = []
+        for endpoint in settings.listen:
+            try:
+                listeners.append(bind_listener(endpoint, settings.listen))
+            except OSError as error:
+                print(f"egressproxy: --listen {endpoint}: {error.strerror}", file=sys.stderr)
+                return 2
         try:
-            listeners = [bind_listener(endpoint, settings.listen) for endpoint in settings.listen]
+            admin_socket = admin.bind_admin(settings.admin)
         except OSError as error:
-            print(f"egressproxy: cannot listen: {error}", file=sys.stderr)
+            print(f"egressproxy: --admin {settings.admin}: {error.strerror}", file=sys.stderr)
             return 2
         accounting = Reporting(meters, accesslog.AccessLog())
         if settings.workers == 1:
             return uvloop.run(
-                serve(settings, store, listeners, accounting, registry, with_admin=True)
+                serve(settings, store, listeners, accounting, registry, admin_socket=admin_socket)
             )
-        return supervise(settings, store, listeners, accounting, registry)
+        return supervise(settings, store, listeners, admin_socket, accounting, registry)
     finally:
         if metrics_dir is not None and os.getpid() == owner:
             shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -184,7 +191,7 @@ async def serve(
     accounting: Accounting,
     registry: CollectorRegistry,
     *,
-    with_admin: bool,
+    admin_socket: socket.socket | None,
     on_listening: Callable[[], None] | None = None,
 ) -> int:
     """Run one worker until SIGTERM, then drain."""
@@ -200,9 +207,9 @@ async def serve(
     context = FlowContext(settings, store, open_flows, accounting, max_pipes=pipes)
     health = admin.Health()
     admin_server = None
-    if with_admin:
+    if admin_socket is not None:
         admin_server = await admin.start_admin(
-            settings.admin, admin.base_handlers(health, store, registry)
+            admin_socket, admin.base_handlers(health, store, registry)
         )
     await acceptor.start(lambda: Flow(context))
     count_tasks(accounting)
@@ -320,6 +327,7 @@ def supervise(
     settings: Settings,
     store: PolicyStore,
     listeners: list[socket.socket],
+    admin_socket: socket.socket,
     accounting: Accounting,
     registry: CollectorRegistry,
 ) -> int:
@@ -345,7 +353,7 @@ def supervise(
                 store.on_reload = None
                 upstream.take_worker_share(index, settings.workers)
                 own = [bind_listener(endpoint, settings.listen) for endpoint in settings.listen]
-                for sock in listeners:
+                for sock in (*listeners, admin_socket):
                     sock.close()
                 code = uvloop.run(
                     serve(
@@ -354,7 +362,7 @@ def supervise(
                         own,
                         accounting,
                         registry,
-                        with_admin=False,
+                        admin_socket=None,
                         on_listening=lambda: _signal_ready(ready_write),
                     )
                 )
@@ -363,7 +371,9 @@ def supervise(
                 os._exit(code)
         children.append(pid)
     os.close(ready_write)
-    return uvloop.run(_supervisor(settings, store, registry, children, ready_read, listeners))
+    return uvloop.run(
+        _supervisor(settings, store, registry, children, ready_read, listeners, admin_socket)
+    )
 
 
 def _signal_ready(ready_write: int) -> None:
@@ -377,6 +387,7 @@ async def _supervisor(
     children: list[int],
     ready_read: int,
     listeners: list[socket.socket],
+    admin_socket: socket.socket,
 ) -> int:
     loop = asyncio.get_running_loop()
     health = admin.Health()
@@ -412,7 +423,7 @@ async def _supervisor(
     worker_count = len(children)
     reaper = loop.create_task(reap(), name="reap workers")
     admin_server = await admin.start_admin(
-        settings.admin, admin.base_handlers(health, store, registry)
+        admin_socket, admin.base_handlers(health, store, registry)
     )
     watcher = loop.create_task(store.watch(), name="policy watch")
     started = 0

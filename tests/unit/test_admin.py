@@ -30,7 +30,7 @@ def test_keep_alive_times_out_after_the_last_request_not_the_first(
 
     async def scenario() -> None:
         server = await admin.start_admin(
-            Endpoint("127.0.0.1", 0), {"/live": lambda _: admin.text(200, "live")}
+            admin.bind_admin(Endpoint("127.0.0.1", 0)), {"/live": lambda _: admin.text(200, "live")}
         )
         try:
             port = server.sockets[0].getsockname()[1]

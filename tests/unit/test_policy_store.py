@@ -246,7 +246,7 @@ def test_admin_answers_while_a_reload_compiles(
 
     async def scenario() -> None:
         handlers = admin.base_handlers(admin.Health(), store, CollectorRegistry())
-        server = await admin.start_admin(Endpoint("127.0.0.1", 0), handlers)
+        server = await admin.start_admin(admin.bind_admin(Endpoint("127.0.0.1", 0)), handlers)
         port = server.sockets[0].getsockname()[1]
         reloading = asyncio.create_task(store.reload(force=False))
         try:

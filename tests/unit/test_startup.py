@@ -111,6 +111,27 @@ def test_every_32_bit_mark_is_put_on_sockets(mark: int) -> None:
     assert struct.unpack("=I", raw)[0] == mark
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_admin_address_that_cannot_be_bound_is_one_line(workers: str) -> None:
+    """Port 4191 is also Linkerd's proxy admin port: taken, it is said so, not a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        refused = start("--allow-root", "--workers", workers, "--admin", f"127.0.0.1:{port}")
+    assert refused.returncode == 2
+    assert f"egressproxy: --admin 127.0.0.1:{port}: Address already in use\n" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_a_listener_that_cannot_be_bound_is_named() -> None:
+    refused = start("--allow-root", "--listen", "192.0.2.1:15001")
+    assert refused.returncode == 2
+    assert "egressproxy: --listen 192.0.2.1:15001: Cannot assign requested address\n" in (
+        refused.stderr
+    )
+
+
 def test_help_names_the_values_of_each_choice() -> None:
     shown = subprocess.run(
         [sys.executable, "-m", "egressproxy", "run", "--help"],
