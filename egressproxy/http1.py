@@ -74,6 +74,12 @@ class _LeanExchange:
     """The request or the response said Connection: close: the client connection ends too."""
 
 
+def unavailable_status(error: str) -> int:
+    """The proxy's own answer to a request its upstream failed before any response:
+    504 when the upstream timed out, else 502 (HTTP/1 and h2 alike)."""
+    return 504 if error in ("connect_timeout", "idle_timeout") else 502
+
+
 def error_response(status: int, body: str, *, close: bool = True) -> bytes:
     """A complete, small HTTP/1.1 response; the body is plain text ending in a newline."""
     payload = (body + "\n").encode()
@@ -1092,8 +1098,7 @@ class Http1Proxy(asyncio.Protocol):
         return self.parsed is not None and self.parsed.has_body
 
     def _upstream_unavailable(self, error: str) -> None:
-        status = 504 if error in ("connect_timeout", "idle_timeout") else 502
-        self._respond_locally(status, f"upstream {error}", error)
+        self._respond_locally(unavailable_status(error), f"upstream {error}", error)
 
     def _informational(self, response: h11.InformationalResponse) -> None:
         if response.status_code == 101:

@@ -26,7 +26,7 @@ import hyperframe.frame
 
 from egressproxy import upstream as upstream_connector
 from egressproxy.errors import UpstreamError
-from egressproxy.http1 import DENIED_BODY
+from egressproxy.http1 import DENIED_BODY, unavailable_status
 from egressproxy.policy.decision import Action, Decision, RequestFacts
 from egressproxy.records import RequestRecord
 from egressproxy.relay import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW
@@ -50,6 +50,22 @@ of ours (its write buffer high): past that it floods and its connection ends, as
 Envoy's max_outbound_control_frames (CVE-2019-9512, -9515). Pausing its reading instead
 could deadlock a peer that writes its request body before it reads our response."""
 ANSWERED_BY_H2 = (h2.events.PingReceived, h2.events.RemoteSettingsChanged)
+
+
+class AnswersUnread:
+    """The PINGs and SETTINGS one peer (client or upstream) sent while its write buffer
+    was high, against MAX_ANSWERS_UNREAD."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def flooding(self, events: list[h2.events.Event]) -> bool:
+        """Count the answers these events asked for; True once past the limit."""
+        self.count += sum(isinstance(event, ANSWERED_BY_H2) for event in events)
+        return self.count > MAX_ANSWERS_UNREAD
+
 
 GRPC_PERMISSION_DENIED = 7
 GRPC_UNAVAILABLE = 14
@@ -259,11 +275,12 @@ class _Upstream(asyncio.Protocol):
         self.waiting: deque[_Stream] = deque()
         """Streams not yet opened upstream (connecting, or at the peer's stream limit)."""
         self.goaways = GoawayFilter(0)
-        self.answers_unread = 0
-        """PINGs and SETTINGS answered while the write buffer towards it was high."""
+        self.answers_unread = AnswersUnread()
         self.settled = False
         """The upstream's first SETTINGS came: until then its stream limit is unknown (h2
         assumes none), so no stream is opened and a burst is not refused wholesale."""
+        self.failure = ""
+        """Why the proxy cut it (bad_response, flood); else its streams fail as "reset"."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -278,7 +295,13 @@ class _Upstream(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.proxy.upstream_lost(self, "reset" if exc is not None else "upstream_closed")
+        self.proxy.upstream_lost(self, self.failure or "reset")
+
+    def fail(self, failure: str) -> None:
+        """Cut the connection; its streams fail with this cause."""
+        self.failure = failure
+        if self.transport is not None:
+            self.transport.abort()
 
     def pause_writing(self) -> None:
         self.proxy.upstream_full(self, True)
@@ -314,8 +337,7 @@ class H2Proxy(asyncio.Protocol):
         self.full_upstreams: set[_Upstream] = set()
         """Upstreams whose write buffer is high: the client is not read meanwhile."""
         self.client_full = False
-        self.answers_unread = 0
-        """PINGs and SETTINGS the client sent while its write buffer was high."""
+        self.answers_unread = AnswersUnread()
         self.closed = False
         self.goaway_sent = False
         self.error = ""
@@ -352,13 +374,11 @@ class H2Proxy(asyncio.Protocol):
             return
         for event in events:
             self._client_event(event)
-        if self.client_full:
-            self.answers_unread += sum(isinstance(event, ANSWERED_BY_H2) for event in events)
-            if self.answers_unread > MAX_ANSWERS_UNREAD:
-                log.warning("%s: h2 PING/SETTINGS flood, not reading", self.flow.record.client)
-                self.error = self.flow.record.error = "flood"
-                self.transport.abort()
-                return
+        if self.client_full and self.answers_unread.flooding(events):
+            log.warning("%s: h2 PING/SETTINGS flood, not reading", self.flow.record.client)
+            self.error = self.flow.record.error = "flood"
+            self.transport.abort()
+            return
         if goaways:
             self._client_goaway()
         self._flush()
@@ -389,7 +409,7 @@ class H2Proxy(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.client_full = False
-        self.answers_unread = 0
+        self.answers_unread.count = 0
         for upstream in self._all_upstreams():
             if upstream.transport is not None:
                 upstream.transport.resume_reading()
@@ -592,8 +612,7 @@ class H2Proxy(asyncio.Protocol):
             elif stream.record.grpc:
                 self._grpc_answer(stream, GRPC_UNAVAILABLE, f"upstream {error}", error)
             else:
-                status = 504 if error == "connect_timeout" else 502
-                self._local_answer(stream, status, f"upstream {error}", error)
+                self._local_answer(stream, unavailable_status(error), f"upstream {error}", error)
 
     def _open_waiting(self, upstream: _Upstream) -> None:
         if not upstream.settled:
@@ -694,19 +713,16 @@ class H2Proxy(asyncio.Protocol):
         except h2.exceptions.ProtocolError as error:
             log.info("%s: bad h2 from %s:%s: %s", self.flow.record.client, *upstream.key, error)
             upstream.flush()
-            if upstream.transport is not None:
-                upstream.transport.abort()
+            upstream.fail("bad_response")
             return
         for event in events:
             self._upstream_event(upstream, event)
-        if upstream in self.full_upstreams:
-            upstream.answers_unread += sum(isinstance(event, ANSWERED_BY_H2) for event in events)
-            if upstream.answers_unread > MAX_ANSWERS_UNREAD and upstream.transport is not None:
-                log.warning(
-                    "%s: h2 PING/SETTINGS flood from %s:%s", self.flow.record.client, *upstream.key
-                )
-                upstream.transport.abort()
-                return
+        if upstream in self.full_upstreams and upstream.answers_unread.flooding(events):
+            log.warning(
+                "%s: h2 PING/SETTINGS flood from %s:%s", self.flow.record.client, *upstream.key
+            )
+            upstream.fail("flood")
+            return
         for goaway in goaways:
             self._upstream_goaway(upstream, goaway.last_stream_id)
         self._flush()
@@ -899,7 +915,7 @@ class H2Proxy(asyncio.Protocol):
             self.full_upstreams.add(upstream)
         else:
             self.full_upstreams.discard(upstream)
-            upstream.answers_unread = 0
+            upstream.answers_unread.count = 0
         if was_full != bool(self.full_upstreams) and not self.closed:
             if full:
                 self.transport.pause_reading()

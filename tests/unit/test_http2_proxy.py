@@ -30,6 +30,7 @@ from egressproxy.sniff.http import H2_PREFACE
 from tests.e2e.http_servers import H2Server, grpc_server
 from tests.e2e.servers import deterministic_chunks
 from tests.unit.http_harness import (
+    ALLOW_ALL,
     BLOCKED_HOST,
     LoopbackProxy,
     Silent,
@@ -37,6 +38,7 @@ from tests.unit.http_harness import (
     loopback_proxy,
     proxy_to_origin,
 )
+from tests.unit.test_http1_proxy import read_response
 
 POLICY = """\
 apiVersion: egressproxy.io/v1alpha1
@@ -949,3 +951,48 @@ async def test_an_upstream_that_floods_pings_and_never_reads_is_cut_off(
         assert answer.headers[":status"] == "502"
         client.transport.close()
         await proxy.wait_closed_flows(1)
+
+
+async def hangs_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An origin that reads the first bytes, then closes without a word."""
+    await reader.read(65536)
+    writer.close()
+
+
+async def answers_garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An origin that answers what it reads with bytes neither HTTP/1 nor h2 (an h2 frame
+    header of DATA on stream 0)."""
+    await reader.read(65536)
+    writer.write(bytes(9))
+    await writer.drain()
+    await reader.read(65536)
+    writer.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("handler", "error"), [(hangs_up, "reset"), (answers_garbage, "bad_response")]
+)
+async def test_http1_and_h2_name_an_upstream_failure_alike(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
+    error: str,
+) -> None:
+    """The same upstream failure is the same `error` word (and 502) whichever protocol
+    the client spoke: h2 said upstream_closed for both."""
+    async with proxy_to_origin(handler, tmp_path, monkeypatch, ALLOW_ALL) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        async with asyncio.timeout(TIMEOUT):
+            status, _, _ = await read_response(reader)
+        writer.close()
+        client = await connect_h2(proxy)
+        answer = client.request("GET", "/a")
+        async with asyncio.timeout(TIMEOUT):
+            await answer.done.wait()
+        client.transport.close()
+        await proxy.wait_closed_flows(2)
+    assert (status, answer.headers[":status"]) == (502, "502")
+    outcomes = sorted((r.protocol, r.status, r.error) for r in proxy.ledger.requests)
+    assert outcomes == [("h2", 502, error), ("http1", 502, error)]
