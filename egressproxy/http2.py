@@ -21,6 +21,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.utilities
 import hyperframe.exceptions
 import hyperframe.frame
 
@@ -73,9 +74,18 @@ GRPC_UNAVAILABLE = 14
 Headers = list[tuple[bytes, bytes]]
 
 
+_REQUEST_HEADERS = h2.utilities.HeaderValidationFlags(
+    is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False
+)
+_REQUEST_TRAILERS = _REQUEST_HEADERS._replace(is_trailer=True)
+
+
 def _connection(client_side: bool, max_header_bytes: int) -> h2.connection.H2Connection:
+    """h2 validates the upstream's header blocks itself; the client's are checked here
+    (malformed): h2 would make a malformed request a connection error, ending every
+    stream of the client's, where RFC 9113 8.1.1 resets only its own."""
     config = h2.config.H2Configuration(
-        client_side=client_side, header_encoding=None, validate_inbound_headers=True
+        client_side=client_side, header_encoding=None, validate_inbound_headers=client_side
     )
     connection = h2.connection.H2Connection(config=config)
     connection.local_settings = h2.settings.Settings(
@@ -127,6 +137,19 @@ def stream_facts(headers: Headers, flow: Flow) -> tuple[RequestFacts, bool]:
         grpc=grpc,
     )
     return facts, not named or hostname is not None
+
+
+def malformed(headers: Headers, trailers: bool) -> str:
+    """Why a client's request header block (or trailers) is malformed (RFC 9113 8.1.1:
+    an uppercase name, a connection-specific field, a pseudo-header missing, repeated or
+    misplaced, `te` other than trailers …), by h2's own rules; "" when it is not."""
+    flags = _REQUEST_TRAILERS if trailers else _REQUEST_HEADERS
+    try:
+        for _ in h2.utilities.validate_headers(headers, flags):
+            pass
+    except h2.exceptions.ProtocolError as error:
+        return str(error)
+    return ""
 
 
 def grpc_status_of(headers: Headers) -> int | None:
@@ -429,7 +452,13 @@ class H2Proxy(asyncio.Protocol):
         elif isinstance(event, h2.events.StreamEnded):
             self._request_ended(event.stream_id, None)
         elif isinstance(event, h2.events.TrailersReceived):
-            self._request_ended(event.stream_id, list(event.headers))
+            trailers: Headers = list(event.headers)
+            stream = self.streams.get(event.stream_id or 0)
+            problem = malformed(trailers, trailers=True)
+            if problem and stream is not None and not stream.done:
+                self._malformed(stream, problem)
+            else:
+                self._request_ended(event.stream_id, trailers)
         elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
             self._client_window_opened(getattr(event, "stream_id", None))
         elif isinstance(event, h2.events.StreamReset):
@@ -465,6 +494,10 @@ class H2Proxy(asyncio.Protocol):
         self.streams[event.stream_id] = stream
         if event.stream_ended is not None:
             stream.request_ended = True
+        problem = malformed(headers, trailers=False)
+        if problem:
+            self._malformed(stream, problem)
+            return
         if not well_formed:
             self._local_answer(stream, 400, "bad request: malformed :authority", "bad_request")
             return
@@ -691,16 +724,35 @@ class H2Proxy(asyncio.Protocol):
             if stream.to_client or stream.response_ended:
                 self._pump_client(stream)
 
+    def _malformed(self, stream: _Stream, problem: str) -> None:
+        """A malformed request (RFC 9113 8.1.1): a stream error, RST_STREAM PROTOCOL_ERROR,
+        counted as HTTP/1 counts a bad request; the other streams carry on. What went
+        upstream of it (headers before bad trailers) is cancelled there."""
+        log.info("%s: bad h2 request: %s", self.flow.record.client, problem)
+        self._cancel_upstream(stream)
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
+            self.h2.reset_stream(stream.client_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        self._finish_stream(stream, "bad_request")
+
     def _client_reset(self, stream_id: int | None) -> None:
         stream = self.streams.get(stream_id or 0)
         if stream is None:
             return
+        self._cancel_upstream(stream)
+        self._finish_stream(stream, "client_reset")
+
+    def _cancel_upstream(self, stream: _Stream) -> None:
+        """The stream will not be finished: its upstream twin is cancelled (or, not yet
+        opened, no longer waits)."""
         upstream = stream.upstream
-        if upstream is not None and stream.upstream_id:
+        if upstream is None:
+            return
+        if stream.upstream_id:
             with contextlib.suppress(h2.exceptions.StreamClosedError):
                 upstream.h2.reset_stream(stream.upstream_id, h2.errors.ErrorCodes.CANCEL)
             upstream.streams.pop(stream.upstream_id, None)
-        self._finish_stream(stream, "client_reset")
+        elif stream in upstream.waiting:
+            upstream.waiting.remove(stream)
 
     # ---- upstream side -------------------------------------------------------------
 
@@ -990,14 +1042,7 @@ class H2Proxy(asyncio.Protocol):
         as HTTP/1 answers, or a reset once its response has begun."""
         if stream.done:
             return
-        upstream = stream.upstream
-        if upstream is not None:
-            if stream.upstream_id:
-                with contextlib.suppress(h2.exceptions.StreamClosedError):
-                    upstream.h2.reset_stream(stream.upstream_id, h2.errors.ErrorCodes.CANCEL)
-                upstream.streams.pop(stream.upstream_id, None)
-            elif stream in upstream.waiting:
-                upstream.waiting.remove(stream)
+        self._cancel_upstream(stream)
         if stream.response_started:
             with contextlib.suppress(h2.exceptions.StreamClosedError):
                 self.h2.reset_stream(stream.client_id, h2.errors.ErrorCodes.CANCEL)

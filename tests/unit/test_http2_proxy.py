@@ -11,7 +11,7 @@ import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, ClassVar, TypeVar, cast
 
 import grpc
 import h2.config
@@ -996,3 +996,76 @@ async def test_http1_and_h2_name_an_upstream_failure_alike(
     assert (status, answer.headers[":status"]) == (502, "502")
     outcomes = sorted((r.protocol, r.status, r.error) for r in proxy.ledger.requests)
     assert outcomes == [("h2", 502, error), ("http1", 502, error)]
+
+
+class LaxH2Client(H2Client):
+    """An H2Client that sends header blocks as given, malformed ones included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        config = h2.config.H2Configuration(
+            header_encoding="utf-8", validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )  # fmt: skip
+        self.h2 = h2.connection.H2Connection(config)
+
+    def send_block(self, headers: list[tuple[str, str]], end_stream: bool = True) -> Answer:
+        stream_id = self.h2.get_next_available_stream_id()
+        self.h2.send_headers(stream_id, headers, end_stream=end_stream)
+        self.answers[stream_id] = answer = Answer()
+        self.transport.write(self.h2.data_to_send())
+        return answer
+
+
+class RecordingH2Server(H2Server):
+    """An H2Server that keeps the request headers of every stream it answers."""
+
+    answered: ClassVar[list[dict[str, str]]] = []
+
+    def _answer(self, stream_id: int) -> None:
+        self.answered.append(dict(self.streams[stream_id]["headers"]))
+        super()._answer(stream_id)
+
+
+REQUEST = [(":method", "GET"), (":scheme", "http"), (":authority", "example.test")]
+MALFORMED_REQUESTS = {
+    "uppercase name": [*REQUEST, (":path", "/a"), ("X-Upper", "1")],
+    "connection header": [*REQUEST, (":path", "/b"), ("connection", "keep-alive")],
+    "transfer-encoding": [*REQUEST, (":path", "/c"), ("transfer-encoding", "chunked")],
+    "te not trailers": [*REQUEST, (":path", "/d"), ("te", "gzip")],
+    "no :path": REQUEST,
+    "two :method": [*REQUEST, (":path", "/f"), (":method", "POST")],
+    "pseudo after regular": [*REQUEST, ("x-a", "1"), (":path", "/g")],
+}
+
+
+@pytest.mark.asyncio
+async def test_a_malformed_request_resets_its_stream_not_the_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 9113 8.1.1: a malformed request is a stream error (RST_STREAM PROTOCOL_ERROR),
+    never forwarded; a good stream beside it on the same connection is answered. h2 made
+    it a connection error: GOAWAY, and every stream of the client's lost."""
+    RecordingH2Server.answered = []
+    async with proxy_to_h2_origin(RecordingH2Server, tmp_path, monkeypatch) as proxy:
+        client = await connect_h2(proxy, LaxH2Client)
+        bad = [client.send_block(headers) for headers in MALFORMED_REQUESTS.values()]
+        with_bad_trailers = client.send_block([*REQUEST, (":path", "/t")], end_stream=False)
+        trailers = [("connection", "close")]
+        client.h2.send_headers(client.h2.highest_outbound_stream_id, trailers, end_stream=True)
+        bad.append(with_bad_trailers)
+        good = client.request("GET", "/good")
+        async with asyncio.timeout(TIMEOUT):
+            for answer in [*bad, good]:
+                await answer.done.wait()
+        assert [(a.reset, a.reset_code) for a in bad] == [
+            (True, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        ] * len(bad)
+        assert good.headers[":status"] == "200"
+        assert not client.goaway
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
+    assert [headers[":path"] for headers in RecordingH2Server.answered] == ["/good"]
+    outcomes = sorted((r.path, r.status, r.error) for r in proxy.ledger.requests)
+    bad_paths = ["/", "/a", "/b", "/c", "/d", "/f", "/g", "/t"]
+    assert outcomes == sorted([("/good", 200, ""), *((p, None, "bad_request") for p in bad_paths)])
