@@ -35,7 +35,7 @@ from egressproxy.policy.decision import Action, Decision, Destination, RequestFa
 from egressproxy.records import RequestRecord
 from egressproxy.relay import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW, Relay, RelayResult
 from egressproxy.settings import VerifyDestination
-from egressproxy.sniff.http import authority_host
+from egressproxy.sniff.http import authority_host, empty_lines_before
 from egressproxy.verify import verification_mode
 
 if TYPE_CHECKING:
@@ -582,6 +582,12 @@ class Http1Proxy(asyncio.Protocol):
     def _process_lean(self) -> None:
         """Serve requests from the inbox while each is lean; hand the first other to h11."""
         while self.lean and not self.closed and self.exchange is None:
+            skipped = empty_lines_before(self.inbox)
+            if skipped:  # RFC 9112 2.2; the head deadline still runs over them
+                self.inbox = self.inbox[skipped:]
+                if not self.inbox and not self.inbox_eof:
+                    self._await_head()
+                    return
             if not self.inbox:
                 if self.inbox_eof:
                     self._close()

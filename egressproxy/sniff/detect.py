@@ -3,9 +3,10 @@
 Dispatch on the first byte keeps the common cases to one parser: a TLS record starts
 with 0x16, an HTTP/1 method with an upper-case letter, the h2 preface with "P" (shared
 with PATCH, POST, PUT). Text that the strict request grammar refuses is asked once more
-whether it is an irregular request line (an empty line first, doubled spaces, a
-lower-case method), which stays HTTP. Binary bytes are opaque at once, so
-server-speaks-first and binary protocols never wait for a buffer to fill.
+whether it is an irregular request line (doubled spaces, a lower-case method), which
+stays HTTP. Empty lines before a request line are skipped (RFC 9112 2.2). Binary bytes
+are opaque at once, so server-speaks-first and binary protocols never wait for a buffer
+to fill.
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ from egressproxy.sniff import (
     Sniffed,
     TlsHello,
 )
-from egressproxy.sniff.http import loose_request_line, parse_h2_preface, parse_request_head
+from egressproxy.sniff.http import (
+    empty_lines_before,
+    loose_request_line,
+    parse_h2_preface,
+    parse_request_head,
+)
 from egressproxy.sniff.tls import parse_client_hello
 
 _TLS_HANDSHAKE = 0x16
@@ -32,6 +38,9 @@ def sniff(buf: bytes) -> Sniffed | NeedMore:
     if not buf:
         return NEED_MORE
     first = buf[0]
+    skipped = empty_lines_before(buf) if first in _LINE_ENDS else 0
+    if skipped and buf[skipped : skipped + 1].isupper():
+        return _settle(_request(buf[skipped:]))
     if first == _TLS_HANDSHAKE:
         return _settle(parse_client_hello(buf))
     if first == _LETTER_P:
@@ -49,7 +58,8 @@ def sniff(buf: bytes) -> Sniffed | NeedMore:
     return Opaque("unknown_protocol")
 
 
-_TEXT_START = frozenset(b"\r\n") | frozenset(range(0x21, 0x7F))
+_LINE_ENDS = frozenset(b"\r\n")
+_TEXT_START = _LINE_ENDS | frozenset(range(0x21, 0x7F))
 
 
 def _request(buf: bytes) -> HttpRequestHead | NeedMore | NotThis:

@@ -69,6 +69,18 @@ _H2_PREFACE_FOUND = H2Preface()
 Authority = tuple[str | None, int | None]
 
 
+_EMPTY_LINES = re.compile(rb"(?:\r?\n)*")
+
+
+def empty_lines_before(buf: bytes) -> int:
+    """How many bytes of empty lines (CRLF, or a bare LF) begin buf: RFC 9112 2.2 has a
+    server ignore them before a request line (h11 refuses them, 400, as most servers do
+    not), so the sniffer and the HTTP/1 handler skip them, and they never go upstream."""
+    match = _EMPTY_LINES.match(buf)
+    assert match is not None
+    return match.end()
+
+
 def parse_h2_preface(buf: bytes) -> H2Preface | NeedMore | NotThis:
     """The connection preface of HTTP/2 with prior knowledge (RFC 9113 section 3.4)."""
     if buf.startswith(H2_PREFACE):

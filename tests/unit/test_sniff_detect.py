@@ -110,8 +110,6 @@ def test_rejected_early(data: bytes, reason: str) -> None:
 
 
 IRREGULAR_REQUEST_LINES = [
-    b"\r\nGET / HTTP/1.1",
-    b"\n\nGET / HTTP/1.1",
     b"GET  / HTTP/1.1",
     b"GET / HTTP/1.1 ",
     b"GET\t/ HTTP/1.1",
@@ -120,6 +118,16 @@ IRREGULAR_REQUEST_LINES = [
     b"get / http/1.1",
     b"A" * 30 + b" / HTTP/1.1",
 ]
+
+
+@pytest.mark.parametrize("empty_lines", [b"\r\n", b"\n\n", b"\r\n\r\n\n"])
+def test_empty_lines_before_a_request_line_are_skipped(empty_lines: bytes) -> None:
+    """RFC 9112 2.2: the request after them is read as it is, Host and all (it was
+    bad_request_line, decided without its host and answered 400)."""
+    head = b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n"
+    assert sniff(empty_lines + head) == sniff(head)
+    for end in range(1, len(empty_lines) + len(head)):
+        assert sniff((empty_lines + head)[:end]) is NEED_MORE
 
 
 @pytest.mark.parametrize("line", IRREGULAR_REQUEST_LINES)
