@@ -10,6 +10,7 @@ fix a port's protocol: the proxy keeps detecting it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from egressproxy.policy.decision import Action, RouteProtocol, RouteRef, is_ip_literal
@@ -43,6 +44,9 @@ SUPPORTED: dict[tuple[str, str], frozenset[str]] = {
     (GROUP, "EgressPolicy"): frozenset({"v1alpha1"})
 }
 ACTIONS = {"allow": Action.PASS, "deny": Action.DENY, "route": Action.ROUTE}
+PORT_DIGITS = re.compile(r"[0-9]{1,5}")
+"""ASCII digits only: str.isdigit() also takes `²` and `٣`, and int() of thousands of digits
+raises."""
 PATH_KEYS = {"path": MatchKind.EXACT, "pathPrefix": MatchKind.PREFIX, "pathRegex": MatchKind.REGEX}
 
 
@@ -224,9 +228,18 @@ def read_backend(checker: Checker, node: YMap, where: str, action: Action) -> Ho
         checker.error(node.line, f"{where}: action route needs to: HOST:PORT")
         return None
     host, _, port_text = target.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        checker.error(node.line_of("to"), f"{where}.to: {target!r} is not HOST:PORT")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    if (
+        not host
+        or not PORT_DIGITS.fullmatch(port_text)
+        or not 0 < int(port_text) < 65536
+        or bracketed != (":" in host)
+        or "[" in host
+    ):
+        checker.error(
+            node.line_of("to"), f"{where}.to: {target!r} is not HOST:PORT (IPv6: [ADDRESS]:PORT)"
+        )
         return None
     if not is_ip_literal(host):
         name = checker.hostname(host, node.line_of("to"), f"{where}.to", wildcard=False)

@@ -244,3 +244,52 @@ spec:
         "n.yaml:11: EgressPolicy p.spec.rules[1].http[0].path: 'nope' must start with '/'",
         "n.yaml:13: EgressPolicy p.spec.rules[1]: unknown field 'colour'",
     ]
+
+
+def route_rule_to(target: str) -> str:
+    return f"""\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {{name: p}}
+spec:
+  default: allow
+  rules:
+  - {{name: x, action: route, to: "{target}"}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("target", "backend"),
+    [
+        ("a.example:80", Backend("a.example", 80)),
+        ("A.Example.:8080", Backend("a.example", 8080)),
+        ("192.0.2.1:80", Backend("192.0.2.1", 80)),
+        ("[2001:db8::1]:443", Backend("2001:db8::1", 443)),
+    ],
+)
+def test_route_targets(target: str, backend: Backend) -> None:
+    index = compile_policy(load_policy_text(route_rule_to(target), "n.yaml"), Settings())
+    assert http(index, "example.com", "/").backend == backend
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "a.example:²",  # str.isdigit() took it, int() raised: a traceback
+        "a.example:" + "1" * 5000,  # int() refuses this many digits: a traceback
+        "a.example:٣",  # a Unicode digit became port 3
+        "2001:db8::1:443",  # IPv6 without brackets: which part is the port?
+        "[a.example]:80",
+        "[192.0.2.1]:80",
+        "[[::1]]:80",
+        "a.example",
+        "a.example:0",
+    ],
+)
+def test_bad_route_targets_are_errors_with_lines(target: str) -> None:
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(route_rule_to(target), "n.yaml")
+    assert [str(problem) for problem in caught.value.problems] == [
+        f"n.yaml:7: EgressPolicy p.spec.rules[0].to: {target!r} is not HOST:PORT "
+        "(IPv6: [ADDRESS]:PORT)"
+    ]
