@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 
 from egressproxy.policy.decision import Action, RouteProtocol, RouteRef, is_ip_literal
-from egressproxy.policy.errors import Checker, YMap, read_object_meta
+from egressproxy.policy.errors import Checker, YList, YMap, read_object_meta
 from egressproxy.policy.linkerd import (
     HTTP_METHODS,
     TOP_LEVEL_FIELDS,
@@ -98,7 +98,10 @@ def read_policy(
     )
     names: set[str] = set()
     for index, (rule_where, node) in enumerate(checker.mappings(spec, "rules", where)):
-        name = checker.get(node, "name", str, rule_where) or f"rule-{index}"
+        name = checker.get(node, "name", str, rule_where)
+        if name == "":
+            checker.error(node.line_of("name"), f"{rule_where}.name: must not be empty")
+        name = name or f"rule-{index}"
         if name in names:
             checker.error(node.line_of("name"), f"{rule_where}: rule name {name!r} is used twice")
         names.add(name)
@@ -145,6 +148,7 @@ def read_rule(
         where,
         {"name", "hosts", "cidrs", "ports", "http", "grpc", "action", "to", "verifyDestination"},
     )
+    reject_empty_lists(checker, node, where, ("hosts", "cidrs", "ports", "http", "grpc"))
     verify = (
         checker.choice(node, "verifyDestination", where, VERIFY_MODES, "off")
         if "verifyDestination" in node
@@ -218,6 +222,16 @@ def read_rule(
     ]
 
 
+def reject_empty_lists(checker: Checker, node: YMap, where: str, keys: Sequence[str]) -> None:
+    """An empty list would read as "nothing" but the field would mean "any" (as omitted):
+    `hosts: []` on an allow rule would allow every host."""
+    for key in keys:
+        if isinstance(node.get(key), YList) and not node[key]:
+            checker.error(
+                node.line_of(key), f"{where}.{key}: empty list: list at least one or omit it"
+            )
+
+
 def read_backend(checker: Checker, node: YMap, where: str, action: Action) -> HostBackend | None:
     target = checker.get(node, "to", str, where)
     if action != Action.ROUTE:
@@ -252,6 +266,7 @@ def read_backend(checker: Checker, node: YMap, where: str, action: Action) -> Ho
 def read_http(checker: Checker, node: YMap, where: str) -> list[HttpMatch]:
     """One match per method (Gateway API matches carry a single method)."""
     checker.known_fields(node, where, {*PATH_KEYS, "methods", "headers", "query"})
+    reject_empty_lists(checker, node, where, ("methods",))
     given = [key for key in PATH_KEYS if key in node]
     if len(given) > 1:
         checker.error(node.line, f"{where}: give only one of path, pathPrefix, pathRegex")

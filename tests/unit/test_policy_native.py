@@ -293,3 +293,34 @@ def test_bad_route_targets_are_errors_with_lines(target: str) -> None:
         f"n.yaml:7: EgressPolicy p.spec.rules[0].to: {target!r} is not HOST:PORT "
         "(IPv6: [ADDRESS]:PORT)"
     ]
+
+
+def test_empty_lists_and_an_empty_name_are_errors() -> None:
+    """`hosts: []` meant any host, as if omitted: on an allow rule it allowed everything."""
+    text = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: p}
+spec:
+  default: deny
+  rules:
+  - hosts: []
+  - ports: []
+  - cidrs: []
+  - http: []
+  - grpc: []
+  - http: [{methods: []}]
+  - name: ""
+"""
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(text, "n.yaml")
+    empty = "empty list: list at least one or omit it"
+    assert [str(problem) for problem in caught.value.problems] == [
+        f"n.yaml:7: EgressPolicy p.spec.rules[0].hosts: {empty}",
+        f"n.yaml:8: EgressPolicy p.spec.rules[1].ports: {empty}",
+        f"n.yaml:9: EgressPolicy p.spec.rules[2].cidrs: {empty}",
+        f"n.yaml:10: EgressPolicy p.spec.rules[3].http: {empty}",
+        f"n.yaml:11: EgressPolicy p.spec.rules[4].grpc: {empty}",
+        f"n.yaml:12: EgressPolicy p.spec.rules[5].http[0].methods: {empty}",
+        "n.yaml:13: EgressPolicy p.spec.rules[6].name: must not be empty",
+    ]
