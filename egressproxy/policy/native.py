@@ -4,8 +4,8 @@ An EgressPolicy is a network (its `networks`, default everything outside the
 cluster networks) with a default action; each rule becomes routes on its ports
 (every port when none are given): `http` matches make an HTTP route, `grpc`
 matches a gRPC route, and a rule with neither matches TLS by SNI and HTTP by
-Host when it names hosts, or any TCP connection when it does not. Rules never
-fix a port's protocol: the proxy keeps detecting it.
+Host when it names hosts, or any TCP connection and HTTP request when it does
+not. Rules never fix a port's protocol: the proxy keeps detecting it.
 """
 
 from __future__ import annotations
@@ -190,8 +190,8 @@ def read_rule(
         families.append((RouteProtocol.GRPC, Rule(name, grpc_matches=grpc)))
     if not families and hosts:
         families = [(RouteProtocol.TLS, Rule(name)), (RouteProtocol.HTTP, Rule(name))]
-    elif not families:
-        families = [(RouteProtocol.TCP, Rule(name))]
+    elif not families:  # HTTP too: ranked with the HTTP rules without hosts, not after them
+        families = [(RouteProtocol.TCP, Rule(name)), (RouteProtocol.HTTP, Rule(name))]
     attachments = tuple(Attachment(network, port, "") for port in ports or [None])
     return [
         Route(

@@ -324,3 +324,34 @@ spec:
         f"n.yaml:12: EgressPolicy p.spec.rules[5].http[0].methods: {empty}",
         "n.yaml:13: EgressPolicy p.spec.rules[6].name: must not be empty",
     ]
+
+
+def test_a_deny_for_cidrs_written_first_holds_against_an_http_rule_for_every_path() -> None:
+    """Both rules name no host and match every request: the one written first wins. The
+    `http` rule used to win every HTTP request, cloud metadata's included."""
+    text = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: standalone}
+spec:
+  default: deny
+  rules:
+  - {name: no-metadata, cidrs: [169.254.169.254/32], action: deny}
+  - {name: web, http: [{pathPrefix: /}]}
+  - {name: api, http: [{pathPrefix: /api}]}
+"""
+    index = compile_policy(load_policy_text(text, "p.yaml"), Settings())
+
+    def get(address: str, path: str) -> Decision:
+        destination = Destination(ipaddress.ip_address(address), 80)
+        return index.decide_request(RequestFacts(destination, None, "GET", path, "", (), False))
+
+    metadata = get("169.254.169.254", "/latest/meta-data")
+    assert (metadata.action, metadata.protocol, metadata.route) == (
+        Action.DENY,
+        RouteProtocol.HTTP,
+        rule("no-metadata"),
+    )
+    assert get("198.51.100.7", "/latest").route == rule("web")
+    assert get("169.254.169.254", "/api/x").route == rule("api")  # a longer prefix is first
+    assert tcp(index, "169.254.169.254", 80).route == rule("no-metadata")
