@@ -243,7 +243,7 @@ class LineFormatter(logging.Formatter):
     ) -> str:
         word = self.word
         if isinstance(record, RequestRecord):
-            if record.grpc:
+            if record.decision.protocol is RouteProtocol.GRPC:  # the metrics' family
                 protocol = "grpc"
                 status = "" if record.grpc_status is None else str(record.grpc_status)
             else:

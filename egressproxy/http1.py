@@ -7,7 +7,8 @@ items so names, case, order and the request-target reach the upstream as sent; b
 stream through h11's framing with backpressure both ways.
 
 The common exchange (a bodiless HTTP/1.1 request answered with a Content-Length
-response, on a new or a kept upstream connection) takes a lean path that skips h11:
+response, on a new or a kept upstream connection; not a request in the gRPC route
+family, whose response's grpc-status is read) takes a lean path that skips h11:
 http1_lean parses the heads with h11's grammar and the body is counted through. Anything
 else, at any point before the client has seen a byte of the response (a failed connect
 included), is replayed into h11 and handled there. h11's connections are only made when
@@ -20,6 +21,7 @@ import asyncio
 import logging
 import socket
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TYPE_CHECKING
@@ -31,8 +33,14 @@ from egressproxy import http1_lean
 from egressproxy import upstream as upstream_connector
 from egressproxy.errors import UpstreamError
 from egressproxy.http1_lean import MAX_RESPONSE_HEAD, NEED_MORE, LeanRequest, LeanResponse
-from egressproxy.policy.decision import Action, Decision, Destination, RequestFacts
-from egressproxy.records import RequestRecord
+from egressproxy.policy.decision import (
+    Action,
+    Decision,
+    Destination,
+    RequestFacts,
+    RouteProtocol,
+)
+from egressproxy.records import RequestRecord, grpc_status_of
 from egressproxy.relay import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW, Relay, RelayResult
 from egressproxy.settings import VerifyDestination
 from egressproxy.sniff.http import authority_host, empty_lines_before
@@ -631,6 +639,8 @@ class Http1Proxy(asyncio.Protocol):
             destination, self.hostname, method, path, query, request.headers, request.grpc
         )
         decision = flow.snapshot.index.decide_request(facts)
+        if decision.protocol is RouteProtocol.GRPC:
+            return False  # h11's path reads the grpc-status of its response
         denied = decision.action is Action.DENY
         if denied and decision.audit:
             return False
@@ -651,7 +661,7 @@ class Http1Proxy(asyncio.Protocol):
             decision=decision,
         )
         if denied:
-            record.status = 403
+            record.answered_by_proxy(403, "")
             if request.close:
                 denial = DENIED_CLOSING_HEAD if method == "HEAD" else DENIED_CLOSING_RESPONSE
             else:
@@ -1117,6 +1127,7 @@ class Http1Proxy(asyncio.Protocol):
     def _response_started(self, response: h11.Response) -> None:
         assert self.record is not None and self.request is not None
         self.record.status = response.status_code
+        self._read_grpc_status(response.headers)
         self.response_started = True
         head = self.client.send(_as_http11(response))
         if self.request.http_version == b"1.1" and _self_delimited(response, self.request.method):
@@ -1141,7 +1152,17 @@ class Http1Proxy(asyncio.Protocol):
         else:
             self.transport.writelines(pieces)
 
+    def _read_grpc_status(self, fields: Iterable[tuple[bytes, bytes]]) -> None:
+        """A call in the gRPC route family takes its status from the response's headers or
+        trailers (a chunked body's), whichever says it last, as over h2 and in Linkerd."""
+        assert self.record is not None
+        if self.record.decision.protocol is RouteProtocol.GRPC:
+            status = grpc_status_of(fields)
+            if status is not None:
+                self.record.grpc_status = status
+
     def _response_ended(self, end: h11.EndOfMessage) -> None:
+        self._read_grpc_status(end.headers)
         self._write_client(self.client.send(end))
         self._maybe_next_cycle()
 
@@ -1198,8 +1219,7 @@ class Http1Proxy(asyncio.Protocol):
         """
         assert self.record is not None and self.request is not None
         self.forwarding = False
-        self.record.status = status
-        self.record.error = error
+        self.record.answered_by_proxy(status, error)
         if self.client.our_state is not h11.SEND_RESPONSE:
             self._request_failed(error)
             self.transport.abort()

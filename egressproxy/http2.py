@@ -29,7 +29,12 @@ from egressproxy import upstream as upstream_connector
 from egressproxy.errors import UpstreamError
 from egressproxy.http1 import DENIED_BODY, unavailable_status
 from egressproxy.policy.decision import Action, Decision, RequestFacts
-from egressproxy.records import RequestRecord
+from egressproxy.records import (
+    GRPC_PERMISSION_DENIED,
+    GRPC_UNAVAILABLE,
+    RequestRecord,
+    grpc_status_of,
+)
 from egressproxy.relay import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW
 from egressproxy.settings import VerifyDestination
 from egressproxy.sniff.http import H2_PREFACE, authority_host
@@ -67,9 +72,6 @@ class AnswersUnread:
         self.count += sum(isinstance(event, ANSWERED_BY_H2) for event in events)
         return self.count > MAX_ANSWERS_UNREAD
 
-
-GRPC_PERMISSION_DENIED = 7
-GRPC_UNAVAILABLE = 14
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -150,13 +152,6 @@ def malformed(headers: Headers, trailers: bool) -> str:
     except h2.exceptions.ProtocolError as error:
         return str(error)
     return ""
-
-
-def grpc_status_of(headers: Headers) -> int | None:
-    for name, value in headers:
-        if name == b"grpc-status":
-            return int(value) if value.isdigit() else None
-    return None
 
 
 _GOAWAY = hyperframe.frame.GoAwayFrame.type
@@ -558,7 +553,7 @@ class H2Proxy(asyncio.Protocol):
         dropped. The body waits for the client's window like an upstream's would; once it
         is out, a request still being sent is reset (NO_ERROR)."""
         body = (text + "\n").encode()
-        stream.record.status, stream.record.error = status, error
+        stream.record.answered_by_proxy(status, error)
         headers = [
             (b":status", b"%d" % status),
             (b"content-type", b"text/plain"),

@@ -3,10 +3,31 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from egressproxy.policy.decision import Decision, Destination, Detected
+from egressproxy.policy.decision import Decision, Destination, Detected, RouteProtocol
+
+GRPC_PERMISSION_DENIED = 7
+GRPC_UNAVAILABLE = 14
+GRPC_CODE_OF_ANSWER = {
+    403: GRPC_PERMISSION_DENIED,
+    421: GRPC_PERMISSION_DENIED,
+    502: GRPC_UNAVAILABLE,
+    504: GRPC_UNAVAILABLE,
+}
+"""The proxy's own HTTP answers, each with the code a gRPC client gets for the same cause:
+a deny (or a destination mismatch) PERMISSION_DENIED, an unreachable upstream UNAVAILABLE,
+a timeout too (INTERFACE §3 gives gRPC one answer, grpc-status 14, for both)."""
+
+
+def grpc_status_of(fields: Iterable[tuple[bytes, bytes]]) -> int | None:
+    """The grpc-status of response headers or trailers (lower-case names), None if none."""
+    for name, value in fields:
+        if name == b"grpc-status":
+            return int(value) if value.isdigit() else None
+    return None
 
 
 @dataclass(slots=True)
@@ -53,6 +74,14 @@ class RequestRecord:
     bytes_from_client: int = 0
     bytes_from_upstream: int = 0
     started: float = field(default_factory=time.monotonic)
+
+    def answered_by_proxy(self, status: int, error: str) -> None:
+        """The proxy answered `status` itself (403, 421, 502, 504 …). A request in the gRPC
+        route family also gets the gRPC code of the same cause, whatever its content-type:
+        its family, not its wire form, picks its metric and its label."""
+        self.status, self.error = status, error
+        if self.decision.protocol is RouteProtocol.GRPC:
+            self.grpc_status = GRPC_CODE_OF_ANSWER.get(status)
 
 
 class Accounting(Protocol):

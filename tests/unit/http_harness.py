@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +28,13 @@ from egressproxy.settings import Settings
 def local(port: int) -> Destination:
     """An origin on 127.0.0.1: what a test's connections "were meant for"."""
     return Destination(ipaddress.ip_address("127.0.0.1"), port)
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: a connect to it is refused."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        return int(unused.getsockname()[1])
 
 
 def _nothing() -> None:

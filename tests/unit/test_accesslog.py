@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import ipaddress
 import json
@@ -34,6 +35,7 @@ from egressproxy.policy.decision import (
     Destination,
     Detected,
     RequestFacts,
+    RouteProtocol,
 )
 from egressproxy.policy.index import PolicyIndex, compile_policy
 from egressproxy.policy.loader import load_policy, load_policy_text
@@ -356,6 +358,7 @@ def as_written(fields: dict[str, object], log_format: LogFormat) -> dict[str, ob
     error=STRINGS,
     status=st.none() | st.integers(min_value=0, max_value=599),
     grpc=st.booleans(),
+    grpc_content_type=st.booleans(),
     decided=REQUEST_DECISIONS,
     destination=DESTINATIONS,
     sent=COUNTS,
@@ -370,17 +373,23 @@ def test_any_request_line_reads_back(
     error: str,
     status: int | None,
     grpc: bool,
+    grpc_content_type: bool,
     decided: tuple[Decision, str, str],
     destination: tuple[Destination, str],
     sent: int,
     received: int,
 ) -> None:
-    """Whatever text a request brings (quotes, blanks, =, control characters) reads back."""
+    """Whatever text a request brings (quotes, blanks, =, control characters) reads back.
+    A request in the gRPC route family is logged as grpc, as the metrics count it,
+    whatever its content-type."""
     out = Lines(log_format)
+    decision = decided[0]
+    if grpc:
+        decision = dataclasses.replace(decision, protocol=RouteProtocol.GRPC)
     out.access_log.request_finished(
         RequestRecord(client=client, destination=destination[0], protocol="h2",
-                      hostname=hostname, method=method, path=path, grpc=grpc,
-                      decision=decided[0], status=None if grpc else status,
+                      hostname=hostname, method=method, path=path, grpc=grpc_content_type,
+                      decision=decision, status=None if grpc else status,
                       grpc_status=status if grpc else None, error=error,
                       bytes_from_client=sent, bytes_from_upstream=received)
     )  # fmt: skip

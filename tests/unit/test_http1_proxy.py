@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import h11
 import pytest
 import pytest_asyncio
 from prometheus_client import CollectorRegistry
@@ -19,17 +20,19 @@ from prometheus_client.parser import text_string_to_metric_families
 from egressproxy.accesslog import AccessLog
 from egressproxy.metrics import Metrics, exposition
 from egressproxy.server import Reporting
-from egressproxy.settings import VerifyDestination
+from egressproxy.settings import LogFormat, VerifyDestination
 from tests.e2e.http_servers import h1
 from tests.unit.http_harness import (
     BLOCKED_HOST,
     LoopbackProxy,
     Silent,
+    closed_port,
     local,
     loopback_proxy,
     origin,
     proxy_to_origin,
 )
+from tests.unit.test_accesslog import Lines
 
 POLICY = """\
 apiVersion: egressproxy.io/v1alpha1
@@ -86,7 +89,8 @@ async def read_response(
         while True:
             size = int((await reader.readuntil(b"\r\n")).strip(), 16)
             if size == 0:
-                await reader.readuntil(b"\r\n")
+                while await reader.readuntil(b"\r\n") != b"\r\n":
+                    pass  # a trailer field
                 return status, headers, bytes(body)
             body += await reader.readexactly(size)
             await reader.readexactly(2)
@@ -601,4 +605,121 @@ async def test_verify_destination_per_request(
         ("localhost", "", ""),
         ("nowhere.invalid", mode, "destination_mismatch" if mode == "enforce" else ""),
         ("127.0.0.1", "", ""),
+    ]
+
+
+GRPC_PORT_POLICY = """\
+apiVersion: policy.linkerd.io/v1alpha1
+kind: EgressNetwork
+metadata:
+  namespace: linkerd-egress
+  name: loopback
+spec:
+  networks:
+  - cidr: 127.0.0.0/8
+  trafficPolicy: Deny
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata:
+  name: echo
+  namespace: linkerd-egress
+spec:
+  parentRefs:
+  - {{name: loopback, kind: EgressNetwork, group: policy.linkerd.io, port: {origin}}}
+  - {{name: loopback, kind: EgressNetwork, group: policy.linkerd.io, port: {closed}}}
+  rules:
+  - matches:
+    - method: {{service: test.Echo}}
+"""
+"""Ports whose routes are GRPCRoutes: every request on them is in the gRPC route family."""
+
+
+async def grpc_over_http1(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers /test.Echo/Status with grpc-status 5 in its head, /test.Echo/Trailer with
+    grpc-status 0 in a chunked body's trailers, anything else without a grpc-status."""
+    connection, path = h11.Connection(h11.SERVER), b""
+    with contextlib.suppress(ConnectionError, h11.RemoteProtocolError):
+        while not isinstance(event := connection.next_event(), h11.ConnectionClosed):
+            if event is h11.NEED_DATA:
+                connection.receive_data(await reader.read(65536))
+            elif isinstance(event, h11.Request):
+                path = event.target
+            elif isinstance(event, h11.EndOfMessage):
+                head, end = [(b"content-length", b"0")], h11.EndOfMessage()
+                if path == b"/test.Echo/Status":
+                    head.append((b"grpc-status", b"5"))
+                elif path == b"/test.Echo/Trailer":
+                    head = [(b"transfer-encoding", b"chunked")]
+                    end = h11.EndOfMessage(headers=[(b"grpc-status", b"0")])
+                response = h11.Response(status_code=200, headers=head)
+                writer.write(b"".join(connection.send(part) or b"" for part in (response, end)))
+                connection.start_next_cycle()
+    writer.close()
+
+
+@pytest.mark.asyncio
+async def test_requests_on_a_grpc_port_are_grpc_calls_in_metrics_and_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linkerd routes every request on a port of GRPCRoutes as a gRPC call, whatever its
+    content-type: its status is the response's grpc-status (head or trailers), UNKNOWN
+    without one, and the proxy's own answers carry the code a gRPC client would get."""
+    closed = closed_port()
+    async with origin(grpc_over_http1) as origin_port:
+        policy = GRPC_PORT_POLICY.format(origin=origin_port, closed=closed)
+        async with loopback_proxy(tmp_path, monkeypatch, policy, local(origin_port)) as proxy:
+            registry = CollectorRegistry()
+            lines = Lines(LogFormat.JSON)
+            proxy.context.accounting = Reporting(
+                Metrics(registry, max_hostnames=10), lines.access_log
+            )
+            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+            answers = []
+            for method, path in [
+                ("GET", "/denied"),
+                ("POST", "/test.Echo/Status"),
+                ("POST", "/test.Echo/Trailer"),
+                ("POST", "/test.Echo/Plain"),
+            ]:
+                writer.write(
+                    f"{method} {path} HTTP/1.1\r\nHost: example.test\r\n"
+                    "content-length: 0\r\n\r\n".encode()
+                )
+                answers.append((await read_response(reader))[0])
+            writer.close()
+            proxy.destination[0] = local(closed)
+            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+            writer.write(
+                b"POST /test.Echo/Echo HTTP/1.1\r\nHost: a.test\r\ncontent-length: 0\r\n\r\n"
+            )
+            answers.append((await read_response(reader))[0])
+            writer.close()
+            async with asyncio.timeout(5):
+                while proxy.context.open_flows.flows:
+                    await asyncio.sleep(0.01)
+    assert answers == [403, 200, 200, 200, 502]
+    body, _ = exposition(registry, "")
+    families = {family.name: family for family in text_string_to_metric_families(body.decode())}
+    assert families["outbound_http_route_request_statuses"].samples == []
+    statuses = sorted(
+        (sample.labels["route_name"], sample.labels["grpc_status"], sample.labels["error"])
+        for sample in families["outbound_grpc_route_request_statuses"].samples
+    )
+    assert statuses == [
+        ("echo", "NOT_FOUND", ""),
+        ("echo", "OK", ""),
+        ("echo", "UNAVAILABLE", "connect_refused"),
+        ("echo", "UNKNOWN", ""),
+        ("grpc-egress-deny", "PERMISSION_DENIED", ""),
+    ]
+    logged = [json.loads(line) for line in lines.lines()]
+    requests = [(entry["protocol"], entry["path"], entry["status"], entry["error"])
+                for entry in logged if "method" in entry]  # fmt: skip
+    assert requests == [
+        ("grpc", "/denied", "7", ""),
+        ("grpc", "/test.Echo/Status", "5", ""),
+        ("grpc", "/test.Echo/Trailer", "0", ""),
+        ("grpc", "/test.Echo/Plain", "", ""),
+        ("grpc", "/test.Echo/Echo", "14", "connect_refused"),
     ]

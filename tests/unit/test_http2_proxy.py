@@ -23,9 +23,13 @@ import h2.settings
 import hyperframe.frame
 import pytest
 import pytest_asyncio
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from egressproxy.http2 import GoawayFilter
-from egressproxy.settings import VerifyDestination
+from egressproxy.metrics import Metrics, exposition
+from egressproxy.server import Reporting
+from egressproxy.settings import LogFormat, VerifyDestination
 from egressproxy.sniff.http import H2_PREFACE
 from tests.e2e.http_servers import H2Server, grpc_server
 from tests.e2e.servers import deterministic_chunks
@@ -34,11 +38,13 @@ from tests.unit.http_harness import (
     BLOCKED_HOST,
     LoopbackProxy,
     Silent,
+    closed_port,
     local,
     loopback_proxy,
     proxy_to_origin,
 )
-from tests.unit.test_http1_proxy import read_response
+from tests.unit.test_accesslog import Lines
+from tests.unit.test_http1_proxy import GRPC_PORT_POLICY, read_response
 
 POLICY = """\
 apiVersion: egressproxy.io/v1alpha1
@@ -779,12 +785,6 @@ async def test_a_refused_stream_is_sent_again_once(
     assert outcomes == [("/always", 502, "reset"), ("/once", 200, "")]
 
 
-def closed_port() -> int:
-    with socket.socket() as unused:
-        unused.bind(("127.0.0.1", 0))
-        return int(unused.getsockname()[1])
-
-
 def call(port: int, method: str, payload: bytes) -> tuple[Any, bytes | None]:
     """One unary call with grpcio; (status code, response or None)."""
     # a channel of its own connection: the global subchannel pool would reuse an older one
@@ -1069,3 +1069,58 @@ async def test_a_malformed_request_resets_its_stream_not_the_connection(
     outcomes = sorted((r.path, r.status, r.error) for r in proxy.ledger.requests)
     bad_paths = ["/", "/a", "/b", "/c", "/d", "/f", "/g", "/t"]
     assert outcomes == sorted([("/good", 200, ""), *((p, None, "bad_request") for p in bad_paths)])
+
+
+@pytest.mark.asyncio
+async def test_streams_on_a_grpc_port_are_grpc_calls_in_metrics_and_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a port of GRPCRoutes a stream without content-type application/grpc is answered
+    over HTTP (403, 502) but counted and logged as a gRPC call, with the code a gRPC
+    client gets for the same cause (PERMISSION_DENIED, UNAVAILABLE)."""
+    closed = closed_port()
+    policy = GRPC_PORT_POLICY.format(origin=closed, closed=closed)
+    async with loopback_proxy(tmp_path, monkeypatch, policy, local(closed)) as proxy:
+        registry = CollectorRegistry()
+        lines = Lines(LogFormat.JSON)
+        proxy.context.accounting = Reporting(Metrics(registry, max_hostnames=10), lines.access_log)
+        client = await connect_h2(proxy)
+        grpc_call = {"content-type": "application/grpc", "te": "trailers"}
+        answers = [
+            client.request("GET", "/denied"),
+            client.request("POST", "/test.Echo/Echo", b"x"),
+            client.request("POST", "/test.Echo/Echo", b"\0\0\0\0\0", grpc_call),
+        ]
+        async with asyncio.timeout(TIMEOUT):
+            for answer in answers:
+                await answer.done.wait()
+        client.transport.close()
+        async with asyncio.timeout(TIMEOUT):
+            while proxy.context.open_flows.flows:
+                await asyncio.sleep(0.01)
+    wire = [(a.headers[":status"], a.headers.get("grpc-status")) for a in answers]
+    assert wire == [("403", None), ("502", None), ("200", "14")]
+    body, _ = exposition(registry, "")
+    families = {family.name: family for family in text_string_to_metric_families(body.decode())}
+    assert families["outbound_http_route_request_statuses"].samples == []
+    statuses = sorted(
+        (sample.labels["route_name"], sample.labels["grpc_status"], sample.labels["error"])
+        for sample in families["outbound_grpc_route_request_statuses"].samples
+    )
+    assert statuses == [
+        ("echo", "UNAVAILABLE", "connect_refused"),
+        ("grpc-egress-deny", "PERMISSION_DENIED", ""),
+    ]
+    assert [
+        sample.value
+        for sample in families["outbound_grpc_route_request_statuses"].samples
+        if sample.labels["route_name"] == "echo"
+    ] == [2.0]
+    logged = [json.loads(line) for line in lines.lines()]
+    requests = sorted((entry["protocol"], entry["path"], entry["status"], entry["error"])
+                      for entry in logged if "method" in entry)  # fmt: skip
+    assert requests == [
+        ("grpc", "/denied", "7", ""),
+        ("grpc", "/test.Echo/Echo", "14", "connect_refused"),
+        ("grpc", "/test.Echo/Echo", "14", "connect_refused"),
+    ]
