@@ -424,7 +424,7 @@ class Flow(asyncio.Protocol):
             self.context.accounting.upstream_failed(error.kind)
             self.record.error = error.kind
             if detected is Detected.HTTP1 and not self.client_gone:
-                status = 504 if error.kind == "connect_timeout" else 502
+                status = http1.unavailable_status(error.kind)
                 self.transport.write(http1.error_response(status, error.kind))
             self.transport.close()
             self.finish(error.kind)

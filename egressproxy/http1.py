@@ -82,10 +82,14 @@ class _LeanExchange:
     """The request or the response said Connection: close: the client connection ends too."""
 
 
+TIMEOUT_ERRORS = frozenset({"connect_timeout", "dns_timeout", "idle_timeout"})
+
+
 def unavailable_status(error: str) -> int:
     """The proxy's own answer to a request its upstream failed before any response:
-    504 when the upstream timed out, else 502 (HTTP/1 and h2 alike)."""
-    return 504 if error in ("connect_timeout", "idle_timeout") else 502
+    504 when the upstream timed out (its name's lookup included), else 502 (HTTP/1, h2
+    and an HTTP/1 connection spliced whole alike)."""
+    return 504 if error in TIMEOUT_ERRORS else 502
 
 
 def error_response(status: int, body: str, *, close: bool = True) -> bytes:

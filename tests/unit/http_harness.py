@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
-from collections.abc import AsyncIterator, Callable
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -35,6 +36,23 @@ def closed_port() -> int:
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         return int(unused.getsockname()[1])
+
+
+@contextlib.contextmanager
+def names_never_resolve(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every getaddrinfo (the lookup threads') hangs until the block ends, 5 s at most:
+    a route's backend lookup runs into the connect timeout (dns_timeout)."""
+    release = threading.Event()
+
+    def never_answers(*args: object, **kwargs: object) -> list[object]:
+        release.wait(5.0)
+        return []
+
+    monkeypatch.setattr(socket, "getaddrinfo", never_answers)
+    try:
+        yield
+    finally:
+        release.set()
 
 
 def _nothing() -> None:

@@ -29,6 +29,7 @@ from tests.unit.http_harness import (
     closed_port,
     local,
     loopback_proxy,
+    names_never_resolve,
     origin,
     proxy_to_origin,
 )
@@ -723,3 +724,60 @@ async def test_requests_on_a_grpc_port_are_grpc_calls_in_metrics_and_log(
         ("grpc", "/test.Echo/Plain", "", ""),
         ("grpc", "/test.Echo/Echo", "14", "connect_refused"),
     ]
+
+
+TCP_ROUTE_TO_A_NAME = """\
+apiVersion: policy.linkerd.io/v1alpha1
+kind: EgressNetwork
+metadata:
+  namespace: linkerd-egress
+  name: loopback
+spec:
+  networks:
+  - cidr: 127.0.0.0/8
+  trafficPolicy: Deny
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata:
+  name: elsewhere
+  namespace: linkerd-egress
+spec:
+  parentRefs:
+  - {{name: loopback, kind: EgressNetwork, group: policy.linkerd.io, port: {port}}}
+  rules:
+  - backendRefs:
+    - {{kind: Service, name: nowhere, port: 80}}
+"""
+
+
+@pytest.mark.asyncio
+async def test_a_backend_lookup_that_times_out_gets_504(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """INTERFACE: upstream unreachable 502, 504 on timeout; a lookup timing out is one.
+    Per request (the HTTP/1 handler) and for a connection spliced whole (a TCPRoute)."""
+    closed = closed_port()
+    with names_never_resolve(monkeypatch):
+        policy = POLICY.format(backend=1).replace("127.0.0.1:1", "backend.example.test:80")
+        async with loopback_proxy(
+            tmp_path, monkeypatch, policy, local(closed), connect_timeout=0.3
+        ) as proxy:
+            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+            writer.write(b"GET /routed HTTP/1.1\r\nHost: example.test\r\n\r\n")
+            status, _, body = await read_response(reader)
+            writer.close()
+            await proxy.wait_closed_flows(1)
+        assert (status, body) == (504, b"upstream dns_timeout\n")
+        assert [(r.status, r.error) for r in proxy.ledger.requests] == [(504, "dns_timeout")]
+        policy = TCP_ROUTE_TO_A_NAME.format(port=closed)
+        async with loopback_proxy(
+            tmp_path, monkeypatch, policy, local(closed), connect_timeout=0.3
+        ) as proxy:
+            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: example.test\r\n\r\n")
+            status, _, body = await read_response(reader)
+            writer.close()
+            await proxy.wait_closed_flows(1)
+        assert (status, body) == (504, b"dns_timeout\n")
+        assert [f.error for f in proxy.ledger.flows] == ["dns_timeout"]

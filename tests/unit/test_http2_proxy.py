@@ -41,6 +41,7 @@ from tests.unit.http_harness import (
     closed_port,
     local,
     loopback_proxy,
+    names_never_resolve,
     proxy_to_origin,
 )
 from tests.unit.test_accesslog import Lines
@@ -1123,4 +1124,54 @@ async def test_streams_on_a_grpc_port_are_grpc_calls_in_metrics_and_log(
         ("grpc", "/denied", "7", ""),
         ("grpc", "/test.Echo/Echo", "14", "connect_refused"),
         ("grpc", "/test.Echo/Echo", "14", "connect_refused"),
+    ]
+
+
+ROUTED_TO_A_NAME = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: test
+spec:
+  default: allow
+  rules:
+  - name: routed
+    http:
+    - pathPrefix: /routed
+    action: route
+    to: backend.example.test:80
+  - name: echo
+    grpc:
+    - service: test.Echo
+    action: route
+    to: backend.example.test:80
+"""
+
+
+@pytest.mark.asyncio
+async def test_a_backend_lookup_that_times_out_gets_504_or_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A timeout is answered 504 (INTERFACE: 502, 504 on timeout), a gRPC call
+    UNAVAILABLE (grpc-status 14 for any unreachable upstream)."""
+    with names_never_resolve(monkeypatch):
+        async with loopback_proxy(
+            tmp_path, monkeypatch, ROUTED_TO_A_NAME, local(closed_port()), connect_timeout=0.3
+        ) as proxy:
+            client = await connect_h2(proxy)
+            grpc_call = {"content-type": "application/grpc", "te": "trailers"}
+            answers = [
+                client.request("GET", "/routed"),
+                client.request("POST", "/test.Echo/Echo", b"\0\0\0\0\0", grpc_call),
+            ]
+            async with asyncio.timeout(TIMEOUT):
+                for answer in answers:
+                    await answer.done.wait()
+            client.transport.close()
+            await proxy.wait_closed_flows(1)
+    wire = [(a.headers[":status"], a.headers.get("grpc-status")) for a in answers]
+    assert wire == [("504", None), ("200", "14")]
+    assert sorted((r.path, r.status, r.grpc_status, r.error) for r in proxy.ledger.requests) == [
+        ("/routed", 504, None, "dns_timeout"),
+        ("/test.Echo/Echo", 200, 14, "dns_timeout"),
     ]

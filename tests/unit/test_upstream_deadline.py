@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -17,6 +16,7 @@ from egressproxy.errors import UpstreamError
 from egressproxy.lookups import LookupThreads
 from egressproxy.splice import Splicer
 from egressproxy.timeouts import TimeoutQueue
+from tests.unit.http_harness import names_never_resolve
 
 
 @contextlib.contextmanager
@@ -124,13 +124,6 @@ def test_a_name_that_never_resolves_ends_as_dns_timeout_within_the_connect_timeo
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The connect timeout covers resolving a route's backend name and connecting to it."""
-    release = threading.Event()
-
-    def never_answers(*args: object, **kwargs: object) -> list[object]:
-        release.wait(5.0)
-        return []
-
-    monkeypatch.setattr(socket, "getaddrinfo", never_answers)
 
     async def scenario() -> tuple[str, float]:
         loop = asyncio.get_running_loop()
@@ -149,10 +142,10 @@ def test_a_name_that_never_resolves_ends_as_dns_timeout_within_the_connect_timeo
                         lookups=lookups,
                     )
         finally:
-            release.set()
             lookups.close()
         return raised.value.kind, loop.time() - started
 
-    kind, took = uvloop.run(scenario())
+    with names_never_resolve(monkeypatch):
+        kind, took = uvloop.run(scenario())
     assert kind == "dns_timeout"
     assert 0.25 <= took < 2.0
