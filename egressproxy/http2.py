@@ -82,24 +82,87 @@ _REQUEST_HEADERS = h2.utilities.HeaderValidationFlags(
 _REQUEST_TRAILERS = _REQUEST_HEADERS._replace(is_trailer=True)
 
 
-def _connection(client_side: bool, max_header_bytes: int) -> h2.connection.H2Connection:
-    """h2 validates the upstream's header blocks itself; the client's are checked here
-    (malformed): h2 would make a malformed request a connection error, ending every
-    stream of the client's, where RFC 9113 8.1.1 resets only its own."""
-    config = h2.config.H2Configuration(
-        client_side=client_side, header_encoding=None, validate_inbound_headers=client_side
-    )
-    connection = h2.connection.H2Connection(config=config)
-    connection.local_settings = h2.settings.Settings(
-        client=client_side,
-        initial_values={
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
-            h2.settings.SettingCodes.ENABLE_PUSH: 0,
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_bytes,
-        },
-    )
-    return connection
+class MalformedMessage(h2.events.Event):
+    """A request or response h2 found malformed (RFC 9113 8.1.1); _Connection has reset
+    its stream (RST_STREAM PROTOCOL_ERROR) and dropped the frame."""
+
+    def __init__(self, stream_id: int, reason: str, head: bool) -> None:
+        self.stream_id = stream_id
+        self.reason = reason
+        self.head = head
+        """The opening header block itself: no RequestReceived (ResponseReceived) came."""
+
+
+class _Connection(h2.connection.H2Connection):
+    """h2, where a malformed message is a stream error, as RFC 9113 8.1.1 asks.
+
+    h2 judges a message after its stream's state machine has taken the HEADERS or DATA
+    frame: a bad or conflicting content-length, a body longer or shorter than it, trailers
+    without END_STREAM, (upstream) a response header block it validates. Any of these it
+    raises as a ProtocolError, which ends the whole connection (GOAWAY). Here such an
+    error resets that stream alone, the way h2 itself treats a frame on a stream it reset
+    (StreamClosedError carrying events, caught in _receive_frame), and becomes a
+    MalformedMessage event. What is caught is told apart without reading error messages:
+    for DATA, h2's own class, InvalidBodyLengthError; for HEADERS, an error raised once
+    the stream's state machine recorded the block (headers_received or trailers_received
+    changed), so the block decoded (HPACK state intact) on a valid stream. Errors before
+    that (HPACK, stream ids, a frame on a closed stream) stay connection errors.
+    """
+
+    def __init__(self, client_side: bool, max_header_bytes: int) -> None:
+        """h2 validates the upstream's header blocks itself; the client's are checked by
+        `malformed`, after the stream is decided, so a bad request is counted on its route."""
+        config = h2.config.H2Configuration(
+            client_side=client_side, header_encoding=None, validate_inbound_headers=client_side
+        )
+        super().__init__(config=config)
+        self.local_settings = h2.settings.Settings(
+            client=client_side,
+            initial_values={
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_bytes,
+            },
+        )
+
+    def _receive_headers_frame(
+        self, frame: hyperframe.frame.HeadersFrame
+    ) -> tuple[list[hyperframe.frame.Frame], list[h2.events.Event]]:
+        before = self._blocks_received(frame.stream_id)
+        try:
+            return super()._receive_headers_frame(frame)
+        except h2.exceptions.StreamClosedError:
+            raise
+        except h2.exceptions.ProtocolError as error:
+            if self._blocks_received(frame.stream_id) == before:
+                raise
+            return self._stream_error(frame.stream_id, str(error), head=not before[0])
+
+    def _receive_data_frame(
+        self, frame: hyperframe.frame.DataFrame
+    ) -> tuple[list[hyperframe.frame.Frame], list[h2.events.Event]]:
+        try:
+            return super()._receive_data_frame(frame)
+        except h2.exceptions.InvalidBodyLengthError as error:
+            frames, events = self._stream_error(frame.stream_id, str(error), head=False)
+            self.acknowledge_received_data(frame.flow_controlled_length, frame.stream_id)
+            return frames, events
+
+    def _blocks_received(self, stream_id: int) -> tuple[bool | None, bool | None]:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return None, None
+        machine = stream.state_machine
+        return machine.headers_received, machine.trailers_received
+
+    def _stream_error(
+        self, stream_id: int, reason: str, head: bool
+    ) -> tuple[list[hyperframe.frame.Frame], list[h2.events.Event]]:
+        """RST_STREAM PROTOCOL_ERROR, unless the block ended the stream both ways already."""
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
+            self.reset_stream(stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        return [], [MalformedMessage(stream_id, reason, head)]
 
 
 def stream_facts(headers: Headers, flow: Flow) -> tuple[RequestFacts, bool]:
@@ -287,7 +350,7 @@ class _Upstream(asyncio.Protocol):
     def __init__(self, proxy: H2Proxy, key: tuple[str, int]) -> None:
         self.proxy = proxy
         self.key = key
-        self.h2 = _connection(True, proxy.settings.max_header_bytes)
+        self.h2 = _Connection(True, proxy.settings.max_header_bytes)
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, _Stream] = {}
         self.waiting: deque[_Stream] = deque()
@@ -343,7 +406,7 @@ class H2Proxy(asyncio.Protocol):
         self.accounting = flow.context.accounting
         self.transport = flow.transport
         self.loop = flow.context.loop
-        self.h2 = _connection(False, self.settings.max_header_bytes)
+        self.h2 = _Connection(False, self.settings.max_header_bytes)
         self.goaways = GoawayFilter(len(H2_PREFACE))
         self.streams: dict[int, _Stream] = {}
         self.upstreams: dict[tuple[str, int], _Upstream] = {}
@@ -458,6 +521,8 @@ class H2Proxy(asyncio.Protocol):
             self._client_window_opened(getattr(event, "stream_id", None))
         elif isinstance(event, h2.events.StreamReset):
             self._client_reset(event.stream_id)
+        elif isinstance(event, MalformedMessage):
+            self._malformed_frame(event)
 
     def _client_goaway(self) -> None:
         """The client opens no more streams: the ones in flight are still answered, then
@@ -729,6 +794,28 @@ class H2Proxy(asyncio.Protocol):
             self.h2.reset_stream(stream.client_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
         self._finish_stream(stream, "bad_request")
 
+    def _malformed_frame(self, event: MalformedMessage) -> None:
+        """A request h2 found malformed, its stream already reset. A head refused before the
+        proxy read it (a bad content-length) is counted under the connection's decision,
+        as HTTP/1 counts a head it cannot parse."""
+        stream = self.streams.get(event.stream_id)
+        if event.head:
+            flow = self.flow.record
+            assert flow.destination is not None and flow.decision is not None
+            record = RequestRecord(
+                client=flow.client,
+                destination=flow.destination,
+                protocol="h2",
+                hostname=flow.hostname,
+                method="",
+                path="",
+                grpc=False,
+                decision=flow.decision,
+            )
+            stream = self.streams[event.stream_id] = _Stream(event.stream_id, record, [])
+        if stream is not None:
+            self._malformed(stream, event.reason)
+
     def _client_reset(self, stream_id: int | None) -> None:
         stream = self.streams.get(stream_id or 0)
         if stream is None:
@@ -820,6 +907,12 @@ class H2Proxy(asyncio.Protocol):
                     self._refused(stream, upstream.key)
                 else:
                     self._upstream_reset(stream, code)
+        elif isinstance(event, MalformedMessage):
+            stream = upstream.streams.pop(event.stream_id, None)
+            if stream is not None and not stream.done:
+                client = self.flow.record.client
+                log.info("%s: bad h2 response from %s:%s: %s", client, *upstream.key, event.reason)
+                self._upstream_reset(stream, h2.errors.ErrorCodes.INTERNAL_ERROR, "bad_response")
         elif isinstance(event, h2.events.WindowUpdated):
             streams = (
                 [upstream.streams[event.stream_id]]
@@ -875,18 +968,21 @@ class H2Proxy(asyncio.Protocol):
         stream.upstream_id, stream.end_sent = 0, False
         self._forward(stream, key)
 
-    def _upstream_reset(self, stream: _Stream, code: h2.errors.ErrorCodes | int) -> None:
+    def _upstream_reset(
+        self, stream: _Stream, code: h2.errors.ErrorCodes | int, error: str = "reset"
+    ) -> None:
         """Before a response: 502 (gRPC UNAVAILABLE), as HTTP/1 answers. After: the client
-        stream is reset with the upstream's code, which says why (INTERNAL_ERROR, CANCEL)."""
+        stream is reset with the upstream's code, which says why (INTERNAL_ERROR, CANCEL).
+        error: reset, or bad_response for a response h2 found malformed."""
         if not stream.response_started:
             if stream.record.grpc:
-                self._grpc_answer(stream, GRPC_UNAVAILABLE, "upstream reset", "reset")
+                self._grpc_answer(stream, GRPC_UNAVAILABLE, f"upstream {error}", error)
             else:
-                self._local_answer(stream, 502, "upstream reset", "reset")
+                self._local_answer(stream, 502, f"upstream {error}", error)
             return
         with contextlib.suppress(h2.exceptions.StreamClosedError):
             self.h2.reset_stream(stream.client_id, code)
-        self._finish_stream(stream, "reset")
+        self._finish_stream(stream, error)
 
     def _pump_client(self, stream: _Stream) -> None:
         """Send the upstream's data as far as the client's window allows; ack upstream as sent."""

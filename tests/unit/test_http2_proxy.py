@@ -1175,3 +1175,105 @@ async def test_a_backend_lookup_that_times_out_gets_504_or_unavailable(
         ("/routed", 504, None, "dns_timeout"),
         ("/test.Echo/Echo", 200, 14, "dns_timeout"),
     ]
+
+
+def send_raw_trailers(client: H2Client, stream_id: int, trailers: list[tuple[str, str]]) -> None:
+    """Trailers without END_STREAM, which h2 will not send: encoded with the client's own
+    HPACK encoder, so its header table stays in step with the proxy's."""
+    client.transport.write(client.h2.data_to_send())
+    frame = hyperframe.frame.HeadersFrame(stream_id, client.h2.encoder.encode(trailers))
+    frame.flags.add("END_HEADERS")
+    client.transport.write(frame.serialize())
+
+
+@pytest.mark.asyncio
+async def test_a_bad_content_length_or_trailers_reset_their_stream_not_the_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 9113 8.1.1: a content-length that is no number, a body longer or shorter than
+    it, trailers without END_STREAM make a request malformed, a stream error. h2 made each
+    a connection error (GOAWAY); now the stream alone is reset, what went upstream of it
+    is cancelled there, and a stream beside it is answered."""
+    RecordingH2Server.answered = []
+    post = [(":method", "POST"), (":scheme", "http"), (":authority", "example.test")]
+    async with proxy_to_h2_origin(RecordingH2Server, tmp_path, monkeypatch) as proxy:
+        client = await connect_h2(proxy, LaxH2Client)
+        not_a_number = client.send_block([*REQUEST, (":path", "/n"), ("content-length", "x")])
+        longer = client.send_block([*post, (":path", "/l"), ("content-length", "3")], False)
+        client.h2.send_data(client.h2.highest_outbound_stream_id, b"12345", end_stream=True)
+        shorter = client.send_block([*post, (":path", "/s"), ("content-length", "9")], False)
+        client.h2.send_data(client.h2.highest_outbound_stream_id, b"1234", end_stream=True)
+        open_trailers = client.send_block([*post, (":path", "/t")], False)
+        send_raw_trailers(client, client.h2.highest_outbound_stream_id, [("x-t", "1")])
+        bad = [not_a_number, longer, shorter, open_trailers]
+        good = client.request("POST", "/good", b"body", {"content-length": "4"})
+        async with asyncio.timeout(TIMEOUT):
+            for answer in [*bad, good]:
+                await answer.done.wait()
+        assert [(a.reset, a.reset_code) for a in bad] == [
+            (True, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        ] * len(bad)
+        assert good.headers[":status"] == "200"
+        assert not client.goaway
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
+    assert [headers[":path"] for headers in RecordingH2Server.answered] == ["/good"]
+    outcomes = sorted((r.path, r.status, r.error) for r in proxy.ledger.requests)
+    bad_paths = ["", "/l", "/s", "/t"]  # a head h2 refused is counted as HTTP/1 counts one
+    assert outcomes == sorted([("/good", 200, ""), *((p, None, "bad_request") for p in bad_paths)])
+    assert [flow.error for flow in proxy.ledger.flows] == [""]
+
+
+class MalformedH2Origin(SlowH2Origin):
+    """Answers /head with an uppercase header name, /body with a body longer than its
+    content-length, after DELAY; /good a little later, on the same connection."""
+
+    LIMIT = 10
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                path = dict(event.headers or [])[b":path"]
+                delay = self.DELAY * (2 if path == b"/good" else 1)
+                asyncio.get_running_loop().call_later(delay, self.reply, event.stream_id, path)
+        self.transport.write(self.h2.data_to_send())
+
+    def reply(self, stream_id: int, path: bytes) -> None:
+        if path == b"/head":
+            self.h2.config.validate_outbound_headers = False
+            self.h2.config.normalize_outbound_headers = False
+            self.h2.send_headers(stream_id, [(":status", "200"), ("X-Upper", "1")], True)
+        elif path == b"/body":
+            self.h2.send_headers(stream_id, [(":status", "200"), ("content-length", "2")])
+            self.h2.send_data(stream_id, b"longer", end_stream=True)
+        else:
+            self.answer(stream_id)
+            return
+        self.transport.write(self.h2.data_to_send())
+
+
+@pytest.mark.asyncio
+async def test_a_malformed_response_fails_its_stream_not_the_upstream_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 9113 8.1.1: a malformed response is a stream error too. h2 made it a connection
+    error, so the upstream connection ended and every stream on it failed 502; now a
+    malformed head gets 502, a malformed body resets its client stream, both counted
+    bad_response, and the stream beside them on that upstream is answered."""
+    async with proxy_to_h2_origin(MalformedH2Origin, tmp_path, monkeypatch) as proxy:
+        client = await connect_h2(proxy)
+        head, body, good = (client.request("GET", path) for path in ("/head", "/body", "/good"))
+        async with asyncio.timeout(TIMEOUT):
+            for answer in (head, body, good):
+                await answer.done.wait()
+        assert head.headers[":status"] == "502"
+        assert (body.reset, body.reset_code) == (True, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        assert (good.headers[":status"], bytes(good.body)) == ("200", b"late")
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
+    outcomes = sorted((r.path, r.status, r.error) for r in proxy.ledger.requests)
+    assert outcomes == [
+        ("/body", 200, "bad_response"),
+        ("/good", 200, ""),
+        ("/head", 502, "bad_response"),
+    ]
