@@ -227,7 +227,10 @@ _END_HEADERS = 0x4
 
 
 class GoawayFilter:
-    """Takes GOAWAY frames out of a peer's bytes before h2 sees them.
+    """Takes GOAWAY frames out of a peer's bytes before h2 sees them, and refuses a frame
+    longer than SETTINGS_MAX_FRAME_SIZE by its 9-byte header (FrameTooLargeError): h2
+    checks the length only once the whole frame is buffered, so a peer could make each
+    connection hold up to 16 MiB (RFC 9113 4.2 asks for a FRAME_SIZE_ERROR).
 
     h2 moves its whole connection to CLOSED on a GOAWAY it receives and refuses every frame
     after it either way (h2/connection.py, RECV_GOAWAY), yet a GOAWAY only says which
@@ -259,7 +262,11 @@ class GoawayFilter:
             length = int.from_bytes(data[position : position + 3], "big")
             kind, flags = data[position + 3], data[position + 4]
             size = 9 + length
-            if kind == _GOAWAY and length <= max_frame_size and not self.in_header_block:
+            if length > max_frame_size:
+                raise h2.exceptions.FrameTooLargeError(
+                    f"frame of {length} bytes announced, max {max_frame_size}"
+                )
+            if kind == _GOAWAY and not self.in_header_block:
                 if end - position < size:
                     break
                 frame = _goaway_frame(data[position : position + size])
@@ -278,6 +285,20 @@ class GoawayFilter:
             end = position
         kept.append(data[keep_from:end])
         return b"".join(kept), goaways
+
+
+def receive(
+    connection: h2.connection.H2Connection, frames: GoawayFilter, data: bytes
+) -> tuple[list[h2.events.Event], list[hyperframe.frame.GoAwayFrame]]:
+    """A peer's bytes through its filter and h2: the events, and the GOAWAYs taken out.
+    Raises h2's ProtocolError, with h2's GOAWAY queued (FRAME_SIZE_ERROR for an oversized
+    frame the filter refused)."""
+    try:
+        data, goaways = frames.split(data, connection.max_inbound_frame_size)
+    except h2.exceptions.FrameTooLargeError:
+        connection.close_connection(h2.errors.ErrorCodes.FRAME_SIZE_ERROR)
+        raise
+    return connection.receive_data(data), goaways
 
 
 def _goaway_frame(raw: bytes) -> hyperframe.frame.GoAwayFrame | None:
@@ -444,9 +465,8 @@ class H2Proxy(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
         self.flow.record.bytes_from_client += len(data)
-        data, goaways = self.goaways.split(data, self.h2.max_inbound_frame_size)
         try:
-            events = self.h2.receive_data(data)
+            events, goaways = receive(self.h2, self.goaways, data)
         except h2.exceptions.ProtocolError as error:
             log.info("%s: h2 protocol error: %s", self.flow.record.client, error)
             self.error = "bad_request"
@@ -841,9 +861,8 @@ class H2Proxy(asyncio.Protocol):
     def upstream_data(self, upstream: _Upstream, data: bytes) -> None:
         self.last_activity = self.loop.time()
         self.flow.record.bytes_from_upstream += len(data)
-        data, goaways = upstream.goaways.split(data, upstream.h2.max_inbound_frame_size)
         try:
-            events = upstream.h2.receive_data(data)
+            events, goaways = receive(upstream.h2, upstream.goaways, data)
         except h2.exceptions.ProtocolError as error:
             log.info("%s: bad h2 from %s:%s: %s", self.flow.record.client, *upstream.key, error)
             upstream.flush()

@@ -970,9 +970,28 @@ async def answers_garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWr
     writer.close()
 
 
+async def announces_an_oversized_frame(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """An origin that answers with SETTINGS and the 9-byte header of a DATA frame of
+    16 MiB - 1 (past SETTINGS_MAX_FRAME_SIZE), then waits: the frame is refused at once,
+    not buffered until it is whole."""
+    await reader.read(65536)
+    announced = ((1 << 24) - 1).to_bytes(3, "big") + bytes([0, 0]) + (1).to_bytes(4, "big")
+    writer.write(hyperframe.frame.SettingsFrame(0).serialize() + announced)
+    await writer.drain()
+    await reader.read(65536)
+    writer.close()
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
-    ("handler", "error"), [(hangs_up, "reset"), (answers_garbage, "bad_response")]
+    ("handler", "error"),
+    [
+        (hangs_up, "reset"),
+        (answers_garbage, "bad_response"),
+        (announces_an_oversized_frame, "bad_response"),
+    ],
 )
 async def test_http1_and_h2_name_an_upstream_failure_alike(
     tmp_path: Path,
@@ -1222,6 +1241,38 @@ async def test_a_bad_content_length_or_trailers_reset_their_stream_not_the_conne
     bad_paths = ["", "/l", "/s", "/t"]  # a head h2 refused is counted as HTTP/1 counts one
     assert outcomes == sorted([("/good", 200, ""), *((p, None, "bad_request") for p in bad_paths)])
     assert [flow.error for flow in proxy.ledger.flows] == [""]
+
+
+def test_the_goaway_filter_refuses_an_oversized_frame_by_its_header() -> None:
+    frames = GoawayFilter(0)
+    header = (16384 + 1).to_bytes(3, "big") + bytes([0, 0]) + (1).to_bytes(4, "big")
+    with pytest.raises(h2.exceptions.FrameTooLargeError):
+        frames.split(header, 16384)
+
+
+@pytest.mark.asyncio
+async def test_an_oversized_frame_ends_the_connection_before_it_is_buffered(
+    h2_setup: tuple[LoopbackProxy, int],
+) -> None:
+    """RFC 9113 4.2: a frame longer than SETTINGS_MAX_FRAME_SIZE is a FRAME_SIZE_ERROR.
+    h2 buffered the whole frame (up to 16 MiB per connection) before checking; now its
+    9-byte header is enough: GOAWAY FRAME_SIZE_ERROR and the connection closes."""
+    proxy, _ = h2_setup
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    settings = hyperframe.frame.SettingsFrame(0).serialize()
+    announced = ((1 << 24) - 1).to_bytes(3, "big") + bytes([0, 0]) + (1).to_bytes(4, "big")
+    writer.write(H2_PREFACE + settings + announced)
+    received = bytearray()
+    async with asyncio.timeout(TIMEOUT / 5):
+        while chunk := await reader.read(65536):
+            received += chunk
+    writer.close()
+    goaways = [frame for kind, frame in frames_of(received) if kind == 7]
+    assert [int.from_bytes(frame[13:17], "big") for frame in goaways] == [
+        h2.errors.ErrorCodes.FRAME_SIZE_ERROR
+    ]
+    await proxy.wait_closed_flows(1)
+    assert [flow.error for flow in proxy.ledger.flows] == ["bad_request"]
 
 
 class MalformedH2Origin(SlowH2Origin):
