@@ -30,8 +30,7 @@ from egressproxy.errors import UpstreamError
 from egressproxy.http1 import DENIED_BODY, unavailable_status
 from egressproxy.policy.decision import Action, Decision, RequestFacts
 from egressproxy.records import (
-    GRPC_PERMISSION_DENIED,
-    GRPC_UNAVAILABLE,
+    GRPC_CODE_OF_ANSWER,
     RequestRecord,
     grpc_status_of,
 )
@@ -612,11 +611,7 @@ class H2Proxy(asyncio.Protocol):
         if stream.done or self.closed:
             return
         if not matches and mode is VerifyDestination.ENFORCE:
-            text = "destination does not match the host"
-            if record.grpc:
-                self._grpc_answer(stream, GRPC_PERMISSION_DENIED, text, "destination_mismatch")
-            else:
-                self._local_answer(stream, 421, text, "destination_mismatch")
+            self._answer(stream, 421, "destination does not match the host", "destination_mismatch")
             self._flush()
             return
         self._forward(stream, self._target(decision))
@@ -628,10 +623,15 @@ class H2Proxy(asyncio.Protocol):
         return upstream_connector.address_for(decision, destination)
 
     def _deny(self, stream: _Stream) -> None:
+        self._answer(stream, 403, DENIED_BODY, "")
+
+    def _answer(self, stream: _Stream, status: int, text: str, error: str) -> None:
+        """The proxy's own answer for a cause of HTTP status 403, 421, 502 or 504: to a gRPC
+        call the trailers-only form of the same cause, to anything else that status."""
         if stream.record.grpc:
-            self._grpc_answer(stream, GRPC_PERMISSION_DENIED, DENIED_BODY, "")
+            self._grpc_answer(stream, status, text, error)
         else:
-            self._local_answer(stream, 403, DENIED_BODY, "")
+            self._local_answer(stream, status, text, error)
 
     def _local_answer(self, stream: _Stream, status: int, text: str, error: str) -> None:
         """Answer a stream here (403, 421, 502, 504); whatever the client still sends is
@@ -650,9 +650,13 @@ class H2Proxy(asyncio.Protocol):
         stream.to_client += body
         self._pump_client(stream)
 
-    def _grpc_answer(self, stream: _Stream, code: int, text: str, error: str) -> None:
-        """A trailers-only gRPC answer: HTTP 200 with the status in the only HEADERS frame."""
-        stream.record.status, stream.record.grpc_status, stream.record.error = 200, code, error
+    def _grpc_answer(self, stream: _Stream, status: int, text: str, error: str) -> None:
+        """A trailers-only gRPC answer: HTTP 200 with the code of the cause's `status` in the
+        only HEADERS frame. The record keeps that status, so a denied call counts as a deny
+        (http_status 403) where its route is an HTTP one, not as a 200 without error."""
+        code = GRPC_CODE_OF_ANSWER[status]
+        stream.record.answered_by_proxy(status, error)
+        stream.record.grpc_status = code
         headers = [
             (b":status", b"200"),
             (b"content-type", b"application/grpc"),
@@ -722,10 +726,8 @@ class H2Proxy(asyncio.Protocol):
             if stream.response_started:
                 self.h2.reset_stream(stream.client_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
                 self._finish_stream(stream, error)
-            elif stream.record.grpc:
-                self._grpc_answer(stream, GRPC_UNAVAILABLE, f"upstream {error}", error)
             else:
-                self._local_answer(stream, unavailable_status(error), f"upstream {error}", error)
+                self._answer(stream, unavailable_status(error), f"upstream {error}", error)
 
     def _open_waiting(self, upstream: _Upstream) -> None:
         if not upstream.settled:
@@ -994,10 +996,7 @@ class H2Proxy(asyncio.Protocol):
         stream is reset with the upstream's code, which says why (INTERNAL_ERROR, CANCEL).
         error: reset, or bad_response for a response h2 found malformed."""
         if not stream.response_started:
-            if stream.record.grpc:
-                self._grpc_answer(stream, GRPC_UNAVAILABLE, f"upstream {error}", error)
-            else:
-                self._local_answer(stream, 502, f"upstream {error}", error)
+            self._answer(stream, 502, f"upstream {error}", error)
             return
         with contextlib.suppress(h2.exceptions.StreamClosedError):
             self.h2.reset_stream(stream.client_id, code)
@@ -1157,7 +1156,5 @@ class H2Proxy(asyncio.Protocol):
             with contextlib.suppress(h2.exceptions.StreamClosedError):
                 self.h2.reset_stream(stream.client_id, h2.errors.ErrorCodes.CANCEL)
             self._finish_stream(stream, "idle_timeout")
-        elif stream.record.grpc:
-            self._grpc_answer(stream, GRPC_UNAVAILABLE, "upstream idle_timeout", "idle_timeout")
         else:
-            self._local_answer(stream, 504, "upstream idle_timeout", "idle_timeout")
+            self._answer(stream, 504, "upstream idle_timeout", "idle_timeout")

@@ -67,7 +67,9 @@ class RequestRecord:
     grpc: bool
     decision: Decision
     status: int | None = None
-    """The HTTP status the client got (the proxy's own 403/502/504 included)."""
+    """The HTTP status the client got (the proxy's own 403/502/504 included); for the proxy's
+    trailers-only answer to a gRPC call (HTTP 200 on the wire), the status of its cause, so
+    where the call's route is an HTTP one, its metric and log line show a deny as 403."""
     grpc_status: int | None = None
     destination_mismatch: str = ""
     error: str = ""

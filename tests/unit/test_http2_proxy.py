@@ -395,7 +395,7 @@ async def test_streams_waiting_when_the_connection_goes_idle_are_answered(
     outcomes = sorted((r.path, r.status, r.grpc_status, r.error) for r in proxy.ledger.requests)
     assert outcomes == [
         ("/a", 504, None, "idle_timeout"),
-        ("/test.Echo/Echo", 200, 14, "idle_timeout"),
+        ("/test.Echo/Echo", 504, 14, "idle_timeout"),
     ]
 
 
@@ -1192,7 +1192,7 @@ async def test_a_backend_lookup_that_times_out_gets_504_or_unavailable(
     assert wire == [("504", None), ("200", "14")]
     assert sorted((r.path, r.status, r.grpc_status, r.error) for r in proxy.ledger.requests) == [
         ("/routed", 504, None, "dns_timeout"),
-        ("/test.Echo/Echo", 200, 14, "dns_timeout"),
+        ("/test.Echo/Echo", 504, 14, "dns_timeout"),
     ]
 
 
@@ -1328,3 +1328,47 @@ async def test_a_malformed_response_fails_its_stream_not_the_upstream_connection
         ("/good", 200, ""),
         ("/head", 502, "bad_response"),
     ]
+
+
+@pytest.mark.asyncio
+async def test_a_grpc_call_the_proxy_answers_on_an_http_route_counts_its_cause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where no gRPC rule applies a gRPC call's route is an HTTP one; the proxy's trailers-
+    only answer is HTTP 200 on the wire, but a deny is counted http_status 403 and an
+    unreachable upstream 502 with its cause, as INTERFACE §4 shows them, not 200."""
+    closed = closed_port()
+    async with loopback_proxy(tmp_path, monkeypatch, BLOCKED_HOST, local(closed)) as proxy:
+        registry = CollectorRegistry()
+        lines = Lines(LogFormat.JSON)
+        proxy.context.accounting = Reporting(Metrics(registry, max_hostnames=10), lines.access_log)
+        client = await connect_h2(proxy)
+        grpc_call = {"content-type": "application/grpc", "te": "trailers"}
+        answers = [
+            client.request("POST", "/test.Echo/Echo", b"\0" * 5, grpc_call, "blocked.test"),
+            client.request("POST", "/test.Echo/Echo", b"\0" * 5, grpc_call, "example.test"),
+        ]
+        async with asyncio.timeout(TIMEOUT):
+            for answer in answers:
+                await answer.done.wait()
+        client.transport.close()
+        async with asyncio.timeout(TIMEOUT):
+            while proxy.context.open_flows.flows:
+                await asyncio.sleep(0.01)
+    wire = [(a.headers[":status"], a.headers.get("grpc-status")) for a in answers]
+    assert wire == [("200", "7"), ("200", "14")]
+    body, _ = exposition(registry, "")
+    families = {family.name: family for family in text_string_to_metric_families(body.decode())}
+    assert families["outbound_grpc_route_request_statuses"].samples == []
+    statuses = sorted(
+        (sample.labels["route_name"], sample.labels["http_status"], sample.labels["error"])
+        for sample in families["outbound_http_route_request_statuses"].samples
+    )
+    assert statuses == [
+        ("http-egress-allow", "502", "connect_refused"),
+        ("test.blocked", "403", ""),
+    ]
+    logged = [json.loads(line) for line in lines.lines()]
+    requests = sorted((entry["hostname"], entry["status"], entry["error"])
+                      for entry in logged if "method" in entry)  # fmt: skip
+    assert requests == [("blocked.test", "403", ""), ("example.test", "502", "connect_refused")]
