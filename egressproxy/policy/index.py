@@ -100,6 +100,20 @@ class HostTable(Generic[T]):
     def __bool__(self) -> bool:
         return bool(self.exact or self.wildcards or self.any)
 
+    def entries(self) -> Iterator[tuple[str | None, T]]:
+        """Every (hostname pattern, item) added, None for the items of no hostname."""
+        for item in self.any:
+            yield None, item
+        for hostname, items in self.exact.items():
+            for item in items:
+                yield hostname, item
+        pending = list(self.wildcards.items())
+        while pending:
+            suffix, node = pending.pop()
+            for item in node.items:
+                yield f"*.{suffix}", item
+            pending.extend((f"{label}.{suffix}", child) for label, child in node.children.items())
+
     def sort(self, key: Callable[[T], tuple[object, ...]]) -> None:
         self.any.sort(key=key)
         for items in self.exact.values():
@@ -288,7 +302,8 @@ class CompiledGrpcMatch:
         return actual == wanted
 
 
-DEFAULT_GRPC_SCORE = (0, True, 0)
+DEFAULT_GRPC_MATCH = CompiledGrpcMatch(GrpcMatch(any_method=True))
+"""A gRPC rule without matches takes every call, whatever its method."""
 
 
 @dataclass
@@ -300,9 +315,18 @@ class PortTable:
     grpc: HostTable[CompiledRule] = field(default_factory=HostTable)
     tls: HostTable[CompiledRule] = field(default_factory=HostTable)
     tcp: list[CompiledRule] = field(default_factory=list)
+    grpc_calls: HostTable[CompiledRule] | None = None
+    """Where no Gateway API route fixes the protocol and gRPC rules are: the gRPC rules and
+    the HTTP rules together, as a gRPC call is an HTTP request too, so that a rule for its
+    host (a deny above all) holds against a gRPC rule for any host. None: the gRPC rules."""
 
     def sort(self) -> None:
         """Every candidate list oldest route first, so ties go to the oldest."""
+        if self.fixed is None and self.grpc:
+            self.grpc_calls = HostTable()
+            for pattern, rule in [*self.grpc.entries(), *self.http.entries()]:
+                self.grpc_calls.add([pattern] if pattern else [], rule)
+            self.grpc_calls.sort(position)
         self.tcp.sort(key=position)
         for hosts in (self.http, self.grpc, self.tls):
             hosts.sort(position)
@@ -587,7 +611,9 @@ class PolicyIndex:
         if network is None:
             return self.untouched(protocol, destination)
         if grpc_port:
-            rule = best_grpc_rule(table.grpc, facts)
+            rule = best_grpc_rule(
+                table.grpc if table.grpc_calls is None else table.grpc_calls, facts
+            )
             if rule is not None:
                 return self.matched(network, destination, RouteProtocol.GRPC, rule)
             return self.unmatched_request(
@@ -764,20 +790,33 @@ def best_http_rule(table: HostTable[CompiledRule], request: RequestFacts) -> Com
 
 
 def best_grpc_rule(table: HostTable[CompiledRule], request: RequestFacts) -> CompiledRule | None:
+    """Most specific hostname level first; within it a gRPC match above an HTTP one (a rule
+    without gRPC matches takes a call as the HTTP request it is), each family by its own
+    precedence, then age."""
     service, method = split_grpc_path(request.path)
+    query: list[tuple[str, str]] | None = None
     for level in table.levels(request.hostname):
         best: CompiledRule | None = None
         best_score: tuple[object, ...] = ()
         for rule in level:
             if not rule.covers(request.destination.ip):
                 continue
-            if not rule.grpc and (best is None or best_score < DEFAULT_GRPC_SCORE):
-                best, best_score = rule, DEFAULT_GRPC_SCORE
-            for match in rule.grpc:
-                if (best is None or match.score > best_score) and match.matches(
-                    service, method, request
-                ):
-                    best, best_score = rule, match.score
+            if rule.route.protocol is RouteProtocol.GRPC:
+                for grpc_match in rule.grpc or (DEFAULT_GRPC_MATCH,):
+                    score: tuple[object, ...] = (1, *grpc_match.score)
+                    if (best is None or score > best_score) and grpc_match.matches(
+                        service, method, request
+                    ):
+                        best, best_score = rule, score
+                continue
+            for http_match in rule.http or (DEFAULT_HTTP_MATCH,):
+                score = (0, *http_match.score)
+                if best is not None and score <= best_score:
+                    continue
+                if query is None and http_match.query:
+                    query = parse_qsl(request.query, keep_blank_values=True)
+                if http_match.matches(request, query or ()):
+                    best, best_score = rule, score
         if best is not None:
             return best
     return None

@@ -355,3 +355,67 @@ spec:
     assert get("198.51.100.7", "/latest").route == rule("web")
     assert get("169.254.169.254", "/api/x").route == rule("api")  # a longer prefix is first
     assert tcp(index, "169.254.169.254", 80).route == rule("no-metadata")
+
+
+def test_a_grpc_call_meets_the_rules_for_its_host_on_a_port_of_grpc_rules() -> None:
+    """A gRPC call is an HTTP request too: a deny for its host, by `hosts` alone or with
+    `http` matches, holds against a `grpc` allow for any host. It used to meet the `grpc`
+    rules alone, so the allow let gRPC to evil.test through."""
+    text = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: standalone}
+spec:
+  default: deny
+  rules:
+  - {name: greeter, ports: [80], grpc: [{service: pkg.Greeter}]}
+  - {name: evil, hosts: [evil.test], action: deny}
+  - {name: no-admin, hosts: [admin.test], http: [{pathPrefix: /pkg.Greeter/Reset}], action: deny}
+  - {name: friends, hosts: [friend.test], ports: [80], grpc: [{service: pkg.Friend}]}
+"""
+    index = compile_policy(load_policy_text(text, "p.yaml"), Settings())
+
+    def call(hostname: str, path: str) -> Decision:
+        destination = Destination(ipaddress.ip_address("198.51.100.7"), 80)
+        return index.decide_request(RequestFacts(destination, hostname, "POST", path, "", (), True))
+
+    decided = {
+        (hostname, path): (outcome.action, outcome.protocol, outcome.route.name)
+        for hostname, path in [
+            ("evil.test", "/pkg.Greeter/Hello"),
+            ("admin.test", "/pkg.Greeter/Reset"),
+            ("admin.test", "/pkg.Greeter/Hello"),
+            ("friend.test", "/pkg.Greeter/Hello"),
+            ("friend.test", "/pkg.Friend/Hello"),
+            ("other.test", "/pkg.Greeter/Hello"),
+        ]
+        if (outcome := call(hostname, path)).route is not None
+    }
+    assert decided == {
+        ("evil.test", "/pkg.Greeter/Hello"): (Action.DENY, RouteProtocol.GRPC, "standalone.evil"),
+        ("admin.test", "/pkg.Greeter/Reset"): (
+            Action.DENY,
+            RouteProtocol.GRPC,
+            "standalone.no-admin",
+        ),
+        ("admin.test", "/pkg.Greeter/Hello"): (
+            Action.PASS,
+            RouteProtocol.GRPC,
+            "standalone.greeter",
+        ),
+        ("friend.test", "/pkg.Greeter/Hello"): (  # no rule of its host matches: any host's
+            Action.PASS,
+            RouteProtocol.GRPC,
+            "standalone.greeter",
+        ),
+        ("friend.test", "/pkg.Friend/Hello"): (
+            Action.PASS,
+            RouteProtocol.GRPC,
+            "standalone.friends",
+        ),
+        ("other.test", "/pkg.Greeter/Hello"): (
+            Action.PASS,
+            RouteProtocol.GRPC,
+            "standalone.greeter",
+        ),
+    }
