@@ -115,6 +115,10 @@ class Backend:
     host: str
     port: int
 
+    def __str__(self) -> str:
+        """HOST:PORT, an IPv6 literal in brackets so that the port stays apart."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
 
 @dataclass(frozen=True)
 class Decision:

@@ -305,11 +305,7 @@ def print_decision(decision: Decision, out: TextIO) -> None:
     action = {
         Action.PASS: "PASS to the original destination",
         Action.DENY: "DENY",
-        Action.ROUTE: (
-            f"ROUTE to {decision.backend.host}:{decision.backend.port}"
-            if decision.backend
-            else "ROUTE"
-        ),
+        Action.ROUTE: (f"ROUTE to {decision.backend}" if decision.backend else "ROUTE"),
     }[decision.action]
     if decision.audit and decision.action == Action.DENY:
         action += " (audit: logged as would_deny, the traffic passes)"

@@ -330,7 +330,7 @@ def test_explain_names_a_native_network_without_a_namespace(
     status, out, _ = check(capsys, policy, "http://app.example.com/")
     assert status == 0
     assert "network:     EgressPolicy standalone\n" in out
-    assert "ROUTE to 2001:db8::1:8080" in out
+    assert "ROUTE to [2001:db8::1]:8080" in out
 
 
 def test_summary_marks_an_egress_whose_sources_are_other_clients(
