@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from typing import Any, TypeVar
 
+from egressproxy.policy.decision import is_ip_literal
 from egressproxy.settings import IPNetwork
 
 
@@ -183,17 +184,78 @@ class Checker:
             return None
         return pattern
 
-    def hostname(self, text: str, line: int, where: str, *, wildcard: bool = True) -> str | None:
-        """A lower-cased DNS name, optionally `*.suffix`, as Gateway API hostnames allow."""
+    def hostname(
+        self, text: str, line: int, where: str, *, addresses: str | None, wildcard: bool = True
+    ) -> str | None:
+        """A lower-cased DNS name, optionally `*.suffix`, as Gateway API hostnames allow.
+
+        addresses: the field that matches IP addresses, named when an IP literal is given
+        (an error: it is no name, and SNI never carries one); None to take an IPv4 literal
+        as a name (OSM's Envoy matches it against the Host header).
+        """
         name = text.strip().lower().rstrip(".")
-        labels = name[2:] if wildcard and name.startswith("*.") else name
-        if not labels or not all(HOST_LABEL.fullmatch(label) for label in labels.split(".")):
-            self.error(line, f"{where}: {text!r} is not a valid hostname")
+        if addresses is not None and is_ip_literal(name):
+            self.error(
+                line,
+                f"{where}: {text!r} is an IP address, not a hostname: "
+                f"match addresses with {addresses}",
+            )
+            return None
+        if not is_hostname(name, wildcard=wildcard):
+            self.error(
+                line, f"{where}: {text!r} is not a valid hostname{idna_hint(name, wildcard)}"
+            )
             return None
         return name
 
+    def header_name(self, name: str, line: int, where: str) -> str | None:
+        """An HTTP field name is a token (RFC 9110 5.1, Gateway API's HTTPHeaderName): a name
+        with a space or `:` could never match a request's header."""
+        if HEADER_NAME.fullmatch(name) is None:
+            self.error(
+                line,
+                f"{where}: {name!r} is not a header name "
+                "(letters, digits and !#$%&'*+-.^_`|~ only)",
+            )
+            return None
+        return name
+
+    def grpc_name(self, value: str, key: str, line: int, where: str) -> str | None:
+        """An exact gRPC service (`pkg.Service`) or method, as Gateway API's GRPCMethodMatch
+        admits them: protobuf names, so never one with a space or `/`, which no
+        `/service/method` path could carry."""
+        if GRPC_NAMES[key].fullmatch(value) is None:
+            kind = "a protobuf service name (pkg.Service)" if key == "service" else "a method name"
+            self.error(line, f"{where}.{key}: {value!r} is not {kind}")
+            return None
+        return value
+
 
 HOST_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
+HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`|~]+")
+GRPC_NAMES = {
+    "service": re.compile(r"\.?[a-z_][a-z_0-9]*(\.[a-z_][a-z_0-9]*)*", re.IGNORECASE),
+    "method": re.compile(r"[A-Za-z_][A-Za-z_0-9]*"),
+}
+"""Gateway API's GRPCMethodMatch patterns for Exact values."""
+
+
+def is_hostname(name: str, *, wildcard: bool) -> bool:
+    labels = name[2:] if wildcard and name.startswith("*.") else name
+    return bool(labels) and all(HOST_LABEL.fullmatch(label) for label in labels.split("."))
+
+
+def idna_hint(name: str, wildcard: bool) -> str:
+    """For an internationalised name, the ASCII (`xn--`) form that SNI and Host carry."""
+    if name.isascii():
+        return ""
+    try:
+        ascii_name = name.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return ""
+    if not is_hostname(ascii_name, wildcard=wildcard):
+        return ""
+    return f" (an internationalised name: write its IDNA form {ascii_name!r})"
 
 
 @dataclass(frozen=True)

@@ -209,7 +209,12 @@ def read_route(document: YMap, order: int, context: RouteContext) -> Route | Non
     hostnames = tuple(
         hostname
         for line, text in checker.strings(spec, "hostnames", where)
-        if (hostname := checker.hostname(text, line, f"{where}.hostnames")) is not None
+        if (
+            hostname := checker.hostname(
+                text, line, f"{where}.hostnames", addresses="an EgressNetwork's networks"
+            )
+        )
+        is not None
     )
     parents = {attachment.network for attachment in attachments}
     rules = tuple(
@@ -440,14 +445,15 @@ def read_http_match(checker: Checker, node: YMap, where: str) -> HttpMatch:
     return HttpMatch(
         path=path,
         method=method,
-        headers=read_value_matches(checker, node, "headers", where, lower_names=True),
-        query=read_value_matches(checker, node, "queryParams", where, lower_names=False),
+        headers=read_value_matches(checker, node, "headers", where, header_names=True),
+        query=read_value_matches(checker, node, "queryParams", where, header_names=False),
     )
 
 
 def read_value_matches(
-    checker: Checker, node: YMap, key: str, where: str, *, lower_names: bool
+    checker: Checker, node: YMap, key: str, where: str, *, header_names: bool
 ) -> tuple[ValueMatch, ...]:
+    """header_names: the names are header names, checked and compared in lower case."""
     matches = []
     for item_where, item in checker.mappings(node, key, where):
         checker.known_fields(item, item_where, {"type", "name", "value"})
@@ -458,9 +464,12 @@ def read_value_matches(
         value = checker.get(item, "value", str, item_where, required=True)
         if name is None or value is None:
             continue
+        name_line = item.line_of("name")
+        if header_names and checker.header_name(name, name_line, f"{item_where}.name") is None:
+            continue
         if kind == MatchKind.REGEX and not checker.regex(value, item.line_of("value"), item_where):
             continue
-        matches.append(ValueMatch(name.lower() if lower_names else name, kind, value))
+        matches.append(ValueMatch(name.lower() if header_names else name, kind, value))
     return tuple(matches)
 
 
@@ -481,13 +490,16 @@ def read_grpc_match(checker: Checker, node: YMap, where: str) -> GrpcMatch:
         method = checker.get(method_node, "method", str, method_where)
         if service is None and method is None:
             checker.error(method_node.line, f"{method_where}: one of service or method is required")
-        if kind == MatchKind.REGEX:
-            for value, key in ((service, "service"), (method, "method")):
-                if value is not None:
-                    checker.regex(value, method_node.line_of(key), f"{method_where}.{key}")
+        for value, key in ((service, "service"), (method, "method")):
+            if value is None:
+                continue
+            if kind == MatchKind.REGEX:
+                checker.regex(value, method_node.line_of(key), f"{method_where}.{key}")
+            else:
+                checker.grpc_name(value, key, method_node.line_of(key), method_where)
     return GrpcMatch(
         service=service,
         method=method,
         kind=kind,
-        headers=read_value_matches(checker, node, "headers", where, lower_names=True),
+        headers=read_value_matches(checker, node, "headers", where, header_names=True),
     )

@@ -157,7 +157,8 @@ def read_rule(
     hosts = tuple(
         hostname
         for line, text in checker.strings(node, "hosts", where)
-        if (hostname := checker.hostname(text, line, f"{where}.hosts")) is not None
+        if (hostname := checker.hostname(text, line, f"{where}.hosts", addresses="cidrs"))
+        is not None
     )
     cidrs = tuple(
         cidr
@@ -256,7 +257,9 @@ def read_backend(checker: Checker, node: YMap, where: str, action: Action) -> Ho
         )
         return None
     if not is_ip_literal(host):
-        name = checker.hostname(host, node.line_of("to"), f"{where}.to", wildcard=False)
+        name = checker.hostname(
+            host, node.line_of("to"), f"{where}.to", addresses=None, wildcard=False
+        )
         if name is None:
             return None
         host = name
@@ -283,8 +286,8 @@ def read_http(checker: Checker, node: YMap, where: str) -> list[HttpMatch]:
             checker.error(line, f"{where}.{key}: {value!r} must start with '/'")
         else:
             path = PathMatch(PATH_KEYS[key], value)
-    headers = read_pairs(checker, node, "headers", where, lower=True)
-    query = read_pairs(checker, node, "query", where, lower=False)
+    headers = read_pairs(checker, node, "headers", where, headers=True)
+    query = read_pairs(checker, node, "query", where, headers=False)
     methods: list[str | None] = []
     for line, method in checker.strings(node, "methods", where):
         if method.upper() not in HTTP_METHODS:
@@ -297,15 +300,18 @@ def read_http(checker: Checker, node: YMap, where: str) -> list[HttpMatch]:
 
 
 def read_pairs(
-    checker: Checker, node: YMap, key: str, where: str, *, lower: bool
+    checker: Checker, node: YMap, key: str, where: str, *, headers: bool
 ) -> tuple[ValueMatch, ...]:
+    """headers: the names are header names, checked and compared in lower case."""
     pairs = checker.get(node, key, YMap, where)
     found = []
     for name, value in (pairs or {}).items():
         line = pairs.line_of(name) if pairs is not None else node.line
         text = checker.typed(value, str, line, f"{where}.{key}.{name}")
+        if headers and checker.header_name(name, line, f"{where}.{key}") is None:
+            continue
         if text is not None:
-            found.append(ValueMatch(name.lower() if lower else name, MatchKind.EXACT, text))
+            found.append(ValueMatch(name.lower() if headers else name, MatchKind.EXACT, text))
     return tuple(found)
 
 
@@ -313,4 +319,7 @@ def read_grpc(checker: Checker, node: YMap, where: str) -> GrpcMatch:
     checker.known_fields(node, where, {"service", "method"})
     service = checker.get(node, "service", str, where)
     method = checker.get(node, "method", str, where)
+    for value, key in ((service, "service"), (method, "method")):
+        if value is not None:
+            checker.grpc_name(value, key, node.line_of(key), where)
     return GrpcMatch(service=service, method=method, any_method=True)

@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from egressproxy.policy.decision import RouteProtocol, RouteRef
+from egressproxy.policy.decision import RouteProtocol, RouteRef, is_ip_literal
 from egressproxy.policy.errors import Checker, ObjectMeta, YMap, read_object_meta
 from egressproxy.policy.linkerd import (
     HTTP_METHODS,
@@ -203,6 +203,8 @@ def read_route_group(
         for header, value in (header_map or {}).items():
             line = header_map.line_of(header) if header_map is not None else item.line
             text = checker.typed(value, str, line, f"{item_where}.headers.{header}")
+            if checker.header_name(header, line, f"{item_where}.headers") is None:
+                continue
             if text is not None and checker.regex(text, line, f"{item_where}.headers.{header}"):
                 headers.append(ValueMatch(header.lower(), MatchKind.REGEX, text))
         methods = []
@@ -241,11 +243,13 @@ def read_egress(
         return []
     checker.known_fields(spec, where, {"sources", "hosts", "ipAddresses", "ports", "matches"})
     clients = read_sources(checker, spec, where)
-    hosts = tuple(
-        hostname
+    # OSM admits an IPv4 host: Envoy matches it against the Host header of its http ports.
+    host_lines = [
+        (line, hostname)
         for line, text in checker.strings(spec, "hosts", where)
-        if (hostname := checker.hostname(text, line, f"{where}.hosts")) is not None
-    )
+        if (hostname := checker.hostname(text, line, f"{where}.hosts", addresses=None)) is not None
+    ]
+    hosts = tuple(hostname for _, hostname in host_lines)
     cidrs = tuple(
         network
         for line, text in checker.strings(spec, "ipAddresses", where)
@@ -266,6 +270,8 @@ def read_egress(
             )
         elif number is not None and name is not None:
             ports.setdefault(PROTOCOLS[name], []).append(number)
+    if RouteProtocol.TLS in ports:
+        warn_address_hosts(checker, host_lines, where)
     http_rules = read_egress_matches(checker, spec, where, meta, groups, cidrs)
     origin = Origin(checker.file, meta.line)
     if not clients:
@@ -299,6 +305,21 @@ def read_egress(
             )
         )
     return routes
+
+
+def warn_address_hosts(checker: Checker, host_lines: list[tuple[int, str]], where: str) -> None:
+    """An IP host never matches on an https port (SNI is a name, never an address: RFC 6066
+    3), as in OSM, whose filter chain matches server names."""
+    for line, host in host_lines:
+        if is_ip_literal(host):
+            log.warning(
+                "%s:%d: %s.hosts: %r never matches on https ports (SNI never carries an "
+                "address); match addresses with ipAddresses on a tcp port",
+                checker.file,
+                line,
+                where,
+                host,
+            )
 
 
 def egress_cidr(checker: Checker, text: str, line: int, where: str) -> IPNetwork | None:

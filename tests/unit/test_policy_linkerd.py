@@ -19,6 +19,7 @@ from egressproxy.policy.decision import (
     RouteProtocol,
     RouteRef,
 )
+from egressproxy.policy.errors import PolicyError
 from egressproxy.policy.index import PolicyIndex, compile_policy
 from egressproxy.policy.loader import load_policy, load_policy_text
 from egressproxy.settings import Settings
@@ -738,3 +739,105 @@ def test_describe_is_json() -> None:
     text = json.dumps(description)
     assert "unencrypted-http" in text and "internal-egress" in text
     assert str(description["file"]).endswith("linkerd-5-redirect.yaml")
+
+
+def route_problems(document: str) -> list[tuple[int | None, str]]:
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(DENY_NET + "---" + document, "policy.yaml")
+    return [(problem.line, problem.reason) for problem in caught.value.problems]
+
+
+def line_of(document: str, text: str) -> int:
+    """The line of text in the policy route_problems loads."""
+    whole = DENY_NET + "---" + document
+    return whole[: whole.index(text)].count("\n") + 1
+
+
+@pytest.mark.parametrize("kind", ["HTTPRoute", "GRPCRoute", "TLSRoute"])
+@pytest.mark.parametrize("address", ["203.0.113.5", "'2001:db8::5'"])
+def test_route_hostnames_refuse_ip_addresses(kind: str, address: str) -> None:
+    """Gateway API hostnames: "IPs are not allowed" (and SNI never carries one, RFC 6066 3):
+    addresses are an EgressNetwork's networks."""
+    document = (
+        http_route("by-ip", "  - {}\n", hostnames=f"  hostnames: [{address}]")
+        .replace("kind: HTTPRoute", f"kind: {kind}")
+        .replace("gateway.networking.k8s.io/v1\n", "gateway.networking.k8s.io/v1alpha2\n")
+    )
+    assert route_problems(document) == [
+        (
+            line_of(document, "  hostnames:"),
+            f"{kind} egress-test/by-ip.spec.hostnames: {address.strip(chr(39))!r} is an IP "
+            "address, not a hostname: match addresses with an EgressNetwork's networks",
+        )
+    ]
+
+
+def test_route_hostnames_hint_at_the_idna_form() -> None:
+    document = http_route("idn", "  - {}\n", hostnames="  hostnames: [bücher.example]")
+    assert route_problems(document) == [
+        (
+            line_of(document, "  hostnames:"),
+            "HTTPRoute egress-test/idn.spec.hostnames: 'bücher.example' is not a valid hostname "
+            "(an internationalised name: write its IDNA form 'xn--bcher-kva.example')",
+        )
+    ]
+
+
+HEADER_NAME_PROBLEM = "is not a header name (letters, digits and !#$%&'*+-.^_`|~ only)"
+
+
+@pytest.mark.parametrize("match_type", ["Exact", "RegularExpression"])
+def test_header_match_names_are_tokens(match_type: str) -> None:
+    """Gateway API's HTTPHeaderName pattern, whatever the match type (it makes the value a
+    regex, never the name): a name with a space never matches a request's header."""
+    header = f"      - {{type: {match_type}, name: x team, value: blue}}\n"
+    http = http_route("h", "  - matches:\n    - headers:\n" + header)
+    grpc = grpc_route("g", "  - matches:\n    - headers:\n" + header)
+    assert route_problems(http) == [
+        (
+            line_of(http, "name: x team"),
+            "HTTPRoute egress-test/h.spec.rules[0].matches[0].headers[0].name: 'x team' "
+            + HEADER_NAME_PROBLEM,
+        )
+    ]
+    assert route_problems(grpc) == [
+        (
+            line_of(grpc, "name: x team"),
+            "GRPCRoute egress-test/g.spec.rules[0].matches[0].headers[0].name: 'x team' "
+            + HEADER_NAME_PROBLEM,
+        )
+    ]
+
+
+@pytest.mark.parametrize(
+    ("method", "problem"),
+    [
+        (
+            "{service: pkg.Greeter/SayHello}",
+            "service: 'pkg.Greeter/SayHello' is not a protobuf service name (pkg.Service)",
+        ),
+        ("{service: pkg Greeter}", "service: 'pkg Greeter' is not a protobuf service name"),
+        ("{service: pkg.Greeter, method: Say Hello}", "method: 'Say Hello' is not a method name"),
+        ("{type: Exact, method: pkg.SayHello}", "method: 'pkg.SayHello' is not a method name"),
+    ],
+)
+def test_grpc_exact_names_are_protobuf_names(method: str, problem: str) -> None:
+    """GRPCMethodMatch's CEL rules for Exact: no `/` or space, which no /service/method path
+    can carry."""
+    document = grpc_route("g", f"  - matches:\n    - method: {method}\n")
+    problems = route_problems(document)
+    assert len(problems) == 1
+    line, reason = problems[0]
+    assert line == line_of(document, "    - method:")
+    assert reason.startswith(f"GRPCRoute egress-test/g.spec.rules[0].matches[0].method.{problem}")
+
+
+def test_grpc_regular_expression_names_are_regexes() -> None:
+    """With type RegularExpression the CRD's name patterns do not apply."""
+    document = grpc_route(
+        "g",
+        "  - matches:\n    - method:\n"
+        "        {type: RegularExpression, service: 'pkg\\..*', method: 'Say.*'}\n",
+    )
+    index = compiled(DENY_NET + "---" + document)
+    assert grpc_call(index, "/pkg.Greeter/SayHello").route == route("GRPCRoute", "g")

@@ -419,3 +419,76 @@ spec:
             "standalone.greeter",
         ),
     }
+
+
+def native_rule_problems(rule: str) -> list[str]:
+    text = f"""\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {{name: p}}
+spec:
+  default: deny
+  rules:
+  - {rule}
+"""
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(text, "n.yaml")
+    return [str(problem) for problem in caught.value.problems]
+
+
+@pytest.mark.parametrize(
+    ("rule", "problem"),
+    [
+        (
+            "hosts: [203.0.113.5]",
+            "hosts: '203.0.113.5' is an IP address, not a hostname: match addresses with cidrs",
+        ),
+        (
+            'hosts: ["2001:db8::5"]',
+            "hosts: '2001:db8::5' is an IP address, not a hostname: match addresses with cidrs",
+        ),
+        (
+            'hosts: ["bücher.example"]',
+            "hosts: 'bücher.example' is not a valid hostname (an internationalised name: "
+            "write its IDNA form 'xn--bcher-kva.example')",
+        ),
+        (
+            'hosts: ["*.Bücher.example"]',
+            "hosts: '*.Bücher.example' is not a valid hostname (an internationalised name: "
+            "write its IDNA form '*.xn--bcher-kva.example')",
+        ),
+        (
+            "http: [{headers: {x team: blue}}]",
+            "http[0].headers: 'x team' is not a header name "
+            "(letters, digits and !#$%&'*+-.^_`|~ only)",
+        ),
+        (
+            'http: [{headers: {"x-team:": blue}}]',
+            "http[0].headers: 'x-team:' is not a header name "
+            "(letters, digits and !#$%&'*+-.^_`|~ only)",
+        ),
+        (
+            'grpc: [{service: "pkg.Greeter/SayHello"}]',
+            "grpc[0].service: 'pkg.Greeter/SayHello' is not a protobuf service name (pkg.Service)",
+        ),
+        (
+            'grpc: [{service: pkg.Greeter, method: "Say Hello"}]',
+            "grpc[0].method: 'Say Hello' is not a method name",
+        ),
+    ],
+    ids=[
+        "ipv4-host",
+        "ipv6-host",
+        "idn-host",
+        "idn-wildcard",
+        "header-space",
+        "header-colon",
+        "grpc-slash",
+        "grpc-space",
+    ],
+)
+def test_names_that_can_never_match_are_errors(rule: str, problem: str) -> None:
+    """An IP in hosts (SNI never carries one, and cidrs match addresses), a non-ASCII name
+    (SNI and Host carry its xn-- form), a header name that is not a token, or a gRPC name
+    no `/service/method` path can carry would silently never match."""
+    assert native_rule_problems(rule) == [f"n.yaml:7: EgressPolicy p.spec.rules[0].{problem}"]

@@ -391,3 +391,51 @@ def test_egress_port_protocols_are_lower_case() -> None:
             "other spelling)",
         )
     ]
+
+
+def test_an_ipv4_egress_host_matches_the_host_header_and_warns_on_https(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """OSM admits any string in hosts: on an http port Envoy matches an IPv4 one against the
+    Host header, so it stays valid; on an https port it can never match (SNI is never an
+    address, RFC 6066 3), which a warning at its line says."""
+    text = (EXAMPLES / "osm-3-egress-policy.yaml").read_text().replace("httpbin.org", "203.0.113.9")
+    with caplog.at_level("WARNING", logger="egressproxy.policy.osm"):
+        index = compile_policy(load_policy_text(text, "p.yaml"), CURL)
+    assert http(index, "203.0.113.9", "/get").route == egress("httpbin-80")
+    https_line = (
+        text.splitlines().index("  - 203.0.113.9", text.count("\n", 0, text.index("httpbin-443")))
+        + 1
+    )
+    assert [record.getMessage() for record in caplog.records] == [
+        f"p.yaml:{https_line}: Egress curl/httpbin-443.spec.hosts: '203.0.113.9' never matches "
+        "on https ports (SNI never carries an address); match addresses with ipAddresses on a "
+        "tcp port"
+    ]
+
+
+def test_an_idn_egress_host_hints_at_its_idna_form() -> None:
+    text = (
+        (EXAMPLES / "osm-3-egress-policy.yaml").read_text().replace("httpbin.org", "bücher.example")
+    )
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(text, "p.yaml")
+    assert caught.value.problems[0].reason == (
+        "Egress curl/httpbin-80.spec.hosts: 'bücher.example' is not a valid hostname "
+        "(an internationalised name: write its IDNA form 'xn--bcher-kva.example')"
+    )
+
+
+@pytest.mark.parametrize("header", ["x team", "x-team:"])
+def test_route_group_header_names_are_tokens(header: str) -> None:
+    """SMI HTTPRouteGroup headers map a name to a regex: the value is a regex, the name a
+    header name, and one with a space or `:` never matches (Envoy's header matcher)."""
+    text = (EXAMPLES / "osm-5-egress-routegroup.yaml").read_text()
+    start = text.index("  - name: status")
+    broken = text[:start] + f'    headers: {{"{header}": ".*"}}\n' + text[start:]
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(broken, "p.yaml")
+    assert [problem.reason for problem in caught.value.problems] == [
+        f"HTTPRouteGroup curl/egress-http-route.spec.matches[0].headers: {header!r} is not a "
+        "header name (letters, digits and !#$%&'*+-.^_`|~ only)"
+    ]
