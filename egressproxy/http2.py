@@ -105,7 +105,9 @@ class _Connection(h2.connection.H2Connection):
     for DATA, h2's own class, InvalidBodyLengthError; for HEADERS, an error raised once
     the stream's state machine recorded the block (headers_received or trailers_received
     changed), so the block decoded (HPACK state intact) on a valid stream. Errors before
-    that (HPACK, stream ids, a frame on a closed stream) stay connection errors.
+    that (HPACK, stream ids, a frame on a closed stream) stay connection errors. A body a
+    header block's END_STREAM ends short of its content-length, which h2 lets through, is
+    a stream error too (_length_at_end).
     """
 
     def __init__(self, client_side: bool, max_header_bytes: int) -> None:
@@ -129,14 +131,38 @@ class _Connection(h2.connection.H2Connection):
         self, frame: hyperframe.frame.HeadersFrame
     ) -> tuple[list[hyperframe.frame.Frame], list[h2.events.Event]]:
         before = self._blocks_received(frame.stream_id)
+        stream = self.streams.get(frame.stream_id)
+        declared = stream._expected_content_length if stream is not None else None
         try:
-            return super()._receive_headers_frame(frame)
+            received = super()._receive_headers_frame(frame)
         except h2.exceptions.StreamClosedError:
             raise
         except h2.exceptions.ProtocolError as error:
             if self._blocks_received(frame.stream_id) == before:
                 raise
             return self._stream_error(frame.stream_id, str(error), head=not before[0])
+        if "END_STREAM" in frame.flags:
+            problem = self._length_at_end(frame.stream_id, declared, trailers=bool(before[0]))
+            if problem:
+                return self._stream_error(frame.stream_id, problem, head=not before[0])
+        return received
+
+    def _length_at_end(self, stream_id: int, declared: int | None, trailers: bool) -> str:
+        """Why a header block's END_STREAM ends a body short of its content-length; "" if
+        not. h2 checks only a DATA frame's END_STREAM: not a request head's (a response
+        head's may declare a length it has no content for: HEAD, 304), nor trailers', whose
+        block it reads a new content-length from (none) after the head's was `declared`."""
+        stream = self.streams[stream_id]
+        if trailers:
+            expected = declared
+        elif self.config.client_side:
+            return ""
+        else:
+            expected = stream._expected_content_length
+        received = stream._actual_content_length
+        if expected is None or expected == received:
+            return ""
+        return f"content-length {expected}, body of {received} bytes"
 
     def _receive_data_frame(
         self, frame: hyperframe.frame.DataFrame

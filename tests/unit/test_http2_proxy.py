@@ -1243,6 +1243,41 @@ async def test_a_bad_content_length_or_trailers_reset_their_stream_not_the_conne
     assert [flow.error for flow in proxy.ledger.flows] == [""]
 
 
+@pytest.mark.asyncio
+async def test_a_body_that_a_header_block_ends_short_of_its_content_length_is_not_forwarded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 9113 8.1.1: a content-length the body does not match makes a request malformed.
+    h2 compares them only at a DATA frame's END_STREAM, so a head with END_STREAM and a
+    content-length above 0, or a short body ended by trailers, went upstream as they were;
+    now the stream is reset (PROTOCOL_ERROR), what went upstream of it is cancelled, and a
+    stream beside it is answered."""
+    RecordingH2Server.answered = []
+    post = [(":method", "POST"), (":scheme", "http"), (":authority", "example.test")]
+    async with proxy_to_h2_origin(RecordingH2Server, tmp_path, monkeypatch) as proxy:
+        client = await connect_h2(proxy, LaxH2Client)
+        no_body = client.send_block([*post, (":path", "/e"), ("content-length", "5")])
+        short = client.send_block([*post, (":path", "/s"), ("content-length", "9")], False)
+        client.h2.send_data(client.h2.highest_outbound_stream_id, b"1234")
+        client.transport.write(client.h2.data_to_send())
+        await asyncio.sleep(0.2)  # the head and body are upstream before the trailers come
+        client.h2.send_headers(client.h2.highest_outbound_stream_id, [("x-t", "1")], True)
+        good = client.request("POST", "/good", b"body", {"content-length": "4"})
+        async with asyncio.timeout(TIMEOUT):
+            for answer in [no_body, short, good]:
+                await answer.done.wait()
+        assert [(a.reset, a.reset_code) for a in (no_body, short)] == [
+            (True, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        ] * 2
+        assert good.headers[":status"] == "200"
+        assert not client.goaway
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
+    assert [headers[":path"] for headers in RecordingH2Server.answered] == ["/good"]
+    outcomes = sorted((r.path, r.status, r.error) for r in proxy.ledger.requests)
+    assert outcomes == [("", None, "bad_request"), ("/good", 200, ""), ("/s", None, "bad_request")]
+
+
 def test_the_goaway_filter_refuses_an_oversized_frame_by_its_header() -> None:
     frames = GoawayFilter(0)
     header = (16384 + 1).to_bytes(3, "big") + bytes([0, 0]) + (1).to_bytes(4, "big")
@@ -1277,7 +1312,8 @@ async def test_an_oversized_frame_ends_the_connection_before_it_is_buffered(
 
 class MalformedH2Origin(SlowH2Origin):
     """Answers /head with an uppercase header name, /body with a body longer than its
-    content-length, after DELAY; /good a little later, on the same connection."""
+    content-length, /short with one shorter ended by trailers, after DELAY; /good a little
+    later, on the same connection."""
 
     LIMIT = 10
 
@@ -1297,6 +1333,10 @@ class MalformedH2Origin(SlowH2Origin):
         elif path == b"/body":
             self.h2.send_headers(stream_id, [(":status", "200"), ("content-length", "2")])
             self.h2.send_data(stream_id, b"longer", end_stream=True)
+        elif path == b"/short":
+            self.h2.send_headers(stream_id, [(":status", "200"), ("content-length", "9")])
+            self.h2.send_data(stream_id, b"1234")
+            self.h2.send_headers(stream_id, [("x-t", "1")], end_stream=True)
         else:
             self.answer(stream_id)
             return
@@ -1313,12 +1353,15 @@ async def test_a_malformed_response_fails_its_stream_not_the_upstream_connection
     bad_response, and the stream beside them on that upstream is answered."""
     async with proxy_to_h2_origin(MalformedH2Origin, tmp_path, monkeypatch) as proxy:
         client = await connect_h2(proxy)
-        head, body, good = (client.request("GET", path) for path in ("/head", "/body", "/good"))
+        paths = ("/head", "/body", "/short", "/good")
+        head, body, short, good = (client.request("GET", path) for path in paths)
         async with asyncio.timeout(TIMEOUT):
-            for answer in (head, body, good):
+            for answer in (head, body, short, good):
                 await answer.done.wait()
         assert head.headers[":status"] == "502"
-        assert (body.reset, body.reset_code) == (True, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        assert [(a.reset, a.reset_code) for a in (body, short)] == [
+            (True, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        ] * 2
         assert (good.headers[":status"], bytes(good.body)) == ("200", b"late")
         client.transport.close()
         await proxy.wait_closed_flows(1)
@@ -1327,6 +1370,7 @@ async def test_a_malformed_response_fails_its_stream_not_the_upstream_connection
         ("/body", 200, "bad_response"),
         ("/good", 200, ""),
         ("/head", 502, "bad_response"),
+        ("/short", 200, "bad_response"),
     ]
 
 
