@@ -82,8 +82,9 @@ _REQUEST_TRAILERS = _REQUEST_HEADERS._replace(is_trailer=True)
 
 
 class MalformedMessage(h2.events.Event):
-    """A request or response h2 found malformed (RFC 9113 8.1.1); _Connection has reset
-    its stream (RST_STREAM PROTOCOL_ERROR) and dropped the frame."""
+    """A request or response h2 found malformed (RFC 9113 8.1.1), or a stream past our
+    stream limit (5.1.2); _Connection has reset its stream (RST_STREAM PROTOCOL_ERROR,
+    REFUSED_STREAM for the limit) and dropped the frame."""
 
     def __init__(self, stream_id: int, reason: str, head: bool) -> None:
         self.stream_id = stream_id
@@ -105,9 +106,9 @@ class _Connection(h2.connection.H2Connection):
     for DATA, h2's own class, InvalidBodyLengthError; for HEADERS, an error raised once
     the stream's state machine recorded the block (headers_received or trailers_received
     changed), so the block decoded (HPACK state intact) on a valid stream. Errors before
-    that (HPACK, stream ids, a frame on a closed stream) stay connection errors. A body a
-    header block's END_STREAM ends short of its content-length, which h2 lets through, is
-    a stream error too (_length_at_end).
+    that (HPACK, stream ids, a frame on a closed stream) stay connection errors, but for
+    TooManyStreamsError (_refuse). A body a header block's END_STREAM ends short of its
+    content-length, which h2 lets through, is a stream error too (_length_at_end).
     """
 
     def __init__(self, client_side: bool, max_header_bytes: int) -> None:
@@ -135,6 +136,8 @@ class _Connection(h2.connection.H2Connection):
         declared = stream._expected_content_length if stream is not None else None
         try:
             received = super()._receive_headers_frame(frame)
+        except h2.exceptions.TooManyStreamsError as error:
+            return self._refuse(frame, str(error))
         except h2.exceptions.StreamClosedError:
             raise
         except h2.exceptions.ProtocolError as error:
@@ -164,6 +167,20 @@ class _Connection(h2.connection.H2Connection):
             return ""
         return f"content-length {expected}, body of {received} bytes"
 
+    def _refuse(
+        self, frame: hyperframe.frame.HeadersFrame, reason: str
+    ) -> tuple[list[hyperframe.frame.Frame], list[h2.events.Event]]:
+        """A stream past our SETTINGS_MAX_CONCURRENT_STREAMS: RFC 9113 5.1.2 allows a stream
+        error, REFUSED_STREAM so the client may retry it, where h2 raises a connection error.
+        Its block is still read, as if the stream were allowed, to keep HPACK in step."""
+        self._begin_new_stream(
+            frame.stream_id, h2.connection.AllowedStreamIDs(not self.config.client_side)
+        )
+        self._receive_headers_frame(frame)
+        return self._stream_error(
+            frame.stream_id, reason, head=True, code=h2.errors.ErrorCodes.REFUSED_STREAM
+        )
+
     def _receive_data_frame(
         self, frame: hyperframe.frame.DataFrame
     ) -> tuple[list[hyperframe.frame.Frame], list[h2.events.Event]]:
@@ -182,11 +199,15 @@ class _Connection(h2.connection.H2Connection):
         return machine.headers_received, machine.trailers_received
 
     def _stream_error(
-        self, stream_id: int, reason: str, head: bool
+        self,
+        stream_id: int,
+        reason: str,
+        head: bool,
+        code: h2.errors.ErrorCodes = h2.errors.ErrorCodes.PROTOCOL_ERROR,
     ) -> tuple[list[hyperframe.frame.Frame], list[h2.events.Event]]:
-        """RST_STREAM PROTOCOL_ERROR, unless the block ended the stream both ways already."""
+        """RST_STREAM with code, unless the stream is closed both ways (or reset) already."""
         with contextlib.suppress(h2.exceptions.StreamClosedError):
-            self.reset_stream(stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            self.reset_stream(stream_id, code)
         return [], [MalformedMessage(stream_id, reason, head)]
 
 

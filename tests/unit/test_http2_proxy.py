@@ -26,6 +26,7 @@ import pytest_asyncio
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+import egressproxy.http2
 from egressproxy.http2 import GoawayFilter
 from egressproxy.metrics import Metrics, exposition
 from egressproxy.server import Reporting
@@ -1276,6 +1277,46 @@ async def test_a_body_that_a_header_block_ends_short_of_its_content_length_is_no
     assert [headers[":path"] for headers in RecordingH2Server.answered] == ["/good"]
     outcomes = sorted((r.path, r.status, r.error) for r in proxy.ledger.requests)
     assert outcomes == [("", None, "bad_request"), ("/good", 200, ""), ("/s", None, "bad_request")]
+
+
+@pytest.mark.asyncio
+async def test_a_stream_past_the_stream_limit_is_refused_not_the_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 9113 5.1.2: a stream opened past our SETTINGS_MAX_CONCURRENT_STREAMS is a stream
+    error. h2 made it a connection error (GOAWAY), ending the streams in flight too; now
+    that stream alone is refused (REFUSED_STREAM, which a client may retry), counted
+    bad_request, and the others are answered."""
+    monkeypatch.setattr(egressproxy.http2, "MAX_CONCURRENT_STREAMS", 2)
+    async with proxy_to_h2_origin(SlowH2Origin, tmp_path, monkeypatch) as proxy:
+        client = await connect_h2(proxy)
+        first = client.request("GET", "/first")
+        async with asyncio.timeout(TIMEOUT):
+            await first.done.wait()
+        client.h2.remote_settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = 10
+        client.h2.remote_settings.acknowledge()  # past the proxy's limit of 2
+        within = [client.request("GET", f"/{number}") for number in range(2)]
+        past = client.request("GET", "/past")
+        async with asyncio.timeout(TIMEOUT):
+            for answer in [*within, past]:
+                await answer.done.wait()
+        assert (past.reset, past.reset_code) == (True, h2.errors.ErrorCodes.REFUSED_STREAM)
+        after = client.request("GET", "/after")
+        async with asyncio.timeout(TIMEOUT):
+            await after.done.wait()
+        answered = [(a.headers.get(":status"), bytes(a.body)) for a in [first, *within, after]]
+        assert answered == [("200", b"late")] * 4
+        assert not client.goaway
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
+    outcomes = sorted((r.path, r.status, r.error) for r in proxy.ledger.requests)
+    assert outcomes == [
+        ("", None, "bad_request"),
+        ("/0", 200, ""),
+        ("/1", 200, ""),
+        ("/after", 200, ""),
+        ("/first", 200, ""),
+    ]
 
 
 def test_the_goaway_filter_refuses_an_oversized_frame_by_its_header() -> None:
