@@ -1292,29 +1292,34 @@ class Http1Proxy(asyncio.Protocol):
             self.transport.abort()
             return
         self._write_client(error_response(status, HTTPStatus(status).phrase.lower()))
-        self._close_upstreams()
         self._linger()
 
     def _linger(self) -> None:
-        """Close after an error answer without resetting the unread request bytes away."""
+        """Close after an error answer without resetting the unread request bytes away.
+
+        The upstreams go now; the flow is finished when the client's socket closes.
+        """
         self._stop()
         self._flush_batch()
+        self._close_upstreams()
         self.closed = True
-        self.flow.finish(self.error)
         if self.inbox_eof:
             self.transport.close()  # the client sends nothing more: nothing to drop
             return
         if self.transport.can_write_eof():
             self.transport.write_eof()
-        self.transport.set_protocol(_Linger(self.transport, self.loop))
+        self.transport.set_protocol(_Linger(self.flow, self.error))
 
 
 class _Linger(asyncio.Protocol):
-    """Drops what the client still sends until it closes or LINGER_SECONDS pass."""
+    """Drops what the client still sends until it closes or LINGER_SECONDS pass; the
+    connection counts as open until then (--max-connections, the open-connections gauge)."""
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self.transport = transport
-        self.timer = loop.call_later(LINGER_SECONDS, transport.close)
+    def __init__(self, flow: Flow, error: str) -> None:
+        self.flow = flow
+        self.error = error
+        transport = flow.transport
+        self.timer = flow.context.loop.call_later(LINGER_SECONDS, transport.close)
         transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
@@ -1326,3 +1331,4 @@ class _Linger(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.timer.cancel()
+        self.flow.finish(self.error)

@@ -781,3 +781,53 @@ async def test_a_backend_lookup_that_times_out_gets_504(
             await proxy.wait_closed_flows(1)
         assert (status, body) == (504, b"dns_timeout\n")
         assert [f.error for f in proxy.ledger.flows] == ["dns_timeout"]
+
+
+@pytest.mark.asyncio
+async def test_a_connection_lingering_after_an_error_answer_is_still_counted_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a 400 the proxy keeps reading (and dropping) the client's bytes for a while:
+    the connection is open until then, for --max-connections and the open-connections
+    gauge alike, and is reported once when its socket closes."""
+    async with proxy_to_origin(h1, tmp_path, monkeypatch, POLICY.format(backend=1)) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"GET /a HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\nmore bytes")
+        assert (await read_response(reader))[0] == 400
+        assert await reader.read() == b""
+        await asyncio.sleep(0.1)
+        lingering = (len(proxy.context.open_flows), len(proxy.ledger.flows))
+        writer.close()
+        await proxy.wait_closed_flows(1)
+        assert not proxy.context.open_flows.flows
+    assert lingering == (1, 0)
+    assert [flow.error for flow in proxy.ledger.flows] == ["bad_request"]
+
+
+@pytest.mark.asyncio
+async def test_an_answer_that_ends_the_connection_closes_its_idle_upstream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A denied request waiting for 100 Continue is answered 403 and the connection ends;
+    the upstream connection kept from the request before must end with it."""
+    upstream_ended = asyncio.Event()
+
+    async def h1_noting_the_end(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await h1(reader, writer)
+        upstream_ended.set()
+
+    async with proxy_to_origin(
+        h1_noting_the_end, tmp_path, monkeypatch, POLICY.format(backend=1)
+    ) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        assert (await read_response(reader))[0] == 200
+        writer.write(
+            b"POST /denied HTTP/1.1\r\nHost: example.test\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 5\r\n\r\n"
+        )
+        assert (await read_response(reader))[0] == 403
+        assert await reader.read() == b""
+        await asyncio.wait_for(upstream_ended.wait(), 2)
+        writer.close()
+        await proxy.wait_closed_flows(1)
