@@ -28,7 +28,7 @@ from egressproxy.policy.decision import (
 )
 from egressproxy.policy.store import PolicyStore
 from egressproxy.records import Accounting, FlowRecord
-from egressproxy.relay import RelayResult
+from egressproxy.relay import WRITE_BUFFER_HIGH, RelayResult
 from egressproxy.settings import EchPolicy, Settings, VerifyDestination
 from egressproxy.sniff import (
     NEED_MORE,
@@ -257,7 +257,9 @@ class Flow(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        if not self.sniffing:
+        if not self.sniffing:  # decided, verifying or connecting: kept for the upstream
+            if len(self.buffer) > WRITE_BUFFER_HIGH:
+                self.transport.pause_reading()
             return
         result = sniff(self.buffer)
         if result is NEED_MORE:
@@ -278,6 +280,9 @@ class Flow(asyncio.Protocol):
             self.sniff_timer.cancel()
         if self.task is None:
             self.finish(self.record.error or ("reset" if exc else ""))
+        elif not self.task.done():  # gone while verifying or connecting: waiting is for no one
+            self.record.error = self.record.error or "reset"
+            self.task.cancel()
 
     def _restart_sniff_timer(self) -> None:
         """The first bytes came: the hello or request head now has its own, longer deadline.
@@ -360,7 +365,6 @@ class Flow(asyncio.Protocol):
             self._deny(detected)
             return
         host, port = upstream.address_for(decision, self.record.destination)
-        self.transport.pause_reading()
         self.task = self.context.loop.create_task(
             self._connect(host, port, detected), name=f"connect {self.record.client}→{host}:{port}"
         )
@@ -396,7 +400,11 @@ class Flow(asyncio.Protocol):
 
     async def _connect(self, host: str, port: int, detected: Detected) -> None:
         """Verify, connect and splice. The flow is finished however this ends: cancelled
-        too (the worker stopping: the drain timeout's abort, or its loop closing)."""
+        too (the client's reset, the drain timeout's abort, or the worker's loop closing).
+
+        The client is still read meanwhile, so that a reset is seen; its bytes wait in the
+        buffer (reading pauses past WRITE_BUFFER_HIGH) and go first to the upstream.
+        """
         try:
             await self._verify_connect_and_splice(host, port, detected)
         except asyncio.CancelledError:
