@@ -344,6 +344,8 @@ class Http1Proxy(asyncio.Protocol):
         self.backlog = 0
         self.client_write_paused = False
         self.closed = False
+        self.unsent = 0
+        """Bytes still unsent when closing, as the idle sweep last saw them."""
         self.batch: list[bytes] | None = None
         """Client-bound bytes collected while one upstream read is handled."""
         self.processing = False
@@ -467,11 +469,18 @@ class Http1Proxy(asyncio.Protocol):
             self.pause_client(_PAUSED_BY_BACKLOG)
 
     def _close(self) -> None:
-        """Close once what is written has gone out; connection_lost does the accounting."""
+        """Close once what is written has gone out; connection_lost does the accounting.
+
+        While bytes are still unsent the idle sweep stays on: a client that stopped
+        reading would otherwise hold the connection (and its place) for ever.
+        """
         self._stop()
         self._flush_batch()
         self.closed = True
         self.transport.close()
+        self.unsent = self.transport.get_write_buffer_size()
+        if self.unsent:
+            self.flow.context.idle_sweep.add(self)
 
     def _stop(self) -> None:
         self.flow.context.idle_sweep.discard(self)
@@ -514,7 +523,20 @@ class Http1Proxy(asyncio.Protocol):
     def tick(self) -> None:
         """The idle sweep's check, every quarter of --idle-timeout."""
         now = self.loop.time()
+        if self.closed:  # closing, with bytes unsent
+            unsent = self.transport.get_write_buffer_size()
+            if unsent != self.unsent:
+                self.unsent, self.last_activity = unsent, now
         if now - self.last_activity < self.settings.idle_timeout:
+            return
+        if self.closed:
+            log.info(
+                "%s: closing, nothing read for %ss",
+                self.flow.record.client,
+                self.settings.idle_timeout,
+            )
+            self.error = self.error or "idle_timeout"
+            self.transport.abort()
             return
         if self._awaiting_response():
             assert self.upstream is not None
@@ -1304,7 +1326,7 @@ class Http1Proxy(asyncio.Protocol):
         self._close_upstreams()
         self.closed = True
         if self.inbox_eof:
-            self.transport.close()  # the client sends nothing more: nothing to drop
+            self._close()  # the client sends nothing more: nothing to drop
             return
         if self.transport.can_write_eof():
             self.transport.write_eof()
@@ -1318,9 +1340,17 @@ class _Linger(asyncio.Protocol):
     def __init__(self, flow: Flow, error: str) -> None:
         self.flow = flow
         self.error = error
-        transport = flow.transport
-        self.timer = flow.context.loop.call_later(LINGER_SECONDS, transport.close)
+        self.transport = transport = flow.transport
+        self.timer = flow.context.loop.call_later(LINGER_SECONDS, self._over)
         transport.resume_reading()
+
+    def _over(self) -> None:
+        """Closed; cut if the client has not even taken the answer yet (closing would wait
+        for it for ever)."""
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()
+        else:
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         """Dropped: the request was already answered."""

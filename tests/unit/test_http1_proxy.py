@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -831,3 +832,51 @@ async def test_an_answer_that_ends_the_connection_closes_its_idle_upstream(
         await asyncio.wait_for(upstream_ended.wait(), 2)
         writer.close()
         await proxy.wait_closed_flows(1)
+
+
+async def client_that_never_reads(proxy: LoopbackProxy) -> socket.socket:
+    """A client connection whose bytes the proxy cannot send: both socket buffers small,
+    and nothing ever read."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(client, (proxy.host, proxy.port))
+    async with asyncio.timeout(2):
+        while not proxy.context.open_flows.flows:
+            await asyncio.sleep(0.01)
+    (flow,) = proxy.context.open_flows.flows
+    flow.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return client
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("requests", "error"),
+    [
+        (
+            b"GET /bytes/131072 HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n",
+            "idle_timeout",
+        ),
+        (
+            b"GET /bytes/131072 HTTP/1.1\r\nHost: example.test\r\n\r\nGET / HTTP/1.1\r\n\r\n",
+            "bad_request",
+        ),
+    ],
+    ids=["connection-close", "error-answer-lingering"],
+)
+async def test_a_closing_connection_whose_client_reads_nothing_is_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, requests: bytes, error: str
+) -> None:
+    """The last answer is complete but the client reads nothing: closing would wait for it
+    for ever, holding its place against --max-connections; it is cut after the idle
+    timeout (or when the linger after an error answer ends)."""
+    async with proxy_to_origin(
+        h1, tmp_path, monkeypatch, POLICY.format(backend=1), idle_timeout=0.4
+    ) as proxy:
+        client = await client_that_never_reads(proxy)
+        client.send(requests)
+        await proxy.wait_requests(1)
+        await proxy.wait_closed_flows(1, timeout=4.0)
+        client.close()
+    assert proxy.ledger.requests[0].status == 200
+    assert [flow.error for flow in proxy.ledger.flows] == [error]
