@@ -27,12 +27,14 @@ accept_ra is 2.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +67,8 @@ DENIED = ("Permission denied", "Operation not permitted", "you must be root")
 KUBERNETES_CANARIES = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
 # iptables lives in sbin, which a non-root PATH often lacks.
 SBIN = ("/usr/sbin", "/sbin")
+# rtnetlink's route type of an ordinary route (RTN_UNICAST).
+RTN_UNICAST = 1
 FORWARDING = {
     Family.IPV4: Path("/proc/sys/net/ipv4/ip_forward"),
     Family.IPV6: Path("/proc/sys/net/ipv6/conf/all/forwarding"),
@@ -187,20 +191,27 @@ def _rule_count(saved: str) -> int:
     return sum(1 for line in saved.splitlines() if line.startswith("-"))
 
 
-def families(backend: Backend, ipv6: bool | None) -> list[Family]:
+def families(backend: Backend, ipv6: bool | None, *, capturing: bool = False) -> list[Family]:
+    """`--ipv6` asks for IPv6 and fails without it; left unsaid, IPv6 is programmed when
+    ip6tables works, and a capture without it warns if the namespace uses IPv6."""
     if ipv6 is False:
         return [Family.IPV4]
-    unusable = _ipv6_unusable(backend)
+    kernel_has_ipv6 = Path("/proc/net/if_inet6").exists()
+    unusable = _ip6tables_unusable(backend) if kernel_has_ipv6 else "this kernel has no IPv6"
     if unusable is None:
         return [Family.IPV4, Family.IPV6]
     if ipv6:
         raise ApplyError(f"--ipv6: {unusable}")
+    if capturing and kernel_has_ipv6:
+        used = read_ipv6_in_use()
+        if used:
+            print(
+                f"egressproxy iptables install: {uncaptured_ipv6(unusable, used)}", file=sys.stderr
+            )
     return [Family.IPV4]
 
 
-def _ipv6_unusable(backend: Backend) -> str | None:
-    if not Path("/proc/net/if_inet6").exists():
-        return "this kernel has no IPv6"
+def _ip6tables_unusable(backend: Backend) -> str | None:
     if not backend.installed_for(Family.IPV6):
         return f"{Family.IPV6.command}-restore not found: install the iptables package"
     try:
@@ -208,6 +219,50 @@ def _ipv6_unusable(backend: Backend) -> str | None:
     except ToolFailed as error:
         return str(error)
     return None
+
+
+def ipv6_in_use(addresses: Iterable[tuple[str, str]], default_route: bool) -> list[str]:
+    """What lets this namespace's IPv6 reach past its links: (address, interface) pairs
+    other than loopback and link-local, and a default route."""
+    used = [
+        f"{address} on {interface}"
+        for address, interface in addresses
+        if not (ip := ipaddress.IPv6Address(address)).is_loopback and not ip.is_link_local
+    ]
+    if default_route:
+        used.append("a default route")
+    return used
+
+
+def uncaptured_ipv6(unusable: str, used: Sequence[str]) -> str:
+    return (
+        f"WARNING: IPv6 is NOT captured ({unusable}), yet this namespace uses IPv6"
+        f" ({', '.join(used)}): its IPv6 connections bypass the proxy. Install ip6tables"
+        " (the iptables package), or turn IPv6 off (sysctl net.ipv6.conf.all.disable_ipv6=1"
+        " net.ipv6.conf.default.disable_ipv6=1), or pass --no-ipv6 to accept the gap"
+        " (--ipv6 makes it an error)"
+    )
+
+
+def read_ipv6_in_use() -> list[str]:
+    """Addresses and default routes, over netlink; unreadable counts as in use."""
+    from pyroute2 import IPRoute  # type: ignore[import-untyped]
+    from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+
+    try:
+        with IPRoute() as netlink:
+            names = {link["index"]: link.get("IFLA_IFNAME") for link in netlink.get_links()}
+            addresses = [
+                (message.get("IFA_ADDRESS"), names.get(message["index"], "?"))
+                for message in netlink.get_addr(family=socket.AF_INET6)
+            ]
+            default_route = any(
+                route["dst_len"] == 0 and route["type"] == RTN_UNICAST
+                for route in netlink.get_routes(family=socket.AF_INET6)
+            )
+    except (NetlinkError, OSError) as error:
+        return [f"addresses unreadable: {error}"]
+    return ipv6_in_use(addresses, default_route)
 
 
 def read_state(backend: Backend, family: Family) -> NetfilterState:
@@ -240,7 +295,7 @@ def set_forwarding(family: Family, on: bool) -> None:
 def drop_table(family: Family, name: str) -> None:
     """Delete an nftables table install created and uninstall emptied (iptables-nft
     leaves it behind, and iptables-save would show it)."""
-    from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+    from pyroute2.netlink.exceptions import NetlinkError
     from pyroute2.nftables.main import NFTables  # type: ignore[import-untyped]
 
     address_family = socket.AF_INET if family is Family.IPV4 else socket.AF_INET6
@@ -333,7 +388,7 @@ def main(action: str, options: Options, dry_run: bool) -> int:
             if conflict:
                 raise ApplyError(conflict)
         backend = detect_backend()
-        chosen = families(backend, options.ipv6)
+        chosen = families(backend, options.ipv6, capturing=action == "install")
         if action == "show":
             return show(backend, chosen)
         converge(action, options, backend, chosen)

@@ -175,9 +175,14 @@ def sh(line: str) -> Completed:
     return run(*line.split())
 
 
-def egressproxy(ns: str, *args: str, prefix: Sequence[str] = ()) -> Completed:
-    """`python -m egressproxy iptables ARGS` inside namespace `ns`, from this checkout."""
+def egressproxy(
+    ns: str, *args: str, prefix: Sequence[str] = (), path_first: Path | None = None
+) -> Completed:
+    """`python -m egressproxy iptables ARGS` inside namespace `ns`, from this checkout;
+    binaries in `path_first` win over the system's."""
     env = {**os.environ, "PYTHONPATH": str(repo())}
+    if path_first is not None:
+        env["PATH"] = os.pathsep.join((str(path_first), env.get("PATH", "")))
     command = ["ip", "netns", "exec", ns, *prefix, sys.executable, "-m", "egressproxy", "iptables"]
     return run(*command, *args, check=False, env=env)
 
@@ -220,9 +225,11 @@ class Lab:
         sh(f"ip -n {name} link set lo up")
         return name
 
-    def link(self, left: str, left_addresses: str, right: str, right_addresses: str) -> None:
+    def link(
+        self, left: str, left_addresses: str, right: str, right_addresses: str
+    ) -> tuple[str, str]:
         """A veth pair between two namespaces, made inside them (never in the host's);
-        addresses blank-separated, IPv6 ones usable at once (nodad)."""
+        addresses blank-separated, IPv6 ones usable at once (nodad). Returns its ends."""
         number = next(_numbers)
         left_dev, right_dev = f"epl{number}", f"epr{number}"
         sh(f"ip -n {left} link add {left_dev} type veth peer name {right_dev} netns {right}")
@@ -234,6 +241,7 @@ class Lab:
                 nodad = "nodad" if ":" in address else ""
                 sh(f"ip -n {ns} addr add {address} dev {dev} {nodad}")
             sh(f"ip -n {ns} link set {dev} up")
+        return left_dev, right_dev
 
     def serve(self, ns: str, specs: Sequence[tuple[str, str, int, str]]) -> None:
         process = subprocess.Popen(
@@ -555,6 +563,63 @@ def test_without_iptables_binaries_the_error_says_so(lab: Lab) -> None:
     assert done.returncode == 1
     assert "iptables-restore not found: install the iptables package" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def failing_ip6tables(directory: Path) -> Path:
+    """ip6tables-save of every backend failing, for commands given this PATH alone."""
+    for tool in ("ip6tables-save", "ip6tables-nft-save", "ip6tables-legacy-save"):
+        fake = directory / tool
+        fake.write_text(f"#!/bin/sh\necho '{tool}: no ip6tables here' >&2\nexit 1\n")
+        fake.chmod(0o755)
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("ipv6", "in_use"),
+    [
+        ("", ""),
+        ("address", "2001:db8:18::1 on epl"),
+        ("default route", "a default route"),
+    ],
+)
+def test_ipv6_left_uncaptured_is_warned_when_the_namespace_uses_it(
+    lab: Lab, tmp_path: Path, ipv6: str, in_use: str
+) -> None:
+    """Without a working ip6tables install captures IPv4 only: where IPv6 reaches past
+    the links (an address that is not link-local, a default route) it says so loudly;
+    `--no-ipv6` accepts the gap, `--ipv6` refuses it."""
+    app, peer = lab.namespace(), lab.namespace()
+    address = "2001:db8:18::1/64" if ipv6 == "address" else ""
+    device, _ = lab.link(app, f"198.18.0.1/24 {address}", peer, "198.18.0.2/24")
+    if ipv6 == "default route":
+        sh(f"ip -n {app} -6 route add default via fe80::2 dev {device}")
+    fake = failing_ip6tables(tmp_path)
+    before = saved_rules(app)
+
+    done = egressproxy(app, "install", f"--proxy-uid={PROXY_UID}", path_first=fake)
+    assert done.returncode == 0, done.stderr
+    assert "installed (IPv4, iptables-nft)" in done.stdout
+    after = saved_rules(app)
+    assert "EGRESSPROXY_OUTPUT" in after["iptables-nft-save"]
+    assert after["ip6tables-nft-save"] == before["ip6tables-nft-save"]
+    if in_use:
+        assert "WARNING: IPv6 is NOT captured (ip6tables-nft-save failed:" in done.stderr
+        assert in_use in done.stderr
+        for fix in ("install ip6tables", "net.ipv6.conf.all.disable_ipv6=1", "--no-ipv6"):
+            assert fix in done.stderr.lower()
+    else:
+        assert done.stderr == ""
+
+    acknowledged = egressproxy(app, "install", f"--proxy-uid={PROXY_UID}", "--no-ipv6")
+    assert acknowledged.returncode == 0, acknowledged.stderr
+    assert acknowledged.stderr == ""
+    required = egressproxy(app, "install", f"--proxy-uid={PROXY_UID}", "--ipv6", path_first=fake)
+    assert required.returncode == 1
+    assert "--ipv6: ip6tables-nft-save failed: ip6tables-nft-save: no ip6tables here" in (
+        required.stderr
+    )
+    assert egressproxy(app, "uninstall").returncode == 0
+    assert saved_rules(app) == before
 
 
 if __name__ == "__main__":

@@ -609,6 +609,32 @@ def test_a_wrong_port_range_is_one_line(
     assert f"argument --include-ports: {message}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("addresses", "default_route", "used"),
+    [
+        ([("::1", "lo"), ("fe80::1", "eth0")], False, []),
+        ([("fe80::1", "eth0")], True, ["a default route"]),
+        (
+            [("2001:db8::5", "eth0"), ("fd00::5", "eth1")],
+            False,
+            ["2001:db8::5 on eth0", "fd00::5 on eth1"],
+        ),
+    ],
+)
+def test_ipv6_is_in_use_past_loopback_and_link_local(
+    addresses: list[tuple[str, str]], default_route: bool, used: list[str]
+) -> None:
+    assert apply.ipv6_in_use(addresses, default_route) == used
+
+
+def test_uncaptured_ipv6_names_the_gap_and_every_way_out() -> None:
+    warning = apply.uncaptured_ipv6("ip6tables-nft-save failed: x", ["fd00::5 on eth1"])
+    assert warning.startswith("WARNING: IPv6 is NOT captured (ip6tables-nft-save failed: x)")
+    assert "(fd00::5 on eth1): its IPv6 connections bypass the proxy" in warning
+    for way_out in ("Install ip6tables", "disable_ipv6=1", "--no-ipv6", "--ipv6 makes it"):
+        assert way_out in warning
+
+
 def test_a_missing_binary_names_the_package() -> None:
     with pytest.raises(apply.ApplyError, match=r"^ip6tables-nosuch-restore not found: install the"):
         apply.run_tool("ip6tables-nosuch-restore")
