@@ -327,19 +327,39 @@ def carry_out(backend: Backend, family: Family, plan: Plan) -> None:
                 drop_table(family, name)
 
 
-def print_dry_run(action: str, options: Options) -> None:
-    """What install would restore into an untouched namespace, or what uninstall would
-    restore to take that install away; nothing is read or run."""
+def print_install(options: Options) -> None:
+    """What install would restore into an untouched namespace; nothing is read or run."""
     chosen = [Family.IPV4] if options.ipv6 is False else list(Family)
     for family in chosen:
-        wanted = tables(options, family)
-        if action == "install":
-            text = render(wanted)
-        else:
-            saved = {table.name: table.saved() for table in wanted}
-            state = NetfilterState(saved, False, tables_droppable=False)
-            text = plan_uninstall(state).restore
-        print(f"# {family.command}-restore --noflush\n{text}", end="")
+        print(f"# {family.command}-restore --noflush\n{render(tables(options, family))}", end="")
+
+
+def removal_text(family: Family, restore_tool: str, plan: Plan) -> str:
+    """An uninstall plan as `--dry-run` prints it: the restore text, then the receipts
+    it would act on as comments."""
+    lines = [f"# {restore_tool} --noflush\n{plan.restore}"] if plan.restore else []
+    if plan.forwarding is False:
+        lines.append(f"# then {FORWARDING[family]} = 0 (install turned it on)\n")
+    lines += [
+        f"# then the {family.label} nftables table {name} is deleted if left empty"
+        " (install created it)\n"
+        for name in plan.drop_tables
+    ]
+    return "".join(lines)
+
+
+def print_removal(backend: Backend, chosen: list[Family]) -> None:
+    """What uninstall would do here: read from the installed rules and their receipts, so
+    it needs no capture options."""
+    texts = [
+        removal_text(
+            family, backend.tool(family, "restore"), plan_uninstall(read_state(backend, family))
+        )
+        for family in chosen
+    ]
+    print("".join(texts), end="")
+    if not any(texts):
+        print("no egressproxy rules are installed", file=sys.stderr)
 
 
 def show(backend: Backend, chosen: list[Family]) -> int:
@@ -378,19 +398,22 @@ def converge(action: str, options: Options, backend: Backend, chosen: list[Famil
 def main(action: str, options: Options, dry_run: bool) -> int:
     """Exit 0 done, 1 the system refused (message says why), 2 the options are wrong."""
     try:
-        if action == "install" or (dry_run and action == "uninstall"):
+        if action == "install":
             validate(options)
-        if dry_run and action != "show":
-            print_dry_run(action, options)
-            return 0
-        if action == "install" and options.mode == SIDECAR:
-            conflict = read_source_ports_conflict()
-            if conflict:
-                raise ApplyError(conflict)
+            if dry_run:
+                print_install(options)
+                return 0
+            if options.mode == SIDECAR:
+                conflict = read_source_ports_conflict()
+                if conflict:
+                    raise ApplyError(conflict)
         backend = detect_backend()
         chosen = families(backend, options.ipv6, capturing=action == "install")
         if action == "show":
             return show(backend, chosen)
+        if dry_run:
+            print_removal(backend, chosen)
+            return 0
         converge(action, options, backend, chosen)
         return 0
     except OptionsError as error:

@@ -152,13 +152,6 @@ class Table:
             return self.jump.line
         return f"-I {self.jump.chain} 1 {self.jump.line.removeprefix(f'-A {self.jump.chain} ')}"
 
-    def saved(self) -> SavedTable:
-        """The table as iptables-save would print it right after a fresh install."""
-        return SavedTable(
-            tuple((chain, "-") for chain in self.chains),
-            (self.jump.line, *(rule.line for rule in self.rules)),
-        )
-
 
 def port_groups(ports: Iterable[int]) -> tuple[str, ...]:
     """Ports as multiport lists: ascending, neighbours merged into ranges, 15 ports a rule."""

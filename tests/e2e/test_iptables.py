@@ -505,10 +505,29 @@ def test_gateway_redirects_routed_tcp_and_forwards_the_rest(lab: Lab) -> None:
     }
     assert probes(gateway, [tcp, tcp6]) == {tcp: "far", tcp6: "far"}, "own traffic is not routed"
 
+    installed_rules = saved_rules(gateway)
+    dry = egressproxy(gateway, "uninstall", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert saved_rules(gateway) == installed_rules
+    assert forwarding(gateway) == ("1", "1")
+    v4_dry, v6_dry = dry.stdout.split("# ip6tables-nft-restore --noflush\n")
+    for text, family in ((v4_dry, "ipv4"), (v6_dry, "ipv6")):
+        assert (
+            '-D PREROUTING -p tcp -m comment --comment "egressproxy: capture routed TCP;'
+            ' created table; turned on forwarding" -j EGRESSPROXY_PREROUTING\n'
+        ) in text
+        assert "-X EGRESSPROXY_UDP\n" in text
+        assert f"# then /proc/sys/net/{family}/" in text
+        assert "nftables table nat is deleted if left empty (install created it)\n" in text
+    assert "198.18.1.0/24" not in dry.stdout, "other tools' rules are not touched"
+
     removed = egressproxy(gateway, "uninstall")
     assert removed.returncode == 0, removed.stderr
     assert saved_rules(gateway) == before
     assert forwarding(gateway) == ("0", "0")
+    nothing = egressproxy(gateway, "uninstall", "--dry-run")
+    assert (nothing.returncode, nothing.stdout) == (0, "")
+    assert "no egressproxy rules are installed" in nothing.stderr
 
 
 def test_sidecar_install_refuses_ephemeral_ports_that_overlap_the_proxy_ports(lab: Lab) -> None:

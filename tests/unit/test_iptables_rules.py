@@ -567,11 +567,20 @@ def test_dry_run_prints_both_families_and_changes_nothing(
     assert "-d ::1/128 " in v6
 
 
-def test_dry_run_of_uninstall_prints_the_removal(capsys: pytest.CaptureFixture[str]) -> None:
-    assert apply.main("uninstall", Options(proxy_uid=2102, ipv6=False), dry_run=True) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("# iptables-restore --noflush\n*nat\n-D OUTPUT -p tcp ")
-    assert out.endswith("-X EGRESSPROXY_OUTPUT\n-X EGRESSPROXY_REDIRECT\nCOMMIT\n")
+def test_dry_run_of_uninstall_prints_what_is_installed_and_its_receipts() -> None:
+    model = Model({"filter": {chain: [] for chain in BUILTIN["filter"]}}, forwarding=False)
+    model.install(Options(mode=GATEWAY, block_udp=True), droppable=True)
+    plan = plan_uninstall(model.state(droppable=True))
+    text = apply.removal_text(V4, "iptables-nft-restore", plan)
+    assert text == (
+        f"# iptables-nft-restore --noflush\n{plan.restore}"
+        "# then /proc/sys/net/ipv4/ip_forward = 0 (install turned it on)\n"
+        "# then the IPv4 nftables table nat is deleted if left empty (install created it)\n"
+    )
+    assert "-D FORWARD -p udp " in plan.restore
+    assert "-X EGRESSPROXY_PREROUTING\n" in plan.restore
+    model.uninstall(droppable=True)
+    assert apply.removal_text(V4, "iptables-nft-restore", plan_uninstall(model.state(True))) == ""
 
 
 def test_wrong_options_are_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
