@@ -1060,6 +1060,24 @@ MALFORMED_REQUESTS = {
 }
 
 
+async def only_the_good_stream_answered(
+    proxy: LoopbackProxy, client: H2Client, bad: list[Answer], good: Answer
+) -> None:
+    """Each bad stream reset PROTOCOL_ERROR, the good one answered 200 on the same
+    connection (no GOAWAY), and only the good one reached the origin."""
+    async with asyncio.timeout(TIMEOUT):
+        for answer in [*bad, good]:
+            await answer.done.wait()
+    assert [(a.reset, a.reset_code) for a in bad] == [
+        (True, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+    ] * len(bad)
+    assert good.headers[":status"] == "200"
+    assert not client.goaway
+    client.transport.close()
+    await proxy.wait_closed_flows(1)
+    assert [headers[":path"] for headers in RecordingH2Server.answered] == ["/good"]
+
+
 @pytest.mark.asyncio
 async def test_a_malformed_request_resets_its_stream_not_the_connection(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -1076,17 +1094,7 @@ async def test_a_malformed_request_resets_its_stream_not_the_connection(
         client.h2.send_headers(client.h2.highest_outbound_stream_id, trailers, end_stream=True)
         bad.append(with_bad_trailers)
         good = client.request("GET", "/good")
-        async with asyncio.timeout(TIMEOUT):
-            for answer in [*bad, good]:
-                await answer.done.wait()
-        assert [(a.reset, a.reset_code) for a in bad] == [
-            (True, h2.errors.ErrorCodes.PROTOCOL_ERROR)
-        ] * len(bad)
-        assert good.headers[":status"] == "200"
-        assert not client.goaway
-        client.transport.close()
-        await proxy.wait_closed_flows(1)
-    assert [headers[":path"] for headers in RecordingH2Server.answered] == ["/good"]
+        await only_the_good_stream_answered(proxy, client, bad, good)
     outcomes = sorted((r.path, r.status, r.error) for r in proxy.ledger.requests)
     bad_paths = ["/", "/a", "/b", "/c", "/d", "/f", "/g", "/t"]
     assert outcomes == sorted([("/good", 200, ""), *((p, None, "bad_request") for p in bad_paths)])
@@ -1227,17 +1235,7 @@ async def test_a_bad_content_length_or_trailers_reset_their_stream_not_the_conne
         send_raw_trailers(client, client.h2.highest_outbound_stream_id, [("x-t", "1")])
         bad = [not_a_number, longer, shorter, open_trailers]
         good = client.request("POST", "/good", b"body", {"content-length": "4"})
-        async with asyncio.timeout(TIMEOUT):
-            for answer in [*bad, good]:
-                await answer.done.wait()
-        assert [(a.reset, a.reset_code) for a in bad] == [
-            (True, h2.errors.ErrorCodes.PROTOCOL_ERROR)
-        ] * len(bad)
-        assert good.headers[":status"] == "200"
-        assert not client.goaway
-        client.transport.close()
-        await proxy.wait_closed_flows(1)
-    assert [headers[":path"] for headers in RecordingH2Server.answered] == ["/good"]
+        await only_the_good_stream_answered(proxy, client, bad, good)
     outcomes = sorted((r.path, r.status, r.error) for r in proxy.ledger.requests)
     bad_paths = ["", "/l", "/s", "/t"]  # a head h2 refused is counted as HTTP/1 counts one
     assert outcomes == sorted([("/good", 200, ""), *((p, None, "bad_request") for p in bad_paths)])
@@ -1264,17 +1262,7 @@ async def test_a_body_that_a_header_block_ends_short_of_its_content_length_is_no
         await asyncio.sleep(0.2)  # the head and body are upstream before the trailers come
         client.h2.send_headers(client.h2.highest_outbound_stream_id, [("x-t", "1")], True)
         good = client.request("POST", "/good", b"body", {"content-length": "4"})
-        async with asyncio.timeout(TIMEOUT):
-            for answer in [no_body, short, good]:
-                await answer.done.wait()
-        assert [(a.reset, a.reset_code) for a in (no_body, short)] == [
-            (True, h2.errors.ErrorCodes.PROTOCOL_ERROR)
-        ] * 2
-        assert good.headers[":status"] == "200"
-        assert not client.goaway
-        client.transport.close()
-        await proxy.wait_closed_flows(1)
-    assert [headers[":path"] for headers in RecordingH2Server.answered] == ["/good"]
+        await only_the_good_stream_answered(proxy, client, [no_body, short], good)
     outcomes = sorted((r.path, r.status, r.error) for r in proxy.ledger.requests)
     assert outcomes == [("", None, "bad_request"), ("/good", 200, ""), ("/s", None, "bad_request")]
 
