@@ -17,9 +17,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from egressproxy import flow as flow_module
 from egressproxy.flow import Flow, FlowContext, OpenFlows
+from egressproxy.metrics import exposition
 from egressproxy.policy.decision import Destination
 from egressproxy.policy.store import PolicyStore
 from egressproxy.records import FlowRecord, RequestRecord
@@ -228,3 +231,17 @@ spec:
     action: deny
 """
 """Default allow, a deny on blocked.test and its subdomains."""
+
+
+def request_statuses(registry: CollectorRegistry, family: str) -> list[tuple[str, str, str, float]]:
+    """(route_name, status, error, count) of each sample of the scrape's `http` or `grpc`
+    request family, sorted; the other family must have none."""
+    body, _ = exposition(registry, "")
+    families = {found.name: found for found in text_string_to_metric_families(body.decode())}
+    other = "grpc" if family == "http" else "http"
+    assert families[f"outbound_{other}_route_request_statuses"].samples == []
+    return sorted(
+        (sample.labels["route_name"], sample.labels[f"{family}_status"], sample.labels["error"],
+         sample.value)
+        for sample in families[f"outbound_{family}_route_request_statuses"].samples
+    )  # fmt: skip

@@ -33,6 +33,7 @@ from tests.unit.http_harness import (
     names_never_resolve,
     origin,
     proxy_to_origin,
+    request_statuses,
 )
 from tests.unit.test_accesslog import Lines
 
@@ -701,19 +702,12 @@ async def test_requests_on_a_grpc_port_are_grpc_calls_in_metrics_and_log(
                 while proxy.context.open_flows.flows:
                     await asyncio.sleep(0.01)
     assert answers == [403, 200, 200, 200, 502]
-    body, _ = exposition(registry, "")
-    families = {family.name: family for family in text_string_to_metric_families(body.decode())}
-    assert families["outbound_http_route_request_statuses"].samples == []
-    statuses = sorted(
-        (sample.labels["route_name"], sample.labels["grpc_status"], sample.labels["error"])
-        for sample in families["outbound_grpc_route_request_statuses"].samples
-    )
-    assert statuses == [
-        ("echo", "NOT_FOUND", ""),
-        ("echo", "OK", ""),
-        ("echo", "UNAVAILABLE", "connect_refused"),
-        ("echo", "UNKNOWN", ""),
-        ("grpc-egress-deny", "PERMISSION_DENIED", ""),
+    assert request_statuses(registry, "grpc") == [
+        ("echo", "NOT_FOUND", "", 1.0),
+        ("echo", "OK", "", 1.0),
+        ("echo", "UNAVAILABLE", "connect_refused", 1.0),
+        ("echo", "UNKNOWN", "", 1.0),
+        ("grpc-egress-deny", "PERMISSION_DENIED", "", 1.0),
     ]
     logged = [json.loads(line) for line in lines.lines()]
     requests = [(entry["protocol"], entry["path"], entry["status"], entry["error"])

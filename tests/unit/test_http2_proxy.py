@@ -24,11 +24,10 @@ import hyperframe.frame
 import pytest
 import pytest_asyncio
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 
 import egressproxy.http2
 from egressproxy.http2 import GoawayFilter
-from egressproxy.metrics import Metrics, exposition
+from egressproxy.metrics import Metrics
 from egressproxy.server import Reporting
 from egressproxy.settings import LogFormat, VerifyDestination
 from egressproxy.sniff.http import H2_PREFACE
@@ -44,6 +43,7 @@ from tests.unit.http_harness import (
     loopback_proxy,
     names_never_resolve,
     proxy_to_origin,
+    request_statuses,
 )
 from tests.unit.test_accesslog import Lines
 from tests.unit.test_http1_proxy import GRPC_PORT_POLICY, read_response
@@ -1129,22 +1129,10 @@ async def test_streams_on_a_grpc_port_are_grpc_calls_in_metrics_and_log(
                 await asyncio.sleep(0.01)
     wire = [(a.headers[":status"], a.headers.get("grpc-status")) for a in answers]
     assert wire == [("403", None), ("502", None), ("200", "14")]
-    body, _ = exposition(registry, "")
-    families = {family.name: family for family in text_string_to_metric_families(body.decode())}
-    assert families["outbound_http_route_request_statuses"].samples == []
-    statuses = sorted(
-        (sample.labels["route_name"], sample.labels["grpc_status"], sample.labels["error"])
-        for sample in families["outbound_grpc_route_request_statuses"].samples
-    )
-    assert statuses == [
-        ("echo", "UNAVAILABLE", "connect_refused"),
-        ("grpc-egress-deny", "PERMISSION_DENIED", ""),
+    assert request_statuses(registry, "grpc") == [
+        ("echo", "UNAVAILABLE", "connect_refused", 2.0),
+        ("grpc-egress-deny", "PERMISSION_DENIED", "", 1.0),
     ]
-    assert [
-        sample.value
-        for sample in families["outbound_grpc_route_request_statuses"].samples
-        if sample.labels["route_name"] == "echo"
-    ] == [2.0]
     logged = [json.loads(line) for line in lines.lines()]
     requests = sorted((entry["protocol"], entry["path"], entry["status"], entry["error"])
                       for entry in logged if "method" in entry)  # fmt: skip
@@ -1430,16 +1418,9 @@ async def test_a_grpc_call_the_proxy_answers_on_an_http_route_counts_its_cause(
                 await asyncio.sleep(0.01)
     wire = [(a.headers[":status"], a.headers.get("grpc-status")) for a in answers]
     assert wire == [("200", "7"), ("200", "14")]
-    body, _ = exposition(registry, "")
-    families = {family.name: family for family in text_string_to_metric_families(body.decode())}
-    assert families["outbound_grpc_route_request_statuses"].samples == []
-    statuses = sorted(
-        (sample.labels["route_name"], sample.labels["http_status"], sample.labels["error"])
-        for sample in families["outbound_http_route_request_statuses"].samples
-    )
-    assert statuses == [
-        ("http-egress-allow", "502", "connect_refused"),
-        ("test.blocked", "403", ""),
+    assert request_statuses(registry, "http") == [
+        ("http-egress-allow", "502", "connect_refused", 1.0),
+        ("test.blocked", "403", "", 1.0),
     ]
     logged = [json.loads(line) for line in lines.lines()]
     requests = sorted((entry["hostname"], entry["status"], entry["error"])
