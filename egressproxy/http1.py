@@ -1291,17 +1291,7 @@ class Http1Proxy(asyncio.Protocol):
         """A request the proxy cannot parse: answer (if it can), record, and close."""
         flow = self.flow
         if self.record is None:
-            assert flow.record.destination is not None and flow.record.decision is not None
-            self.record = RequestRecord(
-                client=flow.record.client,
-                destination=flow.record.destination,
-                protocol="http1",
-                hostname=flow.record.hostname,
-                method="",
-                path="",
-                grpc=False,
-                decision=flow.record.decision,
-            )
+            self.record = RequestRecord.unread(flow.record, "http1")
             if self.head_deadline is not None:  # the head began header_timeout before it
                 began = self.head_deadline - self.settings.header_timeout
                 self.record.started -= self.loop.time() - began

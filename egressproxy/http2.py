@@ -869,18 +869,7 @@ class H2Proxy(asyncio.Protocol):
         as HTTP/1 counts a head it cannot parse."""
         stream = self.streams.get(event.stream_id)
         if event.head:
-            flow = self.flow.record
-            assert flow.destination is not None and flow.decision is not None
-            record = RequestRecord(
-                client=flow.client,
-                destination=flow.destination,
-                protocol="h2",
-                hostname=flow.hostname,
-                method="",
-                path="",
-                grpc=False,
-                decision=flow.decision,
-            )
+            record = RequestRecord.unread(self.flow.record, "h2")
             stream = self.streams[event.stream_id] = _Stream(event.stream_id, record, [])
         if stream is not None:
             self._malformed(stream, event.reason)

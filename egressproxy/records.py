@@ -77,6 +77,22 @@ class RequestRecord:
     bytes_from_upstream: int = 0
     started: float = field(default_factory=time.monotonic)
 
+    @classmethod
+    def unread(cls, flow: FlowRecord, protocol: str) -> RequestRecord:
+        """A request the proxy could not read (no method, no path): counted under its
+        connection's decision."""
+        assert flow.destination is not None and flow.decision is not None
+        return cls(
+            client=flow.client,
+            destination=flow.destination,
+            protocol=protocol,
+            hostname=flow.hostname,
+            method="",
+            path="",
+            grpc=False,
+            decision=flow.decision,
+        )
+
     def answered_by_proxy(self, status: int, error: str) -> None:
         """The proxy answered `status` itself (403, 421, 502, 504 …). A request in the gRPC
         route family also gets the gRPC code of the same cause, whatever its content-type:
