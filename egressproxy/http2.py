@@ -109,6 +109,7 @@ class _Connection(h2.connection.H2Connection):
     that (HPACK, stream ids, a frame on a closed stream) stay connection errors, but for
     TooManyStreamsError (_refuse). A body a header block's END_STREAM ends short of its
     content-length, which h2 lets through, is a stream error too (_length_at_end).
+    These override and read h2's private parts, so pyproject.toml pins h2's minor version.
     """
 
     def __init__(self, client_side: bool, max_header_bytes: int) -> None:
