@@ -670,7 +670,9 @@ def test_curl_http2_prior_knowledge(world: World, proxy: StartProxy, http_server
     )
 
 
-def grpc_call(world: World, method: str, payload: str, port: int = GRPC_PORT) -> dict[str, Any]:
+def grpc_call(
+    world: World, method: str, payload: str, port: int = GRPC_PORT, host: str = "example.test"
+) -> dict[str, Any]:
     result = world.run(
         [
             "env",
@@ -678,7 +680,7 @@ def grpc_call(world: World, method: str, payload: str, port: int = GRPC_PORT) ->
             sys.executable,
             str(Path(__file__).with_name("http_servers.py")),
             "--call",
-            f"example.test:{port}",
+            f"{host}:{port}",
             method,
             payload,
         ],
@@ -711,6 +713,83 @@ def test_grpcio_allowed_and_denied(world: World, proxy: StartProxy, http_servers
             "outbound_grpc_route_request_statuses_total",
             route_name="grpc-egress-deny",
             grpc_status="PERMISSION_DENIED",
+        )
+        == 1
+    )
+
+
+NATIVE_GRPC_BESIDE_A_HOST_DENY = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: standalone
+spec:
+  default: deny
+  rules:
+  - name: echo
+    ports: [{port}]
+    grpc:
+    - service: test.Echo
+  - name: no-www
+    hosts: [www.example.test]
+    action: deny
+"""
+
+
+def test_a_native_host_deny_holds_against_a_grpc_allow_for_any_host(
+    world: World, proxy: StartProxy, http_servers: None
+) -> None:
+    """grpcio through the redirect: a gRPC call to a host a native rule denies is denied,
+    though a `grpc` rule allows its service for any host (it once met the gRPC rules alone)."""
+    run_proxy(proxy, NATIVE_GRPC_BESIDE_A_HOST_DENY.format(port=GRPC_PORT))
+    assert grpc_call(world, "/test.Echo/Echo", "hi") == {"code": "OK", "response": "hi"}
+    assert grpc_call(world, "/test.Echo/Echo", "hi", host="www.example.test") == {
+        "code": "PERMISSION_DENIED",
+        "response": None,
+    }
+    text = metrics_text(world)
+    for route, status in (("standalone.echo", "OK"), ("standalone.no-www", "PERMISSION_DENIED")):
+        assert (
+            metric_value(
+                text,
+                "outbound_grpc_route_request_statuses_total",
+                route_name=route,
+                grpc_status=status,
+            )
+            == 1
+        )
+
+
+NATIVE_HOST_DENY = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: standalone
+spec:
+  default: allow
+  rules:
+  - name: no-www
+    hosts: [www.example.test]
+    action: deny
+"""
+
+
+def test_a_grpc_call_denied_on_an_http_route_counts_as_a_deny(
+    world: World, proxy: StartProxy, http_servers: None
+) -> None:
+    """No gRPC rule: the call's route is an HTTP one. grpcio gets PERMISSION_DENIED
+    (trailers-only, HTTP 200 on the wire), and the HTTP family counts it 403, not 200."""
+    run_proxy(proxy, NATIVE_HOST_DENY)
+    assert grpc_call(world, "/test.Echo/Echo", "hi", host="www.example.test") == {
+        "code": "PERMISSION_DENIED",
+        "response": None,
+    }
+    labels = {"route_name": "standalone.no-www", "hostname": "www.example.test", "error": ""}
+    text = metrics_text(world)
+    assert metric_value(text, "outbound_http_route_request_statuses_total", **labels) == 1
+    assert (
+        metric_value(
+            text, "outbound_http_route_request_statuses_total", http_status="403", **labels
         )
         == 1
     )
