@@ -48,6 +48,8 @@ PORT_DIGITS = re.compile(r"[0-9]{1,5}")
 """ASCII digits only: str.isdigit() also takes `²` and `٣`, and int() of thousands of digits
 raises."""
 PATH_KEYS = {"path": MatchKind.EXACT, "pathPrefix": MatchKind.PREFIX, "pathRegex": MatchKind.REGEX}
+HEADER_KEYS = {"headers": MatchKind.EXACT, "headersRegex": MatchKind.REGEX}
+QUERY_KEYS = {"query": MatchKind.EXACT, "queryRegex": MatchKind.REGEX}
 
 
 def read(
@@ -268,7 +270,7 @@ def read_backend(checker: Checker, node: YMap, where: str, action: Action) -> Ho
 
 def read_http(checker: Checker, node: YMap, where: str) -> list[HttpMatch]:
     """One match per method (Gateway API matches carry a single method)."""
-    checker.known_fields(node, where, {*PATH_KEYS, "methods", "headers", "query"})
+    checker.known_fields(node, where, {*PATH_KEYS, "methods", *HEADER_KEYS, *QUERY_KEYS})
     reject_empty_lists(checker, node, where, ("methods",))
     given = [key for key in PATH_KEYS if key in node]
     if len(given) > 1:
@@ -286,8 +288,8 @@ def read_http(checker: Checker, node: YMap, where: str) -> list[HttpMatch]:
             checker.error(line, f"{where}.{key}: {value!r} must start with '/'")
         else:
             path = PathMatch(PATH_KEYS[key], value)
-    headers = read_pairs(checker, node, "headers", where, headers=True)
-    query = read_pairs(checker, node, "query", where, headers=False)
+    headers = read_value_matches(checker, node, where, HEADER_KEYS, header_names=True)
+    query = read_value_matches(checker, node, where, QUERY_KEYS, header_names=False)
     methods: list[str | None] = []
     for line, method in checker.strings(node, "methods", where):
         if method.upper() not in HTTP_METHODS:
@@ -299,27 +301,42 @@ def read_http(checker: Checker, node: YMap, where: str) -> list[HttpMatch]:
     ]
 
 
-def read_pairs(
-    checker: Checker, node: YMap, key: str, where: str, *, headers: bool
+def read_value_matches(
+    checker: Checker, node: YMap, where: str, keys: dict[str, MatchKind], *, header_names: bool
 ) -> tuple[ValueMatch, ...]:
-    """headers: the names are header names, checked and compared in lower case."""
-    pairs = checker.get(node, key, YMap, where)
+    """Each key a mapping of names to values, compared as keys says (a regular expression
+    must match the whole value): the Gateway API dialect's ValueMatch, so one matcher.
+    header_names: the names are header names, checked and compared in lower case."""
     found = []
-    for name, value in (pairs or {}).items():
-        line = pairs.line_of(name) if pairs is not None else node.line
-        text = checker.typed(value, str, line, f"{where}.{key}.{name}")
-        if headers and checker.header_name(name, line, f"{where}.{key}") is None:
-            continue
-        if text is not None:
-            found.append(ValueMatch(name.lower() if headers else name, MatchKind.EXACT, text))
+    for key, kind in keys.items():
+        pairs = checker.get(node, key, YMap, where)
+        if pairs is not None and not pairs:
+            checker.error(
+                node.line_of(key), f"{where}.{key}: empty mapping: give at least one or omit it"
+            )
+        for name, value in (pairs or {}).items():
+            line = pairs.line_of(name) if pairs is not None else node.line
+            text = checker.typed(value, str, line, f"{where}.{key}.{name}")
+            if header_names:
+                named = checker.header_name(name, line, f"{where}.{key}") is not None
+            else:
+                named = name != ""
+                if not named:
+                    checker.error(line, f"{where}.{key}: a parameter name must not be empty")
+            if text is None or not named:
+                continue
+            if kind == MatchKind.REGEX and not checker.regex(text, line, f"{where}.{key}.{name}"):
+                continue
+            found.append(ValueMatch(name.lower() if header_names else name, kind, text))
     return tuple(found)
 
 
 def read_grpc(checker: Checker, node: YMap, where: str) -> GrpcMatch:
-    checker.known_fields(node, where, {"service", "method"})
+    checker.known_fields(node, where, {"service", "method", *HEADER_KEYS})
     service = checker.get(node, "service", str, where)
     method = checker.get(node, "method", str, where)
     for value, key in ((service, "service"), (method, "method")):
         if value is not None:
             checker.grpc_name(value, key, node.line_of(key), where)
-    return GrpcMatch(service=service, method=method, any_method=True)
+    headers = read_value_matches(checker, node, where, HEADER_KEYS, header_names=True)
+    return GrpcMatch(service=service, method=method, headers=headers, any_method=True)

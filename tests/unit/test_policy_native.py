@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from egressproxy.policy.decision import (
     Action,
@@ -22,7 +26,9 @@ from egressproxy.policy.decision import (
 from egressproxy.policy.errors import PolicyError
 from egressproxy.policy.index import PolicyIndex, compile_policy
 from egressproxy.policy.loader import load_policy, load_policy_text
+from egressproxy.policy.model import Model, Rule
 from egressproxy.settings import Settings
+from tests.unit.test_policy_linkerd import DENY_NET, grpc_route, http_route
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
 EXTERNAL = ipaddress.ip_address("198.51.100.7")
@@ -49,8 +55,10 @@ def http(
     method: str = "GET",
     port: int = 80,
     headers: tuple[tuple[str, str], ...] = (),
+    query: str = "",
+    grpc: bool = False,
 ) -> Decision:
-    facts = RequestFacts(Destination(EXTERNAL, port), host, method, path, "", headers, grpc=False)
+    facts = RequestFacts(Destination(EXTERNAL, port), host, method, path, query, headers, grpc)
     return index.decide_request(facts)
 
 
@@ -492,3 +500,211 @@ def test_names_that_can_never_match_are_errors(rule: str, problem: str) -> None:
     (SNI and Host carry its xn-- form), a header name that is not a token, or a gRPC name
     no `/service/method` path can carry would silently never match."""
     assert native_rule_problems(rule) == [f"n.yaml:7: EgressPolicy p.spec.rules[0].{problem}"]
+
+
+HEADER_AND_QUERY_MATCHES = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: p}
+spec:
+  default: deny
+  rules:
+  - name: api
+    http:
+    - pathPrefix: /api
+      headers: {X-Team: blue}
+      headersRegex: {User-Agent: "curl/[0-9.]+"}
+      query: {v: "1"}
+      queryRegex: {page: "[0-9]+"}
+  - name: greeter
+    ports: [50051]
+    grpc:
+    - service: pkg.Greeter
+      headers: {X-Tenant: blue}
+      headersRegex: {x-trace: "[0-9a-f]{8}"}
+"""
+
+
+def native_rule(model: Model, name: str) -> Rule:
+    (found,) = [route.rules[0] for route in model.routes if route.ref.name == f"p.{name}"]
+    return found
+
+
+def test_header_and_query_matches_compile_to_the_gateway_api_ones() -> None:
+    """The same ValueMatch objects as an HTTPRoute's and a GRPCRoute's matches: one matcher
+    decides both dialects."""
+    native = load_policy_text(HEADER_AND_QUERY_MATCHES, "n.yaml")
+    gateway = load_policy_text(
+        "---".join(
+            [
+                DENY_NET,
+                http_route(
+                    "api",
+                    "  - matches:\n    - path: {value: /api}\n      headers:\n"
+                    "      - {name: X-Team, value: blue}\n"
+                    "      - {type: RegularExpression, name: User-Agent, value: 'curl/[0-9.]+'}\n"
+                    "      queryParams:\n      - {name: v, value: '1'}\n"
+                    "      - {type: RegularExpression, name: page, value: '[0-9]+'}\n",
+                ),
+                grpc_route(
+                    "greeter",
+                    "  - matches:\n    - method: {service: pkg.Greeter}\n      headers:\n"
+                    "      - {name: X-Tenant, value: blue}\n"
+                    "      - {type: RegularExpression, name: x-trace, value: '[0-9a-f]{8}'}\n",
+                ),
+            ]
+        ),
+        "g.yaml",
+    )
+    gateway_rules = {route.ref.name: route.rules[0] for route in gateway.routes}
+    (api,) = native_rule(native, "api").http_matches
+    (http_route_match,) = gateway_rules["api"].http_matches
+    assert (api.headers, api.query) == (http_route_match.headers, http_route_match.query)
+    assert len(api.headers) == len(api.query) == 2
+    (greeter,) = native_rule(native, "greeter").grpc_matches
+    (grpc_route_match,) = gateway_rules["greeter"].grpc_matches
+    assert greeter.headers == grpc_route_match.headers
+    assert len(greeter.headers) == 2
+
+
+def test_header_and_query_matches_decide_requests_and_grpc_calls() -> None:
+    """Exact values and regular expressions that match a whole value, any of a repeated
+    parameter's; header names in any case in the policy."""
+    index = compile_policy(load_policy_text(HEADER_AND_QUERY_MATCHES, "n.yaml"), Settings())
+    good = (("x-team", "blue"), ("user-agent", "curl/8.5.0"))
+
+    def api(headers: tuple[tuple[str, str], ...], query: str) -> RouteRef | None:
+        return http(index, "example.com", "/api/x", headers=headers, query=query).route
+
+    assert api(good, "v=1&page=12") == rule("api", "p")
+    assert api(good, "page=x&v=1&page=3") == rule("api", "p")
+    denied = RouteRef("", "default", "", "http-egress-deny")
+    assert api(good, "v=1&page=12a") == denied  # a regular expression matches the whole value
+    assert api(good, "v=12&page=1") == denied
+    assert api(good, "v=1") == denied
+    assert api((("x-team", "blue"), ("user-agent", "Mozilla curl/8.5.0")), "v=1&page=1") == denied
+    assert api((("user-agent", "curl/8.5.0"),), "v=1&page=1") == denied
+
+    def greeter(*headers: tuple[str, str]) -> RouteRef | None:
+        path = "/pkg.Greeter/Hello"
+        return http(index, "g.example", path, "POST", 50051, headers, grpc=True).route
+
+    assert greeter(("x-tenant", "blue"), ("x-trace", "0123abcd")) == rule("greeter", "p")
+    denied = RouteRef("", "default", "", "grpc-egress-deny")
+    assert greeter(("x-tenant", "blue"), ("x-trace", "0123abcd0")) == denied
+    assert greeter(("x-trace", "0123abcd")) == denied
+
+
+@pytest.mark.parametrize(
+    ("rule", "problem"),
+    [
+        (
+            'http: [{headersRegex: {x-a: "("}}]',
+            "http[0].headersRegex.x-a: invalid regular expression '(': "
+            "missing ), unterminated subpattern at position 0",
+        ),
+        (
+            'http: [{queryRegex: {page: "[0-9"}}]',
+            "http[0].queryRegex.page: invalid regular expression '[0-9': "
+            "unterminated character set at position 0",
+        ),
+        (
+            'grpc: [{headersRegex: {x-a: "a{2,1}"}}]',
+            "grpc[0].headersRegex.x-a: invalid regular expression 'a{2,1}': "
+            "min repeat greater than max repeat at position 2",
+        ),
+        (
+            "http: [{headersRegex: {x team: a}}]",
+            "http[0].headersRegex: 'x team' is not a header name "
+            "(letters, digits and !#$%&'*+-.^_`|~ only)",
+        ),
+        (
+            'grpc: [{headers: {"": a}}]',
+            "grpc[0].headers: '' is not a header name (letters, digits and !#$%&'*+-.^_`|~ only)",
+        ),
+        ('http: [{query: {"": a}}]', "http[0].query: a parameter name must not be empty"),
+        (
+            "http: [{queryRegex: {page: 1}}]",
+            "http[0].queryRegex.page: expected a string, got int 1",
+        ),
+        ("grpc: [{headers: [x-a]}]", "grpc[0].headers: expected a mapping, got a list"),
+        ("grpc: [{headers: {x-a: b}, query: {v: b}}]", "grpc[0]: unknown field 'query'"),
+        ("http: [{headers: {}}]", "http[0].headers: empty mapping: give at least one or omit it"),
+    ],
+    ids=[
+        "header-regex",
+        "query-regex",
+        "grpc-header-regex",
+        "header-regex-name",
+        "grpc-header-empty-name",
+        "query-empty-name",
+        "query-regex-value-type",
+        "grpc-headers-type",
+        "grpc-query",
+        "empty-headers",
+    ],
+)
+def test_bad_header_and_query_matches_are_errors_with_lines(rule: str, problem: str) -> None:
+    assert native_rule_problems(rule) == [f"n.yaml:7: EgressPolicy p.spec.rules[0].{problem}"]
+
+
+NAMES = ["X-Team", "x-team", "v", "V"]
+"""Names of the policy's match and of the request's pairs: headers compare them in any case,
+query parameters exactly."""
+VALUES = st.one_of(
+    st.sampled_from(["", "a", "abc", "ABC", "X", "1", "01", "42", "blue"]),
+    st.text("abcXY01-", max_size=4),
+)
+"""Few enough that a request's values often meet the policy's value or pattern."""
+PATTERNS = st.sampled_from(["a.*", "[a-c]+", "X|Y", "", "0?1", r"\d\d", "(?i)abc", "blue"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    family=st.sampled_from(["grpc", "headers", "query"]),
+    regex=st.booleans(),
+    name=st.sampled_from(NAMES),
+    value=VALUES,
+    pattern=PATTERNS,
+    sent=st.lists(st.tuples(st.sampled_from(NAMES), VALUES), max_size=4),
+)
+def test_a_native_value_match_decides_as_the_gateway_api_one(
+    family: str, regex: bool, name: str, value: str, pattern: str, sent: list[tuple[str, str]]
+) -> None:
+    """A header or query parameter match written as native decides every request as the
+    same match written in an HTTPRoute (or, for headers, a GRPCRoute) does."""
+    wanted = pattern if regex else value
+    key = ("query" if family == "query" else "headers") + ("Regex" if regex else "")
+    pairs = f"{{{key}: {{{json.dumps(name)}: {json.dumps(wanted)}}}}}"
+    native = f"""\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {{name: p}}
+spec:
+  default: deny
+  rules:
+  - name: r
+    ports: [80, 50051]
+    {"grpc" if family == "grpc" else "http"}: [{pairs}]
+"""
+    kind = "RegularExpression" if regex else "Exact"
+    match = f"{{type: {kind}, name: {json.dumps(name)}, value: {json.dumps(wanted)}}}"
+    field = "queryParams" if family == "query" else "headers"
+    rules = f"  - matches:\n    - {field}: [{match}]\n"
+    grpc = family == "grpc"
+    gateway = f"{DENY_NET}---{grpc_route('r', rules) if grpc else http_route('r', rules)}"
+    headers = tuple((sent_name.lower(), sent_value) for sent_name, sent_value in sent)
+    decided = [
+        http(
+            compile_policy(load_policy_text(text, "p.yaml"), Settings()),
+            "example.com",
+            "/pkg.Svc/Call" if grpc else "/",
+            "POST" if grpc else "GET",
+            50051 if grpc else 80,
+            () if family == "query" else headers,
+            urlencode(sent) if family == "query" else "",
+            grpc,
+        ).action
+        for text in (native, gateway)
+    ]
+    assert decided[0] == decided[1]
