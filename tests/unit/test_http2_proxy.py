@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import http.client
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, cast
@@ -31,7 +32,7 @@ from egressproxy.metrics import Metrics
 from egressproxy.server import Reporting
 from egressproxy.settings import LogFormat, VerifyDestination
 from egressproxy.sniff.http import H2_PREFACE
-from tests.e2e.http_servers import H2Server, grpc_server
+from tests.e2e.http_servers import H2Server, grpc_server, h1
 from tests.e2e.servers import deterministic_chunks
 from tests.unit.http_harness import (
     ALLOW_ALL,
@@ -42,6 +43,7 @@ from tests.unit.http_harness import (
     local,
     loopback_proxy,
     names_never_resolve,
+    origin,
     proxy_to_origin,
     request_statuses,
 )
@@ -787,14 +789,16 @@ async def test_a_refused_stream_is_sent_again_once(
     assert outcomes == [("/always", 502, "reset"), ("/once", 200, "")]
 
 
-def call(port: int, method: str, payload: bytes) -> tuple[Any, bytes | None]:
+def call(
+    port: int, method: str, payload: bytes, metadata: Sequence[tuple[str, str]] = ()
+) -> tuple[Any, bytes | None]:
     """One unary call with grpcio; (status code, response or None)."""
     # a channel of its own connection: the global subchannel pool would reuse an older one
     options = [("grpc.use_local_subchannel_pool", 1)]
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
         stub: Any = channel.unary_unary(method)
         try:
-            return grpc.StatusCode.OK, stub(payload, timeout=TIMEOUT)
+            return grpc.StatusCode.OK, stub(payload, timeout=TIMEOUT, metadata=metadata)
         except grpc.RpcError as error:
             return error.code(), None
 
@@ -817,6 +821,76 @@ async def test_grpc_allowed_denied_and_unavailable(
         ("/test.Echo/Echo", True, 0, ""),
         ("/test.Echo/Fail", True, 7, ""),
         ("/test.Echo/Echo", True, 14, "connect_refused"),
+    ]
+
+
+NATIVE_HEADER_AND_QUERY_RULES = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: test}
+spec:
+  default: deny
+  rules:
+  - name: pages
+    http: [{pathPrefix: /get, headersRegex: {x-team: "red|blue"}, queryRegex: {page: "[0-9]+"}}]
+  - name: tenant-echo
+    grpc: [{service: test.Echo, headers: {x-tenant: blue}, headersRegex: {x-trace: "[0-9a-f]{8}"}}]
+"""
+
+
+def get_status(port: int, path: str, headers: dict[str, str]) -> int:
+    """One request with http.client, on a connection of its own; the response's status."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    try:
+        connection.request("GET", path, headers={"Host": "example.test", **headers})
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+@pytest.mark.asyncio
+async def test_native_header_and_query_matches_decide_real_clients(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, grpc_origin: int
+) -> None:
+    """http.client's headers and query, and grpcio's metadata, on the wire meet the native
+    headers, headersRegex and queryRegex matches."""
+    async with (
+        origin(h1) as h1_port,
+        loopback_proxy(
+            tmp_path, monkeypatch, NATIVE_HEADER_AND_QUERY_RULES, local(h1_port)
+        ) as proxy,
+    ):
+        statuses = [
+            await asyncio.to_thread(get_status, proxy.port, path, headers)
+            for path, headers in [
+                ("/get?page=12", {"X-Team": "blue"}),
+                ("/get?page=12a", {"X-Team": "blue"}),
+                ("/get?page=12", {"X-Team": "blue-green"}),
+                ("/get?page=12", {}),
+            ]
+        ]
+        assert statuses == [200, 403, 403, 403]
+        proxy.destination[0] = local(grpc_origin)
+        codes = [
+            (await asyncio.to_thread(call, proxy.port, "/test.Echo/Echo", b"hi", metadata))[0]
+            for metadata in [
+                [("x-tenant", "blue"), ("x-trace", "0123abcd")],
+                [("x-tenant", "blue"), ("x-trace", "0123abcdef")],
+                [("x-trace", "0123abcd")],
+            ]
+        ]
+        assert codes == [grpc.StatusCode.OK] + [grpc.StatusCode.PERMISSION_DENIED] * 2
+        await proxy.wait_requests(7)
+    routes = [
+        (r.decision.route.name if r.decision.route else None, r.grpc) for r in proxy.ledger.requests
+    ]
+    assert routes == [
+        ("test.pages", False),
+        *[("http-egress-deny", False)] * 3,
+        ("test.tenant-echo", True),
+        *[("grpc-egress-deny", True)] * 2,
     ]
 
 

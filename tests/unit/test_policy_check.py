@@ -333,6 +333,45 @@ def test_explain_names_a_native_network_without_a_namespace(
     assert "ROUTE to [2001:db8::1]:8080" in out
 
 
+NATIVE_REGEX_MATCHES = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: standalone}
+spec:
+  default: allow
+  rules:
+  - name: no-paging
+    http: [{queryRegex: {page: "[0-9]+"}}]
+    action: deny
+  - name: greeter
+    ports: [9000]
+    grpc: [{service: pkg.Greeter, headersRegex: {content-type: 'application/grpc(\\+proto)?'}}]
+    action: deny
+"""
+
+
+@pytest.mark.parametrize(
+    ("destination", "route"),
+    [
+        ("http://app.example.com/list?page=12", "EgressRule standalone.no-paging"),
+        ("http://app.example.com/list?page=12a", "default http-egress-allow"),
+        ("grpc://app.example.com:9000/pkg.Greeter/Hello", "EgressRule standalone.greeter"),
+        ("grpc://app.example.com:9000/pkg.Other/Hello", "default grpc-egress-allow"),
+    ],
+)
+def test_explain_shows_native_regular_expression_matches(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, destination: str, route: str
+) -> None:
+    """The explained request's query, and a gRPC call's content-type, meet queryRegex and
+    headersRegex like any other match."""
+    policy = tmp_path / "native.yaml"
+    policy.write_text(NATIVE_REGEX_MATCHES)
+    status, out, _ = check(capsys, policy, destination)
+    assert status == 0
+    assert f"route:       {route}\n" in out
+    assert ("action:      DENY" in out) == route.startswith("EgressRule")
+
+
 def test_summary_marks_an_egress_whose_sources_are_other_clients(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
