@@ -453,8 +453,13 @@ def read_http_match(checker: Checker, node: YMap, where: str) -> HttpMatch:
 def read_value_matches(
     checker: Checker, node: YMap, key: str, where: str, *, header_names: bool
 ) -> tuple[ValueMatch, ...]:
-    """header_names: the names are header names, checked and compared in lower case."""
+    """header_names: the names are header names, checked and compared in lower case.
+
+    As Gateway API has it: the list is a map keyed by name, so the API server refuses a
+    name given twice; of names equal but for case (headers), only the first counts.
+    """
     matches = []
+    names: set[str] = set()
     for item_where, item in checker.mappings(node, key, where):
         checker.known_fields(item, item_where, {"type", "name", "value"})
         kind = MatchKind(
@@ -467,9 +472,25 @@ def read_value_matches(
         name_line = item.line_of("name")
         if header_names and checker.header_name(name, name_line, f"{item_where}.name") is None:
             continue
+        if name in names:
+            checker.error(name_line, f"{item_where}.name: {name!r} is given twice in {key}")
+            continue
+        names.add(name)
         if kind == MatchKind.REGEX and not checker.regex(value, item.line_of("value"), item_where):
             continue
-        matches.append(ValueMatch(name.lower() if header_names else name, kind, value))
+        compared = name.lower() if header_names else name
+        if any(match.name == compared for match in matches):
+            log.info(
+                "%s:%d: %s.name: %r is ignored: Gateway API counts only the first %s entry"
+                " of a name",
+                checker.file,
+                name_line,
+                item_where,
+                name,
+                key,
+            )
+            continue
+        matches.append(ValueMatch(compared, kind, value))
     return tuple(matches)
 
 

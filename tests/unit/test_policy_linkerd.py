@@ -841,3 +841,61 @@ def test_grpc_regular_expression_names_are_regexes() -> None:
     )
     index = compiled(DENY_NET + "---" + document)
     assert grpc_call(index, "/pkg.Greeter/SayHello").route == route("GRPCRoute", "g")
+
+
+@pytest.mark.parametrize(("key", "name"), [("headers", "X-Team"), ("queryParams", "v")])
+def test_a_match_name_given_twice_is_refused(key: str, name: str) -> None:
+    """Gateway API's headers and queryParams are lists keyed by name (listType=map): the API
+    server refuses a manifest that repeats one, so a pasted one is refused here too."""
+    rules = (
+        f"  - matches:\n    - {key}:\n      - {{name: {name}, value: blue}}\n"
+        f"      - {{name: {name}, value: green}}\n"
+    )
+    document = http_route("twice", rules)
+    assert route_problems(document) == [
+        (
+            line_of(document, "green"),
+            f"HTTPRoute egress-test/twice.spec.rules[0].matches[0].{key}[1].name: "
+            f"{name!r} is given twice in {key}",
+        )
+    ]
+
+
+def test_only_the_first_header_match_of_a_name_counts() -> None:
+    """HTTPHeaderMatch and GRPCHeaderMatch: names equal but for case are one name, and "only
+    the first entry with an equivalent name MUST be considered for a match"."""
+    headers = "      - {name: X-Team, value: blue}\n      - {name: x-team, value: green}\n"
+    index = compiled(
+        "---".join(
+            [
+                DENY_NET,
+                http_route("teams", "  - matches:\n    - headers:\n" + headers),
+                grpc_route("calls", "  - matches:\n    - headers:\n" + headers),
+            ]
+        )
+    )
+    assert request(index, "/", headers=(("x-team", "blue"),)) == "teams"
+    assert request(index, "/", headers=(("x-team", "green"),)) == "http-egress-deny"
+    for team, route_name in (("blue", "calls"), ("green", "grpc-egress-deny")):
+        facts = RequestFacts(
+            Destination(EXTERNAL, 50051),
+            "example.com",
+            "POST",
+            "/pkg.Greeter/SayHello",
+            "",
+            (("content-type", "application/grpc"), ("x-team", team)),
+            grpc=True,
+        )
+        decision = index.decide_request(facts)
+        assert decision.route is not None
+        assert decision.route.name == route_name
+
+
+def test_query_parameter_names_differing_in_case_are_two_names() -> None:
+    """HTTPQueryParamMatch names match exactly: `v` and `V` are two parameters, both required."""
+    query = "      - {name: v, value: '1'}\n      - {name: V, value: '2'}\n"
+    index = compiled(
+        DENY_NET + "---" + http_route("q", "  - matches:\n    - queryParams:\n" + query)
+    )
+    assert request(index, "/", query="v=1&V=2") == "q"
+    assert request(index, "/", query="v=1") == "http-egress-deny"
