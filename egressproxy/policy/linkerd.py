@@ -458,7 +458,7 @@ def read_value_matches(
     As Gateway API has it: the list is a map keyed by name, so the API server refuses a
     name given twice; of names equal but for case (headers), only the first counts.
     """
-    matches = []
+    matches: list[ValueMatch] = []
     names: set[str] = set()
     for item_where, item in checker.mappings(node, key, where):
         checker.known_fields(item, item_where, {"type", "name", "value"})
@@ -471,6 +471,10 @@ def read_value_matches(
             continue
         name_line = item.line_of("name")
         if header_names and checker.header_name(name, name_line, f"{item_where}.name") is None:
+            continue
+        if not name or not value:  # the CRD's MinLength=1: the API server refuses them
+            empty = "name" if not name else "value"
+            checker.error(item.line_of(empty), f"{item_where}.{empty}: must not be empty")
             continue
         if name in names:
             checker.error(name_line, f"{item_where}.name: {name!r} is given twice in {key}")

@@ -899,3 +899,34 @@ def test_query_parameter_names_differing_in_case_are_two_names() -> None:
     )
     assert request(index, "/", query="v=1&V=2") == "q"
     assert request(index, "/", query="v=1") == "http-egress-deny"
+
+
+@pytest.mark.parametrize(
+    ("item", "empty"),
+    [
+        ("{name: v, value: ''}", "value"),
+        ("{name: '', value: '1'}", "name"),
+        ("{type: RegularExpression, name: v, value: ''}", "value"),
+    ],
+)
+def test_query_match_names_and_values_are_not_empty(item: str, empty: str) -> None:
+    """HTTPQueryParamMatch's name and value have MinLength=1: a pasted manifest with an empty
+    one is refused here as the API server refuses it, not read as "any value"."""
+    document = http_route("q", f"  - matches:\n    - queryParams:\n      - {item}\n")
+    assert route_problems(document) == [
+        (
+            line_of(document, item),
+            f"HTTPRoute egress-test/q.spec.rules[0].matches[0].queryParams[0].{empty}: "
+            "must not be empty",
+        )
+    ]
+
+
+def test_header_match_values_are_not_empty() -> None:
+    document = http_route("h", "  - matches:\n    - headers:\n      - {name: x-team, value: ''}\n")
+    assert route_problems(document) == [
+        (
+            line_of(document, "{name: x-team"),
+            "HTTPRoute egress-test/h.spec.rules[0].matches[0].headers[0].value: must not be empty",
+        )
+    ]
