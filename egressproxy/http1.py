@@ -192,6 +192,7 @@ def parse_request(request: h11.Request, destination: Destination) -> ParsedReque
         query=query,
         headers=tuple(headers),
         grpc=grpc,
+        authority=authority or None,
     )
     return ParsedRequest(
         facts=facts,
@@ -662,7 +663,14 @@ class Http1Proxy(asyncio.Protocol):
         path, _, query = target.partition("?")
         method = request.method.decode("latin-1")
         facts = RequestFacts(
-            destination, self.hostname, method, path, query, request.headers, request.grpc
+            destination,
+            self.hostname,
+            method,
+            path,
+            query,
+            request.headers,
+            request.grpc,
+            request.host or None,
         )
         decision = flow.snapshot.index.decide_request(facts)
         if decision.protocol is RouteProtocol.GRPC:

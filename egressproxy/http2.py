@@ -247,6 +247,7 @@ def stream_facts(headers: Headers, flow: Flow) -> tuple[RequestFacts, bool]:
         query=query,
         headers=tuple(plain),
         grpc=grpc,
+        authority=named,
     )
     return facts, not named or hostname is not None
 

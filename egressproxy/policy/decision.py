@@ -90,6 +90,9 @@ class RequestFacts(NamedTuple):
     """Header names lower-case, in the order the client sent them."""
     grpc: bool
     """content-type application/grpc: matched against GRPCRoutes."""
+    authority: str | None = None
+    """The Host or :authority (an absolute target's authority) as sent, port included; None
+    when absent. OSM's Egress reads its port."""
 
 
 @dataclass(frozen=True)

@@ -235,7 +235,14 @@ def parse_destination(text: str, settings: Settings) -> ExplainQuery:
     grpc = scheme == "grpc"
     headers = (("content-type", "application/grpc"),) if grpc else ()
     request = RequestFacts(
-        destination, hostname, "POST" if grpc else "GET", path, parts.query, headers, grpc=grpc
+        destination,
+        hostname,
+        "POST" if grpc else "GET",
+        path,
+        parts.query,
+        headers,
+        grpc=grpc,
+        authority=parts.netloc.rpartition("@")[2],
     )
     return ExplainQuery(text, None, request, assumed)
 
@@ -278,7 +285,23 @@ def print_explanation(query: ExplainQuery, index: PolicyIndex, out: TextIO) -> N
     if query.opaque_port:
         protocol = "in --opaque-ports: never sniffed, decided as opaque TCP"
     print(f"port:        {protocol}", file=out)
+    if query.request is not None and hostname and port_in_host_matters(index, destination):
+        print(
+            f"host:        OSM Egress hosts on port {destination.port} match Host {hostname} or "
+            f"{hostname}:{destination.port}, never {hostname} with another port",
+            file=out,
+        )
     print_decision(decision, out)
+
+
+def port_in_host_matters(index: PolicyIndex, destination: Destination) -> bool:
+    """Whether an HTTP rule on the destination's port takes no Host naming another port
+    (OSM's, whose Envoy virtual host domains are HOST and HOST:PORT)."""
+    network = index.network_for(destination)
+    if network is None:
+        return False
+    rules = network.table(destination.port).http.entries()
+    return any(rule.route.port_in_host_must_match for _, rule in rules)
 
 
 def _named(namespace: str, name: str) -> str:

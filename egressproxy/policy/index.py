@@ -766,15 +766,22 @@ def no_network(protocol: RouteProtocol, destination: Destination) -> Decision:
 def best_http_rule(table: HostTable[CompiledRule], request: RequestFacts) -> CompiledRule | None:
     """Most specific hostname level first; within it Gateway API match precedence, then age.
 
-    A level holding an OSM route ends the search whatever it matched.
+    A level holding an OSM route ends the search whatever it matched; an OSM route takes no
+    request whose authority names another port than the destination's.
     """
     query: list[tuple[str, str]] | None = None
+    other_port: bool | None = None
     for level in table.levels(request.hostname):
         best: CompiledRule | None = None
         best_score: tuple[object, ...] = ()
         for rule in level:
             if not rule.covers(request.destination.ip):
                 continue
+            if rule.route.port_in_host_must_match:
+                if other_port is None:
+                    other_port = names_another_port(request)
+                if other_port:
+                    continue
             for match in rule.http or (DEFAULT_HTTP_MATCH,):
                 if best is not None and match.score <= best_score:
                     continue
@@ -787,6 +794,17 @@ def best_http_rule(table: HostTable[CompiledRule], request: RequestFacts) -> Com
         if any(rule.route.most_specific_host_only for rule in level):
             return None
     return None
+
+
+def names_another_port(request: RequestFacts) -> bool:
+    """Whether the authority names a port other than the destination's, as Envoy compares a
+    `host:port` domain: as text, so `:080` and an empty `host:` are other ports too."""
+    authority = request.authority
+    if authority is None:
+        return False
+    authority = authority.strip()
+    colon = authority.find(":", authority.rfind("]") + 1)  # past an IPv6 literal
+    return colon >= 0 and authority[colon + 1 :] != str(request.destination.port)
 
 
 def best_grpc_rule(table: HostTable[CompiledRule], request: RequestFacts) -> CompiledRule | None:

@@ -188,6 +188,10 @@ class Route:
     """OSM: Envoy picks one virtual host, the most specific hostname's; a request none of
     its routes match is not tried against a wildcard that also covers it (Gateway API
     routes, as in Linkerd, are)."""
+    port_in_host_must_match: bool = False
+    """OSM: each host is two Envoy virtual host domains, HOST and HOST:PORT (PORT the
+    Egress port), so a Host or :authority naming another port, or an empty one, matches no
+    rule of the route. Gateway API hostnames (Linkerd) and native hosts match any port."""
 
 
 @dataclass(frozen=True)

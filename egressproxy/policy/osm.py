@@ -302,6 +302,7 @@ def read_egress(
                 order=order,
                 origin=origin,
                 most_specific_host_only=True,
+                port_in_host_must_match=True,
             )
         )
     return routes

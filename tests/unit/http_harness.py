@@ -233,6 +233,30 @@ spec:
 """Default allow, a deny on blocked.test and its subdomains."""
 
 
+OSM_HTTP_EGRESS = """\
+apiVersion: config.openservicemesh.io/v1alpha2
+kind: MeshConfig
+metadata: {{name: osm-mesh-config, namespace: osm-system}}
+spec:
+  traffic: {{enableEgress: false}}
+---
+apiVersion: policy.openservicemesh.io/v1alpha1
+kind: Egress
+metadata: {{name: example, namespace: curl}}
+spec:
+  sources: [{{kind: ServiceAccount, name: curl, namespace: curl}}]
+  hosts: [example.test]
+  ports: [{{number: {port}, protocol: http}}]
+{matches}"""
+"""OSM egress disabled but for example.test on the origin's port (an http port); format
+with port and matches: "" (every request)."""
+OSM_HOST_CASES = {
+    "": {"example.test": 200, "example.test:{port}": 200, "example.test:1": 403, "other.test": 403},
+}
+"""For OSM_HTTP_EGRESS's matches: the status each Host (or :authority) gets, alike in HTTP/1
+and HTTP/2. OSM's Envoy domains are example.test and example.test:PORT only."""
+
+
 def request_statuses(registry: CollectorRegistry, family: str) -> list[tuple[str, str, str, float]]:
     """(route_name, status, error, count) of each sample of the scrape's `http` or `grpc`
     request family, sorted; the other family must have none."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import http.client
 import json
 import logging
 import socket
@@ -25,6 +26,8 @@ from egressproxy.settings import LogFormat, VerifyDestination
 from tests.e2e.http_servers import h1
 from tests.unit.http_harness import (
     BLOCKED_HOST,
+    OSM_HOST_CASES,
+    OSM_HTTP_EGRESS,
     LoopbackProxy,
     Silent,
     closed_port,
@@ -874,3 +877,34 @@ async def test_a_closing_connection_whose_client_reads_nothing_is_cut(
         client.close()
     assert proxy.ledger.requests[0].status == 200
     assert [flow.error for flow in proxy.ledger.flows] == [error]
+
+
+def statuses_of_hosts(proxy: LoopbackProxy, hosts: list[str]) -> list[int]:
+    """http.client's GET / with each Host in turn, on one keep-alive connection."""
+    connection = http.client.HTTPConnection(proxy.host, proxy.port, timeout=5.0)
+    statuses = []
+    try:
+        for host in hosts:
+            connection.request("GET", "/", headers={"Host": host})
+            response = connection.getresponse()
+            response.read()
+            statuses.append(response.status)
+    finally:
+        connection.close()
+    return statuses
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("matches", OSM_HOST_CASES, ids=["hosts"])
+async def test_an_osm_egress_takes_a_host_naming_its_port_and_refuses_another_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, matches: str
+) -> None:
+    """OSM's Envoy domains for an http Egress host are HOST and HOST:PORT: a Host naming
+    another port is refused as a host no Egress lists is (403), over keep-alive."""
+    async with origin(h1) as port:
+        policy = OSM_HTTP_EGRESS.format(port=port, matches=matches)
+        async with loopback_proxy(tmp_path, monkeypatch, policy, local(port)) as proxy:
+            hosts = [host.format(port=port) for host in OSM_HOST_CASES[matches]]
+            statuses = await asyncio.to_thread(statuses_of_hosts, proxy, hosts)
+            await proxy.wait_closed_flows(1)
+    assert statuses == list(OSM_HOST_CASES[matches].values())

@@ -37,6 +37,8 @@ from tests.e2e.servers import deterministic_chunks
 from tests.unit.http_harness import (
     ALLOW_ALL,
     BLOCKED_HOST,
+    OSM_HOST_CASES,
+    OSM_HTTP_EGRESS,
     LoopbackProxy,
     Silent,
     closed_port,
@@ -949,6 +951,34 @@ async def test_an_authority_with_an_empty_or_malformed_port_gets_no_default(
         origin.close()
     errors = sorted((r.status, r.error) for r in proxy.ledger.requests)
     assert errors == [(200, ""), (400, "bad_request"), (403, "")]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("matches", OSM_HOST_CASES, ids=["hosts"])
+async def test_an_osm_egress_decides_an_authority_as_the_same_host_in_http1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, matches: str
+) -> None:
+    """The :authority (no `host` header) is what OSM's Envoy matches over HTTP/2: its port
+    against the Egress's HOST and HOST:PORT domains. Each stream gets the status the same
+    Host gets over HTTP/1."""
+    loop = asyncio.get_running_loop()
+    origin = await loop.create_server(H2Server, "127.0.0.1", 0)
+    port = origin.sockets[0].getsockname()[1]
+    policy = OSM_HTTP_EGRESS.format(port=port, matches=matches)
+    try:
+        async with loopback_proxy(tmp_path, monkeypatch, policy, local(port)) as proxy:
+            client = await connect_h2(proxy)
+            authorities = [host.format(port=port) for host in OSM_HOST_CASES[matches]]
+            answers = [client.request("GET", "/a", authority=name) for name in authorities]
+            async with asyncio.timeout(TIMEOUT):
+                for answer in answers:
+                    await answer.done.wait()
+            client.transport.close()
+            await proxy.wait_closed_flows(1)
+    finally:
+        origin.close()
+    statuses = [int(answer.headers[":status"]) for answer in answers]
+    assert statuses == list(OSM_HOST_CASES[matches].values())
 
 
 @pytest.mark.asyncio

@@ -385,3 +385,22 @@ def test_summary_marks_an_egress_whose_sources_are_other_clients(
     ) in out
     run_check(Settings(policy_file=policy, namespace="curl", service_account="curl"), None)
     assert "port 80: Egress curl/httpbin-80 [httpbin.org] (HTTP)\n" in capsys.readouterr().out
+
+
+def test_explain_says_which_hosts_an_osm_http_port_takes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """OSM's Envoy domains are HOST and HOST:PORT: the explanation of a request to an OSM
+    http port says so (a URL cannot name a Host port other than the one it goes to); a
+    Linkerd port, whose hostnames match any port, gets no such line."""
+    osm = EXAMPLES / "osm-3-egress-policy.yaml"
+    status, out, _ = check(capsys, osm, "http://httpbin.org:80/get", namespace=None)
+    assert status == 0
+    assert (
+        "host:        OSM Egress hosts on port 80 match Host httpbin.org or httpbin.org:80,"
+        " never httpbin.org with another port\n"
+    ) in out
+    assert "route:       Egress curl/httpbin-80\n" in out
+    status, out, _ = check(capsys, EXAMPLES / "linkerd-3-httproute.yaml", "http://httpbin.org/get")
+    assert status == 0
+    assert "host:" not in out

@@ -439,3 +439,85 @@ def test_route_group_header_names_are_tokens(header: str) -> None:
         f"HTTPRouteGroup curl/egress-http-route.spec.matches[0].headers: {header!r} is not a "
         "header name (letters, digits and !#$%&'*+-.^_`|~ only)"
     ]
+
+
+def request_to(index: PolicyIndex, authority: str, port: int = 80, path: str = "/get") -> Decision:
+    """A request as the data plane sees it: the authority as sent, its host lower-cased."""
+    hostname = authority.rpartition(":")[0] if ":" in authority else authority
+    facts = RequestFacts(
+        Destination(EXTERNAL, port),
+        hostname.lower(),
+        "GET",
+        path,
+        "",
+        (),
+        grpc=False,
+        authority=authority,
+    )
+    return index.decide_request(facts)
+
+
+DENIED = RouteRef("", "default", "", "http-egress-deny")
+
+
+@pytest.mark.parametrize(
+    ("authority", "route"),
+    [
+        ("httpbin.org", egress("httpbin-80")),
+        ("httpbin.org:80", egress("httpbin-80")),
+        ("HTTPBIN.ORG:80", egress("httpbin-80")),
+        ("httpbin.org:8080", DENIED),
+        ("httpbin.org:080", DENIED),
+        ("httpbin.org:", DENIED),
+    ],
+)
+def test_an_http_egress_takes_its_host_alone_or_with_its_own_port(
+    authority: str, route: RouteRef
+) -> None:
+    """OSM gives an Egress host on http port 80 the Envoy virtual host domains httpbin.org
+    and httpbin.org:80 (pkg/catalog/egress.go buildHTTPRouteConfigs), and its listener
+    strips no port: `Host: httpbin.org:8080` matches no virtual host, so it is denied as
+    a host no Egress lists is. Envoy compares the domain as text, `:080` included."""
+    decision = request_to(step("osm-3-egress-policy.yaml"), authority)
+    assert (decision.action, decision.route) == (
+        Action.PASS if route == egress("httpbin-80") else Action.DENY,
+        route,
+    )
+
+
+def test_the_port_a_host_may_name_is_its_egress_port_for_wildcards_and_addresses() -> None:
+    """The port is the Egress port the request came to: on 8080, `:8080` matches and `:80`
+    does not; a wildcard host and an IPv4 host are domains with the port as well."""
+    text = "---\n".join(
+        WILDCARD_AND_EXACT.format(name=name, host=host, matches="").replace(
+            "number: 80", "number: 8080"
+        )
+        for name, host in [("wildcard", '"*.example.com"'), ("address", "192.0.2.7")]
+    )
+    index = compile_policy(load_policy_text(text, "osm.yaml"), CURL)
+    for authority, route in [
+        ("api.example.com:8080", egress("wildcard")),
+        ("api.example.com", egress("wildcard")),
+        ("api.example.com:80", DENIED),
+        ("192.0.2.7:8080", egress("address")),
+        ("192.0.2.7:80", DENIED),
+    ]:
+        assert request_to(index, authority, port=8080).route == route, authority
+
+
+def test_gateway_api_and_native_hostnames_match_whatever_port_the_host_names() -> None:
+    """Only OSM's Envoy domains carry the port: a Linkerd HTTPRoute hostname and a native
+    host rule take `httpbin.org:8080` on port 80 as they take `httpbin.org`."""
+    linkerd = step("linkerd-3-httproute.yaml", Settings(namespace="egress-test"))
+    decision = request_to(linkerd, "httpbin.org:8080")
+    assert (decision.action, decision.route.kind) == (Action.PASS, "HTTPRoute")
+    native = compile_policy(
+        load_policy_text(
+            "apiVersion: egressproxy.io/v1alpha1\nkind: EgressPolicy\nmetadata: {name: t}\n"
+            "spec:\n  default: deny\n  rules:\n  - {name: bin, hosts: [httpbin.org], "
+            "action: allow}\n",
+            "native.yaml",
+        ),
+        Settings(),
+    )
+    assert request_to(native, "httpbin.org:8080").action == Action.PASS
