@@ -92,7 +92,7 @@ class RequestFacts(NamedTuple):
     """content-type application/grpc: matched against GRPCRoutes."""
     authority: str | None = None
     """The Host or :authority (an absolute target's authority) as sent, port included; None
-    when absent. OSM's Egress reads its port."""
+    when absent. OSM's Egress reads its port and its `host` header matches read all of it."""
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from egressproxy.policy.decision import (
     RouteRef,
 )
 from egressproxy.policy.model import (
+    AUTHORITY,
     Attachment,
     CidrRange,
     ClientRef,
@@ -191,6 +192,15 @@ class CompiledValueMatch:
         self.name = match.name
         self.exact = match.value if match.kind == MatchKind.EXACT else None
         self.pattern = re.compile(match.value) if match.kind == MatchKind.REGEX else None
+        self.on_authority = match.name == AUTHORITY
+
+    def matches_request(self, request: RequestFacts) -> bool:
+        """A header match: `:authority` reads the request's authority as sent, port included,
+        however it came (Host, :authority, an absolute target); other names its headers."""
+        if self.on_authority:
+            authority = request.authority
+            return authority is not None and self.matches(((AUTHORITY, authority),))
+        return self.matches(request.headers)
 
     def matches(self, pairs: Sequence[tuple[str, str]]) -> bool:
         for name, value in pairs:
@@ -255,7 +265,7 @@ class CompiledHttpMatch:
             request.method.upper() if self.method_any_case else request.method
         ):
             return False
-        if self.headers and not all(header.matches(request.headers) for header in self.headers):
+        if self.headers and not all(header.matches_request(request) for header in self.headers):
             return False
         return not self.query or all(param.matches(query) for param in self.query)
 
@@ -287,7 +297,7 @@ class CompiledGrpcMatch:
             (self.any_method or request.method == "POST")
             and self.part_matches(self.service, self.service_pattern, service)
             and self.part_matches(self.method, self.method_pattern, method)
-            and all(header.matches(request.headers) for header in self.headers)
+            and all(header.matches_request(request) for header in self.headers)
         )
 
     def part_matches(

@@ -95,6 +95,12 @@ class PathMatch:
     value: str
 
 
+AUTHORITY = ":authority"
+"""The header name a match on the request's authority (RequestFacts.authority) takes: OSM
+turns an HTTPRouteGroup `host` header match into Envoy's `:authority`, which is the Host of
+an HTTP/1 request and the :authority of an HTTP/2 one."""
+
+
 @dataclass(frozen=True)
 class ValueMatch:
     """A header or query parameter match; header names are lower-case."""

@@ -25,6 +25,7 @@ from egressproxy.policy.linkerd import (
     read_annotations,
 )
 from egressproxy.policy.model import (
+    AUTHORITY,
     Attachment,
     ClientRef,
     HttpMatch,
@@ -206,7 +207,9 @@ def read_route_group(
             if checker.header_name(header, line, f"{item_where}.headers") is None:
                 continue
             if text is not None and checker.regex(text, line, f"{item_where}.headers.{header}"):
-                headers.append(ValueMatch(header.lower(), MatchKind.REGEX, text))
+                # OSM matches `host` against Envoy's :authority, the Host of HTTP/1 requests.
+                header_field = AUTHORITY if header.lower() == "host" else header.lower()
+                headers.append(ValueMatch(header_field, MatchKind.REGEX, text))
         methods = []
         for line, method in checker.strings(item, "methods", item_where):
             if method != "*" and method not in HTTP_METHODS:

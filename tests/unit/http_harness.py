@@ -240,6 +240,14 @@ metadata: {{name: osm-mesh-config, namespace: osm-system}}
 spec:
   traffic: {{enableEgress: false}}
 ---
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: HTTPRouteGroup
+metadata: {{name: port-named, namespace: curl}}
+spec:
+  matches:
+  - name: host-with-port
+    headers: {{host: 'example\\.test:{port}'}}
+---
 apiVersion: policy.openservicemesh.io/v1alpha1
 kind: Egress
 metadata: {{name: example, namespace: curl}}
@@ -249,12 +257,22 @@ spec:
   ports: [{{number: {port}, protocol: http}}]
 {matches}"""
 """OSM egress disabled but for example.test on the origin's port (an http port); format
-with port and matches: "" (every request)."""
+with port and matches: "" (every request), or HOST_NAMES_PORT (a `host` header match)."""
+HOST_NAMES_PORT = (
+    "  matches: [{apiGroup: specs.smi-spec.io/v1alpha4, kind: HTTPRouteGroup, name: port-named}]"
+)
 OSM_HOST_CASES = {
     "": {"example.test": 200, "example.test:{port}": 200, "example.test:1": 403, "other.test": 403},
+    HOST_NAMES_PORT: {
+        "example.test": 403,
+        "example.test:{port}": 200,
+        "example.test:1": 403,
+        "other.test": 403,
+    },
 }
 """For OSM_HTTP_EGRESS's matches: the status each Host (or :authority) gets, alike in HTTP/1
-and HTTP/2. OSM's Envoy domains are example.test and example.test:PORT only."""
+and HTTP/2. OSM's Envoy domains are example.test and example.test:PORT only, and its `host`
+header match reads the whole authority, port included."""
 
 
 def request_statuses(registry: CollectorRegistry, family: str) -> list[tuple[str, str, str, float]]:

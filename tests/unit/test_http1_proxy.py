@@ -895,7 +895,7 @@ def statuses_of_hosts(proxy: LoopbackProxy, hosts: list[str]) -> list[int]:
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("matches", OSM_HOST_CASES, ids=["hosts"])
+@pytest.mark.parametrize("matches", OSM_HOST_CASES, ids=["hosts", "host-header-match"])
 async def test_an_osm_egress_takes_a_host_naming_its_port_and_refuses_another_port(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, matches: str
 ) -> None:

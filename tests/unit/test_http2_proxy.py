@@ -954,13 +954,13 @@ async def test_an_authority_with_an_empty_or_malformed_port_gets_no_default(
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("matches", OSM_HOST_CASES, ids=["hosts"])
+@pytest.mark.parametrize("matches", OSM_HOST_CASES, ids=["hosts", "host-header-match"])
 async def test_an_osm_egress_decides_an_authority_as_the_same_host_in_http1(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, matches: str
 ) -> None:
     """The :authority (no `host` header) is what OSM's Envoy matches over HTTP/2: its port
-    against the Egress's HOST and HOST:PORT domains. Each stream gets the status the same
-    Host gets over HTTP/1."""
+    against the Egress's HOST and HOST:PORT domains, all of it against a `host` header
+    match. Each stream gets the status the same Host gets over HTTP/1."""
     loop = asyncio.get_running_loop()
     origin = await loop.create_server(H2Server, "127.0.0.1", 0)
     port = origin.sockets[0].getsockname()[1]

@@ -521,3 +521,25 @@ def test_gateway_api_and_native_hostnames_match_whatever_port_the_host_names() -
         Settings(),
     )
     assert request_to(native, "httpbin.org:8080").action == Action.PASS
+
+
+def test_a_host_header_match_reads_the_authority_as_envoy_does() -> None:
+    """OSM turns an HTTPRouteGroup `host` header match into Envoy's `:authority` (pkg/envoy/
+    rds/route getHeadersForRoute): the Host of an HTTP/1 request and the :authority of an
+    HTTP/2 one, which carries no `host` header. Its regex sees the port as sent."""
+    group = ONLY_GET.replace("methods: [GET]", 'headers: {Host: "httpbin\\\\.org(:80)?"}')
+    text = "---\n".join(
+        [
+            WILDCARD_AND_EXACT.format(
+                name="bin",
+                host="httpbin.org",
+                matches="matches: [{apiGroup: specs.smi-spec.io/v1alpha4, "
+                "kind: HTTPRouteGroup, name: only-get}]",
+            ),
+            group,
+        ]
+    )
+    index = compile_policy(load_policy_text(text, "osm.yaml"), CURL)
+    assert request_to(index, "httpbin.org").route == egress("bin")
+    assert request_to(index, "httpbin.org:80").route == egress("bin")
+    assert request_to(index, "HTTPBIN.org").route == DENIED
