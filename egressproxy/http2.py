@@ -22,6 +22,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import h2.utilities
+import hpack
 import hyperframe.exceptions
 import hyperframe.frame
 
@@ -93,6 +94,22 @@ class MalformedMessage(h2.events.Event):
         """The opening header block itself: no RequestReceived (ResponseReceived) came."""
 
 
+class _BlockKeepingDecoder(hpack.Decoder):
+    """hpack's Decoder, keeping the header block it decoded last: h2 refuses a 1xx response
+    with END_STREAM after decoding its block, before the stream takes it, and says no more
+    than a ProtocolError; the block tells _Connection which error that was."""
+
+    def __init__(self, max_header_list_size: int) -> None:
+        super().__init__()
+        self.max_header_list_size = max_header_list_size
+        self.last_block: list[hpack.HeaderTuple] | None = None
+        """Set back to None by _Connection before each HEADERS frame it receives."""
+
+    def decode(self, data: bytes, raw: bool = False) -> list[hpack.HeaderTuple]:
+        self.last_block = list(super().decode(data, raw))
+        return self.last_block
+
+
 class _Connection(h2.connection.H2Connection):
     """h2, where a malformed message is a stream error, as RFC 9113 8.1.1 asks.
 
@@ -107,10 +124,14 @@ class _Connection(h2.connection.H2Connection):
     the stream's state machine recorded the block (headers_received or trailers_received
     changed), so the block decoded (HPACK state intact) on a valid stream. Errors before
     that (HPACK, stream ids, a frame on a closed stream) stay connection errors, but for
-    TooManyStreamsError (_refuse). A body a header block's END_STREAM ends short of its
-    content-length, which h2 lets through, is a stream error too (_length_at_end).
+    TooManyStreamsError (_refuse) and (upstream) a 1xx response with END_STREAM, which h2
+    refuses before its stream takes it (_ended_informational). A body a header block's
+    END_STREAM ends short of its content-length, which h2 lets through, is a stream error
+    too (_length_at_end).
     These override and read h2's private parts, so pyproject.toml pins h2's minor version.
     """
+
+    decoder: _BlockKeepingDecoder
 
     def __init__(self, client_side: bool, max_header_bytes: int) -> None:
         """h2 validates the upstream's header blocks itself; the client's are checked by
@@ -119,6 +140,7 @@ class _Connection(h2.connection.H2Connection):
             client_side=client_side, header_encoding=None, validate_inbound_headers=client_side
         )
         super().__init__(config=config)
+        self.decoder = _BlockKeepingDecoder(self.decoder.max_header_list_size)
         self.local_settings = h2.settings.Settings(
             client=client_side,
             initial_values={
@@ -135,6 +157,7 @@ class _Connection(h2.connection.H2Connection):
         before = self._blocks_received(frame.stream_id)
         stream = self.streams.get(frame.stream_id)
         declared = stream._expected_content_length if stream is not None else None
+        self.decoder.last_block = None
         try:
             received = super()._receive_headers_frame(frame)
         except h2.exceptions.TooManyStreamsError as error:
@@ -142,14 +165,29 @@ class _Connection(h2.connection.H2Connection):
         except h2.exceptions.StreamClosedError:
             raise
         except h2.exceptions.ProtocolError as error:
-            if self._blocks_received(frame.stream_id) == before:
+            if self._blocks_received(frame.stream_id) != before:
+                return self._stream_error(frame.stream_id, str(error), head=not before[0])
+            if stream is None or not self._ended_informational(frame):
                 raise
+            self.state_machine.process_input(h2.connection.ConnectionInputs.RECV_HEADERS)
             return self._stream_error(frame.stream_id, str(error), head=not before[0])
         if "END_STREAM" in frame.flags:
             problem = self._length_at_end(frame.stream_id, declared, trailers=bool(before[0]))
             if problem:
                 return self._stream_error(frame.stream_id, problem, head=not before[0])
         return received
+
+    def _ended_informational(self, frame: hyperframe.frame.HeadersFrame) -> bool:
+        """Whether h2 refused this block, decoded (HPACK state intact), as a 1xx response
+        with END_STREAM: malformed (RFC 9113 8.1.1), and its stream the only one at fault.
+        The connection has yet to take the frame (ConnectionInputs.RECV_HEADERS)."""
+        block = self.decoder.last_block
+        return (
+            self.config.client_side
+            and block is not None
+            and "END_STREAM" in frame.flags
+            and h2.utilities.is_informational_response(block)
+        )
 
     def _length_at_end(self, stream_id: int, declared: int | None, trailers: bool) -> str:
         """Why a header block's END_STREAM ends a body short of its content-length; "" if

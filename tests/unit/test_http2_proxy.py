@@ -1530,3 +1530,97 @@ async def test_a_grpc_call_the_proxy_answers_on_an_http_route_counts_its_cause(
     requests = sorted((entry["hostname"], entry["status"], entry["error"])
                       for entry in logged if "method" in entry)  # fmt: skip
     assert requests == [("blocked.test", "403", ""), ("example.test", "502", "connect_refused")]
+
+
+class EndedInformationalH2Origin(SlowH2Origin):
+    """Answers a stream asking `x-reply: 1xx-end-stream` at once with a 103 HEADERS frame
+    carrying END_STREAM (malformed, RFC 9113 8.1.1; written past h2, which refuses to send
+    it), every other stream after 2 * DELAY on the same connection: 200 "late", or a
+    trailers-only grpc-status 0 to a gRPC call. Keeps the (stream, code) of each reset."""
+
+    LIMIT = 10
+    resets: ClassVar[list[tuple[int, int | None]]] = []
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                headers = dict(event.headers or [])
+                if headers.get(b"x-reply") == b"1xx-end-stream":
+                    self.send_ended_informational(event.stream_id)
+                else:
+                    grpc_call = headers.get(b"content-type") == b"application/grpc"
+                    answer = self.answer_grpc if grpc_call else self.answer
+                    asyncio.get_running_loop().call_later(2 * self.DELAY, answer, event.stream_id)
+            elif isinstance(event, h2.events.StreamReset):
+                self.resets.append((event.stream_id, event.error_code))
+        self.transport.write(self.h2.data_to_send())
+
+    def send_ended_informational(self, stream_id: int) -> None:
+        block = self.h2.encoder.encode([(b":status", b"103"), (b"link", b"</a.css>")])
+        frame = hyperframe.frame.HeadersFrame(stream_id, block, flags={"END_HEADERS", "END_STREAM"})
+        self.transport.write(self.h2.data_to_send() + frame.serialize())
+
+    def answer_grpc(self, stream_id: int) -> None:
+        headers = [(":status", "200"), ("content-type", "application/grpc"), ("grpc-status", "0")]
+        self.h2.send_headers(stream_id, headers, end_stream=True)
+        self.transport.write(self.h2.data_to_send())
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("family", "request_args", "bad_wire", "counted"),
+    [
+        (
+            "http",
+            ("GET", "/informational", b""),
+            ("502", None),
+            [
+                ("http-egress-allow", "200", "", 1.0),
+                ("http-egress-allow", "502", "bad_response", 1.0),
+            ],
+        ),
+        (
+            "grpc",
+            ("POST", "/test.Echo/Echo", b"\0" * 5),
+            ("200", "14"),
+            [("test.echo", "OK", "", 1.0), ("test.echo", "UNAVAILABLE", "bad_response", 1.0)],
+        ),
+    ],
+)
+async def test_an_informational_response_that_ends_its_stream_fails_that_stream_alone(
+    family: str,
+    request_args: tuple[str, str, bytes],
+    bad_wire: tuple[str, str | None],
+    counted: list[tuple[str, str, str, float]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """RFC 9113 8.1.1: a 1xx response with END_STREAM is malformed, a stream error. h2
+    raised it as a connection error, so the upstream connection was cut and the stream
+    beside it on that connection failed too (502 bad_response). Now the upstream stream
+    alone is reset PROTOCOL_ERROR, the client gets the proxy's answer to a malformed
+    response (502, gRPC UNAVAILABLE) counted bad_response, and the other stream its answer."""
+    EndedInformationalH2Origin.resets = []
+    async with proxy_to_h2_origin(EndedInformationalH2Origin, tmp_path, monkeypatch) as proxy:
+        registry = CollectorRegistry()
+        lines = Lines(LogFormat.JSON)
+        proxy.context.accounting = Reporting(Metrics(registry, max_hostnames=10), lines.access_log)
+        client = await connect_h2(proxy)
+        headers = {"content-type": "application/grpc", "te": "trailers"} if family == "grpc" else {}
+        bad = client.request(*request_args, {**headers, "x-reply": "1xx-end-stream"})
+        good = client.request(*request_args, headers)
+        async with asyncio.timeout(TIMEOUT):
+            for answer in (bad, good):
+                await answer.done.wait()
+        assert (bad.headers[":status"], bad.headers.get("grpc-status")) == bad_wire
+        if family == "http":
+            assert (good.headers[":status"], bytes(good.body)) == ("200", b"late")
+        else:
+            assert (good.headers[":status"], good.headers["grpc-status"]) == ("200", "0")
+        assert not client.goaway
+        assert EndedInformationalH2Origin.resets == [(1, h2.errors.ErrorCodes.PROTOCOL_ERROR)]
+        client.transport.close()
+        async with asyncio.timeout(TIMEOUT):
+            while proxy.context.open_flows.flows:
+                await asyncio.sleep(0.01)
+    assert request_statuses(registry, family) == counted
