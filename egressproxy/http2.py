@@ -530,6 +530,10 @@ class H2Proxy(asyncio.Protocol):
         self.goaway_sent = False
         self.error = ""
         self.last_activity = self.loop.time()
+        self.unsent = 0
+        """Bytes still unsent when closing, as the idle sweep last saw them."""
+        self.unsent_since = 0.0
+        """When the idle sweep (or _close) last saw unsent change."""
 
     def start(self) -> None:
         self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
@@ -1203,23 +1207,49 @@ class H2Proxy(asyncio.Protocol):
         self.transport.write(frame.serialize())
 
     def _close(self) -> None:
+        """Close once what is written has gone out; connection_lost does the accounting.
+
+        While bytes are still unsent the idle sweep stays on, as for HTTP/1: a client that
+        stopped reading would otherwise hold the connection (its place against
+        --max-connections, its upstreams) for ever."""
         if self.closed:
             return
         self._flush()
         self.closed = True
-        self.flow.context.idle_sweep.discard(self)
         self.transport.close()
+        self.unsent = self.transport.get_write_buffer_size()
+        self.unsent_since = self.loop.time()
+        if not self.unsent:
+            self.flow.context.idle_sweep.discard(self)
 
     def tick(self) -> None:
         """The idle sweep's check, every quarter of --idle-timeout: no bytes either way for
-        a whole timeout ends the connection with a GOAWAY."""
-        if self.closed or self.loop.time() - self.last_activity < self.settings.idle_timeout:
+        a whole timeout ends the connection with a GOAWAY; closing, none of the unsent
+        bytes going out for a whole timeout cuts it."""
+        now = self.loop.time()
+        if self.closed:
+            self._closing_tick(now)
+            return
+        if now - self.last_activity < self.settings.idle_timeout:
             return
         self.error = "idle_timeout"
         for stream in list(self.streams.values()):
             self._timed_out(stream)
         self._goaway()
         self._flush()
+        self.transport.abort()
+
+    def _closing_tick(self, now: float) -> None:
+        """Only the client's reading counts here: upstream bytes can no longer reach it."""
+        unsent = self.transport.get_write_buffer_size()
+        if unsent != self.unsent:
+            self.unsent, self.unsent_since = unsent, now
+        if now - self.unsent_since < self.settings.idle_timeout:
+            return
+        log.info(
+            "%s: closing, nothing read for %ss", self.flow.record.client, self.settings.idle_timeout
+        )
+        self.error = self.error or "idle_timeout"
         self.transport.abort()
 
     def _timed_out(self, stream: _Stream) -> None:

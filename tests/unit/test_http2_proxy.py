@@ -50,7 +50,7 @@ from tests.unit.http_harness import (
     request_statuses,
 )
 from tests.unit.test_accesslog import Lines
-from tests.unit.test_http1_proxy import GRPC_PORT_POLICY, read_response
+from tests.unit.test_http1_proxy import GRPC_PORT_POLICY, client_that_never_reads, read_response
 
 POLICY = """\
 apiVersion: egressproxy.io/v1alpha1
@@ -200,13 +200,17 @@ def grpc_origin() -> Iterator[int]:
 
 @contextlib.asynccontextmanager
 async def proxy_to_h2_origin(
-    factory: Callable[[], asyncio.BaseProtocol], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    factory: Callable[[], asyncio.BaseProtocol],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    **settings: object,
 ) -> AsyncIterator[LoopbackProxy]:
-    """A loopback proxy whose every connection was meant for an h2 origin made by factory."""
+    """A loopback proxy (with these settings) whose every connection was meant for an h2
+    origin made by factory."""
     origin = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
     try:
         port = origin.sockets[0].getsockname()[1]
-        async with loopback_proxy(tmp_path, monkeypatch, POLICY, local(port)) as proxy:
+        async with loopback_proxy(tmp_path, monkeypatch, POLICY, local(port), **settings) as proxy:
             yield proxy
     finally:
         origin.close()
@@ -1624,3 +1628,48 @@ async def test_an_informational_response_that_ends_its_stream_fails_that_stream_
             while proxy.context.open_flows.flows:
                 await asyncio.sleep(0.01)
     assert request_statuses(registry, family) == counted
+
+
+def download(goaway: bool) -> bytes:
+    """A client's preface with windows wide open, a GET of 128 KiB, and (goaway) its GOAWAY."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding="utf-8"))
+    client.local_settings = h2.settings.Settings(
+        client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20}
+    )
+    client.initiate_connection()
+    client.increment_flow_control_window(1 << 20)
+    request = [(":method", "GET"), (":scheme", "http"), (":authority", "example.test")]
+    client.send_headers(1, [*request, (":path", "/bytes/131072")], end_stream=True)
+    if goaway:
+        client.close_connection()
+    return client.data_to_send()
+
+
+ZERO_WINDOW_UPDATE = b"\0\0\x04\x08\0\0\0\0\0\0\0\0\0"
+"""A WINDOW_UPDATE of 0 on the connection: a connection error (RFC 9113 6.9)."""
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("goaway", "then", "error"),
+    [(True, b"", "idle_timeout"), (False, ZERO_WINDOW_UPDATE, "bad_request")],
+    ids=["goaway-after-the-last-stream", "protocol-error"],
+)
+async def test_a_closing_connection_whose_client_reads_nothing_is_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, goaway: bool, then: bytes, error: str
+) -> None:
+    """Closing (its last stream done after a GOAWAY, or a protocol error) while the client
+    reads nothing: the close waited for the client for ever, the idle sweep no longer
+    looking, holding its place against --max-connections and its upstream connection.
+    As with HTTP/1, once nothing more went out for the idle timeout it is cut."""
+    async with proxy_to_h2_origin(H2Server, tmp_path, monkeypatch, idle_timeout=0.4) as proxy:
+        client = await client_that_never_reads(proxy)
+        client.send(download(goaway))
+        handler = await only_handler(proxy)
+        async with asyncio.timeout(TIMEOUT):
+            while not handler.transport.get_write_buffer_size():
+                await asyncio.sleep(0.01)
+        client.send(then)
+        await proxy.wait_closed_flows(1, timeout=4.0)
+        client.close()
+    assert [flow.error for flow in proxy.ledger.flows] == [error]
