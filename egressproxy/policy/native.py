@@ -50,6 +50,8 @@ raises."""
 PATH_KEYS = {"path": MatchKind.EXACT, "pathPrefix": MatchKind.PREFIX, "pathRegex": MatchKind.REGEX}
 HEADER_KEYS = {"headers": MatchKind.EXACT, "headersRegex": MatchKind.REGEX}
 QUERY_KEYS = {"query": MatchKind.EXACT, "queryRegex": MatchKind.REGEX}
+GRPC_NAME_KEYS = {"service": "serviceRegex", "method": "methodRegex"}
+"""Each gRPC name part: its exact key and its regular expression key."""
 
 
 def read(
@@ -332,11 +334,34 @@ def read_value_matches(
 
 
 def read_grpc(checker: Checker, node: YMap, where: str) -> GrpcMatch:
-    checker.known_fields(node, where, {"service", "method", *HEADER_KEYS})
-    service = checker.get(node, "service", str, where)
-    method = checker.get(node, "method", str, where)
-    for value, key in ((service, "service"), (method, "method")):
-        if value is not None:
-            checker.grpc_name(value, key, node.line_of(key), where)
+    """A GRPCRoute method match has one type for service and method, and so has GrpcMatch:
+    with a regular expression for either part, the exact other part becomes an escaped
+    one, so the one matcher (and Gateway API precedence) decides both dialects alike."""
+    checker.known_fields(node, where, {*GRPC_NAME_KEYS, *GRPC_NAME_KEYS.values(), *HEADER_KEYS})
+    exact: dict[str, str] = {}
+    patterns: dict[str, str] = {}
+    for key, regex_key in GRPC_NAME_KEYS.items():
+        if key in node and regex_key in node:
+            checker.error(node.line, f"{where}: give only one of {key}, {regex_key}")
+        value = checker.get(node, key, str, where)
+        if value is not None and checker.grpc_name(value, key, node.line_of(key), where):
+            exact[key] = value
+        pattern = checker.get(node, regex_key, str, where)
+        if pattern == "":
+            checker.error(
+                node.line_of(regex_key), f"{where}.{regex_key}: empty: omit it to match any"
+            )
+        elif pattern is not None and checker.regex(
+            pattern, node.line_of(regex_key), f"{where}.{regex_key}"
+        ):
+            patterns[key] = pattern
     headers = read_value_matches(checker, node, where, HEADER_KEYS, header_names=True)
-    return GrpcMatch(service=service, method=method, headers=headers, any_method=True)
+    if patterns:
+        patterns |= {key: re.escape(value) for key, value in exact.items()}
+    return GrpcMatch(
+        service=patterns.get("service", exact.get("service")),
+        method=patterns.get("method", exact.get("method")),
+        kind=MatchKind.REGEX if patterns else MatchKind.EXACT,
+        headers=headers,
+        any_method=True,
+    )

@@ -900,6 +900,47 @@ async def test_native_header_and_query_matches_decide_real_clients(
     ]
 
 
+NATIVE_GRPC_REGEX_RULES = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: test}
+spec:
+  default: deny
+  rules:
+  - name: echoes
+    grpc: [{serviceRegex: 'test\\.E.*', methodRegex: "Echo|Fail"}]
+  - name: no-fail
+    grpc: [{service: test.Echo, method: Fail}]
+    action: deny
+"""
+
+
+@pytest.mark.asyncio
+async def test_native_grpc_regex_matches_decide_real_clients(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, grpc_origin: int
+) -> None:
+    """grpcio's calls meet serviceRegex and methodRegex on whole names, and an exact match
+    written after a regular expression one still takes precedence over it."""
+    async with loopback_proxy(
+        tmp_path, monkeypatch, NATIVE_GRPC_REGEX_RULES, local(grpc_origin)
+    ) as proxy:
+        codes = [
+            (await asyncio.to_thread(call, proxy.port, path, b"hi"))[0]
+            for path in [
+                "/test.Echo/Echo",
+                "/test.Everything/Echo",
+                "/test.Echo/Fail",
+                "/test.Echo/EchoAll",
+                "/xtest.Echo/Echo",
+            ]
+        ]
+        await proxy.wait_requests(5)
+    denied = grpc.StatusCode.PERMISSION_DENIED
+    assert codes == [grpc.StatusCode.OK, grpc.StatusCode.UNIMPLEMENTED, denied, denied, denied]
+    routes = [r.decision.route.name if r.decision.route else None for r in proxy.ledger.requests]
+    assert routes == ["test.echoes", "test.echoes", "test.no-fail", *["grpc-egress-deny"] * 2]
+
+
 @pytest.mark.asyncio
 async def test_verify_destination_enforced_per_stream(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

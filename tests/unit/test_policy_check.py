@@ -126,6 +126,28 @@ def test_summary_names_the_grpc_default_of_a_port_with_grpc_rules_alone(
     assert "route:       default grpc-egress-deny" in explained
 
 
+def test_explain_shows_a_native_grpc_regex_rule_matching(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """serviceRegex / methodRegex decide an --explain grpc:// call as the proxy would."""
+    policy = tmp_path / "grpc-regex.yaml"
+    policy.write_text(
+        "apiVersion: egressproxy.io/v1alpha1\nkind: EgressPolicy\nmetadata: {name: g}\n"
+        "spec:\n  default: deny\n  rules:\n  - name: greeter-reads\n    ports: [9000]\n"
+        "    grpc:\n    - serviceRegex: 'helloworld\\.Greet(er|ings)'\n"
+        "      methodRegex: 'Get.*'\n"
+    )
+    destination = "grpc://api.example.com:9000/helloworld.Greetings/GetAll"
+    status, explained, err = check(capsys, policy, destination)
+    assert (status, err) == (0, "")
+    assert "route:       EgressRule g.greeter-reads\n" in explained
+    assert f"why:         matched EgressRule g.greeter-reads rule greeter-reads ({policy}:7)\n" in (
+        explained
+    )
+    _, explained, _ = check(capsys, policy, destination.replace("GetAll", "SetAll"))
+    assert "route:       default grpc-egress-deny\n" in explained
+
+
 def test_summary_marks_another_namespaces_consumer_route(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
+import re
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -709,3 +711,229 @@ spec:
         for text in (native, gateway)
     ]
     assert decided[0] == decided[1]
+
+
+GRPC_REGEX_MATCHES = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: p}
+spec:
+  default: deny
+  rules:
+  - name: both
+    ports: [50051]
+    grpc: [{serviceRegex: 'pkg\\.(Greeter|Farewell)', methodRegex: "Say.*"}]
+  - name: service-regex
+    ports: [50051]
+    grpc: [{serviceRegex: 'pkg\\.Admin.*', method: Drop}]
+  - name: method-regex
+    ports: [50051]
+    grpc: [{service: pkg.Store, methodRegex: "Get|List"}]
+  - name: service-only
+    ports: [50051]
+    grpc: [{serviceRegex: 'metrics\\..*', headers: {x-tenant: blue}}]
+"""
+
+
+def test_grpc_regex_matches_compile_to_the_gateway_api_ones() -> None:
+    """serviceRegex and methodRegex make the GrpcMatch of a GRPCRoute RegularExpression method
+    match; an exact part beside a regular expression becomes the escaped one."""
+    native = load_policy_text(GRPC_REGEX_MATCHES, "n.yaml")
+    method_matches = {
+        "both": r"service: 'pkg\.(Greeter|Farewell)', method: 'Say.*'",
+        "service-regex": r"service: 'pkg\.Admin.*', method: Drop",
+        "method-regex": r"service: 'pkg\.Store', method: 'Get|List'",
+        "service-only": r"service: 'metrics\..*'",
+    }
+    tenant = "      headers: [{name: x-tenant, value: blue}]\n"
+    routes = [
+        grpc_route(
+            name,
+            f"  - matches:\n    - method: {{type: RegularExpression, {fields}}}\n"
+            + (tenant if name == "service-only" else ""),
+        )
+        for name, fields in method_matches.items()
+    ]
+    gateway = load_policy_text("---".join([DENY_NET, *routes]), "g.yaml")
+    gateway_rules = {route.ref.name: route.rules[0] for route in gateway.routes}
+    for name in method_matches:
+        (native_match,) = native_rule(native, name).grpc_matches
+        (gateway_match,) = gateway_rules[name].grpc_matches
+        assert native_match == dataclasses.replace(gateway_match, any_method=True), name
+
+
+def test_grpc_regex_matches_decide_whole_names() -> None:
+    """A regular expression matches the whole service or method name, as Gateway API's."""
+    index = compile_policy(load_policy_text(GRPC_REGEX_MATCHES, "n.yaml"), Settings())
+
+    def route(path: str, *headers: tuple[str, str]) -> str | None:
+        decided = http(index, "g.example", path, "POST", 50051, headers, grpc=True).route
+        return decided.name if decided is not None else None
+
+    assert route("/pkg.Greeter/SayHello") == "p.both"
+    assert route("/pkg.Farewell/Say") == "p.both"
+    assert route("/pkg.Greeter/Hello") == "grpc-egress-deny"
+    assert route("/pkg.GreeterX/SayHello") == "grpc-egress-deny"  # the whole service
+    assert route("/xpkg.Greeter/SayHello") == "grpc-egress-deny"
+    assert route("/pkg.AdminV2/Drop") == "p.service-regex"
+    assert route("/pkg.AdminV2/DropAll") == "grpc-egress-deny"  # the exact method stays exact
+    assert route("/pkg.Store/List") == "p.method-regex"
+    assert route("/pkgXStore/List") == "grpc-egress-deny"  # the exact service's dot is a dot
+    assert route("/pkg.Store/Listing") == "grpc-egress-deny"
+    assert route("/metrics.v1.Export/Any", ("x-tenant", "blue")) == "p.service-only"
+    assert route("/metrics.v1.Export/Any") == "grpc-egress-deny"
+
+
+def test_grpc_precedence_puts_exact_matches_before_regular_expressions() -> None:
+    """Gateway API precedence between gRPC matches holds for native rules whatever their
+    order: more parts given first, then exact before regular expression."""
+    policy = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: p}
+spec:
+  default: allow
+  rules:
+  - {name: any-service, ports: [50051], grpc: [{serviceRegex: 'pkg\\..*'}], action: deny}
+  - name: any-call
+    ports: [50051]
+    grpc: [{serviceRegex: 'pkg\\..*', methodRegex: ".*"}]
+    action: allow
+  - name: hello
+    ports: [50051]
+    grpc: [{service: pkg.Greeter, method: SayHello}]
+    action: deny
+"""
+    index = compile_policy(load_policy_text(policy, "n.yaml"), Settings())
+
+    def route(path: str) -> str | None:
+        decided = http(index, "g.example", path, "POST", 50051, grpc=True).route
+        return decided.name if decided is not None else None
+
+    assert route("/pkg.Greeter/SayHello") == "p.hello"
+    assert route("/pkg.Greeter/SayBye") == "p.any-call"
+
+
+@pytest.mark.parametrize(
+    ("rule", "line", "problem"),
+    [
+        (
+            "grpc: [{service: pkg.A, serviceRegex: 'pkg\\..*'}]",
+            7,
+            "grpc[0]: give only one of service, serviceRegex",
+        ),
+        (
+            "grpc:\n    - service: pkg.A\n      method: Get\n      methodRegex: Get.*",
+            8,
+            "grpc[0]: give only one of method, methodRegex",
+        ),
+        (
+            "grpc:\n    - service: pkg.A\n      methodRegex: 'Get('",
+            9,
+            "grpc[0].methodRegex: invalid regular expression 'Get(': "
+            "missing ), unterminated subpattern at position 3",
+        ),
+        (
+            "grpc: [{serviceRegex: '[a-'}]",
+            7,
+            "grpc[0].serviceRegex: invalid regular expression '[a-': "
+            "unterminated character set at position 0",
+        ),
+        (
+            "grpc: [{serviceRegex: '', method: Get}]",
+            7,
+            "grpc[0].serviceRegex: empty: omit it to match any",
+        ),
+        ("grpc: [{methodRegex: 3}]", 7, "grpc[0].methodRegex: expected a string, got int 3"),
+    ],
+    ids=["both-service", "both-method", "bad-method-regex", "bad-service-regex", "empty", "type"],
+)
+def test_bad_grpc_regex_matches_are_errors_with_lines(rule: str, line: int, problem: str) -> None:
+    assert native_rule_problems(rule) == [f"n.yaml:{line}: EgressPolicy p.spec.rules[0].{problem}"]
+
+
+GRPC_NAMES = {
+    "service": ["pkg.Svc", ".pkg.Svc", "pkg.Other"],
+    "method": ["Call", "Get", "GetAll"],
+}
+"""Exact parts: a dot in them must stay a dot."""
+GRPC_CALLED = {
+    "service": [*GRPC_NAMES["service"], "pkg.svc", "other.Svc", "pkgXSvc", "XpkgXSvc", "Svc"],
+    "method": [*GRPC_NAMES["method"], "call", "X"],
+}
+"""The parts of the calls: often met by the patterns and exact parts, sometimes nearly."""
+GRPC_PATTERNS = {
+    "service": [r"pkg\..*", r"pkg\.(Svc|Other)", "[a-z]+.Svc", ".*", "pkg.Svc", "(?i)PKG\\.svc"],
+    "method": ["Call|Get.*", "[A-Z][a-z]+", "Get", "G.t(All)?", ".*", "(?i)call"],
+}
+"""Not empty: Gateway API refuses an empty value, and native rules too."""
+
+
+GRPC_SHAPES = [
+    ("regex", None),
+    (None, "regex"),
+    ("regex", "regex"),
+    ("regex", "exact"),
+    ("exact", "regex"),
+]
+"""How (service, method) are given: at least one a regular expression."""
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    shape=st.sampled_from(GRPC_SHAPES),
+    values=st.fixed_dictionaries(
+        {
+            kind: st.fixed_dictionaries({key: st.sampled_from(pool[key]) for key in pool})
+            for kind, pool in (("exact", GRPC_NAMES), ("regex", GRPC_PATTERNS))
+        }
+    ),
+    calls=st.lists(
+        st.one_of(
+            st.tuples(
+                st.sampled_from(GRPC_CALLED["service"]), st.sampled_from(GRPC_CALLED["method"])
+            ).map(lambda call: f"/{call[0]}/{call[1]}"),
+            st.sampled_from(["/", "/pkg.Svc", "/pkg.Svc/", "/pkg.Svc/Call/x", "//Call"]),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+)
+def test_a_native_grpc_regex_match_decides_as_the_gateway_api_one(
+    shape: tuple[str | None, str | None], values: dict[str, dict[str, str]], calls: list[str]
+) -> None:
+    """serviceRegex / methodRegex (beside each other, an exact part or nothing) decide every
+    call as the GRPCRoute RegularExpression match of the same patterns (the exact part
+    escaped)."""
+    given_parts = {
+        key: (kind, values[kind][key])
+        for key, kind in zip(("service", "method"), shape, strict=True)
+        if kind is not None
+    }
+    native_keys = ", ".join(
+        f"{key}{'Regex' if kind == 'regex' else ''}: {json.dumps(value)}"
+        for key, (kind, value) in given_parts.items()
+    )
+    native = f"""\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {{name: p}}
+spec:
+  default: deny
+  rules:
+  - {{name: r, ports: [50051], grpc: [{{{native_keys}}}]}}
+"""
+    gateway_keys = "".join(
+        f", {key}: {json.dumps(value if kind == 'regex' else re.escape(value))}"
+        for key, (kind, value) in given_parts.items()
+    )
+    rules = f"  - matches:\n    - method: {{type: RegularExpression{gateway_keys}}}\n"
+    gateway = f"{DENY_NET}---{grpc_route('r', rules)}"
+    indexes = [
+        compile_policy(load_policy_text(text, "p.yaml"), Settings()) for text in (native, gateway)
+    ]
+    for path in calls:
+        native_decision, gateway_decision = (
+            http(index, "example.com", path, "POST", 50051, grpc=True).action for index in indexes
+        )
+        assert native_decision == gateway_decision, path
