@@ -107,11 +107,16 @@ class Resolver:
 
     async def _lookup(self, hostname: str) -> frozenset[IPAddress] | None:
         """The system resolver's answer: empty when the name does not exist or has no
-        address; None when its servers gave no answer (EAI_AGAIN), not to be remembered."""
+        address; None when its servers gave no answer (EAI_AGAIN, or too many lookups
+        waiting for a thread), not to be remembered. That is logged as such, so the check's
+        failure that follows is not read as the name pointing elsewhere."""
         try:
             found = await self.threads.addresses(hostname, None)
         except socket.gaierror as error:
-            return None if error.errno == socket.EAI_AGAIN else frozenset()
+            if error.errno == socket.EAI_AGAIN:
+                log.warning("%s: no answer from the resolver: %s", hostname, error.strerror)
+                return None
+            return frozenset()
         except (OSError, UnicodeError):
             return frozenset()
         return frozenset(ipaddress.ip_address(address.split("%", 1)[0]) for address in found)

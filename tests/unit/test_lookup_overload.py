@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import threading
 from collections.abc import Iterator
@@ -167,17 +168,19 @@ async def test_a_spliced_route_to_a_name_refused_by_a_full_queue_is_closed_as_dn
 async def test_verification_refused_by_a_full_queue_fails_the_check_and_is_not_cached(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
     mode: VerifyDestination,
 ) -> None:
     """As a resolver giving no answer: the check fails (enforce: 421; log: the request
-    passes, counted as its mode), and nothing is cached: once lookups work, the name is
-    verified."""
+    passes, counted as its mode), the log says the resolver gave no answer, and nothing is
+    cached: once lookups work, the name is verified."""
     async with proxy_to_origin(
         h1, tmp_path, monkeypatch, ALLOW_ALL, verify_destination=mode
     ) as proxy:
         with stuck_names(monkeypatch) as names:
             waiting = await fill_the_queue(proxy.context.resolver.threads, names)
-            overloaded = await get(proxy, "/", host="name.test")
+            with caplog.at_level(logging.WARNING, logger="egressproxy.verify"):
+                overloaded = await get(proxy, "/", host="name.test")
             await drained(waiting, names)
             verified = await get(proxy, "/", host="name.test")
             await proxy.wait_closed_flows(2)
@@ -186,6 +189,7 @@ async def test_verification_refused_by_a_full_queue_fails_the_check_and_is_not_c
     error = "destination_mismatch" if mode is VerifyDestination.ENFORCE else ""
     records = [(r.destination_mismatch, r.error) for r in proxy.ledger.requests]
     assert records == [(mode.value, error), ("", "")]
+    assert "name.test: no answer from the resolver: too many lookups waiting" in caplog.text
 
 
 @pytest.mark.asyncio
