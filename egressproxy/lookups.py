@@ -46,11 +46,15 @@ class LookupThreads:
         return await answer
 
     def close(self) -> None:
-        """The worker stops: queued lookups are dropped, and the threads end once free (one
-        still inside getaddrinfo is not waited for)."""
+        """The worker stops: queued lookups are dropped, their waiters told (EAI_AGAIN: a
+        shared lookup waiting for ever would hold its name's later questions), and the
+        threads end once free (one still inside getaddrinfo is not waited for)."""
         with contextlib.suppress(queue.Empty):
             while True:
-                self._queue.get_nowait()
+                job = self._queue.get_nowait()
+                if job is not None:
+                    loop, answer, _, _ = job
+                    _deliver(loop, answer, socket.gaierror(socket.EAI_AGAIN, "lookups closed"))
         for _ in self._threads:
             with contextlib.suppress(queue.Full):
                 self._queue.put_nowait(None)

@@ -251,3 +251,35 @@ async def test_names_behind_hung_lookups_get_their_timeouts_then_resolve(
     assert 0.5 <= took < 3.0
     assert [status for status, _ in answers] == [200, 200]
     assert (names.calls.count("backend.test"), names.calls.count("name.test")) == (1, 1)
+
+
+def test_close_with_a_full_queue_tells_the_waiters_and_ends_the_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """close() with a full queue: each dropped lookup's waiter gets EAI_AGAIN instead of
+    waiting forever, and every thread ends once getaddrinfo lets it go."""
+
+    def lookup_threads() -> set[threading.Thread]:
+        return {thread for thread in threading.enumerate() if thread.name.startswith("lookup-")}
+
+    async def scenario(names: StuckNames) -> tuple[list[int | None], set[threading.Thread]]:
+        before = lookup_threads()
+        threads = LookupThreads()
+        waiting = await fill_the_queue(threads, names)
+        started = lookup_threads() - before
+        threads.close()
+        async with asyncio.timeout(TIMEOUT):
+            dropped = await asyncio.gather(*waiting[LOOKUP_THREADS:], return_exceptions=True)
+        names.release.set()
+        async with asyncio.timeout(TIMEOUT):
+            await asyncio.gather(*waiting[:LOOKUP_THREADS])
+        errors = [error.errno for error in dropped if isinstance(error, socket.gaierror)]
+        return errors, started
+
+    with stuck_names(monkeypatch) as names:
+        errors, started = asyncio.run(scenario(names))
+    assert errors == [socket.EAI_AGAIN] * QUEUED_LOOKUPS
+    assert len(started) == LOOKUP_THREADS
+    for thread in started:
+        thread.join(TIMEOUT)
+    assert not any(thread.is_alive() for thread in started)
