@@ -511,8 +511,9 @@ def read_grpc_match(checker: Checker, node: YMap, where: str) -> GrpcMatch:
                 method_node, "type", method_where, ["Exact", "RegularExpression"], "Exact"
             )
         )
-        service = checker.get(method_node, "service", str, method_where)
-        method = checker.get(method_node, "method", str, method_where)
+        # GRPCMethodMatch: a service or method "left empty or omitted" matches any
+        service = checker.get(method_node, "service", str, method_where) or None
+        method = checker.get(method_node, "method", str, method_where) or None
         if service is None and method is None:
             checker.error(method_node.line, f"{method_where}: one of service or method is required")
         for value, key in ((service, "service"), (method, "method")):

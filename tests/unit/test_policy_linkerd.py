@@ -930,3 +930,35 @@ def test_header_match_values_are_not_empty() -> None:
             "HTTPRoute egress-test/h.spec.rules[0].matches[0].headers[0].value: must not be empty",
         )
     ]
+
+
+@pytest.mark.parametrize("kind", ["Exact", "RegularExpression"])
+def test_an_empty_grpc_service_matches_any_service(kind: str) -> None:
+    """GRPCMethodMatch.service: "If left empty or omitted, will match any service"."""
+    index = compiled(
+        DENY_NET
+        + "---"
+        + grpc_route(
+            "any", f"  - matches:\n    - method: {{type: {kind}, service: '', method: Get}}\n"
+        )
+    )
+    for path, route_name in (("/pkg.Svc/Get", "any"), ("/pkg.Svc/Put", "grpc-egress-deny")):
+        facts = RequestFacts(
+            Destination(EXTERNAL, 50051),
+            "example.com",
+            "POST",
+            path,
+            "",
+            (("content-type", "application/grpc"),),
+            grpc=True,
+        )
+        decision = index.decide_request(facts)
+        assert decision.route is not None
+        assert decision.route.name == route_name
+
+
+def test_a_grpc_method_match_with_both_parts_empty_is_refused() -> None:
+    document = grpc_route("none", "  - matches:\n    - method: {service: '', method: ''}\n")
+    problems = route_problems(document)
+    assert len(problems) == 1
+    assert problems[0][1].endswith("one of service or method is required")
