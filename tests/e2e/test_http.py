@@ -585,6 +585,46 @@ def test_a_host_with_an_empty_port_is_that_host_and_a_malformed_one_is_refused(
     assert codes == ["200", "403", "400"]
 
 
+OSM_EGRESS_TO_EXAMPLE = f"""\
+apiVersion: config.openservicemesh.io/v1alpha2
+kind: MeshConfig
+metadata: {{name: osm-mesh-config, namespace: osm-system}}
+spec:
+  traffic: {{enableEgress: false}}
+---
+apiVersion: policy.openservicemesh.io/v1alpha1
+kind: Egress
+metadata: {{name: example, namespace: curl}}
+spec:
+  sources: [{{kind: ServiceAccount, name: curl, namespace: curl}}]
+  hosts: [example.test]
+  ports: [{{number: 80, protocol: http}}, {{number: {H2_PORT}, protocol: http}}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("version", "url", "port"),
+    [
+        ("--http1.1", "http://example.test/get", 80),
+        ("--http2-prior-knowledge", H2_URL, H2_PORT),
+    ],
+)
+def test_an_osm_egress_host_takes_its_own_port_in_host_and_no_other(
+    world: World, proxy: StartProxy, http_servers: None, version: str, url: str, port: int
+) -> None:
+    """OSM's Envoy domains for an http Egress host are HOST and HOST:PORT: curl's Host (or
+    :authority) naming another port matches no Egress and gets the default deny."""
+    proxy(OSM_EGRESS_TO_EXAMPLE, "--namespace", "curl", "--service-account", "curl")
+    codes = []
+    for host in ("example.test", f"example.test:{port}", "example.test:1"):
+        result = world.curl(
+            version, "-o", "/dev/null", "-w", "%{http_code}", "-H", f"Host: {host}", url
+        )
+        assert result.returncode == 0, result
+        codes.append(result.stdout.decode())
+    assert codes == ["200", "200", "403"]
+
+
 def test_linkerd_guide_redirect_section(world: World, proxy: StartProxy) -> None:
     run_proxy(proxy, REDIRECT_GUIDE.read_text())
     conn = connection(world, "httpbin.org")
