@@ -460,6 +460,7 @@ def read_value_matches(
     """
     matches: list[ValueMatch] = []
     names: set[str] = set()
+    counted: set[str] = set()
     for item_where, item in checker.mappings(node, key, where):
         checker.known_fields(item, item_where, {"type", "name", "value"})
         kind = MatchKind(
@@ -483,7 +484,7 @@ def read_value_matches(
         if kind == MatchKind.REGEX and not checker.regex(value, item.line_of("value"), item_where):
             continue
         compared = name.lower() if header_names else name
-        if any(match.name == compared for match in matches):
+        if compared in counted:
             log.info(
                 "%s:%d: %s.name: %r is ignored: Gateway API counts only the first %s entry"
                 " of a name",
@@ -494,6 +495,7 @@ def read_value_matches(
                 key,
             )
             continue
+        counted.add(compared)
         matches.append(ValueMatch(compared, kind, value))
     return tuple(matches)
 
