@@ -21,7 +21,7 @@ from egressproxy.netfilter import PROXY_SOURCE_PORTS
 
 from .clients import recv_exactly, recv_until_eof, stream_sha256
 from .netns import NamespaceHTTPConnection, call_in
-from .proxy_process import StartProxy
+from .proxy_process import StartProxy, metric
 from .world import BLACKHOLE_V4, STOP_TIMEOUT, World, stop_process
 
 pytestmark = pytest.mark.e2e
@@ -164,18 +164,6 @@ def metrics_text(world: World, proxy_port: int = 4191) -> str:
     return body.decode()
 
 
-def metric_value(text: str, name: str, **labels: str) -> float:
-    """The sum of the samples of `name` whose labels include `labels`."""
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', line.partition("}")[0]))
-        if all(found.get(key) == value for key, value in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def connection(world: World, host: str, port: int = 80) -> NamespaceHTTPConnection:
     return NamespaceHTTPConnection(world.client_ns, world.host(host).v4, port, TIMEOUT)
 
@@ -209,7 +197,7 @@ def test_curl_keep_alive_decides_every_request(world: World, proxy: StartProxy) 
     assert [connects for _, connects in lines] == ["1", "0", "0", "0", "0"], "one connection"
     text = metrics_text(world)
     assert (
-        metric_value(
+        metric(
             text,
             "outbound_http_route_request_statuses_total",
             route_name="httpbin-get",
@@ -219,7 +207,7 @@ def test_curl_keep_alive_decides_every_request(world: World, proxy: StartProxy) 
         == 3
     )
     assert (
-        metric_value(
+        metric(
             text,
             "outbound_http_route_request_statuses_total",
             route_name="http-egress-deny",
@@ -454,7 +442,7 @@ def test_502_and_504(world: World, proxy: StartProxy) -> None:
     assert run_proxy_504.stdout == b"504"
     text = metrics_text(world)
     assert (
-        metric_value(
+        metric(
             text,
             "outbound_http_route_request_statuses_total",
             http_status="502",
@@ -463,7 +451,7 @@ def test_502_and_504(world: World, proxy: StartProxy) -> None:
         == 1
     )
     assert (
-        metric_value(
+        metric(
             text,
             "outbound_http_route_request_statuses_total",
             http_status="504",
@@ -645,7 +633,7 @@ def test_linkerd_guide_redirect_section(world: World, proxy: StartProxy) -> None
     assert document["host"] == "google.com"
     text = metrics_text(world)
     assert (
-        metric_value(
+        metric(
             text,
             "outbound_http_route_request_statuses_total",
             route_name="unencrypted-http",
@@ -700,7 +688,7 @@ def test_curl_http2_prior_knowledge(world: World, proxy: StartProxy, http_server
     assert answers[1][0] == "traffic not allowed\n"
     text = metrics_text(world)
     assert (
-        metric_value(
+        metric(
             text,
             "outbound_http_route_request_statuses_total",
             route_name="http-egress-deny",
@@ -739,7 +727,7 @@ def test_grpcio_allowed_and_denied(world: World, proxy: StartProxy, http_servers
     }
     text = metrics_text(world)
     assert (
-        metric_value(
+        metric(
             text,
             "outbound_grpc_route_request_statuses_total",
             route_name="echo-only",
@@ -748,7 +736,7 @@ def test_grpcio_allowed_and_denied(world: World, proxy: StartProxy, http_servers
         == 1
     )
     assert (
-        metric_value(
+        metric(
             text,
             "outbound_grpc_route_request_statuses_total",
             route_name="grpc-egress-deny",
@@ -790,7 +778,7 @@ def test_a_native_host_deny_holds_against_a_grpc_allow_for_any_host(
     text = metrics_text(world)
     for route, status in (("standalone.echo", "OK"), ("standalone.no-www", "PERMISSION_DENIED")):
         assert (
-            metric_value(
+            metric(
                 text,
                 "outbound_grpc_route_request_statuses_total",
                 route_name=route,
@@ -826,12 +814,9 @@ def test_a_grpc_call_denied_on_an_http_route_counts_as_a_deny(
     }
     labels = {"route_name": "standalone.no-www", "hostname": "www.example.test", "error": ""}
     text = metrics_text(world)
-    assert metric_value(text, "outbound_http_route_request_statuses_total", **labels) == 1
+    assert metric(text, "outbound_http_route_request_statuses_total", **labels) == 1
     assert (
-        metric_value(
-            text, "outbound_http_route_request_statuses_total", http_status="403", **labels
-        )
-        == 1
+        metric(text, "outbound_http_route_request_statuses_total", http_status="403", **labels) == 1
     )
 
 
@@ -846,7 +831,7 @@ def test_grpc_upstream_unreachable_is_unavailable(
     }
     text = metrics_text(world)
     assert (
-        metric_value(
+        metric(
             text,
             "outbound_grpc_route_request_statuses_total",
             route_name="echo-only",
