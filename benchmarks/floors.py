@@ -1,17 +1,19 @@
 """The least a proxy in Python can do per connection, on uvloop and on plain epoll.
 
-    floors.py uvloop|epoll|splice --listen HOST:PORT --admin HOST:PORT
+    floors.py uvloop|epoll|nested|splice --listen HOST:PORT --admin HOST:PORT
 
 Each accepts a redirected connection, reads its original destination, connects from a
 source port drawn as egressproxy draws them (upstream.SourcePorts), relays
 bytes both ways and closes once both sides are done. No policy, no parsing, no
 metrics: the benchmark runs them beside egressproxy so that every report shows how
 much of a connection's or a request's cost is the loop's and the kernel's, and how
-much is egressproxy's own work. `splice` is the epoll relay moving bytes with
-os.splice through a pipe per direction (1 MiB, the unprivileged maximum) instead of
-copying them through Python: beside `uvloop` on the bulk workloads it shows what
-splicing would save egressproxy's relay. The admin address answers 200 to anything,
-for the harness's readiness check. IPv4 only: the benchmark world is IPv4.
+much is egressproxy's own work. `nested` is the epoll relay with its set watched by
+uvloop as one descriptor (as egressproxy's splice relay watches its sockets): whether
+plain sockets inside uvloop cost what they cost on a loop of their own. `splice` is the
+epoll relay moving bytes with os.splice through a pipe per direction (1 MiB, the
+unprivileged maximum) instead of copying them through Python: beside `uvloop` on the
+bulk workloads it shows what splicing would save egressproxy's relay. The admin address
+answers 200 to anything, for the harness's readiness check. IPv4 only: the benchmark world is IPv4.
 """
 
 from __future__ import annotations
@@ -184,15 +186,18 @@ class EpollRelay:
         return sock
 
     def run(self) -> None:
-        listener, admin = self.listener.fileno(), self.admin.fileno()
         while True:
-            for fd, _ in self.epoll.poll():
-                if fd == listener:
-                    self.accept()
-                elif fd == admin:
-                    self.answer_ready()
-                elif (side := self.sides.get(fd)) is not None:
-                    self.ready(fd, side)
+            self.poll_once(-1)
+
+    def poll_once(self, timeout: float = 0) -> None:
+        listener, admin = self.listener.fileno(), self.admin.fileno()
+        for fd, _ in self.epoll.poll(timeout):
+            if fd == listener:
+                self.accept()
+            elif fd == admin:
+                self.answer_ready()
+            elif (side := self.sides.get(fd)) is not None:
+                self.ready(fd, side)
 
     def accept(self) -> None:
         while True:
@@ -345,14 +350,29 @@ class SpliceRelay(EpollRelay):
         return True
 
 
+class NestedRelay(EpollRelay):
+    """The epoll relay with its set polled by uvloop (`add_reader` on the set's descriptor)."""
+
+    def run(self) -> None:
+        import uvloop
+
+        async def serve() -> None:
+            asyncio.get_running_loop().add_reader(self.epoll.fileno(), self.poll_once)
+            await asyncio.Event().wait()
+
+        uvloop.run(serve())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("kind", choices=("uvloop", "epoll", "splice"))
+    parser.add_argument("kind", choices=("uvloop", "epoll", "nested", "splice"))
     parser.add_argument("--listen", type=address, required=True)
     parser.add_argument("--admin", type=address, required=True)
     args = parser.parse_args()
     if args.kind == "epoll":
         EpollRelay(args.listen, args.admin).run()
+    elif args.kind == "nested":
+        NestedRelay(args.listen, args.admin).run()
     elif args.kind == "splice":
         SpliceRelay(args.listen, args.admin).run()
     else:

@@ -264,6 +264,7 @@ PROXIES = [
     Proxy("egressproxy-w2", start_egressproxy(2)),
     Proxy("floor-uvloop", start_floor("uvloop"), only=BULK | HTTP_EXCHANGES),
     Proxy("floor-epoll", start_floor("epoll"), only=HTTP_EXCHANGES),
+    Proxy("floor-nested", start_floor("nested"), only=HTTP_EXCHANGES),
     Proxy("floor-splice", start_floor("splice"), only=BULK),
 ]
 
