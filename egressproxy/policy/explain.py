@@ -102,6 +102,8 @@ def print_summary(model: Model, index: PolicyIndex, settings: Settings, out: Tex
             file=out,
         )
         print(f"  networks: {describe_ranges(network, settings)}", file=out)
+        if network.routes_off:
+            print(f"  {network.routes_off}", file=out)
         verdict = "allow" if network.traffic_policy == TrafficPolicy.ALLOW else "deny"
         for port, routes in sorted(ports[network.id].items(), key=lambda item: item[0] or 0):
             where = f"port {port}" if port is not None else "every port"

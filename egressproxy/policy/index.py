@@ -746,7 +746,8 @@ class PolicyIndex:
             audit=network.audit,
             verify_destination=network.network.verify_destination,
             reason=f"{why} on port {destination.port} of {network.network.id}: "
-            f"default {policy.value}",
+            f"default {policy.value}"
+            + (f" ({network.network.routes_off})" if network.network.routes_off else ""),
         )
 
     def describe(self) -> dict[str, object]:

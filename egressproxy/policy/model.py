@@ -72,6 +72,9 @@ class Network:
     order: int
     """Position in the file: the tie-break after creationTimestamp."""
     origin: Origin
+    routes_off: str | None = None
+    """Why the routes written for this network are not applied (OSM's MeshConfig with
+    featureFlags.enableEgressPolicy false), for `check` and /config; None: they are."""
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ no Egress policy applies), else Deny (OSM's default, also used when Egress
 policies come without a MeshConfig). Each Egress policy becomes routes attached
 to that network on its ports: `http` ports match Host (and HTTPRouteGroup
 matches), `https` ports match SNI, `tcp` ports match the destination address
-against `ipAddresses`.
+against `ipAddresses`. `spec.featureFlags.enableEgressPolicy: false` turns the
+Egress API off, as in OSM v1.1 and v1.2: the policies are still checked, and
+not applied.
 """
 
 from __future__ import annotations
@@ -74,6 +76,19 @@ TRAFFIC_FIELDS = frozenset(
         "useHTTPSIngress",
     }
 )
+FEATURE_FLAGS = frozenset(
+    {
+        "enableWASMStats",
+        "enableEgressPolicy",
+        "enableMulticlusterMode",
+        "enableSnapshotCacheMode",
+        "enableAsyncProxyServiceMapping",
+        "enableIngressBackendPolicy",
+        "enableEnvoyActiveHealthChecks",
+        "enableRetryPolicy",
+    }
+)
+"""The MeshConfig CRD's featureFlags (v1alpha1 to v1alpha3), all booleans."""
 PROTOCOLS = {
     "http": RouteProtocol.HTTP,
     "https": RouteProtocol.TLS,
@@ -85,12 +100,13 @@ PROTOCOLS = {
 def read(
     documents: Sequence[tuple[int, YMap]], checker: Checker
 ) -> tuple[list[Network], list[Route]]:
-    mesh_configs = [
-        network
+    found = [
+        read_one
         for order, document in documents
         if kind_of(document) == (CONFIG_GROUP, "MeshConfig")
-        if (network := read_mesh_config(document, order, checker)) is not None
+        if (read_one := read_mesh_config(document, order, checker)) is not None
     ]
+    mesh_configs = [network for network, _ in found]
     for extra in mesh_configs[1:]:
         checker.error(extra.origin.line, f"{extra.id}: only one MeshConfig may be given")
     groups = {
@@ -107,13 +123,15 @@ def read(
     ]
     if not egresses:
         return mesh_configs, []
-    if not mesh_configs:
+    if found:
+        mesh_config, policies_off = found[0]
+    else:
         first_order, first = egresses[0]
         namespace, name = IMPLICIT_MESH_CONFIG
-        mesh_configs.append(
-            mesh_network(namespace, name, TrafficPolicy.DENY, first_order, checker.file, first.line)
+        mesh_config = mesh_network(
+            namespace, name, TrafficPolicy.DENY, first_order, checker.file, first.line
         )
-    mesh_config = mesh_configs[0]
+        policies_off = None
     routes = [
         route
         for order, document in egresses
@@ -127,8 +145,18 @@ def read(
             mesh_config.id,
             len(egresses),
         )
-        return mesh_configs[:1], []
-    return mesh_configs[:1], routes
+        return [mesh_config], []
+    if policies_off is not None:
+        # OSM v1.1/v1.2: with the flag off, GetEgressTrafficPolicy returns no policy.
+        log.info(
+            "%s: %s: featureFlags.enableEgressPolicy is false: "
+            "its %d Egress policies are not applied",
+            policies_off,
+            mesh_config.id,
+            len(egresses),
+        )
+        return [mesh_config], []
+    return [mesh_config], routes
 
 
 def mesh_network(
@@ -147,7 +175,10 @@ def mesh_network(
     )
 
 
-def read_mesh_config(document: YMap, order: int, checker: Checker) -> Network | None:
+def read_mesh_config(
+    document: YMap, order: int, checker: Checker
+) -> tuple[Network, Origin | None] | None:
+    """The MeshConfig's network, and where it turns Egress policies off (else None)."""
     checker.known_fields(document, "MeshConfig", TOP_LEVEL_FIELDS)
     meta = read_object_meta(checker, document, "MeshConfig")
     if meta is None:
@@ -158,8 +189,9 @@ def read_mesh_config(document: YMap, order: int, checker: Checker) -> Network | 
     traffic = checker.get(spec, "traffic", YMap, where) or YMap(spec.line)
     checker.known_fields(traffic, f"{where}.traffic", TRAFFIC_FIELDS)
     enabled = checker.get(traffic, "enableEgress", bool, f"{where}.traffic")
+    policies_off = read_feature_flags(checker, spec, where)
     audit, verify = read_annotations(checker, meta, where)
-    return Network(
+    network = Network(
         id=NetworkId(CONFIG_GROUP, "MeshConfig", meta.namespace, meta.name),
         ranges=None,
         traffic_policy=TrafficPolicy.ALLOW if enabled else TrafficPolicy.DENY,
@@ -169,7 +201,29 @@ def read_mesh_config(document: YMap, order: int, checker: Checker) -> Network | 
         created=meta.created,
         order=order,
         origin=Origin(checker.file, meta.line),
+        routes_off=(
+            f"Egress policies are off: featureFlags.enableEgressPolicy is false at {policies_off}"
+            if policies_off is not None
+            else None
+        ),
     )
+    return network, policies_off
+
+
+def read_feature_flags(checker: Checker, spec: YMap, where: str) -> Origin | None:
+    """Where enableEgressPolicy is false, else None. Unset is on: the value `osm install`
+    writes (its chart's default), which the guide's merge patches keep."""
+    flags = checker.get(spec, "featureFlags", YMap, where)
+    if flags is None:
+        return None
+    flags_where = f"{where}.featureFlags"
+    checker.known_fields(flags, flags_where, FEATURE_FLAGS)
+    values = {
+        name: checker.get(flags, name, bool, flags_where) for name in flags if name in FEATURE_FLAGS
+    }
+    if values.get("enableEgressPolicy") is not False:
+        return None
+    return Origin(checker.file, flags.line_of("enableEgressPolicy"))
 
 
 @dataclass(frozen=True)

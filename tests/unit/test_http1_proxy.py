@@ -908,3 +908,29 @@ async def test_an_osm_egress_takes_a_host_naming_its_port_and_refuses_another_po
             statuses = await asyncio.to_thread(statuses_of_hosts, proxy, hosts)
             await proxy.wait_closed_flows(1)
     assert statuses == list(OSM_HOST_CASES[matches].values())
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("flags", "status"),
+    [
+        ("", 200),
+        ("  featureFlags: {enableEgressPolicy: true}\n", 200),
+        ("  featureFlags: {enableEgressPolicy: false}\n", 403),
+    ],
+    ids=["absent", "true", "false"],
+)
+async def test_the_osm_egress_policy_feature_flag_gates_egress_policies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: str, status: int
+) -> None:
+    """With enableEgress false, an Egress-allowed host passes while OSM's Egress policy
+    feature flag is on or unset (the install's default), and is denied (403) when it is
+    false: OSM then applies no Egress policy."""
+    async with origin(h1) as port:
+        policy = OSM_HTTP_EGRESS.format(port=port, matches="").replace(
+            "  traffic: {enableEgress: false}\n", "  traffic: {enableEgress: false}\n" + flags
+        )
+        async with loopback_proxy(tmp_path, monkeypatch, policy, local(port)) as proxy:
+            statuses = await asyncio.to_thread(statuses_of_hosts, proxy, ["example.test"])
+            await proxy.wait_closed_flows(1)
+    assert statuses == [status]

@@ -426,3 +426,32 @@ def test_explain_says_which_hosts_an_osm_http_port_takes(
     status, out, _ = check(capsys, EXAMPLES / "linkerd-3-httproute.yaml", "http://httpbin.org/get")
     assert status == 0
     assert "host:" not in out
+
+
+def test_check_says_egress_policies_are_off_by_the_feature_flag(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """featureFlags.enableEgressPolicy false: the summary says the MeshConfig's Egress
+    policies are off and where, and so does --explain of a host an Egress lists."""
+    policy = tmp_path / "osm.yaml"
+    text = (EXAMPLES / "osm-3-egress-policy.yaml").read_text()
+    policy.write_text(
+        text.replace(
+            "    enableEgress: false\n",
+            "    enableEgress: false\n  featureFlags:\n    enableEgressPolicy: false\n",
+        )
+    )
+    line = policy.read_text().splitlines().index("    enableEgressPolicy: false") + 1
+    off = f"Egress policies are off: featureFlags.enableEgressPolicy is false at {policy}:{line}"
+    status, out, err = check(capsys, policy, namespace=None)
+    assert status == 0
+    assert f"{policy}: valid, 1 network(s), 0 route(s)\n" in out
+    assert f"  {off}\n" in out
+    assert "featureFlags.enableEgressPolicy is false: its 2 Egress policies are not applied" in err
+    status, out, _ = check(capsys, policy, "http://httpbin.org/get", namespace=None)
+    assert status == 0
+    assert "route:       default http-egress-deny\n" in out
+    assert (
+        "why:         no HTTPRoute matched on port 80 of MeshConfig osm-system/osm-mesh-config:"
+        f" default Deny ({off})\n" in out
+    )

@@ -543,3 +543,112 @@ def test_a_host_header_match_reads_the_authority_as_envoy_does() -> None:
     assert request_to(index, "httpbin.org").route == egress("bin")
     assert request_to(index, "httpbin.org:80").route == egress("bin")
     assert request_to(index, "HTTPBIN.org").route == DENIED
+
+
+def with_feature_flags(flags: str, example: str = "osm-3-egress-policy.yaml") -> str:
+    """The example with `featureFlags: FLAGS` in its MeshConfig's spec."""
+    text = (EXAMPLES / example).read_text()
+    return text.replace(
+        "    enableEgress: false\n", f"    enableEgress: false\n  featureFlags: {flags}\n"
+    )
+
+
+def routes_off(index: PolicyIndex) -> list[object]:
+    """Each network's routes_off as /config shows it."""
+    networks = index.describe()["networks"]
+    assert isinstance(networks, list)
+    return [network["routes_off"] for network in networks]
+
+
+def test_the_egress_policy_feature_flag_off_leaves_egress_policies_unapplied(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """OSM v1.1/v1.2 gate the Egress API on featureFlags.enableEgressPolicy: false, the
+    catalog's GetEgressTrafficPolicy returns nothing and the listener builds no Egress
+    filter chain, so with enableEgress false an Egress-allowed host is denied. One info line
+    at the flag says so; /config and --explain carry why (the network's routes_off)."""
+    text = with_feature_flags("{enableEgressPolicy: false, enableWASMStats: true}")
+    with caplog.at_level("INFO", logger="egressproxy.policy.osm"):
+        model = load_policy_text(text, "p.yaml")
+    flags = "  featureFlags: {enableEgressPolicy: false, enableWASMStats: true}"
+    flag_line = text.splitlines().index(flags) + 1
+    assert model.routes == ()
+    assert [record.getMessage() for record in caplog.records] == [
+        f"p.yaml:{flag_line}: MeshConfig osm-system/osm-mesh-config: "
+        "featureFlags.enableEgressPolicy is false: its 2 Egress policies are not applied"
+    ]
+    index = compile_policy(model, CURL)
+    denied = http(index, "httpbin.org", "/get")
+    assert (denied.action, denied.route) == (Action.DENY, DENIED)
+    off = f"Egress policies are off: featureFlags.enableEgressPolicy is false at p.yaml:{flag_line}"
+    assert denied.reason.endswith(f"default Deny ({off})")
+    assert tls(index, "httpbin.org").action == Action.DENY
+    assert routes_off(index) == [off]
+
+
+@pytest.mark.parametrize("flags", ["{enableEgressPolicy: true}", "{}", "{enableEgressPolicy: }"])
+def test_the_egress_policy_feature_flag_on_or_absent_applies_egress_policies(flags: str) -> None:
+    """`osm install` writes enableEgressPolicy: true (the chart's default) and the guide's
+    `kubectl patch --type=merge` keeps it: a MeshConfig that does not set it is that one."""
+    index = compile_policy(load_policy_text(with_feature_flags(flags), "p.yaml"), CURL)
+    allowed = http(index, "httpbin.org", "/get")
+    assert (allowed.action, allowed.route) == (Action.PASS, egress("httpbin-80"))
+    assert routes_off(index) == [None]
+
+
+def test_feature_flags_are_osms_booleans_and_no_others() -> None:
+    """The MeshConfig CRD's featureFlags (v1alpha1..v1alpha3) are eight booleans: each is
+    accepted, a wrong type or an unknown flag is an error at its line."""
+    known = (
+        "{enableWASMStats: false, enableEgressPolicy: true, enableMulticlusterMode: false, "
+        "enableSnapshotCacheMode: false, enableAsyncProxyServiceMapping: false, "
+        "enableIngressBackendPolicy: true, enableEnvoyActiveHealthChecks: false, "
+        "enableRetryPolicy: false}"
+    )
+    assert len(load_policy_text(with_feature_flags(known), "p.yaml").routes) == 2
+    text = with_feature_flags(
+        "\n    enableEgressPolicy: 'false'\n    enableRetryPolicy: 1\n    enableEgres: true"
+    )
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(text, "p.yaml")
+    lines = text.splitlines()
+    where = "MeshConfig osm-system/osm-mesh-config.spec.featureFlags"
+    assert [(p.line, p.reason) for p in caught.value.problems] == [
+        (
+            lines.index("    enableEgressPolicy: 'false'") + 1,
+            f"{where}.enableEgressPolicy: expected true or false, got the string 'false'",
+        ),
+        (
+            lines.index("    enableRetryPolicy: 1") + 1,
+            f"{where}.enableRetryPolicy: expected true or false, got int 1",
+        ),
+        (lines.index("    enableEgres: true") + 1, f"{where}: unknown field 'enableEgres'"),
+    ]
+    listed = with_feature_flags("[enableEgressPolicy]")
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(listed, "p.yaml")
+    assert [(p.line, p.reason) for p in caught.value.problems] == [
+        (
+            listed.splitlines().index("  featureFlags: [enableEgressPolicy]") + 1,
+            f"{where}: expected a mapping, got a list",
+        )
+    ]
+
+
+def test_egress_policies_are_validated_with_the_feature_flag_off() -> None:
+    """OSM's validating webhook registers its Egress validator whatever the flag (pkg/
+    validator/server.go), and the API server applies the Egress CRD's schema: a policy
+    left unapplied by the flag is still checked, as one under enableEgress: true is, and
+    every problem, the MeshConfig's included, is reported in one pass."""
+    text = with_feature_flags(
+        "{enableEgressPolicy: false, enableRetryPolicy: 'no'}", "osm-5-egress-routegroup.yaml"
+    )
+    broken = text.replace("    name: egress-http-route\n", "    name: missing\n")
+    broken = broken.replace("protocol: http\n", "protocol: smtp\n")
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(broken, "p.yaml")
+    reasons = [problem.reason for problem in caught.value.problems]
+    assert len(reasons) == 3
+    assert "featureFlags.enableRetryPolicy: expected true or false" in reasons[0]
+    assert "'smtp' is not one of http, https, tcp, tcp-server-first" in reasons[1]
+    assert "HTTPRouteGroup curl/missing does not exist in this policy" in reasons[2]
