@@ -237,13 +237,15 @@ class World:
             self.wait_listening(self.upstream_ns, port)
 
     def _copy_package(self, repo: Path) -> None:
-        """A world-readable snapshot of the package (and the floor proxies), for the proxy's uid."""
+        """A world-readable snapshot of the package (and the floor proxies and the sketch), for
+        the proxy's uid."""
         shutil.copytree(
             repo / "egressproxy",
             self.tmp / "pythonpath" / "egressproxy",
             ignore=shutil.ignore_patterns("__pycache__"),
         )
-        shutil.copy(Path(__file__).with_name("floors.py"), self.tmp / "pythonpath")
+        for script in ("floors.py", "sketch.py"):
+            shutil.copy(Path(__file__).with_name(script), self.tmp / "pythonpath")
         run([sys.executable, "-m", "compileall", "-q", str(self.tmp / "pythonpath")])
         for path in (self.tmp / "pythonpath").rglob("*"):
             path.chmod(0o755 if path.is_dir() else 0o644)

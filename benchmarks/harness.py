@@ -207,6 +207,15 @@ def start_as_proxy_user(world: World, name: str, arguments: list[str]) -> Starte
     raise RuntimeError(f"{name} never got ready: {last_line(started.log)}")
 
 
+def policy_file(world: World) -> Path:
+    """The benchmark's policy, written once per world, readable by the proxy's uid."""
+    policy = world.tmp / "policy.yaml"
+    if not policy.exists():
+        policy.write_text(POLICY)
+        policy.chmod(0o644)
+    return policy
+
+
 def start_egressproxy(workers: int, *, access_log: bool = False) -> Callable[[World], Started]:
     """--workers N; the access log (the default --log-level info) only when asked for.
 
@@ -218,11 +227,7 @@ def start_egressproxy(workers: int, *, access_log: bool = False) -> Callable[[Wo
     levels = [] if access_log else ["--log-level", "warning"]
 
     def start(world: World) -> Started:
-        policy = world.tmp / "policy.yaml"
-        if not policy.exists():
-            policy.write_text(POLICY)
-            policy.chmod(0o644)
-        arguments = ["-m", "egressproxy", "run", "--policy", str(policy)]
+        arguments = ["-m", "egressproxy", "run", "--policy", str(policy_file(world))]
         options = ["--workers", str(workers), "--drain-timeout", "1", *levels]
         return start_as_proxy_user(world, name, [*arguments, *options])
 
@@ -237,6 +242,13 @@ def start_floor(kind: str) -> Callable[[World], Started]:
         return start_as_proxy_user(world, f"floor-{kind}", [str(script), kind])
 
     return start
+
+
+def start_sketch(world: World) -> Started:
+    """benchmarks/sketch.py: egressproxy's work for one exchange, on plain sockets."""
+    script = world.tmp / "pythonpath" / "sketch.py"
+    arguments = [str(script), "--policy", str(policy_file(world))]
+    return start_as_proxy_user(world, "sketch-nested", arguments)
 
 
 BULK = frozenset({"bulk-1", "bulk-4", "bulk-tls"})
@@ -265,6 +277,7 @@ PROXIES = [
     Proxy("floor-uvloop", start_floor("uvloop"), only=BULK | HTTP_EXCHANGES),
     Proxy("floor-epoll", start_floor("epoll"), only=HTTP_EXCHANGES),
     Proxy("floor-nested", start_floor("nested"), only=HTTP_EXCHANGES),
+    Proxy("sketch-nested", start_sketch, only=frozenset({"new-conn"})),
     Proxy("floor-splice", start_floor("splice"), only=BULK),
 ]
 
