@@ -379,7 +379,8 @@ class Flow(asyncio.Protocol):
         self.transport.close()
 
     async def _destination_verified(self, detected: Detected) -> bool:
-        """False when --verify-destination enforce found the name pointing elsewhere."""
+        """False when --verify-destination enforce found the name pointing elsewhere, or
+        got no answer from the resolver (the connection is then closed, as that error)."""
         record = self.record
         assert record.decision is not None and record.destination is not None
         mode = verification_mode(
@@ -387,11 +388,10 @@ class Flow(asyncio.Protocol):
         )
         if mode is VerifyDestination.OFF or record.hostname is None:
             return True
-        if await self.context.resolver.check(record, record.destination, mode):
+        error = await self.context.resolver.check(record, record.destination, mode)
+        if not error or mode is VerifyDestination.LOG:
             return True
-        if mode is VerifyDestination.LOG:
-            return True
-        record.error = "destination_mismatch"
+        record.error = error
         if detected is Detected.HTTP1 and not self.client_gone:
             self.transport.write(http1.error_response(421, "destination does not match the host"))
         self.transport.close()

@@ -862,12 +862,10 @@ class Http1Proxy(asyncio.Protocol):
         """--verify-destination: the Host must resolve to the original destination."""
         record, destination = self.record, self.flow.record.destination
         assert record is not None and record.hostname is not None and destination is not None
-        matches = await self.flow.context.resolver.check(record, destination, mode)
+        error = await self.flow.context.resolver.check(record, destination, mode)
         self.connecting = None
-        if not matches and mode is VerifyDestination.ENFORCE:
-            self._respond_locally(
-                421, "destination does not match the host", "destination_mismatch"
-            )
+        if error and mode is VerifyDestination.ENFORCE:
+            self._respond_locally(421, "destination does not match the host", error)
             self._resume_after_backlog()
             return
         self._forward(self._target(decision))

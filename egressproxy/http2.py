@@ -698,11 +698,11 @@ class H2Proxy(asyncio.Protocol):
         """--verify-destination: the :authority must resolve to the original destination."""
         record, destination = stream.record, self.flow.record.destination
         assert record.hostname is not None and destination is not None
-        matches = await self.flow.context.resolver.check(record, destination, mode)
+        error = await self.flow.context.resolver.check(record, destination, mode)
         if stream.done or self.closed:
             return
-        if not matches and mode is VerifyDestination.ENFORCE:
-            self._answer(stream, 421, "destination does not match the host", "destination_mismatch")
+        if error and mode is VerifyDestination.ENFORCE:
+            self._answer(stream, 421, "destination does not match the host", error)
             self._flush()
             return
         self._forward(stream, self._target(decision))

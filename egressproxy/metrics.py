@@ -310,6 +310,11 @@ class Metrics:
             "Hostnames whose addresses do not include the original destination",
             ("hostname", "mode"),
         )
+        self.destination_unverified = plain(
+            "egress_destination_unverified_total",
+            "Hostnames the resolver gave no answer for, so the original destination went unchecked",
+            ("hostname", "mode"),
+        )
         self.sniff_outcomes = plain(
             "egress_sniff_outcomes_total",
             "What protocol detection found on new connections (or why it gave up)",
@@ -386,7 +391,10 @@ class Metrics:
     def connection_closed(self, record: FlowRecord) -> None:
         self.open_connections.dec()
         self._count_error(record.error, record.hostname)
-        self._count_mismatch(record.destination_mismatch, record.hostname)
+        if record.destination_mismatch:
+            self._count_mismatch(record.destination_mismatch, record.hostname)
+        if record.destination_unverified:
+            self._count_unverified(record.destination_unverified, record.hostname)
         decision = record.decision
         meters = self.route_meters(decision)
         meters.connection_ended(time.monotonic() - record.started)
@@ -413,6 +421,8 @@ class Metrics:
             self._count_error(record.error, record.hostname)
         if record.destination_mismatch:
             self._count_mismatch(record.destination_mismatch, record.hostname)
+        if record.destination_unverified:
+            self._count_unverified(record.destination_unverified, record.hostname)
         meters.route.count_bytes(record.bytes_from_client, record.bytes_from_upstream)
         if meters.statuses is not None and meters.duration is not None:
             meters.statuses.inc()
@@ -447,8 +457,10 @@ class Metrics:
         self.connect_errors(error).inc()
 
     def _count_mismatch(self, mode: str, hostname: str | None) -> None:
-        if mode:
-            self.destination_mismatch(self.hostname(hostname), mode).inc()
+        self.destination_mismatch(self.hostname(hostname), mode).inc()
+
+    def _count_unverified(self, mode: str, hostname: str | None) -> None:
+        self.destination_unverified(self.hostname(hostname), mode).inc()
 
 
 PER_REQUEST = frozenset({RouteProtocol.HTTP, RouteProtocol.GRPC})

@@ -44,6 +44,9 @@ class FlowRecord:
     decision: Decision | None = None
     destination_mismatch: str = ""
     """The --verify-destination mode (log, enforce) that found the hostname elsewhere, or ""."""
+    destination_unverified: str = ""
+    """The --verify-destination mode (log, enforce) whose check got no answer from the
+    resolver, or ""."""
     error: str = ""
     """"" on success; forbidden, connect_refused, reset, idle_timeout, loop …"""
     bytes_from_client: int = 0
@@ -72,6 +75,7 @@ class RequestRecord:
     where the call's route is an HTTP one, its metric and log line show a deny as 403."""
     grpc_status: int | None = None
     destination_mismatch: str = ""
+    destination_unverified: str = ""
     error: str = ""
     bytes_from_client: int = 0
     bytes_from_upstream: int = 0

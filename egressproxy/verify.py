@@ -25,6 +25,11 @@ CACHE_ENTRIES = 4096
 CACHE_SECONDS = 30.0
 NEGATIVE_CACHE_SECONDS = 5.0
 
+DESTINATION_MISMATCH = "destination_mismatch"
+"""The name resolved, and not to the destination (or to nothing: a definite answer too)."""
+NO_ANSWER = "dns_error"
+"""The resolver gave no answer: the destination is unverified, not shown to be elsewhere."""
+
 
 def verification_mode(
     decision: Decision, hostname: str | None, default: VerifyDestination
@@ -62,13 +67,13 @@ class Resolver:
         self._lifetime = lifetime
         self._timeout = timeout
         self._cache: OrderedDict[str, tuple[float, frozenset[IPAddress]]] = OrderedDict()
-        self._lookups: dict[str, asyncio.Task[frozenset[IPAddress]]] = {}
+        self._lookups: dict[str, asyncio.Task[frozenset[IPAddress] | None]] = {}
         self.threads = LookupThreads()
 
-    async def addresses(self, hostname: str) -> frozenset[IPAddress]:
-        """The addresses hostname resolves to; empty when it does not resolve, or gave no
-        answer within the timeout (checks then fail closed). No answer is not cached: the
-        lookup goes on, later questions join it, and its answer, when it comes, is."""
+    async def addresses(self, hostname: str) -> frozenset[IPAddress] | None:
+        """The addresses hostname resolves to; empty when it does not resolve; None when
+        the resolver gave no answer within the timeout. No answer is not cached: the lookup
+        goes on, later questions join it, and its answer, when it comes, is."""
         loop = asyncio.get_running_loop()
         cached = self._cache.get(hostname)
         if cached is not None and cached[0] > loop.time():
@@ -85,11 +90,11 @@ class Resolver:
                 return await asyncio.shield(lookup)
         except TimeoutError:
             log.warning("%s: no answer from the resolver within %ss", hostname, self._timeout)
-            return frozenset()
+            return None
 
     async def _shared_lookup(
         self, loop: asyncio.AbstractEventLoop, hostname: str
-    ) -> frozenset[IPAddress]:
+    ) -> frozenset[IPAddress] | None:
         """One lookup in a task of its own, which every waiter shields: a client that leaves
         (its task cancelled) must not cancel the answer other clients wait for."""
         try:
@@ -97,7 +102,7 @@ class Resolver:
         finally:
             del self._lookups[hostname]
         if answer is None:
-            return frozenset()
+            return None
         lifetime = self._lifetime if answer else NEGATIVE_CACHE_SECONDS
         self._cache[hostname] = (loop.time() + lifetime, answer)
         self._cache.move_to_end(hostname)
@@ -108,8 +113,7 @@ class Resolver:
     async def _lookup(self, hostname: str) -> frozenset[IPAddress] | None:
         """The system resolver's answer: empty when the name does not exist or has no
         address; None when its servers gave no answer (EAI_AGAIN, or too many lookups
-        waiting for a thread), not to be remembered. That is logged as such, so the check's
-        failure that follows is not read as the name pointing elsewhere."""
+        waiting for a thread), not to be remembered, nor counted as a mismatch."""
         try:
             found = await self.threads.addresses(hostname, None)
         except socket.gaierror as error:
@@ -124,8 +128,9 @@ class Resolver:
     def close(self) -> None:
         self.threads.close()
 
-    async def matches(self, hostname: str, destination: IPAddress) -> bool:
-        """True when destination is one of hostname's addresses (v4-mapped counts as v4).
+    async def matches(self, hostname: str, destination: IPAddress) -> bool | None:
+        """True when destination is one of hostname's addresses (v4-mapped counts as v4),
+        None when the resolver gave no answer.
 
         An IP-literal name (an SNI RFC 6066 forbids, or a Host) must be the destination itself,
         v4-mapped or not.
@@ -134,7 +139,8 @@ class Resolver:
         try:
             literal = ipaddress.ip_address(hostname)
         except ValueError:
-            return destination in await self.addresses(hostname)
+            addresses = await self.addresses(hostname)
+            return None if addresses is None else destination in addresses
         return unmapped(literal) == destination
 
     async def check(
@@ -142,12 +148,26 @@ class Resolver:
         record: FlowRecord | RequestRecord,
         destination: Destination,
         mode: VerifyDestination,
-    ) -> bool:
-        """Whether the record's hostname resolves to destination; a mismatch is noted
-        on the record (its mode, for the metrics) and logged. The caller enforces."""
+    ) -> str:
+        """The error word enforce closes with: empty when the record's hostname resolves to
+        destination, else DESTINATION_MISMATCH, or NO_ANSWER when the resolver gave none (an
+        outage is not spoofing). Either failure is noted on the record (its mode, for the
+        metrics) and logged. The caller enforces."""
         assert record.hostname is not None
-        if await self.matches(record.hostname, destination.ip):
-            return True
+        matches = await self.matches(record.hostname, destination.ip)
+        if matches:
+            return ""
+        if matches is None:
+            record.destination_unverified = mode.value
+            log.warning(
+                "%s: cannot tell whether %s resolves to %s: no answer from the resolver"
+                " (verify-destination %s)",
+                record.client,
+                record.hostname,
+                destination.ip,
+                mode.value,
+            )
+            return NO_ANSWER
         record.destination_mismatch = mode.value
         log.warning(
             "%s: %s does not resolve to %s (verify-destination %s)",
@@ -156,4 +176,4 @@ class Resolver:
             destination.ip,
             mode.value,
         )
-        return False
+        return DESTINATION_MISMATCH

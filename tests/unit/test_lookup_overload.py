@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import socket
 import threading
 from collections.abc import Iterator
@@ -164,40 +163,12 @@ async def test_a_spliced_route_to_a_name_refused_by_a_full_queue_is_closed_as_dn
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("mode", [VerifyDestination.ENFORCE, VerifyDestination.LOG])
-async def test_verification_refused_by_a_full_queue_fails_the_check_and_is_not_cached(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-    mode: VerifyDestination,
-) -> None:
-    """As a resolver giving no answer: the check fails (enforce: 421; log: the request
-    passes, counted as its mode), the log says the resolver gave no answer, and nothing is
-    cached: once lookups work, the name is verified."""
-    async with proxy_to_origin(
-        h1, tmp_path, monkeypatch, ALLOW_ALL, verify_destination=mode
-    ) as proxy:
-        with stuck_names(monkeypatch) as names:
-            waiting = await fill_the_queue(proxy.context.resolver.threads, names)
-            with caplog.at_level(logging.WARNING, logger="egressproxy.verify"):
-                overloaded = await get(proxy, "/", host="name.test")
-            await drained(waiting, names)
-            verified = await get(proxy, "/", host="name.test")
-            await proxy.wait_closed_flows(2)
-    expected = 421 if mode is VerifyDestination.ENFORCE else 200
-    assert (overloaded[0], verified[0]) == (expected, 200)
-    error = "destination_mismatch" if mode is VerifyDestination.ENFORCE else ""
-    records = [(r.destination_mismatch, r.error) for r in proxy.ledger.requests]
-    assert records == [(mode.value, error), ("", "")]
-    assert "name.test: no answer from the resolver: too many lookups waiting" in caplog.text
-
-
-@pytest.mark.asyncio
 async def test_a_tls_connection_is_not_spliced_when_its_name_could_not_be_looked_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Under enforce, a hello whose SNI could not even be queued for lookup is closed
-    unspliced; the same hello once lookups work is spliced."""
+    unspliced, as the resolver's failure (no answer is no mismatch); the same hello once
+    lookups work is spliced. (HTTP/1 and the metrics: test_verify_no_answer.py.)"""
     hello = frame(client_hello([sni_extension(b"name.test")]))
     async with proxy_to_origin(
         echo, tmp_path, monkeypatch, ALLOW_ALL, verify_destination=VerifyDestination.ENFORCE
@@ -215,8 +186,10 @@ async def test_a_tls_connection_is_not_spliced_when_its_name_could_not_be_looked
             writer.close()
             await proxy.wait_closed_flows(2)
     assert (refused, spliced) == (b"", hello)
-    flows = [(f.destination_mismatch, f.error) for f in proxy.ledger.flows]
-    assert flows == [("enforce", "destination_mismatch"), ("", "")]
+    flows = [
+        (f.destination_mismatch, f.destination_unverified, f.error) for f in proxy.ledger.flows
+    ]
+    assert flows == [("", "enforce", "dns_error"), ("", "", "")]
 
 
 @pytest.mark.asyncio

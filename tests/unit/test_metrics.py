@@ -672,6 +672,31 @@ def test_destination_mismatch_counted_by_mode(
     )
 
 
+def test_destination_unverified_counted_by_mode_with_hostnames_capped(
+    registry: CollectorRegistry,
+) -> None:
+    """No answer from the resolver has a counter of its own, never the mismatch one; its
+    hostname label is capped as every other is."""
+    metrics = Metrics(registry, max_hostnames=1)
+    index = policy(EVERY_ROUTE_KIND)
+    enforced = connection(index, Detected.TLS, 443, "httpbin.org", error="dns_error")
+    enforced.destination_unverified = "enforce"
+    whole_connection(metrics, enforced)
+    for hostname in ("httpbin.org", "example.org"):
+        logged = request(index, hostname, "/get", status=200)
+        logged.destination_unverified = "log"
+        metrics.request_finished(logged)
+    samples = scrape(registry)
+    assert unordered(samples["egress_destination_unverified_total"]) == unordered(
+        [
+            ({"hostname": "httpbin.org", "mode": "enforce"}, 1),
+            ({"hostname": "httpbin.org", "mode": "log"}, 1),
+            ({"hostname": "other", "mode": "log"}, 1),
+        ]
+    )
+    assert "egress_destination_mismatch_total" not in samples
+
+
 def test_policy_reloads_and_generation(registry: CollectorRegistry, metrics: Metrics) -> None:
     metrics.policy_loaded(1)
     assert only(scrape(registry), "egress_policy_generation") == ({}, 1)
@@ -742,6 +767,7 @@ EXPOSED_FAMILIES = {
     "outbound_http_route_request_duration_seconds": "histogram",
     "outbound_grpc_route_request_duration_seconds": "histogram",
     "egress_destination_mismatch_total": "counter",
+    "egress_destination_unverified_total": "counter",
     "egress_audit_would_deny_total": "counter",
     "egress_policy_reloads_total": "counter",
     "egress_policy_generation": "gauge",
@@ -772,6 +798,9 @@ def every_kind_of_traffic(metrics: Metrics) -> None:
     mismatch = connection(index, Detected.TLS, 443, "httpbin.org", error="destination_mismatch")
     mismatch.destination_mismatch = "enforce"
     whole_connection(metrics, mismatch)
+    unverified = connection(index, Detected.TLS, 443, "httpbin.org", error="dns_error")
+    unverified.destination_unverified = "enforce"
+    whole_connection(metrics, unverified)
     whole_connection(metrics, FlowRecord(client=CLIENT, error="loop"))
     whole_connection(metrics, FlowRecord(client=CLIENT, error="original_dst_failed"))
     metrics.policy_reloaded(True, 2)

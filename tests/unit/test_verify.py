@@ -218,13 +218,13 @@ def test_slow_names_and_a_busy_shared_pool_do_not_hold_up_other_lookups(
 def test_no_answer_in_time_fails_closed_and_is_not_remembered(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A lookup that outlasts the timeout answers "no addresses" (enforce denies), but that
-    is not cached as the name's answer: the one lookup goes on, and what it finds serves
-    the next question."""
+    """A lookup that outlasts the timeout is no answer (None, not "no addresses": the check
+    fails closed, but not as a mismatch), and is not cached as the name's answer: the one
+    lookup goes on, and what it finds serves the next question."""
     system = SystemResolver()
     monkeypatch.setattr(socket, "getaddrinfo", system)
 
-    async def scenario() -> list[frozenset[IPAddress]]:
+    async def scenario() -> list[frozenset[IPAddress] | None]:
         resolver = Resolver(timeout=0.2)
         try:
             answers = [await resolver.addresses("a.slow.test") for _ in range(2)]
@@ -233,25 +233,27 @@ def test_no_answer_in_time_fails_closed_and_is_not_remembered(
         finally:
             resolver.close()
 
-    assert asyncio.run(scenario()) == [frozenset(), frozenset(), {ipaddress.ip_address(ADDRESS)}]
+    assert asyncio.run(scenario()) == [None, None, {ipaddress.ip_address(ADDRESS)}]
     assert system.calls == ["a.slow.test"]
 
 
 def test_a_name_that_does_not_exist_is_remembered_a_silent_server_is_not(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """A name that does not exist is a definite answer, no addresses; a server that gives
+    none (EAI_AGAIN) is no answer, None."""
     system = SystemResolver({"gone.test": socket.EAI_NONAME, "flaky.test": socket.EAI_AGAIN})
     monkeypatch.setattr(socket, "getaddrinfo", system)
 
-    async def scenario() -> None:
+    async def scenario() -> list[frozenset[IPAddress] | None]:
         resolver = Resolver()
         try:
-            for name in ("gone.test", "gone.test", "flaky.test", "flaky.test"):
-                assert await resolver.addresses(name) == frozenset()
+            names = ("gone.test", "gone.test", "flaky.test", "flaky.test")
+            return [await resolver.addresses(name) for name in names]
         finally:
             resolver.close()
 
-    asyncio.run(scenario())
+    assert asyncio.run(scenario()) == [frozenset(), frozenset(), None, None]
     assert system.calls == ["gone.test", "flaky.test", "flaky.test"]
 
 

@@ -1,0 +1,212 @@
+"""The resolver gives no answer (EAI_AGAIN, the lookup queue full, the verification timeout):
+enforce still fails closed, as a DNS error, and log lets the traffic pass; either way it is
+counted in egress_destination_unverified_total, never as a destination mismatch, which an
+operator reads as spoofing. Real Flow, handlers, lookup threads, metrics and access log on
+loopback; only getaddrinfo is the test's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from egressproxy.metrics import Metrics
+from egressproxy.server import Reporting
+from egressproxy.settings import LogFormat, VerifyDestination
+from egressproxy.verify import Resolver
+from tests.e2e.http_servers import H2Server, h1
+from tests.unit.http_harness import (
+    ALLOW_ALL,
+    LoopbackProxy,
+    echo,
+    local,
+    loopback_proxy,
+    proxy_to_origin,
+)
+from tests.unit.test_accesslog import Lines
+from tests.unit.test_http2_proxy import connect_h2
+from tests.unit.test_lookup_overload import HUNG, drained, fill_the_queue, get, stuck_names
+from tests.unit.test_metrics import Sample, scrape
+from tests.unit.test_sniff_tls import client_hello, frame, sni_extension
+from tests.unit.test_verify import SystemResolver
+
+TIMEOUT = 5.0
+ENFORCE, LOG = VerifyDestination.ENFORCE, VerifyDestination.LOG
+MISMATCH = "egress_destination_mismatch_total"
+UNVERIFIED = "egress_destination_unverified_total"
+
+
+@dataclass
+class Reported:
+    """What the proxy reported: its metrics registry and its JSON access log."""
+
+    registry: CollectorRegistry
+    lines: Lines
+
+    def samples(self, name: str) -> list[Sample]:
+        return scrape(self.registry).get(name, [])
+
+    def errors(self) -> list[str]:
+        """The `error` of each access-log line (one per request or spliced connection)."""
+        return [json.loads(line)["error"] for line in self.lines.lines()]
+
+
+def reported(proxy: LoopbackProxy) -> Reported:
+    """The proxy reports to real metrics and a real access log from now on."""
+    registry, lines = CollectorRegistry(), Lines(LogFormat.JSON)
+    proxy.context.accounting = Reporting(Metrics(registry, max_hostnames=10), lines.access_log)
+    return Reported(registry, lines)
+
+
+async def all_closed(proxy: LoopbackProxy) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        while proxy.context.open_flows.flows:
+            await asyncio.sleep(0.01)
+
+
+def outcome(mode: VerifyDestination) -> tuple[str, str]:
+    """The HTTP status and the error word a request whose name got no answer ends with."""
+    return ("421", "dns_error") if mode is ENFORCE else ("200", "")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode", [ENFORCE, LOG])
+async def test_an_http1_request_refused_a_lookup_is_unverified_not_a_mismatch(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    mode: VerifyDestination,
+) -> None:
+    """Every lookup thread stuck and the queue full: the Host cannot even be looked up.
+    enforce answers 421 with error dns_error; log forwards the request. Either is counted
+    unverified by mode, and no mismatch; once lookups work the same name is verified."""
+    async with proxy_to_origin(
+        h1, tmp_path, monkeypatch, ALLOW_ALL, verify_destination=mode
+    ) as proxy:
+        meters = reported(proxy)
+        with stuck_names(monkeypatch) as names:
+            waiting = await fill_the_queue(proxy.context.resolver.threads, names)
+            with caplog.at_level(logging.WARNING, logger="egressproxy.verify"):
+                unanswered = await get(proxy, "/", host="name.test")
+            await drained(waiting, names)
+            verified = await get(proxy, "/", host="name.test")
+            await all_closed(proxy)
+    status, error = outcome(mode)
+    assert (str(unanswered[0]), verified[0]) == (status, 200)
+    statuses = sorted(
+        (labels["http_status"], labels["error"], value)
+        for labels, value in meters.samples("outbound_http_route_request_statuses_total")
+    )
+    assert statuses == (
+        [("200", "", 1.0), ("421", "dns_error", 1.0)] if mode is ENFORCE else [("200", "", 2.0)]
+    )
+    assert meters.samples(UNVERIFIED) == [({"hostname": "name.test", "mode": mode.value}, 1.0)]
+    assert meters.samples(MISMATCH) == []
+    assert meters.errors() == [error, ""]
+    assert "name.test: no answer from the resolver: too many lookups waiting" in caplog.text
+    assert "cannot tell whether name.test resolves to 127.0.0.1: no answer" in caplog.text
+
+
+NAMED_TLS = f"""\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: test
+spec:
+  default: allow
+  rules:
+  - name: named
+    hosts: [name{HUNG}]
+"""
+"""A rule for the hung name by host: its TLS is on the TLS route family (ALLOW_ALL's is
+tcp-egress-allow, spliced as opaque TCP)."""
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode", [ENFORCE, LOG])
+@pytest.mark.parametrize(
+    ("policy", "family", "route"),
+    [(NAMED_TLS, "tls", "test.named"), (ALLOW_ALL, "tcp", "tcp-egress-allow")],
+    ids=["tls-route", "tcp-route"],
+)
+async def test_a_spliced_connection_whose_name_times_out_is_unverified_not_a_mismatch(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    mode: VerifyDestination,
+    policy: str,
+    family: str,
+    route: str,
+) -> None:
+    """A ClientHello whose SNI's lookup outlasts the resolver's timeout, on a TLS route and
+    on a TCP one: enforce closes it unspliced with error dns_error, log splices it. Either
+    is counted unverified by mode, and no mismatch."""
+    hello = frame(client_hello([sni_extension(f"name{HUNG}".encode())]))
+    async with proxy_to_origin(
+        echo, tmp_path, monkeypatch, policy, verify_destination=mode
+    ) as proxy:
+        proxy.context.resolver = Resolver(timeout=0.3)
+        meters = reported(proxy)
+        with stuck_names(monkeypatch), caplog.at_level(logging.WARNING):
+            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+            writer.write(hello)
+            if mode is ENFORCE:
+                answer = await asyncio.wait_for(reader.read(), TIMEOUT)
+            else:
+                answer = await asyncio.wait_for(reader.readexactly(len(hello)), TIMEOUT)
+            writer.close()
+            await all_closed(proxy)
+    error = "dns_error" if mode is ENFORCE else ""
+    assert answer == (b"" if mode is ENFORCE else hello)
+    closes = [
+        (labels["route_name"], labels["error"], value)
+        for labels, value in meters.samples(f"outbound_{family}_route_close_total")
+    ]
+    assert closes == [(route, error, 1.0)]
+    other = "tcp" if family == "tls" else "tls"
+    assert meters.samples(f"outbound_{other}_route_close_total") == []
+    assert meters.samples(UNVERIFIED) == [({"hostname": f"name{HUNG}", "mode": mode.value}, 1.0)]
+    assert meters.samples(MISMATCH) == []
+    assert meters.errors() == [error]
+    assert f"name{HUNG}: no answer from the resolver within 0.3s" in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_an_h2_stream_whose_resolver_says_try_again_is_unverified_not_a_mismatch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """getaddrinfo fails with EAI_AGAIN for one :authority: under enforce its stream is
+    answered 421 with error dns_error, the other stream on the connection passes."""
+    monkeypatch.setattr(socket, "getaddrinfo", SystemResolver({"flaky.test": socket.EAI_AGAIN}))
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(H2Server, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with loopback_proxy(
+            tmp_path, monkeypatch, ALLOW_ALL, local(port), verify_destination=ENFORCE
+        ) as proxy:
+            meters = reported(proxy)
+            client = await connect_h2(proxy)
+            good = client.request("GET", "/a", authority="127.0.0.1")
+            flaky = client.request("GET", "/a", authority="flaky.test")
+            async with asyncio.timeout(TIMEOUT):
+                await good.done.wait()
+                await flaky.done.wait()
+            client.transport.close()
+            await all_closed(proxy)
+    finally:
+        server.close()
+    assert (good.headers[":status"], flaky.headers[":status"]) == ("200", "421")
+    statuses = sorted(
+        (labels["hostname"], labels["http_status"], labels["error"], value)
+        for labels, value in meters.samples("outbound_http_route_request_statuses_total")
+    )
+    assert statuses == [("", "200", "", 1.0), ("flaky.test", "421", "dns_error", 1.0)]
+    assert meters.samples(UNVERIFIED) == [({"hostname": "flaky.test", "mode": "enforce"}, 1.0)]
+    assert meters.samples(MISMATCH) == []
