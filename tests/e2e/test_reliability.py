@@ -574,6 +574,26 @@ def test_exit_does_not_wait_for_a_hung_lookup(world: World, proxy: StartProxy, a
     assert took < DRAIN_TIMEOUT + EXIT_MARGIN
 
 
+@pytest.mark.usefixtures("hung_lookups")
+def test_a_silent_resolver_under_log_is_unverified_not_a_mismatch(
+    world: World, proxy: StartProxy
+) -> None:
+    """--verify-destination log while the system resolver does not answer: the request
+    passes once the check gives up (5 s), counted as unverified, not as a destination
+    mismatch: an operator rolling out must not read a DNS outage as spoofing."""
+    running = proxy(None, "--verify-destination", "log")
+    request = raw_request("hung.example.test", "/get")
+    assert status_of(http_exchange(world, world.host("httpbin.org").v4, 80, request)) == 200
+    unverified = "egress_destination_unverified_total"
+    assert_counted(
+        lambda: metric(metrics_text(running), unverified, hostname="hung.example.test", mode="log")
+    )
+    text = metrics_text(running)
+    assert metric(text, unverified) == 1.0
+    assert metric(text, "egress_destination_mismatch_total") == 0.0
+    assert http_statuses(running, hostname="hung.example.test", http_status="200", error="") == 1.0
+
+
 # --- 3. faults survived, nothing leaked --------------------------------------------------
 
 
