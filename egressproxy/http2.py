@@ -491,6 +491,19 @@ class _Upstream(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def close(self) -> None:
+        """GOAWAY, then close. One that left bytes unsent (it reads nothing) is cut instead:
+        once the client's side lets go of it, nothing else would end its connection."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self.h2.close_connection()
+        self.flush()
+        if transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            transport.close()
+
     def pause_writing(self) -> None:
         self.proxy.upstream_full(self, True)
 
@@ -1165,9 +1178,7 @@ class H2Proxy(asyncio.Protocol):
 
     def upstream_lost(self, upstream: _Upstream, error: str) -> None:
         self.upstream_full(upstream, False)
-        if self.upstreams.get(upstream.key) is upstream:
-            del self.upstreams[upstream.key]
-        self.retired.discard(upstream)
+        self._forget(upstream)
         if not self.closed:
             self._fail_streams(upstream, error)
             self._flush()
@@ -1182,13 +1193,23 @@ class H2Proxy(asyncio.Protocol):
             self.transport.write(data)
         for upstream in self._all_upstreams():
             upstream.flush()
-        for upstream in [upstream for upstream in self.retired if not upstream.streams]:
-            self.retired.discard(upstream)
-            if upstream.transport is not None:
-                upstream.transport.close()
+        finishing = self._all_upstreams() if self.goaway_sent else self.retired
+        for upstream in [
+            upstream
+            for upstream in finishing
+            if not upstream.streams and not upstream.waiting and upstream.transport is not None
+        ]:
+            self._forget(upstream)
+            upstream.close()
 
     def _all_upstreams(self) -> list[_Upstream]:
         return [*self.upstreams.values(), *self.retired]
+
+    def _forget(self, upstream: _Upstream) -> None:
+        """No stream goes to this upstream any more."""
+        if self.upstreams.get(upstream.key) is upstream:
+            del self.upstreams[upstream.key]
+        self.retired.discard(upstream)
 
     def _goaway(self) -> None:
         """No new stream is taken. With streams in flight the GOAWAY frame is written past

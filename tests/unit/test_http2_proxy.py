@@ -1714,3 +1714,145 @@ async def test_a_closing_connection_whose_client_reads_nothing_is_cut(
         await proxy.wait_closed_flows(1, timeout=4.0)
         client.close()
     assert [flow.error for flow in proxy.ledger.flows] == [error]
+
+
+class HeldH2Origin(asyncio.Protocol):
+    """An h2 origin that answers a stream only when the test says (answer), and keeps what
+    the proxy did to its connection: the streams reset (id, code), the GOAWAY's code, the
+    loss of the connection."""
+
+    def __init__(self, connections: list[HeldH2Origin]) -> None:
+        connections.append(self)
+        self.requests: dict[str, int] = {}
+        """The stream id of each request path."""
+        self.resets: list[tuple[int, int]] = []
+        self.goaway: int | None = None
+        self.lost = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        self.h2.initiate_connection()
+        self.transport.write(self.h2.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                path = dict(event.headers or [])[b":path"].decode()
+                self.requests[path] = cast(int, event.stream_id)
+            elif isinstance(event, h2.events.StreamReset):
+                self.resets.append((cast(int, event.stream_id), cast(int, event.error_code)))
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self.goaway = event.error_code
+        self.transport.write(self.h2.data_to_send())
+
+    def answer(self, path: str, body: bytes = b"done") -> None:
+        """200 with body (within the proxy's windows) to the request for path."""
+        stream_id = self.requests[path]
+        headers = [(":status", "200"), ("content-length", str(len(body)))]
+        self.h2.send_headers(stream_id, headers, end_stream=not body)
+        size = self.h2.max_outbound_frame_size
+        for start in range(0, len(body), size):
+            end_stream = start + size >= len(body)
+            self.h2.send_data(stream_id, body[start : start + size], end_stream=end_stream)
+        self.transport.write(self.h2.data_to_send())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
+
+
+TWO_ORIGINS = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: test
+spec:
+  default: allow
+  rules:
+  - name: second
+    http:
+    - pathPrefix: /second
+    action: route
+    to: 127.0.0.1:{second}
+"""
+"""Streams to /second go to the second origin, the rest to the original destination."""
+
+
+@dataclass
+class HeldOrigins:
+    proxy: LoopbackProxy
+    first: list[HeldH2Origin]
+    """The connections of the original destination."""
+    second: list[HeldH2Origin]
+    """The connections of the origin /second is routed to."""
+
+    async def requested(self, *paths: str) -> HeldH2Origin:
+        """The origin connection that received these paths (waiting for them)."""
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                for connection in [*self.first, *self.second]:
+                    if all(path in connection.requests for path in paths):
+                        return connection
+                await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def held_origins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **settings: object
+) -> AsyncIterator[HeldOrigins]:
+    """A loopback proxy in front of two HeldH2Origins: /second goes to the second."""
+    loop = asyncio.get_running_loop()
+    first: list[HeldH2Origin] = []
+    second: list[HeldH2Origin] = []
+    first_server = await loop.create_server(lambda: HeldH2Origin(first), "127.0.0.1", 0)
+    second_server = await loop.create_server(lambda: HeldH2Origin(second), "127.0.0.1", 0)
+    try:
+        policy = TWO_ORIGINS.format(second=second_server.sockets[0].getsockname()[1])
+        destination = local(first_server.sockets[0].getsockname()[1])
+        async with loopback_proxy(tmp_path, monkeypatch, policy, destination, **settings) as proxy:
+            yield HeldOrigins(proxy, first, second)
+    finally:
+        first_server.close()
+        second_server.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("closing", ["drain", "client-goaway"])
+async def test_a_closing_connection_closes_each_upstream_as_its_last_stream_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, closing: str
+) -> None:
+    """After a GOAWAY (a drain's, or the client's) no new stream goes upstream: an upstream
+    connection whose last stream ended is closed then (GOAWAY, close), while the client's
+    connection waits for a stream on another upstream; the last closes with the client's."""
+    async with held_origins(tmp_path, monkeypatch) as origins:
+        client = await connect_h2(origins.proxy, GoawayReadingClient)
+        first, second = client.request("GET", "/first"), client.request("GET", "/second")
+        first_origin = await origins.requested("/first")
+        second_origin = await origins.requested("/second")
+        handler = await only_handler(origins.proxy)
+        if closing == "drain":
+            handler.flow.drain()
+        else:
+            client.transport.write(goaway(0))
+        async with asyncio.timeout(TIMEOUT):
+            while not client.goaway:
+                await asyncio.sleep(0.01)
+        second_origin.answer("/second")
+        async with asyncio.timeout(TIMEOUT):
+            await second.done.wait()
+        async with asyncio.timeout(2.0):
+            await second_origin.lost.wait()
+        assert second_origin.goaway == h2.errors.ErrorCodes.NO_ERROR
+        assert not first_origin.lost.is_set()
+        assert not client.lost.is_set()
+        first_origin.answer("/first")
+        async with asyncio.timeout(TIMEOUT):
+            await first.done.wait()
+            await client.lost.wait()
+            await first_origin.lost.wait()
+        await origins.proxy.wait_closed_flows(1)
+    assert first_origin.goaway == h2.errors.ErrorCodes.NO_ERROR
+    assert [(bytes(a.body), a.reset) for a in (first, second)] == [(b"done", False)] * 2
+    outcomes = sorted((r.path, r.status, r.error) for r in origins.proxy.ledger.requests)
+    assert outcomes == [("/first", 200, ""), ("/second", 200, "")]
+    assert [(c.resets, len(c.requests)) for c in (first_origin, second_origin)] == [([], 1)] * 2
