@@ -588,20 +588,13 @@ class H2Proxy(asyncio.Protocol):
         self._flush()
 
     def eof_received(self) -> bool:
-        return False
+        """The client sends no more: its connection closes, as on an EOF before start."""
+        self._close()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         closed_here, self.closed = self.closed, True
-        cut = self.flow.record.error or "reset"  # "drain" when the drain timeout cut it
-        for stream in list(self.streams.values()):
-            self._finish_stream(stream, cut)
-        for task in [*self.connecting.values(), *self.verifying]:
-            task.cancel()
-        for upstream in self._all_upstreams():
-            if upstream.transport is not None:
-                upstream.transport.abort()
-        self.upstreams.clear()
-        self.retired.clear()
+        self._cut_streams()
         self.flow.context.idle_sweep.discard(self)
         self.flow.finish(self.error or ("reset" if exc and not closed_here else ""))
 
@@ -1211,6 +1204,21 @@ class H2Proxy(asyncio.Protocol):
             del self.upstreams[upstream.key]
         self.retired.discard(upstream)
 
+    def _cut_streams(self) -> None:
+        """The client's connection ended, or can carry no more answers: the streams in
+        flight are cancelled upstream, each counted once with the cause ("drain" when the
+        drain timeout cut it), and every upstream connection is closed."""
+        cut = self.flow.record.error or "reset"
+        for stream in list(self.streams.values()):
+            self._cancel_upstream(stream)
+            self._finish_stream(stream, cut)
+        for task in [*self.connecting.values(), *self.verifying]:
+            task.cancel()
+        for upstream in self._all_upstreams():
+            upstream.close()
+        self.upstreams.clear()
+        self.retired.clear()
+
     def _goaway(self) -> None:
         """No new stream is taken. With streams in flight the GOAWAY frame is written past
         h2, whose close_connection() would forbid answering them; a stream the client opens
@@ -1228,15 +1236,17 @@ class H2Proxy(asyncio.Protocol):
         self.transport.write(frame.serialize())
 
     def _close(self) -> None:
-        """Close once what is written has gone out; connection_lost does the accounting.
+        """Close once what is written has gone out. Nothing more will: the streams still in
+        flight are cut and the upstreams closed now, not when the client has read the rest.
 
         While bytes are still unsent the idle sweep stays on, as for HTTP/1: a client that
         stopped reading would otherwise hold the connection (its place against
-        --max-connections, its upstreams) for ever."""
+        --max-connections) for ever."""
         if self.closed:
             return
         self._flush()
         self.closed = True
+        self._cut_streams()
         self.transport.close()
         self.unsent = self.transport.get_write_buffer_size()
         self.unsent_since = self.loop.time()

@@ -9,6 +9,7 @@ import http.client
 import json
 import logging
 import socket
+import struct
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1671,8 +1672,9 @@ async def test_an_informational_response_that_ends_its_stream_fails_that_stream_
     assert request_statuses(registry, family) == counted
 
 
-def download(goaway: bool) -> bytes:
-    """A client's preface with windows wide open, a GET of 128 KiB, and (goaway) its GOAWAY."""
+def download(goaway: bool, paths: Sequence[str] = ("/bytes/131072",)) -> bytes:
+    """A client's preface with windows wide open, a GET of each path (/bytes/131072: 128 KiB
+    from H2Server), and (goaway) its GOAWAY."""
     client = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding="utf-8"))
     client.local_settings = h2.settings.Settings(
         client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20}
@@ -1680,7 +1682,8 @@ def download(goaway: bool) -> bytes:
     client.initiate_connection()
     client.increment_flow_control_window(1 << 20)
     request = [(":method", "GET"), (":scheme", "http"), (":authority", "example.test")]
-    client.send_headers(1, [*request, (":path", "/bytes/131072")], end_stream=True)
+    for stream_id, path in enumerate(paths, 1):
+        client.send_headers(2 * stream_id - 1, [*request, (":path", path)], end_stream=True)
     if goaway:
         client.close_connection()
     return client.data_to_send()
@@ -1744,6 +1747,11 @@ class HeldH2Origin(asyncio.Protocol):
                 self.resets.append((cast(int, event.stream_id), cast(int, event.error_code)))
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self.goaway = event.error_code
+        self.transport.write(self.h2.data_to_send())
+
+    def begin(self, path: str) -> None:
+        """The head of a 200 to the request for path, and no more."""
+        self.h2.send_headers(self.requests[path], [(":status", "200")])
         self.transport.write(self.h2.data_to_send())
 
     def answer(self, path: str, body: bytes = b"done") -> None:
@@ -1856,3 +1864,112 @@ async def test_a_closing_connection_closes_each_upstream_as_its_last_stream_ends
     outcomes = sorted((r.path, r.status, r.error) for r in origins.proxy.ledger.requests)
     assert outcomes == [("/first", 200, ""), ("/second", 200, "")]
     assert [(c.resets, len(c.requests)) for c in (first_origin, second_origin)] == [([], 1)] * 2
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("closing", ["goaway", "protocol-error", "eof"])
+async def test_a_connection_closing_to_a_client_that_reads_nothing_closes_its_upstreams(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, closing: str
+) -> None:
+    """The connection closes (its last stream done after the client's GOAWAY; a protocol
+    error or the client's EOF with /second in flight) while its bytes wait for a client that
+    reads nothing, until the idle timeout cuts it. Its upstream connections, of no use any
+    more, are closed at once, a stream in flight cancelled and counted, not held that long
+    (after a protocol error, its answer coming meanwhile raised in h2, with a traceback)."""
+    cancel, no_error = h2.errors.ErrorCodes.CANCEL, h2.errors.ErrorCodes.NO_ERROR
+    async with held_origins(tmp_path, monkeypatch, idle_timeout=60.0) as origins:
+        client = await client_that_never_reads(origins.proxy)
+        paths = ("/first",) if closing == "goaway" else ("/first", "/second")
+        client.send(download(goaway=closing == "goaway", paths=paths))
+        handler = await only_handler(origins.proxy)
+        used = [await origins.requested(path) for path in paths]
+        used[0].answer("/first", bytes(65536))
+        async with asyncio.timeout(TIMEOUT):
+            while not handler.transport.get_write_buffer_size():
+                await asyncio.sleep(0.01)
+            if closing == "protocol-error":
+                client.send(ZERO_WINDOW_UPDATE)
+            elif closing == "eof":
+                client.shutdown(socket.SHUT_WR)
+            while not handler.closed:
+                await asyncio.sleep(0.01)
+        assert handler.transport.get_write_buffer_size(), "the client has bytes unread"
+        async with asyncio.timeout(2.0):
+            for origin in used:
+                await origin.lost.wait()
+        assert [(o.resets, o.goaway) for o in used] == [([], no_error), ([(1, cancel)], no_error)][
+            : len(used)
+        ]
+        assert origins.proxy.ledger.flows == []
+        client.close()
+    outcomes = [(r.path, r.status, r.error) for r in origins.proxy.ledger.requests]
+    assert outcomes == [("/first", 200, ""), ("/second", None, "reset")][: len(used)]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("ending", "connection_error", "request_error"),
+    [
+        ("close", "", "reset"),
+        ("write-eof", "", "reset"),
+        ("rst", "reset", "reset"),
+        ("drain-timeout", "drain", "drain"),
+        ("protocol-error", "bad_request", "reset"),
+    ],
+)
+async def test_streams_in_flight_when_the_connection_ends_are_cancelled_upstream(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    ending: str,
+    connection_error: str,
+    request_error: str,
+) -> None:
+    """The client's connection ends with streams in flight on two upstreams (one response
+    begun): each upstream stream is reset CANCEL, each upstream connection gets a GOAWAY
+    and is closed, and each request is counted once, with the cause of the end."""
+    async with held_origins(tmp_path, monkeypatch) as origins:
+        registry = CollectorRegistry()
+        lines = Lines(LogFormat.JSON)
+        origins.proxy.context.accounting = Reporting(
+            Metrics(registry, max_hostnames=10), lines.access_log
+        )
+        client = await connect_h2(origins.proxy)
+        for path in ("/begun", "/waiting", "/second"):
+            client.request("GET", path)
+        first_origin = await origins.requested("/begun", "/waiting")
+        second_origin = await origins.requested("/second")
+        first_origin.begin("/begun")
+        async with asyncio.timeout(TIMEOUT):
+            while not client.answers[1].headers:
+                await asyncio.sleep(0.01)
+        handler = await only_handler(origins.proxy)
+        if ending == "close":
+            client.transport.close()
+        elif ending == "write-eof":
+            client.transport.write_eof()
+        elif ending == "rst":
+            linger_zero = struct.pack("ii", 1, 0)  # close with RST
+            client.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, linger_zero
+            )
+            client.transport.abort()
+        elif ending == "drain-timeout":
+            handler.flow.abort()
+        else:
+            client.transport.write(ZERO_WINDOW_UPDATE)
+        async with asyncio.timeout(TIMEOUT):
+            await first_origin.lost.wait()
+            await second_origin.lost.wait()
+            await client.lost.wait()
+            while origins.proxy.context.open_flows.flows:
+                await asyncio.sleep(0.01)
+    cancel, no_error = h2.errors.ErrorCodes.CANCEL, h2.errors.ErrorCodes.NO_ERROR
+    assert (first_origin.resets, first_origin.goaway) == ([(1, cancel), (3, cancel)], no_error)
+    assert (second_origin.resets, second_origin.goaway) == ([(1, cancel)], no_error)
+    assert handler.flow.record.error == connection_error
+    assert request_statuses(registry, "http") == [
+        ("http-egress-allow", "", request_error, 1.0),
+        ("http-egress-allow", "200", request_error, 1.0),
+        ("test.second", "", request_error, 1.0),
+    ]
