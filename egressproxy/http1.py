@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -41,7 +39,13 @@ from egressproxy.policy.decision import (
     RouteProtocol,
 )
 from egressproxy.records import RequestRecord, grpc_status_of
-from egressproxy.relay import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW, Relay, RelayResult
+from egressproxy.relay import (
+    WRITE_BUFFER_HIGH,
+    WRITE_BUFFER_LOW,
+    Relay,
+    RelayResult,
+    abort_with_reset,
+)
 from egressproxy.settings import VerifyDestination
 from egressproxy.sniff.http import authority_host, empty_lines_before
 from egressproxy.verify import verification_mode
@@ -52,8 +56,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("egressproxy.http1")
 
 DENIED_BODY = "traffic not allowed"
-RESET_ON_CLOSE = struct.pack("ii", 1, 0)
-"""struct linger {l_onoff = 1, l_linger = 0}."""
 MAX_IDLE_UPSTREAMS = 1
 """Idle upstream connections kept per client connection: one, closed before another
 upstream is opened, so a client connection holds two descriptors at most (the
@@ -307,11 +309,7 @@ def _discard(upstream: _Upstream) -> None:
     leaves the proxy's end in TIME_WAIT for a minute, holding one of its source ports
     towards that destination (HAProxy resets the server side for the same reason).
     abort() alone only skips the write buffer; a zero linger makes the close a reset."""
-    transport = upstream.transport
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
-    transport.abort()
+    abort_with_reset(upstream.transport)
 
 
 class Http1Proxy(asyncio.Protocol):

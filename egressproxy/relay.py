@@ -3,12 +3,18 @@
 For the tunnels HTTP/1 opens (Upgrade, CONNECT), whose two ends are transports already.
 TLS and other opaque connections go through splice.py, whose os.splice costs less per
 byte than copies through transports.
+
+A side's EOF reaches the other side as a FIN, its reset as a reset: a stream cut by a
+crash must not look complete (a close-delimited response, an aborted upload). The bytes
+a side sent before its reset still go first, as far as the proxy has them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import socket
+import struct
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -20,6 +26,31 @@ WRITE_BUFFER_LOW = 64 * 1024
 PAUSED_CHECK_SECONDS = 1.0
 """How often a side whose reading is paused is asked for a pending error: paused, its
 socket is not polled, and a reset from that peer would go unseen until the idle timeout."""
+SENT_CHECK_SECONDS = 0.01
+"""First wait before asking again whether a side to be reset has sent what it was given;
+doubled each time, up to its RESET_GRACE_SECONDS."""
+RESET_GRACE_SECONDS = 2.0
+"""How long the bytes sent before a reset have to leave the proxy; then the reset goes
+without the rest. A reset, unlike a FIN, waits on no window: a receiver reading nothing
+must not hold both connections until the idle timeout."""
+RESET_ON_CLOSE = struct.pack("ii", 1, 0)
+"""struct linger {l_onoff = 1, l_linger = 0}: close() then sends an RST, not a FIN, and
+drops whatever the socket has not sent yet."""
+SIOCOUTQNSD = 0x894B
+"""linux/sockios.h: the bytes of a socket's send queue not sent yet."""
+
+
+def unsent_bytes(sock: socket.socket) -> int:
+    """Bytes given to the socket that have not left it: a reset now would drop them."""
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, bytes(4)))[0])
+
+
+def abort_with_reset(transport: asyncio.Transport) -> None:
+    """Close with an RST: abort() alone only skips the write buffer and sends a FIN."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+    transport.abort()
 
 
 @dataclass(frozen=True)
@@ -33,16 +64,31 @@ class RelayResult:
 class _Side(asyncio.Protocol):
     """One end of the splice; writes what it reads to its peer's transport."""
 
-    __slots__ = ("eof", "lost", "paused_check", "peer", "received", "relay", "transport")
+    __slots__ = (
+        "eof",
+        "lost",
+        "paused_check",
+        "peer",
+        "received",
+        "relay",
+        "reset",
+        "sent_check",
+        "transport",
+    )
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self.paused_check: asyncio.TimerHandle | None = None
+        self.sent_check: asyncio.TimerHandle | None = None
+        """Set while this side waits to send what it was given before its reset."""
         self.transport: asyncio.Transport
         self.peer: _Side
         self.received = 0
         self.eof = False
         self.lost = False
+        self.reset = False
+        """The far end reset this connection (or it failed): the other side is reset in
+        turn."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -155,10 +201,14 @@ class Relay(IdleCounting):
         self.upstream.transport.close()
 
     def abort(self, error: str) -> None:
+        """Cut both sides at once; one whose peer was reset is reset too."""
         if not self._error:
             self._error = error
-        self.client.transport.abort()
-        self.upstream.transport.abort()
+        for side in (self.client, self.upstream):
+            if side.peer.reset and not side.lost:
+                abort_with_reset(side.transport)
+            else:
+                side.transport.abort()
 
     def watch_paused(self, side: _Side) -> None:
         if side.paused_check is None:
@@ -177,24 +227,55 @@ class Relay(IdleCounting):
         if sock is None or side.lost:
             return
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-            self.abort("reset")
+            # Read past its error (taken by the check) the socket would end with an EOF;
+            # what it holds unread is dropped with it, its peer being backed up anyway.
+            side.reset = True
+            side.transport.abort()
             return
         self.watch_paused(side)
 
     def side_lost(self, side: _Side, exc: Exception | None) -> None:
-        if exc is not None:
-            self.abort("reset")
+        if exc is not None or side.reset:
+            side.reset = True
+            if not self._error:
+                self._error = "reset"
+            deadline = self._idle_sweep.loop.time() + RESET_GRACE_SECONDS
+            self._reset_when_sent(side.peer, SENT_CHECK_SECONDS, deadline)
         else:
             side.peer.transport.close()
         if self.client.lost and self.upstream.lost:
-            self.unwatch_paused(self.client)
-            self.unwatch_paused(self.upstream)
+            for each in (self.client, self.upstream):
+                self.unwatch_paused(each)
+                if each.sent_check is not None:
+                    each.sent_check.cancel()
             self._idle_sweep.discard(self)
             if not self._reported:
                 self._reported = True
                 self._owner.relayed(
                     RelayResult(self.client.received, self.upstream.received, self._error)
                 )
+
+    def _reset_when_sent(self, side: _Side, delay: float, deadline: float) -> None:
+        """Reset side once the bytes it was given have left the proxy (a reset drops what
+        is not sent yet) or at the deadline, asking again after `delay`, doubled each
+        time. Not read meanwhile: what it sends has nowhere to go."""
+        side.sent_check = None
+        if side.lost:
+            return
+        transport = side.transport
+        transport.pause_reading()
+        sock = transport.get_extra_info("socket")
+        loop = self._idle_sweep.loop
+        now = loop.time()
+        if now < deadline and (
+            transport.get_write_buffer_size() or (sock is not None and unsent_bytes(sock))
+        ):
+            delay = min(delay, deadline - now)
+            side.sent_check = loop.call_later(
+                delay, self._reset_when_sent, side, 2 * delay, deadline
+            )
+            return
+        abort_with_reset(transport)
 
     def tick(self) -> None:
         """A quarter of the idle timeout has passed: close when no byte moved in four."""

@@ -12,6 +12,11 @@ watches as one descriptor. uvloop polls a descriptor given to add_reader through
 libuv, which treats EPOLLERR as a fatal error of the poll handle (a peer's reset can
 silence a reader that way); in our own set EPOLLERR is an event like any other, and
 the relay reads the reset from the socket.
+
+A side's EOF reaches the other side as a FIN, its reset as a reset (a stream cut by a
+crash must not look complete). What the reset side sent before is read to its end and
+passed on first, and the other socket is reset only once its send queue has sent it:
+TCP_NOTSENT_LOWAT 1 makes epoll report room only then (a zero-linger close would drop it).
 """
 
 from __future__ import annotations
@@ -24,7 +29,13 @@ import os
 import select
 import socket
 
-from egressproxy.relay import RelayOwner, RelayResult
+from egressproxy.relay import (
+    RESET_GRACE_SECONDS,
+    RESET_ON_CLOSE,
+    RelayOwner,
+    RelayResult,
+    unsent_bytes,
+)
 from egressproxy.timeouts import IdleCounting, IdleSweep
 
 PIPE_SIZE = 1 << 20
@@ -168,6 +179,7 @@ class _Side:
         "pipe",
         "received",
         "relay",
+        "reset",
         "resting",
         "shut",
         "sock",
@@ -184,7 +196,11 @@ class _Side:
         self.eof = False
         """This socket sent its last byte (or its EOF came before the relay started)."""
         self.shut = False
-        """Its last byte reached the peer, followed by our FIN."""
+        """Its last byte reached the peer, followed by our FIN (by a reset once both are
+        done, when this socket was reset); or its peer was reset, and it is not read."""
+        self.reset = False
+        """The far end reset this connection (or it failed): nothing more can be written
+        to it, and the other side is reset in turn."""
         self.pending = b""
         """Read from this socket, not yet written to the peer (first bytes, or copies)."""
         self.pipe: tuple[int, int] | None = None
@@ -213,6 +229,7 @@ class SplicedRelay(IdleCounting):
         "_error",
         "_idle_sweep",
         "_owner",
+        "_reset_deadline",
         "_splicer",
         "client",
         "closed",
@@ -233,6 +250,8 @@ class SplicedRelay(IdleCounting):
         self._idle_sweep = idle_sweep
         self._owner = owner
         self._error = ""
+        self._reset_deadline: asyncio.TimerHandle | None = None
+        """Set once a side was reset: the other one is reset by then whatever is left."""
         self.closed = False
         self.client = _Side(self, client)
         self.upstream = _Side(self, upstream)
@@ -253,9 +272,12 @@ class SplicedRelay(IdleCounting):
         self._settle()
 
     def ready(self, side: _Side, events: int) -> None:
-        if events & select.EPOLLERR and side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-            self.abort("reset")
-            return
+        if (
+            events & select.EPOLLERR
+            and not side.reset
+            and side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        ):
+            self._lost(side)
         peer = side.peer
         if peer.backlog and events & (select.EPOLLOUT | select.EPOLLHUP):
             self._flush(peer)
@@ -282,8 +304,8 @@ class SplicedRelay(IdleCounting):
             self._give_back(side)  # nothing came: the pipe is lent only while bytes are
             return
         except OSError:
-            self.abort("reset")
-            return
+            self._lost(side)
+            moved = 0  # a read fails only once nothing is left before the error
         if not moved:
             side.eof = True
         side.received += moved
@@ -305,14 +327,35 @@ class SplicedRelay(IdleCounting):
         except BlockingIOError:
             return
         except OSError:
-            self.abort("reset")
+            self._lost(side.peer)
             return
         if side.eof and not side.shut:
             side.shut = True
+            if side.reset:
+                return  # its peer gets a reset, not a FIN (_settle)
             try:
                 target.shutdown(socket.SHUT_WR)
             except OSError:
-                self.abort("reset")
+                self._lost(side.peer)
+
+    def _lost(self, side: _Side) -> None:
+        """side's connection was reset: what it sent before is still read and passed on
+        (its reads end at its error or EOF); what the other side sends now has nowhere to
+        go and is dropped."""
+        if side.reset:
+            return
+        side.reset = True
+        if not self._error:
+            self._error = "reset"
+        if self._reset_deadline is None:
+            self._reset_deadline = self._splicer.loop.call_later(
+                RESET_GRACE_SECONDS, self.abort, "reset"
+            )
+        peer = side.peer
+        peer.pending = b""
+        self._give_back(peer)
+        peer.in_pipe = 0
+        peer.eof = peer.shut = True
 
     def _give_back(self, side: _Side) -> None:
         """Return side's pipe to the pool; one that still holds bytes is closed instead."""
@@ -325,23 +368,40 @@ class SplicedRelay(IdleCounting):
         if self.closed:
             return
         if self.client.shut and self.upstream.shut:
-            self.close()
+            self._end()
             return
         for side in (self.client, self.upstream):
             self._splicer.update(side, side.wanted())
 
+    def _end(self) -> None:
+        """Both directions are done: close, unless a socket to be reset (its peer was)
+        still holds bytes to send; then wait for epoll to report room, which with a
+        TCP_NOTSENT_LOWAT of 1 it does once they are all sent."""
+        for side in (self.client, self.upstream):
+            if side.peer.reset and not side.reset and unsent_bytes(side.sock):
+                side.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, 1)
+                self._splicer.update(side, select.EPOLLOUT)
+                self._splicer.update(side.peer, 0)
+                return
+        self.close()
+
     def close(self, error: str = "") -> None:
-        """End both sockets: whatever is still in flight is dropped (abort) or was sent."""
+        """End both sockets: whatever is still in flight is dropped (abort) or was sent.
+        A socket whose peer was reset is reset too."""
         if self.closed:
             return
         self.closed = True
         if error and not self._error:
             self._error = error
+        if self._reset_deadline is not None:
+            self._reset_deadline.cancel()
         self._idle_sweep.discard(self)
         for side in (self.client, self.upstream):
             self._give_back(side)
         for side in (self.client, self.upstream):
             self._splicer.forget(side)
+            if side.peer.reset:
+                side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
             side.sock.close()
         self._owner.relayed(RelayResult(self.client.received, self.upstream.received, self._error))
 

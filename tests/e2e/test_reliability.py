@@ -11,6 +11,7 @@ The faulty upstreams are fault_servers.py, run in the internet namespace.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import http.client
 import json
@@ -22,6 +23,7 @@ import socket
 import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +39,7 @@ from egressproxy.server import TASK_COUNT_INTERVAL
 from . import fault_servers, servers
 from .clients import (
     bytes_before_close,
+    client_hello,
     closed_by_peer,
     echo_once,
     hash_until_eof,
@@ -45,7 +48,7 @@ from .clients import (
     recv_until_eof,
     stream_sha256,
 )
-from .netns import NamespaceHTTPConnection
+from .netns import NamespaceHTTPConnection, socket_in
 from .proxy_process import Proxy, StartProxy, metric
 from .world import BLACKHOLE_V4, NETNS_ETC, World, make_workdir, stop_process
 
@@ -636,6 +639,130 @@ def test_upstream_resets_mid_response_http(world: World, proxy: StartProxy, faul
         assert len(received) < len(fault_servers.PARTIAL_RESPONSE) + fault_servers.PROMISED
     assert_counted(lambda: http_statuses(running, error="reset"))
     assert_logged(running, path="/reset", error="reset")
+
+
+RESET_ADDRESS, RESET_PORT = "203.0.113.61", 9200
+"""The test's own listener, in the internet's answering range (owned by no fake host)."""
+CUT_STREAM = bytes(range(256)) * 1024
+"""256 KiB: more than a socket sends at once to a client that does not read yet."""
+UPGRADE_REQUEST = (
+    b"GET /chat HTTP/1.1\r\nHost: example.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+)
+SWITCHED = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+
+
+@pytest.fixture
+def listener(world: World) -> Iterator[socket.socket]:
+    """A listening socket of the test's own on RESET_ADDRESS:RESET_PORT in the internet."""
+    sock = socket_in(world.internet_ns)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((RESET_ADDRESS, RESET_PORT))
+        sock.listen(8)
+        sock.settimeout(TIMEOUT)
+        yield sock
+    finally:
+        sock.close()
+
+
+def recv_head(sock: socket.socket, limit: int = 4096) -> bytes:
+    """An HTTP head, read a byte at a time up to its blank line (nothing past it)."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        assert len(head) < limit, head
+        head += recv_exactly(sock, 1, TIMEOUT)
+    return head
+
+
+def opened(world: World, listener: socket.socket, kind: str) -> tuple[socket.socket, socket.socket]:
+    """(client, server) of a connection through the proxy, its opening exchanged: opaque
+    bytes, a ClientHello with an allowed SNI (then raw bytes), or an HTTP/1 Upgrade."""
+    client = world.connect(RESET_ADDRESS, RESET_PORT)
+    try:
+        if kind == "upgrade":
+            client.sendall(UPGRADE_REQUEST)
+            server, _ = listener.accept()
+            assert recv_head(server).startswith(b"GET /chat HTTP/1.1\r\n")
+            server.sendall(SWITCHED)
+            assert recv_head(client).startswith(b"HTTP/1.1 101 ")
+            return client, server
+        first = client_hello(world.tls_context(), "httpbin.org") if kind == "tls" else b"\x01hi"
+        client.sendall(first)
+        server, _ = listener.accept()
+        assert recv_exactly(server, len(first), TIMEOUT) == first
+        return client, server
+    except BaseException:
+        client.close()
+        raise
+
+
+def unacknowledged(sock: socket.socket) -> int:
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)))[0])
+
+
+def sent_then_reset(sock: socket.socket, data: bytes) -> None:
+    """Send data, wait until the other end's kernel has it all, then reset (a reset drops
+    whatever the socket has not sent)."""
+    sock.settimeout(TIMEOUT)
+    sock.sendall(data)
+    assert wait_until(lambda: unacknowledged(sock) == 0, TIMEOUT), unacknowledged(sock)
+    reset(sock)
+
+
+def received_and_end(sock: socket.socket) -> tuple[bytes, str]:
+    """Everything the peer sent, and how it ended: "reset" or "eof" (TIMEOUT bounds it)."""
+    deadline = time.monotonic() + TIMEOUT
+    data = bytearray()
+    while True:
+        sock.settimeout(max(deadline - time.monotonic(), 0.01))
+        try:
+            chunk = sock.recv(1 << 20)
+        except ConnectionResetError:
+            return bytes(data), "reset"
+        if not chunk:
+            return bytes(data), "eof"
+        data += chunk
+
+
+@pytest.mark.parametrize("kind", ["opaque", "tls", "upgrade"])
+@pytest.mark.parametrize("resetting", ["upstream", "client"])
+def test_a_reset_reaches_the_other_side_as_a_reset_after_the_bytes_before_it(
+    world: World, proxy: StartProxy, listener: socket.socket, kind: str, resetting: str
+) -> None:
+    """One end sends 256 KiB and resets while the other reads nothing yet, so the proxy
+    holds some of them when the reset comes. The other end must get every byte, and then
+    a reset: an EOF would make a stream cut by a crash (a close-delimited response, an
+    aborted upload) look complete. Spliced (opaque, TLS) and through an Upgrade's tunnel."""
+    running = proxy()
+    with unchanged(running):
+        client, server = opened(world, listener, kind)
+        with client, server:
+            sender, receiver = (server, client) if resetting == "upstream" else (client, server)
+            sent_then_reset(sender, CUT_STREAM)
+            time.sleep(0.5)  # the proxy has seen the reset before the receiver reads
+            received, end = received_and_end(receiver)
+    assert (len(received), end) == (len(CUT_STREAM), "reset")
+    assert received == CUT_STREAM
+    assert_logged(running, destination=f"{RESET_ADDRESS}:{RESET_PORT}", error="reset")
+
+
+def test_a_clean_close_still_reaches_the_other_side_as_an_eof(
+    world: World, proxy: StartProxy, listener: socket.socket
+) -> None:
+    """The counterpart: a FIN stays a FIN, after the same bytes, and the other direction
+    still works after it (half-close)."""
+    running = proxy()
+    with unchanged(running):
+        client, server = opened(world, listener, "opaque")
+        with client, server:
+            server.sendall(CUT_STREAM)
+            server.shutdown(socket.SHUT_WR)
+            time.sleep(0.5)
+            assert received_and_end(client) == (CUT_STREAM, "eof")
+            client.sendall(b"still heard")
+            client.shutdown(socket.SHUT_WR)
+            assert received_and_end(server) == (b"still heard", "eof")
+    assert_logged(running, destination=f"{RESET_ADDRESS}:{RESET_PORT}", error="-")
 
 
 def test_upstream_stalls_tcp(world: World, proxy: StartProxy, faults: str) -> None:
