@@ -26,13 +26,13 @@ from prometheus_client import CollectorRegistry
 
 from egressproxy import http1_lean
 from egressproxy.flow import _classify
-from egressproxy.http1 import RESET_ON_CLOSE
 from egressproxy.metrics import Metrics
 from egressproxy.netfilter import original_destination
 from egressproxy.policy.decision import ConnectionFacts, RequestFacts
 from egressproxy.policy.index import PolicyIndex
 from egressproxy.policy.store import PolicyStore
 from egressproxy.records import FlowRecord, RequestRecord
+from egressproxy.relay import RESET_ON_CLOSE
 from egressproxy.settings import Settings
 from egressproxy.sniff import NEED_MORE
 from egressproxy.sniff.detect import sniff
