@@ -16,6 +16,8 @@ import queue
 import socket
 import threading
 
+from egressproxy.threads import deliver
+
 LOOKUP_THREADS = 8
 """Lookups at once. A name that never answers holds one of these threads until the system
 resolver gives up; the worker's other names go on in the rest."""
@@ -54,7 +56,7 @@ class LookupThreads:
                 job = self._queue.get_nowait()
                 if job is not None:
                     loop, answer, _, _ = job
-                    _deliver(loop, answer, socket.gaierror(socket.EAI_AGAIN, "lookups closed"))
+                    deliver(loop, answer, socket.gaierror(socket.EAI_AGAIN, "lookups closed"))
         for _ in self._threads:
             with contextlib.suppress(queue.Full):
                 self._queue.put_nowait(None)
@@ -75,25 +77,6 @@ class LookupThreads:
             try:
                 infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
             except Exception as error:  # handed to the waiter, as it came
-                _deliver(loop, answer, error)
+                deliver(loop, answer, error)
             else:
-                _deliver(loop, answer, [str(info[4][0]) for info in infos])
-
-
-def _deliver(
-    loop: asyncio.AbstractEventLoop,
-    answer: asyncio.Future[list[str]],
-    outcome: list[str] | Exception,
-) -> None:
-    """Hand a thread's outcome to the waiter, on its loop (unless it gave up meanwhile)."""
-
-    def settle() -> None:
-        if answer.done():
-            return
-        if isinstance(outcome, Exception):
-            answer.set_exception(outcome)
-        else:
-            answer.set_result(outcome)
-
-    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
-        loop.call_soon_threadsafe(settle)
+                deliver(loop, answer, [str(info[4][0]) for info in infos])

@@ -20,6 +20,7 @@ from egressproxy.policy.errors import PolicyError
 from egressproxy.policy.index import PolicyIndex, compile_policy
 from egressproxy.policy.loader import decode_policy, load_policy_text, read_policy
 from egressproxy.settings import Settings
+from egressproxy.threads import in_daemon_thread
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +81,17 @@ class PolicyStore:
     async def reload(self, force: bool = False) -> bool:
         """Re-read the file; True when a new snapshot is in force.
 
-        Reading, parsing and compiling run in a worker thread: a large policy takes
-        seconds, which on the loop would stall every connection. The swap, the generation,
-        on_reload and the log line stay on the loop. Unchanged content is a no-op unless
+        Reading, parsing and compiling run in a daemon thread (threads.py): a large policy
+        takes seconds, which on the loop would stall every connection, and a read stuck in
+        the kernel must not hold the exit. The swap, the generation, on_reload and the log
+        line stay on the loop. Unchanged content is a no-op unless
         forced (SIGHUP). An unusable file keeps the running policy, is logged as
         FILE:LINE: reason, and reported to on_reload(False).
         """
-        loop = asyncio.get_running_loop()
-        attempt = await loop.run_in_executor(None, self._attempt, force, self._last_digest)
+        last_digest = self._last_digest
+        attempt = await in_daemon_thread(
+            lambda: self._attempt(force, last_digest), name="policy reload"
+        )
         if attempt is None:
             return False
         self._last_digest, outcome = attempt

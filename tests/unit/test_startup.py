@@ -180,3 +180,28 @@ def test_a_sighup_before_the_policy_is_in_is_not_fatal(tmp_path: Path) -> None:
         process.terminate()
         _, errors = process.communicate(timeout=30)
     assert process.returncode == 0, errors
+
+
+def test_a_policy_read_that_never_returns_does_not_hold_the_exit(tmp_path: Path) -> None:
+    """The policy is a FIFO: once it is in, the watcher's next read waits for a writer that
+    never comes, as a read from a hung mount would. SIGTERM must still end the proxy."""
+    policy = tmp_path / "policy.yaml"
+    os.mkfifo(policy)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "egressproxy", "run", "--allow-root", "--policy", str(policy),
+         "--listen", f"127.0.0.1:{free_port()}", "--admin", f"127.0.0.1:{free_port()}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    try:
+        with policy.open("w") as writer:  # waits until the proxy opens it to read
+            writer.write("apiVersion: egressproxy.io/v1alpha1\nkind: EgressPolicy\n"
+                         "metadata: {name: p}\nspec: {default: allow}\n")  # fmt: skip
+        time.sleep(3.0)  # past the watcher's first poll (1 s), now stuck opening the FIFO
+        assert process.poll() is None
+        process.terminate()
+        _, errors = process.communicate(timeout=10)
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+    assert process.returncode == 0, errors
