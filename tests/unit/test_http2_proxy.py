@@ -1973,3 +1973,28 @@ async def test_streams_in_flight_when_the_connection_ends_are_cancelled_upstream
         ("http-egress-allow", "200", request_error, 1.0),
         ("test.second", "", request_error, 1.0),
     ]
+
+
+@pytest.mark.asyncio
+async def test_a_stream_on_an_upstream_that_sent_goaway_is_cancelled_when_the_client_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upstream said GOAWAY after our stream (it still answers it), then the client's
+    connection ends: that stream is still reset CANCEL upstream and counted once."""
+    async with held_origins(tmp_path, monkeypatch) as origins:
+        registry = CollectorRegistry()
+        origins.proxy.context.accounting = Reporting(
+            Metrics(registry, max_hostnames=10), Lines(LogFormat.JSON).access_log
+        )
+        client = await connect_h2(origins.proxy)
+        client.request("GET", "/held")
+        origin = await origins.requested("/held")
+        origin.transport.write(goaway(origin.requests["/held"]))
+        await asyncio.sleep(0.2)
+        client.transport.close()
+        async with asyncio.timeout(TIMEOUT):
+            await origin.lost.wait()
+            while origins.proxy.context.open_flows.flows:
+                await asyncio.sleep(0.01)
+    assert origin.resets == [(1, h2.errors.ErrorCodes.CANCEL)]
+    assert request_statuses(registry, "http") == [("http-egress-allow", "", "reset", 1.0)]
