@@ -196,8 +196,12 @@ class EpollRelay:
                 self.accept()
             elif fd == admin:
                 self.answer_ready()
-            elif (side := self.sides.get(fd)) is not None:
-                self.ready(fd, side)
+            else:
+                self.dispatch(fd)
+
+    def dispatch(self, fd: int) -> None:
+        if (side := self.sides.get(fd)) is not None:
+            self.ready(fd, side)
 
     def accept(self) -> None:
         while True:

@@ -68,17 +68,11 @@ class Sketch(NestedRelay):
         self.clients: dict[int, Exchange] = {}
         self.upstreams: dict[int, Exchange] = {}
 
-    def poll_once(self, timeout: float = 0) -> None:
-        listener, admin = self.listener.fileno(), self.admin.fileno()
-        for fd, _ in self.epoll.poll(timeout):
-            if fd == listener:
-                self.accept()
-            elif fd == admin:
-                self.answer_ready()
-            elif (exchange := self.clients.get(fd)) is not None:
-                self.client_ready(exchange)
-            elif (exchange := self.upstreams.get(fd)) is not None:
-                self.upstream_ready(exchange)
+    def dispatch(self, fd: int) -> None:
+        if (exchange := self.clients.get(fd)) is not None:
+            self.client_ready(exchange)
+        elif (exchange := self.upstreams.get(fd)) is not None:
+            self.upstream_ready(exchange)
 
     def accept(self) -> None:
         while True:
@@ -97,12 +91,9 @@ class Sketch(NestedRelay):
         if exchange.upstream is not None:
             self.finish(exchange)  # the client hung up before its answer
             return
-        try:
-            data = exchange.client.recv(MAX_HEAD)
-        except BlockingIOError:
+        data = received(exchange.client, MAX_HEAD)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self.finish(exchange)
             return
@@ -161,12 +152,9 @@ class Sketch(NestedRelay):
             exchange.waiting = None
             self.epoll.modify(upstream.fileno(), select.EPOLLIN)
             return
-        try:
-            data = upstream.recv(CHUNK)
-        except BlockingIOError:
+        data = received(upstream, CHUNK)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self.finish(exchange)
             return
@@ -198,6 +186,16 @@ class Sketch(NestedRelay):
             sock.close()
         exchange.upstream = None
         self.metrics.connection_closed(exchange.flow)
+
+
+def received(sock: socket.socket, size: int) -> bytes | None:
+    """What sock has: b"" at its end or an error, None when nothing came yet."""
+    try:
+        return sock.recv(size)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
 
 
 def main() -> None:
