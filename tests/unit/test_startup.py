@@ -155,25 +155,34 @@ def test_whole_numbers_are_decimal_or_hexadecimal() -> None:
             non_negative_int(text)
 
 
-def test_a_sighup_before_the_policy_is_in_is_not_fatal(tmp_path: Path) -> None:
-    """The policy file is a FIFO, so loading it waits for its writer: a SIGHUP meanwhile
-    (a ConfigMap update, a reload at the wrong time) leaves the start going."""
-    policy = tmp_path / "policy.yaml"
+def proxy_on_a_fifo(policy: Path) -> subprocess.Popen[str]:
+    """The proxy started on a policy file that is a FIFO: each read waits for a writer."""
     os.mkfifo(policy)
-    process = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "egressproxy", "run", "--allow-root", "--policy", str(policy),
          "--listen", f"127.0.0.1:{free_port()}", "--admin", f"127.0.0.1:{free_port()}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
+
+
+def write_policy(policy: Path) -> None:
+    with policy.open("w") as writer:
+        writer.write("apiVersion: egressproxy.io/v1alpha1\nkind: EgressPolicy\n"
+                     "metadata: {name: p}\nspec: {default: allow}\n")  # fmt: skip
+
+
+def test_a_sighup_before_the_policy_is_in_is_not_fatal(tmp_path: Path) -> None:
+    """The policy file is a FIFO, so loading it waits for its writer: a SIGHUP meanwhile
+    (a ConfigMap update, a reload at the wrong time) leaves the start going."""
+    policy = tmp_path / "policy.yaml"
+    process = proxy_on_a_fifo(policy)
     try:
         time.sleep(1.0)  # past the interpreter's start, into the wait for the policy
         process.send_signal(signal.SIGHUP)
         time.sleep(0.3)
         assert process.poll() is None, "ended by the SIGHUP"
-        with policy.open("w") as writer:
-            writer.write("apiVersion: egressproxy.io/v1alpha1\nkind: EgressPolicy\n"
-                         "metadata: {name: p}\nspec: {default: allow}\n")  # fmt: skip
+        write_policy(policy)
         time.sleep(1.0)
         assert process.poll() is None
     finally:
@@ -186,17 +195,9 @@ def test_a_policy_read_that_never_returns_does_not_hold_the_exit(tmp_path: Path)
     """The policy is a FIFO: once it is in, the watcher's next read waits for a writer that
     never comes, as a read from a hung mount would. SIGTERM must still end the proxy."""
     policy = tmp_path / "policy.yaml"
-    os.mkfifo(policy)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "egressproxy", "run", "--allow-root", "--policy", str(policy),
-         "--listen", f"127.0.0.1:{free_port()}", "--admin", f"127.0.0.1:{free_port()}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
+    process = proxy_on_a_fifo(policy)
     try:
-        with policy.open("w") as writer:  # waits until the proxy opens it to read
-            writer.write("apiVersion: egressproxy.io/v1alpha1\nkind: EgressPolicy\n"
-                         "metadata: {name: p}\nspec: {default: allow}\n")  # fmt: skip
+        write_policy(policy)  # waits until the proxy opens it to read
         time.sleep(3.0)  # past the watcher's first poll (1 s), now stuck opening the FIFO
         assert process.poll() is None
         process.terminate()
