@@ -66,6 +66,9 @@ LINGER_SECONDS = 2.0
 _PAUSED_BY_UPSTREAM = 1
 _PAUSED_BY_BACKLOG = 2
 
+_LINE_ENDS = (b"\r", b"\n")
+"""The first bytes of an empty line, which RFC 9112 2.2 lets precede a request line."""
+
 _PROTOCOL_ERRORS = {400: "bad_request", 431: "header_too_large", 501: "not_implemented"}
 
 
@@ -365,6 +368,8 @@ class Http1Proxy(asyncio.Protocol):
         self.host_header = ""
         self.hostname: str | None = None
         """The last Host header and its hostname: a connection mostly sends one."""
+        self.verified: tuple[Decision | None, str | None, bool] = (None, None, False)
+        """The last decision and hostname _verifies answered, and its answer."""
 
     @property
     def client(self) -> h11.Connection:
@@ -615,7 +620,7 @@ class Http1Proxy(asyncio.Protocol):
     def _process_lean(self) -> None:
         """Serve requests from the inbox while each is lean; hand the first other to h11."""
         while self.lean and not self.closed and self.exchange is None:
-            skipped = empty_lines_before(self.inbox)
+            skipped = empty_lines_before(self.inbox) if self.inbox[:1] in _LINE_ENDS else 0
             if skipped:  # RFC 9112 2.2; the head deadline still runs over them
                 self.inbox = self.inbox[skipped:]
                 if not self.inbox and not self.inbox_eof:
@@ -676,9 +681,7 @@ class Http1Proxy(asyncio.Protocol):
         denied = decision.action is Action.DENY
         if denied and decision.audit:
             return False
-        if not denied and verification_mode(
-            decision, self.hostname, self.settings.verify_destination
-        ) is not (VerifyDestination.OFF):
+        if not denied and self._verifies(decision):
             return False
         self.inbox = self.inbox[request.size :]
         self.head_deadline = None
@@ -780,7 +783,8 @@ class Http1Proxy(asyncio.Protocol):
             return
         if self.paused:
             self.resume_client(_PAUSED_BY_UPSTREAM | _PAUSED_BY_BACKLOG)
-        self._process_lean()
+        if self.inbox or self.inbox_eof:
+            self._process_lean()
 
     def _lean_to_h11(self, upstream: _Upstream | None, received: bytes) -> None:
         """Replay the lean request into h11 (both sides), then let h11 read the response.
@@ -869,6 +873,16 @@ class Http1Proxy(asyncio.Protocol):
         self._forward(self._target(decision))
         if self.connecting is None:
             self._resume_after_backlog()
+
+    def _verifies(self, decision: Decision) -> bool:
+        """Whether the lean request's destination must be verified, asked once per decision
+        and hostname: a connection's requests mostly share both."""
+        known_decision, known_hostname, verifies = self.verified
+        if decision is not known_decision or self.hostname is not known_hostname:
+            mode = verification_mode(decision, self.hostname, self.settings.verify_destination)
+            verifies = mode is not VerifyDestination.OFF
+            self.verified = (decision, self.hostname, verifies)
+        return verifies
 
     def _target(self, decision: Decision) -> tuple[str, int]:
         """address_for, asked once per decision: a connection's requests mostly share one."""
