@@ -213,7 +213,6 @@ class CompiledValueMatch:
         return False
 
 
-_NEEDS_NORMALISING = re.compile(r"%|//|/\.")
 _SLASHES = re.compile(r"/{2,}")
 
 
@@ -222,7 +221,7 @@ def normalized_path(path: str) -> str:
     on as it came): percent-escapes decoded (nginx decodes them all, %2F included), slashes
     merged, dot segments removed (RFC 3986 5.2.4). Else `/%61dmin`, `//admin` or
     `/public/../admin` would get past a rule on `/admin`, or into one on `/public`."""
-    if not path.startswith("/") or _NEEDS_NORMALISING.search(path) is None:
+    if not path.startswith("/") or ("%" not in path and "//" not in path and "/." not in path):
         return path
     parts = _SLASHES.sub("/", unquote(path, encoding="latin-1")).split("/")[1:]
     kept: list[str] = []
