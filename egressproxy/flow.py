@@ -43,7 +43,7 @@ from egressproxy.sniff.http import could_begin_request
 from egressproxy.sniff.tls import TOO_MANY_RECORDS
 from egressproxy.splice import MAX_PIPES, SplicedRelay, Splicer
 from egressproxy.timeouts import IdleSweep, PendingTimeout, TimeoutQueue
-from egressproxy.verify import Resolver, verification_mode
+from egressproxy.verify import REFUSALS, Resolver, verification_mode
 
 log = logging.getLogger("egressproxy.flow")
 
@@ -393,7 +393,7 @@ class Flow(asyncio.Protocol):
             return True
         record.error = error
         if detected is Detected.HTTP1 and not self.client_gone:
-            self.transport.write(http1.error_response(421, "destination does not match the host"))
+            self.transport.write(http1.error_response(421, REFUSALS[error]))
         self.transport.close()
         self.finish(record.error)
         return False

@@ -48,7 +48,7 @@ from egressproxy.relay import (
 )
 from egressproxy.settings import VerifyDestination
 from egressproxy.sniff.http import authority_host, empty_lines_before
-from egressproxy.verify import verification_mode
+from egressproxy.verify import REFUSALS, verification_mode
 
 if TYPE_CHECKING:
     from egressproxy.flow import Flow
@@ -867,7 +867,7 @@ class Http1Proxy(asyncio.Protocol):
         error = await self.flow.context.resolver.check(record, destination, mode)
         self.connecting = None
         if error and mode is VerifyDestination.ENFORCE:
-            self._respond_locally(421, "destination does not match the host", error)
+            self._respond_locally(421, REFUSALS[error], error)
             self._resume_after_backlog()
             return
         self._forward(self._target(decision))

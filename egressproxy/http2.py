@@ -38,7 +38,7 @@ from egressproxy.records import (
 from egressproxy.relay import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW
 from egressproxy.settings import VerifyDestination
 from egressproxy.sniff.http import H2_PREFACE, authority_host
-from egressproxy.verify import verification_mode
+from egressproxy.verify import REFUSALS, verification_mode
 
 if TYPE_CHECKING:
     from egressproxy.flow import Flow
@@ -708,7 +708,7 @@ class H2Proxy(asyncio.Protocol):
         if stream.done or self.closed:
             return
         if error and mode is VerifyDestination.ENFORCE:
-            self._answer(stream, 421, "destination does not match the host", error)
+            self._answer(stream, 421, REFUSALS[error], error)
             self._flush()
             return
         self._forward(stream, self._target(decision))

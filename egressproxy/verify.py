@@ -29,6 +29,12 @@ DESTINATION_MISMATCH = "destination_mismatch"
 """The name resolved, and not to the destination (or to nothing: a definite answer too)."""
 NO_ANSWER = "dns_error"
 """The resolver gave no answer: the destination is unverified, not shown to be elsewhere."""
+REFUSALS = {
+    DESTINATION_MISMATCH: "destination does not match the host",
+    NO_ANSWER: "destination could not be verified: no answer from the resolver",
+}
+"""The text of enforce's 421 for each error Resolver.check answers: a client is told
+whether its name points elsewhere or could not be looked up (and may be retried)."""
 
 
 def verification_mode(

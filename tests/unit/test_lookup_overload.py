@@ -221,6 +221,7 @@ async def test_names_behind_hung_lookups_get_their_timeouts_then_resolve(
                 answers = [await get(proxy, "/routed"), await get(proxy, "/", host="name.test")]
                 await proxy.wait_closed_flows(4)
     assert (routed, verified[0]) == ((504, b"upstream dns_timeout\n"), 421)
+    assert verified[1] == b"destination could not be verified: no answer from the resolver\n"
     assert 0.5 <= took < 3.0
     assert [status for status, _ in answers] == [200, 200]
     assert (names.calls.count("backend.test"), names.calls.count("name.test")) == (1, 1)

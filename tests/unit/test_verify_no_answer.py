@@ -40,6 +40,7 @@ TIMEOUT = 5.0
 ENFORCE, LOG = VerifyDestination.ENFORCE, VerifyDestination.LOG
 MISMATCH = "egress_destination_mismatch_total"
 UNVERIFIED = "egress_destination_unverified_total"
+NO_ANSWER_BODY = b"destination could not be verified: no answer from the resolver\n"
 
 
 @dataclass
@@ -99,6 +100,8 @@ async def test_an_http1_request_refused_a_lookup_is_unverified_not_a_mismatch(
             await all_closed(proxy)
     status, error = outcome(mode)
     assert (str(unanswered[0]), verified[0]) == (status, 200)
+    if mode is ENFORCE:
+        assert unanswered[1] == NO_ANSWER_BODY, "not told it was a mismatch"
     statuses = sorted(
         (labels["http_status"], labels["error"], value)
         for labels, value in meters.samples("outbound_http_route_request_statuses_total")
@@ -203,6 +206,7 @@ async def test_an_h2_stream_whose_resolver_says_try_again_is_unverified_not_a_mi
     finally:
         server.close()
     assert (good.headers[":status"], flaky.headers[":status"]) == ("200", "421")
+    assert bytes(flaky.body) == NO_ANSWER_BODY
     statuses = sorted(
         (labels["hostname"], labels["http_status"], labels["error"], value)
         for labels, value in meters.samples("outbound_http_route_request_statuses_total")
