@@ -30,11 +30,7 @@ from egressproxy import upstream as upstream_connector
 from egressproxy.errors import UpstreamError
 from egressproxy.http1 import DENIED_BODY, unavailable_status
 from egressproxy.policy.decision import Action, Decision, RequestFacts
-from egressproxy.records import (
-    GRPC_CODE_OF_ANSWER,
-    RequestRecord,
-    grpc_status_of,
-)
+from egressproxy.records import RequestRecord, grpc_code_of_answer, grpc_status_of
 from egressproxy.relay import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW
 from egressproxy.settings import VerifyDestination
 from egressproxy.sniff.http import H2_PREFACE, authority_host
@@ -751,7 +747,8 @@ class H2Proxy(asyncio.Protocol):
         """A trailers-only gRPC answer: HTTP 200 with the code of the cause's `status` in the
         only HEADERS frame. The record keeps that status, so a denied call counts as a deny
         (http_status 403) where its route is an HTTP one, not as a 200 without error."""
-        code = GRPC_CODE_OF_ANSWER[status]
+        code = grpc_code_of_answer(status, error)
+        assert code is not None
         stream.record.answered_by_proxy(status, error)
         stream.record.grpc_status = code
         headers = [

@@ -16,7 +16,7 @@ from collections import OrderedDict
 
 from egressproxy.lookups import LookupThreads
 from egressproxy.policy.decision import Action, Decision, Destination, IPAddress, unmapped
-from egressproxy.records import FlowRecord, RequestRecord
+from egressproxy.records import NO_ANSWER, FlowRecord, RequestRecord
 from egressproxy.settings import VerifyDestination
 
 log = logging.getLogger("egressproxy.verify")
@@ -27,8 +27,6 @@ NEGATIVE_CACHE_SECONDS = 5.0
 
 DESTINATION_MISMATCH = "destination_mismatch"
 """The name resolved, and not to the destination (or to nothing: a definite answer too)."""
-NO_ANSWER = "dns_error"
-"""The resolver gave no answer: the destination is unverified, not shown to be elsewhere."""
 REFUSALS = {
     DESTINATION_MISMATCH: "destination does not match the host",
     NO_ANSWER: "destination could not be verified: no answer from the resolver",

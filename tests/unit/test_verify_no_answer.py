@@ -214,3 +214,37 @@ async def test_an_h2_stream_whose_resolver_says_try_again_is_unverified_not_a_mi
     assert statuses == [("", "200", "", 1.0), ("flaky.test", "421", "dns_error", 1.0)]
     assert meters.samples(UNVERIFIED) == [({"hostname": "flaky.test", "mode": "enforce"}, 1.0)]
     assert meters.samples(MISMATCH) == []
+
+
+@pytest.mark.asyncio
+async def test_a_grpc_call_whose_name_got_no_answer_is_unavailable_not_denied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under enforce a gRPC call whose :authority the resolver cannot answer for is refused
+    in trailers-only form with UNAVAILABLE (14), which a client may retry, not with the
+    PERMISSION_DENIED (7) of a deny or a mismatch."""
+    monkeypatch.setattr(socket, "getaddrinfo", SystemResolver({"flaky.test": socket.EAI_AGAIN}))
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(H2Server, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with loopback_proxy(
+            tmp_path, monkeypatch, ALLOW_ALL, local(port), verify_destination=ENFORCE
+        ) as proxy:
+            meters = reported(proxy)
+            client = await connect_h2(proxy)
+            call = client.request(
+                "POST",
+                "/test.Echo/Say",
+                headers={"content-type": "application/grpc"},
+                authority="flaky.test",
+            )
+            async with asyncio.timeout(TIMEOUT):
+                await call.done.wait()
+            client.transport.close()
+            await all_closed(proxy)
+    finally:
+        server.close()
+    assert (call.headers[":status"], call.headers["grpc-status"]) == ("200", "14")
+    assert meters.samples(UNVERIFIED) == [({"hostname": "flaky.test", "mode": "enforce"}, 1.0)]
+    assert meters.errors() == ["dns_error"]
