@@ -12,6 +12,7 @@ import logging
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -30,7 +31,7 @@ from tests.unit.http_harness import (
     proxy_to_origin,
 )
 from tests.unit.test_accesslog import Lines
-from tests.unit.test_http2_proxy import connect_h2
+from tests.unit.test_http2_proxy import Answer, connect_h2
 from tests.unit.test_lookup_overload import HUNG, drained, fill_the_queue, get, stuck_names
 from tests.unit.test_metrics import Sample, scrape
 from tests.unit.test_sniff_tls import client_hello, frame, sni_extension
@@ -180,12 +181,11 @@ async def test_a_spliced_connection_whose_name_times_out_is_unverified_not_a_mis
     assert f"name{HUNG}: no answer from the resolver within 0.3s" in caplog.text
 
 
-@pytest.mark.asyncio
-async def test_an_h2_stream_whose_resolver_says_try_again_is_unverified_not_a_mismatch(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """getaddrinfo fails with EAI_AGAIN for one :authority: under enforce its stream is
-    answered 421 with error dns_error, the other stream on the connection passes."""
+async def h2_under_enforce(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, requests: list[dict[str, Any]]
+) -> tuple[list[Answer], Reported]:
+    """The requests on one h2 connection to an h2 origin, under enforce, with a resolver
+    that says EAI_AGAIN for flaky.test: their answers, and what the proxy reported."""
     monkeypatch.setattr(socket, "getaddrinfo", SystemResolver({"flaky.test": socket.EAI_AGAIN}))
     loop = asyncio.get_running_loop()
     server = await loop.create_server(H2Server, "127.0.0.1", 0)
@@ -196,15 +196,31 @@ async def test_an_h2_stream_whose_resolver_says_try_again_is_unverified_not_a_mi
         ) as proxy:
             meters = reported(proxy)
             client = await connect_h2(proxy)
-            good = client.request("GET", "/a", authority="127.0.0.1")
-            flaky = client.request("GET", "/a", authority="flaky.test")
+            answers = [client.request(**request) for request in requests]
             async with asyncio.timeout(TIMEOUT):
-                await good.done.wait()
-                await flaky.done.wait()
+                for answer in answers:
+                    await answer.done.wait()
             client.transport.close()
             await all_closed(proxy)
     finally:
         server.close()
+    return answers, meters
+
+
+@pytest.mark.asyncio
+async def test_an_h2_stream_whose_resolver_says_try_again_is_unverified_not_a_mismatch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """getaddrinfo fails with EAI_AGAIN for one :authority: under enforce its stream is
+    answered 421 with error dns_error, the other stream on the connection passes."""
+    (good, flaky), meters = await h2_under_enforce(
+        tmp_path,
+        monkeypatch,
+        [
+            {"method": "GET", "path": "/a", "authority": "127.0.0.1"},
+            {"method": "GET", "path": "/a", "authority": "flaky.test"},
+        ],
+    )
     assert (good.headers[":status"], flaky.headers[":status"]) == ("200", "421")
     assert bytes(flaky.body) == NO_ANSWER_BODY
     statuses = sorted(
@@ -223,28 +239,18 @@ async def test_a_grpc_call_whose_name_got_no_answer_is_unavailable_not_denied(
     """Under enforce a gRPC call whose :authority the resolver cannot answer for is refused
     in trailers-only form with UNAVAILABLE (14), which a client may retry, not with the
     PERMISSION_DENIED (7) of a deny or a mismatch."""
-    monkeypatch.setattr(socket, "getaddrinfo", SystemResolver({"flaky.test": socket.EAI_AGAIN}))
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(H2Server, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        async with loopback_proxy(
-            tmp_path, monkeypatch, ALLOW_ALL, local(port), verify_destination=ENFORCE
-        ) as proxy:
-            meters = reported(proxy)
-            client = await connect_h2(proxy)
-            call = client.request(
-                "POST",
-                "/test.Echo/Say",
-                headers={"content-type": "application/grpc"},
-                authority="flaky.test",
-            )
-            async with asyncio.timeout(TIMEOUT):
-                await call.done.wait()
-            client.transport.close()
-            await all_closed(proxy)
-    finally:
-        server.close()
+    (call,), meters = await h2_under_enforce(
+        tmp_path,
+        monkeypatch,
+        [
+            {
+                "method": "POST",
+                "path": "/test.Echo/Say",
+                "headers": {"content-type": "application/grpc"},
+                "authority": "flaky.test",
+            }
+        ],
+    )
     assert (call.headers[":status"], call.headers["grpc-status"]) == ("200", "14")
     assert meters.samples(UNVERIFIED) == [({"hostname": "flaky.test", "mode": "enforce"}, 1.0)]
     assert meters.errors() == ["dns_error"]
