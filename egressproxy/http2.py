@@ -745,8 +745,9 @@ class H2Proxy(asyncio.Protocol):
 
     def _grpc_answer(self, stream: _Stream, status: int, text: str, error: str) -> None:
         """A trailers-only gRPC answer: HTTP 200 with the code of the cause (`status`, or a
-        resolver's missing answer) in the only HEADERS frame. The record keeps that status, so a denied call counts as a deny
-        (http_status 403) where its route is an HTTP one, not as a 200 without error."""
+        resolver's missing answer) in the only HEADERS frame. The record keeps that status,
+        so a denied call counts as a deny (http_status 403) where its route is an HTTP one,
+        not as a 200 without error."""
         code = grpc_code_of_answer(status, error)
         assert code is not None
         stream.record.answered_by_proxy(status, error)
