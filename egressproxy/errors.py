@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+DNS_ERROR = "dns_error"
+"""The resolver gave no answer for a name (a route's backend, or the name a destination is
+verified against): unreachable for now, not refused, so to gRPC UNAVAILABLE."""
+
 
 class UpstreamError(Exception):
     """Connecting to (or talking with) the upstream failed; kind is a short word."""

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from egressproxy.errors import DNS_ERROR
 from egressproxy.policy.decision import Decision, Destination, Detected, RouteProtocol
 
 GRPC_PERMISSION_DENIED = 7
@@ -20,14 +21,13 @@ GRPC_CODE_OF_ANSWER = {
 """The proxy's own HTTP answers, each with the code a gRPC client gets for the same cause:
 a deny (or a destination mismatch) PERMISSION_DENIED, an unreachable upstream UNAVAILABLE,
 a timeout too (INTERFACE §3 gives gRPC one answer, grpc-status 14, for both)."""
-NO_ANSWER = "dns_error"
-"""The error of an answer given because the resolver gave none: to gRPC UNAVAILABLE, which
-a client may retry, whatever the HTTP status (enforce's 421 for it is not a deny)."""
 
 
 def grpc_code_of_answer(status: int, error: str) -> int | None:
-    """The gRPC code of the proxy's own answer `status` for the cause `error`."""
-    return GRPC_UNAVAILABLE if error == NO_ANSWER else GRPC_CODE_OF_ANSWER.get(status)
+    """The gRPC code of the proxy's own answer `status` for the cause `error`: a resolver
+    without an answer is UNAVAILABLE, which a client may retry, whatever the status
+    (enforce's 421 for it is no deny)."""
+    return GRPC_UNAVAILABLE if error == DNS_ERROR else GRPC_CODE_OF_ANSWER.get(status)
 
 
 def grpc_status_of(fields: Iterable[tuple[bytes, bytes]]) -> int | None:

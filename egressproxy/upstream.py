@@ -10,7 +10,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from egressproxy.errors import UpstreamError
+from egressproxy.errors import DNS_ERROR, UpstreamError
 from egressproxy.lookups import LookupThreads
 from egressproxy.netfilter import PROXY_SOURCE_PORTS, set_mark
 from egressproxy.policy.decision import Action, Decision, Destination
@@ -306,7 +306,7 @@ async def _resolve(lookups: LookupThreads, host: str, port: int) -> str:
     try:
         found = await lookups.addresses(host, port)
     except OSError as error:
-        raise UpstreamError("dns_error", f"{host}: {error}") from None
+        raise UpstreamError(DNS_ERROR, f"{host}: {error}") from None
     if not found:
-        raise UpstreamError("dns_error", f"{host}: no addresses")
+        raise UpstreamError(DNS_ERROR, f"{host}: no addresses")
     return found[0]

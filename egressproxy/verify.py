@@ -14,9 +14,10 @@ import logging
 import socket
 from collections import OrderedDict
 
+from egressproxy.errors import DNS_ERROR
 from egressproxy.lookups import LookupThreads
 from egressproxy.policy.decision import Action, Decision, Destination, IPAddress, unmapped
-from egressproxy.records import NO_ANSWER, FlowRecord, RequestRecord
+from egressproxy.records import FlowRecord, RequestRecord
 from egressproxy.settings import VerifyDestination
 
 log = logging.getLogger("egressproxy.verify")
@@ -27,6 +28,8 @@ NEGATIVE_CACHE_SECONDS = 5.0
 
 DESTINATION_MISMATCH = "destination_mismatch"
 """The name resolved, and not to the destination (or to nothing: a definite answer too)."""
+NO_ANSWER = DNS_ERROR
+"""The resolver gave no answer: the destination is unverified, not shown to be elsewhere."""
 REFUSALS = {
     DESTINATION_MISMATCH: "destination does not match the host",
     NO_ANSWER: "destination could not be verified: no answer from the resolver",
