@@ -28,6 +28,7 @@ from tests.unit.http_harness import (
     echo,
     local,
     loopback_proxy,
+    origin,
     proxy_to_origin,
 )
 from tests.unit.test_accesslog import Lines
@@ -117,6 +118,55 @@ async def test_an_http1_request_refused_a_lookup_is_unverified_not_a_mismatch(
     assert "cannot tell whether name.test resolves to 127.0.0.1: no answer" in caplog.text
 
 
+TCP_ROUTE = """\
+apiVersion: policy.linkerd.io/v1alpha1
+kind: EgressNetwork
+metadata:
+  namespace: linkerd-egress
+  name: loopback
+spec:
+  networks:
+  - cidr: 127.0.0.0/8
+  trafficPolicy: Deny
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata:
+  name: spliced
+  namespace: linkerd-egress
+spec:
+  parentRefs:
+  - {{name: loopback, kind: EgressNetwork, group: policy.linkerd.io, port: {port}}}
+  rules:
+  - backendRefs:
+    - {{name: loopback, kind: EgressNetwork, group: policy.linkerd.io}}
+"""
+"""The origin's port spliced whole: HTTP/1 there is decided once, for the connection."""
+
+
+@pytest.mark.asyncio
+async def test_a_spliced_http1_connection_refused_a_lookup_is_told_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP/1 on a TCPRoute's port is spliced, decided for the connection on its Host:
+    under enforce with the lookup queue full, its 421 says the destination could not be
+    verified (not that it does not match), and the connection ends as dns_error."""
+    async with origin(h1) as port:
+        policy = TCP_ROUTE.format(port=port)
+        async with loopback_proxy(
+            tmp_path, monkeypatch, policy, local(port), verify_destination=ENFORCE
+        ) as proxy:
+            meters = reported(proxy)
+            with stuck_names(monkeypatch) as names:
+                waiting = await fill_the_queue(proxy.context.resolver.threads, names)
+                status, body = await get(proxy, "/", host="name.test")
+                await drained(waiting, names)
+            await all_closed(proxy)
+    assert (status, body) == (421, NO_ANSWER_BODY)
+    assert meters.errors() == ["dns_error"]
+    assert meters.samples(UNVERIFIED) == [({"hostname": "name.test", "mode": "enforce"}, 1.0)]
+
+
 NAMED_TLS = f"""\
 apiVersion: egressproxy.io/v1alpha1
 kind: EgressPolicy
@@ -181,18 +231,28 @@ async def test_a_spliced_connection_whose_name_times_out_is_unverified_not_a_mis
     assert f"name{HUNG}: no answer from the resolver within 0.3s" in caplog.text
 
 
+GRPC_ROUTE = TCP_ROUTE.replace("kind: TCPRoute", "kind: GRPCRoute").replace(
+    "name: spliced", "name: echo"
+)
+"""Every gRPC call to the origin's port allowed by one GRPCRoute."""
+
+
 async def h2_under_enforce(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, requests: list[dict[str, Any]]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    requests: list[dict[str, Any]],
+    policy: str = ALLOW_ALL,
 ) -> tuple[list[Answer], Reported]:
     """The requests on one h2 connection to an h2 origin, under enforce, with a resolver
-    that says EAI_AGAIN for flaky.test: their answers, and what the proxy reported."""
+    that says EAI_AGAIN for flaky.test: their answers, and what the proxy reported.
+    policy: formatted with the origin's port."""
     monkeypatch.setattr(socket, "getaddrinfo", SystemResolver({"flaky.test": socket.EAI_AGAIN}))
     loop = asyncio.get_running_loop()
     server = await loop.create_server(H2Server, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
         async with loopback_proxy(
-            tmp_path, monkeypatch, ALLOW_ALL, local(port), verify_destination=ENFORCE
+            tmp_path, monkeypatch, policy.format(port=port), local(port), verify_destination=ENFORCE
         ) as proxy:
             meters = reported(proxy)
             client = await connect_h2(proxy)
@@ -238,7 +298,8 @@ async def test_a_grpc_call_whose_name_got_no_answer_is_unavailable_not_denied(
 ) -> None:
     """Under enforce a gRPC call whose :authority the resolver cannot answer for is refused
     in trailers-only form with UNAVAILABLE (14), which a client may retry, not with the
-    PERMISSION_DENIED (7) of a deny or a mismatch."""
+    PERMISSION_DENIED (7) of a deny or a mismatch; on a GRPCRoute's port its metric says
+    UNAVAILABLE too."""
     (call,), meters = await h2_under_enforce(
         tmp_path,
         monkeypatch,
@@ -250,7 +311,13 @@ async def test_a_grpc_call_whose_name_got_no_answer_is_unavailable_not_denied(
                 "authority": "flaky.test",
             }
         ],
+        GRPC_ROUTE,
     )
     assert (call.headers[":status"], call.headers["grpc-status"]) == ("200", "14")
+    statuses = [
+        (labels["route_name"], labels["grpc_status"], labels["error"], value)
+        for labels, value in meters.samples("outbound_grpc_route_request_statuses_total")
+    ]
+    assert statuses == [("echo", "UNAVAILABLE", "dns_error", 1.0)]
     assert meters.samples(UNVERIFIED) == [({"hostname": "flaky.test", "mode": "enforce"}, 1.0)]
     assert meters.errors() == ["dns_error"]
