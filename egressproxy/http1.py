@@ -30,7 +30,7 @@ import h11
 from egressproxy import http1_lean
 from egressproxy import upstream as upstream_connector
 from egressproxy.errors import UpstreamError
-from egressproxy.http1_lean import MAX_RESPONSE_HEAD, NEED_MORE, LeanRequest, LeanResponse
+from egressproxy.http1_lean import MAX_RESPONSE_HEAD, NEED_MORE, LeanRequest
 from egressproxy.policy.decision import (
     Action,
     Decision,
@@ -736,7 +736,18 @@ class Http1Proxy(asyncio.Protocol):
             if response is None:
                 self._lean_to_h11(upstream, received)
                 return
-            self._lean_response_head(exchange, response, received)
+            record.status = response.status
+            self.response_started = True
+            end = response.size + response.body_length
+            body = received[response.size : end]
+            exchange.close = exchange.close or response.close
+            exchange.reusable = len(received) <= end and not exchange.close
+            exchange.remaining = response.body_length - len(body)
+            record.bytes_from_upstream += len(body)
+            if self.batch is not None:
+                self.batch.extend((response.head, body))
+            else:
+                self.transport.writelines((response.head, body))
         else:
             body = data
             if len(body) > exchange.remaining:
@@ -747,24 +758,6 @@ class Http1Proxy(asyncio.Protocol):
             self._write_client(body)
         if exchange.remaining == 0:
             self._lean_exchange_done(upstream, exchange)
-
-    def _lean_response_head(
-        self, exchange: _LeanExchange, response: LeanResponse, received: bytes
-    ) -> None:
-        record = self.record
-        assert record is not None
-        record.status = response.status
-        self.response_started = True
-        end = response.size + response.body_length
-        body = received[response.size : end]
-        exchange.close = exchange.close or response.close
-        exchange.reusable = len(received) <= end and not exchange.close
-        exchange.remaining = response.body_length - len(body)
-        record.bytes_from_upstream += len(body)
-        if self.batch is not None:
-            self.batch.extend((response.head, body))
-        else:
-            self.transport.writelines((response.head, body))
 
     def _lean_exchange_done(self, upstream: _Upstream, exchange: _LeanExchange) -> None:
         self.exchange = None

@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from bisect import bisect_left
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
@@ -162,8 +163,43 @@ class _Children(Generic[Family]):
         return child
 
 
+class Value(Protocol):
+    """A child's value cell: LoopValue, or prometheus-client's (multiprocess) value class."""
+
+    def inc(self, amount: float) -> None: ...
+
+
+def counter_value(child: Counter) -> Value:
+    """The value cell of a counter child with all its labels, to be incremented directly.
+
+    Counter.inc checks on every call that the child is not a parent still missing labels
+    and that the amount is not negative: three Python calls around the one increment. The
+    children bound here have every label, and the data plane counts requests and bytes,
+    never negative amounts, so a request's accounting skips the checks (tested against
+    the public API in tests/unit/test_metrics.py)."""
+    value: Value = child._value
+    return value
+
+
+class Durations:
+    """A histogram child's sum and buckets, observed directly (as counter_value, for the
+    same reason). bisect finds the bucket Histogram.observe finds by walking its bounds:
+    the first upper bound not below the amount (the last is +Inf)."""
+
+    __slots__ = ("bounds", "buckets", "sum")
+
+    def __init__(self, child: Histogram) -> None:
+        self.bounds: list[float] = child._upper_bounds
+        self.buckets: list[Value] = child._buckets
+        self.sum: Value = child._sum
+
+    def observe(self, amount: float) -> None:
+        self.sum.inc(amount)
+        self.buckets[bisect_left(self.bounds, amount)].inc(1)
+
+
 class _RouteMeters:
-    """The children of a decision's route that do not depend on hostname or outcome.
+    """The values of a decision's route that do not depend on hostname or outcome.
 
     Keyed by id(decision) in a cache: holding the decision keeps that id its own.
     Each child is made on first use, so a route shows only the series it has.
@@ -177,51 +213,52 @@ class _RouteMeters:
         self.route: RouteKey = (
             (None, None) if decision is None else (decision.parent, decision.route)
         )
-        self._connection_duration: Histogram | None = None
-        self._sent: Counter | None = None
-        self._received: Counter | None = None
+        self._connection_duration: Durations | None = None
+        self._sent: Value | None = None
+        self._received: Value | None = None
 
     def connection_ended(self, duration: float) -> None:
         if self._connection_duration is None:
-            self._connection_duration = self._metrics.connection_duration(self.route)
+            self._connection_duration = Durations(self._metrics.connection_duration(self.route))
         self._connection_duration.observe(duration)
 
     def count_bytes(self, sent: int, received: int) -> None:
         if sent:
             if self._sent is None:
-                self._sent = self._metrics.sent_bytes(self.route)
+                self._sent = counter_value(self._metrics.sent_bytes(self.route))
             self._sent.inc(sent)
         if received:
             if self._received is None:
-                self._received = self._metrics.received_bytes(self.route)
+                self._received = counter_value(self._metrics.received_bytes(self.route))
             self._received.inc(received)
 
 
 class _RequestMeters:
-    """The children one kind of finished request touches: (decision, hostname, status, error)."""
+    """The values one kind of finished request touches: (decision, hostname, status, error)."""
 
     __slots__ = ("duration", "route", "statuses", "would_deny")
 
     def __init__(self, metrics: Metrics, record: RequestRecord) -> None:
         decision = record.decision
         self.route = metrics.route_meters(decision)
-        self.statuses: Counter | None = None
-        self.duration: Histogram | None = None
-        self.would_deny: Counter | None = None
+        self.statuses: Value | None = None
+        self.duration: Durations | None = None
+        self.would_deny: Value | None = None
         if decision.parent is None:
             return
         route: RouteKey = (decision.parent, decision.route)
         hostname = metrics.hostname(record.hostname)
         if decision.protocol is RouteProtocol.GRPC:
             status = grpc_status_name(record.grpc_status)
-            self.statuses = metrics.grpc_statuses(route, hostname, status, record.error)
-            self.duration = metrics.grpc_duration(route, hostname)
+            statuses = metrics.grpc_statuses(route, hostname, status, record.error)
+            duration = metrics.grpc_duration(route, hostname)
         else:
             status = "" if record.status is None else str(record.status)
-            self.statuses = metrics.http_statuses(route, hostname, status, record.error)
-            self.duration = metrics.http_duration(route, hostname)
+            statuses = metrics.http_statuses(route, hostname, status, record.error)
+            duration = metrics.http_duration(route, hostname)
+        self.statuses, self.duration = counter_value(statuses), Durations(duration)
         if _would_deny(decision):
-            self.would_deny = metrics.audit_would_deny(route, hostname)
+            self.would_deny = counter_value(metrics.audit_would_deny(route, hostname))
 
 
 class Metrics:
@@ -425,10 +462,10 @@ class Metrics:
             self._count_unverified(record.destination_unverified, record.hostname)
         meters.route.count_bytes(record.bytes_from_client, record.bytes_from_upstream)
         if meters.statuses is not None and meters.duration is not None:
-            meters.statuses.inc()
+            meters.statuses.inc(1)
             meters.duration.observe(time.monotonic() - record.started)
         if meters.would_deny is not None:
-            meters.would_deny.inc()
+            meters.would_deny.inc(1)
 
     def route_meters(self, decision: Decision | None) -> _RouteMeters:
         meters = self._route_meters.get(id(decision))

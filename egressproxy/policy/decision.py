@@ -31,7 +31,15 @@ def is_ip_literal(hostname: str) -> bool:
     return True
 
 
-class Action(enum.Enum):
+class _Member(enum.Enum):
+    """Members are singletons compared by identity, so they hash by identity too: Enum's
+    own __hash__ is a Python call, and decisions are looked up by keys holding members on
+    every request."""
+
+    __hash__ = object.__hash__
+
+
+class Action(_Member):
     PASS = "pass"
     """Forward to the original destination."""
     DENY = "deny"
@@ -39,7 +47,7 @@ class Action(enum.Enum):
     """Forward to Decision.backend instead of the original destination."""
 
 
-class RouteProtocol(enum.Enum):
+class RouteProtocol(_Member):
     """Which route family (and metric family) a decision belongs to."""
 
     HTTP = "http"
@@ -48,7 +56,7 @@ class RouteProtocol(enum.Enum):
     TCP = "tcp"
 
 
-class Detected(enum.Enum):
+class Detected(_Member):
     """What the sniffer saw on the connection."""
 
     HTTP1 = "http1"

@@ -22,13 +22,20 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.openmetrics import parser as openmetrics_parser
 from prometheus_client.parser import text_string_to_metric_families
 
-from egressproxy.metrics import Metrics, exposition
+from egressproxy.metrics import (
+    CONNECTION_DURATION_BUCKETS,
+    ROUTE_DURATION_BUCKETS,
+    Durations,
+    Metrics,
+    counter_value,
+    exposition,
+)
 from egressproxy.policy.decision import (
     ConnectionFacts,
     Destination,
@@ -752,6 +759,41 @@ def test_hostname_cap_keeps_the_first_names_seen(names: list[str], limit: int) -
     for name in names:
         expected = name if name in first_seen else ("other" if limit else "")
         assert labels(name) == expected
+
+
+# --- values changed directly ------------------------------------------------------------------
+
+durations = st.lists(
+    st.one_of(
+        st.sampled_from([0.0, *ROUTE_DURATION_BUCKETS, *CONNECTION_DURATION_BUCKETS]),
+        st.floats(min_value=0, max_value=1e5, allow_nan=False),
+    ),
+    max_size=30,
+)
+
+
+@given(amounts=durations)
+def test_direct_values_count_what_the_public_api_counts(amounts: list[float]) -> None:
+    """The hot path's counter_value and Durations skip prometheus-client's checks; every
+    sample must still come out as Counter.inc and Histogram.observe make it."""
+
+    def families(direct: bool) -> list[Metric]:
+        registry = CollectorRegistry()
+        counter = Counter("requests", "h", ("route",), registry=registry).labels("r")
+        histogram = Histogram(
+            "duration_seconds", "h", ("route",), registry=registry, buckets=ROUTE_DURATION_BUCKETS
+        ).labels("r")
+        value, cells = counter_value(counter), Durations(histogram)
+        for amount in amounts:
+            if direct:
+                value.inc(amount)
+                cells.observe(amount)
+            else:
+                counter.inc(amount)
+                histogram.observe(amount)
+        return list(registry.collect())
+
+    assert families(direct=True) == families(direct=False)
 
 
 # --- exposition formats ---------------------------------------------------------------------
