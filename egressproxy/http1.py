@@ -32,6 +32,8 @@ from egressproxy import upstream as upstream_connector
 from egressproxy.errors import UpstreamError
 from egressproxy.http1_lean import MAX_RESPONSE_HEAD, NEED_MORE, LeanRequest
 from egressproxy.policy.decision import (
+    DENY_ACTION,
+    GRPC_PROTOCOL,
     Action,
     Decision,
     Destination,
@@ -676,9 +678,9 @@ class Http1Proxy(asyncio.Protocol):
             request.host or None,
         )
         decision = flow.snapshot.index.decide_request(facts)
-        if decision.protocol is RouteProtocol.GRPC:
+        if decision.protocol is GRPC_PROTOCOL:
             return False  # h11's path reads the grpc-status of its response
-        denied = decision.action is Action.DENY
+        denied = decision.action is DENY_ACTION
         if denied and decision.audit:
             return False
         if not denied and self._verifies(decision):

@@ -22,6 +22,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from egressproxy.policy.decision import (
+    GRPC_PROTOCOL,
     Action,
     Decision,
     ParentRef,
@@ -447,7 +448,7 @@ class Metrics:
 
     def request_finished(self, record: RequestRecord) -> None:
         decision = record.decision
-        status = record.grpc_status if decision.protocol is RouteProtocol.GRPC else record.status
+        status = record.grpc_status if decision.protocol is GRPC_PROTOCOL else record.status
         key = (id(decision), record.hostname, status, record.error)
         meters = self._request_meters.get(key)
         if meters is None:

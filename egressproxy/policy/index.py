@@ -20,6 +20,10 @@ from typing import Generic, TypeVar
 from urllib.parse import parse_qsl, unquote
 
 from egressproxy.policy.decision import (
+    GRPC_PROTOCOL,
+    HTTP_PROTOCOL,
+    TCP_PROTOCOL,
+    TLS_PROTOCOL,
     Action,
     Backend,
     ConnectionFacts,
@@ -246,6 +250,8 @@ class CompiledHttpMatch:
         if self.path_kind != MatchKind.REGEX:
             value = normalized_path(value)  # as requests are, else `/a%20b` never matches
         self.path_value = value
+        self.exact_path = self.path_kind == MatchKind.EXACT
+        """Asked for every request: a plain attribute, where an enum member costs a call."""
         self.prefix = value.rstrip("/") if self.path_kind == MatchKind.PREFIX else value
         self.pattern = re.compile(value) if self.path_kind == MatchKind.REGEX else None
         self.method = match.method
@@ -269,7 +275,7 @@ class CompiledHttpMatch:
         return not self.query or all(param.matches(query) for param in self.query)
 
     def path_matches(self, path: str) -> bool:
-        if self.path_kind == MatchKind.EXACT:
+        if self.exact_path:
             return path == self.path_value
         if self.pattern is not None:
             return self.pattern.fullmatch(path) is not None
@@ -613,10 +619,10 @@ class PolicyIndex:
         grpc_port = False
         if network is not None:
             table = network.table(destination.port)
-            grpc_port = table.fixed is RouteProtocol.GRPC or (
+            grpc_port = table.fixed is GRPC_PROTOCOL or (
                 table.fixed is None and bool(table.grpc) and (facts.grpc or not table.http)
             )
-        protocol = RouteProtocol.GRPC if grpc_port else RouteProtocol.HTTP
+        protocol = GRPC_PROTOCOL if grpc_port else HTTP_PROTOCOL
         if network is None:
             return self.untouched(protocol, destination)
         if grpc_port:
@@ -624,19 +630,19 @@ class PolicyIndex:
                 table.grpc if table.grpc_calls is None else table.grpc_calls, facts
             )
             if rule is not None:
-                return self.matched(network, destination, RouteProtocol.GRPC, rule)
+                return self.matched(network, destination, GRPC_PROTOCOL, rule)
             return self.unmatched_request(
-                network, table, destination, RouteProtocol.GRPC, "no GRPCRoute matched"
+                network, table, destination, GRPC_PROTOCOL, "no GRPCRoute matched"
             )
-        if table.fixed in (RouteProtocol.TLS, RouteProtocol.TCP):
+        if table.fixed in (TLS_PROTOCOL, TCP_PROTOCOL):
             return self.decide_connection(
                 ConnectionFacts(destination, Detected.OPAQUE, facts.hostname)
             )
         rule = best_http_rule(table.http, facts)
         if rule is not None:
-            return self.matched(network, destination, RouteProtocol.HTTP, rule)
+            return self.matched(network, destination, HTTP_PROTOCOL, rule)
         return self.unmatched_request(
-            network, table, destination, RouteProtocol.HTTP, "no HTTPRoute matched"
+            network, table, destination, HTTP_PROTOCOL, "no HTTPRoute matched"
         )
 
     def unmatched_request(
