@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -72,21 +72,6 @@ _LINE_ENDS = (b"\r", b"\n")
 """The first bytes of an empty line, which RFC 9112 2.2 lets precede a request line."""
 
 _PROTOCOL_ERRORS = {400: "bad_request", 431: "header_too_large", 501: "not_implemented"}
-
-
-@dataclass(slots=True)
-class _LeanExchange:
-    """A request on the lean path, and how far its response has come."""
-
-    request: LeanRequest
-    received: bytes = b""
-    """Response bytes before its head is complete."""
-    remaining: int = field(default=-1)
-    """Response body bytes still to come; -1 until the head is through."""
-    reusable: bool = True
-    """False once the upstream sent more than the response, or either side closes: not kept."""
-    close: bool = False
-    """The request or the response said Connection: close: the client connection ends too."""
 
 
 TIMEOUT_ERRORS = frozenset({"connect_timeout", "dns_timeout", "idle_timeout"})
@@ -363,7 +348,16 @@ class Http1Proxy(asyncio.Protocol):
         self.inbox = b""
         self.inbox_eof = False
         """The client sent its EOF: it sends nothing more."""
-        self.exchange: _LeanExchange | None = None
+        self.exchange: LeanRequest | None = None
+        """The request on the lean path whose response is awaited or coming."""
+        self.response_received = b""
+        """Its response's bytes before the head is complete."""
+        self.response_remaining = -1
+        """Its response's body bytes still to come; -1 until the head is through."""
+        self.exchange_reusable = True
+        """False once the upstream sent more than the response, or either side closes: not kept."""
+        self.exchange_close = False
+        """The request or the response said Connection: close: the client connection ends too."""
         self.targeted: Decision | None = None
         self.target = ("", 0)
         """The last decision _target answered, and its answer."""
@@ -406,7 +400,7 @@ class Http1Proxy(asyncio.Protocol):
             if exchange is None:
                 self.inbox += data
                 self._process_lean()
-            elif not exchange.request.close:
+            elif not exchange.close:
                 self.inbox += data
                 if len(self.inbox) > WRITE_BUFFER_HIGH:
                     self.pause_client(_PAUSED_BY_BACKLOG)
@@ -709,7 +703,9 @@ class Http1Proxy(asyncio.Protocol):
                 self._close()
             return True
         self.record = record
-        self.exchange = _LeanExchange(request, close=request.close)
+        self.exchange = request
+        self.response_received, self.response_remaining = b"", -1
+        self.exchange_reusable, self.exchange_close = True, request.close
         self.forwarding = True
         key = self._target(decision)
         upstream = self.idle.pop(key, None)
@@ -726,14 +722,14 @@ class Http1Proxy(asyncio.Protocol):
         if self.client_write_paused:
             upstream.transport.pause_reading()
 
-    def _lean_response(self, upstream: _Upstream, exchange: _LeanExchange, data: bytes) -> None:
+    def _lean_response(self, upstream: _Upstream, request: LeanRequest, data: bytes) -> None:
         record = self.record
         assert record is not None
-        if exchange.remaining < 0:
-            received = exchange.received + data if exchange.received else data
-            response = http1_lean.parse_response(received, exchange.request.method)
+        if self.response_remaining < 0:
+            received = self.response_received + data if self.response_received else data
+            response = http1_lean.parse_response(received, request.method)
             if response is NEED_MORE:
-                exchange.received = received
+                self.response_received = received
                 return
             if response is None:
                 self._lean_to_h11(upstream, received)
@@ -742,9 +738,9 @@ class Http1Proxy(asyncio.Protocol):
             self.response_started = True
             end = response.size + response.body_length
             body = received[response.size : end]
-            exchange.close = exchange.close or response.close
-            exchange.reusable = len(received) <= end and not exchange.close
-            exchange.remaining = response.body_length - len(body)
+            self.exchange_close = self.exchange_close or response.close
+            self.exchange_reusable = len(received) <= end and not self.exchange_close
+            self.response_remaining = response.body_length - len(body)
             record.bytes_from_upstream += len(body)
             if self.batch is not None:
                 self.batch.extend((response.head, body))
@@ -752,27 +748,27 @@ class Http1Proxy(asyncio.Protocol):
                 self.transport.writelines((response.head, body))
         else:
             body = data
-            if len(body) > exchange.remaining:
-                body = body[: exchange.remaining]
-                exchange.reusable = False
-            exchange.remaining -= len(body)
+            if len(body) > self.response_remaining:
+                body = body[: self.response_remaining]
+                self.exchange_reusable = False
+            self.response_remaining -= len(body)
             record.bytes_from_upstream += len(body)
             self._write_client(body)
-        if exchange.remaining == 0:
-            self._lean_exchange_done(upstream, exchange)
+        if self.response_remaining == 0:
+            self._lean_exchange_done(upstream)
 
-    def _lean_exchange_done(self, upstream: _Upstream, exchange: _LeanExchange) -> None:
+    def _lean_exchange_done(self, upstream: _Upstream) -> None:
         self.exchange = None
         self.upstream = None
         self.response_started = self.forwarding = False
-        if exchange.reusable:
+        if self.exchange_reusable:
             self._keep_idle(upstream)
         else:
             _discard(upstream)
         record, self.record = self.record, None
         assert record is not None
         self._report(record)
-        if exchange.close or self.draining or self.flow.context.draining:
+        if self.exchange_close or self.draining or self.flow.context.draining:
             self.resume_client(_PAUSED_BY_UPSTREAM)
             self._close()
             return
@@ -788,11 +784,11 @@ class Http1Proxy(asyncio.Protocol):
         exchange is exactly as if h11 had read it from the start. Without an upstream
         (the connect failed) only the client side is replayed, for the proxy's answer.
         """
-        exchange, self.exchange = self.exchange, None
-        assert exchange is not None
+        lean, self.exchange = self.exchange, None
+        assert lean is not None
         self.lean = False
         client = self.client
-        client.receive_data(exchange.request.head + self.inbox)
+        client.receive_data(lean.head + self.inbox)
         self.inbox = b""
         if self.inbox_eof:
             client.receive_data(b"")
@@ -941,7 +937,7 @@ class Http1Proxy(asyncio.Protocol):
             upstream.transport.abort()
             return
         if self.exchange is not None:
-            self._send_lean(upstream, self.exchange.request)
+            self._send_lean(upstream, self.exchange)
             return
         self._send_request(upstream)
         self._resume_after_backlog()
