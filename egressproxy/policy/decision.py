@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -77,10 +77,20 @@ through a method wrapper (about 60 ns), where a module constant is a dict hit.""
 
 @dataclass(frozen=True, slots=True)
 class Destination:
-    """The original destination recovered with SO_ORIGINAL_DST."""
+    """The original destination recovered with SO_ORIGINAL_DST.
+
+    Decisions are memoised by destination on every request, so its hash is made once: an
+    address's own __hash__ is Python code that formats the address as hex each time."""
 
     ip: IPAddress
     port: int
+    cached_hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cached_hash", hash((self.ip, self.port)))
+
+    def __hash__(self) -> int:
+        return self.cached_hash
 
 
 class ConnectionFacts(NamedTuple):

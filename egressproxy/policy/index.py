@@ -449,7 +449,7 @@ def compile_policy(model: Model, settings: Settings) -> PolicyIndex:
 
 MAX_MEMOISED_DECISIONS = 4096
 MAX_MEMOISED_NETWORKS = 4096
-"""Bounds the memo when many ports are decided (it is cleared, not evicted, when full)."""
+"""Bounds the memo when many destinations are decided (it is cleared, not evicted, when full)."""
 
 
 class PolicyIndex:
@@ -464,8 +464,8 @@ class PolicyIndex:
         self.settings = settings
         self.decisions: dict[tuple[int, int, RouteProtocol, str], Decision] = {}
         self.untouched_decisions: dict[tuple[RouteProtocol, Destination], Decision] = {}
-        self.networks: dict[IPAddress, CompiledNetwork | None] = {}
-        """network_for's answers: a client talks to few addresses, each asked per request."""
+        self.networks: dict[Destination, CompiledNetwork | None] = {}
+        """network_for's answers: a client talks to few destinations, each asked per request."""
         self.cidrs = CidrTable()
         self.compiled: dict[NetworkId, CompiledNetwork] = {}
         for network in networks_in_scope(model.networks, settings):
@@ -551,14 +551,13 @@ class PolicyIndex:
     # --- the data plane's questions -------------------------------------------------
 
     def network_for(self, destination: Destination) -> CompiledNetwork | None:
-        ip = destination.ip
         try:
-            return self.networks[ip]
+            return self.networks[destination]
         except KeyError:
             pass
         if len(self.networks) >= MAX_MEMOISED_NETWORKS:
             self.networks.clear()
-        network = self.networks[ip] = self.cidrs.lookup(ip)
+        network = self.networks[destination] = self.cidrs.lookup(destination.ip)
         return network
 
     def port_protocol(self, destination: Destination) -> RouteProtocol | None:
