@@ -44,13 +44,13 @@ into them. An empty value is the second branch, not an optional group: the group
 fifth more, and Python 3.11.2's possessive `(?:…)?+` accepts a value that ends in a space
 (the h11 agreement tests in tests/unit/test_http1_lean.py find that at once)."""
 _TIDY_REQUEST = re.compile(
-    rb"(%s) ([\x21-\x7e]+) HTTP/1\.1\r\n((?:%s)*+)\r\n"
+    rb"(%s+) ([\x21-\x7e]++) HTTP/1\.1\r\n((?:%s)*+)\r\n"
     % (_abnf.method.encode("ascii"), _TIDY_FIELD)
 )
 _TIDY_RESPONSE = re.compile(rb"HTTP/1\.1 ([0-9]{3}) [ -\xff]*+\r\n(?:%s)*+\r\n" % _TIDY_FIELD)
 """h11's status line with a reason (maybe empty, without tabs or control bytes) and tidy
 fields."""
-_FIELD_ITEM = re.compile(rb"(%s): ([^\r]*)\r\n" % _abnf.field_name.encode("ascii"))
+_FIELD_ITEM = re.compile(rb"(%s+): ([^\r]*+)\r\n" % _abnf.field_name.encode("ascii"))
 """The name and value of each line of fields already known to be tidy."""
 _TIDY_FRAMING = re.compile(rb"\r\n(content-length|transfer-encoding|connection): ([^\r]*)")
 """The framing fields of a tidy head, found in its lower-cased copy."""
