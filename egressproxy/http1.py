@@ -731,6 +731,7 @@ class Http1Proxy(asyncio.Protocol):
             if response is NEED_MORE:
                 self.response_received = received
                 return
+            self.response_received = b""  # not kept past the head: an idle connection holds none
             if response is None:
                 self._lean_to_h11(upstream, received)
                 return
@@ -786,6 +787,7 @@ class Http1Proxy(asyncio.Protocol):
         """
         lean, self.exchange = self.exchange, None
         assert lean is not None
+        self.response_received = b""
         self.lean = False
         client = self.client
         client.receive_data(lean.head + self.inbox)

@@ -79,8 +79,8 @@ through a method wrapper (about 60 ns), where a module constant is a dict hit.""
 class Destination:
     """The original destination recovered with SO_ORIGINAL_DST.
 
-    Decisions are memoised by destination on every request, so its hash is made once: an
-    address's own __hash__ is Python code that formats the address as hex each time."""
+    The policy looks up its network by destination on every request, so the hash is made
+    once: an address's own __hash__ is Python code that formats the address as hex."""
 
     ip: IPAddress
     port: int
