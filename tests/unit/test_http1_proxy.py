@@ -20,11 +20,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from egressproxy.accesslog import AccessLog
+from egressproxy.http1 import Http1Proxy
 from egressproxy.metrics import Metrics, exposition
 from egressproxy.server import Reporting
 from egressproxy.settings import LogFormat, VerifyDestination
 from tests.e2e.http_servers import h1
 from tests.unit.http_harness import (
+    ALLOW_ALL,
     BLOCKED_HOST,
     OSM_HOST_CASES,
     OSM_HTTP_EGRESS,
@@ -937,3 +939,33 @@ async def test_the_osm_egress_policy_feature_flag_gates_egress_policies(
             statuses = await asyncio.to_thread(statuses_of_hosts, proxy, ["example.test"])
             await proxy.wait_closed_flows(1)
     assert statuses == [status]
+
+
+@pytest.mark.asyncio
+async def test_a_response_head_read_in_parts_is_let_go_after_its_exchange(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lean path keeps the first part of a response head until the head is whole, and
+    no longer: a keep-alive connection idle between requests holds no response bytes."""
+
+    async def head_in_two_parts(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    async with proxy_to_origin(head_in_two_parts, tmp_path, monkeypatch, ALLOW_ALL) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        async with asyncio.timeout(5):
+            status, _, body = await read_response(reader)
+        assert (status, body) == (200, b"ok")
+        (flow,) = proxy.context.open_flows.flows
+        handler = flow.transport.get_protocol()
+        assert isinstance(handler, Http1Proxy) and handler.exchange is None
+        assert handler.response_received == b""
+        writer.close()
