@@ -1,6 +1,6 @@
 """decide_connection() cost against policy size: it must stay flat from 10 to 100,000 entries.
 
-Run: python benchmarks/bench_decide.py
+Run: PYTHONPATH=. python benchmarks/bench_decide.py   (from the repository root)
 Hostnames: one TLSRoute per hostname on port 443 (half exact, half `*.` wildcards);
 CIDRs: one EgressNetwork per address (/32) plus a 0.0.0.0/0 one. Each row times hits and misses.
 """
