@@ -32,7 +32,6 @@ _REQUEST_LINE = re.compile(_abnf.request_line.encode("ascii"))
 _STATUS_LINE = re.compile(_abnf.status_line.encode("ascii"))
 _HEADER_FIELD = re.compile(_abnf.header_field.encode("ascii"))
 MAX_LENGTH_DIGITS = 18
-"""A Content-Length h11 takes (its grammar is 1*DIGIT) and short enough to be sane."""
 _TIDY_FIELD = _abnf.field_name.encode("ascii") + rb"+:(?: [!-\xff][ -\xff]*+(?<! )| )\r\n"
 """`Name: value` as h11 writes it, said narrower than h11's grammar so that the regex engine
 reads it fast: the value is a visible byte (or obs-text), then visible bytes and spaces, up to
@@ -133,12 +132,20 @@ def _untidy_head(
     return start, items, written, size
 
 
+def _is_length(value: bytes) -> bool:
+    """A Content-Length h11 takes (its grammar is 1*DIGIT), short enough to be sane."""
+    return value.isdigit() and len(value) <= MAX_LENGTH_DIGITS
+
+
 def _says_close(value: bytes) -> bool:
-    """A Connection header h11 reads as closing (a `close` token): asked only of a value that
-    holds the letters, so the common keep-alive value costs no call. Callers look for them
-    with find, not `in`: `bytes in bytes` first tries its operand as an integer and
-    formats and clears a TypeError every time (CPython's _Py_bytes_contains)."""
-    return any(token.strip(b" \t") == b"close" for token in value.lower().split(b","))
+    """A Connection header h11 reads as closing (a `close` token). The common keep-alive
+    value is ruled out by one find, not `in`: `bytes in bytes` first tries its operand as
+    an integer and formats and clears a TypeError every time (CPython's
+    _Py_bytes_contains)."""
+    lowered = value.lower()
+    if lowered.find(b"close") < 0:
+        return False
+    return any(token.strip(b" \t") == b"close" for token in lowered.split(b","))
 
 
 def parse_request(buffer: bytes, limit: int) -> LeanRequest | Incomplete | None:
@@ -187,18 +194,13 @@ def _request(
                 return None
             host = text_value
         elif lower == b"content-length":
-            if (
-                content_length
-                or not value.isdigit()
-                or len(value) > MAX_LENGTH_DIGITS
-                or int(value)
-            ):
+            if content_length or not _is_length(value) or int(value):
                 return None
             content_length = True
         elif lower in _REFUSED_REQUEST_HEADERS:
             return None
         elif lower == b"connection":
-            close = close or (value.lower().find(b"close") >= 0 and _says_close(value))
+            close = close or _says_close(value)
         elif lower == b"content-type":
             grpc = text_value.lower().startswith("application/grpc")
         headers.append((lower.decode("latin-1"), text_value))
@@ -244,13 +246,13 @@ def _response(
     close = False
     for name, value in framing:
         if name == b"content-length":
-            if length is not None or not value.isdigit() or len(value) > MAX_LENGTH_DIGITS:
+            if length is not None or not _is_length(value):
                 return None
             length = int(value)
         elif name == b"transfer-encoding":
             return None
         elif name == b"connection":
-            close = close or (value.lower().find(b"close") >= 0 and _says_close(value))
+            close = close or _says_close(value)
     if status in (204, 304) or request_method == b"HEAD":
         length = 0
     elif length is None:
