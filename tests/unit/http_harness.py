@@ -185,6 +185,22 @@ spec:
 """A native policy that lets everything through: for tests about the data plane alone."""
 
 
+LOOPBACK_NETWORK = """\
+apiVersion: policy.linkerd.io/v1alpha1
+kind: EgressNetwork
+metadata:
+  namespace: linkerd-egress
+  name: loopback
+spec:
+  networks:
+  - cidr: 127.0.0.0/8
+  trafficPolicy: Deny
+---
+"""
+"""Linkerd's EgressNetwork `loopback` over 127.0.0.0/8, Deny by default: the first document
+of the tests' policies whose routes attach to it (no braces, so theirs can be formatted)."""
+
+
 async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """An origin that sends back what it reads."""
     while data := await reader.read(65536):

@@ -28,6 +28,7 @@ from tests.e2e.http_servers import h1
 from tests.unit.http_harness import (
     ALLOW_ALL,
     BLOCKED_HOST,
+    LOOPBACK_NETWORK,
     OSM_HOST_CASES,
     OSM_HTTP_EGRESS,
     LoopbackProxy,
@@ -619,17 +620,9 @@ async def test_verify_destination_per_request(
     ]
 
 
-GRPC_PORT_POLICY = """\
-apiVersion: policy.linkerd.io/v1alpha1
-kind: EgressNetwork
-metadata:
-  namespace: linkerd-egress
-  name: loopback
-spec:
-  networks:
-  - cidr: 127.0.0.0/8
-  trafficPolicy: Deny
----
+GRPC_PORT_POLICY = (
+    LOOPBACK_NETWORK
+    + """\
 apiVersion: gateway.networking.k8s.io/v1
 kind: GRPCRoute
 metadata:
@@ -643,6 +636,7 @@ spec:
   - matches:
     - method: {{service: test.Echo}}
 """
+)
 """Ports whose routes are GRPCRoutes: every request on them is in the gRPC route family."""
 
 
@@ -729,17 +723,9 @@ async def test_requests_on_a_grpc_port_are_grpc_calls_in_metrics_and_log(
     ]
 
 
-TCP_ROUTE_TO_A_NAME = """\
-apiVersion: policy.linkerd.io/v1alpha1
-kind: EgressNetwork
-metadata:
-  namespace: linkerd-egress
-  name: loopback
-spec:
-  networks:
-  - cidr: 127.0.0.0/8
-  trafficPolicy: Deny
----
+TCP_ROUTE_TO_A_NAME = (
+    LOOPBACK_NETWORK
+    + """\
 apiVersion: gateway.networking.k8s.io/v1alpha2
 kind: TCPRoute
 metadata:
@@ -752,6 +738,7 @@ spec:
   - backendRefs:
     - {{kind: Service, name: nowhere, port: 80}}
 """
+)
 
 
 @pytest.mark.asyncio

@@ -24,6 +24,7 @@ from egressproxy.verify import Resolver
 from tests.e2e.http_servers import H2Server, h1
 from tests.unit.http_harness import (
     ALLOW_ALL,
+    LOOPBACK_NETWORK,
     LoopbackProxy,
     echo,
     local,
@@ -118,17 +119,9 @@ async def test_an_http1_request_refused_a_lookup_is_unverified_not_a_mismatch(
     assert "cannot tell whether name.test resolves to 127.0.0.1: no answer" in caplog.text
 
 
-TCP_ROUTE = """\
-apiVersion: policy.linkerd.io/v1alpha1
-kind: EgressNetwork
-metadata:
-  namespace: linkerd-egress
-  name: loopback
-spec:
-  networks:
-  - cidr: 127.0.0.0/8
-  trafficPolicy: Deny
----
+TCP_ROUTE = (
+    LOOPBACK_NETWORK
+    + """\
 apiVersion: gateway.networking.k8s.io/v1alpha2
 kind: TCPRoute
 metadata:
@@ -141,6 +134,7 @@ spec:
   - backendRefs:
     - {{name: loopback, kind: EgressNetwork, group: policy.linkerd.io}}
 """
+)
 """The origin's port spliced whole: HTTP/1 there is decided once, for the connection."""
 
 
