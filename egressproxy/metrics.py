@@ -512,7 +512,7 @@ def _would_deny(decision: Decision) -> bool:
 def _target(record: FlowRecord) -> tuple[str, str]:
     if record.destination is None:
         return "", ""
-    return str(record.destination.ip), str(record.destination.port)
+    return record.destination.host, str(record.destination.port)
 
 
 class LoopValue:

@@ -34,7 +34,7 @@ def address_for(decision: Decision, destination: Destination) -> tuple[str, int]
     """Where traffic goes: the route's backend, or the original destination."""
     if decision.action is Action.ROUTE and decision.backend is not None:
         return decision.backend.host, decision.backend.port
-    return str(destination.ip), destination.port
+    return destination.host, destination.port
 
 
 SocketConnector = Callable[[socket.socket, tuple[str, int]], Awaitable[None]]
@@ -260,7 +260,7 @@ def is_own_connection(
     if known is None or _closed(known):
         return False
     remote = _remote(known)
-    return remote is not None and (remote[0], remote[1]) == (str(destination.ip), destination.port)
+    return remote is not None and (remote[0], remote[1]) == (destination.host, destination.port)
 
 
 async def _socket_connected(

@@ -80,14 +80,18 @@ class Destination:
     """The original destination recovered with SO_ORIGINAL_DST.
 
     The policy looks up its network by destination on every request, so the hash is made
-    once: an address's own __hash__ is Python code that formats the address as hex."""
+    once: an address's own __hash__ is Python code that formats the address as hex. So is
+    its __str__, which every upstream connection needs: `host` is made once too."""
 
     ip: IPAddress
     port: int
     cached_hash: int = field(init=False, repr=False, compare=False)
+    host: str = field(init=False, repr=False, compare=False)
+    """str(ip): the address as the socket calls take it."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cached_hash", hash((self.ip, self.port)))
+        object.__setattr__(self, "host", str(self.ip))
 
     def __hash__(self) -> int:
         return self.cached_hash
