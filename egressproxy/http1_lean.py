@@ -143,6 +143,8 @@ def _says_close(value: bytes) -> bool:
     an integer and formats and clears a TypeError every time (CPython's
     _Py_bytes_contains)."""
     lowered = value.lower()
+    if lowered == b"close":  # what a closing client or server sends: no generator made
+        return True
     if lowered.find(b"close") < 0:
         return False
     return any(token.strip(b" \t") == b"close" for token in lowered.split(b","))
