@@ -83,7 +83,7 @@ class Sketch(NestedRelay):
             client.setblocking(False)
             self.metrics.connection_opened()
             flow = FlowRecord(client=f"{peer[0]}:{peer[1]}")
-            flow.destination = original_destination(client)
+            flow.destination = original_destination(client, peer[0])
             self.clients[client.fileno()] = Exchange(client, flow)
             self.epoll.register(client.fileno(), select.EPOLLIN)
 

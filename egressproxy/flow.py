@@ -232,7 +232,9 @@ class Flow(asyncio.Protocol):
             self.peer = peer
         self.record.client = f"{peer[0]}:{peer[1]}" if peer else "?"
         try:
-            destination = original_destination(transport.get_extra_info("socket"))
+            destination = original_destination(
+                transport.get_extra_info("socket"), peer[0] if peer else ""
+            )
         except OSError as error:
             log.warning("no original destination for %s: %s", self.record.client, error)
             self._refuse("original_dst_failed")

@@ -31,24 +31,21 @@ IPV4_SYSCTLS = Path("/proc/sys/net/ipv4")
 
 
 class SocketLike(Protocol):
-    """A socket or uvloop's transport pseudo-socket: only the calls used here."""
-
-    @property
-    def family(self) -> int: ...
+    """A socket or uvloop's transport pseudo-socket: only the call used here."""
 
     def getsockopt(self, level: int, option: int, buflen: int) -> bytes: ...
 
-    def getpeername(self) -> tuple[str, int] | tuple[str, int, int, int]: ...
 
+def original_destination(sock: SocketLike, peer_host: str) -> Destination:
+    """Where the client at peer_host meant to go before iptables REDIRECT sent it here.
 
-def original_destination(sock: SocketLike) -> Destination:
-    """Where the client meant to go before iptables REDIRECT sent it here.
-
-    A v4 client accepted on a dual-stack v6 socket has a v4-mapped peer; its
-    conntrack entry is IPv4, so it is asked at SOL_IP and answered as IPv4.
-    Raises OSError when the kernel has no entry (e.g. no conntrack).
+    The client's address says which table to ask, not the socket's family (on uvloop's
+    pseudo-socket that property makes an enum member per call): an IPv6 client's
+    conntrack entry is IPv6; a v4 client's is IPv4, also when it was accepted on a
+    dual-stack v6 socket with a v4-mapped peer, so it is asked at SOL_IP and answered as
+    IPv4. Raises OSError when the kernel has no entry (e.g. no conntrack).
     """
-    if sock.family == socket.AF_INET6 and not _is_v4_mapped(sock.getpeername()[0]):
+    if ":" in peer_host and not _is_v4_mapped(peer_host):
         raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, SOCKADDR_IN6_SIZE)
         known = _destinations.get(raw)
         if known is None:

@@ -129,7 +129,7 @@ async def loopback_proxy(
     context = FlowContext(config, store, OpenFlows(10_000, _nothing, _nothing), ledger)
     chosen = [destination]
 
-    def given_destination(sock: object) -> Destination:
+    def given_destination(sock: object, peer_host: str) -> Destination:
         return chosen[0]
 
     monkeypatch.setattr(flow_module, "original_destination", given_destination)
