@@ -258,6 +258,8 @@ def _self_delimited(response: h11.Response, request_method: bytes) -> bool:
 class _Upstream(asyncio.Protocol):
     """One upstream HTTP/1.x connection; events go to the proxy that owns it."""
 
+    __slots__ = ("_h11", "key", "proxy", "reused", "transport")
+
     def __init__(self, proxy: Http1Proxy, key: tuple[str, int]) -> None:
         self.proxy = proxy
         self.key = key
@@ -308,6 +310,50 @@ class Http1Proxy(asyncio.Protocol):
     h11 keeps pipelined requests queued (PAUSED) until the current response is done,
     so answers go out in order without any queue of our own.
     """
+
+    __slots__ = (
+        "_client",
+        "accounting",
+        "backlog",
+        "batch",
+        "client_write_paused",
+        "closed",
+        "connecting",
+        "draining",
+        "error",
+        "exchange",
+        "exchange_close",
+        "exchange_reusable",
+        "flow",
+        "forwarding",
+        "head_deadline",
+        "host_header",
+        "hostname",
+        "idle",
+        "inbox",
+        "inbox_eof",
+        "last_activity",
+        "lean",
+        "loop",
+        "parsed",
+        "paused",
+        "processing",
+        "record",
+        "request",
+        "request_body_sent",
+        "response_received",
+        "response_remaining",
+        "response_started",
+        "settings",
+        "target",
+        "targeted",
+        "timer",
+        "transport",
+        "tunnel",
+        "unsent",
+        "upstream",
+        "verified",
+    )
 
     def __init__(self, flow: Flow) -> None:
         self.flow = flow
