@@ -170,20 +170,21 @@ class Value(Protocol):
     def inc(self, amount: float) -> None: ...
 
 
-def counter_value(child: Counter) -> Value:
-    """The value cell of a counter child with all its labels, to be incremented directly.
+def value_cell(child: Counter | Gauge) -> Value:
+    """The value cell of a counter or gauge child with all its labels, to be changed directly.
 
     Counter.inc checks on every call that the child is not a parent still missing labels
-    and that the amount is not negative: three Python calls around the one increment. The
-    children bound here have every label, and the data plane counts requests and bytes,
-    never negative amounts, so a request's accounting skips the checks (tested against
-    the public API in tests/unit/test_metrics.py)."""
+    and that the amount is not negative: three Python calls around the one increment
+    (Gauge.inc and dec the first check). The children bound here have every label, and the
+    data plane counts requests, bytes and connections, never a negative amount on a
+    counter, so the accounting of every connection and request skips the checks (tested
+    against the public API in tests/unit/test_metrics.py)."""
     value: Value = child._value
     return value
 
 
 class Durations:
-    """A histogram child's sum and buckets, observed directly (as counter_value, for the
+    """A histogram child's sum and buckets, observed directly (as value_cell, for the
     same reason). bisect finds the bucket Histogram.observe finds by walking its bounds:
     the first upper bound not below the amount (the last is +Inf)."""
 
@@ -226,11 +227,11 @@ class _RouteMeters:
     def count_bytes(self, sent: int, received: int) -> None:
         if sent:
             if self._sent is None:
-                self._sent = counter_value(self._metrics.sent_bytes(self.route))
+                self._sent = value_cell(self._metrics.sent_bytes(self.route))
             self._sent.inc(sent)
         if received:
             if self._received is None:
-                self._received = counter_value(self._metrics.received_bytes(self.route))
+                self._received = value_cell(self._metrics.received_bytes(self.route))
             self._received.inc(received)
 
 
@@ -257,9 +258,9 @@ class _RequestMeters:
             status = "" if record.status is None else str(record.status)
             statuses = metrics.http_statuses(route, hostname, status, record.error)
             duration = metrics.http_duration(route, hostname)
-        self.statuses, self.duration = counter_value(statuses), Durations(duration)
+        self.statuses, self.duration = value_cell(statuses), Durations(duration)
         if _would_deny(decision):
-            self.would_deny = counter_value(metrics.audit_would_deny(route, hostname))
+            self.would_deny = value_cell(metrics.audit_would_deny(route, hostname))
 
 
 class Metrics:
@@ -383,6 +384,9 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        self._open_connections = value_cell(self.open_connections)
+        self._sniff_outcomes: dict[str, Value] = {}
+        """Value cells by outcome: the few words of the sniffer, bound once each."""
         self.tasks = Gauge(
             "egress_event_loop_tasks",
             "Asyncio tasks alive in the event loops (rising while connections do not: a leak)",
@@ -407,10 +411,15 @@ class Metrics:
         return identity
 
     def connection_opened(self) -> None:
-        self.open_connections.inc()
+        self._open_connections.inc(1)
 
     def connection_decided(self, record: FlowRecord) -> None:
-        self.sniff_outcomes(record.sniff_outcome).inc()
+        outcome = self._sniff_outcomes.get(record.sniff_outcome)
+        if outcome is None:
+            outcome = self._sniff_outcomes[record.sniff_outcome] = value_cell(
+                self.sniff_outcomes(record.sniff_outcome)
+            )
+        outcome.inc(1)
         if record.ech:
             self.encrypted_client_hellos.inc()
         decision = record.decision
@@ -427,7 +436,7 @@ class Metrics:
             self.tcp_open(route, *_target(record)).inc()
 
     def connection_closed(self, record: FlowRecord) -> None:
-        self.open_connections.dec()
+        self._open_connections.inc(-1)
         self._count_error(record.error, record.hostname)
         if record.destination_mismatch:
             self._count_mismatch(record.destination_mismatch, record.hostname)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.openmetrics import parser as openmetrics_parser
@@ -33,8 +33,8 @@ from egressproxy.metrics import (
     ROUTE_DURATION_BUCKETS,
     Durations,
     Metrics,
-    counter_value,
     exposition,
+    value_cell,
 )
 from egressproxy.policy.decision import (
     ConnectionFacts,
@@ -774,8 +774,9 @@ durations = st.lists(
 
 @given(amounts=durations)
 def test_direct_values_count_what_the_public_api_counts(amounts: list[float]) -> None:
-    """The hot path's counter_value and Durations skip prometheus-client's checks; every
-    sample must still come out as Counter.inc and Histogram.observe make it."""
+    """The hot path's value_cell and Durations skip prometheus-client's checks; every
+    sample must still come out as Counter.inc, Gauge.inc and dec, and Histogram.observe
+    make it."""
 
     def families(direct: bool) -> list[Metric]:
         registry = CollectorRegistry()
@@ -783,14 +784,20 @@ def test_direct_values_count_what_the_public_api_counts(amounts: list[float]) ->
         histogram = Histogram(
             "duration_seconds", "h", ("route",), registry=registry, buckets=ROUTE_DURATION_BUCKETS
         ).labels("r")
-        value, cells = counter_value(counter), Durations(histogram)
-        for amount in amounts:
+        gauge = Gauge("open", "h", registry=registry)
+        value, cells, level = value_cell(counter), Durations(histogram), value_cell(gauge)
+        for step, amount in enumerate(amounts):
             if direct:
                 value.inc(amount)
                 cells.observe(amount)
+                level.inc(1 if step % 3 else -1)
             else:
                 counter.inc(amount)
                 histogram.observe(amount)
+                if step % 3:
+                    gauge.inc()
+                else:
+                    gauge.dec()
         return list(registry.collect())
 
     assert families(direct=True) == families(direct=False)
