@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import resource
@@ -213,6 +214,9 @@ async def serve(
         )
     await acceptor.start(lambda: Flow(context))
     count_tasks(accounting)
+    # What start-up made (modules, the policy index) lives as long as the worker: the full
+    # collections that every few thousand connections bring need not walk it each time.
+    gc.freeze()
     health.listening = True
     log.info("listening on %s", ", ".join(str(endpoint) for endpoint in settings.listen))
     if on_listening is not None:
