@@ -7,7 +7,7 @@ import errno
 import os
 import random
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TypeVar
 
 from egressproxy.errors import DNS_ERROR, UpstreamError
@@ -42,7 +42,7 @@ SocketConnector = Callable[[socket.socket, tuple[str, int]], Awaitable[None]]
 even an address literal in its thread pool)."""
 
 
-async def connect(
+def connect(
     host: str,
     port: int,
     protocol_factory: Callable[[], ProtocolT],
@@ -51,13 +51,16 @@ async def connect(
     mark: int | None,
     connector: SocketConnector,
     lookups: LookupThreads,
-) -> tuple[asyncio.Transport, ProtocolT]:
+) -> Coroutine[object, object, tuple[asyncio.Transport, ProtocolT]]:
     """Open a TCP connection to host:port from one of PROXY_SOURCE_PORTS within the
     timeouts' delay (the connect timeout); every failure is an UpstreamError with a kind.
 
     host is an IP literal (original destination) or a name (a route's backend, looked up
     in the worker's lookup threads). With a mark, the socket is made and connected here
     (by connector), then given a transport.
+
+    Not a coroutine itself: it hands back _from_source_port's, to be awaited, so that
+    every new connection starts, resumes and returns through one coroutine less.
     """
     loop = timeouts.loop
 
@@ -76,10 +79,10 @@ async def connect(
             _remember(transport)
         return transport, protocol
 
-    return await _from_source_port(host, port, timeouts, lookups, attempt)
+    return _from_source_port(host, port, timeouts, lookups, attempt)
 
 
-async def open_socket(
+def open_socket(
     host: str,
     port: int,
     *,
@@ -87,7 +90,7 @@ async def open_socket(
     mark: int | None,
     connector: SocketConnector,
     lookups: LookupThreads,
-) -> socket.socket:
+) -> Coroutine[object, object, socket.socket]:
     """connect() for a relay that splices: the connected non-blocking socket itself."""
 
     async def attempt(ip: str, source: tuple[str, int]) -> socket.socket:
@@ -96,7 +99,7 @@ async def open_socket(
             _remember(sock)
         return sock
 
-    return await _from_source_port(host, port, timeouts, lookups, attempt)
+    return _from_source_port(host, port, timeouts, lookups, attempt)
 
 
 async def _from_source_port(
