@@ -456,7 +456,8 @@ class PolicyIndex:
     """Immutable once built: decide_* only read it, so one index serves every connection.
 
     (Decisions already built are memoised: they depend only on the rule or network, the
-    port and the protocol, and building one costs more than finding the rule.)
+    port and the protocol, and building one costs more than finding the rule. So are the
+    answers to a connection's facts, which depend on nothing else.)
     """
 
     def __init__(self, model: Model, settings: Settings) -> None:
@@ -466,6 +467,9 @@ class PolicyIndex:
         self.untouched_decisions: dict[tuple[RouteProtocol, Destination], Decision] = {}
         self.networks: dict[Destination, CompiledNetwork | None] = {}
         """network_for's answers: a client talks to few destinations, each asked per request."""
+        self.connection_decisions: dict[ConnectionFacts, Decision] = {}
+        """decide_connection's answers: new connections mostly repeat a few destinations and
+        names, and an HTTP connection's answer is a whole request's (`GET /`)."""
         self.cidrs = CidrTable()
         self.compiled: dict[NetworkId, CompiledNetwork] = {}
         for network in networks_in_scope(model.networks, settings):
@@ -572,6 +576,14 @@ class PolicyIndex:
         handlers call decide_request with the real request instead. HTTP to an address
         no network covers is not read at all: it passes untouched, as opaque TCP.
         """
+        decision = self.connection_decisions.get(facts)
+        if decision is None:
+            if len(self.connection_decisions) >= MAX_MEMOISED_DECISIONS:
+                self.connection_decisions.clear()
+            decision = self.connection_decisions[facts] = self._decide_connection(facts)
+        return decision
+
+    def _decide_connection(self, facts: ConnectionFacts) -> Decision:
         if facts.detected in (Detected.HTTP1, Detected.H2):
             if self.network_for(facts.destination) is None:
                 return self.untouched(RouteProtocol.TCP, facts.destination)

@@ -16,6 +16,7 @@ from egressproxy.policy.decision import (
     RequestFacts,
 )
 from egressproxy.policy.index import (
+    MAX_MEMOISED_DECISIONS,
     MAX_MEMOISED_LEVELS,
     CidrTable,
     CompiledNetwork,
@@ -163,6 +164,46 @@ def test_decide_never_raises(
         assert (decision.parent is None) == (decision.route is None)
         assert (decision.action == Action.ROUTE) == (decision.backend is not None)
     compiled.port_protocol(destination)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(INDEXES),
+    ADDRESSES,
+    st.integers(1, 65535),
+    HOSTNAMES,
+    st.sampled_from(list(Detected)),
+)
+def test_a_remembered_connection_decision_is_the_one_made_anew(
+    index: PolicyIndex,
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    port: int,
+    hostname: str | None,
+    detected: Detected,
+) -> None:
+    """decide_connection answers repeated facts from memory: with the answers to facts
+    that differ in one field remembered first, each is still its own."""
+    destination = Destination(address, port)
+    facts = ConnectionFacts(destination, detected, hostname)
+    for other in (
+        ConnectionFacts(destination, detected, None if hostname else "httpbin.org"),
+        ConnectionFacts(destination, Detected.OPAQUE if detected is Detected.TLS else Detected.TLS,
+                        hostname),
+        ConnectionFacts(Destination(address, port % 65535 + 1), detected, hostname),
+    ):  # fmt: skip
+        index.decide_connection(other)
+    remembered = index.decide_connection(facts)
+    assert index.decide_connection(ConnectionFacts(destination, detected, hostname)) is remembered
+    index.connection_decisions.clear()
+    assert index.decide_connection(facts) == remembered
+
+
+def test_connection_decisions_are_remembered_within_bounds() -> None:
+    index = INDEXES[0]
+    destination = Destination(ipaddress.ip_address("203.0.113.9"), 443)
+    for number in range(MAX_MEMOISED_DECISIONS + 10):
+        index.decide_connection(ConnectionFacts(destination, Detected.TLS, f"h{number}.example"))
+    assert 0 < len(index.connection_decisions) <= MAX_MEMOISED_DECISIONS
 
 
 PATH_RULES = """\
