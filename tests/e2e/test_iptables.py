@@ -90,10 +90,10 @@ def serve(specs: Sequence[Sequence[object]]) -> None:
                 return
             sock, reply = listeners[key.fd]
             if sock.type == socket.SOCK_STREAM:
-                connection, peer = sock.accept()
+                connection, _ = sock.accept()
                 with connection:
                     if reply == "redirected":
-                        reply = f"redirected {original_destination(connection, peer[0])}"
+                        reply = f"redirected {original_destination(connection)}"
                     connection.sendall(reply.encode())
             else:
                 _, peer = sock.recvfrom(2048)
