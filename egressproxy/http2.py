@@ -931,12 +931,14 @@ class H2Proxy(asyncio.Protocol):
 
     def _cancel_upstream(self, stream: _Stream) -> None:
         """The stream will not be finished: its upstream twin is cancelled (or, not yet
-        opened, no longer waits)."""
+        opened, no longer waits). A twin already closed needs no reset, and neither does
+        one on an upstream h2 has failed (it refuses every frame from then on, and the
+        connection is being cut)."""
         upstream = stream.upstream
         if upstream is None:
             return
         if stream.upstream_id:
-            with contextlib.suppress(h2.exceptions.StreamClosedError):
+            with contextlib.suppress(h2.exceptions.ProtocolError):
                 upstream.h2.reset_stream(stream.upstream_id, h2.errors.ErrorCodes.CANCEL)
             upstream.streams.pop(stream.upstream_id, None)
         elif stream in upstream.waiting:

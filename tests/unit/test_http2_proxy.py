@@ -568,6 +568,44 @@ async def test_a_client_goaway_lets_its_streams_in_flight_finish(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
+BAD_PING = b"\x00\x00\x03\x06\x00\x00\x00\x00\x00abc"
+"""A PING frame three bytes long (RFC 9113 6.7: eight): h2 fails the connection on it."""
+
+
+@pytest.mark.asyncio
+async def test_a_client_reset_on_a_failed_upstream_ends_only_its_stream(
+    slow_h2: LoopbackProxy,
+) -> None:
+    """An upstream that broke the protocol is cut, and its connection_lost comes on a later
+    turn of the loop; h2 refuses every frame to it from the error on. A client's
+    RST_STREAM read on the same turn, for a stream on that upstream, ends that stream: it
+    must not raise out of data_received and take the client's connection down with it."""
+    client = await connect_h2(slow_h2)
+    client.request("GET", "/first")
+    second = client.request("GET", "/second")
+    client.transport.write(client.h2.data_to_send())
+    handler = await only_handler(slow_h2)
+    first_id, second_id = sorted(client.answers)
+    async with asyncio.timeout(TIMEOUT):
+        while not all(
+            stream_id in handler.streams and handler.streams[stream_id].upstream_id
+            for stream_id in (first_id, second_id)
+        ):
+            await asyncio.sleep(0.01)
+    upstream = handler.streams[first_id].upstream
+    handler.upstream_data(upstream, BAD_PING)
+    client.h2.reset_stream(first_id, h2.errors.ErrorCodes.CANCEL)
+    handler.data_received(client.h2.data_to_send())
+    async with asyncio.timeout(TIMEOUT):
+        await second.done.wait()
+    assert second.headers[":status"] == "502"
+    assert not client.lost.is_set(), "the client's connection outlives its upstream"
+    client.transport.close()
+    await slow_h2.wait_closed_flows(1)
+    errors = sorted((record.path, record.error) for record in slow_h2.ledger.requests)
+    assert errors == [("/first", "client_reset"), ("/second", "bad_response")]
+
+
 @pytest.mark.asyncio
 async def test_a_window_opened_by_settings_restarts_a_download(
     h2_setup: tuple[LoopbackProxy, int],
