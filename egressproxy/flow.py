@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
-from egressproxy import http1, http2, upstream
+from egressproxy import http1, http1_lean, http2, upstream
 from egressproxy.errors import UpstreamError
 from egressproxy.netfilter import is_local_address, local_destination, original_destination
 from egressproxy.policy.decision import (
@@ -39,7 +39,7 @@ from egressproxy.sniff import (
     TlsHello,
 )
 from egressproxy.sniff.detect import sniff
-from egressproxy.sniff.http import could_begin_request
+from egressproxy.sniff.http import authority_host, could_begin_request
 from egressproxy.sniff.tls import TOO_MANY_RECORDS
 from egressproxy.splice import MAX_PIPES, SplicedRelay, Splicer
 from egressproxy.timeouts import IdleSweep, PendingTimeout, TimeoutQueue
@@ -169,6 +169,22 @@ def _classify(sniffed: Sniffed, first_bytes: bytes) -> tuple[Detected, str | Non
     return Detected.HTTP1, None, sniffed.reason
 
 
+def lean_head(buffer: bytes, limit: int) -> tuple[http1_lean.LeanRequest, str] | None:
+    """A request head the HTTP handler's lean path reads (tidy HTTP/1.1, origin form) and
+    the hostname of its Host: what sniff and _classify would find for it (the property
+    test in tests/unit/test_flow_classify.py holds them to it), read once for both the
+    connection's decision and the handler's first request instead of by each."""
+    if not buffer[:1].isupper():
+        return None
+    request = http1_lean.parse_request(buffer, limit)
+    if not isinstance(request, http1_lean.LeanRequest) or not request.target.startswith(b"/"):
+        return None
+    hostname = authority_host(request.host)
+    if hostname is None:
+        return None
+    return request, sys.intern(hostname)
+
+
 def _without_root_dot(hostname: str | None) -> str | None:
     """`example.com.` is `example.com`: a rule must not be sidestepped by the root label.
 
@@ -263,6 +279,10 @@ class Flow(asyncio.Protocol):
             if len(self.buffer) > WRITE_BUFFER_HIGH:
                 self.transport.pause_reading()
             return
+        lean = lean_head(self.buffer, self.context.settings.max_header_bytes)
+        if lean is not None:
+            self._decide_as(Detected.HTTP1, lean[1], "http1", ech=False, first_request=lean)
+            return
         result = sniff(self.buffer)
         if result is NEED_MORE:
             if len(self.buffer) == len(data):
@@ -322,17 +342,29 @@ class Flow(asyncio.Protocol):
         return True
 
     def _decide(self, sniffed: Sniffed) -> None:
+        detected, hostname, outcome = _classify(sniffed, self.buffer)
+        self._decide_as(detected, hostname, outcome, isinstance(sniffed, TlsHello) and sniffed.ech)
+
+    def _decide_as(
+        self,
+        detected: Detected,
+        hostname: str | None,
+        outcome: str,
+        ech: bool,
+        first_request: tuple[http1_lean.LeanRequest, str] | None = None,
+    ) -> None:
+        """Decide the connection and hand it on; first_request: lean_head's reading of the
+        client's first request, for the HTTP handler not to parse it again."""
         self.sniffing = False
         if self.sniff_timer is not None:
             self.sniff_timer.cancel()
             self.sniff_timer = None
         if self._looped():
             return
-        detected, hostname, outcome = _classify(sniffed, self.buffer)
         assert self.record.destination is not None
         self.record.detected, self.record.hostname = detected, hostname
         self.record.sniff_outcome = outcome
-        self.record.ech = isinstance(sniffed, TlsHello) and sniffed.ech
+        self.record.ech = ech
         facts = ConnectionFacts(self.record.destination, detected, hostname)
         decision = self.snapshot.index.decide_connection(facts)
         settings = self.context.settings
@@ -354,7 +386,7 @@ class Flow(asyncio.Protocol):
         if decision.protocol in (RouteProtocol.HTTP, RouteProtocol.GRPC):
             if detected is Detected.HTTP1:
                 self.handler = http1.Http1Proxy(self)
-                self.handler.start()
+                self.handler.start(first_request)
                 return
             if detected is Detected.H2:
                 self.handler = http2.H2Proxy(self)

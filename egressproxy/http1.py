@@ -424,8 +424,9 @@ class Http1Proxy(asyncio.Protocol):
 
     # ---- life of the client connection -------------------------------------------------
 
-    def start(self) -> None:
-        """Take over the client transport and the bytes the flow has already read."""
+    def start(self, first_request: tuple[LeanRequest, str] | None) -> None:
+        """Take over the client transport and the bytes the flow has already read (the
+        first request among them already read, with its hostname, when it is lean)."""
         flow = self.flow
         self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
         self.transport.set_protocol(self)
@@ -436,6 +437,14 @@ class Http1Proxy(asyncio.Protocol):
         flow.buffer = b""
         self.inbox_eof = flow.client_eof
         self.transport.resume_reading()
+        if first_request is None:
+            self._process_lean()
+            return
+        request, self.hostname = first_request
+        self.host_header = request.host
+        if not self._lean_request(request):
+            self._leave_lean()
+            return
         self._process_lean()
 
     def data_received(self, data: bytes) -> None:
