@@ -35,15 +35,13 @@ from benchworld import (
     ADMIN_PORT,
     HOSTNAME,
     PROXY_CPU,
-    PROXY_PORT,
-    PROXY_USER,
     SMALL_FILE,
     WEB_IP,
     World,
     descendants,
     http_get,
 )
-from harness import REPO, policy_file, world_for
+from harness import REPO, as_proxy_user, policy_file, world_for
 
 WORKLOADS = ("new-conn", "keepalive", "new-tls")
 WARM_UP = 20
@@ -121,31 +119,9 @@ def drive_in_namespace(world: World, workload: str, exchanges: int) -> None:
 def counted_run(world: World, counter: list[str], workload: str, exchanges: int) -> None:
     """The proxy under counter (the command put before Python) for exchanges, then stopped
     with SIGTERM, so the counter writes its totals as the process exits."""
-    command = [
-        "setpriv",
-        f"--reuid={PROXY_USER}",
-        f"--regid={PROXY_USER}",
-        "--init-groups",
-        "env",
-        f"PYTHONPATH={world.tmp / 'pythonpath'}",
-        *counter,
-        sys.executable,
-        "-m",
-        "egressproxy",
-        "run",
-        "--policy",
-        str(policy_file(world)),
-        "--workers",
-        "1",
-        "--drain-timeout",
-        "1",
-        "--log-level",
-        "warning",
-        "--listen",
-        f"0.0.0.0:{PROXY_PORT}",
-        "--admin",
-        f"127.0.0.1:{ADMIN_PORT}",
-    ]
+    arguments = ["-m", "egressproxy", "run", "--policy", str(policy_file(world))]
+    options = ["--workers", "1", "--drain-timeout", "1", "--log-level", "warning"]
+    command = as_proxy_user(world, [*arguments, *options], wrapper=counter)
     started = world.start(f"counted-{counter[0]}", world.client_ns, PROXY_CPU, command)
     try:
         deadline = time.monotonic() + START_TIMEOUT

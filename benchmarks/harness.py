@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -178,15 +178,17 @@ def start_haproxy(config: str, name: str) -> Callable[[World], Started]:
     return start
 
 
-def start_as_proxy_user(world: World, name: str, arguments: list[str]) -> Started:
-    """A Python proxy under the proxy's uid (which the redirect returns), once /ready says 200."""
-    command = [
+def as_proxy_user(world: World, arguments: list[str], wrapper: Sequence[str] = ()) -> list[str]:
+    """The command that runs Python with arguments under the proxy's uid (which the
+    redirect returns), on the benchmark's ports; wrapper (a counter) runs Python."""
+    return [
         "setpriv",
         f"--reuid={PROXY_USER}",
         f"--regid={PROXY_USER}",
         "--init-groups",
         "env",
         f"PYTHONPATH={world.tmp / 'pythonpath'}",
+        *wrapper,
         sys.executable,
         *arguments,
         "--listen",
@@ -194,6 +196,11 @@ def start_as_proxy_user(world: World, name: str, arguments: list[str]) -> Starte
         "--admin",
         f"127.0.0.1:{ADMIN_PORT}",
     ]
+
+
+def start_as_proxy_user(world: World, name: str, arguments: list[str]) -> Started:
+    """A Python proxy under the proxy's uid, once /ready says 200."""
+    command = as_proxy_user(world, arguments)
     started = world.start(name, world.client_ns, PROXY_CPU, command)
     world.wait_listening(world.client_ns, PROXY_PORT, started)
     deadline = time.monotonic() + 20.0
