@@ -32,6 +32,7 @@ from egressproxy.relay import WRITE_BUFFER_HIGH, RelayResult
 from egressproxy.settings import EchPolicy, Settings, VerifyDestination
 from egressproxy.sniff import (
     NEED_MORE,
+    SNIFF_BUFFER_LIMIT,
     H2Preface,
     HttpRequestHead,
     Opaque,
@@ -173,10 +174,13 @@ def lean_head(buffer: bytes, limit: int) -> tuple[http1_lean.LeanRequest, str] |
     """A request head the HTTP handler's lean path reads (tidy HTTP/1.1, origin form) and
     the hostname of its Host: what sniff and _classify would find for it (the property
     test in tests/unit/test_flow_classify.py holds them to it), read once for both the
-    connection's decision and the handler's first request instead of by each."""
+    connection's decision and the handler's first request instead of by each.
+
+    limit is the handler's (--max-header-bytes); a head past the sniffer's own smaller
+    one is left to the sniffer, which calls it too large whether it came whole or not."""
     if not buffer[:1].isupper():
         return None
-    request = http1_lean.parse_request(buffer, limit)
+    request = http1_lean.parse_request(buffer, min(limit, SNIFF_BUFFER_LIMIT))
     if not isinstance(request, http1_lean.LeanRequest) or not request.target.startswith(b"/"):
         return None
     hostname = authority_host(request.host)

@@ -8,11 +8,12 @@ from hypothesis import strategies as st
 
 from egressproxy.flow import _classify, lean_head
 from egressproxy.policy.decision import Detected
+from egressproxy.settings import Settings
 from egressproxy.sniff import HttpRequestHead
 from egressproxy.sniff.detect import sniff
 from tests.unit.test_http1_lean import REQUEST_LINES, heads
 
-LIMIT = 1024
+LIMIT = Settings().max_header_bytes
 HOSTS = [
     "example.test", "Example.TEST", "example.test.", "example.test:8080", "example.test.:80",
     "a_b.example.test", "xn--bcher-kva.example", "198.51.100.7", "198.51.100.7:8080",
@@ -46,7 +47,10 @@ def request_heads(draw: st.DrawFn) -> bytes:
 @given(st.one_of(request_heads(), heads(REQUEST_LINES)))
 @example(b"GET /100b HTTP/1.1\r\nHost: bench.example\r\nConnection: close\r\n\r\n")
 @example(b"GET / HTTP/1.1\r\nHost: Example.TEST.:80\r\n\r\n")
+@example(b"GET / HTTP/1.1\r\nHost: example.test\r\nX-Pad: " + b"a" * 20000 + b"\r\n\r\n")
 def test_a_head_read_once_is_classified_as_the_sniffer_classifies_it(head: bytes) -> None:
+    """Under --max-header-bytes (the handler's limit) as well: a head past the sniffer's
+    own limit is the sniffer's to call too large, whole or not."""
     found = lean_head(head, LIMIT)
     if found is None:
         return  # the sniffer classifies it alone, as before
