@@ -437,14 +437,12 @@ class Http1Proxy(asyncio.Protocol):
         flow.buffer = b""
         self.inbox_eof = flow.client_eof
         self.transport.resume_reading()
-        if first_request is None:
-            self._process_lean()
-            return
-        request, self.hostname = first_request
-        self.host_header = request.host
-        if not self._lean_request(request):
-            self._leave_lean()
-            return
+        if first_request is not None:
+            request, self.hostname = first_request
+            self.host_header = request.host
+            if not self._lean_request(request):
+                self._leave_lean()
+                return
         self._process_lean()
 
     def data_received(self, data: bytes) -> None:
