@@ -15,6 +15,7 @@ from datetime import UTC, date, datetime, time
 from typing import Any, TypeVar
 
 from egressproxy.policy.decision import is_ip_literal
+from egressproxy.policy.regex import Pattern, RegexError
 from egressproxy.settings import IPNetwork
 
 
@@ -178,8 +179,8 @@ class Checker:
 
     def regex(self, pattern: str, line: int, where: str) -> str | None:
         try:
-            re.compile(pattern)
-        except (re.error, OverflowError, RecursionError) as error:
+            Pattern(pattern)
+        except RegexError as error:
             self.error(line, f"{where}: invalid regular expression {pattern!r}: {error}")
             return None
         return pattern

@@ -54,6 +54,7 @@ from egressproxy.policy.model import (
     TrafficPolicy,
     ValueMatch,
 )
+from egressproxy.policy.regex import Pattern
 from egressproxy.settings import Settings
 
 OLDEST = datetime.min.replace(tzinfo=UTC)
@@ -195,7 +196,7 @@ class CompiledValueMatch:
     def __init__(self, match: ValueMatch) -> None:
         self.name = match.name
         self.exact = match.value if match.kind == MatchKind.EXACT else None
-        self.pattern = re.compile(match.value) if match.kind == MatchKind.REGEX else None
+        self.pattern = Pattern(match.value) if match.kind == MatchKind.REGEX else None
         self.on_authority = match.name == AUTHORITY
 
     def matches_request(self, request: RequestFacts) -> bool:
@@ -253,7 +254,7 @@ class CompiledHttpMatch:
         self.exact_path = self.path_kind == MatchKind.EXACT
         """Asked for every request: a plain attribute, where an enum member costs a call."""
         self.prefix = value.rstrip("/") if self.path_kind == MatchKind.PREFIX else value
-        self.pattern = re.compile(value) if self.path_kind == MatchKind.REGEX else None
+        self.pattern = Pattern(value) if self.path_kind == MatchKind.REGEX else None
         self.method = match.method
         self.method_any_case = match.method_any_case
         self.headers = tuple(CompiledValueMatch(header) for header in match.headers)
@@ -278,7 +279,7 @@ class CompiledHttpMatch:
         if self.exact_path:
             return path == self.path_value
         if self.pattern is not None:
-            return self.pattern.fullmatch(path) is not None
+            return self.pattern.fullmatch(path)
         return not self.prefix or path == self.prefix or path.startswith(self.prefix + "/")
 
 
@@ -290,8 +291,8 @@ class CompiledGrpcMatch:
         self.service = match.service
         self.method = match.method
         self.regex = match.kind == MatchKind.REGEX
-        self.service_pattern = re.compile(match.service) if self.regex and match.service else None
-        self.method_pattern = re.compile(match.method) if self.regex and match.method else None
+        self.service_pattern = Pattern(match.service) if self.regex and match.service else None
+        self.method_pattern = Pattern(match.method) if self.regex and match.method else None
         self.headers = tuple(CompiledValueMatch(header) for header in match.headers)
         self.any_method = match.any_method
         specified = (match.service is not None) + (match.method is not None)
@@ -305,15 +306,13 @@ class CompiledGrpcMatch:
             and all(header.matches_request(request) for header in self.headers)
         )
 
-    def part_matches(
-        self, wanted: str | None, pattern: re.Pattern[str] | None, actual: str | None
-    ) -> bool:
+    def part_matches(self, wanted: str | None, pattern: Pattern | None, actual: str | None) -> bool:
         if wanted is None:
             return True
         if actual is None:
             return False
         if pattern is not None:
-            return pattern.fullmatch(actual) is not None
+            return pattern.fullmatch(actual)
         return actual == wanted
 
 

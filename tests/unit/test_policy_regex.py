@@ -1,0 +1,127 @@
+"""Policy regular expressions are RE2's: the syntax Linkerd's proxy and OSM's Envoy accept,
+and matching in time linear in the value, whatever the pattern."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_policy_linkerd import (
+    DENY_NET,
+    EXTERNAL,
+    compiled,
+    grpc_route,
+    http_route,
+    line_of,
+    request,
+    route_problems,
+)
+
+from egressproxy.policy.decision import Destination, RequestFacts
+from egressproxy.policy.regex import Pattern, RegexError
+
+BACKTRACKING = r"/(a+)+b"
+"""Python's re tries every split of the a's before it gives up on a value without the b:
+2**40 of them for 40 a's."""
+
+
+def path_route(name: str, pattern: str) -> str:
+    return http_route(
+        name, f"  - matches:\n    - path: {{type: RegularExpression, value: '{pattern}'}}\n"
+    )
+
+
+@pytest.mark.timeout(30)
+def test_a_pattern_that_backtracks_in_python_decides_at_once() -> None:
+    """A workload chooses its paths and headers: a careless pattern in the policy must not let
+    one request stall the worker (on Python's re these decisions would take hours)."""
+    header = "      headers:\n      - {type: RegularExpression, name: x-id, value: '(a|aa)+c'}\n"
+    routes = [
+        path_route("path", BACKTRACKING),
+        http_route("header", f"  - matches:\n    - path: {{value: /h}}\n{header}"),
+    ]
+    index = compiled("---".join([DENY_NET, *routes]))
+    long_run = "a" * 5_000
+    assert request(index, f"/{long_run}") == "http-egress-deny"
+    assert request(index, f"/{long_run}b") == "path"
+    assert request(index, "/h", headers=(("x-id", long_run + "!"),)) == "http-egress-deny"
+    assert request(index, "/h", headers=(("x-id", long_run + "c"),)) == "header"
+
+
+@pytest.mark.parametrize(
+    ("pattern", "matching", "other"),
+    [
+        (r"/users/\pL+", "/users/zoë", "/users/zo3"),
+        (r"/v[[:digit:]]+/.*", "/v2/items", "/vx/items"),
+        (r"/(?P<id>[0-9]+)", "/42", "/4x"),
+        (r"/(?<id>[0-9]+)", "/42", "/4x"),
+        (r"/a\z", "/a", "/ab"),
+        (r"(?i)/ADMIN", "/admin", "/admins"),
+    ],
+)
+def test_linkerd_syntax_is_accepted(pattern: str, matching: str, other: str) -> None:
+    """Unicode and POSIX classes, both forms of named groups and `\\z`, which the Rust regex
+    crate of Linkerd's proxy accepts (Python's re refuses all but two)."""
+    index = compiled("---".join([DENY_NET, path_route("r", pattern)]))
+    assert request(index, matching) == "r"
+    assert request(index, other) == "http-egress-deny"
+
+
+@pytest.mark.parametrize(
+    ("pattern", "reason"),
+    [
+        ("/(?!admin).*", "invalid perl operator: (?!"),
+        ("/(?<=x)y", "invalid perl operator: (?<="),
+        (r"/(a)\1", "invalid escape sequence: \\1"),
+    ],
+)
+def test_lookaround_and_backreferences_are_refused_with_their_line(
+    pattern: str, reason: str
+) -> None:
+    """Neither RE2 nor the Rust regex crate has them: Linkerd rejects such a route too."""
+    document = path_route("r", pattern)
+    assert route_problems(document) == [
+        (
+            line_of(document, "{type: RegularExpression"),
+            "HTTPRoute egress-test/r.spec.rules[0].matches[0].path: "
+            f"invalid regular expression {pattern!r}: {reason}",
+        )
+    ]
+
+
+def test_grpc_name_patterns_are_re2_too() -> None:
+    method = "{type: RegularExpression, service: 'pkg\\.\\pL+', method: '(a+)+b'}"
+    index = compiled(
+        "---".join([DENY_NET, grpc_route("g", f"  - matches:\n    - method: {method}\n")])
+    )
+    destination = Destination(EXTERNAL, 50051)
+
+    def called(path: str) -> str:
+        facts = RequestFacts(destination, "example.com", "POST", path, "", (), grpc=True)
+        decision = index.decide_request(facts)
+        assert decision.route is not None
+        return decision.route.name
+
+    assert called("/pkg.Svc/aaab") == "g"
+    assert called("/pkg.Svc/" + "a" * 5_000) == "grpc-egress-deny"
+    assert called("/pkg.5/aaab") == "grpc-egress-deny"
+
+
+def test_a_lone_surrogate_is_an_error_not_a_crash() -> None:
+    with pytest.raises(RegexError, match="not valid Unicode"):
+        Pattern("/\ud800")
+    assert Pattern("/x/.*").fullmatch("/x/\udcff"), "an undecodable byte of a command line"
+
+
+SIMPLE_PATTERNS = st.sampled_from(
+    ["a.*", "[a-c]+", "X|Y", "0?1", r"\d\d", "(?i)abc", "blue", "a(b|c)*d", "[^/]+/x", ".?.?"]
+)
+"""Where RE2 and Python's re mean the same: literals, classes, alternation, repetition."""
+
+
+@settings(max_examples=300, deadline=None)
+@given(pattern=SIMPLE_PATTERNS, value=st.text("abcdXY01/ é", max_size=8))
+def test_simple_patterns_match_as_pythons_whole_matches(pattern: str, value: str) -> None:
+    assert Pattern(pattern).fullmatch(value) == (re.fullmatch(pattern, value) is not None)
