@@ -28,10 +28,9 @@ class RegexError(ValueError):
 class Pattern:
     """A compiled pattern that matches whole values only (Gateway API's and OSM's sense)."""
 
-    __slots__ = ("_compiled", "text")
+    __slots__ = ("_compiled",)
 
     def __init__(self, text: str) -> None:
-        self.text = text
         try:
             self._compiled = re2.compile(text.encode(), _OPTIONS)
         except UnicodeEncodeError:
@@ -46,6 +45,3 @@ class Pattern:
         """surrogatepass: a value from the command line (`check --explain`) may carry
         undecodable bytes as lone surrogates, which are matched, not an error."""
         return self._compiled.fullmatch(value.encode(errors="surrogatepass")) is not None
-
-    def __repr__(self) -> str:
-        return f"Pattern({self.text!r})"
