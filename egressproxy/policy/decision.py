@@ -110,7 +110,12 @@ class ConnectionFacts(NamedTuple):
 
 
 class RequestFacts(NamedTuple):
-    """One HTTP request (HTTP/1.x or an HTTP/2 stream)."""
+    """One HTTP request (HTTP/1.x or an HTTP/2 stream).
+
+    Its path, query and header values are the bytes sent, decoded as latin-1 (one
+    character per byte), as the HTTP layers read them; the index compares the policy's
+    text with them in that form (index.wire_text).
+    """
 
     destination: Destination
     hostname: str | None

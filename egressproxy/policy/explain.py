@@ -223,7 +223,7 @@ def parse_destination(text: str, settings: Settings) -> ExplainQuery:
         raise ValueError(f"{scheme}:// needs a port")
     address, assumed, hostname = resolve_without_dns(host, settings)
     destination = Destination(address, port)
-    path = parts.path or "/"
+    path = as_sent(parts.path or "/")
     if port in settings.opaque_ports:  # as the data plane: no sniffing, no hostname
         facts = ConnectionFacts(destination, Detected.OPAQUE, None)
         return ExplainQuery(text, facts, None, assumed, opaque_port=True)
@@ -241,12 +241,19 @@ def parse_destination(text: str, settings: Settings) -> ExplainQuery:
         hostname,
         "POST" if grpc else "GET",
         path,
-        parts.query,
+        as_sent(parts.query),
         headers,
         grpc=grpc,
         authority=parts.netloc.rpartition("@")[2],
     )
     return ExplainQuery(text, None, request, assumed)
+
+
+def as_sent(text: str) -> str:
+    """A URL part typed on the command line as a client sends it: its UTF-8 bytes, one
+    character per byte, as the HTTP layers read requests (index.wire_text); bytes the
+    command line could not decode come back as they were (surrogateescape)."""
+    return text if text.isascii() else text.encode(errors="surrogateescape").decode("latin-1")
 
 
 def resolve_without_dns(host: str, settings: Settings) -> tuple[IPAddress, str, str | None]:

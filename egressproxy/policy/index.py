@@ -192,10 +192,21 @@ def route_name(ref: RouteRef) -> str:
     return f"{ref.namespace}/{ref.name}" if ref.namespace else ref.name
 
 
+def wire_text(text: str) -> str:
+    """A policy's value as requests carry it: its UTF-8 bytes, one character per byte.
+
+    The HTTP layers decode what they read as latin-1, so a request's path, query and
+    header values are their bytes; a value written in the policy (`/café`, a header
+    value) is text, and compares with them once in this form, as Linkerd compares a
+    header's bytes with the UTF-8 of its match. (surrogatepass: a YAML escape can
+    write a lone surrogate; its bytes match nothing a request sends.)"""
+    return text if text.isascii() else text.encode(errors="surrogatepass").decode("latin-1")
+
+
 class CompiledValueMatch:
     def __init__(self, match: ValueMatch) -> None:
         self.name = match.name
-        self.exact = match.value if match.kind == MatchKind.EXACT else None
+        self.exact = wire_text(match.value) if match.kind == MatchKind.EXACT else None
         self.pattern = Pattern(match.value) if match.kind == MatchKind.REGEX else None
         self.on_authority = match.name == AUTHORITY
 
@@ -225,7 +236,10 @@ def normalized_path(path: str) -> str:
     """The path as a server resolving it would see it, for matching only (the request goes
     on as it came): percent-escapes decoded (nginx decodes them all, %2F included), slashes
     merged, dot segments removed (RFC 3986 5.2.4). Else `/%61dmin`, `//admin` or
-    `/public/../admin` would get past a rule on `/admin`, or into one on `/public`."""
+    `/public/../admin` would get past a rule on `/admin`, or into one on `/public`.
+
+    Bytes in, bytes out (one character per byte, see wire_text): `/caf%C3%A9` and the
+    same UTF-8 sent raw are one path."""
     if not path.startswith("/") or ("%" not in path and "//" not in path and "/." not in path):
         return path
     parts = _SLASHES.sub("/", unquote(path, encoding="latin-1")).split("/")[1:]
@@ -249,7 +263,7 @@ class CompiledHttpMatch:
         self.path_kind = path.kind if path else MatchKind.PREFIX
         value = path.value if path else "/"
         if self.path_kind != MatchKind.REGEX:
-            value = normalized_path(value)  # as requests are, else `/a%20b` never matches
+            value = normalized_path(wire_text(value))  # as requests are: `/a%20b`, `/café`
         self.path_value = value
         self.exact_path = self.path_kind == MatchKind.EXACT
         """Asked for every request: a plain attribute, where an enum member costs a call."""
@@ -812,7 +826,7 @@ def best_http_rule(table: HostTable[CompiledRule], request: RequestFacts) -> Com
                 if best is not None and match.score <= best_score:
                     continue
                 if query is None and match.query:
-                    query = parse_qsl(request.query, keep_blank_values=True)
+                    query = parse_qsl(request.query, keep_blank_values=True, encoding="latin-1")
                 if match.matches(request, query or ()):
                     best, best_score = rule, match.score
         if best is not None:
@@ -858,7 +872,7 @@ def best_grpc_rule(table: HostTable[CompiledRule], request: RequestFacts) -> Com
                 if best is not None and score <= best_score:
                     continue
                 if query is None and http_match.query:
-                    query = parse_qsl(request.query, keep_blank_values=True)
+                    query = parse_qsl(request.query, keep_blank_values=True, encoding="latin-1")
                 if http_match.matches(request, query or ()):
                     best, best_score = rule, score
         if best is not None:

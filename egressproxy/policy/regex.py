@@ -8,8 +8,9 @@ all, a match takes time linear in the text whatever the pattern: a path or heade
 value chosen by the workload cannot make a careless pattern such as `(a+)+$` backtrack
 for minutes and stall the worker, as Python's re would.
 
-Values are matched as UTF-8, so `.` is one character, as in Python; the HTTP layers
-hand over their values decoded as latin-1, one character per byte.
+A pattern is text, compiled as UTF-8; the values it is matched against are a request's
+bytes (the HTTP layers decode them as latin-1, one character per byte), which RE2 reads
+as UTF-8: `/caf\\pL` matches the path `/café` sent in UTF-8, and `.` is one character.
 """
 
 from __future__ import annotations
@@ -42,6 +43,5 @@ class Pattern:
             ) from None
 
     def fullmatch(self, value: str) -> bool:
-        """surrogatepass: a value from the command line (`check --explain`) may carry
-        undecodable bytes as lone surrogates, which are matched, not an error."""
-        return self._compiled.fullmatch(value.encode(errors="surrogatepass")) is not None
+        """value: a request's bytes, one character per byte (see the module's note)."""
+        return self._compiled.fullmatch(value.encode("latin-1")) is not None

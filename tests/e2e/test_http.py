@@ -540,6 +540,37 @@ def test_a_path_is_decided_normalised_and_sent_as_it_came(world: World, proxy: S
         conn.close()
 
 
+CAFE_ONLY = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: cafe}
+spec:
+  default: deny
+  rules:
+  - name: cafe
+    http: [{path: /café}]
+"""
+
+
+@pytest.mark.usefixtures("http_servers")
+@pytest.mark.parametrize(
+    ("version", "origin"),
+    [
+        ("--http1.1", "http://httpbin.org"),
+        ("--http2-prior-knowledge", f"http://example.test:{H2_PORT}"),
+    ],
+)
+def test_a_rule_written_with_text_matches_the_utf8_curl_sends(
+    world: World, proxy: StartProxy, version: str, origin: str
+) -> None:
+    """`/café` in the policy is the path a client asks for with `/caf%C3%A9` (its UTF-8,
+    percent-encoded); `/caf%E9` (é in latin-1) is another path, and is denied."""
+    run_proxy(proxy, CAFE_ONLY)
+    for path, status in [("/caf%C3%A9", b"200"), ("/caf%c3%a9", b"200"), ("/caf%E9", b"403")]:
+        result = world.curl(version, "-o", "/dev/null", "-w", "%{http_code}", origin + path)
+        assert result.stdout == status, (path, result)
+
+
 HTTPBIN_DENIED = """\
 apiVersion: egressproxy.io/v1alpha1
 kind: EgressPolicy

@@ -455,3 +455,21 @@ def test_check_says_egress_policies_are_off_by_the_feature_flag(
         "why:         no HTTPRoute matched on port 80 of MeshConfig osm-system/osm-mesh-config:"
         f" default Deny ({off})\n" in out
     )
+
+
+def test_explain_asks_about_the_bytes_a_client_sends(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A path typed with `é` (or with `%C3%A9`) is decided as curl's request for it is: by
+    its UTF-8, which is what a rule's `/café` is compared with."""
+    policy = tmp_path / "native.yaml"
+    policy.write_text(
+        "apiVersion: egressproxy.io/v1alpha1\nkind: EgressPolicy\nmetadata: {name: p}\n"
+        "spec:\n  default: deny\n  rules:\n  - name: cafe\n    hosts: [a.example]\n"
+        "    http: [{path: /café}]\n"
+    )
+    for destination in ("http://a.example/café", "http://a.example/caf%C3%A9"):
+        _, out, _ = check(capsys, policy, destination)
+        assert "route:       EgressRule p.cafe\n" in out, destination
+    _, out, _ = check(capsys, policy, "http://a.example/caf%E9")
+    assert "route:       default http-egress-deny\n" in out

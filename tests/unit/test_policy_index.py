@@ -131,15 +131,20 @@ HOSTNAMES = st.one_of(
 ADDRESSES = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6))
 
 
+def wire(max_size: int) -> st.SearchStrategy[str]:
+    """Request text as the HTTP layers make it: any bytes, one character per byte."""
+    return st.binary(max_size=max_size).map(lambda raw: raw.decode("latin-1"))
+
+
 @settings(max_examples=400, deadline=None)
 @given(
     st.sampled_from(INDEXES),
     ADDRESSES,
     st.integers(1, 65535),
     HOSTNAMES,
-    st.text(max_size=30),
-    st.text(max_size=20),
-    st.lists(st.tuples(st.text(max_size=8), st.text(max_size=8)), max_size=3),
+    wire(30),
+    wire(20),
+    st.lists(st.tuples(st.text(max_size=8), wire(8)), max_size=3),
     st.booleans(),
     st.sampled_from(list(Detected)),
 )

@@ -414,6 +414,38 @@ def test_rule_paths_are_normalised_as_request_paths_are() -> None:
         assert request(index, path) == "http-egress-deny", "on segment boundaries still"
 
 
+def sent(text: str) -> str:
+    """text as a request carries it, the way the HTTP layers read it: its UTF-8 bytes, one
+    character per byte."""
+    return text.encode().decode("latin-1")
+
+
+def test_text_in_the_policy_matches_the_utf8_a_request_sends() -> None:
+    """`/café` in a rule is the path a client sends for it, raw or percent-encoded; header
+    and query values compare as their UTF-8 too (Linkerd compares a header's bytes with the
+    UTF-8 of its match, and decodes query strings as UTF-8)."""
+    header = "      headers:\n      - {name: x-city, value: Zürich}\n"
+    query = "      queryParams:\n      - {name: q, value: 日本}\n"
+    routes = [
+        http_route("exact", "  - matches:\n    - path: {type: Exact, value: /café}\n"),
+        http_route("prefix", "  - matches:\n    - path: {type: PathPrefix, value: /日本}\n"),
+        http_route("header", f"  - matches:\n    - path: {{value: /h}}\n{header}"),
+        http_route("query", f"  - matches:\n    - path: {{value: /q}}\n{query}"),
+    ]
+    index = compiled("---".join([DENY_NET, *routes]))
+    for path in (sent("/café"), "/caf%C3%A9", "/caf%c3%a9", sent("/caf%C3%A9")):
+        assert request(index, path) == "exact", path
+    assert request(index, sent("/cafe")) == "http-egress-deny"
+    assert request(index, "/caf\xe9") == "http-egress-deny", "é in latin-1 is another byte"
+    assert request(index, sent("/日本/東京")) == "prefix"
+    assert request(index, "/%E6%97%A5%E6%9C%AC") == "prefix"
+    assert request(index, sent("/日本語")) == "http-egress-deny", "on segment boundaries still"
+    assert request(index, "/h", headers=(("x-city", sent("Zürich")),)) == "header"
+    assert request(index, "/h", headers=(("x-city", "Z\xfcrich"),)) == "http-egress-deny"
+    assert request(index, "/q", query="q=%E6%97%A5%E6%9C%AC") == "query"
+    assert request(index, "/q", query=sent("q=日本")) == "query"
+
+
 def test_a_trailing_slash_does_not_lengthen_a_prefix() -> None:
     """linkerd2-proxy trims it before comparing lengths: `/foo/` ties with `/foo`, and the
     older route wins the tie."""

@@ -22,6 +22,12 @@ from test_policy_linkerd import (
 from egressproxy.policy.decision import Destination, RequestFacts
 from egressproxy.policy.regex import Pattern, RegexError
 
+
+def sent(text: str) -> str:
+    """text as a request carries it: its UTF-8 bytes, one character per byte."""
+    return text.encode().decode("latin-1")
+
+
 BACKTRACKING = r"/(a+)+b"
 """Python's re tries every split of the a's before it gives up on a value without the b:
 2**40 of them for 40 a's."""
@@ -53,7 +59,7 @@ def test_a_pattern_that_backtracks_in_python_decides_at_once() -> None:
 @pytest.mark.parametrize(
     ("pattern", "matching", "other"),
     [
-        (r"/users/\pL+", "/users/zoë", "/users/zo3"),
+        (r"/users/\pL+", sent("/users/zoë"), "/users/zo3"),
         (r"/v[[:digit:]]+/.*", "/v2/items", "/vx/items"),
         (r"/(?P<id>[0-9]+)", "/42", "/4x"),
         (r"/(?<id>[0-9]+)", "/42", "/4x"),
@@ -112,7 +118,6 @@ def test_grpc_name_patterns_are_re2_too() -> None:
 def test_a_lone_surrogate_is_an_error_not_a_crash() -> None:
     with pytest.raises(RegexError, match="not valid Unicode"):
         Pattern("/\ud800")
-    assert Pattern("/x/.*").fullmatch("/x/\udcff"), "an undecodable byte of a command line"
 
 
 SIMPLE_PATTERNS = st.sampled_from(
@@ -122,6 +127,7 @@ SIMPLE_PATTERNS = st.sampled_from(
 
 
 @settings(max_examples=300, deadline=None)
-@given(pattern=SIMPLE_PATTERNS, value=st.text("abcdXY01/ é", max_size=8))
+@given(pattern=SIMPLE_PATTERNS, value=st.text("abcdXY01/ éж", max_size=8))
 def test_simple_patterns_match_as_pythons_whole_matches(pattern: str, value: str) -> None:
-    assert Pattern(pattern).fullmatch(value) == (re.fullmatch(pattern, value) is not None)
+    """A value sent in UTF-8 is matched as its text: `.` is one character, `é` too."""
+    assert Pattern(pattern).fullmatch(sent(value)) == (re.fullmatch(pattern, value) is not None)
