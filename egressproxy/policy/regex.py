@@ -15,11 +15,12 @@ as UTF-8: `/caf\\pL` matches the path `/café` sent in UTF-8, and `.` is one cha
 
 from __future__ import annotations
 
-import re2
+from re2 import _re2
 
-_OPTIONS = re2.Options()
+_OPTIONS = _re2.RE2.Options()
 _OPTIONS.log_errors = False  # a bad pattern is reported as a policy error, not on stderr
 _OPTIONS.never_capture = True  # only whether it matches is asked
+_WHOLE = _re2.RE2.Anchor.ANCHOR_BOTH
 
 
 class RegexError(ValueError):
@@ -27,21 +28,26 @@ class RegexError(ValueError):
 
 
 class Pattern:
-    """A compiled pattern that matches whole values only (Gateway API's and OSM's sense)."""
+    """A compiled pattern that matches whole values only (Gateway API's and OSM's sense).
+
+    It holds RE2's own object, the one under the `re2` module's re-like API: that API
+    makes a match object and maps byte offsets to characters in Python on every call
+    (2.0 µs a match, against 0.7 here; Python's re takes 0.15). A property test holds
+    the two to one answer.
+    """
 
     __slots__ = ("_compiled",)
 
     def __init__(self, text: str) -> None:
         try:
-            self._compiled = re2.compile(text.encode(), _OPTIONS)
+            encoded = text.encode()
         except UnicodeEncodeError:
             raise RegexError("not valid Unicode (a lone surrogate)") from None
-        except re2.error as error:
-            reason = error.args[0] if error.args else "invalid"
-            raise RegexError(
-                reason.decode(errors="replace") if isinstance(reason, bytes) else str(reason)
-            ) from None
+        self._compiled = _re2.RE2(encoded, _OPTIONS)
+        if not self._compiled.ok():
+            raise RegexError(self._compiled.error().decode(errors="replace"))
 
     def fullmatch(self, value: str) -> bool:
         """value: a request's bytes, one character per byte (see the module's note)."""
-        return self._compiled.fullmatch(value.encode("latin-1")) is not None
+        raw = value.encode("latin-1")
+        return bool(self._compiled.Match(_WHOLE, raw, 0, len(raw))[0][0] >= 0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import re2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_policy_linkerd import (
@@ -120,9 +121,19 @@ def test_a_lone_surrogate_is_an_error_not_a_crash() -> None:
         Pattern("/\ud800")
 
 
-SIMPLE_PATTERNS = st.sampled_from(
-    ["a.*", "[a-c]+", "X|Y", "0?1", r"\d\d", "(?i)abc", "blue", "a(b|c)*d", "[^/]+/x", ".?.?"]
-)
+SIMPLE_PATTERNS_LIST = [
+    "a.*",
+    "[a-c]+",
+    "X|Y",
+    "0?1",
+    r"\d\d",
+    "(?i)abc",
+    "blue",
+    "a(b|c)*d",
+    "[^/]+/x",
+    ".?.?",
+]
+SIMPLE_PATTERNS = st.sampled_from(SIMPLE_PATTERNS_LIST)
 """Where RE2 and Python's re mean the same: literals, classes, alternation, repetition."""
 
 
@@ -131,3 +142,15 @@ SIMPLE_PATTERNS = st.sampled_from(
 def test_simple_patterns_match_as_pythons_whole_matches(pattern: str, value: str) -> None:
     """A value sent in UTF-8 is matched as its text: `.` is one character, `é` too."""
     assert Pattern(pattern).fullmatch(sent(value)) == (re.fullmatch(pattern, value) is not None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pattern=st.sampled_from([*SIMPLE_PATTERNS_LIST, r"/caf\pL", "[[:alpha:]]+", r"a\z", ""]),
+    raw=st.binary(max_size=8),
+)
+def test_a_pattern_answers_as_the_re2_module_does(pattern: str, raw: bytes) -> None:
+    """Pattern matches through the binding under re2's public API: the same answer for any
+    bytes a request carries (valid UTF-8 or not)."""
+    public = re2.compile(pattern.encode()).fullmatch(raw) is not None
+    assert Pattern(pattern).fullmatch(raw.decode("latin-1")) == public
