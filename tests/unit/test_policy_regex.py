@@ -147,8 +147,10 @@ def test_simple_patterns_match_as_pythons_whole_matches(pattern: str, value: str
 
 @settings(max_examples=300, deadline=None)
 @given(
-    pattern=st.sampled_from([*SIMPLE_PATTERNS_LIST, r"/caf\pL", "[[:alpha:]]+", r"a\z", ""]),
-    raw=st.binary(max_size=8),
+    pattern=st.sampled_from(
+        [*SIMPLE_PATTERNS_LIST, r"/caf\pL", "[[:alpha:]]+", r"a\z", "", "/get", "/café", "a b"]
+    ),
+    raw=st.one_of(st.binary(max_size=8), st.sampled_from([b"/get", "/café".encode(), b"a b"])),
 )
 def test_a_pattern_answers_as_the_re2_module_does(pattern: str, raw: bytes) -> None:
     """Pattern matches through the binding under re2's public API: the same answer for any
