@@ -235,10 +235,11 @@ class Checker:
 HOST_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
 HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`|~]+")
 GRPC_NAMES = {
-    "service": re.compile(r"\.?[a-z_][a-z_0-9]*(\.[a-z_][a-z_0-9]*)*", re.IGNORECASE),
+    "service": re.compile(r"\.?[a-z_][a-z_0-9]*(\.[a-z_][a-z_0-9]*)*", re.IGNORECASE | re.ASCII),
     "method": re.compile(r"[A-Za-z_][A-Za-z_0-9]*"),
 }
-"""Gateway API's GRPCMethodMatch patterns for Exact values."""
+"""Gateway API's GRPCMethodMatch patterns for Exact values (ASCII: case folding would take
+the Kelvin sign for a K)."""
 
 
 def is_hostname(name: str, *, wildcard: bool) -> bool:

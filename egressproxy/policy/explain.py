@@ -212,7 +212,7 @@ def parse_destination(text: str, settings: Settings) -> ExplainQuery:
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https", "tls", "tcp", "grpc"):
         raise ValueError("use http://, https://, tls://, tcp:// or grpc:// followed by HOST[:PORT]")
-    host = (parts.hostname or "").lower()
+    host = host_as_sent(parts.hostname or "").lower()
     if not host:
         raise ValueError("no host")
     try:
@@ -244,9 +244,20 @@ def parse_destination(text: str, settings: Settings) -> ExplainQuery:
         as_sent(parts.query),
         headers,
         grpc=grpc,
-        authority=parts.netloc.rpartition("@")[2],
+        authority=host_as_sent(parts.netloc.rpartition("@")[2]),
     )
     return ExplainQuery(text, None, request, assumed)
+
+
+def host_as_sent(authority: str) -> str:
+    """A host (or host:port) typed in Unicode as a client sends it: IDNA, as curl does
+    (`bücher.example` is `xn--bcher-kva.example`), or else its bytes."""
+    if authority.isascii():
+        return authority
+    try:
+        return authority.encode("idna").decode("ascii")
+    except UnicodeError:
+        return as_sent(authority)
 
 
 def as_sent(text: str) -> str:

@@ -205,7 +205,7 @@ def wire_text(text: str) -> str:
 
 class CompiledValueMatch:
     def __init__(self, match: ValueMatch) -> None:
-        self.name = match.name
+        self.name = wire_text(match.name)  # a query parameter's name may be text too
         self.exact = wire_text(match.value) if match.kind == MatchKind.EXACT else None
         self.pattern = Pattern(match.value) if match.kind == MatchKind.REGEX else None
         self.on_authority = match.name == AUTHORITY

@@ -11,6 +11,9 @@ for minutes and stall the worker, as Python's re would.
 A pattern is text, compiled as UTF-8; the values it is matched against are a request's
 bytes (the HTTP layers decode them as latin-1, one character per byte), which RE2 reads
 as UTF-8: `/caf\\pL` matches the path `/café` sent in UTF-8, and `.` is one character.
+Bytes that are no UTF-8 are each read as U+FFFD, a character like any other: RE2 would
+match them with nothing, not even `.`, and `/admin/%FF` would get past a rule denying
+`/admin.*`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from re2 import _re2
 _OPTIONS = _re2.RE2.Options()
 _OPTIONS.log_errors = False  # a bad pattern is reported as a policy error, not on stderr
 _OPTIONS.never_capture = True  # only whether it matches is asked
+_OPTIONS.dot_nl = True  # a decoded `%0A` must not take a path out of `/admin.*`
 _WHOLE = _re2.RE2.Anchor.ANCHOR_BOTH
 _SPECIAL = frozenset("\\.+*?()|[]{}^$")
 """Characters that make a pattern more than its literal text."""
@@ -53,7 +57,10 @@ class Pattern:
 
     def fullmatch(self, value: str) -> bool:
         """value: a request's bytes, one character per byte (see the module's note)."""
-        if self._literal is not None:
-            return value == self._literal
-        raw = value.encode("latin-1")
+        if value.isascii():
+            if self._literal is not None:
+                return value == self._literal
+            raw = value.encode("ascii")
+        else:
+            raw = value.encode("latin-1").decode(errors="replace").encode()
         return bool(self._compiled.Match(_WHOLE, raw, 0, len(raw))[0][0] >= 0)

@@ -473,3 +473,43 @@ def test_explain_asks_about_the_bytes_a_client_sends(
         assert "route:       EgressRule p.cafe\n" in out, destination
     _, out, _ = check(capsys, policy, "http://a.example/caf%E9")
     assert "route:       default http-egress-deny\n" in out
+
+
+IDN_POLICY = """\
+apiVersion: config.openservicemesh.io/v1alpha2
+kind: MeshConfig
+metadata: {name: osm-mesh-config, namespace: osm-system}
+spec: {traffic: {enableEgress: false}}
+---
+apiVersion: policy.openservicemesh.io/v1alpha1
+kind: Egress
+metadata: {name: books, namespace: curl}
+spec:
+  sources: [{kind: ServiceAccount, name: curl, namespace: curl}]
+  hosts: [xn--bcher-kva.example, kube.example]
+  ports: [{number: 80, protocol: http}]
+  matches: [{apiGroup: specs.smi-spec.io/v1alpha4, kind: HTTPRouteGroup, name: by-host}]
+---
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: HTTPRouteGroup
+metadata: {name: by-host, namespace: curl}
+spec:
+  matches: [{name: any, pathRegex: ".*", headers: {host: "(xn--|k).*"}}]
+"""
+
+
+@pytest.mark.parametrize("host", ["bücher.example", "\u212aube.example"])
+def test_explain_sends_a_unicode_host_as_curl_does(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, host: str
+) -> None:
+    """In IDNA (`bücher.example` is `xn--bcher-kva.example`), Host header included, which
+    OSM's `host` header match reads; the Kelvin sign is a k there."""
+    policy = tmp_path / "osm.yaml"
+    policy.write_text(IDN_POLICY)
+    run = run_check(
+        Settings(policy_file=policy, namespace="curl", service_account="curl"),
+        f"http://{host}/",
+    )
+    out = capsys.readouterr().out
+    assert run == 0, out
+    assert "action:      PASS" in out, out

@@ -147,6 +147,7 @@ def wire(max_size: int) -> st.SearchStrategy[str]:
     st.lists(st.tuples(st.text(max_size=8), wire(8)), max_size=3),
     st.booleans(),
     st.sampled_from(list(Detected)),
+    st.one_of(st.none(), wire(20)),
 )
 def test_decide_never_raises(
     index: PolicyIndex,
@@ -158,13 +159,13 @@ def test_decide_never_raises(
     headers: list[tuple[str, str]],
     grpc: bool,
     detected: Detected,
+    authority: str | None,
 ) -> None:
     compiled = index
     destination = Destination(address, port)
     connection = compiled.decide_connection(ConnectionFacts(destination, detected, hostname))
-    request = compiled.decide_request(
-        RequestFacts(destination, hostname, "GET", path, query, tuple(headers), grpc=grpc)
-    )
+    facts = RequestFacts(destination, hostname, "GET", path, query, tuple(headers), grpc, authority)
+    request = compiled.decide_request(facts)
     for decision in (connection, request):
         assert (decision.parent is None) == (decision.route is None)
         assert (decision.action == Action.ROUTE) == (decision.backend is not None)

@@ -20,7 +20,7 @@ from test_policy_linkerd import (
     route_problems,
 )
 
-from egressproxy.policy.decision import Destination, RequestFacts
+from egressproxy.policy.decision import Action, Destination, RequestFacts
 from egressproxy.policy.regex import Pattern, RegexError
 
 
@@ -154,6 +154,53 @@ def test_simple_patterns_match_as_pythons_whole_matches(pattern: str, value: str
 )
 def test_a_pattern_answers_as_the_re2_module_does(pattern: str, raw: bytes) -> None:
     """Pattern matches through the binding under re2's public API: the same answer for any
-    bytes a request carries (valid UTF-8 or not)."""
-    public = re2.compile(pattern.encode()).fullmatch(raw) is not None
+    bytes a request carries, those that are no UTF-8 read as U+FFFD, and `.` matching a
+    newline too (the module's options)."""
+    options = re2.Options()
+    options.dot_nl = True
+    readable = raw.decode(errors="replace").encode()
+    public = re2.compile(pattern.encode(), options).fullmatch(readable) is not None
     assert Pattern(pattern).fullmatch(raw.decode("latin-1")) == public
+
+
+DENY_ADMIN_AND_ROOT = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: p}
+spec:
+  default: allow
+  rules:
+  - name: no-admin
+    action: deny
+    http: [{pathRegex: "/admin.*"}]
+  - name: no-root
+    action: deny
+    http: [{headersRegex: {x-user: "root.*"}}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        ("/admin/%FF", ()),
+        ("/admin/\xff", ()),
+        ("/admin/x%E9", ()),
+        ("/admin/%E6%97", ()),
+        ("/admin/%0Aetc", ()),
+        ("/admin/\r", ()),
+        ("/public", (("x-user", "root\xff"),)),
+        ("/public", (("x-user", "root\xe6\x97\xa5\xff"),)),
+    ],
+)
+def test_bytes_that_are_no_utf8_do_not_get_past_a_deny_pattern(
+    path: str, headers: tuple[tuple[str, str], ...]
+) -> None:
+    """`.` matches every byte a request can carry: one that is not part of any UTF-8
+    character, and the newline a decoded `%0A` puts into a path (which `.` would not
+    match by default, in RE2 as in Python's re)."""
+    index = compiled(DENY_ADMIN_AND_ROOT)
+    facts = RequestFacts(Destination(EXTERNAL, 80), "a.example", "GET", path, "", headers, False)
+    decision = index.decide_request(facts)
+    assert decision.action is Action.DENY, decision
+    allowed = RequestFacts(Destination(EXTERNAL, 80), "a.example", "GET", "/public", "", (), False)
+    assert index.decide_request(allowed).action is Action.PASS
