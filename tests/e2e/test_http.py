@@ -571,6 +571,38 @@ def test_a_rule_written_with_text_matches_the_utf8_curl_sends(
         assert result.stdout == status, (path, result)
 
 
+ADMIN_DENIED = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: no-admin}
+spec:
+  default: allow
+  rules:
+  - name: no-admin
+    action: deny
+    http: [{pathRegex: "/admin.*"}]
+"""
+
+
+@pytest.mark.usefixtures("http_servers")
+@pytest.mark.parametrize(
+    ("version", "origin"),
+    [
+        ("--http1.1", "http://httpbin.org"),
+        ("--http2-prior-knowledge", f"http://example.test:{H2_PORT}"),
+    ],
+)
+def test_no_escaped_byte_takes_a_path_out_of_a_deny_pattern(
+    world: World, proxy: StartProxy, version: str, origin: str
+) -> None:
+    """`/admin.*` denies `/admin/%FF` (no UTF-8) and `/admin/%0A` (a newline, which `.`
+    matches here), while `/public` passes."""
+    run_proxy(proxy, ADMIN_DENIED)
+    for path, status in [("/admin/%FF", b"403"), ("/admin/%0Ax", b"403"), ("/public", b"200")]:
+        result = world.curl(version, "-o", "/dev/null", "-w", "%{http_code}", origin + path)
+        assert result.stdout == status, (path, result)
+
+
 HTTPBIN_DENIED = """\
 apiVersion: egressproxy.io/v1alpha1
 kind: EgressPolicy
