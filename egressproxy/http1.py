@@ -139,6 +139,11 @@ class ParsedRequest:
     """Upgrade: h2c asked for: after a 101 the rest would be HTTP/2 no policy sees."""
     bad_authority: bool
     """A Host or target authority that is not `host[:port]` (sniff.http.authority_host)."""
+    bad_target: bool
+    """A target no server reads as the policy would (400): not origin-form (`/…`), absolute
+    form, `*` for OPTIONS or CONNECT's authority (`admin`, which some servers take for
+    `/admin`); a `#`, which nginx takes for the end of the path (`/admin#x`); or an
+    absolute form whose host differs from the Host, which the upstream may read instead."""
 
 
 def parse_request(request: h11.Request, destination: Destination) -> ParsedRequest:
@@ -167,14 +172,22 @@ def parse_request(request: h11.Request, destination: Destination) -> ParsedReque
     target = request.target.decode("latin-1")
     is_connect = request.method == b"CONNECT"
     authority = host_header
+    bad_target = "#" in target
     if is_connect:
         authority, path, query = target, "/", ""
-    elif target.startswith("/") or target == "*":
+    elif target.startswith("/") or (target == "*" and request.method == b"OPTIONS"):
         path, _, query = target.partition("?")
     else:
         absolute = urlsplit(target)
-        authority = absolute.netloc.rpartition("@")[2] or host_header
+        named = absolute.netloc.rpartition("@")[2]
+        authority = named or host_header
         path, query = absolute.path or "/", absolute.query
+        bad_target = (
+            bad_target
+            or absolute.scheme.lower() not in ("http", "https")
+            or not named
+            or (host_header is not None and authority_host(named) != authority_host(host_header))
+        )
     hostname = authority_host(authority) if authority else None
     facts = RequestFacts(
         destination=destination,
@@ -194,6 +207,7 @@ def parse_request(request: h11.Request, destination: Destination) -> ParsedReque
         head_size=head_size,
         h2c_upgrade=h2c_upgrade,
         bad_authority=bool(authority) and hostname is None,
+        bad_target=bad_target,
     )
 
 
@@ -705,8 +719,8 @@ class Http1Proxy(asyncio.Protocol):
         destination = flow.record.destination
         assert destination is not None
         target = request.target.decode("latin-1")
-        if not target.startswith("/"):
-            return False
+        if not target.startswith("/") or "#" in target:
+            return False  # h11's path answers it (see ParsedRequest.bad_target)
         if request.host != self.host_header:
             hostname = authority_host(request.host)
             if hostname is None and request.host:
@@ -881,7 +895,7 @@ class Http1Proxy(asyncio.Protocol):
         if parsed.head_size > self.settings.max_header_bytes:
             self._protocol_failure(431, "header_too_large")
             return
-        if parsed.smuggling or parsed.bad_authority:
+        if parsed.smuggling or parsed.bad_authority or parsed.bad_target:
             self._protocol_failure(400, "bad_request")
             return
         if decision.action is Action.DENY:

@@ -246,9 +246,12 @@ class _Connection(h2.connection.H2Connection):
         return [], [MalformedMessage(stream_id, reason, head)]
 
 
-def stream_facts(headers: Headers, flow: Flow) -> tuple[RequestFacts, bool]:
+def stream_facts(headers: Headers, flow: Flow) -> tuple[RequestFacts, str]:
     """RequestFacts of one stream's request headers (pseudo-headers give method and path),
-    and whether its :authority (or Host) is well formed (sniff.http.authority_host)."""
+    and what is wrong with them for the policy, "" when nothing: an :authority (or Host)
+    that is not `host[:port]` (sniff.http.authority_host), or a :path no server reads as
+    the policy would (as http1.ParsedRequest.bad_target: not `/…` nor OPTIONS' `*`, or
+    with a `#`)."""
     assert flow.record.destination is not None
     authority: str | None = None
     host: str | None = None
@@ -270,6 +273,9 @@ def stream_facts(headers: Headers, flow: Flow) -> tuple[RequestFacts, bool]:
             host = value
         elif name == "content-type":
             grpc = value.lower().startswith("application/grpc")
+    bad_path = "#" in path or not (
+        path.startswith("/") or (path == "*" and method == "OPTIONS") or method == "CONNECT"
+    )
     path, _, query = path.partition("?")
     named = authority if authority is not None else host
     hostname = authority_host(named) if named else None
@@ -283,7 +289,9 @@ def stream_facts(headers: Headers, flow: Flow) -> tuple[RequestFacts, bool]:
         grpc=grpc,
         authority=named,
     )
-    return facts, not named or hostname is not None
+    if named and hostname is None:
+        return facts, "malformed :authority"
+    return facts, "malformed :path" if bad_path else ""
 
 
 def malformed(headers: Headers, trailers: bool) -> str:
@@ -649,7 +657,7 @@ class H2Proxy(asyncio.Protocol):
             self.h2.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         headers: Headers = list(event.headers)
-        facts, well_formed = stream_facts(headers, self.flow)
+        facts, bad_request = stream_facts(headers, self.flow)
         decision = self.flow.snapshot.index.decide_request(facts)
         assert self.flow.record.destination is not None
         record = RequestRecord(
@@ -670,8 +678,8 @@ class H2Proxy(asyncio.Protocol):
         if problem:
             self._malformed(stream, problem)
             return
-        if not well_formed:
-            self._local_answer(stream, 400, "bad request: malformed :authority", "bad_request")
+        if bad_request:
+            self._local_answer(stream, 400, f"bad request: {bad_request}", "bad_request")
             return
         if decision.action is Action.DENY:
             if not decision.audit:

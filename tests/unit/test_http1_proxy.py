@@ -142,11 +142,48 @@ async def test_each_request_on_a_keep_alive_connection_is_decided_on_its_own(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "target",
+    ["/denied#", "/denied#/../a", "/a/..#/denied", "denied", "*", "ftp://example.test/denied"],
+)
+@pytest.mark.parametrize("after_a_request", [False, True])
+async def test_a_target_no_server_reads_as_the_policy_does_is_refused(
+    setup: tuple[LoopbackProxy, int, int], target: str, after_a_request: bool
+) -> None:
+    """nginx ends a path at `#` (`/denied#` is /denied there), some servers take `denied`
+    for `/denied`, and `*` is OPTIONS' alone: 400, first on a connection or after an
+    allowed request, never a decision on a path the upstream reads otherwise."""
+    proxy, _, _ = setup
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    if after_a_request:
+        writer.write(b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        assert (await read_response(reader))[0] == 200
+    writer.write(f"GET {target} HTTP/1.1\r\nHost: example.test\r\n\r\n".encode())
+    status, _, _ = await read_response(reader)
+    assert status == 400, target
+    writer.close()
+    await proxy.wait_closed_flows(1)
+    assert [record.status for record in proxy.ledger.requests][-1] == 400
+
+
+@pytest.mark.asyncio
+async def test_options_asterisk_is_still_a_request(setup: tuple[LoopbackProxy, int, int]) -> None:
+    proxy, _, _ = setup
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(b"OPTIONS * HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    status, _, _ = await read_response(reader)
+    assert status != 400
+    writer.close()
+    await proxy.wait_closed_flows(1)
+
+
+@pytest.mark.asyncio
 async def test_each_request_is_decided_on_its_own_host(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An allowed first request does not carry a denied Host through on the same connection,
-    in the Host header or in an absolute-form target."""
+    in the Host header or in an absolute-form target; an absolute form whose host is not the
+    Host's is refused, since the upstream may read either."""
     async with (
         origin(h1) as origin_port,
         loopback_proxy(tmp_path, monkeypatch, BLOCKED_HOST, local(origin_port)) as proxy,
@@ -156,8 +193,9 @@ async def test_each_request_is_decided_on_its_own_host(
             ("GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n", 200),
             ("GET /b HTTP/1.1\r\nHost: blocked.test\r\n\r\n", 403),
             ("GET /c HTTP/1.1\r\nHost: example.test\r\n\r\n", 200),
-            ("GET http://www.blocked.test/d HTTP/1.1\r\nHost: example.test\r\n\r\n", 403),
+            ("GET http://www.blocked.test/d HTTP/1.1\r\nHost: www.blocked.test\r\n\r\n", 403),
             ("GET /e HTTP/1.1\r\nHost: EXAMPLE.test.\r\n\r\n", 200),
+            ("GET http://www.blocked.test/f HTTP/1.1\r\nHost: example.test\r\n\r\n", 400),
         ]
         for head, expected in heads:
             writer.write(head.encode())
@@ -172,6 +210,7 @@ async def test_each_request_is_decided_on_its_own_host(
         ("example.test", 200),
         ("www.blocked.test", 403),
         ("example.test", 200),
+        ("www.blocked.test", 400),
     ]
 
 

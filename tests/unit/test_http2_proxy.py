@@ -1011,6 +1011,24 @@ async def test_verify_destination_enforced_per_stream(
 
 
 @pytest.mark.asyncio
+async def test_a_path_no_server_reads_as_the_policy_does_is_refused(
+    h2_setup: tuple[LoopbackProxy, int],
+) -> None:
+    """As over HTTP/1: a `#` (nginx ends the path there) or a :path that is not `/…` (nor
+    OPTIONS' `*`) gets 400, its stream alone; no decision on a path read otherwise."""
+    proxy, _ = h2_setup
+    client = await connect_h2(proxy)
+    paths = ["/a", "/denied#", "/a/..#/denied", "denied", "*"]
+    answers = [client.request("GET", path) for path in paths]
+    async with asyncio.timeout(TIMEOUT):
+        for answer in answers:
+            await answer.done.wait()
+    assert [answer.headers[":status"] for answer in answers] == ["200", *["400"] * 4]
+    client.transport.close()
+    await proxy.wait_closed_flows(1)
+
+
+@pytest.mark.asyncio
 async def test_an_authority_with_an_empty_or_malformed_port_gets_no_default(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
