@@ -109,20 +109,22 @@ def test_a_taken_source_port_is_skipped() -> None:
     async def scenario() -> int:
         server, port = await _echo_server("127.0.0.1")
         ports = upstream._source_ports
-        ports.position = 0
         blocker = socket.socket()
-        blocker.bind(("0.0.0.0", PROXY_SOURCE_PORTS[0]))
-        blocker.listen()
-        ports.position = 1
-        first, _ = await _connect(port, None)
-        try:
-            assert first.get_extra_info("sockname")[1] == PROXY_SOURCE_PORTS[1]
-            ports.position = 0
-            second, _ = await _connect(port, None)
-            second.abort()
-            return int(second.get_extra_info("sockname")[1])
+        try:  # closed on every path: a bind that failed here once hung the run in uvloop's
+            # close, where pytest-timeout cannot reach
+            blocker.bind(("0.0.0.0", PROXY_SOURCE_PORTS[0]))
+            blocker.listen()
+            ports.position = 1
+            first, _ = await _connect(port, None)
+            try:
+                assert first.get_extra_info("sockname")[1] == PROXY_SOURCE_PORTS[1]
+                ports.position = 0
+                second, _ = await _connect(port, None)
+                second.abort()
+                return int(second.get_extra_info("sockname")[1])
+            finally:
+                first.abort()
         finally:
-            first.abort()
             blocker.close()
             server.close()
 
@@ -137,9 +139,9 @@ def test_when_every_attempt_is_taken_the_error_is_named() -> None:
             range(PROXY_SOURCE_PORTS[0], PROXY_SOURCE_PORTS[0] + 1)
         )
         blocker = socket.socket()
-        blocker.bind(("0.0.0.0", PROXY_SOURCE_PORTS[0]))
-        blocker.listen()
-        try:
+        try:  # as in test_a_taken_source_port_is_skipped
+            blocker.bind(("0.0.0.0", PROXY_SOURCE_PORTS[0]))
+            blocker.listen()
             with pytest.raises(UpstreamError) as raised:
                 await _connect(port, None)
             assert raised.value.kind == "no_source_port"
