@@ -41,7 +41,6 @@ from egressproxy.sniff import (
 )
 from egressproxy.sniff.detect import sniff
 from egressproxy.sniff.http import authority_host, could_begin_request
-from egressproxy.sniff.tls import TOO_MANY_RECORDS
 from egressproxy.splice import MAX_PIPES, SplicedRelay, Splicer
 from egressproxy.timeouts import IdleSweep, PendingTimeout, TimeoutQueue
 from egressproxy.verify import REFUSALS, Resolver, verification_mode
@@ -127,6 +126,8 @@ OPAQUE_REASONS = frozenset(
 """Sniff outcomes that mean "not HTTP or TLS at all"; any other reason the parsers give
 means an HTTP head or ClientHello that is malformed or too large to read."""
 TLS_RECORD_HANDSHAKE = 0x16
+TLS_RECORD_START = bytes([TLS_RECORD_HANDSHAKE, 3])
+"""A handshake record of TLS (any minor version): what a ClientHello begins with."""
 HEADER_TIMEOUT = "header_timeout"
 """The sniff outcome of a request head still incomplete at --header-timeout."""
 HEAD_CUT_BY_EOF = "eof_in_head"
@@ -163,6 +164,8 @@ def _classify(sniffed: Sniffed, first_bytes: bytes) -> tuple[Detected, str | Non
         return Detected.HTTP1, _without_root_dot(sniffed.host), "http1"
     if isinstance(sniffed, H2Preface):
         return Detected.H2, None, "h2"
+    if first_bytes[:2] == TLS_RECORD_START and sniffed.reason not in OPAQUE_REASONS:
+        return Detected.TLS, None, sniffed.reason  # a hello the sniffer cannot read
     if sniffed.reason in OPAQUE_REASONS:
         return Detected.OPAQUE, None, sniffed.reason
     if first_bytes[:1] == bytes([TLS_RECORD_HANDSHAKE]):
@@ -378,14 +381,19 @@ class Flow(asyncio.Protocol):
             self.record.decision = _denied(
                 decision, "Encrypted Client Hello denied (--ech deny)", settings.audit
             )
-        elif outcome == TOO_MANY_RECORDS:
-            # No client cuts its hello so small but to hide its SNI from a sniffer, and
-            # servers accept it: denied whatever the policy says of its address.
+        elif detected is Detected.TLS and outcome != "tls":
+            # A hello the sniffer cannot read (split into too many records, over 16 KiB,
+            # an SNI that is no host name, malformed): a server may read a name in it all
+            # the same (OpenSSL takes all of these), and as TLS without a name it would
+            # pass every host rule of an allowing policy. No client sends one but to hide
+            # its SNI: denied whatever the policy says of its address.
             self.record.decision = _denied(
-                decision, "ClientHello split into too many records", settings.audit
+                decision, f"ClientHello the proxy cannot read ({outcome})", settings.audit
             )
             outcome_word = "would deny (audit)" if self.record.decision.audit else "denied"
-            log.info("%s: ClientHello split to hide its SNI, %s", self.record.client, outcome_word)
+            log.info(
+                "%s: ClientHello unreadable (%s), %s", self.record.client, outcome, outcome_word
+            )
         self.context.accounting.connection_decided(self.record)
         if decision.protocol in (RouteProtocol.HTTP, RouteProtocol.GRPC):
             if detected is Detected.HTTP1:

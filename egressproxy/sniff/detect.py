@@ -22,6 +22,7 @@ from egressproxy.sniff import (
     TlsHello,
 )
 from egressproxy.sniff.http import (
+    LOOSE_SPACE,
     empty_lines_before,
     loose_request_line,
     parse_h2_preface,
@@ -59,7 +60,8 @@ def sniff(buf: bytes) -> Sniffed | NeedMore:
 
 
 _LINE_ENDS = frozenset(b"\r\n")
-_TEXT_START = _LINE_ENDS | frozenset(range(0x21, 0x7F))
+_TEXT_START = _LINE_ENDS | frozenset(range(0x21, 0x7F)) | frozenset(LOOSE_SPACE)
+"""What may begin an irregular request line, leading whitespace included."""
 
 
 def _request(buf: bytes) -> HttpRequestHead | NeedMore | NotThis:

@@ -36,16 +36,29 @@ _REQUEST_LINE_PREFIX = re.compile(
 _HEAD_END = re.compile(rb"\n\r?\n")
 # What a lenient server may still take for a request line (RFC 9112 2.2 and 3: empty
 # lines before it, any whitespace between its parts; h11 takes lower-case and long
-# methods; raw UTF-8 in a target is common): HTTP, to be refused or parsed as such.
-# The first word is bounded as the method is, more loosely: a banner or a long run of
-# text is still told apart early.
-_LINE_TEXT = rb"[^\x00-\x08\x0a-\x1f\x7f]"
+# methods; raw UTF-8 in a target is common; Python's http.server splits the line on
+# whatever str.split() calls whitespace, before the method too): HTTP, to be refused or
+# parsed as such. The first word is bounded as the method is, more loosely: a banner or
+# a long run of text is still told apart early.
+LOOSE_SPACE = b" \t\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0"
+_SPACE = rb"[ \t\x0b\x0c\x1c-\x1f\x85\xa0]"
+_LINE_TEXT = rb"[^\x00-\x08\x0a\x0d-\x1b\x7f]"
 _LOOSE_METHOD = rb"[\x21-\x7e]{1,64}"
 _LOOSE_REQUEST_LINE = re.compile(
-    _LOOSE_METHOD + rb"[ \t]+" + _LINE_TEXT + rb"*[ \t](?i:HTTP)/[0-9]\.[0-9][ \t]*\r?"
+    _SPACE
+    + rb"*"
+    + _LOOSE_METHOD
+    + _SPACE
+    + rb"+"
+    + _LINE_TEXT
+    + rb"*"
+    + _SPACE
+    + rb"(?i:HTTP)/[0-9]\.[0-9]"
+    + _SPACE
+    + rb"*\r?"
 )
 _LOOSE_REQUEST_LINE_PREFIX = re.compile(
-    rb"(?:" + _LOOSE_METHOD + rb"(?:[ \t]" + _LINE_TEXT + rb"*\r?)?)?"
+    rb"(?:" + _SPACE + rb"*(?:" + _LOOSE_METHOD + rb"(?:" + _SPACE + _LINE_TEXT + rb"*\r?)?)?)?"
 )
 """What may still grow into a loose request line: its CR included, the LF not yet come."""
 _BAD_REQUEST_LINE = NotThis("bad_request_line")

@@ -82,9 +82,7 @@ def _check_record_header(header: bytes, *, first: bool) -> NotThis | None:
         return mismatch
     if len(header) >= 2 and header[1] != 3:
         return mismatch
-    if first and len(header) >= 3 and header[2] > 0x0F:
-        return mismatch
-    return None
+    return None  # any minor version: OpenSSL reads a hello in a record of 03 ff
 
 
 def _incomplete(size: int) -> NeedMore | NotThis:

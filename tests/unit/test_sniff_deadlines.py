@@ -12,7 +12,7 @@ import pytest
 
 from tests.unit.http_harness import ALLOW_ALL, Recording, echo, proxy_to_origin
 from tests.unit.test_sniff_detect import IRREGULAR_REQUEST_LINES
-from tests.unit.test_sniff_tls import frame, load
+from tests.unit.test_sniff_tls import client_hello, extension, frame, load, sni_extension, u16
 
 PARTIAL_TLS_RECORD = b"\x16\x03\x01\x02\x00\x01"
 """The start of a ClientHello record announcing 512 bytes that never come."""
@@ -64,6 +64,7 @@ async def test_a_request_head_the_client_ends_early_is_refused_not_relayed(
 async def test_bytes_still_incomplete_at_the_sniff_complete_timeout_go_through_opaque(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """INTERFACE: a ClientHello still incomplete at its deadline is opaque TCP."""
     async with proxy_to_origin(
         echo, tmp_path, monkeypatch, ALLOW_ALL, sniff_complete_timeout=0.4
     ) as proxy:
@@ -130,4 +131,40 @@ async def test_a_hello_split_to_hide_its_sni_is_denied(
         await proxy.wait_closed_flows(1)
     (flow,) = proxy.ledger.flows
     assert (flow.sniff_outcome, flow.error) == ("too_many_records", "forbidden")
+    assert origin.received == b""
+
+
+def _name_list(*entries: tuple[int, bytes]) -> bytes:
+    names = b"".join(bytes([kind]) + u16(len(name)) + name for kind, name in entries)
+    return extension(0, u16(len(names)) + names)
+
+
+UNREADABLE_HELLOS = {
+    "over-16-KiB": frame(
+        client_hello([extension(21, bytes(17_000)), sni_extension(b"tracker.example.net")])
+    ),
+    "sni-with-a-port": frame(client_hello([sni_extension(b"tracker.example.net:443")])),
+    "unknown-name-type-first": frame(
+        client_hello([_name_list((1, b"x"), (0, b"tracker.example.net"))])
+    ),
+}
+"""Hellos OpenSSL (or Go's crypto/tls, which skips unknown name types) reads a name in."""
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("name", sorted(UNREADABLE_HELLOS))
+async def test_a_hello_the_proxy_cannot_read_is_denied(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As TLS without a name it passed every host rule of an allowing policy: denied."""
+    origin = Recording()
+    async with proxy_to_origin(origin, tmp_path, monkeypatch, DENY_TRACKER) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(UNREADABLE_HELLOS[name])
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    (flow,) = proxy.ledger.flows
+    assert flow.error == "forbidden", flow
     assert origin.received == b""

@@ -117,7 +117,16 @@ IRREGULAR_REQUEST_LINES = [
     b"get / HTTP/1.1",
     b"get / http/1.1",
     b"A" * 30 + b" / HTTP/1.1",
+    b" GET / HTTP/1.1",
+    b"\tGET / HTTP/1.1",
+    b"\x0bGET / HTTP/1.1",
+    b"\x1cGET / HTTP/1.1",
+    b"GET\x0b/ HTTP/1.1",
+    b"GET / HTTP/1.1\x0b",
+    b"GET\xa0/\xa0HTTP/1.1",
 ]
+"""nginx or Python's http.server (whose str.split() takes \\x0b, \\x1c and \\xa0 for
+whitespace) read each of these as GET /."""
 
 
 @pytest.mark.parametrize("empty_lines", [b"\r\n", b"\n\n", b"\r\n\r\n\n"])

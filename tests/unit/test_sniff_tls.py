@@ -180,6 +180,15 @@ def test_the_hello_may_end_inside_its_last_record() -> None:
     assert parse_client_hello(record[: 5 + len(message)]) == TlsHello("example.com", (), False)
 
 
+@pytest.mark.parametrize("minor", [0x00, 0x10, 0xFF])
+def test_a_first_record_of_any_tls_minor_version_is_read(minor: int) -> None:
+    """OpenSSL reads a hello in a record of version 03 ff as any other: so does the sniffer,
+    or its SNI would go unread."""
+    message = client_hello([sni_extension(b"example.com")])
+    record = bytes([0x16, 3, minor]) + u16(len(message)) + message
+    assert parse_client_hello(record) == TlsHello("example.com", (), False)
+
+
 @pytest.mark.parametrize(
     ("data", "reason"),
     [
@@ -187,7 +196,6 @@ def test_the_hello_may_end_inside_its_last_record() -> None:
         (b"GET / HTTP/1.1\r\n\r\n", "not_tls"),
         (b"\x80\x2e\x01\x03\x01", "not_tls"),  # SSLv2-compatible ClientHello
         (b"\x16\x02", "not_tls"),
-        (b"\x16\x03\x10", "not_tls"),
         (b"\x15\x03\x03\x00\x02\x02\x28", "not_tls"),  # an alert
         (b"\x16\x03\x01\x00\x00", "malformed_record_length"),
         (b"\x16\x03\x01\x40\x01", "malformed_record_length"),
