@@ -41,6 +41,7 @@ from egressproxy.sniff import (
 )
 from egressproxy.sniff.detect import sniff
 from egressproxy.sniff.http import authority_host, could_begin_request
+from egressproxy.sniff.tls import BEFORE_A_HELLO
 from egressproxy.splice import MAX_PIPES, SplicedRelay, Splicer
 from egressproxy.timeouts import IdleSweep, PendingTimeout, TimeoutQueue
 from egressproxy.verify import REFUSALS, Resolver, verification_mode
@@ -381,7 +382,7 @@ class Flow(asyncio.Protocol):
             self.record.decision = _denied(
                 decision, "Encrypted Client Hello denied (--ech deny)", settings.audit
             )
-        elif detected is Detected.TLS and outcome != "tls":
+        elif detected is Detected.TLS and outcome != "tls" and outcome not in BEFORE_A_HELLO:
             # A hello the sniffer cannot read (split into too many records, over 16 KiB,
             # an SNI that is no host name, malformed): a server may read a name in it all
             # the same (OpenSSL takes all of these), and as TLS without a name it would

@@ -30,6 +30,10 @@ _MALFORMED_RECORD = NotThis("malformed_record")
 TOO_MANY_RECORDS = "too_many_records"
 """More records than _MAX_RECORDS before the hello is whole."""
 _NOT_TLS = NotThis("not_tls")
+BEFORE_A_HELLO = frozenset({"not_tls", "malformed_record_length", "not_client_hello"})
+"""Reasons given before the bytes showed a ClientHello's first byte: binary data that
+begins as a TLS record may stop there. Any other reason is a ClientHello the sniffer
+cannot read."""
 
 
 def parse_client_hello(buf: bytes) -> TlsHello | NeedMore | NotThis:

@@ -141,7 +141,8 @@ def _name_list(*entries: tuple[int, bytes]) -> bytes:
 
 UNREADABLE_HELLOS = {
     "over-16-KiB": frame(
-        client_hello([extension(21, bytes(17_000)), sni_extension(b"tracker.example.net")])
+        client_hello([extension(21, bytes(17_000)), sni_extension(b"tracker.example.net")]),
+        [16_384],
     ),
     "sni-with-a-port": frame(client_hello([sni_extension(b"tracker.example.net:443")])),
     "unknown-name-type-first": frame(
@@ -168,3 +169,28 @@ async def test_a_hello_the_proxy_cannot_read_is_denied(
     (flow,) = proxy.ledger.flows
     assert flow.error == "forbidden", flow
     assert origin.received == b""
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x16\x03\x01\x00\x05\x02abcd",
+        b"\x16\x03\xff\x00\x00xyz",
+        b"\x16\x03\x03\xff\xff" + bytes(9),
+    ],
+    ids=["not-a-client-hello", "empty-record", "record-too-long"],
+)
+async def test_bytes_that_only_begin_like_a_tls_record_still_pass(
+    data: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Binary data may begin 16 03: what shows no ClientHello is not denied as a hidden one
+    (the soak's random payloads met it)."""
+    async with proxy_to_origin(echo, tmp_path, monkeypatch, ALLOW_ALL) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(data)
+        async with asyncio.timeout(5):
+            assert await reader.readexactly(len(data)) == data
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    assert proxy.ledger.flows[0].error in ("", "reset"), proxy.ledger.flows[0]
