@@ -49,7 +49,8 @@ from egressproxy.relay import (
     abort_with_reset,
 )
 from egressproxy.settings import VerifyDestination
-from egressproxy.sniff.http import authority_host, empty_lines_before
+from egressproxy.sniff import NotThis
+from egressproxy.sniff.http import authority_host, empty_lines_before, target_authority
 from egressproxy.verify import REFUSALS, verification_mode
 
 if TYPE_CHECKING:
@@ -172,22 +173,20 @@ def parse_request(request: h11.Request, destination: Destination) -> ParsedReque
     target = request.target.decode("latin-1")
     is_connect = request.method == b"CONNECT"
     authority = host_header
-    bad_target = "#" in target
+    bad_target = b"#" in request.target or isinstance(
+        target_authority(request.method, request.target), NotThis
+    )
     if is_connect:
         authority, path, query = target, "/", ""
-    elif target.startswith("/") or (target == "*" and request.method == b"OPTIONS"):
+    elif target.startswith("/") or target == "*":
         path, _, query = target.partition("?")
     else:
         absolute = urlsplit(target)
         named = absolute.netloc.rpartition("@")[2]
         authority = named or host_header
         path, query = absolute.path or "/", absolute.query
-        bad_target = (
-            bad_target
-            or absolute.scheme.lower() not in ("http", "https")
-            or not named
-            or (host_header is not None and authority_host(named) != authority_host(host_header))
-        )
+        if host_header is not None and authority_host(named) != authority_host(host_header):
+            bad_target = True
     hostname = authority_host(authority) if authority else None
     facts = RequestFacts(
         destination=destination,

@@ -122,9 +122,9 @@ def parse_request_head(buf: bytes) -> HttpRequestHead | NeedMore | NotThis:
     method, target, version = match.groups()
     if version not in _SUPPORTED_VERSIONS:
         return NotThis("unsupported_version")
-    target_authority = _target_authority(method, target)
-    if isinstance(target_authority, NotThis):
-        return target_authority
+    named = target_authority(method, target)
+    if isinstance(named, NotThis):
+        return named
 
     head_end = _HEAD_END.search(buf, line_end, SNIFF_BUFFER_LIMIT)
     if head_end is None:
@@ -146,7 +146,7 @@ def parse_request_head(buf: bytes) -> HttpRequestHead | NeedMore | NotThis:
         header_authority = (None, None)
 
     # RFC 9112 section 3.2.2: a target with an authority overrides Host.
-    host, port = target_authority or header_authority
+    host, port = named or header_authority
     return HttpRequestHead(
         method=method.decode("ascii"),
         target=target.decode("ascii"),
@@ -180,8 +180,9 @@ def could_begin_request(first_bytes: bytes) -> bool:
     return first_bytes[:1].isupper() or loose_request_line(first_bytes) is NEED_MORE
 
 
-def _target_authority(method: bytes, target: bytes) -> Authority | NotThis | None:
-    """The host and port a request target names, or None when it names none (origin-form, *)."""
+def target_authority(method: bytes, target: bytes) -> Authority | NotThis | None:
+    """The host and port a request target names, or None when it names none (origin-form,
+    OPTIONS' *); NotThis("bad_target") for a target in none of RFC 9112's forms."""
     if method == b"CONNECT":
         authority = _parse_authority(target)
         if authority is None or authority[1] is None:
