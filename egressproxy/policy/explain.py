@@ -37,6 +37,7 @@ from egressproxy.policy.index import (
     default_ranges,
     route_name,
     serves_client,
+    wire_text,
 )
 from egressproxy.policy.loader import load_policy
 from egressproxy.policy.model import Model, Network, Route, TrafficPolicy
@@ -223,7 +224,7 @@ def parse_destination(text: str, settings: Settings) -> ExplainQuery:
         raise ValueError(f"{scheme}:// needs a port")
     address, assumed, hostname = resolve_without_dns(host, settings)
     destination = Destination(address, port)
-    path = as_sent(parts.path or "/")
+    path = wire_text(parts.path or "/", "surrogateescape")
     if port in settings.opaque_ports:  # as the data plane: no sniffing, no hostname
         facts = ConnectionFacts(destination, Detected.OPAQUE, None)
         return ExplainQuery(text, facts, None, assumed, opaque_port=True)
@@ -241,7 +242,7 @@ def parse_destination(text: str, settings: Settings) -> ExplainQuery:
         hostname,
         "POST" if grpc else "GET",
         path,
-        as_sent(parts.query),
+        wire_text(parts.query, "surrogateescape"),
         headers,
         grpc=grpc,
         authority=host_as_sent(parts.netloc.rpartition("@")[2]),
@@ -257,14 +258,7 @@ def host_as_sent(authority: str) -> str:
     try:
         return authority.encode("idna").decode("ascii")
     except UnicodeError:
-        return as_sent(authority)
-
-
-def as_sent(text: str) -> str:
-    """A URL part typed on the command line as a client sends it: its UTF-8 bytes, one
-    character per byte, as the HTTP layers read requests (index.wire_text); bytes the
-    command line could not decode come back as they were (surrogateescape)."""
-    return text if text.isascii() else text.encode(errors="surrogateescape").decode("latin-1")
+        return wire_text(authority, "surrogateescape")
 
 
 def resolve_without_dns(host: str, settings: Settings) -> tuple[IPAddress, str, str | None]:

@@ -192,15 +192,17 @@ def route_name(ref: RouteRef) -> str:
     return f"{ref.namespace}/{ref.name}" if ref.namespace else ref.name
 
 
-def wire_text(text: str) -> str:
+def wire_text(text: str, errors: str = "surrogatepass") -> str:
     """A policy's value as requests carry it: its UTF-8 bytes, one character per byte.
 
     The HTTP layers decode what they read as latin-1, so a request's path, query and
     header values are their bytes; a value written in the policy (`/café`, a header
     value) is text, and compares with them once in this form, as Linkerd compares a
-    header's bytes with the UTF-8 of its match. (surrogatepass: a YAML escape can
-    write a lone surrogate; its bytes match nothing a request sends.)"""
-    return text if text.isascii() else text.encode(errors="surrogatepass").decode("latin-1")
+    header's bytes with the UTF-8 of its match. errors: surrogatepass for the policy,
+    where a YAML escape can write a lone surrogate (its bytes match nothing a request
+    sends); surrogateescape for a command line's text, whose undecodable bytes come back
+    as they were."""
+    return text if text.isascii() else text.encode(errors=errors).decode("latin-1")
 
 
 class CompiledValueMatch:
