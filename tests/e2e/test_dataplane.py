@@ -263,14 +263,24 @@ def garbage(size: int) -> bytes:
     return b"\xff" + random.Random(2).randbytes(size - 1)
 
 
-def test_a_hello_in_one_byte_records_is_denied(world: World, proxy: StartProxy) -> None:
+@pytest.mark.parametrize(
+    "unreadable",
+    [
+        pytest.param(lambda hello: split_records(hello, 1), id="one-byte-records"),
+        pytest.param(lambda hello: hello.replace(b"httpbin.org", b"httpbin:443"), id="sni-port"),
+    ],
+)
+def test_a_hello_the_sniffer_cannot_read_is_denied(
+    world: World, proxy: StartProxy, unreadable: Callable[[bytes], bytes]
+) -> None:
     """One-byte records hide the SNI past the records the sniffer walks, and the origin's
-    TLS server takes them (the 64-byte records above complete a handshake): denied, even
-    under the allow-all policy, before anything reaches the origin."""
+    TLS server takes them (the 64-byte records above complete a handshake); an SNI with a
+    port is no host name, yet nginx picks its server by the name before the colon. Each
+    is denied, even under the allow-all policy, before anything reaches the origin."""
     running = proxy()
     hello = client_hello(world.tls_context(), "httpbin.org")
     with world.connect(world.host("httpbin.org").v4, 443) as sock:
-        sock.sendall(split_records(hello, 1))
+        sock.sendall(unreadable(hello))
         sock.shutdown(socket.SHUT_WR)
         assert bytes_before_close(sock) == b""
     assert running.logged(r"error=forbidden"), running.log_text()

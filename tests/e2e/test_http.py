@@ -584,6 +584,22 @@ def test_paths_are_decided_by_the_bytes_curl_sends(
         assert result.stdout == status, (path, result)
 
 
+@pytest.mark.parametrize("target", ["/caf%C3%A9#", "caf%C3%A9", "*"])
+def test_a_target_a_server_reads_otherwise_is_refused(
+    world: World, proxy: StartProxy, target: str
+) -> None:
+    """nginx ends a path at `#` (`/café#` is the denied `/café` there), some servers take
+    `café` for `/café`, and `*` is OPTIONS' alone: 400, never a decision on a path the
+    upstream reads otherwise."""
+    run_proxy(proxy, PATH_SPELLINGS)
+    sock = world.connect(world.host("httpbin.org").v4, 80)
+    try:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: httpbin.org\r\n\r\n".encode())
+        assert _read_head(sock).startswith(b"HTTP/1.1 400 ")
+    finally:
+        sock.close()
+
+
 HTTPBIN_DENIED = """\
 apiVersion: egressproxy.io/v1alpha1
 kind: EgressPolicy
