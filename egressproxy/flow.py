@@ -551,10 +551,13 @@ class Flow(asyncio.Protocol):
             self.handler.drain()
 
     def abort(self) -> None:
-        """Drain ran out of time: cut the connection."""
+        """Drain ran out of time: cut the connection, resetting what is spliced and any
+        HTTP/1 exchange in flight, so that no end takes the cut for a complete stream."""
         self.record.error = self.record.error or "drain"
         if self.relay is not None:
-            self.relay.abort("drain")
+            self.relay.cut("drain")
+        elif self.handler is not None:
+            self.handler.cut()
         else:
             self.transport.abort()
             if self.task is not None:  # still verifying or connecting

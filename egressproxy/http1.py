@@ -363,6 +363,7 @@ class Http1Proxy(asyncio.Protocol):
         "timer",
         "transport",
         "tunnel",
+        "tunnel_relay",
         "unsent",
         "upstream",
         "verified",
@@ -383,6 +384,7 @@ class Http1Proxy(asyncio.Protocol):
         self.record: RequestRecord | None = None
         self.tunnel: RequestRecord | None = None
         """The Upgrade or CONNECT request whose tunnel is open, reported when it ends."""
+        self.tunnel_relay: Relay | None = None
         self.forwarding = False
         """The current request goes upstream (else its body is dropped: denied or failed)."""
         self.connecting: asyncio.Task[None] | None = None
@@ -517,6 +519,19 @@ class Http1Proxy(asyncio.Protocol):
         if self.record is None and self.client.their_state is h11.IDLE:
             self._close()
 
+    def cut(self) -> None:
+        """The drain timeout ends the connection: a tunnel's two sides, or the client with
+        the exchange in flight, are reset (_cut)."""
+        if self.tunnel_relay is not None:
+            self.tunnel_relay.cut("drain")
+        else:
+            self._cut()
+
+    def _cut(self) -> None:
+        """End the client's connection mid-exchange with a reset: a FIN would let a body
+        framed by the close (an HTTP/1.0 client's) look whole."""
+        abort_with_reset(self.transport)
+
     def pause_client(self, reason: int) -> None:
         if not self.paused:
             self.transport.pause_reading()
@@ -602,7 +617,7 @@ class Http1Proxy(asyncio.Protocol):
                 self.settings.idle_timeout,
             )
             self.error = self.error or "idle_timeout"
-            self.transport.abort()
+            self._cut()
             return
         if self._awaiting_response():
             assert self.upstream is not None
@@ -617,10 +632,12 @@ class Http1Proxy(asyncio.Protocol):
             return
         log.info("%s: idle for %ss, closing", self.flow.record.client, self.settings.idle_timeout)
         self.error = "idle_timeout"
+        self._close_upstreams()
         if self.record is not None:
             self._request_failed("idle_timeout")
-        self._close_upstreams()
-        self.transport.abort()
+            self._cut()
+        else:
+            self.transport.abort()
 
     def _awaiting_response(self) -> bool:
         """A request went upstream and no response has started: a stall is the upstream's."""
@@ -1195,7 +1212,7 @@ class Http1Proxy(asyncio.Protocol):
                 return
             self._request_failed(error)
             self.error = error
-            self.transport.abort()
+            self._cut()
             return
         if (
             error == "reset"
@@ -1293,6 +1310,7 @@ class Http1Proxy(asyncio.Protocol):
         upstream_rest = upstream.h11.trailing_data[0]
         self.resume_client(self.paused)
         relay = Relay(self.transport, idle_sweep=self.flow.context.idle_sweep, owner=self)
+        self.tunnel_relay = relay
         self.closed = True
         relay.adopt(upstream.transport, upstream_rest)
         relay.start(client_rest, client_eof)
@@ -1325,7 +1343,7 @@ class Http1Proxy(asyncio.Protocol):
         self.record.answered_by_proxy(status, error)
         if self.client.our_state is not h11.SEND_RESPONSE:
             self._request_failed(error)
-            self.transport.abort()
+            self._cut()
             return
         payload = (text + "\n").encode()
         headers = [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(payload))]
@@ -1378,7 +1396,7 @@ class Http1Proxy(asyncio.Protocol):
         self.error = kind
         if not can_answer:
             self._close_upstreams()
-            self.transport.abort()
+            self._cut()
             return
         self._write_client(error_response(status, HTTPStatus(status).phrase.lower()))
         self._linger()

@@ -622,6 +622,11 @@ class H2Proxy(asyncio.Protocol):
         if not self.streams:
             self._close()
 
+    def cut(self) -> None:
+        """The drain timeout ends the connection. No reset: every stream cut short shows
+        it without one (no END_STREAM), and a reset would drop what is still unsent."""
+        self.transport.abort()
+
     def _client_event(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.DataReceived):
             self._request_data(event)

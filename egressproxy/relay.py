@@ -6,7 +6,8 @@ byte than copies through transports.
 
 A side's EOF reaches the other side as a FIN, its reset as a reset: a stream cut by a
 crash must not look complete (a close-delimited response, an aborted upload). The bytes
-a side sent before its reset still go first, as far as the proxy has them.
+a side sent before its reset still go first, as far as the proxy has them. A cut by the
+proxy itself (the drain timeout) resets both sides for the same reason.
 """
 
 from __future__ import annotations
@@ -209,6 +210,15 @@ class Relay(IdleCounting):
                 abort_with_reset(side.transport)
             else:
                 side.transport.abort()
+
+    def cut(self, error: str) -> None:
+        """Reset both sides at once: the proxy ends the stream (the drain timeout), and a
+        FIN would let either end take the cut for its peer's end."""
+        if not self._error:
+            self._error = error
+        for side in (self.client, self.upstream):
+            if not side.lost:
+                abort_with_reset(side.transport)
 
     def watch_paused(self, side: _Side) -> None:
         if side.paused_check is None:

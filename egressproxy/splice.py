@@ -17,6 +17,7 @@ A side's EOF reaches the other side as a FIN, its reset as a reset (a stream cut
 crash must not look complete). What the reset side sent before is read to its end and
 passed on first, and the other socket is reset only once its send queue has sent it:
 TCP_NOTSENT_LOWAT 1 makes epoll report room only then (a zero-linger close would drop it).
+A cut by the proxy itself (the drain timeout) resets both sockets.
 """
 
 from __future__ import annotations
@@ -385,9 +386,9 @@ class SplicedRelay(IdleCounting):
                 return
         self.close()
 
-    def close(self, error: str = "") -> None:
+    def close(self, error: str = "", *, reset_both: bool = False) -> None:
         """End both sockets: whatever is still in flight is dropped (abort) or was sent.
-        A socket whose peer was reset is reset too."""
+        A socket whose peer was reset is reset too; with reset_both, every socket is."""
         if self.closed:
             return
         self.closed = True
@@ -400,13 +401,18 @@ class SplicedRelay(IdleCounting):
             self._give_back(side)
         for side in (self.client, self.upstream):
             self._splicer.forget(side)
-            if side.peer.reset:
+            if reset_both or side.peer.reset:
                 side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
             side.sock.close()
         self._owner.relayed(RelayResult(self.client.received, self.upstream.received, self._error))
 
     def abort(self, error: str) -> None:
         self.close(error)
+
+    def cut(self, error: str) -> None:
+        """Reset both sides at once: the proxy ends the stream (the drain timeout), and a
+        FIN would let either end take the cut for its peer's end."""
+        self.close(error, reset_both=True)
 
     def tick(self) -> None:
         """A quarter of the idle timeout has passed: close when no byte moved in four."""

@@ -5,6 +5,8 @@ framing is faulty, byte for byte on both sides, and the connection after each.""
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -261,3 +263,33 @@ async def test_an_early_answer_then_close_reaches_an_uploading_client_whole(
         await proxy.wait_closed_flows(1)
     assert answer == b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n\r\nbig!"
     assert [(r.status, r.error) for r in proxy.ledger.requests] == [(413, "")]
+
+
+@pytest.mark.asyncio
+async def test_a_body_framed_by_the_close_and_cut_short_reaches_the_client_as_a_reset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An HTTP/1.0 client's response ends at the close: when the upstream resets mid-body,
+    the client must get a reset, since a FIN would make the part it has look whole."""
+
+    async def reset_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\n\r\npart of it")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    async with proxy_to_origin(reset_mid_body, tmp_path, monkeypatch, ALLOW_ALL) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"GET /big HTTP/1.0\r\nHost: example.test\r\n\r\n")
+        received = b""
+        async with asyncio.timeout(TIMEOUT):
+            with pytest.raises(ConnectionResetError):
+                while chunk := await reader.read(65536):
+                    received += chunk
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    assert received.endswith(b"\r\n\r\npart of it")
+    assert [(r.status, r.error) for r in proxy.ledger.requests] == [(200, "reset")]
