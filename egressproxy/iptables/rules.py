@@ -141,15 +141,13 @@ class Table:
     chains: tuple[str, ...]
     rules: tuple[Rule, ...]
     jump: Rule
-    jump_first: bool = False
-    """The jump goes in front of the built-in chain's other rules: a DROP is worth nothing
-    behind another tool's ACCEPT (ufw's, Docker's), which ends the chain for the packet."""
+    """Inserted in front of the built-in chain's other rules: a REDIRECT or a DROP is
+    worth nothing behind another tool's ACCEPT, RETURN or DNAT (ufw's, Docker's,
+    kube-proxy's Service rules on a node), which ends the chain for the packet."""
 
     @property
     def jump_addition(self) -> str:
-        """The restore line that adds the jump: inserted first, or appended."""
-        if not self.jump_first:
-            return self.jump.line
+        """The restore line that adds the jump, first in its chain."""
         return f"-I {self.jump.chain} 1 {self.jump.line.removeprefix(f'-A {self.jump.chain} ')}"
 
 
@@ -211,7 +209,6 @@ def tables(options: Options, family: Family) -> tuple[Table, ...]:
             *_taken(options, UDP_CHAIN, "udp", "dropped so QUIC cannot bypass the proxy", "DROP"),
         ),
         jump=Rule(udp_builtin, f"block {direction} UDP", UDP_CHAIN, "-p udp"),
-        jump_first=True,
     )
     return (nat, udp)
 
@@ -450,16 +447,14 @@ def _table_change(table: Table, saved: SavedTable | None) -> str:
     """Make one table's own chains and jump what `table` says, in one transaction.
 
     Declaring an existing chain in a `--noflush` restore flushes it, so the own chains
-    are rewritten in place; a jump already there exactly as wanted is kept where it
-    is (other tools' rules keep their order around it); extra or outdated jumps and
-    chains no longer wanted are removed first.
+    are rewritten in place; a jump already there exactly as wanted and first in its
+    chain is kept (other tools' rules keep their order around it); extra, outdated or
+    displaced jumps and chains no longer wanted are removed first.
     """
     saved = saved or SavedTable()
     wanted_rules = [rule.line for rule in table.rules]
-    in_place = table.jump.line
-    if table.jump_first:
-        chain = table.jump.chain
-        in_place = next((line for line in saved.rules if rule_chain(line) == chain), "")
+    chain = table.jump.chain
+    in_place = next((line for line in saved.rules if rule_chain(line) == chain), "")
     kept = False
     deletions: list[str] = []
     for line in saved.own_jumps():

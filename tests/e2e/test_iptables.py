@@ -312,8 +312,13 @@ def route(ns: str, gateway_v4: str, gateway_v6: str) -> None:
 
 def seed(ns: str, variant: str) -> None:
     """Rules of some other tool, which install must work around and uninstall must keep:
-    among them ufw's shape, new UDP accepted in OUTPUT (which ends the chain for it)."""
-    for command, address in (("iptables", "192.0.2.99"), ("ip6tables", "2001:db8:ffff::99")):
+    among them ufw's shape, new UDP accepted in OUTPUT, and the shape of kube-proxy's
+    Service rules, a nat OUTPUT rule ending the chain for TCP to the far side's port 443
+    (each would let what it matches past a jump behind it)."""
+    for command, address, far in (
+        ("iptables", "192.0.2.99", FAR_V4),
+        ("ip6tables", "2001:db8:ffff::99", FAR_V6),
+    ):
         tool = f"ip netns exec {ns} {command}-{variant}"
         for table, chain in (("nat", "OUTPUT"), ("filter", "OUTPUT")):
             sh(
@@ -321,6 +326,7 @@ def seed(ns: str, variant: str) -> None:
                 " -m comment --comment not-egressproxy -j RETURN"
             )
         sh(f"{tool} -A OUTPUT -p udp -m conntrack --ctstate NEW -j ACCEPT")
+        sh(f"{tool} -t nat -A OUTPUT -d {far} -p tcp --dport 443 -j ACCEPT")
 
 
 PROXY_LISTENERS = [

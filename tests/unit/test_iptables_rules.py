@@ -61,7 +61,7 @@ SIDECAR_UID_V4 = """\
 -A EGRESSPROXY_OUTPUT -o lo -m comment --comment "egressproxy: this host goes direct" -j RETURN
 -A EGRESSPROXY_OUTPUT -p tcp -m comment --comment "egressproxy: all other TCP to the proxy" -j EGRESSPROXY_REDIRECT
 -A EGRESSPROXY_REDIRECT -p tcp -m comment --comment "egressproxy: to the proxy on port 15001" -j REDIRECT --to-ports 15001
--A OUTPUT -p tcp -m comment --comment "egressproxy: capture outbound TCP" -j EGRESSPROXY_OUTPUT
+-I OUTPUT 1 -p tcp -m comment --comment "egressproxy: capture outbound TCP" -j EGRESSPROXY_OUTPUT
 COMMIT
 """  # noqa: E501
 
@@ -77,7 +77,7 @@ SIDECAR_FULL_V6 = """\
 -A EGRESSPROXY_OUTPUT -p tcp -m multiport --dports 22,8000:8002 -m comment --comment "egressproxy: excluded ports 22,8000:8002" -j RETURN
 -A EGRESSPROXY_OUTPUT -p tcp -m multiport --dports 80,443 -m comment --comment "egressproxy: included ports 80,443 to the proxy" -j EGRESSPROXY_REDIRECT
 -A EGRESSPROXY_REDIRECT -p tcp -m comment --comment "egressproxy: to the proxy on port 4140" -j REDIRECT --to-ports 4140
--A OUTPUT -p tcp -m comment --comment "egressproxy: capture outbound TCP" -j EGRESSPROXY_OUTPUT
+-I OUTPUT 1 -p tcp -m comment --comment "egressproxy: capture outbound TCP" -j EGRESSPROXY_OUTPUT
 COMMIT
 *filter
 :EGRESSPROXY_UDP - [0:0]
@@ -102,7 +102,7 @@ GATEWAY_V4 = """\
 -A EGRESSPROXY_PREROUTING -d 10.0.0.0/8 -m comment --comment "egressproxy: excluded network 10.0.0.0/8" -j RETURN
 -A EGRESSPROXY_PREROUTING -p tcp -m comment --comment "egressproxy: all other TCP to the proxy" -j EGRESSPROXY_REDIRECT
 -A EGRESSPROXY_REDIRECT -p tcp -m comment --comment "egressproxy: to the proxy on port 15001" -j REDIRECT --to-ports 15001
--A PREROUTING -p tcp -m comment --comment "egressproxy: capture routed TCP" -j EGRESSPROXY_PREROUTING
+-I PREROUTING 1 -p tcp -m comment --comment "egressproxy: capture routed TCP" -j EGRESSPROXY_PREROUTING
 COMMIT
 *filter
 :EGRESSPROXY_UDP - [0:0]
@@ -155,7 +155,8 @@ def test_excluding_a_whole_family_is_written_as_iptables_save_prints_it(
 
 
 def test_uninstall_of_a_fresh_install() -> None:
-    state = NetfilterState(parse_save(SIDECAR_UID_V4), forwarding=False, tables_droppable=False)
+    as_saved = SIDECAR_UID_V4.replace("-I OUTPUT 1 ", "-A OUTPUT ")  # as iptables-save prints it
+    state = NetfilterState(parse_save(as_saved), forwarding=False, tables_droppable=False)
     assert plan_uninstall(state).restore == (
         "*nat\n"
         '-D OUTPUT -p tcp -m comment --comment "egressproxy: capture outbound TCP"'
@@ -518,20 +519,25 @@ def test_install_over_another_install_equals_installing_it_alone(
         assert without_empty_tables(layered) == without_empty_tables(alone)
 
 
-@given(starting_points(), any_options(), st.booleans())
-def test_the_udp_block_comes_before_other_tools_rules(
-    start: Model, options: Options, droppable: bool
+@given(starting_points(), any_options(), st.booleans(), st.sampled_from(["nat", "filter"]))
+def test_the_capture_and_the_udp_block_come_before_other_tools_rules(
+    start: Model, options: Options, droppable: bool, table: str
 ) -> None:
-    """An ACCEPT of ufw or Docker in front of it would make the block do nothing."""
+    """A RETURN, ACCEPT or DNAT of another tool in front of a jump (kube-proxy's Service
+    rules, ufw's, Docker's) would let what it matches past the redirect or the block."""
     options = dataclasses.replace(options, block_udp=True)
-    builtin = "OUTPUT" if options.mode == SIDECAR else "FORWARD"
+    if table == "nat":
+        builtin = "OUTPUT" if options.mode == SIDECAR else "PREROUTING"
+        own = OUTPUT_CHAIN if options.mode == SIDECAR else PREROUTING_CHAIN
+    else:
+        builtin, own = ("OUTPUT" if options.mode == SIDECAR else "FORWARD"), UDP_CHAIN
     model = start.copy()
     model.install(options, droppable)
-    assert rule_target(model.tables["filter"][builtin][0]) == UDP_CHAIN
-    model.tables["filter"][builtin].insert(0, FOREIGN.format(chain=builtin, n=7))
+    assert rule_target(model.tables[table][builtin][0]) == own
+    model.tables[table][builtin].insert(0, FOREIGN.format(chain=builtin, n=7))
     assert model.install(options, droppable), "a rule put in front later is overtaken"
-    assert rule_target(model.tables["filter"][builtin][0]) == UDP_CHAIN
-    assert [rule_target(line) for line in model.tables["filter"][builtin]].count(UDP_CHAIN) == 1
+    assert rule_target(model.tables[table][builtin][0]) == own
+    assert [rule_target(line) for line in model.tables[table][builtin]].count(own) == 1
     assert not model.install(options, droppable)
 
 
