@@ -8,9 +8,11 @@ line instead of a traceback.
 
 Backend: the host's rules live either in nftables (iptables-nft) or in the old
 x_tables (iptables-legacy), and rules added through the other one are silently
-ignored by half the host. Like linkerd2-proxy-init (after Calico's
-feature_detect_linux.go) and kube's iptables-wrapper: the backend holding
-Kubernetes' canary chains wins, else the one with more rules, else nft.
+ignored by half the host. The backend already holding egressproxy's own chains wins
+(install converges there and uninstall and show find them, whatever other tools
+added to the other backend since); then, like linkerd2-proxy-init (after Calico's
+feature_detect_linux.go) and kube's iptables-wrapper, the one holding Kubernetes'
+canary chains, else the one with more rules, else nft.
 
 Gateway mode turns on the family's forwarding switch (net.ipv4.ip_forward,
 net.ipv6.conf.all.forwarding): the redirected TCP is delivered locally, but what
@@ -167,6 +169,9 @@ def detect_backend() -> Backend:
             file=sys.stderr,
         )
         return nft
+    for backend in present:
+        if any(table.holds_own() for table in parse_save(saved[backend]).values()):
+            return backend
     for backend in present:
         if any(canary in saved[backend] for canary in KUBERNETES_CANARIES):
             return backend

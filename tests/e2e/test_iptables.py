@@ -564,6 +564,34 @@ def test_without_net_admin_the_error_says_so(lab: Lab) -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_the_backend_holding_the_rules_stays_theirs(lab: Lab) -> None:
+    """Installed through nft; then another tool (Docker, ufw on a legacy host) fills the
+    legacy tables. show, install and uninstall still find the rules where they are:
+    none of them reports nothing installed, and no second copy goes to legacy."""
+    app = lab.namespace()
+    before = saved_rules(app)
+    first = egressproxy(app, "install", f"--proxy-uid={PROXY_UID}")
+    assert first.returncode == 0, first.stderr
+    assert "iptables-nft" in first.stdout
+    for n in range(1, 16):
+        sh(f"ip netns exec {app} iptables-legacy -A INPUT -s 192.0.2.{n} -j ACCEPT")
+    with_legacy = saved_rules(app)
+    shown = egressproxy(app, "show")
+    assert shown.returncode == 0, shown.stderr
+    assert "EGRESSPROXY_OUTPUT" in shown.stdout
+    again = egressproxy(app, "install", f"--proxy-uid={PROXY_UID}")
+    assert again.returncode == 0, again.stderr
+    assert "already installed" in again.stdout
+    assert saved_rules(app) == with_legacy
+    removed = egressproxy(app, "uninstall")
+    assert removed.returncode == 0, removed.stderr
+    assert "removed" in removed.stdout
+    after = saved_rules(app)
+    assert all("EGRESSPROXY" not in text for text in after.values())
+    nft = [tool for tool in SAVE_TOOLS if "legacy" not in tool]
+    assert [after[tool] for tool in nft] == [before[tool] for tool in nft]
+
+
 NET_ADMIN_ONLY = ["setpriv", "--inh-caps=-all", "--bounding-set=-all,+net_admin"]
 """An init container granted NET_ADMIN and nothing else."""
 
