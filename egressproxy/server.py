@@ -108,7 +108,10 @@ def startup_problem(settings: Settings) -> str:
             try:
                 set_mark(probe, settings.mark)
             except PermissionError:
-                return "--mark needs CAP_NET_ADMIN (setting SO_MARK was refused)"
+                return (
+                    "--mark needs CAP_NET_ADMIN, or CAP_NET_RAW on Linux 5.17 and later"
+                    " (setting SO_MARK was refused)"
+                )
     return ""
 
 
