@@ -65,6 +65,10 @@ LEGACY_NEEDS_PRIVILEGE = (
     "needs CAP_NET_ADMIN and CAP_NET_RAW (iptables-legacy talks to the kernel through a raw"
     " socket: run as root or in an init container with NET_ADMIN and NET_RAW)"
 )
+ROOT_RETURNED = (
+    "WARNING: --proxy-uid 0 returns the traffic of every process running as root, the"
+    " workload's too: run the proxy as a user of its own, or tell it apart by --proxy-mark"
+)
 DENIED = ("Permission denied", "Operation not permitted", "you must be root")
 KUBERNETES_CANARIES = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
 # iptables lives in sbin, which a non-root PATH often lacks.
@@ -405,6 +409,8 @@ def main(action: str, options: Options, dry_run: bool) -> int:
     try:
         if action == "install":
             validate(options)
+            if options.proxy_uid == 0:
+                print(f"egressproxy iptables install: {ROOT_RETURNED}", file=sys.stderr)
             if dry_run:
                 print_install(options)
                 return 0

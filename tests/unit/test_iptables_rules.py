@@ -589,6 +589,13 @@ def test_dry_run_of_uninstall_prints_what_is_installed_and_its_receipts() -> Non
     assert apply.removal_text(V4, "iptables-nft-restore", plan_uninstall(model.state(True))) == ""
 
 
+def test_returning_root_is_warned(capsys: pytest.CaptureFixture[str]) -> None:
+    assert apply.main("install", Options(proxy_uid=0), dry_run=True) == 0
+    assert capsys.readouterr().err == f"egressproxy iptables install: {apply.ROOT_RETURNED}\n"
+    assert apply.main("install", Options(proxy_uid=2102), dry_run=True) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_wrong_options_are_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert apply.main("install", Options(), dry_run=False) == 2
     assert capsys.readouterr().err == (
