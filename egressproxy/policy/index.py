@@ -20,6 +20,7 @@ from typing import Generic, TypeVar
 from urllib.parse import parse_qsl, unquote
 
 from egressproxy.policy.decision import (
+    DENY_ACTION,
     GRPC_PROTOCOL,
     HTTP_PROTOCOL,
     TCP_PROTOCOL,
@@ -664,6 +665,17 @@ class PolicyIndex:
             return self.decide_connection(
                 ConnectionFacts(destination, Detected.OPAQUE, facts.hostname)
             )
+        if table.grpc_calls is not None and split_grpc_path(facts.path)[0] is not None:
+            # A gRPC server may serve a call without content-type: application/grpc: a
+            # request shaped like a call (/service/method) that a gRPC rule would deny as
+            # one is denied as it is.
+            as_call = best_grpc_rule(table.grpc_calls, facts)
+            if (
+                as_call is not None
+                and as_call.rule.action is DENY_ACTION
+                and as_call.route.protocol is GRPC_PROTOCOL
+            ):
+                return self.matched(network, destination, GRPC_PROTOCOL, as_call)
         rule = best_http_rule(table.http, facts)
         if rule is not None:
             return self.matched(network, destination, HTTP_PROTOCOL, rule)
@@ -850,35 +862,42 @@ def names_another_port(request: RequestFacts) -> bool:
 
 
 def best_grpc_rule(table: HostTable[CompiledRule], request: RequestFacts) -> CompiledRule | None:
-    """Most specific hostname level first; within it a gRPC match above an HTTP one (a rule
-    without gRPC matches takes a call as the HTTP request it is), each family by its own
-    precedence, then age."""
+    """Most specific hostname level first; within it the best gRPC match and the best HTTP
+    match (a rule without gRPC matches takes a call as the HTTP request it is), each by its
+    family's precedence, then age. A deny of either wins, since an HTTP server serves a
+    request that merely claims to be a gRPC call; else the gRPC match goes first."""
     service, method = split_grpc_path(request.path)
     query: list[tuple[str, str]] | None = None
     for level in table.levels(request.hostname):
-        best: CompiledRule | None = None
-        best_score: tuple[object, ...] = ()
+        grpc_best: CompiledRule | None = None
+        grpc_score: tuple[object, ...] = ()
+        http_best: CompiledRule | None = None
+        http_score: tuple[object, ...] = ()
         for rule in level:
             if not rule.covers(request.destination.ip):
                 continue
             if rule.route.protocol is RouteProtocol.GRPC:
                 for grpc_match in rule.grpc or (DEFAULT_GRPC_MATCH,):
-                    score: tuple[object, ...] = (1, *grpc_match.score)
-                    if (best is None or score > best_score) and grpc_match.matches(
+                    score = grpc_match.score
+                    if (grpc_best is None or score > grpc_score) and grpc_match.matches(
                         service, method, request
                     ):
-                        best, best_score = rule, score
+                        grpc_best, grpc_score = rule, score
                 continue
             for http_match in rule.http or (DEFAULT_HTTP_MATCH,):
-                score = (0, *http_match.score)
-                if best is not None and score <= best_score:
+                if http_best is not None and http_match.score <= http_score:
                     continue
                 if query is None and http_match.query:
                     query = parse_qsl(request.query, keep_blank_values=True, encoding="latin-1")
                 if http_match.matches(request, query or ()):
-                    best, best_score = rule, score
-        if best is not None:
-            return best
+                    http_best, http_score = rule, http_match.score
+        if http_best is not None and (
+            grpc_best is None
+            or (http_best.rule.action is DENY_ACTION and grpc_best.rule.action is not DENY_ACTION)
+        ):
+            return http_best
+        if grpc_best is not None:
+            return grpc_best
     return None
 
 

@@ -367,6 +367,41 @@ spec:
     assert tcp(index, "169.254.169.254", 80).route == rule("no-metadata")
 
 
+def test_the_content_type_a_client_chooses_dodges_no_deny() -> None:
+    """A gRPC server may serve a call sent without `content-type: application/grpc`, and
+    an HTTP server serves a request that claims to be a call: a `grpc` deny holds against a
+    request without the content-type when its path is a call's, and an `http` deny holds
+    against a call when a `grpc` allow of the same host level also matches it."""
+    text = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: standalone}
+spec:
+  default: allow
+  rules:
+  - {name: no-fail, ports: [80], grpc: [{service: test.Echo, method: Fail}], action: deny}
+  - {name: api, hosts: [api.test], ports: [80], http: [{pathPrefix: /}]}
+  - {name: no-admin, hosts: [api.test], ports: [80], http: [{pathPrefix: /admin}], action: deny}
+  - {name: api-grpc, hosts: [api.test], ports: [80], grpc: [{}]}
+"""
+    index = compile_policy(load_policy_text(text, "p.yaml"), Settings())
+
+    def decided(hostname: str, path: str, grpc: bool) -> tuple[Action, str]:
+        destination = Destination(ipaddress.ip_address("198.51.100.7"), 80)
+        facts = RequestFacts(destination, hostname, "POST", path, "", (), grpc)
+        outcome = index.decide_request(facts)
+        return outcome.action, outcome.route.name if outcome.route else ""
+
+    for grpc in (True, False):
+        assert decided("other.test", "/test.Echo/Fail", grpc) == (Action.DENY, "standalone.no-fail")
+        assert decided("other.test", "/test.Echo/Ok", grpc)[0] == Action.PASS
+        assert decided("api.test", "/admin/users", grpc) == (Action.DENY, "standalone.no-admin")
+        assert decided("api.test", "/admin", grpc) == (Action.DENY, "standalone.no-admin")
+    assert decided("api.test", "/pkg.Svc/Get", True) == (Action.PASS, "standalone.api-grpc")
+    assert decided("api.test", "/pkg.Svc/Get", False) == (Action.PASS, "standalone.api")
+    assert decided("other.test", "/test.Echo/Fail/x", False)[0] == Action.PASS  # no call's path
+
+
 def test_a_grpc_call_meets_the_rules_for_its_host_on_a_port_of_grpc_rules() -> None:
     """A gRPC call is an HTTP request too: a deny for its host, by `hosts` alone or with
     `http` matches, holds against a `grpc` allow for any host. It used to meet the `grpc`
