@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
@@ -25,6 +26,7 @@ import h2.utilities
 import hpack
 import hyperframe.exceptions
 import hyperframe.frame
+from h11 import _abnf
 
 from egressproxy import upstream as upstream_connector
 from egressproxy.errors import UpstreamError
@@ -47,11 +49,21 @@ CONNECTION_WINDOW = 16 << 20
 MAX_CONCURRENT_STREAMS = 256
 
 MAX_ANSWERS_UNREAD = 1000
-"""PINGs and SETTINGS (each answered by h2 at once) a peer may send while it reads nothing
-of ours (its write buffer high): past that it floods and its connection ends, as with
-Envoy's max_outbound_control_frames (CVE-2019-9512, -9515). Pausing its reading instead
-could deadlock a peer that writes its request body before it reads our response."""
+"""PINGs, SETTINGS (each answered by h2 at once) and new streams (a denied or malformed one
+is answered at once) a peer may send while it reads nothing of ours (its write buffer
+high): past that it floods and its connection ends, as with Envoy's max_outbound_frames
+(CVE-2019-9512, -9515). Pausing its reading instead could deadlock a peer that writes its
+request body before it reads our response."""
 ANSWERED_BY_H2 = (h2.events.PingReceived, h2.events.RemoteSettingsChanged)
+MAX_NEW_STREAMS_PER_READ = 4 * MAX_CONCURRENT_STREAMS
+"""More request heads than this in one read are a flood: a client keeping to our 256
+concurrent streams learns that one ended only from our answers, which go out after the
+read; streams it does not wait for (past the limit, denied, malformed) each cost the
+worker a decoded head and an answer while every other connection waits."""
+MAX_ENCODER_TABLE = 4096
+"""Our HPACK encoder's dynamic table, whatever larger size a peer allows (RFC 7541 4.2): a
+peer's SETTINGS_HEADER_TABLE_SIZE of 2^31 would make us keep every distinct header we
+forward to it (nghttp2's default cap, as in Envoy)."""
 
 
 class AnswersUnread:
@@ -65,11 +77,22 @@ class AnswersUnread:
 
     def flooding(self, events: list[h2.events.Event]) -> bool:
         """Count the answers these events asked for; True once past the limit."""
-        self.count += sum(isinstance(event, ANSWERED_BY_H2) for event in events)
+        self.count += sum(
+            isinstance(event, ANSWERED_BY_H2) or opens_a_stream(event) for event in events
+        )
         return self.count > MAX_ANSWERS_UNREAD
 
 
 Headers = list[tuple[bytes, bytes]]
+
+TOKEN = re.compile(_abnf.method)
+"""A :method as HTTP/1 takes one (RFC 9110 token): an upstream speaking HTTP/1 behind an
+h2 front would build its request line from it."""
+VISIBLE_ASCII = re.compile(_abnf.request_target)
+"""A :path as HTTP/1 takes a target: visible ASCII, no space."""
+FINAL_STATUS = re.compile(rb"[2-9][0-9][0-9]")
+"""A final response's :status: three digits (RFC 9110 15), as hyper's StatusCode takes
+them; `abc` or `2000` would also make a metric label of anything the upstream sends."""
 
 
 _REQUEST_HEADERS = h2.utilities.HeaderValidationFlags(
@@ -88,6 +111,13 @@ class MalformedMessage(h2.events.Event):
         self.reason = reason
         self.head = head
         """The opening header block itself: no RequestReceived (ResponseReceived) came."""
+
+
+def opens_a_stream(event: h2.events.Event) -> bool:
+    """A request head: taken, or refused (past our stream limit, or malformed)."""
+    return isinstance(event, h2.events.RequestReceived) or (
+        isinstance(event, MalformedMessage) and event.head
+    )
 
 
 class _BlockKeepingDecoder(hpack.Decoder):
@@ -146,6 +176,16 @@ class _Connection(h2.connection.H2Connection):
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_bytes,
             },
         )
+
+    def _acknowledge_settings(self) -> list[hyperframe.frame.Frame]:
+        """As h2 does, with our encoder's table kept to MAX_ENCODER_TABLE: the size update
+        then announced is that one alone."""
+        frames = super()._acknowledge_settings()
+        encoder = self.encoder
+        if encoder.header_table_size > MAX_ENCODER_TABLE:
+            encoder.table_size_changes.clear()
+            encoder.header_table_size = MAX_ENCODER_TABLE
+        return frames
 
     def _receive_headers_frame(
         self, frame: hyperframe.frame.HeadersFrame
@@ -256,6 +296,7 @@ def stream_facts(headers: Headers, flow: Flow) -> tuple[RequestFacts, str]:
     authority: str | None = None
     host: str | None = None
     method = path = ""
+    extended_connect = False
     grpc = False
     plain: list[tuple[str, str]] = []
     for raw_name, raw_value in headers:
@@ -267,14 +308,19 @@ def stream_facts(headers: Headers, flow: Flow) -> tuple[RequestFacts, str]:
                 method = value
             elif name == ":path":
                 path = value
+            elif name == ":protocol":
+                extended_connect = True
             continue
         plain.append((name, value))
         if name == "host":
             host = value
         elif name == "content-type":
             grpc = value.lower().startswith("application/grpc")
-    bad_path = "#" in path or not (
-        path.startswith("/") or (path == "*" and method == "OPTIONS") or method == "CONNECT"
+    plain_connect = method == "CONNECT" and not extended_connect  # no :path (RFC 9113 8.5)
+    bad_path = (
+        "#" in path
+        or not VISIBLE_ASCII.fullmatch(path or "/")
+        or not (path.startswith("/") or (path == "*" and method == "OPTIONS") or plain_connect)
     )
     path, _, query = path.partition("?")
     named = authority if authority is not None else host
@@ -291,6 +337,8 @@ def stream_facts(headers: Headers, flow: Flow) -> tuple[RequestFacts, str]:
     )
     if named and hostname is None:
         return facts, "malformed :authority"
+    if not TOKEN.fullmatch(method):
+        return facts, "malformed :method"
     return facts, "malformed :path" if bad_path else ""
 
 
@@ -580,16 +628,22 @@ class H2Proxy(asyncio.Protocol):
             self._flush()
             self._close()
             return
+        if sum(map(opens_a_stream, events)) > MAX_NEW_STREAMS_PER_READ:
+            self._flooded("new streams in one read")
+            return
         for event in events:
             self._client_event(event)
         if self.client_full and self.answers_unread.flooding(events):
-            log.warning("%s: h2 PING/SETTINGS flood, not reading", self.flow.record.client)
-            self.error = self.flow.record.error = "flood"
-            self.transport.abort()
+            self._flooded("PING/SETTINGS/new streams while not reading")
             return
         if goaways:
             self._client_goaway()
         self._flush()
+
+    def _flooded(self, what: str) -> None:
+        log.warning("%s: h2 flood (%s), cut", self.flow.record.client, what)
+        self.error = self.flow.record.error = "flood"
+        self.transport.abort()
 
     def eof_received(self) -> bool:
         """The client sends no more: its connection closes, as on an EOF before start."""
@@ -998,7 +1052,7 @@ class H2Proxy(asyncio.Protocol):
             stream = upstream.streams.get(event.stream_id or 0)
             if stream is not None and not stream.done:
                 headers: Headers = list(event.headers or [])
-                self._response_started(stream, headers, event.stream_ended is not None)
+                self._response_started(upstream, stream, headers, event.stream_ended is not None)
         elif isinstance(event, h2.events.InformationalResponseReceived):
             stream = upstream.streams.get(event.stream_id or 0)
             if stream is not None and not stream.done:
@@ -1028,11 +1082,7 @@ class H2Proxy(asyncio.Protocol):
                 else:
                     self._upstream_reset(stream, code)
         elif isinstance(event, MalformedMessage):
-            stream = upstream.streams.pop(event.stream_id, None)
-            if stream is not None and not stream.done:
-                client = self.flow.record.client
-                log.info("%s: bad h2 response from %s:%s: %s", client, *upstream.key, event.reason)
-                self._upstream_reset(stream, h2.errors.ErrorCodes.INTERNAL_ERROR, "bad_response")
+            self._bad_response(upstream, event.stream_id, event.reason)
         elif isinstance(event, h2.events.WindowUpdated):
             streams = (
                 [upstream.streams[event.stream_id]]
@@ -1065,17 +1115,31 @@ class H2Proxy(asyncio.Protocol):
             if not stream.done:
                 self._refused(stream, upstream.key)
 
-    def _response_started(self, stream: _Stream, headers: Headers, ended: bool) -> None:
+    def _response_started(
+        self, upstream: _Upstream, stream: _Stream, headers: Headers, ended: bool
+    ) -> None:
+        status = next((value for name, value in headers if name == b":status"), b"")
+        if not FINAL_STATUS.fullmatch(status):  # h2 took it for a final status, not 1xx
+            with contextlib.suppress(h2.exceptions.StreamClosedError):
+                upstream.h2.reset_stream(stream.upstream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            self._bad_response(upstream, stream.upstream_id, f"malformed :status {status!r}")
+            return
         stream.response_started = True
-        for name, value in headers:
-            if name == b":status":
-                stream.record.status = int(value)
+        stream.record.status = int(status)
         grpc_status = grpc_status_of(headers)
         if grpc_status is not None:
             stream.record.grpc_status = grpc_status
         self.h2.send_headers(stream.client_id, headers, end_stream=ended)
         if ended:
             self._stream_complete(stream)
+
+    def _bad_response(self, upstream: _Upstream, upstream_id: int, reason: str) -> None:
+        """A response h2 or we found malformed: its stream alone fails, as bad_response."""
+        stream = upstream.streams.pop(upstream_id, None)
+        if stream is not None and not stream.done:
+            client = self.flow.record.client
+            log.info("%s: bad h2 response from %s:%s: %s", client, *upstream.key, reason)
+            self._upstream_reset(stream, h2.errors.ErrorCodes.INTERNAL_ERROR, "bad_response")
 
     def _refused(self, stream: _Stream, key: tuple[str, int]) -> None:
         """The upstream did not process the stream (RST_STREAM REFUSED_STREAM, or above its

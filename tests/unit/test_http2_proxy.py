@@ -22,13 +22,14 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 import hyperframe.frame
 import pytest
 import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
 import egressproxy.http2
-from egressproxy.http2 import GoawayFilter
+from egressproxy.http2 import MAX_ENCODER_TABLE, MAX_NEW_STREAMS_PER_READ, GoawayFilter
 from egressproxy.metrics import Metrics
 from egressproxy.server import Reporting
 from egressproxy.settings import LogFormat, VerifyDestination
@@ -1029,6 +1030,34 @@ async def test_a_path_no_server_reads_as_the_policy_does_is_refused(
 
 
 @pytest.mark.asyncio
+async def test_a_method_or_path_http1_refuses_and_an_extended_connects_path_are_refused(
+    h2_setup: tuple[LoopbackProxy, int],
+) -> None:
+    """A :method that is no token or a :path that is not visible ASCII would let an HTTP/1
+    upstream behind an h2 front read another request line; an extended CONNECT (RFC 8441,
+    with :protocol) carries a :path like any request, judged as one (only a plain CONNECT
+    has none). Each gets 400, its stream alone; the good one beside them is answered."""
+    proxy, _ = h2_setup
+    client = await connect_h2(proxy, LaxH2Client)
+    authority = [(":scheme", "http"), (":authority", "example.test")]
+    blocks = [
+        [(":method", "GET /denied HTTP/1.1 X"), *authority, (":path", "/a")],
+        [(":method", "GET"), *authority, (":path", "/a HTTP/1.1")],
+        [(":method", "GET"), *authority, (":path", "/caf\u00e9")],
+        [(":method", "CONNECT"), (":protocol", "websocket"), *authority, (":path", "denied")],
+        [(":method", "CONNECT"), (":protocol", "websocket"), *authority, (":path", "/x/../denied")],
+        [(":method", "GET"), *authority, (":path", "/good")],
+    ]
+    answers = [client.send_block(block) for block in blocks]
+    async with asyncio.timeout(TIMEOUT):
+        for answer in answers:
+            await answer.done.wait()
+    assert [answer.headers[":status"] for answer in answers] == [*["400"] * 3, "400", "403", "200"]
+    client.transport.close()
+    await proxy.wait_closed_flows(1)
+
+
+@pytest.mark.asyncio
 async def test_an_authority_with_an_empty_or_malformed_port_gets_no_default(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1118,6 +1147,112 @@ async def test_a_client_that_floods_pings_and_never_reads_is_cut_off(
     await proxy.wait_closed_flows(1)
     assert handler.flow.record.error == "flood"
     assert held < 1 << 20, f"{held} bytes held for a client that does not read"
+
+
+DENIED_BLOCK = [(":method", "GET"), (":scheme", "http"), (":authority", "example.test"),
+                (":path", "/denied")]  # fmt: skip
+
+
+def denied_streams(encoder: hpack.Encoder, first_id: int, count: int) -> bytes:
+    """count HEADERS frames (END_STREAM) of requests the policy denies, 13 bytes each once
+    the encoder has indexed the block: the cheapest streams the proxy answers at once."""
+    frames = bytearray()
+    for stream_id in range(first_id, first_id + 2 * count, 2):
+        frame = hyperframe.frame.HeadersFrame(stream_id, encoder.encode(DENIED_BLOCK))
+        frame.flags.add("END_HEADERS")
+        frame.flags.add("END_STREAM")
+        frames += frame.serialize()
+    return bytes(frames)
+
+
+@pytest.mark.asyncio
+async def test_a_burst_of_streams_the_proxy_answers_at_once_is_a_flood(
+    h2_setup: tuple[LoopbackProxy, int],
+) -> None:
+    """A client keeping to 256 concurrent streams cannot send 4,096 new ones in a read or
+    two; denied streams it need not wait for could, each costing the worker a decision and
+    an answer while every other connection waits. Past MAX_NEW_STREAMS_PER_READ in one
+    read the connection ends, before they are decided."""
+    proxy, _ = h2_setup
+    count = 4 * MAX_NEW_STREAMS_PER_READ
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    preface = H2_PREFACE + hyperframe.frame.SettingsFrame(0).serialize()
+    writer.write(preface + denied_streams(hpack.Encoder(), 1, count))
+    async with asyncio.timeout(TIMEOUT):
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):
+                pass
+    writer.close()
+    await proxy.wait_closed_flows(1)
+    assert [flow.error for flow in proxy.ledger.flows] == ["flood"]
+    assert len(proxy.ledger.requests) < count
+
+
+@pytest.mark.asyncio
+async def test_a_client_that_sends_streams_and_never_reads_is_cut_off(
+    h2_setup: tuple[LoopbackProxy, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As with PINGs: each denied stream is answered at once, and a client sending them
+    while it reads nothing would have the proxy queue the answers without end. Past
+    MAX_ANSWERS_UNREAD new streams while its write buffer is high, the connection ends
+    (the limit per read is lifted here, so this limit alone is at work)."""
+    monkeypatch.setattr(egressproxy.http2, "MAX_NEW_STREAMS_PER_READ", 1 << 30)
+    proxy, _ = h2_setup
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, (proxy.host, proxy.port))
+    _, writer = await asyncio.open_connection(sock=sock)
+    writer.write(H2_PREFACE + hyperframe.frame.SettingsFrame(0).serialize())
+    handler = await only_handler(proxy)
+    # The proxy's socket takes little, so its write buffer is high within a second.
+    handler.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    encoder, stream_id, held = hpack.Encoder(), 1, 0
+    for _ in range(1000):  # 200,000 streams at most, or until the proxy cuts it
+        if handler.closed:
+            break
+        held = max(held, handler.transport.get_write_buffer_size())
+        writer.write(denied_streams(encoder, stream_id, 200))
+        stream_id += 400
+        try:
+            async with asyncio.timeout(0.5):
+                await writer.drain()
+                await asyncio.sleep(0.001)  # the proxy reads them (drain may not wait)
+        except (TimeoutError, ConnectionError):
+            break
+    writer.close()
+    await proxy.wait_closed_flows(1)
+    assert handler.flow.record.error == "flood"
+    assert held < 1 << 20, f"{held} bytes held for a client that does not read"
+
+
+class LargeTableClient(H2Client):
+    """Allows the proxy an HPACK dynamic table of 2^31 bytes for what it sends."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.h2.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 1 << 31})
+        self.transport.write(self.h2.data_to_send())
+
+
+@pytest.mark.asyncio
+async def test_the_hpack_table_the_proxy_keeps_for_a_client_stays_small(
+    h2_setup: tuple[LoopbackProxy, int],
+) -> None:
+    """However large a table the client allows, the proxy keeps MAX_ENCODER_TABLE bytes of
+    the headers it sent (and says so with a table size update): else every distinct
+    response header, a per-response cookie say, would stay in its memory."""
+    proxy, _ = h2_setup
+    client = await connect_h2(proxy, LargeTableClient)
+    answers = [client.request("GET", f"/a{n}") for n in range(3)]
+    async with asyncio.timeout(TIMEOUT):
+        for answer in answers:
+            await answer.done.wait()
+    assert [answer.headers[":status"] for answer in answers] == ["200"] * 3
+    assert client.h2.decoder.header_table_size == MAX_ENCODER_TABLE
+    client.transport.close()
+    await proxy.wait_closed_flows(1)
 
 
 class FloodingH2Origin(asyncio.Protocol):
@@ -1535,8 +1670,9 @@ async def test_an_oversized_frame_ends_the_connection_before_it_is_buffered(
 
 class MalformedH2Origin(SlowH2Origin):
     """Answers /head with an uppercase header name, /body with a body longer than its
-    content-length, /short with one shorter ended by trailers, after DELAY; /good a little
-    later, on the same connection."""
+    content-length, /short with one shorter ended by trailers, /status and /long-status
+    with a :status that is not three digits, after DELAY; /good a little later, on the
+    same connection."""
 
     LIMIT = 10
 
@@ -1560,6 +1696,9 @@ class MalformedH2Origin(SlowH2Origin):
             self.h2.send_headers(stream_id, [(":status", "200"), ("content-length", "9")])
             self.h2.send_data(stream_id, b"1234")
             self.h2.send_headers(stream_id, [("x-t", "1")], end_stream=True)
+        elif path in (b"/status", b"/long-status"):
+            status = "abc" if path == b"/status" else "2000"
+            self.h2.send_headers(stream_id, [(":status", status)], end_stream=True)
         else:
             self.answer(stream_id)
             return
@@ -1576,12 +1715,14 @@ async def test_a_malformed_response_fails_its_stream_not_the_upstream_connection
     bad_response, and the stream beside them on that upstream is answered."""
     async with proxy_to_h2_origin(MalformedH2Origin, tmp_path, monkeypatch) as proxy:
         client = await connect_h2(proxy)
-        paths = ("/head", "/body", "/short", "/good")
-        head, body, short, good = (client.request("GET", path) for path in paths)
+        paths = ("/head", "/body", "/short", "/status", "/long-status", "/good")
+        head, body, short, status, long_status, good = (
+            client.request("GET", path) for path in paths
+        )
         async with asyncio.timeout(TIMEOUT):
-            for answer in (head, body, short, good):
+            for answer in (head, body, short, status, long_status, good):
                 await answer.done.wait()
-        assert head.headers[":status"] == "502"
+        assert [a.headers[":status"] for a in (head, status, long_status)] == ["502"] * 3
         assert [(a.reset, a.reset_code) for a in (body, short)] == [
             (True, h2.errors.ErrorCodes.INTERNAL_ERROR)
         ] * 2
@@ -1593,7 +1734,9 @@ async def test_a_malformed_response_fails_its_stream_not_the_upstream_connection
         ("/body", 200, "bad_response"),
         ("/good", 200, ""),
         ("/head", 502, "bad_response"),
+        ("/long-status", 502, "bad_response"),
         ("/short", 200, "bad_response"),
+        ("/status", 502, "bad_response"),
     ]
 
 
