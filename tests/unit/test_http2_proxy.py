@@ -10,7 +10,7 @@ import json
 import logging
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, cast
@@ -1112,6 +1112,26 @@ async def test_an_osm_egress_decides_an_authority_as_the_same_host_in_http1(
     assert statuses == list(OSM_HOST_CASES[matches].values())
 
 
+async def held_until_cut(
+    handler: Any, writer: asyncio.StreamWriter, chunks: Iterable[bytes]
+) -> int:
+    """Writes chunks to the proxy's h2 connection, letting it read each, until it cuts the
+    connection or stops reading; the most bytes it held for the client meanwhile."""
+    held = 0
+    for chunk in chunks:
+        if handler.closed:
+            break
+        held = max(held, handler.transport.get_write_buffer_size())
+        writer.write(chunk)
+        try:
+            async with asyncio.timeout(0.5):
+                await writer.drain()
+                await asyncio.sleep(0.001)  # drain need not wait: the proxy reads now
+        except (TimeoutError, ConnectionError):
+            break
+    return held
+
+
 @pytest.mark.asyncio
 async def test_a_client_that_floods_pings_and_never_reads_is_cut_off(
     h2_setup: tuple[LoopbackProxy, int],
@@ -1132,17 +1152,7 @@ async def test_a_client_that_floods_pings_and_never_reads_is_cut_off(
     writer.write(client.data_to_send())
     handler = await only_handler(proxy)
     pings = hyperframe.frame.PingFrame(0, opaque_data=b"flooding").serialize() * 4096
-    held = 0
-    for _ in range((8 << 20) // len(pings)):  # 8 MiB of PINGs, or until the proxy cuts it
-        if handler.closed:
-            break
-        held = max(held, handler.transport.get_write_buffer_size())
-        writer.write(pings)
-        try:
-            async with asyncio.timeout(0.5):
-                await writer.drain()
-        except (TimeoutError, ConnectionError):
-            break
+    held = await held_until_cut(handler, writer, [pings] * ((8 << 20) // len(pings)))  # 8 MiB
     writer.close()
     await proxy.wait_closed_flows(1)
     assert handler.flow.record.error == "flood"
@@ -1208,19 +1218,9 @@ async def test_a_client_that_sends_streams_and_never_reads_is_cut_off(
     handler = await only_handler(proxy)
     # The proxy's socket takes little, so its write buffer is high within a second.
     handler.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    encoder, stream_id, held = hpack.Encoder(), 1, 0
-    for _ in range(1000):  # 200,000 streams at most, or until the proxy cuts it
-        if handler.closed:
-            break
-        held = max(held, handler.transport.get_write_buffer_size())
-        writer.write(denied_streams(encoder, stream_id, 200))
-        stream_id += 400
-        try:
-            async with asyncio.timeout(0.5):
-                await writer.drain()
-                await asyncio.sleep(0.001)  # the proxy reads them (drain may not wait)
-        except (TimeoutError, ConnectionError):
-            break
+    encoder = hpack.Encoder()
+    bursts = (denied_streams(encoder, first, 200) for first in range(1, 400_000, 400))
+    held = await held_until_cut(handler, writer, bursts)  # 200,000 streams at most
     writer.close()
     await proxy.wait_closed_flows(1)
     assert handler.flow.record.error == "flood"
