@@ -848,6 +848,59 @@ def test_a_native_host_deny_holds_against_a_grpc_allow_for_any_host(
         )
 
 
+NATIVE_GRPC_DENY_BESIDE_HTTP = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: standalone
+spec:
+  default: allow
+  rules:
+  - name: no-fail
+    ports: [{port}]
+    grpc:
+    - service: test.Echo
+      method: Fail
+    action: deny
+  - name: web
+    ports: [{port}]
+    http:
+    - pathPrefix: /
+"""
+
+
+def test_a_grpc_deny_holds_against_a_call_sent_without_its_content_type(
+    world: World, proxy: StartProxy, http_servers: None
+) -> None:
+    """grpcio serves a call whose content-type is not application/grpc: curl's POST of the
+    denied method with another content-type, through the redirect, is denied (it used to
+    be decided as plain HTTP, allowed by the `http` rule, and served)."""
+    run_proxy(proxy, NATIVE_GRPC_DENY_BESIDE_HTTP.format(port=GRPC_PORT))
+    result = world.curl(
+        "--http2-prior-knowledge",
+        "-H",
+        "content-type: application/json",
+        "--data-binary",
+        "x",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        f"http://example.test:{GRPC_PORT}/test.Echo/Fail",
+    )
+    assert (result.returncode, result.stdout) == (0, b"403")
+    text = metrics_text(world)
+    assert (
+        metric(
+            text,
+            "outbound_grpc_route_request_statuses_total",
+            route_name="standalone.no-fail",
+            grpc_status="PERMISSION_DENIED",
+        )
+        == 1
+    )
+
+
 NATIVE_HOST_DENY = """\
 apiVersion: egressproxy.io/v1alpha1
 kind: EgressPolicy
