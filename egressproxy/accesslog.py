@@ -7,6 +7,11 @@ the finished record goes to the writer as it is (records are final once
 reported), and the fields, the timestamp and the text are made there; logging's
 LogRecord machinery is for diagnostics only. Admin requests (/metrics scrapes
 too) are never access-logged.
+
+A stderr that takes nothing (a pipe nobody reads) costs bounded memory and
+never keeps the process from exiting: past MAX_PENDING_LINES waiting, lines are
+dropped and their number is written once stderr takes lines again, and at exit
+the writer is given up on after STOP_PATIENCE without progress.
 """
 
 from __future__ import annotations
@@ -315,6 +320,15 @@ lasts) and the loop is not interrupted by a thread wake-up for every line it que
 A quiet loop (a line or two at a time) gets its lines written at once."""
 
 
+MAX_PENDING_LINES = 16_384
+"""Lines waiting for the writer (about a second of a busy worker's requests, some
+megabytes of records); past it, lines are dropped and counted rather than held."""
+STOP_PATIENCE = 2.0
+"""At exit the writer is waited for while it makes progress, and given up on after this
+many seconds in which stderr took no line."""
+DROPS_LOGGER = "egressproxy.log"
+
+
 class _Stop:
     """Queued by stop(): the writer ends after the lines queued before it."""
 
@@ -323,28 +337,49 @@ QueueItem = logging.LogRecord | AccessEntry | _Stop
 
 
 class LineWriter:
-    """The thread that formats and writes every line, in the order they were queued."""
+    """The thread that formats and writes every line, in the order they were queued.
 
-    def __init__(self, handler: logging.StreamHandler[TextIO], formatter: LineFormatter) -> None:
+    It writes with os.write on stderr's descriptor, so a write stuck on a stderr nobody
+    reads holds no lock of Python's: neither logging's shutdown nor the interpreter's
+    last flush of sys.stderr then waits for it (the interpreter would abort).
+    """
+
+    def __init__(self, stream: TextIO, formatter: LineFormatter) -> None:
         self.queue: queue.SimpleQueue[QueueItem] = queue.SimpleQueue()
-        self.handler = handler
-        """Writes diagnostics (with logging's own handling of bad records)."""
+        self.stream = stream
+        self.descriptor = _descriptor(stream)
+        self.encoding = getattr(stream, "encoding", None) or "utf-8"
         self.formatter = formatter
         self.thread: threading.Thread | None = None
+        self.dropped = 0
+        self.drop_lock = threading.Lock()
+        self.writes = 0
+        """Writes finished, written or failed: what stop() watches for progress."""
 
     def put(self, item: QueueItem) -> None:
-        self.queue.put(item)
+        if self.queue.qsize() < MAX_PENDING_LINES:
+            self.queue.put(item)
+            return
+        with self.drop_lock:
+            self.dropped += 1
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._run, name="egressproxy-log-writer", daemon=True)
         self.thread.start()
 
-    def stop(self) -> None:
-        """Write out everything queued so far, then end the thread."""
-        if self.thread is not None:
-            self.queue.put(_Stop())
-            self.thread.join()
-            self.thread = None
+    def stop(self, patience: float | None = None) -> None:
+        """Write out everything queued so far, then end the thread. With patience, give up
+        on a writer whose stderr took nothing for that many seconds (the thread is a
+        daemon: it ends with the process)."""
+        thread = self.thread
+        if thread is None:
+            return
+        self.thread = None
+        self.queue.put(_Stop())
+        writes = -1
+        while thread.is_alive() and self.writes != writes:
+            writes = self.writes
+            thread.join(patience)
 
     def _run(self) -> None:
         while True:
@@ -354,33 +389,90 @@ class LineWriter:
                     batch.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
-            access_lines: list[str] = []
+            lines: list[str] = []
             for item in batch:
                 if isinstance(item, _Stop):
-                    self._write(access_lines)
+                    self._write(lines)
                     return
                 if isinstance(item, logging.LogRecord):
-                    self._write(access_lines)
-                    access_lines = []
-                    self.handler.handle(item)
+                    lines.append(self._diagnostic_line(item))
                 else:
                     record, created, duration = item
-                    access_lines.append(self.formatter.access_line(record, created, duration))
-            self._write(access_lines)
+                    lines.append(self.formatter.access_line(record, created, duration))
+            self._write(lines)
+            if self.dropped:
+                self._write([self._drops_line()])
             if len(batch) >= WRITER_BUSY:
                 time.sleep(WRITER_PAUSE)
+
+    def _diagnostic_line(self, record: logging.LogRecord) -> str:
+        try:
+            return self.formatter.format(record)
+        except Exception:  # a bad record (its arguments do not fit its message)
+            unformatted = logging.makeLogRecord(
+                {
+                    "name": record.name,
+                    "levelno": logging.ERROR,
+                    "levelname": "ERROR",
+                    "msg": "unformattable log message %r with arguments %r",
+                    "args": (record.msg, record.args),
+                }
+            )
+            return self.formatter.format(unformatted)
+
+    def _drops_line(self) -> str:
+        with self.drop_lock:
+            dropped, self.dropped = self.dropped, 0
+        report = logging.makeLogRecord(
+            {
+                "name": DROPS_LOGGER,
+                "levelno": logging.WARNING,
+                "levelname": "WARNING",
+                "msg": "%d log lines were dropped: %d were already waiting for stderr",
+                "args": (dropped, MAX_PENDING_LINES),
+            }
+        )
+        return self.formatter.format(report)
 
     def _write(self, lines: list[str]) -> None:
         if not lines:
             return
-        stream = self.handler.stream
-        terminator = self.handler.terminator
+        text = "\n".join(lines) + "\n"
         try:
-            stream.write(terminator.join(lines) + terminator)
-            stream.flush()
+            if self.descriptor is None:
+                self.stream.write(text)
+                self.stream.flush()
+                return
+            data = memoryview(text.encode(self.encoding, "backslashreplace"))
+            while data:
+                data = data[os.write(self.descriptor, data) :]
         except (OSError, ValueError):
             # stderr is closed or broken: there is nowhere left to report that to.
             return
+        finally:
+            self.writes += 1
+
+
+def _descriptor(stream: TextIO) -> int | None:
+    """The descriptor under a real stderr, flushed of what Python buffered; None for a
+    stream of Python's only (a test's StringIO)."""
+    try:
+        descriptor = stream.fileno()
+        stream.flush()
+    except (AttributeError, OSError, ValueError):
+        return None
+    return descriptor
+
+
+class _ToWriter(QueueHandler):
+    """Hands diagnostics to the writer, which bounds what waits."""
+
+    def __init__(self, writer: LineWriter) -> None:
+        super().__init__(writer.queue)
+        self.writer = writer
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        self.writer.put(record)
 
 
 _writer: LineWriter | None = None
@@ -392,13 +484,11 @@ def setup_logging(settings: Settings) -> None:
     global _writer, _fork_hooks_registered
     shutdown_logging()
     formatter = LineFormatter(settings.log_format)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(formatter)
-    writer = LineWriter(handler, formatter)
+    writer = LineWriter(sys.stderr, formatter)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    root.addHandler(QueueHandler(writer.queue))
+    root.addHandler(_ToWriter(writer))
     root.setLevel(settings.log_level.upper())
     writer.start()
     _writer = writer
@@ -412,10 +502,10 @@ def setup_logging(settings: Settings) -> None:
 
 
 def shutdown_logging() -> None:
-    """Write out every queued line and stop the writer thread."""
+    """Write out every queued line stderr takes, and stop the writer thread."""
     global _writer
     if _writer is not None:
-        _writer.stop()
+        _writer.stop(STOP_PATIENCE)
         _writer = None
 
 

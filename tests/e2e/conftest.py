@@ -49,18 +49,23 @@ def proxy_launcher(world: World) -> Iterator[ProxyLauncher]:
 def proxy(proxy_launcher: ProxyLauncher, request: pytest.FixtureRequest) -> Iterator[StartProxy]:
     """Start `egressproxy run` in the client namespace; stopped (and checked) at teardown.
 
-    proxy(policy_text=None, *args, ready=True, as_root=False): policy_text None
-    runs the bundled policy; args are extra `run` flags; ready=False returns at
-    once instead of waiting for GET /ready; as_root runs it as uid 0. Teardown
+    proxy(policy_text=None, *args, ready=True, as_root=False, output_unread=False):
+    policy_text None runs the bundled policy; args are extra `run` flags; ready=False
+    returns at once instead of waiting for GET /ready; as_root runs it as uid 0;
+    output_unread gives it a pipe nobody reads for its output instead of the log. Teardown
     fails the test if a proxy exited without the test asking, or logged a traceback.
     """
     started: list[Proxy] = []
     request.node.stash[PROXIES] = started
 
     def start(
-        policy_text: str | None = None, *args: str, ready: bool = True, as_root: bool = False
+        policy_text: str | None = None,
+        *args: str,
+        ready: bool = True,
+        as_root: bool = False,
+        output_unread: bool = False,
     ) -> Proxy:
-        launched = proxy_launcher.start(policy_text, args, ready, as_root)
+        launched = proxy_launcher.start(policy_text, args, ready, as_root, output_unread)
         started.append(launched)
         return launched
 

@@ -6,12 +6,15 @@ live under /root (mode 0700), which uid 2102 cannot enter.
 
 from __future__ import annotations
 
+import array
+import fcntl
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 from typing import Protocol
@@ -35,18 +38,38 @@ class StartProxy(Protocol):
     """The `proxy` fixture: start `egressproxy run POLICY ARGS` and (by default) wait for /ready."""
 
     def __call__(
-        self, policy_text: str | None = None, *args: str, ready: bool = True, as_root: bool = False
+        self,
+        policy_text: str | None = None,
+        *args: str,
+        ready: bool = True,
+        as_root: bool = False,
+        output_unread: bool = False,
     ) -> Proxy: ...
 
 
 class Proxy:
     """One `egressproxy run` process (PID = the python process: ip netns exec and setpriv exec)."""
 
-    def __init__(self, world: World, process: subprocess.Popen[bytes], log: LogFile) -> None:
+    def __init__(
+        self,
+        world: World,
+        process: subprocess.Popen[bytes],
+        log: LogFile,
+        unread_output: int | None = None,
+    ) -> None:
         self.world = world
         self.process = process
         self.log = log
         self.exit_expected = False
+        self.unread_output = unread_output
+        """The read end of the pipe an output_unread proxy writes to; closed by stop()."""
+
+    def unread_output_bytes(self) -> int:
+        """What the proxy wrote to its unread pipe (a full pipe holds 64 KiB)."""
+        assert self.unread_output is not None
+        count = array.array("i", [0])
+        fcntl.ioctl(self.unread_output, termios.FIONREAD, count)
+        return count[0]
 
     @property
     def pid(self) -> int:
@@ -84,6 +107,9 @@ class Proxy:
         """Signal, wait (bounded), SIGKILL if needed; the exit code (negative: killed by signal)."""
         self.exit_expected = True
         code = stop_process(self.process, sig)
+        if self.unread_output is not None:
+            os.close(self.unread_output)
+            self.unread_output = None
         self.log.text()
         return code
 
@@ -133,9 +159,15 @@ class ProxyLauncher:
         self.started = 0
 
     def start(
-        self, policy_text: str | None, args: tuple[str, ...], ready: bool, as_root: bool = False
+        self,
+        policy_text: str | None,
+        args: tuple[str, ...],
+        ready: bool,
+        as_root: bool = False,
+        output_unread: bool = False,
     ) -> Proxy:
-        """as_root runs the proxy as uid 0 (then it needs --allow-root, and --mark not to loop)."""
+        """as_root runs the proxy as uid 0 (then it needs --allow-root, and --mark not to loop);
+        output_unread gives it a pipe nobody reads for stdout and stderr instead of the log."""
         self.started += 1
         identity = [] if as_root else [
             "setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups",
@@ -158,17 +190,26 @@ class ProxyLauncher:
             "PYTHONDONTWRITEBYTECODE": "1",
             "PYTHONUNBUFFERED": "1",
         }
-        with log.path.open("wb") as output:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                env=environment,
-                cwd=self.root,
-                start_new_session=True,
-            )
-        proxy = Proxy(self.world, process, log)
+        unread_output, output = os.pipe() if output_unread else (None, None)
+        with log.path.open("wb") as log_output:
+            try:
+                process = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_output if output is None else output,
+                    stderr=subprocess.STDOUT,
+                    env=environment,
+                    cwd=self.root,
+                    start_new_session=True,
+                )
+            except BaseException:
+                if unread_output is not None:
+                    os.close(unread_output)
+                raise
+            finally:
+                if output is not None:
+                    os.close(output)
+        proxy = Proxy(self.world, process, log, unread_output)
         if ready:
             try:
                 proxy.wait_ready()

@@ -7,6 +7,7 @@ import hashlib
 import http.client
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -705,8 +706,6 @@ def test_linkerd_guide_redirect_section(world: World, proxy: StartProxy) -> None
 
 
 def test_sigterm_finishes_the_request_in_flight(world: World, proxy: StartProxy) -> None:
-    import signal
-
     started = proxy(policy(), "--namespace", "egress-test")
     conn = connection(world, "httpbin.org")
     try:
@@ -721,6 +720,30 @@ def test_sigterm_finishes_the_request_in_flight(world: World, proxy: StartProxy)
             request(conn, "GET", "/get", "httpbin.org")
     finally:
         conn.close()
+    assert started.wait(STOP_TIMEOUT) == 0
+
+
+FULL_PIPE = 48 << 10
+"""A pipe holds 64 KiB, less what its pages leave unfilled; the lines of the requests
+below are ten times that."""
+UNREAD_REQUESTS = 1_000
+
+
+def test_a_proxy_whose_stderr_nobody_reads_serves_and_exits_on_sigterm(
+    world: World, proxy: StartProxy
+) -> None:
+    """Once its stderr pipe is full, the proxy keeps serving (lines wait, bounded, or are
+    dropped) and a SIGTERM still ends it with 0: the log writer is given up on."""
+    started = proxy(policy(), "--namespace", "egress-test", output_unread=True)
+    conn = connection(world, "httpbin.org")
+    long_path = "/get?" + "padding=" + "x" * 400
+    try:
+        for _ in range(UNREAD_REQUESTS):
+            assert request(conn, "GET", long_path, "httpbin.org")[0] == 200
+    finally:
+        conn.close()
+    assert started.unread_output_bytes() >= FULL_PIPE
+    started.send_signal(signal.SIGTERM)
     assert started.wait(STOP_TIMEOUT) == 0
 
 

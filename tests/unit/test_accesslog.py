@@ -7,7 +7,9 @@ import io
 import ipaddress
 import json
 import logging
+import os
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -19,9 +21,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from egressproxy import accesslog
 from egressproxy.accesslog import (
     CONNECTION_KEYS,
+    MAX_PENDING_LINES,
     REQUEST_KEYS,
+    STOP_PATIENCE,
     AccessLog,
     LineFormatter,
     decision_word,
@@ -634,3 +639,82 @@ def test_text_log_line_with_exception(monkeypatch: pytest.MonkeyPatch) -> None:
     assert_rfc3339(time_text)
     assert (level, name, message) == ("ERROR", "egressproxy.test", "failed")
     assert traceback[-1] == "ValueError: broken"
+
+
+def read_all(descriptor: int, into: list[bytes]) -> None:
+    while chunk := os.read(descriptor, 1 << 16):
+        into.append(chunk)
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_lines_a_stderr_nobody_reads_waits_for_are_bounded_and_the_dropped_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pipe nobody reads: memory stays bounded, and every line is written or counted."""
+    read_end, write_end = os.pipe()
+    stream = open(write_end, "w", encoding="utf-8")  # noqa: SIM115 (closed below)
+    monkeypatch.setattr(sys, "stderr", stream)
+    setup_logging(Settings(log_format=LogFormat.TEXT, log_level="info"))
+    writer = accesslog._writer
+    assert writer is not None
+    lines = MAX_PENDING_LINES + 20_000
+    access_log = AccessLog()
+    for _ in range(lines):
+        access_log.connection_closed(FlowRecord(client=CLIENT, error="loop"))
+        assert writer.queue.qsize() <= MAX_PENDING_LINES
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=read_all, args=(read_end, chunks))
+    reader.start()
+    shutdown_logging()
+    stream.close()
+    reader.join(BLOCKED_WRITER_TIMEOUT)
+    os.close(read_end)
+    written = b"".join(chunks).decode().splitlines()
+    access = [line for line in written if " access " in line]
+    reports = [line for line in written if " access " not in line]
+    assert len(reports) == 1, reports
+    report = re.fullmatch(
+        r"\S+ WARNING egressproxy\.log (\d+) log lines were dropped: "
+        rf"{MAX_PENDING_LINES} were already waiting for stderr",
+        reports[0],
+    )
+    assert report is not None, reports[0]
+    dropped = int(report.group(1))
+    assert dropped > 0
+    assert len(access) + dropped == lines
+
+
+EXIT_WITH_STDERR_UNREAD = """
+from egressproxy.accesslog import AccessLog, setup_logging, shutdown_logging
+from egressproxy.records import FlowRecord
+from egressproxy.settings import Settings
+setup_logging(Settings(log_level="info"))
+for _ in range(50_000):
+    AccessLog().connection_closed(FlowRecord(client="198.18.0.2:40000", error="loop"))
+shutdown_logging()
+print("stopped", flush=True)
+"""
+
+
+def test_a_stderr_nobody_reads_keeps_no_process_from_exiting() -> None:
+    read_end, write_end = os.pipe()
+    package_root = Path(accesslog.__file__).resolve().parents[1]
+    process = subprocess.Popen(
+        [sys.executable, "-c", EXIT_WITH_STDERR_UNREAD],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=write_end,
+        env={"PYTHONPATH": str(package_root), "PATH": os.environ.get("PATH", "")},
+    )
+    os.close(write_end)
+    try:
+        output, _ = process.communicate(timeout=STOP_PATIENCE + 20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        chunks: list[bytes] = []
+        read_all(read_end, chunks)
+        os.close(read_end)
+    assert b"Fatal Python error" not in b"".join(chunks)
+    assert (process.returncode, output) == (0, b"stopped\n")
