@@ -259,7 +259,9 @@ def normalized_path(path: str) -> str:
 
 
 class CompiledHttpMatch:
-    """One HTTPRoute match; score() orders matches as Gateway API precedence says."""
+    """One HTTPRoute match; its score orders matches as Gateway API precedence says: an Exact
+    path first, then the most characters matched (a PathPrefix's, or all of the path for a
+    RegularExpression, as linkerd2-proxy ranks one), a method, headers, query parameters."""
 
     def __init__(self, match: HttpMatch) -> None:
         path = match.path
@@ -276,9 +278,15 @@ class CompiledHttpMatch:
         self.method_any_case = match.method_any_case
         self.headers = tuple(CompiledValueMatch(header) for header in match.headers)
         self.query = tuple(CompiledValueMatch(param) for param in match.query)
-        rank = {MatchKind.EXACT: 3, MatchKind.PREFIX: 2, MatchKind.REGEX: 1}[self.path_kind]
+        self.rest = (self.method is not None, len(self.headers), len(self.query))
         length = len(self.prefix)  # Linkerd's: `/foo/` is no longer a prefix than `/foo`
-        self.score = (rank, length, self.method is not None, len(self.headers), len(self.query))
+        self.score = (self.exact_path, length, *self.rest)
+        """The score of a match on any path; a RegularExpression's is score_for(path)'s."""
+
+    def score_for(self, path: str) -> tuple[object, ...]:
+        if self.pattern is None:
+            return self.score
+        return (False, len(path), *self.rest)
 
     def matches(self, request: RequestFacts, query: Sequence[tuple[str, str]]) -> bool:
         """Runs for every request: no generator is made for a match without headers or query."""
@@ -304,6 +312,11 @@ DEFAULT_HTTP_MATCH = CompiledHttpMatch(HttpMatch())
 
 
 class CompiledGrpcMatch:
+    """One gRPC method match; its score orders matches as Gateway API's GRPCRoute precedence
+    (and linkerd2-proxy) does: the most characters of service matched, then of method, then
+    header matches; a regular expression (native rules) counts what it matched, and loses a
+    tie to exact names."""
+
     def __init__(self, match: GrpcMatch) -> None:
         self.service = match.service
         self.method = match.method
@@ -312,8 +325,18 @@ class CompiledGrpcMatch:
         self.method_pattern = Pattern(match.method) if self.regex and match.method else None
         self.headers = tuple(CompiledValueMatch(header) for header in match.headers)
         self.any_method = match.any_method
-        specified = (match.service is not None) + (match.method is not None)
-        self.score = (specified, not self.regex, len(self.headers))
+        self.score = (len(match.service or ""), len(match.method or ""), len(self.headers), True)
+        """The score of an exact match; a regular expression's is score_for's."""
+
+    def score_for(self, service: str | None, method: str | None) -> tuple[int, int, int, bool]:
+        if not self.regex:
+            return self.score
+        return (
+            len(service or "") if self.service is not None else 0,
+            len(method or "") if self.method is not None else 0,
+            len(self.headers),
+            False,
+        )
 
     def matches(self, service: str | None, method: str | None, request: RequestFacts) -> bool:
         return (
@@ -332,6 +355,8 @@ class CompiledGrpcMatch:
             return pattern.fullmatch(actual)
         return actual == wanted
 
+
+NOT_A_CALL = "not a gRPC call (POST /service/method)"
 
 DEFAULT_GRPC_MATCH = CompiledGrpcMatch(GrpcMatch(any_method=True))
 """A gRPC rule without matches takes every call, whatever its method."""
@@ -658,6 +683,10 @@ class PolicyIndex:
             )
             if rule is not None:
                 return self.matched(network, destination, GRPC_PROTOCOL, rule)
+            if table.fixed is GRPC_PROTOCOL and (
+                facts.method != "POST" or split_grpc_path(facts.path)[0] is None
+            ):
+                return self.not_a_call(network, destination)
             return self.unmatched_request(
                 network, table, destination, GRPC_PROTOCOL, "no GRPCRoute matched"
             )
@@ -699,6 +728,24 @@ class PolicyIndex:
                 if rule.covers(destination.ip):
                     return self.matched(network, destination, protocol, rule)
         return self.default(network, destination, protocol, why)
+
+    def not_a_call(self, network: CompiledNetwork, destination: Destination) -> Decision:
+        """linkerd2-proxy's default egress route for gRPC, like every GRPCRoute match, takes
+        only a POST of /service/method (a rule without matches takes anything): a request
+        no rule took that is no call matches no route there (a 404), and is denied here,
+        under the port's default route."""
+        key = (id(network), destination.port, GRPC_PROTOCOL, NOT_A_CALL)
+        decision = self.decisions.get(key)
+        if decision is None:
+            decision = self.remember(
+                key,
+                dataclasses.replace(
+                    self.default(network, destination, GRPC_PROTOCOL, ""),
+                    action=Action.DENY,
+                    reason=f"{NOT_A_CALL} on port {destination.port}, whose routes are GRPCRoutes",
+                ),
+            )
+        return decision
 
     # --- building decisions ---------------------------------------------------------
 
@@ -837,12 +884,13 @@ def best_http_rule(table: HostTable[CompiledRule], request: RequestFacts) -> Com
                 if other_port:
                     continue
             for match in rule.http or (DEFAULT_HTTP_MATCH,):
-                if best is not None and match.score <= best_score:
+                score = match.score if match.pattern is None else match.score_for(request.path)
+                if best is not None and score <= best_score:
                     continue
                 if query is None and match.query:
                     query = parse_qsl(request.query, keep_blank_values=True, encoding="latin-1")
                 if match.matches(request, query or ()):
-                    best, best_score = rule, match.score
+                    best, best_score = rule, score
         if best is not None:
             return best
         if any(rule.route.most_specific_host_only for rule in level):
@@ -878,19 +926,20 @@ def best_grpc_rule(table: HostTable[CompiledRule], request: RequestFacts) -> Com
                 continue
             if rule.route.protocol is RouteProtocol.GRPC:
                 for grpc_match in rule.grpc or (DEFAULT_GRPC_MATCH,):
-                    score = grpc_match.score
-                    if (grpc_best is None or score > grpc_score) and grpc_match.matches(
+                    call_score = grpc_match.score_for(service, method)
+                    if (grpc_best is None or call_score > grpc_score) and grpc_match.matches(
                         service, method, request
                     ):
-                        grpc_best, grpc_score = rule, score
+                        grpc_best, grpc_score = rule, call_score
                 continue
             for http_match in rule.http or (DEFAULT_HTTP_MATCH,):
-                if http_best is not None and http_match.score <= http_score:
+                score = http_match.score_for(request.path)
+                if http_best is not None and score <= http_score:
                     continue
                 if query is None and http_match.query:
                     query = parse_qsl(request.query, keep_blank_values=True, encoding="latin-1")
                 if http_match.matches(request, query or ()):
-                    http_best, http_score = rule, http_match.score
+                    http_best, http_score = rule, score
         if http_best is not None and (
             grpc_best is None
             or (http_best.rule.action is DENY_ACTION and grpc_best.rule.action is not DENY_ACTION)

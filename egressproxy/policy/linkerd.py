@@ -503,31 +503,29 @@ def read_value_matches(
 def read_grpc_match(checker: Checker, node: YMap, where: str) -> GrpcMatch:
     checker.known_fields(node, where, {"method", "headers"})
     service = method = None
-    kind = MatchKind.EXACT
     method_node = checker.get(node, "method", YMap, where)
     if method_node is not None:
         method_where = f"{where}.method"
         checker.known_fields(method_node, method_where, {"type", "service", "method"})
-        kind = MatchKind(
-            checker.choice(
-                method_node, "type", method_where, ["Exact", "RegularExpression"], "Exact"
-            )
+        kind = checker.choice(
+            method_node, "type", method_where, ["Exact", "RegularExpression"], "Exact"
         )
+        if kind == MatchKind.REGEX.value:
+            checker.error(
+                method_node.line_of("type"),
+                f"{method_where}.type: RegularExpression is not supported: Linkerd's policy"
+                " controller refuses such a GRPCRoute (match service and method exactly)",
+            )
         # GRPCMethodMatch: a service or method "left empty or omitted" matches any
         service = checker.get(method_node, "service", str, method_where) or None
         method = checker.get(method_node, "method", str, method_where) or None
         if service is None and method is None:
             checker.error(method_node.line, f"{method_where}: one of service or method is required")
         for value, key in ((service, "service"), (method, "method")):
-            if value is None:
-                continue
-            if kind == MatchKind.REGEX:
-                checker.regex(value, method_node.line_of(key), f"{method_where}.{key}")
-            else:
+            if value is not None:
                 checker.grpc_name(value, key, method_node.line_of(key), method_where)
     return GrpcMatch(
         service=service,
         method=method,
-        kind=kind,
         headers=read_value_matches(checker, node, "headers", where, header_names=True),
     )

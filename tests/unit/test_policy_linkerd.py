@@ -515,6 +515,23 @@ def test_oldest_route_wins_a_tie() -> None:
     assert request(compiled("---".join([DENY_NET, *same_age])), "/") == "b"
 
 
+def test_a_regular_expression_path_ranks_by_the_length_of_the_path_it_matched() -> None:
+    """linkerd2-proxy ranks a RegularExpression path match by the characters it matched, the
+    whole path: it beats any shorter PathPrefix (the sink pattern of the guide's step 5 under
+    a broad allow), ties one as long (the older route wins), and loses to Exact."""
+    routes = [
+        http_route("prefix", "  - matches:\n    - path: {type: PathPrefix, value: /api}\n"),
+        http_route(
+            "admin", "  - matches:\n    - path: {type: RegularExpression, value: '/api.*'}\n"
+        ),
+        http_route("exact", "  - matches:\n    - path: {type: Exact, value: /api/exact}\n"),
+    ]
+    index = compiled("---".join([DENY_NET, *routes]))
+    assert request(index, "/api/admin/users") == "admin"
+    assert request(index, "/api") == "prefix"
+    assert request(index, "/api/exact") == "exact"
+
+
 def grpc_route(name: str, rules: str, port: int = 50051) -> str:
     return f"""
 apiVersion: gateway.networking.k8s.io/v1
@@ -578,6 +595,56 @@ def test_a_grpc_method_match_takes_only_post() -> None:
     assert grpc_call(everything, "/pkg.Greeter/SayHello", method="GET").route == route(
         "GRPCRoute", "everything"
     )
+
+
+def test_grpc_matches_rank_by_the_characters_of_service_then_method() -> None:
+    """Gateway API's GRPCRoute precedence, and linkerd2-proxy's: most characters of service
+    matched, then of method, then header matches; not how many of them a match names."""
+    rules = (
+        "  - matches:\n    - method: {method: Check}\n"
+        "    backendRefs: [{kind: Service, name: sink, port: 8080}]\n"
+        "  - matches:\n    - method: {service: grpc.health.v1.Health}\n"
+    )
+    index = compiled(DENY_NET + "---" + grpc_route("health", rules))
+    check = grpc_call(index, "/grpc.health.v1.Health/Check")
+    assert (check.route, check.backend) == (route("GRPCRoute", "health"), None)
+    elsewhere = grpc_call(index, "/pkg.Other/Check")
+    assert elsewhere.backend is not None
+    assert elsewhere.backend.host.startswith("sink.")
+    headers = (
+        "  - matches:\n    - method: {service: pkg.Greeter}\n"
+        "      headers: [{name: x-team, value: blue}]\n"
+        "    backendRefs: [{kind: Service, name: sink, port: 8080}]\n"
+        "  - matches:\n    - method: {service: pkg.Greeter, method: Hi}\n"
+    )
+    index = compiled(DENY_NET + "---" + grpc_route("team", headers))
+    facts = RequestFacts(
+        Destination(EXTERNAL, 50051),
+        "api.example.com",
+        "POST",
+        "/pkg.Greeter/Hi",
+        "",
+        (("content-type", "application/grpc"), ("x-team", "blue")),
+        grpc=True,
+    )
+    assert index.decide_request(facts).backend is None
+
+
+@pytest.mark.parametrize("policy", ["Allow", "Deny"])
+def test_what_is_no_grpc_call_matches_no_default_route_on_a_grpc_port(policy: str) -> None:
+    """linkerd2-proxy's default egress route for gRPC takes only a POST of /service/method,
+    as every GRPCRoute match does: a GET, or a path of one segment, that no rule took
+    matches no route there (a 404) and is denied here, under the port's default route."""
+    net = network("all-egress-traffic", "egress-test", policy)
+    service = grpc_route("service", "  - matches:\n    - method: {service: pkg.Greeter}\n")
+    index = compiled(net + "---" + service)
+    name = f"grpc-egress-{policy.lower()}"
+    for method, path in (("GET", "/admin"), ("GET", "/pkg.Other/Call"), ("POST", "/admin")):
+        decided = grpc_call(index, path, method=method)
+        assert (decided.action, decided.route) == (Action.DENY, default(name)), (method, path)
+    called = grpc_call(index, "/pkg.Other/Call")
+    expected = Action.PASS if policy == "Allow" else Action.DENY
+    assert (called.action, called.route) == (expected, default(name))
 
 
 def test_tcp_route_fixes_the_port() -> None:
@@ -869,15 +936,23 @@ def test_grpc_exact_names_are_protobuf_names(method: str, problem: str) -> None:
     assert reason.startswith(f"GRPCRoute egress-test/g.spec.rules[0].matches[0].method.{problem}")
 
 
-def test_grpc_regular_expression_names_are_regexes() -> None:
-    """With type RegularExpression the CRD's name patterns do not apply."""
+def test_a_grpc_regular_expression_method_match_is_refused() -> None:
+    """linkerd's policy controller refuses a GRPCRoute whose method match is a
+    RegularExpression (its proxy matches names exactly): pasted here, it is an error rather
+    than a route Linkerd would not have."""
     document = grpc_route(
         "g",
         "  - matches:\n    - method:\n"
-        "        {type: RegularExpression, service: 'pkg\\..*', method: 'Say.*'}\n",
+        "        {type: RegularExpression, service: pkg.Greeter, method: SayHello}\n",
     )
-    index = compiled(DENY_NET + "---" + document)
-    assert grpc_call(index, "/pkg.Greeter/SayHello").route == route("GRPCRoute", "g")
+    assert route_problems(document) == [
+        (
+            line_of(document, "type: RegularExpression"),
+            "GRPCRoute egress-test/g.spec.rules[0].matches[0].method.type: RegularExpression"
+            " is not supported: Linkerd's policy controller refuses such a GRPCRoute (match"
+            " service and method exactly)",
+        )
+    ]
 
 
 @pytest.mark.parametrize(("key", "name"), [("headers", "X-Team"), ("queryParams", "v")])
@@ -969,15 +1044,12 @@ def test_header_match_values_are_not_empty() -> None:
     ]
 
 
-@pytest.mark.parametrize("kind", ["Exact", "RegularExpression"])
-def test_an_empty_grpc_service_matches_any_service(kind: str) -> None:
+def test_an_empty_grpc_service_matches_any_service() -> None:
     """GRPCMethodMatch.service: "If left empty or omitted, will match any service"."""
     index = compiled(
         DENY_NET
         + "---"
-        + grpc_route(
-            "any", f"  - matches:\n    - method: {{type: {kind}, service: '', method: Get}}\n"
-        )
+        + grpc_route("any", "  - matches:\n    - method: {service: '', method: Get}\n")
     )
     for path, route_name in (("/pkg.Svc/Get", "any"), ("/pkg.Svc/Put", "grpc-egress-deny")):
         facts = RequestFacts(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import json
 import re
@@ -28,7 +27,7 @@ from egressproxy.policy.decision import (
 from egressproxy.policy.errors import PolicyError
 from egressproxy.policy.index import PolicyIndex, compile_policy
 from egressproxy.policy.loader import load_policy, load_policy_text
-from egressproxy.policy.model import Model, Rule
+from egressproxy.policy.model import GrpcMatch, MatchKind, Model, Rule, ValueMatch
 from egressproxy.settings import Settings
 from tests.unit.test_policy_linkerd import DENY_NET, grpc_route, http_route
 
@@ -768,31 +767,25 @@ spec:
 """
 
 
-def test_grpc_regex_matches_compile_to_the_gateway_api_ones() -> None:
-    """serviceRegex and methodRegex make the GrpcMatch of a GRPCRoute RegularExpression method
-    match; an exact part beside a regular expression becomes the escaped one."""
+def test_grpc_regex_matches_compile_to_one_regex_match_of_both_parts() -> None:
+    """serviceRegex and methodRegex make one GrpcMatch of regular expressions; an exact part
+    beside a regular expression becomes the escaped one."""
     native = load_policy_text(GRPC_REGEX_MATCHES, "n.yaml")
-    method_matches = {
-        "both": r"service: 'pkg\.(Greeter|Farewell)', method: 'Say.*'",
-        "service-regex": r"service: 'pkg\.Admin.*', method: Drop",
-        "method-regex": r"service: 'pkg\.Store', method: 'Get|List'",
-        "service-only": r"service: 'metrics\..*'",
+    expected = {
+        "both": (r"pkg\.(Greeter|Farewell)", "Say.*", ()),
+        "service-regex": (r"pkg\.Admin.*", "Drop", ()),
+        "method-regex": (r"pkg\.Store", "Get|List", ()),
+        "service-only": (
+            r"metrics\..*",
+            None,
+            (ValueMatch("x-tenant", MatchKind.EXACT, "blue"),),
+        ),
     }
-    tenant = "      headers: [{name: x-tenant, value: blue}]\n"
-    routes = [
-        grpc_route(
-            name,
-            f"  - matches:\n    - method: {{type: RegularExpression, {fields}}}\n"
-            + (tenant if name == "service-only" else ""),
-        )
-        for name, fields in method_matches.items()
-    ]
-    gateway = load_policy_text("---".join([DENY_NET, *routes]), "g.yaml")
-    gateway_rules = {route.ref.name: route.rules[0] for route in gateway.routes}
-    for name in method_matches:
+    for name, (service, method, headers) in expected.items():
         (native_match,) = native_rule(native, name).grpc_matches
-        (gateway_match,) = gateway_rules[name].grpc_matches
-        assert native_match == dataclasses.replace(gateway_match, any_method=True), name
+        assert native_match == GrpcMatch(
+            service=service, method=method, kind=MatchKind.REGEX, headers=headers, any_method=True
+        ), name
 
 
 def test_grpc_regex_matches_decide_whole_names() -> None:
@@ -930,12 +923,12 @@ GRPC_SHAPES = [
         max_size=6,
     ),
 )
-def test_a_native_grpc_regex_match_decides_as_the_gateway_api_one(
+def test_a_native_grpc_regex_match_decides_whole_names_of_calls(
     shape: tuple[str | None, str | None], values: dict[str, dict[str, str]], calls: list[str]
 ) -> None:
-    """serviceRegex / methodRegex (beside each other, an exact part or nothing) decide every
-    call as the GRPCRoute RegularExpression match of the same patterns (the exact part
-    escaped)."""
+    """serviceRegex / methodRegex (beside each other, an exact part or nothing) allow a call
+    when each given part matches the call's whole service or method name, and nothing that
+    is no call (`/service/method`)."""
     given_parts = {
         key: (kind, values[kind][key])
         for key, kind in zip(("service", "method"), shape, strict=True)
@@ -954,17 +947,14 @@ spec:
   rules:
   - {{name: r, ports: [50051], grpc: [{{{native_keys}}}]}}
 """
-    gateway_keys = "".join(
-        f", {key}: {json.dumps(value if kind == 'regex' else re.escape(value))}"
-        for key, (kind, value) in given_parts.items()
-    )
-    rules = f"  - matches:\n    - method: {{type: RegularExpression{gateway_keys}}}\n"
-    gateway = f"{DENY_NET}---{grpc_route('r', rules)}"
-    indexes = [
-        compile_policy(load_policy_text(text, "p.yaml"), Settings()) for text in (native, gateway)
-    ]
+    index = compile_policy(load_policy_text(native, "p.yaml"), Settings())
     for path in calls:
-        native_decision, gateway_decision = (
-            http(index, "example.com", path, "POST", 50051, grpc=True).action for index in indexes
+        parts = path.split("/")
+        names = dict(zip(("service", "method"), parts[1:], strict=False))
+        is_call = len(parts) == 3 and all(parts[1:])
+        allowed = is_call and all(
+            re.fullmatch(value, names[key]) if kind == "regex" else value == names[key]
+            for key, (kind, value) in given_parts.items()
         )
-        assert native_decision == gateway_decision, path
+        decided = http(index, "example.com", path, "POST", 50051, grpc=True).action
+        assert decided == (Action.PASS if allowed else Action.DENY), path

@@ -13,7 +13,6 @@ from test_policy_linkerd import (
     DENY_NET,
     EXTERNAL,
     compiled,
-    grpc_route,
     http_route,
     line_of,
     request,
@@ -21,7 +20,10 @@ from test_policy_linkerd import (
 )
 
 from egressproxy.policy.decision import Action, Destination, RequestFacts
+from egressproxy.policy.index import compile_policy
+from egressproxy.policy.loader import load_policy_text
 from egressproxy.policy.regex import Pattern, RegexError
+from egressproxy.settings import Settings
 
 
 def sent(text: str) -> str:
@@ -99,11 +101,21 @@ def test_lookaround_and_backreferences_are_refused_with_their_line(
     ]
 
 
+NATIVE_GRPC_PATTERNS = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: p}
+spec:
+  default: deny
+  rules:
+  - name: g
+    ports: [50051]
+    grpc: [{serviceRegex: 'pkg\\.\\pL+', methodRegex: '(a+)+b'}]
+"""
+
+
 def test_grpc_name_patterns_are_re2_too() -> None:
-    method = "{type: RegularExpression, service: 'pkg\\.\\pL+', method: '(a+)+b'}"
-    index = compiled(
-        "---".join([DENY_NET, grpc_route("g", f"  - matches:\n    - method: {method}\n")])
-    )
+    index = compile_policy(load_policy_text(NATIVE_GRPC_PATTERNS, "p.yaml"), Settings())
     destination = Destination(EXTERNAL, 50051)
 
     def called(path: str) -> str:
@@ -112,7 +124,7 @@ def test_grpc_name_patterns_are_re2_too() -> None:
         assert decision.route is not None
         return decision.route.name
 
-    assert called("/pkg.Svc/aaab") == "g"
+    assert called("/pkg.Svc/aaab") == "p.g"
     assert called("/pkg.Svc/" + "a" * 5_000) == "grpc-egress-deny"
     assert called("/pkg.5/aaab") == "grpc-egress-deny"
 
