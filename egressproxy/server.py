@@ -133,6 +133,9 @@ def bind_listener(endpoint: Endpoint, all_endpoints: tuple[Endpoint, ...]) -> so
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        # TCP urgent data stays in the stream, where the relays pass it on (accepted
+        # sockets inherit it): else a read drops the urgent byte.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
         if family == socket.AF_INET6:
             has_v4 = any(
                 ":" not in other.host and other.port == endpoint.port for other in all_endpoints

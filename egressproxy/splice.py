@@ -29,6 +29,7 @@ import fcntl
 import os
 import select
 import socket
+import sys
 
 from egressproxy.relay import (
     RESET_GRACE_SECONDS,
@@ -53,6 +54,8 @@ COPY_CHUNK = 256 * 1024
 MAX_EVENTS = 512
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 NO_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+SIOCATMARK = 0x8905
+"""ioctl(2), linux/sockios.h: whether a socket's next byte is TCP's urgent byte."""
 
 
 class Pipes:
@@ -295,12 +298,7 @@ class SplicedRelay(IdleCounting):
         if side.pipe is None:
             side.pipe = self._splicer.pipes.take()
         try:
-            if side.pipe is not None:
-                moved = os.splice(side.fd, side.pipe[1], PIPE_SIZE, flags=SPLICE_FLAGS)
-                side.in_pipe = moved
-            else:
-                data = side.sock.recv(COPY_CHUNK)
-                side.pending, moved = data, len(data)
+            moved = self._read(side)
         except BlockingIOError:
             self._give_back(side)  # nothing came: the pipe is lent only while bytes are
             return
@@ -311,6 +309,26 @@ class SplicedRelay(IdleCounting):
             side.eof = True
         side.received += moved
         self._flush(side)
+
+    def _read(self, side: _Side) -> int:
+        """splice(2) stops at TCP's urgent mark: nothing more comes through it (EAGAIN, or 0
+        once the peer sent its FIN) until a read takes the urgent byte, inline on our
+        sockets (SO_OOBINLINE). Else the epoll would report the socket for ever, and the
+        FIN would pass for the end with the bytes after the mark lost."""
+        if side.pipe is not None:
+            try:
+                moved = os.splice(side.fd, side.pipe[1], PIPE_SIZE, flags=SPLICE_FLAGS)
+            except BlockingIOError:
+                if not at_urgent_mark(side.fd):
+                    raise
+                moved = 0
+            if moved or not at_urgent_mark(side.fd):
+                side.in_pipe = moved
+                return moved
+            self._give_back(side)
+        data = side.sock.recv(COPY_CHUNK)
+        side.pending = data
+        return len(data)
 
     def _flush(self, side: _Side) -> None:
         """Write what side read to its peer, as far as the peer takes it."""
@@ -418,3 +436,7 @@ class SplicedRelay(IdleCounting):
         """A quarter of the idle timeout has passed: close when no byte moved in four."""
         if self.idle_for_the_timeout(self.client.received + self.upstream.received):
             self.abort("idle_timeout")
+
+
+def at_urgent_mark(fd: int) -> bool:
+    return bool(int.from_bytes(fcntl.ioctl(fd, SIOCATMARK, bytes(4)), sys.byteorder))

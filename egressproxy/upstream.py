@@ -282,6 +282,7 @@ async def _socket_connected(
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)  # see bind_listener
         if mark is not None:
             set_mark(sock, mark)
         sock.bind(source)

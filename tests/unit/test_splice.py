@@ -9,6 +9,7 @@ import hashlib
 import os
 import select
 import socket
+import time
 import struct
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ def run(scenario: Coroutine[Any, Any, Result]) -> Result:
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
     """(the test's end, the relay's end) of one TCP connection on 127.0.0.1."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)  # as the proxy's
         outer = socket.create_connection(listener.getsockname())
         inner, _ = listener.accept()
     outer.setblocking(False)
@@ -140,6 +142,44 @@ def test_one_direction_ends_and_the_other_goes_on() -> None:
     request, answer, result = run(scenario())
     assert (request, answer) == (b"request", b"answer" * 1000)
     assert result == RelayResult(7, 6000, "")
+
+
+URGENT_QUIET = 0.3
+URGENT_CPU = 0.1
+"""CPU the test process may use over URGENT_QUIET of waiting: a relay stuck at the urgent
+mark used all of it, its epoll reporting the socket again at once."""
+
+
+def test_tcp_urgent_data_crosses_in_its_place_without_spinning() -> None:
+    """splice(2) stops at TCP's urgent mark; the byte there (telnet's and some database
+    clients' cancel) goes on inline, and neither the relay spins nor a FIN after it cuts
+    the bytes behind it off."""
+
+    async def send_urgent(sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(sock, b"abc")
+        await asyncio.sleep(0.05)
+        sock.send(b"D", socket.MSG_OOB)
+        await loop.sock_sendall(sock, b"efg")
+
+    async def scenario() -> tuple[bytes, bytes, float, RelayResult]:
+        async with spliced() as world:
+            await send_urgent(world.client)
+            await send_urgent(world.upstream)
+            started = time.process_time()
+            await asyncio.sleep(URGENT_QUIET)
+            spent = time.process_time() - started
+            world.client.shutdown(socket.SHUT_WR)
+            world.upstream.shutdown(socket.SHUT_WR)
+            at_upstream, at_client = await asyncio.gather(
+                read_to_eof(world.upstream), read_to_eof(world.client)
+            )
+            return at_upstream, at_client, spent, await world.finished()
+
+    at_upstream, at_client, spent, result = run(scenario())
+    assert (at_upstream, at_client) == (b"abcDefg", b"abcDefg")
+    assert spent < URGENT_CPU
+    assert result == RelayResult(7, 7, "")
 
 
 def test_a_slow_reader_holds_the_writer_back_without_buffering() -> None:
