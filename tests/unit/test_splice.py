@@ -9,8 +9,8 @@ import hashlib
 import os
 import select
 import socket
-import time
 import struct
+import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
