@@ -49,14 +49,17 @@ _LOOSE_REQUEST_LINE = re.compile(
     + rb"*"
     + _LOOSE_METHOD
     + _SPACE
-    + rb"+"
+    + rb"+(?:"
     + _LINE_TEXT
     + rb"*"
     + _SPACE
-    + rb"(?i:HTTP)/[0-9]\.[0-9]"
+    + rb"(?i:HTTP)/[0-9]+\.[0-9]+|(?:/|(?i:https?://))[\x21-\x7e\x80-\xff]*)"
     + _SPACE
     + rb"*\r?"
 )
+"""Besides irregular whitespace: a version of several digits (nginx reads `HTTP/01.1` and
+`HTTP/1.01` as HTTP/1.1), and HTTP/0.9's line without one (nginx and Apache serve
+`GET /path`)."""
 _LOOSE_REQUEST_LINE_PREFIX = re.compile(
     rb"(?:" + _SPACE + rb"*(?:" + _LOOSE_METHOD + rb"(?:" + _SPACE + _LINE_TEXT + rb"*\r?)?)?)?"
 )

@@ -124,9 +124,15 @@ IRREGULAR_REQUEST_LINES = [
     b"GET\x0b/ HTTP/1.1",
     b"GET / HTTP/1.1\x0b",
     b"GET\xa0/\xa0HTTP/1.1",
+    b"GET / HTTP/01.1",
+    b"GET / HTTP/1.01",
+    b"GET / HTTP/1.10",
+    b"GET /admin",
+    b"GET http://a.test/admin",
 ]
 """nginx or Python's http.server (whose str.split() takes \\x0b, \\x1c and \\xa0 for
-whitespace) read each of these as GET /."""
+whitespace) read each of these as GET / (nginx reads a version digit by digit, and serves
+HTTP/0.9's line without one, as Apache does)."""
 
 
 @pytest.mark.parametrize("empty_lines", [b"\r\n", b"\n\n", b"\r\n\r\n\n"])
