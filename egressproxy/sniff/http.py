@@ -228,9 +228,11 @@ def authority_host(authority: str) -> str | None:
     or the root label's dot (`example.com.` must not sidestep a rule for `example.com`).
 
     None when it is not `host[:port]`: the request is then refused (400), since a name
-    no rule could match (`example.com:x`) would get the default decision instead.
+    no rule could match (`example.com:x`) would get the default decision instead. Only
+    HTTP's whitespace (space, tab) is taken off: nginx keeps `\xa0` or `\x1c` in a host,
+    which then names no server of its own and gets its default one.
     """
-    parsed = _parse_authority(authority.strip().encode("latin-1"))
+    parsed = _parse_authority(authority.strip(" \t").encode("latin-1"))
     if parsed is None or parsed[0] is None:
         return None
     return parsed[0].removesuffix(".") or None

@@ -117,10 +117,16 @@ def test_obsolete_whitespace_is_normalised_the_way_h11_reads_it() -> None:
         ("2001:db8::1", None),
         ("evil example", None),
         ("user@evil.example", None),
+        ("\tallowed.example ", "allowed.example"),
+        ("allowed.example\xa0", None),
+        ("allowed.example\x85", None),
+        ("\x1callowed.example", None),
+        ("allowed.example\x1f", None),
     ],
 )
 def test_authority_host(authority: str, host: str | None) -> None:
-    """An empty port is no port; what is not `host[:port]` has no host (and is refused)."""
+    """An empty port is no port; what is not `host[:port]` has no host (and is refused):
+    only HTTP's whitespace (space, tab) around it is not part of it."""
     assert authority_host(authority) == host
 
 
