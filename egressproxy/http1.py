@@ -123,6 +123,11 @@ def response_head(response: h11.Response | h11.InformationalResponse) -> bytes:
     return b"".join(parts)
 
 
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+"""RFC 9110 9.2.2: only these are retried on a new connection when a kept one closed under
+the request; a proxy must not retry another, which the upstream may have acted on."""
+
+
 @dataclass(frozen=True)
 class ParsedRequest:
     """What the policy and the framing logic need from one request head."""
@@ -1219,6 +1224,8 @@ class Http1Proxy(asyncio.Protocol):
             and upstream.reused
             and not self.request_body_sent
             and not self._expects_body()
+            and self.parsed is not None
+            and self.parsed.facts.method in IDEMPOTENT_METHODS
         ):
             log.debug(
                 "%s: reused upstream %s:%s closed, retrying", self.flow.record.client, *upstream.key

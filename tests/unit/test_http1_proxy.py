@@ -580,6 +580,35 @@ async def test_request_on_a_reused_upstream_that_closed_is_retried(
 
 
 @pytest.mark.asyncio
+async def test_a_non_idempotent_request_is_never_sent_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 9110 9.2.2: a proxy must not retry a non-idempotent request on its own. The
+    upstream may have acted on the POST before it closed: the client gets the 502."""
+    heads: list[bytes] = []
+
+    async def record_then_drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            heads.append(await reader.readuntil(b"\r\n\r\n"))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.close()
+
+    async with proxy_to_origin(
+        record_then_drop, tmp_path, monkeypatch, POLICY.format(backend=1)
+    ) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        assert (await read_response(reader))[0] == 200
+        writer.write(b"POST /pay HTTP/1.1\r\nHost: example.test\r\nContent-Length: 0\r\n\r\n")
+        assert (await read_response(reader))[0] == 502
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    assert [head.split(b" ", 2)[:2] for head in heads] == [[b"GET", b"/a"], [b"POST", b"/pay"]]
+
+
+@pytest.mark.asyncio
 async def test_idle_keep_alive_connection_is_closed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
