@@ -79,7 +79,13 @@ def base_handlers(
 
 
 class AdminConnection(asyncio.Protocol):
-    """One admin client on h11; GET and HEAD of known paths only."""
+    """One admin client on h11; GET and HEAD of known paths only.
+
+    The next request is answered only while the client reads the answers: pipelined
+    scrapes sent by one that reads nothing would otherwise be answered all at once, each
+    body held in memory, the event loop (the data plane's too, with one worker) busy
+    making them.
+    """
 
     idle_timeout = IDLE_TIMEOUT
     """Seconds from the connection's start or its last answer to the next complete request
@@ -90,6 +96,7 @@ class AdminConnection(asyncio.Protocol):
         self.connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         self.transport: asyncio.Transport
         self.timer: asyncio.TimerHandle
+        self.writing_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -97,6 +104,15 @@ class AdminConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.timer.cancel()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self.transport.resume_reading()
+        self._serve()
 
     def data_received(self, data: bytes) -> None:
         self.connection.receive_data(data)
@@ -108,7 +124,7 @@ class AdminConnection(asyncio.Protocol):
         return False
 
     def _serve(self) -> None:
-        while not self.transport.is_closing():
+        while not self.transport.is_closing() and not self.writing_paused:
             try:
                 event = self.connection.next_event()
             except h11.RemoteProtocolError as error:
@@ -134,7 +150,15 @@ class AdminConnection(asyncio.Protocol):
 
     def _start_idle_timer(self) -> None:
         loop = asyncio.get_running_loop()
-        self.timer = loop.call_later(self.idle_timeout, self.transport.close)
+        self.timer = loop.call_later(self.idle_timeout, self._idle)
+
+    def _idle(self) -> None:
+        """A client still not reading what it was sent is dropped with it: a close would
+        wait for it to read, holding the answers for good."""
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()
+        else:
+            self.transport.close()
 
     def _answer(self, request: h11.Request) -> None:
         method = request.method.decode("ascii", "replace")
