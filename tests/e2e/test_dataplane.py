@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import signal
 import socket
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,6 +36,7 @@ from .clients import (
     http_request,
     recv_exactly,
     recv_line,
+    recv_until_eof,
     send_one_byte_segments,
     send_stream,
     split_records,
@@ -144,6 +147,35 @@ def test_echo_from_python_sockets(world: World, proxy: StartProxy, family: str) 
         for round_trip in range(3):
             message = f"ping {round_trip}\r\n".encode()
             assert echo_once(sock, message) == message
+
+
+URGENT_QUIET = 0.5
+URGENT_CPU = 0.2
+"""Seconds of CPU the proxy may use over URGENT_QUIET with nothing to do: a relay stuck at
+TCP's urgent mark used all of it."""
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_tcp_urgent_data_is_relayed_in_its_place(world: World, proxy: StartProxy) -> None:
+    """A spliced connection (opaque TCP) carrying an urgent byte, as telnet's or a database
+    client's cancel: the byte goes on in its place, the proxy idles meanwhile, and the
+    client's FIN after it cuts nothing off (splice stopped at the mark: 100% CPU, and the
+    FIN taken for the end with the bytes behind the mark lost)."""
+    running = proxy()
+    with world.connect(world.host("httpbin.org").v4, servers.ECHO_PORT) as sock:
+        assert echo_once(sock, b"\x00abc") == b"\x00abc"  # no protocol's: opaque at once
+        sock.send(b"D", socket.MSG_OOB)
+        sock.sendall(b"efg")
+        started = cpu_seconds(running.pid)
+        time.sleep(URGENT_QUIET)
+        spent = cpu_seconds(running.pid) - started
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(sock) == b"Defg"
+    assert spent < URGENT_CPU
 
 
 def test_ipv4_and_ipv6_through_one_proxy(world: World, proxy: StartProxy) -> None:

@@ -266,6 +266,34 @@ def test_a_closing_first_request_is_answered_then_closed(world: World, proxy: St
             assert answer.endswith(b"\r\nConnection: close\r\n\r\ntraffic not allowed\n")
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /get HTTP/01.1\r\nHost: www.example.test\r\n\r\n",
+        b"GET /get HTTP/1.10\r\nHost: www.example.test\r\n\r\n",
+        b"GET /get\r\n",
+        b"GET /get HTTP/1.1\r\nHost: www.example.test\xa0\r\n\r\n",
+    ],
+    ids=["version-01.1", "version-1.10", "http-0.9", "host-nbsp"],
+)
+def test_a_head_nginx_would_read_otherwise_is_refused_not_relayed(
+    world: World, proxy: StartProxy, head: bytes
+) -> None:
+    """nginx reads a version digit by digit, serves HTTP/0.9's line, and keeps `\\xa0` in a
+    host (then serving its default server): such a head is refused 400 by the proxy, never
+    relayed as opaque bytes past the host rule, nor decided on a host it does not name."""
+    running = proxy(NATIVE_HOST_DENY, "--namespace", "egress-test")
+    sock = world.connect(world.host("httpbin.org").v4, 80)
+    try:
+        sock.sendall(head)
+        sock.shutdown(socket.SHUT_WR)
+        answer = recv_until_eof(sock, TIMEOUT)
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert running.logged(r"access .* protocol=http1 .* status=400 error=bad_request ")
+
+
 def split_responses(data: bytes) -> list[int]:
     """Statuses of back-to-back responses framed by Content-Length."""
     statuses = []
