@@ -409,30 +409,27 @@ class LineWriter:
         try:
             return self.formatter.format(record)
         except Exception:  # a bad record (its arguments do not fit its message)
-            unformatted = logging.makeLogRecord(
-                {
-                    "name": record.name,
-                    "levelno": logging.ERROR,
-                    "levelname": "ERROR",
-                    "msg": "unformattable log message %r with arguments %r",
-                    "args": (record.msg, record.args),
-                }
+            return self._own_line(
+                record.name,
+                logging.ERROR,
+                "unformattable log message %r with arguments %r",
+                (record.msg, record.args),
             )
-            return self.formatter.format(unformatted)
 
     def _drops_line(self) -> str:
         with self.drop_lock:
             dropped, self.dropped = self.dropped, 0
-        report = logging.makeLogRecord(
-            {
-                "name": DROPS_LOGGER,
-                "levelno": logging.WARNING,
-                "levelname": "WARNING",
-                "msg": "%d log lines were dropped: %d were already waiting for stderr",
-                "args": (dropped, MAX_PENDING_LINES),
-            }
+        return self._own_line(
+            DROPS_LOGGER,
+            logging.WARNING,
+            "%d log lines were dropped: %d were already waiting for stderr",
+            (dropped, MAX_PENDING_LINES),
         )
-        return self.formatter.format(report)
+
+    def _own_line(self, logger: str, level: int, message: str, args: tuple[object, ...]) -> str:
+        """A line the writer says itself, shaped as any diagnostic."""
+        record = logging.LogRecord(logger, level, __file__, 0, message, args, None)
+        return self.formatter.format(record)
 
     def _write(self, lines: list[str]) -> None:
         if not lines:

@@ -321,10 +321,10 @@ class SplicedRelay(IdleCounting):
             except BlockingIOError:
                 if not at_urgent_mark(side.fd):
                     raise
-                moved = 0
-            if moved or not at_urgent_mark(side.fd):
-                side.in_pipe = moved
-                return moved
+            else:
+                if moved or not at_urgent_mark(side.fd):
+                    side.in_pipe = moved
+                    return moved
             self._give_back(side)
         data = side.sock.recv(COPY_CHUNK)
         side.pending = data

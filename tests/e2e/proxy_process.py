@@ -55,20 +55,20 @@ class Proxy:
         world: World,
         process: subprocess.Popen[bytes],
         log: LogFile,
-        unread_output: int | None = None,
+        unread_pipe: int | None = None,
     ) -> None:
         self.world = world
         self.process = process
         self.log = log
         self.exit_expected = False
-        self.unread_output = unread_output
+        self.unread_pipe = unread_pipe
         """The read end of the pipe an output_unread proxy writes to; closed by stop()."""
 
     def unread_output_bytes(self) -> int:
         """What the proxy wrote to its unread pipe (a full pipe holds 64 KiB)."""
-        assert self.unread_output is not None
+        assert self.unread_pipe is not None
         count = array.array("i", [0])
-        fcntl.ioctl(self.unread_output, termios.FIONREAD, count)
+        fcntl.ioctl(self.unread_pipe, termios.FIONREAD, count)
         return count[0]
 
     @property
@@ -107,9 +107,9 @@ class Proxy:
         """Signal, wait (bounded), SIGKILL if needed; the exit code (negative: killed by signal)."""
         self.exit_expected = True
         code = stop_process(self.process, sig)
-        if self.unread_output is not None:
-            os.close(self.unread_output)
-            self.unread_output = None
+        if self.unread_pipe is not None:
+            os.close(self.unread_pipe)
+            self.unread_pipe = None
         self.log.text()
         return code
 
@@ -190,7 +190,7 @@ class ProxyLauncher:
             "PYTHONDONTWRITEBYTECODE": "1",
             "PYTHONUNBUFFERED": "1",
         }
-        unread_output, output = os.pipe() if output_unread else (None, None)
+        unread_pipe, output = os.pipe() if output_unread else (None, None)
         with log.path.open("wb") as log_output:
             try:
                 process = subprocess.Popen(
@@ -203,13 +203,13 @@ class ProxyLauncher:
                     start_new_session=True,
                 )
             except BaseException:
-                if unread_output is not None:
-                    os.close(unread_output)
+                if unread_pipe is not None:
+                    os.close(unread_pipe)
                 raise
             finally:
                 if output is not None:
                     os.close(output)
-        proxy = Proxy(self.world, process, log, unread_output)
+        proxy = Proxy(self.world, process, log, unread_pipe)
         if ready:
             try:
                 proxy.wait_ready()
