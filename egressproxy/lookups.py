@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import queue
 import socket
 import threading
+from collections.abc import Callable
 
 from egressproxy.threads import deliver
 
@@ -24,7 +26,13 @@ resolver gives up; the worker's other names go on in the rest."""
 QUEUED_LOOKUPS = 1024
 """Lookups waiting for a thread; more: refused at once as the resolver not answering."""
 
-_Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[list[str]]", str, int | None]
+_Lookup = Callable[[], list[str]]
+_Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[list[str]]", _Lookup]
+
+
+def stream_addresses(host: str, port: int | None) -> list[str]:
+    """The stream addresses getaddrinfo gives host, in its order."""
+    return [str(info[4][0]) for info in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)]
 
 
 class LookupThreads:
@@ -37,12 +45,17 @@ class LookupThreads:
     async def addresses(self, host: str, port: int | None) -> list[str]:
         """The stream addresses getaddrinfo gives host, in its order; socket.gaierror as it
         raises it, and EAI_AGAIN when too many lookups are waiting already."""
+        return await self.run(functools.partial(stream_addresses, host, port))
+
+    async def run(self, lookup: _Lookup) -> list[str]:
+        """lookup's answer, or what it raised, from one of the threads; socket.gaierror
+        EAI_AGAIN when too many lookups are waiting already."""
         if not self._threads:
             self._start()
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[list[str]] = loop.create_future()
         try:
-            self._queue.put_nowait((loop, answer, host, port))
+            self._queue.put_nowait((loop, answer, lookup))
         except queue.Full:
             raise socket.gaierror(socket.EAI_AGAIN, "too many lookups waiting") from None
         return await answer
@@ -55,7 +68,7 @@ class LookupThreads:
             while True:
                 job = self._queue.get_nowait()
                 if job is not None:
-                    loop, answer, _, _ = job
+                    loop, answer, _ = job
                     deliver(loop, answer, socket.gaierror(socket.EAI_AGAIN, "lookups closed"))
         for _ in self._threads:
             with contextlib.suppress(queue.Full):
@@ -71,12 +84,12 @@ class LookupThreads:
 
     def _work(self) -> None:
         while (job := self._queue.get()) is not None:
-            loop, answer, host, port = job
+            loop, answer, lookup = job
             if answer.done():  # its waiter gave up (a connect timeout) while it was queued
                 continue
             try:
-                infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+                found = lookup()
             except Exception as error:  # handed to the waiter, as it came
                 deliver(loop, answer, error)
             else:
-                deliver(loop, answer, [str(info[4][0]) for info in infos])
+                deliver(loop, answer, found)

@@ -1,21 +1,28 @@
 """Destination verification: does the name the client chose resolve to where it is going?
 
 Without it a workload allowed `httpbin.org` reaches any address by sending
-`SNI: httpbin.org` there. Answers come from the system resolver in the worker's
-lookup threads (never on the event loop), cached with a bounded size and
-lifetime; concurrent questions about one name share one lookup.
+`SNI: httpbin.org` there. A name means itself: the hosts file's lines that name it,
+else the system resolver's answer for the absolute name (`httpbin.org.`), never one
+the search list makes of it (in a pod, `httpbin.org.svc.cluster.local` is the Service
+`httpbin` of any namespace called `org`, and anyone who may create that namespace would
+choose where `httpbin.org` verifies). Answers come from the worker's lookup threads
+(never on the event loop), cached with a bounded size and lifetime; concurrent
+questions about one name share one lookup.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import socket
 from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
 
 from egressproxy.errors import DNS_ERROR
-from egressproxy.lookups import LookupThreads
+from egressproxy.lookups import LookupThreads, stream_addresses
 from egressproxy.policy.decision import Action, Decision, Destination, IPAddress, unmapped
 from egressproxy.records import FlowRecord, RequestRecord
 from egressproxy.settings import VerifyDestination
@@ -25,6 +32,10 @@ log = logging.getLogger("egressproxy.verify")
 CACHE_ENTRIES = 4096
 CACHE_SECONDS = 30.0
 NEGATIVE_CACHE_SECONDS = 5.0
+
+HOSTS_FILE = Path("/etc/hosts")
+DEFINITE_ANSWERS = frozenset({socket.EAI_NONAME, socket.EAI_NODATA, socket.EAI_ADDRFAMILY})
+"""getaddrinfo errors that say the name has no address; any other is no answer."""
 
 DESTINATION_MISMATCH = "destination_mismatch"
 """The name resolved, and not to the destination (or to nothing: a definite answer too)."""
@@ -36,6 +47,30 @@ REFUSALS = {
 }
 """The text of enforce's 421 for each error Resolver.check answers: a client is told
 whether its name points elsewhere or could not be looked up (and may be retried)."""
+
+
+def hosts_file_addresses(text: str, hostname: str) -> list[str]:
+    """The addresses of every line of a hosts file that names hostname (case aside), in
+    the file's order, as glibc's files lookup gathers them."""
+    wanted = hostname.lower()
+    found = []
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) > 1 and wanted in (name.lower() for name in fields[1:]):
+            found.append(fields[0])
+    return found
+
+
+def absolute_addresses(hostname: str) -> list[str]:
+    """hostname's addresses with no search domain tried: the hosts file's, else those
+    getaddrinfo gives its absolute form (the trailing dot also keeps the hosts file out,
+    which glibc matches only without one)."""
+    name = hostname.removesuffix(".")
+    try:
+        hosts = HOSTS_FILE.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        hosts = ""
+    return hosts_file_addresses(hosts, name) or stream_addresses(name + ".", None)
 
 
 def verification_mode(
@@ -118,19 +153,22 @@ class Resolver:
         return answer
 
     async def _lookup(self, hostname: str) -> frozenset[IPAddress] | None:
-        """The system resolver's answer: empty when the name does not exist or has no
-        address; None when its servers gave no answer (EAI_AGAIN, or too many lookups
-        waiting for a thread), not to be remembered, nor counted as a mismatch."""
+        """The name's addresses (v4-mapped ones as v4): empty when it does not exist or has
+        no address; None when the resolver gave no answer (EAI_AGAIN, EAI_FAIL, too many
+        lookups waiting for a thread), not to be remembered, nor counted as a mismatch."""
         try:
-            found = await self.threads.addresses(hostname, None)
+            found = await self.threads.run(functools.partial(absolute_addresses, hostname))
         except socket.gaierror as error:
-            if error.errno == socket.EAI_AGAIN:
-                log.warning("%s: no answer from the resolver: %s", hostname, error.strerror)
-                return None
+            if error.errno in DEFINITE_ANSWERS:
+                return frozenset()
+            log.warning("%s: no answer from the resolver: %s", hostname, error.strerror)
+            return None
+        except UnicodeError:  # no name the resolver could be asked for: it has no address
             return frozenset()
-        except (OSError, UnicodeError):
-            return frozenset()
-        return frozenset(ipaddress.ip_address(address.split("%", 1)[0]) for address in found)
+        except OSError as error:
+            log.warning("%s: no answer from the resolver: %s", hostname, error)
+            return None
+        return frozenset(_addresses(found))
 
     def close(self) -> None:
         self.threads.close()
@@ -184,3 +222,13 @@ class Resolver:
             mode.value,
         )
         return DESTINATION_MISMATCH
+
+
+def _addresses(found: list[str]) -> Iterator[IPAddress]:
+    """The addresses among found (a zone index dropped, v4-mapped as v4); a hosts file's
+    line that is no address gives none."""
+    for text in found:
+        try:
+            yield unmapped(ipaddress.ip_address(text.split("%", 1)[0]))
+        except ValueError:
+            continue

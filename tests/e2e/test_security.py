@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from . import dns_server
 from .clients import TlsClient, bytes_before_close, http_request, recv_line, recv_until_eof
 from .proxy_process import Proxy
-from .world import World
+from .world import NETNS_ETC, World
 
 pytestmark = pytest.mark.e2e
 
@@ -122,6 +123,36 @@ def test_spoofed_host_header(world: World, proxy: StartProxy, mode: str) -> None
     assert metric_samples(running, "egress_destination_mismatch_total") == [
         ({"hostname": "httpbin.org", "mode": mode}, 1.0)
     ]
+
+
+def test_a_name_is_verified_as_itself_not_as_the_search_list_makes_it(
+    world: World, proxy: StartProxy
+) -> None:
+    """In a pod (search svc.cluster.local, ndots:5) `victim.test` is first asked as
+    `victim.test.svc.cluster.local`: the Service `victim` of a namespace `test`, pointed
+    wherever whoever may create that namespace likes. Enforce verifies the name itself:
+    its absolute form has no address, so a request for it to that address is refused,
+    while a name whose absolute form resolves there passes."""
+    resolv_conf = NETNS_ETC / world.client_ns / "resolv.conf"
+    if not resolv_conf.exists():
+        pytest.skip("the world has no resolv.conf (the host has none to bind it over)")
+    github = world.host("github.com").v4
+    search = "svc.cluster.local"
+    addresses = {f"victim.test.{search}": github, "honest.test": github}
+    with dns_server.serving(world.client_ns, resolv_conf, search, addresses) as asked:
+        running = proxy(None, "--verify-destination", "enforce")
+        statuses = [
+            world.curl(
+                "-4", "-o", "/dev/null", "-w", "%{http_code}", "-H", f"Host: {name}",
+                f"http://{github}/get",
+            ).stdout.decode()
+            for name in ("victim.test", "honest.test")
+        ]  # fmt: skip
+    assert statuses == ["421", "200"]
+    assert metric_samples(running, "egress_destination_mismatch_total") == [
+        ({"hostname": "victim.test", "mode": "enforce"}, 1.0)
+    ]
+    assert set(asked) == {"victim.test", "honest.test"}
 
 
 @pytest.mark.parametrize("ech", ["allow", "deny", "deny-audited"])

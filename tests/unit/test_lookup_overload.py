@@ -46,7 +46,7 @@ class StuckNames:
     def __call__(self, host: str, port: int | None, *args: object) -> list[object]:
         with self._lock:
             self.calls.append(host)
-        if host.endswith(HUNG):
+        if host.removesuffix(".").endswith(HUNG):  # a verified name is asked absolute
             self.release.wait(TIMEOUT)
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port or 0))]
 
@@ -224,7 +224,7 @@ async def test_names_behind_hung_lookups_get_their_timeouts_then_resolve(
     assert verified[1] == b"destination could not be verified: no answer from the resolver\n"
     assert 0.5 <= took < 3.0
     assert [status for status, _ in answers] == [200, 200]
-    assert (names.calls.count("backend.test"), names.calls.count("name.test")) == (1, 1)
+    assert (names.calls.count("backend.test"), names.calls.count("name.test.")) == (1, 1)
 
 
 def test_close_with_a_full_queue_tells_the_waiters_and_ends_the_threads(

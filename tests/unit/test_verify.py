@@ -3,9 +3,11 @@ import ipaddress
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
+from egressproxy import verify
 from egressproxy.policy.decision import (
     Action,
     Backend,
@@ -16,7 +18,7 @@ from egressproxy.policy.decision import (
     is_ip_literal,
 )
 from egressproxy.settings import VerifyDestination
-from egressproxy.verify import Resolver, verification_mode
+from egressproxy.verify import Resolver, hosts_file_addresses, verification_mode
 
 
 class CountingResolver(Resolver):
@@ -174,7 +176,8 @@ HELD_AT_MOST = 5.0
 
 class SystemResolver:
     """socket.getaddrinfo as the test says: names under .slow.test wait for `release`,
-    `errors` fail with their EAI_ code, the rest resolve to ADDRESS; `calls` lists names."""
+    `errors` fail with their EAI_ code, the rest resolve to ADDRESS; `calls` lists names
+    as asked (a verified name absolute, with its trailing dot)."""
 
     def __init__(self, errors: dict[str, int] | None = None) -> None:
         self.release = threading.Event()
@@ -183,10 +186,11 @@ class SystemResolver:
 
     def __call__(self, host: str, port: object, *args: int, **kwargs: int) -> list[object]:
         self.calls.append(host)
-        if host.endswith(".slow.test"):
+        name = host.removesuffix(".")
+        if name.endswith(".slow.test"):
             self.release.wait(HELD_AT_MOST)
-        if host in self.errors:
-            raise socket.gaierror(self.errors[host], "from the test")
+        if name in self.errors:
+            raise socket.gaierror(self.errors[name], "from the test")
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ADDRESS, 0))]
 
 
@@ -234,7 +238,7 @@ def test_no_answer_in_time_fails_closed_and_is_not_remembered(
             resolver.close()
 
     assert asyncio.run(scenario()) == [None, None, {ipaddress.ip_address(ADDRESS)}]
-    assert system.calls == ["a.slow.test"]
+    assert system.calls == ["a.slow.test."]
 
 
 def test_a_name_that_does_not_exist_is_remembered_a_silent_server_is_not(
@@ -254,7 +258,7 @@ def test_a_name_that_does_not_exist_is_remembered_a_silent_server_is_not(
             resolver.close()
 
     assert asyncio.run(scenario()) == [frozenset(), frozenset(), None, None]
-    assert system.calls == ["gone.test", "flaky.test", "flaky.test"]
+    assert system.calls == ["gone.test.", "flaky.test.", "flaky.test."]
 
 
 def test_a_v4_mapped_ip_literal_name_is_its_v4_address() -> None:
@@ -283,3 +287,97 @@ def test_an_audited_network_only_logs_what_enforce_would_deny() -> None:
         assert verification_mode(annotated, "github.com", off) is log
         relaxed = decision(action, audit=True, verify="off")
         assert verification_mode(relaxed, "github.com", enforce) is off
+
+
+HOSTS = """\
+127.0.0.1 localhost
+# 203.0.113.99 httpbin.org
+203.0.113.10 HttpBin.org www.httpbin.org  # the first
+2001:db8::10 httpbin.org
+203.0.113.11 api.httpbin.org
+fe80::1%eth0 linklocal.test
+not-an-address broken.test
+"""
+
+
+def test_a_hosts_file_gives_every_line_that_names_the_host_case_aside() -> None:
+    assert hosts_file_addresses(HOSTS, "httpbin.org") == ["203.0.113.10", "2001:db8::10"]
+    assert hosts_file_addresses(HOSTS, "WWW.httpbin.org") == ["203.0.113.10"]
+    assert hosts_file_addresses(HOSTS, "the") == []
+    assert hosts_file_addresses(HOSTS, "org") == []
+
+
+def resolved(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    hosts: str,
+    system: SystemResolver,
+    hostname: str,
+) -> frozenset[IPAddress] | None:
+    """What a Resolver answers for hostname, with this hosts file and this getaddrinfo."""
+    hosts_file = tmp_path / "hosts"
+    hosts_file.write_text(hosts)
+    monkeypatch.setattr(verify, "HOSTS_FILE", hosts_file)
+    monkeypatch.setattr(socket, "getaddrinfo", system)
+
+    async def scenario() -> frozenset[IPAddress] | None:
+        resolver = Resolver(timeout=2.0)
+        try:
+            return await resolver.addresses(hostname)
+        finally:
+            resolver.close()
+
+    return asyncio.run(scenario())
+
+
+def test_a_name_in_the_hosts_file_is_answered_from_it_alone(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """As glibc's files-then-dns does: a name the hosts file has is not asked of DNS, and
+    its lines that are no address (or carry a zone) give what they can."""
+    system = SystemResolver()
+    answer = resolved(monkeypatch, tmp_path, HOSTS, system, "linklocal.test")
+    assert answer == {ipaddress.ip_address("fe80::1")}
+    assert resolved(monkeypatch, tmp_path, HOSTS, system, "broken.test") == frozenset()
+    assert system.calls == []
+
+
+def test_a_name_not_in_the_hosts_file_is_asked_absolute_without_the_search_list(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """getaddrinfo is asked for `name.` (the trailing dot: no search domain is tried)."""
+    system = SystemResolver()
+    answer = resolved(monkeypatch, tmp_path, HOSTS, system, "example.test")
+    assert answer == {ipaddress.ip_address(ADDRESS)}
+    assert system.calls == ["example.test."]
+
+
+def test_a_v4_mapped_answer_is_its_v4_address(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def mapped(host: str, port: object, *args: int, **kwargs: int) -> list[object]:
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", (f"::ffff:{ADDRESS}", 0, 0, 0))]
+
+    answer = resolved(monkeypatch, tmp_path, "", mapped, "mapped.test")  # type: ignore[arg-type]
+    assert answer == {ipaddress.ip_address(ADDRESS)}
+
+
+@pytest.mark.parametrize(
+    ("error", "answer"),
+    [
+        (socket.EAI_NONAME, frozenset()),
+        (socket.EAI_NODATA, frozenset()),
+        (socket.EAI_FAIL, None),
+        (socket.EAI_AGAIN, None),
+        (socket.EAI_SYSTEM, None),
+    ],
+)
+def test_only_a_name_without_addresses_is_a_definite_answer(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    error: int,
+    answer: frozenset[IPAddress] | None,
+) -> None:
+    """EAI_FAIL (the server failed for good) is no answer, like EAI_AGAIN: not a mismatch."""
+    system = SystemResolver({"failing.test": error})
+    assert resolved(monkeypatch, tmp_path, "", system, "failing.test") == answer
