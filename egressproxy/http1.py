@@ -1315,6 +1315,9 @@ class Http1Proxy(asyncio.Protocol):
         self.idle.clear()
         client_rest, client_eof = self.client.trailing_data
         upstream_rest = upstream.h11.trailing_data[0]
+        record = self.flow.record  # read already; the relay counts them again, as the tunnel's
+        record.bytes_from_client -= len(client_rest)
+        record.bytes_from_upstream -= len(upstream_rest)
         self.resume_client(self.paused)
         relay = Relay(self.transport, idle_sweep=self.flow.context.idle_sweep, owner=self)
         self.tunnel_relay = relay

@@ -421,6 +421,44 @@ async def test_upgrade_and_connect_are_spliced(setup: tuple[LoopbackProxy, int, 
     assert tunnels == [(101, 28, 28, ""), (200, 9, 9, "")], "reported as the tunnels end"
 
 
+SWITCHED = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+
+
+async def switches_with_a_greeting(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """An origin that sends its first tunnel bytes in the write of its 101, then echoes."""
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(SWITCHED + b"hello")
+    while data := await reader.read(65536):
+        writer.write(data)
+    writer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_tunnel_connection_counts_each_byte_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection's record counts every byte either way once: those the handler read
+    past the heads before the switch (the tunnel's first bytes) and those the tunnel
+    relayed after it."""
+    async with proxy_to_origin(switches_with_a_greeting, tmp_path, monkeypatch, ALLOW_ALL) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        sent = websocket_upgrade("/chat") + b"early"
+        writer.write(sent)
+        received = await reader.readexactly(len(SWITCHED) + len(b"hello"))
+        assert received == SWITCHED + b"hello"
+        writer.write(b"later")
+        sent += b"later"
+        writer.write_eof()
+        received += await reader.read()
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    assert received.endswith(b"earlylater")
+    (flow,) = proxy.ledger.flows
+    assert (flow.bytes_from_client, flow.bytes_from_upstream) == (len(sent), len(received))
+
+
 @pytest.mark.asyncio
 async def test_a_tunnel_cut_by_the_drain_timeout_is_counted_as_drained(
     setup: tuple[LoopbackProxy, int, int],
