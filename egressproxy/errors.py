@@ -6,6 +6,10 @@ DNS_ERROR = "dns_error"
 """The resolver gave no answer for a name (a route's backend, or the name a destination is
 verified against): unreachable for now, not refused, so to gRPC UNAVAILABLE."""
 
+PROXY_ERROR = "proxy_error"
+"""The proxy itself failed a connection (the kernel refused it a resource, or a bug): the
+connection is reset and counted, never left open."""
+
 
 class UpstreamError(Exception):
     """Connecting to (or talking with) the upstream failed; kind is a short word."""

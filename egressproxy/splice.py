@@ -137,8 +137,9 @@ class Splicer:
             raise OSError(error, os.strerror(error))
 
     def watch(self, side: _Side) -> None:
-        self.sides[side.fd] = side
+        """Poll side; a socket the set refused (ENOSPC past max_user_watches) is not its."""
         self.epoll.register(side.fd, side.events)
+        self.sides[side.fd] = side
 
     def update(self, side: _Side, events: int) -> None:
         if side.resting:
