@@ -46,12 +46,19 @@ PARENT_LABELS = (
 )
 ROUTE_LABELS = ("route_group", "route_kind", "route_namespace", "route_name")
 ROUTE_IDENTITY = PARENT_LABELS + ROUTE_LABELS
+PARENT_PORT = PARENT_LABELS.index("parent_port")
 
 ROUTE_DURATION_BUCKETS = (0.05, 0.5, 1.0, 10.0)
 """Linkerd's outbound route request-duration buckets."""
 CONNECTION_DURATION_BUCKETS = (0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 3600.0)
 
-OTHER_HOSTNAME = "other"
+OTHER = "other"
+MAX_PARENT_PORTS = 256
+"""Distinct parent_port values kept (a network's routes are per destination port): one
+port scan must not make a series per port of every route it touches."""
+MAX_TARGETS = 1000
+"""Distinct (target_ip, target_port) pairs of TCP routes kept, as --max-hostnames keeps
+hostnames: the rest are counted as ("other", "other")."""
 
 GRPC_STATUS_NAMES = (
     "OK",
@@ -108,6 +115,9 @@ def route_identity(parent: ParentRef | None, route: RouteRef | None) -> tuple[st
     return parent_values + route_values
 
 
+LabelValue = TypeVar("LabelValue", str, tuple[str, str])
+
+
 class HostnameLabels:
     """Caps the distinct `hostname` values: the first `limit` names keep theirs, the rest `other`.
 
@@ -128,7 +138,25 @@ class HostnameLabels:
         if len(self.kept) < self.limit:
             self.kept.add(hostname)
             return hostname
-        return OTHER_HOSTNAME
+        return OTHER
+
+
+class CappedLabels(Generic[LabelValue]):
+    """Caps the distinct values of a label (or a pair of them) a process shows: the first
+    `limit` keep theirs, the rest are `other`."""
+
+    def __init__(self, limit: int, other: LabelValue) -> None:
+        self.limit = limit
+        self.other: LabelValue = other
+        self.kept: set[LabelValue] = set()
+
+    def __call__(self, value: LabelValue) -> LabelValue:
+        if value in self.kept:
+            return value
+        if len(self.kept) < self.limit:
+            self.kept.add(value)
+            return value
+        return self.other
 
 
 Family = TypeVar("Family", Counter, Histogram)
@@ -146,6 +174,8 @@ class _RouteChildren(Generic[Family]):
         key = (route, extra)
         child = self.cache.get(key)
         if child is None:
+            if len(self.cache) >= MAX_BOUND_KINDS:  # the family keeps its children
+                self.cache.clear()
             child = self.cache[key] = self.family.labels(*self.identity(route), *extra)
         return child
 
@@ -268,6 +298,8 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry, *, max_hostnames: int) -> None:
         self.hostname = HostnameLabels(max_hostnames)
+        self.parent_port = CappedLabels(MAX_PARENT_PORTS, OTHER)
+        self.target = CappedLabels(MAX_TARGETS, (OTHER, OTHER))
         self._identities: dict[RouteKey, tuple[str, ...]] = {}
         self._route_meters: dict[int, _RouteMeters] = {}
         self._request_meters: dict[tuple[int, str | None, int | None, str], _RequestMeters] = {}
@@ -407,7 +439,13 @@ class Metrics:
     def _identity(self, route: RouteKey) -> tuple[str, ...]:
         identity = self._identities.get(route)
         if identity is None:
-            identity = self._identities[route] = route_identity(*route)
+            if len(self._identities) >= MAX_BOUND_KINDS:
+                self._identities.clear()
+            identity = route_identity(*route)
+            if identity[PARENT_PORT]:
+                port = self.parent_port(identity[PARENT_PORT])
+                identity = (*identity[:PARENT_PORT], port, *identity[PARENT_PORT + 1 :])
+            self._identities[route] = identity
         return identity
 
     def connection_opened(self) -> None:
@@ -433,7 +471,7 @@ class Metrics:
         if decision.protocol is RouteProtocol.TLS:
             self.tls_open(route, self.hostname(record.hostname)).inc()
         else:
-            self.tcp_open(route, *_target(record)).inc()
+            self.tcp_open(route, *self.target(_target(record))).inc()
 
     def connection_closed(self, record: FlowRecord) -> None:
         self._open_connections.inc(-1)
@@ -453,7 +491,7 @@ class Metrics:
         if decision.protocol is RouteProtocol.TLS:
             self.tls_close(route, self.hostname(record.hostname), record.error).inc()
         elif decision.protocol is RouteProtocol.TCP:
-            self.tcp_close(route, *_target(record), record.error).inc()
+            self.tcp_close(route, *self.target(_target(record)), record.error).inc()
 
     def request_finished(self, record: RequestRecord) -> None:
         decision = record.decision

@@ -30,6 +30,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from egressproxy.metrics import (
     CONNECTION_DURATION_BUCKETS,
+    MAX_PARENT_PORTS,
+    MAX_TARGETS,
     ROUTE_DURATION_BUCKETS,
     Durations,
     Metrics,
@@ -716,6 +718,32 @@ def test_policy_reloads_and_generation(registry: CollectorRegistry, metrics: Met
     assert unordered(samples["egress_policy_reloads_total"]) == unordered(
         [({"result": "ok"}, 1), ({"result": "error"}, 2)]
     )
+
+
+def test_a_scan_of_addresses_and_ports_is_counted_under_bounded_labels(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    """A workload that tries every port of an allowed network, and many of its addresses:
+    the first MAX_TARGETS (target_ip, target_port) pairs and MAX_PARENT_PORTS parent ports
+    keep their values, the rest are counted as "other", and every connection is counted."""
+    index = policy(AUDITED.replace("{trafficPolicy: Deny}", "{trafficPolicy: Allow}"))
+    scanned = [
+        (ipaddress.ip_address(f"203.0.113.{1 + number % 200}"), 1024 + number)
+        for number in range(MAX_TARGETS + 500)
+    ]
+    for address, port in scanned:
+        whole_connection(metrics, connection(index, Detected.OPAQUE, port, address=address))
+    opened = scrape(registry)["outbound_tcp_route_open_total"]
+    assert sum(value for _, value in opened) == len(scanned)
+    targets = {(labels["target_ip"], labels["target_port"]) for labels, _ in opened}
+    assert len(targets) == MAX_TARGETS + 1
+    assert ("other", "other") in targets
+    assert (str(scanned[0][0]), str(scanned[0][1])) in targets
+    ports = {labels["parent_port"] for labels, _ in opened}
+    assert ports == {*(str(port) for _, port in scanned[:MAX_PARENT_PORTS]), "other"}
+    sent = scrape(registry)["egress_connection_duration_seconds_count"]
+    assert sum(value for _, value in sent) == len(scanned)
+    assert len(sent) == MAX_PARENT_PORTS + 1
 
 
 # --- hostname label ------------------------------------------------------------------------
