@@ -421,6 +421,36 @@ async def test_upgrade_and_connect_are_spliced(setup: tuple[LoopbackProxy, int, 
     assert tunnels == [(101, 28, 28, ""), (200, 9, 9, "")], "reported as the tunnels end"
 
 
+async def urgent_in_the_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An origin whose 5-byte body has its middle byte sent as TCP urgent data."""
+    await reader.readuntil(b"\r\n\r\n")
+    descriptor = writer.get_extra_info("socket").fileno()
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab")
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    with socket.fromfd(descriptor, socket.AF_INET, socket.SOCK_STREAM) as same_socket:
+        same_socket.send(b"c", socket.MSG_OOB)
+    await asyncio.sleep(0.05)
+    writer.write(b"de")
+    await writer.drain()
+    await reader.read()
+    writer.close()
+
+
+@pytest.mark.asyncio
+async def test_an_urgent_byte_in_a_response_stays_in_its_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without SO_OOBINLINE on the upstream socket, the urgent byte would be dropped from
+    the body, and the client would wait for it."""
+    async with proxy_to_origin(urgent_in_the_body, tmp_path, monkeypatch, ALLOW_ALL) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        status, _, body = await asyncio.wait_for(read_response(reader), 5)
+        writer.close()
+    assert (status, body) == (200, b"abcde")
+
+
 SWITCHED = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
 
 
