@@ -371,10 +371,16 @@ class Metrics:
             CONNECTION_DURATION_BUCKETS,
         )
         self.sent_bytes = counter(
-            "egress_sent_bytes_total", "Bytes from clients towards upstreams, by route", ()
+            "egress_sent_bytes_total",
+            "Bytes from clients towards upstreams, by route: all of a TLS or TCP route's,"
+            " the message bodies (and Upgrade or CONNECT tunnels) of an HTTP or gRPC route's",
+            (),
         )
         self.received_bytes = counter(
-            "egress_received_bytes_total", "Bytes from upstreams towards clients, by route", ()
+            "egress_received_bytes_total",
+            "Bytes from upstreams towards clients, by route: all of a TLS or TCP route's,"
+            " the message bodies (and Upgrade or CONNECT tunnels) of an HTTP or gRPC route's",
+            (),
         )
         self.destination_mismatch = plain(
             "egress_destination_mismatch_total",
