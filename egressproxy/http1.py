@@ -1318,11 +1318,17 @@ class Http1Proxy(asyncio.Protocol):
         record = self.flow.record  # read already; the relay counts them again, as the tunnel's
         record.bytes_from_client -= len(client_rest)
         record.bytes_from_upstream -= len(upstream_rest)
-        self.resume_client(self.paused)
+        upstream_write_paused = bool(self.paused & _PAUSED_BY_UPSTREAM)
+        self.paused = 0
         relay = Relay(self.transport, idle_sweep=self.flow.context.idle_sweep, owner=self)
         self.tunnel_relay = relay
         self.closed = True
-        relay.adopt(upstream.transport, upstream_rest)
+        relay.adopt(
+            upstream.transport,
+            upstream_rest,
+            client_write_paused=self.client_write_paused,
+            upstream_write_paused=upstream_write_paused,
+        )
         relay.start(client_rest, client_eof)
 
     def relayed(self, result: RelayResult) -> None:

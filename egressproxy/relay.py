@@ -75,6 +75,7 @@ class _Side(asyncio.Protocol):
         "reset",
         "sent_check",
         "transport",
+        "write_paused",
     )
 
     def __init__(self, relay: Relay) -> None:
@@ -90,6 +91,8 @@ class _Side(asyncio.Protocol):
         self.reset = False
         """The far end reset this connection (or it failed): the other side is reset in
         turn."""
+        self.write_paused = False
+        """Past its transport's high-water mark: its peer is not read until it drains."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -104,10 +107,12 @@ class _Side(asyncio.Protocol):
         return True
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         self.peer.transport.pause_reading()
         self.relay.watch_paused(self.peer)
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         self.peer.transport.resume_reading()
         self.relay.unwatch_paused(self.peer)
 
@@ -157,25 +162,37 @@ class Relay(IdleCounting):
         self.client.transport = client
         self._idle_sweep = idle_sweep
 
-    def adopt(self, upstream: asyncio.Transport, to_client: bytes) -> None:
+    def adopt(
+        self,
+        upstream: asyncio.Transport,
+        to_client: bytes,
+        *,
+        client_write_paused: bool,
+        upstream_write_paused: bool,
+    ) -> None:
         """Splice an upstream that is already connected (an Upgrade or CONNECT it accepted).
 
         to_client: bytes the upstream sent after its answer that are already read.
-        Call start() next.
+        The paused flags: which transport's protocol was told to pause writing and not yet
+        to resume. A transport tells only once, and its resume comes to this relay's
+        side, so the side starts paused. Call start() next.
         """
         self.upstream.transport = upstream
+        self.client.write_paused = client_write_paused
+        self.upstream.write_paused = upstream_write_paused
         upstream.set_protocol(self.upstream)
-        upstream.resume_reading()
+        self.client.transport.set_protocol(self.client)
         if to_client:
             self.upstream.received += len(to_client)
             self.client.transport.write(to_client)
 
     def start(self, first_bytes: bytes, client_eof: bool) -> None:
-        """Take over the client once the upstream is connected, sending what was sniffed."""
+        """Take over the client once the upstream is connected, sending what was sniffed;
+        then read each side whose peer takes more (the writes here may have paused it)."""
         client, upstream = self.client.transport, self.upstream.transport
+        client.set_protocol(self.client)
         for transport in (client, upstream):
             transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
-        client.set_protocol(self.client)
         if first_bytes:
             self.client.received += len(first_bytes)
             upstream.write(first_bytes)
@@ -183,7 +200,12 @@ class Relay(IdleCounting):
         if client_eof:
             self.client.eof = True
             self.half_closed()
-        client.resume_reading()
+        for side in (self.client, self.upstream):
+            if side.peer.write_paused:
+                side.transport.pause_reading()
+                self.watch_paused(side)
+            else:
+                side.transport.resume_reading()
 
     def half_closed(self) -> None:
         """Pass an EOF on; when both directions are finished, close."""

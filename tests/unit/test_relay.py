@@ -1,0 +1,99 @@
+"""The tunnel relay taking over transports another protocol was using (HTTP/1's Upgrade and
+CONNECT): a transport already past its high-water mark keeps its peer unread."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from egressproxy.relay import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW, Relay, RelayResult
+from egressproxy.timeouts import IdleSweep
+
+CHUNK = 64 * 1024
+
+
+class Paused(asyncio.Protocol):
+    """The protocol before the hand-over: told to pause writing, never to resume."""
+
+    def __init__(self) -> None:
+        self.paused = False
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+
+class Results(list[RelayResult]):
+    def relayed(self, result: RelayResult) -> None:
+        self.append(result)
+
+
+def small_socketpair() -> tuple[socket.socket, socket.socket]:
+    pair = socket.socketpair()
+    for sock in pair:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+    return pair
+
+
+def sent_until_full(sock: socket.socket, limit: int) -> int:
+    """Bytes a non-blocking socket takes before its buffers fill (limit at most)."""
+    sent = 0
+    while sent < limit:
+        try:
+            sent += sock.send(b"c" * min(CHUNK, limit - sent))
+        except BlockingIOError:
+            break
+    return sent
+
+
+def received(sock: socket.socket) -> bytes:
+    """What a non-blocking socket has for us now."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(CHUNK)
+        except BlockingIOError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+@pytest.mark.asyncio
+async def test_an_upstream_paused_at_the_hand_over_keeps_the_client_unread() -> None:
+    """The upstream's transport told its old protocol to pause writing (its far end reads
+    nothing): a transport tells only once, so the relay must start with the client unread,
+    and read it on the resume. Read at once, every byte the client sends would pile up in
+    the upstream's write buffer."""
+    loop = asyncio.get_running_loop()
+    client_end, client_side = small_socketpair()
+    upstream_side, upstream_end = small_socketpair()
+    client, _ = await loop.create_unix_connection(asyncio.Protocol, sock=client_side)
+    upstream, before = await loop.create_unix_connection(Paused, sock=upstream_side)
+    upstream.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
+    upstream.write(b"u" * (2 * WRITE_BUFFER_HIGH))
+    assert before.paused
+    relay = Relay(client, idle_sweep=IdleSweep(loop, 60.0), owner=Results())
+    relay.adopt(upstream, b"", client_write_paused=False, upstream_write_paused=True)
+    relay.start(b"", False)
+    sent = 0
+    for _ in range(50):  # the relay would read the client meanwhile
+        sent += sent_until_full(client_end, 16 * WRITE_BUFFER_HIGH - sent)
+        await asyncio.sleep(0.01)
+    held = upstream.get_write_buffer_size()
+    assert sent < WRITE_BUFFER_HIGH, sent
+    assert held <= 2 * WRITE_BUFFER_HIGH, held
+    through = b""
+    for _ in range(500):  # the far end reads: the upstream drains, and the client is read
+        through += received(upstream_end)
+        if b"c" in through:
+            break
+        await asyncio.sleep(0.01)
+    assert through.lstrip(b"u").startswith(b"c")
+    relay.cut("done")
+    await asyncio.sleep(0.05)
+    client_end.close()
+    upstream_end.close()
