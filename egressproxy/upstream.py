@@ -75,8 +75,9 @@ def connect(
         transport, protocol = await loop.create_connection(
             protocol_factory, ip, port, local_addr=source
         )
-        # Before the request goes, so before any answer: see bind_listener.
-        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+        sock = transport.get_extra_info("socket")  # None once closed (reset at once)
+        if sock is not None:  # before the request goes, so before any answer: see bind_listener
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
         if RUNNING_AS_ROOT:
             _remember(transport)
         return transport, protocol
