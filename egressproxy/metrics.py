@@ -118,32 +118,12 @@ def route_identity(parent: ParentRef | None, route: RouteRef | None) -> tuple[st
 LabelValue = TypeVar("LabelValue", str, tuple[str, str])
 
 
-class HostnameLabels:
-    """Caps the distinct `hostname` values: the first `limit` names keep theirs, the rest `other`.
-
-    The cap is per process: with --workers N a scrape may show up to N x limit names.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.kept: set[str] = set()
-
-    def __call__(self, hostname: str | None) -> str:
-        if not hostname or self.limit == 0:
-            return ""
-        if hostname in self.kept:
-            return hostname
-        if is_ip_literal(hostname):
-            return ""
-        if len(self.kept) < self.limit:
-            self.kept.add(hostname)
-            return hostname
-        return OTHER
-
-
 class CappedLabels(Generic[LabelValue]):
     """Caps the distinct values of a label (or a pair of them) a process shows: the first
-    `limit` keep theirs, the rest are `other`."""
+    `limit` keep theirs, the rest are `other`.
+
+    The cap is per process: with --workers N a scrape may show up to N x limit values.
+    """
 
     def __init__(self, limit: int, other: LabelValue) -> None:
         self.limit = limit
@@ -157,6 +137,23 @@ class CappedLabels(Generic[LabelValue]):
             self.kept.add(value)
             return value
         return self.other
+
+
+class HostnameLabels(CappedLabels[str]):
+    """The capped `hostname` label: empty when there is no name, for an IP literal, and
+    for every name when the limit is 0 (the label off)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit, OTHER)
+
+    def __call__(self, hostname: str | None) -> str:
+        if not hostname or self.limit == 0:
+            return ""
+        if hostname in self.kept:
+            return hostname
+        if is_ip_literal(hostname):
+            return ""
+        return super().__call__(hostname)
 
 
 Family = TypeVar("Family", Counter, Histogram)

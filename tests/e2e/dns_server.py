@@ -52,7 +52,11 @@ def serving(
     """The server answering `addresses` (name → IPv4) while resolv.conf names it with the
     search domain `search` and Kubernetes' ndots:5; yields the names asked, in order."""
     sock = socket_in(client_ns, socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 53))
+    try:
+        sock.bind(("127.0.0.1", 53))
+    except OSError:
+        sock.close()
+        raise
     sock.settimeout(0.2)
     asked: list[str] = []
     stop = threading.Event()
@@ -70,14 +74,15 @@ def serving(
 
     thread = threading.Thread(target=serve, name="stub dns", daemon=True)
     before = resolv_conf.read_text()
-    resolv_conf.write_text(
-        f"nameserver 127.0.0.1\nsearch {search}\noptions ndots:5 timeout:1 attempts:2\n"
-    )
-    thread.start()
     try:
+        resolv_conf.write_text(
+            f"nameserver 127.0.0.1\nsearch {search}\noptions ndots:5 timeout:1 attempts:2\n"
+        )
+        thread.start()
         yield asked
     finally:
         resolv_conf.write_text(before)
         stop.set()
-        thread.join(1.0)
+        if thread.is_alive():
+            thread.join(1.0)
         sock.close()
