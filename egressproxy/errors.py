@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 DNS_ERROR = "dns_error"
 """The resolver gave no answer for a name (a route's backend, or the name a destination is
 verified against): unreachable for now, not refused, so to gRPC UNAVAILABLE."""
@@ -9,6 +11,15 @@ verified against): unreachable for now, not refused, so to gRPC UNAVAILABLE."""
 PROXY_ERROR = "proxy_error"
 """The proxy itself failed a connection (the kernel refused it a resource, or a bug): the
 connection is reset and counted, never left open."""
+
+
+def log_proxy_error(log: logging.Logger, where: str, error: Exception) -> None:
+    """A proxy_error in one line when the kernel refused a resource (epoll's ENOSPC, say),
+    with its traceback when it is anything else: a bug to report."""
+    if isinstance(error, OSError):
+        log.warning("%s: proxy error: %s", where, error)
+    else:
+        log.exception("%s: proxy error", where)
 
 
 class UpstreamError(Exception):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from egressproxy import http1, http1_lean, http2, upstream
-from egressproxy.errors import PROXY_ERROR, UpstreamError
+from egressproxy.errors import PROXY_ERROR, UpstreamError, log_proxy_error
 from egressproxy.netfilter import is_local_address, local_destination, original_destination
 from egressproxy.policy.decision import (
     Action,
@@ -459,10 +459,7 @@ class Flow(asyncio.Protocol):
             self.finish("drain")
             raise
         except Exception as error:
-            if isinstance(error, OSError):  # epoll's ENOSPC, say: no traceback for that
-                log.warning("%s → %s:%s: cannot splice: %s", self.record.client, host, port, error)
-            else:
-                log.exception("%s → %s:%s: proxy error", self.record.client, host, port)
+            log_proxy_error(log, f"{self.record.client} → {host}:{port}", error)
             if self.relay is not None:
                 self.relay.cut(PROXY_ERROR)
             self.transport.abort()

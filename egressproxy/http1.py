@@ -29,7 +29,7 @@ import h11
 
 from egressproxy import http1_lean
 from egressproxy import upstream as upstream_connector
-from egressproxy.errors import UpstreamError
+from egressproxy.errors import PROXY_ERROR, UpstreamError, log_proxy_error
 from egressproxy.http1_lean import MAX_RESPONSE_HEAD, NEED_MORE, LeanRequest
 from egressproxy.policy.decision import (
     DENY_ACTION,
@@ -945,15 +945,18 @@ class Http1Proxy(asyncio.Protocol):
         """--verify-destination: the Host must resolve to the original destination."""
         record, destination = self.record, self.flow.record.destination
         assert record is not None and record.hostname is not None and destination is not None
-        error = await self.flow.context.resolver.check(record, destination, mode)
-        self.connecting = None
-        if error and mode is VerifyDestination.ENFORCE:
-            self._respond_locally(421, REFUSALS[error], error)
-            self._resume_after_backlog()
-            return
-        self._forward(self._target(decision))
-        if self.connecting is None:
-            self._resume_after_backlog()
+        try:
+            error = await self.flow.context.resolver.check(record, destination, mode)
+            self.connecting = None
+            if error and mode is VerifyDestination.ENFORCE:
+                self._respond_locally(421, REFUSALS[error], error)
+                self._resume_after_backlog()
+                return
+            self._forward(self._target(decision))
+            if self.connecting is None:
+                self._resume_after_backlog()
+        except Exception as unforeseen:
+            self._failed_in_task(unforeseen, f"verifying {record.hostname}")
 
     def _verifies(self, decision: Decision) -> bool:
         """Whether the lean request's destination must be verified, asked once per decision
@@ -1004,6 +1007,7 @@ class Http1Proxy(asyncio.Protocol):
                 connector=self.flow.context.splicer.connect,
                 lookups=self.flow.context.resolver.threads,
             )
+            self.upstream_ready(connected)
         except UpstreamError as error:
             self.connecting = None
             log.info("%s → %s:%s: %s", self.flow.record.client, key[0], key[1], error)
@@ -1012,8 +1016,20 @@ class Http1Proxy(asyncio.Protocol):
                 self._lean_to_h11(None, b"")
             self._upstream_unavailable(error.kind)
             self._resume_after_backlog()
-            return
-        self.upstream_ready(connected)
+        except Exception as unforeseen:
+            self._failed_in_task(unforeseen, f"connecting to {key[0]}:{key[1]}")
+
+    def _failed_in_task(self, error: Exception, doing: str) -> None:
+        """The proxy itself failed the exchange while its task waited (a bug, or a resource
+        the kernel refused): reset, and counted as proxy_error once connection_lost comes.
+        A task has no transport to close it as a failing callback has; connection_lost
+        cancels a task still running (the failed one is over by then)."""
+        log_proxy_error(log, f"{self.flow.record.client}: {doing}", error)
+        self.error = PROXY_ERROR
+        if self.record is not None:
+            self.record.error = PROXY_ERROR
+        self._close_upstreams()
+        self._cut()
 
     def _resume_after_backlog(self) -> None:
         self.backlog = 0

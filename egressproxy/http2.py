@@ -29,11 +29,11 @@ import hyperframe.frame
 from h11 import _abnf
 
 from egressproxy import upstream as upstream_connector
-from egressproxy.errors import UpstreamError
+from egressproxy.errors import PROXY_ERROR, UpstreamError, log_proxy_error
 from egressproxy.http1 import DENIED_BODY, unavailable_status
 from egressproxy.policy.decision import Action, Decision, RequestFacts
 from egressproxy.records import RequestRecord, grpc_code_of_answer, grpc_status_of
-from egressproxy.relay import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW
+from egressproxy.relay import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW, abort_with_reset
 from egressproxy.settings import VerifyDestination
 from egressproxy.sniff.http import H2_PREFACE, authority_host
 from egressproxy.verify import REFUSALS, verification_mode
@@ -767,15 +767,18 @@ class H2Proxy(asyncio.Protocol):
         """--verify-destination: the :authority must resolve to the original destination."""
         record, destination = stream.record, self.flow.record.destination
         assert record.hostname is not None and destination is not None
-        error = await self.flow.context.resolver.check(record, destination, mode)
-        if stream.done or self.closed:
-            return
-        if error and mode is VerifyDestination.ENFORCE:
-            self._answer(stream, 421, REFUSALS[error], error)
+        try:
+            error = await self.flow.context.resolver.check(record, destination, mode)
+            if stream.done or self.closed:
+                return
+            if error and mode is VerifyDestination.ENFORCE:
+                self._answer(stream, 421, REFUSALS[error], error)
+                self._flush()
+                return
+            self._forward(stream, self._target(decision))
             self._flush()
-            return
-        self._forward(stream, self._target(decision))
-        self._flush()
+        except Exception as unforeseen:
+            self._failed_in_task(unforeseen, f"verifying {record.hostname}")
 
     def _target(self, decision: Decision) -> tuple[str, int]:
         destination = self.flow.record.destination
@@ -860,6 +863,13 @@ class H2Proxy(asyncio.Protocol):
                 connector=self.flow.context.splicer.connect,
                 lookups=self.flow.context.resolver.threads,
             )
+            self.connecting.pop(key, None)
+            if self.closed:
+                assert upstream.transport is not None
+                upstream.transport.abort()
+                return
+            self._open_waiting(upstream)
+            self._flush()
         except UpstreamError as error:
             log.info("%s → %s:%s: %s", self.flow.record.client, key[0], key[1], error)
             self.accounting.upstream_failed(error.kind)
@@ -868,14 +878,17 @@ class H2Proxy(asyncio.Protocol):
                 del self.upstreams[key]
             self._fail_streams(upstream, error.kind)
             self._flush()
-            return
-        self.connecting.pop(key, None)
-        if self.closed:
-            assert upstream.transport is not None
-            upstream.transport.abort()
-            return
-        self._open_waiting(upstream)
-        self._flush()
+        except Exception as unforeseen:
+            self._failed_in_task(unforeseen, f"connecting to {key[0]}:{key[1]}")
+
+    def _failed_in_task(self, error: Exception, doing: str) -> None:
+        """The proxy itself failed while a task waited (a bug, or a resource the kernel
+        refused): the connection is reset, its streams counted as proxy_error once
+        connection_lost comes. A task has no transport to close it as a failing callback
+        has."""
+        log_proxy_error(log, f"{self.flow.record.client}: {doing}", error)
+        self.error = self.flow.record.error = PROXY_ERROR
+        abort_with_reset(self.transport)
 
     def _fail_streams(self, upstream: _Upstream, error: str) -> None:
         """Streams that never got an answer from a failed upstream: 502/504 or UNAVAILABLE."""

@@ -80,7 +80,7 @@ async def test_a_socket_the_epoll_set_refuses_ends_its_connection_not_the_worker
         assert not proxy.context.open_flows.flows
         assert not proxy.context.splicer.sides
         assert open_descriptors() <= before
-        assert "cannot splice: [Errno 28] No space left on device" in caplog.text
+        assert "proxy error: [Errno 28] No space left on device" in caplog.text
         assert tracebacks(caplog) == []
         await a_connection_is_echoed(proxy.host, proxy.port)
 
