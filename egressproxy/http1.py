@@ -256,6 +256,25 @@ def _as_http11(response: h11.Response) -> h11.Response:
     )
 
 
+def _closing(response: h11.Response) -> h11.Response:
+    """The response with `Connection: close` (a `keep-alive` one dropped), raw names kept."""
+    fields = [
+        (name, value)
+        for name, value in response.headers.raw_items()
+        if name.lower() != b"connection" or value.strip().lower() != b"keep-alive"
+    ]
+    if not any(
+        name.lower() == b"connection" and b"close" in value.lower() for name, value in fields
+    ):
+        fields.append((b"Connection", b"close"))
+    return h11.Response(
+        status_code=response.status_code,
+        headers=fields,
+        http_version=response.http_version,
+        reason=response.reason,
+    )
+
+
 def _framed_twice(response: h11.Response) -> bool:
     """Content-Length beside Transfer-Encoding (RFC 9112 6.3: "ought to be handled as an
     error"): the head goes to the client as the upstream wrote it, so a client trusting the
@@ -1272,6 +1291,8 @@ class Http1Proxy(asyncio.Protocol):
         self.record.status = response.status_code
         self._read_grpc_status(response.headers)
         self.response_started = True
+        if self.client.their_state is h11.SEND_BODY:
+            response = _closing(response)  # an early answer ends the connection: see below
         head = self.client.send(_as_http11(response))
         if self.request.http_version == b"1.1" and _self_delimited(response, self.request.method):
             head = response_head(response)
@@ -1307,7 +1328,19 @@ class Http1Proxy(asyncio.Protocol):
     def _response_ended(self, end: h11.EndOfMessage) -> None:
         self._read_grpc_status(end.headers)
         self._write_client(self.client.send(end))
+        if self.client.their_state is h11.SEND_BODY:
+            self._answered_early()
+            return
         self._maybe_next_cycle()
+
+    def _answered_early(self) -> None:
+        """The upstream answered before the request body was all in (a 401 to an Expect,
+        a 413, or an upstream that reads no body where it was told of one: CL.0). The rest
+        of the body is not forwarded, since an upstream done with the request may read it
+        as requests of its own, which the proxy never decided; that upstream is not kept,
+        and the connection ends, the body still coming dropped (the answer said close)."""
+        self._finish_exchange()
+        self._linger()
 
     def _write_client(self, data: bytes | None) -> None:
         if not data:
@@ -1434,7 +1467,8 @@ class Http1Proxy(asyncio.Protocol):
         self._linger()
 
     def _linger(self) -> None:
-        """Close after an error answer without resetting the unread request bytes away.
+        """Close after an answer that leaves request bytes unread (an error answer, an early
+        one) without resetting them away.
 
         The upstreams go now; the flow is finished when the client's socket closes.
         """

@@ -261,7 +261,9 @@ async def test_an_early_answer_then_close_reaches_an_uploading_client_whole(
                 answer += chunk
         writer.close()
         await proxy.wait_closed_flows(1)
-    assert answer == b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n\r\nbig!"
+    assert answer == (
+        b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbig!"
+    )
     assert [(r.status, r.error) for r in proxy.ledger.requests] == [(413, "")]
 
 
@@ -293,3 +295,57 @@ async def test_a_body_framed_by_the_close_and_cut_short_reaches_the_client_as_a_
         await proxy.wait_closed_flows(1)
     assert received.endswith(b"\r\n\r\npart of it")
     assert [(r.status, r.error) for r in proxy.ledger.requests] == [(200, "reset")]
+
+
+def reads_no_bodies(heads: list[bytes]) -> Callable[..., object]:
+    """An origin that answers every request head at once and reads no body (CL.0): the
+    bytes after a head are, to it, the next request."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                heads.append((await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")[0])
+                writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 3\r\n\r\nno!")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    return serve
+
+
+SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: example.test\r\n\r\n"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("expect", [b"", b"Expect: 100-continue\r\n"])
+async def test_a_body_still_coming_after_an_early_answer_goes_nowhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, expect: bytes
+) -> None:
+    """The upstream answered before the body: the body the client sends after it is not
+    forwarded (an upstream done with the request may take it for requests nobody decided),
+    and the answer closes the connection, also for a client that waits to be told to send
+    its body (Expect) and never is."""
+    heads: list[bytes] = []
+    async with proxy_to_origin(reads_no_bodies(heads), tmp_path, monkeypatch, ALLOW_ALL) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(
+            b"POST /up HTTP/1.1\r\nHost: example.test\r\n%sContent-Length: %d\r\n\r\n"
+            % (expect, len(SMUGGLED))
+        )
+        async with asyncio.timeout(TIMEOUT):
+            status, headers, body = await read_response(reader)
+            assert (status, headers["connection"], body) == (401, "close", b"no!")
+            if not expect:
+                writer.write(SMUGGLED)
+            assert await reader.read() == b""
+        writer.close()
+        await proxy.wait_closed_flows(1)
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"GET /after HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        assert (await asyncio.wait_for(read_response(reader), TIMEOUT))[0] == 401
+        writer.close()
+        await proxy.wait_closed_flows(2)
+    assert heads == [b"POST /up HTTP/1.1", b"GET /after HTTP/1.1"]
+    assert [(r.path, r.status, r.error) for r in proxy.ledger.requests] == [
+        ("/up", 401, ""),
+        ("/after", 401, ""),
+    ]
