@@ -245,7 +245,24 @@ def normalized_path(path: str) -> str:
     same UTF-8 sent raw are one path."""
     if not path.startswith("/") or ("%" not in path and "//" not in path and "/." not in path):
         return path
-    parts = _SLASHES.sub("/", unquote(path, encoding="latin-1")).split("/")[1:]
+    return _resolved(unquote(path, encoding="latin-1"))
+
+
+_PARAMETERS = re.compile(r";[^/]*")
+
+
+def as_some_servers_read(normalized: str) -> str:
+    """A normalized path as servers beyond RFC 3986 read it: `;parameters` dropped from
+    each segment (Tomcat, Jetty, Spring: `/public/..;/admin` is `/admin` there, `/admin;x`
+    is `/admin`) and `\\` as `/` (IIS). Asked only of a path with `;` or `\\` in it once
+    decoded, to deny what either reading denies."""
+    path = normalized.replace("\\", "/")
+    return _resolved(_PARAMETERS.sub("", path)) if path.startswith("/") else path
+
+
+def _resolved(path: str) -> str:
+    """A decoded path with its slashes merged and its dot segments removed."""
+    parts = _SLASHES.sub("/", path).split("/")[1:]
     kept: list[str] = []
     for part in parts:
         if part == "..":
@@ -662,10 +679,23 @@ class PolicyIndex:
         return self.default(network, destination, RouteProtocol.TCP, "no route matched")
 
     def decide_request(self, facts: RequestFacts) -> Decision:
-        """One HTTP/1 request, HTTP/2 stream or gRPC call, its path matched as normalised."""
+        """One HTTP/1 request, HTTP/2 stream or gRPC call, its path matched as normalised.
+
+        A path with `;` or `\\` in it is decided again as some servers read it, and when
+        that reading is denied, so is the request: else `/public/..;/admin` would pass a
+        rule allowing `/public` on to a Tomcat's `/admin`. The first decision stands
+        otherwise, so no request gets further than its path as written would."""
         path = normalized_path(facts.path)
         if path is not facts.path:
             facts = facts._replace(path=path)
+        decision = self._decide_normalized(facts)
+        if decision.action is not DENY_ACTION and (";" in path or "\\" in path):
+            other = self._decide_normalized(facts._replace(path=as_some_servers_read(path)))
+            if other.action is DENY_ACTION:
+                return other
+        return decision
+
+    def _decide_normalized(self, facts: RequestFacts) -> Decision:
         destination = facts.destination
         network = self.network_for(destination)
         grpc_port = False

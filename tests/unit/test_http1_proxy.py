@@ -142,6 +142,27 @@ async def test_each_request_on_a_keep_alive_connection_is_decided_on_its_own(
 
 
 @pytest.mark.asyncio
+async def test_a_path_some_servers_read_as_a_denied_one_is_denied(
+    setup: tuple[LoopbackProxy, int, int],
+) -> None:
+    """Tomcat reads `/a/..;/denied` and `/denied;x` as /denied, IIS `/a\\..\\denied`:
+    denied on a keep-alive connection as first requests (the lean path) and after h11's."""
+    proxy, _, _ = setup
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    paths = ["/a/..;/denied", "/denied;x", "/a\\..\\denied", "/a;v=1"]
+    for chunked in (False, True):
+        for path in paths:
+            body = b"Transfer-Encoding: chunked\r\n\r\n0\r\n" if chunked else b""
+            writer.write(
+                b"POST %s HTTP/1.1\r\nHost: example.test\r\n%s\r\n" % (path.encode(), body)
+            )
+            status, _, _ = await read_response(reader)
+            assert status == (200 if path == "/a;v=1" else 403), (path, chunked)
+    writer.close()
+    await proxy.wait_closed_flows(1)
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize(
     "target",
     ["/denied#", "/denied#/../a", "/a/..#/denied", "denied", "*", "ftp://example.test/denied"],

@@ -245,6 +245,75 @@ def test_a_path_is_matched_as_a_server_resolves_it() -> None:
     assert path_action("deny", "/public", "allow", "/public/./a//b") is Action.PASS
 
 
+def test_a_path_some_servers_read_otherwise_is_denied_if_either_reading_is() -> None:
+    """Tomcat, Jetty and Spring drop `;parameters` from each segment, IIS reads `\\` as
+    `/`: each of these is /admin to one of them."""
+    for path in ("/admin;x", "/admin;x/secret", "/a/..;/admin", "/admin%3Bx", "/x\\..\\admin"):
+        assert path_action("allow", "/admin", "deny", path) is Action.DENY, path
+    for path in ("/public/..;/admin", "/public\\..\\admin", "/public/%2e%2e;/admin"):
+        assert path_action("deny", "/public", "allow", path) is Action.DENY, path
+    assert path_action("deny", "/public", "allow", "/public/a;v=1") is Action.PASS
+    # no further than as written: a parameter does not open a rule the path misses
+    assert path_action("deny", "/public", "allow", "/public;v=1/a") is Action.DENY
+    assert path_action("allow", "/admin", "deny", "/ad;x/min") is Action.PASS
+
+
+TWO_PATH_RULES = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: paths
+spec:
+  default: {default}
+  rules:
+  - name: public
+    http:
+    - pathPrefix: /public
+    action: allow
+  - name: admin
+    http:
+    - pathPrefix: /admin
+    action: deny
+"""
+PATH_INDEXES = {
+    default: compile_policy(
+        load_policy_text(TWO_PATH_RULES.format(default=default), "paths.yaml"), Settings()
+    )
+    for default in ("allow", "deny")
+}
+
+
+PATH_SEGMENTS = st.sampled_from(
+    [
+        "public",
+        "admin",
+        "a",
+        "..",
+        ".",
+        "",
+        "..;",
+        "public;x",
+        "admin;v=1",
+        "%3Bx",
+        "%2e%2e",
+        "a\\..\\admin",
+    ]
+)
+
+
+@given(st.sampled_from(sorted(PATH_INDEXES)), st.lists(PATH_SEGMENTS, max_size=5))
+def test_a_second_reading_only_ever_denies(default: str, segments: list[str]) -> None:
+    """Deciding a path again as some servers read it turns the path's own decision into a
+    deny or leaves it: nothing is let through that the path as written is not."""
+    index = PATH_INDEXES[default]
+    destination = Destination(ipaddress.ip_address("203.0.113.7"), 80)
+    path = "/" + "/".join(segments)
+    facts = RequestFacts(destination, "app.example.com", "GET", path, "", (), grpc=False)
+    as_written = index._decide_normalized(facts._replace(path=normalized_path(facts.path)))
+    decided = index.decide_request(facts)
+    assert decided == as_written or decided.action is Action.DENY
+
+
 @given(st.text(alphabet="/.%2eaF", max_size=24))
 def test_a_normalised_path_has_no_dot_segments_or_empty_ones(text: str) -> None:
     path = normalized_path("/" + text)
