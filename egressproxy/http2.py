@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
@@ -60,6 +61,15 @@ MAX_NEW_STREAMS_PER_READ = 4 * MAX_CONCURRENT_STREAMS
 concurrent streams learns that one ended only from our answers, which go out after the
 read; streams it does not wait for (past the limit, denied, malformed) each cost the
 worker a decoded head and an answer while every other connection waits."""
+PREMATURE_RESET_SECONDS = 1.0
+STREAMS_BEFORE_RESETS_COUNT = 500
+"""Rapid reset (CVE-2023-44487): a client that opens streams and resets them at once
+keeps within the concurrent-stream limit while every stream costs the worker a decision
+and the upstream a request. As Envoy does (premature_reset_total_stream_count and its
+min_stream_lifetime of 1 s): once a connection has opened this many streams, more than
+half of them reset by the client before their answer began and within
+PREMATURE_RESET_SECONDS is a flood. A client cancelling now and then, or calls that ran
+into their deadlines, never gets there."""
 MAX_ENCODER_TABLE = 4096
 """Our HPACK encoder's dynamic table, whatever larger size a peer allows (RFC 7541 4.2): a
 peer's SETTINGS_HEADER_TABLE_SIZE of 2^31 would make us keep every distinct header we
@@ -591,6 +601,10 @@ class H2Proxy(asyncio.Protocol):
         """Upstreams whose write buffer is high: the client is not read meanwhile."""
         self.client_full = False
         self.answers_unread = AnswersUnread()
+        self.streams_opened = 0
+        self.premature_resets = 0
+        """Streams the client reset before their answer began, within a second: see
+        STREAMS_BEFORE_RESETS_COUNT."""
         self.closed = False
         self.goaway_sent = False
         self.error = ""
@@ -633,6 +647,8 @@ class H2Proxy(asyncio.Protocol):
             return
         for event in events:
             self._client_event(event)
+            if self.closed:  # flooded, or closed: the events left change nothing
+                return
         if self.client_full and self.answers_unread.flooding(events):
             self._flooded("PING/SETTINGS/new streams while not reading")
             return
@@ -643,6 +659,7 @@ class H2Proxy(asyncio.Protocol):
     def _flooded(self, what: str) -> None:
         log.warning("%s: h2 flood (%s), cut", self.flow.record.client, what)
         self.error = self.flow.record.error = "flood"
+        self.closed = True
         self.transport.abort()
 
     def eof_received(self) -> bool:
@@ -731,6 +748,7 @@ class H2Proxy(asyncio.Protocol):
         )
         stream = _Stream(event.stream_id, record, headers)
         self.streams[event.stream_id] = stream
+        self.streams_opened += 1
         if event.stream_ended is not None:
             stream.request_ended = True
         problem = malformed(headers, trailers=False)
@@ -1008,6 +1026,16 @@ class H2Proxy(asyncio.Protocol):
             return
         self._cancel_upstream(stream)
         self._finish_stream(stream, "client_reset")
+        if (
+            not stream.response_started
+            and time.monotonic() - stream.record.started < PREMATURE_RESET_SECONDS
+        ):
+            self.premature_resets += 1
+            if (
+                self.streams_opened >= STREAMS_BEFORE_RESETS_COUNT
+                and self.premature_resets * 2 > self.streams_opened
+            ):
+                self._flooded("streams reset as soon as opened")
 
     def _cancel_upstream(self, stream: _Stream) -> None:
         """The stream will not be finished: its upstream twin is cancelled (or, not yet

@@ -211,8 +211,11 @@ class H2Server(asyncio.Protocol):
             self.transport.write(self.h2.data_to_send())
             self.transport.close()
             return
+        reset = {event.stream_id for event in events if isinstance(event, h2.events.StreamReset)}
         for event in events:
-            if isinstance(event, h2.events.RequestReceived):
+            if getattr(event, "stream_id", None) in reset:
+                self.streams.pop(event.stream_id, None)  # h2 has forgotten it already
+            elif isinstance(event, h2.events.RequestReceived):
                 self.streams[event.stream_id] = {
                     "headers": [[n, v] for n, v in event.headers],
                     "digest": hashlib.sha256(),

@@ -29,7 +29,12 @@ import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
 import egressproxy.http2
-from egressproxy.http2 import MAX_ENCODER_TABLE, MAX_NEW_STREAMS_PER_READ, GoawayFilter
+from egressproxy.http2 import (
+    MAX_ENCODER_TABLE,
+    MAX_NEW_STREAMS_PER_READ,
+    STREAMS_BEFORE_RESETS_COUNT,
+    GoawayFilter,
+)
 from egressproxy.metrics import Metrics
 from egressproxy.server import Reporting
 from egressproxy.settings import LogFormat, VerifyDestination
@@ -1196,6 +1201,57 @@ async def test_a_burst_of_streams_the_proxy_answers_at_once_is_a_flood(
     await proxy.wait_closed_flows(1)
     assert [flow.error for flow in proxy.ledger.flows] == ["flood"]
     assert len(proxy.ledger.requests) < count
+
+
+def open_and_reset(client: H2Client, count: int) -> None:
+    """count streams, each reset (CANCEL) as soon as it is sent."""
+    for _ in range(count):
+        client.request("GET", "/a")
+        client.h2.reset_stream(max(client.answers), h2.errors.ErrorCodes.CANCEL)
+    client.transport.write(client.h2.data_to_send())
+
+
+@pytest.mark.asyncio
+async def test_streams_reset_as_soon_as_opened_are_a_flood(
+    h2_setup: tuple[LoopbackProxy, int],
+) -> None:
+    """Rapid reset (CVE-2023-44487): never more than a few streams open at once, yet each
+    costs a decision and an upstream request. Once 500 streams are opened with more than
+    half reset before their answer, the connection ends."""
+    proxy, _ = h2_setup
+    client = await connect_h2(proxy)
+    async with asyncio.timeout(TIMEOUT):
+        for _ in range(20):  # 2,000 streams at most
+            if client.lost.is_set():
+                break
+            open_and_reset(client, 100)
+            await asyncio.sleep(0.01)
+        await client.lost.wait()
+    await proxy.wait_closed_flows(1)
+    assert [flow.error for flow in proxy.ledger.flows] == ["flood"]
+    assert STREAMS_BEFORE_RESETS_COUNT <= len(proxy.ledger.requests) < 1000
+
+
+@pytest.mark.asyncio
+async def test_a_client_that_cancels_some_of_its_streams_is_served_on(
+    h2_setup: tuple[LoopbackProxy, int],
+) -> None:
+    """Fewer than half of 550 streams reset before their answers: no flood."""
+    proxy, _ = h2_setup
+    client = await connect_h2(proxy)
+    async with asyncio.timeout(TIMEOUT):
+        for _ in range(3):
+            answers = [client.request("GET", "/a") for _ in range(100)]
+            for answer in answers:
+                await answer.done.wait()
+        open_and_reset(client, 250)
+        last = client.request("GET", "/a")
+        await last.done.wait()
+    assert last.headers[":status"] == "200"
+    assert not client.lost.is_set()
+    client.transport.close()
+    await proxy.wait_closed_flows(1)
+    assert [flow.error for flow in proxy.ledger.flows] == [""]
 
 
 @pytest.mark.asyncio
