@@ -9,11 +9,14 @@ Model: linkerd2-proxy's `register(reg)` then `metrics(labels)`.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import tempfile
 import time
 from bisect import bisect_left
 from collections.abc import Callable
+from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
 import prometheus_client
@@ -595,6 +598,35 @@ class LoopValue:
         return self._exemplar
 
 
+METRICS_DIRECTORY_PREFIX = "egressproxy-metrics-"
+OWNER_LOCK = "owner.lock"
+"""A file in each run's metrics directory that the run's processes hold locked (flock) for
+as long as one of them lives: a directory whose lock can be taken is a dead run's."""
+_owner_lock: int | None = None
+"""The supervisor's descriptor of its lock file, open for its whole life (the forked
+workers hold it too)."""
+
+
+def _remove_dead_runs(parent: str) -> None:
+    """Remove the metrics directories that runs killed before their cleanup (SIGKILL, an
+    OOM kill) left in parent: only ours (the prefix, our uid's, a lock file) whose lock is
+    free. Their files are never summed in: each run reads only its own directory."""
+    for candidate in Path(parent).glob(METRICS_DIRECTORY_PREFIX + "*"):
+        try:
+            if candidate.lstat().st_uid != os.getuid():
+                continue
+            descriptor = os.open(candidate / OWNER_LOCK, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue  # not a directory of ours, or not ours to remove
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(descriptor)
+            continue  # a live run's
+        shutil.rmtree(candidate, ignore_errors=True)
+        os.close(descriptor)
+
+
 def keep_values(workers: int) -> str | None:
     """Where metric values live from now on: in this process (one worker, None), or in
     mmapped files under a fresh directory of this run's own (returned, to be removed at exit).
@@ -604,20 +636,25 @@ def keep_values(workers: int) -> str | None:
     here, before any family is created. For --workers N the directory is made inside
     PROMETHEUS_MULTIPROC_DIR when that is set (a writable volume beside a read-only root),
     else in the temporary directory: files already there, another run's or program's, are
-    never summed in nor removed. Forked workers write their own files; one scrape of the
-    directory sums them. OSError, saying where, when the directory cannot be made.
+    never summed in nor removed, except the directories of runs killed before they could
+    remove their own (_remove_dead_runs). Forked workers write their own files; one scrape
+    of the directory sums them. OSError, saying where, when the directory cannot be made.
     """
     parent = os.environ.pop(MULTIPROCESS_ENV, "")
     if workers == 1:
         values.ValueClass = LoopValue
         return None
+    global _owner_lock
     try:
-        directory = tempfile.mkdtemp(prefix="egressproxy-metrics-", dir=parent or None)
+        directory = tempfile.mkdtemp(prefix=METRICS_DIRECTORY_PREFIX, dir=parent or None)
+        _owner_lock = os.open(Path(directory) / OWNER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(_owner_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
         # Without one usable, tempfile.gettempdir() itself raises: name the search instead.
         where = f"{MULTIPROCESS_ENV}={parent}" if parent else "TMPDIR, /tmp, /var/tmp or /usr/tmp"
         reason = error.strerror or str(error)
         raise OSError(f"cannot make the metrics directory in {where}: {reason}") from None
+    _remove_dead_runs(os.path.dirname(directory))
     os.environ[MULTIPROCESS_ENV] = directory
     values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
     return directory

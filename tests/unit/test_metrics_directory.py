@@ -4,6 +4,7 @@ exit; a directory it cannot use is one line on stderr, never a traceback."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -26,7 +27,7 @@ def start(tmp_path: Path, workers: int, preset: Path) -> tuple[subprocess.Popen[
     policy_file = tmp_path / "policy.yaml"
     policy_file.write_text((EXAMPLES / "linkerd-1-allow.yaml").read_text())
     temporary = tmp_path / "tmp"
-    temporary.mkdir()
+    temporary.mkdir(exist_ok=True)
     environment = {
         **os.environ,
         "TMPDIR": str(temporary),
@@ -142,3 +143,57 @@ def test_workers_without_any_temporary_directory_say_so(monkeypatch: pytest.Monk
     monkeypatch.setattr(tempfile, "_candidate_tempdir_list", lambda: ["/nonexistent-tmp"])
     with pytest.raises(OSError, match=r"^cannot make the metrics directory in TMPDIR, /tmp"):
         metrics.keep_values(2)
+
+
+def a_run_directory(preset: Path, name: str, *, lock: bool) -> Path:
+    """A metrics directory as a run makes one, with a counter file (and its lock file)."""
+    directory = preset / (metrics.METRICS_DIRECTORY_PREFIX + name)
+    directory.mkdir()
+    (directory / "counter_4242.db").write_bytes(STALE)
+    if lock:
+        (directory / metrics.OWNER_LOCK).touch()
+    return directory
+
+
+def lock_is_free(directory: Path) -> bool:
+    with open(directory / metrics.OWNER_LOCK, "rb") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        return True
+
+
+def test_the_directory_of_a_killed_run_is_removed_a_live_ones_kept(tmp_path: Path) -> None:
+    """A supervisor killed with SIGKILL leaves its directory: the next run removes it once
+    its lock is free. A live run's (its lock held), and one without a lock file (not made
+    by a run of ours), stay."""
+    preset = tmp_path / "multiproc"
+    stale = with_stale_file(preset)
+    killed = a_run_directory(preset, "killed", lock=True)
+    live = a_run_directory(preset, "live", lock=True)
+    foreign = a_run_directory(preset, "foreign", lock=False)
+    with open(live / metrics.OWNER_LOCK, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        first, admin_port = start(tmp_path, 2, preset)
+        try:
+            serve_until_ready(first, admin_port)
+            assert not killed.exists()
+            (own,) = set(preset.glob("egressproxy-metrics-*")) - {live, foreign}
+            assert sorted(preset.iterdir()) == sorted([stale, live, foreign, own])
+            first.kill()  # the supervisor; its workers end with it, and its lock is free
+            first.wait(EXIT_TIMEOUT)
+            assert not lock_is_free(live)
+            wait_for("the killed run's workers to end", lambda: lock_is_free(own))
+        finally:
+            stop(first)
+        second, admin_port = start(tmp_path, 2, preset)
+        try:
+            serve_until_ready(second, admin_port)
+            assert not own.exists()
+        finally:
+            errors = stop(second)
+        assert second.returncode == 0, errors
+    assert sorted(preset.iterdir()) == sorted([stale, live, foreign])
+    assert (foreign / "counter_4242.db").read_bytes() == STALE
