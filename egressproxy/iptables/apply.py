@@ -47,6 +47,7 @@ from egressproxy.iptables.rules import (
     Options,
     OptionsError,
     Plan,
+    capture_problems,
     installed,
     parse_save,
     plan_install,
@@ -372,16 +373,23 @@ def print_removal(backend: Backend, chosen: list[Family]) -> None:
 
 
 def show(backend: Backend, chosen: list[Family]) -> int:
-    """Exit 1 when nothing is installed, so scripts can ask."""
+    """Exit 1 when nothing is installed, 3 when what is installed no longer captures all
+    it should (a jump gone or overtaken), so scripts and monitors can ask."""
     found = False
+    problems = []
     for family in chosen:
-        text = installed(read_state(backend, family).tables)
+        tables = read_state(backend, family).tables
+        text = installed(tables)
         if text:
             found = True
             print(f"# {family.label} ({backend.tool(family, 'save')})\n{text}", end="")
+        problems += [f"{family.label} {problem}" for problem in capture_problems(tables)]
     if not found:
         print("no egressproxy rules are installed", file=sys.stderr)
-    return 0 if found else 1
+        return 1
+    for problem in problems:
+        print(f"egressproxy: {problem}: run install again", file=sys.stderr)
+    return 3 if problems else 0
 
 
 def converge(action: str, options: Options, backend: Backend, chosen: list[Family]) -> None:

@@ -491,6 +491,26 @@ def _table_removal(name: str, saved: SavedTable) -> str:
     return "".join(f"{line}\n" for line in lines)
 
 
+def capture_problems(saved: Mapping[str, SavedTable]) -> list[str]:
+    """Why installed own chains capture less than install made them: a table whose jump
+    into them is gone (a firewall reload, `iptables -F`, a restore without --noflush), or
+    a jump another tool's rule has since been put in front of (Docker puts its FORWARD
+    jump first on every start). Install mends both."""
+    problems = []
+    for name, table in saved.items():
+        if not table.own_chains():
+            continue
+        jumps = table.own_jumps()
+        if not jumps:
+            problems.append(f"{name}: nothing jumps into {', '.join(table.own_chains())}")
+        for line in jumps:
+            chain = rule_chain(line)
+            first = next(rule for rule in table.rules if rule_chain(rule) == chain)
+            if first != line:
+                problems.append(f"{name} {chain}: the jump into {rule_target(line)} is not first")
+    return problems
+
+
 def installed(saved: Mapping[str, SavedTable]) -> str:
     """The own chains, their rules and the jumps into them, as iptables-save shows them."""
     lines: list[str] = []

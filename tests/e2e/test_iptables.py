@@ -431,6 +431,26 @@ def test_sidecar_install_redirects_and_uninstall_restores(lab: Lab, existing: st
     assert "no egressproxy rules are installed" in nothing.stderr
 
 
+def test_show_tells_a_jump_that_is_gone_and_install_puts_it_back(lab: Lab) -> None:
+    """A firewall reload or `iptables -t nat -F OUTPUT` drops the jump and leaves our
+    chains: show exits 3 naming it, and install mends it."""
+    app = lab.namespace()
+    installed = egressproxy(app, "install", f"--proxy-uid={PROXY_UID}", "--no-ipv6")
+    assert installed.returncode == 0, installed.stderr
+    sh(f"ip netns exec {app} iptables -t nat -F OUTPUT")
+    broken = egressproxy(app, "show")
+    assert broken.returncode == 3
+    assert broken.stderr == (
+        "egressproxy: IPv4 nat: nothing jumps into EGRESSPROXY_OUTPUT, EGRESSPROXY_REDIRECT:"
+        " run install again\n"
+    )
+    mended = egressproxy(app, "install", f"--proxy-uid={PROXY_UID}", "--no-ipv6")
+    assert mended.returncode == 0, mended.stderr
+    shown = egressproxy(app, "show")
+    assert (shown.returncode, shown.stderr) == (0, "")
+    assert egressproxy(app, "uninstall").returncode == 0
+
+
 def test_reinstall_with_other_options_leaves_only_the_new_rules(lab: Lab) -> None:
     app = lab.namespace()
     before = saved_rules(app)

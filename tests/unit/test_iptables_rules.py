@@ -31,6 +31,7 @@ from egressproxy.iptables.rules import (
     Options,
     OptionsError,
     SavedTable,
+    capture_problems,
     installed,
     parse_save,
     plan_install,
@@ -539,6 +540,33 @@ def test_the_capture_and_the_udp_block_come_before_other_tools_rules(
     assert rule_target(model.tables[table][builtin][0]) == own
     assert [rule_target(line) for line in model.tables[table][builtin]].count(own) == 1
     assert not model.install(options, droppable)
+
+
+@given(starting_points(), any_options(), st.booleans(), st.sampled_from(["nat", "filter"]))
+def test_show_tells_a_jump_overtaken_or_gone_until_install_mends_it(
+    start: Model, options: Options, droppable: bool, table: str
+) -> None:
+    """Docker puts its FORWARD jump first on every start; a firewall reload or
+    `iptables -F` drops ours and leaves the chains: capture_problems (show's exit 3) names
+    the table, and after install again there is none."""
+    options = dataclasses.replace(options, block_udp=True)
+    if table == "nat":
+        builtin = "OUTPUT" if options.mode == SIDECAR else "PREROUTING"
+    else:
+        builtin = "OUTPUT" if options.mode == SIDECAR else "FORWARD"
+    model = start.copy()
+    model.install(options, droppable)
+    assert capture_problems(model.saved()) == []
+    model.tables[table][builtin].insert(0, FOREIGN.format(chain=builtin, n=7))
+    assert capture_problems(model.saved()) == [
+        f"{table} {builtin}: "
+        + (f"the jump into {rule_target(model.tables[table][builtin][1])} is not first")
+    ]
+    del model.tables[table][builtin][:2]
+    (problem,) = capture_problems(model.saved())
+    assert problem.startswith(f"{table}: nothing jumps into EGRESSPROXY_")
+    model.install(options, droppable)
+    assert capture_problems(model.saved()) == []
 
 
 def without_empty_tables(model: Model) -> Model:
