@@ -130,14 +130,14 @@ def print_summary(model: Model, index: PolicyIndex, settings: Settings, out: Tex
 def unmatched_defaults(network: CompiledNetwork, verdict: str) -> str:
     """The default route of what no rule matches, as decide_* pick it: gRPC gets
     grpc-egress-* only on a port with gRPC rules (plain HTTP too when it has no HTTP rules),
-    TLS gets tls-egress-* on a port with TLS rules and no TCP ones. A port whose routes fix
-    the protocol says its own default on its line."""
+    TLS gets tls-egress-* on a port with TLS rules and no TCP ones (OSM: with https
+    Egresses). A port whose routes fix the protocol says its own default on its line."""
 
     def targets(table: PortTable) -> dict[str, str]:
         return {
             "HTTP": "grpc" if table.grpc and not table.http else "http",
             "gRPC": "grpc" if table.grpc else "http",
-            "TLS": "tls" if table.tls and not table.tcp else "tcp",
+            "TLS": "tls" if table.tls and (table.envoy or not table.tcp) else "tcp",
             "other traffic": "tcp",
         }
 

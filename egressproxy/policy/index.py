@@ -56,9 +56,10 @@ from egressproxy.policy.model import (
     ValueMatch,
 )
 from egressproxy.policy.regex import Pattern
-from egressproxy.settings import Settings
+from egressproxy.settings import IPNetwork, Settings
 
 OLDEST = datetime.min.replace(tzinfo=UTC)
+NO_FILTER_CHAIN = "no Egress filter chain matched"
 T = TypeVar("T")
 
 
@@ -392,9 +393,17 @@ class PortTable:
     """Where no Gateway API route fixes the protocol and gRPC rules are: the gRPC rules and
     the HTTP rules together, as a gRPC call is an HTTP request too, so that a rule for its
     host (a deny above all) holds against a gRPC rule for any host. None: the gRPC rules."""
+    envoy: bool = False
+    """OSM Egress routes are here (Route.envoy_filter_chains): filter_chains decides."""
+    http_chain: bool = False
+    """An OSM http Egress is here, even one without routes (hosts or matches)."""
+    filter_chains: tuple[FilterChain, ...] = ()
+    """The port's Envoy filter chains as OSM builds them, oldest route first."""
 
     def sort(self) -> None:
         """Every candidate list oldest route first, so ties go to the oldest."""
+        if self.envoy:
+            self.filter_chains = envoy_filter_chains(self)
         if self.fixed is None and self.grpc:
             self.grpc_calls = HostTable()
             for pattern, rule in [*self.grpc.entries(), *self.http.entries()]:
@@ -407,6 +416,66 @@ class PortTable:
 
 def position(rule: CompiledRule) -> tuple[object, ...]:
     return rule.position
+
+
+@dataclass(frozen=True)
+class FilterChain:
+    """One Envoy filter chain of an OSM port: an https or tcp Egress's, matching addresses
+    (ipAddresses; none: any) and server names (an https Egress's hosts), or the port's one
+    HTTP chain (rule None), which matches any address and plaintext HTTP only."""
+
+    prefixes: tuple[IPNetwork, ...]
+    server_names: tuple[str, ...]
+    rule: CompiledRule | None
+
+    def prefix_length(self, address: IPAddress) -> int:
+        """How specific this chain's match of the address is; -1: no match."""
+        if not self.prefixes:
+            return 0
+        return max((net.prefixlen for net in self.prefixes if address in net), default=-1)
+
+
+def envoy_filter_chains(table: PortTable) -> tuple[FilterChain, ...]:
+    """The chains OSM's listener builds for the port's Egresses (pkg/envoy/lds/egress.go)."""
+    tls = {id(rule): rule for _, rule in table.tls.entries()}
+    chains = [
+        FilterChain(rule.rule.cidrs, rule.route.hostnames, rule)
+        for rule in sorted([*tls.values(), *table.tcp], key=position)
+    ]
+    if table.http_chain:
+        chains.append(FilterChain((), (), None))
+    return tuple(chains)
+
+
+def envoy_filter_chain(
+    table: PortTable, address: IPAddress, server_name: str | None, plaintext_http: bool
+) -> FilterChain | None:
+    """The chain Envoy's filter chain match picks, None for none (Envoy closes the
+    connection): among the chains matching the address most specifically, those naming the
+    server name (exactly, else by the longest wildcard), else those naming none; then the
+    HTTP chain for plaintext HTTP, else another. Each step keeps only what it picked, as
+    Envoy never backtracks: TLS to an address an https Egress's ipAddresses cover, with a
+    name it does not list, is not taken by a tcp Egress for every address."""
+    longest = -1
+    bucket: list[FilterChain] = []
+    for chain in table.filter_chains:
+        length = chain.prefix_length(address)
+        if length > longest:
+            longest, bucket = length, [chain]
+        elif length == longest >= 0:
+            bucket.append(chain)
+    named = [chain for chain in bucket if chain.server_names]
+    if server_name and named:
+        for level in table.tls.levels(server_name):
+            taken = [chain for chain in named if any(chain.rule is rule for rule in level)]
+            if taken:
+                return taken[0]
+    bucket = [chain for chain in bucket if not chain.server_names]
+    if plaintext_http:
+        for chain in bucket:
+            if chain.rule is None:
+                return chain
+    return next((chain for chain in bucket if chain.rule is not None), None)
 
 
 FIX_PRIORITY = (RouteProtocol.GRPC, RouteProtocol.HTTP, RouteProtocol.TLS, RouteProtocol.TCP)
@@ -577,6 +646,9 @@ class PolicyIndex:
         )
 
     def add_route(self, table: PortTable, route: Route, section_name: str) -> None:
+        if route.envoy_filter_chains:
+            table.envoy = True
+            table.http_chain = table.http_chain or route.protocol is HTTP_PROTOCOL
         if route.fixes_protocol:
             current = FIX_PRIORITY.index(table.fixed) if table.fixed else len(FIX_PRIORITY)
             if FIX_PRIORITY.index(route.protocol) < current:
@@ -654,6 +726,8 @@ class PolicyIndex:
         if network is None:
             return self.untouched(protocol, destination)
         table = network.table(destination.port)
+        if table.envoy:
+            return self.through_filter_chain(network, table, facts)
         if facts.detected == Detected.TLS and table.fixed not in (
             RouteProtocol.HTTP,
             RouteProtocol.GRPC,
@@ -724,6 +798,12 @@ class PolicyIndex:
             return self.decide_connection(
                 ConnectionFacts(destination, Detected.OPAQUE, facts.hostname)
             )
+        if table.envoy:
+            chain = envoy_filter_chain(table, destination.ip, None, plaintext_http=True)
+            if chain is None:
+                return self.default(network, destination, HTTP_PROTOCOL, NO_FILTER_CHAIN)
+            if chain.rule is not None:
+                return self.matched(network, destination, HTTP_PROTOCOL, chain.rule)
         if table.grpc_calls is not None and split_grpc_path(facts.path)[0] is not None:
             # A gRPC server may serve a call without content-type: application/grpc: a
             # request shaped like a call (/service/method) that a gRPC rule would deny as
@@ -750,14 +830,29 @@ class PolicyIndex:
         protocol: RouteProtocol,
         why: str,
     ) -> Decision:
-        """A request no HTTP or gRPC rule took, on a port where gRPC or HTTP rules are: an
-        OSM tcp Egress or a native rule for every connection takes it (Gateway API routes
-        fix their port's protocol, so theirs never do); else the network's default."""
-        if table.fixed is None:
+        """A request no HTTP or gRPC rule took, on a port where gRPC or HTTP rules are: a
+        native rule for every connection takes it (Gateway API routes fix their port's
+        protocol, and OSM's HTTP filter chain has no fallback, so theirs never do); else
+        the network's default."""
+        if table.fixed is None and not table.envoy:
             for rule in table.tcp:
                 if rule.covers(destination.ip):
                     return self.matched(network, destination, protocol, rule)
         return self.default(network, destination, protocol, why)
+
+    def through_filter_chain(
+        self, network: CompiledNetwork, table: PortTable, facts: ConnectionFacts
+    ) -> Decision:
+        """A TLS or opaque connection on an OSM port: what its Envoy filter chain says."""
+        destination = facts.destination
+        tls = facts.detected == Detected.TLS
+        chain = envoy_filter_chain(
+            table, destination.ip, facts.hostname if tls else None, plaintext_http=False
+        )
+        if chain is None or chain.rule is None:
+            protocol = TLS_PROTOCOL if tls and table.tls else TCP_PROTOCOL
+            return self.default(network, destination, protocol, NO_FILTER_CHAIN)
+        return self.matched(network, destination, chain.rule.route.protocol, chain.rule)
 
     def not_a_call(self, network: CompiledNetwork, destination: Destination) -> Decision:
         """linkerd2-proxy's default egress route for gRPC, like every GRPCRoute match, takes

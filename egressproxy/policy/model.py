@@ -201,6 +201,12 @@ class Route:
     """OSM: each host is two Envoy virtual host domains, HOST and HOST:PORT (PORT the
     Egress port), so a Host or :authority naming another port, or an empty one, matches no
     rule of the route. Gateway API hostnames (Linkerd) and native hosts match any port."""
+    envoy_filter_chains: bool = False
+    """OSM: each Egress port becomes an Envoy filter chain (http: any address; https: SNI
+    and ipAddresses; tcp: ipAddresses), and a connection takes the one chain Envoy's match
+    picks (longest address prefix, then server name, then HTTP or not), with no fallback
+    to another: a request no http Egress takes on a port that a tcp Egress also has is
+    denied, not passed through the tcp one."""
 
 
 @dataclass(frozen=True)

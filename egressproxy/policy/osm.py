@@ -329,7 +329,15 @@ def read_egress(
             ports.setdefault(PROTOCOLS[name], []).append(number)
     if RouteProtocol.TLS in ports:
         warn_address_hosts(checker, host_lines, where)
-    http_rules = read_egress_matches(checker, spec, where, meta, groups, cidrs)
+    if RouteProtocol.HTTP in ports and cidrs:
+        log.warning(
+            "%s:%d: %s.ipAddresses: they do not restrict its http ports (as in OSM, whose HTTP "
+            "filter chain matches any address), only its https and tcp ones",
+            checker.file,
+            spec.line_of("ipAddresses"),
+            where,
+        )
+    http_rules = read_egress_matches(checker, spec, where, meta, groups)
     origin = Origin(checker.file, meta.line)
     if not clients:
         # OSM applies an Egress to the sources it lists: with none, to no client.
@@ -339,13 +347,13 @@ def read_egress(
     for protocol, numbers in ports.items():
         rules: tuple[Rule, ...] = (Rule(name="egress", cidrs=cidrs, origin=origin),)
         if protocol == RouteProtocol.HTTP:
-            # OSM builds HTTP routes per host and per match: without either, none.
-            if http_rules is not None:
-                rules = http_rules
+            # OSM builds HTTP routes per host and per match: without either, none, and its
+            # port still has the HTTP filter chain, which then takes plaintext HTTP to 404.
+            rules = (Rule(name="egress", origin=origin),) if http_rules is None else http_rules
             if not hosts or not rules:
                 nothing = "no hosts" if not hosts else "no HTTPRouteGroup matches"
                 log.info("%s: %s: %s: its http ports allow nothing", origin, where, nothing)
-                continue
+                rules = ()
         routes.append(
             Route(
                 ref=RouteRef(POLICY_GROUP, "Egress", meta.namespace, meta.name),
@@ -360,6 +368,7 @@ def read_egress(
                 origin=origin,
                 most_specific_host_only=True,
                 port_in_host_must_match=True,
+                envoy_filter_chains=True,
             )
         )
     return routes
@@ -412,7 +421,6 @@ def read_egress_matches(
     where: str,
     meta: ObjectMeta,
     groups: dict[tuple[str, str], list[RouteGroupMatch]],
-    cidrs: tuple[IPNetwork, ...],
 ) -> tuple[Rule, ...] | None:
     """One rule per HTTPRouteGroup match named by `matches`; None when `matches` names no
     HTTPRouteGroup (every request); empty when the groups it names have no matches (no
@@ -466,7 +474,6 @@ def read_egress_matches(
             Rule(
                 name=f"{name}/{match.name}",
                 http_matches=match.match,
-                cidrs=cidrs,
                 origin=Origin(checker.file, match.line),
             )
             for match in group

@@ -702,6 +702,39 @@ def test_an_osm_egress_host_takes_its_own_port_in_host_and_no_other(
     assert codes == ["200", "200", "403"]
 
 
+OSM_TCP_EGRESS_ON_80 = """\
+---
+apiVersion: policy.openservicemesh.io/v1alpha1
+kind: Egress
+metadata: {name: tcp-80, namespace: curl}
+spec:
+  sources: [{kind: ServiceAccount, name: curl, namespace: curl}]
+  ports: [{number: 80, protocol: tcp}]
+"""
+
+
+def test_an_osm_tcp_egress_leaves_http_to_the_http_egress_of_its_port(
+    world: World, proxy: StartProxy
+) -> None:
+    """OSM's Envoy takes plaintext HTTP on a port with an http Egress to its HTTP filter
+    chain, whose hosts alone decide (a tcp Egress on that port is another chain)."""
+    proxy(
+        OSM_EGRESS_TO_EXAMPLE + OSM_TCP_EGRESS_ON_80,
+        "--namespace",
+        "curl",
+        "--service-account",
+        "curl",
+    )
+    codes = []
+    for host in ("example.test", "other.test"):
+        result = world.curl(
+            "-o", "/dev/null", "-w", "%{http_code}", "-H", f"Host: {host}", "http://example.test/"
+        )
+        assert result.returncode == 0, result
+        codes.append(result.stdout.decode())
+    assert codes == ["200", "403"]
+
+
 def test_linkerd_guide_redirect_section(world: World, proxy: StartProxy) -> None:
     run_proxy(proxy, REDIRECT_GUIDE.read_text())
     conn = connection(world, "httpbin.org")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
@@ -652,3 +653,124 @@ def test_egress_policies_are_validated_with_the_feature_flag_off() -> None:
     assert "featureFlags.enableRetryPolicy: expected true or false" in reasons[0]
     assert "'smtp' is not one of http, https, tcp, tcp-server-first" in reasons[1]
     assert "HTTPRouteGroup curl/missing does not exist in this policy" in reasons[2]
+
+
+MESH_EGRESS_OFF = """\
+apiVersion: config.openservicemesh.io/v1alpha2
+kind: MeshConfig
+metadata: {name: osm-mesh-config, namespace: osm-system}
+spec:
+  traffic: {enableEgress: false}
+"""
+ONE_EGRESS = """\
+---
+apiVersion: policy.openservicemesh.io/v1alpha1
+kind: Egress
+metadata: {{name: {name}, namespace: curl}}
+spec:
+  sources: [{{kind: ServiceAccount, name: curl, namespace: curl}}]
+  hosts: [{hosts}]
+  ipAddresses: [{addresses}]
+  ports: [{{number: {port}, protocol: {protocol}}}]
+"""
+LISTED = IPv4Address("198.51.100.20")
+"""Inside the ipAddresses the tables below give (198.51.100.0/24)."""
+UNLISTED = IPv4Address("203.0.113.1")
+
+
+def egresses(*specs: tuple[str, str, str, int, str]) -> PolicyIndex:
+    """A MeshConfig with egress off and one Egress per (name, hosts, addresses, port,
+    protocol)."""
+    text = MESH_EGRESS_OFF + "".join(
+        ONE_EGRESS.format(name=name, hosts=hosts, addresses=addresses, port=port, protocol=kind)
+        for name, hosts, addresses, port, kind in specs
+    )
+    return compile_policy(load_policy_text(text, "osm.yaml"), CURL)
+
+
+def envoy_picks(
+    policy: tuple[tuple[str, str, str, int, str], ...],
+    detected: Detected,
+    address: IPv4Address,
+    sni: str | None,
+) -> RouteRef:
+    """The route (an Egress, or a default denying) a connection, or a plaintext HTTP
+    request for bar.com, gets on the port of the policy's Egresses."""
+    index = egresses(*policy)
+    destination = Destination(address, policy[0][3])
+    if detected is Detected.HTTP1:
+        facts = RequestFacts(destination, "bar.com", "GET", "/", "", (), grpc=False)
+        decision = index.decide_request(facts)
+    else:
+        decision = index.decide_connection(ConnectionFacts(destination, detected, sni))
+    assert decision.route is not None
+    assert (decision.action is Action.PASS) == (decision.route.kind == "Egress")
+    return decision.route
+
+
+HTTP_FOO = ("http-foo", "foo.com", "", 80, "http")
+TCP_80 = ("tcp-80", "", "", 80, "tcp")
+TCP_80_LISTED = ("tcp-80", "", "198.51.100.0/24", 80, "tcp")
+HTTPS_FOO_LISTED = ("https-foo", "foo.com", "198.51.100.0/24", 443, "https")
+HTTPS_FOO = ("https-foo", "foo.com", "", 443, "https")
+TCP_443 = ("tcp-443", "", "", 443, "tcp")
+TCP_443_LISTED = ("tcp-443", "", "198.51.100.0/24", 443, "tcp")
+TLS_DENIED = RouteRef("", "default", "", "tls-egress-deny")
+TCP_DENIED = RouteRef("", "default", "", "tcp-egress-deny")
+
+
+@pytest.mark.parametrize(
+    ("policy", "detected", "address", "sni", "route"),
+    [
+        # http and tcp on one port: Envoy's HTTP chain takes plaintext HTTP (an unlisted
+        # Host gets its 404), the tcp chain the rest.
+        ((HTTP_FOO, TCP_80), Detected.HTTP1, UNLISTED, None, DENIED),
+        ((HTTP_FOO, TCP_80), Detected.OPAQUE, UNLISTED, None, egress("tcp-80")),
+        # ... unless the tcp Egress's ipAddresses match the address: that chain is more
+        # specific, and takes the HTTP too.
+        ((HTTP_FOO, TCP_80_LISTED), Detected.HTTP1, LISTED, None, egress("tcp-80")),
+        ((HTTP_FOO, TCP_80_LISTED), Detected.HTTP1, UNLISTED, None, DENIED),
+        # An http Egress without hosts still has its chain, with no routes.
+        ((("http-none", "", "", 80, "http"), TCP_80), Detected.HTTP1, UNLISTED, None, DENIED),
+        # https with ipAddresses beside tcp for any address: the address picks the https
+        # chain, whose server names then decide alone.
+        ((HTTPS_FOO_LISTED, TCP_443), Detected.TLS, LISTED, "foo.com", egress("https-foo")),
+        ((HTTPS_FOO_LISTED, TCP_443), Detected.TLS, LISTED, "bar.com", TLS_DENIED),
+        ((HTTPS_FOO_LISTED, TCP_443), Detected.TLS, LISTED, None, TLS_DENIED),
+        ((HTTPS_FOO_LISTED, TCP_443), Detected.TLS, UNLISTED, "bar.com", egress("tcp-443")),
+        ((HTTPS_FOO_LISTED, TCP_443), Detected.OPAQUE, LISTED, None, TCP_DENIED),
+        # https for any address beside tcp with ipAddresses: the tcp chain takes its
+        # addresses whatever the name, the https chain the other addresses by name.
+        ((HTTPS_FOO, TCP_443_LISTED), Detected.TLS, LISTED, "bar.com", egress("tcp-443")),
+        ((HTTPS_FOO, TCP_443_LISTED), Detected.TLS, LISTED, "foo.com", egress("tcp-443")),
+        ((HTTPS_FOO, TCP_443_LISTED), Detected.TLS, UNLISTED, "foo.com", egress("https-foo")),
+        ((HTTPS_FOO, TCP_443_LISTED), Detected.TLS, UNLISTED, "bar.com", TLS_DENIED),
+    ],
+)
+def test_a_connection_takes_the_filter_chain_envoy_picks_as_osm_builds_them(
+    policy: tuple[tuple[str, str, str, int, str], ...],
+    detected: Detected,
+    address: IPv4Address,
+    sni: str | None,
+    route: RouteRef,
+) -> None:
+    """OSM makes each Egress port an Envoy filter chain (pkg/envoy/lds/egress.go) and
+    Envoy picks one by the longest address prefix, then the server name, then whether
+    it is HTTP, never going back to a chain an earlier step left out."""
+    assert envoy_picks(policy, detected, address, sni) == route
+
+
+def test_of_two_tcp_egresses_the_most_specific_address_match_names_the_route() -> None:
+    policy = (("any", "", "", 443, "tcp"), ("listed", "", "198.51.100.0/24", 443, "tcp"))
+    assert envoy_picks(policy, Detected.OPAQUE, LISTED, None) == egress("listed")
+    assert envoy_picks(policy, Detected.OPAQUE, UNLISTED, None) == egress("any")
+
+
+def test_ip_addresses_do_not_restrict_http_ports(caplog: pytest.LogCaptureFixture) -> None:
+    """OSM's HTTP filter chain matches any address, and its routes never read the
+    Egress's ipAddresses (AllowedDestinationIPRanges): Host decides alone."""
+    index = egresses(("http-foo", "foo.com", "198.51.100.0/24", 80, "http"))
+    for address in (LISTED, UNLISTED):
+        facts = RequestFacts(Destination(address, 80), "foo.com", "GET", "/", "", (), False)
+        assert index.decide_request(facts).route == egress("http-foo")
+    assert "ipAddresses: they do not restrict its http ports" in caplog.text
