@@ -36,6 +36,7 @@ PIPE_SHARE = 32
 """Pipes for splicing get at most one descriptor in PIPE_SHARE beyond the reserve."""
 PR_SET_PDEATHSIG = 1
 """prctl(2): the signal a worker gets when its supervisor dies."""
+WORKER_SIGHUP = "SIGHUP ignored by a worker: send it to the supervisor (pid %d) to reload"
 
 
 def main(settings: Settings) -> int:
@@ -200,14 +201,20 @@ async def serve(
     *,
     admin_socket: socket.socket | None,
     on_listening: Callable[[], None] | None = None,
+    policy_feed: int | None = None,
 ) -> int:
-    """Run one worker until SIGTERM, then drain."""
+    """Run one worker until SIGTERM, then drain. A worker of --workers (policy_feed: the
+    pipe its supervisor sends policies down) neither reads the file nor reloads on SIGHUP."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, store.request_reload)
-    watcher = loop.create_task(store.watch(), name="policy watch")
+    if policy_feed is None:
+        loop.add_signal_handler(signal.SIGHUP, store.request_reload)
+        watcher = loop.create_task(store.watch(), name="policy watch")
+    else:
+        loop.add_signal_handler(signal.SIGHUP, log.info, WORKER_SIGHUP, os.getppid())
+        watcher = loop.create_task(store.follow(policy_feed), name="policy feed")
     acceptor = Acceptor(listeners)
     limit, pipes = descriptor_budget(settings.max_connections)
     open_flows = OpenFlows(limit, on_full=acceptor.pause, on_room=acceptor.resume)
@@ -347,19 +354,22 @@ def supervise(
     This process's listeners, bound first so a taken port is reported at once, stay
     open until every worker listens, so there is no moment without a listener.
 
-    Every process reloads its own copy of the policy; only this one counts the
-    reloads, so a scrape (the sum over all processes) counts each change once.
+    This process alone reloads the policy, and sends each one to the workers down a
+    pipe each (store.follow); it alone counts the reloads.
     """
     ready_read, ready_write = os.pipe()
     children: list[int] = []
+    feeds: list[int] = []
     supervisor = os.getpid()
     for index in range(settings.workers):
+        feed_read, feed_write = os.pipe()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 _stop_with(supervisor)
-                os.close(ready_read)
+                for descriptor in (ready_read, feed_write, *feeds):
+                    os.close(descriptor)
                 store.on_reload = None
                 upstream.take_worker_share(index, settings.workers)
                 own = [bind_listener(endpoint, settings.listen) for endpoint in settings.listen]
@@ -374,15 +384,18 @@ def supervise(
                         registry,
                         admin_socket=None,
                         on_listening=lambda: _signal_ready(ready_write),
+                        policy_feed=feed_read,
                     )
                 )
             finally:
                 accesslog.shutdown_logging()
                 os._exit(code)
+        os.close(feed_read)
+        feeds.append(feed_write)
         children.append(pid)
     os.close(ready_write)
     return uvloop.run(
-        _supervisor(settings, store, registry, children, ready_read, listeners, admin_socket)
+        _supervisor(settings, store, registry, children, ready_read, feeds, listeners, admin_socket)
     )
 
 
@@ -396,6 +409,7 @@ async def _supervisor(
     registry: CollectorRegistry,
     children: list[int],
     ready_read: int,
+    feeds: list[int],
     listeners: list[socket.socket],
     admin_socket: socket.socket,
 ) -> int:
@@ -407,13 +421,16 @@ async def _supervisor(
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
-        if signum == signal.SIGHUP:
-            store.request_reload()
-        else:
-            stop.set()
+        stop.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, forward, signum)
+    loop.add_signal_handler(signal.SIGHUP, store.request_reload)
+    for feed in feeds:
+        transport, _ = await loop.connect_write_pipe(
+            asyncio.Protocol, os.fdopen(feed, "wb", buffering=0)
+        )
+        store.feeds.append(transport)
     exit_codes: dict[int, int] = {}
     died_serving: list[int] = []
 
@@ -456,6 +473,8 @@ async def _supervisor(
     with contextlib.suppress(asyncio.CancelledError):
         await watcher
     admin_server.close()
+    for transport in store.feeds:
+        transport.close()
     failed = died_serving or [pid for pid, code in exit_codes.items() if code != 0]
     return 1 if failed else 0
 

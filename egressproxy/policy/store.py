@@ -4,6 +4,11 @@ A connection reads `store.current` once and keeps that snapshot, so a reload
 never changes a decision half-way. Changes are found by hashing the file's
 content as the path resolves now, which sees an in-place write, an atomic
 rename and a Kubernetes ConfigMap's `..data` symlink swap alike.
+
+With --workers, only the supervisor reads the file: it sends each policy it
+reloads (the bytes and their generation) down a pipe to every worker, which
+compiles them and runs them under that generation. So all processes run one
+policy, read at one moment, and a change or a bad file is reported once.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,6 +30,9 @@ from egressproxy.settings import Settings
 from egressproxy.threads import in_daemon_thread
 
 log = logging.getLogger(__name__)
+
+FEED_HEADER = struct.Struct("!QQ")
+"""A policy sent to a worker: its generation and length, then its bytes."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,8 @@ class PolicyStore:
         """A forced reload is asked for and not yet begun."""
         self._wake: asyncio.Event | None = None
         """Set by request_reload() to wake watch() before its next poll."""
+        self.feeds: list[asyncio.WriteTransport] = []
+        """The workers' pipes (a supervisor's): each reloaded policy goes down every one."""
 
     @property
     def current(self) -> Snapshot:
@@ -101,18 +113,56 @@ class PolicyStore:
             if self.on_reload is not None:
                 self.on_reload(False)
             return False
-        previous = self._current.generation if self._current else 0
-        self._install(outcome, generation=previous + 1)
-        log.info("%s: policy reloaded, generation %d", self.file, previous + 1)
+        index, data = outcome
+        generation = (self._current.generation if self._current else 0) + 1
+        self._install(index, generation)
+        log.info("%s: policy reloaded, generation %d", self.file, generation)
+        for feed in self.feeds:
+            if not feed.is_closing():
+                feed.write(FEED_HEADER.pack(generation, len(data)) + data)
         if self.on_reload is not None:
             self.on_reload(True)
         return True
 
+    async def follow(self, feed: int) -> None:
+        """A worker's reloads: each policy its supervisor sends down the pipe `feed`, in
+        force under the supervisor's generation, until the supervisor closes it."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(feed, "rb", buffering=0)
+        )
+        try:
+            while True:
+                try:
+                    generation, length = FEED_HEADER.unpack(
+                        await reader.readexactly(FEED_HEADER.size)
+                    )
+                    data = await reader.readexactly(length)
+                except asyncio.IncompleteReadError:
+                    return
+                await self.adopt(data, generation)
+        finally:
+            transport.close()
+
+    async def adopt(self, data: bytes, generation: int) -> None:
+        """Put in force a policy the supervisor read and compiled. Compiled here with the
+        same settings it cannot fail but for want of memory: that keeps the running policy,
+        logged, and the next one sent is still adopted."""
+        try:
+            index = await in_daemon_thread(lambda: self._compile(data), name="policy adopt")
+        except Exception:
+            log.exception("%s: policy generation %d not adopted", self.file, generation)
+            return
+        self._install(index, generation)
+        log.debug("%s: policy generation %d adopted", self.file, generation)
+
     def _attempt(
         self, force: bool, last_digest: bytes | None
-    ) -> tuple[bytes, PolicyIndex | PolicyError] | None:
-        """The file's digest and its compiled index or its problems, off the loop; None when
-        the content is the last one tried and the reload is not forced."""
+    ) -> tuple[bytes, tuple[PolicyIndex, bytes] | PolicyError] | None:
+        """The file's digest and its compiled index (with the bytes it came from) or its
+        problems, off the loop; None when the content is the last one tried and the
+        reload is not forced."""
         try:
             data = read_policy(self.file)
         except PolicyError as unreadable:
@@ -122,7 +172,7 @@ class PolicyStore:
         if not force and digest == last_digest:
             return None
         try:
-            return digest, self._compile(data)
+            return digest, (self._compile(data), data)
         except PolicyError as error:
             return digest, error
 

@@ -1116,3 +1116,54 @@ def loaded(running: Proxy, generation: int) -> bool:
     status, body = running.admin_get("/config")
     assert status == 200
     return int(json.loads(body)["generation"]) == generation
+
+
+POLL_WINDOW = 1.5
+"""Longer than the proxy's poll of the policy file (1 s): a process that read the file
+itself would have seen a change by then."""
+
+
+def test_workers_run_the_policies_their_supervisor_reloads(world: World, proxy: StartProxy) -> None:
+    """With --workers only the supervisor reads the policy file: its workers run each
+    policy it reloads, under its generation, so a change or a bad file is logged once,
+    and a SIGHUP sent to a worker reloads nothing."""
+    directory = make_workdir("reload-workers")
+    directory.chmod(0o755)
+    policy = directory / "policy.yaml"
+
+    def write(text: str, generation: int) -> None:
+        staged = directory / f"staged-{generation}.yaml"
+        staged.write_text(text)
+        staged.chmod(0o644)
+        staged.replace(policy)
+
+    def probes_allowed() -> bool:
+        httpbin = world.host("httpbin.org").v4
+        return all(
+            http_get(world, httpbin, 80, "/probe", "httpbin.org")[0] == 200 for _ in range(10)
+        )
+
+    write(RELOADED.format(action="deny"), 1)
+    try:
+        running = proxy(None, "--policy", str(policy), "--workers", "2")
+        write(RELOADED.format(action="allow"), 2)
+        assert wait_until(partial(loaded, running, 2), 5.0)
+        assert wait_until(probes_allowed, 2.0, interval=0.1)
+        write("kind: [\n", 3)
+        assert wait_until(
+            lambda: (
+                metric(metrics_text(running), "egress_policy_reloads_total", result="error") == 1
+            ),
+            5.0,
+        )
+        workers = Path(f"/proc/{running.pid}/task/{running.pid}/children").read_text().split()
+        assert len(workers) == 2
+        os.kill(int(workers[0]), signal.SIGHUP)
+        assert running.logged("SIGHUP ignored by a worker"), running.log_text()
+        time.sleep(POLL_WINDOW)
+        log_text = running.log_text()
+        assert log_text.count("policy reloaded, generation") == 1, log_text
+        assert log_text.count(f"{policy}:2: YAML syntax") == 1, log_text
+        assert probes_allowed()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -294,3 +294,32 @@ def test_reloads_asked_for_during_a_reload_make_exactly_one_more(
     asyncio.run(scenario())
     assert (store.current.generation, action(store)) == (3, Action.DENY)
     assert (len(gate.threads), reported) == (2, [True, True])
+
+
+def test_a_worker_runs_each_policy_its_supervisor_reloads_and_never_reads_the_file(
+    tmp_path: Path,
+) -> None:
+    """The pipe of --workers: a worker compiles the bytes the supervisor read, under the
+    supervisor's generation, and stops following when the pipe closes."""
+    path = tmp_path / "policy.yaml"
+    write(path, "Allow")
+    supervisor, _ = make_store(path)
+    worker, _ = make_store(path)
+
+    async def scenario() -> None:
+        feed_read, feed_write = os.pipe()
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.connect_write_pipe(
+            asyncio.Protocol, os.fdopen(feed_write, "wb", buffering=0)
+        )
+        supervisor.feeds.append(transport)
+        following = asyncio.create_task(worker.follow(feed_read))
+        for policy in ("Deny", "Allow", "Deny"):
+            write(path, policy)
+            assert await supervisor.reload()
+        path.write_text("kind: [\n")
+        transport.close()
+        await asyncio.wait_for(following, GATE_TIMEOUT)
+
+    asyncio.run(scenario())
+    assert (worker.current.generation, action(worker)) == (4, Action.DENY)
