@@ -150,7 +150,7 @@ class PolicyStore:
         same settings it cannot fail but for want of memory: that keeps the running policy,
         logged, and the next one sent is still adopted."""
         try:
-            index = await in_daemon_thread(lambda: self._compile(data), name="policy adopt")
+            index = await in_daemon_thread(lambda: self._compile_quietly(data), name="policy adopt")
         except Exception:
             log.exception("%s: policy generation %d not adopted", self.file, generation)
             return
@@ -175,6 +175,18 @@ class PolicyStore:
             return digest, (self._compile(data), data)
         except PolicyError as error:
             return digest, error
+
+    def _compile_quietly(self, data: bytes) -> PolicyIndex:
+        """_compile without the loader's warnings and notes: the supervisor logged them
+        when it loaded these very bytes. (The policy modules log nothing but while
+        loading, and this is a worker's only load.)"""
+        policy_log = logging.getLogger("egressproxy.policy")
+        level = policy_log.level
+        policy_log.setLevel(logging.ERROR)
+        try:
+            return self._compile(data)
+        finally:
+            policy_log.setLevel(level)
 
     def _compile(self, data: bytes) -> PolicyIndex:
         text = decode_policy(data, self.file)

@@ -20,6 +20,7 @@ from egressproxy.policy import store as store_module
 from egressproxy.policy.decision import Action, ConnectionFacts, Destination, Detected
 from egressproxy.policy.errors import PolicyError
 from egressproxy.policy.index import PolicyIndex, compile_policy
+from egressproxy.policy.loader import load_policy_text
 from egressproxy.policy.model import Model
 from egressproxy.policy.store import PolicyStore
 from egressproxy.settings import Endpoint, Settings
@@ -31,6 +32,15 @@ metadata: {{namespace: linkerd-egress, name: all}}
 spec:
   trafficPolicy: {policy}
 """
+WARNS_AT_LOAD = """\
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {namespace: linkerd-egress, name: no-group}
+spec:
+  parentRefs: [{name: all, kind: EgressNetwork, port: 80}]
+"""
+"""A route whose parentRef has no group: loading it logs a warning."""
 FACTS = ConnectionFacts(Destination(ipaddress.ip_address("203.0.113.1"), 22), Detected.OPAQUE, None)
 
 
@@ -323,3 +333,21 @@ def test_a_worker_runs_each_policy_its_supervisor_reloads_and_never_reads_the_fi
 
     asyncio.run(scenario())
     assert (worker.current.generation, action(worker)) == (4, Action.DENY)
+
+
+def test_a_worker_does_not_repeat_what_loading_the_policy_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The supervisor logs a policy's warnings when it loads it; its workers, compiling
+    the same bytes, stay quiet."""
+    path = tmp_path / "policy.yaml"
+    write(path, "Allow")
+    worker, _ = make_store(path)
+    warned = POLICY.format(policy="Allow") + WARNS_AT_LOAD
+    with caplog.at_level(logging.DEBUG, logger="egressproxy"):
+        asyncio.run(worker.adopt(warned.encode(), 2))
+    assert worker.current.generation == 2
+    assert [record.name for record in caplog.records] == ["egressproxy.policy.store"]
+    with caplog.at_level(logging.INFO, logger="egressproxy"):
+        compile_policy(load_policy_text(warned, str(path)), Settings(policy_file=path))
+    assert any(record.levelno == logging.WARNING for record in caplog.records)
