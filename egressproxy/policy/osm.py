@@ -13,6 +13,7 @@ not applied.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 from collections.abc import Sequence
@@ -156,7 +157,60 @@ def read(
             len(egresses),
         )
         return [mesh_config], []
+    warn_envoy_rejections(routes, checker.file)
     return [mesh_config], routes
+
+
+def warn_envoy_rejections(routes: Sequence[Route], file: str) -> None:
+    """Warn of Egresses OSM would build into an Envoy configuration that Envoy rejects
+    for a client they share (keeping its previous one): two filter chains of one port
+    that differ yet share an address range (or both have none) and a server name (or
+    both have none), or two http Egresses of one port listing one host (a virtual host
+    domain twice). OSM deduplicates identical chains, so those are fine. Here the older
+    chain decides, and both hosts' routes apply."""
+    first_of: dict[tuple[object, ...], tuple[Route, object]] = {}
+    warned: set[tuple[RouteRef, RouteRef, int | None]] = set()
+    for route in routes:
+        http = route.protocol is RouteProtocol.HTTP
+        cidrs = () if http else route.rules[0].cidrs
+        chain = (route.protocol, frozenset(route.hostnames), frozenset(cidrs))
+        leaves: list[tuple[object, ...]] = (
+            [(host,) for host in route.hostnames]
+            if http
+            else [(cidr, name) for cidr in cidrs or (None,) for name in route.hostnames or (None,)]
+        )
+        ports = {attachment.port for attachment in route.attachments}
+        for client, port, leaf in itertools.product(route.clients, ports, leaves):
+            earlier, earlier_chain = first_of.setdefault(
+                (client, port, http, *leaf), (route, chain)
+            )
+            pair = (earlier.ref, route.ref, port)
+            if earlier is route or (earlier_chain == chain and not http) or pair in warned:
+                continue
+            warned.add(pair)
+            log.warning(
+                "%s:%d: Egress %s: port %s overlaps Egress %s (line %d) for ServiceAccount "
+                "%s/%s on %s: OSM's Envoy rejects the configuration it makes of the two, and "
+                "keeps its previous one",
+                file,
+                route.origin.line,
+                f"{route.ref.namespace}/{route.ref.name}",
+                port,
+                f"{earlier.ref.namespace}/{earlier.ref.name}",
+                earlier.origin.line,
+                client.namespace,
+                client.name,
+                describe_leaf(leaf),
+            )
+
+
+def describe_leaf(leaf: tuple[object, ...]) -> str:
+    if len(leaf) == 1:
+        return f"host {leaf[0]}"
+    cidr, name = leaf
+    return (f"addresses {cidr}" if cidr else "any address") + (
+        f" and server name {name}" if name else " and no server name"
+    )
 
 
 def mesh_network(

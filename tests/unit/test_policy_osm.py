@@ -774,3 +774,48 @@ def test_ip_addresses_do_not_restrict_http_ports(caplog: pytest.LogCaptureFixtur
         facts = RequestFacts(Destination(address, 80), "foo.com", "GET", "/", "", (), False)
         assert index.decide_request(facts).route == egress("http-foo")
     assert "ipAddresses: they do not restrict its http ports" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("policy", "overlap"),
+    [
+        ((HTTPS_FOO_LISTED, ("https-more", "foo.com, bar.com", "198.51.100.0/24", 443, "https")),
+         "addresses 198.51.100.0/24 and server name foo.com"),
+        ((("https-any", "", "", 443, "https"), TCP_443), "any address and no server name"),
+        ((HTTP_FOO, ("http-too", "foo.com", "", 80, "http")), "host foo.com"),
+    ],
+)  # fmt: skip
+def test_egresses_whose_envoy_configuration_envoy_rejects_are_warned_of(
+    policy: tuple[tuple[str, str, str, int, str], ...],
+    overlap: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two filter chains of a port sharing an address range and a server name, or one
+    host in two http Egresses of a port: Envoy rejects what OSM makes of them. (The
+    second Egress starts on line 16.)"""
+    egresses(*policy)
+    first, second = policy
+    assert [record.getMessage() for record in caplog.records if "overlaps" in record.message] == [
+        f"osm.yaml:16: Egress curl/{second[0]}: port {second[3]} overlaps Egress "
+        f"curl/{first[0]} (line 7) for ServiceAccount curl/curl on {overlap}: OSM's Envoy "
+        "rejects the configuration it makes of the two, and keeps its previous one"
+    ]
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        # identical chains: OSM deduplicates them
+        (HTTPS_FOO_LISTED, ("https-same", "foo.com", "198.51.100.0/24", 443, "https")),
+        (HTTPS_FOO_LISTED, HTTPS_FOO),  # other address ranges
+        (TCP_443, TCP_443_LISTED),
+        (HTTPS_FOO, ("https-bar", "bar.com", "", 443, "https")),
+        (HTTP_FOO, ("http-other-port", "foo.com", "", 8080, "http")),
+        (HTTP_FOO, TCP_80),
+    ],
+)
+def test_egresses_envoy_takes_are_not_warned_of(
+    policy: tuple[tuple[str, str, str, int, str], ...], caplog: pytest.LogCaptureFixture
+) -> None:
+    egresses(*policy)
+    assert "overlaps" not in caplog.text
