@@ -799,11 +799,7 @@ class PolicyIndex:
                 ConnectionFacts(destination, Detected.OPAQUE, facts.hostname)
             )
         if table.envoy:
-            chain = envoy_filter_chain(table, destination.ip, None, plaintext_http=True)
-            if chain is None:
-                return self.default(network, destination, HTTP_PROTOCOL, NO_FILTER_CHAIN)
-            if chain.rule is not None:
-                return self.matched(network, destination, HTTP_PROTOCOL, chain.rule)
+            return self.through_http_chain(network, table, facts)
         if table.grpc_calls is not None and split_grpc_path(facts.path)[0] is not None:
             # A gRPC server may serve a call without content-type: application/grpc: a
             # request shaped like a call (/service/method) that a gRPC rule would deny as
@@ -832,9 +828,8 @@ class PolicyIndex:
     ) -> Decision:
         """A request no HTTP or gRPC rule took, on a port where gRPC or HTTP rules are: a
         native rule for every connection takes it (Gateway API routes fix their port's
-        protocol, and OSM's HTTP filter chain has no fallback, so theirs never do); else
-        the network's default."""
-        if table.fixed is None and not table.envoy:
+        protocol, so theirs never do); else the network's default."""
+        if table.fixed is None:
             for rule in table.tcp:
                 if rule.covers(destination.ip):
                     return self.matched(network, destination, protocol, rule)
@@ -853,6 +848,20 @@ class PolicyIndex:
             protocol = TLS_PROTOCOL if tls and table.tls else TCP_PROTOCOL
             return self.default(network, destination, protocol, NO_FILTER_CHAIN)
         return self.matched(network, destination, chain.rule.route.protocol, chain.rule)
+
+    def through_http_chain(
+        self, network: CompiledNetwork, table: PortTable, request: RequestFacts
+    ) -> Decision:
+        """A request on an OSM port: a tcp Egress's chain may take it first (by its address);
+        on the HTTP chain, only the http Egresses' routes, and nothing after them."""
+        destination = request.destination
+        chain = envoy_filter_chain(table, destination.ip, None, plaintext_http=True)
+        if chain is None:
+            return self.default(network, destination, HTTP_PROTOCOL, NO_FILTER_CHAIN)
+        rule = best_http_rule(table.http, request) if chain.rule is None else chain.rule
+        if rule is None:
+            return self.default(network, destination, HTTP_PROTOCOL, "no HTTPRoute matched")
+        return self.matched(network, destination, HTTP_PROTOCOL, rule)
 
     def not_a_call(self, network: CompiledNetwork, destination: Destination) -> Decision:
         """linkerd2-proxy's default egress route for gRPC, like every GRPCRoute match, takes
