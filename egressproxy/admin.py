@@ -7,7 +7,7 @@ import json
 import logging
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import h11
@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from egressproxy import metrics
 from egressproxy.policy.store import PolicyStore
 from egressproxy.settings import Endpoint
+from egressproxy.threads import in_daemon_thread
 
 log = logging.getLogger("egressproxy.admin")
 
@@ -45,13 +46,26 @@ class Health:
 Handler = Callable[[dict[str, str]], Response]
 
 
+@dataclass(frozen=True)
+class OffLoop:
+    """A handler whose answer can take long to make (a scrape of many series: 150 ms at
+    the default hostname cap; the description of a policy of 100,000 hostnames: seconds),
+    made in a thread so that the loop, the data plane's too with one worker, keeps
+    serving meanwhile; one at a time, so a flood of such requests holds one thread and
+    one answer in the making, not one each."""
+
+    handler: Handler
+    turn: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+Handlers = dict[str, Handler | OffLoop]
+
+
 def text(status: int, body: str) -> Response:
     return Response(status, "text/plain; charset=utf-8", (body + "\n").encode())
 
 
-def base_handlers(
-    health: Health, store: PolicyStore, registry: CollectorRegistry
-) -> dict[str, Handler]:
+def base_handlers(health: Health, store: PolicyStore, registry: CollectorRegistry) -> Handlers:
     def live(_: dict[str, str]) -> Response:
         return text(200, "live")
 
@@ -75,28 +89,30 @@ def base_handlers(
         body, content_type = metrics.exposition(registry, headers.get("accept", ""))
         return Response(200, content_type, body)
 
-    return {"/live": live, "/ready": ready, "/config": config, "/metrics": scrape}
+    return {"/live": live, "/ready": ready, "/config": OffLoop(config), "/metrics": OffLoop(scrape)}
 
 
 class AdminConnection(asyncio.Protocol):
     """One admin client on h11; GET and HEAD of known paths only.
 
-    The next request is answered only while the client reads the answers: pipelined
-    scrapes sent by one that reads nothing would otherwise be answered all at once, each
-    body held in memory, the event loop (the data plane's too, with one worker) busy
-    making them.
+    The next request is answered only while the client reads the answers, and once the
+    answer before it is made: pipelined scrapes sent by one that reads nothing would
+    otherwise be answered all at once, each body held in memory, the event loop (the data
+    plane's too, with one worker) busy making them.
     """
 
     idle_timeout = IDLE_TIMEOUT
     """Seconds from the connection's start or its last answer to the next complete request
     head; a scraper reusing its connection restarts the clock with every request."""
 
-    def __init__(self, handlers: dict[str, Handler]) -> None:
+    def __init__(self, handlers: Handlers) -> None:
         self.handlers = handlers
         self.connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         self.transport: asyncio.Transport
         self.timer: asyncio.TimerHandle
         self.writing_paused = False
+        self.answering: asyncio.Task[None] | None = None
+        """The making of an OffLoop answer, while it lasts."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -107,12 +123,22 @@ class AdminConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.writing_paused = True
-        self.transport.pause_reading()
+        self._read_while_answerable()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        self.transport.resume_reading()
+        self._read_while_answerable()
         self._serve()
+
+    def _read_while_answerable(self) -> None:
+        """Read only while the next request can be answered: h11 would buffer all the
+        bytes a client sends meanwhile."""
+        if self.transport.is_closing():
+            return
+        if self.writing_paused or self.answering is not None:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         self.connection.receive_data(data)
@@ -124,7 +150,9 @@ class AdminConnection(asyncio.Protocol):
         return False
 
     def _serve(self) -> None:
-        while not self.transport.is_closing() and not self.writing_paused:
+        while (
+            not self.transport.is_closing() and not self.writing_paused and self.answering is None
+        ):
             try:
                 event = self.connection.next_event()
             except h11.RemoteProtocolError as error:
@@ -144,9 +172,10 @@ class AdminConnection(asyncio.Protocol):
                     continue
                 return
             if isinstance(event, h11.Request):
-                self._answer(event)
                 self.timer.cancel()
-                self._start_idle_timer()
+                self._answer(event)
+                if self.answering is None:
+                    self._start_idle_timer()
 
     def _start_idle_timer(self) -> None:
         loop = asyncio.get_running_loop()
@@ -166,14 +195,37 @@ class AdminConnection(asyncio.Protocol):
         headers = {
             name.decode().lower(): value.decode("latin-1") for name, value in request.headers
         }
+        head_only = method == "HEAD"
         handler = self.handlers.get(path)
         if method not in ("GET", "HEAD"):
-            response = text(405, "method not allowed")
+            self._send(text(405, "method not allowed"), head_only=head_only)
         elif handler is None:
-            response = text(404, "not found")
+            self._send(text(404, "not found"), head_only=head_only)
+        elif isinstance(handler, OffLoop):
+            answer = self._answer_off_loop(handler, headers, head_only=head_only)
+            self.answering = asyncio.get_running_loop().create_task(answer)
+            self._read_while_answerable()
         else:
-            response = handler(headers)
-        self._send(response, head_only=method == "HEAD")
+            self._send(handler(headers), head_only=head_only)
+
+    async def _answer_off_loop(
+        self, off_loop: OffLoop, headers: dict[str, str], *, head_only: bool
+    ) -> None:
+        async with off_loop.turn:
+            if self.transport.is_closing():
+                return
+            try:
+                response = await in_daemon_thread(lambda: off_loop.handler(headers), "admin")
+            except Exception:  # a thread's failure would otherwise leave the client waiting
+                log.exception("admin: making an answer failed")
+                response = text(500, "internal error")
+        self.answering = None
+        if self.transport.is_closing():
+            return
+        self._send(response, head_only=head_only)
+        self._start_idle_timer()
+        self._read_while_answerable()
+        self._serve()
 
     def _send(self, response: Response, *, head_only: bool) -> None:
         headers = [
@@ -212,7 +264,7 @@ def bind_admin(endpoint: Endpoint) -> socket.socket:
     return sock
 
 
-async def start_admin(sock: socket.socket, handlers: dict[str, Handler]) -> asyncio.Server:
+async def start_admin(sock: socket.socket, handlers: Handlers) -> asyncio.Server:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: AdminConnection(handlers), sock=sock)
     host, port = sock.getsockname()[:2]

@@ -569,9 +569,10 @@ def _target(record: FlowRecord) -> tuple[str, str]:
 
 
 class LoopValue:
-    """A metric value changed by one thread only: the event loop's, which also serves the
-    scrapes of a single worker (the data plane, the admin server and the timers all run
-    there; the lookup, log-writer and policy-read threads hand their results to the loop).
+    """A metric value changed by one thread only: the event loop's (the data plane, the
+    admin server and the timers all run there; the lookup, log-writer and policy-read
+    threads hand their results to the loop). A scrape reads it from the admin's answer
+    thread, and a read sees the float before or after a change, never half of one.
     prometheus-client's own single-process value takes a lock for every change, a third of
     what an increment costs, and a request makes five of them."""
 

@@ -1,14 +1,21 @@
-"""The admin server's keep-alive: a scraper reusing one connection is never cut mid-use."""
+"""The admin server: a scraper reusing one connection is never cut mid-use, a client that
+does not read is not answered ahead, and slow answers are made off the event loop."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.parser import text_string_to_metric_families
 
-from egressproxy import admin
-from egressproxy.settings import Endpoint
+from egressproxy import admin, metrics
+from egressproxy.policy.store import PolicyStore
+from egressproxy.settings import Endpoint, Settings
 
 IDLE_TIMEOUT = 1.0
 REQUESTS = 5
@@ -61,8 +68,12 @@ MADE_UNREAD = 40
 BIG = b"GET /big HTTP/1.1\r\nHost: admin\r\n\r\n"
 
 
+@pytest.mark.parametrize(
+    "served", [lambda handler: handler, admin.OffLoop], ids=["on-the-loop", "off-the-loop"]
+)
 def test_pipelined_requests_are_answered_only_as_the_client_reads(
     monkeypatch: pytest.MonkeyPatch,
+    served: Callable[[admin.Handler], admin.Handler | admin.OffLoop],
 ) -> None:
     """A client that sends many scrapes and reads nothing gets no more answers made than
     its socket takes (they were all made at once, each body held, the loop busy); once it
@@ -76,7 +87,9 @@ def test_pipelined_requests_are_answered_only_as_the_client_reads(
         return admin.Response(200, "text/plain", b"%08d" % len(made) + b"x" * (BIG_BODY - 8))
 
     async def scenario() -> tuple[int, int, list[bytes], int]:
-        server = await admin.start_admin(admin.bind_admin(Endpoint("127.0.0.1", 0)), {"/big": big})
+        server = await admin.start_admin(
+            admin.bind_admin(Endpoint("127.0.0.1", 0)), {"/big": served(big)}
+        )
         port = server.sockets[0].getsockname()[1]
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -107,3 +120,153 @@ def test_pipelined_requests_are_answered_only_as_the_client_reads(
     assert read == PIPELINED
     assert answers == [b"%08d" % (index + 1) for index in range(PIPELINED)]
     assert after_idle < MADE_UNREAD * BIG_BODY, "the unread answers were kept for the client"
+
+
+METRICS = b"GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n"
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CLOSE_WAIT)
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    return head, await asyncio.wait_for(reader.readexactly(length), CLOSE_WAIT)
+
+
+def test_a_slow_scrape_leaves_the_loop_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/metrics is made in a thread: with one worker the admin server shares the data
+    plane's loop, and a scrape of many series (150 ms at the default hostname cap) held
+    it. While a scrape is held in the making, /live is answered; then the scrape comes."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "apiVersion: egressproxy.io/v1alpha1\nkind: EgressPolicy\n"
+        "metadata: {name: all}\nspec: {default: allow}\n"
+    )
+    store = PolicyStore(Settings(policy_file=policy), on_reload=lambda _: None)
+    store.load_initial()
+    registry = CollectorRegistry()
+    Counter("scraped", "a sample to find", registry=registry).inc()
+    began, release, made = threading.Event(), threading.Event(), threading.Event()
+    loop_thread = threading.get_ident()
+    scrape_threads: list[int] = []
+    real_exposition = metrics.exposition
+
+    def held_exposition(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
+        scrape_threads.append(threading.get_ident())
+        began.set()
+        release.wait(GATE)
+        made.set()
+        return real_exposition(registry, accept)
+
+    monkeypatch.setattr(metrics, "exposition", held_exposition)
+
+    async def until(event: threading.Event) -> None:
+        for _ in range(int(CLOSE_WAIT / POLL)):
+            if event.is_set():
+                return
+            await asyncio.sleep(POLL)
+        raise AssertionError("the scrape never began")
+
+    async def scenario() -> tuple[bool, bytes, bytes]:
+        handlers = admin.base_handlers(admin.Health(listening=True), store, registry)
+        server = await admin.start_admin(admin.bind_admin(Endpoint("127.0.0.1", 0)), handlers)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            scraper_reader, scraper = await asyncio.open_connection("127.0.0.1", port)
+            prober_reader, prober = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                scraper.write(METRICS)
+                await until(began)
+                prober.write(LIVE)
+                live = await live_response(prober_reader)
+                made_before_live = made.is_set()
+                release.set()
+                head, body = await read_answer(scraper_reader)
+                return made_before_live, live, head + body
+            finally:
+                scraper.close()
+                prober.close()
+        finally:
+            release.set()
+            server.close()
+            await server.wait_closed()
+
+    made_before_live, live, scrape = asyncio.run(scenario())
+    assert live.startswith(b"HTTP/1.1 200 ") and live.endswith(b"live\n")
+    assert not made_before_live, "/live waited for the scrape"
+    assert scrape_threads and scrape_threads[0] != loop_thread
+    head, body = scrape.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    samples = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+    assert samples["scraped_total"] == 1.0
+
+
+GATE = 5.0
+"""How long a held scrape waits to be released; the old code, which made it on the loop,
+held /live that long."""
+POLL = 0.01
+CONCURRENT = 6
+
+
+def test_slow_answers_are_made_one_at_a_time_and_a_failure_is_a_500() -> None:
+    """A burst of scrapes holds one thread and one answer in the making, not one each, and
+    every client gets its own answer; a handler that raises answers 500 and the connection
+    goes on serving."""
+    lock = threading.Lock()
+    making = [0]
+    most = [0]
+    served = [0]
+
+    def slow(_: dict[str, str]) -> admin.Response:
+        with lock:
+            making[0] += 1
+            most[0] = max(most[0], making[0])
+        threading.Event().wait(0.05)
+        with lock:
+            making[0] -= 1
+            served[0] += 1
+            number = served[0]
+        return admin.text(200, f"answer {number}")
+
+    def broken(_: dict[str, str]) -> admin.Response:
+        raise OSError("a multiprocess file vanished")
+
+    handlers: admin.Handlers = {
+        "/metrics": admin.OffLoop(slow),
+        "/broken": admin.OffLoop(broken),
+        "/live": lambda _: admin.text(200, "live"),
+    }
+
+    async def scenario() -> tuple[list[bytes], bytes, bytes]:
+        server = await admin.start_admin(admin.bind_admin(Endpoint("127.0.0.1", 0)), handlers)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(CONCURRENT)]
+            for _, writer in clients:
+                writer.write(METRICS)
+            answers = [(await read_answer(reader))[1] for reader, _ in clients]
+            reader, writer = clients[0]
+            writer.write(b"GET /broken HTTP/1.1\r\nHost: admin\r\n\r\n")
+            failed_head, _ = await read_answer(reader)
+            writer.write(LIVE)
+            live = await live_response(reader)
+            for _, writer in clients:
+                writer.close()
+            return answers, failed_head, live
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    answers, failed_head, live = asyncio.run(scenario())
+    assert most[0] == 1
+    assert sorted(answers) == sorted(b"answer %d\n" % n for n in range(1, CONCURRENT + 1))
+    assert failed_head.startswith(b"HTTP/1.1 500 ")
+    assert live.startswith(b"HTTP/1.1 200 ")
