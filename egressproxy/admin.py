@@ -145,9 +145,10 @@ class AdminConnection(asyncio.Protocol):
         self._serve()
 
     def eof_received(self) -> bool:
+        """A client that half-closes after its request still gets the answer in making."""
         self.connection.receive_data(b"")
         self._serve()
-        return False
+        return self.answering is not None
 
     def _serve(self) -> None:
         while (

@@ -218,8 +218,8 @@ CONCURRENT = 6
 
 def test_slow_answers_are_made_one_at_a_time_and_a_failure_is_a_500() -> None:
     """A burst of scrapes holds one thread and one answer in the making, not one each, and
-    every client gets its own answer; a handler that raises answers 500 and the connection
-    goes on serving."""
+    every client gets its own answer, one that half-closes after its request too; a handler
+    that raises answers 500 and the connection goes on serving."""
     lock = threading.Lock()
     making = [0]
     most = [0]
@@ -245,7 +245,7 @@ def test_slow_answers_are_made_one_at_a_time_and_a_failure_is_a_500() -> None:
         "/live": lambda _: admin.text(200, "live"),
     }
 
-    async def scenario() -> tuple[list[bytes], bytes, bytes]:
+    async def scenario() -> tuple[list[bytes], bytes, bytes, bytes]:
         server = await admin.start_admin(admin.bind_admin(Endpoint("127.0.0.1", 0)), handlers)
         port = server.sockets[0].getsockname()[1]
         try:
@@ -253,6 +253,10 @@ def test_slow_answers_are_made_one_at_a_time_and_a_failure_is_a_500() -> None:
             for _, writer in clients:
                 writer.write(METRICS)
             answers = [(await read_answer(reader))[1] for reader, _ in clients]
+            half_closed_reader, half_closer = clients[1]
+            half_closer.write(METRICS)
+            half_closer.write_eof()
+            half_closed = await asyncio.wait_for(half_closed_reader.read(), CLOSE_WAIT)
             reader, writer = clients[0]
             writer.write(b"GET /broken HTTP/1.1\r\nHost: admin\r\n\r\n")
             failed_head, _ = await read_answer(reader)
@@ -260,13 +264,15 @@ def test_slow_answers_are_made_one_at_a_time_and_a_failure_is_a_500() -> None:
             live = await live_response(reader)
             for _, writer in clients:
                 writer.close()
-            return answers, failed_head, live
+            return answers, half_closed, failed_head, live
         finally:
             server.close()
             await server.wait_closed()
 
-    answers, failed_head, live = asyncio.run(scenario())
+    answers, half_closed, failed_head, live = asyncio.run(scenario())
     assert most[0] == 1
     assert sorted(answers) == sorted(b"answer %d\n" % n for n in range(1, CONCURRENT + 1))
+    assert half_closed.startswith(b"HTTP/1.1 200 ")
+    assert half_closed.endswith(b"answer %d\n" % (CONCURRENT + 1))
     assert failed_head.startswith(b"HTTP/1.1 500 ")
     assert live.startswith(b"HTTP/1.1 200 ")
