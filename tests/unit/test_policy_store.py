@@ -4,11 +4,13 @@ the file is read and compiled off the loop, one reload at a time."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import json
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -351,3 +353,37 @@ def test_a_worker_does_not_repeat_what_loading_the_policy_logged(
     with caplog.at_level(logging.INFO, logger="egressproxy"):
         compile_policy(load_policy_text(warned, str(path)), Settings(policy_file=path))
     assert any(record.levelno == logging.WARNING for record in caplog.records)
+
+
+class _Cycle:
+    """Garbage only the cyclic collector frees."""
+
+    def __init__(self) -> None:
+        self.itself = self
+
+
+def test_a_reloaded_policy_is_frozen_as_the_first_one_was(tmp_path: Path) -> None:
+    """A serving process froze what start-up made, the policy with it, so full collections
+    do not walk it; the index a reload brings is frozen too, and cyclic garbage frozen
+    before is collected on the way rather than kept for good."""
+    path = tmp_path / "policy.yaml"
+    write(path, "Allow")
+    store, _ = make_store(path)
+    write(path, "Deny")
+    assert reload(store) is True
+    assert gc.get_freeze_count() == 0, "a process that froze nothing had its objects frozen"
+    garbage = _Cycle()
+    collected = weakref.ref(garbage)
+    del garbage
+    gc.freeze()
+    try:
+        write(path, "Allow")
+        assert reload(store) is True
+        index = store.current.index
+        assert gc.get_freeze_count() > 0
+        assert not any(tracked is index for tracked in gc.get_objects()), (
+            "the reloaded index is walked by every full collection"
+        )
+        assert collected() is None, "garbage frozen before the reload was kept"
+    finally:
+        gc.unfreeze()
