@@ -104,9 +104,11 @@ def grpc_status_name(code: int | None) -> str:
 
 
 def route_identity(parent: ParentRef | None, route: RouteRef | None) -> tuple[str, ...]:
-    """The ten parent and route label values, all "" when a part is absent."""
+    """The ten parent and route label values, all "" when a part is absent.
+    parent_section_name is always "": Linkerd's policy controller gives an EgressNetwork
+    parent no section, whatever a route's parentRef says."""
     parent_values = (
-        (parent.group, parent.kind, parent.namespace, parent.name, parent.port, parent.section_name)
+        (parent.group, parent.kind, parent.namespace, parent.name, parent.port, "")
         if parent is not None
         else ("",) * len(PARENT_LABELS)
     )

@@ -139,7 +139,6 @@ class ParentRef:
     namespace: str
     name: str
     port: str
-    section_name: str
 
 
 @dataclass(frozen=True)

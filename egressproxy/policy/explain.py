@@ -358,7 +358,7 @@ def print_decision(decision: Decision, out: TextIO) -> None:
             "labels:      "
             f'parent_group="{parent.group}" parent_kind="{parent.kind}" '
             f'parent_namespace="{parent.namespace}" parent_name="{parent.name}" '
-            f'parent_port="{parent.port}" parent_section_name="{parent.section_name}" '
+            f'parent_port="{parent.port}" parent_section_name="" '
             f'route_group="{route.group}" route_kind="{route.kind}" '
             f'route_namespace="{route.namespace}" route_name="{route.name}"',
             file=out,

@@ -72,7 +72,12 @@ def age_key(
 
 
 def route_age(route: Route) -> tuple[object, ...]:
-    return age_key(route.created, route.order, route.ref.namespace, route.ref.name, route.rank)
+    """Oldest first, as Linkerd's policy controller orders a port's routes: one with a
+    creationTimestamp before one without, the older first, then by name (then namespace,
+    where Linkerd leaves the order to a hash map); those without one as age_key has it."""
+    if route.created is None:
+        return (1, *age_key(None, route.order, route.ref.namespace, route.ref.name, route.rank))
+    return (0, route.created, 0, route.rank, route.ref.name, route.ref.namespace)
 
 
 MAX_MEMOISED_LEVELS = 4096
@@ -177,7 +182,6 @@ class CompiledRule:
     """Route age, then rule order: the tie-break between equally specific matches."""
     rule: Rule
     route: Route
-    section_name: str
     http: tuple[CompiledHttpMatch, ...]
     grpc: tuple[CompiledGrpcMatch, ...]
     backend: Backend | None
@@ -621,13 +625,13 @@ class PolicyIndex:
                 if target is None or attachment.port is None:
                     continue
                 table = target.ports.setdefault(attachment.port, PortTable())
-                self.add_route(table, route, attachment.section_name)
+                self.add_route(table, route)
         for route, attachment in every_port:
             target = self.attached_network(route, attachment)
             if target is None:
                 continue
             for table in [*target.ports.values(), target.every_port]:
-                self.add_route(table, route, attachment.section_name)
+                self.add_route(table, route)
         for compiled in self.compiled.values():
             for table in [*compiled.ports.values(), compiled.every_port]:
                 table.sort()
@@ -645,7 +649,7 @@ class PolicyIndex:
             self.attached_network(route, attachment) is not None for attachment in route.attachments
         )
 
-    def add_route(self, table: PortTable, route: Route, section_name: str) -> None:
+    def add_route(self, table: PortTable, route: Route) -> None:
         if route.envoy_filter_chains:
             table.envoy = True
             table.http_chain = table.http_chain or route.protocol is HTTP_PROTOCOL
@@ -659,7 +663,6 @@ class PolicyIndex:
                 position=(*route_key, rule_index),
                 rule=rule,
                 route=route,
-                section_name=section_name,
                 http=tuple(CompiledHttpMatch(m) for m in rule.http_matches),
                 grpc=tuple(CompiledGrpcMatch(m) for m in rule.grpc_matches),
                 backend=self.backend(rule.backend),
@@ -883,11 +886,9 @@ class PolicyIndex:
 
     # --- building decisions ---------------------------------------------------------
 
-    def parent(self, network: CompiledNetwork, destination: Destination, section: str) -> ParentRef:
+    def parent(self, network: CompiledNetwork, destination: Destination) -> ParentRef:
         net = network.network.id
-        return ParentRef(
-            net.group, net.kind, net.namespace, net.name, str(destination.port), section
-        )
+        return ParentRef(net.group, net.kind, net.namespace, net.name, str(destination.port))
 
     def matched(
         self,
@@ -930,7 +931,7 @@ class PolicyIndex:
         return Decision(
             action=action,
             protocol=protocol,
-            parent=self.parent(network, destination, rule.section_name),
+            parent=self.parent(network, destination),
             route=rule.route.ref,
             backend=rule.backend,
             audit=network.audit,
@@ -965,7 +966,7 @@ class PolicyIndex:
         return Decision(
             action=action,
             protocol=protocol,
-            parent=self.parent(network, destination, ""),
+            parent=self.parent(network, destination),
             route=RouteRef("", "default", "", name),
             audit=network.audit,
             verify_destination=network.network.verify_destination,

@@ -273,7 +273,7 @@ def read_parent_refs(
         kind = checker.get(ref, "kind", str, ref_where)
         name = checker.get(ref, "name", str, ref_where, required=True)
         namespace = checker.get(ref, "namespace", str, ref_where) or meta.namespace
-        section = checker.get(ref, "sectionName", str, ref_where) or ""
+        checker.get(ref, "sectionName", str, ref_where)  # checked, then ignored as in Linkerd
         if not is_egress_network(group, kind):
             if "group" not in ref and kind is not None and kind.lower() == "egressnetwork":
                 log.warning(
@@ -301,7 +301,7 @@ def read_parent_refs(
                 f"{ref_where}: EgressNetwork {namespace}/{name} does not exist in this policy",
             )
             continue
-        attachments.append(Attachment(network, port, section))
+        attachments.append(Attachment(network, port))
     return attachments
 
 

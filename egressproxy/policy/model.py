@@ -79,11 +79,10 @@ class Network:
 
 @dataclass(frozen=True)
 class Attachment:
-    """A route's parentRef: which network, which port (None: every port), which section."""
+    """A route's parentRef: which network, which port (None: every port)."""
 
     network: NetworkId
     port: int | None
-    section_name: str
 
 
 class MatchKind(enum.Enum):

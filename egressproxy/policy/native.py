@@ -197,7 +197,7 @@ def read_rule(
         families = [(RouteProtocol.TLS, Rule(name)), (RouteProtocol.HTTP, Rule(name))]
     elif not families:  # HTTP too: ranked with the HTTP rules without hosts, not after them
         families = [(RouteProtocol.TCP, Rule(name)), (RouteProtocol.HTTP, Rule(name))]
-    attachments = tuple(Attachment(network, port, "") for port in ports or [None])
+    attachments = tuple(Attachment(network, port) for port in ports or [None])
     return [
         Route(
             ref=RouteRef(GROUP, "EgressRule", network.namespace, f"{network.name}.{name}"),

@@ -415,7 +415,7 @@ def read_egress(
                 fixes_protocol=False,
                 hostnames=hosts if protocol != RouteProtocol.TCP else (),
                 rules=rules,
-                attachments=tuple(Attachment(parent, port, "") for port in numbers),
+                attachments=tuple(Attachment(parent, port) for port in numbers),
                 clients=clients,
                 created=meta.created,
                 order=order,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from egressproxy.metrics import ROUTE_IDENTITY, route_identity
 from egressproxy.policy.decision import (
     Action,
     Backend,
@@ -32,7 +33,7 @@ GATEWAY = "gateway.networking.k8s.io"
 
 def parent(port: int) -> ParentRef:
     return ParentRef(
-        "policy.linkerd.io", "EgressNetwork", "egress-test", "all-egress-traffic", str(port), ""
+        "policy.linkerd.io", "EgressNetwork", "egress-test", "all-egress-traffic", str(port)
     )
 
 
@@ -515,6 +516,20 @@ def test_oldest_route_wins_a_tie() -> None:
     assert request(compiled("---".join([DENY_NET, *same_age])), "/") == "b"
 
 
+def test_a_route_with_a_creation_timestamp_wins_a_tie_against_one_without() -> None:
+    """As Linkerd's policy controller sorts a port's routes (timestamp_then_name): one
+    with a creationTimestamp before one without, whatever the document order; routes of
+    the same timestamp by name."""
+    stamped = "  creationTimestamp: '2024-05-01T00:00:00Z'"
+    mixed = [http_route("unstamped", "  - {}\n"), http_route("stamped", "  - {}\n", extra=stamped)]
+    assert request(compiled("---".join([DENY_NET, *mixed])), "/") == "stamped"
+    same_second = [
+        http_route("b-same", "  - {}\n", extra=stamped),
+        http_route("a-same", "  - {}\n", extra=stamped),
+    ]
+    assert request(compiled("---".join([DENY_NET, *same_second])), "/") == "a-same"
+
+
 def test_a_regular_expression_path_ranks_by_the_length_of_the_path_it_matched() -> None:
     """linkerd2-proxy ranks a RegularExpression path match by the characters it matched, the
     whole path: it beats any shorter PathPrefix (the sink pattern of the guide's step 5 under
@@ -792,7 +807,10 @@ def test_linkerds_own_httproute_attaches_too(version: str) -> None:
     assert request(index, "/post") == "http-egress-deny"
 
 
-def test_section_name_is_reported() -> None:
+def test_section_name_is_ignored_as_in_linkerd() -> None:
+    """Linkerd attaches a route whose EgressNetwork parentRef names a section as if it named
+    none, and its proxy's parent_section_name is "" for every EgressNetwork parent (the
+    policy controller gives the parent no section)."""
     text = (
         DENY_NET
         + "---"
@@ -801,9 +819,11 @@ def test_section_name_is_reported() -> None:
     decision = compiled(text).decide_request(
         RequestFacts(Destination(EXTERNAL, 80), "a", "GET", "/", "", (), grpc=False)
     )
-    assert decision.parent == ParentRef(
-        "policy.linkerd.io", "EgressNetwork", "egress-test", "all-egress-traffic", "80", "web"
-    )
+    assert decision.action is Action.PASS
+    assert decision.parent == parent(80)
+    labels = dict(zip(ROUTE_IDENTITY, route_identity(decision.parent, decision.route), strict=True))
+    assert labels["parent_section_name"] == ""
+    assert labels["route_name"] == "r"
 
 
 def test_annotations_and_global_audit() -> None:

@@ -75,7 +75,7 @@ def test_allowlist() -> None:
         RouteProtocol.TLS,
         rule("github"),
     )
-    assert github.parent == ParentRef("egressproxy.io", "EgressPolicy", "", "standalone", "443", "")
+    assert github.parent == ParentRef("egressproxy.io", "EgressPolicy", "", "standalone", "443")
     assert tls(index, "github.com").action == Action.PASS
     assert tls(index, "github.com", port=8443).action == Action.DENY
     denied = tls(index, "gitlab.com")

@@ -35,7 +35,7 @@ def step(name: str, settings: Settings = CURL) -> PolicyIndex:
 
 def mesh(port: int) -> ParentRef:
     return ParentRef(
-        "config.openservicemesh.io", "MeshConfig", "osm-system", "osm-mesh-config", str(port), ""
+        "config.openservicemesh.io", "MeshConfig", "osm-system", "osm-mesh-config", str(port)
     )
 
 

@@ -85,7 +85,7 @@ def test_ip_literals() -> None:
     assert not is_ip_literal("httpbin.org")
 
 
-NETWORK = ParentRef("policy.linkerd.io", "EgressNetwork", "egress-test", "all", "443", "")
+NETWORK = ParentRef("policy.linkerd.io", "EgressNetwork", "egress-test", "all", "443")
 
 
 def decision(action: Action, *, audit: bool = False, verify: str | None = None) -> Decision:
