@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -26,6 +26,17 @@ CLOSE_WAIT = 10.0
 LIVE = b"GET /live HTTP/1.1\r\nHost: admin\r\n\r\n"
 
 
+@contextlib.asynccontextmanager
+async def admin_port(handlers: admin.Handlers) -> AsyncIterator[int]:
+    """An admin server on a free loopback port, closed on the way out."""
+    server = await admin.start_admin(admin.bind_admin(Endpoint("127.0.0.1", 0)), handlers)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def live_response(reader: asyncio.StreamReader) -> bytes:
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CLOSE_WAIT)
     return head + await asyncio.wait_for(reader.readexactly(len(b"live\n")), CLOSE_WAIT)
@@ -37,11 +48,7 @@ def test_keep_alive_times_out_after_the_last_request_not_the_first(
     monkeypatch.setattr(admin.AdminConnection, "idle_timeout", IDLE_TIMEOUT)
 
     async def scenario() -> None:
-        server = await admin.start_admin(
-            admin.bind_admin(Endpoint("127.0.0.1", 0)), {"/live": lambda _: admin.text(200, "live")}
-        )
-        try:
-            port = server.sockets[0].getsockname()[1]
+        async with admin_port({"/live": lambda _: admin.text(200, "live")}) as port:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             try:
                 for _ in range(REQUESTS):
@@ -54,9 +61,6 @@ def test_keep_alive_times_out_after_the_last_request_not_the_first(
                 )
             finally:
                 writer.close()
-        finally:
-            server.close()
-            await server.wait_closed()
 
     asyncio.run(scenario())
 
@@ -87,11 +91,7 @@ def test_pipelined_requests_are_answered_only_as_the_client_reads(
         return admin.Response(200, "text/plain", b"%08d" % len(made) + b"x" * (BIG_BODY - 8))
 
     async def scenario() -> tuple[int, int, list[bytes], int]:
-        server = await admin.start_admin(
-            admin.bind_admin(Endpoint("127.0.0.1", 0)), {"/big": served(big)}
-        )
-        port = server.sockets[0].getsockname()[1]
-        try:
+        async with admin_port({"/big": served(big)}) as port:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(BIG * PIPELINED)
             await asyncio.sleep(0.3)
@@ -111,9 +111,6 @@ def test_pipelined_requests_are_answered_only_as_the_client_reads(
                     after_idle += len(chunk)
             writer.close()
             return unread, read, answers, after_idle
-        finally:
-            server.close()
-            await server.wait_closed()
 
     unread, read, answers, after_idle = asyncio.run(scenario())
     assert unread < MADE_UNREAD
@@ -173,9 +170,7 @@ def test_a_slow_scrape_leaves_the_loop_serving(
 
     async def scenario() -> tuple[bool, bytes, bytes]:
         handlers = admin.base_handlers(admin.Health(listening=True), store, registry)
-        server = await admin.start_admin(admin.bind_admin(Endpoint("127.0.0.1", 0)), handlers)
-        port = server.sockets[0].getsockname()[1]
-        try:
+        async with admin_port(handlers) as port:
             scraper_reader, scraper = await asyncio.open_connection("127.0.0.1", port)
             prober_reader, prober = await asyncio.open_connection("127.0.0.1", port)
             try:
@@ -188,12 +183,9 @@ def test_a_slow_scrape_leaves_the_loop_serving(
                 head, body = await read_answer(scraper_reader)
                 return made_before_live, live, head + body
             finally:
+                release.set()
                 scraper.close()
                 prober.close()
-        finally:
-            release.set()
-            server.close()
-            await server.wait_closed()
 
     made_before_live, live, scrape = asyncio.run(scenario())
     assert live.startswith(b"HTTP/1.1 200 ") and live.endswith(b"live\n")
@@ -246,9 +238,7 @@ def test_slow_answers_are_made_one_at_a_time_and_a_failure_is_a_500() -> None:
     }
 
     async def scenario() -> tuple[list[bytes], bytes, bytes, bytes]:
-        server = await admin.start_admin(admin.bind_admin(Endpoint("127.0.0.1", 0)), handlers)
-        port = server.sockets[0].getsockname()[1]
-        try:
+        async with admin_port(handlers) as port:
             clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(CONCURRENT)]
             for _, writer in clients:
                 writer.write(METRICS)
@@ -265,9 +255,6 @@ def test_slow_answers_are_made_one_at_a_time_and_a_failure_is_a_500() -> None:
             for _, writer in clients:
                 writer.close()
             return answers, half_closed, failed_head, live
-        finally:
-            server.close()
-            await server.wait_closed()
 
     answers, half_closed, failed_head, live = asyncio.run(scenario())
     assert most[0] == 1
