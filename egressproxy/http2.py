@@ -46,7 +46,13 @@ log = logging.getLogger("egressproxy.http2")
 
 STREAM_WINDOW = 1 << 20
 """Per-stream receive window offered to each peer: bytes in flight per stream."""
-CONNECTION_WINDOW = 16 << 20
+UPSTREAM_CONNECTION_WINDOW = 16 << 20
+"""Receive window offered to an upstream, whose round trip may be long: downloads keep
+their speed over a wide-area path."""
+CLIENT_CONNECTION_WINDOW = 1 << 20
+"""Receive window offered to a client, Linkerd's proxy's 1 MiB: what a client sends is
+held here until the upstream's window takes it, so this bounds what one client
+connection can make the proxy hold. The client's hop is local, so it costs no speed."""
 MAX_CONCURRENT_STREAMS = 256
 
 MAX_ANSWERS_UNREAD = 1000
@@ -536,7 +542,7 @@ class _Upstream(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
         self.h2.initiate_connection()
-        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.h2.increment_flow_control_window(UPSTREAM_CONNECTION_WINDOW - 65535)
 
     def data_received(self, data: bytes) -> None:
         self.proxy.upstream_data(self, data)
@@ -618,7 +624,7 @@ class H2Proxy(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
         self.transport.set_protocol(self)
         self.h2.initiate_connection()
-        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.h2.increment_flow_control_window(CLIENT_CONNECTION_WINDOW - 65535)
         self.flow.context.idle_sweep.add(self)
         buffered, self.flow.buffer = self.flow.buffer, b""
         self.transport.resume_reading()

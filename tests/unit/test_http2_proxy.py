@@ -30,8 +30,10 @@ from prometheus_client import CollectorRegistry
 
 import egressproxy.http2
 from egressproxy.http2 import (
+    CLIENT_CONNECTION_WINDOW,
     MAX_ENCODER_TABLE,
     MAX_NEW_STREAMS_PER_READ,
+    STREAM_WINDOW,
     STREAMS_BEFORE_RESETS_COUNT,
     GoawayFilter,
 )
@@ -2119,6 +2121,33 @@ async def test_a_closing_connection_closes_each_upstream_as_its_last_stream_ends
     outcomes = sorted((r.path, r.status, r.error) for r in origins.proxy.ledger.requests)
     assert outcomes == [("/first", 200, ""), ("/second", 200, "")]
     assert [(c.resets, len(c.requests)) for c in (first_origin, second_origin)] == [([], 1)] * 2
+
+
+@pytest.mark.asyncio
+async def test_uploads_an_upstream_reads_nothing_of_hold_at_most_the_clients_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four uploads, each larger than a stream's window, to an upstream that acknowledges
+    nothing: the proxy takes from the client its connection window (1 MiB) and what the
+    upstream's own 64 KiB window took, not a stream window per stream. What one client
+    connection can make the proxy hold is bounded by that window."""
+    upstream_window = 65535
+    paths = [f"/upload/{number}" for number in range(4)]
+    async with held_origins(tmp_path, monkeypatch) as origins:
+        client = await connect_h2(origins.proxy)
+        body = bytes(2 * STREAM_WINDOW)
+        for path in paths:
+            client.request("POST", path, body)
+        await origins.requested(*paths)
+        async with asyncio.timeout(TIMEOUT):
+            while any(client.h2.local_flow_control_window(sid) for sid in client.uploads):
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # a window the proxy still opened would be used by now
+        sent = sum(len(body) - len(rest) for rest in client.uploads.values())
+        assert len(client.uploads) == len(paths)
+        assert CLIENT_CONNECTION_WINDOW <= sent <= CLIENT_CONNECTION_WINDOW + upstream_window
+        client.transport.close()
+        await origins.proxy.wait_closed_flows(1)
 
 
 @pytest.mark.asyncio
