@@ -726,9 +726,10 @@ class Http1Proxy(asyncio.Protocol):
             skipped = empty_lines_before(self.inbox) if self.inbox[:1] in _LINE_ENDS else 0
             if skipped:  # RFC 9112 2.2; the head deadline still runs over them
                 self.inbox = self.inbox[skipped:]
-                if not self.inbox and not self.inbox_eof:
-                    self._await_head()
-                    return
+            partial_line = self.inbox == b"\r"  # an empty line's CR, its LF yet to come
+            if (partial_line or (skipped and not self.inbox)) and not self.inbox_eof:
+                self._await_head()
+                return
             if not self.inbox:
                 if self.inbox_eof:
                     self._close()
