@@ -922,7 +922,6 @@ class Http1Proxy(asyncio.Protocol):
         parsed = parse_request(request, flow.record.destination)
         decision = flow.snapshot.index.decide_request(parsed.facts)
         self.request, self.parsed = request, parsed
-        self.response_started = self.request_body_sent = False
         self.record = RequestRecord(
             client=flow.record.client,
             destination=flow.record.destination,
@@ -1122,7 +1121,7 @@ class Http1Proxy(asyncio.Protocol):
             self._process_lean()
 
     def _finish_exchange(self) -> None:
-        self.response_started = False
+        self.response_started = self.request_body_sent = False
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             self._release(upstream)

@@ -8,6 +8,7 @@ import hashlib
 import http.client
 import json
 import logging
+import re
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -645,7 +646,9 @@ async def answer_once_then_drop(reader: asyncio.StreamReader, writer: asyncio.St
     """Answers the first request of a connection; on the second it closes without a word
     (what a keep-alive timeout racing a new request looks like to the proxy)."""
     with contextlib.suppress(asyncio.IncompleteReadError):
-        await reader.readuntil(b"\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?i)\r\ncontent-length: *([0-9]+)", head)
+        await reader.readexactly(int(length[1]) if length else 0)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         await writer.drain()
         await reader.readuntil(b"\r\n\r\n")
@@ -653,14 +656,24 @@ async def answer_once_then_drop(reader: asyncio.StreamReader, writer: asyncio.St
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n",
+        b"POST /form HTTP/1.1\r\nHost: example.test\r\nContent-Length: 2\r\n\r\nhi",
+    ],
+)
 async def test_request_on_a_reused_upstream_that_closed_is_retried(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: bytes
 ) -> None:
+    """A GET after a POST with a body is as retriable as one after a GET."""
     async with proxy_to_origin(
         answer_once_then_drop, tmp_path, monkeypatch, POLICY.format(backend=1)
     ) as proxy:
         reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
-        for _ in range(3):
+        writer.write(first)
+        assert await read_response(reader) == (200, {"content-length": "2"}, b"ok")
+        for _ in range(2):
             writer.write(b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n")
             assert await read_response(reader) == (200, {"content-length": "2"}, b"ok")
         writer.close()
