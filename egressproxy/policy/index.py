@@ -361,8 +361,10 @@ class CompiledGrpcMatch:
         )
 
     def matches(self, service: str | None, method: str | None, request: RequestFacts) -> bool:
+        """Linkerd's match takes only a POST of a call, even when it names neither service
+        nor method; a native one anything its parts allow, so a deny is not dodged."""
         return (
-            (self.any_method or request.method == "POST")
+            (self.any_method or (request.method == "POST" and service is not None))
             and self.part_matches(self.service, self.service_pattern, service)
             and self.part_matches(self.method, self.method_pattern, method)
             and all(header.matches_request(request) for header in self.headers)
@@ -1086,9 +1088,10 @@ def best_grpc_rule(table: HostTable[CompiledRule], request: RequestFacts) -> Com
 
 
 def split_grpc_path(path: str) -> tuple[str | None, str | None]:
-    """`/pkg.Service/Method` → (service, method); anything else matches no method match."""
-    parts = path.split("/")
-    if len(parts) == 3 and not parts[0] and parts[1] and parts[2]:
+    """`/pkg.Service/Method` → (service, method), as linkerd2-proxy splits a path: its first
+    two segments, either may be empty and more may follow; None, None: no call."""
+    parts = path.split("/", 3)
+    if len(parts) >= 3 and not parts[0]:
         return parts[1], parts[2]
     return None, None
 

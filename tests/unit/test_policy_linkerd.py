@@ -612,6 +612,30 @@ def test_a_grpc_method_match_takes_only_post() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "match", ["    - headers: [{name: content-type, value: application/grpc}]\n", "    - {}\n"]
+)
+def test_a_grpc_match_naming_no_method_takes_only_calls(match: str) -> None:
+    """linkerd2-proxy's MatchRpc needs a path of two segments even when the match names
+    neither service nor method: a header match alone does not open `POST /admin`. Only a
+    rule without matches takes everything."""
+    index = compiled(DENY_NET + "---" + grpc_route("calls", "  - matches:\n" + match))
+    for path in ("/pkg.Greeter/SayHello", "/pkg.Greeter/SayHello/more", "/pkg.Greeter/"):
+        assert grpc_call(index, path).route == route("GRPCRoute", "calls"), path
+    for path in ("/admin", "/", "admin/x"):
+        decided = grpc_call(index, path)
+        assert (decided.action, decided.route) == (Action.DENY, default("grpc-egress-deny")), path
+
+
+def test_a_call_path_splits_as_linkerds_does() -> None:
+    """Service and method are the first two segments; what follows does not hide a call
+    from its service's rule (nor from a deny of it)."""
+    rules = "  - matches:\n    - method: {service: pkg.Greeter, method: SayHello}\n"
+    index = compiled(DENY_NET + "---" + grpc_route("hello", rules))
+    assert grpc_call(index, "/pkg.Greeter/SayHello/x/y").route == route("GRPCRoute", "hello")
+    assert grpc_call(index, "/pkg.Greeter/SayHelloX").route == default("grpc-egress-deny")
+
+
 def test_grpc_matches_rank_by_the_characters_of_service_then_method() -> None:
     """Gateway API's GRPCRoute precedence, and linkerd2-proxy's: most characters of service
     matched, then of method, then header matches; not how many of them a match names."""

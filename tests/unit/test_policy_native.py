@@ -398,7 +398,11 @@ spec:
         assert decided("api.test", "/admin", grpc) == (Action.DENY, "standalone.no-admin")
     assert decided("api.test", "/pkg.Svc/Get", True) == (Action.PASS, "standalone.api-grpc")
     assert decided("api.test", "/pkg.Svc/Get", False) == (Action.PASS, "standalone.api")
-    assert decided("other.test", "/test.Echo/Fail/x", False)[0] == Action.PASS  # no call's path
+    for grpc in (True, False):  # more segments, as linkerd2-proxy splits a call's path
+        assert decided("other.test", "/test.Echo/Fail/x", grpc) == (
+            Action.DENY,
+            "standalone.no-fail",
+        )
 
 
 def test_a_grpc_call_meets_the_rules_for_its_host_on_a_port_of_grpc_rules() -> None:
@@ -927,8 +931,8 @@ def test_a_native_grpc_regex_match_decides_whole_names_of_calls(
     shape: tuple[str | None, str | None], values: dict[str, dict[str, str]], calls: list[str]
 ) -> None:
     """serviceRegex / methodRegex (beside each other, an exact part or nothing) allow a call
-    when each given part matches the call's whole service or method name, and nothing that
-    is no call (`/service/method`)."""
+    when each given part matches the call's whole service or method name (the first two
+    segments of its path, as linkerd2-proxy reads them), and nothing that is no call."""
     given_parts = {
         key: (kind, values[kind][key])
         for key, kind in zip(("service", "method"), shape, strict=True)
@@ -949,9 +953,9 @@ spec:
 """
     index = compile_policy(load_policy_text(native, "p.yaml"), Settings())
     for path in calls:
-        parts = path.split("/")
-        names = dict(zip(("service", "method"), parts[1:], strict=False))
-        is_call = len(parts) == 3 and all(parts[1:])
+        parts = re.sub("/+", "/", path).split("/")  # `//Call` is read as `/Call`
+        names = dict(zip(("service", "method"), parts[1:3], strict=False))
+        is_call = len(parts) >= 3 and not parts[0]
         allowed = is_call and all(
             re.fullmatch(value, names[key]) if kind == "regex" else value == names[key]
             for key, (kind, value) in given_parts.items()
