@@ -47,6 +47,7 @@ from egressproxy.relay import (
     Relay,
     RelayResult,
     abort_with_reset,
+    held_bytes,
 )
 from egressproxy.settings import VerifyDestination
 from egressproxy.sniff import NotThis
@@ -364,6 +365,7 @@ class Http1Proxy(asyncio.Protocol):
         "flow",
         "forwarding",
         "head_deadline",
+        "held",
         "host_header",
         "hostname",
         "idle",
@@ -388,7 +390,6 @@ class Http1Proxy(asyncio.Protocol):
         "transport",
         "tunnel",
         "tunnel_relay",
-        "unsent",
         "upstream",
         "verified",
     )
@@ -418,8 +419,9 @@ class Http1Proxy(asyncio.Protocol):
         self.backlog = 0
         self.client_write_paused = False
         self.closed = False
-        self.unsent = 0
-        """Bytes still unsent when closing, as the idle sweep last saw them."""
+        self.held = 0
+        """Bytes written that had not left the proxy, as the idle sweep last saw them:
+        their going out to a slow reader is traffic too."""
         self.batch: list[bytes] | None = None
         """Client-bound bytes collected while one upstream read is handled."""
         self.processing = False
@@ -583,8 +585,7 @@ class Http1Proxy(asyncio.Protocol):
         self._flush_batch()
         self.closed = True
         self.transport.close()
-        self.unsent = self.transport.get_write_buffer_size()
-        if self.unsent:
+        if self.transport.get_write_buffer_size():
             self.flow.context.idle_sweep.add(self)
 
     def _stop(self) -> None:
@@ -628,10 +629,11 @@ class Http1Proxy(asyncio.Protocol):
     def tick(self) -> None:
         """The idle sweep's check, every quarter of --idle-timeout."""
         now = self.loop.time()
-        if self.closed:  # closing, with bytes unsent
-            unsent = self.transport.get_write_buffer_size()
-            if unsent != self.unsent:
-                self.unsent, self.last_activity = unsent, now
+        held = held_bytes(self.transport)
+        if self.upstream is not None and not self.closed:
+            held += held_bytes(self.upstream.transport)
+        if held != self.held:
+            self.held, self.last_activity = held, now
         if now - self.last_activity < self.settings.idle_timeout:
             return
         if self.closed:

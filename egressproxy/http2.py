@@ -34,7 +34,7 @@ from egressproxy.errors import PROXY_ERROR, UpstreamError, log_proxy_error
 from egressproxy.http1 import DENIED_BODY, unavailable_status
 from egressproxy.policy.decision import Action, Decision, RequestFacts
 from egressproxy.records import RequestRecord, grpc_code_of_answer, grpc_status_of
-from egressproxy.relay import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW, abort_with_reset
+from egressproxy.relay import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW, abort_with_reset, held_bytes
 from egressproxy.settings import VerifyDestination
 from egressproxy.sniff.http import H2_PREFACE, authority_host
 from egressproxy.verify import REFUSALS, verification_mode
@@ -615,10 +615,9 @@ class H2Proxy(asyncio.Protocol):
         self.goaway_sent = False
         self.error = ""
         self.last_activity = self.loop.time()
-        self.unsent = 0
-        """Bytes still unsent when closing, as the idle sweep last saw them."""
-        self.unsent_since = 0.0
-        """When the idle sweep (or _close) last saw unsent change."""
+        self.held = 0
+        """Bytes written that had not left the proxy, as the idle sweep last saw them:
+        their going out to a slow reader is traffic too."""
 
     def start(self) -> None:
         self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
@@ -1372,9 +1371,8 @@ class H2Proxy(asyncio.Protocol):
         self.closed = True
         self._cut_streams()
         self.transport.close()
-        self.unsent = self.transport.get_write_buffer_size()
-        self.unsent_since = self.loop.time()
-        if not self.unsent:
+        self.last_activity = self.loop.time()
+        if not self.transport.get_write_buffer_size():
             self.flow.context.idle_sweep.discard(self)
 
     def tick(self) -> None:
@@ -1382,29 +1380,25 @@ class H2Proxy(asyncio.Protocol):
         a whole timeout ends the connection with a GOAWAY; closing, none of the unsent
         bytes going out for a whole timeout cuts it."""
         now = self.loop.time()
-        if self.closed:
-            self._closing_tick(now)
-            return
+        held = held_bytes(self.transport)
+        if held != self.held:
+            self.held, self.last_activity = held, now
         if now - self.last_activity < self.settings.idle_timeout:
+            return
+        if self.closed:
+            log.info(
+                "%s: closing, nothing read for %ss",
+                self.flow.record.client,
+                self.settings.idle_timeout,
+            )
+            self.error = self.error or "idle_timeout"
+            self.transport.abort()
             return
         self.error = "idle_timeout"
         for stream in list(self.streams.values()):
             self._timed_out(stream)
         self._goaway()
         self._flush()
-        self.transport.abort()
-
-    def _closing_tick(self, now: float) -> None:
-        """Only the client's reading counts here: upstream bytes can no longer reach it."""
-        unsent = self.transport.get_write_buffer_size()
-        if unsent != self.unsent:
-            self.unsent, self.unsent_since = unsent, now
-        if now - self.unsent_since < self.settings.idle_timeout:
-            return
-        log.info(
-            "%s: closing, nothing read for %ss", self.flow.record.client, self.settings.idle_timeout
-        )
-        self.error = self.error or "idle_timeout"
         self.transport.abort()
 
     def _timed_out(self, stream: _Stream) -> None:

@@ -13,6 +13,7 @@ proxy itself (the drain timeout) resets both sides for the same reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import socket
 import struct
@@ -44,6 +45,17 @@ SIOCOUTQNSD = 0x894B
 def unsent_bytes(sock: socket.socket) -> int:
     """Bytes given to the socket that have not left it: a reset now would drop them."""
     return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, bytes(4)))[0])
+
+
+def held_bytes(transport: asyncio.WriteTransport) -> int:
+    """Bytes written to transport that have not left the proxy (its buffer, then its
+    socket's send queue): their going out is a slow reader's progress."""
+    held = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):  # closed: fileno() is -1
+            held += unsent_bytes(sock)
+    return held
 
 
 def abort_with_reset(transport: asyncio.Transport) -> None:
@@ -224,14 +236,23 @@ class Relay(IdleCounting):
         self.upstream.transport.close()
 
     def abort(self, error: str) -> None:
-        """Cut both sides at once; one whose peer was reset is reset too."""
+        """Cut both sides at once. One whose peer was reset is reset too, and so is one
+        that would lose bytes held for it: its buffer, or its send queue before its
+        peer's FIN (a FIN after them would make a cut stream look complete)."""
         if not self._error:
             self._error = error
         for side in (self.client, self.upstream):
-            if side.peer.reset and not side.lost:
-                abort_with_reset(side.transport)
+            if side.lost:
+                continue
+            transport = side.transport
+            if (
+                side.peer.reset
+                or transport.get_write_buffer_size()
+                or (not side.peer.eof and held_bytes(transport))
+            ):
+                abort_with_reset(transport)
             else:
-                side.transport.abort()
+                transport.abort()
 
     def cut(self, error: str) -> None:
         """Reset both sides at once: the proxy ends the stream (the drain timeout), and a
@@ -296,12 +317,9 @@ class Relay(IdleCounting):
             return
         transport = side.transport
         transport.pause_reading()
-        sock = transport.get_extra_info("socket")
         loop = self._idle_sweep.loop
         now = loop.time()
-        if now < deadline and (
-            transport.get_write_buffer_size() or (sock is not None and unsent_bytes(sock))
-        ):
+        if now < deadline and held_bytes(transport):
             delay = min(delay, deadline - now)
             side.sent_check = loop.call_later(
                 delay, self._reset_when_sent, side, 2 * delay, deadline
@@ -310,7 +328,10 @@ class Relay(IdleCounting):
         abort_with_reset(transport)
 
     def tick(self) -> None:
-        """A quarter of the idle timeout has passed: close when no byte moved in four."""
-        if self.idle_for_the_timeout(self.client.received + self.upstream.received):
+        """A quarter of the idle timeout has passed: close when no byte moved in four,
+        read or sent (a slow reader taking what the proxy holds for it is no idle one)."""
+        received = self.client.received + self.upstream.received
+        held = sum(held_bytes(side.transport) for side in (self.client, self.upstream))
+        if self.idle_for_the_timeout(2 * received - held):
             self._idle_sweep.discard(self)
             self.abort("idle_timeout")

@@ -216,6 +216,13 @@ class _Side:
         """Bytes this side read still wait for the peer to take them."""
         return bool(self.pending) or self.in_pipe > 0
 
+    def held(self) -> int:
+        """Bytes read from the peer that have not left the proxy towards this socket."""
+        held = len(self.peer.pending) + self.peer.in_pipe
+        with contextlib.suppress(OSError, ValueError):  # closed: fileno() is -1
+            held += unsent_bytes(self.sock)
+        return held
+
     def wanted(self) -> int:
         """Read while nothing waits for the peer; watch for room while the peer's do."""
         events = 0
@@ -407,7 +414,9 @@ class SplicedRelay(IdleCounting):
 
     def close(self, error: str = "", *, reset_both: bool = False) -> None:
         """End both sockets: whatever is still in flight is dropped (abort) or was sent.
-        A socket whose peer was reset is reset too; with reset_both, every socket is."""
+        A socket whose peer was reset is reset too, and so is one that would lose bytes
+        held for it before its peer's FIN (a FIN would make a cut stream look complete);
+        with reset_both, every socket is."""
         if self.closed:
             return
         self.closed = True
@@ -420,7 +429,7 @@ class SplicedRelay(IdleCounting):
             self._give_back(side)
         for side in (self.client, self.upstream):
             self._splicer.forget(side)
-            if reset_both or side.peer.reset:
+            if reset_both or side.peer.reset or (not side.peer.shut and side.held()):
                 side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
             side.sock.close()
         self._owner.relayed(RelayResult(self.client.received, self.upstream.received, self._error))
@@ -434,8 +443,11 @@ class SplicedRelay(IdleCounting):
         self.close(error, reset_both=True)
 
     def tick(self) -> None:
-        """A quarter of the idle timeout has passed: close when no byte moved in four."""
-        if self.idle_for_the_timeout(self.client.received + self.upstream.received):
+        """A quarter of the idle timeout has passed: close when no byte moved in four,
+        read or sent (a slow reader taking what the proxy holds for it is no idle one)."""
+        client, upstream = self.client, self.upstream
+        held = client.held() + upstream.held()
+        if self.idle_for_the_timeout(2 * (client.received + upstream.received) - held):
             self.abort("idle_timeout")
 
 

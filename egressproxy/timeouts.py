@@ -100,7 +100,8 @@ class IdleCounting:
         self._idle_ticks = 0
 
     def idle_for_the_timeout(self, moved: int) -> bool:
-        """Whether `moved` (bytes so far) stayed the same for four sweeps, a whole timeout."""
+        """Whether `moved` (a count that grows with every byte moved) stayed the same for
+        four sweeps, a whole timeout."""
         if moved != self._idle_seen:
             self._idle_seen = moved
             self._idle_ticks = 0

@@ -728,6 +728,42 @@ async def test_idle_keep_alive_connection_is_closed(
 
 
 @pytest.mark.asyncio
+async def test_a_slow_steady_reader_is_not_idle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A response leaving the proxy as fast as the client takes it is traffic: the idle
+    timeout counted only bytes read, and cut a reader slower than the write buffer's span
+    (high- to low-water mark, and the socket's) per timeout."""
+    async with proxy_to_origin(
+        h1, tmp_path, monkeypatch, POLICY.format(backend=1), idle_timeout=0.2
+    ) as proxy:
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        client.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(client, (proxy.host, proxy.port))
+        size = 512 * 1024
+        await loop.sock_sendall(client, f"GET /bytes/{size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        received = b""
+        async with asyncio.timeout(10):
+            while len(received.partition(b"\r\n\r\n")[2]) < size:
+                with contextlib.suppress(BlockingIOError):
+                    data = client.recv(4096)
+                    assert data, f"closed after {len(received)} bytes"
+                    received += data
+                await asyncio.sleep(0.02)
+        reader, writer = await asyncio.open_connection(sock=client)
+        writer.write(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(5):
+            again = await read_response(reader)
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    assert again[0] == 200, "the connection was cut as idle"
+    assert [(r.status, r.error) for r in proxy.ledger.requests] == [(200, "")] * 2
+    assert proxy.ledger.flows[0].error == ""
+
+
+@pytest.mark.asyncio
 async def test_h2c_upgrade_is_not_offered_upstream(setup: tuple[LoopbackProxy, int, int]) -> None:
     """After a 101 to h2c the requests would pass unseen: the upgrade is dropped instead."""
     proxy, _, _ = setup

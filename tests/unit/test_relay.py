@@ -1,15 +1,19 @@
 """The tunnel relay taking over transports another protocol was using (HTTP/1's Upgrade and
-CONNECT): a transport already past its high-water mark keeps its peer unread."""
+CONNECT): a transport already past its high-water mark keeps its peer unread; the idle
+timeout counts bytes leaving it as traffic, and its cut resets a side it drops bytes for."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 
 import pytest
 
 from egressproxy.relay import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW, Relay, RelayResult
 from egressproxy.timeouts import IdleSweep
+from tests.unit.test_splice import read_slowly, send_and_end, tcp_pair
 
 CHUNK = 64 * 1024
 
@@ -97,3 +101,64 @@ async def test_an_upstream_paused_at_the_hand_over_keeps_the_client_unread() -> 
     await asyncio.sleep(0.05)
     client_end.close()
     upstream_end.close()
+
+
+@contextlib.asynccontextmanager
+async def tcp_relay(
+    idle_timeout: float,
+) -> AsyncIterator[tuple[Relay, Results, socket.socket, socket.socket]]:
+    """A relay between two TCP connections: (relay, its results, client end, upstream end)."""
+    loop = asyncio.get_running_loop()
+    client_end, client_side = tcp_pair()
+    upstream_side, upstream_end = tcp_pair()
+    results = Results()
+    client, _ = await loop.create_connection(asyncio.Protocol, sock=client_side)
+    relay = Relay(client, idle_sweep=IdleSweep(loop, idle_timeout), owner=results)
+    await loop.create_connection(lambda: relay.upstream, sock=upstream_side)
+    relay.start(b"", False)
+    try:
+        yield relay, results, client_end, upstream_end
+    finally:
+        client_end.close()
+        upstream_end.close()
+        if not results:
+            relay.cut("test over")
+
+
+async def finished(results: Results) -> RelayResult:
+    while not results:
+        await asyncio.sleep(0.01)
+    return results[0]
+
+
+@pytest.mark.asyncio
+async def test_a_slow_steady_reader_is_no_idle_one() -> None:
+    """Bytes the relay read long ago still leave it as the client takes them: that is
+    traffic, and the idle timeout does not cut it (it counted only bytes read)."""
+    data = bytes(4 << 20)
+    async with (
+        asyncio.timeout(10),
+        tcp_relay(idle_timeout=0.4) as (_, results, client_end, upstream_end),
+    ):
+        sender = asyncio.ensure_future(send_and_end(upstream_end, data))
+        assert await read_slowly(client_end, 16 * 1024, 0.01) == (len(data), False)
+        client_end.shutdown(socket.SHUT_WR)
+        await sender
+        assert (await finished(results)).error == ""
+
+
+@pytest.mark.asyncio
+async def test_an_idle_cut_resets_a_reader_it_drops_bytes_for() -> None:
+    """A client that stops reading is cut at the idle timeout; what the relay held for it
+    is dropped, so it gets a reset, not an EOF that would make the stream look complete."""
+    loop = asyncio.get_running_loop()
+    async with (
+        asyncio.timeout(10),
+        tcp_relay(idle_timeout=0.4) as (_, results, client_end, upstream_end),
+    ):
+        flood = asyncio.ensure_future(loop.sock_sendall(upstream_end, bytes(32 << 20)))
+        result = await finished(results)
+        flood.cancel()
+        received, reset = await read_slowly(client_end, 1 << 20, 0)
+    assert result.error == "idle_timeout"
+    assert reset, f"an EOF after {received} of {result.bytes_from_upstream} bytes"

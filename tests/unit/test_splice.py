@@ -371,3 +371,56 @@ def test_the_last_relay_to_close_takes_the_pooled_pipes_along() -> None:
     before, after, pooled = run(scenario())
     assert pooled == 0
     assert after == before
+
+
+async def read_slowly(sock: socket.socket, size: int, every: float) -> tuple[int, bool]:
+    """Read at most `size` bytes every `every` seconds: how many came, and whether they
+    ended in a reset (else an EOF)."""
+    received = 0
+    while True:
+        try:
+            data = sock.recv(size)
+        except BlockingIOError:
+            data = None
+        except ConnectionResetError:
+            return received, True
+        if data == b"":
+            return received, False
+        received += len(data or b"")
+        await asyncio.sleep(every)
+
+
+def test_a_slow_steady_reader_is_no_idle_one() -> None:
+    """Bytes the relay read long ago still leave it as the client takes them: that is
+    traffic, and the idle timeout does not cut it (it counted only bytes read, and cut a
+    reader slower than a pipe per timeout)."""
+    data = os.urandom(4 << 20)
+
+    async def scenario() -> tuple[RelayResult, int, bool]:
+        async with spliced(idle_timeout=SHORT_IDLE) as world:
+            sender = asyncio.ensure_future(send_and_end(world.upstream, data))
+            received, reset = await read_slowly(world.client, 16 * 1024, 0.01)
+            world.client.shutdown(socket.SHUT_WR)
+            await sender
+            return await world.finished(), received, reset
+
+    result, received, reset = run(scenario())
+    assert (received, reset) == (len(data), False)
+    assert result.error == ""
+
+
+def test_an_idle_cut_resets_a_reader_it_drops_bytes_for() -> None:
+    """A client that stops reading is cut at the idle timeout; what the relay held for it
+    is dropped, so it gets a reset, not an EOF that would make the stream look complete."""
+
+    async def scenario() -> tuple[RelayResult, int, bool]:
+        loop = asyncio.get_running_loop()
+        async with spliced(idle_timeout=SHORT_IDLE) as world:
+            flood = asyncio.ensure_future(loop.sock_sendall(world.upstream, bytes(32 << 20)))
+            result = await world.finished()
+            flood.cancel()
+            return result, *await read_to_reset(world.client)
+
+    result, received, reset = run(scenario())
+    assert result.error == "idle_timeout"
+    assert reset, f"an EOF after {received} of {result.bytes_from_upstream} bytes"
