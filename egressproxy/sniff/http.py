@@ -37,36 +37,46 @@ _HEAD_END = re.compile(rb"\n\r?\n")
 # What a lenient server may still take for a request line (RFC 9112 2.2 and 3: empty
 # lines before it, any whitespace between its parts; h11 takes lower-case and long
 # methods; raw UTF-8 in a target is common; Python's http.server splits the line on
-# whatever str.split() calls whitespace, before the method too): HTTP, to be refused or
-# parsed as such. The first word is bounded as the method is, more loosely: a banner or
-# a long run of text is still told apart early.
-LOOSE_SPACE = b" \t\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0"
-_SPACE = rb"[ \t\x0b\x0c\x1c-\x1f\x85\xa0]"
-_LINE_TEXT = rb"[^\x00-\x08\x0a\x0d-\x1b\x7f]"
+# whatever str.split() calls whitespace, CR and before the method too, and keeps control
+# bytes in a path): HTTP, to be refused or parsed as such. The first word is bounded as
+# the method is, more loosely, and control bytes count only after a `/`: a banner, a long
+# run of text or a binary message (ASN.1's starts `0`, its length, then a tag such as
+# \x02) is still told apart early.
+LOOSE_SPACE = b" \t\x0b\x0c\r\x1c\x1d\x1e\x1f\x85\xa0"
+_SPACE = rb"[ \t\x0b-\x0d\x1c-\x1f\x85\xa0]"
+_TEXT_BEFORE_PATH = rb"[^\x00-\x08\x0a\x0e-\x1b\x7f/]"
+_PATH_TEXT = rb"[^\x00\x0a]"
+_LINE_TEXT = _TEXT_BEFORE_PATH + rb"*(?:/" + _PATH_TEXT + rb"*)?"
 _LOOSE_METHOD = rb"[\x21-\x7e]{1,64}"
 _LOOSE_REQUEST_LINE = re.compile(
     _SPACE
     + rb"*"
     + _LOOSE_METHOD
+    + rb"(?:"
     + _SPACE
-    + rb"+(?:"
     + _LINE_TEXT
+    + _SPACE
+    + rb"(?i:HTTP)/[0-9]+\.[0-9]+|"
+    + _SPACE
+    + rb"++(?:/|(?i:https?://))[\x21-\x7e\x80-\xff]*+)"
+    + _SPACE
     + rb"*"
-    + _SPACE
-    + rb"(?i:HTTP)/[0-9]+\.[0-9]+|(?:/|(?i:https?://))[\x21-\x7e\x80-\xff]*)"
-    + _SPACE
-    + rb"*\r?"
 )
 """Besides irregular whitespace: a version of several digits (nginx reads `HTTP/01.1` and
 `HTTP/1.01` as HTTP/1.1), and HTTP/0.9's line without one (nginx and Apache serve
-`GET /path`)."""
+`GET /path`). No two runs that may take the same bytes follow one another (one separator
+before the versioned line's text, which takes whitespace too; possessive runs before and
+in HTTP/0.9's target), else a long run of whitespace is tried split every way: seconds
+on the event loop for one 16 KiB line."""
 _LOOSE_REQUEST_LINE_PREFIX = re.compile(
-    rb"(?:" + _SPACE + rb"*(?:" + _LOOSE_METHOD + rb"(?:" + _SPACE + _LINE_TEXT + rb"*\r?)?)?)?"
+    _SPACE + rb"*(?:" + _LOOSE_METHOD + rb"(?:" + _SPACE + _LINE_TEXT + rb")?)?"
 )
 """What may still grow into a loose request line: its CR included, the LF not yet come."""
 _BAD_REQUEST_LINE = NotThis("bad_request_line")
 _FIELD_VALUE = rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?"
-_HEADER_BLOCK = re.compile(rb"(?:" + _TCHAR + rb"+:[ \t]*" + _FIELD_VALUE + rb"[ \t]*\r?\n)*")
+_HEADER_BLOCK = re.compile(rb"(?:" + _TCHAR + rb"+:[ \t]*+" + _FIELD_VALUE + rb"[ \t]*\r?\n)*")
+"""The whitespace before a value is possessive, as a value never starts with any: else an
+empty value's whitespace is split every way between the two runs around it."""
 # Applied to the lower-cased header block, which the block pattern has validated.
 _HOST_FIELD = re.compile(rb"^host:[ \t]*([^\r\n]*)", re.MULTILINE)
 _ABSOLUTE_TARGET = re.compile(rb"[hH][tT][tT][pP][sS]?://([^/?#]*)")

@@ -612,6 +612,7 @@ async def test_unreachable_upstream_gets_502_and_the_cause(
     [
         (b"GET /a HTTP/1.1\r\nHost: example.test\r\nBad Header\r\n\r\n", 400, "bad_request"),
         (b"GET /a HTTP/1.1\r\nHost: x\r\nHost: denied.test\r\n\r\n", 400, "bad_request"),
+        (b"GET /a HTTP/1.1\r\nHost: x\r\nX:" + b" " * 60000 + b"\0\r\n\r\n", 400, "bad_request"),
         (
             b"GET /a HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n",
             431,

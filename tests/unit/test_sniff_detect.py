@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,8 @@ def test_h2_prior_knowledge_capture() -> None:
         (b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n", "not_http"),
         (b"PRI * HTTP/2.0\r\n\r\nXX", "unsupported_version"),
         (b"PING\r\n", "not_http"),
+        # LDAP's bind (ASN.1): `0`, a length that is whitespace (0x1d), then a tag, \x02
+        (b"0\x1d\x02\x01\x01`\x18\x02\x01\x03\x04\x08cn=admin\x80\x09password", "not_http"),
         (b"\x16\x03\x01\x00\x05\x02", "not_client_hello"),
         (b"\x16\x04", "not_tls"),
         (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "bad_host"),
@@ -129,10 +132,15 @@ IRREGULAR_REQUEST_LINES = [
     b"GET / HTTP/1.10",
     b"GET /admin",
     b"GET http://a.test/admin",
+    b"GET\r/ HTTP/1.1",
+    b"GET \r/ HTTP/1.1",
+    b"GET / HTTP/1.1\r",
+    b"GET /?\x01 HTTP/1.1",
+    b"GET /\x7f HTTP/1.1",
 ]
-"""nginx or Python's http.server (whose str.split() takes \\x0b, \\x1c and \\xa0 for
-whitespace) read each of these as GET / (nginx reads a version digit by digit, and serves
-HTTP/0.9's line without one, as Apache does)."""
+"""nginx or Python's http.server (whose str.split() takes \\r, \\x0b, \\x1c and \\xa0 for
+whitespace, and which keeps control bytes in a target) read each of these as GET / (nginx
+reads a version digit by digit, and serves HTTP/0.9's line without one, as Apache does)."""
 
 
 @pytest.mark.parametrize("empty_lines", [b"\r\n", b"\n\n", b"\r\n\r\n\n"])
@@ -173,6 +181,24 @@ def test_a_full_buffer_without_an_answer_is_opaque(start: bytes) -> None:
     buffer = (start + b"a" * SNIFF_BUFFER_LIMIT)[:SNIFF_BUFFER_LIMIT]
     assert sniff(buffer[:-1]) is NEED_MORE
     assert sniff(buffer) == Opaque("too_large")
+
+
+@pytest.mark.parametrize(
+    "flight",
+    [
+        b"GET" + b" " * 16000 + b"x\n",
+        b"GET /" + b"\xa0" * 16000 + b"\x00\n",
+        b"GET / HTTP/1.1\r\nX:" + b" " * 16000 + b"\x00\r\n\r\n",
+    ],
+    ids=["spaces_after_the_method", "nbsp_after_the_target", "spaces_in_an_empty_field"],
+)
+def test_a_run_of_whitespace_is_sniffed_in_linear_time(flight: bytes) -> None:
+    """The worker's event loop runs the sniffer: patterns that backtracked over every split
+    of a run of whitespace took a second or two for one such 16 KiB flight, during which
+    no other connection of the worker was served."""
+    started = time.process_time()
+    sniff(flight)
+    assert time.process_time() - started < 0.1
 
 
 def test_an_empty_buffer_needs_more() -> None:
