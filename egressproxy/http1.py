@@ -656,6 +656,16 @@ class Http1Proxy(asyncio.Protocol):
             self._upstream_broken(self.upstream, "idle_timeout")
             self.last_activity = now
             return
+        if self.connecting is not None and self.record is not None:
+            log.info(
+                "%s: no upstream for %s after %ss",
+                self.flow.record.client,
+                self.record.hostname or self.flow.record.destination,
+                self.settings.idle_timeout,
+            )
+            self._upstream_not_ready()
+            self.last_activity = now
+            return
         log.info("%s: idle for %ss, closing", self.flow.record.client, self.settings.idle_timeout)
         self.error = "idle_timeout"
         self._close_upstreams()
@@ -664,6 +674,18 @@ class Http1Proxy(asyncio.Protocol):
             self._cut()
         else:
             self.transport.abort()
+
+    def _upstream_not_ready(self) -> None:
+        """--idle-timeout ran out while the exchange's upstream was still being verified or
+        connected (a connect timeout or a resolver slower than it): 504 idle_timeout, as for
+        an upstream that never answers and as h2 answers it, not a reset without answer."""
+        assert self.connecting is not None
+        self.connecting.cancel()
+        self.connecting = None
+        if self.exchange is not None:
+            self._lean_to_h11(None, b"")
+        self._upstream_unavailable("idle_timeout")
+        self._resume_after_backlog()
 
     def _awaiting_response(self) -> bool:
         """A request went upstream and no response has started: a stall is the upstream's."""

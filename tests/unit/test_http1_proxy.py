@@ -43,6 +43,7 @@ from tests.unit.http_harness import (
     request_statuses,
 )
 from tests.unit.test_accesslog import Lines
+from tests.unit.test_upstream_deadline import listener_that_never_answers
 
 POLICY = """\
 apiVersion: egressproxy.io/v1alpha1
@@ -726,6 +727,41 @@ async def test_idle_keep_alive_connection_is_closed(
         writer.close()
         await proxy.wait_closed_flows(1)
         assert proxy.ledger.flows[0].error == "idle_timeout"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("waiting_for", ["connect", "verification"])
+async def test_idle_timeout_while_the_upstream_is_not_ready_is_answered_504(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, waiting_for: str
+) -> None:
+    """--idle-timeout shorter than the connect (or the Host's verification): the request
+    gets 504 idle_timeout, as one whose upstream is silent does and as h2 answers it; the
+    client was reset with no answer at all."""
+    with contextlib.ExitStack() as stack:
+        if waiting_for == "connect":
+            destination = local(stack.enter_context(listener_that_never_answers()))
+            settings: dict[str, Any] = {}
+        else:
+            stack.enter_context(names_never_resolve(monkeypatch))
+            destination = local(closed_port())
+            settings = {"verify_destination": VerifyDestination.ENFORCE}
+        async with loopback_proxy(
+            tmp_path,
+            monkeypatch,
+            ALLOW_ALL,
+            destination,
+            idle_timeout=0.4,
+            connect_timeout=3.0,
+            **settings,
+        ) as proxy:
+            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+            writer.write(b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n")
+            async with asyncio.timeout(2):
+                status, _, body = await read_response(reader)
+            writer.close()
+            await proxy.wait_closed_flows(1)
+    assert (status, body) == (504, b"upstream idle_timeout\n")
+    assert [(r.status, r.error) for r in proxy.ledger.requests] == [(504, "idle_timeout")]
 
 
 @pytest.mark.asyncio
