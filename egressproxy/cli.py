@@ -151,9 +151,22 @@ def default_listeners() -> tuple[Endpoint, ...]:
     return (v4, Endpoint("::", PROXY_PORT)) if ipv6_available() else (v4,)
 
 
+def unset_if_empty(text: str) -> str | None:
+    """A namespace or service account, empty for unset as in POD_NAMESPACE: `--namespace=$NS`
+    with NS empty must not name a namespace "", for which no namespace's EgressNetworks
+    apply but the global egress namespace's (traffic passing a network that denies it)."""
+    return text or None
+
+
 def add_identity_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE") or None)
-    parser.add_argument("--service-account", default=os.environ.get("POD_SERVICE_ACCOUNT") or None)
+    parser.add_argument(
+        "--namespace", type=unset_if_empty, default=os.environ.get("POD_NAMESPACE") or None
+    )
+    parser.add_argument(
+        "--service-account",
+        type=unset_if_empty,
+        default=os.environ.get("POD_SERVICE_ACCOUNT") or None,
+    )
     parser.add_argument(
         "--cluster-networks", type=network_list, default=network_list(DEFAULT_CLUSTER_NETWORKS)
     )

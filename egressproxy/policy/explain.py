@@ -217,9 +217,12 @@ def parse_destination(text: str, settings: Settings) -> ExplainQuery:
     if not host:
         raise ValueError("no host")
     try:
-        port = parts.port or DEFAULT_PORTS.get(scheme)
+        port = parts.port
     except ValueError:
-        raise ValueError("the port is not a number from 1 to 65535") from None
+        port = 0
+    if port == 0:  # not the scheme's default port, as `or` would make it
+        raise ValueError("the port is not a number from 1 to 65535")
+    port = port or DEFAULT_PORTS.get(scheme)
     if port is None:
         raise ValueError(f"{scheme}:// needs a port")
     address, assumed, hostname = resolve_without_dns(host, settings)

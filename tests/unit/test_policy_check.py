@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from egressproxy import cli
 from egressproxy.policy.explain import run_check
 from egressproxy.settings import Settings
 from tests.unit.test_policy_linkerd import TCP_ROUTE_ON_443
@@ -290,7 +291,8 @@ spec:
 
 
 @pytest.mark.parametrize(
-    "destination", ["ftp://x/", "tcp://203.0.113.5", "http:///nohost", "http://h:99999/"]
+    "destination",
+    ["ftp://x/", "tcp://203.0.113.5", "http:///nohost", "http://h:99999/", "http://h:0/"],
 )
 def test_explain_rejects_bad_destinations(
     capsys: pytest.CaptureFixture[str], destination: str
@@ -513,3 +515,27 @@ def test_explain_sends_a_unicode_host_as_curl_does(
     out = capsys.readouterr().out
     assert run == 0, out
     assert "action:      PASS" in out, out
+
+
+def test_an_empty_identity_flag_is_unset_as_an_empty_environment_variable_is(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`--namespace=$NS` with NS empty: no namespace named "" that owns nothing, so that a
+    network denying all egress stops applying (every namespace's resources apply, as the
+    summary says and as POD_NAMESPACE="" has it)."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "apiVersion: policy.linkerd.io/v1alpha1\nkind: EgressNetwork\n"
+        "metadata: {namespace: app, name: deny-all}\nspec: {trafficPolicy: Deny}\n"
+    )
+    explain = ["check", "--policy", str(policy), "--namespace=", "--explain", "https://x.com/"]
+    assert cli.main(explain) == 0
+    out = capsys.readouterr().out
+    assert "network:     EgressNetwork app/deny-all" in out
+    assert "action:      DENY (tcp)" in out
+    for command in ("check", "run"):
+        args = cli.build_parser().parse_args(
+            [command, "--policy", str(policy), "--namespace=", "--service-account="]
+        )
+        settings = cli.settings_from(args)
+        assert settings.namespace is None and settings.service_account is None
