@@ -677,7 +677,7 @@ def multiprocess_registry(directory: str) -> CollectorRegistry:
 
 def exposition(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
     """The scrape body and its content type: OpenMetrics when the Accept header asks for it."""
-    encode, content_type = choose_encoder(accept if _prefers_openmetrics(accept) else "")
+    encode, content_type = choose_encoder(_openmetrics_asked(accept))
     return encode(registry), content_type
 
 
@@ -685,25 +685,41 @@ OPENMETRICS_TYPE = "application/openmetrics-text"
 TEXT_TYPES = frozenset({"text/plain", "text/*", "*/*"})
 
 
-def _prefers_openmetrics(accept: str) -> bool:
-    """OpenMetrics is acceptable (q > 0) and weighed no lower than the text format.
+def _openmetrics_asked(accept: str) -> str:
+    """The OpenMetrics media range to answer in, or "" for the text format: the one weighed
+    highest of those it can be made in (q > 0; no version, or 1.0.0 and later), when weighed
+    no lower than the text format.
 
-    choose_encoder answers OpenMetrics whenever it is named, even at q=0 or below a
-    preferred text/plain (a scraper told to prefer the text format says so with q).
+    choose_encoder alone takes the first one named, even at q=0 or below a preferred
+    text/plain (a scraper told to prefer the text format says so with q), and fails on a
+    version that is not numbers (`version=abc`: a 500 for a scrape).
     """
-    best = {OPENMETRICS_TYPE: 0.0, "text": 0.0}
+    best_text, best_weight, best_range = 0.0, 0.0, ""
     for media_range in accept.split(","):
         media_type, *parameters = (part.strip() for part in media_range.split(";"))
-        media_type = media_type.lower()
-        weight = 1.0
+        weight, version, kept = 1.0, "", [OPENMETRICS_TYPE]
         for parameter in parameters:
-            name, _, value = parameter.partition("=")
-            if name.strip().lower() == "q":
+            name, _, value = (part.strip() for part in parameter.partition("="))
+            name = name.lower()
+            if name == "q":
                 try:
                     weight = float(value)
                 except ValueError:
                     weight = 0.0
-        kind = "text" if media_type in TEXT_TYPES else media_type
-        if kind in best:
-            best[kind] = max(best[kind], weight)
-    return best[OPENMETRICS_TYPE] > 0 and best[OPENMETRICS_TYPE] >= best["text"]
+            elif name in ("version", "escaping"):
+                kept.append(f"{name}={value}")
+                if name == "version":
+                    version = value
+        if media_type.lower() in TEXT_TYPES:
+            best_text = max(best_text, weight)
+        elif media_type.lower() == OPENMETRICS_TYPE and weight > best_weight and _made(version):
+            best_weight, best_range = weight, ";".join(kept)
+    return best_range if best_weight >= best_text else ""
+
+
+def _made(version: str) -> bool:
+    """An OpenMetrics version prometheus-client makes: none named, or numbers from 1.0.0."""
+    if not version:
+        return True
+    numbers = version.split(".")
+    return all(number.isdigit() for number in numbers) and tuple(map(int, numbers)) >= (1, 0, 0)

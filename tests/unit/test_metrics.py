@@ -1090,3 +1090,39 @@ def test_workers_scrape_sums_every_worker(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("egressproxy-metrics-*")), "the metrics directory is left"
     lines = [json.loads(line) for line in stderr.decode().splitlines()]
     assert sum(line.get("log") == "access" for line in lines) == CONNECTIONS
+
+
+@pytest.mark.parametrize(
+    ("accept", "answered"),
+    [
+        ("application/openmetrics-text;version=abc", "text/plain; version=0.0.4"),
+        ("application/openmetrics-text;version=1.x", "text/plain; version=0.0.4"),
+        (
+            "application/openmetrics-text;version=abc;q=0.9,"
+            "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;q=0.1",
+            "application/openmetrics-text; version=1.0.0",
+        ),
+        (
+            "text/plain;version=1.0.0;q=0.4,application/openmetrics-text;version=1.0.0;q=0.6",
+            "application/openmetrics-text; version=1.0.0",
+        ),
+        (
+            "APPLICATION/OpenMetrics-Text; Version=1.0.0",
+            "application/openmetrics-text; version=1.0.0",
+        ),
+    ],
+)
+def test_any_accept_header_gets_a_scrape(
+    registry: CollectorRegistry, metrics: Metrics, accept: str, answered: str
+) -> None:
+    """Whatever a scraper's Accept says, it gets a scrape in a format it can parse, never
+    an error: an OpenMetrics version that is not numbers is one the proxy cannot make, the
+    one weighed highest wherever it is named wins, and media types are case-insensitive."""
+    metrics.policy_loaded(1)
+    body, content_type = exposition(registry, accept)
+    assert content_type.startswith(answered)
+    if answered.startswith("application/openmetrics-text"):
+        families = {family.name for family in openmetrics_families(body.decode())}
+    else:
+        families = {family.name for family in text_string_to_metric_families(body.decode())}
+    assert "egress_policy_generation" in families
