@@ -412,6 +412,10 @@ class Metrics:
         self.policy_reloads = plain(
             "egress_policy_reloads_total", "Policy reloads by result", ("result",)
         )
+        for result in ("ok", "error"):
+            # At 0 from the start: an alert on increase(...{result="error"}) misses a
+            # first failed reload whose series only appears at 1.
+            self.policy_reloads(result)
         self.policy_generation = Gauge(
             "egress_policy_generation",
             "Generation of the policy in force (1 for the first one loaded)",
