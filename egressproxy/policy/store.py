@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +33,10 @@ from egressproxy.threads import in_daemon_thread
 
 log = logging.getLogger(__name__)
 
+SETTLE_SECONDS = 0.1
+SETTLE_READS = 5
+"""A changed file is put in force once two reads SETTLE_SECONDS apart agree, within this
+many reads (else it is looked at again at the next poll)."""
 FEED_HEADER = struct.Struct("!QQ")
 """A policy sent to a worker: its generation and length, then its bytes."""
 
@@ -169,6 +174,12 @@ class PolicyStore:
         except PolicyError as unreadable:
             digest = str(unreadable).encode()
             return None if not force and digest == last_digest else (digest, unreadable)
+        if not force and hashlib.sha256(data).digest() == last_digest:
+            return None
+        settled = self._settled(data)
+        if settled is None and not force:
+            return None  # still being written: the next poll looks again
+        data = data if settled is None else settled
         digest = hashlib.sha256(data).digest()
         if not force and digest == last_digest:
             return None
@@ -176,6 +187,23 @@ class PolicyStore:
             return digest, (self._compile(data), data)
         except PolicyError as error:
             return digest, error
+
+    def _settled(self, data: bytes) -> bytes | None:
+        """The file's content once two reads SETTLE_SECONDS apart agree, starting from data;
+        None if it is still changing after SETTLE_READS reads. A file written in place is
+        read mid-write now and then: its first part is often a valid policy with fewer
+        rules (a prefix without the routes that deny), or empty, and put in force it
+        would pass traffic until the next poll."""
+        for _ in range(SETTLE_READS):
+            time.sleep(SETTLE_SECONDS)
+            try:
+                again = read_policy(self.file)
+            except PolicyError:  # gone between a rename's two steps: read once more
+                again = b""
+            if again == data:
+                return data
+            data = again
+        return None
 
     def _compile_quietly(self, data: bytes) -> PolicyIndex:
         """_compile without the loader's warnings and notes: the supervisor logged them

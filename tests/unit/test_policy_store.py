@@ -105,6 +105,43 @@ def test_broken_file_keeps_the_old_policy_and_logs_file_line(
     assert store.current.generation == 2
 
 
+A_CONFIG_MAP = """\
+apiVersion: v1
+kind: ConfigMap
+metadata: {namespace: app, name: settings}
+data: {level: debug}
+---
+"""
+"""A document of no egress meaning: alone, a policy with no network, which passes all."""
+
+
+@pytest.mark.parametrize("first_part", ["", A_CONFIG_MAP], ids=["empty", "first_document"])
+def test_a_file_read_while_written_in_place_is_not_put_in_force(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first_part: str
+) -> None:
+    """An editor or `cat >` writes in place: a poll that reads the file empty, or with only
+    its first documents (a valid policy that allows what the whole one denies), waits for
+    the write to end instead of putting that in force until the next poll."""
+    monkeypatch.setattr(store_module, "SETTLE_SECONDS", 0.5)  # the rest comes well within
+    path = tmp_path / "policy.yaml"
+    write(path, "Allow")
+    store, reported = make_store(path)
+    whole = A_CONFIG_MAP + POLICY.format(policy="Deny")
+
+    async def written_in_place() -> bool:
+        with path.open("w") as policy:
+            policy.write(first_part)
+            policy.flush()
+            reloading = asyncio.create_task(store.reload())
+            await asyncio.sleep(0.05)
+            policy.write(whole[len(first_part) :])
+        return await reloading
+
+    assert asyncio.run(written_in_place()) is True
+    assert (store.current.generation, action(store), reported) == (2, Action.DENY, [True])
+    assert reload(store) is False
+
+
 def test_an_unreadable_file_on_reload_is_named_without_a_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
