@@ -6,6 +6,7 @@ import argparse
 import enum
 import ipaddress
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -158,6 +159,30 @@ def unset_if_empty(text: str) -> str | None:
     return text or None
 
 
+NAMESPACE_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
+"""A Kubernetes namespace's name: an RFC 1123 label."""
+DOMAIN_NAME = re.compile(
+    r"(?:[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
+)
+
+
+def namespace_name(text: str) -> str:
+    """--egress-namespace: a name no namespace can have (empty, say) would silently make
+    the global egress namespace's networks apply to no client."""
+    if not NAMESPACE_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is no namespace name (lower-case letters, digits and '-', at most 63)"
+        )
+    return text
+
+
+def domain_name(text: str) -> str:
+    """--cluster-domain: what Service backends resolve under, so a DNS name."""
+    if len(text) > 253 or not DOMAIN_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is no DNS domain such as cluster.local")
+    return text
+
+
 def add_identity_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--namespace", type=unset_if_empty, default=os.environ.get("POD_NAMESPACE") or None
@@ -170,8 +195,8 @@ def add_identity_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cluster-networks", type=network_list, default=network_list(DEFAULT_CLUSTER_NETWORKS)
     )
-    parser.add_argument("--cluster-domain", default="cluster.local")
-    parser.add_argument("--egress-namespace", default="linkerd-egress")
+    parser.add_argument("--cluster-domain", type=domain_name, default="cluster.local")
+    parser.add_argument("--egress-namespace", type=namespace_name, default="linkerd-egress")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -93,6 +93,26 @@ def test_bad_flags_are_usage_errors() -> None:
     assert "'sometimes' is not one of off, log, enforce" in refused.stderr
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "said"),
+    [
+        ("--egress-namespace", "", "'' is no namespace name"),
+        ("--egress-namespace", "Linkerd-Egress", "'Linkerd-Egress' is no namespace name"),
+        ("--cluster-domain", "", "'' is no DNS domain"),
+        ("--cluster-domain", "cluster..local", "'cluster..local' is no DNS domain"),
+    ],
+)
+def test_a_namespace_or_domain_no_cluster_can_have_is_a_usage_error(
+    flag: str, value: str, said: str
+) -> None:
+    """`--egress-namespace=$NS` with NS empty named a namespace no network can be in: the
+    global egress networks silently applied to no client (traffic passing a Deny)."""
+    refused = start("--allow-root", f"{flag}={value}")
+    assert refused.returncode == 2
+    assert f"argument {flag}: {said}" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 def test_a_mark_wider_than_32_bits_is_a_usage_error() -> None:
     refused = start("--allow-root", "--mark", "0x100000000")
     assert refused.returncode == 2
