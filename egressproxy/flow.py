@@ -287,10 +287,11 @@ class Flow(asyncio.Protocol):
             if len(self.buffer) > WRITE_BUFFER_HIGH:
                 self.transport.pause_reading()
             return
-        lean = lean_head(self.buffer, self.context.settings.max_header_bytes)
-        if lean is not None:
-            self._decide_as(Detected.HTTP1, lean[1], "http1", ech=False, first_request=lean)
-            return
+        if data.find(b"\n") >= 0:  # else a head the sniffer found incomplete still is
+            lean = lean_head(self.buffer, self.context.settings.max_header_bytes)
+            if lean is not None:
+                self._decide_as(Detected.HTTP1, lean[1], "http1", ech=False, first_request=lean)
+                return
         result = sniff(self.buffer)
         if result is NEED_MORE:
             if len(self.buffer) == len(data):

@@ -365,6 +365,7 @@ class Http1Proxy(asyncio.Protocol):
         "flow",
         "forwarding",
         "head_deadline",
+        "head_scanned",
         "held",
         "host_header",
         "hostname",
@@ -433,6 +434,8 @@ class Http1Proxy(asyncio.Protocol):
         self.lean = True
         """Between exchanges h11 is bypassed: client bytes wait in inbox, h11 stays fresh."""
         self.inbox = b""
+        self.head_scanned = 0
+        """How much of inbox the lean parser last found to be a head still incomplete."""
         self.inbox_eof = False
         """The client sent its EOF: it sends nothing more."""
         self.exchange: LeanRequest | None = None
@@ -758,13 +761,23 @@ class Http1Proxy(asyncio.Protocol):
                 if self.inbox_eof:
                     self._close()
                 return
-            request = http1_lean.parse_request(self.inbox, self.settings.max_header_bytes)
+            limit = self.settings.max_header_bytes
+            if (
+                self.head_scanned
+                and not self.inbox_eof
+                and http1_lean.still_incomplete(self.inbox, self.head_scanned, limit)
+            ):
+                self.head_scanned = len(self.inbox)
+                return  # its deadline runs
+            request = http1_lean.parse_request(self.inbox, limit)
             if request is NEED_MORE:
                 if self.inbox_eof:
                     self._leave_lean()
                 else:
+                    self.head_scanned = len(self.inbox)
                     self._await_head()
                 return
+            self.head_scanned = 0
             if request is None or not self._lean_request(request):
                 self._leave_lean()
                 return
@@ -859,6 +872,11 @@ class Http1Proxy(asyncio.Protocol):
         assert record is not None
         if self.response_remaining < 0:
             received = self.response_received + data if self.response_received else data
+            if self.response_received and http1_lean.still_incomplete(
+                received, len(self.response_received), MAX_RESPONSE_HEAD
+            ):
+                self.response_received = received
+                return
             response = http1_lean.parse_response(received, request.method)
             if response is NEED_MORE:
                 self.response_received = received
@@ -1138,7 +1156,7 @@ class Http1Proxy(asyncio.Protocol):
             return
         rest, self.inbox_eof = client.trailing_data
         self._client = None
-        self.lean, self.inbox = True, bytes(rest)
+        self.lean, self.inbox, self.head_scanned = True, bytes(rest), 0
         self.backlog = 0
         self.resume_client(_PAUSED_BY_BACKLOG)
         if not self.processing:

@@ -159,6 +159,17 @@ def _says_close(value: bytes) -> bool:
     return any(token.strip(b" \t") == b"close" for token in lowered.split(b","))
 
 
+def still_incomplete(buffer: bytes, scanned: int, limit: int) -> bool:
+    """Whether buffer, whose first `scanned` bytes the parsers here found to be a head not
+    yet whole (NEED_MORE), still is one. Only a line end can end a head, so one that comes
+    a few bytes at a time need not be parsed again whole at every read: a 64 KiB head sent
+    a byte at a time took 4.6 s of the worker's loop."""
+    if not scanned or len(buffer) > limit:
+        return False
+    start = max(0, scanned - 2)
+    return buffer.find(b"\n\n", start) < 0 and buffer.find(b"\n\r\n", start) < 0
+
+
 def parse_request(buffer: bytes, limit: int) -> LeanRequest | Incomplete | None:
     """The request at the start of buffer, NEED_MORE, or None: h11's to handle."""
     tidy = _TIDY_REQUEST.match(buffer, 0, limit)

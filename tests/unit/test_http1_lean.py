@@ -223,6 +223,23 @@ def test_a_field_of_whitespace_is_read_in_linear_time() -> None:
     assert check_request(b"GET / HTTP/1.1\r\nHost: a\r\nX:" + b" \t" * 100 + b"\r\n\r\n")
 
 
+@settings(max_examples=1000)
+@given(heads(REQUEST_LINES + STATUS_LINES), st.data())
+def test_a_head_found_incomplete_is_parsed_again_only_when_it_may_end(
+    data: bytes, draw: st.DataObject
+) -> None:
+    """still_incomplete answers True only where the parsers would answer NEED_MORE again,
+    for a head cut anywhere and grown by any number of bytes."""
+    cut = draw.draw(st.integers(0, len(data)))
+    grown = draw.draw(st.integers(cut, len(data)))
+    for parse, limit in (
+        (lambda buffer: http1_lean.parse_request(buffer, LIMIT), LIMIT),
+        (lambda buffer: http1_lean.parse_response(buffer, b"GET"), http1_lean.MAX_RESPONSE_HEAD),
+    ):
+        if parse(data[:cut]) is NEED_MORE and http1_lean.still_incomplete(data[:grown], cut, limit):
+            assert parse(data[:grown]) is NEED_MORE
+
+
 def h11_response(data: bytes, method: bytes) -> tuple[h11.Connection, list[object]]:
     """h11's reading of data as the client that sent `method`: its events, or the error last."""
     connection = h11.Connection(h11.CLIENT)
