@@ -39,7 +39,7 @@ from egressproxy.sniff import (
     Sniffed,
     TlsHello,
 )
-from egressproxy.sniff.detect import sniff
+from egressproxy.sniff.detect import sniff, sniff_again_at
 from egressproxy.sniff.http import authority_host, could_begin_request
 from egressproxy.sniff.tls import BEFORE_A_HELLO
 from egressproxy.splice import MAX_PIPES, SplicedRelay, Splicer
@@ -222,6 +222,7 @@ class Flow(asyncio.Protocol):
         "record",
         "relay",
         "snapshot",
+        "sniff_again_at",
         "sniff_timer",
         "sniffing",
         "task",
@@ -233,6 +234,9 @@ class Flow(asyncio.Protocol):
         self.transport: asyncio.Transport
         self.buffer = b""
         self.sniffing = True
+        self.sniff_again_at = 0
+        """How long the buffer must grow before sniff's NEED_MORE can change (a hello in
+        pieces is not read again at every byte)."""
         self.client_eof = False
         self.client_gone = False
         self.sniff_timer: PendingTimeout | None = None
@@ -292,8 +296,11 @@ class Flow(asyncio.Protocol):
             if lean is not None:
                 self._decide_as(Detected.HTTP1, lean[1], "http1", ech=False, first_request=lean)
                 return
+        if len(self.buffer) < self.sniff_again_at:
+            return
         result = sniff(self.buffer)
         if result is NEED_MORE:
+            self.sniff_again_at = sniff_again_at(self.buffer)
             if len(self.buffer) == len(data):
                 self._restart_sniff_timer()
             return

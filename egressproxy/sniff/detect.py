@@ -28,7 +28,7 @@ from egressproxy.sniff.http import (
     parse_h2_preface,
     parse_request_head,
 )
-from egressproxy.sniff.tls import parse_client_hello
+from egressproxy.sniff.tls import parse_client_hello, read_again_at
 
 _TLS_HANDSHAKE = 0x16
 _LETTER_P = 0x50
@@ -57,6 +57,15 @@ def sniff(buf: bytes) -> Sniffed | NeedMore:
     if first in _TEXT_START:
         return _settle(loose_request_line(buf))
     return Opaque("unknown_protocol")
+
+
+def sniff_again_at(buf: bytes) -> int:
+    """For ``buf``, which sniff answers NEED_MORE: the length it must grow to before the
+    answer can change. A ClientHello is read again only where a record or the hello could
+    end, not at every read; anything else at the next byte."""
+    if buf[0] == _TLS_HANDSHAKE:
+        return read_again_at(buf)
+    return len(buf) + 1
 
 
 _LINE_ENDS = frozenset(b"\r\n")

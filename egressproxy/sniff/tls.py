@@ -16,9 +16,10 @@ _HANDSHAKE_CLIENT_HELLO = 1
 _RECORD_HEADER_LENGTH = 5
 _HANDSHAKE_HEADER_LENGTH = 4
 _MAX_RECORD_LENGTH = 1 << 14  # RFC 8446 section 5.1
-# Every call walks the records from the start, and a client sending one byte per segment
-# causes a call per byte: the bound caps that walk. A real hello needs one record, a
-# deliberately split one tens; 16 KiB of one-byte records would be over 2700.
+# Every call walks the records from the start, and the flow calls again only where a
+# record or the hello could end (read_again_at), a few times a record: the bound caps that
+# walk. A real hello needs one record, a deliberately split one tens; 16 KiB of one-byte
+# records would be over 2700.
 _MAX_RECORDS = 256
 
 _EXTENSION_SERVER_NAME = 0
@@ -42,8 +43,25 @@ def parse_client_hello(buf: bytes) -> TlsHello | NeedMore | NotThis:
     Only the first SNIFF_BUFFER_LIMIT bytes count, so an answer never changes as more
     bytes arrive; a hello still incomplete there is NotThis("too_large").
     """
-    if len(buf) > SNIFF_BUFFER_LIMIT:
-        buf = buf[:SNIFF_BUFFER_LIMIT]
+    found = _read_records(buf[:SNIFF_BUFFER_LIMIT])
+    if not isinstance(found, int):
+        return found
+    return NotThis("too_large") if len(buf) >= SNIFF_BUFFER_LIMIT else NEED_MORE
+
+
+def read_again_at(buf: bytes) -> int:
+    """For ``buf``, a hello that parse_client_hello finds incomplete: the length it must
+    grow to before the answer can change (a record, or the hello, could end there). Every
+    call walks the records from the start: read at every byte, a hello of 256 tiny records
+    and one long one took 1.4 s of the worker's loop for its 16 KiB."""
+    found = _read_records(buf[:SNIFF_BUFFER_LIMIT])
+    assert isinstance(found, int), "a hello still incomplete"
+    return min(found, SNIFF_BUFFER_LIMIT)
+
+
+def _read_records(buf: bytes) -> TlsHello | NotThis | int:
+    """The hello, or where reading it failed; while it is incomplete, the length buf must
+    reach before that can change."""
     size = len(buf)
     fragments: list[bytes] = []
     gathered = 0
@@ -55,7 +73,8 @@ def parse_client_hello(buf: bytes) -> TlsHello | NeedMore | NotThis:
         if rejected is not None:
             return rejected
         if len(header) < _RECORD_HEADER_LENGTH:
-            return _incomplete(size)
+            # Its first two bytes are checked as they come, the length once it is whole.
+            return record_start + (len(header) + 1 if len(header) < 2 else _RECORD_HEADER_LENGTH)
         record_length = header[3] << 8 | header[4]
         if record_length == 0 or record_length > _MAX_RECORD_LENGTH:
             return NotThis("malformed_record_length")
@@ -73,7 +92,10 @@ def parse_client_hello(buf: bytes) -> TlsHello | NeedMore | NotThis:
             message = b"".join(fragments)
             return _parse_client_hello_body(message, _HANDSHAKE_HEADER_LENGTH, message_length)
         if record_start > size:
-            return _incomplete(size)
+            if record_index == 0 and not fragment:
+                return size + 1  # its type is checked at its first byte
+            wanted = message_length if message_length >= 0 else _HANDSHAKE_HEADER_LENGTH
+            return min(record_start, size + wanted - gathered)
     return NotThis(TOO_MANY_RECORDS)
 
 
@@ -87,10 +109,6 @@ def _check_record_header(header: bytes, *, first: bool) -> NotThis | None:
     if len(header) >= 2 and header[1] != 3:
         return mismatch
     return None  # any minor version: OpenSSL reads a hello in a record of 03 ff
-
-
-def _incomplete(size: int) -> NeedMore | NotThis:
-    return NotThis("too_large") if size >= SNIFF_BUFFER_LIMIT else NEED_MORE
 
 
 def _parse_client_hello_body(data: bytes, pos: int, end: int) -> TlsHello | NotThis:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from egressproxy import flow as flow_module
+from egressproxy.sniff import SNIFF_BUFFER_LIMIT
 from tests.unit.http_harness import ALLOW_ALL, Recording, echo, proxy_to_origin
 from tests.unit.test_sniff_detect import IRREGULAR_REQUEST_LINES
 from tests.unit.test_sniff_tls import client_hello, extension, frame, load, sni_extension, u16
@@ -183,3 +185,39 @@ async def test_bytes_that_only_begin_like_a_tls_record_still_pass(
         writer.close()
         await proxy.wait_closed_flows(1)
     assert proxy.ledger.flows[0].error in ("", "reset"), proxy.ledger.flows[0]
+
+
+@pytest.mark.asyncio
+async def test_a_hello_that_comes_in_pieces_is_not_read_again_at_every_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each read of a hello walks its records from the start: read again at every piece,
+    254 tiny records then a long one, sent a byte at a time, took 1.4 s of the worker's
+    loop for 16 KiB. A hello is read again only where a record or the hello could end."""
+    sniffs: list[int] = []
+    sniff = flow_module.sniff
+
+    def counted(buffer: bytes) -> object:
+        sniffs.append(len(buffer))
+        return sniff(buffer)
+
+    monkeypatch.setattr(flow_module, "sniff", counted)
+    message = client_hello([sni_extension(b"example.com"), extension(21, bytes(15500))])
+    records = frame(message, [1] * 254)[:SNIFF_BUFFER_LIMIT]
+    tiny = records.index(b"\x16\x03\x01", 254 * 6)
+    origin = Recording()
+    async with proxy_to_origin(origin, tmp_path, monkeypatch, ALLOW_ALL) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(records[:tiny])
+        for start in range(tiny, len(records), 64):
+            writer.write(records[start : start + 64])
+            await writer.drain()
+            await asyncio.sleep(0.001)
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    (flow,) = proxy.ledger.flows
+    assert (flow.sniff_outcome, flow.error) == ("too_large", "forbidden"), flow
+    assert origin.received == b""
+    assert len(sniffs) <= 10, len(sniffs)

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from egressproxy.sniff import NEED_MORE, SNIFF_BUFFER_LIMIT, NeedMore, NotThis, TlsHello
-from egressproxy.sniff.tls import parse_client_hello
+from egressproxy.sniff.tls import parse_client_hello, read_again_at
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 
@@ -178,6 +178,37 @@ def test_the_hello_may_end_inside_its_last_record() -> None:
     message = client_hello([sni_extension(b"example.com")])
     record = b"\x16\x03\x01" + u16(len(message) + 3) + message + b"\x14\x00\x00"
     assert parse_client_hello(record[: 5 + len(message)]) == TlsHello("example.com", (), False)
+
+
+def assert_read_again_at_holds(data: bytes) -> None:
+    """Every prefix of data the parser finds incomplete stays so up to read_again_at's
+    answer for it: skipping the reads before that changes no answer."""
+    answers = [parse_client_hello(data[:end]) for end in range(len(data) + 1)]
+    for end, answer in enumerate(answers):
+        if answer is NEED_MORE:
+            again = read_again_at(data[:end])
+            assert end < again <= SNIFF_BUFFER_LIMIT
+            assert all(later is NEED_MORE for later in answers[end:again]), end
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_HELLOS))
+def test_an_incomplete_capture_is_read_again_only_where_its_answer_may_change(name: str) -> None:
+    assert_read_again_at_holds(load(name))
+
+
+def test_a_hello_in_tiny_records_is_read_again_a_few_times_a_record() -> None:
+    """Read at every byte, a hello of 256 tiny records and one long one walked the records
+    once a byte: 1.4 s of the worker's loop for its 16 KiB."""
+    message = client_hello([sni_extension(b"example.com"), extension(21, bytes(15500))])
+    records = frame(message, [1] * 254)
+    assert parse_client_hello(records) == NotThis("too_large")
+    assert_read_again_at_holds(records[:2000])
+    reads, end = 0, 1
+    while parse_client_hello(records[:end]) is NEED_MORE:
+        reads += 1
+        end = read_again_at(records[:end])
+    assert end == SNIFF_BUFFER_LIMIT
+    assert reads <= 4 * 256, reads
 
 
 @pytest.mark.parametrize("minor", [0x00, 0x10, 0xFF])
@@ -385,6 +416,26 @@ def mutated_captures(draw: st.DrawFn) -> bytes:
 @given(mutated_captures())
 def test_mutated_captures_give_a_result(data: bytes) -> None:
     assert isinstance(parse_client_hello(data), RESULT_TYPES)
+
+
+@given(mutated_captures())
+def test_mutated_captures_are_read_again_only_where_their_answer_may_change(data: bytes) -> None:
+    assert_read_again_at_holds(data)
+
+
+@given(
+    st.lists(st.integers(1, 40), max_size=20),
+    st.binary(max_size=3),
+    st.integers(0, 0xFFFF),
+)
+def test_split_hellos_are_read_again_only_where_their_answer_may_change(
+    fragment_sizes: list[int], junk: bytes, declared: int
+) -> None:
+    """Tiny records, the handshake header split across them, a hello ending mid-record,
+    bytes after it, and a declared length that lies."""
+    message = client_hello([sni_extension(b"example.com")])
+    message = message[:2] + u16(declared) + message[4:] if declared % 3 == 0 else message
+    assert_read_again_at_holds(frame(message, fragment_sizes) + junk)
 
 
 dns_labels = st.from_regex(r"[a-zA-Z0-9_]([a-zA-Z0-9_-]{0,20}[a-zA-Z0-9_])?", fullmatch=True)
