@@ -716,6 +716,7 @@ class H2Proxy(asyncio.Protocol):
             problem = malformed(trailers, trailers=True)
             if problem and stream is not None and not stream.done:
                 self._malformed(stream, problem)
+                self._count_premature_reset(stream)
             else:
                 self._request_ended(event.stream_id, trailers)
         elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
@@ -1017,13 +1018,17 @@ class H2Proxy(asyncio.Protocol):
     def _malformed_frame(self, event: MalformedMessage) -> None:
         """A request h2 found malformed, its stream already reset. A head refused before the
         proxy read it (a bad content-length) is counted under the connection's decision,
-        as HTTP/1 counts a head it cannot parse."""
+        as HTTP/1 counts a head it cannot parse. A bad body (or, in _client_event, bad
+        trailers) ending a stream the proxy took on is the client's reset by other means
+        (MadeYouReset, CVE-2025-8671), and counted as one."""
         stream = self.streams.get(event.stream_id)
         if event.head:
             record = RequestRecord.unread(self.flow.record, "h2")
             stream = self.streams[event.stream_id] = _Stream(event.stream_id, record, [])
         if stream is not None:
             self._malformed(stream, event.reason)
+            if not event.head:
+                self._count_premature_reset(stream)
 
     def _client_reset(self, stream_id: int | None) -> None:
         stream = self.streams.get(stream_id or 0)
@@ -1031,6 +1036,11 @@ class H2Proxy(asyncio.Protocol):
             return
         self._cancel_upstream(stream)
         self._finish_stream(stream, "client_reset")
+        self._count_premature_reset(stream)
+
+    def _count_premature_reset(self, stream: _Stream) -> None:
+        """A stream the client ended before its answer began: within PREMATURE_RESET_SECONDS
+        it counts against STREAMS_BEFORE_RESETS_COUNT."""
         if (
             not stream.response_started
             and time.monotonic() - stream.record.started < PREMATURE_RESET_SECONDS
@@ -1145,7 +1155,9 @@ class H2Proxy(asyncio.Protocol):
 
     def _upstream_goaway(self, upstream: _Upstream, last_stream_id: int) -> None:
         """The upstream takes no new stream: those up to last_stream_id finish on it, the
-        ones it did not process (above it) and those still waiting for it go elsewhere."""
+        ones it did not process (above it) and those still waiting for it go elsewhere,
+        once (_refused): an upstream that says GOAWAY before it takes any stream would
+        else have them open connection after connection without end."""
         if self.upstreams.get(upstream.key) is upstream:
             del self.upstreams[upstream.key]
         self.retired.add(upstream)
@@ -1154,10 +1166,7 @@ class H2Proxy(asyncio.Protocol):
         unprocessed = [s for up_id, s in upstream.streams.items() if up_id > last_stream_id]
         for stream in unprocessed:
             del upstream.streams[stream.upstream_id]
-        for stream in waiting:
-            if not stream.done:
-                self._forward(stream, upstream.key)
-        for stream in unprocessed:
+        for stream in [*waiting, *unprocessed]:
             if not stream.done:
                 self._refused(stream, upstream.key)
 
@@ -1188,9 +1197,9 @@ class H2Proxy(asyncio.Protocol):
             self._upstream_reset(stream, h2.errors.ErrorCodes.INTERNAL_ERROR, "bad_response")
 
     def _refused(self, stream: _Stream, key: tuple[str, int]) -> None:
-        """The upstream did not process the stream (RST_STREAM REFUSED_STREAM, or above its
-        GOAWAY's last stream): sent again once, where a new stream would go, if nothing of
-        it is lost; else answered as a reset."""
+        """The upstream did not process the stream (RST_STREAM REFUSED_STREAM, above its
+        GOAWAY's last stream, or still waiting for it at its GOAWAY): sent again once, where
+        a new stream would go, if nothing of it is lost; else answered as a reset."""
         if not stream.replayable:
             self._upstream_reset(stream, h2.errors.ErrorCodes.REFUSED_STREAM)
             return

@@ -802,6 +802,51 @@ async def test_an_upstream_goaway_finishes_its_streams_and_retries_the_unprocess
     ]
 
 
+class EarlyGoawayH2Origin(asyncio.Protocol):
+    """Says GOAWAY (last stream 0) as its connection opens, with no SETTINGS before it, or
+    (settings) after SETTINGS that leave no room for a stream: it takes no stream, ever.
+    Past LIMIT connections it resets each at once, so that a proxy that keeps coming back
+    ends (its source ports would run out within seconds)."""
+
+    LIMIT = 4
+
+    def __init__(self, connections: list[EarlyGoawayH2Origin], settings: bool) -> None:
+        connections.append(self)
+        self.settings = settings
+        self.cut = len(connections) > self.LIMIT
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.cut:
+            cast(asyncio.Transport, transport).abort()
+            return
+        no_room = {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0}
+        settings = hyperframe.frame.SettingsFrame(0, no_room).serialize() if self.settings else b""
+        cast(asyncio.Transport, transport).write(settings + goaway(0))
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("settings", [False, True])
+async def test_streams_waiting_for_an_upstream_that_says_goaway_go_elsewhere_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings: bool
+) -> None:
+    """A stream waiting for an upstream that said GOAWAY goes to a new connection once, as a
+    refused one does; on an upstream that takes none it is then answered 502, not sent to
+    connection after connection (thousands a second) while the client waits."""
+    connections: list[EarlyGoawayH2Origin] = []
+    async with proxy_to_h2_origin(
+        lambda: EarlyGoawayH2Origin(connections, settings), tmp_path, monkeypatch
+    ) as proxy:
+        client = await connect_h2(proxy)
+        answer = client.request("GET", "/a")
+        async with asyncio.timeout(TIMEOUT):
+            await answer.done.wait()
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
+    assert (answer.headers[":status"], bytes(answer.body)) == ("502", b"upstream reset\n")
+    assert len(connections) == 2
+    assert [(r.path, r.status, r.error) for r in proxy.ledger.requests] == [("/a", 502, "reset")]
+
+
 class RefusingH2Origin(SlowH2Origin):
     """Refuses (RST_STREAM REFUSED_STREAM, before any response) every /always stream and the
     first /once stream; answers the rest after DELAY."""
@@ -1230,6 +1275,59 @@ async def test_streams_reset_as_soon_as_opened_are_a_flood(
             await asyncio.sleep(0.01)
         await client.lost.wait()
     await proxy.wait_closed_flows(1)
+    assert [flow.error for flow in proxy.ledger.flows] == ["flood"]
+    assert STREAMS_BEFORE_RESETS_COUNT <= len(proxy.ledger.requests) < 1000
+
+
+def streams_made_to_reset(encoder: hpack.Encoder, first_id: int, count: int, bad: str) -> bytes:
+    """count POST streams whose sound head (content-length: 0) the proxy forwards, each then
+    malformed by a body of a byte or (bad="trailers") a pseudo-header in its trailers: the
+    proxy resets each itself, PROTOCOL_ERROR, with no RST_STREAM from the client."""
+    frames = bytearray()
+    for stream_id in range(first_id, first_id + 2 * count, 2):
+        block = [(":method", "POST"), (":scheme", "http"), (":authority", "example.test"),
+                 (":path", "/a"), ("content-length", "0")]  # fmt: skip
+        head = hyperframe.frame.HeadersFrame(stream_id, encoder.encode(block))
+        head.flags.add("END_HEADERS")
+        end: hyperframe.frame.Frame
+        if bad == "trailers":
+            end = hyperframe.frame.HeadersFrame(stream_id, encoder.encode([(":path", "/b")]))
+            end.flags.add("END_HEADERS")
+        else:
+            end = hyperframe.frame.DataFrame(stream_id, b"x")
+        end.flags.add("END_STREAM")
+        frames += head.serialize() + end.serialize()
+    return bytes(frames)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("bad", ["body", "trailers"])
+async def test_streams_the_client_makes_the_proxy_reset_are_a_flood(
+    h2_setup: tuple[LoopbackProxy, int], bad: str
+) -> None:
+    """MadeYouReset (CVE-2025-8671): rapid reset with no RST_STREAM from the client. Each
+    stream's head goes upstream, then its malformed body or trailers make the proxy reset
+    it, as soon as it opened: each counts as a client's reset, and once 500 streams are
+    opened with more than half so reset the connection ends."""
+    proxy, _ = h2_setup
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(H2_PREFACE + hyperframe.frame.SettingsFrame(0).serialize())
+    encoder = hpack.Encoder()
+
+    async def read_until_cut() -> None:
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):
+                pass
+
+    cut = asyncio.create_task(read_until_cut())
+    for first in range(1, 8000, 200):  # 4,000 streams at most
+        if cut.done():
+            break
+        writer.write(streams_made_to_reset(encoder, first, 100, bad))
+        await asyncio.sleep(0.01)
+    writer.close()
+    await proxy.wait_closed_flows(1)
+    cut.cancel()
     assert [flow.error for flow in proxy.ledger.flows] == ["flood"]
     assert STREAMS_BEFORE_RESETS_COUNT <= len(proxy.ledger.requests) < 1000
 
