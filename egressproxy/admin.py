@@ -9,6 +9,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
+from urllib.parse import urlsplit
 
 import h11
 from prometheus_client import CollectorRegistry
@@ -90,6 +91,14 @@ def base_handlers(health: Health, store: PolicyStore, registry: CollectorRegistr
         return Response(200, content_type, body)
 
     return {"/live": live, "/ready": ready, "/config": OffLoop(config), "/metrics": OffLoop(scrape)}
+
+
+def admin_path(target: str) -> str:
+    """The path of an origin-form or absolute-form target (`http://host:4191/metrics`, which
+    a server must accept, RFC 9112 3.2.2), without its query."""
+    if target.startswith("/"):
+        return target.split("?", 1)[0]
+    return urlsplit(target).path or "/"
 
 
 class AdminConnection(asyncio.Protocol):
@@ -192,7 +201,7 @@ class AdminConnection(asyncio.Protocol):
 
     def _answer(self, request: h11.Request) -> None:
         method = request.method.decode("ascii", "replace")
-        path = request.target.decode("ascii", "replace").split("?", 1)[0]
+        path = admin_path(request.target.decode("ascii", "replace"))
         headers = {
             name.decode().lower(): value.decode("latin-1") for name, value in request.headers
         }

@@ -263,3 +263,33 @@ def test_slow_answers_are_made_one_at_a_time_and_a_failure_is_a_500() -> None:
     assert half_closed.endswith(b"answer %d\n" % (CONCURRENT + 1))
     assert failed_head.startswith(b"HTTP/1.1 500 ")
     assert live.startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.parametrize(
+    ("target", "path"),
+    [
+        ("/metrics", "/metrics"),
+        ("/metrics?name[]=x", "/metrics"),
+        ("http://127.0.0.1:4191/ready", "/ready"),
+        ("http://admin/live?x=1", "/live"),
+        ("http://admin", "/"),
+        ("*", "*"),
+    ],
+)
+def test_an_absolute_form_target_is_read_for_its_path(target: str, path: str) -> None:
+    """RFC 9112 3.2.2: a server must accept the absolute form (a client that thinks it talks
+    to a proxy sends it); it was a 404."""
+    assert admin.admin_path(target) == path
+
+
+def test_an_absolute_form_request_is_answered() -> None:
+    async def scenario() -> bytes:
+        async with admin_port({"/live": lambda _: admin.text(200, "live")}) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET http://admin/live HTTP/1.1\r\nHost: admin\r\n\r\n")
+            answer = await live_response(reader)
+            writer.close()
+            return answer
+
+    answer = asyncio.run(scenario())
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"live\n"), answer
