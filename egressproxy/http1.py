@@ -48,6 +48,7 @@ from egressproxy.relay import (
     RelayResult,
     abort_with_reset,
     held_bytes,
+    quiet_for,
 )
 from egressproxy.settings import VerifyDestination
 from egressproxy.sniff import NotThis
@@ -635,9 +636,7 @@ class Http1Proxy(asyncio.Protocol):
         held = held_bytes(self.transport)
         if self.upstream is not None and not self.closed:
             held += held_bytes(self.upstream.transport)
-        if held != self.held:
-            self.held, self.last_activity = held, now
-        if now - self.last_activity < self.settings.idle_timeout:
+        if quiet_for(self, held, now) < self.settings.idle_timeout:
             return
         if self.closed:
             log.info(

@@ -34,7 +34,13 @@ from egressproxy.errors import PROXY_ERROR, UpstreamError, log_proxy_error
 from egressproxy.http1 import DENIED_BODY, unavailable_status
 from egressproxy.policy.decision import Action, Decision, RequestFacts
 from egressproxy.records import RequestRecord, grpc_code_of_answer, grpc_status_of
-from egressproxy.relay import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW, abort_with_reset, held_bytes
+from egressproxy.relay import (
+    WRITE_BUFFER_HIGH,
+    WRITE_BUFFER_LOW,
+    abort_with_reset,
+    held_bytes,
+    quiet_for,
+)
 from egressproxy.settings import VerifyDestination
 from egressproxy.sniff.http import H2_PREFACE, authority_host
 from egressproxy.verify import REFUSALS, verification_mode
@@ -1389,10 +1395,7 @@ class H2Proxy(asyncio.Protocol):
         a whole timeout ends the connection with a GOAWAY; closing, none of the unsent
         bytes going out for a whole timeout cuts it."""
         now = self.loop.time()
-        held = held_bytes(self.transport)
-        if held != self.held:
-            self.held, self.last_activity = held, now
-        if now - self.last_activity < self.settings.idle_timeout:
+        if quiet_for(self, held_bytes(self.transport), now) < self.settings.idle_timeout:
             return
         if self.closed:
             log.info(

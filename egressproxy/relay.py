@@ -58,6 +58,22 @@ def held_bytes(transport: asyncio.WriteTransport) -> int:
     return held
 
 
+class WatchedForIdleness(Protocol):
+    """An HTTP handler the idle sweep ticks: what it held unsent last time, and when bytes
+    last moved."""
+
+    held: int
+    last_activity: float
+
+
+def quiet_for(watched: WatchedForIdleness, held: int, now: float) -> float:
+    """How long no byte moved: bytes held unsent that changed since the last tick went out
+    to a slow reader, and count as traffic too."""
+    if held != watched.held:
+        watched.held, watched.last_activity = held, now
+    return now - watched.last_activity
+
+
 def abort_with_reset(transport: asyncio.Transport) -> None:
     """Close with an RST: abort() alone only skips the write buffer and sends a FIN."""
     sock = transport.get_extra_info("socket")
