@@ -701,6 +701,7 @@ def _openmetrics_asked(accept: str) -> str:
     best_text, best_weight, best_range = 0.0, 0.0, ""
     for media_range in accept.split(","):
         media_type, *parameters = (part.strip() for part in media_range.split(";"))
+        media_type = media_type.lower()
         weight, version, kept = 1.0, "", [OPENMETRICS_TYPE]
         for parameter in parameters:
             name, _, value = (part.strip() for part in parameter.partition("="))
@@ -714,9 +715,9 @@ def _openmetrics_asked(accept: str) -> str:
                 kept.append(f"{name}={value}")
                 if name == "version":
                     version = value
-        if media_type.lower() in TEXT_TYPES:
+        if media_type in TEXT_TYPES:
             best_text = max(best_text, weight)
-        elif media_type.lower() == OPENMETRICS_TYPE and weight > best_weight and _made(version):
+        elif media_type == OPENMETRICS_TYPE and weight > best_weight and _made(version):
             best_weight, best_range = weight, ";".join(kept)
     return best_range if best_weight >= best_text else ""
 

@@ -218,10 +218,10 @@ def parse_destination(text: str, settings: Settings) -> ExplainQuery:
         raise ValueError("no host")
     try:
         port = parts.port
+        if port == 0:  # not the scheme's default port, as `or` below would make it
+            raise ValueError
     except ValueError:
-        port = 0
-    if port == 0:  # not the scheme's default port, as `or` would make it
-        raise ValueError("the port is not a number from 1 to 65535")
+        raise ValueError("the port is not a number from 1 to 65535") from None
     port = port or DEFAULT_PORTS.get(scheme)
     if port is None:
         raise ValueError(f"{scheme}:// needs a port")
