@@ -539,20 +539,24 @@ def test_a_first_head_the_client_ends_early_gets_400(world: World, proxy: StartP
             403,
         ),  # empty lines first: skipped, decided
         (b"get /admin HTTP/1.1\r\nHost: httpbin.org\r\n\r\n", 403),
+        (b"GET\r/admin HTTP/1.1\r\nHost: httpbin.org\r\n\r\n", 400),  # http.server's split
+        (b"GET /admin?\x01 HTTP/1.1\r\nHost: httpbin.org\r\n\r\n", 400),
     ],
 )
 def test_an_irregular_request_line_is_http(
     world: World, proxy: StartProxy, head: bytes, status: int
 ) -> None:
     """Lenient servers take these for requests: they are refused or decided as HTTP,
-    never relayed as opaque bytes (policy(): /admin is not allowed)."""
-    run_proxy(proxy, policy())
+    never relayed as opaque bytes (policy(): /admin is not allowed). The proxy's own
+    access line shows it answered, not the origin."""
+    running = proxy(policy(), "--namespace", "egress-test")
     sock = world.connect(world.host("httpbin.org").v4, 80)
     try:
         sock.sendall(head)
         assert _read_head(sock).startswith(b"HTTP/1.1 %d " % status)
     finally:
         sock.close()
+    assert running.logged(rf"access .*status={status}"), running.log_text()
 
 
 def test_a_path_is_decided_normalised_and_sent_as_it_came(world: World, proxy: StartProxy) -> None:
