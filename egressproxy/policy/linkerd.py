@@ -350,15 +350,29 @@ def read_rule(
             read_grpc_match(checker, match_node, match_where)
             for match_where, match_node in checker.mappings(node, "matches", where)
         )
-    backends = checker.mappings(node, "backendRefs", where)
-    if len(backends) > 1:
+    backend_refs = checker.mappings(node, "backendRefs", where)
+    weighing = [
+        backend_where
+        for backend_where, backend_node in backend_refs
+        if backend_weight(checker, backend_node, backend_where) > 0
+    ]
+    if backend_refs and not weighing:
         checker.error(
             node.line_of("backendRefs"),
-            f"{where}.backendRefs: {len(backends)} backends: traffic splitting is not supported",
+            f"{where}.backendRefs: every backendRef has weight 0: the rule forwards no "
+            "traffic, which is not supported",
         )
+    if len(weighing) > 1:
+        checker.error(
+            node.line_of("backendRefs"),
+            f"{where}.backendRefs: {len(weighing)} backends: traffic splitting is not supported",
+        )
+    chosen = weighing[0] if weighing else None
     backend: ServiceBackend | None = None
-    for backend_where, backend_node in backends[:1]:
-        backend = read_backend_ref(context, backend_node, backend_where, kind_name, meta, parents)
+    for backend_where, backend_node in backend_refs:
+        read = read_backend_ref(context, backend_node, backend_where, kind_name, meta, parents)
+        if backend_where == chosen:
+            backend = read
     return Rule(
         name=name,
         http_matches=http_matches,
@@ -367,6 +381,25 @@ def read_rule(
         backend=backend,
         origin=Origin(checker.file, node.line),
     )
+
+
+MAX_BACKEND_WEIGHT = 1_000_000
+"""The Gateway API CRDs' bound on backendRefs[].weight."""
+
+
+def backend_weight(checker: Checker, node: YMap, where: str) -> int:
+    """The backendRef's weight (1 when absent or out of range, which is reported). Weight 0
+    forwards nothing (Gateway API), and Linkerd's proxy leaves such backends out."""
+    weight = checker.get(node, "weight", int, where)
+    if weight is None:
+        return 1
+    if not 0 <= weight <= MAX_BACKEND_WEIGHT:
+        checker.error(
+            node.line_of("weight"),
+            f"{where}.weight: {weight} is outside 0-{MAX_BACKEND_WEIGHT}",
+        )
+        return 1
+    return weight
 
 
 def read_backend_ref(
@@ -387,7 +420,6 @@ def read_backend_ref(
             filter_node.line_of("type"),
             f"{filter_where}: {route_kind} filter {filter_node.get('type')} is not supported",
         )
-    checker.get(node, "weight", int, where)
     group = checker.get(node, "group", str, where) or ""
     kind = checker.get(node, "kind", str, where) or "Service"
     name = checker.get(node, "name", str, where, required=True)

@@ -11,7 +11,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from egressproxy.policy.decision import ConnectionFacts, Destination, Detected, RequestFacts
+from egressproxy.policy.decision import (
+    Action,
+    ConnectionFacts,
+    Destination,
+    Detected,
+    RequestFacts,
+)
 from egressproxy.policy.errors import PolicyError, Problem
 from egressproxy.policy.index import compile_policy
 from egressproxy.policy.loader import load_policy, load_policy_text
@@ -115,6 +121,52 @@ def test_service_backend_port_must_exist() -> None:
     assert problems(NETWORK + service + route) == [
         "p.yaml:32: HTTPRoute egress-test/httpbin-get.spec.rules[0].backendRefs[0]: "
         "Service egress-test/svc has no port 80"
+    ]
+
+
+def backends(*refs: str) -> str:
+    """ROUTE, attached, with these backendRefs (flow mappings) on its rule."""
+    route = ROUTE.replace("all-egress-trafic", "all-egress-traffic")
+    return route + "      backendRefs:\n" + "".join(f"      - {ref}\n" for ref in refs)
+
+
+PARENT_BACKEND = "kind: EgressNetwork, group: policy.linkerd.io, name: all-egress-traffic"
+
+
+def test_a_rule_whose_every_backend_weighs_zero_is_an_error() -> None:
+    """Gateway API: weight 0 forwards no traffic for that entry, and Linkerd's proxy drops
+    such backends (an empty distribution never becomes ready): the rule must not pass
+    traffic to the original destination as if no weight were there."""
+    assert problems(NETWORK + backends(f"{{{PARENT_BACKEND}, weight: 0}}")) == [
+        "p.yaml:24: HTTPRoute egress-test/httpbin-get.spec.rules[0].backendRefs: every "
+        "backendRef has weight 0: the rule forwards no traffic, which is not supported"
+    ]
+
+
+def test_backend_weight_outside_the_crd_range_is_an_error() -> None:
+    assert problems(NETWORK + backends(f"{{{PARENT_BACKEND}, weight: -5}}")) == [
+        "p.yaml:25: HTTPRoute egress-test/httpbin-get.spec.rules[0].backendRefs[0].weight: "
+        "-5 is outside 0-1000000"
+    ]
+    assert problems(NETWORK + backends(f"{{{PARENT_BACKEND}, weight: 1000001}}")) == [
+        "p.yaml:25: HTTPRoute egress-test/httpbin-get.spec.rules[0].backendRefs[0].weight: "
+        "1000001 is outside 0-1000000"
+    ]
+
+
+def test_zero_weight_backends_beside_one_that_weighs_are_left_out() -> None:
+    """Only the backends that weigh count as traffic splitting."""
+    text = NETWORK + backends(
+        "{kind: Service, name: svc, port: 80, weight: 0}", f"{{{PARENT_BACKEND}, weight: 1}}"
+    )
+    (rule,) = load_policy_text(text, "p.yaml").routes[0].rules
+    assert (rule.action, rule.backend) == (Action.PASS, None), "to the EgressNetwork alone"
+    text = NETWORK + backends(
+        "{kind: Service, name: svc, port: 80, weight: 2}", f"{{{PARENT_BACKEND}, weight: 1}}"
+    )
+    assert problems(text) == [
+        "p.yaml:24: HTTPRoute egress-test/httpbin-get.spec.rules[0].backendRefs: "
+        "2 backends: traffic splitting is not supported"
     ]
 
 
