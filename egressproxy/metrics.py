@@ -10,6 +10,7 @@ Model: linkerd2-proxy's `register(reg)` then `metrics(labels)`.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -17,7 +18,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
@@ -90,6 +91,11 @@ MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 RouteKey = tuple[ParentRef | None, RouteRef | None]
 
+KEPT_HOSTNAMES = "kept-hostnames"
+KEPT_PARENT_PORTS = "kept-parent-ports"
+KEPT_TARGETS = "kept-targets"
+"""Files of KeptValues in the metrics directory (prometheus-client sums only its *.db)."""
+
 MAX_BOUND_KINDS = 4096
 """Bound children kept per kind of request or connection; more (hostile Host headers,
 decisions of many reloads) start the cache afresh rather than grow it without end."""
@@ -123,24 +129,75 @@ def route_identity(parent: ParentRef | None, route: RouteRef | None) -> tuple[st
 LabelValue = TypeVar("LabelValue", str, tuple[str, str])
 
 
-class CappedLabels(Generic[LabelValue]):
-    """Caps the distinct values of a label (or a pair of them) a process shows: the first
-    `limit` keep theirs, the rest are `other`.
+class KeptValues:
+    """The values a cap has kept, shared by the workers of a run through a file in its
+    metrics directory: one JSON value a line, appended under an exclusive flock.
 
-    The cap is per process: with --workers N a scrape may show up to N x limit values.
+    The workers' samples are summed into one scrape, so the cap must hold for the sum,
+    not for each worker: a value is kept when the file, read up to its end under the
+    lock, holds it or has room for it. Each worker opens the file itself after the fork,
+    since the workers would share the lock of one inherited open file.
     """
 
-    def __init__(self, limit: int, other: LabelValue) -> None:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.descriptor = -1
+        self.opened_by = 0
+        self.read_up_to = 0
+
+    def keep(self, value: str | tuple[str, str], kept: set[Any], limit: int) -> bool:
+        """Add to `kept` what the other workers kept since the last call, then `value`
+        if there is room; whether `value` is kept."""
+        if self.opened_by != os.getpid():
+            self.descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+            self.opened_by, self.read_up_to = os.getpid(), 0
+        fcntl.flock(self.descriptor, fcntl.LOCK_EX)
+        try:
+            end = os.fstat(self.descriptor).st_size
+            written = os.pread(self.descriptor, end - self.read_up_to, self.read_up_to)
+            self.read_up_to = end
+            for line in written.splitlines():
+                known = json.loads(line)
+                kept.add(tuple(known) if isinstance(known, list) else known)
+            if value in kept:
+                return True
+            if len(kept) >= limit:
+                return False
+            line = json.dumps(value).encode() + b"\n"
+            os.write(self.descriptor, line)
+            self.read_up_to += len(line)
+            kept.add(value)
+            return True
+        finally:
+            fcntl.flock(self.descriptor, fcntl.LOCK_UN)
+
+
+class CappedLabels(Generic[LabelValue]):
+    """Caps the distinct values of a label (or a pair of them) a scrape shows: the first
+    `limit` keep theirs, the rest are `other`. With --workers N the workers keep their
+    values in `shared`, so the cap holds for the sum a scrape shows.
+    """
+
+    def __init__(self, limit: int, other: LabelValue, shared: KeptValues | None = None) -> None:
         self.limit = limit
         self.other: LabelValue = other
         self.kept: set[LabelValue] = set()
+        self.shared = shared
+        self.full = False
+        """Set once `limit` values are kept: they stay kept, so every new value is other."""
 
     def __call__(self, value: LabelValue) -> LabelValue:
         if value in self.kept:
             return value
-        if len(self.kept) < self.limit:
-            self.kept.add(value)
+        if self.full:
+            return self.other
+        if self.shared is None:
+            if len(self.kept) < self.limit:
+                self.kept.add(value)
+                return value
+        elif self.shared.keep(value, self.kept, self.limit):
             return value
+        self.full = True
         return self.other
 
 
@@ -148,8 +205,8 @@ class HostnameLabels(CappedLabels[str]):
     """The capped `hostname` label: empty when there is no name, for an IP literal, and
     for every name when the limit is 0 (the label off)."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(limit, OTHER)
+    def __init__(self, limit: int, shared: KeptValues | None = None) -> None:
+        super().__init__(limit, OTHER, shared)
 
     def __call__(self, hostname: str | None) -> str:
         if not hostname or self.limit == 0:
@@ -298,10 +355,17 @@ class _RequestMeters:
 class Metrics:
     """The Accounting the data plane reports to, turned into metric samples."""
 
-    def __init__(self, registry: CollectorRegistry, *, max_hostnames: int) -> None:
-        self.hostname = HostnameLabels(max_hostnames)
-        self.parent_port = CappedLabels(MAX_PARENT_PORTS, OTHER)
-        self.target = CappedLabels(MAX_TARGETS, (OTHER, OTHER))
+    def __init__(
+        self, registry: CollectorRegistry, *, max_hostnames: int, shared: str | None = None
+    ) -> None:
+        """`shared`: the metrics directory the workers of a run write to (keep_values)."""
+
+        def kept(name: str) -> KeptValues | None:
+            return None if shared is None else KeptValues(os.path.join(shared, name))
+
+        self.hostname = HostnameLabels(max_hostnames, kept(KEPT_HOSTNAMES))
+        self.parent_port = CappedLabels(MAX_PARENT_PORTS, OTHER, kept(KEPT_PARENT_PORTS))
+        self.target = CappedLabels(MAX_TARGETS, (OTHER, OTHER), kept(KEPT_TARGETS))
         self._identities: dict[RouteKey, tuple[str, ...]] = {}
         self._route_meters: dict[int, _RouteMeters] = {}
         self._request_meters: dict[tuple[int, str | None, int | None, str], _RequestMeters] = {}

@@ -61,7 +61,7 @@ def main(settings: Settings) -> int:
             print(f"egressproxy: {error}", file=sys.stderr)
             return 2
         registry = CollectorRegistry()
-        meters = metrics.Metrics(registry, max_hostnames=settings.max_hostnames)
+        meters = metrics.Metrics(registry, max_hostnames=settings.max_hostnames, shared=metrics_dir)
         if metrics_dir is not None:
             registry = metrics.multiprocess_registry(metrics_dir)
         store = PolicyStore(

@@ -4,6 +4,7 @@ v4-mapped addresses and their original destination is still found) and several w
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import re
 from collections.abc import Callable
@@ -56,6 +57,40 @@ def test_workers_share_the_listeners(world: World, proxy: StartProxy) -> None:
     }
     assert samples[("egress_sniff_outcomes_total", (("outcome", "http1"),))] == 20
     assert samples[("egress_open_connections", ())] == 0
+
+
+def test_workers_hold_the_hostname_cap_together(world: World, proxy: StartProxy) -> None:
+    """--max-hostnames caps the hostnames a scrape shows, and a scrape sums the workers:
+    with each worker keeping its own first names, it showed one per worker."""
+    running = proxy(None, "--workers", "2", "--max-hostnames", "1")
+    address = world.host("github.com").v4
+    requests = 24
+    with contextlib.ExitStack() as held:
+        for number in range(requests):
+            sock = held.enter_context(world.connect(address, 80))
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: h%d.example\r\n\r\n" % number)
+            response = http.client.HTTPResponse(sock, method="GET")
+            response.begin()
+            response.read()
+            assert response.status == 200
+        listing = world.run(["ss", "-Htnp", "state", "established", "dst", f"{address}:80"])
+    assert listing.returncode == 0, listing.stderr
+    serving = {
+        owner.group(1)
+        for line in listing.stdout.decode().splitlines()
+        if (owner := re.search(r"pid=(\d+)", line))
+        and int(line.split()[2].rpartition(":")[2]) in PROXY_SOURCE_PORTS
+    }
+    assert len(serving) == 2, f"both workers served requests: {listing.stdout.decode()}"
+    status, body = running.admin_get("/metrics")
+    assert status == 200
+    by_hostname: dict[str, float] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == "outbound_http_route_request_statuses_total":
+                hostname = sample.labels["hostname"]
+                by_hostname[hostname] = by_hostname.get(hostname, 0) + sample.value
+    assert by_hostname == {"h0.example": 1, "other": requests - 1}
 
 
 def test_each_worker_draws_its_own_share_of_source_ports(world: World, proxy: StartProxy) -> None:

@@ -32,8 +32,12 @@ from egressproxy.metrics import (
     CONNECTION_DURATION_BUCKETS,
     MAX_PARENT_PORTS,
     MAX_TARGETS,
+    OTHER,
     ROUTE_DURATION_BUCKETS,
+    CappedLabels,
     Durations,
+    HostnameLabels,
+    KeptValues,
     Metrics,
     exposition,
     value_cell,
@@ -993,6 +997,39 @@ def wait_for(condition: str, check: object, timeout: float = STARTUP_TIMEOUT) ->
             return
         time.sleep(0.05)
     pytest.fail(f"timed out waiting for {condition}")
+
+
+def test_workers_keep_one_set_of_capped_values(tmp_path: Path) -> None:
+    """The cap holds for the sum a scrape shows: what one worker kept, another keeps too,
+    and no worker keeps more once the workers together kept `limit` values."""
+    first, second = (HostnameLabels(2, KeptValues(str(tmp_path / "hostnames"))) for _ in "ab")
+    assert first("a.example") == "a.example"
+    assert second("b.example") == "b.example"
+    assert second("c.example") == OTHER, "a and b fill the cap of two"
+    assert first("b.example") == "b.example", "kept by the other worker"
+    assert first("c.example") == OTHER
+    assert first("d.example") == OTHER
+    assert second("a.example") == "a.example"
+    assert (tmp_path / "hostnames").read_text() == '"a.example"\n"b.example"\n'
+
+    targets = [CappedLabels(1, (OTHER, OTHER), KeptValues(str(tmp_path / "t"))) for _ in "ab"]
+    assert targets[0](("203.0.113.5", "5432")) == ("203.0.113.5", "5432")
+    assert targets[1](("203.0.113.6", "5432")) == (OTHER, OTHER)
+    assert targets[1](("203.0.113.5", "5432")) == ("203.0.113.5", "5432"), "a pair read back"
+
+
+def test_a_forked_worker_keeps_values_by_its_own_lock(tmp_path: Path) -> None:
+    """Workers are forked after the caps are made: each must lock through a descriptor of
+    its own (an inherited one would share one lock), and both see one set of values."""
+    hostnames = HostnameLabels(1, KeptValues(str(tmp_path / "hostnames")))
+    assert hostnames("before.example") == "before.example", "the file is open before the fork"
+    child = os.fork()
+    if child == 0:
+        code = 0 if hostnames("child.example") == OTHER else 1
+        os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert hostnames("parent.example") == OTHER
 
 
 def test_workers_scrape_sums_every_worker(tmp_path: Path) -> None:
