@@ -67,21 +67,25 @@ def _read_records(buf: bytes) -> TlsHello | NotThis | int:
     gathered = 0
     message_length = -1  # handshake header + body, once the header has arrived
     record_start = 0
-    for record_index in range(_MAX_RECORDS):
+    for _ in range(_MAX_RECORDS):
         header = buf[record_start : record_start + _RECORD_HEADER_LENGTH]
-        rejected = _check_record_header(header, first=record_index == 0)
+        rejected = _check_record_header(header, first=gathered == 0)
         if rejected is not None:
             return rejected
         if len(header) < _RECORD_HEADER_LENGTH:
             # Its first two bytes are checked as they come, the length once it is whole.
             return record_start + (len(header) + 1 if len(header) < 2 else _RECORD_HEADER_LENGTH)
         record_length = header[3] << 8 | header[4]
-        if record_length == 0 or record_length > _MAX_RECORD_LENGTH:
+        if record_length > _MAX_RECORD_LENGTH:
             return NotThis("malformed_record_length")
         fragment_start = record_start + _RECORD_HEADER_LENGTH
         record_start = fragment_start + record_length
+        if record_length == 0:
+            # RFC 8446 forbids empty handshake records, but OpenSSL skips them and reads
+            # the hello after: so must the sniffer, or the name would go unseen.
+            continue
         fragment = buf[fragment_start:record_start]
-        if record_index == 0 and fragment and fragment[0] != _HANDSHAKE_CLIENT_HELLO:
+        if gathered == 0 and fragment and fragment[0] != _HANDSHAKE_CLIENT_HELLO:
             return NotThis("not_client_hello")
         fragments.append(fragment)
         gathered += len(fragment)
@@ -92,7 +96,7 @@ def _read_records(buf: bytes) -> TlsHello | NotThis | int:
             message = b"".join(fragments)
             return _parse_client_hello_body(message, _HANDSHAKE_HEADER_LENGTH, message_length)
         if record_start > size:
-            if record_index == 0 and not fragment:
+            if gathered == 0:
                 return size + 1  # its type is checked at its first byte
             wanted = message_length if message_length >= 0 else _HANDSHAKE_HEADER_LENGTH
             return min(record_start, size + wanted - gathered)

@@ -162,6 +162,37 @@ async def test_a_hello_the_proxy_cannot_read_is_denied(
     assert origin.received == b""
 
 
+TRACKER_HELLO = client_hello([sni_extension(b"tracker.example.net")])
+EMPTY_RECORD = b"\x16\x03\x01\x00\x00"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "data",
+    [
+        EMPTY_RECORD + frame(TRACKER_HELLO),
+        frame(TRACKER_HELLO, [10])[:15] + EMPTY_RECORD + frame(TRACKER_HELLO, [10])[15:],
+    ],
+    ids=["before", "between-fragments"],
+)
+async def test_an_empty_record_does_not_hide_the_name(
+    data: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenSSL skips empty handshake records and reads the name behind them; taken for
+    TLS without a name, the hello passed the host rule."""
+    origin = Recording()
+    async with proxy_to_origin(origin, tmp_path, monkeypatch, DENY_TRACKER) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(data)
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    (flow,) = proxy.ledger.flows
+    assert (flow.hostname, flow.error) == ("tracker.example.net", "forbidden"), flow
+    assert origin.received == b""
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     "data",

@@ -228,7 +228,7 @@ def test_a_first_record_of_any_tls_minor_version_is_read(minor: int) -> None:
         (b"\x80\x2e\x01\x03\x01", "not_tls"),  # SSLv2-compatible ClientHello
         (b"\x16\x02", "not_tls"),
         (b"\x15\x03\x03\x00\x02\x02\x28", "not_tls"),  # an alert
-        (b"\x16\x03\x01\x00\x00", "malformed_record_length"),
+        (b"\x16\x03\x01\x00\x00\x17\x03", "not_tls"),  # an empty record, then data
         (b"\x16\x03\x01\x40\x01", "malformed_record_length"),
         (b"\x16\x03\x03\x00\x30\x02", "not_client_hello"),  # a ServerHello
     ],
@@ -244,8 +244,31 @@ def test_later_records_must_be_handshake_records() -> None:
     assert parse_client_hello(change_cipher_spec) == NotThis("malformed_record")
     bad_version = split[:16] + b"\x02" + split[17:]
     assert parse_client_hello(bad_version) == NotThis("malformed_record")
-    empty_record = split[:15] + b"\x16\x03\x01\x00\x00" + split[15:]
-    assert parse_client_hello(empty_record) == NotThis("malformed_record_length")
+    after_the_first = split[:15] + b"\x14\x03\x01\x00\x00" + split[15:]
+    assert parse_client_hello(after_the_first) == NotThis("malformed_record")
+
+
+EMPTY_RECORD = b"\x16\x03\x01\x00\x00"
+
+
+def test_empty_records_are_skipped_as_openssl_skips_them() -> None:
+    """RFC 8446 forbids empty handshake records, but OpenSSL reads a hello behind them (a
+    server's SNI callback gets the name), so the name must not go unseen by the policy:
+    they were a way to pass a denied SNI as TLS without one."""
+    message = client_hello([sni_extension(b"example.com")])
+    split = frame(message, [10])
+    for data in (
+        EMPTY_RECORD + frame(message),
+        EMPTY_RECORD * 3 + frame(message),
+        split[:15] + EMPTY_RECORD + split[15:],
+        split[:15] + EMPTY_RECORD * 2 + split[15:],
+    ):
+        assert parse_client_hello(data) == TlsHello("example.com", (), False)
+        assert parse_client_hello(data + EMPTY_RECORD) == TlsHello("example.com", (), False)
+        for cut in range(len(data)):
+            assert parse_client_hello(data[:cut]) == NEED_MORE, cut
+        assert_read_again_at_holds(data)
+    assert read_again_at(EMPTY_RECORD) == len(EMPTY_RECORD) + 1
 
 
 def test_the_handshake_header_may_be_split_over_records() -> None:
