@@ -189,7 +189,10 @@ def loose_request_line(buf: bytes) -> NeedMore | NotThis:
 def could_begin_request(first_bytes: bytes) -> bool:
     """Undecided bytes that may begin a request head (a method's capital, the h2 preface,
     or an irregular request line still growing): a head in the making, HTTP's to time out
-    (408) or refuse when cut short (400), never opaque bytes past the rules."""
+    (408) or refuse when cut short (400), never opaque bytes past the rules. No byte yet
+    begins nothing: a client may end before sending any to a server that speaks first."""
+    if not first_bytes:
+        return False
     return first_bytes[:1].isupper() or loose_request_line(first_bytes) is NEED_MORE
 
 

@@ -62,6 +62,34 @@ async def test_a_request_head_the_client_ends_early_is_refused_not_relayed(
     assert proxy.ledger.flows[0].sniff_outcome == "eof_in_head"
 
 
+async def daytime(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A server that speaks first (daytime, a banner) and then waits for the client's end."""
+    writer.write(DAYTIME)
+    await writer.drain()
+    await reader.read()
+    writer.close()
+
+
+DAYTIME = b"Tue Jan  1 00:00:00 2030\r\n"
+
+
+@pytest.mark.asyncio
+async def test_a_client_that_ends_before_its_first_byte_is_relayed_opaque(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`nc -N host 13 < /dev/null`: no byte is no head; it was taken for HTTP cut short,
+    and the client got nothing of the server's answer."""
+    async with proxy_to_origin(daytime, tmp_path, monkeypatch, ALLOW_ALL) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write_eof()
+        async with asyncio.timeout(5):
+            answer = await reader.read()
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    assert answer == DAYTIME
+    assert proxy.ledger.flows[0].sniff_outcome == "eof"
+
+
 @pytest.mark.asyncio
 async def test_bytes_still_incomplete_at_the_sniff_complete_timeout_go_through_opaque(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
