@@ -837,9 +837,13 @@ class H2Proxy(asyncio.Protocol):
             (b"content-type", b"text/plain"),
             (b"content-length", b"%d" % len(body)),
         ]
-        self.h2.send_headers(stream.client_id, headers)
         stream.upstream, stream.upstream_id = None, 0  # a failed upstream's, if any
         stream.response_started = stream.response_ended = True
+        if stream.record.method == "HEAD":  # the length a GET's body would have, no body
+            self.h2.send_headers(stream.client_id, headers, end_stream=True)
+            self._answered_locally(stream)
+            return
+        self.h2.send_headers(stream.client_id, headers)
         stream.to_client += body
         self._pump_client(stream)
 
@@ -928,11 +932,22 @@ class H2Proxy(asyncio.Protocol):
         for stream in streams:
             if stream.done:
                 continue
-            if stream.response_started:
+            if stream.response_ended:
+                self._detach_answered(stream)
+            elif stream.response_started:
                 self.h2.reset_stream(stream.client_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
                 self._finish_stream(stream, error)
             else:
                 self._answer(stream, unavailable_status(error), f"upstream {error}", error)
+
+    def _detach_answered(self, stream: _Stream) -> None:
+        """The upstream's whole answer is in, and its stream or connection ended before
+        the client took all of it: the rest goes out as the client's window allows, as if
+        the proxy answered, and what the client still sends is dropped."""
+        stream.upstream, stream.upstream_id, stream.end_sent = None, 0, True
+        if stream.to_upstream:
+            self.h2.acknowledge_received_data(len(stream.to_upstream), stream.client_id)
+            stream.to_upstream.clear()
 
     def _open_waiting(self, upstream: _Upstream) -> None:
         if not upstream.settled:
@@ -1139,7 +1154,10 @@ class H2Proxy(asyncio.Protocol):
                 code = event.error_code
                 if not event.remote_reset:  # h2's own reset: the upstream's fault, not the client's
                     code = h2.errors.ErrorCodes.INTERNAL_ERROR
-                if code == h2.errors.ErrorCodes.REFUSED_STREAM:
+                if stream.response_ended:  # RFC 9113 8.1: the answer stands
+                    self._detach_answered(stream)
+                    self._open_waiting(upstream)
+                elif code == h2.errors.ErrorCodes.REFUSED_STREAM:
                     self._refused(stream, upstream.key)
                 else:
                     self._upstream_reset(stream, code)

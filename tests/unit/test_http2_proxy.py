@@ -737,6 +737,134 @@ async def test_an_upstream_reset_keeps_its_error_code(
     assert [(r.status, r.error) for r in proxy.ledger.requests] == [(200, "reset")] * 2
 
 
+WHOLE_BODY = bytes(range(256)) * 1200
+"""307,200 bytes: more than the client's first window, so the proxy holds some of it."""
+
+
+class CompleteThenGoneH2Origin(asyncio.Protocol):
+    """Answers each request at once with WHOLE_BODY and END_STREAM, then closes its
+    connection (GOAWAY and FIN, as a graceful shutdown does), or with `reset`, resets the
+    stream with NO_ERROR (RFC 9113 8.1: the whole answer came before the request's end).
+    One stream at a time."""
+
+    reset = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        self.h2.local_settings = h2.settings.Settings(
+            client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1}
+        )
+        self.h2.initiate_connection()
+        self.transport.write(self.h2.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                stream_id = event.stream_id
+                length = str(len(WHOLE_BODY))
+                self.h2.send_headers(stream_id, [(":status", "200"), ("content-length", length)])
+                rest = memoryview(WHOLE_BODY)
+                while rest:
+                    size = min(self.h2.local_flow_control_window(stream_id), 16384, len(rest))
+                    assert size > 0, "the proxy offers a window larger than the body"
+                    self.h2.send_data(stream_id, bytes(rest[:size]))
+                    rest = rest[size:]
+                self.h2.end_stream(stream_id)
+                if self.reset:
+                    if event.stream_ended is None:
+                        self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+                else:
+                    self.h2.close_connection()
+                    self.transport.write(self.h2.data_to_send())
+                    self.transport.close()
+                    return
+            elif isinstance(event, h2.events.DataReceived):
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        self.transport.write(self.h2.data_to_send())
+
+
+class ResetAfterWholeAnswerH2Origin(CompleteThenGoneH2Origin):
+    reset = True
+
+
+@pytest.mark.asyncio
+async def test_a_whole_answer_outlives_its_upstreams_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upstream sent all of its answer and closed; what the client's window still
+    held back was reset as INTERNAL_ERROR (for gRPC: its last messages and its status)."""
+    async with proxy_to_h2_origin(CompleteThenGoneH2Origin, tmp_path, monkeypatch) as proxy:
+        client = await connect_h2(proxy)
+        answer = client.request("GET", "/whole")
+        async with asyncio.timeout(TIMEOUT):
+            await answer.done.wait()
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
+    assert (answer.reset, bytes(answer.body) == WHOLE_BODY) == (False, True)
+    assert [(r.status, r.error) for r in proxy.ledger.requests] == [(200, "")]
+
+
+@pytest.mark.asyncio
+async def test_a_whole_answer_outlives_an_upstream_reset_with_no_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 9113 8.1: after a whole answer, a server may reset a request still being sent
+    with NO_ERROR, and a client MUST NOT discard the answer for it. The proxy passed the
+    reset on at once, before what it still held of the answer."""
+    async with proxy_to_h2_origin(ResetAfterWholeAnswerH2Origin, tmp_path, monkeypatch) as proxy:
+        client = await connect_h2(proxy)
+        stream_id = client.h2.get_next_available_stream_id()
+        headers = [(":method", "POST"), (":scheme", "http"),
+                   (":authority", "example.test"), (":path", "/upload")]  # fmt: skip
+        client.h2.send_headers(stream_id, headers)
+        client.h2.send_data(stream_id, b"first part")
+        answer = client.answers[stream_id] = Answer()
+        client.transport.write(client.h2.data_to_send())
+        follow_up = client.request("GET", "/again")  # waits for the upstream's one slot
+        async with asyncio.timeout(TIMEOUT):
+            await answer.done.wait()
+            await follow_up.done.wait()
+            while not answer.reset:  # the request's end is still to be told off
+                await asyncio.sleep(0.01)
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
+    assert bytes(answer.body) == WHOLE_BODY
+    assert answer.reset_code == h2.errors.ErrorCodes.NO_ERROR
+    assert bytes(follow_up.body) == WHOLE_BODY, "the upstream's one slot was given on"
+    assert [(r.path, r.status, r.error) for r in proxy.ledger.requests] == [
+        ("/upload", 200, ""),
+        ("/again", 200, ""),
+    ]
+
+
+@pytest.mark.asyncio
+async def test_the_proxys_own_answer_to_head_has_no_body(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 9110 9.3.2, as the HTTP/1 handler answers: curl failed on the body of a denied
+    HEAD (PROTOCOL_ERROR), and h2 clients dropped the whole connection."""
+    async with proxy_to_h2_origin(SlowH2Origin, tmp_path, monkeypatch) as proxy:
+        curl = await asyncio.create_subprocess_exec(
+            "curl", "-sS", "-I", "--max-time", "5", "--http2-prior-knowledge",
+            f"http://{proxy.host}:{proxy.port}/denied/x",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await curl.communicate()
+        client = await connect_h2(proxy)
+        head = client.request("HEAD", "/denied/x")
+        after = client.request("GET", "/denied/y")
+        async with asyncio.timeout(TIMEOUT):
+            await head.done.wait()
+            await after.done.wait()
+        client.transport.close()
+        await proxy.wait_closed_flows(2)
+    assert curl.returncode == 0, err
+    assert out.startswith(b"HTTP/2 403"), out
+    assert (head.headers[":status"], bytes(head.body), head.reset) == ("403", b"", False)
+    assert (after.headers[":status"], bytes(after.body)) == ("403", b"traffic not allowed\n")
+
+
 class GoawayH2Origin(SlowH2Origin):
     """On its first connection, once a request body is in: GOAWAY naming the first stream
     as the last it processes, which it then answers (after DELAY) before it closes. Later
