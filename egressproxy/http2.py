@@ -51,7 +51,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("egressproxy.http2")
 
 STREAM_WINDOW = 1 << 20
-"""Per-stream receive window offered to each peer: bytes in flight per stream."""
+"""Per-stream receive window offered to an upstream: bytes in flight per download."""
+CLIENT_STREAM_WINDOW = 65_535
+"""Per-stream receive window offered to a client, Linkerd's proxy's: a sixteenth of the
+connection's, so a stream whose bytes wait (for an upstream that reads nothing yet, or
+for a stream slot) leaves the rest of the window to the connection's other streams."""
 UPSTREAM_CONNECTION_WINDOW = 16 << 20
 """Receive window offered to an upstream, whose round trip may be long: downloads keep
 their speed over a wide-area path."""
@@ -192,7 +196,9 @@ class _Connection(h2.connection.H2Connection):
         self.local_settings = h2.settings.Settings(
             client=client_side,
             initial_values={
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: (
+                    STREAM_WINDOW if client_side else CLIENT_STREAM_WINDOW
+                ),
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_bytes,

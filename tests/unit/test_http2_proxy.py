@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry
 import egressproxy.http2
 from egressproxy.http2 import (
     CLIENT_CONNECTION_WINDOW,
+    CLIENT_STREAM_WINDOW,
     MAX_ENCODER_TABLE,
     MAX_NEW_STREAMS_PER_READ,
     STREAM_WINDOW,
@@ -141,6 +142,12 @@ class H2Client(asyncio.Protocol):
             self._upload()
         self.transport.write(self.h2.data_to_send())
         return self.answers[stream_id]
+
+    def upload(self, stream_id: int, body: bytes) -> None:
+        """The body of an open stream, sent as the windows allow, and its end."""
+        self.uploads[stream_id] = memoryview(body)
+        self._upload()
+        self.transport.write(self.h2.data_to_send())
 
     def _upload(self) -> None:
         for stream_id, rest in list(self.uploads.items()):
@@ -2350,15 +2357,16 @@ async def test_a_closing_connection_closes_each_upstream_as_its_last_stream_ends
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("uploads", [4, 20])
 async def test_uploads_an_upstream_reads_nothing_of_hold_at_most_the_clients_window(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uploads: int
 ) -> None:
-    """Four uploads, each larger than a stream's window, to an upstream that acknowledges
-    nothing: the proxy takes from the client its connection window (1 MiB) and what the
-    upstream's own 64 KiB window took, not a stream window per stream. What one client
-    connection can make the proxy hold is bounded by that window."""
+    """Uploads, each larger than a stream's window, to an upstream that acknowledges
+    nothing: the proxy takes from the client a stream window (64 KiB) per stream, within
+    its connection window (1 MiB), and what the upstream's own 64 KiB window took. What
+    one client connection can make the proxy hold is bounded by that window."""
     upstream_window = 65535
-    paths = [f"/upload/{number}" for number in range(4)]
+    paths = [f"/upload/{number}" for number in range(uploads)]
     async with held_origins(tmp_path, monkeypatch) as origins:
         client = await connect_h2(origins.proxy)
         body = bytes(2 * STREAM_WINDOW)
@@ -2371,9 +2379,88 @@ async def test_uploads_an_upstream_reads_nothing_of_hold_at_most_the_clients_win
         await asyncio.sleep(0.2)  # a window the proxy still opened would be used by now
         sent = sum(len(body) - len(rest) for rest in client.uploads.values())
         assert len(client.uploads) == len(paths)
-        assert CLIENT_CONNECTION_WINDOW <= sent <= CLIENT_CONNECTION_WINDOW + upstream_window
+        held = min(uploads * CLIENT_STREAM_WINDOW, CLIENT_CONNECTION_WINDOW)
+        assert held <= sent <= held + upstream_window
         client.transport.close()
         await origins.proxy.wait_closed_flows(1)
+
+
+async def window_spent(client: H2Client, stream_id: int) -> None:
+    """Until the client may send no more on the stream (its window, or its connection's)."""
+    async with asyncio.timeout(TIMEOUT):
+        while client.h2.local_flow_control_window(stream_id):
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.asyncio
+async def test_one_held_upload_leaves_the_connection_window_to_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream's window was the whole connection window (1 MiB each), so one upload to an
+    upstream that reads nothing yet took all of it, and a 2-byte POST to another upstream
+    never left the client. Linkerd offers a stream 64 KiB of its 1 MiB."""
+    loop = asyncio.get_running_loop()
+    held: list[HeldH2Origin] = []
+    first = await loop.create_server(lambda: HeldH2Origin(held), "127.0.0.1", 0)
+    second = await loop.create_server(H2Server, "127.0.0.1", 0)
+    try:
+        policy = TWO_ORIGINS.format(second=second.sockets[0].getsockname()[1])
+        destination = local(first.sockets[0].getsockname()[1])
+        async with loopback_proxy(tmp_path, monkeypatch, policy, destination) as proxy:
+            client = await connect_h2(proxy)
+            client.request("POST", "/upload", bytes(2 << 20))
+            await window_spent(client, max(client.uploads))
+            small = client.request("POST", "/second/echo", b"hi")
+            async with asyncio.timeout(TIMEOUT):
+                await small.done.wait()
+            client.transport.close()
+            await proxy.wait_closed_flows(1)
+    finally:
+        first.close()
+        second.close()
+    assert json.loads(small.body)["body"]["length"] == 2
+
+
+class OneStreamH2Server(H2Server):
+    """The JSON echo origin, one stream at a time (SETTINGS_MAX_CONCURRENT_STREAMS 1)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.h2.local_settings = h2.settings.Settings(
+            client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1}
+        )
+        super().connection_made(transport)
+
+
+@pytest.mark.asyncio
+async def test_a_stream_waiting_for_the_upstreams_slot_does_not_starve_the_one_using_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upstream takes one stream at a time. /first is open upstream, its body still to
+    come; /second waits for the slot and sends its body meanwhile. It filled the client's
+    whole connection window, so /first's body could never come, nor /second get the slot:
+    both hung until the idle timeout."""
+    async with proxy_to_h2_origin(OneStreamH2Server, tmp_path, monkeypatch) as proxy:
+        client = await connect_h2(proxy)
+        first_id = client.h2.get_next_available_stream_id()
+        headers = [(":method", "POST"), (":scheme", "http"),
+                   (":authority", "example.test"), (":path", "/first")]  # fmt: skip
+        client.h2.send_headers(first_id, headers)
+        first = client.answers[first_id] = Answer()
+        client.transport.write(client.h2.data_to_send())
+        handler = await only_handler(proxy)
+        async with asyncio.timeout(TIMEOUT):
+            while not any(upstream.streams for upstream in handler.upstreams.values()):
+                await asyncio.sleep(0.01)
+        second = client.request("POST", "/second", bytes(2 << 20))
+        await window_spent(client, max(client.answers))
+        client.upload(first_id, bytes(100_000))
+        async with asyncio.timeout(TIMEOUT):
+            await first.done.wait()
+            await second.done.wait()
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
+    lengths = [json.loads(answer.body)["body"]["length"] for answer in (first, second)]
+    assert lengths == [100_000, 2 << 20]
 
 
 @pytest.mark.asyncio
