@@ -146,6 +146,16 @@ def opens_a_stream(event: h2.events.Event) -> bool:
     )
 
 
+OVERSIZED_HEAD_FACTOR = 4
+"""A client's request head past --max-header-bytes is answered 431 on its stream; past this
+many times it, decoding it is already the harm (an HPACK bomb), and its connection ends."""
+
+
+def head_size(headers: Headers) -> int:
+    """A header list's size as SETTINGS_MAX_HEADER_LIST_SIZE counts it (RFC 9113 6.5.2)."""
+    return sum(len(name) + len(value) + 32 for name, value in headers)
+
+
 class _BlockKeepingDecoder(hpack.Decoder):
     """hpack's Decoder, keeping the header block it decoded last: h2 refuses a 1xx response
     with END_STREAM after decoding its block, before the stream takes it, and says no more
@@ -192,7 +202,11 @@ class _Connection(h2.connection.H2Connection):
             client_side=client_side, header_encoding=None, validate_inbound_headers=client_side
         )
         super().__init__(config=config)
-        self.decoder = _BlockKeepingDecoder(self.decoder.max_header_list_size)
+        self.decoder = _BlockKeepingDecoder(
+            OVERSIZED_HEAD_FACTOR * max_header_bytes
+            if not client_side
+            else self.decoder.max_header_list_size
+        )
         self.local_settings = h2.settings.Settings(
             client=client_side,
             initial_values={
@@ -772,6 +786,10 @@ class H2Proxy(asyncio.Protocol):
         problem = malformed(headers, trailers=False)
         if problem:
             self._malformed(stream, problem)
+            return
+        if head_size(headers) > self.settings.max_header_bytes:
+            text = "request header fields too large"
+            self._local_answer(stream, 431, text, "header_too_large")
             return
         if bad_request:
             self._local_answer(stream, 400, f"bad request: {bad_request}", "bad_request")

@@ -872,6 +872,35 @@ async def test_the_proxys_own_answer_to_head_has_no_body(
     assert (after.headers[":status"], bytes(after.body)) == ("403", b"traffic not allowed\n")
 
 
+@pytest.mark.asyncio
+async def test_a_request_head_over_max_header_bytes_gets_431_on_its_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """INTERFACE: larger request heads get 431, as in HTTP/1. hpack's limit raised a
+    connection error: a GOAWAY for every stream of the connection, and no count of the
+    request. hyper's h2, Linkerd's, answers 431 on that stream alone."""
+    async with proxy_to_h2_origin(H2Server, tmp_path, monkeypatch, max_header_bytes=4096) as proxy:
+        client = await connect_h2(proxy)
+        big_at_once = client.request("GET", "/big", headers={"x-big": "a" * 8000})
+        async with asyncio.timeout(TIMEOUT):
+            await big_at_once.done.wait()  # our SETTINGS are acknowledged on the way
+        big = client.request("GET", "/big", headers={"x-big": "a" * 8000})
+        after = client.request("GET", "/after")
+        async with asyncio.timeout(TIMEOUT):
+            await big.done.wait()
+            await after.done.wait()
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
+    assert [answer.headers[":status"] for answer in (big_at_once, big, after)] == [
+        "431",
+        "431",
+        "200",
+    ]
+    assert not client.goaway
+    outcomes = [(r.path, r.status, r.error) for r in proxy.ledger.requests]
+    assert outcomes == [("/big", 431, "header_too_large")] * 2 + [("/after", 200, "")]
+
+
 class GoawayH2Origin(SlowH2Origin):
     """On its first connection, once a request body is in: GOAWAY naming the first stream
     as the last it processes, which it then answers (after DELAY) before it closes. Later
