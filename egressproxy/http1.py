@@ -1180,7 +1180,8 @@ class Http1Proxy(asyncio.Protocol):
         if (
             connection.our_state is h11.DONE
             and connection.their_state is h11.DONE
-            and not connection.trailing_data[0]  # bytes past the response: not to be trusted
+            # no bytes past the response (not to be trusted), nor its end by the close
+            and connection.trailing_data == (b"", False)
         ):
             connection.start_next_cycle()
             self._keep_idle(upstream)

@@ -111,6 +111,50 @@ async def test_bytes_past_a_response_keep_the_upstream_from_being_reused(
     assert [head.split(b" ")[1] for head in heads] == [b"/first", b"/next"]
 
 
+async def close_delimited_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers /nolen with a body its close ends (no length, no chunks), and the rest
+    with their path, each length-framed; one connection, one close."""
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if b"content-length: 1\r\n" in head.lower():
+                await reader.readexactly(1)
+            path = head.split(b" ")[1]
+            if path == b"/nolen":
+                writer.write(b"HTTP/1.1 200 OK\r\n\r\nuntil the close")
+                await writer.drain()
+                break
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path))
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    writer.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "second",
+    [
+        b"GET /b HTTP/1.1\r\nHost: example.test\r\n\r\n",
+        b"POST /b HTTP/1.1\r\nHost: example.test\r\nContent-Length: 1\r\n\r\nx",
+    ],
+    ids=["lean", "h11"],
+)
+async def test_an_upstream_that_closed_to_end_a_response_is_not_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, second: bytes
+) -> None:
+    """The request pipelined after a close-delimited response went out on the closed
+    upstream: the GET hung until the idle timeout (then 504), the POST got a 502."""
+    async with proxy_to_origin(close_delimited_first, tmp_path, monkeypatch, ALLOW_ALL) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"GET /nolen HTTP/1.1\r\nHost: example.test\r\n\r\n" + second)
+        async with asyncio.timeout(TIMEOUT):
+            assert (await read_response(reader))[0::2] == (200, b"until the close")
+            assert (await read_response(reader))[0::2] == (200, b"/b")
+        writer.close()
+        await proxy.wait_closed_flows(1)
+
+
 @pytest.mark.asyncio
 async def test_a_request_after_one_that_said_close_is_not_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
