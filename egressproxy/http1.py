@@ -70,6 +70,9 @@ LINGER_SECONDS = 2.0
 
 _PAUSED_BY_UPSTREAM = 1
 _PAUSED_BY_BACKLOG = 2
+_PAUSED_BY_CLIENT_WRITE = 4
+"""The client reads nothing of what is written to it: its next requests wait (the proxy's
+own answers, a 403 longer than its request, would else pile up without bound)."""
 
 _LINE_ENDS = (b"\r", b"\n")
 """The first bytes of an empty line, which RFC 9112 2.2 lets precede a request line."""
@@ -542,6 +545,10 @@ class Http1Proxy(asyncio.Protocol):
         self.client_write_paused = False
         if self.upstream is not None:
             self.upstream.transport.resume_reading()
+        if self.paused & _PAUSED_BY_CLIENT_WRITE:
+            self.resume_client(_PAUSED_BY_CLIENT_WRITE)
+            if self.lean and not self.processing:
+                self._process_lean()
 
     def drain(self) -> None:
         """The server is stopping: finish the request in flight, then close."""
@@ -749,6 +756,9 @@ class Http1Proxy(asyncio.Protocol):
     def _process_lean(self) -> None:
         """Serve requests from the inbox while each is lean; hand the first other to h11."""
         while self.lean and not self.closed and self.exchange is None:
+            if self.client_write_paused:
+                self.pause_client(_PAUSED_BY_CLIENT_WRITE)
+                return
             skipped = empty_lines_before(self.inbox) if self.inbox[:1] in _LINE_ENDS else 0
             if skipped:  # RFC 9112 2.2; the head deadline still runs over them
                 self.inbox = self.inbox[skipped:]

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.http_harness import ALLOW_ALL, proxy_to_origin
+from egressproxy.relay import WRITE_BUFFER_HIGH
+from tests.unit.http_harness import ALLOW_ALL, BLOCKED_HOST, proxy_to_origin
 from tests.unit.test_http1_proxy import read_response
 
 TIMEOUT = 5.0
@@ -153,6 +154,48 @@ async def test_an_upstream_that_closed_to_end_a_response_is_not_reused(
             assert (await read_response(reader))[0::2] == (200, b"/b")
         writer.close()
         await proxy.wait_closed_flows(1)
+
+
+DENIED_REQUESTS = b"GET / HTTP/1.1\r\nHost: blocked.test\r\n\r\n" * 1000
+
+
+@pytest.mark.asyncio
+async def test_a_client_that_reads_none_of_the_proxys_own_answers_is_not_read_either(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pipelined denied requests from a client that reads nothing: the proxy answered each
+    (a 403 is longer than its request) whatever its write buffer held, 15 MB for 8 MB sent.
+    It stops reading the client while it cannot write to it, and answers every request
+    once the client reads."""
+    async with proxy_to_origin(
+        scripted(always(b""), []), tmp_path, monkeypatch, BLOCKED_HOST
+    ) as proxy:
+        client = socket.create_connection((proxy.host, proxy.port))
+        client.setblocking(False)
+        loop = asyncio.get_running_loop()
+        deadline, sent, refused = loop.time() + TIMEOUT, 0, 0
+        while sent < 8_000_000 and refused < 20 and loop.time() < deadline:
+            try:
+                sent += client.send(DENIED_REQUESTS[sent % len(DENIED_REQUESTS) :])
+            except BlockingIOError:  # 0.2 s of this: the proxy reads no more
+                refused += 1
+                await asyncio.sleep(0.01)
+                continue
+            refused = 0
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.3)
+        (flow,) = proxy.context.open_flows.flows
+        buffered = flow.transport.get_write_buffer_size()
+        assert buffered <= 2 * WRITE_BUFFER_HIGH, buffered
+        request_size = len(DENIED_REQUESTS) // 1000
+        answers, received = sent // request_size, b""
+        client.shutdown(socket.SHUT_WR)
+        async with asyncio.timeout(TIMEOUT):
+            while chunk := await loop.sock_recv(client, 1 << 20):
+                received += chunk
+        client.close()
+        await proxy.wait_closed_flows(1)
+    assert received.count(b"HTTP/1.1 403 ") == answers
 
 
 @pytest.mark.asyncio
