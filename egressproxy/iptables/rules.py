@@ -15,9 +15,10 @@ Uninstall is the same convergence towards nothing.
 Receipts. Two side effects outlive the chains: an nftables table that did not
 exist before install (iptables-nft creates it, and it would stay behind, empty)
 and the forwarding switch gateway mode turns on. Install notes them in the
-comment of the jump it adds ("; created table", "; turned on forwarding"), so a
-later uninstall undoes exactly those and nothing it did not do, with no state
-kept anywhere but in the rules themselves.
+comment of the jump it adds ("; created table", "; turned on forwarding"), and of
+the last rule of its chains (which outlive a lost jump), so a later uninstall
+undoes exactly those and nothing it did not do, with no state kept anywhere but in
+the rules themselves.
 """
 
 from __future__ import annotations
@@ -424,16 +425,24 @@ def _converge(wanted: Sequence[Table], wants_forwarding: bool, state: NetfilterS
 
 def _receipts(saved: SavedTable) -> frozenset[str]:
     notes: set[str] = set()
-    for line in saved.own_jumps():
+    for line in (*saved.own_jumps(), *saved.own_rules()):
         notes.update(rule_comment(line).split("; ")[1:])
     return frozenset(notes)
 
 
 def _noted(table: Table, notes: Sequence[str]) -> Table:
+    """The receipts on the jump and on the last rule of the own chains: a firewall reload
+    or `iptables -F` drops the jump and leaves the chains, and install puts the jump
+    back; read from the chains, the receipts are still there for uninstall."""
     if not notes:
         return table
-    comment = "; ".join((table.jump.comment, *notes))
-    return dataclasses.replace(table, jump=dataclasses.replace(table.jump, comment=comment))
+
+    def noted(rule: Rule) -> Rule:
+        return dataclasses.replace(rule, comment="; ".join((rule.comment, *notes)))
+
+    return dataclasses.replace(
+        table, rules=(*table.rules[:-1], noted(table.rules[-1])), jump=noted(table.jump)
+    )
 
 
 def _by_chain(lines: Iterable[str]) -> dict[str, list[str]]:

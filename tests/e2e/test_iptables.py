@@ -204,11 +204,16 @@ def forwarding(ns: str) -> tuple[str, str]:
     return v4, v6
 
 
+RECEIPTS = re.compile(r'(?:; (?:created table|turned on forwarding))+"')
+
+
 def own_rules_by_chain(text: str) -> dict[str, list[str]]:
+    """The rules of the own chains, without install's receipts (what it created or turned
+    on, noted on the last rule only when it did): a dry run of install prints none."""
     chains: dict[str, list[str]] = {}
     for line in text.splitlines():
         if line.startswith("-A EGRESSPROXY_"):
-            chains.setdefault(line.split()[1], []).append(line)
+            chains.setdefault(line.split()[1], []).append(RECEIPTS.sub('"', line))
     return chains
 
 
@@ -554,6 +559,28 @@ def test_gateway_redirects_routed_tcp_and_forwards_the_rest(lab: Lab) -> None:
     nothing = egressproxy(gateway, "uninstall", "--dry-run")
     assert (nothing.returncode, nothing.stdout) == (0, "")
     assert "no egressproxy rules are installed" in nothing.stderr
+
+
+def test_uninstall_after_install_mended_a_flushed_jump_turns_forwarding_off(lab: Lab) -> None:
+    """The README's repair: `iptables -F` dropped the jumps (show exits 3), install puts
+    them back. The receipts lived on the jumps only, so uninstall then left forwarding
+    on (the gateway routing past the proxy) and the tables it had made."""
+    gateway = lab.namespace()
+    for switch in ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"):
+        sh(f"ip netns exec {gateway} sysctl -qw {switch}=0")
+    before = saved_rules(gateway)
+    assert egressproxy(gateway, "install", "--mode=gateway").returncode == 0
+    assert forwarding(gateway) == ("1", "1")
+    for tool in ("iptables-nft", "ip6tables-nft"):
+        sh(f"ip netns exec {gateway} {tool} -t nat -F PREROUTING")
+    assert egressproxy(gateway, "show").returncode == 3
+    mended = egressproxy(gateway, "install", "--mode=gateway")
+    assert mended.returncode == 0, mended.stderr
+    assert egressproxy(gateway, "show").returncode == 0
+    removed = egressproxy(gateway, "uninstall")
+    assert removed.returncode == 0, removed.stderr
+    assert forwarding(gateway) == ("0", "0")
+    assert saved_rules(gateway) == before
 
 
 def test_sidecar_install_refuses_ephemeral_ports_that_overlap_the_proxy_ports(lab: Lab) -> None:

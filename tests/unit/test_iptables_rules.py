@@ -588,6 +588,27 @@ def test_receipts_are_kept_in_the_jump_comment() -> None:
     assert model == Model({}, forwarding=False)
 
 
+@pytest.mark.parametrize("droppable", [True, False])
+def test_receipts_outlive_a_lost_jump_that_install_puts_back(droppable: bool) -> None:
+    """`iptables -F` (a firewall reload) drops our jumps and leaves the chains; the README
+    says to install again. The receipts went with the jump, so the next uninstall left
+    forwarding on, the gateway routing past the proxy, and the table it had made."""
+    model = Model({}, forwarding=False)
+    options = Options(mode=GATEWAY, block_udp=True)
+    model.install(options, droppable)
+    for table, builtin in (("nat", "PREROUTING"), ("filter", "FORWARD")):
+        model.tables[table][builtin].clear()
+    model.install(options, droppable)
+    assert capture_problems(model.saved()) == []
+    assert not model.install(options, droppable), "a second install changes nothing"
+    model.uninstall(droppable)
+    expected = Model({}, forwarding=False)
+    if not droppable:  # iptables-legacy cannot delete a table: only its rules go
+        expected = without_empty_tables(expected)
+        model = without_empty_tables(model)
+    assert model == expected
+
+
 # --- the runner's parts that need no root ----------------------------------------------------
 
 
