@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import gc
 import hashlib
 import logging
@@ -41,6 +42,14 @@ FEED_HEADER = struct.Struct("!QQ")
 """A policy sent to a worker: its generation and length, then its bytes."""
 
 
+class StillChanging(enum.Enum):
+    STILL_CHANGING = "still changing"
+
+
+STILL_CHANGING = StillChanging.STILL_CHANGING
+"""A reload found the file still being written: nothing was tried."""
+
+
 @dataclass(frozen=True)
 class Snapshot:
     index: PolicyIndex
@@ -60,6 +69,8 @@ class PolicyStore:
         """Digest of the last content tried, good or bad: the same bad file is reported once."""
         self._forced = False
         """A forced reload is asked for and not yet begun."""
+        self._owed = False
+        """A forced reload found the file still changing: the next poll's is forced."""
         self._wake: asyncio.Event | None = None
         """Set by request_reload() to wake watch() before its next poll."""
         self.feeds: list[asyncio.WriteTransport] = []
@@ -93,7 +104,7 @@ class PolicyStore:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), interval)
             self._wake.clear()
-            force, self._forced = self._forced, False
+            force, self._forced, self._owed = self._forced or self._owed, False, False
             await self.reload(force)
 
     async def reload(self, force: bool = False) -> bool:
@@ -111,6 +122,9 @@ class PolicyStore:
             lambda: self._attempt(force, last_digest), name="policy reload"
         )
         if attempt is None:
+            return False
+        if attempt is STILL_CHANGING:  # the next check looks again, forced if this was
+            self._owed = self._owed or force
             return False
         self._last_digest, outcome = attempt
         if isinstance(outcome, PolicyError):
@@ -165,10 +179,10 @@ class PolicyStore:
 
     def _attempt(
         self, force: bool, last_digest: bytes | None
-    ) -> tuple[bytes, tuple[PolicyIndex, bytes] | PolicyError] | None:
+    ) -> tuple[bytes, tuple[PolicyIndex, bytes] | PolicyError] | StillChanging | None:
         """The file's digest and its compiled index (with the bytes it came from) or its
         problems, off the loop; None when the content is the last one tried and the
-        reload is not forced."""
+        reload is not forced; STILL_CHANGING when the file is being written (_settled)."""
         try:
             data = read_policy(self.file)
         except PolicyError as unreadable:
@@ -177,9 +191,9 @@ class PolicyStore:
         if not force and hashlib.sha256(data).digest() == last_digest:
             return None
         settled = self._settled(data)
-        if settled is None and not force:
-            return None  # still being written: the next poll looks again
-        data = data if settled is None else settled
+        if settled is None:
+            return STILL_CHANGING
+        data = settled
         digest = hashlib.sha256(data).digest()
         if not force and digest == last_digest:
             return None
@@ -194,15 +208,17 @@ class PolicyStore:
         read mid-write now and then: its first part is often a valid policy with fewer
         rules (a prefix without the routes that deny), or empty, and put in force it
         would pass traffic until the next poll."""
+        previous: bytes | None = data
         for _ in range(SETTLE_READS):
             time.sleep(SETTLE_SECONDS)
             try:
                 again = read_policy(self.file)
-            except PolicyError:  # gone between a rename's two steps: read once more
-                again = b""
-            if again == data:
-                return data
-            data = again
+            except PolicyError:  # gone (between a delete and a write): agrees with nothing
+                previous = None
+                continue
+            if again == previous:
+                return again
+            previous = again
         return None
 
     def _compile_quietly(self, data: bytes) -> PolicyIndex:

@@ -142,6 +142,65 @@ def test_a_file_read_while_written_in_place_is_not_put_in_force(
     assert reload(store) is False
 
 
+@pytest.mark.parametrize("force", [False, True], ids=["changed", "sighup"])
+def test_a_file_gone_while_a_reload_settles_is_no_empty_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, force: bool
+) -> None:
+    """Two failed reads agreed as empty content: a policy without networks, which passes
+    everything, was put in force in place of a Deny, and counted as a good reload."""
+    monkeypatch.setattr(store_module, "SETTLE_SECONDS", 0.2)
+    path = tmp_path / "policy.yaml"
+    write(path, "Deny")
+    store, reported = make_store(path)
+    if not force:
+        path.write_text("# edited\n" + POLICY.format(policy="Deny"))
+
+    async def removed_while_settling() -> bool:
+        reloading = asyncio.create_task(store.reload(force))
+        await asyncio.sleep(0.1)  # its first read is done, the second not yet
+        path.unlink()
+        return await reloading
+
+    assert asyncio.run(removed_while_settling()) is False
+    assert (store.current.generation, action(store), reported) == (1, Action.DENY, [])
+    assert reload(store, force=True) is False, "gone: an error, the Deny still in force"
+    assert (action(store), reported) == (Action.DENY, [False])
+
+
+def test_a_sighup_while_the_file_is_written_waits_for_the_whole_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forced reload of a file still changing after SETTLE_READS reads put its first
+    read in force (here a ConfigMap alone: a policy that passes everything); it is owed
+    to the next check instead, which finds the whole file."""
+    monkeypatch.setattr(store_module, "SETTLE_SECONDS", 0.05)
+    path = tmp_path / "policy.yaml"
+    write(path, "Deny")
+    store, reported = make_store(path)
+    seen: list[Action] = []
+
+    async def sighup_during_a_slow_write() -> None:
+        watching = asyncio.create_task(store.watch(interval=0.3))
+        try:
+            with path.open("w") as policy:
+                policy.write(A_CONFIG_MAP)
+                policy.flush()
+                store.request_reload()
+                for _ in range(12):  # longer than a reload waits for the file to settle
+                    await asyncio.sleep(0.04)
+                    seen.append(action(store))
+                    policy.write("# more\n")
+                    policy.flush()
+                policy.write(POLICY.format(policy="Deny"))
+            await wait_for_generation(store, 2)
+        finally:
+            watching.cancel()
+
+    asyncio.run(sighup_during_a_slow_write())
+    assert set(seen) == {Action.DENY}
+    assert (store.current.generation, action(store), reported) == (2, Action.DENY, [True])
+
+
 def test_an_unreadable_file_on_reload_is_named_without_a_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
