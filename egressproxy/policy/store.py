@@ -105,7 +105,12 @@ class PolicyStore:
                     await asyncio.wait_for(self._wake.wait(), interval)
             self._wake.clear()
             force, self._forced, self._owed = self._forced or self._owed, False, False
-            await self.reload(force)
+            try:
+                await self.reload(force)
+            except Exception:  # memory, a bug: the running policy stays, watching goes on
+                log.exception("%s: reload failed", self.file)
+                if self.on_reload is not None:
+                    self.on_reload(False)
 
     async def reload(self, force: bool = False) -> bool:
         """Re-read the file; True when a new snapshot is in force.

@@ -201,6 +201,41 @@ def test_a_sighup_while_the_file_is_written_waits_for_the_whole_file(
     assert (store.current.generation, action(store), reported) == (2, Action.DENY, [True])
 
 
+def test_a_reload_that_fails_unforeseen_does_not_end_the_watch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception other than PolicyError (memory, a bug) ended watch(): hot reload
+    stopped for the life of the process, and nothing said so. It is logged and counted
+    as a failed reload, and the next check tries the change again."""
+    monkeypatch.setattr(store_module, "SETTLE_SECONDS", 0.01)
+    path = tmp_path / "policy.yaml"
+    write(path, "Allow")
+    store, reported = make_store(path)
+    compile_policy_file = store._compile
+    failures = iter([MemoryError()])
+
+    def compile_once_failing(data: bytes) -> PolicyIndex:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return compile_policy_file(data)
+
+    monkeypatch.setattr(store, "_compile", compile_once_failing)
+
+    async def changed() -> None:
+        watching = asyncio.create_task(store.watch(interval=0.05))
+        try:
+            write(path, "Deny")
+            await wait_for_generation(store, 2)
+        finally:
+            watching.cancel()
+
+    with caplog.at_level(logging.ERROR, logger="egressproxy.policy.store"):
+        asyncio.run(changed())
+    assert (action(store), reported) == (Action.DENY, [False, True])
+    assert any("MemoryError" in (record.exc_text or "") for record in caplog.records)
+
+
 def test_an_unreadable_file_on_reload_is_named_without_a_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
