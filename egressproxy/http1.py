@@ -280,6 +280,18 @@ def _closing(response: h11.Response) -> h11.Response:
     )
 
 
+def closing_head(head: bytes) -> bytes:
+    """A lean response head (CRLF lines) with `Connection: close`, as _closing makes it."""
+    status_line, *fields = head[:-4].split(b"\r\n")
+    kept = [
+        field
+        for field in fields
+        if field.partition(b":")[0].lower() != b"connection"
+        or field.partition(b":")[2].strip().lower() != b"keep-alive"
+    ]
+    return b"\r\n".join((status_line, *kept, b"Connection: close")) + b"\r\n\r\n"
+
+
 def _framed_twice(response: h11.Response) -> bool:
     """Content-Length beside Transfer-Encoding (RFC 9112 6.3: "ought to be handled as an
     error"): the head goes to the client as the upstream wrote it, so a client trusting the
@@ -902,10 +914,13 @@ class Http1Proxy(asyncio.Protocol):
             self.exchange_reusable = len(received) <= end and not self.exchange_close
             self.response_remaining = response.body_length - len(body)
             record.bytes_from_upstream += len(body)
+            head = response.head
+            if (self.draining or self.flow.context.draining) and not response.close:
+                head = closing_head(head)  # the connection ends with this answer: say so
             if self.batch is not None:
-                self.batch.extend((response.head, body))
+                self.batch.extend((head, body))
             else:
-                self.transport.writelines((response.head, body))
+                self.transport.writelines((head, body))
         else:
             body = data
             if len(body) > self.response_remaining:
@@ -1343,8 +1358,12 @@ class Http1Proxy(asyncio.Protocol):
         self.record.status = response.status_code
         self._read_grpc_status(response.headers)
         self.response_started = True
-        if self.client.their_state is h11.SEND_BODY:
-            response = _closing(response)  # an early answer ends the connection: see below
+        if (
+            self.client.their_state is h11.SEND_BODY  # an early answer: see _answered_early
+            or self.draining
+            or self.flow.context.draining
+        ):
+            response = _closing(response)  # the connection ends with this answer: say so
         head = self.client.send(_as_http11(response))
         if self.request.http_version == b"1.1" and _self_delimited(response, self.request.method):
             head = response_head(response)

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from egressproxy import http1_lean
 from egressproxy.accesslog import AccessLog
-from egressproxy.http1 import Http1Proxy
+from egressproxy.http1 import Http1Proxy, closing_head
 from egressproxy.metrics import Metrics, exposition
 from egressproxy.server import Reporting
 from egressproxy.settings import LogFormat, VerifyDestination
@@ -583,6 +583,95 @@ async def test_a_request_cut_by_the_drain_timeout_says_drain(
         await proxy.wait_closed_flows(1)
     assert [(r.path, r.error) for r in proxy.ledger.requests] == [("/slow", "drain")]
     assert [f.error for f in proxy.ledger.flows] == ["drain"]
+
+
+class AnswersWhenTold:
+    """An origin that reads a request and answers it, nginx-like (Connection: keep-alive),
+    once `go` is set; `arrived` is set when the request is in."""
+
+    def __init__(self) -> None:
+        self.arrived = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            head = await reader.readuntil(b"\r\n\r\n")
+            if b"chunked" in head:
+                await reader.readuntil(b"0\r\n\r\n")
+            self.arrived.set()
+            await self.go.wait()
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok"
+            )
+            await writer.drain()
+            await reader.read()
+        writer.close()
+
+
+def connection_fields(head: bytes) -> list[bytes]:
+    return [
+        line.partition(b":")[2].strip().lower()
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"connection:")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("head", "closing"),
+    [
+        (
+            b"HTTP/1.1 200 OK\r\nServer: nginx\r\nConnection: Keep-Alive\r\n"
+            b"Content-Length: 2\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 2\r\nConnection: close\r\n\r\n",
+        ),
+        (
+            b"HTTP/1.1 204 No Content\r\nconnection: x-trace\r\nX-Trace: 1\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\nconnection: x-trace\r\nX-Trace: 1\r\n"
+            b"Connection: close\r\n\r\n",
+        ),
+    ],
+)
+def test_closing_head_says_close_and_keeps_the_rest(head: bytes, closing: bytes) -> None:
+    assert closing_head(head) == closing
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method="GET", target="/", headers=[("Host", "a")]))
+    client.send(h11.EndOfMessage())
+    client.receive_data(closing)
+    response = client.next_event()
+    assert isinstance(response, h11.Response), "h11 reads it"
+    assert [value for name, value in response.headers if name == b"connection"][-1] == b"close"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n",
+        b"POST /a HTTP/1.1\r\nHost: example.test\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ],
+    ids=["lean", "h11"],
+)
+async def test_the_answer_in_flight_at_a_drain_says_connection_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request_bytes: bytes
+) -> None:
+    """A drain closes the connection after the exchange in flight; its answer said
+    keep-alive, so a client could send its next request into the close (lost, and not
+    retried when it is not idempotent). hyper says close on a graceful shutdown."""
+    origin = AnswersWhenTold()
+    async with proxy_to_origin(origin, tmp_path, monkeypatch, POLICY.format(backend=1)) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(request_bytes)
+        async with asyncio.timeout(5):
+            await origin.arrived.wait()
+            for flow in list(proxy.context.open_flows.flows):
+                flow.drain()
+            origin.go.set()
+            head = await reader.readuntil(b"\r\n\r\n")
+            body = await reader.readexactly(2)
+            assert await reader.read() == b"", "closed after the answer"
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    assert (connection_fields(head), body) == ([b"close"], b"ok")
 
 
 @pytest.mark.asyncio
