@@ -26,6 +26,7 @@ from egressproxy.policy.decision import (
     IPAddress,
     RequestFacts,
     RouteProtocol,
+    unmapped,
 )
 from egressproxy.policy.errors import PolicyError
 from egressproxy.policy.index import (
@@ -265,19 +266,22 @@ def host_as_sent(authority: str) -> str:
 
 
 def resolve_without_dns(host: str, settings: Settings) -> tuple[IPAddress, str, str | None]:
-    """(address, note, hostname): an IP literal is used as is, a name gets an assumed address."""
+    """(address, note, hostname) as the data plane sees them: an IP literal is used as is
+    (an IPv4-mapped one as IPv4, a zone dropped), a name without its root label's dot gets
+    an assumed address."""
     try:
-        return ipaddress.ip_address(host.strip("[]")), "", None
+        return unmapped(ipaddress.ip_address(host.strip("[]").split("%", 1)[0])), "", None
     except ValueError:
         pass
+    hostname = host.removesuffix(".")
     for candidate in ASSUMED_ADDRESSES:
         address = ipaddress.ip_address(candidate)
         if not any(address in network for network in settings.cluster_networks):
             note = (
-                f"{host} is not resolved (no DNS here): assuming {address}, "
+                f"{hostname} is not resolved (no DNS here): assuming {address}, "
                 "an address outside the cluster networks"
             )
-            return address, note, host
+            return address, note, hostname
     everything = default_ranges(settings)[0].cidr
     raise ValueError(f"every documentation address is inside --cluster-networks ({everything})")
 

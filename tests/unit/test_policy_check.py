@@ -264,6 +264,38 @@ def test_explain(capsys: pytest.CaptureFixture[str], destination: str, expected:
         assert 'parent_name="all-egress-traffic"' in out
 
 
+NATIVE_DENIES = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: p}
+spec:
+  default: allow
+  rules:
+  - {name: block-host, hosts: [evil.test], action: deny}
+  - {name: block-net, cidrs: [198.51.100.0/24], action: deny}
+"""
+
+
+@pytest.mark.parametrize(
+    ("destination", "data_plane"),
+    [
+        ("https://evil.test./", "the SNI evil.test. is decided as evil.test"),
+        ("http://evil.test./", "the Host evil.test. is decided as evil.test"),
+        ("tcp://[::ffff:198.51.100.9]:22", "::ffff:198.51.100.9 is decided as 198.51.100.9"),
+    ],
+)
+def test_explain_decides_as_the_data_plane_does(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, destination: str, data_plane: str
+) -> None:
+    """Explain kept the root label's dot and the IPv4-mapped form that the data plane takes
+    off, and answered PASS for traffic the data plane denies."""
+    policy = tmp_path / "native.yaml"
+    policy.write_text(NATIVE_DENIES)
+    status, out, _ = check(capsys, policy, destination)
+    assert status == 0
+    assert "action:      DENY" in out, f"{data_plane}:\n{out}"
+
+
 def test_explain_decides_an_opaque_port_as_opaque_tcp(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
