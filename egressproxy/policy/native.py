@@ -11,7 +11,7 @@ not. Rules never fix a port's protocol: the proxy keeps detecting it.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from egressproxy.policy.decision import Action, RouteProtocol, RouteRef, is_ip_literal
 from egressproxy.policy.errors import Checker, YList, YMap, read_object_meta
@@ -76,8 +76,8 @@ def read_policy(
     spec = checker.get(document, "spec", YMap, where, required=True)
     if spec is None:
         return
-    checker.known_fields(
-        spec, where, {"default", "networks", "audit", "verifyDestination", "rules"}
+    known_fields(
+        checker, spec, where, {"default", "networks", "audit", "verifyDestination", "rules"}
     )
     default = checker.choice(spec, "default", where, ["allow", "deny"], "deny")
     if "default" not in spec:
@@ -125,7 +125,7 @@ def read_networks(checker: Checker, spec: YMap, where: str) -> tuple[CidrRange, 
         node = checker.typed(item, YMap, line, item_where)
         if node is None:
             continue
-        checker.known_fields(node, item_where, {"cidr", "except"})
+        known_fields(checker, node, item_where, {"cidr", "except"})
         text = checker.get(node, "cidr", str, item_where, required=True)
         cidr = checker.network(text, node.line_of("cidr"), f"{item_where}.cidr") if text else None
         excepts = tuple(
@@ -147,7 +147,8 @@ def read_rule(
     order: int,
     rank: int,
 ) -> list[Route]:
-    checker.known_fields(
+    known_fields(
+        checker,
         node,
         where,
         {"name", "hosts", "cidrs", "ports", "http", "grpc", "action", "to", "verifyDestination"},
@@ -237,6 +238,16 @@ def reject_empty_lists(checker: Checker, node: YMap, where: str, keys: Sequence[
             )
 
 
+def known_fields(checker: Checker, node: YMap, where: str, allowed: Collection[str]) -> None:
+    """Checker.known_fields, and no field without a value: YAML reads `hosts:` with its
+    items commented out as null, which Kubernetes takes for an omitted field, and an
+    omitted field here means "any" (an allow rule for some hosts would allow all)."""
+    checker.known_fields(node, where, allowed)
+    for key, value in node.items():
+        if value is None and key in allowed:
+            checker.error(node.line_of(key), f"{where}.{key}: no value: give one or omit it")
+
+
 def read_backend(checker: Checker, node: YMap, where: str, action: Action) -> HostBackend | None:
     target = checker.get(node, "to", str, where)
     if action != Action.ROUTE:
@@ -272,7 +283,7 @@ def read_backend(checker: Checker, node: YMap, where: str, action: Action) -> Ho
 
 def read_http(checker: Checker, node: YMap, where: str) -> list[HttpMatch]:
     """One match per method (Gateway API matches carry a single method)."""
-    checker.known_fields(node, where, {*PATH_KEYS, "methods", *HEADER_KEYS, *QUERY_KEYS})
+    known_fields(checker, node, where, {*PATH_KEYS, "methods", *HEADER_KEYS, *QUERY_KEYS})
     reject_empty_lists(checker, node, where, ("methods",))
     given = [key for key in PATH_KEYS if key in node]
     if len(given) > 1:
@@ -337,7 +348,7 @@ def read_grpc(checker: Checker, node: YMap, where: str) -> GrpcMatch:
     """A GRPCRoute method match has one type for service and method, and so has GrpcMatch:
     with a regular expression for either part, the exact other part becomes an escaped
     one, so the one matcher (and Gateway API precedence) decides both dialects alike."""
-    checker.known_fields(node, where, {*GRPC_NAME_KEYS, *GRPC_NAME_KEYS.values(), *HEADER_KEYS})
+    known_fields(checker, node, where, {*GRPC_NAME_KEYS, *GRPC_NAME_KEYS.values(), *HEADER_KEYS})
     exact: dict[str, str] = {}
     patterns: dict[str, str] = {}
     for key, regex_key in GRPC_NAME_KEYS.items():

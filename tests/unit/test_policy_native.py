@@ -335,6 +335,43 @@ spec:
     ]
 
 
+def test_lists_without_a_value_are_errors() -> None:
+    """`hosts:` with its items commented out (or a template that rendered none) is null,
+    which read as omitted: an allow rule for some hosts allowed every host. So with any
+    field of a match."""
+    text = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: p}
+spec:
+  default: deny
+  rules:
+  - hosts:
+    ports: [443]
+  - ports: ~
+  - cidrs: null
+  - http:
+  - grpc:
+  - http: [{methods: }]
+  - http: [{pathPrefix: , headers: }]
+  - grpc: [{service: }]
+"""
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(text, "n.yaml")
+    null = "no value: give one or omit it"
+    assert [str(problem) for problem in caught.value.problems] == [
+        f"n.yaml:7: EgressPolicy p.spec.rules[0].hosts: {null}",
+        f"n.yaml:9: EgressPolicy p.spec.rules[1].ports: {null}",
+        f"n.yaml:10: EgressPolicy p.spec.rules[2].cidrs: {null}",
+        f"n.yaml:11: EgressPolicy p.spec.rules[3].http: {null}",
+        f"n.yaml:12: EgressPolicy p.spec.rules[4].grpc: {null}",
+        f"n.yaml:13: EgressPolicy p.spec.rules[5].http[0].methods: {null}",
+        f"n.yaml:14: EgressPolicy p.spec.rules[6].http[0].pathPrefix: {null}",
+        f"n.yaml:14: EgressPolicy p.spec.rules[6].http[0].headers: {null}",
+        f"n.yaml:15: EgressPolicy p.spec.rules[7].grpc[0].service: {null}",
+    ]
+
+
 def test_a_deny_for_cidrs_written_first_holds_against_an_http_rule_for_every_path() -> None:
     """Both rules name no host and match every request: the one written first wins. The
     `http` rule used to win every HTTP request, cloud metadata's included."""
