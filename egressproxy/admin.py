@@ -98,7 +98,10 @@ def admin_path(target: str) -> str:
     a server must accept, RFC 9112 3.2.2), without its query."""
     if target.startswith("/"):
         return target.split("?", 1)[0]
-    return urlsplit(target).path or "/"
+    try:
+        return urlsplit(target).path or "/"
+    except ValueError:  # an unbalanced [ or ] in its authority: no path of ours
+        return ""
 
 
 class AdminConnection(asyncio.Protocol):

@@ -191,7 +191,10 @@ def parse_request(request: h11.Request, destination: Destination) -> ParsedReque
     elif target.startswith("/") or target == "*":
         path, _, query = target.partition("?")
     else:
-        absolute = urlsplit(target)
+        try:
+            absolute = urlsplit(target)
+        except ValueError:  # an unbalanced [ or ] in its authority: no target at all
+            absolute, bad_target = urlsplit(""), True
         named = absolute.netloc.rpartition("@")[2]
         authority = named or host_header
         path, query = absolute.path or "/", absolute.query

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -274,12 +275,33 @@ def test_slow_answers_are_made_one_at_a_time_and_a_failure_is_a_500() -> None:
         ("http://admin/live?x=1", "/live"),
         ("http://admin", "/"),
         ("*", "*"),
+        ("http://x]/ready", ""),
+        ("http://[::1/ready", ""),
     ],
 )
 def test_an_absolute_form_target_is_read_for_its_path(target: str, path: str) -> None:
     """RFC 9112 3.2.2: a server must accept the absolute form (a client that thinks it talks
-    to a proxy sends it); it was a 404."""
+    to a proxy sends it); it was a 404. An unbalanced bracket names no path (404): urlsplit
+    raised, and the connection went unanswered, a traceback logged for each request."""
     assert admin.admin_path(target) == path
+
+
+def test_a_target_with_an_unbalanced_bracket_is_answered_404() -> None:
+    async def scenario() -> tuple[bytes, bytes]:
+        async with admin_port({"/live": lambda _: admin.text(200, "live")}) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET http://x]/live HTTP/1.1\r\nHost: admin\r\n\r\n")
+            writer.write(b"GET /live HTTP/1.1\r\nHost: admin\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CLOSE_WAIT)
+            length = int(re.search(rb"content-length: (\d+)", head.lower())[1])  # type: ignore[index]
+            unknown = head + await asyncio.wait_for(reader.readexactly(length), CLOSE_WAIT)
+            live = await live_response(reader)
+            writer.close()
+            return unknown, live
+
+    unknown, live = asyncio.run(scenario())
+    assert unknown.startswith(b"HTTP/1.1 404 "), unknown
+    assert live.startswith(b"HTTP/1.1 200 "), "the connection is still served"
 
 
 def test_an_absolute_form_request_is_answered() -> None:

@@ -675,6 +675,29 @@ async def test_the_answer_in_flight_at_a_drain_says_connection_close(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("first", [b"", b"GET / HTTP/1.1\r\nHost: example.test\r\n\r\n"])
+async def test_an_absolute_target_with_an_unbalanced_bracket_gets_400(
+    setup: tuple[LoopbackProxy, int, int], first: bytes
+) -> None:
+    """urlsplit raises on `http://example.test]/`: the handler failed in its callback, the
+    client got no answer (after a first request, the connection hung until the idle
+    timeout)."""
+    proxy, _, _ = setup
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(first + b"GET http://example.test]/ HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    async with asyncio.timeout(5):
+        if first:
+            assert (await read_response(reader))[0] == 200
+        assert (await read_response(reader))[0] == 400
+    writer.close()
+    await proxy.wait_closed_flows(1)
+    assert [(r.path, r.status, r.error) for r in proxy.ledger.requests][-1][1:] == (
+        400,
+        "bad_request",
+    )
+
+
+@pytest.mark.asyncio
 async def test_unreachable_upstream_gets_502_and_the_cause(
     setup: tuple[LoopbackProxy, int, int],
 ) -> None:
