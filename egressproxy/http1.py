@@ -759,7 +759,8 @@ class Http1Proxy(asyncio.Protocol):
                     self._await_head()
                 return
             elif event is h11.PAUSED:
-                if client.their_state is h11.DONE:
+                # after a request, or an Upgrade or CONNECT awaiting its answer
+                if client.their_state in (h11.DONE, h11.MIGHT_SWITCH_PROTOCOL):
                     self.backlog = 0
                     self._count_backlog(len(client.trailing_data[0]))
                 return

@@ -697,6 +697,53 @@ async def test_an_absolute_target_with_an_unbalanced_bracket_gets_400(
     )
 
 
+async def answers_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An origin that reads what it is sent and answers nothing, until the proxy closes."""
+    with contextlib.suppress(ConnectionError):
+        while await reader.read(65536):
+            pass
+    writer.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /plain HTTP/1.1\r\nHost: example.test\r\n\r\n",
+        websocket_upgrade("/chat"),
+        b"CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n\r\n",
+    ],
+    ids=["request", "upgrade", "connect"],
+)
+async def test_bytes_after_a_head_waiting_for_its_answer_are_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, head: bytes
+) -> None:
+    """What a client sends after an Upgrade or CONNECT head, before the upstream's answer,
+    was read on without end (64 MiB in 8 s, and the idle timeout never came, the client
+    sending): it is held back like what follows any request."""
+    async with proxy_to_origin(answers_nothing, tmp_path, monkeypatch, ALLOW_ALL) as proxy:
+        client = socket.create_connection((proxy.host, proxy.port))
+        client.setblocking(False)
+        client.sendall(head)
+        loop = asyncio.get_running_loop()
+        deadline, sent, refused = loop.time() + 8.0, 0, 0
+        chunk = bytes(65536)
+        while sent < 64 << 20 and refused < 50 and loop.time() < deadline:
+            try:
+                sent += client.send(chunk)
+                refused = 0
+            except BlockingIOError:  # 0.5 s of this: the proxy reads no more
+                refused += 1
+                await asyncio.sleep(0.01)
+                continue
+            await asyncio.sleep(0)
+        client.close()
+        for flow in list(proxy.context.open_flows.flows):  # paused, it would see no close
+            flow.abort()
+        await proxy.wait_closed_flows(1)
+    assert sent < 16 << 20
+
+
 @pytest.mark.asyncio
 async def test_unreachable_upstream_gets_502_and_the_cause(
     setup: tuple[LoopbackProxy, int, int],
