@@ -759,8 +759,9 @@ class Http1Proxy(asyncio.Protocol):
                     self._await_head()
                 return
             elif event is h11.PAUSED:
-                # after a request, or an Upgrade or CONNECT awaiting its answer
-                if client.their_state in (h11.DONE, h11.MIGHT_SWITCH_PROTOCOL):
+                # after a request, or an Upgrade or CONNECT awaiting its answer (h11's
+                # MIGHT_SWITCH_PROTOCOL); once switched, the tunnel's relay reads
+                if client.their_state is not h11.SWITCHED_PROTOCOL:
                     self.backlog = 0
                     self._count_backlog(len(client.trailing_data[0]))
                 return
