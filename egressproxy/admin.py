@@ -30,6 +30,14 @@ class Response:
     status: int
     content_type: str
     body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+    """Beside Content-Type and Content-Length."""
+
+
+METHOD_NOT_ALLOWED = Response(
+    405, "text/plain; charset=utf-8", b"method not allowed\n", (("allow", "GET, HEAD"),)
+)
+"""RFC 9110 15.5.6: a 405 says which methods are."""
 
 
 @dataclass
@@ -211,7 +219,7 @@ class AdminConnection(asyncio.Protocol):
         head_only = method == "HEAD"
         handler = self.handlers.get(path)
         if method not in ("GET", "HEAD"):
-            self._send(text(405, "method not allowed"), head_only=head_only)
+            self._send(METHOD_NOT_ALLOWED, head_only=head_only)
         elif handler is None:
             self._send(text(404, "not found"), head_only=head_only)
         elif isinstance(handler, OffLoop):
@@ -244,6 +252,7 @@ class AdminConnection(asyncio.Protocol):
         headers = [
             ("content-type", response.content_type),
             ("content-length", str(len(response.body))),
+            *response.headers,
         ]
         try:
             self.transport.write(

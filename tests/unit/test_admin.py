@@ -304,6 +304,21 @@ def test_a_target_with_an_unbalanced_bracket_is_answered_404() -> None:
     assert live.startswith(b"HTTP/1.1 200 "), "the connection is still served"
 
 
+def test_a_method_not_allowed_says_which_are() -> None:
+    """RFC 9110 15.5.6: a 405 MUST carry Allow."""
+
+    async def scenario() -> bytes:
+        async with admin_port({"/live": lambda _: admin.text(200, "live")}) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /live HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CLOSE_WAIT)
+            writer.close()
+            return head
+
+    head = asyncio.run(scenario())
+    assert head.startswith(b"HTTP/1.1 405 ") and b"\r\nallow: GET, HEAD\r\n" in head, head
+
+
 def test_an_absolute_form_request_is_answered() -> None:
     async def scenario() -> bytes:
         async with admin_port({"/live": lambda _: admin.text(200, "live")}) as port:
