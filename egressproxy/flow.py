@@ -273,7 +273,10 @@ class Flow(asyncio.Protocol):
             self._refuse("loop")
             return
         self.snapshot = self.context.policy.current
-        if destination.port in self.context.settings.opaque_ports:
+        if (
+            destination.port in self.context.settings.opaque_ports
+            or self.snapshot.index.never_sniffed(destination)
+        ):
             self._decide(Opaque("opaque_port"))
             return
         self.sniff_timer = self.context.sniff_timeouts.start(self._sniff_timed_out, "timeout")

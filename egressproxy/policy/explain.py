@@ -60,7 +60,7 @@ def run_check(settings: Settings, explain: str | None) -> int:
         print_summary(model, index, settings, sys.stdout)
         return 0
     try:
-        query = parse_destination(explain, settings)
+        query = parse_destination(explain, settings, index)
     except ValueError as error:
         print(f"egressproxy check: --explain {explain}: {error}", file=sys.stderr)
         return 2
@@ -205,11 +205,11 @@ class ExplainQuery:
     request: RequestFacts | None
     assumed: str
     """Why the IP address was chosen, when DEST named a host."""
-    opaque_port: bool = False
-    """The port is in --opaque-ports: never sniffed, so decided as opaque TCP."""
+    never_sniffed: str = ""
+    """Why the port is never sniffed, so decided as opaque TCP ("" when it is sniffed)."""
 
 
-def parse_destination(text: str, settings: Settings) -> ExplainQuery:
+def parse_destination(text: str, settings: Settings, index: PolicyIndex) -> ExplainQuery:
     parts = urlsplit(text)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https", "tls", "tcp", "grpc"):
@@ -229,9 +229,14 @@ def parse_destination(text: str, settings: Settings) -> ExplainQuery:
     address, assumed, hostname = resolve_without_dns(host, settings)
     destination = Destination(address, port)
     path = wire_text(parts.path or "/", "surrogateescape")
-    if port in settings.opaque_ports:  # as the data plane: no sniffing, no hostname
+    never_sniffed = ""  # as the data plane: no sniffing, no hostname
+    if port in settings.opaque_ports:
+        never_sniffed = "in --opaque-ports"
+    elif index.never_sniffed(destination):
+        never_sniffed = "an OSM tcp-server-first port"
+    if never_sniffed:
         facts = ConnectionFacts(destination, Detected.OPAQUE, None)
-        return ExplainQuery(text, facts, None, assumed, opaque_port=True)
+        return ExplainQuery(text, facts, None, assumed, never_sniffed=never_sniffed)
     if scheme in ("https", "tls"):
         facts = ConnectionFacts(destination, Detected.TLS, hostname)
         return ExplainQuery(text, facts, None, assumed)
@@ -303,8 +308,8 @@ def print_explanation(query: ExplainQuery, index: PolicyIndex, out: TextIO) -> N
     print(f"hostname:    {hostname or '(none)'}", file=out)
     fixed = index.port_protocol(destination)
     protocol = f"protocol fixed by routes: {fixed.value.upper()}" if fixed else "detected"
-    if query.opaque_port:
-        protocol = "in --opaque-ports: never sniffed, decided as opaque TCP"
+    if query.never_sniffed:
+        protocol = f"{query.never_sniffed}: never sniffed, decided as opaque TCP"
     print(f"port:        {protocol}", file=out)
     if query.request is not None and hostname and port_in_host_matters(index, destination):
         print(

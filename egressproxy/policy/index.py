@@ -405,6 +405,8 @@ class PortTable:
     """An OSM http Egress is here, even one without routes (hosts or matches)."""
     filter_chains: tuple[FilterChain, ...] = ()
     """The port's Envoy filter chains as OSM builds them, oldest route first."""
+    server_first: bool = False
+    """An OSM tcp-server-first Egress is here: the port is never sniffed."""
 
     def sort(self) -> None:
         """Every candidate list oldest route first, so ties go to the oldest."""
@@ -637,6 +639,14 @@ class PolicyIndex:
         for compiled in self.compiled.values():
             for table in [*compiled.ports.values(), compiled.every_port]:
                 table.sort()
+        self.server_first_ports = frozenset(
+            port
+            for compiled in self.compiled.values()
+            for port, table in compiled.ports.items()
+            if table.server_first
+        )
+        """Ports where never_sniffed may be true: most policies have none, and the data
+        plane asks about every connection."""
 
     def attached_network(self, route: Route, attachment: Attachment) -> CompiledNetwork | None:
         """The network a parentRef attaches the route to, if it applies to this client."""
@@ -652,6 +662,7 @@ class PolicyIndex:
         )
 
     def add_route(self, table: PortTable, route: Route) -> None:
+        table.server_first = table.server_first or route.server_first
         if route.envoy_filter_chains:
             table.envoy = True
             table.http_chain = table.http_chain or route.protocol is HTTP_PROTOCOL
@@ -698,6 +709,14 @@ class PolicyIndex:
             self.networks.clear()
         network = self.networks[destination] = self.cidrs.lookup(destination.ip)
         return network
+
+    def never_sniffed(self, destination: Destination) -> bool:
+        """Whether the destination's port is server-first in its network (OSM's
+        tcp-server-first): decided as opaque TCP at once, as --opaque-ports are."""
+        if destination.port not in self.server_first_ports:
+            return False
+        network = self.network_for(destination)
+        return network is not None and network.table(destination.port).server_first
 
     def port_protocol(self, destination: Destination) -> RouteProtocol | None:
         """The protocol the port's Gateway API routes fix; None: detect."""

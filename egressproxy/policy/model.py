@@ -206,6 +206,9 @@ class Route:
     picks (longest address prefix, then server name, then HTTP or not), with no fallback
     to another: a request no http Egress takes on a port that a tcp Egress also has is
     denied, not passed through the tcp one."""
+    server_first: bool = False
+    """OSM `tcp-server-first`: its ports are never sniffed (OSM turns Envoy's TLS and HTTP
+    inspectors off on them), as if in --opaque-ports: the client is not waited for."""
 
 
 @dataclass(frozen=True)

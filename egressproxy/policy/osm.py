@@ -96,6 +96,7 @@ PROTOCOLS = {
     "tcp": RouteProtocol.TCP,
     "tcp-server-first": RouteProtocol.TCP,
 }
+SERVER_FIRST = "tcp-server-first"
 
 
 def read(
@@ -368,7 +369,7 @@ def read_egress(
     )
     if "ports" not in spec:
         checker.error(spec.line, f"{where}: missing required field 'ports'")
-    ports: dict[RouteProtocol, list[int]] = {}
+    ports: dict[str, list[int]] = {}
     for item_where, item in checker.mappings(spec, "ports", where):
         checker.known_fields(item, item_where, {"number", "protocol"})
         number = checker.port(item, "number", item_where, required=True)
@@ -380,10 +381,10 @@ def read_egress(
                 " (lower case: OSM's listener builds a filter chain for no other spelling)",
             )
         elif number is not None and name is not None:
-            ports.setdefault(PROTOCOLS[name], []).append(number)
-    if RouteProtocol.TLS in ports:
+            ports.setdefault(name, []).append(number)
+    if "https" in ports:
         warn_address_hosts(checker, host_lines, where)
-    if RouteProtocol.HTTP in ports and cidrs:
+    if "http" in ports and cidrs:
         log.warning(
             "%s:%d: %s.ipAddresses: they do not restrict its http ports (as in OSM, whose HTTP "
             "filter chain matches any address), only its https and tcp ones",
@@ -398,7 +399,8 @@ def read_egress(
         log.info("%s: %s: no sources: it applies to no client", origin, where)
         return []
     routes = []
-    for protocol, numbers in ports.items():
+    for name, numbers in ports.items():
+        protocol = PROTOCOLS[name]
         rules: tuple[Rule, ...] = (Rule(name="egress", cidrs=cidrs, origin=origin),)
         if protocol == RouteProtocol.HTTP:
             # OSM builds HTTP routes per host and per match: without either, none, and its
@@ -423,6 +425,7 @@ def read_egress(
                 most_specific_host_only=True,
                 port_in_host_must_match=True,
                 envoy_filter_chains=True,
+                server_first=name == SERVER_FIRST,
             )
         )
     return routes

@@ -322,6 +322,43 @@ spec:
     assert "action:      DENY (tcp)" in out
 
 
+def test_explain_decides_an_osm_tcp_server_first_port_as_opaque_tcp(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """An http Egress for foo.com beside a tcp-server-first Egress on its port: OSM's
+    Envoy inspects nothing there, so HTTP for foo.com takes no http chain."""
+    policy = tmp_path / "osm.yaml"
+    policy.write_text(
+        """apiVersion: config.openservicemesh.io/v1alpha2
+kind: MeshConfig
+metadata: {name: osm-mesh-config, namespace: osm-system}
+spec: {traffic: {enableEgress: false}}
+---
+apiVersion: policy.openservicemesh.io/v1alpha1
+kind: Egress
+metadata: {name: web, namespace: curl}
+spec:
+  sources: [{kind: ServiceAccount, name: curl, namespace: curl}]
+  hosts: [foo.com]
+  ports: [{number: 8000, protocol: http}]
+---
+apiVersion: policy.openservicemesh.io/v1alpha1
+kind: Egress
+metadata: {name: banner, namespace: curl}
+spec:
+  sources: [{kind: ServiceAccount, name: curl, namespace: curl}]
+  ipAddresses: [198.51.100.0/24]
+  ports: [{number: 8000, protocol: tcp-server-first}]
+"""
+    )
+    status, out, _ = check(capsys, policy, "http://foo.com:8000/", namespace="curl")
+    assert status == 0
+    assert "port:        an OSM tcp-server-first port: never sniffed, decided as opaque TCP" in out
+    assert "action:      DENY" in out, "no http chain for an address no tcp chain covers"
+    status, out, _ = check(capsys, policy, "http://198.51.100.7:8000/", namespace="curl")
+    assert "route:       Egress curl/banner" in out and "action:      PASS" in out
+
+
 @pytest.mark.parametrize(
     "destination",
     ["ftp://x/", "tcp://203.0.113.5", "http:///nohost", "http://h:99999/", "http://h:0/"],

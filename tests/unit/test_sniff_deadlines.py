@@ -12,7 +12,15 @@ import pytest
 
 from egressproxy import flow as flow_module
 from egressproxy.sniff import SNIFF_BUFFER_LIMIT
-from tests.unit.http_harness import ALLOW_ALL, Recording, echo, proxy_to_origin
+from tests.unit.http_harness import (
+    ALLOW_ALL,
+    Recording,
+    echo,
+    local,
+    loopback_proxy,
+    origin,
+    proxy_to_origin,
+)
 from tests.unit.test_sniff_detect import IRREGULAR_REQUEST_LINES
 from tests.unit.test_sniff_tls import client_hello, extension, frame, load, sni_extension, u16
 
@@ -88,6 +96,50 @@ async def test_a_client_that_ends_before_its_first_byte_is_relayed_opaque(
         await proxy.wait_closed_flows(1)
     assert answer == DAYTIME
     assert proxy.ledger.flows[0].sniff_outcome == "eof"
+
+
+OSM_TCP_EGRESS = """\
+apiVersion: config.openservicemesh.io/v1alpha2
+kind: MeshConfig
+metadata: {{name: osm-mesh-config, namespace: osm-system}}
+spec:
+  traffic: {{enableEgress: false}}
+---
+apiVersion: policy.openservicemesh.io/v1alpha1
+kind: Egress
+metadata: {{name: banner, namespace: curl}}
+spec:
+  sources: [{{kind: ServiceAccount, name: curl, namespace: curl}}]
+  ipAddresses: [127.0.0.0/8]
+  ports: [{{number: {port}, protocol: {protocol}}}]
+"""
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("protocol", "outcome"), [("tcp-server-first", "opaque_port"), ("tcp", "timeout")]
+)
+async def test_an_osm_tcp_server_first_port_is_not_sniffed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, protocol: str, outcome: str
+) -> None:
+    """OSM turns Envoy's TLS and HTTP inspectors off on a tcp-server-first port: the
+    server speaks first at once. It was sniffed like tcp, so the banner waited for the
+    sniff timeout."""
+    async with origin(daytime) as port:
+        policy = OSM_TCP_EGRESS.format(port=port, protocol=protocol)
+        settings = {"sniff_timeout": 0.5}
+        async with loopback_proxy(tmp_path, monkeypatch, policy, local(port), **settings) as proxy:
+            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+            started = time.monotonic()
+            async with asyncio.timeout(5):
+                banner = await reader.readexactly(len(DAYTIME))
+            waited = time.monotonic() - started
+            writer.close()
+            await proxy.wait_closed_flows(1)
+    assert banner == DAYTIME
+    (flow,) = proxy.ledger.flows
+    assert (flow.sniff_outcome, flow.error) == (outcome, "")
+    assert (waited < 0.4) == (protocol == "tcp-server-first"), waited
 
 
 @pytest.mark.asyncio
