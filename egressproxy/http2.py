@@ -52,18 +52,20 @@ log = logging.getLogger("egressproxy.http2")
 
 STREAM_WINDOW = 1 << 20
 """Per-stream receive window offered to an upstream: bytes in flight per download."""
-CLIENT_STREAM_WINDOW = 65_535
-"""Per-stream receive window offered to a client, Linkerd's proxy's: a sixteenth of the
-connection's, so a stream whose bytes wait (for an upstream that reads nothing yet, or
-for a stream slot) leaves the rest of the window to the connection's other streams."""
 UPSTREAM_CONNECTION_WINDOW = 16 << 20
 """Receive window offered to an upstream, whose round trip may be long: downloads keep
 their speed over a wide-area path."""
-CLIENT_CONNECTION_WINDOW = 1 << 20
-"""Receive window offered to a client, Linkerd's proxy's 1 MiB: what a client sends is
-held here until the upstream's window takes it, so this bounds what one client
-connection can make the proxy hold. The client's hop is local, so it costs no speed."""
 MAX_CONCURRENT_STREAMS = 256
+CLIENT_STREAM_WINDOW = 65_535
+"""Per-stream receive window offered to a client, Linkerd's proxy's: what a client sends
+on a stream is held here until the upstream takes it (or the stream gets an upstream's
+slot), and the client's hop is local, so a small window costs no speed."""
+CLIENT_CONNECTION_WINDOW = MAX_CONCURRENT_STREAMS * CLIENT_STREAM_WINDOW
+"""Receive window offered to a client: its streams' windows together (16 MiB), so that
+no stream whose bytes wait (for an upstream that reads nothing yet, or for one of its
+stream slots, 100 on grpcio and nginx) can take the window another needs to finish:
+smaller, streams waiting for a slot starved the ones holding the slots, and the whole
+connection hung. It bounds what one client connection can make the proxy hold."""
 
 MAX_ANSWERS_UNREAD = 1000
 """PINGs, SETTINGS (each answered by h2 at once) and new streams (a denied or malformed one

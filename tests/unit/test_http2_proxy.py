@@ -2461,13 +2461,16 @@ class OneStreamH2Server(H2Server):
 
 
 @pytest.mark.asyncio
-async def test_a_stream_waiting_for_the_upstreams_slot_does_not_starve_the_one_using_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("waiting", [1, 20])
+async def test_streams_waiting_for_the_upstreams_slot_do_not_starve_the_one_using_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, waiting: int
 ) -> None:
-    """The upstream takes one stream at a time. /first is open upstream, its body still to
-    come; /second waits for the slot and sends its body meanwhile. It filled the client's
-    whole connection window, so /first's body could never come, nor /second get the slot:
-    both hung until the idle timeout."""
+    """The upstream takes one stream at a time (grpcio's and nginx's limit is 100). /first
+    is open upstream, its body still to come; the others wait for the slot and send their
+    bodies meanwhile. They filled the client's connection window (one stream's window was
+    all of it; then sixteen 64 KiB ones), so /first's body could never come, nor a slot
+    free: all hung until the idle timeout. A client's streams' windows together now fit
+    in its connection window."""
     async with proxy_to_h2_origin(OneStreamH2Server, tmp_path, monkeypatch) as proxy:
         client = await connect_h2(proxy)
         first_id = client.h2.get_next_available_stream_id()
@@ -2480,16 +2483,17 @@ async def test_a_stream_waiting_for_the_upstreams_slot_does_not_starve_the_one_u
         async with asyncio.timeout(TIMEOUT):
             while not any(upstream.streams for upstream in handler.upstreams.values()):
                 await asyncio.sleep(0.01)
-        second = client.request("POST", "/second", bytes(2 << 20))
-        await window_spent(client, max(client.answers))
+        others = [client.request("POST", f"/other/{n}", bytes(2 << 20)) for n in range(waiting)]
+        for stream_id in list(client.uploads):
+            await window_spent(client, stream_id)
         client.upload(first_id, bytes(100_000))
         async with asyncio.timeout(TIMEOUT):
-            await first.done.wait()
-            await second.done.wait()
+            for answer in (first, *others):
+                await answer.done.wait()
         client.transport.close()
         await proxy.wait_closed_flows(1)
-    lengths = [json.loads(answer.body)["body"]["length"] for answer in (first, second)]
-    assert lengths == [100_000, 2 << 20]
+    lengths = [json.loads(answer.body)["body"]["length"] for answer in (first, *others)]
+    assert lengths == [100_000] + [2 << 20] * waiting
 
 
 @pytest.mark.asyncio
