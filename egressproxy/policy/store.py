@@ -42,12 +42,15 @@ FEED_HEADER = struct.Struct("!QQ")
 """A policy sent to a worker: its generation and length, then its bytes."""
 
 
-class StillChanging(enum.Enum):
+class NoReload(enum.Enum):
     STILL_CHANGING = "still changing"
+    IN_FORCE = "in force"
 
 
-STILL_CHANGING = StillChanging.STILL_CHANGING
+STILL_CHANGING = NoReload.STILL_CHANGING
 """A reload found the file still being written: nothing was tried."""
+IN_FORCE = NoReload.IN_FORCE
+"""A reload found the content in force (back after a failed read): nothing to put in force."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,8 @@ class PolicyStore:
         self.on_reload = on_reload
         self._current: Snapshot | None = None
         self._last_digest: bytes | None = None
+        self._in_force_digest: bytes | None = None
+        """Digest of the content in force: the same read again is no change."""
         """Digest of the last content tried, good or bad: the same bad file is reported once."""
         self._forced = False
         """A forced reload is asked for and not yet begun."""
@@ -85,7 +90,7 @@ class PolicyStore:
     def load_initial(self) -> None:
         """Load the first policy; PolicyError when the file is unusable (the proxy cannot start)."""
         data = read_policy(self.file)
-        self._last_digest = hashlib.sha256(data).digest()
+        self._last_digest = self._in_force_digest = hashlib.sha256(data).digest()
         self._install(self._compile(data), generation=1)
 
     def request_reload(self) -> None:
@@ -122,16 +127,18 @@ class PolicyStore:
         forced (SIGHUP). An unusable file keeps the running policy, is logged as
         FILE:LINE: reason, and reported to on_reload(False).
         """
-        last_digest = self._last_digest
+        last_digest, in_force = self._last_digest, self._in_force_digest
         attempt = await in_daemon_thread(
-            lambda: self._attempt(force, last_digest), name="policy reload"
+            lambda: self._attempt(force, last_digest, in_force), name="policy reload"
         )
         if attempt is None:
             return False
-        if attempt is STILL_CHANGING:  # the next check looks again, forced if this was
+        if isinstance(attempt, NoReload):  # still changing: looked at again, as forced
             self._owed = self._owed or force
             return False
         self._last_digest, outcome = attempt
+        if isinstance(outcome, NoReload):  # IN_FORCE
+            return False
         if isinstance(outcome, PolicyError):
             for problem in outcome.problems:
                 log.error("%s", problem)
@@ -139,6 +146,7 @@ class PolicyStore:
                 self.on_reload(False)
             return False
         index, data = outcome
+        self._in_force_digest = self._last_digest
         generation = (self._current.generation if self._current else 0) + 1
         self._install(index, generation)
         log.info("%s: policy reloaded, generation %d", self.file, generation)
@@ -183,11 +191,12 @@ class PolicyStore:
         log.debug("%s: policy generation %d adopted", self.file, generation)
 
     def _attempt(
-        self, force: bool, last_digest: bytes | None
-    ) -> tuple[bytes, tuple[PolicyIndex, bytes] | PolicyError] | StillChanging | None:
+        self, force: bool, last_digest: bytes | None, in_force: bytes | None
+    ) -> tuple[bytes, tuple[PolicyIndex, bytes] | PolicyError | NoReload] | NoReload | None:
         """The file's digest and its compiled index (with the bytes it came from) or its
         problems, off the loop; None when the content is the last one tried and the
-        reload is not forced; STILL_CHANGING when the file is being written (_settled)."""
+        reload is not forced; STILL_CHANGING when the file is being written (_settled);
+        the digest and IN_FORCE when the content is the one in force (unforced)."""
         try:
             data = read_policy(self.file)
         except PolicyError as unreadable:
@@ -202,6 +211,8 @@ class PolicyStore:
         digest = hashlib.sha256(data).digest()
         if not force and digest == last_digest:
             return None
+        if not force and digest == in_force:
+            return digest, IN_FORCE
         try:
             return digest, (self._compile(data), data)
         except PolicyError as error:

@@ -236,6 +236,26 @@ def test_a_reload_that_fails_unforeseen_does_not_end_the_watch(
     assert any("MemoryError" in (record.exc_text or "") for record in caplog.records)
 
 
+def test_a_file_back_as_it_was_after_a_failed_read_is_no_reload(tmp_path: Path) -> None:
+    """INTERFACE: a reload on a change of content. A file gone for a moment (a failed
+    read, reported) and back unchanged bumped the generation and counted a good reload,
+    and every worker was sent the same policy again."""
+    path = tmp_path / "policy.yaml"
+    write(path, "Deny")
+    store, reported = make_store(path)
+    path.rename(tmp_path / "away.yaml")
+    assert reload(store) is False
+    (tmp_path / "away.yaml").rename(path)
+    assert reload(store) is False
+    assert (store.current.generation, reported) == (1, [False])
+    path.unlink()
+    assert reload(store) is False
+    assert reported == [False, False], "gone again: reported again"
+    write(path, "Allow")
+    assert reload(store) is True
+    assert (store.current.generation, action(store)) == (2, Action.PASS)
+
+
 def test_an_unreadable_file_on_reload_is_named_without_a_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
