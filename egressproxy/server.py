@@ -387,6 +387,8 @@ def supervise(
                         policy_feed=feed_read,
                     )
                 )
+            except Exception:  # os._exit below would leave it unsaid
+                log.exception("worker %d failed", os.getpid())
             finally:
                 accesslog.shutdown_logging()
                 os._exit(code)

@@ -108,3 +108,36 @@ def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
         for pid in workers:
             if running(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+FAILING_WORKER = """\
+import sys
+from egressproxy import cli, server
+
+def failing(max_connections):
+    raise RuntimeError("injected fault in a worker")
+
+server.descriptor_budget = failing
+sys.exit(cli.main())
+"""
+
+
+def test_a_worker_that_fails_says_why(tmp_path: Path) -> None:
+    """A worker's exception ended it by os._exit before it could be printed: the log said
+    only that a worker failed, where --workers 1 prints the traceback."""
+    proxy_port, admin_port = free_port(), free_port()
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_WORKER)
+    environment = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+    environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    command = [
+        sys.executable, str(script), "run", "--allow-root", "--workers", "2",
+        "--listen", f"127.0.0.1:{proxy_port}", "--admin", f"127.0.0.1:{admin_port}",
+        "--policy", str(EXAMPLES / "linkerd-1-allow.yaml"),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, env=environment, capture_output=True, text=True, timeout=EXIT_TIMEOUT
+    )
+    assert done.returncode == 1
+    assert "RuntimeError: injected fault in a worker" in done.stderr, done.stderr
+    assert "Traceback" in done.stderr
