@@ -22,6 +22,8 @@ import math
 import os
 import queue
 import re
+import select
+import stat
 import sys
 import threading
 import time
@@ -344,10 +346,15 @@ class LineWriter:
     last flush of sys.stderr then waits for it (the interpreter would abort).
     """
 
-    def __init__(self, stream: TextIO, formatter: LineFormatter) -> None:
+    def __init__(self, stream: TextIO, formatter: LineFormatter, *, shared: bool = False) -> None:
+        """shared: other processes (the workers of --workers N) write to the same stream."""
         self.queue: queue.SimpleQueue[QueueItem] = queue.SimpleQueue()
         self.stream = stream
         self.descriptor = _descriptor(stream)
+        self.whole_lines = shared and _is_pipe_or_socket(self.descriptor)
+        """Write at most PIPE_BUF bytes of whole lines at once: a longer write to a pipe or
+        a stream socket (a container's stderr, journald's) is not atomic, and another
+        process's lines would land in the middle of ours."""
         self.encoding = getattr(stream, "encoding", None) or "utf-8"
         self.formatter = formatter
         self.thread: threading.Thread | None = None
@@ -440,14 +447,40 @@ class LineWriter:
                 self.stream.write(text)
                 self.stream.flush()
                 return
-            data = memoryview(text.encode(self.encoding, "backslashreplace"))
-            while data:
-                data = data[os.write(self.descriptor, data) :]
+            encoded = text.encode(self.encoding, "backslashreplace")
+            for chunk in _line_chunks(encoded) if self.whole_lines else (encoded,):
+                data = memoryview(chunk)
+                while data:
+                    data = data[os.write(self.descriptor, data) :]
         except (OSError, ValueError):
             # stderr is closed or broken: there is nowhere left to report that to.
             return
         finally:
             self.writes += 1
+
+
+def _is_pipe_or_socket(descriptor: int | None) -> bool:
+    if descriptor is None:
+        return False
+    try:
+        mode = os.fstat(descriptor).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def _line_chunks(data: bytes) -> list[bytes]:
+    """data (whole lines) cut at line ends into pieces of at most PIPE_BUF bytes; a longer
+    line is a piece of its own."""
+    chunks: list[bytes] = []
+    start = 0
+    while start < len(data):
+        end = data.rfind(b"\n", start, start + select.PIPE_BUF) + 1
+        if end <= start:  # one line longer than PIPE_BUF
+            end = data.find(b"\n", start) + 1 or len(data)
+        chunks.append(data[start:end])
+        start = end
+    return chunks
 
 
 def _descriptor(stream: TextIO) -> int | None:
@@ -481,7 +514,7 @@ def setup_logging(settings: Settings) -> None:
     global _writer, _fork_hooks_registered
     shutdown_logging()
     formatter = LineFormatter(settings.log_format)
-    writer = LineWriter(sys.stderr, formatter)
+    writer = LineWriter(sys.stderr, formatter, shared=settings.workers > 1)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

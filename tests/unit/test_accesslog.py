@@ -9,6 +9,8 @@ import json
 import logging
 import os
 import re
+import select
+import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +31,7 @@ from egressproxy.accesslog import (
     STOP_PATIENCE,
     AccessLog,
     LineFormatter,
+    LineWriter,
     decision_word,
     route_text,
     setup_logging,
@@ -718,3 +721,50 @@ def test_a_stderr_nobody_reads_keeps_no_process_from_exiting() -> None:
         os.close(read_end)
     assert b"Fatal Python error" not in b"".join(chunks)
     assert (process.returncode, output) == (0, b"stopped\n")
+
+
+def test_workers_sharing_a_pipe_write_whole_lines_at_most_pipe_buf_at_once() -> None:
+    """With --workers N every worker writes to one stderr. A write to a pipe or a stream
+    socket is atomic only up to PIPE_BUF: a batch of lines written at once had another
+    worker's lines land in the middle of its own (broken JSON lines for a log parser).
+    A socket that keeps each write a message of its own shows where each one ends."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    theirs.settimeout(10)
+    stream = os.fdopen(ours.fileno(), "w", closefd=False)
+    writer = LineWriter(stream, LineFormatter(LogFormat.JSON), shared=True)
+    messages: list[bytes] = []
+
+    def read_out() -> None:
+        while message := theirs.recv(1 << 20):
+            messages.append(message)
+
+    reader = threading.Thread(target=read_out)
+    reader.start()
+    writer.start()
+    try:
+        for number in range(3000):
+            writer.put(
+                logging.LogRecord("egressproxy.test", logging.WARNING, __file__, 0,
+                                  "line %d %s", (number, "x" * (number % 300)), None)
+            )  # fmt: skip
+        writer.stop(patience=10)
+    finally:
+        ours.shutdown(socket.SHUT_WR)
+        reader.join(10)
+        ours.close()
+        theirs.close()
+    assert all(len(message) <= select.PIPE_BUF for message in messages)
+    assert all(message.endswith(b"\n") for message in messages)
+    lines = b"".join(messages).decode().splitlines()
+    assert [json.loads(line)["message"].split()[1] for line in lines] == [
+        str(number) for number in range(3000)
+    ]
+
+
+def test_a_line_longer_than_pipe_buf_is_written_alone_and_whole() -> None:
+    long_line = b"x" * (select.PIPE_BUF + 10) + b"\n"
+    data = b"a\n" + long_line + b"b\n" * 3000
+    chunks = accesslog._line_chunks(data)
+    assert b"".join(chunks) == data
+    assert chunks[:2] == [b"a\n", long_line]
+    assert all(len(chunk) <= select.PIPE_BUF and chunk.endswith(b"\n") for chunk in chunks[2:])
