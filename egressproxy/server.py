@@ -7,12 +7,14 @@ import contextlib
 import ctypes
 import gc
 import logging
+import math
 import os
 import resource
 import shutil
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 
 import uvloop
@@ -276,6 +278,10 @@ def descriptor_budget(max_connections: int) -> tuple[int, int]:
     return min(max_connections, fits), pipes
 
 
+PAUSE_LOG_INTERVAL = 10.0
+"""At most one "accepting paused" line this often (with the count of those left unsaid)."""
+
+
 class Acceptor:
     """Accepting on the listeners, pausable without refusing anyone.
 
@@ -291,6 +297,10 @@ class Acceptor:
         self.resuming: asyncio.Task[None] | None = None
         self.paused = False
         self.closed = False
+        self.pauses_unsaid = 0
+        """Pauses since the last one logged: at the limit, a pause and a resume come with
+        every connection that ends, and a line for each would flood the log."""
+        self.pause_said_at = -math.inf
 
     async def start(self, factory: Callable[[], asyncio.Protocol]) -> None:
         self.factory = factory
@@ -304,7 +314,12 @@ class Acceptor:
         if self.paused or self.closed:
             return
         self.paused = True
-        log.warning("connection limit reached: accepting paused")
+        self.pauses_unsaid += 1
+        now = time.monotonic()
+        if now - self.pause_said_at >= PAUSE_LOG_INTERVAL:
+            more = f" ({self.pauses_unsaid} times since the last line)" * (self.pauses_unsaid > 1)
+            log.warning("connection limit reached: accepting paused%s", more)
+            self.pause_said_at, self.pauses_unsaid = now, 0
         for server in self.servers:
             server.close()
         self.servers = []
@@ -313,7 +328,8 @@ class Acceptor:
         if not self.paused or self.closed or self.factory is None:
             return
         self.paused = False
-        log.info("below the connection limit: accepting again")
+        if not self.pauses_unsaid:  # the pause it ends was logged
+            log.info("below the connection limit: accepting again")
         self.resuming = asyncio.get_running_loop().create_task(
             self.start(self.factory), name="resume accepting"
         )
