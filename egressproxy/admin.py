@@ -23,6 +23,11 @@ log = logging.getLogger("egressproxy.admin")
 
 MAX_REQUEST_HEAD = 16 * 1024
 IDLE_TIMEOUT = 10.0
+MAX_ADMIN_CONNECTIONS = 32
+"""Admin connections open at once; a new one past it is closed at once. They take
+descriptors from the reserve the connection limit leaves (server.FD_RESERVE), and a few
+hundred idle ones (each kept up to IDLE_TIMEOUT) would leave the data plane none: its
+clients would be accepted and closed unseen, far below --max-connections."""
 
 
 @dataclass(frozen=True)
@@ -125,8 +130,9 @@ class AdminConnection(asyncio.Protocol):
     """Seconds from the connection's start or its last answer to the next complete request
     head; a scraper reusing its connection restarts the clock with every request."""
 
-    def __init__(self, handlers: Handlers) -> None:
+    def __init__(self, handlers: Handlers, open_connections: set[AdminConnection]) -> None:
         self.handlers = handlers
+        self.open_connections = open_connections
         self.connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         self.transport: asyncio.Transport
         self.timer: asyncio.TimerHandle
@@ -136,10 +142,17 @@ class AdminConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        if len(self.open_connections) >= MAX_ADMIN_CONNECTIONS:
+            log.debug("admin: %d connections open: one more closed", MAX_ADMIN_CONNECTIONS)
+            self.transport.abort()
+            return
+        self.open_connections.add(self)
         self._start_idle_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.timer.cancel()
+        if self in self.open_connections:
+            self.open_connections.remove(self)
+            self.timer.cancel()
 
     def pause_writing(self) -> None:
         self.writing_paused = True
@@ -288,7 +301,10 @@ def bind_admin(endpoint: Endpoint) -> socket.socket:
 
 async def start_admin(sock: socket.socket, handlers: Handlers) -> asyncio.Server:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: AdminConnection(handlers), sock=sock)
+    open_connections: set[AdminConnection] = set()
+    server = await loop.create_server(
+        lambda: AdminConnection(handlers, open_connections), sock=sock
+    )
     host, port = sock.getsockname()[:2]
     log.info("admin server on %s", Endpoint(host, port))
     return server

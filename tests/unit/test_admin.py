@@ -330,3 +330,35 @@ def test_an_absolute_form_request_is_answered() -> None:
 
     answer = asyncio.run(scenario())
     assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"live\n"), answer
+
+
+def test_admin_connections_past_the_cap_are_closed_at_once() -> None:
+    """Admin connections shared the descriptor reserve with nothing to bound them: a few
+    hundred idle ones (each kept up to 10 s) filled it, and the data plane's clients were
+    then accepted and closed unseen, far below --max-connections. Past the cap a new one
+    is closed at once; the ones held are served, and a slot freed is taken again."""
+
+    async def scenario() -> tuple[list[bytes], bytes, bytes]:
+        async with admin_port({"/live": lambda _: admin.text(200, "live")}) as port:
+            held = [
+                await asyncio.open_connection("127.0.0.1", port)
+                for _ in range(admin.MAX_ADMIN_CONNECTIONS)
+            ]
+            past = await asyncio.open_connection("127.0.0.1", port)
+            past_read = await asyncio.wait_for(past[0].read(), CLOSE_WAIT)
+            reader, writer = held[0]
+            writer.write(b"GET /live HTTP/1.1\r\nHost: admin\r\n\r\n")
+            answered = await live_response(reader)
+            for _, held_writer in held:
+                held_writer.close()
+            await asyncio.sleep(0.1)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /live HTTP/1.1\r\nHost: admin\r\n\r\n")
+            again = await live_response(reader)
+            writer.close()
+            past[1].close()
+            return [past_read], answered, again
+
+    (past_read,), answered, again = asyncio.run(scenario())
+    assert past_read == b"", "closed at once, unanswered"
+    assert answered.startswith(b"HTTP/1.1 200 ") and again.startswith(b"HTTP/1.1 200 ")
