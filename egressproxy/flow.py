@@ -273,10 +273,8 @@ class Flow(asyncio.Protocol):
             self._refuse("loop")
             return
         self.snapshot = self.context.policy.current
-        if (
-            destination.port in self.context.settings.opaque_ports
-            or self.snapshot.index.never_sniffed(destination)
-        ):
+        index = self.snapshot.index
+        if destination.port in index.unsniffed_ports and index.never_sniffed(destination):
             self._decide(Opaque("opaque_port"))
             return
         self.sniff_timer = self.context.sniff_timeouts.start(self._sniff_timed_out, "timeout")

@@ -639,14 +639,14 @@ class PolicyIndex:
         for compiled in self.compiled.values():
             for table in [*compiled.ports.values(), compiled.every_port]:
                 table.sort()
-        self.server_first_ports = frozenset(
+        self.unsniffed_ports = settings.opaque_ports | frozenset(
             port
             for compiled in self.compiled.values()
             for port, table in compiled.ports.items()
             if table.server_first
         )
-        """Ports where never_sniffed may be true: most policies have none, and the data
-        plane asks about every connection."""
+        """Ports where never_sniffed may be true, so that the data plane, which asks about
+        every connection, looks no further for the others."""
 
     def attached_network(self, route: Route, attachment: Attachment) -> CompiledNetwork | None:
         """The network a parentRef attaches the route to, if it applies to this client."""
@@ -711,10 +711,10 @@ class PolicyIndex:
         return network
 
     def never_sniffed(self, destination: Destination) -> bool:
-        """Whether the destination's port is server-first in its network (OSM's
-        tcp-server-first): decided as opaque TCP at once, as --opaque-ports are."""
-        if destination.port not in self.server_first_ports:
-            return False
+        """Whether the destination's port is in --opaque-ports, or server-first in its
+        network (OSM's tcp-server-first): decided as opaque TCP at once."""
+        if destination.port in self.settings.opaque_ports:
+            return True
         network = self.network_for(destination)
         return network is not None and network.table(destination.port).server_first
 
