@@ -183,22 +183,16 @@ class CappedLabels(Generic[LabelValue]):
         self.other: LabelValue = other
         self.kept: set[LabelValue] = set()
         self.shared = shared
-        self.full = False
-        """Set once `limit` values are kept: they stay kept, so every new value is other."""
 
     def __call__(self, value: LabelValue) -> LabelValue:
         if value in self.kept:
             return value
-        if self.full:
+        if len(self.kept) >= self.limit:  # kept values stay kept: every new one is other
             return self.other
         if self.shared is None:
-            if len(self.kept) < self.limit:
-                self.kept.add(value)
-                return value
-        elif self.shared.keep(value, self.kept, self.limit):
+            self.kept.add(value)
             return value
-        self.full = True
-        return self.other
+        return value if self.shared.keep(value, self.kept, self.limit) else self.other
 
 
 class HostnameLabels(CappedLabels[str]):

@@ -317,8 +317,11 @@ class Acceptor:
         self.pauses_unsaid += 1
         now = time.monotonic()
         if now - self.pause_said_at >= PAUSE_LOG_INTERVAL:
-            more = f" ({self.pauses_unsaid} times since the last line)" * (self.pauses_unsaid > 1)
-            log.warning("connection limit reached: accepting paused%s", more)
+            since = f" ({self.pauses_unsaid} times since the last line)"
+            log.warning(
+                "connection limit reached: accepting paused%s",
+                since if self.pauses_unsaid > 1 else "",
+            )
             self.pause_said_at, self.pauses_unsaid = now, 0
         for server in self.servers:
             server.close()
