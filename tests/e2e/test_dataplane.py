@@ -271,6 +271,21 @@ def test_split_client_hello_then_https(
     assert document["server"]["address"] == host.v4
 
 
+def test_an_empty_record_before_the_hello_hides_no_name(world: World, proxy: StartProxy) -> None:
+    """OpenSSL skips an empty handshake record and reads the hello behind it (the origin's
+    handshake completes); the proxy reads the name behind it too. It took the connection
+    for TLS without a name, which passed a rule denying that name."""
+    running = proxy()
+    host = world.host("httpbin.org")
+    with world.connect(host.v4, 443, timeout=10.0) as sock:
+        client = TlsClient(sock, world.tls_context(), "httpbin.org")
+        client.handshake(lambda sock, hello: sock.sendall(b"\x16\x03\x01\x00\x00" + hello))
+        client.send(http_request("httpbin.org", "/empty-record"))
+        status, _, body = client.recv_http_response()
+    assert status == 200 and json.loads(body)["tls"]["sni"] == "httpbin.org"
+    assert running.logged(r"protocol=tls hostname=httpbin\.org"), running.log_text()
+
+
 def test_silent_client_of_a_client_first_service(world: World, proxy: StartProxy) -> None:
     """Nothing within --sniff-timeout: opaque; the client speaking later still gets through."""
     proxy(None, "--sniff-timeout", "0.3")
