@@ -129,6 +129,32 @@ def test_banner_on_an_opaque_port_arrives_without_waiting(world: World, proxy: S
         assert echo_once(sock, b"EHLO client.test\r\n") == b"EHLO client.test\r\n"
 
 
+OSM_SERVER_FIRST = """\
+apiVersion: config.openservicemesh.io/v1alpha2
+kind: MeshConfig
+metadata: {name: osm-mesh-config, namespace: osm-system}
+spec: {traffic: {enableEgress: false}}
+---
+apiVersion: policy.openservicemesh.io/v1alpha1
+kind: Egress
+metadata: {name: smtp, namespace: curl}
+spec:
+  sources: [{kind: ServiceAccount, name: curl, namespace: curl}]
+  ipAddresses: [203.0.113.0/24]
+  ports: [{number: 2525, protocol: tcp-server-first}]
+"""
+
+
+def test_an_osm_tcp_server_first_port_is_not_sniffed(world: World, proxy: StartProxy) -> None:
+    """OSM turns its inspectors off on a tcp-server-first port: no wait for the client,
+    as on a port in --opaque-ports (the banner waited for the sniff timeout)."""
+    running = proxy(OSM_SERVER_FIRST, "--sniff-timeout", "5")
+    with world.connect(world.host("example.test").v4, 2525) as sock:
+        assert recv_line(sock, timeout=2.0) == b"220 example.test ESMTP ready\r\n"
+        assert echo_once(sock, b"QUIT\r\n") == b"QUIT\r\n"
+    assert running.logged(r"route=Egress/curl/smtp decision=allow"), running.log_text()
+
+
 @pytest.mark.parametrize("family", ["v4", "v6"])
 def test_banner_after_the_sniff_timeout(world: World, proxy: StartProxy, family: str) -> None:
     """The client waits for the server: the sniff times out, the connection goes opaque."""
