@@ -370,8 +370,9 @@ def supervise(
     """--workers N: N forked workers, each with its own SO_REUSEPORT listeners (the kernel
     spreads new connections over them); this process serves admin.
 
-    This process's listeners, bound first so a taken port is reported at once, stay
-    open until every worker listens, so there is no moment without a listener.
+    This process's listeners, bound first so a taken port is reported at once, become
+    worker 0's: a connection the kernel queued on them before the workers listened is
+    accepted there, where a listener closed with it still queued would reset it.
 
     This process alone reloads the policy, and sends each one to the workers down a
     pipe each (store.follow); it alone counts the reloads.
@@ -391,9 +392,13 @@ def supervise(
                     os.close(descriptor)
                 store.on_reload = None
                 upstream.take_worker_share(index, settings.workers)
-                own = [bind_listener(endpoint, settings.listen) for endpoint in settings.listen]
-                for sock in (*listeners, admin_socket):
-                    sock.close()
+                admin_socket.close()
+                if index == 0:
+                    own = listeners
+                else:
+                    for sock in listeners:
+                        sock.close()
+                    own = [bind_listener(endpoint, settings.listen) for endpoint in settings.listen]
                 code = uvloop.run(
                     serve(
                         settings,
@@ -415,8 +420,10 @@ def supervise(
         feeds.append(feed_write)
         children.append(pid)
     os.close(ready_write)
+    for sock in listeners:
+        sock.close()
     return uvloop.run(
-        _supervisor(settings, store, registry, children, ready_read, feeds, listeners, admin_socket)
+        _supervisor(settings, store, registry, children, ready_read, feeds, admin_socket)
     )
 
 
@@ -431,7 +438,6 @@ async def _supervisor(
     children: list[int],
     ready_read: int,
     feeds: list[int],
-    listeners: list[socket.socket],
     admin_socket: socket.socket,
 ) -> int:
     loop = asyncio.get_running_loop()
@@ -481,8 +487,6 @@ async def _supervisor(
             break
         started += len(chunk)
     os.close(ready_read)
-    for sock in listeners:
-        sock.close()
     if started < worker_count and not stop.is_set():
         log.error("a worker failed to start; stopping the others")
         forward(signal.SIGTERM)

@@ -7,6 +7,8 @@ import contextlib
 import http.client
 import json
 import re
+import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -57,6 +59,53 @@ def test_workers_share_the_listeners(world: World, proxy: StartProxy) -> None:
     }
     assert samples[("egress_sniff_outcomes_total", (("outcome", "http1"),))] == 20
     assert samples[("egress_open_connections", ())] == 0
+
+
+def test_workers_starting_reset_no_connection(world: World, proxy: StartProxy) -> None:
+    """Clients connecting while --workers start: the supervisor's listener, bound first,
+    queued some of their connections and reset them when it closed once the workers
+    listened. Every connection the listeners took must be served."""
+    address = world.host("github.com").v4
+    deadline = time.monotonic() + 20.0
+    stop = threading.Event()
+    served: list[int] = []
+    failures: list[str] = []
+
+    def client(number: int) -> None:
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                sock = world.connect(address, servers.ECHO_PORT, timeout=2.0)
+            except ConnectionRefusedError:  # nothing listens yet
+                time.sleep(0.005)
+                continue
+            except OSError as error:
+                failures.append(f"connect: {error!r}")
+                return
+            with sock:
+                line = b"client %d\n" % number
+                try:
+                    answer = echo_once(sock, line, timeout=5.0)
+                except OSError as error:
+                    failures.append(f"echo: {error!r}")
+                    return
+            if answer != line:
+                failures.append(f"echo answered {answer!r}")
+                return
+            served.append(number)
+
+    clients = [threading.Thread(target=client, args=(number,)) for number in range(24)]
+    for thread in clients:
+        thread.start()
+    try:
+        proxy(None, "--workers", "4")
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(30.0)
+    assert not any(thread.is_alive() for thread in clients)
+    assert not failures, failures
+    assert served
 
 
 def test_workers_hold_the_hostname_cap_together(world: World, proxy: StartProxy) -> None:
