@@ -280,6 +280,8 @@ def descriptor_budget(max_connections: int) -> tuple[int, int]:
 
 PAUSE_LOG_INTERVAL = 10.0
 """At most one "accepting paused" line this often (with the count of those left unsaid)."""
+RESUME_RETRY_INTERVAL = 0.5
+"""How soon accepting is tried again when resuming found no descriptor to spare."""
 
 
 class Acceptor:
@@ -305,10 +307,9 @@ class Acceptor:
     async def start(self, factory: Callable[[], asyncio.Protocol]) -> None:
         self.factory = factory
         loop = asyncio.get_running_loop()
-        self.servers = [
-            await loop.create_server(factory, sock=sock.dup(), backlog=LISTEN_BACKLOG)
-            for sock in self.listeners
-        ]
+        for sock in self.listeners:
+            server = await loop.create_server(factory, sock=sock.dup(), backlog=LISTEN_BACKLOG)
+            self.servers.append(server)
 
     def pause(self) -> None:
         if self.paused or self.closed:
@@ -323,6 +324,8 @@ class Acceptor:
                 since if self.pauses_unsaid > 1 else "",
             )
             self.pause_said_at, self.pauses_unsaid = now, 0
+        if self.resuming is not None:
+            self.resuming.cancel()
         for server in self.servers:
             server.close()
         self.servers = []
@@ -334,8 +337,32 @@ class Acceptor:
         if not self.pauses_unsaid:  # the pause it ends was logged
             log.info("below the connection limit: accepting again")
         self.resuming = asyncio.get_running_loop().create_task(
-            self.start(self.factory), name="resume accepting"
+            self._accept_again(self.factory), name="resume accepting"
         )
+
+    async def _accept_again(self, factory: Callable[[], asyncio.Protocol]) -> None:
+        """Start the servers again, until it works: with the descriptors all taken (a
+        duplicate per listener is needed), giving up would leave the worker never
+        accepting again while its /ready still says 200."""
+        failures = 0
+        while not self.paused and not self.closed:
+            try:
+                await self.start(factory)
+                if failures:
+                    log.warning("accepting again after %d failed tries", failures)
+                return
+            except OSError as error:
+                for server in self.servers:
+                    server.close()
+                self.servers = []
+                if not failures:
+                    log.warning(
+                        "cannot accept again (%s): retrying every %ss",
+                        error.strerror,
+                        RESUME_RETRY_INTERVAL,
+                    )
+                failures += 1
+            await asyncio.sleep(RESUME_RETRY_INTERVAL)
 
     def close(self) -> None:
         """Stop for good: new clients are refused from now on."""

@@ -4,7 +4,10 @@ flooding the log."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import resource
 import socket
 
 import pytest
@@ -41,4 +44,53 @@ async def test_pauses_at_the_limit_are_logged_once_in_a_while(
             "connection limit reached: accepting paused (100 times since the last line)"
         ]
     finally:
+        acceptor.close()
+
+
+class Accepted(asyncio.Protocol):
+    def __init__(self, accepted: asyncio.Event) -> None:
+        self.accepted = accepted
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.accepted.set()
+        transport.close()
+
+
+@pytest.mark.asyncio
+async def test_resuming_without_a_descriptor_to_spare_tries_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Resuming needs a duplicate of each listener: with every descriptor taken the
+    duplicate failed, the task ended with the error, and the worker never accepted again."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = asyncio.Event()
+    acceptor = server.Acceptor([listener])
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    try:
+        await acceptor.start(lambda: Accepted(accepted))
+        acceptor.pause()
+        highest = max(int(name) for name in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 64, hard))
+        with contextlib.suppress(OSError):
+            for _ in range(10_000):
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+        with caplog.at_level(logging.WARNING, logger="egressproxy.server"):
+            acceptor.resume()
+            await asyncio.sleep(server.RESUME_RETRY_INTERVAL / 2)
+        assert acceptor.resuming is not None and not acceptor.resuming.done()
+        assert any("cannot accept again" in record.getMessage() for record in caplog.records)
+        for descriptor in fillers:
+            os.close(descriptor)
+        fillers.clear()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        client = socket.create_connection(listener.getsockname())
+        try:
+            await asyncio.wait_for(accepted.wait(), 5 * server.RESUME_RETRY_INTERVAL)
+        finally:
+            client.close()
+    finally:
+        for descriptor in fillers:
+            os.close(descriptor)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         acceptor.close()
