@@ -270,11 +270,12 @@ class LineFormatter(logging.Formatter):
                 round(duration, 6),
             )
         protocol = record.detected.value if record.detected else ""
+        status = "" if record.status is None else str(record.status)
         return self.connection_template.format(
             self.timestamp(created),
             self.encode(record.client),
             self.decided_text(record, protocol, record.ech),
-            word(""),
+            word(status),
             word(record.error),
             record.bytes_from_client,
             record.bytes_from_upstream,

@@ -430,9 +430,15 @@ class Flow(asyncio.Protocol):
         (error="forbidden" on its TLS or TCP route). An HTTP/1 client that landed on such
         a route, plain HTTP on a port of TLSRoutes say, is told why with a 403 first."""
         if detected is Detected.HTTP1:
-            self.transport.write(http1.error_response(403, "traffic not allowed"))
+            self._answer(403, "traffic not allowed")
         self.record.error = "forbidden"
         self.transport.close()
+
+    def _answer(self, status: int, body: str) -> None:
+        """The proxy's own answer to an HTTP/1 client on a connection decided whole, kept
+        in the record: the connection's access line is the only one to show it."""
+        self.record.status = status
+        self.transport.write(http1.error_response(status, body))
 
     async def _destination_verified(self, detected: Detected) -> bool:
         """False when --verify-destination enforce found the name pointing elsewhere, or
@@ -449,7 +455,7 @@ class Flow(asyncio.Protocol):
             return True
         record.error = error
         if detected is Detected.HTTP1 and not self.client_gone:
-            self.transport.write(http1.error_response(421, REFUSALS[error]))
+            self._answer(421, REFUSALS[error])
         self.transport.close()
         self.finish(record.error)
         return False
@@ -494,8 +500,7 @@ class Flow(asyncio.Protocol):
             self.context.accounting.upstream_failed(error.kind)
             self.record.error = error.kind
             if detected is Detected.HTTP1 and not self.client_gone:
-                status = http1.unavailable_status(error.kind)
-                self.transport.write(http1.error_response(status, error.kind))
+                self._answer(http1.unavailable_status(error.kind), error.kind)
             self.transport.close()
             self.finish(error.kind)
             return

@@ -57,6 +57,10 @@ class FlowRecord:
     resolver, or ""."""
     error: str = ""
     """"" on success; forbidden, connect_refused, reset, idle_timeout, loop …"""
+    status: int | None = None
+    """The proxy's own answer (403, 421, 502, 504) to an HTTP/1 client on a connection
+    decided whole, which has no request lines to show it; None when it wrote none (a
+    spliced connection's responses are the upstream's bytes, never read)."""
     bytes_from_client: int = 0
     bytes_from_upstream: int = 0
     requests: int = 0

@@ -426,6 +426,7 @@ def test_any_request_line_reads_back(
     client=STRINGS,
     hostname=st.none() | STRINGS,
     error=STRINGS,
+    status=st.none() | st.sampled_from([403, 421, 502, 504]),
     ech=st.booleans(),
     detected=st.none() | st.sampled_from(Detected),
     decided=st.none() | CONNECTION_DECISIONS,
@@ -438,6 +439,7 @@ def test_any_connection_line_reads_back(
     client: str,
     hostname: str | None,
     error: str,
+    status: int | None,
     ech: bool,
     detected: Detected | None,
     decided: tuple[Decision, str, str] | None,
@@ -445,12 +447,13 @@ def test_any_connection_line_reads_back(
     sent: int,
     received: int,
 ) -> None:
-    """The same for connections, with the fields a connection may not have yet."""
+    """The same for connections, with the fields a connection may not have yet, and the
+    status of the proxy's own answer to an HTTP/1 client of one decided whole."""
     out = Lines(log_format)
     out.access_log.connection_closed(
         FlowRecord(client=client, destination=destination and destination[0],
                    detected=detected, hostname=hostname, ech=ech,
-                   decision=decided and decided[0], error=error,
+                   decision=decided and decided[0], error=error, status=status,
                    bytes_from_client=sent, bytes_from_upstream=received)
     )  # fmt: skip
     assert read_back(out, log_format) == as_written(
@@ -462,7 +465,7 @@ def test_any_connection_line_reads_back(
             "ech": ech,
             "route": decided[1] if decided else "",
             "decision": decided[2] if decided else "",
-            "status": "",
+            "status": "" if status is None else str(status),
             "error": error,
             "bytes_sent": sent,
             "bytes_received": received,

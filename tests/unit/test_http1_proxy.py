@@ -43,8 +43,9 @@ from tests.unit.http_harness import (
     proxy_to_origin,
     request_statuses,
 )
-from tests.unit.test_accesslog import Lines
+from tests.unit.test_accesslog import Lines, text_fields
 from tests.unit.test_upstream_deadline import listener_that_never_answers
+from tests.unit.test_verify import SystemResolver
 
 POLICY = """\
 apiVersion: egressproxy.io/v1alpha1
@@ -1245,7 +1246,76 @@ async def test_a_backend_lookup_that_times_out_gets_504(
             writer.close()
             await proxy.wait_closed_flows(1)
         assert (status, body) == (504, b"dns_timeout\n")
-        assert [f.error for f in proxy.ledger.flows] == ["dns_timeout"]
+        assert [(f.status, f.error) for f in proxy.ledger.flows] == [(504, "dns_timeout")]
+
+
+TLS_ROUTE_PORT = (
+    LOOPBACK_NETWORK
+    + """\
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TLSRoute
+metadata:
+  name: tls-only
+  namespace: linkerd-egress
+spec:
+  hostnames: [allowed.test]
+  parentRefs:
+  - {{name: loopback, kind: EgressNetwork, group: policy.linkerd.io, port: {port}}}
+  rules:
+  - backendRefs:
+    - {{name: loopback, kind: EgressNetwork, group: policy.linkerd.io}}
+"""
+)
+"""A port of TLSRoutes: HTTP/1 there is decided for the connection, tls-egress-deny."""
+TCP_ROUTE_PORT = TLS_ROUTE_PORT.replace("kind: TLSRoute", "kind: TCPRoute").replace(
+    "  hostnames: [allowed.test]\n", ""
+)
+"""A port of one TCPRoute to the original destination: HTTP/1 there is spliced whole."""
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("log_format", [LogFormat.TEXT, LogFormat.JSON])
+@pytest.mark.parametrize(
+    ("policy", "verify", "answer", "error"),
+    [
+        (TLS_ROUTE_PORT, VerifyDestination.OFF, 403, "forbidden"),
+        (TCP_ROUTE_PORT, VerifyDestination.OFF, 502, "connect_refused"),
+        (TCP_ROUTE_PORT, VerifyDestination.ENFORCE, 421, "destination_mismatch"),
+    ],
+    ids=["denied", "unreachable", "mismatch"],
+)
+async def test_the_proxys_answer_on_a_connection_decided_whole_is_its_lines_status(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    log_format: LogFormat,
+    policy: str,
+    verify: VerifyDestination,
+    answer: int,
+    error: str,
+) -> None:
+    """HTTP/1 on a port of TLS or TCP routes has no request lines, only its connection's;
+    when the proxy answers the client itself (a deny, an unreachable upstream, a
+    destination mismatch), that line's status is the answer's, in text and JSON alike."""
+    monkeypatch.setattr(socket, "getaddrinfo", SystemResolver())  # every name elsewhere
+    closed = closed_port()
+    async with loopback_proxy(
+        tmp_path, monkeypatch, policy.format(port=closed), local(closed), verify_destination=verify
+    ) as proxy:
+        lines = Lines(log_format)
+        proxy.context.accounting = Reporting(
+            Metrics(CollectorRegistry(), max_hostnames=10), lines.access_log
+        )
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        status, _, _ = await asyncio.wait_for(read_response(reader), 5)
+        writer.close()
+        async with asyncio.timeout(5):
+            while proxy.context.open_flows.flows:
+                await asyncio.sleep(0.01)
+    (line,) = lines.lines()
+    fields = json.loads(line) if log_format is LogFormat.JSON else text_fields(line)[1]
+    assert status == answer
+    assert (fields["protocol"], fields["status"], fields["error"]) == ("http1", str(answer), error)
 
 
 @pytest.mark.asyncio
