@@ -258,7 +258,11 @@ class Flow(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if self.context.watch_loops:
             self.peer = peer
-        self.record.client = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if peer:  # written as the access line's other addresses are: [IPv6]:PORT
+            host = peer[0]
+            self.record.client = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+        else:
+            self.record.client = "?"
         try:
             destination = original_destination(
                 transport.get_extra_info("socket"), peer[0] if peer else ""

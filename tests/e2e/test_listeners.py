@@ -42,7 +42,8 @@ def test_a_dual_stack_listener_serves_ipv4_clients_as_v4_mapped(
     httpbin = world.host("httpbin.org")
     assert served_by(world, "-4", "http://httpbin.org/get") == httpbin.v4
     assert served_by(world, "-6", "http://httpbin.org/get") == httpbin.v6
-    assert running.logged(r"client=\[?::ffff:198\.18\.0\.2\]?"), running.log_text()
+    assert running.logged(r"client=\[::ffff:198\.18\.0\.2\]:\d+ "), running.log_text()
+    assert running.logged(r"client=\[2001:db8:0:1::2\]:\d+ "), running.log_text()
 
 
 def test_workers_share_the_listeners(world: World, proxy: StartProxy) -> None:
