@@ -356,11 +356,15 @@ def read_egress(
     checker.known_fields(spec, where, {"sources", "hosts", "ipAddresses", "ports", "matches"})
     clients = read_sources(checker, spec, where)
     # OSM admits an IPv4 host: Envoy matches it against the Host header of its http ports.
-    host_lines = [
-        (line, hostname)
-        for line, text in checker.strings(spec, "hosts", where)
-        if (hostname := checker.hostname(text, line, f"{where}.hosts", addresses=None)) is not None
-    ]
+    host_lines = []
+    star_lines = []
+    for line, text in checker.strings(spec, "hosts", where):
+        if text.strip() == "*":
+            star_lines.append(line)
+        elif (
+            hostname := checker.hostname(text, line, f"{where}.hosts", addresses=None)
+        ) is not None:
+            host_lines.append((line, hostname))
     hosts = tuple(hostname for _, hostname in host_lines)
     cidrs = tuple(
         network
@@ -382,6 +386,8 @@ def read_egress(
             )
         elif number is not None and name is not None:
             ports.setdefault(name, []).append(number)
+    for line in star_lines:
+        refuse_star_host(checker, line, where, ports)
     if "https" in ports:
         warn_address_hosts(checker, host_lines, where)
     if "http" in ports and cidrs:
@@ -429,6 +435,39 @@ def read_egress(
             )
         )
     return routes
+
+
+def refuse_star_host(checker: Checker, line: int, where: str, ports: dict[str, list[int]]) -> None:
+    """`*` in hosts, which the Egress CRD admits, allows nothing as OSM builds it: on an
+    http port it is Envoy's catch-all virtual host, whose cluster (`*:PORT`, STRICT_DNS)
+    sends requests to what DNS answers for the name `*`, never to the host they name; on
+    an https port it is a server name Envoy refuses (only `*.` wildcards), so the listener
+    is rejected. An error rather than a rule no traffic could use. tcp ports read no
+    hosts."""
+    reasons = []
+    if "http" in ports:
+        reasons.append(
+            f"on http {numbered(ports['http'])} OSM makes it Envoy's catch-all virtual host, "
+            "whose requests go to the addresses DNS gives for the name '*', never to the host "
+            "they name"
+        )
+    if "https" in ports:
+        reasons.append(
+            f"on https {numbered(ports['https'])} OSM makes it a server name of the filter "
+            "chain, which Envoy refuses (partial wildcards are not supported in server_names), "
+            "rejecting the whole listener"
+        )
+    if reasons:
+        checker.error(
+            line,
+            f"{where}.hosts: '*' allows nothing as OSM builds it: {'; '.join(reasons)}. "
+            "Name the hosts (*.example.com for a domain's), or allow every destination of "
+            "a port with protocol tcp",
+        )
+
+
+def numbered(ports: Sequence[int]) -> str:
+    return ("port " if len(ports) == 1 else "ports ") + ", ".join(map(str, ports))
 
 
 def warn_address_hosts(checker: Checker, host_lines: list[tuple[int, str]], where: str) -> None:

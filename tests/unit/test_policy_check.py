@@ -499,6 +499,24 @@ def test_explain_says_which_hosts_an_osm_http_port_takes(
     assert "host:" not in out
 
 
+def test_check_refuses_an_osm_star_host_at_its_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`hosts: ["*"]` on the guide's http and https Egresses: one FILE:LINE error each."""
+    star = tmp_path / "star.yaml"
+    text = (EXAMPLES / "osm-3-egress-policy.yaml").read_text().replace("- httpbin.org", '- "*"')
+    star.write_text(text)
+    status, out, err = check(capsys, star, namespace=None)
+    assert (status, out) == (1, "")
+    errors = [line for line in err.splitlines() if "'*' allows nothing" in line]
+    star_lines = [number for number, line in enumerate(text.splitlines(), 1) if '"*"' in line]
+    assert [line.split(": Egress ")[0] for line in errors] == [
+        f"{star}:{number}" for number in star_lines
+    ]
+    assert "on http port 80" in errors[0] and "on https port 443" in errors[1]
+    assert "Traceback" not in err
+
+
 def test_check_says_egress_policies_are_off_by_the_feature_flag(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

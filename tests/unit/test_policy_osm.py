@@ -819,3 +819,73 @@ def test_egresses_envoy_takes_are_not_warned_of(
 ) -> None:
     egresses(*policy)
     assert "overlaps" not in caplog.text
+
+
+STAR_EGRESS = """\
+apiVersion: policy.openservicemesh.io/v1alpha1
+kind: Egress
+metadata: {{name: star, namespace: curl}}
+spec:
+  sources: [{{kind: ServiceAccount, name: curl, namespace: curl}}]
+  hosts:
+  - "*"
+  ports: [{{number: {port}, protocol: {protocol}}}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("port", "protocol", "reason"),
+    [
+        (
+            80,
+            "http",
+            "on http port 80 OSM makes it Envoy's catch-all virtual host, whose requests go "
+            "to the addresses DNS gives for the name '*', never to the host they name",
+        ),
+        (
+            443,
+            "https",
+            "on https port 443 OSM makes it a server name of the filter chain, which Envoy "
+            "refuses (partial wildcards are not supported in server_names), rejecting the "
+            "whole listener",
+        ),
+    ],
+)
+def test_a_star_host_is_refused_where_osm_makes_it_allow_nothing(
+    port: int, protocol: str, reason: str
+) -> None:
+    """The Egress CRD admits `*` in hosts. On an http port OSM makes it the domain `*`
+    (Envoy's catch-all virtual host) routed to a STRICT_DNS cluster for the host `*`
+    (pkg/catalog/egress.go buildHTTPRouteConfigs, pkg/envoy/cds getDNSResolvableEgressCluster),
+    so no request reaches the host it names; on an https port it goes to the filter chain's
+    server_names (pkg/envoy/lds/egress.go), and Envoy refuses a `*` that is not `*.`."""
+    text = STAR_EGRESS.format(port=port, protocol=protocol)
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(text, "osm.yaml")
+    assert [(problem.line, problem.reason) for problem in caught.value.problems] == [
+        (
+            7,
+            f"Egress curl/star.spec.hosts: '*' allows nothing as OSM builds it: {reason}. "
+            "Name the hosts (*.example.com for a domain's), or allow every destination of a "
+            "port with protocol tcp",
+        )
+    ]
+
+
+def test_a_star_host_on_a_tcp_port_is_read_no_more_than_other_hosts() -> None:
+    """OSM's tcp filter chain matches the port and ipAddresses only: hosts are unused."""
+    text = MESH_EGRESS_OFF + "---\n" + STAR_EGRESS.format(port=5432, protocol="tcp")
+    index = compile_policy(load_policy_text(text, "osm.yaml"), CURL)
+    connection = ConnectionFacts(Destination(UNLISTED, 5432), Detected.OPAQUE, None)
+    assert index.decide_connection(connection).route == egress("star")
+
+
+def test_a_wildcard_host_takes_names_of_any_depth_below_its_domain() -> None:
+    """Envoy's `*.example.com`, as virtual host domain and as server name, is a suffix
+    match: any number of labels in front, never example.com itself."""
+    host = '"*.example.com"'
+    index = egresses(("web", host, "", 80, "http"), ("tls", host, "", 443, "https"))
+    assert request_to(index, "a.b.example.com:80").route == egress("web")
+    assert request_to(index, "example.com").route == DENIED
+    assert tls(index, "a.b.example.com").route == egress("tls")
+    assert tls(index, "example.com").route == TLS_DENIED
