@@ -97,6 +97,8 @@ PROTOCOLS = {
     "tcp-server-first": RouteProtocol.TCP,
 }
 SERVER_FIRST = "tcp-server-first"
+TCP_CHAINS = frozenset({"tcp", SERVER_FIRST})
+"""The protocols OSM makes a TCP proxy filter chain of without server names."""
 
 
 def read(
@@ -167,14 +169,16 @@ def warn_envoy_rejections(routes: Sequence[Route], file: str) -> None:
     for a client they share (keeping its previous one): two filter chains of one port
     that differ yet share an address range (or both have none) and a server name (or
     both have none), or two http Egresses of one port listing one host (a virtual host
-    domain twice). OSM deduplicates identical chains, so those are fine. Here the older
-    chain decides, and both hosts' routes apply."""
+    domain twice). OSM deduplicates identical chains, so those are fine; a tcp and a
+    tcp-server-first chain are not identical (OSM names their traffic matches by
+    protocol) though Envoy sees one match. Here the older chain decides, and both hosts'
+    routes apply. One Egress's own ports are warn_port_listed_again's."""
     first_of: dict[tuple[object, ...], tuple[Route, object]] = {}
     warned: set[tuple[RouteRef, RouteRef, int | None]] = set()
     for route in routes:
         http = route.protocol is RouteProtocol.HTTP
         cidrs = () if http else route.rules[0].cidrs
-        chain = (route.protocol, frozenset(route.hostnames), frozenset(cidrs))
+        chain = (route.protocol, route.server_first, frozenset(route.hostnames), frozenset(cidrs))
         leaves: list[tuple[object, ...]] = (
             [(host,) for host in route.hostnames]
             if http
@@ -186,7 +190,8 @@ def warn_envoy_rejections(routes: Sequence[Route], file: str) -> None:
                 (client, port, http, *leaf), (route, chain)
             )
             pair = (earlier.ref, route.ref, port)
-            if earlier is route or (earlier_chain == chain and not http) or pair in warned:
+            same_egress = earlier.order == route.order
+            if same_egress or (earlier_chain == chain and not http) or pair in warned:
                 continue
             warned.add(pair)
             log.warning(
@@ -374,7 +379,8 @@ def read_egress(
     if "ports" not in spec:
         checker.error(spec.line, f"{where}: missing required field 'ports'")
     ports: dict[str, list[int]] = {}
-    for item_where, item in checker.mappings(spec, "ports", where):
+    listed: list[ListedPort] = []
+    for index, (item_where, item) in enumerate(checker.mappings(spec, "ports", where)):
         checker.known_fields(item, item_where, {"number", "protocol"})
         number = checker.port(item, "number", item_where, required=True)
         name = checker.get(item, "protocol", str, item_where, required=True)
@@ -385,7 +391,11 @@ def read_egress(
                 " (lower case: OSM's listener builds a filter chain for no other spelling)",
             )
         elif number is not None and name is not None:
-            ports.setdefault(name, []).append(number)
+            port = ListedPort(number, name, index, item.line)
+            warn_port_listed_again(checker.file, where, port, listed, bool(hosts))
+            listed.append(port)
+            if number not in ports.setdefault(name, []):
+                ports[name].append(number)
     for line in star_lines:
         refuse_star_host(checker, line, where, ports)
     if "https" in ports:
@@ -435,6 +445,56 @@ def read_egress(
             )
         )
     return routes
+
+
+@dataclass(frozen=True)
+class ListedPort:
+    """One entry of an Egress's ports, where it was written."""
+
+    number: int
+    protocol: str
+    index: int
+    line: int
+
+
+def warn_port_listed_again(
+    file: str, where: str, port: ListedPort, earlier: Sequence[ListedPort], has_hosts: bool
+) -> None:
+    """Warn of a port number an Egress lists again where OSM gives Envoy configuration it
+    rejects for the Egress's sources (which keep their previous one): an http port twice
+    puts each host's virtual host twice in the port's route configuration (a domain
+    twice); tcp beside tcp-server-first, or https without hosts beside either, makes two
+    filter chains with one match (the port, the ipAddresses, no server name). Other
+    repeats are identical chains, which OSM deduplicates, or chains Envoy tells apart."""
+    unnamed_chains = TCP_CHAINS if has_hosts else TCP_CHAINS | {"https"}
+    for first in earlier:
+        if first.number != port.number:
+            continue
+        pair = {first.protocol, port.protocol}
+        if pair == {"http"} and has_hosts:
+            built = "each host's virtual host twice in the port's route configuration"
+        elif len(pair) == 2 and pair <= unnamed_chains:
+            built = (
+                "two filter chains of the port with one match (the port, the ipAddresses, "
+                "no server name)"
+            )
+        else:
+            continue
+        log.warning(
+            "%s:%d: %s.ports[%d]: port %d is listed again (ports[%d], line %d, %s): OSM gives "
+            "Envoy %s, which Envoy rejects for the Egress's sources, keeping their previous "
+            "configuration",
+            file,
+            port.line,
+            where,
+            port.index,
+            port.number,
+            first.index,
+            first.line,
+            first.protocol,
+            built,
+        )
+        return
 
 
 def refuse_star_host(checker: Checker, line: int, where: str, ports: dict[str, list[int]]) -> None:

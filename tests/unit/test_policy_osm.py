@@ -783,6 +783,9 @@ def test_ip_addresses_do_not_restrict_http_ports(caplog: pytest.LogCaptureFixtur
          "addresses 198.51.100.0/24 and server name foo.com"),
         ((("https-any", "", "", 443, "https"), TCP_443), "any address and no server name"),
         ((HTTP_FOO, ("http-too", "foo.com", "", 80, "http")), "host foo.com"),
+        # OSM names traffic matches by protocol: tcp and tcp-server-first are two chains
+        ((TCP_443, ("tcp-first", "", "", 443, "tcp-server-first")),
+         "any address and no server name"),
     ],
 )  # fmt: skip
 def test_egresses_whose_envoy_configuration_envoy_rejects_are_warned_of(
@@ -889,3 +892,77 @@ def test_a_wildcard_host_takes_names_of_any_depth_below_its_domain() -> None:
     assert request_to(index, "example.com").route == DENIED
     assert tls(index, "a.b.example.com").route == egress("tls")
     assert tls(index, "example.com").route == TLS_DENIED
+
+
+PORTS_EGRESS = """\
+apiVersion: policy.openservicemesh.io/v1alpha1
+kind: Egress
+metadata: {{name: ports, namespace: curl}}
+spec:
+  sources: [{{kind: ServiceAccount, name: curl, namespace: curl}}]
+  hosts: [{hosts}]
+  ports:
+  - {{number: 80, protocol: {first}}}
+  - {{number: 80, protocol: {second}}}
+"""
+VIRTUAL_HOST_TWICE = "each host's virtual host twice in the port's route configuration"
+ONE_MATCH = (
+    "two filter chains of the port with one match (the port, the ipAddresses, no server name)"
+)
+
+
+@pytest.mark.parametrize(
+    ("hosts", "first", "second", "built"),
+    [
+        ("foo.com", "http", "http", VIRTUAL_HOST_TWICE),
+        ("foo.com", "tcp", "tcp-server-first", ONE_MATCH),
+        ("", "https", "tcp", ONE_MATCH),
+        ("", "tcp-server-first", "https", ONE_MATCH),
+    ],
+)
+def test_a_port_an_egress_lists_again_as_envoy_rejects_it_is_warned_of(
+    hosts: str, first: str, second: str, built: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """OSM adds an http port's virtual hosts per port entry (pkg/catalog/egress.go
+    GetEgressTrafficPolicy), and Envoy refuses a domain twice in a route configuration;
+    it names a traffic match by port and protocol, so tcp and tcp-server-first (or https
+    without hosts) survive its deduplication as two filter chains with one match, which
+    Envoy refuses in a listener. The warning is at the second entry (line 9)."""
+    with caplog.at_level("WARNING", logger="egressproxy.policy.osm"):
+        load_policy_text(PORTS_EGRESS.format(hosts=hosts, first=first, second=second), "osm.yaml")
+    assert [record.getMessage() for record in caplog.records] == [
+        f"osm.yaml:9: Egress curl/ports.spec.ports[1]: port 80 is listed again (ports[0], "
+        f"line 8, {first}): OSM gives Envoy {built}, which Envoy rejects for the Egress's "
+        "sources, keeping their previous configuration"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("hosts", "first", "second"),
+    [
+        ("foo.com", "https", "https"),  # identical chains: OSM deduplicates them
+        ("", "tcp", "tcp"),
+        ("", "http", "http"),  # no hosts: no virtual host at all
+        ("foo.com", "http", "tcp"),  # the HTTP chain matches HTTP, the tcp one the rest
+        ("foo.com", "https", "tcp"),  # the https chain matches its server names
+        ("foo.com", "http", "https"),
+    ],
+)
+def test_a_port_an_egress_lists_again_as_envoy_takes_it_is_not_warned_of(
+    hosts: str, first: str, second: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="egressproxy.policy.osm"):
+        load_policy_text(PORTS_EGRESS.format(hosts=hosts, first=first, second=second), "osm.yaml")
+    assert [record.getMessage() for record in caplog.records] == []
+
+
+def test_an_http_port_listed_twice_routes_as_listed_once() -> None:
+    text = (
+        MESH_EGRESS_OFF
+        + "---\n"
+        + PORTS_EGRESS.format(hosts="foo.com", first="http", second="http")
+    )
+    index = compile_policy(load_policy_text(text, "osm.yaml"), CURL)
+    (route,) = [route for route in index.model.routes if route.ref == egress("ports")]
+    assert [attachment.port for attachment in route.attachments] == [80]
+    assert request_to(index, "foo.com").route == egress("ports")
