@@ -321,7 +321,9 @@ def read_route_group(
             if checker.header_name(header, line, f"{item_where}.headers") is None:
                 continue
             if text is not None and checker.regex(text, line, f"{item_where}.headers.{header}"):
-                # OSM matches `host` against Envoy's :authority, the Host of HTTP/1 requests.
+                # OSM makes `host` a matcher of Envoy's :authority, and any other spelling
+                # one of that name, which Envoy lower-cases and finds as the :authority entry
+                # of its header map: the Host of HTTP/1 requests either way.
                 header_field = AUTHORITY if header.lower() == "host" else header.lower()
                 headers.append(ValueMatch(header_field, MatchKind.REGEX, text))
         methods = []

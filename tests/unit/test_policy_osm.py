@@ -524,11 +524,16 @@ def test_gateway_api_and_native_hostnames_match_whatever_port_the_host_names() -
     assert request_to(native, "httpbin.org:8080").action == Action.PASS
 
 
-def test_a_host_header_match_reads_the_authority_as_envoy_does() -> None:
+@pytest.mark.parametrize("name", ["host", "Host", "HOST"])
+def test_a_host_header_match_reads_the_authority_as_envoy_does(name: str) -> None:
     """OSM turns an HTTPRouteGroup `host` header match into Envoy's `:authority` (pkg/envoy/
     rds/route getHeadersForRoute): the Host of an HTTP/1 request and the :authority of an
-    HTTP/2 one, which carries no `host` header. Its regex sees the port as sent."""
-    group = ONLY_GET.replace("methods: [GET]", 'headers: {Host: "httpbin\\\\.org(:80)?"}')
+    HTTP/2 one, which carries no `host` header. Any other spelling OSM passes on as a
+    header matcher of that name, which Envoy lower-cases (HeaderData's LowerCaseString)
+    and looks up in a request's header map, where `host` is the :authority entry
+    (header_map_impl.cc maps the legacy host header to it): the same match. Its regex
+    sees the port as sent."""
+    group = ONLY_GET.replace("methods: [GET]", f'headers: {{{name}: "httpbin\\\\.org(:80)?"}}')
     text = "---\n".join(
         [
             WILDCARD_AND_EXACT.format(
