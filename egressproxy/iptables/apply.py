@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from egressproxy.iptables.rules import (
+    GATEWAY,
     SIDECAR,
     Family,
     NetfilterState,
@@ -342,6 +343,8 @@ def print_install(options: Options) -> None:
     chosen = [Family.IPV4] if options.ipv6 is False else list(Family)
     for family in chosen:
         print(f"# {family.command}-restore --noflush\n{render(tables(options, family))}", end="")
+        if options.mode == GATEWAY:
+            print(f"# then {FORWARDING[family]} = 1 if it is 0 (gateway mode routes the rest)")
 
 
 def removal_text(family: Family, restore_tool: str, plan: Plan) -> str:

@@ -622,6 +622,26 @@ def test_dry_run_prints_both_families_and_changes_nothing(
     assert "-d ::1/128 " in v6
 
 
+def test_dry_run_of_a_gateway_install_says_it_turns_forwarding_on(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Install's plan turns each family's forwarding on where it is off: the dry run,
+    which reads nothing, says so after each family's text, as uninstall's says it
+    turns it off."""
+    assert apply.main("install", Options(mode=GATEWAY), dry_run=True) == 0
+    v4, v6 = capsys.readouterr().out.split("# ip6tables-restore --noflush\n")
+    assert v4.endswith(
+        "COMMIT\n# then /proc/sys/net/ipv4/ip_forward = 1 if it is 0"
+        " (gateway mode routes the rest)\n"
+    )
+    assert v6.endswith(
+        "COMMIT\n# then /proc/sys/net/ipv6/conf/all/forwarding = 1 if it is 0"
+        " (gateway mode routes the rest)\n"
+    )
+    assert apply.main("install", Options(proxy_uid=2102), dry_run=True) == 0
+    assert "forward" not in capsys.readouterr().out
+
+
 def test_dry_run_of_uninstall_prints_what_is_installed_and_its_receipts() -> None:
     model = Model({"filter": {chain: [] for chain in BUILTIN["filter"]}}, forwarding=False)
     model.install(Options(mode=GATEWAY, block_udp=True), droppable=True)
