@@ -295,7 +295,11 @@ def read_http(checker: Checker, node: YMap, where: str) -> list[HttpMatch]:
         if value is None:
             continue
         if PATH_KEYS[key] == MatchKind.REGEX:
-            if checker.regex(value, line, f"{where}.{key}"):
+            if value == "":
+                checker.error(
+                    line, f"{where}.{key}: empty: no path matches it; omit it to match any"
+                )
+            elif checker.regex(value, line, f"{where}.{key}"):
                 path = PathMatch(MatchKind.REGEX, value)
         elif not value.startswith("/"):
             checker.error(line, f"{where}.{key}: {value!r} must start with '/'")

@@ -881,6 +881,15 @@ spec:
     assert route("/pkg.Greeter/SayBye") == "p.any-call"
 
 
+def test_an_empty_path_regex_is_an_error() -> None:
+    """A whole-path match of nothing matches no path (each begins with '/'): the rule
+    would never apply, so it is refused as the empty gRPC patterns are."""
+    assert native_rule_problems("http: [{pathRegex: ''}]") == [
+        "n.yaml:7: EgressPolicy p.spec.rules[0].http[0].pathRegex:"
+        " empty: no path matches it; omit it to match any"
+    ]
+
+
 @pytest.mark.parametrize(
     ("rule", "line", "problem"),
     [
