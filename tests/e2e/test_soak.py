@@ -153,9 +153,9 @@ async def http_exchange(
 
 
 async def echo_round(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    # Opaque bytes from the first: about one random payload in 100,000 reads as an
-    # HTTP/0.9 request line (a letter, CR, `/`, visible bytes up to a LF), which the proxy
-    # refuses as HTTP with a 400, and the soak is about load, not sniffing.
+    # Opaque bytes from the first: a random payload may begin as the sniffer reads some
+    # protocol (one in 65,536 as a TLS record, `\x16\x03`), and the soak is about load,
+    # not sniffing.
     payload = b"\xff" + os.urandom(ECHO_SIZE - 1)
     writer.write(payload)
     echoed = await reader.readexactly(len(payload))
