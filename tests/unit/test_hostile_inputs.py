@@ -54,6 +54,7 @@ SNI = "corpus.example.test"
 EXPECTED_SNIFF: dict[str, object] = {
     "h2_preface_broken.bin": Opaque("unsupported_version"),
     "h2_preface_then_garbage.bin": H2Preface(),
+    "http_09_shape_binary.bin": Opaque("not_http"),
     "http_2000_headers.bin": HttpRequestHead("GET", "/", "HTTP/1.1", SNI, None),
     "http_bare_cr.bin": Opaque("not_http"),
     "http_huge_port.bin": Opaque("bad_host"),
