@@ -52,7 +52,12 @@ from egressproxy.relay import (
 )
 from egressproxy.settings import VerifyDestination
 from egressproxy.sniff import NotThis
-from egressproxy.sniff.http import authority_host, empty_lines_before, target_authority
+from egressproxy.sniff.http import (
+    EMPTY_LINES_ALLOWED,
+    authority_host,
+    empty_lines_before,
+    target_authority,
+)
 from egressproxy.verify import REFUSALS, verification_mode
 
 if TYPE_CHECKING:
@@ -377,6 +382,7 @@ class Http1Proxy(asyncio.Protocol):
         "closed",
         "connecting",
         "draining",
+        "empty_lines",
         "error",
         "exchange",
         "exchange_close",
@@ -455,6 +461,9 @@ class Http1Proxy(asyncio.Protocol):
         self.inbox = b""
         self.head_scanned = 0
         """How much of inbox the lean parser last found to be a head still incomplete."""
+        self.empty_lines = 0
+        """Empty lines skipped before the head now awaited, at most EMPTY_LINES_ALLOWED as
+        in the sniffer: past them h11 reads the next one and answers 400."""
         self.inbox_eof = False
         """The client sent its EOF: it sends nothing more."""
         self.exchange: LeanRequest | None = None
@@ -776,8 +785,13 @@ class Http1Proxy(asyncio.Protocol):
             if self.client_write_paused:
                 self.pause_client(_PAUSED_BY_CLIENT_WRITE)
                 return
-            skipped = empty_lines_before(self.inbox) if self.inbox[:1] in _LINE_ENDS else 0
+            skipped = (
+                empty_lines_before(self.inbox, EMPTY_LINES_ALLOWED - self.empty_lines)
+                if self.inbox[:1] in _LINE_ENDS
+                else 0
+            )
             if skipped:  # RFC 9112 2.2; the head deadline still runs over them
+                self.empty_lines += self.inbox.count(b"\n", 0, skipped)
                 self.inbox = self.inbox[skipped:]
             partial_line = self.inbox == b"\r"  # an empty line's CR, its LF yet to come
             if (partial_line or (skipped and not self.inbox)) and not self.inbox_eof:
@@ -803,7 +817,7 @@ class Http1Proxy(asyncio.Protocol):
                     self.head_scanned = len(self.inbox)
                     self._await_head()
                 return
-            self.head_scanned = 0
+            self.head_scanned = self.empty_lines = 0
             if request is None or not self._lean_request(request):
                 self._leave_lean()
                 return
@@ -1185,7 +1199,7 @@ class Http1Proxy(asyncio.Protocol):
             return
         rest, self.inbox_eof = client.trailing_data
         self._client = None
-        self.lean, self.inbox, self.head_scanned = True, bytes(rest), 0
+        self.lean, self.inbox, self.head_scanned, self.empty_lines = True, bytes(rest), 0, 0
         self.backlog = 0
         self.resume_client(_PAUSED_BY_BACKLOG)
         if not self.processing:

@@ -4,7 +4,8 @@ Dispatch on the first byte keeps the common cases to one parser: a TLS record st
 with 0x16, an HTTP/1 method with an upper-case letter, the h2 preface with "P" (shared
 with PATCH, POST, PUT). Text that the strict request grammar refuses is asked once more
 whether it is an irregular request line (doubled spaces, a lower-case method), which
-stays HTTP. Empty lines before a request line are skipped (RFC 9112 2.2). Binary bytes
+stays HTTP. Empty lines before a request line are skipped (RFC 9112 2.2), a bounded
+number of them: past those the head is HTTP refused (bad_request_line). Binary bytes
 are opaque at once, so server-speaks-first and binary protocols never wait for a buffer
 to fill.
 """

@@ -56,6 +56,7 @@ EXPECTED_SNIFF: dict[str, object] = {
     "h2_preface_then_garbage.bin": H2Preface(),
     "http_09_shape_binary.bin": Opaque("not_http"),
     "http_2000_headers.bin": HttpRequestHead("GET", "/", "HTTP/1.1", SNI, None),
+    "http_8000_empty_lines.bin": Opaque("bad_request_line"),
     "http_bare_cr.bin": Opaque("not_http"),
     "http_huge_port.bin": Opaque("bad_host"),
     "http_invalid_utf8_host.bin": Opaque("bad_host"),

@@ -26,6 +26,7 @@ from egressproxy.http1 import Http1Proxy, closing_head
 from egressproxy.metrics import Metrics, exposition
 from egressproxy.server import Reporting
 from egressproxy.settings import LogFormat, VerifyDestination
+from egressproxy.sniff.http import EMPTY_LINES_ALLOWED
 from tests.e2e.http_servers import h1
 from tests.unit.http_harness import (
     ALLOW_ALL,
@@ -324,6 +325,42 @@ async def test_empty_lines_before_a_request_are_skipped(
     await proxy.wait_closed_flows(1)
     assert proxy.ledger.flows[0].hostname == "example.test"
     assert [(r.status, r.error) for r in proxy.ledger.requests] == [(200, "")] * 4
+
+
+@pytest.mark.asyncio
+async def test_more_empty_lines_than_allowed_before_a_request_are_refused(
+    setup: tuple[LoopbackProxy, int, int],
+) -> None:
+    """At most EMPTY_LINES_ALLOWED empty lines are skipped before a request, as by the
+    sniffer, also when they come one a read on a keep-alive connection: with one more the
+    request is answered 400 and not sent upstream (it was, after any number of them)."""
+    proxy, _, _ = setup
+    head = b"GET /raw-head HTTP/1.1\r\nHost: example.test\r\n\r\n"
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(b"\r\n" * (EMPTY_LINES_ALLOWED + 1) + head)
+    async with asyncio.timeout(5):
+        assert (await read_response(reader))[0] == 400
+    writer.close()
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    for empty_lines, expected in ((EMPTY_LINES_ALLOWED, 200), (EMPTY_LINES_ALLOWED + 1, 400)):
+        writer.write(head)
+        async with asyncio.timeout(5):
+            assert (await read_response(reader))[0] == 200
+        for _ in range(empty_lines):
+            writer.write(b"\r\n")
+            await asyncio.sleep(0.01)
+        writer.write(head)
+        async with asyncio.timeout(5):
+            assert (await read_response(reader))[0] == expected
+    writer.close()
+    await proxy.wait_closed_flows(2)
+    assert [(r.status, r.error) for r in proxy.ledger.requests] == [
+        (400, "bad_request"),
+        (200, ""),
+        (200, ""),
+        (200, ""),
+        (400, "bad_request"),
+    ]
 
 
 @pytest.mark.asyncio

@@ -19,10 +19,11 @@ from egressproxy.sniff import (
     HttpRequestHead,
     NeedMore,
     Opaque,
+    Sniffed,
     TlsHello,
 )
-from egressproxy.sniff.detect import sniff
-from egressproxy.sniff.http import LOOSE_SPACE, could_begin_request
+from egressproxy.sniff.detect import sniff, sniff_again_at
+from egressproxy.sniff.http import EMPTY_LINES_ALLOWED, LOOSE_SPACE, could_begin_request
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 RESULT_TYPES = (TlsHello, HttpRequestHead, H2Preface, Opaque, NeedMore)
@@ -144,7 +145,16 @@ whitespace, and which keeps control bytes in a target) read each of these as GET
 reads a version digit by digit, and serves HTTP/0.9's line without one, as Apache does)."""
 
 
-@pytest.mark.parametrize("empty_lines", [b"\r\n", b"\n\n", b"\r\n\r\n\n"])
+@pytest.mark.parametrize(
+    "empty_lines",
+    [
+        b"\r\n",
+        b"\n\n",
+        b"\r\n\r\n\n",
+        b"\r\n" * EMPTY_LINES_ALLOWED,
+        b"\n" * EMPTY_LINES_ALLOWED,
+    ],
+)
 def test_empty_lines_before_a_request_line_are_skipped(empty_lines: bytes) -> None:
     """RFC 9112 2.2: the request after them is read as it is, Host and all (it was
     bad_request_line, decided without its host and answered 400)."""
@@ -152,6 +162,44 @@ def test_empty_lines_before_a_request_line_are_skipped(empty_lines: bytes) -> No
     assert sniff(empty_lines + head) == sniff(head)
     for end in range(1, len(empty_lines) + len(head)):
         assert sniff((empty_lines + head)[:end]) is NEED_MORE
+
+
+@pytest.mark.parametrize(
+    "line_ends",
+    [b"\r\n" * (EMPTY_LINES_ALLOWED + 1), b"\n" * (EMPTY_LINES_ALLOWED + 1), b"\r" * 21],
+    ids=["crlf", "lf", "cr"],
+)
+def test_more_empty_lines_than_allowed_are_http_refused(line_ends: bytes) -> None:
+    """As Apache, at most EMPTY_LINES_ALLOWED empty lines are skipped; nginx skips any
+    number of CRs and LFs and reads the request after them: the head is HTTP without a
+    host (400), not opaque bytes past the host rule."""
+    head = line_ends + b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n"
+    assert sniff(head) == Opaque("bad_request_line")
+    assert _classify(Opaque("bad_request_line"), head)[0] is Detected.HTTP1
+
+
+def bytes_sniffed_one_byte_a_read(flight: bytes) -> tuple[Sniffed | NeedMore, int]:
+    """The answer for flight arriving one byte a read, and the bytes the sniffer was handed
+    on the way, as the flow hands them (again at sniff_again_at): the work it did."""
+    handed = 0
+    again_at = 0
+    for end in range(1, len(flight) + 1):
+        if end < again_at:
+            continue
+        handed += end
+        answer = sniff(flight[:end])
+        if answer is not NEED_MORE:
+            return answer, handed
+        again_at = sniff_again_at(flight[:end])
+    return NEED_MORE, handed
+
+
+def test_empty_lines_one_byte_a_read_cost_bounded_work() -> None:
+    """Each read sniffs the whole buffer again: 8,000 CRLFs one byte a read held the event
+    loop two seconds, as the sniffer took them all for empty lines still to be skipped."""
+    answer, handed = bytes_sniffed_one_byte_a_read(b"\r\n" * 8000 + b"GET / HTTP/1.1\r\n")
+    assert handed <= (2 * EMPTY_LINES_ALLOWED + 1) ** 2, handed
+    assert answer == Opaque("bad_request_line")
 
 
 @pytest.mark.parametrize("line", IRREGULAR_REQUEST_LINES)
