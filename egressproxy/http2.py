@@ -31,6 +31,7 @@ from h11 import _abnf
 
 from egressproxy import upstream as upstream_connector
 from egressproxy.errors import PROXY_ERROR, UpstreamError, log_proxy_error
+from egressproxy.h2_windows import ConnectionWindows, StreamWindow
 from egressproxy.http1 import DENIED_BODY, unavailable_status
 from egressproxy.policy.decision import Action, Decision, RequestFacts
 from egressproxy.records import RequestRecord, grpc_code_of_answer, grpc_status_of
@@ -50,12 +51,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("egressproxy.http2")
 
-STREAM_WINDOW = 1 << 20
-"""Per-stream receive window offered to an upstream: bytes in flight per download."""
-UPSTREAM_CONNECTION_WINDOW = 16 << 20
-"""Receive window offered to an upstream, whose round trip may be long: downloads keep
-their speed over a wide-area path."""
 MAX_CONCURRENT_STREAMS = 256
+UPSTREAM_STREAM_WINDOW = 65_535
+"""Per-stream receive window offered to an upstream at first, the reserve each stream
+keeps whatever the others hold (h2_windows): all that a stream whose client reads nothing
+makes the proxy hold."""
+STREAM_WINDOW = 1 << 20
+"""What an upstream stream's window grows to while its client keeps up, from the growth
+pool: bytes in flight per download, which keeps its speed over a wide-area path."""
+UPSTREAM_GROWTH_POOL = 16 << 20
+"""What the streams of one upstream connection may draw together to grow their windows
+past UPSTREAM_STREAM_WINDOW: sixteen downloads at STREAM_WINDOW."""
 CLIENT_STREAM_WINDOW = 65_535
 """Per-stream receive window offered to a client, Linkerd's proxy's: what a client sends
 on a stream is held here until the upstream takes it (or the stream gets an upstream's
@@ -213,7 +219,7 @@ class _Connection(h2.connection.H2Connection):
             client=client_side,
             initial_values={
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: (
-                    STREAM_WINDOW if client_side else CLIENT_STREAM_WINDOW
+                    UPSTREAM_STREAM_WINDOW if client_side else CLIENT_STREAM_WINDOW
                 ),
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
@@ -511,6 +517,7 @@ class _Stream:
         "to_upstream",
         "upstream",
         "upstream_id",
+        "upstream_window",
     )
 
     def __init__(self, client_id: int, record: RequestRecord, headers: Headers) -> None:
@@ -519,6 +526,9 @@ class _Stream:
         self.headers = headers
         self.upstream: _Upstream | None = None
         self.upstream_id = 0
+        self.upstream_window: StreamWindow | None = None
+        """The receive window of its upstream twin, from its opening to the end of what
+        the client takes of the answer."""
         self.to_upstream = bytearray()
         self.request_ended = False
         self.request_trailers: Headers | None = None
@@ -541,6 +551,13 @@ class _Stream:
             and self.record.bytes_from_client == len(self.to_upstream)
         )
 
+    def close_upstream_window(self) -> None:
+        """Its upstream twin is done with: what it held and drew of the upstream
+        connection's window goes back."""
+        if self.upstream_window is not None:
+            self.upstream_window.close()
+            self.upstream_window = None
+
     @property
     def answered_here(self) -> bool:
         """The proxy answers this stream itself (its body may still wait for a window)."""
@@ -560,6 +577,9 @@ class _Upstream(asyncio.Protocol):
         """Streams not yet opened upstream (connecting, or at the peer's stream limit)."""
         self.goaways = GoawayFilter(0)
         self.answers_unread = AnswersUnread()
+        self.windows = ConnectionWindows(
+            MAX_CONCURRENT_STREAMS, UPSTREAM_STREAM_WINDOW, STREAM_WINDOW, UPSTREAM_GROWTH_POOL
+        )
         self.settled = False
         """The upstream's first SETTINGS came: until then its stream limit is unknown (h2
         assumes none), so no stream is opened and a burst is not refused wholesale."""
@@ -570,7 +590,7 @@ class _Upstream(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
         self.h2.initiate_connection()
-        self.h2.increment_flow_control_window(UPSTREAM_CONNECTION_WINDOW - 65535)
+        self.h2.increment_flow_control_window(self.windows.size - 65535)
 
     def data_received(self, data: bytes) -> None:
         self.proxy.upstream_data(self, data)
@@ -607,7 +627,13 @@ class _Upstream(asyncio.Protocol):
         self.proxy.upstream_full(self, False)
 
     def flush(self) -> None:
+        """What h2 has to send, after a WINDOW_UPDATE giving back the connection window
+        its streams no longer hold (h2_windows); none once h2 has closed the connection."""
         if self.transport is not None:
+            due = self.windows.due(self.h2.inbound_flow_control_window)
+            if due:
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    self.h2.increment_flow_control_window(due)
             data = self.h2.data_to_send()
             if data:
                 self.transport.write(data)
@@ -864,6 +890,7 @@ class H2Proxy(asyncio.Protocol):
             (b"content-length", b"%d" % len(body)),
         ]
         stream.upstream, stream.upstream_id = None, 0  # a failed upstream's, if any
+        stream.close_upstream_window()
         stream.response_started = stream.response_ended = True
         if stream.record.method == "HEAD":  # the length a GET's body would have, no body
             self.h2.send_headers(stream.client_id, headers, end_stream=True)
@@ -985,6 +1012,7 @@ class H2Proxy(asyncio.Protocol):
                 continue
             stream.upstream_id = upstream.h2.get_next_available_stream_id()
             upstream.streams[stream.upstream_id] = stream
+            stream.upstream_window = upstream.windows.open()
             ended = stream.request_ended and not stream.to_upstream and not stream.request_trailers
             upstream.h2.send_headers(stream.upstream_id, stream.headers, end_stream=ended)
             stream.end_sent = ended
@@ -1141,13 +1169,10 @@ class H2Proxy(asyncio.Protocol):
     def _upstream_event(self, upstream: _Upstream, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.DataReceived):
             stream = upstream.streams.get(event.stream_id or 0)
-            size = event.flow_controlled_length or 0
-            if stream is None or stream.done:
-                upstream.h2.acknowledge_received_data(size, event.stream_id)
-                return
+            if stream is None or stream.done or stream.upstream_window is None:
+                return  # its connection window goes back in upstream.flush
             assert event.data is not None
-            if size > len(event.data):
-                upstream.h2.acknowledge_received_data(size - len(event.data), event.stream_id)
+            stream.upstream_window.received(event.flow_controlled_length or 0, len(event.data))
             stream.record.bytes_from_upstream += len(event.data)
             stream.to_client += event.data
             self._pump_client(stream)
@@ -1167,13 +1192,11 @@ class H2Proxy(asyncio.Protocol):
                 status = grpc_status_of(stream.response_trailers)
                 if status is not None:
                     stream.record.grpc_status = status
-                stream.response_ended = True
-                self._pump_client(stream)
+                self._response_ended(stream)
         elif isinstance(event, h2.events.StreamEnded):
             stream = upstream.streams.get(event.stream_id or 0)
             if stream is not None and not stream.done:
-                stream.response_ended = True
-                self._pump_client(stream)
+                self._response_ended(stream)
         elif isinstance(event, h2.events.StreamReset):
             stream = upstream.streams.pop(event.stream_id or 0, None)
             if stream is not None and not stream.done:
@@ -1202,6 +1225,12 @@ class H2Proxy(asyncio.Protocol):
             self._open_waiting(upstream)
             for stream in list(upstream.streams.values()):  # a larger initial window
                 self._pump_upstream(stream)
+
+    def _response_ended(self, stream: _Stream) -> None:
+        stream.response_ended = True
+        if stream.upstream_window is not None:
+            stream.upstream_window.end()
+        self._pump_client(stream)
 
     def _upstream_goaway(self, upstream: _Upstream, last_stream_id: int) -> None:
         """The upstream takes no new stream: those up to last_stream_id finish on it, the
@@ -1255,6 +1284,7 @@ class H2Proxy(asyncio.Protocol):
             return
         stream.retried = True
         stream.upstream_id, stream.end_sent = 0, False
+        stream.close_upstream_window()
         self._forward(stream, key)
 
     def _upstream_reset(
@@ -1271,9 +1301,10 @@ class H2Proxy(asyncio.Protocol):
         self._finish_stream(stream, error)
 
     def _pump_client(self, stream: _Stream) -> None:
-        """Send the upstream's data as far as the client's window allows; ack upstream as sent."""
+        """Send the upstream's data as far as the client's window allows; the upstream's
+        window reopens as it goes."""
         pending = stream.to_client
-        upstream = stream.upstream
+        window = stream.upstream_window
         try:
             while pending:
                 size = min(
@@ -1282,12 +1313,13 @@ class H2Proxy(asyncio.Protocol):
                     len(pending),
                 )
                 if size <= 0:
-                    return
+                    break
                 self.h2.send_data(stream.client_id, bytes(pending[:size]))
                 del pending[:size]
-                if upstream is not None:
-                    upstream.h2.acknowledge_received_data(size, stream.upstream_id)
-            if stream.response_ended:
+                if window is not None:
+                    window.forwarded(size)
+            self._reopen_upstream(stream)
+            if stream.response_ended and not pending:
                 if stream.response_trailers is not None:
                     self.h2.send_headers(
                         stream.client_id, stream.response_trailers, end_stream=True
@@ -1297,6 +1329,18 @@ class H2Proxy(asyncio.Protocol):
                 self._stream_complete(stream)
         except h2.exceptions.StreamClosedError:
             self._finish_stream(stream, "client_reset")
+
+    def _reopen_upstream(self, stream: _Stream) -> None:
+        """The WINDOW_UPDATE its upstream window is due, if any (h2_windows). None goes
+        to a twin h2 has reset and forgotten already (a malformed response whose events
+        are still being read), nor on a connection h2 has closed."""
+        window, upstream = stream.upstream_window, stream.upstream
+        if window is None or upstream is None:
+            return
+        increment = window.increment()
+        if increment and stream.upstream_id in upstream.h2.streams:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                upstream.h2.increment_flow_control_window(increment, stream.upstream_id)
 
     def _stream_complete(self, stream: _Stream) -> None:
         upstream = stream.upstream
@@ -1329,8 +1373,8 @@ class H2Proxy(asyncio.Protocol):
         """Bytes a stream held that will never be sent on: acknowledged to whoever sent
         them, or their connection's window would shrink by them for good."""
         upstream = stream.upstream
+        stream.close_upstream_window()
         if stream.to_client and upstream is not None:
-            upstream.h2.acknowledge_received_data(len(stream.to_client), stream.upstream_id)
             stream.to_client.clear()
             upstream.flush()
         if stream.to_upstream:

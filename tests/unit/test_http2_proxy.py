@@ -11,6 +11,7 @@ import logging
 import socket
 import struct
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, cast
@@ -36,6 +37,7 @@ from egressproxy.http2 import (
     MAX_NEW_STREAMS_PER_READ,
     STREAM_WINDOW,
     STREAMS_BEFORE_RESETS_COUNT,
+    UPSTREAM_STREAM_WINDOW,
     GoawayFilter,
 )
 from egressproxy.metrics import Metrics
@@ -640,37 +642,139 @@ async def test_a_window_opened_by_settings_restarts_a_download(
     await proxy.wait_closed_flows(1)
 
 
+class WatchedH2Server(H2Server):
+    """H2Server, kept in `connections`, noting the largest window the proxy gave it on any
+    stream."""
+
+    def __init__(self, connections: list[WatchedH2Server]) -> None:
+        super().__init__()
+        connections.append(self)
+        self.largest_window = 0
+
+    def _pump(self, stream_id: int) -> None:
+        window = self.h2.local_flow_control_window(stream_id)
+        self.largest_window = max(self.largest_window, window)
+        super()._pump(stream_id)
+
+    def blocked(self, streams: int) -> bool:
+        """Whether it has this many answers begun and no window to send more of any."""
+        pending = list(self.pending)
+        return len(pending) == streams and not any(map(self.h2.local_flow_control_window, pending))
+
+
+def held(handler: Any) -> int:
+    """What the proxy holds for the client of an H2Proxy."""
+    return sum(len(stream.to_client) for stream in handler.streams.values())
+
+
+UPSTREAM_CONNECTION_WINDOW = (
+    egressproxy.http2.MAX_CONCURRENT_STREAMS + 1
+) * UPSTREAM_STREAM_WINDOW + egressproxy.http2.UPSTREAM_GROWTH_POOL
+
+
 @pytest.mark.asyncio
 async def test_downloads_the_client_resets_give_back_the_upstream_window(
-    h2_setup: tuple[LoopbackProxy, int],
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What the proxy held for a reset stream is acknowledged upstream: seventeen 1 MiB
-    holds would otherwise spend the upstream connection's 16 MiB window for good."""
-    proxy, _ = h2_setup
-    client = await connect_h2(proxy, ClosedWindowClient)
-    async with asyncio.timeout(4 * TIMEOUT):
+    """What the proxy held for a reset stream is given back upstream: the upstream's
+    connection window is whole again (but for less than one stream's window, its
+    WINDOW_UPDATEs going in batches), not short of it for good."""
+    connections: list[WatchedH2Server] = []
+    factory = lambda: WatchedH2Server(connections)  # noqa: E731
+    async with proxy_to_h2_origin(factory, tmp_path, monkeypatch) as proxy:
+        client = await connect_h2(proxy, ClosedWindowClient)
         for _ in range(17):
             client.request("GET", "/bytes/3000000")
-            stream_id = max(client.answers)
-            while not any(flow.handler for flow in proxy.context.open_flows.flows):
-                await asyncio.sleep(0.01)
-            (flow,) = proxy.context.open_flows.flows
-            handler = cast(Any, flow.handler)
+        handler = await only_handler(proxy)
+        async with asyncio.timeout(TIMEOUT):
             while (
-                stream_id not in handler.streams
-                or len(handler.streams[stream_id].to_client) < (1 << 20) - 70000
+                not (connections and connections[0].blocked(17))
+                or held(handler) < 17 * UPSTREAM_STREAM_WINDOW
             ):
                 await asyncio.sleep(0.01)
-            client.h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+            for stream_id in list(client.answers):
+                client.h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
             client.transport.write(client.h2.data_to_send())
-            while stream_id in handler.streams:
+            while handler.streams:
                 await asyncio.sleep(0.01)
+            last = client.request("GET", "/bytes/1000")
+            client.open_window(max(client.answers), 5000)
+            await last.done.wait()
+            window = connections[0].h2.outbound_flow_control_window
+            while window <= UPSTREAM_CONNECTION_WINDOW - UPSTREAM_STREAM_WINDOW:
+                await asyncio.sleep(0.01)
+                window = connections[0].h2.outbound_flow_control_window
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
+    assert len(last.body) == 1000
+    assert window <= UPSTREAM_CONNECTION_WINDOW
+
+
+@pytest.mark.asyncio
+async def test_streams_a_client_leaves_unread_leave_the_upstream_window_to_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forty downloads the client reads nothing of: each holds its stream's first window
+    (64 KiB) in the proxy, and a further request on the connection is answered at once.
+    Each stream's window was 1 MiB in a 16 MiB connection window, so sixteen of them took
+    all of it and the upstream could send nothing more on any stream (forty unread grpcio
+    server streams: a 41st call ran into its deadline)."""
+    connections: list[WatchedH2Server] = []
+    factory = lambda: WatchedH2Server(connections)  # noqa: E731
+    async with proxy_to_h2_origin(factory, tmp_path, monkeypatch) as proxy:
+        client = await connect_h2(proxy, ClosedWindowClient)
+        for _ in range(40):
+            client.request("GET", "/bytes/2000000")
+        handler = await only_handler(proxy)
+        async with asyncio.timeout(TIMEOUT):
+            while (
+                not (connections and connections[0].blocked(40))
+                or held(handler) < 40 * UPSTREAM_STREAM_WINDOW
+            ):
+                await asyncio.sleep(0.01)
+        each = [len(stream.to_client) for stream in handler.streams.values()]
         last = client.request("GET", "/bytes/1000")
         client.open_window(max(client.answers), 5000)
-        await last.done.wait()
+        async with asyncio.timeout(TIMEOUT):
+            await last.done.wait()
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
     assert len(last.body) == 1000
-    client.transport.close()
-    await proxy.wait_closed_flows(1)
+    assert each == [UPSTREAM_STREAM_WINDOW] * 40
+
+
+class WideOpenClient(H2Client):
+    """Reads every stream as it comes, through windows of 16 MiB: never the bottleneck."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.h2.local_settings = h2.settings.Settings(
+            client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 16 << 20}
+        )
+        super().connection_made(transport)
+        self.h2.increment_flow_control_window(16 << 20)
+        self.transport.write(self.h2.data_to_send())
+
+
+@pytest.mark.asyncio
+async def test_a_download_the_client_keeps_up_with_grows_its_upstream_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream starts with a 64 KiB window upstream; as its client takes what comes at
+    once, the window grows to STREAM_WINDOW (1 MiB), which keeps a download's speed over
+    a long round trip, and no further."""
+    connections: list[WatchedH2Server] = []
+    factory = lambda: WatchedH2Server(connections)  # noqa: E731
+    total = 8 << 20
+    async with proxy_to_h2_origin(factory, tmp_path, monkeypatch) as proxy:
+        client = await connect_h2(proxy, WideOpenClient)
+        download = client.request("GET", f"/bytes/{total}")
+        async with asyncio.timeout(TIMEOUT):
+            await download.done.wait()
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
+    expected = hashlib.sha256(b"".join(deterministic_chunks(total))).hexdigest()
+    assert hashlib.sha256(download.body).hexdigest() == expected
+    assert STREAM_WINDOW // 2 < connections[0].largest_window <= STREAM_WINDOW
 
 
 class EarlyH2Origin(SlowH2Origin):
@@ -744,8 +848,19 @@ async def test_an_upstream_reset_keeps_its_error_code(
     assert [(r.status, r.error) for r in proxy.ledger.requests] == [(200, "reset")] * 2
 
 
-WHOLE_BODY = bytes(range(256)) * 1200
-"""307,200 bytes: more than the client's first window, so the proxy holds some of it."""
+WHOLE_BODY = bytes(range(256)) * 240
+"""61,440 bytes: within an upstream stream's first window, more than a SmallWindowClient's,
+so the proxy holds some of it."""
+
+
+class SmallWindowClient(H2Client):
+    """Reads every stream as it comes, through windows of 16 KiB."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.h2.local_settings = h2.settings.Settings(
+            client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 16384}
+        )
+        super().connection_made(transport)
 
 
 class CompleteThenGoneH2Origin(asyncio.Protocol):
@@ -802,7 +917,7 @@ async def test_a_whole_answer_outlives_its_upstreams_close(
     """The upstream sent all of its answer and closed; what the client's window still
     held back was reset as INTERNAL_ERROR (for gRPC: its last messages and its status)."""
     async with proxy_to_h2_origin(CompleteThenGoneH2Origin, tmp_path, monkeypatch) as proxy:
-        client = await connect_h2(proxy)
+        client = await connect_h2(proxy, SmallWindowClient)
         answer = client.request("GET", "/whole")
         async with asyncio.timeout(TIMEOUT):
             await answer.done.wait()
@@ -820,7 +935,7 @@ async def test_a_whole_answer_outlives_an_upstream_reset_with_no_error(
     with NO_ERROR, and a client MUST NOT discard the answer for it. The proxy passed the
     reset on at once, before what it still held of the answer."""
     async with proxy_to_h2_origin(ResetAfterWholeAnswerH2Origin, tmp_path, monkeypatch) as proxy:
-        client = await connect_h2(proxy)
+        client = await connect_h2(proxy, SmallWindowClient)
         stream_id = client.h2.get_next_available_stream_id()
         headers = [(":method", "POST"), (":scheme", "http"),
                    (":authority", "example.test"), (":path", "/upload")]  # fmt: skip
@@ -1084,6 +1199,66 @@ async def test_grpc_allowed_denied_and_unavailable(
         ("/test.Echo/Fail", True, 7, ""),
         ("/test.Echo/Echo", True, 14, "connect_refused"),
     ]
+
+
+def streaming_grpc_server() -> tuple[Any, int]:
+    """A grpcio server, started, and its port: test.Echo/Echo, and test.Echo/Stream, whose
+    answer is 256 messages of 64 KiB (as fast as the client's window allows)."""
+
+    def echo(request: bytes, context: Any) -> bytes:
+        return request
+
+    def stream(request: bytes, context: Any) -> Iterator[bytes]:
+        for _ in range(256):
+            if not context.is_active():
+                return
+            yield bytes(65536)
+
+    handler = grpc.method_handlers_generic_handler(
+        "test.Echo",
+        {
+            "Echo": grpc.unary_unary_rpc_method_handler(echo),
+            "Stream": grpc.unary_stream_rpc_method_handler(stream),
+        },
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+@pytest.mark.asyncio
+async def test_grpc_streams_left_unread_do_not_stall_the_next_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forty server-streaming calls the application reads nothing of (grpcio buffers a few
+    MiB of each, then its windows close), and a unary call on the same channel: it ran into
+    its deadline, the unread streams holding the upstream connection's whole window (with
+    a direct connection it took milliseconds)."""
+    server, port = streaming_grpc_server()
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    try:
+        async with loopback_proxy(tmp_path, monkeypatch, POLICY, local(port)) as proxy:
+            with grpc.insecure_channel(f"127.0.0.1:{proxy.port}", options=options) as channel:
+                streaming: Any = channel.unary_stream("/test.Echo/Stream")
+                calls = [streaming(b"", timeout=4 * TIMEOUT) for _ in range(40)]
+                handler = await only_handler(proxy)
+                async with asyncio.timeout(TIMEOUT):
+                    while len(handler.streams) < 40 or any(
+                        stream.upstream.h2.remote_flow_control_window(stream.upstream_id)
+                        for stream in handler.streams.values()
+                    ):
+                        await asyncio.sleep(0.01)
+                unary: Any = channel.unary_unary("/test.Echo/Echo")
+                try:
+                    answer = await asyncio.to_thread(unary, b"ping", timeout=5)
+                finally:
+                    for stream_call in calls:
+                        stream_call.cancel()
+    finally:
+        server.stop(None)
+    assert answer == b"ping"
 
 
 NATIVE_HEADER_AND_QUERY_RULES = """\
@@ -2513,7 +2688,7 @@ async def test_a_connection_closing_to_a_client_that_reads_nothing_closes_its_up
         client.send(download(goaway=closing == "goaway", paths=paths))
         handler = await only_handler(origins.proxy)
         used = [await origins.requested(path) for path in paths]
-        used[0].answer("/first", bytes(65536))
+        used[0].answer("/first", bytes(UPSTREAM_STREAM_WINDOW))
         async with asyncio.timeout(TIMEOUT):
             while not handler.transport.get_write_buffer_size():
                 await asyncio.sleep(0.01)
