@@ -33,6 +33,7 @@ from egressproxy import upstream as upstream_connector
 from egressproxy.errors import PROXY_ERROR, UpstreamError, log_proxy_error
 from egressproxy.h2_windows import ConnectionWindows, StreamWindow
 from egressproxy.http1 import DENIED_BODY, unavailable_status
+from egressproxy.http1_lean import MAX_RESPONSE_HEAD
 from egressproxy.policy.decision import Action, Decision, RequestFacts
 from egressproxy.records import RequestRecord, grpc_code_of_answer, grpc_status_of
 from egressproxy.relay import (
@@ -155,8 +156,10 @@ def opens_a_stream(event: h2.events.Event) -> bool:
 
 
 OVERSIZED_HEAD_FACTOR = 4
-"""A client's request head past --max-header-bytes is answered 431 on its stream; past this
-many times it, decoding it is already the harm (an HPACK bomb), and its connection ends."""
+"""A client's request head past --max-header-bytes is answered 431 on its stream, an
+upstream's response head past MAX_RESPONSE_HEAD fails its stream (502, bad_response); past
+this many times the limit, decoding it is already the harm (an HPACK bomb), and the
+connection ends."""
 
 
 def head_size(headers: Headers) -> int:
@@ -189,32 +192,32 @@ class _Connection(h2.connection.H2Connection):
     raises as a ProtocolError, which ends the whole connection (GOAWAY). Here such an
     error resets that stream alone, the way h2 itself treats a frame on a stream it reset
     (StreamClosedError carrying events, caught in _receive_frame), and becomes a
-    MalformedMessage event. What is caught is told apart without reading error messages:
-    for DATA, h2's own class, InvalidBodyLengthError; for HEADERS, an error raised once
-    the stream's state machine recorded the block (headers_received or trailers_received
-    changed), so the block decoded (HPACK state intact) on a valid stream. Errors before
-    that (HPACK, stream ids, a frame on a closed stream) stay connection errors, but for
-    TooManyStreamsError (_refuse) and (upstream) a 1xx response with END_STREAM, which h2
-    refuses before its stream takes it (_ended_informational). A body a header block's
-    END_STREAM ends short of its content-length, which h2 lets through, is a stream error
-    too (_length_at_end).
+    MalformedMessage event; so does (upstream) a header block over the limit the peer was
+    told (SETTINGS_MAX_HEADER_LIST_SIZE), decoded whole all the same (up to
+    OVERSIZED_HEAD_FACTOR times it) to keep HPACK in step. What is caught is told apart
+    without reading error messages: for DATA, h2's own class, InvalidBodyLengthError; for
+    HEADERS, an error raised once the stream's state machine recorded the block
+    (headers_received or trailers_received changed), so the block decoded (HPACK state
+    intact) on a valid stream. Errors before that (HPACK, stream ids, a frame on a closed
+    stream) stay connection errors, but for TooManyStreamsError (_refuse) and (upstream) a
+    1xx response with END_STREAM, which h2 refuses before its stream takes it
+    (_ended_informational). A body a header block's END_STREAM ends short of its
+    content-length, which h2 lets through, is a stream error too (_length_at_end).
     These override and read h2's private parts, so pyproject.toml pins h2's minor version.
     """
 
     decoder: _BlockKeepingDecoder
 
     def __init__(self, client_side: bool, max_header_bytes: int) -> None:
-        """h2 validates the upstream's header blocks itself; the client's are checked by
-        `malformed`, after the stream is decided, so a bad request is counted on its route."""
+        """h2 validates the upstream's header blocks itself, and here their size; the
+        client's are checked by `malformed` and against max_header_bytes after the stream
+        is decided, so a bad request is counted on its route."""
         config = h2.config.H2Configuration(
             client_side=client_side, header_encoding=None, validate_inbound_headers=client_side
         )
         super().__init__(config=config)
-        self.decoder = _BlockKeepingDecoder(
-            OVERSIZED_HEAD_FACTOR * max_header_bytes
-            if not client_side
-            else self.decoder.max_header_list_size
-        )
+        self.max_header_bytes = max_header_bytes
+        self.decoder = _BlockKeepingDecoder(OVERSIZED_HEAD_FACTOR * max_header_bytes)
         self.local_settings = h2.settings.Settings(
             client=client_side,
             initial_values={
@@ -257,6 +260,11 @@ class _Connection(h2.connection.H2Connection):
                 raise
             self.state_machine.process_input(h2.connection.ConnectionInputs.RECV_HEADERS)
             return self._stream_error(frame.stream_id, str(error), head=not before[0])
+        if self.config.client_side and self.decoder.last_block is not None:
+            size = head_size(self.decoder.last_block)
+            if size > self.max_header_bytes:
+                problem = f"header block of {size} bytes, over {self.max_header_bytes}"
+                return self._stream_error(frame.stream_id, problem, head=not before[0])
         if "END_STREAM" in frame.flags:
             problem = self._length_at_end(frame.stream_id, declared, trailers=bool(before[0]))
             if problem:
@@ -570,7 +578,7 @@ class _Upstream(asyncio.Protocol):
     def __init__(self, proxy: H2Proxy, key: tuple[str, int]) -> None:
         self.proxy = proxy
         self.key = key
-        self.h2 = _Connection(True, proxy.settings.max_header_bytes)
+        self.h2 = _Connection(True, MAX_RESPONSE_HEAD)
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, _Stream] = {}
         self.waiting: deque[_Stream] = deque()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import http.client
 import json
@@ -1014,6 +1015,85 @@ async def test_a_request_head_over_max_header_bytes_gets_431_on_its_stream(
     assert not client.goaway
     outcomes = [(r.path, r.status, r.error) for r in proxy.ledger.requests]
     assert outcomes == [("/big", 431, "header_too_large")] * 2 + [("/after", 200, "")]
+
+
+class LargeHeadH2Origin(SlowH2Origin):
+    """Answers a stream asking `x-head-bytes: N` after DELAY with a response head of N bytes
+    or more (one header of N bytes, then `x-indexed: kept`, which HPACK then indexes) and no
+    body, every
+    other stream after 2 * DELAY on the same connection with 200 "late" and `x-indexed:
+    kept` (sent as an index of the table the large head left). Keeps the (stream, code) of
+    each reset."""
+
+    LIMIT = 10
+    resets: ClassVar[list[tuple[int, int | None]]] = []
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                size = dict(event.headers or []).get(b"x-head-bytes")
+                later = functools.partial(self.reply, event.stream_id, int(size or 0))
+                asyncio.get_running_loop().call_later(self.DELAY * (1 if size else 2), later)
+            elif isinstance(event, h2.events.StreamReset):
+                self.resets.append((event.stream_id, event.error_code))
+        self.transport.write(self.h2.data_to_send())
+
+    def reply(self, stream_id: int, size: int) -> None:
+        """A large head has no body yet (so its stream is open to the proxy's reset)."""
+        large = [("x-large", "a" * size)] if size else []
+        headers = [(":status", "200"), ("content-length", "4"), *large, ("x-indexed", "kept")]
+        with contextlib.suppress(h2.exceptions.ProtocolError):  # the connection cut
+            self.h2.send_headers(stream_id, headers)
+            if not size:
+                self.h2.send_data(stream_id, b"late", end_stream=True)
+        self.transport.write(self.h2.data_to_send())
+
+
+@pytest.mark.asyncio
+async def test_a_response_head_too_large_fails_its_stream_not_the_upstream_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A response head over 64 KiB (HTTP/1's limit, and the SETTINGS_MAX_HEADER_LIST_SIZE
+    the upstream is told) is malformed (RFC 9113 10.5.1): its stream alone fails, 502
+    bad_response, reset PROTOCOL_ERROR upstream; its block is still decoded, HPACK kept in
+    step, and the stream beside it on that upstream is answered. hpack's limit raised a
+    connection error: both streams got 502."""
+    LargeHeadH2Origin.resets = []
+    async with proxy_to_h2_origin(LargeHeadH2Origin, tmp_path, monkeypatch) as proxy:
+        client = await connect_h2(proxy)
+        large = client.request("GET", "/large", headers={"x-head-bytes": str(70_000)})
+        good = client.request("GET", "/good")
+        async with asyncio.timeout(TIMEOUT):
+            for answer in (large, good):
+                await answer.done.wait()
+        assert (large.headers[":status"], bytes(large.body)) == ("502", b"upstream bad_response\n")
+        assert (good.headers[":status"], good.headers["x-indexed"]) == ("200", "kept")
+        assert bytes(good.body) == b"late"
+        assert LargeHeadH2Origin.resets == [(1, h2.errors.ErrorCodes.PROTOCOL_ERROR)]
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
+    outcomes = sorted((r.path, r.status, r.error) for r in proxy.ledger.requests)
+    assert outcomes == [("/good", 200, ""), ("/large", 502, "bad_response")]
+
+
+@pytest.mark.asyncio
+async def test_a_response_head_past_four_times_the_limit_ends_its_upstream_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past four times the limit decoding the head is the harm (an HPACK bomb): as for a
+    client's request head, the upstream connection ends, and each stream on it gets 502."""
+    async with proxy_to_h2_origin(LargeHeadH2Origin, tmp_path, monkeypatch) as proxy:
+        client = await connect_h2(proxy)
+        bomb = client.request("GET", "/bomb", headers={"x-head-bytes": str(4 * 65536)})
+        beside = client.request("GET", "/beside")
+        async with asyncio.timeout(TIMEOUT):
+            for answer in (bomb, beside):
+                await answer.done.wait()
+        assert [a.headers[":status"] for a in (bomb, beside)] == ["502", "502"]
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
+    outcomes = sorted((r.path, r.status, r.error) for r in proxy.ledger.requests)
+    assert outcomes == [("/beside", 502, "bad_response"), ("/bomb", 502, "bad_response")]
 
 
 class GoawayH2Origin(SlowH2Origin):
