@@ -705,7 +705,7 @@ class H2Proxy(asyncio.Protocol):
             events, goaways = receive(self.h2, self.goaways, data)
         except h2.exceptions.ProtocolError as error:
             log.info("%s: h2 protocol error: %s", self.flow.record.client, error)
-            self.error = "bad_request"
+            self.error = self.flow.record.error = "bad_request"  # the cause of the streams cut
             self._flush()
             self._close()
             return
