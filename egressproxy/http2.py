@@ -1115,8 +1115,12 @@ class H2Proxy(asyncio.Protocol):
 
     def _client_reset(self, stream_id: int | None) -> None:
         stream = self.streams.get(stream_id or 0)
-        if stream is None:
-            return
+        if stream is not None:
+            self._reset_by_client(stream)
+
+    def _reset_by_client(self, stream: _Stream) -> None:
+        """The client reset the stream: on its RST_STREAM's event, or found closed in h2
+        before that event came, when sending on it (the event then finds it gone)."""
         self._cancel_upstream(stream)
         self._finish_stream(stream, "client_reset")
         self._count_premature_reset(stream)
@@ -1335,8 +1339,8 @@ class H2Proxy(asyncio.Protocol):
                 else:
                     self.h2.end_stream(stream.client_id)
                 self._stream_complete(stream)
-        except h2.exceptions.StreamClosedError:
-            self._finish_stream(stream, "client_reset")
+        except h2.exceptions.StreamClosedError:  # reset in the read that opened its window
+            self._reset_by_client(stream)
 
     def _reopen_upstream(self, stream: _Stream) -> None:
         """The WINDOW_UPDATE its upstream window is due, if any (h2_windows). None goes

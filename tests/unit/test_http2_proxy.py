@@ -2886,3 +2886,38 @@ async def test_a_stream_on_an_upstream_that_sent_goaway_is_cancelled_when_the_cl
                 await asyncio.sleep(0.01)
     assert origin.resets == [(1, h2.errors.ErrorCodes.CANCEL)]
     assert request_statuses(registry, "http") == [("http-egress-allow", "", "reset", 1.0)]
+
+
+@pytest.mark.asyncio
+async def test_a_download_reset_in_the_read_that_opens_its_window_is_cancelled_upstream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client opens a waiting download's window and resets it in one read: h2 has
+    closed the stream when the WINDOW_UPDATE's event makes the proxy send on it, before the
+    RST_STREAM's event comes. The stream ended as client_reset there, but its upstream twin
+    was neither reset nor let go of: it kept its upstream stream slot and window until the
+    upstream ended it (never, its window closed). It is now cancelled upstream, as a
+    client's reset is."""
+    async with held_origins(tmp_path, monkeypatch) as origins:
+        client = await connect_h2(origins.proxy, ClosedWindowClient)
+        client.request("GET", "/held")
+        origin = await origins.requested("/held")
+        origin.begin("/held")
+        origin.h2.send_data(origin.requests["/held"], bytes(1000))
+        origin.transport.write(origin.h2.data_to_send())
+        handler = await only_handler(origins.proxy)
+        async with asyncio.timeout(TIMEOUT):
+            while not (1 in handler.streams and handler.streams[1].to_client):
+                await asyncio.sleep(0.01)
+        (upstream,) = handler.upstreams.values()
+        client.h2.increment_flow_control_window(100, 1)
+        client.h2.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+        handler.data_received(client.h2.data_to_send())
+        async with asyncio.timeout(TIMEOUT):
+            while not origin.resets:
+                await asyncio.sleep(0.01)
+        assert (origin.resets, upstream.streams) == ([(1, h2.errors.ErrorCodes.CANCEL)], {})
+        client.transport.close()
+        await origins.proxy.wait_closed_flows(1)
+    outcomes = [(r.path, r.status, r.error) for r in origins.proxy.ledger.requests]
+    assert outcomes == [("/held", 200, "client_reset")]
