@@ -798,7 +798,8 @@ class H2Proxy(asyncio.Protocol):
     def _request_started(self, event: h2.events.RequestReceived) -> None:
         assert event.stream_id is not None and event.headers is not None
         if self.goaway_sent:  # past our GOAWAY's last stream: not processed
-            self.h2.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            with contextlib.suppress(h2.exceptions.StreamClosedError):  # reset by the client
+                self.h2.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         headers: Headers = list(event.headers)
         facts, bad_request = stream_facts(headers, self.flow)
@@ -900,11 +901,12 @@ class H2Proxy(asyncio.Protocol):
         stream.upstream, stream.upstream_id = None, 0  # a failed upstream's, if any
         stream.close_upstream_window()
         stream.response_started = stream.response_ended = True
-        if stream.record.method == "HEAD":  # the length a GET's body would have, no body
-            self.h2.send_headers(stream.client_id, headers, end_stream=True)
+        head_only = stream.record.method == "HEAD"  # the length a GET's body would have
+        if not self._send_answer_head(stream, headers, ended=head_only):
+            return
+        if head_only:
             self._answered_locally(stream)
             return
-        self.h2.send_headers(stream.client_id, headers)
         stream.to_client += body
         self._pump_client(stream)
 
@@ -923,8 +925,19 @@ class H2Proxy(asyncio.Protocol):
             (b"grpc-status", b"%d" % code),
             (b"grpc-message", text.replace(" ", "%20").encode()),
         ]
-        self.h2.send_headers(stream.client_id, headers, end_stream=True)
-        self._answered_locally(stream)
+        if self._send_answer_head(stream, headers, ended=True):
+            self._answered_locally(stream)
+
+    def _send_answer_head(self, stream: _Stream, headers: Headers, ended: bool) -> bool:
+        """The head of the proxy's own answer; False if h2 has closed the client's stream:
+        its head and RST_STREAM came in one read, and the RST_STREAM's event, still to come,
+        will find the stream gone."""
+        try:
+            self.h2.send_headers(stream.client_id, headers, end_stream=ended)
+        except h2.exceptions.StreamClosedError:
+            self._reset_by_client(stream)
+            return False
+        return True
 
     def _answered_locally(self, stream: _Stream) -> None:
         if not stream.request_ended:

@@ -2921,3 +2921,58 @@ async def test_a_download_reset_in_the_read_that_opens_its_window_is_cancelled_u
         await origins.proxy.wait_closed_flows(1)
     outcomes = [(r.path, r.status, r.error) for r in origins.proxy.ledger.requests]
     assert outcomes == [("/held", 200, "client_reset")]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "counted"),
+    [
+        ("GET", "/denied/x", {}, [("/denied/x", 403, "client_reset"), ("/held", 200, "")]),
+        ("HEAD", "/denied/x", {}, [("/denied/x", 403, "client_reset"), ("/held", 200, "")]),
+        (
+            "POST",
+            "/test.Echo/Fail",
+            {"content-type": "application/grpc"},
+            [("/held", 200, ""), ("/test.Echo/Fail", 403, "client_reset")],
+        ),
+        ("GET", "/after-goaway", {}, [("/held", 200, "")]),
+    ],
+)
+async def test_a_head_the_proxy_answers_reset_in_the_same_read_ends_only_its_stream(
+    h2_setup: tuple[LoopbackProxy, int],
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    counted: list[tuple[str, int, str]],
+) -> None:
+    """A request head and its RST_STREAM in one read: h2 has closed the stream when the
+    head's event makes the proxy answer it itself (403, a gRPC deny, or past its GOAWAY a
+    refusal), and sending on it raised out of data_received, which took the client's whole
+    connection down (the upload in flight beside it too). The stream now ends alone, as
+    the client's reset."""
+    proxy, _ = h2_setup
+    client = await connect_h2(proxy, GoawayReadingClient)
+    held_id = client.h2.get_next_available_stream_id()
+    upload = [(":method", "POST"), (":scheme", "http"),
+              (":authority", "example.test"), (":path", "/held")]  # fmt: skip
+    client.h2.send_headers(held_id, upload)
+    held = client.answers[held_id] = Answer()
+    client.transport.write(client.h2.data_to_send())
+    handler = await only_handler(proxy)
+    if path == "/after-goaway":
+        handler.drain()
+    stream_id = client.h2.get_next_available_stream_id()
+    block = [(":method", method), (":scheme", "http"), (":authority", "example.test"),
+             (":path", path), *headers.items()]  # fmt: skip
+    client.h2.send_headers(stream_id, block, end_stream=True)
+    client.h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+    client.answers[stream_id] = Answer()
+    handler.data_received(client.h2.data_to_send())
+    client.upload(held_id, b"x")
+    async with asyncio.timeout(TIMEOUT):
+        await held.done.wait()
+    assert (held.headers[":status"], json.loads(held.body)["body"]["length"]) == ("200", 1)
+    client.transport.close()
+    await proxy.wait_closed_flows(1)
+    outcomes = sorted((r.path, r.status, r.error) for r in proxy.ledger.requests)
+    assert outcomes == counted
