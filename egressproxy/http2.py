@@ -1106,7 +1106,7 @@ class H2Proxy(asyncio.Protocol):
         counted as HTTP/1 counts a bad request; the other streams carry on. What went
         upstream of it (headers before bad trailers) is cancelled there."""
         log.info("%s: bad h2 request: %s", self.flow.record.client, problem)
-        self._cancel_upstream(stream)
+        self._client_cancelled(stream)
         with contextlib.suppress(h2.exceptions.StreamClosedError):
             self.h2.reset_stream(stream.client_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
         self._finish_stream(stream, "bad_request")
@@ -1134,7 +1134,7 @@ class H2Proxy(asyncio.Protocol):
     def _reset_by_client(self, stream: _Stream) -> None:
         """The client reset the stream: on its RST_STREAM's event, or found closed in h2
         before that event came, when sending on it (the event then finds it gone)."""
-        self._cancel_upstream(stream)
+        self._client_cancelled(stream)
         self._finish_stream(stream, "client_reset")
         self._count_premature_reset(stream)
 
@@ -1151,6 +1151,14 @@ class H2Proxy(asyncio.Protocol):
                 and self.premature_resets * 2 > self.streams_opened
             ):
                 self._flooded("streams reset as soon as opened")
+
+    def _client_cancelled(self, stream: _Stream) -> None:
+        """The client ended the stream before its answer did: its upstream twin is
+        cancelled, and the stream slot it held on that upstream goes to one waiting."""
+        upstream = stream.upstream
+        self._cancel_upstream(stream)
+        if upstream is not None:
+            self._open_waiting(upstream)
 
     def _cancel_upstream(self, stream: _Stream) -> None:
         """The stream will not be finished: its upstream twin is cancelled (or, not yet

@@ -2976,3 +2976,43 @@ async def test_a_head_the_proxy_answers_reset_in_the_same_read_ends_only_its_str
     await proxy.wait_closed_flows(1)
     outcomes = sorted((r.path, r.status, r.error) for r in proxy.ledger.requests)
     assert outcomes == counted
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("ending", ["reset", "malformed"])
+async def test_a_stream_the_client_ends_gives_its_upstream_slot_to_one_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    """The upstream takes one stream at a time; /first holds the slot, /second waits for
+    it. The client resets /first (or makes it malformed, a content-length its body
+    overruns): it is cancelled upstream, and /second is sent at once. It waited until
+    another stream on that upstream ended, or the idle timeout."""
+    async with proxy_to_h2_origin(OneStreamH2Server, tmp_path, monkeypatch) as proxy:
+        client = await connect_h2(proxy)
+        first_id = client.h2.get_next_available_stream_id()
+        headers = [(":method", "POST"), (":scheme", "http"), (":authority", "example.test"),
+                   (":path", "/first"), ("content-length", "1")]  # fmt: skip
+        client.h2.send_headers(first_id, headers)
+        client.answers[first_id] = Answer()
+        client.transport.write(client.h2.data_to_send())
+        handler = await only_handler(proxy)
+        async with asyncio.timeout(TIMEOUT):
+            while not any(upstream.streams for upstream in handler.upstreams.values()):
+                await asyncio.sleep(0.01)
+        second = client.request("GET", "/second")
+        async with asyncio.timeout(TIMEOUT):
+            while not any(upstream.waiting for upstream in handler.upstreams.values()):
+                await asyncio.sleep(0.01)
+        if ending == "reset":
+            client.h2.reset_stream(first_id, h2.errors.ErrorCodes.CANCEL)
+            client.transport.write(client.h2.data_to_send())
+        else:
+            client.transport.write(hyperframe.frame.DataFrame(first_id, b"two").serialize())
+        async with asyncio.timeout(2.0):
+            await second.done.wait()
+        assert second.headers[":status"] == "200"
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
+    outcomes = sorted((r.path, r.status, r.error) for r in proxy.ledger.requests)
+    first_error = "client_reset" if ending == "reset" else "bad_request"
+    assert outcomes == [("/first", None, first_error), ("/second", 200, "")]
