@@ -20,7 +20,8 @@ import pytest
 
 from egressproxy.netfilter import PROXY_SOURCE_PORTS
 
-from .clients import recv_exactly, recv_until_eof, stream_sha256
+from . import servers
+from .clients import echo_once, recv_exactly, recv_until_eof, stream_sha256
 from .netns import NamespaceHTTPConnection, call_in
 from .proxy_process import StartProxy, metric
 from .world import BLACKHOLE_V4, STOP_TIMEOUT, World, stop_process
@@ -273,8 +274,9 @@ def test_a_closing_first_request_is_answered_then_closed(world: World, proxy: St
         b"GET /get HTTP/1.10\r\nHost: www.example.test\r\n\r\n",
         b"GET /get\r\n",
         b"GET /get HTTP/1.1\r\nHost: www.example.test\xa0\r\n\r\n",
+        b"\r\n" * 11 + b"GET /get HTTP/1.1\r\nHost: httpbin.org\r\n\r\n",
     ],
-    ids=["version-01.1", "version-1.10", "http-0.9", "host-nbsp"],
+    ids=["version-01.1", "version-1.10", "http-0.9", "host-nbsp", "eleven-empty-lines"],
 )
 def test_a_head_nginx_would_read_otherwise_is_refused_not_relayed(
     world: World, proxy: StartProxy, head: bytes
@@ -292,6 +294,18 @@ def test_a_head_nginx_would_read_otherwise_is_refused_not_relayed(
         sock.close()
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
     assert running.logged(r"access .* protocol=http1 .* status=400 error=bad_request ")
+
+
+def test_a_versionless_line_of_another_method_than_get_is_relayed_as_bytes(
+    world: World, proxy: StartProxy
+) -> None:
+    """HTTP/0.9 has GET only, and no server serves another method without a version: such
+    a first line (or a binary message shaped like one) is opaque bytes for its server, not
+    a request the proxy refuses."""
+    running = proxy(NATIVE_HOST_DENY, "--namespace", "egress-test")
+    with world.connect(world.host("httpbin.org").v4, servers.ECHO_PORT) as sock:
+        assert echo_once(sock, b"POST /x\r\n") == b"POST /x\r\n"
+    assert running.logged(r"access .* protocol=opaque .* status=- error=- "), running.log_text()
 
 
 def split_responses(data: bytes) -> list[int]:

@@ -4,6 +4,7 @@ scrape of /metrics, parsed with prometheus-client and checked label by label (is
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -132,6 +133,10 @@ def test_every_kind_of_traffic_then_one_scrape(world: World, proxy: StartProxy) 
         recv_until_eof(sock)
     assert curl_status(world, "-4", "https://github.com/") == "000"
     assert curl_status(world, "-4", "http://httpbin.org:443/get") == "403"  # not TLS: denied
+    plain = (
+        rf"destination={re.escape(httpbin.v4)}:443 protocol=http1 .* status=403 error=forbidden "
+    )
+    assert running.logged(rf"access client=\S+ {plain}"), running.log_text()
     with world.connect(httpbin.v4, servers.ECHO_PORT) as sock:
         assert echo_once(sock, b"hello\n") == b"hello\n"
     with world.connect(httpbin.v4, REFUSED_PORT) as sock:
