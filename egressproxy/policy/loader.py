@@ -55,6 +55,7 @@ def load_policy_text(text: str, file: str) -> Model:
         raise PolicyError([Problem(file, 1, "YAML nesting is too deep")]) from None
     if checker.problems:
         raise PolicyError(checker.problems)
+    documents = expand_lists(documents, checker)
     recognised: list[tuple[int, YMap]] = []
     for order, document in enumerate(documents):
         kind_line = document.line_of("kind")
@@ -126,6 +127,29 @@ def parse_documents(text: str, checker: Checker) -> list[YMap]:
         else:
             checker.error(node.start_mark.line + 1, "a policy document must be a mapping")
     return documents
+
+
+def expand_lists(documents: list[YMap], checker: Checker) -> list[YMap]:
+    """Each `v1` `List` (what `kubectl get A,B -o yaml` writes, and what `kubectl apply`
+    takes) replaced by its items, in order: skipped as a kind of no egress meaning, the
+    resources in it would silently not apply."""
+    expanded: list[YMap] = []
+    pending = list(reversed(documents))
+    while pending:
+        document = pending.pop()
+        if (document.get("apiVersion"), document.get("kind")) != ("v1", "List"):
+            expanded.append(document)
+            continue
+        checker.known_fields(document, "List", {"apiVersion", "kind", "metadata", "items"})
+        items = checker.get(document, "items", YList, "List", required=True) or YList(0)
+        mappings = [
+            mapping
+            for index, item in enumerate(items)
+            if (mapping := checker.typed(item, YMap, items.line_of(index), f"List.items[{index}]"))
+            is not None
+        ]
+        pending.extend(reversed(mappings))
+    return expanded
 
 
 class TreeBuilder:

@@ -200,6 +200,53 @@ def test_other_kinds_are_skipped_with_one_info_line(caplog: pytest.LogCaptureFix
     assert len(skipped) == 1 and "skipping Deployment" in skipped[0]
 
 
+KUBECTL_LIST = """\
+apiVersion: v1
+kind: List
+metadata:
+  resourceVersion: ""
+items:
+- apiVersion: policy.linkerd.io/v1alpha1
+  kind: EgressNetwork
+  metadata:
+    namespace: egress-test
+    name: all-egress-traffic
+  spec:
+    trafficPolicy: Deny
+- apiVersion: gateway.networking.k8s.io/v1
+  kind: HTTPRoute
+  metadata:
+    namespace: egress-test
+    name: httpbin-get
+  spec:
+    parentRefs:
+    - {name: all-egress-traffic, kind: EgressNetwork, group: policy.linkerd.io, port: 80}
+    rules:
+    - matches: [{path: {value: /get}}]
+"""
+
+
+def test_a_kubectl_list_applies_its_items() -> None:
+    """`kubectl get egressnetworks,httproutes -o yaml` writes one v1 List: its resources
+    apply, as `kubectl apply` would apply them, rather than the List being skipped."""
+    index = compile_policy(load_policy_text(KUBECTL_LIST, "p.yaml"), Settings())
+
+    def decide(path: str) -> Action:
+        destination = Destination(ipaddress.ip_address("203.0.113.5"), 80)
+        facts = RequestFacts(destination, "httpbin.org", "GET", path, "", (), grpc=False)
+        return index.decide_request(facts).action
+
+    assert decide("/get") is Action.PASS
+    assert decide("/post") is Action.DENY
+
+
+def test_a_list_item_that_is_no_mapping_is_an_error() -> None:
+    text = "apiVersion: v1\nkind: List\nitems:\n- just text\n"
+    assert problems(text) == [
+        "p.yaml:4: List.items[0]: expected a mapping, got the string 'just text'"
+    ]
+
+
 def test_every_example_and_the_bundled_policy_load() -> None:
     files = sorted(EXAMPLES.glob("*.yaml"))
     assert len(files) >= 8
