@@ -30,6 +30,7 @@ from egressproxy.policy.model import (
     TrafficPolicy,
     ValueMatch,
 )
+from egressproxy.settings import IPNetwork
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,13 @@ def read_egress_network(document: YMap, order: int, checker: Checker) -> Network
     ranges: tuple[CidrRange, ...] | None = None
     if spec.get("networks") is not None:
         ranges = tuple(read_cidr_ranges(checker, spec, where))
+        if spec["networks"] == []:
+            checker.error(
+                spec.line_of("networks"),
+                f"{where}.networks: at least one network must be specified, as Linkerd's "
+                "admission webhook says (omit networks for everything outside the cluster "
+                "networks)",
+            )
     audit, verify = read_annotations(checker, meta, where)
     return Network(
         id=NetworkId(LINKERD_GROUP, "EgressNetwork", meta.namespace, meta.name),
@@ -141,13 +149,35 @@ def read_cidr_ranges(checker: Checker, spec: YMap, where: str) -> list[CidrRange
         text = checker.get(item, "cidr", str, item_where, required=True)
         cidr = checker.network(text, item.line_of("cidr"), f"{item_where}.cidr") if text else None
         excepts = [
-            network
+            (line, network)
             for line, excepted in checker.strings(item, "except", item_where)
             if (network := checker.network(excepted, line, f"{item_where}.except")) is not None
         ]
         if cidr is not None:
-            ranges.append(CidrRange(cidr, tuple(excepts)))
+            ranges.append(cidr_range(checker, cidr, excepts, item_where))
     return ranges
+
+
+def cidr_range(
+    checker: Checker, cidr: IPNetwork, excepts: Sequence[tuple[int, IPNetwork]], where: str
+) -> CidrRange:
+    """A networks entry, its exceptions checked as Linkerd's admission webhook checks them:
+    each inside the cidr (another one excepts nothing), none covering all of it (the entry
+    would cover nothing)."""
+    for line, excepted in excepts:
+        if within(cidr, excepted):
+            checker.error(
+                line,
+                f"{where}.except: {excepted} covers all of cidr {cidr}: the entry covers nothing",
+            )
+        elif not within(excepted, cidr):
+            checker.error(line, f"{where}.except: {excepted} is not inside cidr {cidr}")
+    return CidrRange(cidr, tuple(excepted for _, excepted in excepts))
+
+
+def within(inner: IPNetwork, outer: IPNetwork) -> bool:
+    """Whether every address of inner is in outer (never across address families)."""
+    return inner.network_address in outer and inner.broadcast_address in outer
 
 
 def read_annotations(checker: Checker, meta: ObjectMeta, where: str) -> tuple[bool, str | None]:

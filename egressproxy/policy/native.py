@@ -19,6 +19,7 @@ from egressproxy.policy.linkerd import (
     HTTP_METHODS,
     TOP_LEVEL_FIELDS,
     VERIFY_MODES,
+    cidr_range,
     kind_of,
     read_annotations,
 )
@@ -79,6 +80,7 @@ def read_policy(
     known_fields(
         checker, spec, where, {"default", "networks", "audit", "verifyDestination", "rules"}
     )
+    reject_empty_lists(checker, spec, where, ("networks",))
     default = checker.choice(spec, "default", where, ["allow", "deny"], "deny")
     if "default" not in spec:
         checker.error(spec.line, f"{where}: missing required field 'default' (allow or deny)")
@@ -128,13 +130,13 @@ def read_networks(checker: Checker, spec: YMap, where: str) -> tuple[CidrRange, 
         known_fields(checker, node, item_where, {"cidr", "except"})
         text = checker.get(node, "cidr", str, item_where, required=True)
         cidr = checker.network(text, node.line_of("cidr"), f"{item_where}.cidr") if text else None
-        excepts = tuple(
-            excluded
+        excepts = [
+            (except_line, excluded)
             for except_line, value in checker.strings(node, "except", item_where)
             if (excluded := checker.network(value, except_line, f"{item_where}.except")) is not None
-        )
+        ]
         if cidr is not None:
-            ranges.append(CidrRange(cidr, excepts))
+            ranges.append(cidr_range(checker, cidr, excepts, item_where))
     return tuple(ranges)
 
 

@@ -71,6 +71,32 @@ def test_bad_cidr() -> None:
     assert found[1].startswith("p.yaml:10: ") and "'nonsense' is not a CIDR" in found[1]
 
 
+def test_networks_are_checked_as_linkerds_admission_webhook_checks_them() -> None:
+    """`networks: []` made a network covering nothing, which in the client's namespace hid
+    the global namespace's networks: all its egress passed untouched. An exception outside
+    its cidr excepted nothing; one covering the whole cidr left the entry covering nothing.
+    Linkerd's webhook refuses all three."""
+    assert problems(NETWORK + "  networks: []\n") == [
+        "p.yaml:8: EgressNetwork egress-test/all-egress-traffic.spec.networks: at least one "
+        "network must be specified, as Linkerd's admission webhook says (omit networks for "
+        "everything outside the cluster networks)"
+    ]
+    text = (
+        NETWORK
+        + "  networks:\n"
+        + "  - cidr: 203.0.113.0/24\n    except: [198.51.100.0/24, 203.0.113.128/25]\n"
+        + "  - cidr: 192.0.2.0/24\n    except: [192.0.0.0/16]\n"
+        + "  - cidr: 2001:db8::/32\n    except: [203.0.113.0/24]\n"
+    )
+    where = "EgressNetwork egress-test/all-egress-traffic.spec.networks"
+    assert problems(text) == [
+        f"p.yaml:10: {where}[0].except: 198.51.100.0/24 is not inside cidr 203.0.113.0/24",
+        f"p.yaml:12: {where}[1].except: 192.0.0.0/16 covers all of cidr 192.0.2.0/24: "
+        "the entry covers nothing",
+        f"p.yaml:14: {where}[2].except: 203.0.113.0/24 is not inside cidr 2001:db8::/32",
+    ]
+
+
 ROUTE = """\
 ---
 apiVersion: gateway.networking.k8s.io/v1alpha2

@@ -335,6 +335,38 @@ spec:
     ]
 
 
+def test_networks_empty_or_with_stray_exceptions_are_errors() -> None:
+    """`networks: []` made a policy covering no address: its `default: deny` and its rules
+    applied to nothing and all traffic passed untouched. Exceptions are checked as an
+    EgressNetwork's are: inside their cidr, and not covering all of it."""
+    text = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: p}
+spec:
+  default: deny
+  networks: []
+---
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: q}
+spec:
+  default: deny
+  networks:
+  - {cidr: 203.0.113.0/24, except: [198.51.100.7]}
+  - {cidr: 192.0.2.0/24, except: [192.0.2.0/24]}
+"""
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(text, "n.yaml")
+    assert [str(problem) for problem in caught.value.problems] == [
+        "n.yaml:6: EgressPolicy p.spec.networks: empty list: list at least one or omit it",
+        "n.yaml:14: EgressPolicy q.spec.networks[0].except: 198.51.100.7/32 is not inside "
+        "cidr 203.0.113.0/24",
+        "n.yaml:15: EgressPolicy q.spec.networks[1].except: 192.0.2.0/24 covers all of cidr "
+        "192.0.2.0/24: the entry covers nothing",
+    ]
+
+
 def test_lists_without_a_value_are_errors() -> None:
     """`hosts:` with its items commented out (or a template that rendered none) is null,
     which read as omitted: an allow rule for some hosts allowed every host. So with any
