@@ -129,6 +129,7 @@ def read_egress_network(document: YMap, order: int, checker: Checker) -> Network
                 "networks)",
             )
     audit, verify = read_annotations(checker, meta, where)
+    refuse_linkerd_timeouts(checker, meta, where.removesuffix(".spec"))
     return Network(
         id=NetworkId(LINKERD_GROUP, "EgressNetwork", meta.namespace, meta.name),
         ranges=ranges,
@@ -196,6 +197,32 @@ def read_annotations(checker: Checker, meta: ObjectMeta, where: str) -> tuple[bo
         )
         verify = None
     return audit_text == "true", verify
+
+
+LINKERD_TIMEOUT_ANNOTATIONS = {
+    "timeout.linkerd.io/request": "timeouts",
+    "timeout.linkerd.io/response": "timeouts",
+    "timeout.linkerd.io/idle": "timeouts",
+    "retry.linkerd.io/limit": "retries",
+    "retry.linkerd.io/timeout": "retries",
+    "retry.linkerd.io/http": "retries",
+    "retry.linkerd.io/grpc": "retries",
+}
+"""The annotations with which Linkerd's policy controller gives an EgressNetwork's or a
+route's traffic timeouts and retries."""
+
+
+def refuse_linkerd_timeouts(checker: Checker, meta: ObjectMeta, where: str) -> None:
+    """Linkerd's timeout and retry annotations are errors, as rule `timeouts` and `retry`
+    are: ignored, a request Linkerd would cut off or retry would silently be neither."""
+    for key in sorted(meta.annotations):
+        feature = LINKERD_TIMEOUT_ANNOTATIONS.get(key)
+        if feature is not None:
+            checker.error(
+                meta.line,
+                f"{where}: annotation {key} is not supported by egressproxy "
+                f"(Linkerd's {feature}; remove it)",
+            )
 
 
 def read_service(document: YMap, checker: Checker) -> tuple[tuple[str, str], frozenset[int]] | None:
@@ -272,6 +299,7 @@ def read_route(document: YMap, order: int, context: RouteContext) -> Route | Non
             "not a route",
         )
     _, verify = read_annotations(checker, meta, route_where)
+    refuse_linkerd_timeouts(checker, meta, route_where)
     return Route(
         ref=RouteRef(group, kind, meta.namespace, meta.name),
         protocol=protocol,

@@ -138,6 +138,30 @@ def test_unsupported_filter_is_an_error() -> None:
     ]
 
 
+def test_linkerds_timeout_and_retry_annotations_are_errors() -> None:
+    """Linkerd gives an EgressNetwork's or a route's traffic timeouts and retries by these
+    annotations; ignored, a request it would cut off or retry was silently neither, while
+    rule `timeouts` and `retry` are already refused. A route for no EgressNetwork (skipped)
+    may keep them."""
+    network = NETWORK.replace(
+        "  name: all-egress-traffic\n",
+        "  name: all-egress-traffic\n  annotations:\n    retry.linkerd.io/http: 5xx\n",
+    )
+    route = ROUTE.replace("all-egress-trafic", "all-egress-traffic").replace(
+        "  namespace: egress-test\n",
+        "  namespace: egress-test\n  annotations: {timeout.linkerd.io/request: 5s}\n",
+    )
+    for_a_service = route.replace("name: httpbin-get", "name: in-cluster").replace(
+        "kind: EgressNetwork", "kind: Service"
+    )
+    assert problems(network + route + for_a_service) == [
+        "p.yaml:1: EgressNetwork egress-test/all-egress-traffic: annotation "
+        "retry.linkerd.io/http is not supported by egressproxy (Linkerd's retries; remove it)",
+        "p.yaml:11: HTTPRoute egress-test/httpbin-get: annotation timeout.linkerd.io/request "
+        "is not supported by egressproxy (Linkerd's timeouts; remove it)",
+    ]
+
+
 def test_service_backend_port_must_exist() -> None:
     service = "---\napiVersion: v1\nkind: Service\nmetadata: {name: svc, namespace: egress-test}\n"
     service += "spec:\n  ports:\n  - port: 8080\n"
