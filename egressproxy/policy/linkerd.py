@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from egressproxy.policy.decision import Action, RouteProtocol, RouteRef
-from egressproxy.policy.errors import Checker, ObjectMeta, YMap, read_object_meta
+from egressproxy.policy.errors import Checker, ObjectMeta, YList, YMap, read_object_meta
 from egressproxy.policy.model import (
     Attachment,
     CidrRange,
@@ -291,6 +291,15 @@ def read_route(document: YMap, order: int, context: RouteContext) -> Route | Non
         return None
     if not spec.get("rules"):
         rules = (Rule(name="rules[0]", origin=Origin(checker.file, spec.line)),)
+    written = spec.get("rules")
+    if protocol in (RouteProtocol.TLS, RouteProtocol.TCP) and isinstance(written, YList):
+        # Rules without matches: the first would take every connection, the others none.
+        for index in range(1, len(written)):
+            checker.error(
+                written.line_of(index),
+                f"{where}.rules[{index}]: a {kind} has a single rule, as Linkerd's admission "
+                "webhook says (the first would take every connection)",
+            )
     route_where = where.removesuffix(".spec")
     if AUDIT_ANNOTATION in meta.annotations:
         checker.error(

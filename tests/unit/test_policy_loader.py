@@ -162,6 +162,30 @@ def test_linkerds_timeout_and_retry_annotations_are_errors() -> None:
     ]
 
 
+def test_a_tls_or_tcp_route_has_a_single_rule() -> None:
+    """TLSRoute and TCPRoute rules match nothing of their own: the first took every
+    connection and the others were silently unused. Linkerd's webhook refuses more than
+    one."""
+    route = """\
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TLSRoute
+metadata: {name: tls, namespace: egress-test}
+spec:
+  parentRefs:
+  - {name: all-egress-traffic, kind: EgressNetwork, group: policy.linkerd.io, port: 443}
+  rules:
+  - backendRefs: [{name: all-egress-traffic, kind: EgressNetwork, group: policy.linkerd.io}]
+  - backendRefs: [{name: internal-egress, port: 443}]
+"""
+    assert problems(NETWORK + route + route.replace("TLSRoute", "TCPRoute")) == [
+        "p.yaml:17: TLSRoute egress-test/tls.spec.rules[1]: a TLSRoute has a single rule, as "
+        "Linkerd's admission webhook says (the first would take every connection)",
+        "p.yaml:27: TCPRoute egress-test/tls.spec.rules[1]: a TCPRoute has a single rule, as "
+        "Linkerd's admission webhook says (the first would take every connection)",
+    ]
+
+
 def test_service_backend_port_must_exist() -> None:
     service = "---\napiVersion: v1\nkind: Service\nmetadata: {name: svc, namespace: egress-test}\n"
     service += "spec:\n  ports:\n  - port: 8080\n"
