@@ -130,6 +130,12 @@ def read_egress_network(document: YMap, order: int, checker: Checker) -> Network
             )
     audit, verify = read_annotations(checker, meta, where)
     refuse_linkerd_timeouts(checker, meta, where.removesuffix(".spec"))
+    if OPAQUE_PORTS_ANNOTATION in meta.annotations:
+        checker.error(
+            meta.line,
+            f"{where.removesuffix('.spec')}: annotation {OPAQUE_PORTS_ANNOTATION} is not "
+            "supported by egressproxy: list the ports in --opaque-ports (for every network)",
+        )
     return Network(
         id=NetworkId(LINKERD_GROUP, "EgressNetwork", meta.namespace, meta.name),
         ranges=ranges,
@@ -199,6 +205,8 @@ def read_annotations(checker: Checker, meta: ObjectMeta, where: str) -> tuple[bo
     return audit_text == "true", verify
 
 
+OPAQUE_PORTS_ANNOTATION = "config.linkerd.io/opaque-ports"
+"""On an EgressNetwork, Linkerd's ports of its traffic that are never protocol-detected."""
 LINKERD_TIMEOUT_ANNOTATIONS = {
     "timeout.linkerd.io/request": "timeouts",
     "timeout.linkerd.io/response": "timeouts",

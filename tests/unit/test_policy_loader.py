@@ -162,6 +162,21 @@ def test_linkerds_timeout_and_retry_annotations_are_errors() -> None:
     ]
 
 
+def test_linkerds_opaque_ports_annotation_on_a_network_is_an_error() -> None:
+    """Linkerd never protocol-detects the ports an EgressNetwork's annotation lists; ignored,
+    their traffic was sniffed (a server-first protocol waited --sniff-timeout, HTTP met
+    the HTTPRoutes) where the user had asked for opaque TCP."""
+    network = NETWORK.replace(
+        "  name: all-egress-traffic\n",
+        '  name: all-egress-traffic\n  annotations: {config.linkerd.io/opaque-ports: "8080"}\n',
+    )
+    assert problems(network) == [
+        "p.yaml:1: EgressNetwork egress-test/all-egress-traffic: annotation "
+        "config.linkerd.io/opaque-ports is not supported by egressproxy: list the ports in "
+        "--opaque-ports (for every network)"
+    ]
+
+
 def test_a_tls_or_tcp_route_has_a_single_rule() -> None:
     """TLSRoute and TCPRoute rules match nothing of their own: the first took every
     connection and the others were silently unused. Linkerd's webhook refuses more than
