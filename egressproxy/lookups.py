@@ -41,6 +41,10 @@ class LookupThreads:
     def __init__(self) -> None:
         self._queue: queue.Queue[_Job | None] = queue.Queue(QUEUED_LOOKUPS)
         self._threads: list[threading.Thread] = []
+        self._unclaimed: set[asyncio.Future[list[str]]] = set()
+        """The answers of the queued lookups no thread has taken yet. A thread takes one,
+        and withdraw takes one back, by removing it here: whichever removes it first has
+        it (set.remove is atomic), so a lookup withdrawn is never made."""
 
     async def addresses(self, host: str, port: int | None) -> list[str]:
         """The stream addresses getaddrinfo gives host, in its order; socket.gaierror as it
@@ -49,16 +53,38 @@ class LookupThreads:
 
     async def run(self, lookup: _Lookup) -> list[str]:
         """lookup's answer, or what it raised, from one of the threads; socket.gaierror
+        EAI_AGAIN when too many lookups are waiting already. A waiter cancelled while its
+        lookup is still queued withdraws it."""
+        answer = self.submit(lookup)
+        try:
+            return await answer
+        finally:
+            self.withdraw(answer)
+
+    def submit(self, lookup: _Lookup) -> asyncio.Future[list[str]]:
+        """Queue lookup: the future of its answer, or of what it raised; socket.gaierror
         EAI_AGAIN when too many lookups are waiting already."""
         if not self._threads:
             self._start()
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[list[str]] = loop.create_future()
+        self._unclaimed.add(answer)
         try:
             self._queue.put_nowait((loop, answer, lookup))
         except queue.Full:
+            self._unclaimed.discard(answer)
             raise socket.gaierror(socket.EAI_AGAIN, "too many lookups waiting") from None
-        return await answer
+        return answer
+
+    def withdraw(self, answer: asyncio.Future[list[str]]) -> bool:
+        """Take back a lookup no thread has begun (its answer cancelled): True, and it is
+        never made; False when a thread has it already (or it is over)."""
+        try:
+            self._unclaimed.remove(answer)
+        except KeyError:
+            return False
+        answer.cancel()
+        return True
 
     def close(self) -> None:
         """The worker stops: queued lookups are dropped, their waiters told (EAI_AGAIN: a
@@ -69,6 +95,7 @@ class LookupThreads:
                 job = self._queue.get_nowait()
                 if job is not None:
                     loop, answer, _ = job
+                    self._unclaimed.discard(answer)
                     deliver(loop, answer, socket.gaierror(socket.EAI_AGAIN, "lookups closed"))
         for _ in self._threads:
             with contextlib.suppress(queue.Full):
@@ -85,7 +112,9 @@ class LookupThreads:
     def _work(self) -> None:
         while (job := self._queue.get()) is not None:
             loop, answer, lookup = job
-            if answer.done():  # its waiter gave up (a connect timeout) while it was queued
+            try:
+                self._unclaimed.remove(answer)
+            except KeyError:  # withdrawn: its waiters gave up while it was queued
                 continue
             try:
                 found = lookup()

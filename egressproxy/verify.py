@@ -95,6 +95,18 @@ def verification_mode(
     return mode
 
 
+class SharedLookup:
+    """One lookup of a name, in a task of its own, and the questions waiting for it."""
+
+    __slots__ = ("queued", "task", "waiters")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[frozenset[IPAddress] | None] | None = None
+        self.waiters = 0
+        self.queued: asyncio.Future[list[str]] | None = None
+        """Its answer from the lookup threads, while it may still be waiting for one."""
+
+
 class Resolver:
     """Hostname → the set of its A/AAAA addresses, cached. Its lookup threads also serve
     the worker's other lookups (routes' backends), uncached."""
@@ -109,40 +121,51 @@ class Resolver:
         self._lifetime = lifetime
         self._timeout = timeout
         self._cache: OrderedDict[str, tuple[float, frozenset[IPAddress]]] = OrderedDict()
-        self._lookups: dict[str, asyncio.Task[frozenset[IPAddress] | None]] = {}
+        self._lookups: dict[str, SharedLookup] = {}
         self.threads = LookupThreads()
 
     async def addresses(self, hostname: str) -> frozenset[IPAddress] | None:
         """The addresses hostname resolves to; empty when it does not resolve; None when
-        the resolver gave no answer within the timeout. No answer is not cached: the lookup
-        goes on, later questions join it, and its answer, when it comes, is."""
+        the resolver gave no answer within the timeout. No answer is not cached: a lookup
+        under way goes on, later questions join it, and its answer, when it comes, is.
+        A lookup still queued for a thread when its last question leaves is dropped: a
+        flood of names nobody waits for any more must not take the threads, one resolver
+        timeout after another, from the names asked next."""
         loop = asyncio.get_running_loop()
         cached = self._cache.get(hostname)
         if cached is not None and cached[0] > loop.time():
             self._cache.move_to_end(hostname)
             return cached[1]
-        lookup = self._lookups.get(hostname)
-        if lookup is None:
-            lookup = loop.create_task(
-                self._shared_lookup(loop, hostname), name=f"resolve {hostname}"
+        shared = self._lookups.get(hostname)
+        if shared is None:
+            shared = self._lookups[hostname] = SharedLookup()
+            shared.task = loop.create_task(
+                self._shared_lookup(loop, hostname, shared), name=f"resolve {hostname}"
             )
-            self._lookups[hostname] = lookup
+        assert shared.task is not None
+        shared.waiters += 1
         try:
             async with asyncio.timeout(self._timeout):
-                return await asyncio.shield(lookup)
+                return await asyncio.shield(shared.task)
         except TimeoutError:
             log.warning("%s: no answer from the resolver within %ss", hostname, self._timeout)
             return None
+        finally:
+            shared.waiters -= 1
+            queued = shared.queued
+            if not shared.waiters and queued is not None and self.threads.withdraw(queued):
+                del self._lookups[hostname]  # the next question starts a lookup afresh
 
     async def _shared_lookup(
-        self, loop: asyncio.AbstractEventLoop, hostname: str
+        self, loop: asyncio.AbstractEventLoop, hostname: str, shared: SharedLookup
     ) -> frozenset[IPAddress] | None:
         """One lookup in a task of its own, which every waiter shields: a client that leaves
         (its task cancelled) must not cancel the answer other clients wait for."""
         try:
             answer = await self._lookup(hostname)
         finally:
-            del self._lookups[hostname]
+            if self._lookups.get(hostname) is shared:
+                del self._lookups[hostname]
         if answer is None:
             return None
         lifetime = self._lifetime if answer else NEGATIVE_CACHE_SECONDS
@@ -156,8 +179,10 @@ class Resolver:
         """The name's addresses (v4-mapped ones as v4): empty when it does not exist or has
         no address; None when the resolver gave no answer (EAI_AGAIN, EAI_FAIL, too many
         lookups waiting for a thread), not to be remembered, nor counted as a mismatch."""
+        shared = self._lookups[hostname]
         try:
-            found = await self.threads.run(functools.partial(absolute_addresses, hostname))
+            shared.queued = self.threads.submit(functools.partial(absolute_addresses, hostname))
+            found = await shared.queued
         except socket.gaierror as error:
             if error.errno in DEFINITE_ANSWERS:
                 return frozenset()

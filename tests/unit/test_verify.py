@@ -2,12 +2,14 @@ import asyncio
 import ipaddress
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from egressproxy import verify
+from egressproxy.lookups import LOOKUP_THREADS
 from egressproxy.policy.decision import (
     Action,
     Backend,
@@ -381,3 +383,45 @@ def test_only_a_name_without_addresses_is_a_definite_answer(
     """EAI_FAIL (the server failed for good) is no answer, like EAI_AGAIN: not a mismatch."""
     system = SystemResolver({"failing.test": error})
     assert resolved(monkeypatch, tmp_path, "", system, "failing.test") == answer
+
+
+class SlowNames:
+    """socket.getaddrinfo whose names under .slow.test each take `seconds` to answer (a
+    resolver waiting out its own timeout for a nameserver that never answers); `calls`
+    lists the names asked, absolute."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.calls: list[str] = []
+
+    def __call__(self, host: str, port: object, *args: int, **kwargs: int) -> list[object]:
+        self.calls.append(host)
+        if host.removesuffix(".").endswith(".slow.test"):
+            time.sleep(self.seconds)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ADDRESS, 0))]
+
+
+def test_a_flood_of_names_nobody_waits_for_any_more_does_not_starve_the_next_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A burst of unique SNIs whose lookups hang (names under a domain whose nameserver
+    never answers): their clients give up after the resolver's timeout. The lookups still
+    queued then are nobody's: they must not be made, one thread-timeout after another, in
+    front of the next client's name, which would get no answer (enforce: every new
+    connection refused) for as long as the queue takes to drain."""
+    slow = SlowNames(seconds=1.6)
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    flood = [f"n{number}.slow.test" for number in range(LOOKUP_THREADS * 8)]
+
+    async def scenario() -> frozenset[IPAddress] | None:
+        resolver = Resolver(timeout=1.0)
+        try:
+            answers = await asyncio.gather(*(resolver.addresses(name) for name in flood))
+            assert answers == [None] * len(flood)  # each client gave up after 1 s
+            return await resolver.addresses("fast.test")  # a thread is free within 0.6 s
+        finally:
+            resolver.close()
+
+    assert asyncio.run(scenario()) == {ipaddress.ip_address(ADDRESS)}
+    made = [name.removesuffix(".") for name in slow.calls]
+    assert sorted(made) == sorted([*flood[:LOOKUP_THREADS], "fast.test"]), "only those begun"
