@@ -1417,6 +1417,8 @@ class Http1Proxy(asyncio.Protocol):
 
     def _response_ended(self, end: h11.EndOfMessage) -> None:
         self._read_grpc_status(end.headers)
+        if end.headers and self.request is not None and self.request.http_version < b"1.1":
+            end = h11.EndOfMessage()  # its body ends at the close: no place for trailers
         self._write_client(self.client.send(end))
         if self.client.their_state is h11.SEND_BODY:
             self._answered_early()

@@ -324,6 +324,33 @@ async def test_an_http_1_0_client_gets_no_informational_response(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("version", [b"1.0", b"0.9"])
+async def test_an_http_1_0_client_gets_a_chunked_response_with_trailers_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: bytes
+) -> None:
+    """An upstream that answers an HTTP/1.0 request chunked anyway (RFC 9112 6.1 forbids
+    it; some application servers do): the body reaches the client framed by the close,
+    where trailers have no place (RFC 9110 6.5.1 lets whoever removes the chunked coding
+    discard them). h11 refused to write them, and the client got a reset after the whole
+    body (a traceback in the log, the request counted error="reset")."""
+
+    script = always(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nX-Sum: 5\r\n\r\n"
+    )
+    heads: list[bytes] = []
+    async with proxy_to_origin(scripted(script, heads), tmp_path, monkeypatch, ALLOW_ALL) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"GET /a HTTP/%s\r\nHost: example.test\r\n\r\n" % version)
+        async with asyncio.timeout(TIMEOUT):
+            answer = await reader.read()
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    assert answer == b"HTTP/1.1 200 OK\r\nTrailer: X-Sum\r\nConnection: close\r\n\r\nhello"
+    assert [(r.status, r.error) for r in proxy.ledger.requests] == [(200, "")]
+
+
+@pytest.mark.asyncio
 async def test_an_early_answer_then_close_reaches_an_uploading_client_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
