@@ -145,9 +145,10 @@ class ParsedRequest:
     facts: RequestFacts
     has_body: bool
     smuggling: bool
-    """Content-Length beside Transfer-Encoding, or Transfer-Encoding in HTTP/1.0 (RFC 9112
-    6.1: faulty framing): the policy and the upstream could frame the body differently, and
-    the head is forwarded raw, so it is refused (400). (A second Host h11 refuses itself.)"""
+    """Content-Length beside Transfer-Encoding, or Transfer-Encoding below HTTP/1.1 (RFC 9112
+    6.1: faulty framing; h11 also reads `HTTP/0.9`): the policy and the upstream could frame
+    the body differently, and the head is forwarded raw, so it is refused (400). (A second
+    Host h11 refuses itself.)"""
     is_connect: bool
     head_size: int
     """Bytes of the request line and header lines (h11 only bounds an incomplete head)."""
@@ -219,7 +220,7 @@ def parse_request(request: h11.Request, destination: Destination) -> ParsedReque
     return ParsedRequest(
         facts=facts,
         has_body=chunked or content_length.lstrip(b"0") != b"",
-        smuggling=chunked and (content_length != b"" or request.http_version == b"1.0"),
+        smuggling=chunked and (content_length != b"" or request.http_version < b"1.1"),
         is_connect=is_connect,
         head_size=head_size,
         h2c_upgrade=h2c_upgrade,
