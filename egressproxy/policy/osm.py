@@ -573,6 +573,23 @@ def read_sources(checker: Checker, spec: YMap, where: str) -> tuple[ClientRef, .
     return tuple(clients)
 
 
+def refuse_upstream_traffic_setting(
+    checker: Checker, line: int, where: str, namespace: str, name: str | None
+) -> None:
+    """OSM (v1.1 on) puts an UpstreamTrafficSetting's connectionSettings on the Egress's
+    clusters, and ignores the whole Egress when the setting does not exist: accepting the
+    match would leave limits the user relies on silently unenforced."""
+    checker.error(
+        line,
+        f"{where}: UpstreamTrafficSetting {namespace}/{name} is not supported: OSM applies its "
+        "connectionSettings (tcp connectTimeout and maxConnections, http maxRequests, "
+        "maxPendingRequests, maxRequestsPerConnection and maxRetries) to the Egress's "
+        "upstream clusters, and ignores the whole Egress when it does not exist; egressproxy "
+        "enforces none of them. Remove the match (--connect-timeout sets the connect timeout "
+        "for every destination)",
+    )
+
+
 def read_egress_matches(
     checker: Checker,
     spec: YMap,
@@ -585,7 +602,6 @@ def read_egress_matches(
     request, as in OSM, whose Envoy then gets a route configuration without routes)."""
     rules: list[Rule] = []
     named = False
-    traffic_settings = 0
     for item_where, item in checker.mappings(spec, "matches", where):
         checker.known_fields(item, item_where, {"apiGroup", "kind", "name"})
         api_group = checker.get(item, "apiGroup", str, item_where, required=True)
@@ -607,15 +623,7 @@ def read_egress_matches(
             )
             continue
         if kind == "UpstreamTrafficSetting":
-            traffic_settings += 1
-            if traffic_settings > 1:
-                checker.error(item.line, f"{item_where}: only one UpstreamTrafficSetting match")
-            log.info(
-                "%s:%d: %s: UpstreamTrafficSetting has no egress meaning",
-                checker.file,
-                item.line,
-                item_where,
-            )
+            refuse_upstream_traffic_setting(checker, item.line, item_where, meta.namespace, name)
             continue
         if name is None:
             continue

@@ -316,14 +316,8 @@ def test_an_egress_with_no_sources_applies_to_no_client(settings: Settings) -> N
             "Egress curl/httpbin-80.spec.matches[0].kind: expected UpstreamTrafficSetting for "
             "apiGroup policy.openservicemesh.io/v1alpha1, got 'HTTPRouteGroup'",
         ),
-        (
-            "{apiGroup: policy.openservicemesh.io/v1alpha1, kind: UpstreamTrafficSetting, name: a}"
-            ", {apiGroup: policy.openservicemesh.io/v1alpha1, kind: UpstreamTrafficSetting, "
-            "name: b}",
-            "Egress curl/httpbin-80.spec.matches[1]: only one UpstreamTrafficSetting match",
-        ),
     ],
-    ids=["no-apiGroup", "other-smi-version", "kind-of-another-group", "two-traffic-settings"],
+    ids=["no-apiGroup", "other-smi-version", "kind-of-another-group"],
 )
 def test_egress_matches_are_checked_as_osms_admission_webhook_does(match: str, reason: str) -> None:
     """The CRD requires apiGroup, kind and name; OSM's webhook admits HTTPRouteGroup of
@@ -336,6 +330,44 @@ def test_egress_matches_are_checked_as_osms_admission_webhook_does(match: str, r
         load_policy_text(broken, "p.yaml")
     assert [problem.reason for problem in caught.value.problems] == [reason]
     assert caught.value.problems[0].line == broken.count("\n")
+
+
+UPSTREAM_TRAFFIC_SETTING = (
+    "{apiGroup: policy.openservicemesh.io/v1alpha1, kind: UpstreamTrafficSetting, name: limits}"
+)
+
+
+@pytest.mark.parametrize(
+    "matches",
+    [
+        f"[{UPSTREAM_TRAFFIC_SETTING}]",
+        "[{apiGroup: specs.smi-spec.io/v1alpha4, kind: HTTPRouteGroup, name: egress-http-route}"
+        f", {UPSTREAM_TRAFFIC_SETTING}]",
+    ],
+    ids=["alone", "beside-a-route-group"],
+)
+def test_an_upstream_traffic_setting_match_is_refused_not_ignored(matches: str) -> None:
+    """OSM applies an UpstreamTrafficSetting's connectionSettings (connect timeout, maximum
+    connections, HTTP circuit breaking) to the Egress's clusters, and ignores the whole
+    Egress when the setting does not exist. egressproxy does neither, so the match is an
+    error at its line rather than limits that silently do not hold."""
+    text = (EXAMPLES / "osm-5-egress-routegroup.yaml").read_text()
+    start = text.index("  matches:\n  - apiGroup")
+    policy = text[:start] + f"  matches: {matches}\n"
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(policy, "p.yaml")
+    index = matches.count("HTTPRouteGroup")
+    assert [(p.line, p.reason) for p in caught.value.problems] == [
+        (
+            policy.count("\n"),
+            f"Egress curl/httpbin-80.spec.matches[{index}]: UpstreamTrafficSetting curl/limits "
+            "is not supported: OSM applies its connectionSettings (tcp connectTimeout and "
+            "maxConnections, http maxRequests, maxPendingRequests, maxRequestsPerConnection "
+            "and maxRetries) to the Egress's upstream clusters, and ignores the whole Egress "
+            "when it does not exist; egressproxy enforces none of them. Remove the match "
+            "(--connect-timeout sets the connect timeout for every destination)",
+        )
+    ]
 
 
 @pytest.mark.parametrize("address", ["198.51.100.7", "2001:db8::/32", "198.51.100.0/24 x"])
