@@ -410,6 +410,8 @@ def read_egress(
             spec.line_of("ipAddresses"),
             where,
         )
+    if hosts:
+        warn_hosts_on_tcp_ports(checker.file, spec.line_of("hosts"), where, ports, bool(cidrs))
     http_rules = read_egress_matches(checker, spec, where, meta, groups)
     origin = Origin(checker.file, meta.line)
     if not clients:
@@ -526,6 +528,28 @@ def refuse_star_host(checker: Checker, line: int, where: str, ports: dict[str, l
             "Name the hosts (*.example.com for a domain's), or allow every destination of "
             "a port with protocol tcp",
         )
+
+
+def warn_hosts_on_tcp_ports(
+    file: str, line: int, where: str, ports: dict[str, list[int]], has_addresses: bool
+) -> None:
+    """OSM reads hosts only on http (Host) and https (SNI) ports: a tcp port of an Egress
+    listing `db.example.com` allows every destination, which the file does not show."""
+    tcp = [name for name in PROTOCOLS if name in TCP_CHAINS and name in ports]
+    if not tcp:
+        return
+    count = sum(len(ports[name]) for name in tcp)
+    log.warning(
+        "%s:%d: %s.hosts: they do not restrict its %s, which %s every destination%s (as in "
+        "OSM, which reads hosts only on http and https ports)%s",
+        file,
+        line,
+        where,
+        " and ".join(f"{name} {numbered(ports[name])}" for name in tcp),
+        "allows" if count == 1 else "allow",
+        " in its ipAddresses" if has_addresses else "",
+        "" if has_addresses else "; match addresses with ipAddresses",
+    )
 
 
 def numbered(ports: Sequence[int]) -> str:

@@ -813,6 +813,32 @@ def test_ip_addresses_do_not_restrict_http_ports(caplog: pytest.LogCaptureFixtur
     assert "ipAddresses: they do not restrict its http ports" in caplog.text
 
 
+@pytest.mark.parametrize("protocol", ["tcp", "tcp-server-first"])
+def test_hosts_on_a_tcp_port_are_warned_not_to_restrict_it(
+    protocol: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """OSM ignores hosts for protocols other than http and https (the Egress API says so):
+    an Egress listing `db.example.com` on a tcp port allows every destination of the port,
+    which the file does not show; a warning at the hosts says so."""
+    index = egresses(("db", "db.example.com", "", 5432, protocol))
+    facts = ConnectionFacts(Destination(UNLISTED, 5432), Detected.OPAQUE, None)
+    assert index.decide_connection(facts).route == egress("db")
+    warnings = [record for record in caplog.records if record.levelname == "WARNING"]
+    line = (MESH_EGRESS_OFF + ONE_EGRESS).splitlines().index("  hosts: [{hosts}]") + 1
+    assert [record.getMessage() for record in warnings] == [
+        f"osm.yaml:{line}: Egress curl/db.spec.hosts: they do not restrict "
+        f"its {protocol} port 5432, which allows every destination (as in OSM, which reads "
+        "hosts only on http and https ports); match addresses with ipAddresses"
+    ]
+
+
+def test_hosts_on_http_and_https_ports_only_are_not_warned_of(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    egresses(HTTP_FOO, HTTPS_FOO, ("any-db", "", "", 5432, "tcp"), ("star", "'*'", "", 25, "tcp"))
+    assert "do not restrict" not in caplog.text
+
+
 @pytest.mark.parametrize(
     ("policy", "overlap"),
     [
@@ -942,6 +968,14 @@ spec:
   - {{number: 80, protocol: {first}}}
   - {{number: 80, protocol: {second}}}
 """
+
+
+def listed_again(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The warnings of a port listed again (hosts on a tcp port are warned of too)."""
+    messages = [record.getMessage() for record in caplog.records]
+    return [message for message in messages if "is listed again" in message]
+
+
 VIRTUAL_HOST_TWICE = "each host's virtual host twice in the port's route configuration"
 ONE_MATCH = (
     "two filter chains of the port with one match (the port, the ipAddresses, no server name)"
@@ -967,7 +1001,7 @@ def test_a_port_an_egress_lists_again_as_envoy_rejects_it_is_warned_of(
     Envoy refuses in a listener. The warning is at the second entry (line 9)."""
     with caplog.at_level("WARNING", logger="egressproxy.policy.osm"):
         load_policy_text(PORTS_EGRESS.format(hosts=hosts, first=first, second=second), "osm.yaml")
-    assert [record.getMessage() for record in caplog.records] == [
+    assert listed_again(caplog) == [
         f"osm.yaml:9: Egress curl/ports.spec.ports[1]: port 80 is listed again (ports[0], "
         f"line 8, {first}): OSM gives Envoy {built}, which Envoy rejects for the Egress's "
         "sources, keeping their previous configuration"
@@ -990,7 +1024,7 @@ def test_a_port_an_egress_lists_again_as_envoy_takes_it_is_not_warned_of(
 ) -> None:
     with caplog.at_level("WARNING", logger="egressproxy.policy.osm"):
         load_policy_text(PORTS_EGRESS.format(hosts=hosts, first=first, second=second), "osm.yaml")
-    assert [record.getMessage() for record in caplog.records] == []
+    assert listed_again(caplog) == []
 
 
 def test_an_http_port_listed_twice_routes_as_listed_once() -> None:
