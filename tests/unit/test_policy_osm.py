@@ -332,6 +332,27 @@ def test_egress_matches_are_checked_as_osms_admission_webhook_does(match: str, r
     assert caught.value.problems[0].line == broken.count("\n")
 
 
+@pytest.mark.parametrize("kind", ["Egress", "HTTPRouteGroup"])
+def test_an_egress_or_route_group_defined_twice_is_an_error(kind: str) -> None:
+    """The API server holds one object per namespace and name, and `kubectl apply` of a
+    file naming one twice keeps the last: egressproxy applied both Egresses (the first one's
+    hosts stayed allowed) and silently dropped the first HTTPRouteGroup's matches. Like a
+    network defined twice, it is an error at the second document."""
+    text = (EXAMPLES / "osm-5-egress-routegroup.yaml").read_text()
+    documents = text.split("---\n")
+    again = next(document for document in documents if f"kind: {kind}\n" in document)
+    changed = again.replace("httpbin.org", "example.com").replace("/get", "/delete")
+    policy = text + "---\n" + changed
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(policy, "p.yaml")
+    name = "httpbin-80" if kind == "Egress" else "egress-http-route"
+    first = text.count("\n", 0, text.index(again)) + 1
+    second = text.count("\n") + 2
+    assert [(p.line, p.reason) for p in caught.value.problems] == [
+        (second, f"{kind} curl/{name} is defined twice (first at line {first})")
+    ]
+
+
 UPSTREAM_TRAFFIC_SETTING = (
     "{apiGroup: policy.openservicemesh.io/v1alpha1, kind: UpstreamTrafficSetting, name: limits}"
 )
@@ -873,8 +894,8 @@ def test_egresses_whose_envoy_configuration_envoy_rejects_are_warned_of(
     [
         # identical chains: OSM deduplicates them
         (HTTPS_FOO_LISTED, ("https-same", "foo.com", "198.51.100.0/24", 443, "https")),
-        (HTTPS_FOO_LISTED, HTTPS_FOO),  # other address ranges
-        (TCP_443, TCP_443_LISTED),
+        (HTTPS_FOO_LISTED, ("https-foo-any", "foo.com", "", 443, "https")),  # other ranges
+        (TCP_443, ("tcp-443-listed", "", "198.51.100.0/24", 443, "tcp")),
         (HTTPS_FOO, ("https-bar", "bar.com", "", 443, "https")),
         (HTTP_FOO, ("http-other-port", "foo.com", "", 8080, "http")),
         (HTTP_FOO, TCP_80),
