@@ -24,10 +24,14 @@ CONNECT_ERRORS = {
     errno.ECONNRESET: "reset",
     errno.EHOSTUNREACH: "unreachable",
     errno.ENETUNREACH: "unreachable",
+    errno.EACCES: "unreachable",
     errno.ETIMEDOUT: "connect_timeout",
     errno.EMFILE: "no_file_descriptors",
     errno.ENFILE: "no_file_descriptors",
 }
+"""errno of a failed connect → the `error` label. EACCES is a firewall's or a route's
+prohibition: ICMPv6 administratively prohibited and `ip route add prohibit` (v4 and v6)
+give it where ICMPv4's host or network prohibited give EHOSTUNREACH."""
 
 
 def address_for(decision: Decision, destination: Destination) -> tuple[str, int]:

@@ -601,6 +601,50 @@ def test_upstream_refuses(world: World, proxy: StartProxy, faults: str) -> None:
     assert_logged(running, status="502", error="connect_refused")
 
 
+PROHIBITED = {"v4": ("203.0.113.62", "iptables"), "v6": ("2001:db8:113::62", "ip6tables")}
+"""Addresses in the internet's answering ranges that a firewall rule prohibits in a test."""
+PROHIBITING_REJECT = {"v4": "icmp-host-prohibited", "v6": "icmp6-adm-prohibited"}
+
+
+@contextlib.contextmanager
+def firewall_prohibits(world: World, family: str) -> Iterator[str]:
+    """A REJECT rule in the internet's INPUT answering TCP to one address with ICMP's
+    administratively prohibited (firewalld's default); removed whatever happens."""
+    address, tool = PROHIBITED[family]
+    rule = ["INPUT", "-d", address, "-p", "tcp", "-j", "REJECT"]
+    rule += ["--reject-with", PROHIBITING_REJECT[family]]
+    subprocess.run(["ip", "netns", "exec", world.internet_ns, tool, "-I", *rule], check=True)
+    try:
+        yield address
+    finally:
+        subprocess.run(["ip", "netns", "exec", world.internet_ns, tool, "-D", *rule], check=True)
+
+
+@pytest.mark.parametrize("family", ["v4", "v6"])
+def test_an_upstream_a_firewall_prohibits_is_unreachable(
+    world: World, proxy: StartProxy, family: str
+) -> None:
+    """ICMP's "administratively prohibited" is unreachable over IPv6 as over IPv4: the
+    kernel gives EACCES for ICMPv6's (and for a prohibit route), EHOSTUNREACH for ICMPv4's,
+    and the two are one cause, counted once as a connect error."""
+    running = proxy()
+    with unchanged(running), firewall_prohibits(world, family) as address:
+        with world.connect(address, REFUSED_PORT) as sock:
+            sock.sendall(b"\x01hello\n")
+            assert bytes_before_close(sock, TIMEOUT) == b""
+        answer = http_exchange(world, address, 80, raw_request("prohibited.test"))
+        assert status_of(answer) == 502
+    assert_counted(lambda: tcp_closes(running, target_ip=address, error="unreachable"))
+    assert_counted(lambda: http_statuses(running, http_status="502", error="unreachable"))
+    connect_errors = metric(metrics_text(running), "egress_upstream_connect_errors_total")
+    unreachable = metric(
+        metrics_text(running), "egress_upstream_connect_errors_total", error="unreachable"
+    )
+    assert (connect_errors, unreachable) == (2.0, 2.0)
+    host = f"[{address}]" if ":" in address else address
+    assert_logged(running, destination=f"{host}:{REFUSED_PORT}", error="unreachable")
+
+
 def test_upstream_resets_mid_response_tcp(world: World, proxy: StartProxy, faults: str) -> None:
     running = proxy()
     with unchanged(running), world.connect(faults, fault_servers.RESET_PORT) as sock:
