@@ -28,7 +28,7 @@ from egressproxy.policy.decision import (
 )
 from egressproxy.policy.store import PolicyStore
 from egressproxy.records import Accounting, FlowRecord
-from egressproxy.relay import WRITE_BUFFER_HIGH, RelayResult
+from egressproxy.relay import WRITE_BUFFER_HIGH, RelayResult, abort_with_reset
 from egressproxy.settings import EchPolicy, Settings, VerifyDestination
 from egressproxy.sniff import (
     NEED_MORE,
@@ -505,6 +505,10 @@ class Flow(asyncio.Protocol):
             self.record.error = error.kind
             if detected is Detected.HTTP1 and not self.client_gone:
                 self._answer(http1.unavailable_status(error.kind), error.kind)
+            elif error.kind == "reset" and not self.client_gone:
+                # Made, then reset before the loop saw it made: passed on as a reset, as the
+                # relay passes one on (a FIN would make the empty stream look complete).
+                abort_with_reset(self.transport)
             self.transport.close()
             self.finish(error.kind)
             return

@@ -813,6 +813,57 @@ def test_a_clean_close_still_reaches_the_other_side_as_an_eof(
     assert_logged(running, destination=f"{RESET_ADDRESS}:{RESET_PORT}", error="-")
 
 
+OPAQUE_PORT = 9300
+"""One of the default --opaque-ports: the proxy connects upstream at once, sniffing nothing."""
+
+
+@contextlib.contextmanager
+def syns_dropped(world: World, address: str, port: int) -> Iterator[None]:
+    """The internet drops SYNs to address:port while inside (a connect retries in 1 s)."""
+    rule = ["INPUT", "-d", address, "-p", "tcp", "--dport", str(port), "--syn", "-j", "DROP"]
+    subprocess.run(["ip", "netns", "exec", world.internet_ns, "iptables", "-I", *rule], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(
+            ["ip", "netns", "exec", world.internet_ns, "iptables", "-D", *rule], check=True
+        )
+
+
+def test_an_upstream_reset_before_the_connect_is_seen_reaches_the_client_as_a_reset(
+    world: World, proxy: StartProxy
+) -> None:
+    """An upstream that accepts and resets at once (a server refusing a client by address,
+    a balancer with no backend) can do so before the proxy's loop sees its connect done:
+    the connect then ends as a reset, and the client must get a reset as well, not the
+    FIN of a stream that ended cleanly. The proxy is stopped (SIGSTOP) across the
+    handshake to open that window wide; the upstream's first SYN is dropped so that the
+    handshake comes (with the SYN's retry) while it is stopped."""
+    running = proxy()
+    listener = socket_in(world.internet_ns)
+    with listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((RESET_ADDRESS, OPAQUE_PORT))
+        listener.listen(8)
+        listener.settimeout(TIMEOUT)
+        with unchanged(running):
+            with syns_dropped(world, RESET_ADDRESS, OPAQUE_PORT):
+                client = world.connect(RESET_ADDRESS, OPAQUE_PORT)
+                time.sleep(0.3)  # the proxy's SYN went, and was dropped
+                running.send_signal(signal.SIGSTOP)
+            try:
+                server, _ = listener.accept()
+                server.sendall(b"421 not for you\r\n")
+                reset(server)
+                time.sleep(0.3)  # the reset is at the proxy's socket
+            finally:
+                running.send_signal(signal.SIGCONT)
+            with client:
+                assert received_and_end(client)[1] == "reset"
+    assert_counted(lambda: tcp_closes(running, target_ip=RESET_ADDRESS, error="reset"))
+    assert_logged(running, destination=f"{RESET_ADDRESS}:{OPAQUE_PORT}", error="reset")
+
+
 def test_upstream_stalls_tcp(world: World, proxy: StartProxy, faults: str) -> None:
     running = proxy(None, "--idle-timeout", "1")
     with unchanged(running), world.connect(faults, fault_servers.STALL_PORT) as sock:
