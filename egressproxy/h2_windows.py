@@ -1,4 +1,4 @@
-"""The receive windows the proxy offers one upstream h2 connection, sans I/O.
+"""The receive windows the proxy offers upstream h2 connections, sans I/O.
 
 What an upstream sends on a stream is held by the proxy until the client takes it, and
 only then given back (acknowledged). Were its streams' windows together larger than the
@@ -8,27 +8,44 @@ streams of 1 MiB windows in a 16 MiB connection window: the next call hung). Her
 never are:
 
 - each stream starts with a reserve (the SETTINGS_INITIAL_WINDOW_SIZE offered), which is
-  all a stream whose client reads nothing ever holds;
+  all a stream whose client reads nothing from the start ever holds;
 - the connection window is the reserves of the most streams one client connection can
   open, a growth pool, and one reserve more for batching its own WINDOW_UPDATEs;
 - a stream whose client takes its data as fast as it comes (nothing left held) grows its
-  window, up to `most`, while the pool has room: a lone download keeps a large window
-  for a long round trip. What it drew goes back to the pool as its response ends and
-  the client takes the rest, or when the stream is closed.
+  window, up to `most`, while its connection's pool and the worker's GrowthBudget both
+  have room: a lone download keeps a large window for a long round trip. What it drew
+  goes back as its response ends and the client takes the rest, or when the stream is
+  closed.
 
 So what the streams hold and may still be sent never exceeds what the connection window
-lets the upstream send: the connection window is never what stops a stream.
+lets the upstream send: the connection window is never what stops a stream. And what a
+worker holds for clients that stopped reading is at most a reserve per stream and the
+worker's budget, however many connections, upstreams and streams there are.
 """
 
 from __future__ import annotations
 
 
+class GrowthBudget:
+    """What the upstream streams of one worker may draw together to grow their windows
+    past their reserves: each connection's pool bounds what one connection may draw,
+    this what all of them may, so many clients that stop reading (or one with many
+    upstreams) cannot make the worker hold more."""
+
+    __slots__ = ("free",)
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+
+
 class ConnectionWindows:
     """One upstream connection's window and the pool its streams grow from."""
 
-    __slots__ = ("free", "held", "most", "reserve", "size")
+    __slots__ = ("budget", "free", "held", "most", "reserve", "size")
 
-    def __init__(self, streams: int, reserve: int, most: int, pool: int) -> None:
+    def __init__(
+        self, streams: int, reserve: int, most: int, pool: int, budget: GrowthBudget
+    ) -> None:
         self.reserve = reserve
         self.most = most
         self.size = (streams + 1) * reserve + pool
@@ -37,6 +54,7 @@ class ConnectionWindows:
         """What no stream has drawn of the growth pool."""
         self.held = 0
         """Bytes the streams received and hold for their clients (not given back)."""
+        self.budget = budget
 
     def open(self) -> StreamWindow:
         """A new stream's window: the reserve (SETTINGS_INITIAL_WINDOW_SIZE)."""
@@ -74,18 +92,20 @@ class StreamWindow:
 
     def forwarded(self, size: int) -> None:
         """`size` held bytes went to the client. Left with none, the client keeps up: the
-        window grows, up to `most`, from what the pool has, by `most / reserve` times what
-        went out, so one whole reserve passed on at once is enough (a slower start costs a
-        long download round trips; doubling: four)."""
+        window grows, up to `most`, from what the pool and the budget have, by
+        `most / reserve` times what went out, so one whole reserve passed on at once is
+        enough (a slower start costs a long download round trips; doubling: four)."""
         self._hold(-size)
         connection = self.connection
         if self.ended:
             self._shrink()
         elif not self.held:
             grown = size * connection.most // connection.reserve
-            growth = min(grown, connection.most - self.limit, connection.free)
+            budget = connection.budget
+            growth = min(grown, connection.most - self.limit, connection.free, budget.free)
             self.limit += growth
             connection.free -= growth
+            budget.free -= growth
 
     def end(self) -> None:
         """The upstream sent the end of the stream (or reset it after): its window is
@@ -121,6 +141,10 @@ class StreamWindow:
         self.connection.held += size
 
     def _shrink(self) -> None:
-        limit = max(self.connection.reserve, self.held)
-        self.connection.free += self.limit - limit
+        """Down to what it holds (its window spent), not below the reserve: what it drew
+        past that goes back to its connection's pool and the worker's budget."""
+        connection = self.connection
+        limit = max(connection.reserve, self.held)
+        connection.free += self.limit - limit
+        connection.budget.free += self.limit - limit
         self.limit = limit

@@ -31,7 +31,7 @@ from h11 import _abnf
 
 from egressproxy import upstream as upstream_connector
 from egressproxy.errors import PROXY_ERROR, UpstreamError, log_proxy_error
-from egressproxy.h2_windows import ConnectionWindows, StreamWindow
+from egressproxy.h2_windows import ConnectionWindows, GrowthBudget, StreamWindow
 from egressproxy.http1 import DENIED_BODY, unavailable_status
 from egressproxy.http1_lean import MAX_RESPONSE_HEAD
 from egressproxy.policy.decision import Action, Decision, RequestFacts
@@ -63,6 +63,13 @@ pool: bytes in flight per download, which keeps its speed over a wide-area path.
 UPSTREAM_GROWTH_POOL = 16 << 20
 """What the streams of one upstream connection may draw together to grow their windows
 past UPSTREAM_STREAM_WINDOW: sixteen downloads at STREAM_WINDOW."""
+WORKER_GROWTH_BUDGET = 64 << 20
+"""What the upstream streams of one worker may draw together, whatever the number of
+connections and upstreams: sixty-four downloads at STREAM_WINDOW. With a pool per upstream
+connection alone, each client that let its streams grow and then stopped reading made
+the worker hold 16 MiB more, without bound."""
+GROWTH_BUDGET = GrowthBudget(WORKER_GROWTH_BUDGET)
+"""This worker's (each forked worker has its own copy)."""
 CLIENT_STREAM_WINDOW = 65_535
 """Per-stream receive window offered to a client, Linkerd's proxy's: what a client sends
 on a stream is held here until the upstream takes it (or the stream gets an upstream's
@@ -586,7 +593,11 @@ class _Upstream(asyncio.Protocol):
         self.goaways = GoawayFilter(0)
         self.answers_unread = AnswersUnread()
         self.windows = ConnectionWindows(
-            MAX_CONCURRENT_STREAMS, UPSTREAM_STREAM_WINDOW, STREAM_WINDOW, UPSTREAM_GROWTH_POOL
+            MAX_CONCURRENT_STREAMS,
+            UPSTREAM_STREAM_WINDOW,
+            STREAM_WINDOW,
+            UPSTREAM_GROWTH_POOL,
+            GROWTH_BUDGET,
         )
         self.settled = False
         """The upstream's first SETTINGS came: until then its stream limit is unknown (h2

@@ -5,13 +5,16 @@ from __future__ import annotations
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from egressproxy.h2_windows import ConnectionWindows, StreamWindow
+from egressproxy.h2_windows import ConnectionWindows, GrowthBudget, StreamWindow
 
 STREAMS, RESERVE, MOST, POOL = 4, 100, 1000, 1500
 
 
-def connection(streams: int = STREAMS, most: int = MOST, pool: int = POOL) -> ConnectionWindows:
-    return ConnectionWindows(streams, RESERVE, most, pool)
+def connection(
+    streams: int = STREAMS, most: int = MOST, pool: int = POOL, budget: GrowthBudget | None = None
+) -> ConnectionWindows:
+    """With a budget of its own, larger than its pool, unless given one."""
+    return ConnectionWindows(streams, RESERVE, most, pool, budget or GrowthBudget(2 * pool))
 
 
 def take_everything(window: StreamWindow) -> int:
@@ -83,6 +86,19 @@ def test_the_connection_window_goes_back_in_steps_of_a_reserve() -> None:
     assert windows.due(window) == RESERVE
 
 
+def test_streams_grow_only_while_the_workers_budget_has_room() -> None:
+    """Two connections, each with a pool of its own, one budget: what one drew, the other
+    cannot, until it is given back."""
+    budget = GrowthBudget(MOST)
+    first, second = connection(budget=budget).open(), connection(budget=budget).open()
+    take_everything(first)
+    assert (first.limit, budget.free) == (MOST, RESERVE)
+    assert take_everything(second) == 2 * RESERVE, "the reserve and what was left"
+    first.close()
+    assert budget.free == MOST - RESERVE
+    assert take_everything(second) == MOST
+
+
 def all_or_some(most: int) -> st.SearchStrategy[int]:
     """Often all (what a window allows, what the client has), else any part of it."""
     return st.one_of(st.just(most), st.integers(0, most))
@@ -90,15 +106,17 @@ def all_or_some(most: int) -> st.SearchStrategy[int]:
 
 class UpstreamConnection(RuleBasedStateMachine):
     """An upstream sending on the streams as their windows and the connection's allow, a
-    client taking some of it, streams ending and closing; after each step the proxy's
-    WINDOW_UPDATEs are sent, as after each read. Few streams, a small pool and `most`, so
-    that a few steps open them all and exhaust it."""
+    client taking some of it, streams ending and closing; after
+    each step the proxy's WINDOW_UPDATEs are sent, as after each read. Few streams, a
+    small pool and `most`, so that a few steps open them all and exhaust it; the worker's
+    budget smaller still, another connection having drawn the rest."""
 
-    streams, most, pool = 2, 3 * RESERVE, 2 * RESERVE + RESERVE // 2
+    streams, most, pool, budget = 2, 3 * RESERVE, 2 * RESERVE + RESERVE // 2, 2 * RESERVE
 
     def __init__(self) -> None:
         super().__init__()
-        self.windows = connection(self.streams, self.most, self.pool)
+        self.growth_budget = GrowthBudget(self.budget)
+        self.windows = connection(self.streams, self.most, self.pool, self.growth_budget)
         self.open: list[StreamWindow] = []
         self.connection_window = self.windows.size
         """What the upstream may still send on the connection, as it sees it."""
@@ -186,6 +204,7 @@ class UpstreamConnection(RuleBasedStateMachine):
     def what_is_drawn_is_what_the_open_streams_have(self) -> None:
         drawn = sum(stream.limit - RESERVE for stream in self.open)
         assert 0 <= self.windows.free == self.pool - drawn
+        assert 0 <= self.growth_budget.free == self.budget - drawn
         assert self.windows.held == sum(stream.held for stream in self.open)
 
     @invariant()

@@ -778,6 +778,75 @@ async def test_a_download_the_client_keeps_up_with_grows_its_upstream_window(
     assert STREAM_WINDOW // 2 < connections[0].largest_window <= STREAM_WINDOW
 
 
+class UnreadClient(H2Client):
+    """Offers each stream 256 KiB and its connection 64 MiB, and acknowledges nothing: a
+    client that takes the first bytes of its downloads at once, then stops reading."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.h2.local_settings = h2.settings.Settings(
+            client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 256 << 10}
+        )
+        super().connection_made(transport)
+        self.h2.increment_flow_control_window(64 << 20)
+        self.transport.write(self.h2.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                self.answers[event.stream_id].headers = dict(event.headers)  # type: ignore[arg-type]
+            elif isinstance(event, h2.events.DataReceived):
+                self.answers[event.stream_id].body += event.data
+        self.transport.write(self.h2.data_to_send())
+
+    def open_window(self, stream_id: int, size: int) -> None:
+        self.h2.increment_flow_control_window(size, stream_id)
+        self.transport.write(self.h2.data_to_send())
+
+
+def held_by_all(proxy: LoopbackProxy) -> int:
+    """What the proxy holds for all its h2 clients."""
+    return sum(held(flow.handler) for flow in proxy.context.open_flows.flows if flow.handler)
+
+
+async def until_blocked(proxy: LoopbackProxy, origins: list[WatchedH2Server], streams: int) -> int:
+    """Until each origin has `streams` answers begun and no window left on any, and what
+    the proxy holds has stopped changing; what it holds then."""
+    async with asyncio.timeout(TIMEOUT):
+        last = -1
+        while True:
+            await asyncio.sleep(0.2)
+            now = held_by_all(proxy)
+            if now == last and all(origin.blocked(streams) for origin in origins):
+                return now
+            last = now
+
+
+@pytest.mark.asyncio
+async def test_what_unread_clients_make_a_worker_hold_is_bounded_worker_wide(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six clients each take the first bytes of sixteen downloads at once, so each stream
+    grows its window, then read nothing more. Each upstream connection had its own 16 MiB
+    growth pool, so each client made the worker hold 16 MiB past the streams' reserves,
+    and more clients more, without bound (96 MiB here). The growth past the reserves is
+    drawn from one budget for the whole worker, and given back as the streams end."""
+    origins: list[WatchedH2Server] = []
+    factory = lambda: WatchedH2Server(origins)  # noqa: E731
+    clients, streams = 6, 16
+    async with proxy_to_h2_origin(factory, tmp_path, monkeypatch) as proxy:
+        readers = [await connect_h2(proxy, UnreadClient) for _ in range(clients)]
+        for client in readers:
+            for _ in range(streams):
+                client.request("GET", "/bytes/4000000")
+        total = await until_blocked(proxy, origins, streams)
+        for client in readers:
+            client.transport.close()
+        await proxy.wait_closed_flows(clients)
+    budget = egressproxy.http2.WORKER_GROWTH_BUDGET
+    assert total <= clients * streams * UPSTREAM_STREAM_WINDOW + budget
+    assert egressproxy.http2.GROWTH_BUDGET.free == budget, "all of it given back"
+
+
 class EarlyH2Origin(SlowH2Origin):
     """Answers each request as its HEADERS come, without waiting for the body (RFC 9113
     8.1 allows it), with a limit of 2 concurrent streams."""
