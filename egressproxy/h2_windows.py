@@ -15,7 +15,8 @@ never are:
   window, up to `most`, while its connection's pool and the worker's GrowthBudget both
   have room: a lone download keeps a large window for a long round trip. What it drew
   goes back as its response ends and the client takes the rest, or when the stream is
-  closed.
+  closed; and, once its client left bytes untaken for SLOW_SECONDS, as that client
+  takes them (they are not sent for again past the reserve) until it keeps up again.
 
 So what the streams hold and may still be sent never exceeds what the connection window
 lets the upstream send: the connection window is never what stops a stream. And what a
@@ -24,6 +25,11 @@ worker's budget, however many connections, upstreams and streams there are.
 """
 
 from __future__ import annotations
+
+SLOW_SECONDS = 1.0
+"""A stream whose client took none of what it holds for this long is slow: what it drew
+to grow goes back as its client takes its bytes. A client that keeps reading, however
+small its own window, opens it many times a second."""
 
 
 class GrowthBudget:
@@ -70,7 +76,16 @@ class ConnectionWindows:
 class StreamWindow:
     """One upstream stream's receive window: `window` + `held` never exceed `limit`."""
 
-    __slots__ = ("closed", "connection", "ended", "held", "limit", "window")
+    __slots__ = (
+        "closed",
+        "connection",
+        "ended",
+        "held",
+        "limit",
+        "shrinking",
+        "untaken_since",
+        "window",
+    )
 
     def __init__(self, connection: ConnectionWindows) -> None:
         self.connection = connection
@@ -83,23 +98,38 @@ class StreamWindow:
         self.ended = False
         """The upstream sends no more on it."""
         self.closed = False
+        self.untaken_since = 0.0
+        """When the client last took bytes of it, or its held bytes began."""
+        self.shrinking = False
+        """Its client was slow: until it holds nothing, what it takes is not sent for
+        again past the reserve."""
 
-    def received(self, size: int, kept: int) -> None:
+    def received(self, size: int, kept: int, now: float) -> None:
         """A DATA frame of `size` flow-controlled bytes, `kept` of them held for the client
-        (the rest is padding, given back at once)."""
+        (the rest is padding, given back at once), at time `now`."""
+        if not self.held:
+            self.untaken_since = now
         self.window -= size
         self._hold(kept)
 
-    def forwarded(self, size: int) -> None:
-        """`size` held bytes went to the client. Left with none, the client keeps up: the
-        window grows, up to `most`, from what the pool and the budget have, by
-        `most / reserve` times what went out, so one whole reserve passed on at once is
-        enough (a slower start costs a long download round trips; doubling: four)."""
+    def forwarded(self, size: int, now: float) -> None:
+        """`size` held bytes went to the client at time `now`. Left with none, the client
+        keeps up: the window grows, up to `most`, from what the pool and the budget have,
+        by `most / reserve` times what went out, so one whole reserve passed on at once is
+        enough (a slower start costs a long download round trips; doubling: four). A
+        client that took nothing for SLOW_SECONDS before is slow: what it drew goes back
+        as it takes its bytes, and it grows again once it keeps up."""
+        slow = now - self.untaken_since >= SLOW_SECONDS
+        self.untaken_since = now
         self._hold(-size)
-        connection = self.connection
-        if self.ended:
+        self.shrinking = self.shrinking or slow
+        if self.ended or self.shrinking:
             self._shrink()
-        elif not self.held:
+        if self.held:
+            return
+        self.shrinking = False
+        if not self.ended and not slow:
+            connection = self.connection
             grown = size * connection.most // connection.reserve
             budget = connection.budget
             growth = min(grown, connection.most - self.limit, connection.free, budget.free)
@@ -141,10 +171,11 @@ class StreamWindow:
         self.connection.held += size
 
     def _shrink(self) -> None:
-        """Down to what it holds (its window spent), not below the reserve: what it drew
-        past that goes back to its connection's pool and the worker's budget."""
+        """Down to what it holds and what the upstream may still send on it (a window
+        given cannot be taken back), not below the reserve: what it drew past that goes
+        back to its connection's pool and the worker's budget."""
         connection = self.connection
-        limit = max(connection.reserve, self.held)
+        limit = max(connection.reserve, self.held + self.window)
         connection.free += self.limit - limit
         connection.budget.free += self.limit - limit
         self.limit = limit

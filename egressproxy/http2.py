@@ -1216,7 +1216,8 @@ class H2Proxy(asyncio.Protocol):
             if stream is None or stream.done or stream.upstream_window is None:
                 return  # its connection window goes back in upstream.flush
             assert event.data is not None
-            stream.upstream_window.received(event.flow_controlled_length or 0, len(event.data))
+            size, now = event.flow_controlled_length or 0, self.loop.time()
+            stream.upstream_window.received(size, len(event.data), now)
             stream.record.bytes_from_upstream += len(event.data)
             stream.to_client += event.data
             self._pump_client(stream)
@@ -1349,6 +1350,7 @@ class H2Proxy(asyncio.Protocol):
         window reopens as it goes."""
         pending = stream.to_client
         window = stream.upstream_window
+        now = self.loop.time()
         try:
             while pending:
                 size = min(
@@ -1361,7 +1363,7 @@ class H2Proxy(asyncio.Protocol):
                 self.h2.send_data(stream.client_id, bytes(pending[:size]))
                 del pending[:size]
                 if window is not None:
-                    window.forwarded(size)
+                    window.forwarded(size, now)
             self._reopen_upstream(stream)
             if stream.response_ended and not pending:
                 if stream.response_trailers is not None:

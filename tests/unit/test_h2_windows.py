@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from egressproxy.h2_windows import ConnectionWindows, GrowthBudget, StreamWindow
+from egressproxy.h2_windows import SLOW_SECONDS, ConnectionWindows, GrowthBudget, StreamWindow
 
 STREAMS, RESERVE, MOST, POOL = 4, 100, 1000, 1500
 
@@ -20,8 +20,8 @@ def connection(
 def take_everything(window: StreamWindow) -> int:
     """The upstream sends the whole window, the client takes all of it: the increment."""
     size = window.window
-    window.received(size, size)
-    window.forwarded(size)
+    window.received(size, size, 0.0)
+    window.forwarded(size, 0.0)
     return window.increment()
 
 
@@ -29,8 +29,8 @@ def test_a_stream_its_client_keeps_up_with_grows_to_the_most() -> None:
     """By most / reserve (10) times what went out at once: a whole reserve is enough."""
     windows = connection()
     stream = windows.open()
-    stream.received(10, 10)
-    stream.forwarded(10)
+    stream.received(10, 10, 0.0)
+    stream.forwarded(10, 0.0)
     assert (stream.limit, stream.increment()) == (RESERVE + 100, 110)
     assert [take_everything(stream) for _ in range(2)] == [MOST, MOST]
     assert (stream.limit, windows.free) == (MOST, POOL - (MOST - RESERVE))
@@ -39,12 +39,12 @@ def test_a_stream_its_client_keeps_up_with_grows_to_the_most() -> None:
 def test_a_stream_whose_client_leaves_bytes_held_does_not_grow() -> None:
     windows = connection()
     stream = windows.open()
-    stream.received(RESERVE, RESERVE)
-    stream.forwarded(RESERVE // 2)
+    stream.received(RESERVE, RESERVE, 0.0)
+    stream.forwarded(RESERVE // 2, 0.0)
     assert (stream.increment(), stream.limit, windows.free) == (RESERVE // 2, RESERVE, POOL)
-    stream.forwarded(RESERVE // 20)
+    stream.forwarded(RESERVE // 20, 0.0)
     assert stream.increment() == 0, "a twentieth of the window is not worth a WINDOW_UPDATE"
-    stream.forwarded(RESERVE // 20)
+    stream.forwarded(RESERVE // 20, 0.0)
     assert stream.increment() == RESERVE // 10
 
 
@@ -65,10 +65,10 @@ def test_an_ended_stream_gives_its_draw_back_as_the_client_takes_the_rest() -> N
     stream = windows.open()
     for _ in range(4):
         take_everything(stream)
-    stream.received(600, 600)
+    stream.received(600, 600, 0.0)
     stream.end()
     assert (stream.limit, windows.free, stream.increment()) == (600, POOL - 500, 0)
-    stream.forwarded(450)
+    stream.forwarded(450, 0.0)
     assert (stream.limit, windows.free, windows.held) == (150, POOL - 50, 150)
     stream.close()
     assert (windows.free, windows.held) == (POOL, 0)
@@ -77,12 +77,12 @@ def test_an_ended_stream_gives_its_draw_back_as_the_client_takes_the_rest() -> N
 def test_the_connection_window_goes_back_in_steps_of_a_reserve() -> None:
     windows = connection()
     stream = windows.open()
-    stream.received(RESERVE, RESERVE)
+    stream.received(RESERVE, RESERVE, 0.0)
     window = windows.size - RESERVE
     assert windows.due(window) == 0
-    stream.forwarded(RESERVE - 1)
+    stream.forwarded(RESERVE - 1, 0.0)
     assert windows.due(window) == 0
-    stream.forwarded(1)
+    stream.forwarded(1, 0.0)
     assert windows.due(window) == RESERVE
 
 
@@ -99,6 +99,32 @@ def test_streams_grow_only_while_the_workers_budget_has_room() -> None:
     assert take_everything(second) == MOST
 
 
+def test_a_slow_client_gives_back_what_its_stream_drew_as_it_takes_its_bytes() -> None:
+    """Once its client took nothing for SLOW_SECONDS, a stream is not sent for again past
+    its reserve; it grows again when its client next keeps up."""
+    windows = connection()
+    stream = windows.open()
+    for _ in range(2):
+        take_everything(stream)
+    stream.received(MOST, MOST, 1.0)
+    stream.forwarded(300, 1.0 + SLOW_SECONDS)
+    assert (stream.increment(), stream.limit, windows.free) == (0, 700, POOL - 600)
+    stream.forwarded(300, 1.0 + SLOW_SECONDS)
+    stream.forwarded(350, 1.0 + SLOW_SECONDS)
+    assert (stream.increment(), stream.limit, windows.free) == (50, RESERVE, POOL)
+    stream.received(50, 50, 1.5 + SLOW_SECONDS)
+    stream.forwarded(100, 1.5 + SLOW_SECONDS)
+    assert stream.limit == MOST, "it keeps up: it grows again"
+
+
+def test_a_client_that_stopped_reading_for_a_while_does_not_grow_by_emptying_its_stream() -> None:
+    windows = connection()
+    stream = windows.open()
+    stream.received(RESERVE, RESERVE, 0.0)
+    stream.forwarded(RESERVE, SLOW_SECONDS)
+    assert (stream.limit, stream.increment()) == (RESERVE, RESERVE)
+
+
 def all_or_some(most: int) -> st.SearchStrategy[int]:
     """Often all (what a window allows, what the client has), else any part of it."""
     return st.one_of(st.just(most), st.integers(0, most))
@@ -106,7 +132,7 @@ def all_or_some(most: int) -> st.SearchStrategy[int]:
 
 class UpstreamConnection(RuleBasedStateMachine):
     """An upstream sending on the streams as their windows and the connection's allow, a
-    client taking some of it, streams ending and closing; after
+    client taking some of it, at once or after a while, streams ending and closing; after
     each step the proxy's WINDOW_UPDATEs are sent, as after each read. Few streams, a
     small pool and `most`, so that a few steps open them all and exhaust it; the worker's
     budget smaller still, another connection having drawn the rest."""
@@ -117,6 +143,7 @@ class UpstreamConnection(RuleBasedStateMachine):
         super().__init__()
         self.growth_budget = GrowthBudget(self.budget)
         self.windows = connection(self.streams, self.most, self.pool, self.growth_budget)
+        self.now = 0.0
         self.open: list[StreamWindow] = []
         self.connection_window = self.windows.size
         """What the upstream may still send on the connection, as it sees it."""
@@ -138,7 +165,7 @@ class UpstreamConnection(RuleBasedStateMachine):
         most = min(stream.window, self.connection_window)
         size = data.draw(all_or_some(most))
         kept = data.draw(all_or_some(size))
-        stream.received(size, kept)
+        stream.received(size, kept, self.now)
         self.connection_window -= size
         self.reopen(stream)
 
@@ -148,9 +175,9 @@ class UpstreamConnection(RuleBasedStateMachine):
         """The upstream sends all it may, the client takes all of it: the window grows."""
         stream = data.draw(st.sampled_from(self.open))
         size = min(stream.window, self.connection_window)
-        stream.received(size, size)
+        stream.received(size, size, self.now)
         self.connection_window -= size
-        stream.forwarded(stream.held)
+        stream.forwarded(stream.held, self.now)
         self.reopen(stream)
 
     @precondition(lambda self: self.after_close)
@@ -165,13 +192,17 @@ class UpstreamConnection(RuleBasedStateMachine):
     @rule(data=st.data())
     def client_takes(self, data: st.DataObject) -> None:
         stream = data.draw(st.sampled_from([stream for stream in self.open if stream.held]))
-        stream.forwarded(data.draw(all_or_some(stream.held)))
+        stream.forwarded(data.draw(all_or_some(stream.held)), self.now)
         self.reopen(stream)
 
     def reopen(self, stream: StreamWindow) -> None:
         """As H2Proxy does after each DATA frame and what the client took of it."""
         stream.increment()
         self.flush()
+
+    @rule(seconds=st.sampled_from([SLOW_SECONDS / 2, SLOW_SECONDS]))
+    def time_passes(self, seconds: float) -> None:
+        self.now += seconds
 
     @precondition(lambda self: self.open)
     @rule(data=st.data())

@@ -847,6 +847,41 @@ async def test_what_unread_clients_make_a_worker_hold_is_bounded_worker_wide(
     assert egressproxy.http2.GROWTH_BUDGET.free == budget, "all of it given back"
 
 
+@pytest.mark.asyncio
+async def test_a_stream_whose_client_reads_slowly_gives_its_growth_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A download grew its window to 1 MiB while its client kept up; then the client
+    took nothing for over a second, and now takes its data a piece at a time. What it
+    takes is no longer sent for again past the stream's reserve: the proxy holds less and
+    less for it, and what the stream drew goes back to the worker's budget. It was sent
+    for again at once, so the proxy kept holding 1 MiB for a client that slow."""
+    origins: list[WatchedH2Server] = []
+    factory = lambda: WatchedH2Server(origins)  # noqa: E731
+    piece = 256 << 10
+    async with proxy_to_h2_origin(factory, tmp_path, monkeypatch) as proxy:
+        client = await connect_h2(proxy, UnreadClient)
+        download = client.request("GET", "/bytes/8000000")
+        (stream_id,) = client.answers
+        before = await until_blocked(proxy, origins, 1)
+        assert before > STREAM_WINDOW - STREAM_WINDOW // 16, "it grew, and its client stopped"
+        await asyncio.sleep(1.1)
+        for taken in range(1, 4):
+            client.open_window(stream_id, piece)
+            async with asyncio.timeout(TIMEOUT):
+                while len(download.body) < (taken + 1) * piece:
+                    await asyncio.sleep(0.01)
+        after = await until_blocked(proxy, origins, 1)
+        handler = await only_handler(proxy)
+        (stream,) = handler.streams.values()
+        limit = stream.upstream_window.limit
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
+    assert after == before - 3 * piece
+    assert limit == after
+    assert egressproxy.http2.GROWTH_BUDGET.free == egressproxy.http2.WORKER_GROWTH_BUDGET
+
+
 class EarlyH2Origin(SlowH2Origin):
     """Answers each request as its HEADERS come, without waiting for the body (RFC 9113
     8.1 allows it), with a limit of 2 concurrent streams."""
