@@ -983,10 +983,13 @@ class H2Proxy(asyncio.Protocol):
                 lookups=self.flow.context.resolver.threads,
             )
             self.connecting.pop(key, None)
+            assert upstream.transport is not None
             if self.closed:
-                assert upstream.transport is not None
                 upstream.transport.abort()
                 return
+            if self.client_full:  # not read, as the others are not (pause_writing); here,
+                # as Python 3.11 reads a transport paused in connection_made all the same
+                upstream.transport.pause_reading()
             self._open_waiting(upstream)
             self._flush()
         except UpstreamError as error:

@@ -3120,3 +3120,65 @@ async def test_a_stream_the_client_ends_gives_its_upstream_slot_to_one_waiting(
     outcomes = sorted((r.path, r.status, r.error) for r in proxy.ledger.requests)
     first_error = "client_reset" if ending == "reset" else "bad_request"
     assert outcomes == [("/first", None, first_error), ("/second", 200, "")]
+
+
+class AnyPathBytesServer(H2Server):
+    """H2Server serving /bytes/N under any prefix (/second/bytes/N)."""
+
+    def _answer(self, stream_id: int) -> None:
+        for header in self.streams[stream_id]["headers"]:
+            if header[0] == ":path":
+                header[1] = "/bytes/" + header[1].rpartition("/")[2]
+        super()._answer(stream_id)
+
+
+@pytest.mark.asyncio
+async def test_an_upstream_connected_while_the_client_reads_nothing_waits_for_it_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client offers windows of 2 GiB and reads nothing: once the proxy's bytes to it
+    pass the write buffer's limit, no upstream is read. An upstream connected after that
+    (a stream to another destination) was read all the same, every byte it sent was
+    written to the client's buffer and asked of it again, and the buffer grew as fast as
+    that upstream could send."""
+    loop = asyncio.get_running_loop()
+    first = await loop.create_server(AnyPathBytesServer, "127.0.0.1", 0)
+    second = await loop.create_server(AnyPathBytesServer, "127.0.0.1", 0)
+    try:
+        policy = TWO_ORIGINS.format(second=second.sockets[0].getsockname()[1])
+        destination = local(first.sockets[0].getsockname()[1])
+        async with loopback_proxy(tmp_path, monkeypatch, policy, destination) as proxy:
+            sock = await client_that_never_reads(proxy)
+            client = h2.connection.H2Connection()
+            client.local_settings = h2.settings.Settings(
+                client=True,
+                initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1},
+            )
+            client.initiate_connection()
+            client.increment_flow_control_window(2**31 - 1 - 65535)
+            request = [(":method", "GET"), (":scheme", "http"), (":authority", "example.test")]
+            client.send_headers(1, [*request, (":path", "/bytes/200000000")], end_stream=True)
+            await loop.sock_sendall(sock, client.data_to_send())
+            handler = await only_handler(proxy)
+            async with asyncio.timeout(TIMEOUT):
+                while not handler.client_full:
+                    await asyncio.sleep(0.01)
+            client.send_headers(
+                3, [*request, (":path", "/second/bytes/200000000")], end_stream=True
+            )
+            await loop.sock_sendall(sock, client.data_to_send())
+            async with asyncio.timeout(TIMEOUT):
+                while not any(
+                    up.transport
+                    for up in handler.upstreams.values()
+                    if up.key[1] != destination.port
+                ):
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(1.0)
+            unsent = handler.transport.get_write_buffer_size()
+            sock.close()
+            await proxy.wait_closed_flows(1)
+    finally:
+        first.close()
+        second.close()
+    assert unsent < 2 << 20
