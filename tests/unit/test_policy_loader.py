@@ -442,3 +442,29 @@ def test_arbitrary_structures_give_model_or_policy_error(head: str, body: object
 @given(st.text(alphabet="&*[]{}:-!|>'\"\n #%@`,?ab", max_size=80))
 def test_yaml_punctuation_gives_model_or_policy_error(text: str) -> None:
     only_policy_errors(text)
+
+
+def test_a_route_defined_twice_is_an_error() -> None:
+    """The API server holds one route per kind, namespace and name, and `kubectl apply` of
+    a file naming one twice keeps the last: egressproxy applied both, so the first copy's
+    rules still allowed what the second no longer does. Like a network defined twice, it is
+    an error at the second document. The same name in another kind or group is another
+    object."""
+    route = """\
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: egress-test}
+spec:
+  parentRefs:
+  - {name: all-egress-traffic, kind: EgressNetwork, group: policy.linkerd.io, port: 80}
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /get}}]
+"""
+    other_kinds = route.replace("kind: HTTPRoute", "kind: GRPCRoute").replace(
+        "rules:\n  - matches: [{path: {type: PathPrefix, value: /get}}]", "rules: [{}]"
+    ) + route.replace("gateway.networking.k8s.io/v1", "policy.linkerd.io/v1beta3")
+    again = route.replace("/get", "/post")
+    assert problems(NETWORK + route + other_kinds + again) == [
+        "p.yaml:35: HTTPRoute egress-test/web is defined twice (first at line 9)"
+    ]
