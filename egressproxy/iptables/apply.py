@@ -129,7 +129,10 @@ def run_tool(name: str, *args: str, stdin: str | None = None) -> str:
             [path, *args],
             input=stdin,
             capture_output=True,
-            text=True,
+            # Other tools' rules hold any bytes (a comment typed in a Latin-1 terminal):
+            # read and written back (a jump deleted from their chain) unchanged.
+            encoding="utf-8",
+            errors="surrogateescape",
             timeout=TOOL_TIMEOUT,
             check=False,
         )

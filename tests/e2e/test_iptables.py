@@ -162,8 +162,15 @@ def program() -> str:
 
 
 def run(*args: str, check: bool = True, env: dict[str, str] | None = None) -> Completed:
+    # Other tools' rules may hold any bytes (a comment typed in a Latin-1 terminal).
     done = subprocess.run(
-        args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False, env=env
+        args,
+        capture_output=True,
+        encoding="utf-8",
+        errors="surrogateescape",
+        timeout=COMMAND_TIMEOUT,
+        check=False,
+        env=env,
     )
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {done.returncode}: {done.stderr.strip()}")
@@ -637,6 +644,29 @@ def test_the_backend_holding_the_rules_stays_theirs(lab: Lab) -> None:
     assert all("EGRESSPROXY" not in text for text in after.values())
     nft = [tool for tool in SAVE_TOOLS if "legacy" not in tool]
     assert [after[tool] for tool in nft] == [before[tool] for tool in nft]
+
+
+def test_other_tools_rules_in_any_bytes_are_kept(lab: Lab) -> None:
+    """iptables keeps a comment's bytes as given, and one typed in a Latin-1 terminal is
+    no UTF-8: install, show and uninstall still work, and keep that rule as it was."""
+    app = lab.namespace()
+    latin1 = b"B\xfcro".decode("utf-8", "surrogateescape")
+    for command in ("iptables", "ip6tables"):
+        run("ip", "netns", "exec", app, command, "-A", "INPUT", "-p", "tcp", "--dport", "22",
+            "-m", "comment", "--comment", latin1, "-j", "ACCEPT")  # fmt: skip
+    before = saved_rules(app)
+    assert latin1 in before["iptables-save"]
+    first = egressproxy(app, "install", f"--proxy-uid={PROXY_UID}")
+    assert first.returncode == 0, first.stderr
+    again = egressproxy(app, "install", f"--proxy-uid={PROXY_UID}")
+    assert again.returncode == 0, again.stderr
+    assert "already installed" in again.stdout
+    shown = egressproxy(app, "show")
+    assert shown.returncode == 0, shown.stderr
+    assert "EGRESSPROXY_OUTPUT" in shown.stdout
+    removed = egressproxy(app, "uninstall")
+    assert removed.returncode == 0, removed.stderr
+    assert saved_rules(app) == before
 
 
 NET_ADMIN_ONLY = ["setpriv", "--inh-caps=-all", "--bounding-set=-all,+net_admin"]
