@@ -36,8 +36,9 @@ USER 2102:2102
 # 15001: the transparent listener the redirect points at; 4191: admin
 # (/metrics, /ready, /live, /config).
 EXPOSE 15001 4191
-# slim has no curl: ask /ready with the standard library (503 while draining).
+# slim has no curl: ask /ready with the standard library (503 while draining), never
+# through an http_proxy Docker hands the container (urllib reads no CIDR in no_proxy).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:4191/ready', timeout=2).status != 200)"]
+    CMD ["python", "-c", "import sys, urllib.request as u; sys.exit(u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:4191/ready', timeout=2).status != 200)"]
 ENTRYPOINT ["egressproxy"]
 CMD ["run"]

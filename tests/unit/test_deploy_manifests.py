@@ -8,8 +8,12 @@ import json
 import re
 import shlex
 import shutil
+import socket
 import subprocess
+import sys
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +271,48 @@ def test_dockerfile_ports_healthcheck_and_command() -> None:
     assert json.loads(instructions["ENTRYPOINT"]) == ["egressproxy"]
     assert json.loads(instructions["CMD"]) == ["run"]
     build_parser().parse_args(json.loads(instructions["CMD"]))
+
+
+class Ready(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200 if self.path == "/ready" else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_the_healthcheck_asks_the_admin_server_not_an_http_proxy() -> None:
+    """Docker hands a client's configured proxies to every container as http_proxy, and
+    its documented no_proxy form `127.0.0.0/8` is a CIDR urllib does not read: the
+    healthcheck must still ask the proxy's own admin server, not the HTTP proxy."""
+    _, command = dict(dockerfile_instructions())["HEALTHCHECK"].split(" CMD ", 1)
+    argv = json.loads(command)
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead = unused.getsockname()[1]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Ready)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        admin = f"127.0.0.1:{ADMIN_PORT}/"
+        assert admin in argv[-1]
+        script = argv[-1].replace(admin, f"127.0.0.1:{server.server_address[1]}/")
+        proxies = {"http_proxy": f"http://127.0.0.1:{dead}", "no_proxy": "127.0.0.0/8"}
+        done = subprocess.run(
+            [sys.executable, *argv[1:-1], script],
+            env={"PATH": "/usr/bin:/bin", **proxies},
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert argv[0] == "python"
+    assert done.returncode == 0, done.stderr.decode()
 
 
 def test_dockerignore_lets_in_only_what_the_build_copies() -> None:
