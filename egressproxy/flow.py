@@ -39,7 +39,7 @@ from egressproxy.sniff import (
     Sniffed,
     TlsHello,
 )
-from egressproxy.sniff.detect import sniff, sniff_again_at
+from egressproxy.sniff.detect import Sniffer, sniff
 from egressproxy.sniff.http import authority_host, could_begin_request
 from egressproxy.sniff.tls import BEFORE_A_HELLO
 from egressproxy.splice import MAX_PIPES, SplicedRelay, Splicer
@@ -193,6 +193,14 @@ def lean_head(buffer: bytes, limit: int) -> tuple[http1_lean.LeanRequest, str] |
     return request, sys.intern(hostname)
 
 
+def head_end_came(buffer: bytes, new: int) -> bool:
+    """Whether the last `new` bytes of buffer end a head (CRLF CRLF), the only reads after
+    the first where lean_head may find one: none is whole before, and one that came earlier
+    it found no lean head in then (nor would now). Tried at every read with a line end, a
+    head of short lines that came a few bytes at a time was read whole again at each line."""
+    return buffer.find(b"\r\n\r\n", max(0, len(buffer) - new - 3)) >= 0
+
+
 def _without_root_dot(hostname: str | None) -> str | None:
     """`example.com.` is `example.com`: a rule must not be sidestepped by the root label.
 
@@ -222,8 +230,8 @@ class Flow(asyncio.Protocol):
         "record",
         "relay",
         "snapshot",
-        "sniff_again_at",
         "sniff_timer",
+        "sniffer",
         "sniffing",
         "task",
         "transport",
@@ -234,9 +242,9 @@ class Flow(asyncio.Protocol):
         self.transport: asyncio.Transport
         self.buffer = b""
         self.sniffing = True
-        self.sniff_again_at = 0
-        """How long the buffer must grow before sniff's NEED_MORE can change (a hello in
-        pieces is not read again at every byte)."""
+        self.sniffer: Sniffer | None = None
+        """Once two reads found the bytes incomplete: sniffs them as more come, each read
+        only as far as the answer could change with it."""
         self.client_eof = False
         self.client_gone = False
         self.sniff_timer: PendingTimeout | None = None
@@ -296,20 +304,23 @@ class Flow(asyncio.Protocol):
             if len(self.buffer) > WRITE_BUFFER_HIGH:
                 self.transport.pause_reading()
             return
-        if data.find(b"\n") >= 0:  # else a head the sniffer found incomplete still is
+        sniffer = self.sniffer
+        if data.find(b"\n") >= 0 and (sniffer is None or head_end_came(self.buffer, len(data))):
             lean = lean_head(self.buffer, self.context.settings.max_header_bytes)
             if lean is not None:
                 self._decide_as(Detected.HTTP1, lean[1], "http1", ech=False, first_request=lean)
                 return
-        if len(self.buffer) < self.sniff_again_at:
-            return
-        result = sniff(self.buffer)
-        if result is NEED_MORE:
-            self.sniff_again_at = sniff_again_at(self.buffer)
-            if len(self.buffer) == len(data):
-                self._restart_sniff_timer()
-            return
-        self._decide(result)
+        if sniffer is not None:
+            result = sniffer.sniff(self.buffer)
+        else:
+            result = sniff(self.buffer)
+            if result is NEED_MORE:
+                if len(self.buffer) == len(data):
+                    self._restart_sniff_timer()
+                else:  # a head or hello in three reads or more: sniffed as they come
+                    self.sniffer = Sniffer(self.buffer)
+        if result is not NEED_MORE:
+            self._decide(result)
 
     def eof_received(self) -> bool:
         self.client_eof = True

@@ -7,7 +7,9 @@ Every parser answers with a value, never an exception: the protocol it found,
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 SNIFF_BUFFER_LIMIT = 16 * 1024
 
@@ -19,6 +21,17 @@ class NeedMore(enum.Enum):
 
 
 NEED_MORE = NeedMore.NEED_MORE
+
+
+class Hold(NamedTuple):
+    """How long a NEED_MORE stands as its buffer grows: while the buffer is shorter than
+    `until` and `stop` is not found in the bytes that came since (searched from `overlap`
+    bytes before them, for a stop longer than a byte); with no stop, the length alone
+    counts. A buffer that comes a byte at a time is then not parsed whole at every byte."""
+
+    until: int
+    stop: re.Pattern[bytes] | None = None
+    overlap: int = 0
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from egressproxy.sniff import (
     NEED_MORE,
     SNIFF_BUFFER_LIMIT,
     H2Preface,
+    Hold,
     HttpRequestHead,
     NeedMore,
     NotThis,
@@ -43,11 +44,14 @@ _HEAD_END = re.compile(rb"\n\r?\n")
 # run of text or a binary message (ASN.1's starts `0`, its length, then a tag such as
 # \x02) is still told apart early.
 LOOSE_SPACE = b" \t\x0b\x0c\r\x1c\x1d\x1e\x1f\x85\xa0"
-_SPACE = rb"[ \t\x0b-\x0d\x1c-\x1f\x85\xa0]"
-_TEXT_BEFORE_PATH = rb"[^\x00-\x08\x0a\x0e-\x1b\x7f/]"
+_SPACES = rb" \t\x0b-\x0d\x1c-\x1f\x85\xa0"
+_SPACE = rb"[" + _SPACES + rb"]"
+_NOT_TEXT_BEFORE_PATH = rb"\x00-\x08\x0a\x0e-\x1b\x7f/"
+_TEXT_BEFORE_PATH = rb"[^" + _NOT_TEXT_BEFORE_PATH + rb"]"
 _PATH_TEXT = rb"[^\x00\x0a]"
 _LINE_TEXT = _TEXT_BEFORE_PATH + rb"*(?:/" + _PATH_TEXT + rb"*)?"
-_LOOSE_METHOD = rb"[\x21-\x7e]{1,64}"
+_LOOSE_METHOD_MAX_LENGTH = 64
+_LOOSE_METHOD = rb"[\x21-\x7e]{1,%d}" % _LOOSE_METHOD_MAX_LENGTH
 _LOOSE_REQUEST_LINE = re.compile(
     _SPACE
     + rb"*(?:"
@@ -71,9 +75,24 @@ the same bytes follow one another (one separator before the versioned line's tex
 takes whitespace too; possessive runs before and in HTTP/0.9's target), else a long run
 of whitespace is tried split every way: seconds on the event loop for one 16 KiB line."""
 _LOOSE_REQUEST_LINE_PREFIX = re.compile(
-    _SPACE + rb"*(?:" + _LOOSE_METHOD + rb"(?:" + _SPACE + _LINE_TEXT + rb")?)?"
+    _SPACE
+    + rb"*(?:(?P<method>"
+    + _LOOSE_METHOD
+    + rb")(?:(?P<text>"
+    + _SPACE
+    + _TEXT_BEFORE_PATH
+    + rb"*)(?P<path>/"
+    + _PATH_TEXT
+    + rb"*)?)?)?"
 )
-"""What may still grow into a loose request line: its CR included, the LF not yet come."""
+"""What may still grow into a loose request line: its CR included, the LF not yet come
+(_LINE_TEXT, its parts named for loose_line_hold)."""
+_ENDS_LOOSE_SPACES = re.compile(rb"[^" + _SPACES + rb"]")
+_ENDS_LOOSE_METHOD = re.compile(rb"[^\x21-\x7e]")
+_ENDS_TEXT_BEFORE_PATH = re.compile(rb"[" + _NOT_TEXT_BEFORE_PATH + rb"]")
+_ENDS_PATH_TEXT = re.compile(rb"[\x00\x0a]")
+"""What ends each part of a loose request line still growing: another part, the line, or
+the line's chance to be one."""
 _BAD_REQUEST_LINE = NotThis("bad_request_line")
 _FIELD_VALUE = rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?"
 _HEADER_BLOCK = re.compile(rb"(?:" + _TCHAR + rb"+:[ \t]*+" + _FIELD_VALUE + rb"[ \t]*\r?\n)*")
@@ -183,6 +202,38 @@ def parse_request_head(buf: bytes) -> HttpRequestHead | NeedMore | NotThis:
         host=host,
         port=port,
     )
+
+
+def request_hold(buf: bytes, start: int) -> Hold:
+    """For the head at buf[start:], which sniff finds incomplete (parse_request_head, or
+    loose_request_line after it): how long that stands as buf grows. Once its first line is
+    whole, only a head end (or the buffer limit) can end it. Before, it is incomplete while
+    loose_request_line finds it so: a line parse_request_head may still read is one it may
+    too (its method, spaces and target are loose ones, its version text or path text)."""
+    end = start + SNIFF_BUFFER_LIMIT
+    if buf.find(b"\n", start, end) >= 0:
+        return Hold(end, _HEAD_END, 2)
+    return loose_line_hold(buf, start)
+
+
+def loose_line_hold(buf: bytes, start: int) -> Hold:
+    """For the line at buf[start:], which loose_request_line finds incomplete: how long
+    that stands as buf grows (request_hold's, for an irregular line)."""
+    end = start + SNIFF_BUFFER_LIMIT
+    lead = buf[start : start + _LINE_ENDS_ALLOWED + 1]
+    first = start + len(lead) - len(lead.lstrip(b"\r\n"))
+    if first == len(buf):
+        return Hold(first + 1)  # more CRs and LFs may come
+    line = _LOOSE_REQUEST_LINE_PREFIX.fullmatch(buf, first, end)
+    assert line is not None, "a line still incomplete"
+    if line["path"] is not None:
+        return Hold(end, _ENDS_PATH_TEXT)
+    if line["text"] is not None:
+        return Hold(end, _ENDS_TEXT_BEFORE_PATH)
+    if line["method"] is not None:
+        method_end = line.start("method") + _LOOSE_METHOD_MAX_LENGTH
+        return Hold(min(method_end + 1, end), _ENDS_LOOSE_METHOD)
+    return Hold(end, _ENDS_LOOSE_SPACES)
 
 
 def loose_request_line(buf: bytes) -> NeedMore | NotThis:

@@ -16,10 +16,9 @@ _HANDSHAKE_CLIENT_HELLO = 1
 _RECORD_HEADER_LENGTH = 5
 _HANDSHAKE_HEADER_LENGTH = 4
 _MAX_RECORD_LENGTH = 1 << 14  # RFC 8446 section 5.1
-# Every call walks the records from the start, and the flow calls again only where a
-# record or the hello could end (read_again_at), a few times a record: the bound caps that
-# walk. A real hello needs one record, a deliberately split one tens; 16 KiB of one-byte
-# records would be over 2700.
+# A call walks the records from the start (from where a RecordWalk stopped, for a hello in
+# pieces): the bound caps that walk. A real hello needs one record, a deliberately split
+# one tens; 16 KiB of one-byte records would be over 2700.
 _MAX_RECORDS = 256
 
 _EXTENSION_SERVER_NAME = 0
@@ -37,54 +36,82 @@ begins as a TLS record may stop there. Any other reason is a ClientHello the sni
 cannot read."""
 
 
-def parse_client_hello(buf: bytes) -> TlsHello | NeedMore | NotThis:
+class RecordWalk:
+    """How far reading a hello that is still incomplete got: the records before
+    record_start are read (their fragments gathered), the one there is not yet whole.
+
+    Walked from its first record at every read, a hello of 256 tiny records sent a byte at
+    a time took 70 ms of the worker's loop for its 16 KiB; from where it stopped, each read
+    reads the record it ends in. A walk belongs to one buffer that only grows."""
+
+    __slots__ = ("fragments", "gathered", "message_length", "record_start", "records")
+
+    def __init__(self) -> None:
+        self.fragments: list[bytes] = []
+        self.gathered = 0
+        self.message_length = -1
+        self.record_start = 0
+        self.records = 0
+
+
+def parse_client_hello(buf: bytes, walk: RecordWalk | None = None) -> TlsHello | NeedMore | NotThis:
     """Find the ClientHello at the start of ``buf`` (bytes after it are ignored).
 
     Only the first SNIFF_BUFFER_LIMIT bytes count, so an answer never changes as more
-    bytes arrive; a hello still incomplete there is NotThis("too_large").
+    bytes arrive; a hello still incomplete there is NotThis("too_large"). walk: where the
+    records of this buffer, shorter, were read to before.
     """
-    found = _read_records(buf[:SNIFF_BUFFER_LIMIT])
+    found = _read_records(buf[:SNIFF_BUFFER_LIMIT], walk)
     if not isinstance(found, int):
         return found
     return NotThis("too_large") if len(buf) >= SNIFF_BUFFER_LIMIT else NEED_MORE
 
 
-def read_again_at(buf: bytes) -> int:
+def read_again_at(buf: bytes, walk: RecordWalk | None = None) -> int:
     """For ``buf``, a hello that parse_client_hello finds incomplete: the length it must
-    grow to before the answer can change (a record, or the hello, could end there). Every
-    call walks the records from the start: read at every byte, a hello of 256 tiny records
-    and one long one took 1.4 s of the worker's loop for its 16 KiB."""
-    found = _read_records(buf[:SNIFF_BUFFER_LIMIT])
+    grow to before the answer can change (a record, or the hello, could end there). Read
+    at every byte, a hello of 256 tiny records and one long one took 1.4 s of the worker's
+    loop for its 16 KiB."""
+    found = _read_records(buf[:SNIFF_BUFFER_LIMIT], walk)
     assert isinstance(found, int), "a hello still incomplete"
     return min(found, SNIFF_BUFFER_LIMIT)
 
 
-def _read_records(buf: bytes) -> TlsHello | NotThis | int:
+def _read_records(buf: bytes, walk: RecordWalk | None) -> TlsHello | NotThis | int:
     """The hello, or where reading it failed; while it is incomplete, the length buf must
-    reach before that can change."""
+    reach before that can change (and walk, if given, stops before the record not whole)."""
     size = len(buf)
-    fragments: list[bytes] = []
-    gathered = 0
-    message_length = -1  # handshake header + body, once the header has arrived
-    record_start = 0
-    for _ in range(_MAX_RECORDS):
+    if walk is None:
+        fragments: list[bytes] = []
+        gathered = 0
+        message_length = -1  # handshake header + body, once the header has arrived
+        record_start = 0
+        first_record = 0
+    else:
+        fragments, gathered = walk.fragments, walk.gathered
+        message_length, record_start = walk.message_length, walk.record_start
+        first_record = walk.records
+    for records in range(first_record, _MAX_RECORDS):
         header = buf[record_start : record_start + _RECORD_HEADER_LENGTH]
         rejected = _check_record_header(header, first=gathered == 0)
         if rejected is not None:
             return rejected
         if len(header) < _RECORD_HEADER_LENGTH:
+            if walk is not None:
+                _stop(walk, gathered, message_length, record_start, records)
             # Its first two bytes are checked as they come, the length once it is whole.
             return record_start + (len(header) + 1 if len(header) < 2 else _RECORD_HEADER_LENGTH)
         record_length = header[3] << 8 | header[4]
         if record_length > _MAX_RECORD_LENGTH:
             return NotThis("malformed_record_length")
         fragment_start = record_start + _RECORD_HEADER_LENGTH
-        record_start = fragment_start + record_length
+        record_end = fragment_start + record_length
         if record_length == 0:
             # RFC 8446 forbids empty handshake records, but OpenSSL skips them and reads
             # the hello after: so must the sniffer, or the name would go unseen.
+            record_start = record_end
             continue
-        fragment = buf[fragment_start:record_start]
+        fragment = buf[fragment_start:record_end]
         if gathered == 0 and fragment and fragment[0] != _HANDSHAKE_CLIENT_HELLO:
             return NotThis("not_client_hello")
         fragments.append(fragment)
@@ -95,12 +122,25 @@ def _read_records(buf: bytes) -> TlsHello | NotThis | int:
         if gathered >= message_length >= 0:
             message = b"".join(fragments)
             return _parse_client_hello_body(message, _HANDSHAKE_HEADER_LENGTH, message_length)
-        if record_start > size:
+        if record_end > size:
             if gathered == 0:
-                return size + 1  # its type is checked at its first byte
-            wanted = message_length if message_length >= 0 else _HANDSHAKE_HEADER_LENGTH
-            return min(record_start, size + wanted - gathered)
+                again_at = size + 1  # its type is checked at its first byte
+            else:
+                wanted = message_length if message_length >= 0 else _HANDSHAKE_HEADER_LENGTH
+                again_at = min(record_end, size + wanted - gathered)
+            if walk is not None:
+                fragments.pop()  # read again, longer, from its header
+                _stop(walk, gathered - len(fragment), message_length, record_start, records)
+            return again_at
+        record_start = record_end
     return NotThis(TOO_MANY_RECORDS)
+
+
+def _stop(walk: RecordWalk, gathered: int, message_length: int, start: int, records: int) -> None:
+    """Keep where the walk got to: record `records` starts at `start` and is not whole.
+    The message length stays once known: its bytes are the same whichever read found them."""
+    walk.gathered, walk.message_length = gathered, message_length
+    walk.record_start, walk.records = start, records
 
 
 def _check_record_header(header: bytes, *, first: bool) -> NotThis | None:

@@ -6,12 +6,13 @@ from __future__ import annotations
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from egressproxy.flow import _classify, lean_head
+from egressproxy.flow import _classify, head_end_came, lean_head
 from egressproxy.policy.decision import Detected
 from egressproxy.settings import Settings
 from egressproxy.sniff import HttpRequestHead
 from egressproxy.sniff.detect import sniff
 from tests.unit.test_http1_lean import REQUEST_LINES, heads
+from tests.unit.test_sniff_reads import reads
 
 LIMIT = Settings().max_header_bytes
 HOSTS = [
@@ -73,3 +74,26 @@ def test_ordinary_heads_are_read_once() -> None:
         b"\x16\x03\x01",
     ):
         assert lean_head(other, LIMIT) is None, other
+
+
+@given(
+    st.one_of(request_heads(), heads(REQUEST_LINES)),
+    st.binary(max_size=16),
+    st.lists(st.integers(1, 8) | st.integers(9, 200), max_size=30),
+)
+@example(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", b"", [25, 1])
+@example(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", b"", [24, 1, 1])
+@example(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", b"", [23, 1, 1, 1])
+def test_a_head_in_reads_is_read_once_at_its_end(
+    head: bytes, after: bytes, sizes: list[int]
+) -> None:
+    """After the first read the flow tries lean_head only where head_end_came says a head
+    may have ended: at any other read with a line end it finds none (tried there, a head of
+    short lines that came in pieces was read whole at each line)."""
+    flight = head + after
+    start = 0
+    for end in reads(flight, sizes):
+        buffer = flight[:end]
+        if start and buffer.find(b"\n", start) >= 0 and not head_end_came(buffer, end - start):
+            assert lean_head(buffer, LIMIT) is None, (start, end)
+        start = end
