@@ -409,8 +409,16 @@ def supervise(
     feeds: list[int] = []
     supervisor = os.getpid()
     for index in range(settings.workers):
-        feed_read, feed_write = os.pipe()
-        pid = os.fork()
+        try:
+            feed_read, feed_write = os.pipe()
+        except OSError as error:
+            return _not_started(settings.workers, index, error, children)
+        try:
+            pid = os.fork()
+        except OSError as error:
+            os.close(feed_read)
+            os.close(feed_write)
+            return _not_started(settings.workers, index, error, children)
         if pid == 0:
             code = 1
             try:
@@ -452,6 +460,24 @@ def supervise(
     return uvloop.run(
         _supervisor(settings, store, registry, children, ready_read, feeds, admin_socket)
     )
+
+
+def _not_started(workers: int, index: int, error: OSError, children: list[int]) -> int:
+    """The system refused a worker (a limit on processes, descriptors or memory): one line,
+    and the workers already made drain and are reaped before the supervisor leaves, as
+    their metrics directory goes with it."""
+    # fork() reports errno 0 when the fork hooks' own thread could not start either
+    reason = error.strerror if error.errno else "no new process could be made"
+    print(
+        f"egressproxy: --workers {workers}: cannot start worker {index + 1}: {reason}",
+        file=sys.stderr,
+    )
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    for pid in children:
+        os.waitpid(pid, 0)
+    return 1
 
 
 def _signal_ready(ready_write: int) -> None:

@@ -141,3 +141,74 @@ def test_a_worker_that_fails_says_why(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "RuntimeError: injected fault in a worker" in done.stderr, done.stderr
     assert "Traceback" in done.stderr
+
+
+FORK_REFUSED = """\
+import errno
+import os
+import sys
+from egressproxy import cli
+
+real_fork = os.fork
+forks = [0]
+
+def refusing_fork():
+    \"\"\"fork(2) as a process limit (RLIMIT_NPROC, a pod's pids limit) has it: refused
+    once one worker is made.\"\"\"
+    if os.getpid() == SUPERVISOR and forks[0] >= 1:
+        raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+    forks[0] += 1
+    return real_fork()
+
+SUPERVISOR = os.getpid()
+os.fork = refusing_fork
+sys.exit(cli.main())
+"""
+
+
+def test_a_worker_the_system_refuses_to_make_is_one_line_and_stops_the_others(
+    tmp_path: Path,
+) -> None:
+    """fork() refused (a limit on processes) ended the supervisor with a traceback, the
+    workers already made left to their parent-death signal."""
+    proxy_port, admin_port = free_port(), free_port()
+    script = tmp_path / "refused.py"
+    script.write_text(FORK_REFUSED)
+    environment = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+    environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    command = [
+        sys.executable, str(script), "run", "--allow-root", "--workers", "3",
+        "--listen", f"127.0.0.1:{proxy_port}", "--admin", f"127.0.0.1:{admin_port}",
+        "--policy", str(EXAMPLES / "linkerd-1-allow.yaml"),
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        _, errors = process.communicate(timeout=EXIT_TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(EXIT_TIMEOUT)
+    assert process.returncode == 1, errors
+    assert (
+        "egressproxy: --workers 3: cannot start worker 2: Resource temporarily unavailable"
+        in errors
+    ), errors
+    assert "Traceback" not in errors, errors
+    assert not processes_running(str(script)), "the worker already made outlived its supervisor"
+
+
+def processes_running(argument: str) -> list[int]:
+    """Processes alive (not zombies) with this argument on their command line."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            arguments = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argument.encode() in arguments and running(int(entry.name)):
+            found.append(int(entry.name))
+    return found
