@@ -18,6 +18,7 @@ from egressproxy.settings import (
     DEFAULT_CLUSTER_NETWORKS,
     DEFAULT_OPAQUE_PORTS,
     MAX_MARK,
+    MAX_WORKERS,
     PROXY_PORT,
     EchPolicy,
     Endpoint,
@@ -95,6 +96,13 @@ def non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if number < 0:
         raise argparse.ArgumentTypeError("must not be negative")
+    return number
+
+
+def worker_count(text: str) -> int:
+    number = positive_int(text)
+    if number > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"{number} is more than the {MAX_WORKERS} allowed")
     return number
 
 
@@ -209,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--policy", type=Path, default=None)
     run.add_argument("--listen", type=endpoint, action="append", default=None)
     run.add_argument("--admin", type=endpoint, default=Endpoint("0.0.0.0", ADMIN_PORT))
-    run.add_argument("--workers", type=positive_int, default=1)
+    run.add_argument("--workers", type=worker_count, default=1)
     add_identity_flags(run)
     run.add_argument("--mark", type=mark, default=None)
     run.add_argument("--sniff-timeout", type=seconds, default=1.0)

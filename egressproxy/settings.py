@@ -16,6 +16,11 @@ PROXY_PORT = 15001
 ADMIN_PORT = 4191
 MAX_MARK = 2**32 - 1
 """A netfilter mark is 32 bits (SO_MARK, `-m mark`)."""
+MAX_WORKERS = 512
+"""--workers at most: each worker draws its upstream source ports from its own share of
+the 16,384 (upstream.take_worker_share), and below 32 ports a share is walked round
+within one connect's tries; past that, a typo (--workers 1000000) forked until the host
+ran out of memory or processes."""
 
 
 class VerifyDestination(enum.Enum):

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from egressproxy.cli import non_negative_int, positive_int
-from egressproxy.netfilter import set_mark
+from egressproxy.netfilter import PROXY_SOURCE_PORTS, set_mark
 from egressproxy.server import startup_problem
-from egressproxy.settings import Settings
+from egressproxy.settings import MAX_WORKERS, Settings
+from egressproxy.upstream import SOURCE_PORT_ATTEMPTS
 from tests.unit.test_metrics import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,6 +112,23 @@ def test_a_namespace_or_domain_no_cluster_can_have_is_a_usage_error(
     assert refused.returncode == 2
     assert f"argument {flag}: {said}" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_workers_past_the_bound_are_a_usage_error(tmp_path: Path) -> None:
+    """--workers had no upper bound: a typo forked until the host ran out of memory or
+    processes. (The missing policy stops the old code before it forks.)"""
+    missing = tmp_path / "missing.yaml"
+    refused = start("--allow-root", "--workers", "1000000", "--policy", str(missing))
+    assert refused.returncode == 2, refused.stderr
+    assert f"argument --workers: 1000000 is more than the {MAX_WORKERS} allowed" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_every_worker_of_the_most_gets_a_connects_tries_of_source_ports() -> None:
+    assert all(
+        len(PROXY_SOURCE_PORTS[index::MAX_WORKERS]) >= SOURCE_PORT_ATTEMPTS
+        for index in range(MAX_WORKERS)
+    )
 
 
 def test_a_mark_wider_than_32_bits_is_a_usage_error() -> None:
