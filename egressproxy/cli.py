@@ -160,13 +160,6 @@ def default_listeners() -> tuple[Endpoint, ...]:
     return (v4, Endpoint("::", PROXY_PORT)) if ipv6_available() else (v4,)
 
 
-def unset_if_empty(text: str) -> str | None:
-    """A namespace or service account, empty for unset as in POD_NAMESPACE: `--namespace=$NS`
-    with NS empty must not name a namespace "", for which no namespace's EgressNetworks
-    apply but the global egress namespace's (traffic passing a network that denies it)."""
-    return text or None
-
-
 NAMESPACE_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
 """A Kubernetes namespace's name: an RFC 1123 label."""
 DOMAIN_NAME = re.compile(
@@ -191,13 +184,41 @@ def domain_name(text: str) -> str:
     return text
 
 
+def client_namespace(text: str) -> str | None:
+    """--namespace, empty for unset as in POD_NAMESPACE: `--namespace=$NS` with NS empty
+    must not name a namespace "", and no more a name no namespace can have (`Payments`):
+    for either no namespace's EgressNetworks apply but the global egress namespace's
+    (traffic passing a network that denies it)."""
+    if not text:
+        return None
+    return namespace_name(text)
+
+
+SERVICE_ACCOUNT_NAME = re.compile(
+    r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*"
+)
+"""A Kubernetes service account's name: an RFC 1123 subdomain."""
+
+
+def service_account_name(text: str) -> str | None:
+    """--service-account, empty for unset: a name no service account can have would match
+    no OSM Egress `sources` entry, silently."""
+    if not text:
+        return None
+    if len(text) > 253 or not SERVICE_ACCOUNT_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is no service account name (lower-case letters, digits, '-' and '.')"
+        )
+    return text
+
+
 def add_identity_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--namespace", type=unset_if_empty, default=os.environ.get("POD_NAMESPACE") or None
+        "--namespace", type=client_namespace, default=os.environ.get("POD_NAMESPACE") or None
     )
     parser.add_argument(
         "--service-account",
-        type=unset_if_empty,
+        type=service_account_name,
         default=os.environ.get("POD_SERVICE_ACCOUNT") or None,
     )
     parser.add_argument(

@@ -244,3 +244,38 @@ def test_a_policy_read_that_never_returns_does_not_hold_the_exit(tmp_path: Path)
         process.kill()
         process.wait(timeout=10)
     assert process.returncode == 0, errors
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "said"),
+    [
+        ("--namespace", "Egress-Test", "'Egress-Test' is no namespace name"),
+        ("--namespace", "egress_test", "'egress_test' is no namespace name"),
+        ("--service-account", "Curl", "'Curl' is no service account name"),
+        ("--service-account", "curl sa", "'curl sa' is no service account name"),
+    ],
+)
+def test_a_client_identity_no_cluster_can_have_is_a_usage_error(
+    flag: str, value: str, said: str
+) -> None:
+    """A namespace or service account spelled as none can be (`Egress-Test`) matched no
+    resource: the client silently got the global egress namespace's networks, or no OSM
+    Egress naming it, instead of a one-line error. (The missing policy stops the old code.)"""
+    refused = start("--allow-root", f"{flag}={value}", "--policy", "/nonexistent/policy.yaml")
+    assert refused.returncode == 2, refused.stderr
+    assert f"argument {flag}: {said}" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_a_client_identity_from_the_environment_is_checked_as_the_flag_is() -> None:
+    assert os.environ.get("POD_NAMESPACE") is None
+    refused = subprocess.run(
+        [sys.executable, "-m", "egressproxy", "check", "--policy", "/nonexistent/policy.yaml"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "POD_NAMESPACE": "Egress-Test"},
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert "argument --namespace: 'Egress-Test' is no namespace name" in refused.stderr
