@@ -1275,10 +1275,15 @@ class H2Proxy(asyncio.Protocol):
                 self._pump_upstream(stream)
 
     def _response_ended(self, stream: _Stream) -> None:
+        """The upstream's answer is all in. With the request sent whole too, its stream
+        is closed upstream: the slot goes to a stream waiting for one now, not once the
+        client has taken the answer (which it may do only after that other one's)."""
         stream.response_ended = True
         if stream.upstream_window is not None:
             stream.upstream_window.end()
         self._pump_client(stream)
+        if stream.end_sent and stream.upstream is not None and not stream.done:
+            self._open_waiting(stream.upstream)
 
     def _upstream_goaway(self, upstream: _Upstream, last_stream_id: int) -> None:
         """The upstream takes no new stream: those up to last_stream_id finish on it, the

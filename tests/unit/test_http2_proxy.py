@@ -3122,6 +3122,51 @@ async def test_a_stream_the_client_ends_gives_its_upstream_slot_to_one_waiting(
     assert outcomes == [("/first", None, first_error), ("/second", 200, "")]
 
 
+class ClientTakingNothingOfItsFirstStream(H2Client):
+    """Reopens no window for what stream 1 brings: its application reads it later. Its
+    connection window is large, so that stream 1 holds none of the other streams' window."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.h2.increment_flow_control_window(1 << 30)
+        self.transport.write(self.h2.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.DataReceived) and event.stream_id == 1:
+                self.answers[1].body += event.data
+            elif isinstance(event, h2.events.ResponseReceived):
+                self.answers[event.stream_id].headers = dict(event.headers)  # type: ignore[arg-type]
+            elif isinstance(event, h2.events.DataReceived):
+                self.answers[event.stream_id].body += event.data
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                self.answers[event.stream_id].done.set()
+        self.transport.write(self.h2.data_to_send())
+
+
+@pytest.mark.asyncio
+async def test_a_stream_waiting_for_a_slot_gets_it_when_the_upstream_ends_its_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upstream takes one stream at a time. /bytes/100000 holds the slot and /second
+    waits for it; the upstream sends the whole answer (64 KiB in the client's window, the
+    rest held in the proxy), which frees its slot, while the client reads none of it yet.
+    /second waited until the client took all of /bytes, which it may do only once /second
+    is answered: a direct connection sends it at once."""
+    async with proxy_to_h2_origin(OneStreamH2Server, tmp_path, monkeypatch) as proxy:
+        client = await connect_h2(proxy, ClientTakingNothingOfItsFirstStream)
+        held = client.request("GET", "/bytes/100000")
+        second = client.request("GET", "/second")
+        async with asyncio.timeout(TIMEOUT):
+            await second.done.wait()
+        unfinished = not held.done.is_set()
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
+    assert second.headers[":status"] == "200"
+    assert unfinished, "the client took nothing of /bytes, so it cannot have ended"
+
+
 class AnyPathBytesServer(H2Server):
     """H2Server serving /bytes/N under any prefix (/second/bytes/N)."""
 
