@@ -74,6 +74,13 @@ CLIENT_STREAM_WINDOW = 65_535
 """Per-stream receive window offered to a client, Linkerd's proxy's: what a client sends
 on a stream is held here until the upstream takes it (or the stream gets an upstream's
 slot), and the client's hop is local, so a small window costs no speed."""
+REPLAY_LIMIT = CLIENT_STREAM_WINDOW // 2
+"""The most of a request body sent upstream that is kept until the answer begins, to send
+it again should the upstream turn out not to have processed the stream (above its
+GOAWAY's last stream, REFUSED_STREAM): a gRPC call's message is in flight with its head,
+and nginx past keepalive_requests says GOAWAY while calls are on their way to it. Kept
+bytes are acknowledged to the client only once let go of, so they stay within its
+stream's window; half of it leaves the client room to send on past the limit."""
 CLIENT_CONNECTION_WINDOW = MAX_CONCURRENT_STREAMS * CLIENT_STREAM_WINDOW
 """Receive window offered to a client: its streams' windows together (16 MiB), so that
 no stream whose bytes wait (for an upstream that reads nothing yet, or for one of its
@@ -521,6 +528,7 @@ class _Stream:
         "done",
         "end_sent",
         "headers",
+        "kept",
         "record",
         "request_ended",
         "request_trailers",
@@ -545,6 +553,9 @@ class _Stream:
         """The receive window of its upstream twin, from its opening to the end of what
         the client takes of the answer."""
         self.to_upstream = bytearray()
+        self.kept: bytearray | None = bytearray()
+        """The body sent upstream so far, kept until the answer begins (REPLAY_LIMIT);
+        None once some of it was let go of."""
         self.request_ended = False
         self.request_trailers: Headers | None = None
         self.end_sent = False
@@ -558,13 +569,9 @@ class _Stream:
 
     @property
     def replayable(self) -> bool:
-        """Nothing of the request is lost yet: its headers are kept and no byte of its body
-        went upstream (sent bytes are not kept), so it can be sent again, once."""
-        return (
-            not self.retried
-            and not self.response_started
-            and self.record.bytes_from_client == len(self.to_upstream)
-        )
+        """Nothing of the request is lost yet: its headers are kept and so is what of its
+        body went upstream (up to REPLAY_LIMIT), so it can be sent again, once."""
+        return not self.retried and not self.response_started and self.kept is not None
 
     def close_upstream_window(self) -> None:
         """Its upstream twin is done with: what it held and drew of the upstream
@@ -1092,9 +1099,15 @@ class H2Proxy(asyncio.Protocol):
                 )
                 if size <= 0:
                     return
-                connection.send_data(stream.upstream_id, bytes(pending[:size]))
+                chunk = bytes(pending[:size])
+                connection.send_data(stream.upstream_id, chunk)
                 del pending[:size]
-                self.h2.acknowledge_received_data(size, stream.client_id)
+                kept = stream.kept
+                if kept is not None and len(kept) + size <= REPLAY_LIMIT:
+                    kept += chunk
+                else:
+                    self._let_go_of_kept(stream)
+                    self.h2.acknowledge_received_data(size, stream.client_id)
             if stream.request_ended and not stream.end_sent:
                 stream.end_sent = True
                 if stream.request_trailers is not None:
@@ -1104,6 +1117,14 @@ class H2Proxy(asyncio.Protocol):
                     connection.end_stream(stream.upstream_id)
         except h2.exceptions.StreamClosedError:
             return
+
+    def _let_go_of_kept(self, stream: _Stream) -> None:
+        """The body kept to send the stream again is not needed (its answer began, it
+        ended) or past REPLAY_LIMIT: acknowledged to the client, which may send more."""
+        kept, stream.kept = stream.kept, None
+        if kept:
+            with contextlib.suppress(h2.exceptions.StreamClosedError):
+                self.h2.acknowledge_received_data(len(kept), stream.client_id)
 
     def _client_window_opened(self, stream_id: int | None) -> None:
         if stream_id:
@@ -1312,6 +1333,7 @@ class H2Proxy(asyncio.Protocol):
             self._bad_response(upstream, stream.upstream_id, f"malformed :status {status!r}")
             return
         stream.response_started = True
+        self._let_go_of_kept(stream)
         stream.record.status = int(status)
         grpc_status = grpc_status_of(headers)
         if grpc_status is not None:
@@ -1331,12 +1353,15 @@ class H2Proxy(asyncio.Protocol):
     def _refused(self, stream: _Stream, key: tuple[str, int]) -> None:
         """The upstream did not process the stream (RST_STREAM REFUSED_STREAM, above its
         GOAWAY's last stream, or still waiting for it at its GOAWAY): sent again once, where
-        a new stream would go, if nothing of it is lost; else answered as a reset."""
+        a new stream would go, with what of its body was sent, if nothing of it is lost;
+        else answered as a reset."""
         if not stream.replayable:
             self._upstream_reset(stream, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         stream.retried = True
         stream.upstream_id, stream.end_sent = 0, False
+        stream.to_upstream[:0] = stream.kept or b""
+        stream.kept = None  # sent again once only: acknowledged as it goes
         stream.close_upstream_window()
         self._forward(stream, key)
 
@@ -1428,6 +1453,7 @@ class H2Proxy(asyncio.Protocol):
         them, or their connection's window would shrink by them for good."""
         upstream = stream.upstream
         stream.close_upstream_window()
+        self._let_go_of_kept(stream)
         if stream.to_client and upstream is not None:
             stream.to_client.clear()
             upstream.flush()

@@ -36,6 +36,7 @@ from egressproxy.http2 import (
     CLIENT_STREAM_WINDOW,
     MAX_ENCODER_TABLE,
     MAX_NEW_STREAMS_PER_READ,
+    REPLAY_LIMIT,
     STREAM_WINDOW,
     STREAMS_BEFORE_RESETS_COUNT,
     UPSTREAM_STREAM_WINDOW,
@@ -1201,9 +1202,9 @@ async def test_a_response_head_past_four_times_the_limit_ends_its_upstream_conne
 
 
 class GoawayH2Origin(SlowH2Origin):
-    """On its first connection, once a request body is in: GOAWAY naming the first stream
-    as the last it processes, which it then answers (after DELAY) before it closes. Later
-    connections answer every stream after DELAY."""
+    """On its first connection, once more than REPLAY_LIMIT of request bodies is in: GOAWAY
+    naming the first stream as the last it processes, which it then answers (after DELAY)
+    before it closes. Later connections answer every stream after DELAY."""
 
     LIMIT = 10
 
@@ -1211,6 +1212,7 @@ class GoawayH2Origin(SlowH2Origin):
         connections.append(self)
         self.first = len(connections) == 1
         self.streams: list[int] = []
+        self.received = 0
 
     def data_received(self, data: bytes) -> None:
         loop = asyncio.get_running_loop()
@@ -1220,8 +1222,11 @@ class GoawayH2Origin(SlowH2Origin):
                 if not self.first:
                     loop.call_later(self.DELAY, self.answer, event.stream_id)
             elif isinstance(event, h2.events.DataReceived) and self.first:
-                self.transport.write(goaway(self.streams[0]))
-                loop.call_later(self.DELAY, self.answer_and_close, self.streams[0])
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                before, self.received = self.received, self.received + len(event.data)
+                if before <= REPLAY_LIMIT < self.received:
+                    self.transport.write(self.h2.data_to_send() + goaway(self.streams[0]))
+                    loop.call_later(self.DELAY, self.answer_and_close, self.streams[0])
         self.transport.write(self.h2.data_to_send())
 
     def answer_and_close(self, stream_id: int) -> None:
@@ -1234,8 +1239,9 @@ async def test_an_upstream_goaway_finishes_its_streams_and_retries_the_unprocess
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Streams up to the GOAWAY's last stream are answered on that connection; one above
-    it that lost nothing is sent again on a new connection; one whose body already went
-    upstream cannot be sent again and is answered 502."""
+    it that lost nothing is sent again on a new connection, with the body it sent (kept up
+    to REPLAY_LIMIT); one that sent more of its body than that cannot be sent again and is
+    answered 502."""
     connections: list[GoawayH2Origin] = []
     async with proxy_to_h2_origin(
         lambda: GoawayH2Origin(connections), tmp_path, monkeypatch
@@ -1244,7 +1250,8 @@ async def test_an_upstream_goaway_finishes_its_streams_and_retries_the_unprocess
         answers = [
             client.request("GET", "/processed"),
             client.request("GET", "/unprocessed"),
-            client.request("POST", "/sent-body", b"partial"),
+            client.request("POST", "/kept-body", b"partial"),
+            client.request("POST", "/sent-body", bytes(2 * REPLAY_LIMIT)),
         ]
         async with asyncio.timeout(TIMEOUT):
             for answer in answers:
@@ -1254,15 +1261,75 @@ async def test_an_upstream_goaway_finishes_its_streams_and_retries_the_unprocess
     assert [(a.headers[":status"], bytes(a.body)) for a in answers] == [
         ("200", b"late"),
         ("200", b"late"),
+        ("200", b"late"),
         ("502", b"upstream reset\n"),
     ]
-    assert [c.streams for c in connections] == [[1, 3, 5], [1]]
+    assert [c.streams for c in connections] == [[1, 3, 5, 7], [1, 3]]
     outcomes = sorted((r.path, r.status, r.error) for r in proxy.ledger.requests)
     assert outcomes == [
+        ("/kept-body", 200, ""),
         ("/processed", 200, ""),
         ("/sent-body", 502, "reset"),
         ("/unprocessed", 200, ""),
     ]
+
+
+class RollingGrpcOrigin(asyncio.Protocol):
+    """A gRPC echo origin whose first connection says GOAWAY (last stream 0) as the first
+    request's message comes in, and then closes: as nginx does past keepalive_requests
+    with a call already on its way. Later connections echo each call's message."""
+
+    def __init__(self, connections: list[RollingGrpcOrigin]) -> None:
+        connections.append(self)
+        self.first = len(connections) == 1
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        self.messages: dict[int, bytes] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.h2.initiate_connection()
+        self.transport.write(self.h2.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.DataReceived):
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                if self.first:
+                    self.transport.write(self.h2.data_to_send() + goaway(0))
+                    self.transport.close()
+                    return
+                self.messages[event.stream_id] = (
+                    self.messages.get(event.stream_id, b"") + event.data
+                )
+            elif isinstance(event, h2.events.StreamEnded):
+                response = [(":status", "200"), ("content-type", "application/grpc")]
+                self.h2.send_headers(event.stream_id, response)
+                self.h2.send_data(event.stream_id, self.messages.pop(event.stream_id))
+                self.h2.send_headers(event.stream_id, [("grpc-status", "0")], end_stream=True)
+        self.transport.write(self.h2.data_to_send())
+
+
+@pytest.mark.asyncio
+async def test_a_grpc_call_above_an_upstream_goaway_is_sent_again_with_its_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """grpcio's call reaches an upstream that says GOAWAY without having processed it (its
+    last stream is below the call's), as nginx does past keepalive_requests with calls on
+    their way to it. Its message had gone upstream with its head, so the proxy did not send
+    it again: the call failed UNAVAILABLE (502 upstream reset). grpcio itself sends such a
+    call again (through nginx, one call in ten failed so where a direct connection lost
+    none); the proxy now keeps what went of a body until the answer begins, and sends the
+    call again on a new connection."""
+    connections: list[RollingGrpcOrigin] = []
+    async with proxy_to_h2_origin(
+        lambda: RollingGrpcOrigin(connections), tmp_path, monkeypatch
+    ) as proxy:
+        outcome = await asyncio.to_thread(call, proxy.port, "/test.Echo/Echo", b"ping")
+        await proxy.wait_requests(1)
+    assert outcome == (grpc.StatusCode.OK, b"ping")
+    assert len(connections) == 2
+    outcomes = [(r.path, r.status, r.grpc_status, r.error) for r in proxy.ledger.requests]
+    assert outcomes == [("/test.Echo/Echo", 200, 0, "")]
 
 
 class EarlyGoawayH2Origin(asyncio.Protocol):
