@@ -1370,7 +1370,7 @@ class Http1Proxy(asyncio.Protocol):
             self._respond_upstream_head(response)
             return
         assert self.request is not None
-        if self.request.http_version != b"1.0":  # RFC 9110 15.2: no 1xx to an HTTP/1.0 client
+        if self.request.http_version >= b"1.1":  # RFC 9110 15.2: no 1xx below HTTP/1.1
             self._write_client(self.client.send(response))
 
     def _response_started(self, response: h11.Response) -> None:

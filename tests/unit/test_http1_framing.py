@@ -306,10 +306,12 @@ async def test_a_response_framed_twice_is_refused(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("version", [b"1.0", b"0.9"])
 async def test_an_http_1_0_client_gets_no_informational_response(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    version: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """RFC 9110 15.2: a 1xx (103 Early Hints here) is not for an HTTP/1.0 client."""
+    """RFC 9110 15.2: a 1xx (103 Early Hints here) is not for a client below HTTP/1.1
+    (h11 also reads `HTTP/0.9` in a request line with headers)."""
 
     script = always(
         b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
@@ -318,7 +320,7 @@ async def test_an_http_1_0_client_gets_no_informational_response(
     heads: list[bytes] = []
     async with proxy_to_origin(scripted(script, heads), tmp_path, monkeypatch, ALLOW_ALL) as proxy:
         reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
-        writer.write(b"GET /a HTTP/1.0\r\nHost: example.test\r\n\r\n")
+        writer.write(b"GET /a HTTP/" + version + b"\r\nHost: example.test\r\n\r\n")
         async with asyncio.timeout(TIMEOUT):
             answer = await reader.read()
         writer.close()
