@@ -269,6 +269,11 @@ class ObjectMeta:
     annotations: dict[str, str]
     created: datetime | None
     line: int
+    annotation_lines: dict[str, int]
+
+    def annotation_line(self, key: str) -> int:
+        """Where annotation key is written: its errors point there, not at the document."""
+        return self.annotation_lines.get(key, self.line)
 
 
 OBJECT_META_FIELDS = frozenset(
@@ -304,17 +309,18 @@ def read_object_meta(
     name = checker.get(meta, "name", str, where, required=True)
     namespace = checker.get(meta, "namespace", str, where) or ("default" if namespaced else "")
     annotations: dict[str, str] = {}
+    annotation_lines: dict[str, int] = {}
     raw = checker.get(meta, "annotations", YMap, where)
     for key, value in (raw or {}).items():
-        text = checker.typed(
-            value, str, raw.line_of(key) if raw else meta.line, f"{where}.annotations.{key}"
-        )
+        line = raw.line_of(key) if raw else meta.line
+        text = checker.typed(value, str, line, f"{where}.annotations.{key}")
         if text is not None:
             annotations[key] = text
+            annotation_lines[key] = line
     created = read_timestamp(checker, meta, "creationTimestamp", where)
     if name is None:
         return None
-    return ObjectMeta(namespace, name, annotations, created, document.line)
+    return ObjectMeta(namespace, name, annotations, created, document.line, annotation_lines)
 
 
 def read_timestamp(checker: Checker, node: YMap, key: str, where: str) -> datetime | None:

@@ -148,7 +148,7 @@ def read_egress_network(document: YMap, order: int, checker: Checker) -> Network
     refuse_linkerd_timeouts(checker, meta, where.removesuffix(".spec"))
     if OPAQUE_PORTS_ANNOTATION in meta.annotations:
         checker.error(
-            meta.line,
+            meta.annotation_line(OPAQUE_PORTS_ANNOTATION),
             f"{where.removesuffix('.spec')}: annotation {OPAQUE_PORTS_ANNOTATION} is not "
             "supported by egressproxy: list the ports in --opaque-ports (for every network)",
         )
@@ -209,12 +209,13 @@ def read_annotations(checker: Checker, meta: ObjectMeta, where: str) -> tuple[bo
     audit_text = meta.annotations.get(AUDIT_ANNOTATION, "false")
     if audit_text not in ("true", "false"):
         checker.error(
-            meta.line, f'{where}: annotation {AUDIT_ANNOTATION} must be "true" or "false"'
+            meta.annotation_line(AUDIT_ANNOTATION),
+            f'{where}: annotation {AUDIT_ANNOTATION} must be "true" or "false"',
         )
     verify = meta.annotations.get(VERIFY_ANNOTATION)
     if verify is not None and verify not in VERIFY_MODES:
         checker.error(
-            meta.line,
+            meta.annotation_line(VERIFY_ANNOTATION),
             f"{where}: annotation {VERIFY_ANNOTATION} must be one of {', '.join(VERIFY_MODES)}",
         )
         verify = None
@@ -243,7 +244,7 @@ def refuse_linkerd_timeouts(checker: Checker, meta: ObjectMeta, where: str) -> N
         feature = LINKERD_TIMEOUT_ANNOTATIONS.get(key)
         if feature is not None:
             checker.error(
-                meta.line,
+                meta.annotation_line(key),
                 f"{where}: annotation {key} is not supported by egressproxy "
                 f"(Linkerd's {feature}; remove it)",
             )
@@ -327,7 +328,7 @@ def read_route(document: YMap, order: int, context: RouteContext) -> Route | Non
     route_where = where.removesuffix(".spec")
     if AUDIT_ANNOTATION in meta.annotations:
         checker.error(
-            meta.line,
+            meta.annotation_line(AUDIT_ANNOTATION),
             f"{route_where}: annotation {AUDIT_ANNOTATION} applies to an EgressNetwork, "
             "not a route",
         )

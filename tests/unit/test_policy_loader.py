@@ -155,9 +155,9 @@ def test_linkerds_timeout_and_retry_annotations_are_errors() -> None:
         "kind: EgressNetwork", "kind: Service"
     )
     assert problems(network + route + for_a_service) == [
-        "p.yaml:1: EgressNetwork egress-test/all-egress-traffic: annotation "
+        "p.yaml:7: EgressNetwork egress-test/all-egress-traffic: annotation "
         "retry.linkerd.io/http is not supported by egressproxy (Linkerd's retries; remove it)",
-        "p.yaml:11: HTTPRoute egress-test/httpbin-get: annotation timeout.linkerd.io/request "
+        "p.yaml:16: HTTPRoute egress-test/httpbin-get: annotation timeout.linkerd.io/request "
         "is not supported by egressproxy (Linkerd's timeouts; remove it)",
     ]
 
@@ -171,7 +171,7 @@ def test_linkerds_opaque_ports_annotation_on_a_network_is_an_error() -> None:
         '  name: all-egress-traffic\n  annotations: {config.linkerd.io/opaque-ports: "8080"}\n',
     )
     assert problems(network) == [
-        "p.yaml:1: EgressNetwork egress-test/all-egress-traffic: annotation "
+        "p.yaml:6: EgressNetwork egress-test/all-egress-traffic: annotation "
         "config.linkerd.io/opaque-ports is not supported by egressproxy: list the ports in "
         "--opaque-ports (for every network)"
     ]
@@ -467,4 +467,19 @@ spec:
     again = route.replace("/get", "/post")
     assert problems(NETWORK + route + other_kinds + again) == [
         "p.yaml:35: HTTPRoute egress-test/web is defined twice (first at line 9)"
+    ]
+
+
+def test_a_bad_annotation_value_is_reported_at_its_own_line() -> None:
+    """An annotation's error points at the annotation, not at the document it is in."""
+    network = NETWORK.replace(
+        "  name: all-egress-traffic\n",
+        "  name: all-egress-traffic\n  annotations:\n    egressproxy.io/audit: maybe\n"
+        "    egressproxy.io/verify-destination: sometimes\n",
+    )
+    assert problems(network) == [
+        "p.yaml:7: EgressNetwork egress-test/all-egress-traffic.spec: annotation "
+        'egressproxy.io/audit must be "true" or "false"',
+        "p.yaml:8: EgressNetwork egress-test/all-egress-traffic.spec: annotation "
+        "egressproxy.io/verify-destination must be one of off, log, enforce",
     ]

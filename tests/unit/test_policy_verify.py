@@ -94,7 +94,7 @@ def test_audit_belongs_to_a_network_not_a_route() -> None:
     with pytest.raises(PolicyError) as raised:
         compiled(broken)
     assert str(raised.value) == (
-        "policy.yaml:12: TLSRoute egress-test/strict: annotation egressproxy.io/audit "
+        "policy.yaml:18: TLSRoute egress-test/strict: annotation egressproxy.io/audit "
         "applies to an EgressNetwork, not a route"
     )
 
