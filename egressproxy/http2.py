@@ -1115,6 +1115,7 @@ class H2Proxy(asyncio.Protocol):
                     connection.send_headers(stream.upstream_id, trailers, end_stream=True)
                 else:
                     connection.end_stream(stream.upstream_id)
+                self._free_slot_if_closed(stream)
         except h2.exceptions.StreamClosedError:
             return
 
@@ -1296,15 +1297,20 @@ class H2Proxy(asyncio.Protocol):
                 self._pump_upstream(stream)
 
     def _response_ended(self, stream: _Stream) -> None:
-        """The upstream's answer is all in. With the request sent whole too, its stream
-        is closed upstream: the slot goes to a stream waiting for one now, not once the
-        client has taken the answer (which it may do only after that other one's)."""
+        """The upstream's answer is all in."""
         stream.response_ended = True
         if stream.upstream_window is not None:
             stream.upstream_window.end()
         self._pump_client(stream)
-        if stream.end_sent and stream.upstream is not None and not stream.done:
-            self._open_waiting(stream.upstream)
+        self._free_slot_if_closed(stream)
+
+    def _free_slot_if_closed(self, stream: _Stream) -> None:
+        """With the request sent whole and the answer all in (whichever came last), the
+        stream is closed upstream: its slot goes to a stream waiting for one now, not once
+        the client has taken the answer (which it may do only after that other one's)."""
+        upstream = stream.upstream
+        if stream.end_sent and stream.response_ended and upstream is not None and not stream.done:
+            self._open_waiting(upstream)
 
     def _upstream_goaway(self, upstream: _Upstream, last_stream_id: int) -> None:
         """The upstream takes no new stream: those up to last_stream_id finish on it, the

@@ -3234,6 +3234,72 @@ async def test_a_stream_waiting_for_a_slot_gets_it_when_the_upstream_ends_its_ho
     assert unfinished, "the client took nothing of /bytes, so it cannot have ended"
 
 
+class EarlyAnsweringOneStreamServer(OneStreamH2Server):
+    """OneStreamH2Server answering /early/bytes/N as soon as its head comes, before the
+    request's body has ended (as a server refusing an upload, or streaming, may)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answered: set[int] = set()
+
+    def data_received(self, data: bytes) -> None:
+        before = set(self.streams)
+        super().data_received(data)
+        for stream_id in set(self.streams) - before:
+            headers = self.streams[stream_id]["headers"]
+            path = next(value for name, value in headers if name == ":path")
+            if path.startswith("/early/"):
+                for header in headers:
+                    if header[0] == ":path":
+                        header[1] = path.removeprefix("/early")
+                self._answer(stream_id)
+                self.answered.add(stream_id)
+                self.streams[stream_id] = {
+                    "headers": headers,
+                    "digest": hashlib.sha256(),
+                    "length": 0,
+                }
+        self.transport.write(self.h2.data_to_send())
+
+    def _answer(self, stream_id: int) -> None:
+        if stream_id in self.answered:
+            self.streams.pop(stream_id)
+            return
+        super()._answer(stream_id)
+
+
+@pytest.mark.asyncio
+async def test_a_stream_waiting_for_a_slot_gets_it_when_an_early_answered_request_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, with the holder's answer all in before its request ended: the slot frees
+    when the request's end goes upstream, and must go to the waiting stream then, not once
+    the client has taken the held answer."""
+    async with proxy_to_h2_origin(EarlyAnsweringOneStreamServer, tmp_path, monkeypatch) as proxy:
+        client = await connect_h2(proxy, ClientTakingNothingOfItsFirstStream)
+        held_id = client.h2.get_next_available_stream_id()
+        headers = [(":method", "POST"), (":scheme", "http"),
+                   (":authority", "example.test"), (":path", "/early/bytes/100000")]  # fmt: skip
+        client.h2.send_headers(held_id, headers)
+        held = client.answers[held_id] = Answer()
+        client.transport.write(client.h2.data_to_send())
+        handler = await only_handler(proxy)
+        async with asyncio.timeout(TIMEOUT):
+            while not any(stream.response_ended for stream in handler.streams.values()):
+                await asyncio.sleep(0.01)
+        second = client.request("GET", "/second")
+        await asyncio.sleep(0.1)
+        client.h2.end_stream(held_id)
+        client.transport.write(client.h2.data_to_send())
+        async with asyncio.timeout(TIMEOUT):
+            await second.done.wait()
+        unfinished = not held.done.is_set()
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
+    assert second.headers[":status"] == "200"
+    assert unfinished, "the client took nothing of /bytes, so it cannot have ended"
+
+
 class AnyPathBytesServer(H2Server):
     """H2Server serving /bytes/N under any prefix (/second/bytes/N)."""
 
