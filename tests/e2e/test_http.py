@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from egressproxy.flow import HEADER_TIMEOUT
 from egressproxy.netfilter import PROXY_SOURCE_PORTS
 
 from . import servers
@@ -571,6 +572,46 @@ def test_an_irregular_request_line_is_http(
     finally:
         sock.close()
     assert running.logged(rf"access .*status={status}"), running.log_text()
+
+
+PIECE_SIZE = 3
+PIECE_PAUSE = 0.002
+"""A head sent this many bytes at a time, this many seconds apart: reads of a few bytes."""
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"GET /get HTTP/1.1\r\nHost: httpbin.org\r\nX-Long: " + b"a" * 200 + b"\r\n\r\n", 200),
+        (b"GET /admin HTTP/1.1\r\nHost: httpbin.org\r\nX-Short: a\r\n\r\n", 403),
+        (b"\r\n\r\nGET /admin HTTP/1.1\r\nHost: httpbin.org\r\n\r\n", 403),
+        (b"get /admin HTTP/1.1\r\nHost: httpbin.org\r\n\r\n", 403),
+        (b"GET  /admin HTTP/1.1\r\nHost: httpbin.org\r\n\r\n", 400),
+    ],
+    ids=["allowed", "denied", "empty-lines-first", "irregular", "doubled-space"],
+)
+def test_a_head_that_comes_a_few_bytes_at_a_time_is_decided_as_whole(
+    world: World, proxy: StartProxy, head: bytes, status: int
+) -> None:
+    """The sniffer reads a first flight that comes in many reads only as far as each read
+    can change its answer: through the real redirect, the answers are those of the head
+    sent at once (test_an_irregular_request_line_is_http), given as the head comes, not
+    when the head timeout gives up on it (the handler would then answer the same)."""
+    running = proxy(policy(), "--namespace", "egress-test")
+    sock = world.connect(world.host("httpbin.org").v4, 80)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for start in range(0, len(head), PIECE_SIZE):
+            sock.sendall(head[start : start + PIECE_SIZE])
+            time.sleep(PIECE_PAUSE)
+        assert _read_head(sock).startswith(b"HTTP/1.1 %d " % status)
+        timed_out = metric(
+            metrics_text(world), "egress_sniff_outcomes_total", outcome=HEADER_TIMEOUT
+        )
+    finally:
+        sock.close()
+    assert running.logged(rf"access .*status={status}"), running.log_text()
+    assert timed_out == 0, "decided by the head timeout, on the head as it stood then"
 
 
 def test_a_path_is_decided_normalised_and_sent_as_it_came(world: World, proxy: StartProxy) -> None:
