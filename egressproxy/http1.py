@@ -22,7 +22,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import urlsplit
 
 import h11
@@ -30,7 +30,7 @@ import h11
 from egressproxy import http1_lean
 from egressproxy import upstream as upstream_connector
 from egressproxy.errors import PROXY_ERROR, UpstreamError, log_proxy_error
-from egressproxy.http1_lean import MAX_RESPONSE_HEAD, NEED_MORE, LeanRequest
+from egressproxy.http1_lean import MAX_RESPONSE_HEAD, NEED_MORE, LeanRequest, LeanResponse
 from egressproxy.policy.decision import (
     DENY_ACTION,
     GRPC_PROTOCOL,
@@ -318,6 +318,26 @@ def _self_delimited(response: h11.Response, request_method: bytes) -> bool:
     return any(name in (b"content-length", b"transfer-encoding") for name, _ in response.headers)
 
 
+class _SeenRequest(NamedTuple):
+    """A lean request as the client wrote it and what the proxy made of it."""
+
+    raw: bytes
+    """The head's bytes as they came: a head that starts the inbox with them is this one."""
+    request: LeanRequest
+    hostname: str | None
+    method: str
+    path: str
+    decision: Decision
+
+
+class _SeenResponse(NamedTuple):
+    """A lean response head as the upstream wrote it, parsed for a request with method."""
+
+    raw: bytes
+    method: bytes
+    response: LeanResponse
+
+
 class _Upstream(asyncio.Protocol):
     """One upstream HTTP/1.x connection; events go to the proxy that owns it."""
 
@@ -405,6 +425,8 @@ class Http1Proxy(asyncio.Protocol):
         "paused",
         "processing",
         "record",
+        "repeated_request",
+        "repeated_response",
         "request",
         "request_body_sent",
         "response_received",
@@ -471,6 +493,14 @@ class Http1Proxy(asyncio.Protocol):
         """The request on the lean path whose response is awaited or coming."""
         self.response_received = b""
         """Its response's bytes before the head is complete."""
+        self.repeated_request: _SeenRequest | None = None
+        self.repeated_response: _SeenResponse | None = None
+        """The last lean request head that left the connection open, and the last lean
+        response head, each with what was made of it. A client that polls, a health
+        check, a load generator send the same head again and again, and an upstream
+        answers them alike (its Date changes once a second): such a head, found again
+        byte for byte at the start of what came, is neither parsed nor decided again.
+        The connection's policy snapshot is fixed, so its decision is the same."""
         self.response_remaining = -1
         """Its response's body bytes still to come; -1 until the head is through."""
         self.exchange_reusable = True
@@ -802,6 +832,11 @@ class Http1Proxy(asyncio.Protocol):
                 if self.inbox_eof:
                     self._close()
                 return
+            repeated = self.repeated_request
+            if repeated is not None and self.inbox.startswith(repeated.raw):
+                self.head_scanned = self.empty_lines = 0
+                self._serve_lean(repeated)
+                continue
             limit = self.settings.max_header_bytes
             if (
                 self.head_scanned
@@ -865,29 +900,43 @@ class Http1Proxy(asyncio.Protocol):
             return False
         if not denied and self._verifies(decision):
             return False
+        seen = _SeenRequest(
+            self.inbox[: request.size], request, self.hostname, method, path, decision
+        )
+        self.repeated_request = None if request.close else seen
+        self._serve_lean(seen)
+        return True
+
+    def _serve_lean(self, seen: _SeenRequest) -> None:
+        """Deny or forward a lean request decided (by _lean_request, now or before)."""
+        request, decision = seen.request, seen.decision
+        flow = self.flow
+        destination = flow.record.destination
+        assert destination is not None
+        self.host_header, self.hostname = request.host, seen.hostname
         self.inbox = self.inbox[request.size :]
         self.head_deadline = None
         record = RequestRecord(
             client=flow.record.client,
             destination=destination,
             protocol="http1",
-            hostname=self.hostname,
-            method=method,
-            path=path,
+            hostname=seen.hostname,
+            method=seen.method,
+            path=seen.path,
             grpc=request.grpc,
             decision=decision,
         )
-        if denied:
+        if decision.action is DENY_ACTION:
             record.answered_by_proxy(403, "")
             if request.close:
-                denial = DENIED_CLOSING_HEAD if method == "HEAD" else DENIED_CLOSING_RESPONSE
+                denial = DENIED_CLOSING_HEAD if seen.method == "HEAD" else DENIED_CLOSING_RESPONSE
             else:
-                denial = DENIED_HEAD if method == "HEAD" else DENIED_RESPONSE
+                denial = DENIED_HEAD if seen.method == "HEAD" else DENIED_RESPONSE
             self._write_client(denial)
             self._report(record)
             if request.close or self.draining or flow.context.draining:
                 self._close()
-            return True
+            return
         self.record = record
         self.exchange = request
         self.response_received, self.response_remaining = b"", -1
@@ -897,10 +946,9 @@ class Http1Proxy(asyncio.Protocol):
         upstream = self.idle.pop(key, None)
         if upstream is None:
             self._connect_for(key)
-            return True
+            return
         upstream.reused = True
         self._send_lean(upstream, request)
-        return True
 
     def _send_lean(self, upstream: _Upstream, request: LeanRequest) -> None:
         self.upstream = upstream
@@ -913,12 +961,7 @@ class Http1Proxy(asyncio.Protocol):
         assert record is not None
         if self.response_remaining < 0:
             received = self.response_received + data if self.response_received else data
-            if self.response_received and http1_lean.still_incomplete(
-                received, len(self.response_received), MAX_RESPONSE_HEAD
-            ):
-                self.response_received = received
-                return
-            response = http1_lean.parse_response(received, request.method)
+            response = self._lean_response_head(received, request.method)
             if response is NEED_MORE:
                 self.response_received = received
                 return
@@ -951,6 +994,22 @@ class Http1Proxy(asyncio.Protocol):
             self._write_client(body)
         if self.response_remaining == 0:
             self._lean_exchange_done(upstream)
+
+    def _lean_response_head(
+        self, received: bytes, method: bytes
+    ) -> LeanResponse | http1_lean.Incomplete | None:
+        """The lean response head that starts received, NEED_MORE, or None (h11's)."""
+        repeated = self.repeated_response
+        if repeated is not None and received.startswith(repeated.raw) and method == repeated.method:
+            return repeated.response
+        if self.response_received and http1_lean.still_incomplete(
+            received, len(self.response_received), MAX_RESPONSE_HEAD
+        ):
+            return NEED_MORE
+        response = http1_lean.parse_response(received, method)
+        if isinstance(response, LeanResponse):
+            self.repeated_response = _SeenResponse(received[: response.size], method, response)
+        return response
 
     def _lean_exchange_done(self, upstream: _Upstream) -> None:
         self.exchange = None

@@ -351,3 +351,29 @@ def test_closing_exchanges_take_the_lean_path() -> None:
         b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection:close\r\n\r\n", b"GET"
     )
     assert untidy is not None and untidy.close
+
+
+AFTER_A_HEAD = [
+    b"", b"GET / HTTP/1.1\r\n", b"\r\n", b"\n", b"x", b"HTTP/1.1 200 OK\r\n\r\n", b"\x00",
+]  # fmt: skip
+
+
+@settings(max_examples=1500)
+@given(heads(REQUEST_LINES), st.sampled_from(AFTER_A_HEAD))
+def test_a_request_head_found_again_is_the_same_request(data: bytes, after: bytes) -> None:
+    """What Http1Proxy.repeated_request rests on: bytes that start with a lean request head
+    that leaves its connection open, whatever follows, hold that very request."""
+    first = http1_lean.parse_request(data, LIMIT)
+    if isinstance(first, LeanRequest) and not first.close:
+        assert http1_lean.parse_request(data[: first.size] + after, LIMIT) == first
+
+
+@settings(max_examples=1500)
+@given(heads(STATUS_LINES), st.sampled_from([b"GET", b"HEAD"]), st.sampled_from(AFTER_A_HEAD))
+def test_a_response_head_found_again_is_the_same_response(
+    data: bytes, method: bytes, after: bytes
+) -> None:
+    """What Http1Proxy.repeated_response rests on, for a request of the same method."""
+    first = http1_lean.parse_response(data, method)
+    if isinstance(first, LeanResponse):
+        assert http1_lean.parse_response(data[: first.size] + after, method) == first

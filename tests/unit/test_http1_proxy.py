@@ -911,6 +911,91 @@ async def test_a_response_head_that_comes_in_pieces_is_not_parsed_again_at_every
     assert len(parses) <= 3, parses
 
 
+@pytest.mark.asyncio
+async def test_a_head_sent_again_is_read_and_decided_once(
+    setup: tuple[LoopbackProxy, int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection that sends its last head again, byte for byte, gets the answer that head
+    got, allowed or denied, without the head being parsed or decided again; any other head
+    is read anew."""
+    proxy, _, _ = setup
+    parses: list[bytes] = []
+    parse_request = http1_lean.parse_request
+
+    def counted(buffer: bytes, limit: int) -> object:
+        parses.append(buffer[: buffer.find(b"\r\n\r\n") + 4])
+        return parse_request(buffer, limit)
+
+    monkeypatch.setattr(http1_lean, "parse_request", counted)
+    allowed = b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n"
+    denied = b"GET /denied HTTP/1.1\r\nHost: example.test\r\n\r\n"
+    longer = b"GET /a HTTP/1.1\r\nHost: example.test\r\nX-More: 1\r\n\r\n"
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    sent = [allowed, allowed, allowed, denied, denied, longer, allowed]
+    for head in sent:
+        writer.write(head)
+        assert (await read_response(reader))[0] == (403 if head == denied else 200)
+    writer.write(allowed + allowed + denied + denied)  # pipelined
+    for expected in (200, 200, 403, 403):
+        assert (await read_response(reader))[0] == expected
+    writer.close()
+    await proxy.wait_closed_flows(1)
+    statuses = [(record.path, record.status) for record in proxy.ledger.requests]
+    assert (
+        statuses
+        == [("/a", 200)] * 3 + [("/denied", 403)] * 2 + [("/a", 200)] * 4 + [("/denied", 403)] * 2
+    )
+    assert parses == [allowed, denied, longer, allowed, denied]
+
+
+async def answer_by_path(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """/long gets a 25-byte body, anything else 2 bytes; HEAD the same head without it."""
+    with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            body = b"a quarter of a hundred ok" if head.startswith(b"GET /long ") else b"ok"
+            answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+            writer.write(answer if head.startswith(b"HEAD ") else answer + body)
+            await writer.drain()
+    writer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_response_head_sent_again_frames_its_body_as_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upstream that answers with its last head again, to a request of the same method,
+    gets that head read once; the same head answering HEAD, or a head that only starts
+    alike, is read anew, and every body is framed right."""
+    parses: list[bytes] = []
+    parse_response = http1_lean.parse_response
+
+    def counted(buffer: bytes, method: bytes) -> object:
+        parses.append(method)
+        return parse_response(buffer, method)
+
+    monkeypatch.setattr(http1_lean, "parse_response", counted)
+    async with proxy_to_origin(
+        answer_by_path, tmp_path, monkeypatch, POLICY.format(backend=1)
+    ) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        for method, path, body in [
+            ("GET", "/a", b"ok"),
+            ("GET", "/b", b"ok"),
+            ("HEAD", "/a", b""),
+            ("GET", "/a", b"ok"),
+            ("GET", "/long", b"a quarter of a hundred ok"),
+            ("GET", "/a", b"ok"),
+        ]:
+            writer.write(f"{method} {path} HTTP/1.1\r\nHost: example.test\r\n\r\n".encode())
+            status, headers, received = await read_response(reader, head_only=method == "HEAD")
+            assert (status, received) == (200, body), (method, path)
+            assert headers["content-length"] == str(len(body) or 2)
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    assert parses == [b"GET", b"HEAD", b"GET", b"GET", b"GET"]
+
+
 async def answer_once_then_drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Answers the first request of a connection; on the second it closes without a word
     (what a keep-alive timeout racing a new request looks like to the proxy)."""
