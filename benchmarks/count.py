@@ -1,7 +1,8 @@
 """What one exchange costs the proxy, counted rather than timed: user-space instructions
 (valgrind's callgrind) and system calls (strace -c), through the benchmark's redirect.
 
-    count.py [--workload new-conn|keepalive|new-tls] [--exchanges N] [--syscalls] [--tree DIR]
+    count.py [--workload new-conn|keepalive|keepalive-varied|new-tls] [--exchanges N] [--syscalls]
+             [--access-log] [--tree DIR]
 
 Timings on a shared machine move by a fifth from one minute to the next; these counts
 come out the same run after run (within about 1 % at 300 exchanges, 0.5 % at 1,000),
@@ -11,7 +12,8 @@ WARM_UP + N; the difference over N is the cost of one exchange, start-up and shu
 cancelled out.
 The exchanges are made one after the other by a Python client in the client
 namespace: `new-conn` one `Connection: close` request per connection, `keepalive` N
-requests on one connection, `new-tls` one request per TLS connection (full handshake).
+requests on one connection (`keepalive-varied`: each with its own query, so no head comes
+twice), `new-tls` one request per TLS connection (full handshake).
 As root, with valgrind and strace installed (docs/performance.md).
 """
 
@@ -43,7 +45,7 @@ from benchworld import (
 )
 from harness import REPO, as_proxy_user, policy_file, world_for
 
-WORKLOADS = ("new-conn", "keepalive", "new-tls")
+WORKLOADS = ("new-conn", "keepalive", "keepalive-varied", "new-tls")
 WARM_UP = 20
 START_TIMEOUT = 300.0
 """Seconds for the proxy to say ready under valgrind, which runs it some fifty times slower."""
@@ -51,10 +53,10 @@ STOP_TIMEOUT = 300.0
 EXCHANGE_TIMEOUT = 30.0
 
 
-def request(close: bool) -> bytes:
+def request(close: bool, query: str = "") -> bytes:
     connection = "close" if close else "keep-alive"
     return (
-        f"GET /{SMALL_FILE} HTTP/1.1\r\nHost: {HOSTNAME}\r\nUser-Agent: count\r\n"
+        f"GET /{SMALL_FILE}{query} HTTP/1.1\r\nHost: {HOSTNAME}\r\nUser-Agent: count\r\n"
         f"Connection: {connection}\r\n\r\n"
     ).encode()
 
@@ -83,10 +85,11 @@ def read_response(sock: socket.socket, size: int) -> bytes:
 def drive(workload: str, exchanges: int) -> None:
     """Make the exchanges one after the other (run inside the client namespace)."""
     answers = []
-    if workload == "keepalive":
+    if workload.startswith("keepalive"):
+        varied = workload == "keepalive-varied"
         with socket.create_connection((WEB_IP, 80), timeout=EXCHANGE_TIMEOUT) as sock:
-            for _ in range(exchanges):
-                sock.sendall(request(close=False))
+            for number in range(exchanges):
+                sock.sendall(request(close=False, query=f"?n={number}" if varied else ""))
                 answers.append(read_response(sock, size=100))
     elif workload == "new-tls":
         context = ssl.create_default_context()
@@ -116,11 +119,15 @@ def drive_in_namespace(world: World, workload: str, exchanges: int) -> None:
     )
 
 
-def counted_run(world: World, counter: list[str], workload: str, exchanges: int) -> None:
+def counted_run(
+    world: World, counter: list[str], workload: str, exchanges: int, access_log: bool
+) -> None:
     """The proxy under counter (the command put before Python) for exchanges, then stopped
-    with SIGTERM, so the counter writes its totals as the process exits."""
+    with SIGTERM, so the counter writes its totals as the process exits. Without
+    access_log, --log-level warning (as the benchmark's egressproxy-w1)."""
     arguments = ["-m", "egressproxy", "run", "--policy", str(policy_file(world))]
-    options = ["--workers", "1", "--drain-timeout", "1", "--log-level", "warning"]
+    options = ["--workers", "1", "--drain-timeout", "1"]
+    options += [] if access_log else ["--log-level", "warning"]
     command = as_proxy_user(world, [*arguments, *options], wrapper=counter)
     started = world.start(f"counted-{counter[0]}", world.client_ns, PROXY_CPU, command)
     try:
@@ -154,12 +161,12 @@ def outputs(world: World) -> Path:
     return directory
 
 
-def instructions(world: World, workload: str, exchanges: int) -> float:
+def instructions(world: World, workload: str, exchanges: int, access_log: bool) -> float:
     totals = []
     for run_exchanges in (WARM_UP, WARM_UP + exchanges):
         output = outputs(world) / f"callgrind-{run_exchanges}.out"
         counter = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={output}"]
-        counted_run(world, [*counter, "--dump-instr=no"], workload, run_exchanges)
+        counted_run(world, [*counter, "--dump-instr=no"], workload, run_exchanges, access_log)
         found = re.search(r"^(?:summary|totals): (\d+)", output.read_text(), re.MULTILINE)
         if found is None:
             raise RuntimeError(f"no totals in {output}")
@@ -167,11 +174,12 @@ def instructions(world: World, workload: str, exchanges: int) -> float:
     return (totals[1] - totals[0]) / exchanges
 
 
-def system_calls(world: World, workload: str, exchanges: int) -> Counter[str]:
+def system_calls(world: World, workload: str, exchanges: int, access_log: bool) -> Counter[str]:
     counts = []
     for run_exchanges in (WARM_UP, WARM_UP + exchanges):
         output = outputs(world) / f"strace-{run_exchanges}.txt"
-        counted_run(world, ["strace", "-f", "-c", "-o", str(output)], workload, run_exchanges)
+        strace = ["strace", "-f", "-c", "-o", str(output)]
+        counted_run(world, strace, workload, run_exchanges, access_log)
         calls: Counter[str] = Counter()
         for line in output.read_text().splitlines():
             fields = line.split()
@@ -191,6 +199,9 @@ def main() -> int:
     parser.add_argument("--exchanges", type=int, default=300)
     parser.add_argument("--syscalls", action="store_true", help="count system calls too")
     parser.add_argument(
+        "--access-log", action="store_true", help="with the access log (--log-level info)"
+    )
+    parser.add_argument(
         "--tree", type=Path, default=REPO, help="the checkout whose egressproxy/ is counted"
     )
     args = parser.parse_args()
@@ -201,10 +212,10 @@ def main() -> int:
         return 2
     with world_for(args.tree) as world:
         world.set_redirect(True)
-        per_exchange = instructions(world, args.workload, args.exchanges)
+        per_exchange = instructions(world, args.workload, args.exchanges, args.access_log)
         print(f"{args.workload}: {per_exchange:,.0f} instructions per exchange")
         if args.syscalls:
-            calls = system_calls(world, args.workload, args.exchanges)
+            calls = system_calls(world, args.workload, args.exchanges, args.access_log)
             total = sum(calls.values()) / args.exchanges
             print(f"{args.workload}: {total:.1f} system calls per exchange")
             for name, count in calls.most_common():

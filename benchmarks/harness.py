@@ -259,7 +259,9 @@ def start_sketch(world: World) -> Started:
 
 
 BULK = frozenset({"bulk-1", "bulk-4", "bulk-tls"})
-HTTP_EXCHANGES = frozenset({"new-conn", "keepalive"})
+RELAYED_EXCHANGES = frozenset({"new-conn", "keepalive"})
+"""What the floors are measured on: a relay's cost does not depend on the heads it carries."""
+HTTP_EXCHANGES = RELAYED_EXCHANGES | {"keepalive-varied"}
 
 PROXIES = [
     Proxy("direct", lambda world: None),
@@ -281,9 +283,9 @@ PROXIES = [
         only=HTTP_EXCHANGES,
     ),
     Proxy("egressproxy-w2", start_egressproxy(2)),
-    Proxy("floor-uvloop", start_floor("uvloop"), only=BULK | HTTP_EXCHANGES),
-    Proxy("floor-epoll", start_floor("epoll"), only=HTTP_EXCHANGES),
-    Proxy("floor-nested", start_floor("nested"), only=HTTP_EXCHANGES),
+    Proxy("floor-uvloop", start_floor("uvloop"), only=BULK | RELAYED_EXCHANGES),
+    Proxy("floor-epoll", start_floor("epoll"), only=RELAYED_EXCHANGES),
+    Proxy("floor-nested", start_floor("nested"), only=RELAYED_EXCHANGES),
     Proxy("sketch-nested", start_sketch, only=frozenset({"new-conn"})),
     Proxy("floor-splice", start_floor("splice"), only=BULK),
 ]
@@ -367,10 +369,27 @@ def parse_wrk(output: str) -> Measurement:
     return result
 
 
-def wrk(context: Run, url: str, *, connections: int, close: bool) -> Measurement:
+VARIED_REQUESTS = """\
+-- every request of the run its own: the target's query counts them
+counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format(nil, wrk.path .. "?n=" .. counter)
+end
+"""
+
+
+def wrk(
+    context: Run, url: str, *, connections: int, close: bool, varied: bool = False
+) -> Measurement:
+    """varied: no two requests of the run have the same head (VARIED_REQUESTS)."""
     command = ["wrk", "-t1", f"-c{connections}", f"-d{context.duration}s", "--latency"]
     if close:
         command += ["-H", "Connection: close"]
+    if varied:
+        script = context.world.tmp / "varied.lua"
+        script.write_text(VARIED_REQUESTS)
+        command += ["-s", str(script)]
     before = context.cpu()
     output = context.client([*command, url], timeout=context.duration + 60)
     cpu = context.cpu() - before
@@ -449,10 +468,10 @@ def bulk_tls(context: Run) -> Measurement:
 
 
 def per_request(
-    url: str, *, close: bool, decide_per_request: bool = True
+    url: str, *, close: bool, decide_per_request: bool = True, varied: bool = False
 ) -> Callable[[Run], Measurement]:
     def measure(context: Run) -> Measurement:
-        result = wrk(context, url, connections=WRK_CONNECTIONS, close=close)
+        result = wrk(context, url, connections=WRK_CONNECTIONS, close=close, varied=varied)
         result["value"] = result["requests"] / result["seconds"]
         result["cpu_per_unit"] = result["cpu_seconds"] * 1e6 / max(result["requests"], 1)
         if decide_per_request:
@@ -546,6 +565,14 @@ WORKLOADS = [
         "req/s",
         "µs per req",
         per_request(f"http://{HOSTNAME}/{SMALL_FILE}", close=False),
+        reference="haproxy-http",
+    ),
+    Workload(
+        "keepalive-varied",
+        "HTTP/1.1 keep-alive, 100 B, no head twice",
+        "req/s",
+        "µs per req",
+        per_request(f"http://{HOSTNAME}/{SMALL_FILE}", close=False, varied=True),
         reference="haproxy-http",
     ),
     Workload(
@@ -669,7 +696,7 @@ def notes(results: Results, workload: Workload, proxy: str) -> str:
     parts = []
     p50 = results.median(workload.name, proxy, "p50_ms")
     p99 = results.median(workload.name, proxy, "p99_ms")
-    if workload.name == "keepalive" and p50 is not None and p99 is not None:
+    if workload.name.startswith("keepalive") and p50 is not None and p99 is not None:
         parts.append(f"p50 {p50:.2f} ms, p99 {p99:.2f} ms")
     if workload.name == "idle":
         connections = results.median(workload.name, proxy, "connections")

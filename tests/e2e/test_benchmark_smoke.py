@@ -15,7 +15,7 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-SMOKE_TIMEOUT = 85.0
+SMOKE_TIMEOUT = 150.0
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from harness import PROXIES, WORKLOADS, applicable  # noqa: E402
