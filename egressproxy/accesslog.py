@@ -110,7 +110,24 @@ DECIDED_KEYS = frozenset({"destination", "protocol", "hostname", "ech", "route",
 """The fields that follow the client and stay the same for every line of one destination,
 hostname and decision: written once into a remembered text (LineFormatter.decided_text)."""
 MAX_REMEMBERED_TEXTS = 4096
-"""Per formatter: how many DECIDED_KEYS texts, and how many words, it keeps."""
+"""Per formatter: how many texts of each kind (DECIDED_KEYS, a request line's head and
+tail, words) it keeps."""
+REQUEST_TEMPLATES = {
+    False: (
+        "%s access %s path=%s %s bytes_sent=%d bytes_received=%d duration=%r",
+        "client={} {} method={}",
+        "status={} error={}",
+    ),
+    True: (
+        '{"time":"%s","log":"access",%s,"path":%s,%s,"bytes_sent":%d,"bytes_received":%d,'
+        '"duration":%r}',
+        '"client":{},{},"method":{}',
+        '"status":{},"error":{}',
+    ),
+}
+"""By json: a request line (REQUEST_KEYS in order: the time, the remembered head, the path,
+the remembered tail, the counts and the duration), and the templates of its head (the
+client, the DECIDED_KEYS text and the method) and its tail (the status and the error)."""
 
 
 def _line_template(keys: tuple[str, ...], json_lines: bool) -> tuple[str, str]:
@@ -180,6 +197,9 @@ def _text_value(text: str) -> str:
 
 MILLISECOND_TEXTS = tuple(f".{millis:03d}Z" for millis in range(1000))
 
+RequestHeadKey = tuple[str, int, int, str, str | None, str]
+"""A request line's remembered head: the client, the ids of the destination and decision,
+the protocol, the hostname and the method."""
 DecidedKey = tuple[int, int, str, str | None, bool | None]
 """What a DECIDED_KEYS text is remembered by: the ids of its destination and decision,
 the protocol, the hostname, and the ECH flag (None in request lines, which have none)."""
@@ -204,8 +224,13 @@ class LineFormatter(logging.Formatter):
         self.connection_template, self.connection_decided = _line_template(
             CONNECTION_KEYS, self.json
         )
-        self.request_template, self.request_decided = _line_template(REQUEST_KEYS, self.json)
+        _, self.request_decided = _line_template(REQUEST_KEYS, self.json)
+        self.request_template, self.request_head_template, self.request_tail_template = (
+            REQUEST_TEMPLATES[self.json]
+        )
         self.decided: dict[DecidedKey, tuple[Destination | None, Decision | None, str]] = {}
+        self.request_heads: dict[RequestHeadKey, tuple[Destination, Decision, str]] = {}
+        self.request_tails: dict[tuple[str, str], str] = {}
         self.words: dict[str, str] = {}
         self.second = -1
         self.second_text = ""
@@ -250,25 +275,7 @@ class LineFormatter(logging.Formatter):
     ) -> str:
         word = self.word
         if isinstance(record, RequestRecord):
-            if record.decision.protocol is RouteProtocol.GRPC:  # the metrics' family
-                protocol = "grpc"
-                status = "" if record.grpc_status is None else str(record.grpc_status)
-            else:
-                protocol = record.protocol
-                status = "" if record.status is None else str(record.status)
-            decided = self.decided_text(record, protocol, None)
-            return self.request_template.format(
-                self.timestamp(created),
-                self.encode(record.client),
-                decided,
-                word(record.method),
-                self.encode(record.path),
-                word(status),
-                word(record.error),
-                record.bytes_from_client,
-                record.bytes_from_upstream,
-                round(duration, 6),
-            )
+            return self.request_line(record, created, duration)
         protocol = record.detected.value if record.detected else ""
         status = "" if record.status is None else str(record.status)
         return self.connection_template.format(
@@ -277,6 +284,50 @@ class LineFormatter(logging.Formatter):
             self.decided_text(record, protocol, record.ech),
             word(status),
             word(record.error),
+            record.bytes_from_client,
+            record.bytes_from_upstream,
+            round(duration, 6),
+        )
+
+    def request_line(self, record: RequestRecord, created: float, duration: float) -> str:
+        """Its client, destination, decision and method are remembered as one text (a
+        connection's requests share them), and so are its status and error."""
+        decision, destination = record.decision, record.destination
+        if decision.protocol is RouteProtocol.GRPC:  # the metrics' family
+            protocol = "grpc"
+            status = "" if record.grpc_status is None else str(record.grpc_status)
+        else:
+            protocol = record.protocol
+            status = "" if record.status is None else str(record.status)
+        key = (
+            record.client,
+            id(destination),
+            id(decision),
+            protocol,
+            record.hostname,
+            record.method,
+        )
+        head = self.request_heads.get(key)
+        if head is None or head[0] is not destination or head[1] is not decision:
+            if len(self.request_heads) >= MAX_REMEMBERED_TEXTS:
+                self.request_heads.clear()
+            text = self.request_head_template.format(
+                self.encode(record.client),
+                self.decided_text(record, protocol, None),
+                self.word(record.method),
+            )
+            head = self.request_heads[key] = (destination, decision, text)
+        tail = self.request_tails.get((status, record.error))
+        if tail is None:
+            if len(self.request_tails) >= MAX_REMEMBERED_TEXTS:
+                self.request_tails.clear()
+            tail = self.request_tail_template.format(self.encode(status), self.encode(record.error))
+            self.request_tails[status, record.error] = tail
+        return self.request_template % (
+            self.timestamp(created),
+            head[2],
+            self.encode(record.path),
+            tail,
             record.bytes_from_client,
             record.bytes_from_upstream,
             round(duration, 6),

@@ -487,6 +487,8 @@ def test_a_remembered_text_is_never_another_objects(stale: str) -> None:
     )
     key = (id(here), id(denied), "http1", "httpbin.org", None)
     formatter.decided[key] = (*remembered, "destination=203.0.113.5:81 route=stale")
+    head_key = (CLIENT, id(here), id(denied), "http1", "httpbin.org", "GET")
+    formatter.request_heads[head_key] = (*remembered, "client=x destination=203.0.113.5:81")
     record = RequestRecord(client=CLIENT, destination=here, protocol="http1",
                            hostname="httpbin.org", method="GET", path="/post", grpc=False,
                            decision=denied, status=403)  # fmt: skip
