@@ -130,17 +130,23 @@ the remembered tail, the counts and the duration), and the templates of its head
 client, the DECIDED_KEYS text and the method) and its tail (the status and the error)."""
 
 
-def _line_template(keys: tuple[str, ...], json_lines: bool) -> tuple[str, str]:
-    """str.format templates: the line (the time, the client, the DECIDED_KEYS text,
-    then each other key's encoded value) and that text (each of its keys' values)."""
-    where = tuple(key for key in keys if key in DECIDED_KEYS)
+def _line_template(keys: tuple[str, ...], json_lines: bool) -> str:
+    """A str.format template of the line: the time, the client, the DECIDED_KEYS text
+    (_decided_template), then each other key's encoded value."""
     rest = tuple(key for key in keys if key not in DECIDED_KEYS and key != "client")
     if json_lines:
         fields = ",".join(f'"{key}":{{}}' for key in rest)
-        line = f'{{{{"time":"{{}}","log":"access","client":{{}},{{}},{fields}}}}}'
-        return line, ",".join(f'"{key}":{{}}' for key in where)
+        return f'{{{{"time":"{{}}","log":"access","client":{{}},{{}},{fields}}}}}'
     fields = " ".join(f"{key}={{}}" for key in rest)
-    return f"{{}} access client={{}} {{}} {fields}", " ".join(f"{key}={{}}" for key in where)
+    return f"{{}} access client={{}} {{}} {fields}"
+
+
+def _decided_template(keys: tuple[str, ...], json_lines: bool) -> str:
+    """A str.format template of the DECIDED_KEYS text: each of its keys' values."""
+    where = tuple(key for key in keys if key in DECIDED_KEYS)
+    if json_lines:
+        return ",".join(f'"{key}":{{}}' for key in where)
+    return " ".join(f"{key}={{}}" for key in where)
 
 
 class AccessLog:
@@ -221,10 +227,9 @@ class LineFormatter(logging.Formatter):
         super().__init__()
         self.json = log_format is LogFormat.JSON
         self.encode: Callable[[str], str] = encode_basestring_ascii if self.json else _text_value
-        self.connection_template, self.connection_decided = _line_template(
-            CONNECTION_KEYS, self.json
-        )
-        _, self.request_decided = _line_template(REQUEST_KEYS, self.json)
+        self.connection_template = _line_template(CONNECTION_KEYS, self.json)
+        self.connection_decided = _decided_template(CONNECTION_KEYS, self.json)
+        self.request_decided = _decided_template(REQUEST_KEYS, self.json)
         self.request_template, self.request_head_template, self.request_tail_template = (
             REQUEST_TEMPLATES[self.json]
         )
