@@ -251,6 +251,39 @@ def test_python_keep_alive_and_pipelining(world: World, proxy: StartProxy) -> No
     assert split_responses(answers) == [200, 403, 200, 200, 403, 200]
 
 
+def test_a_head_sent_again_gets_the_answer_it_got(world: World, proxy: StartProxy) -> None:
+    """A connection that sends its last head again, allowed or denied, one at a time or
+    pipelined, is answered and counted as the first time (the proxy reads and decides such
+    a head once, and an upstream's repeated answer head too)."""
+    run_proxy(proxy, policy())
+    conn = connection(world, "httpbin.org")
+    try:
+        for path, expected in [("/get", 200)] * 3 + [("/admin", 403)] * 2 + [("/get", 200)] * 2:
+            status, body = request(conn, "GET", path, "httpbin.org")
+            assert status == expected, path
+            if status == 403:
+                assert body == b"traffic not allowed\n"
+            else:
+                assert json.loads(body)["path"] == path
+    finally:
+        conn.close()
+    paths = ["/get", "/get", "/nope", "/nope", "/get"]
+    sock = world.connect(world.host("httpbin.org").v4, 80)
+    try:
+        sock.sendall(
+            b"".join(f"GET {p} HTTP/1.1\r\nHost: httpbin.org\r\n\r\n".encode() for p in paths)
+            + b"GET /get HTTP/1.1\r\nHost: httpbin.org\r\nConnection: close\r\n\r\n"
+        )
+        answers = recv_until_eof(sock, TIMEOUT)
+    finally:
+        sock.close()
+    assert split_responses(answers) == [200, 200, 403, 403, 200, 200]
+    text = metrics_text(world)
+    statuses = "outbound_http_route_request_statuses_total"
+    assert metric(text, statuses, route_name="httpbin-get", http_status="200") == 5 + 4
+    assert metric(text, statuses, route_name="http-egress-deny", http_status="403") == 2 + 2
+
+
 def test_a_closing_first_request_is_answered_then_closed(world: World, proxy: StartProxy) -> None:
     """wrk's new-connection load: one request with Connection: close, allowed or denied."""
     run_proxy(proxy, policy())
