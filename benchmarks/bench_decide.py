@@ -1,6 +1,7 @@
 """decide_connection() cost against policy size: it must stay flat from 10 to 100,000 entries.
 
-Run: PYTHONPATH=. python benchmarks/bench_decide.py   (from the repository root)
+Run: PYTHONPATH=. python benchmarks/bench_decide.py [--smoke]   (from the repository root;
+--smoke: the small sizes and a few calls, to prove the script runs)
 Hostnames: one TLSRoute per hostname on port 443 (half exact, half `*.` wildcards);
 CIDRs: one EgressNetwork per address (/32) plus a 0.0.0.0/0 one. Each row times hits and misses.
 """
@@ -8,6 +9,7 @@ CIDRs: one EgressNetwork per address (/32) plus a 0.0.0.0/0 one. Each row times 
 from __future__ import annotations
 
 import ipaddress
+import sys
 import time
 
 from egressproxy.policy.decision import (
@@ -34,6 +36,8 @@ from egressproxy.settings import Settings
 
 SIZES = (10, 1_000, 100_000)
 CALLS = 20_000
+SMOKE_SIZES = (10, 1_000)
+SMOKE_CALLS = 20
 ORIGIN = Origin("bench", 1)
 SETTINGS = Settings(namespace="bench")
 
@@ -61,7 +65,7 @@ def hostname_policy(count: int) -> PolicyIndex:
             fixes_protocol=True,
             hostnames=(f"host{i}.example.com" if i % 2 else f"*.zone{i}.example.net",),
             rules=(Rule(name="rules[0]", action=Action.PASS, origin=ORIGIN),),
-            attachments=(Attachment(network.id, 443, ""),),
+            attachments=(Attachment(network.id, 443),),
             clients=(),
             created=None,
             order=i + 1,
@@ -88,16 +92,16 @@ def opaque_facts(address: int | str) -> ConnectionFacts:
     return ConnectionFacts(destination, Detected.OPAQUE, None)
 
 
-def per_call(index: PolicyIndex, facts: ConnectionFacts) -> float:
+def per_call(index: PolicyIndex, facts: ConnectionFacts, calls: int) -> float:
     """The index's own lookups: its memo of whole answers is emptied before every call, as
     a connection with a destination or name not seen lately finds it."""
     decide = index.decide_connection
     forget = index.connection_decisions.clear
     start = time.perf_counter()
-    for _ in range(CALLS):
+    for _ in range(calls):
         forget()
         decide(facts)
-    return (time.perf_counter() - start) / CALLS * 1e6
+    return (time.perf_counter() - start) / calls * 1e6
 
 
 def tls_facts(hostname: str) -> ConnectionFacts:
@@ -106,11 +110,13 @@ def tls_facts(hostname: str) -> ConnectionFacts:
 
 
 def main() -> None:
+    smoke = "--smoke" in sys.argv[1:]
+    sizes, calls = (SMOKE_SIZES, SMOKE_CALLS) if smoke else (SIZES, CALLS)
     print(
         f"{'entries':>8} {'hostname hit':>14} {'wildcard hit':>14} {'host miss':>11} "
         f"{'cidr hit':>10} {'cidr miss':>10}   (µs per decide_connection)"
     )
-    for size in SIZES:
+    for size in sizes:
         hosts = hostname_policy(size)
         cidrs = cidr_policy(size)
         exact = tls_facts(f"host{size - 1 if size % 2 == 0 else size - 2}.example.com")
@@ -124,7 +130,7 @@ def main() -> None:
         assert cidrs.decide_connection(hit).parent.name == f"n{size - 1}"  # type: ignore[union-attr]
         assert cidrs.decide_connection(outside).parent.name == "wide"  # type: ignore[union-attr]
         timings = [
-            per_call(index, facts)
+            per_call(index, facts, calls)
             for index, facts in [
                 (hosts, exact),
                 (hosts, wildcard),
