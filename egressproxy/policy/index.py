@@ -585,6 +585,13 @@ def compile_policy(model: Model, settings: Settings) -> PolicyIndex:
 MAX_MEMOISED_DECISIONS = 4096
 MAX_MEMOISED_NETWORKS = 4096
 """Bounds the memo when many destinations are decided (it is cleared, not evicted, when full)."""
+MAX_MEMOISED_REQUEST_TEXT = 512
+"""A request whose path and authority are longer together is decided without the memo, which
+then holds at most MAX_MEMOISED_DECISIONS times this many characters of them."""
+
+RequestKey = tuple[Destination, str | None, str, str, bool, str | None]
+"""What a request's decision depends on when the policy matches no header or query:
+destination, hostname, method, path, gRPC or not, and the authority (OSM reads its port)."""
 
 
 class PolicyIndex:
@@ -592,7 +599,8 @@ class PolicyIndex:
 
     (Decisions already built are memoised: they depend only on the rule or network, the
     port and the protocol, and building one costs more than finding the rule. So are the
-    answers to a connection's facts, which depend on nothing else.)
+    answers to a connection's facts, which depend on nothing else, and a request's, by the
+    facts the policy reads.)
     """
 
     def __init__(self, model: Model, settings: Settings) -> None:
@@ -605,6 +613,11 @@ class PolicyIndex:
         self.connection_decisions: dict[ConnectionFacts, Decision] = {}
         """decide_connection's answers: new connections mostly repeat a few destinations and
         names, and an HTTP connection's answer is a whole request's (`GET /`)."""
+        self.request_decisions: dict[RequestKey, Decision] | None = (
+            None if matches_headers_or_query(model) else {}
+        )
+        """decide_request's answers by RequestKey, when that is all the policy reads: a
+        client's requests repeat a few paths, with queries and headers that vary."""
         self.cidrs = CidrTable()
         self.compiled: dict[NetworkId, CompiledNetwork] = {}
         for network in networks_in_scope(model.networks, settings):
@@ -777,6 +790,20 @@ class PolicyIndex:
         return self.default(network, destination, RouteProtocol.TCP, "no route matched")
 
     def decide_request(self, facts: RequestFacts) -> Decision:
+        """decide_uncached_request's answer, from the memo where it applies."""
+        memo = self.request_decisions
+        path, authority = facts.path, facts.authority
+        if memo is None or len(path) + len(authority or "") > MAX_MEMOISED_REQUEST_TEXT:
+            return self.decide_uncached_request(facts)
+        key = (facts.destination, facts.hostname, facts.method, path, facts.grpc, authority)
+        decision = memo.get(key)
+        if decision is None:
+            if len(memo) >= MAX_MEMOISED_DECISIONS:
+                memo.clear()
+            decision = memo[key] = self.decide_uncached_request(facts)
+        return decision
+
+    def decide_uncached_request(self, facts: RequestFacts) -> Decision:
         """One HTTP/1 request, HTTP/2 stream or gRPC call, its path matched as normalised.
 
         A path with `;` or `\\` in it is decided again as some servers read it, and when
@@ -1017,6 +1044,16 @@ def no_network(protocol: RouteProtocol, destination: Destination) -> Decision:
         parent=None,
         route=None,
         reason=f"{destination.ip} is covered by no egress network: passed untouched",
+    )
+
+
+def matches_headers_or_query(model: Model) -> bool:
+    """Whether any rule of the model reads a request's headers or query."""
+    return any(
+        any(match.headers or match.query for match in rule.http_matches)
+        or any(match.headers for match in rule.grpc_matches)
+        for route in model.routes
+        for rule in route.rules
     )
 
 

@@ -18,6 +18,7 @@ from egressproxy.policy.decision import (
 from egressproxy.policy.index import (
     MAX_MEMOISED_DECISIONS,
     MAX_MEMOISED_LEVELS,
+    MAX_MEMOISED_REQUEST_TEXT,
     CidrTable,
     CompiledNetwork,
     HostTable,
@@ -210,6 +211,109 @@ def test_connection_decisions_are_remembered_within_bounds() -> None:
     for number in range(MAX_MEMOISED_DECISIONS + 10):
         index.decide_connection(ConnectionFacts(destination, Detected.TLS, f"h{number}.example"))
     assert 0 < len(index.connection_decisions) <= MAX_MEMOISED_DECISIONS
+
+
+MEMO_INDEXES = [
+    compile_policy(load_policy_text((EXAMPLES / name).read_text(), name), settings)
+    for name, settings in [
+        ("native-1-allowlist.yaml", Settings()),  # methods, paths, a GRPC port
+        ("linkerd-3-httproute.yaml", Settings()),
+        ("osm-3-egress-policy.yaml", Settings(namespace="curl", service_account="curl")),
+        ("osm-5-egress-routegroup.yaml", Settings(namespace="curl", service_account="curl")),
+    ]
+]
+"""Policies whose decisions read each fact of a request's memo key."""
+REQUEST_HOSTNAMES = st.sampled_from([None, "httpbin.org", "grpc.example.com"])
+REQUEST_PATHS = st.sampled_from(
+    ["/get", "/get/x", "/a;b", "/%2e%2e/get", "/helloworld.Greeter/SayHello"]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.sampled_from(MEMO_INDEXES),
+    st.sampled_from([ipaddress.ip_address("203.0.113.9"), ipaddress.ip_address("10.0.0.1")]),
+    st.sampled_from([80, 50051]),
+    REQUEST_HOSTNAMES,
+    st.sampled_from(["GET", "POST"]),
+    REQUEST_PATHS,
+    st.lists(st.tuples(wire(6), st.lists(st.tuples(st.sampled_from(["x-a", "host"]), wire(6)),
+                                        max_size=2).map(tuple)), min_size=1, max_size=3),
+    st.booleans(),
+    st.sampled_from([None, "httpbin.org", "httpbin.org:8080"]),
+)  # fmt: skip
+def test_a_remembered_request_decision_is_the_one_made_anew(
+    index: PolicyIndex,
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    port: int,
+    hostname: str | None,
+    method: str,
+    path: str,
+    variants: list[tuple[str, tuple[tuple[str, str], ...]]],
+    grpc: bool,
+    authority: str | None,
+) -> None:
+    """decide_request answers from memory by the facts a policy without header or query
+    matches reads. With requests that differ from this one in one of those facts decided
+    first, and whatever its query and headers, each gets the answer it gets decided anew."""
+    destination = Destination(address, port)
+    facts = RequestFacts(destination, hostname, method, path, "", (), grpc, authority)
+    siblings = [
+        facts._replace(destination=Destination(address, 80 if port != 80 else 50051)),
+        facts._replace(hostname=None if hostname else "httpbin.org"),
+        facts._replace(method="POST" if method == "GET" else "GET"),
+        facts._replace(path="/get" if path != "/get" else "/post"),
+        facts._replace(grpc=not grpc),
+        facts._replace(authority=None if authority else "httpbin.org:8080"),
+    ]
+    for other in siblings:
+        index.decide_request(other)
+    for query, headers in variants:
+        for asked in (facts, *siblings):
+            asked = asked._replace(query=query, headers=headers)
+            assert index.decide_request(asked) == index.decide_uncached_request(asked)
+
+
+def test_a_policy_that_matches_a_query_or_header_decides_every_request_anew() -> None:
+    policy = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{namespace: linkerd-egress, name: debug}}
+spec:
+  parentRefs: [{{name: all, kind: EgressNetwork, group: policy.linkerd.io, port: 80}}]
+  rules:
+  - matches: [{match}]
+---
+apiVersion: policy.linkerd.io/v1alpha1
+kind: EgressNetwork
+metadata: {{namespace: linkerd-egress, name: all}}
+spec: {{trafficPolicy: Deny}}
+"""
+    destination = Destination(ipaddress.ip_address("203.0.113.9"), 80)
+    for match, allowed, denied in [
+        ("{queryParams: [{name: debug, value: '1'}]}", ("debug=1", ()), ("debug=0", ())),
+        ("{headers: [{name: x-debug, value: '1'}]}", ("", (("x-debug", "1"),)), ("", ())),
+    ]:
+        index = compile_policy(load_policy_text(policy.format(match=match), "p.yaml"), Settings())
+        assert index.request_decisions is None
+        for (query, headers), action in [(allowed, Action.PASS), (denied, Action.DENY)] * 2:
+            facts = RequestFacts(destination, "a.example", "GET", "/", query, headers, False)
+            assert index.decide_request(facts).action == action, (match, query, headers)
+
+
+def test_request_decisions_are_remembered_within_bounds() -> None:
+    index = INDEXES[0]
+    memo = index.request_decisions
+    assert memo is not None
+    destination = Destination(ipaddress.ip_address("203.0.113.9"), 80)
+    for number in range(MAX_MEMOISED_DECISIONS + 10):
+        facts = RequestFacts(destination, "a.example", "GET", f"/{number}", "", (), False)
+        index.decide_request(facts)
+    assert 0 < len(memo) <= MAX_MEMOISED_DECISIONS
+    memo.clear()
+    long_path = "/" + "a" * MAX_MEMOISED_REQUEST_TEXT
+    index.decide_request(RequestFacts(destination, "a.example", "GET", long_path, "", (), False))
+    assert not memo
 
 
 PATH_RULES = """\
