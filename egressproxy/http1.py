@@ -323,6 +323,9 @@ class _SeenRequest(NamedTuple):
 
     raw: bytes
     """The head's bytes as they came: a head that starts the inbox with them is this one."""
+    fields: bytes
+    """http1_lean.field_lines of the request: a head with them after its request line is
+    read by its request line alone."""
     request: LeanRequest
     hostname: str | None
     method: str
@@ -845,7 +848,11 @@ class Http1Proxy(asyncio.Protocol):
             ):
                 self.head_scanned = len(self.inbox)
                 return  # its deadline runs
-            request = http1_lean.parse_request(self.inbox, limit)
+            request = (
+                http1_lean.parse_request_like(self.inbox, repeated.request, repeated.fields, limit)
+                if repeated is not None and repeated.fields
+                else None
+            ) or http1_lean.parse_request(self.inbox, limit)
             if request is NEED_MORE:
                 if self.inbox_eof:
                     self._leave_lean()
@@ -900,9 +907,9 @@ class Http1Proxy(asyncio.Protocol):
             return False
         if not denied and self._verifies(decision):
             return False
-        seen = _SeenRequest(
-            self.inbox[: request.size], request, self.hostname, method, path, decision
-        )
+        raw = self.inbox[: request.size]
+        fields = http1_lean.field_lines(request, raw)
+        seen = _SeenRequest(raw, fields, request, self.hostname, method, path, decision)
         self.repeated_request = None if request.close else seen
         self._serve_lean(seen)
         return True

@@ -55,6 +55,10 @@ _TIDY_REQUEST = re.compile(
     rb"(%s+) ([\x21-\x7e]++) HTTP/1\.1\r\n((?:%s)*+)\r\n"
     % (_abnf.method.encode("ascii"), _TIDY_FIELD)
 )
+_TIDY_REQUEST_LINE = re.compile(
+    rb"(%s+) ([\x21-\x7e]++) HTTP/1\.1\r\n" % _abnf.method.encode("ascii")
+)
+"""_TIDY_REQUEST's request line."""
 _TIDY_RESPONSE = re.compile(rb"HTTP/1\.1 ([0-9]{3}) [ -\xff]*+\r\n(?:%s)*+\r\n" % _TIDY_FIELD)
 """h11's status line with a reason (maybe empty, without tabs or control bytes) and tidy
 fields."""
@@ -188,6 +192,33 @@ def parse_request(buffer: bytes, limit: int) -> LeanRequest | Incomplete | None:
     head_size = len(method) + len(target) + 14 + sum(len(line) + 2 for line in written)
     head = b"\r\n".join([start[0], *written]) + b"\r\n\r\n"
     return _request(buffer, method, target, items, head, size, head_size, limit)
+
+
+def field_lines(request: LeanRequest, raw: bytes) -> bytes:
+    """The field lines and empty line of a request head that came as raw, when its head goes
+    upstream as it came; else b"" (parse_request_like then never applies)."""
+    if request.head != raw:
+        return b""
+    return raw[raw.index(b"\r\n") + 2 :]
+
+
+def parse_request_like(
+    buffer: bytes, like: LeanRequest, fields: bytes, limit: int
+) -> LeanRequest | None:
+    """parse_request's answer for a head made of a tidy request line and the field lines of
+    the request like (field_lines(like, …)): only the request line is read. None: not such a
+    head, or parse_request's to answer. fields must not be empty. A client's requests mostly
+    share their fields."""
+    line = _TIDY_REQUEST_LINE.match(buffer, 0, limit)
+    if line is None or not buffer.startswith(fields, line.end()):
+        return None
+    method, target = line[1], line[2]
+    size = line.end() + len(fields)
+    head_size = len(method) + len(target) + 12 + len(fields)
+    if method == b"CONNECT" or size > limit or head_size > limit or like.close:
+        return None
+    headers, host, grpc = like.headers, like.host, like.grpc
+    return LeanRequest(method, target, headers, host, grpc, buffer[:size], size, head_size, False)
 
 
 def _request(

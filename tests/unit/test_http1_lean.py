@@ -368,6 +368,55 @@ def test_a_request_head_found_again_is_the_same_request(data: bytes, after: byte
         assert http1_lean.parse_request(data[: first.size] + after, LIMIT) == first
 
 
+TIDY_LINES = [line for line in REQUEST_LINES if re.fullmatch(r"[A-Z]+ [!-~]+ HTTP/1\.1", line)]
+
+
+@st.composite
+def lean_heads(draw: st.DrawFn) -> bytes:
+    """Request heads the lean parser mostly takes: a Host and a few ordinary fields, some
+    written otherwise than h11 writes them."""
+    fields = [("Host", draw(st.sampled_from(["example.test", "example.test:8080"])))]
+    for _ in range(draw(st.integers(0, 4))):
+        name = draw(st.sampled_from(["Accept", "X-Trace", "Content-Type", "Connection",
+                                     "Content-Length", "User-Agent"]))  # fmt: skip
+        value = draw(st.sampled_from(["*/*", "a b", "application/grpc", "keep-alive", "close",
+                                      "0", "7", "a\tb", ""]))  # fmt: skip
+        fields.append((name, value))
+    text = draw(st.sampled_from(TIDY_LINES))
+    for name, value in draw(st.permutations(fields)):
+        separator = draw(st.sampled_from([": "] * 6 + [":", ":\t", ":  "]))
+        text += "\r\n" + name + separator + value + draw(st.sampled_from([""] * 6 + [" "]))
+    return (text + "\r\n\r\n").encode("latin-1")
+
+
+@settings(max_examples=2000)
+@given(lean_heads(), st.sampled_from(REQUEST_LINES), st.sampled_from(AFTER_A_HEAD))
+def test_a_head_read_by_its_request_line_is_the_request_parse_request_reads(
+    data: bytes, line: str, after: bytes
+) -> None:
+    """What Http1Proxy's reading of a head with its last head's field lines rests on: a
+    request line, then those field lines, whatever follows, read by the request line alone
+    is the request parse_request reads there; and a tidy line always is read that way."""
+    like = http1_lean.parse_request(data, LIMIT)
+    if not isinstance(like, LeanRequest):
+        return
+    fields = http1_lean.field_lines(like, data[: like.size])
+    buffer = line.encode("latin-1") + b"\r\n" + fields + after
+    found = http1_lean.parse_request_like(buffer, like, fields, LIMIT) if fields else None
+    if found is not None:
+        assert found == http1_lean.parse_request(buffer, LIMIT)
+    elif fields and not like.close and line in TIDY_LINES:
+        assert line.startswith("CONNECT ")
+
+
+def test_a_head_that_comes_untidy_is_read_whole() -> None:
+    """field_lines has none for a head that goes upstream otherwise than it came."""
+    untidy = b"GET / HTTP/1.1\r\nHost:example.test\r\n\r\n"
+    request = http1_lean.parse_request(untidy, LIMIT)
+    assert isinstance(request, LeanRequest) and request.head != untidy
+    assert http1_lean.field_lines(request, untidy) == b""
+
+
 @settings(max_examples=1500)
 @given(heads(STATUS_LINES), st.sampled_from([b"GET", b"HEAD"]), st.sampled_from(AFTER_A_HEAD))
 def test_a_response_head_found_again_is_the_same_response(

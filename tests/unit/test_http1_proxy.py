@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from egressproxy import http1_lean
 from egressproxy.accesslog import AccessLog
 from egressproxy.http1 import Http1Proxy, closing_head
+from egressproxy.http1_lean import LeanRequest
 from egressproxy.metrics import Metrics, exposition
 from egressproxy.server import Reporting
 from egressproxy.settings import LogFormat, VerifyDestination
@@ -916,17 +917,26 @@ async def test_a_head_sent_again_is_read_and_decided_once(
     setup: tuple[LoopbackProxy, int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A connection that sends its last head again, byte for byte, gets the answer that head
-    got, allowed or denied, without the head being parsed or decided again; any other head
-    is read anew."""
+    got, allowed or denied, without the head being parsed or decided again; another head
+    with the same field lines is read by its request line alone, and any other head whole."""
     proxy, _, _ = setup
     parses: list[bytes] = []
+    by_request_line: list[bytes] = []
     parse_request = http1_lean.parse_request
+    parse_request_like = http1_lean.parse_request_like
 
     def counted(buffer: bytes, limit: int) -> object:
         parses.append(buffer[: buffer.find(b"\r\n\r\n") + 4])
         return parse_request(buffer, limit)
 
+    def counted_like(buffer: bytes, like: LeanRequest, fields: bytes, limit: int) -> object:
+        found = parse_request_like(buffer, like, fields, limit)
+        if found is not None:
+            by_request_line.append(found.head)
+        return found
+
     monkeypatch.setattr(http1_lean, "parse_request", counted)
+    monkeypatch.setattr(http1_lean, "parse_request_like", counted_like)
     allowed = b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n"
     denied = b"GET /denied HTTP/1.1\r\nHost: example.test\r\n\r\n"
     longer = b"GET /a HTTP/1.1\r\nHost: example.test\r\nX-More: 1\r\n\r\n"
@@ -945,7 +955,8 @@ async def test_a_head_sent_again_is_read_and_decided_once(
         statuses
         == [("/a", 200)] * 3 + [("/denied", 403)] * 2 + [("/a", 200)] * 4 + [("/denied", 403)] * 2
     )
-    assert parses == [allowed, denied, longer, allowed, denied]
+    assert parses == [allowed, longer, allowed]
+    assert by_request_line == [denied, denied]
 
 
 async def answer_by_path(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
