@@ -908,7 +908,7 @@ class Http1Proxy(asyncio.Protocol):
         if not denied and self._verifies(decision):
             return False
         raw = self.inbox[: request.size]
-        fields = http1_lean.field_lines(request, raw)
+        fields = b"" if request.close else http1_lean.field_lines(request, raw)
         seen = _SeenRequest(raw, fields, request, self.hostname, method, path, decision)
         self.repeated_request = None if request.close else seen
         self._serve_lean(seen)
