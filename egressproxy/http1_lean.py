@@ -51,14 +51,10 @@ name (h11's `token+`, made `token++`) and the run are possessive, so the engine 
 into them. An empty value is the second branch, not an optional group: the group costs a
 fifth more, and Python 3.11.2's possessive `(?:…)?+` accepts a value that ends in a space
 (the h11 agreement tests in tests/unit/test_http1_lean.py find that at once)."""
-_TIDY_REQUEST = re.compile(
-    rb"(%s+) ([\x21-\x7e]++) HTTP/1\.1\r\n((?:%s)*+)\r\n"
-    % (_abnf.method.encode("ascii"), _TIDY_FIELD)
-)
-_TIDY_REQUEST_LINE = re.compile(
-    rb"(%s+) ([\x21-\x7e]++) HTTP/1\.1\r\n" % _abnf.method.encode("ascii")
-)
-"""_TIDY_REQUEST's request line."""
+_TIDY_LINE = rb"(%s+) ([\x21-\x7e]++) HTTP/1\.1\r\n" % _abnf.method.encode("ascii")
+_TIDY_REQUEST = re.compile(rb"%s((?:%s)*+)\r\n" % (_TIDY_LINE, _TIDY_FIELD))
+_TIDY_REQUEST_LINE = re.compile(_TIDY_LINE)
+"""_TIDY_REQUEST's request line alone (parse_request_like)."""
 _TIDY_RESPONSE = re.compile(rb"HTTP/1\.1 ([0-9]{3}) [ -\xff]*+\r\n(?:%s)*+\r\n" % _TIDY_FIELD)
 """h11's status line with a reason (maybe empty, without tabs or control bytes) and tidy
 fields."""
