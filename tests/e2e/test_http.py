@@ -284,6 +284,58 @@ def test_a_head_sent_again_gets_the_answer_it_got(world: World, proxy: StartProx
     assert metric(text, statuses, route_name="http-egress-deny", http_status="403") == 2 + 2
 
 
+DEBUG_ONLY = """\
+apiVersion: policy.linkerd.io/v1alpha1
+kind: EgressNetwork
+metadata: {namespace: egress-test, name: all-egress-traffic}
+spec: {trafficPolicy: Deny}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {namespace: egress-test, name: debug-only}
+spec:
+  parentRefs:
+  - {name: all-egress-traffic, kind: EgressNetwork, group: policy.linkerd.io, port: 80}
+  rules:
+  - matches:
+    - path: {value: /get}
+      queryParams: [{name: debug, value: "1"}]
+    - path: {value: /get}
+      headers: [{name: x-debug, value: "1"}]
+"""
+
+
+def test_requests_differing_only_in_a_matched_query_or_header_are_each_decided(
+    world: World, proxy: StartProxy
+) -> None:
+    """One keep-alive connection alternates a path with and without the query parameter
+    or header a route matches: each request gets its own answer, however many of the same
+    path were decided before it (the index remembers request decisions only for a policy
+    that reads neither)."""
+    run_proxy(proxy, DEBUG_ONLY)
+    conn = connection(world, "httpbin.org")
+    sent = [
+        ("/get?debug=1", {}, 200),
+        ("/get?debug=0", {}, 403),
+        ("/get", {"X-Debug": "1"}, 200),
+        ("/get", {}, 403),
+        ("/get", {"X-Debug": "0"}, 403),
+        ("/get?debug=1", {}, 200),
+        ("/get", {"X-Debug": "1"}, 200),
+        ("/get", {}, 403),
+    ]
+    try:
+        for path, headers, expected in sent:
+            status, _ = request(conn, "GET", path, "httpbin.org", headers=headers)
+            assert status == expected, (path, headers)
+    finally:
+        conn.close()
+    text = metrics_text(world)
+    statuses = "outbound_http_route_request_statuses_total"
+    assert metric(text, statuses, route_name="debug-only", http_status="200") == 4
+    assert metric(text, statuses, route_name="http-egress-deny", http_status="403") == 4
+
+
 def test_a_closing_first_request_is_answered_then_closed(world: World, proxy: StartProxy) -> None:
     """wrk's new-connection load: one request with Connection: close, allowed or denied."""
     run_proxy(proxy, policy())
