@@ -239,16 +239,21 @@ def test_python_keep_alive_and_pipelining(world: World, proxy: StartProxy) -> No
     finally:
         conn.close()
     paths = ["/get", "/nope", "/bytes/70000", "/get", "/nope"]
+    assert pipelined(world, paths) == [200, 403, 200, 200, 403, 200]
+
+
+def pipelined(world: World, paths: list[str]) -> list[int]:
+    """The statuses of GETs of paths to httpbin.org sent at once on one connection, and of
+    a last GET /get that closes it."""
     sock = world.connect(world.host("httpbin.org").v4, 80)
     try:
         sock.sendall(
             b"".join(f"GET {p} HTTP/1.1\r\nHost: httpbin.org\r\n\r\n".encode() for p in paths)
             + b"GET /get HTTP/1.1\r\nHost: httpbin.org\r\nConnection: close\r\n\r\n"
         )
-        answers = recv_until_eof(sock, TIMEOUT)
+        return split_responses(recv_until_eof(sock, TIMEOUT))
     finally:
         sock.close()
-    assert split_responses(answers) == [200, 403, 200, 200, 403, 200]
 
 
 def test_a_head_sent_again_gets_the_answer_it_got(world: World, proxy: StartProxy) -> None:
@@ -268,16 +273,7 @@ def test_a_head_sent_again_gets_the_answer_it_got(world: World, proxy: StartProx
     finally:
         conn.close()
     paths = ["/get", "/get", "/nope", "/nope", "/get"]
-    sock = world.connect(world.host("httpbin.org").v4, 80)
-    try:
-        sock.sendall(
-            b"".join(f"GET {p} HTTP/1.1\r\nHost: httpbin.org\r\n\r\n".encode() for p in paths)
-            + b"GET /get HTTP/1.1\r\nHost: httpbin.org\r\nConnection: close\r\n\r\n"
-        )
-        answers = recv_until_eof(sock, TIMEOUT)
-    finally:
-        sock.close()
-    assert split_responses(answers) == [200, 200, 403, 403, 200, 200]
+    assert pipelined(world, paths) == [200, 200, 403, 403, 200, 200]
     text = metrics_text(world)
     statuses = "outbound_http_route_request_statuses_total"
     assert metric(text, statuses, route_name="httpbin-get", http_status="200") == 5 + 4
