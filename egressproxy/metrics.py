@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -763,7 +764,7 @@ def _openmetrics_asked(accept: str) -> str:
         weight, version, kept = 1.0, "", [OPENMETRICS_TYPE]
         for parameter in parameters:
             name, _, value = (part.strip() for part in parameter.partition("="))
-            name = name.lower()
+            name, value = name.lower(), _unquoted(value)
             if name == "q":
                 try:
                     weight = float(value)
@@ -778,6 +779,14 @@ def _openmetrics_asked(accept: str) -> str:
         elif media_type == OPENMETRICS_TYPE and weight > best_weight and _made(version):
             best_weight, best_range = weight, ";".join(kept)
     return best_range if best_weight >= best_text else ""
+
+
+def _unquoted(value: str) -> str:
+    """A media-type parameter's value as a token or a quoted-string (RFC 9110 5.6.6:
+    `version="1.0.0"` is `version=1.0.0`)."""
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        return re.sub(r"\\(.)", r"\1", value[1:-1])
+    return value
 
 
 def _made(version: str) -> bool:

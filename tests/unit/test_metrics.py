@@ -1151,6 +1151,11 @@ def test_workers_scrape_sums_every_worker(tmp_path: Path) -> None:
             "APPLICATION/OpenMetrics-Text; Version=1.0.0",
             "application/openmetrics-text; version=1.0.0",
         ),
+        (
+            'application/openmetrics-text; version="1.0.0", text/plain; q=0.5',
+            "application/openmetrics-text; version=1.0.0",
+        ),
+        ('application/openmetrics-text; version="abc"', "text/plain; version=0.0.4"),
     ],
 )
 def test_any_accept_header_gets_a_scrape(
@@ -1158,7 +1163,8 @@ def test_any_accept_header_gets_a_scrape(
 ) -> None:
     """Whatever a scraper's Accept says, it gets a scrape in a format it can parse, never
     an error: an OpenMetrics version that is not numbers is one the proxy cannot make, the
-    one weighed highest wherever it is named wins, and media types are case-insensitive."""
+    one weighed highest wherever it is named wins, media types are case-insensitive, and a
+    parameter's value may be a quoted-string."""
     metrics.policy_loaded(1)
     body, content_type = exposition(registry, accept)
     assert content_type.startswith(answered)
