@@ -314,9 +314,15 @@ def read_route(document: YMap, order: int, context: RouteContext) -> Route | Non
                 where,
             )
         return None
-    if not spec.get("rules"):
-        rules = (Rule(name="rules[0]", origin=Origin(checker.file, spec.line)),)
     written = spec.get("rules")
+    if not written and protocol in (RouteProtocol.TLS, RouteProtocol.TCP):
+        checker.error(
+            spec.line_of("rules") if "rules" in spec else document.line_of("spec"),
+            f"{where}.rules: missing or empty: a {kind} needs its one rule (the Gateway API "
+            "CRD requires at least one; Kubernetes would refuse the object)",
+        )
+    if not written:  # an HTTPRoute's or GRPCRoute's default: one rule that matches all
+        rules = (Rule(name="rules[0]", origin=Origin(checker.file, spec.line)),)
     if protocol in (RouteProtocol.TLS, RouteProtocol.TCP) and isinstance(written, YList):
         # Rules without matches: the first would take every connection, the others none.
         for index in range(1, len(written)):

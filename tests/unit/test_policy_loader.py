@@ -201,6 +201,30 @@ spec:
     ]
 
 
+def test_a_tls_or_tcp_route_without_rules_is_an_error() -> None:
+    """The Gateway API CRDs require a TLSRoute's and a TCPRoute's rules, at least one:
+    Kubernetes refuses such a route, so it never reaches a cluster's proxies. Accepted,
+    it let every connection of its port through, which no pasted manifest can mean."""
+    route = """\
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TLSRoute
+metadata: {name: tls, namespace: egress-test}
+spec:
+  parentRefs:
+  - {name: all-egress-traffic, kind: EgressNetwork, group: policy.linkerd.io, port: 443}
+"""
+    empty = route.replace("kind: TLSRoute", "kind: TCPRoute") + "  rules: []\n"
+    assert problems(NETWORK + route + empty) == [
+        "p.yaml:12: TLSRoute egress-test/tls.spec.rules: missing or empty: a TLSRoute needs "
+        "its one rule (the Gateway API CRD requires at least one; Kubernetes would refuse "
+        "the object)",
+        "p.yaml:22: TCPRoute egress-test/tls.spec.rules: missing or empty: a TCPRoute needs "
+        "its one rule (the Gateway API CRD requires at least one; Kubernetes would refuse "
+        "the object)",
+    ]
+
+
 def test_service_backend_port_must_exist() -> None:
     service = "---\napiVersion: v1\nkind: Service\nmetadata: {name: svc, namespace: egress-test}\n"
     service += "spec:\n  ports:\n  - port: 8080\n"

@@ -37,6 +37,7 @@ spec:
   hostnames: [httpbin.org]
   parentRefs:
   - {name: all-egress-traffic, kind: EgressNetwork, group: policy.linkerd.io, port: 443}
+  rules: [{}]
 ---
 apiVersion: gateway.networking.k8s.io/v1alpha2
 kind: TLSRoute
@@ -47,6 +48,7 @@ spec:
   hostnames: [github.com]
   parentRefs:
   - {name: all-egress-traffic, kind: EgressNetwork, group: policy.linkerd.io, port: 443}
+  rules: [{}]
 """
 
 NATIVE = """
