@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import socket
@@ -289,7 +290,9 @@ def bind_admin(endpoint: Endpoint) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            # [::] is every address, IPv4's too: a kubelet probes a dual-stack pod over IPv4.
+            every_address = ipaddress.ip_address(endpoint.host).is_unspecified
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if every_address else 1)
         sock.bind((endpoint.host, endpoint.port))
         sock.listen()
         sock.setblocking(False)

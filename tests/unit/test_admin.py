@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -362,3 +363,33 @@ def test_admin_connections_past_the_cap_are_closed_at_once() -> None:
     (past_read,), answered, again = asyncio.run(scenario())
     assert past_read == b"", "closed at once, unanswered"
     assert answered.startswith(b"HTTP/1.1 200 ") and again.startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.parametrize("client", ["127.0.0.1", "::1"])
+def test_an_admin_on_every_ipv6_address_takes_ipv4_clients_too(client: str) -> None:
+    """--admin [::]:PORT is every address of the host, as [::]:15001 is for the listeners:
+    a kubelet probing a dual-stack pod's IPv4 address must reach /ready."""
+
+    async def scenario() -> None:
+        server = await admin.start_admin(
+            admin.bind_admin(Endpoint("::", 0)), {"/live": lambda _: admin.text(200, "live")}
+        )
+        try:
+            port = server.sockets[0].getsockname()[1]
+            reader, writer = await asyncio.open_connection(client, port)
+            try:
+                writer.write(LIVE)
+                assert (await live_response(reader)).endswith(b"live\n")
+            finally:
+                writer.close()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(scenario())
+
+
+def test_an_admin_on_one_ipv6_address_is_on_that_address_only() -> None:
+    sock = admin.bind_admin(Endpoint("::1", 0))
+    with sock:
+        assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
