@@ -177,11 +177,7 @@ def test_linkerds_opaque_ports_annotation_on_a_network_is_an_error() -> None:
     ]
 
 
-def test_a_tls_or_tcp_route_has_a_single_rule() -> None:
-    """TLSRoute and TCPRoute rules match nothing of their own: the first took every
-    connection and the others were silently unused. Linkerd's webhook refuses more than
-    one."""
-    route = """\
+TLS_ROUTE_ON_443 = """\
 ---
 apiVersion: gateway.networking.k8s.io/v1alpha2
 kind: TLSRoute
@@ -189,10 +185,22 @@ metadata: {name: tls, namespace: egress-test}
 spec:
   parentRefs:
   - {name: all-egress-traffic, kind: EgressNetwork, group: policy.linkerd.io, port: 443}
+"""
+"""A TLSRoute on port 443 of NETWORK, its rules still to come."""
+
+
+def test_a_tls_or_tcp_route_has_a_single_rule() -> None:
+    """TLSRoute and TCPRoute rules match nothing of their own: the first took every
+    connection and the others were silently unused. Linkerd's webhook refuses more than
+    one."""
+    route = (
+        TLS_ROUTE_ON_443
+        + """\
   rules:
   - backendRefs: [{name: all-egress-traffic, kind: EgressNetwork, group: policy.linkerd.io}]
   - backendRefs: [{name: internal-egress, port: 443}]
 """
+    )
     assert problems(NETWORK + route + route.replace("TLSRoute", "TCPRoute")) == [
         "p.yaml:17: TLSRoute egress-test/tls.spec.rules[1]: a TLSRoute has a single rule, as "
         "Linkerd's admission webhook says (the first would take every connection)",
@@ -205,17 +213,8 @@ def test_a_tls_or_tcp_route_without_rules_is_an_error() -> None:
     """The Gateway API CRDs require a TLSRoute's and a TCPRoute's rules, at least one:
     Kubernetes refuses such a route, so it never reaches a cluster's proxies. Accepted,
     it let every connection of its port through, which no pasted manifest can mean."""
-    route = """\
----
-apiVersion: gateway.networking.k8s.io/v1alpha2
-kind: TLSRoute
-metadata: {name: tls, namespace: egress-test}
-spec:
-  parentRefs:
-  - {name: all-egress-traffic, kind: EgressNetwork, group: policy.linkerd.io, port: 443}
-"""
-    empty = route.replace("kind: TLSRoute", "kind: TCPRoute") + "  rules: []\n"
-    assert problems(NETWORK + route + empty) == [
+    empty = TLS_ROUTE_ON_443.replace("kind: TLSRoute", "kind: TCPRoute") + "  rules: []\n"
+    assert problems(NETWORK + TLS_ROUTE_ON_443 + empty) == [
         "p.yaml:12: TLSRoute egress-test/tls.spec.rules: missing or empty: a TLSRoute needs "
         "its one rule (the Gateway API CRD requires at least one; Kubernetes would refuse "
         "the object)",
