@@ -147,6 +147,18 @@ class H2Client(asyncio.Protocol):
         self.transport.write(self.h2.data_to_send())
         return self.answers[stream_id]
 
+    def open_stream(
+        self, method: str, path: str, headers: dict[str, str] | None = None
+    ) -> tuple[int, Answer]:
+        """A stream whose head is sent and whose body is still to come (upload ends it)."""
+        stream_id = self.h2.get_next_available_stream_id()
+        block = [(":method", method), (":scheme", "http"), (":authority", "example.test"),
+                 (":path", path), *(headers or {}).items()]  # fmt: skip
+        self.h2.send_headers(stream_id, block)
+        answer = self.answers[stream_id] = Answer()
+        self.transport.write(self.h2.data_to_send())
+        return stream_id, answer
+
     def upload(self, stream_id: int, body: bytes) -> None:
         """The body of an open stream, sent as the windows allow, and its end."""
         self.uploads[stream_id] = memoryview(body)
@@ -906,12 +918,8 @@ async def test_an_answer_before_the_request_ends_frees_the_upstream_stream(
     async with proxy_to_h2_origin(EarlyH2Origin, tmp_path, monkeypatch) as proxy:
         client = await connect_h2(proxy)
         for number in range(4):
-            stream_id = client.h2.get_next_available_stream_id()
-            headers = [(":method", "POST"), (":scheme", "http"),
-                       (":authority", "example.test"), (":path", f"/up{number}")]  # fmt: skip
-            client.h2.send_headers(stream_id, headers)
+            stream_id, answer = client.open_stream("POST", f"/up{number}")
             client.h2.send_data(stream_id, b"partial")
-            answer = client.answers[stream_id] = Answer()
             client.transport.write(client.h2.data_to_send())
             async with asyncio.timeout(TIMEOUT):
                 await answer.done.wait()
@@ -1042,12 +1050,8 @@ async def test_a_whole_answer_outlives_an_upstream_reset_with_no_error(
     reset on at once, before what it still held of the answer."""
     async with proxy_to_h2_origin(ResetAfterWholeAnswerH2Origin, tmp_path, monkeypatch) as proxy:
         client = await connect_h2(proxy, SmallWindowClient)
-        stream_id = client.h2.get_next_available_stream_id()
-        headers = [(":method", "POST"), (":scheme", "http"),
-                   (":authority", "example.test"), (":path", "/upload")]  # fmt: skip
-        client.h2.send_headers(stream_id, headers)
+        stream_id, answer = client.open_stream("POST", "/upload")
         client.h2.send_data(stream_id, b"first part")
-        answer = client.answers[stream_id] = Answer()
         client.transport.write(client.h2.data_to_send())
         follow_up = client.request("GET", "/again")  # waits for the upstream's one slot
         async with asyncio.timeout(TIMEOUT):
@@ -2899,12 +2903,7 @@ async def test_streams_waiting_for_the_upstreams_slot_do_not_starve_the_one_usin
     in its connection window."""
     async with proxy_to_h2_origin(OneStreamH2Server, tmp_path, monkeypatch) as proxy:
         client = await connect_h2(proxy)
-        first_id = client.h2.get_next_available_stream_id()
-        headers = [(":method", "POST"), (":scheme", "http"),
-                   (":authority", "example.test"), (":path", "/first")]  # fmt: skip
-        client.h2.send_headers(first_id, headers)
-        first = client.answers[first_id] = Answer()
-        client.transport.write(client.h2.data_to_send())
+        first_id, first = client.open_stream("POST", "/first")
         handler = await only_handler(proxy)
         async with asyncio.timeout(TIMEOUT):
             while not any(upstream.streams for upstream in handler.upstreams.values()):
@@ -3123,12 +3122,7 @@ async def test_a_head_the_proxy_answers_reset_in_the_same_read_ends_only_its_str
     the client's reset."""
     proxy, _ = h2_setup
     client = await connect_h2(proxy, GoawayReadingClient)
-    held_id = client.h2.get_next_available_stream_id()
-    upload = [(":method", "POST"), (":scheme", "http"),
-              (":authority", "example.test"), (":path", "/held")]  # fmt: skip
-    client.h2.send_headers(held_id, upload)
-    held = client.answers[held_id] = Answer()
-    client.transport.write(client.h2.data_to_send())
+    held_id, held = client.open_stream("POST", "/held")
     handler = await only_handler(proxy)
     if path == "/after-goaway":
         handler.drain()
@@ -3160,12 +3154,7 @@ async def test_a_stream_the_client_ends_gives_its_upstream_slot_to_one_waiting(
     another stream on that upstream ended, or the idle timeout."""
     async with proxy_to_h2_origin(OneStreamH2Server, tmp_path, monkeypatch) as proxy:
         client = await connect_h2(proxy)
-        first_id = client.h2.get_next_available_stream_id()
-        headers = [(":method", "POST"), (":scheme", "http"), (":authority", "example.test"),
-                   (":path", "/first"), ("content-length", "1")]  # fmt: skip
-        client.h2.send_headers(first_id, headers)
-        client.answers[first_id] = Answer()
-        client.transport.write(client.h2.data_to_send())
+        first_id, _ = client.open_stream("POST", "/first", {"content-length": "1"})
         handler = await only_handler(proxy)
         async with asyncio.timeout(TIMEOUT):
             while not any(upstream.streams for upstream in handler.upstreams.values()):
@@ -3277,12 +3266,7 @@ async def test_a_stream_waiting_for_a_slot_gets_it_when_an_early_answered_reques
     the client has taken the held answer."""
     async with proxy_to_h2_origin(EarlyAnsweringOneStreamServer, tmp_path, monkeypatch) as proxy:
         client = await connect_h2(proxy, ClientTakingNothingOfItsFirstStream)
-        held_id = client.h2.get_next_available_stream_id()
-        headers = [(":method", "POST"), (":scheme", "http"),
-                   (":authority", "example.test"), (":path", "/early/bytes/100000")]  # fmt: skip
-        client.h2.send_headers(held_id, headers)
-        held = client.answers[held_id] = Answer()
-        client.transport.write(client.h2.data_to_send())
+        held_id, held = client.open_stream("POST", "/early/bytes/100000")
         handler = await only_handler(proxy)
         async with asyncio.timeout(TIMEOUT):
             while not any(stream.response_ended for stream in handler.streams.values()):
