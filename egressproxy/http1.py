@@ -546,7 +546,7 @@ class Http1Proxy(asyncio.Protocol):
         if first_request is not None:
             request, self.hostname = first_request
             self.host_header = request.host
-            if not self._lean_request(request):
+            if not self._lean_request(request, None):
                 self._leave_lean()
                 return
         self._process_lean()
@@ -848,11 +848,12 @@ class Http1Proxy(asyncio.Protocol):
             ):
                 self.head_scanned = len(self.inbox)
                 return  # its deadline runs
-            request = (
+            like = (
                 http1_lean.parse_request_like(self.inbox, repeated.request, repeated.fields, limit)
                 if repeated is not None and repeated.fields
                 else None
-            ) or http1_lean.parse_request(self.inbox, limit)
+            )
+            request = like or http1_lean.parse_request(self.inbox, limit)
             if request is NEED_MORE:
                 if self.inbox_eof:
                     self._leave_lean()
@@ -861,7 +862,7 @@ class Http1Proxy(asyncio.Protocol):
                     self._await_head()
                 return
             self.head_scanned = self.empty_lines = 0
-            if request is None or not self._lean_request(request):
+            if request is None or not self._lean_request(request, repeated if like else None):
                 self._leave_lean()
                 return
 
@@ -874,20 +875,34 @@ class Http1Proxy(asyncio.Protocol):
             self.client.receive_data(b"")
         self._process()
 
-    def _lean_request(self, request: LeanRequest) -> bool:
-        """Decide and deny or forward a lean request; False: h11 must take it (nothing done)."""
+    def _lean_request(self, request: LeanRequest, like: _SeenRequest | None) -> bool:
+        """Decide and deny or forward a lean request; False: h11 must take it (nothing done).
+
+        like: the request seen before whose field lines this one's repeat (parse_request_like)."""
         flow = self.flow
-        destination = flow.record.destination
-        assert destination is not None
         target = request.target.decode("latin-1")
         if not target.startswith("/") or "#" in target:
             return False  # h11's path answers it (see ParsedRequest.bad_target)
+        path, _, query = target.partition("?")
+        if (
+            like is not None
+            and path == like.path
+            and request.method == like.request.method
+            and not flow.snapshot.index.reads_query
+        ):  # the same Host, headers, method and path: the same decision
+            seen = _SeenRequest(
+                request.head, like.fields, request, like.hostname, like.method, path, like.decision
+            )
+            self.repeated_request = seen
+            self._serve_lean(seen)
+            return True
+        destination = flow.record.destination
+        assert destination is not None
         if request.host != self.host_header:
             hostname = authority_host(request.host)
             if hostname is None and request.host:
                 return False  # h11's path answers it 400
             self.host_header, self.hostname = request.host, hostname
-        path, _, query = target.partition("?")
         method = request.method.decode("latin-1")
         facts = RequestFacts(
             destination,
@@ -908,7 +923,10 @@ class Http1Proxy(asyncio.Protocol):
         if not denied and self._verifies(decision):
             return False
         raw = self.inbox[: request.size]
-        fields = b"" if request.close else http1_lean.field_lines(request, raw)
+        if request.close:
+            fields = b""
+        else:
+            fields = like.fields if like else http1_lean.field_lines(request, raw)
         seen = _SeenRequest(raw, fields, request, self.hostname, method, path, decision)
         self.repeated_request = None if request.close else seen
         self._serve_lean(seen)

@@ -618,6 +618,14 @@ class PolicyIndex:
         )
         """decide_request's answers by RequestKey, when that is all the policy reads: a
         client's requests repeat a few paths, with queries and headers that vary."""
+        self.reads_query = any(
+            match.query
+            for route in model.routes
+            for rule in route.rules
+            for match in rule.http_matches
+        )
+        """Whether a rule reads a request's query: if none does, two requests that differ in
+        their query alone have one decision (a client's requests often do)."""
         self.cidrs = CidrTable()
         self.compiled: dict[NetworkId, CompiledNetwork] = {}
         for network in networks_in_scope(model.networks, settings):

@@ -25,6 +25,8 @@ from egressproxy.accesslog import AccessLog
 from egressproxy.http1 import Http1Proxy, closing_head
 from egressproxy.http1_lean import LeanRequest
 from egressproxy.metrics import Metrics, exposition
+from egressproxy.policy.decision import Decision, RequestFacts
+from egressproxy.policy.index import PolicyIndex
 from egressproxy.server import Reporting
 from egressproxy.settings import LogFormat, VerifyDestination
 from egressproxy.sniff.http import EMPTY_LINES_ALLOWED
@@ -957,6 +959,74 @@ async def test_a_head_sent_again_is_read_and_decided_once(
     )
     assert parses == [allowed, longer, allowed]
     assert by_request_line == [denied, denied]
+
+
+NO_DELETES_NO_B = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: test
+spec:
+  default: allow
+  rules:
+  - name: no-deletes
+    http:
+    - methods: [DELETE]
+    action: deny
+  - name: no-b
+    http:
+    - pathPrefix: /b
+    action: deny
+"""
+
+
+@pytest.mark.asyncio
+async def test_a_request_like_the_last_but_for_its_query_keeps_the_last_decision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Heads with the same field lines as the last differ only in their request line: where
+    the method and path are the last's too and the policy reads no query, the last decision
+    stands; another method or path is decided again."""
+    decided: list[tuple[str, str]] = []
+    decide_request = PolicyIndex.decide_request
+
+    def counted(index: PolicyIndex, facts: RequestFacts) -> Decision:
+        decided.append((facts.method, facts.path))
+        return decide_request(index, facts)
+
+    monkeypatch.setattr(PolicyIndex, "decide_request", counted)
+    sent = [
+        ("GET", "/a?n=1", 200),
+        ("GET", "/a?n=2", 200),
+        ("DELETE", "/a?n=3", 403),
+        ("DELETE", "/a?n=4", 403),
+        ("GET", "/a?n=5", 200),
+        ("GET", "/b?n=6", 403),
+        ("GET", "/b?n=7", 403),
+        ("GET", "/a", 200),
+    ]
+    async with (
+        origin(h1) as origin_port,
+        loopback_proxy(tmp_path, monkeypatch, NO_DELETES_NO_B, local(origin_port)) as proxy,
+    ):
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        for method, target, expected in sent:
+            writer.write(f"{method} {target} HTTP/1.1\r\nHost: example.test\r\n\r\n".encode())
+            assert (await read_response(reader))[0] == expected, (method, target)
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    records = [(record.method, record.path, record.status) for record in proxy.ledger.requests]
+    assert records == [
+        (method, target.partition("?")[0], status) for method, target, status in sent
+    ]
+    routes = [
+        record.decision.route and record.decision.route.name for record in proxy.ledger.requests
+    ]
+    allowed, no_deletes, no_b = "http-egress-allow", "test.no-deletes", "test.no-b"
+    assert routes == [allowed] * 2 + [no_deletes] * 2 + [allowed] + [no_b] * 2 + [allowed]
+    connection = ("GET", "/")  # the connection's own decision (PolicyIndex.decide_connection)
+    again = [("GET", "/a"), ("DELETE", "/a"), ("GET", "/a"), ("GET", "/b"), ("GET", "/a")]
+    assert decided == [connection, *again]
 
 
 async def answer_by_path(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

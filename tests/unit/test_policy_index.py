@@ -296,6 +296,7 @@ spec: {{trafficPolicy: Deny}}
     ]:
         index = compile_policy(load_policy_text(policy.format(match=match), "p.yaml"), Settings())
         assert index.request_decisions is None
+        assert index.reads_query == match.startswith("{queryParams")
         for (query, headers), action in [(allowed, Action.PASS), (denied, Action.DENY)] * 2:
             facts = RequestFacts(destination, "a.example", "GET", "/", query, headers, False)
             assert index.decide_request(facts).action == action, (match, query, headers)
