@@ -838,7 +838,7 @@ class Http1Proxy(asyncio.Protocol):
             repeated = self.repeated_request
             if repeated is not None and self.inbox.startswith(repeated.raw):
                 self.head_scanned = self.empty_lines = 0
-                self._serve_lean(repeated)
+                self._serve_lean(repeated.request, repeated)
                 continue
             limit = self.settings.max_header_bytes
             if (
@@ -890,11 +890,7 @@ class Http1Proxy(asyncio.Protocol):
             and request.method == like.request.method
             and not flow.snapshot.index.reads_query
         ):  # the same Host, headers, method and path: the same decision
-            seen = _SeenRequest(
-                request.head, like.fields, request, like.hostname, like.method, path, like.decision
-            )
-            self.repeated_request = seen
-            self._serve_lean(seen)
+            self._serve_lean(request, like)
             return True
         destination = flow.record.destination
         assert destination is not None
@@ -929,12 +925,13 @@ class Http1Proxy(asyncio.Protocol):
             fields = like.fields if like else http1_lean.field_lines(request, raw)
         seen = _SeenRequest(raw, fields, request, self.hostname, method, path, decision)
         self.repeated_request = None if request.close else seen
-        self._serve_lean(seen)
+        self._serve_lean(request, seen)
         return True
 
-    def _serve_lean(self, seen: _SeenRequest) -> None:
-        """Deny or forward a lean request decided (by _lean_request, now or before)."""
-        request, decision = seen.request, seen.decision
+    def _serve_lean(self, request: LeanRequest, seen: _SeenRequest) -> None:
+        """Deny or forward a lean request decided (by _lean_request, now or before): seen is
+        request or one with its method, path and field lines."""
+        decision = seen.decision
         flow = self.flow
         destination = flow.record.destination
         assert destination is not None
