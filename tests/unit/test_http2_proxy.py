@@ -1501,7 +1501,9 @@ async def test_grpc_streams_left_unread_do_not_stall_the_next_call(
                 handler = await only_handler(proxy)
                 async with asyncio.timeout(TIMEOUT):
                     while len(handler.streams) < 40 or any(
-                        stream.upstream.h2.remote_flow_control_window(stream.upstream_id)
+                        stream.upstream is None
+                        or not stream.upstream_id  # not yet opened upstream
+                        or stream.upstream.h2.remote_flow_control_window(stream.upstream_id)
                         for stream in handler.streams.values()
                     ):
                         await asyncio.sleep(0.01)
