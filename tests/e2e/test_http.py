@@ -333,6 +333,52 @@ def test_requests_differing_only_in_a_matched_query_or_header_are_each_decided(
     assert metric(text, statuses, route_name="http-egress-deny", http_status="403") == 4
 
 
+GET_ONLY = """\
+apiVersion: policy.linkerd.io/v1alpha1
+kind: EgressNetwork
+metadata: {namespace: egress-test, name: all-egress-traffic}
+spec: {trafficPolicy: Deny}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {namespace: egress-test, name: get-only}
+spec:
+  parentRefs:
+  - {name: all-egress-traffic, kind: EgressNetwork, group: policy.linkerd.io, port: 80}
+  rules:
+  - matches: [{path: {value: /get}, method: GET}]
+"""
+
+
+def test_requests_differing_in_query_method_or_path_keep_or_get_their_decision(
+    world: World, proxy: StartProxy
+) -> None:
+    """One keep-alive connection whose requests share their headers and change query, then
+    method, then path: a request like the last but for its query has the last one's
+    answer (this policy reads no query), another method or path is decided anew."""
+    run_proxy(proxy, GET_ONLY)
+    conn = connection(world, "httpbin.org")
+    sent = [
+        ("GET", "/get?n=1", 200),
+        ("GET", "/get?n=2", 200),
+        ("DELETE", "/get?n=3", 403),
+        ("DELETE", "/get?n=4", 403),
+        ("GET", "/get?n=5", 200),
+        ("GET", "/anything?n=6", 403),
+        ("GET", "/anything?n=7", 403),
+    ]
+    try:
+        for method, path, expected in sent:
+            status, _ = request(conn, method, path, "httpbin.org")
+            assert status == expected, (method, path)
+    finally:
+        conn.close()
+    text = metrics_text(world)
+    statuses = "outbound_http_route_request_statuses_total"
+    assert metric(text, statuses, route_name="get-only", http_status="200") == 3
+    assert metric(text, statuses, route_name="http-egress-deny", http_status="403") == 4
+
+
 def test_a_closing_first_request_is_answered_then_closed(world: World, proxy: StartProxy) -> None:
     """wrk's new-connection load: one request with Connection: close, allowed or denied."""
     run_proxy(proxy, policy())
