@@ -184,6 +184,9 @@ class AccessLog:
     def upstream_failed(self, error: str) -> None:
         """The failed request or connection has its own line."""
 
+    def destination_unconfirmed(self, error: str, hostname: str, mode: str, times: int) -> None:
+        """The resolver logs what it found."""
+
     def _write(self, record: FlowRecord | RequestRecord) -> None:
         duration = time.monotonic() - record.started
         writer = _writer

@@ -457,16 +457,21 @@ class Flow(asyncio.Protocol):
 
     async def _destination_verified(self, detected: Detected) -> bool:
         """False when --verify-destination enforce found the name pointing elsewhere, or
-        got no answer from the resolver (the connection is then closed, as that error)."""
-        record = self.record
+        got no answer from the resolver (the connection is then closed, as that error).
+        log never waits for the answer."""
+        record, context = self.record, self.context
         assert record.decision is not None and record.destination is not None
         mode = verification_mode(
-            record.decision, record.hostname, self.context.settings.verify_destination
+            record.decision, record.hostname, context.settings.verify_destination
         )
         if mode is VerifyDestination.OFF or record.hostname is None:
             return True
-        error = await self.context.resolver.check(record, record.destination, mode)
-        if not error or mode is VerifyDestination.LOG:
+        resolver, accounting = context.resolver, context.accounting
+        if mode is VerifyDestination.LOG:
+            resolver.observe(record.hostname, record.destination, record.client, accounting)
+            return True
+        error = await resolver.check(record.hostname, record.destination, record.client, accounting)
+        if not error:
             return True
         record.error = error
         if detected is Detected.HTTP1 and not self.client_gone:

@@ -1118,23 +1118,36 @@ class Http1Proxy(asyncio.Protocol):
         if parsed.h2c_upgrade:
             self.request = without_upgrade(request)
         mode = verification_mode(decision, parsed.facts.hostname, self.settings.verify_destination)
-        if mode is not VerifyDestination.OFF:
+        if mode is VerifyDestination.LOG:
+            self._observe_destination()
+        elif mode is VerifyDestination.ENFORCE:
             self.backlog = 0
             self.connecting = self.loop.create_task(
-                self._verify_then_forward(decision, mode),
+                self._verify_then_forward(decision),
                 name=f"http1 verify {flow.record.client} {parsed.facts.hostname}",
             )
             return
         self._forward(self._target(decision))
 
-    async def _verify_then_forward(self, decision: Decision, mode: VerifyDestination) -> None:
-        """--verify-destination: the Host must resolve to the original destination."""
+    def _observe_destination(self) -> None:
+        """--verify-destination log: the Host's addresses are checked while the request goes on."""
+        record, destination = self.record, self.flow.record.destination
+        assert record is not None and record.hostname is not None and destination is not None
+        self.flow.context.resolver.observe(
+            record.hostname, destination, record.client, self.accounting
+        )
+
+    async def _verify_then_forward(self, decision: Decision) -> None:
+        """--verify-destination enforce: the Host must resolve to the original destination."""
         record, destination = self.record, self.flow.record.destination
         assert record is not None and record.hostname is not None and destination is not None
         try:
-            error = await self.flow.context.resolver.check(record, destination, mode)
+            resolver = self.flow.context.resolver
+            error = await resolver.check(
+                record.hostname, destination, record.client, self.accounting
+            )
             self.connecting = None
-            if error and mode is VerifyDestination.ENFORCE:
+            if error:
                 self._respond_locally(421, REFUSALS[error], error)
                 self._resume_after_backlog()
                 return

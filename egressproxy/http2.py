@@ -860,9 +860,14 @@ class H2Proxy(asyncio.Protocol):
                 facts.hostname,
             )
         mode = verification_mode(decision, facts.hostname, self.settings.verify_destination)
-        if mode is not VerifyDestination.OFF:
+        if mode is VerifyDestination.LOG:
+            record, destination = stream.record, self.flow.record.destination
+            assert record.hostname is not None and destination is not None
+            resolver = self.flow.context.resolver
+            resolver.observe(record.hostname, destination, record.client, self.accounting)
+        elif mode is VerifyDestination.ENFORCE:
             task = self.loop.create_task(
-                self._verify_then_forward(stream, decision, mode),
+                self._verify_then_forward(stream, decision),
                 name=f"h2 verify {self.flow.record.client} {facts.hostname}",
             )
             self.verifying.add(task)
@@ -870,17 +875,19 @@ class H2Proxy(asyncio.Protocol):
             return
         self._forward(stream, self._target(decision))
 
-    async def _verify_then_forward(
-        self, stream: _Stream, decision: Decision, mode: VerifyDestination
-    ) -> None:
-        """--verify-destination: the :authority must resolve to the original destination."""
+    async def _verify_then_forward(self, stream: _Stream, decision: Decision) -> None:
+        """--verify-destination enforce: the :authority must resolve to the original
+        destination."""
         record, destination = stream.record, self.flow.record.destination
         assert record.hostname is not None and destination is not None
         try:
-            error = await self.flow.context.resolver.check(record, destination, mode)
+            resolver = self.flow.context.resolver
+            error = await resolver.check(
+                record.hostname, destination, record.client, self.accounting
+            )
             if stream.done or self.closed:
                 return
-            if error and mode is VerifyDestination.ENFORCE:
+            if error:
                 self._answer(stream, 421, REFUSALS[error], error)
                 self._flush()
                 return

@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, valu
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from egressproxy.errors import DNS_ERROR
 from egressproxy.policy.decision import (
     GRPC_PROTOCOL,
     Action,
@@ -547,10 +548,6 @@ class Metrics:
     def connection_closed(self, record: FlowRecord) -> None:
         self._open_connections.inc(-1)
         self._count_error(record.error, record.hostname)
-        if record.destination_mismatch:
-            self._count_mismatch(record.destination_mismatch, record.hostname)
-        if record.destination_unverified:
-            self._count_unverified(record.destination_unverified, record.hostname)
         decision = record.decision
         meters = self.route_meters(decision)
         meters.connection_ended(time.monotonic() - record.started)
@@ -575,10 +572,6 @@ class Metrics:
             meters = self._request_meters[key] = _RequestMeters(self, record)
         if record.error:
             self._count_error(record.error, record.hostname)
-        if record.destination_mismatch:
-            self._count_mismatch(record.destination_mismatch, record.hostname)
-        if record.destination_unverified:
-            self._count_unverified(record.destination_unverified, record.hostname)
         meters.route.count_bytes(record.bytes_from_client, record.bytes_from_upstream)
         if meters.statuses is not None and meters.duration is not None:
             meters.statuses.inc(1)
@@ -612,11 +605,10 @@ class Metrics:
     def upstream_failed(self, error: str) -> None:
         self.connect_errors(error).inc()
 
-    def _count_mismatch(self, mode: str, hostname: str | None) -> None:
-        self.destination_mismatch(self.hostname(hostname), mode).inc()
-
-    def _count_unverified(self, mode: str, hostname: str | None) -> None:
-        self.destination_unverified(self.hostname(hostname), mode).inc()
+    def destination_unconfirmed(self, error: str, hostname: str, mode: str, times: int) -> None:
+        unverified = error == DNS_ERROR  # no answer: not shown to be elsewhere
+        counter = self.destination_unverified if unverified else self.destination_mismatch
+        counter(self.hostname(hostname), mode).inc(times)
 
 
 PER_REQUEST = frozenset({RouteProtocol.HTTP, RouteProtocol.GRPC})

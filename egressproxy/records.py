@@ -50,11 +50,6 @@ class FlowRecord:
     """tls, http1, h2, or the reason it is opaque (timeout, eof, not_tls, opaque_port …)."""
     ech: bool = False
     decision: Decision | None = None
-    destination_mismatch: str = ""
-    """The --verify-destination mode (log, enforce) that found the hostname elsewhere, or ""."""
-    destination_unverified: str = ""
-    """The --verify-destination mode (log, enforce) whose check got no answer from the
-    resolver, or ""."""
     error: str = ""
     """"" on success; forbidden, connect_refused, reset, idle_timeout, loop …"""
     status: int | None = None
@@ -86,8 +81,6 @@ class RequestRecord:
     trailers-only answer to a gRPC call (HTTP 200 on the wire), the status of its cause, so
     where the call's route is an HTTP one, its metric and log line show a deny as 403."""
     grpc_status: int | None = None
-    destination_mismatch: str = ""
-    destination_unverified: str = ""
     error: str = ""
     bytes_from_client: int = 0
     bytes_from_upstream: int = 0
@@ -135,6 +128,11 @@ class Accounting(Protocol):
         over): once per connect, however many requests were waiting for it."""
 
     def policy_reloaded(self, ok: bool, generation: int) -> None: ...
+
+    def destination_unconfirmed(self, error: str, hostname: str, mode: str, times: int) -> None:
+        """--verify-destination in mode (log, enforce) found hostname elsewhere (error
+        destination_mismatch) or got no answer for it (dns_error), for times connections or
+        requests."""
 
     def tasks_counted(self, alive: int) -> None:
         """The event loop's tasks now, reported every second: a count that keeps growing

@@ -177,6 +177,9 @@ class Reporting:
     def upstream_failed(self, error: str) -> None:
         self.meters.upstream_failed(error)
 
+    def destination_unconfirmed(self, error: str, hostname: str, mode: str, times: int) -> None:
+        self.meters.destination_unconfirmed(error, hostname, mode, times)
+
     def tasks_counted(self, alive: int) -> None:
         self.meters.tasks.set(alive)
 

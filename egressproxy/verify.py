@@ -21,10 +21,10 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
-from egressproxy.errors import DNS_ERROR
+from egressproxy.errors import DNS_ERROR, log_proxy_error
 from egressproxy.lookups import LookupThreads, stream_addresses
 from egressproxy.policy.decision import Action, Decision, Destination, IPAddress, unmapped
-from egressproxy.records import FlowRecord, RequestRecord
+from egressproxy.records import Accounting
 from egressproxy.settings import VerifyDestination
 
 log = logging.getLogger("egressproxy.verify")
@@ -122,6 +122,10 @@ class Resolver:
         self._timeout = timeout
         self._cache: OrderedDict[str, tuple[float, frozenset[IPAddress]]] = OrderedDict()
         self._lookups: dict[str, SharedLookup] = {}
+        self._observed: dict[tuple[str, Destination], tuple[str, int]] = {}
+        """Per name and destination whose answer log mode awaits: the first client that
+        asked, and how many did."""
+        self._observing: set[asyncio.Task[None]] = set()
         self.threads = LookupThreads()
 
     async def addresses(self, hostname: str) -> frozenset[IPAddress] | None:
@@ -132,10 +136,9 @@ class Resolver:
         flood of names nobody waits for any more must not take the threads, one resolver
         timeout after another, from the names asked next."""
         loop = asyncio.get_running_loop()
-        cached = self._cache.get(hostname)
-        if cached is not None and cached[0] > loop.time():
-            self._cache.move_to_end(hostname)
-            return cached[1]
+        cached = self._cached(hostname, loop.time())
+        if cached is not None:
+            return cached
         shared = self._lookups.get(hostname)
         if shared is None:
             shared = self._lookups[hostname] = SharedLookup()
@@ -155,6 +158,14 @@ class Resolver:
             queued = shared.queued
             if not shared.waiters and queued is not None and self.threads.withdraw(queued):
                 del self._lookups[hostname]  # the next question starts a lookup afresh
+
+    def _cached(self, hostname: str, now: float) -> frozenset[IPAddress] | None:
+        """hostname's remembered addresses, None when there are none still fresh."""
+        cached = self._cache.get(hostname)
+        if cached is None or cached[0] <= now:
+            return None
+        self._cache.move_to_end(hostname)
+        return cached[1]
 
     async def _shared_lookup(
         self, loop: asyncio.AbstractEventLoop, hostname: str, shared: SharedLookup
@@ -198,9 +209,9 @@ class Resolver:
     def close(self) -> None:
         self.threads.close()
 
-    async def matches(self, hostname: str, destination: IPAddress) -> bool | None:
-        """True when destination is one of hostname's addresses (v4-mapped counts as v4),
-        None when the resolver gave no answer.
+    def known_match(self, hostname: str, destination: IPAddress) -> bool | None:
+        """Whether destination is one of hostname's addresses (v4-mapped counts as v4), when
+        that is known without a lookup; None when only the resolver can tell.
 
         An IP-literal name (an SNI RFC 6066 forbids, or a Host) must be the destination itself,
         v4-mapped or not.
@@ -209,44 +220,106 @@ class Resolver:
         try:
             literal = ipaddress.ip_address(hostname)
         except ValueError:
-            addresses = await self.addresses(hostname)
-            return None if addresses is None else destination in addresses
+            cached = self._cached(hostname, asyncio.get_running_loop().time())
+            return None if cached is None else destination in cached
         return unmapped(literal) == destination
+
+    async def matches(self, hostname: str, destination: IPAddress) -> bool | None:
+        """Whether destination is one of hostname's addresses, from the cache or the
+        resolver; None when the resolver gave no answer."""
+        known = self.known_match(hostname, destination)
+        if known is not None:
+            return known
+        addresses = await self.addresses(hostname)
+        return None if addresses is None else unmapped(destination) in addresses
 
     async def check(
         self,
-        record: FlowRecord | RequestRecord,
+        hostname: str,
         destination: Destination,
-        mode: VerifyDestination,
+        client: str,
+        accounting: Accounting,
     ) -> str:
-        """The error word enforce closes with: empty when the record's hostname resolves to
-        destination, else DESTINATION_MISMATCH, or NO_ANSWER when the resolver gave none (an
-        outage is not spoofing). Either failure is noted on the record (its mode, for the
-        metrics) and logged. The caller enforces."""
-        assert record.hostname is not None
-        matches = await self.matches(record.hostname, destination.ip)
-        if matches:
-            return ""
-        if matches is None:
-            record.destination_unverified = mode.value
-            log.warning(
-                "%s: cannot tell whether %s resolves to %s: no answer from the resolver"
-                " (verify-destination %s)",
-                record.client,
-                record.hostname,
-                destination.ip,
-                mode.value,
-            )
-            return NO_ANSWER
-        record.destination_mismatch = mode.value
+        """enforce: the error word to close with, once the resolver has answered: empty when
+        hostname resolves to destination, else DESTINATION_MISMATCH, or NO_ANSWER when the
+        resolver gave none (an outage is not spoofing). Either failure is counted and
+        logged. The caller enforces."""
+        matches = await self.matches(hostname, destination.ip)
+        return _judged(
+            matches, hostname, destination, VerifyDestination.ENFORCE, client, 1, accounting
+        )
+
+    def observe(
+        self, hostname: str, destination: Destination, client: str, accounting: Accounting
+    ) -> None:
+        """log: the traffic goes on at once, and a mismatch or a missing answer is counted
+        and logged when the resolver has answered. Observing mode must not slow the traffic
+        it observes: a resolver that does not answer would otherwise hold every request for
+        an unverified name for the whole lookup timeout. The clients that ask about one
+        name and address while its answer is awaited wait on one task."""
+        known = self.known_match(hostname, destination.ip)
+        if known is not None:
+            _judged(known, hostname, destination, VerifyDestination.LOG, client, 1, accounting)
+            return
+        key = (hostname, destination)
+        awaited = self._observed.get(key)
+        if awaited is not None:
+            self._observed[key] = (awaited[0], awaited[1] + 1)
+            return
+        self._observed[key] = (client, 1)
+        task = asyncio.get_running_loop().create_task(
+            self._observe(key, accounting), name=f"verify {hostname} {destination.ip} (log)"
+        )
+        self._observing.add(task)
+        task.add_done_callback(self._observing.discard)
+
+    async def _observe(self, key: tuple[str, Destination], accounting: Accounting) -> None:
+        hostname, destination = key
+        try:
+            matches = await self.matches(hostname, destination.ip)
+        except Exception as unforeseen:  # a bug: the traffic has gone on, the check is lost
+            log_proxy_error(log, f"verifying {hostname} (log)", unforeseen)
+            return
+        finally:
+            client, times = self._observed.pop(key)
+        _judged(matches, hostname, destination, VerifyDestination.LOG, client, times, accounting)
+
+
+def _judged(
+    matches: bool | None,
+    hostname: str,
+    destination: Destination,
+    mode: VerifyDestination,
+    client: str,
+    times: int,
+    accounting: Accounting,
+) -> str:
+    """The error word of a check's answer, counted (times: once for each client that
+    asked, client the first) and logged."""
+    if matches:
+        return ""
+    asked = client if times == 1 else f"{client} and {times - 1} more"
+    if matches is None:
         log.warning(
-            "%s: %s does not resolve to %s (verify-destination %s)",
-            record.client,
-            record.hostname,
+            "%s: cannot tell whether %s resolves to %s: no answer from the resolver"
+            " (verify-destination %s)",
+            asked,
+            hostname,
             destination.ip,
             mode.value,
         )
-        return DESTINATION_MISMATCH
+        error = NO_ANSWER
+    else:
+        log.warning(
+            "%s: %s does not resolve to %s (verify-destination %s)",
+            asked,
+            hostname,
+            destination.ip,
+            mode.value,
+        )
+        error = DESTINATION_MISMATCH
+    accounting.destination_unconfirmed(error, hostname, mode.value, times)
+    return error
 
 
 def _addresses(found: list[str]) -> Iterator[IPAddress]:

@@ -513,6 +513,8 @@ def test_idle_spliced_connection_is_closed_as_idle_timeout(world: World, proxy: 
 
 HUNG_LOOKUP_SECONDS = 30
 """glibc's longest wait for one DNS server (RES_MAXRETRANS): a lookup that hangs this long."""
+VERIFY_TIMEOUT = 5.0
+"""How long the proxy's destination verification waits for the resolver."""
 DRAIN_TIMEOUT = 1.0
 EXIT_MARGIN = 3.0
 
@@ -536,14 +538,15 @@ def hung_lookups(world: World) -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("hung_lookups")
-@pytest.mark.parametrize("asker", ["verification", "backend"])
+@pytest.mark.parametrize("asker", ["enforce", "log", "backend"])
 def test_exit_does_not_wait_for_a_hung_lookup(world: World, proxy: StartProxy, asker: str) -> None:
-    """SIGTERM while a name's lookup hangs (destination verification, or a route's backend
-    Service): the proxy exits after its drain timeout, not when the system resolver gives
-    up. A thread pool the interpreter or libuv joins at exit would hold it there."""
+    """SIGTERM while a name's lookup hangs (destination verification, which holds the
+    request under enforce and not under log, or a route's backend Service): the proxy exits
+    after its drain timeout, not when the system resolver gives up. A thread pool the
+    interpreter or libuv joins at exit would hold it there."""
     drain = ("--drain-timeout", str(DRAIN_TIMEOUT))
-    if asker == "verification":
-        running = proxy(None, *drain, "--verify-destination", "log")
+    if asker != "backend":
+        running = proxy(None, *drain, "--verify-destination", asker)
         path, host = "/get", "hung.example.test"
     else:
         backend_domain = ("--cluster-domain", "hung.example.test")
@@ -569,15 +572,22 @@ def test_a_silent_resolver_under_log_is_unverified_not_a_mismatch(
     world: World, proxy: StartProxy
 ) -> None:
     """--verify-destination log while the system resolver does not answer: the request
-    passes once the check gives up (5 s), counted as unverified, not as a destination
-    mismatch: an operator rolling out must not read a DNS outage as spoofing."""
+    passes at once, not when the check gives up (5 s), and is then counted as unverified,
+    not as a destination mismatch: an operator rolling out must not read a DNS outage as
+    spoofing, nor have log mode hold the traffic it observes."""
     running = proxy(None, "--verify-destination", "log")
     request = raw_request("hung.example.test", "/get")
     assert status_of(http_exchange(world, world.host("httpbin.org").v4, 80, request)) == 200
     unverified = "egress_destination_unverified_total"
-    assert_counted(
-        lambda: metric(metrics_text(running), unverified, hostname="hung.example.test", mode="log")
+    assert metric(metrics_text(running), unverified) == 0.0, "answered once the check gave up"
+    counted = wait_until(
+        lambda: (
+            metric(metrics_text(running), unverified, hostname="hung.example.test", mode="log")
+            == 1.0
+        ),
+        VERIFY_TIMEOUT + LOG_TIMEOUT,
     )
+    assert counted, running.log_text()[-3000:]
     text = metrics_text(running)
     assert metric(text, unverified) == 1.0
     assert metric(text, "egress_destination_mismatch_total") == 0.0

@@ -69,6 +69,8 @@ class Ledger:
     flows: list[FlowRecord] = field(default_factory=list)
     requests: list[RequestRecord] = field(default_factory=list)
     connect_failures: list[str] = field(default_factory=list)
+    unconfirmed: list[tuple[str, str, str, int]] = field(default_factory=list)
+    """--verify-destination's findings: (error, hostname, mode, times)."""
 
     def connection_opened(self) -> None:
         """Nothing to count here."""
@@ -91,6 +93,9 @@ class Ledger:
     def upstream_failed(self, error: str) -> None:
         self.connect_failures.append(error)
 
+    def destination_unconfirmed(self, error: str, hostname: str, mode: str, times: int) -> None:
+        self.unconfirmed.append((error, hostname, mode, times))
+
 
 @dataclass
 class LoopbackProxy:
@@ -109,6 +114,13 @@ class LoopbackProxy:
     async def wait_requests(self, count: int, timeout: float = 5.0) -> None:
         async with asyncio.timeout(timeout):
             while len(self.ledger.requests) < count:
+                await asyncio.sleep(0.01)
+
+    async def wait_unconfirmed(self, count: int, timeout: float = 5.0) -> None:
+        """Until --verify-destination has reported count findings (log mode reports them
+        when the resolver answers, after the traffic has gone on)."""
+        async with asyncio.timeout(timeout):
+            while len(self.ledger.unconfirmed) < count:
                 await asyncio.sleep(0.01)
 
 

@@ -97,7 +97,7 @@ async def test_a_bug_on_the_way_to_the_upstream_ends_its_connection_logged(
     """Anything unforeseen raised while verifying or connecting a spliced connection:
     logged with its traceback (a bug to report), and the connection ends counted."""
     async with proxy_to_origin(
-        echo, tmp_path, monkeypatch, ALLOW_ALL, verify_destination=VerifyDestination.LOG
+        echo, tmp_path, monkeypatch, ALLOW_ALL, verify_destination=VerifyDestination.ENFORCE
     ) as proxy:
         proxy.context.resolver = BrokenResolver()
         reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
@@ -111,3 +111,28 @@ async def test_a_bug_on_the_way_to_the_upstream_ends_its_connection_logged(
         assert not proxy.context.open_flows.flows
         assert [message.endswith("proxy error") for message in tracebacks(caplog)] == [True]
         await a_connection_is_echoed(proxy.host, proxy.port)
+
+
+@pytest.mark.asyncio
+async def test_a_bug_in_a_logged_verification_leaves_the_connection_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--verify-destination log checks while the traffic goes on: a bug in the check is
+    logged with its traceback, and the connection is spliced as if it had found nothing."""
+    async with proxy_to_origin(
+        echo, tmp_path, monkeypatch, ALLOW_ALL, verify_destination=VerifyDestination.LOG
+    ) as proxy:
+        proxy.context.resolver = BrokenResolver()
+        hello = frame(client_hello([sni_extension(b"name.test")]))
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        with caplog.at_level(logging.WARNING):
+            writer.write(hello)
+            assert await asyncio.wait_for(reader.readexactly(len(hello)), TIMEOUT) == hello
+            writer.close()
+            await proxy.wait_closed_flows(1)
+        assert [flow.error for flow in proxy.ledger.flows] == [""]
+        assert proxy.ledger.unconfirmed == []
+        assert [
+            message.endswith("verifying name.test (log): proxy error")
+            for message in tracebacks(caplog)
+        ] == [True]

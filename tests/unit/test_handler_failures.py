@@ -28,6 +28,10 @@ def a_bug(*args: object, **kwargs: object) -> None:
     raise RuntimeError("a bug")
 
 
+VERIFYING = {"verify": VerifyDestination.ENFORCE, "connect": VerifyDestination.OFF}
+"""--verify-destination for each place a bug is put: enforce waits for the check."""
+
+
 @contextlib.contextmanager
 def way_up_broken(proxy: LoopbackProxy, where: str) -> Iterator[None]:
     """Within the block, the Host's verification, or the upstream's connect, raises."""
@@ -58,7 +62,7 @@ async def test_an_http1_exchange_failed_by_the_proxy_is_reset_and_counted(
     where: str,
 ) -> None:
     async with proxy_to_origin(
-        h1, tmp_path, monkeypatch, ALLOW_ALL, verify_destination=VerifyDestination.LOG
+        h1, tmp_path, monkeypatch, ALLOW_ALL, verify_destination=VERIFYING[where]
     ) as proxy:
         reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
         with way_up_broken(proxy, where), caplog.at_level(logging.WARNING):
@@ -85,7 +89,7 @@ async def test_an_h2_stream_failed_by_the_proxy_resets_its_connection_counted(
     where: str,
 ) -> None:
     async with proxy_to_h2_origin(
-        H2Server, tmp_path, monkeypatch, verify_destination=VerifyDestination.LOG
+        H2Server, tmp_path, monkeypatch, verify_destination=VERIFYING[where]
     ) as proxy:
         with way_up_broken(proxy, where), caplog.at_level(logging.WARNING):
             client = await connect_h2(proxy)

@@ -666,23 +666,17 @@ def test_http_connection_is_accounted_per_request(
 def test_destination_mismatch_counted_by_mode(
     registry: CollectorRegistry, metrics: Metrics
 ) -> None:
-    index = policy(EVERY_ROUTE_KIND)
-    enforced = connection(index, Detected.TLS, 443, "httpbin.org", error="destination_mismatch")
-    enforced.destination_mismatch = "enforce"
-    whole_connection(metrics, enforced)
-    refused = request(index, "httpbin.org", "/get", status=421, error="destination_mismatch")
-    refused.destination_mismatch = "enforce"
-    metrics.request_finished(refused)
-    logged = request(index, "httpbin.org", "/get", status=200)
-    logged.destination_mismatch = "log"
-    metrics.request_finished(logged)
+    metrics.destination_unconfirmed("destination_mismatch", "httpbin.org", "enforce", 1)
+    metrics.destination_unconfirmed("destination_mismatch", "httpbin.org", "enforce", 1)
+    metrics.destination_unconfirmed("destination_mismatch", "httpbin.org", "log", 3)
     samples = scrape(registry)
     assert unordered(samples["egress_destination_mismatch_total"]) == unordered(
         [
             ({"hostname": "httpbin.org", "mode": "enforce"}, 2),
-            ({"hostname": "httpbin.org", "mode": "log"}, 1),
+            ({"hostname": "httpbin.org", "mode": "log"}, 3),
         ]
     )
+    assert "egress_destination_unverified_total" not in samples
 
 
 def test_destination_unverified_counted_by_mode_with_hostnames_capped(
@@ -691,14 +685,9 @@ def test_destination_unverified_counted_by_mode_with_hostnames_capped(
     """No answer from the resolver has a counter of its own, never the mismatch one; its
     hostname label is capped as every other is."""
     metrics = Metrics(registry, max_hostnames=1)
-    index = policy(EVERY_ROUTE_KIND)
-    enforced = connection(index, Detected.TLS, 443, "httpbin.org", error="dns_error")
-    enforced.destination_unverified = "enforce"
-    whole_connection(metrics, enforced)
+    metrics.destination_unconfirmed("dns_error", "httpbin.org", "enforce", 1)
     for hostname in ("httpbin.org", "example.org"):
-        logged = request(index, hostname, "/get", status=200)
-        logged.destination_unverified = "log"
-        metrics.request_finished(logged)
+        metrics.destination_unconfirmed("dns_error", hostname, "log", 1)
     samples = scrape(registry)
     assert unordered(samples["egress_destination_unverified_total"]) == unordered(
         [
@@ -879,10 +868,10 @@ def every_kind_of_traffic(metrics: Metrics) -> None:
     whole_connection(metrics, connection(index, Detected.TLS, 443, "httpbin.org"))
     whole_connection(metrics, connection(index, Detected.OPAQUE, 5432, received=3))
     mismatch = connection(index, Detected.TLS, 443, "httpbin.org", error="destination_mismatch")
-    mismatch.destination_mismatch = "enforce"
+    metrics.destination_unconfirmed("destination_mismatch", "httpbin.org", "enforce", 1)
     whole_connection(metrics, mismatch)
     unverified = connection(index, Detected.TLS, 443, "httpbin.org", error="dns_error")
-    unverified.destination_unverified = "enforce"
+    metrics.destination_unconfirmed("dns_error", "httpbin.org", "enforce", 1)
     whole_connection(metrics, unverified)
     whole_connection(metrics, FlowRecord(client=CLIENT, error="loop"))
     whole_connection(metrics, FlowRecord(client=CLIENT, error="original_dst_failed"))

@@ -14,10 +14,10 @@ from egressproxy.accesslog import decision_word
 from egressproxy.policy.decision import IPAddress
 from egressproxy.settings import EchPolicy, VerifyDestination
 from egressproxy.verify import Resolver
-from tests.e2e.http_servers import h1
+from tests.e2e.http_servers import H2Server, h1
 from tests.unit.http_harness import ALLOW_ALL, LoopbackProxy, echo, proxy_to_origin
 from tests.unit.test_http1_proxy import read_response
-from tests.unit.test_http2_proxy import connect_h2
+from tests.unit.test_http2_proxy import connect_h2, proxy_to_h2_origin
 from tests.unit.test_sniff_tls import client_hello, extension, frame, sni_extension
 
 TIMEOUT = 5.0
@@ -110,6 +110,67 @@ async def test_a_connection_aborted_while_verifying_is_finished_once(
     assert [flow.error for flow in proxy.ledger.flows] == ["drain"]
 
 
+class HeldElsewhere(HeldResolver):
+    """Every name resolves to an address that is not the loopback origin's, once `release`
+    is set."""
+
+    async def _lookup(self, hostname: str) -> frozenset[IPAddress]:
+        await super()._lookup(hostname)
+        return frozenset({ipaddress.ip_address("203.0.113.99")})
+
+
+async def served_while_held(proxy: LoopbackProxy, kind: str) -> None:
+    """One TLS connection spliced, or one HTTP/1 or h2 request answered, for slow.test."""
+    if kind == "h2":
+        client = await connect_h2(proxy)
+        answer = client.request("GET", "/a", authority="slow.test")
+        await asyncio.wait_for(answer.done.wait(), LOOKUP_HELD)
+        assert answer.headers[":status"] == "200"
+        client.transport.close()
+        return
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    if kind == "tls":
+        writer.write(HELLO)
+        assert await asyncio.wait_for(reader.readexactly(len(HELLO)), LOOKUP_HELD) == HELLO
+    else:
+        writer.write(b"GET /a HTTP/1.1\r\nHost: slow.test\r\n\r\n")
+        assert (await asyncio.wait_for(read_response(reader), LOOKUP_HELD))[0] == 200
+    writer.close()
+
+
+LOOKUP_HELD = 2.0
+"""How long the tests below hold a lookup: less than the resolver's timeout (5 s), so
+traffic that waited for the answer would not be served within it."""
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["tls", "http1", "h2"])
+async def test_log_serves_the_traffic_while_the_lookup_is_under_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """--verify-destination log observes: two clients' traffic for a name whose lookup has
+    not answered goes on at once, and when the answer comes (elsewhere) one lookup counts
+    both as mismatches. Enforce waits for it (test_a_client_leaving_during_a_shared_lookup…)."""
+    resolver = HeldElsewhere()
+    log = VerifyDestination.LOG
+    if kind == "h2":
+        serving = proxy_to_h2_origin(H2Server, tmp_path, monkeypatch, verify_destination=log)
+    else:
+        handler = echo if kind == "tls" else h1
+        serving = proxy_to_origin(handler, tmp_path, monkeypatch, ALLOW_ALL, verify_destination=log)
+    async with serving as proxy:
+        proxy.context.resolver = resolver
+        for _ in range(2):
+            await served_while_held(proxy, kind)
+        assert proxy.ledger.unconfirmed == []
+        resolver.release.set()
+        await proxy.wait_unconfirmed(1)
+        await proxy.wait_closed_flows(2)
+    assert resolver.lookups == ["slow.test"]
+    assert proxy.ledger.unconfirmed == [("destination_mismatch", "slow.test", "log", 2)]
+    assert [flow.error for flow in proxy.ledger.flows] == ["", ""]
+
+
 AUDITED_ENFORCED = """\
 apiVersion: egressproxy.io/v1alpha1
 kind: EgressPolicy
@@ -138,19 +199,28 @@ async def test_an_audited_network_lets_a_mismatch_pass_and_logs_it(
         for host in ("allowed.example", "other.example"):
             writer.write(f"GET /a HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
             assert (await asyncio.wait_for(read_response(reader), TIMEOUT))[0] == 200, host
+        await proxy.wait_unconfirmed(2)
         writer.close()
         await proxy.wait_closed_flows(1)
-    requests = [(r.hostname, r.destination_mismatch, r.error) for r in proxy.ledger.requests]
-    assert requests == [("allowed.example", "log", ""), ("other.example", "log", "")]
+    assert [(r.hostname, r.error) for r in proxy.ledger.requests] == [
+        ("allowed.example", ""),
+        ("other.example", ""),
+    ]
+    assert proxy.ledger.unconfirmed == [
+        ("destination_mismatch", "allowed.example", "log", 1),
+        ("destination_mismatch", "other.example", "log", 1),
+    ]
     async with proxy_to_origin(echo, tmp_path, monkeypatch, AUDITED_ENFORCED) as proxy:
         proxy.context.resolver = Elsewhere()
         hello = frame(client_hello([sni_extension(b"allowed.example")]))
         reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
         writer.write(hello)
         assert await asyncio.wait_for(reader.readexactly(len(hello)), TIMEOUT) == hello
+        await proxy.wait_unconfirmed(1)
         writer.close()
         await proxy.wait_closed_flows(1)
-    assert [(f.destination_mismatch, f.error) for f in proxy.ledger.flows] == [("log", "")]
+    assert [flow.error for flow in proxy.ledger.flows] == [""]
+    assert proxy.ledger.unconfirmed == [("destination_mismatch", "allowed.example", "log", 1)]
 
 
 UNCOVERED = """\
