@@ -211,9 +211,15 @@ async def serve(
     """Run one worker until SIGTERM, then drain. A worker of --workers (policy_feed: the
     pipe its supervisor sends policies down) neither reads the file nor reloads on SIGHUP."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
+
+    def stop_signal() -> None:
+        """The first SIGTERM or SIGINT drains; another ends the drain at once (an
+        operator's second Ctrl-C, a second `kill`: through the supervisor too)."""
+        (hurry if stop.is_set() else stop).set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, stop_signal)
     if policy_feed is None:
         loop.add_signal_handler(signal.SIGHUP, store.request_reload)
         watcher = loop.create_task(store.watch(), name="policy watch")
@@ -246,7 +252,7 @@ async def serve(
         flow.drain()
     log.info("draining %d open connections (up to %ss)", len(open_flows), settings.drain_timeout)
     acceptor.close()
-    await drain(open_flows, settings.drain_timeout)
+    await drain(open_flows, settings.drain_timeout, hurry)
     watcher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await watcher
@@ -378,12 +384,15 @@ class Acceptor:
             sock.close()
 
 
-async def drain(open_flows: OpenFlows, timeout: float) -> None:
-    """Let open connections finish; cut whatever is left when the time is up."""
+async def drain(open_flows: OpenFlows, timeout: float, hurry: asyncio.Event) -> None:
+    """Let open connections finish; cut whatever is left when the time is up, or at once
+    when hurried."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while open_flows and loop.time() < deadline:
+    while open_flows and loop.time() < deadline and not hurry.is_set():
         await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+    if open_flows and hurry.is_set():
+        log.info("stopping now: cutting %d open connections", len(open_flows))
     for flow in list(open_flows.flows):
         flow.abort()
     await asyncio.sleep(0)

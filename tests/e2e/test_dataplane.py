@@ -460,6 +460,24 @@ def test_sigterm_drains_a_transfer_and_exits_0(world: World, proxy: StartProxy) 
     assert running.wait(10.0) == 0
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_second_sigterm_ends_the_drain_at_once(
+    world: World, proxy: StartProxy, workers: int
+) -> None:
+    """An idle connection holds the drain (30 s by default); a second SIGTERM, sent to the
+    supervisor of --workers 2 too, cuts it and the proxy exits 0 without waiting it out."""
+    running = proxy(None, "--workers", str(workers))
+    with world.connect(world.host("httpbin.org").v4, servers.ECHO_PORT) as sock:
+        assert echo_once(sock, b"\x00before") == b"\x00before"
+        running.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert running.returncode is None and running.admin_get("/ready")[0] == 503
+        assert echo_once(sock, b"draining") == b"draining"
+        running.send_signal(signal.SIGTERM)
+        assert running.wait(10.0) == 0
+        assert bytes_before_close(sock, timeout=5.0) == b""
+
+
 @pytest.mark.parametrize("address", ["127.0.0.1", "::1"])
 def test_direct_connection_to_the_listener_is_closed(
     world: World, proxy: StartProxy, address: str
