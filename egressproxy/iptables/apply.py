@@ -425,13 +425,14 @@ def main(action: str, options: Options, dry_run: bool) -> int:
             validate(options)
             if options.proxy_uid == 0:
                 print(f"egressproxy iptables install: {ROOT_RETURNED}", file=sys.stderr)
+            conflict = read_source_ports_conflict() if options.mode == SIDECAR else ""
             if dry_run:
                 print_install(options)
+                if conflict:  # the rules are shown, and why they would not be installed
+                    raise ApplyError(f"install would refuse: {conflict}")
                 return 0
-            if options.mode == SIDECAR:
-                conflict = read_source_ports_conflict()
-                if conflict:
-                    raise ApplyError(conflict)
+            if conflict:
+                raise ApplyError(conflict)
         backend = detect_backend()
         chosen = families(backend, options.ipv6, capturing=action == "install")
         if action == "show":

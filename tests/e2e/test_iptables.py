@@ -592,11 +592,16 @@ def test_uninstall_after_install_mended_a_flushed_jump_turns_forwarding_off(lab:
 
 def test_sidecar_install_refuses_ephemeral_ports_that_overlap_the_proxy_ports(lab: Lab) -> None:
     """Workload connections drawing ports from the proxy's source ports could share a
-    conntrack tuple with the proxy's: install says so and how to fix it, and installs
-    once the ports are reserved."""
+    conntrack tuple with the proxy's: install says so and how to fix it (a dry run too,
+    after the rules it shows), and installs once the ports are reserved."""
     app = lab.namespace()
     before = saved_rules(app)
     run("ip", "netns", "exec", app, "sysctl", "-qw", "net.ipv4.ip_local_port_range=10000 60999")
+    dry = egressproxy(app, "install", f"--proxy-uid={PROXY_UID}", "--dry-run")
+    assert dry.returncode == 1
+    assert "-j EGRESSPROXY_OUTPUT" in dry.stdout
+    assert "install would refuse: the proxy's source ports 16384-32767 overlap" in dry.stderr
+    assert "net.ipv4.ip_local_reserved_ports=16384-32767" in dry.stderr
     refused = egressproxy(app, "install", f"--proxy-uid={PROXY_UID}")
     assert refused.returncode == 1
     assert "net.ipv4.ip_local_reserved_ports=16384-32767" in refused.stderr
