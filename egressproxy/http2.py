@@ -844,10 +844,10 @@ class H2Proxy(asyncio.Protocol):
             return
         if head_size(headers) > self.settings.max_header_bytes:
             text = "request header fields too large"
-            self._local_answer(stream, 431, text, "header_too_large")
+            self._answer(stream, 431, text, "header_too_large")
             return
         if bad_request:
-            self._local_answer(stream, 400, f"bad request: {bad_request}", "bad_request")
+            self._answer(stream, 400, f"bad request: {bad_request}", "bad_request")
             return
         if decision.action is Action.DENY:
             if not decision.audit:
@@ -905,8 +905,9 @@ class H2Proxy(asyncio.Protocol):
         self._answer(stream, 403, DENIED_BODY, "")
 
     def _answer(self, stream: _Stream, status: int, text: str, error: str) -> None:
-        """The proxy's own answer for a cause of HTTP status 403, 421, 502 or 504: to a gRPC
-        call the trailers-only form of the same cause, to anything else that status."""
+        """The proxy's own answer for a cause of HTTP status 400, 403, 421, 431, 502 or 504:
+        to a gRPC call the trailers-only form of the same cause, to anything else that
+        status."""
         if stream.record.grpc:
             self._grpc_answer(stream, status, text, error)
         else:

@@ -11,16 +11,22 @@ from egressproxy.errors import DNS_ERROR
 from egressproxy.policy.decision import Decision, Destination, Detected, RouteProtocol
 
 GRPC_PERMISSION_DENIED = 7
+GRPC_RESOURCE_EXHAUSTED = 8
+GRPC_INTERNAL = 13
 GRPC_UNAVAILABLE = 14
 GRPC_CODE_OF_ANSWER = {
+    400: GRPC_INTERNAL,
     403: GRPC_PERMISSION_DENIED,
     421: GRPC_PERMISSION_DENIED,
+    431: GRPC_RESOURCE_EXHAUSTED,
     502: GRPC_UNAVAILABLE,
     504: GRPC_UNAVAILABLE,
 }
 """The proxy's own HTTP answers, each with the code a gRPC client gets for the same cause:
 a deny (or a destination mismatch) PERMISSION_DENIED, an unreachable upstream UNAVAILABLE,
-a timeout too (INTERFACE §3 gives gRPC one answer, grpc-status 14, for both)."""
+a timeout too (INTERFACE §3 gives gRPC one answer, grpc-status 14, for both); a request
+it cannot read INTERNAL (as gRPC maps an HTTP 400), metadata past --max-header-bytes
+RESOURCE_EXHAUSTED (as gRPC servers answer it)."""
 
 
 def grpc_code_of_answer(status: int, error: str) -> int | None:

@@ -308,15 +308,17 @@ def grpc_server(address: str) -> tuple[Any, int]:
     return server, port
 
 
-def grpc_call(target: str, method: str, payload: bytes) -> dict[str, Any]:
-    """One unary call on a fresh channel: {"code": name, "response": text or None}."""
+def grpc_call(target: str, method: str, payload: bytes, metadata_bytes: int = 0) -> dict[str, Any]:
+    """One unary call on a fresh channel (with metadata_bytes of metadata, if any):
+    {"code": name, "response": text or None}."""
     import grpc
 
     options = [("grpc.use_local_subchannel_pool", 1)]
+    metadata = [("x-big", "a" * metadata_bytes)] if metadata_bytes else None
     with grpc.insecure_channel(target, options=options) as channel:
         try:
             call: Any = channel.unary_unary(method)
-            response: bytes = call(payload, timeout=10)
+            response: bytes = call(payload, timeout=10, metadata=metadata)
         except grpc.RpcError as error:
             return {"code": error.code().name, "response": None}
     return {"code": "OK", "response": response.decode("latin-1")}
@@ -362,10 +364,11 @@ def main() -> None:
         metavar=("TARGET", "METHOD", "PAYLOAD"),
         help="be a gRPC client instead: one call, its outcome as JSON",
     )
+    parser.add_argument("--metadata-bytes", type=int, default=0, help="with --call")
     args = parser.parse_args()
     if args.call:
         target, method, payload = args.call
-        print(json.dumps(grpc_call(target, method, payload.encode())))
+        print(json.dumps(grpc_call(target, method, payload.encode(), args.metadata_bytes)))
         return
     if None in (args.h1, args.h2, args.grpc):
         parser.error("--h1, --h2 and --grpc are required to serve")

@@ -1030,7 +1030,12 @@ def test_curl_http2_prior_knowledge(world: World, proxy: StartProxy, http_server
 
 
 def grpc_call(
-    world: World, method: str, payload: str, port: int = GRPC_PORT, host: str = "example.test"
+    world: World,
+    method: str,
+    payload: str,
+    port: int = GRPC_PORT,
+    host: str = "example.test",
+    metadata_bytes: int = 0,
 ) -> dict[str, Any]:
     result = world.run(
         [
@@ -1042,6 +1047,8 @@ def grpc_call(
             f"{host}:{port}",
             method,
             payload,
+            "--metadata-bytes",
+            str(metadata_bytes),
         ],
         timeout=20,
     )
@@ -1075,6 +1082,26 @@ def test_grpcio_allowed_and_denied(world: World, proxy: StartProxy, http_servers
         )
         == 1
     )
+
+
+def test_grpcio_metadata_past_max_header_bytes_is_resource_exhausted(
+    world: World, proxy: StartProxy, http_servers: None
+) -> None:
+    """grpcio's call with metadata past --max-header-bytes gets RESOURCE_EXHAUSTED, as from
+    a gRPC server, not an HTTP 431 it would report as UNKNOWN; the next call goes through."""
+    run_proxy(proxy, GRPC_POLICY.format(port=GRPC_PORT), "--max-header-bytes", "4096")
+    big = grpc_call(world, "/test.Echo/Echo", "x", metadata_bytes=6000)
+    assert big == {"code": "RESOURCE_EXHAUSTED", "response": None}
+    assert grpc_call(world, "/test.Echo/Echo", "y") == {"code": "OK", "response": "y"}
+    text = metrics_text(world)
+    exhausted = metric(
+        text,
+        "outbound_grpc_route_request_statuses_total",
+        route_name="echo-only",
+        grpc_status="RESOURCE_EXHAUSTED",
+        error="header_too_large",
+    )
+    assert exhausted == 1
 
 
 NATIVE_GRPC_BESIDE_A_HOST_DENY = """\

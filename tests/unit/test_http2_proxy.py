@@ -1126,6 +1126,46 @@ async def test_a_request_head_over_max_header_bytes_gets_431_on_its_stream(
     assert outcomes == [("/big", 431, "header_too_large")] * 2 + [("/after", 200, "")]
 
 
+@pytest.mark.asyncio
+async def test_grpc_calls_refused_for_their_head_get_grpc_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gRPC call whose metadata is past --max-header-bytes, or whose :authority is no
+    host[:port], is answered as a gRPC server would (trailers-only, RESOURCE_EXHAUSTED and
+    INTERNAL), not with an HTTP 431 or 400 a gRPC client reports as UNKNOWN or INTERNAL
+    without the reason; the connection serves on."""
+    grpc_call = {"content-type": "application/grpc", "te": "trailers"}
+    async with proxy_to_h2_origin(H2Server, tmp_path, monkeypatch, max_header_bytes=4096) as proxy:
+        client = await connect_h2(proxy)
+        calls = [
+            client.request(
+                "POST", "/test.Echo/Echo", b"\0\0\0\0\0", {**grpc_call, "x-big": "a" * 8000}
+            ),
+            client.request("POST", "/test.Echo/Echo", b"\0\0\0\0\0", grpc_call, "x.test:80:80"),
+            client.request("GET", "/after"),
+        ]
+        async with asyncio.timeout(TIMEOUT):
+            for call in calls:
+                await call.done.wait()
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
+    wire = [
+        (call.headers[":status"], call.headers.get("grpc-status"), call.headers.get("grpc-message"))
+        for call in calls
+    ]
+    assert wire == [
+        ("200", "8", "request%20header%20fields%20too%20large"),
+        ("200", "13", "bad%20request:%20malformed%20:authority"),
+        ("200", None, None),
+    ]
+    outcomes = [(r.path, r.status, r.grpc_status, r.error) for r in proxy.ledger.requests]
+    assert outcomes == [
+        ("/test.Echo/Echo", 431, 8, "header_too_large"),
+        ("/test.Echo/Echo", 400, 13, "bad_request"),
+        ("/after", 200, None, ""),
+    ]
+
+
 class LargeHeadH2Origin(SlowH2Origin):
     """Answers a stream asking `x-head-bytes: N` after DELAY with a response head of N bytes
     or more (one header of N bytes, then `x-indexed: kept`, which HPACK then indexes) and no
