@@ -301,7 +301,9 @@ class CompiledHttpMatch:
         self.headers = tuple(CompiledValueMatch(header) for header in match.headers)
         self.query = tuple(CompiledValueMatch(param) for param in match.query)
         self.rest = (self.method is not None, len(self.headers), len(self.query))
-        length = len(self.prefix)  # Linkerd's: `/foo/` is no longer a prefix than `/foo`
+        # linkerd2-proxy's lengths: `/foo/` is no longer a prefix than `/foo`, and `/` (also
+        # a match without a path) is one character, which ties a RegularExpression on `/`
+        length = 1 if self.path_kind == MatchKind.PREFIX and value == "/" else len(self.prefix)
         self.score = (self.exact_path, length, *self.rest)
         """The score of a match on any path; a RegularExpression's is score_for(path)'s."""
 

@@ -468,6 +468,22 @@ def test_a_trailing_slash_does_not_lengthen_a_prefix() -> None:
     assert request(index, "/foo") == "a-old"
 
 
+def test_a_root_prefix_is_one_character_long() -> None:
+    """linkerd2-proxy counts a PathPrefix of `/` (and a rule without matches) as one
+    character matched, so on `/` it ties a RegularExpression and the older route wins."""
+    old = "  creationTimestamp: '2024-01-01T00:00:00Z'"
+    new = "  creationTimestamp: '2024-06-01T00:00:00Z'"
+    regex = "  - matches:\n    - path: {type: RegularExpression, value: '/.*'}\n"
+    for root in ("  - matches:\n    - path: {type: PathPrefix, value: /}\n", "  - {}\n"):
+        routes = [
+            http_route("b-regex", regex, extra=new),
+            http_route("a-root", root, extra=old),
+        ]
+        index = compiled("---".join([DENY_NET, *routes]))
+        assert request(index, "/") == "a-root"
+        assert request(index, "/x") == "b-regex"
+
+
 def test_a_method_match_is_exact() -> None:
     """linkerd2-proxy compares methods exactly: `get` is not GET."""
     get = http_route("get", "  - matches:\n    - method: GET\n")
