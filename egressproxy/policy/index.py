@@ -1,7 +1,7 @@
 """The model compiled once into lookup tables, so a decision costs O(labels), not O(rules).
 
 Networks sit in a CIDR table keyed by prefix length (at most 33 or 129 dict
-probes, most specific first). Each network has a table per port; each port
+probes, longest first). Each network has a table per port; each port
 holds routes by family in host tables: an exact-host dict, a reversed-label
 wildcard trie (most specific suffix first) and the routes without hostnames.
 Only the routes at the best hostname level are evaluated against a request.
@@ -502,40 +502,84 @@ class CompiledNetwork:
         return self.ports.get(port, self.every_port)
 
 
+def linkerd_size(network: IPNetwork) -> int:
+    """How many addresses Linkerd counts in a block (ipnet's hosts(): an IPv4 block larger
+    than /31 without its network and broadcast addresses)."""
+    if network.version == 4 and network.prefixlen < 31:
+        return network.num_addresses - 2
+    return network.num_addresses
+
+
+def range_size(cidr: CidrRange) -> int:
+    """Linkerd's Network::block_size: the cidr's addresses less its exceptions'."""
+    return linkerd_size(cidr.cidr) - sum(linkerd_size(excepted) for excepted in cidr.excepts)
+
+
 @dataclass(frozen=True)
 class CidrEntry:
+    size: int
+    """Its addresses as Linkerd counts them: the smaller entry wins."""
     key: tuple[object, ...]
+    """Its network's age and name: the older wins a tie."""
     cidr: CidrRange
     network: CompiledNetwork
 
 
+@dataclass(frozen=True)
+class PrefixLevel:
+    """One prefix length of one address family, and the smallest entry size at it or at
+    any shorter length: once a covering entry is smaller, no shorter prefix can win."""
+
+    length: int
+    entries: dict[int, list[CidrEntry]]
+    """By network address."""
+    smallest_from_here: int
+
+
 class CidrTable:
-    """Networks by prefix length: smallest matching CIDR first, then oldest, then name."""
+    """Networks as Linkerd picks one (resolve_egress_network): of the entries covering an
+    address, the smallest (its cidr's addresses less its exceptions'), then the oldest
+    network, then namespace/name. Probed by prefix length, longest first, so a lookup costs
+    at most 33 or 129 dict probes, and mostly stops at the first covering entry."""
 
-    def __init__(self) -> None:
-        self.by_length: dict[int, dict[tuple[int, int], list[CidrEntry]]] = {}
-        self.lengths: list[int] = []
-
-    def add(self, cidr: CidrRange, network: CompiledNetwork) -> None:
-        net = network.network
-        key = age_key(net.created, net.order, net.id.namespace, net.id.name)
-        slot = (cidr.cidr.version, int(cidr.cidr.network_address))
-        by_address = self.by_length.setdefault(cidr.cidr.prefixlen, {})
-        by_address.setdefault(slot, []).append(CidrEntry(key, cidr, network))
-        by_address[slot].sort(key=lambda entry: entry.key)
-        self.lengths = sorted(self.by_length, reverse=True)
+    def __init__(self, entries: Sequence[tuple[CidrRange, CompiledNetwork]]) -> None:
+        by_length: dict[tuple[int, int], dict[int, list[CidrEntry]]] = {}
+        for cidr, network in entries:
+            net = network.network
+            key = age_key(net.created, net.order, net.id.namespace, net.id.name)
+            level = by_length.setdefault((cidr.cidr.version, cidr.cidr.prefixlen), {})
+            level.setdefault(int(cidr.cidr.network_address), []).append(
+                CidrEntry(range_size(cidr), key, cidr, network)
+            )
+        self.levels: dict[int, tuple[PrefixLevel, ...]] = {}
+        for version in (4, 6):
+            lengths = sorted((n for v, n in by_length if v == version), reverse=True)
+            smallest = [
+                min(entry.size for same in by_length[version, n].values() for entry in same)
+                for n in lengths
+            ]
+            levels = []
+            for position, length in enumerate(lengths):
+                by_address = by_length[version, length]
+                for same in by_address.values():
+                    same.sort(key=lambda entry: (entry.size, entry.key))
+                levels.append(PrefixLevel(length, by_address, min(smallest[position:])))
+            self.levels[version] = tuple(levels)
 
     def lookup(self, address: IPAddress) -> CompiledNetwork | None:
         bits = address.max_prefixlen
         value = int(address)
-        for length in self.lengths:
-            if length > bits:
-                continue
-            masked = value >> (bits - length) << (bits - length)
-            for entry in self.by_length[length].get((address.version, masked), ()):
+        best: CidrEntry | None = None
+        for level in self.levels[address.version]:
+            if best is not None and best.size < level.smallest_from_here:
+                break
+            masked = value >> (bits - level.length) << (bits - level.length)
+            for entry in level.entries.get(masked, ()):
                 if entry.cidr.covers(address):
-                    return entry.network
-        return None
+                    if best is None or (entry.size, entry.key) < (best.size, best.key):
+                        best = entry
+                    break
+        return best.network if best is not None else None
 
 
 def default_ranges(settings: Settings) -> tuple[CidrRange, ...]:
@@ -628,14 +672,14 @@ class PolicyIndex:
         )
         """Whether a rule reads a request's query: if none does, two requests that differ in
         their query alone have one decision (a client's requests often do)."""
-        self.cidrs = CidrTable()
         self.compiled: dict[NetworkId, CompiledNetwork] = {}
+        covered: list[tuple[CidrRange, CompiledNetwork]] = []
         for network in networks_in_scope(model.networks, settings):
             compiled = CompiledNetwork(network, audit=network.audit or settings.audit)
             self.compiled[network.id] = compiled
             ranges = network.ranges if network.ranges is not None else default_ranges(settings)
-            for cidr in ranges:
-                self.cidrs.add(cidr, compiled)
+            covered.extend((cidr, compiled) for cidr in ranges)
+        self.cidrs = CidrTable(covered)
         routes = sorted(
             (route for route in model.routes if client_matches(route.clients, settings)),
             key=route_age,

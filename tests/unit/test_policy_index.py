@@ -58,7 +58,7 @@ def test_host_table_remembers_levels_within_bounds_and_forgets_them_on_add() -> 
     assert len(table._levels) <= MAX_MEMOISED_LEVELS
 
 
-def network(name: str) -> CompiledNetwork:
+def network(name: str, order: int = 0) -> CompiledNetwork:
     return CompiledNetwork(
         Network(
             id=NetworkId("g", "K", "ns", name),
@@ -68,22 +68,77 @@ def network(name: str) -> CompiledNetwork:
             audit=False,
             verify_destination=None,
             created=None,
-            order=0,
+            order=order,
             origin=Origin("f", 1),
         ),
         audit=False,
     )
 
 
+def cidr(text: str, *excepts: str) -> CidrRange:
+    return CidrRange(ipaddress.ip_network(text), tuple(map(ipaddress.ip_network, excepts)))
+
+
 def test_cidr_table_v4_and_v6() -> None:
-    table = CidrTable()
     v4, v6 = network("v4"), network("v6")
-    table.add(CidrRange(ipaddress.ip_network("198.51.100.0/24")), v4)
-    table.add(CidrRange(ipaddress.ip_network("2001:db8::/32")), v6)
+    table = CidrTable([(cidr("198.51.100.0/24"), v4), (cidr("2001:db8::/32"), v6)])
     assert table.lookup(ipaddress.ip_address("198.51.100.255")) is v4
     assert table.lookup(ipaddress.ip_address("2001:db8::1")) is v6
     assert table.lookup(ipaddress.ip_address("::ffff:198.51.100.1")) is None
     assert table.lookup(ipaddress.ip_address("192.0.2.1")) is None
+
+
+def test_the_network_with_fewest_addresses_wins_as_linkerd_counts_them() -> None:
+    """Linkerd's Network::block_size: a cidr's hosts (an IPv4 block above /31 without its
+    network and broadcast addresses) less its exceptions', not its prefix length."""
+    carved, slash18 = network("carved"), network("slash18", order=1)
+    table = CidrTable(
+        [
+            (cidr("198.51.0.0/16", "198.51.0.0/17", "198.51.128.0/18", "198.51.192.0/19"), carved),
+            (cidr("198.51.192.0/18"), slash18),
+        ]
+    )
+    assert table.lookup(ipaddress.ip_address("198.51.224.5")) is carved, "8,196 < 16,382"
+    assert table.lookup(ipaddress.ip_address("198.51.200.5")) is slash18, "carved excepts it"
+    older_30, newer_31 = network("older-30"), network("newer-31", order=1)
+    table = CidrTable([(cidr("192.0.2.0/30"), older_30), (cidr("192.0.2.0/31"), newer_31)])
+    assert table.lookup(ipaddress.ip_address("192.0.2.1")) is older_30, "2 and 2: the older"
+    assert table.lookup(ipaddress.ip_address("192.0.2.2")) is older_30
+
+
+V4_BLOCKS = st.builds(
+    lambda address, length: ipaddress.ip_network((address & ~((1 << (32 - length)) - 1), length)),
+    st.integers(0xC0000200, 0xC00002FF),
+    st.integers(24, 32),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(V4_BLOCKS, st.lists(V4_BLOCKS, max_size=2)), min_size=1, max_size=8),
+    st.integers(0xC0000200, 0xC00002FF),
+)
+def test_cidr_table_picks_what_a_scan_of_every_entry_picks(
+    blocks: list[tuple[ipaddress.IPv4Network, list[ipaddress.IPv4Network]]], address: int
+) -> None:
+    """Whatever the prefixes and exceptions: the smallest covering entry as Linkerd counts
+    it, then the older network, exactly as comparing every entry finds it."""
+    entries = [
+        (CidrRange(block, tuple(e for e in excepts if e.subnet_of(block) and e != block)), net)
+        for order, (block, excepts) in enumerate(blocks)
+        for net in [network(f"n{order}", order)]
+    ]
+    target = ipaddress.ip_address(address)
+
+    def size(entry: CidrRange) -> int:
+        def hosts(block: ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:
+            return block.num_addresses - (2 if block.prefixlen < 31 else 0)
+
+        return hosts(entry.cidr) - sum(hosts(excepted) for excepted in entry.excepts)
+
+    covering = [(size(c), n.network.order, n) for c, n in entries if c.covers(target)]
+    expected = min(covering, key=lambda found: found[:2])[2] if covering else None
+    assert CidrTable(entries).lookup(target) is expected
 
 
 def test_default_network_excludes_cluster_networks_per_family() -> None:
