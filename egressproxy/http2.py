@@ -1229,7 +1229,7 @@ class H2Proxy(asyncio.Protocol):
         except h2.exceptions.ProtocolError as error:
             log.info("%s: bad h2 from %s:%s: %s", self.flow.record.client, *upstream.key, error)
             upstream.flush()
-            upstream.fail("bad_response")
+            self._cut_upstream(upstream, "bad_response")
             return
         for event in events:
             self._upstream_event(upstream, event)
@@ -1237,7 +1237,7 @@ class H2Proxy(asyncio.Protocol):
             log.warning(
                 "%s: h2 PING/SETTINGS flood from %s:%s", self.flow.record.client, *upstream.key
             )
-            upstream.fail("flood")
+            self._cut_upstream(upstream, "flood")
             return
         for goaway in goaways:
             self._upstream_goaway(upstream, goaway.last_stream_id)
@@ -1488,6 +1488,13 @@ class H2Proxy(asyncio.Protocol):
                 self.transport.pause_reading()
             else:
                 self.transport.resume_reading()
+
+    def _cut_upstream(self, upstream: _Upstream, failure: str) -> None:
+        """h2 has closed the upstream's connection: it is lost now, not when its transport
+        says so on a later turn of the loop, so that no client frame read meanwhile is
+        sent to it (h2 would refuse that with a ProtocolError)."""
+        upstream.fail(failure)
+        self.upstream_lost(upstream, failure)
 
     def upstream_lost(self, upstream: _Upstream, error: str) -> None:
         self.upstream_full(upstream, False)

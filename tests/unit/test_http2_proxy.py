@@ -607,10 +607,10 @@ BAD_PING = b"\x00\x00\x03\x06\x00\x00\x00\x00\x00abc"
 async def test_a_client_reset_on_a_failed_upstream_ends_only_its_stream(
     slow_h2: LoopbackProxy,
 ) -> None:
-    """An upstream that broke the protocol is cut, and its connection_lost comes on a later
-    turn of the loop; h2 refuses every frame to it from the error on. A client's
-    RST_STREAM read on the same turn, for a stream on that upstream, ends that stream: it
-    must not raise out of data_received and take the client's connection down with it."""
+    """An upstream that broke the protocol is cut, and h2 refuses every frame to it from
+    the error on. A client's RST_STREAM read on the same turn, for a stream on that
+    upstream (already answered 502, as the upstream is lost at once), must not raise out
+    of data_received and take the client's connection down with it."""
     client = await connect_h2(slow_h2)
     client.request("GET", "/first")
     second = client.request("GET", "/second")
@@ -634,7 +634,47 @@ async def test_a_client_reset_on_a_failed_upstream_ends_only_its_stream(
     client.transport.close()
     await slow_h2.wait_closed_flows(1)
     errors = sorted((record.path, record.error) for record in slow_h2.ledger.requests)
-    assert errors == [("/first", "client_reset"), ("/second", "bad_response")]
+    assert errors == [("/first", "bad_response"), ("/second", "bad_response")]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("frame", ["new stream", "body data"])
+async def test_client_frames_read_on_the_turn_an_upstream_fails_do_not_reach_it(
+    slow_h2: LoopbackProxy, frame: str
+) -> None:
+    """An upstream that broke the protocol is lost at once, not on the later turn of the
+    loop its connection_lost comes on: a new stream read on the same turn goes on a new
+    upstream connection, and an upload's next DATA frame is dropped with its stream's 502,
+    instead of reaching the closed h2 connection (a ProtocolError out of data_received
+    would take the client's whole connection down)."""
+    client = await connect_h2(slow_h2)
+    upload_id, upload = client.open_stream("POST", "/upload")
+    handler = await only_handler(slow_h2)
+    async with asyncio.timeout(TIMEOUT):
+        while upload_id not in handler.streams or not handler.streams[upload_id].upstream_id:
+            await asyncio.sleep(0.01)
+    handler.upstream_data(handler.streams[upload_id].upstream, BAD_PING)
+    if frame == "new stream":
+        later_id = client.h2.get_next_available_stream_id()
+        block = [(":method", "GET"), (":scheme", "http"), (":authority", "example.test"),
+                 (":path", "/later")]  # fmt: skip
+        client.h2.send_headers(later_id, block, end_stream=True)
+        later = client.answers[later_id] = Answer()
+    else:
+        client.h2.send_data(upload_id, b"the rest", end_stream=True)
+    handler.data_received(client.h2.data_to_send())
+    async with asyncio.timeout(TIMEOUT):
+        await upload.done.wait()
+        if frame == "new stream":
+            await later.done.wait()
+    assert upload.headers[":status"] == "502"
+    if frame == "new stream":
+        assert (later.headers[":status"], bytes(later.body)) == ("200", b"late")
+    assert not client.lost.is_set(), "the client's connection outlives its upstream"
+    client.transport.close()
+    await slow_h2.wait_closed_flows(1)
+    errors = {record.path: record.error for record in slow_h2.ledger.requests}
+    assert errors["/upload"] == "bad_response"
 
 
 @pytest.mark.asyncio
