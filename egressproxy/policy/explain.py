@@ -114,8 +114,9 @@ def print_summary(model: Model, index: PolicyIndex, settings: Settings, out: Tex
             protocol = (
                 f" ({fixed.value.upper()}, else {fixed.value}-egress-{verdict})" if fixed else ""
             )
+            taken = index.port_kinds.get((network.id, port)) if port is not None else None
             labels = "; ".join(
-                route_label(route, fixed) + consumer_note(route, network, settings)
+                route_label(route, taken) + consumer_note(route, network, settings)
                 for route in routes
             )
             print(f"  {where}{protocol}: {labels}", file=out)
@@ -161,17 +162,18 @@ def unmatched_defaults(network: CompiledNetwork, verdict: str) -> str:
     return text
 
 
-def route_label(route: Route, fixed: RouteProtocol | None) -> str:
+def route_label(route: Route, taken: RouteProtocol | None) -> str:
     """A route's kind and name, its hostnames, the protocol of an OSM or native rule, and
-    whether the port's protocol leaves it out (one kind of Gateway API route per port: a
-    GRPCRoute makes the port's HTTPRoutes unused, a TLSRoute its TCPRoutes)."""
+    whether the port's kind of route leaves it out (one kind of Gateway API route per port,
+    whichever namespace the routes are in: a GRPCRoute makes the port's HTTPRoutes unused,
+    a TLSRoute its TCPRoutes)."""
     label = f"{route.ref.kind} {route_name(route.ref)}"
     if route.hostnames:
         label += f" [{', '.join(route.hostnames)}]"
     if not route.fixes_protocol:  # an OSM or native rule: one route per protocol it covers
         label += f" ({route.protocol.value.upper()})"
-    if fixed is not None and route.fixes_protocol and route.protocol is not fixed:
-        label += f" (unused: the port's {fixed.value.upper()} routes take precedence)"
+    if taken is not None and route.fixes_protocol and route.protocol is not taken:
+        label += f" (unused: the port's {taken.value.upper()} routes take precedence)"
     return label
 
 

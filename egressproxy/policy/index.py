@@ -624,6 +624,24 @@ def client_matches(clients: Sequence[ClientRef], settings: Settings) -> bool:
     )
 
 
+def port_kinds(routes: Sequence[Route]) -> dict[tuple[NetworkId, int], RouteProtocol]:
+    """The kind of Gateway API route each network port takes (GEP-1426: GRPCRoute, then
+    HTTPRoute, TLSRoute, TCPRoute), over every route in the file whichever client it
+    serves: Linkerd refuses a route of a lower kind on that port for every client."""
+    kinds: dict[tuple[NetworkId, int], RouteProtocol] = {}
+    for route in routes:
+        if not route.fixes_protocol:
+            continue
+        for attachment in route.attachments:
+            if attachment.port is None:
+                continue
+            port = (attachment.network, attachment.port)
+            known = kinds.get(port)
+            if known is None or FIX_PRIORITY.index(route.protocol) < FIX_PRIORITY.index(known):
+                kinds[port] = route.protocol
+    return kinds
+
+
 def compile_policy(model: Model, settings: Settings) -> PolicyIndex:
     return PolicyIndex(model, settings)
 
@@ -680,6 +698,7 @@ class PolicyIndex:
             ranges = network.ranges if network.ranges is not None else default_ranges(settings)
             covered.extend((cidr, compiled) for cidr in ranges)
         self.cidrs = CidrTable(covered)
+        self.port_kinds = port_kinds(model.routes)
         routes = sorted(
             (route for route in model.routes if client_matches(route.clients, settings)),
             key=route_age,
@@ -693,7 +712,7 @@ class PolicyIndex:
         for route in routes:
             for attachment in route.attachments:
                 target = self.attached_network(route, attachment)
-                if target is None or attachment.port is None:
+                if target is None or attachment.port is None or self.conflicted(route, attachment):
                     continue
                 table = target.ports.setdefault(attachment.port, PortTable())
                 self.add_route(table, route)
@@ -722,6 +741,13 @@ class PolicyIndex:
             return None
         return target
 
+    def conflicted(self, route: Route, attachment: Attachment) -> bool:
+        """Whether Linkerd's status controller refuses the route on this parent and port
+        (RouteReasonConflicted) for a route of a higher kind there, from any namespace."""
+        if not route.fixes_protocol or attachment.port is None:
+            return False
+        return self.port_kinds[attachment.network, attachment.port] is not route.protocol
+
     def applies(self, route: Route) -> bool:
         """Whether the route decides any of this client's traffic."""
         return client_matches(route.clients, self.settings) and any(
@@ -733,10 +759,8 @@ class PolicyIndex:
         if route.envoy_filter_chains:
             table.envoy = True
             table.http_chain = table.http_chain or route.protocol is HTTP_PROTOCOL
-        if route.fixes_protocol:
-            current = FIX_PRIORITY.index(table.fixed) if table.fixed else len(FIX_PRIORITY)
-            if FIX_PRIORITY.index(route.protocol) < current:
-                table.fixed = route.protocol
+        if route.fixes_protocol:  # one kind per port: the others are conflicted
+            table.fixed = route.protocol
         route_key = route_age(route)
         for rule_index, rule in enumerate(route.rules):
             compiled = CompiledRule(

@@ -176,6 +176,44 @@ spec:
     ) in out
 
 
+def test_summary_marks_routes_another_namespaces_route_kind_leaves_unused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A GRPCRoute of team-a on the port conflicts the producer's HTTPRoute for every
+    client (Linkerd's RouteReasonConflicted), team-b's too, which that GRPCRoute does not serve."""
+    conflicted = tmp_path / "conflicted.yaml"
+    conflicted.write_text(
+        """apiVersion: policy.linkerd.io/v1alpha1
+kind: EgressNetwork
+metadata: {namespace: linkerd-egress, name: global}
+spec: {trafficPolicy: Deny}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {namespace: linkerd-egress, name: allow-get}
+spec:
+  parentRefs:
+  - {name: global, kind: EgressNetwork, group: policy.linkerd.io, port: 80}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {namespace: team-a, name: team-a-grpc}
+spec:
+  parentRefs:
+  - {name: global, namespace: linkerd-egress, kind: EgressNetwork, group: policy.linkerd.io,
+     port: 80}
+"""
+    )
+    status, out, _ = check(capsys, conflicted, namespace="team-b")
+    assert status == 0
+    assert (
+        "port 80: HTTPRoute linkerd-egress/allow-get"
+        " (unused: the port's GRPC routes take precedence);"
+        " GRPCRoute team-a/team-a-grpc (not for this client: a route in team-a serves its"
+        " clients only)"
+    ) in out
+
+
 def test_skipped_documents_get_an_info_line_each(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -774,6 +774,35 @@ def test_a_grpc_route_leaves_the_ports_http_routes_unused() -> None:
     )
 
 
+def test_a_grpc_route_of_another_namespace_leaves_the_ports_http_routes_unused_for_all() -> None:
+    """Linkerd's status controller refuses the HTTPRoute (RouteReasonConflicted) for any
+    GRPCRoute on the same network port, whatever its namespace: so for a client the
+    GRPCRoute does not serve, the port has no routes and plain HTTP gets the default."""
+    global_net = network("global", "linkerd-egress", "Deny")
+    producer = (
+        http_route("allow-everything", EVERYTHING)
+        .replace("namespace: egress-test", "namespace: linkerd-egress")
+        .replace("name: all-egress-traffic", "name: global")
+    )
+    consumer = (
+        grpc_route("team-a-grpc", "  - matches:\n    - method: {service: pkg.Svc}\n", port=80)
+        .replace("namespace: egress-test", "namespace: team-a")
+        .replace("{name: all-egress-traffic,", "{name: global, namespace: linkerd-egress,")
+    )
+    text = "---".join([global_net, producer, consumer])
+    team_b = compiled(text, Settings(namespace="team-b"))
+    assert labels(http(team_b, "api.example.com", "/")) == (
+        Action.DENY,
+        RouteProtocol.HTTP,
+        ParentRef("policy.linkerd.io", "EgressNetwork", "linkerd-egress", "global", "80"),
+        default("http-egress-deny"),
+    )
+    without_grpc = compiled("---".join([global_net, producer]), Settings(namespace="team-b"))
+    assert http(without_grpc, "api.example.com", "/").action == Action.PASS
+    team_a = compiled(text, Settings(namespace="team-a"))
+    assert http(team_a, "api.example.com", "/").route == default("grpc-egress-deny")
+
+
 def test_a_tls_route_leaves_the_ports_tcp_routes_unused() -> None:
     """TLSRoute before TCPRoute: TLS goes by SNI (the default when none matches) and
     anything else is refused, as on a port with TLSRoutes alone."""
