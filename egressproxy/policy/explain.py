@@ -37,6 +37,7 @@ from egressproxy.policy.index import (
     compile_policy,
     default_ranges,
     route_name,
+    routes_unused,
     serves_client,
     wire_text,
 )
@@ -50,12 +51,11 @@ DEFAULT_PORTS = {"http": 80, "https": 443, "tls": 443, "grpc": 80}
 
 def run_check(settings: Settings, explain: str | None) -> int:
     try:
-        model = _load_saying_what_is_skipped(settings)
+        model, index = _compile_saying_what_is_skipped(settings)
     except PolicyError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)
         return 1
-    index = compile_policy(model, settings)
     if explain is None:
         print_summary(model, index, settings, sys.stdout)
         return 0
@@ -68,9 +68,10 @@ def run_check(settings: Settings, explain: str | None) -> int:
     return 0
 
 
-def _load_saying_what_is_skipped(settings: Settings) -> Model:
-    """The policy, with the loader's info lines (documents and routes it skips, each with
-    FILE:LINE) on stderr, as `run` logs them."""
+def _compile_saying_what_is_skipped(settings: Settings) -> tuple[Model, PolicyIndex]:
+    """The policy and its index, with the loader's info lines (documents and routes it
+    skips, networks whose routes Linkerd refuses, each with FILE:LINE) on stderr, as `run`
+    logs them."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     policy_log = logging.getLogger("egressproxy.policy")
@@ -78,7 +79,8 @@ def _load_saying_what_is_skipped(settings: Settings) -> Model:
     policy_log.addHandler(handler)
     policy_log.setLevel(logging.INFO)
     try:
-        return load_policy(settings.policy_file)
+        model = load_policy(settings.policy_file)
+        return model, compile_policy(model, settings)
     finally:
         policy_log.removeHandler(handler)
         policy_log.setLevel(level)
@@ -104,8 +106,10 @@ def print_summary(model: Model, index: PolicyIndex, settings: Settings, out: Tex
             file=out,
         )
         print(f"  networks: {describe_ranges(network, settings)}", file=out)
-        if network.routes_off:
-            print(f"  {network.routes_off}", file=out)
+        in_scope = index.compiled.get(network.id)
+        routes_off = routes_unused(in_scope) if in_scope else network.routes_off
+        if routes_off:
+            print(f"  {routes_off}", file=out)
         verdict = "allow" if network.traffic_policy == TrafficPolicy.ALLOW else "deny"
         for port, routes in sorted(ports[network.id].items(), key=lambda item: item[0] or 0):
             where = f"port {port}" if port is not None else "every port"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import ipaddress
+import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ from egressproxy.policy.model import (
 from egressproxy.policy.regex import Pattern
 from egressproxy.settings import IPNetwork, Settings
 
+log = logging.getLogger(__name__)
 OLDEST = datetime.min.replace(tzinfo=UTC)
 NO_FILTER_CHAIN = "no Egress filter chain matched"
 T = TypeVar("T")
@@ -495,6 +497,8 @@ FIX_PRIORITY = (RouteProtocol.GRPC, RouteProtocol.HTTP, RouteProtocol.TLS, Route
 class CompiledNetwork:
     network: Network
     audit: bool
+    routes_refused: str | None = None
+    """Why Linkerd accepts no route attached to this network (see refusal); None: it does."""
     ports: dict[int, PortTable] = field(default_factory=dict)
     every_port: PortTable = field(default_factory=PortTable)
 
@@ -582,6 +586,31 @@ class CidrTable:
         return best.network if best is not None else None
 
 
+def refusal(network: Network, settings: Settings) -> str | None:
+    """Linkerd's status controller does not accept an EgressNetwork whose explicit networks
+    intersect a cluster network (EgressReasonNetworkOverlap: one block holds the other and
+    no `except` holds the cluster network), nor any route attached to it; the network
+    itself still takes its traffic, with the default routes."""
+    if network.ranges is None or network.id.kind != "EgressNetwork":
+        return None
+    for entry in network.ranges:
+        for cluster in settings.cluster_networks:
+            if cluster.version != entry.cidr.version:
+                continue
+            holds = entry.cidr.subnet_of(cluster) or cluster.subnet_of(entry.cidr)  # type: ignore[arg-type]
+            excepted = any(
+                excepted.version == cluster.version and cluster.subnet_of(excepted)  # type: ignore[arg-type]
+                for excepted in entry.excepts
+            )
+            if holds and not excepted:
+                return (
+                    f"its networks overlap {cluster} of --cluster-networks: Linkerd accepts"
+                    " neither it nor its routes (EgressReasonNetworkOverlap); its traffic"
+                    " takes the default routes"
+                )
+    return None
+
+
 def default_ranges(settings: Settings) -> tuple[CidrRange, ...]:
     """Linkerd's EgressNetwork without `networks`: everything outside the cluster networks."""
     v4 = tuple(n for n in settings.cluster_networks if n.version == 4)
@@ -642,8 +671,21 @@ def port_kinds(routes: Sequence[Route]) -> dict[tuple[NetworkId, int], RouteProt
     return kinds
 
 
+def routes_unused(network: CompiledNetwork) -> str | None:
+    """Why no route written for the network decides its traffic, if none does."""
+    return network.network.routes_off or network.routes_refused
+
+
 def compile_policy(model: Model, settings: Settings) -> PolicyIndex:
-    return PolicyIndex(model, settings)
+    """The index, with a warning for each network in scope whose routes Linkerd refuses."""
+    index = PolicyIndex(model, settings)
+    with_routes = {a.network for route in model.routes for a in route.attachments}
+    for compiled in index.compiled.values():
+        if compiled.routes_refused and compiled.network.id in with_routes:
+            log.warning(
+                "%s: %s: %s", compiled.network.origin, compiled.network.id, compiled.routes_refused
+            )
+    return index
 
 
 MAX_MEMOISED_DECISIONS = 4096
@@ -693,7 +735,9 @@ class PolicyIndex:
         self.compiled: dict[NetworkId, CompiledNetwork] = {}
         covered: list[tuple[CidrRange, CompiledNetwork]] = []
         for network in networks_in_scope(model.networks, settings):
-            compiled = CompiledNetwork(network, audit=network.audit or settings.audit)
+            compiled = CompiledNetwork(
+                network, network.audit or settings.audit, refusal(network, settings)
+            )
             self.compiled[network.id] = compiled
             ranges = network.ranges if network.ranges is not None else default_ranges(settings)
             covered.extend((cidr, compiled) for cidr in ranges)
@@ -737,7 +781,11 @@ class PolicyIndex:
     def attached_network(self, route: Route, attachment: Attachment) -> CompiledNetwork | None:
         """The network a parentRef attaches the route to, if it applies to this client."""
         target = self.compiled.get(attachment.network)
-        if target is None or not serves_client(route, target.network, self.settings):
+        if (
+            target is None
+            or target.routes_refused
+            or not serves_client(route, target.network, self.settings)
+        ):
             return None
         return target
 
@@ -1098,7 +1146,7 @@ class PolicyIndex:
             verify_destination=network.network.verify_destination,
             reason=f"{why} on port {destination.port} of {network.network.id}: "
             f"default {policy.value}"
-            + (f" ({network.network.routes_off})" if network.network.routes_off else ""),
+            + (f" ({routes_off})" if (routes_off := routes_unused(network)) else ""),
         )
 
     def describe(self) -> dict[str, object]:

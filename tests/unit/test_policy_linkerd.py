@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 from pathlib import Path
 
 import pytest
@@ -264,6 +265,46 @@ def test_explicit_network_covers_cluster_addresses() -> None:
     index = compiled(text)
     assert decide_ip(index, "10.9.1.1").action == Action.DENY
     assert decide_ip(index, "10.8.1.1").parent is None
+
+
+@pytest.mark.parametrize(
+    ("networks", "accepted"),
+    [
+        ("  - cidr: 10.9.0.0/16\n  - cidr: 203.0.113.0/24\n", False),
+        ("  - cidr: 0.0.0.0/0\n", False),
+        ("  - cidr: 0.0.0.0/0\n    except: [10.0.0.0/8, 100.64.0.0/10, 172.16.0.0/12,"
+         " 192.168.0.0/16]\n", True),
+        ("  - cidr: 0.0.0.0/0\n    except: [10.0.0.0/9]\n", False),
+        ("  - cidr: 203.0.113.0/24\n  - cidr: '2001:db8::/32'\n", True),
+    ],
+)  # fmt: skip
+def test_a_network_overlapping_the_cluster_networks_takes_no_routes(
+    networks: str, accepted: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Linkerd's status controller does not accept an EgressNetwork whose explicit networks
+    intersect a cluster network (one holds the other, no `except` holds the cluster one),
+    nor its routes: its traffic gets the default routes, and loading it says so."""
+    text = (
+        network("all-egress-traffic", "egress-test", "Deny", networks)
+        + "---"
+        + http_route("everything", EVERYTHING)
+    )
+    with caplog.at_level(logging.WARNING, logger="egressproxy.policy"):
+        index = compiled(text)
+    decision = http(index, "api.example.com", "/")
+    assert decision.route == (
+        route("HTTPRoute", "everything") if accepted else default("http-egress-deny")
+    )
+    warnings = [record.getMessage() for record in caplog.records]
+    if accepted:
+        assert warnings == []
+    else:
+        assert warnings == [
+            "policy.yaml:2: EgressNetwork egress-test/all-egress-traffic: its networks overlap"
+            " 10.0.0.0/8 of --cluster-networks: Linkerd accepts neither it nor its routes"
+            " (EgressReasonNetworkOverlap); its traffic takes the default routes"
+        ]
+        assert "EgressReasonNetworkOverlap" in decision.reason
 
 
 @pytest.mark.parametrize(
