@@ -39,10 +39,11 @@ _HEAD_END = re.compile(rb"\n\r?\n")
 # lines before it, any whitespace between its parts; h11 takes lower-case and long
 # methods; raw UTF-8 in a target is common; Python's http.server splits the line on
 # whatever str.split() calls whitespace, CR and before the method too, and keeps control
-# bytes in a path): HTTP, to be refused or parsed as such. The first word is bounded as
-# the method is, more loosely, and control bytes count only after a `/`: a banner, a long
-# run of text or a binary message (ASN.1's starts `0`, its length, then a tag such as
-# \x02) is still told apart early.
+# bytes in a path): HTTP, to be refused or parsed as such. The first word is not bounded
+# (a method is any token, and h11, Go and nginx take one of any length: a bound would let
+# a long one pass as opaque bytes past the host rules), and control bytes count only after
+# a `/`: a binary message (ASN.1's starts `0`, its length, then a tag such as \x02) is
+# still told apart at its first control byte.
 LOOSE_SPACE = b" \t\x0b\x0c\r\x1c\x1d\x1e\x1f\x85\xa0"
 _SPACES = rb" \t\x0b-\x0d\x1c-\x1f\x85\xa0"
 _SPACE = rb"[" + _SPACES + rb"]"
@@ -50,8 +51,7 @@ _NOT_TEXT_BEFORE_PATH = rb"\x00-\x08\x0a\x0e-\x1b\x7f/"
 _TEXT_BEFORE_PATH = rb"[^" + _NOT_TEXT_BEFORE_PATH + rb"]"
 _PATH_TEXT = rb"[^\x00\x0a]"
 _LINE_TEXT = _TEXT_BEFORE_PATH + rb"*(?:/" + _PATH_TEXT + rb"*)?"
-_LOOSE_METHOD_MAX_LENGTH = 64
-_LOOSE_METHOD = rb"[\x21-\x7e]{1,%d}" % _LOOSE_METHOD_MAX_LENGTH
+_LOOSE_METHOD = rb"[\x21-\x7e]+"
 _LOOSE_REQUEST_LINE = re.compile(
     _SPACE
     + rb"*(?:"
@@ -231,8 +231,7 @@ def loose_line_hold(buf: bytes, start: int) -> Hold:
     if line["text"] is not None:
         return Hold(end, _ENDS_TEXT_BEFORE_PATH)
     if line["method"] is not None:
-        method_end = line.start("method") + _LOOSE_METHOD_MAX_LENGTH
-        return Hold(min(method_end + 1, end), _ENDS_LOOSE_METHOD)
+        return Hold(end, _ENDS_LOOSE_METHOD)
     return Hold(end, _ENDS_LOOSE_SPACES)
 
 

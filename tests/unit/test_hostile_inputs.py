@@ -61,7 +61,7 @@ EXPECTED_SNIFF: dict[str, object] = {
     "http_huge_port.bin": Opaque("bad_host"),
     "http_invalid_utf8_host.bin": Opaque("bad_host"),
     "http_method_then_no_newline_100k.bin": Opaque("too_large"),
-    "http_no_newline_100k.bin": Opaque("not_http"),
+    "http_no_newline_100k.bin": Opaque("too_large"),
     "http_nul_in_host.bin": Opaque("malformed_header"),
     "http_obs_fold_host.bin": Opaque("malformed_header"),
     "http_space_before_colon.bin": Opaque("malformed_header"),

@@ -25,7 +25,7 @@ from egressproxy.accesslog import AccessLog
 from egressproxy.http1 import Http1Proxy, closing_head
 from egressproxy.http1_lean import LeanRequest
 from egressproxy.metrics import Metrics, exposition
-from egressproxy.policy.decision import Decision, RequestFacts
+from egressproxy.policy.decision import Decision, Detected, RequestFacts
 from egressproxy.policy.index import PolicyIndex
 from egressproxy.server import Reporting
 from egressproxy.settings import LogFormat, VerifyDestination
@@ -240,6 +240,46 @@ async def test_each_request_is_decided_on_its_own_host(
         ("www.blocked.test", 403),
         ("example.test", 200),
         ("www.blocked.test", 400),
+    ]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "line-first"])
+async def test_a_method_of_any_length_is_http_decided_per_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, split: bool
+) -> None:
+    """A method is any token (h11, Go and nginx take a long one): a first request with a
+    200-byte method is HTTP, not opaque bytes spliced past the host rules, and it and the
+    request after it are each decided; nothing for blocked.test reaches the origin."""
+    seen = bytearray()
+
+    async def recording(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.extend(await reader.read(65536))
+        writer.close()
+
+    async with (
+        origin(recording) as origin_port,
+        loopback_proxy(tmp_path, monkeypatch, BLOCKED_HOST, local(origin_port)) as proxy,
+    ):
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        line = b"X" * 200 + b" / HTTP/1.1\r\n"
+        rest = b"Host: blocked.test\r\nContent-Length: 1\r\n\r\nx"
+        if split:
+            writer.write(line)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.write((b"" if split else line) + rest)
+        writer.write(b"GET /admin HTTP/1.1\r\nHost: blocked.test\r\n\r\n")
+        assert (await read_response(reader))[0] == 403
+        assert (await read_response(reader))[0] == 403
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    assert seen == b""
+    (flow,) = proxy.ledger.flows
+    assert flow.detected is Detected.HTTP1
+    assert [(record.method, record.status) for record in proxy.ledger.requests] == [
+        ("X" * 200, 403),
+        ("GET", 403),
     ]
 
 

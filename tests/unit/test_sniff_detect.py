@@ -125,6 +125,8 @@ IRREGULAR_REQUEST_LINES = [
     b"get / HTTP/1.1",
     b"get / http/1.1",
     b"A" * 30 + b" / HTTP/1.1",
+    b"X" * 65 + b" / HTTP/1.1",
+    b"x" * 4000 + b" / HTTP/1.1",
     b" GET / HTTP/1.1",
     b"\tGET / HTTP/1.1",
     b"\x0bGET / HTTP/1.1",
