@@ -54,6 +54,7 @@ from egressproxy.settings import VerifyDestination
 from egressproxy.sniff import NotThis
 from egressproxy.sniff.http import (
     EMPTY_LINES_ALLOWED,
+    authority_address,
     authority_host,
     empty_lines_before,
     target_authority,
@@ -160,7 +161,16 @@ class ParsedRequest:
     """A target no server reads as the policy would (400): not origin-form (`/…`), absolute
     form, `*` for OPTIONS or CONNECT's authority (`admin`, which some servers take for
     `/admin`); a `#`, which nginx takes for the end of the path (`/admin#x`); or an
-    absolute form whose host differs from the Host, which the upstream may read instead."""
+    absolute form whose host or port differs from the Host's, which the upstream may read
+    instead."""
+
+
+def same_server(named: str, host_header: str, scheme: str) -> bool:
+    """Whether an absolute-form target's authority and the Host name one server, host and
+    port (where either names none, the scheme's), as a policy reading the port (OSM's
+    host:port) and the upstream reading the Host would each take it."""
+    default_port = 443 if scheme.lower() == "https" else 80
+    return authority_address(named, default_port) == authority_address(host_header, default_port)
 
 
 def parse_request(request: h11.Request, destination: Destination) -> ParsedRequest:
@@ -204,7 +214,7 @@ def parse_request(request: h11.Request, destination: Destination) -> ParsedReque
         named = absolute.netloc.rpartition("@")[2]
         authority = named or host_header
         path, query = absolute.path or "/", absolute.query
-        if host_header is not None and authority_host(named) != authority_host(host_header):
+        if host_header is not None and not same_server(named, host_header, absolute.scheme):
             bad_target = True
     hostname = authority_host(authority) if authority else None
     facts = RequestFacts(

@@ -321,6 +321,16 @@ def authority_host(authority: str) -> str | None:
     return parsed[0].removesuffix(".") or None
 
 
+def authority_address(authority: str, default_port: int) -> tuple[str, int] | None:
+    """The host (as authority_host has it) and port an authority names, default_port when
+    it names none; None when it is not `host[:port]`."""
+    parsed = _parse_authority(authority.strip(" \t").encode("latin-1"))
+    if parsed is None or parsed[0] is None:
+        return None
+    host = parsed[0].removesuffix(".")
+    return (host, parsed[1] or default_port) if host else None
+
+
 def is_plausible_host(name: str) -> bool:
     """A lower-case DNS name (underscores allowed, as found in the wild) or an IP literal."""
     return _is_dns_name(name) or (":" in name and _is_ipv6_address(name))

@@ -211,8 +211,9 @@ async def test_each_request_is_decided_on_its_own_host(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An allowed first request does not carry a denied Host through on the same connection,
-    in the Host header or in an absolute-form target; an absolute form whose host is not the
-    Host's is refused, since the upstream may read either."""
+    in the Host header or in an absolute-form target; an absolute form whose host or port is
+    not the Host's is refused, since the upstream may read either (and a policy may read
+    the port)."""
     async with (
         origin(h1) as origin_port,
         loopback_proxy(tmp_path, monkeypatch, BLOCKED_HOST, local(origin_port)) as proxy,
@@ -224,14 +225,23 @@ async def test_each_request_is_decided_on_its_own_host(
             ("GET /c HTTP/1.1\r\nHost: example.test\r\n\r\n", 200),
             ("GET http://www.blocked.test/d HTTP/1.1\r\nHost: www.blocked.test\r\n\r\n", 403),
             ("GET /e HTTP/1.1\r\nHost: EXAMPLE.test.\r\n\r\n", 200),
-            ("GET http://www.blocked.test/f HTTP/1.1\r\nHost: example.test\r\n\r\n", 400),
+            ("GET http://example.test:80/f HTTP/1.1\r\nHost: example.test\r\n\r\n", 200),
+            ("GET http://www.blocked.test/g HTTP/1.1\r\nHost: example.test\r\n\r\n", 400),
         ]
         for head, expected in heads:
             writer.write(head.encode())
             status, _, _ = await read_response(reader)
             assert status == expected, head
         writer.close()
-        await proxy.wait_closed_flows(1)
+        for other_port in [
+            "GET http://example.test:81/h HTTP/1.1\r\nHost: example.test\r\n\r\n",
+            "GET http://example.test/i HTTP/1.1\r\nHost: example.test:1\r\n\r\n",
+        ]:
+            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+            writer.write(other_port.encode())
+            assert (await read_response(reader))[0] == 400, other_port
+            writer.close()
+        await proxy.wait_closed_flows(3)
     decided = [(record.hostname, record.status) for record in proxy.ledger.requests]
     assert decided == [
         ("example.test", 200),
@@ -239,7 +249,10 @@ async def test_each_request_is_decided_on_its_own_host(
         ("example.test", 200),
         ("www.blocked.test", 403),
         ("example.test", 200),
+        ("example.test", 200),
         ("www.blocked.test", 400),
+        ("example.test", 400),
+        ("example.test", 400),
     ]
 
 
