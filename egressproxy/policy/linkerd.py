@@ -366,14 +366,14 @@ def read_parent_refs(
             ref, ref_where, {"group", "kind", "namespace", "name", "sectionName", "port"}
         )
         group = checker.get(ref, "group", str, ref_where)
-        if "group" not in ref:
+        if ref.get("group") is None:  # unset: null is as absent in Kubernetes
             group = default_group
         kind = checker.get(ref, "kind", str, ref_where)
         name = checker.get(ref, "name", str, ref_where, required=True)
         namespace = checker.get(ref, "namespace", str, ref_where) or meta.namespace
         checker.get(ref, "sectionName", str, ref_where)  # checked, then ignored as in Linkerd
         if not is_egress_network(group, kind):
-            if "group" not in ref and kind is not None and kind.lower() == "egressnetwork":
+            if ref.get("group") is None and kind is not None and kind.lower() == "egressnetwork":
                 log.warning(
                     "%s:%d: %s is not an EgressNetwork: it has no group, which Gateway API "
                     "defaults to %s (add group: %s)",
@@ -385,7 +385,7 @@ def read_parent_refs(
                 )
             continue
         port = checker.port(ref, "port", ref_where)
-        if "port" not in ref:
+        if ref.get("port") is None:
             checker.error(
                 ref.line,
                 f"{ref_where}: port is required for an EgressNetwork parent (as in Linkerd)",
@@ -537,7 +537,7 @@ def read_backend_ref(
         checker.error(node.line_of("kind"), f"{where}: backendRef kind {kind} is not supported")
         return None
     if port is None:
-        if "port" not in node:
+        if node.get("port") is None:
             checker.error(node.line, f"{where}: port is required for a Service backendRef")
         return None
     known_ports = context.service_ports.get((namespace, name))
