@@ -55,6 +55,12 @@ def load_policy_text(text: str, file: str) -> Model:
         raise PolicyError([Problem(file, 1, "YAML nesting is too deep")]) from None
     if checker.problems:
         raise PolicyError(checker.problems)
+    if not documents:  # emptied or truncated by mistake: passing everything would fail open
+        reason = (
+            "the policy has no documents: to let all traffic through, say so"
+            " (config/policy.yaml allows everything)"
+        )
+        raise PolicyError([Problem(file, 1, reason)])
     documents = expand_lists(documents, checker)
     recognised: list[tuple[int, YMap]] = []
     for order, document in enumerate(documents):
@@ -186,10 +192,17 @@ class TreeBuilder:
 
     def scalar(self, node: yaml.ScalarNode, line: int) -> object:
         try:
-            return self.scalars.construct_object(node, deep=True)
+            value = self.scalars.construct_object(node, deep=True)
         except (yaml.YAMLError, ValueError, TypeError, OverflowError) as error:
             self.checker.error(line, f"YAML value {node.value!r}: {error}".splitlines()[0])
             return None
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate, written as "\ud800": no text
+                self.checker.error(line, f"YAML value {node.value!r}: not valid Unicode")
+                return None
+        return value
 
     def sequence(self, node: yaml.SequenceNode, line: int) -> YList:
         result = YList(line)

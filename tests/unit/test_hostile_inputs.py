@@ -95,7 +95,7 @@ EXPECTED_SNIFF: dict[str, object] = {
 """What sniff() answers for each whole file (NEED_MORE: it waits for the buffer limit)."""
 
 EXPECTED_POLICY: dict[str, str] = {
-    "yaml_20000_documents.yaml": "",
+    "yaml_20000_documents.yaml": ":1: the policy has no documents",
     "yaml_bad_cidrs.yaml": ":8: EgressNetwork corpus/net.spec.networks[0].cidr: '0.0.0.0/-1'",
     "yaml_billion_laughs.yaml": ":1: the policy expands to more than",
     "yaml_binary_and_timestamp.yaml": ":5: EgressNetwork.metadata.name: expected a string",
@@ -111,7 +111,7 @@ EXPECTED_POLICY: dict[str, str] = {
     "yaml_tabs_and_nul.yaml": ":2: YAML: unacceptable character #x0000",
     "yaml_utf16_bom.yaml": ":1: the policy is not valid UTF-8",
 }
-"""The start of the first problem after the file name ("" for a valid, empty policy)."""
+"""The start of the first problem after the file name ("" for a valid policy)."""
 
 SNIFF_RESULTS = (TlsHello, HttpRequestHead, H2Preface, Opaque, NeedMore)
 PARSER_RESULTS = (TlsHello, HttpRequestHead, H2Preface, NotThis, NeedMore)

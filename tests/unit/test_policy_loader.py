@@ -128,6 +128,38 @@ def test_dangling_parent_every_error_reported() -> None:
     ]
 
 
+def test_a_required_port_left_empty_is_missing() -> None:
+    """An empty `port:` is null, which Kubernetes takes for an unset field: the parentRef's
+    port is missing, and so is a Service backendRef's (it must not go to the original
+    destination instead of the Service)."""
+    route = ROUTE.replace("all-egress-trafic", "all-egress-traffic")
+    assert problems(NETWORK + route.replace("port: 80", "port:")) == [
+        "p.yaml:16: HTTPRoute egress-test/httpbin-get.spec.parentRefs[0]: "
+        "port is required for an EgressNetwork parent (as in Linkerd)",
+    ]
+    backend = route + "      backendRefs:\n      - {kind: Service, name: internal, port: }\n"
+    assert problems(NETWORK + backend) == [
+        "p.yaml:25: HTTPRoute egress-test/httpbin-get.spec.rules[0].backendRefs[0]: "
+        "port is required for a Service backendRef",
+    ]
+
+
+@pytest.mark.parametrize("text", ["", "# all commented out\n", "---\n---\n"])
+def test_a_policy_without_documents_is_refused(text: str) -> None:
+    """A file emptied or truncated by mistake would pass every connection untouched."""
+    assert problems(text) == [
+        "p.yaml:1: the policy has no documents: to let all traffic through, say so"
+        " (config/policy.yaml allows everything)"
+    ]
+
+
+def test_a_lone_surrogate_is_no_text() -> None:
+    """`"\\ud800"` is valid YAML but no Unicode text: refused at its line (it broke the
+    summary's print with a traceback)."""
+    text = NETWORK.replace("name: all-egress-traffic", 'name: "a\\ud800b"')
+    assert problems(text)[0] == "p.yaml:5: YAML value 'a\\ud800b': not valid Unicode"
+
+
 def test_unsupported_filter_is_an_error() -> None:
     route = ROUTE.replace("all-egress-trafic", "all-egress-traffic") + (
         "      filters:\n      - type: RequestMirror\n        requestMirror: {}\n"
