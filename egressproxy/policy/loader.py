@@ -79,6 +79,12 @@ def load_policy_text(text: str, file: str) -> Model:
                 f"{kind}: apiVersion {api_version!r} is not supported "
                 f"(use {', '.join(f'{group}/{v}' if group else v for v in sorted(versions))})",
             )
+        elif meant := network_kind_meant(kind):
+            checker.error(
+                document.line_of("apiVersion"),
+                f"{kind} of apiVersion {api_version!r} is no kind egressproxy reads (it reads "
+                f"{meant}): skipped, its network would let the traffic it covers through",
+            )
         else:
             log.info("%s:%d: skipping %s: no egress meaning", file, kind_line, kind)
     networks, routes = linkerd.read(recognised, checker)
@@ -105,6 +111,21 @@ SUPPORTED: dict[tuple[str, str], frozenset[str]] = {
     **native.SUPPORTED,
 }
 """(API group, kind) → the versions we read; other kinds are skipped."""
+
+NETWORK_KINDS = frozenset({"EgressNetwork", "MeshConfig", "EgressPolicy"})
+"""The kinds that make networks: one skipped for a typo in its apiVersion or kind would
+leave its traffic to no network (a Deny silently becomes a pass)."""
+
+
+def network_kind_meant(kind: str) -> str | None:
+    """The network kind this one spells but for case, with its apiVersions (None: none)."""
+    meant = [
+        f"{known} of {group}/{version}"
+        for (group, known), versions in SUPPORTED.items()
+        if known in NETWORK_KINDS and known.lower() == kind.lower()
+        for version in sorted(versions)
+    ]
+    return ", ".join(meant) if meant else None
 
 
 def parse_documents(text: str, checker: Checker) -> list[YMap]:

@@ -160,6 +160,27 @@ def test_a_lone_surrogate_is_no_text() -> None:
     assert problems(text)[0] == "p.yaml:5: YAML value 'a\\ud800b': not valid Unicode"
 
 
+@pytest.mark.parametrize(
+    ("api_version", "kind"),
+    [
+        ("policy.linkerd.com/v1alpha1", "EgressNetwork"),
+        ("v1alpha1", "EgressNetwork"),
+        ("policy.linkerd.io/v1alpha1", "egressnetwork"),
+    ],
+)
+def test_a_network_kind_in_another_group_or_case_is_an_error(api_version: str, kind: str) -> None:
+    """Skipped as a kind of no egress meaning, a Deny network with a typo in its apiVersion
+    or kind would let all its traffic through."""
+    text = NETWORK.replace("policy.linkerd.io/v1alpha1", api_version).replace(
+        "kind: EgressNetwork", f"kind: {kind}"
+    )
+    assert problems(text) == [
+        f"p.yaml:1: {kind} of apiVersion {api_version!r} is no kind egressproxy reads (it"
+        " reads EgressNetwork of policy.linkerd.io/v1alpha1): skipped, its network would let"
+        " the traffic it covers through"
+    ]
+
+
 def test_unsupported_filter_is_an_error() -> None:
     route = ROUTE.replace("all-egress-trafic", "all-egress-traffic") + (
         "      filters:\n      - type: RequestMirror\n        requestMirror: {}\n"
