@@ -262,6 +262,10 @@ def test_max_connections_pauses_accepting_and_the_backlog_is_served(
     assert running.logged("accepting paused"), running.log_text()
 
 
+OPAQUE_BYTES = bytes(range(256))
+"""A payload that starts as binary protocols do (a NUL): opaque at its first byte, where a
+run of letters may be the method of an HTTP request line still to come."""
+
 UPPERCASE_FLOOD = b"A" * (100 << 10)
 """Letters without a newline: the start of a request line as far as a sniffer can tell."""
 
@@ -395,7 +399,7 @@ def fill_an_upstream_that_never_reads(world: World, running: Proxy, faults: str)
     how much the proxy's RSS grew meanwhile."""
     baseline = running.rss_bytes()
     sent = 0
-    chunk = b"z" * (1 << 20)
+    chunk = OPAQUE_BYTES * 4096  # 1 MiB
     with world.connect(faults, fault_servers.NO_READ_PORT) as sock:
         sock.settimeout(0.5)
         deadline = time.monotonic() + 3.0
@@ -992,7 +996,7 @@ def test_client_vanishes_mid_upload_tcp(world: World, proxy: StartProxy) -> None
     address = world.host("httpbin.org").v4
     with unchanged(running):
         sock = world.connect(address, servers.HASH_PORT)
-        sock.sendall(b"u" * (4 << 20))
+        sock.sendall(OPAQUE_BYTES * 16384)  # 4 MiB
         reset(sock)
     assert_counted(lambda: tcp_closes(running, target_ip=address, error="reset"))
     assert_logged(running, destination=f"{address}:{servers.HASH_PORT}", error="reset")
