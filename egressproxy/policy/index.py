@@ -55,6 +55,7 @@ from egressproxy.policy.model import (
     ServiceBackend,
     TrafficPolicy,
     ValueMatch,
+    within,
 )
 from egressproxy.policy.regex import Pattern
 from egressproxy.settings import IPNetwork, Settings
@@ -595,14 +596,8 @@ def refusal(network: Network, settings: Settings) -> str | None:
         return None
     for entry in network.ranges:
         for cluster in settings.cluster_networks:
-            if cluster.version != entry.cidr.version:
-                continue
-            holds = entry.cidr.subnet_of(cluster) or cluster.subnet_of(entry.cidr)  # type: ignore[arg-type]
-            excepted = any(
-                excepted.version == cluster.version and cluster.subnet_of(excepted)  # type: ignore[arg-type]
-                for excepted in entry.excepts
-            )
-            if holds and not excepted:
+            holds = within(entry.cidr, cluster) or within(cluster, entry.cidr)
+            if holds and not any(within(cluster, excepted) for excepted in entry.excepts):
                 return (
                     f"its networks overlap {cluster} of --cluster-networks: Linkerd accepts"
                     " neither it nor its routes (EgressReasonNetworkOverlap); its traffic"

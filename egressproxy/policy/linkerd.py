@@ -29,6 +29,7 @@ from egressproxy.policy.model import (
     ServiceBackend,
     TrafficPolicy,
     ValueMatch,
+    within,
 )
 from egressproxy.settings import IPNetwork
 
@@ -196,11 +197,6 @@ def cidr_range(
         elif not within(excepted, cidr):
             checker.error(line, f"{where}.except: {excepted} is not inside cidr {cidr}")
     return CidrRange(cidr, tuple(excepted for _, excepted in excepts))
-
-
-def within(inner: IPNetwork, outer: IPNetwork) -> bool:
-    """Whether every address of inner is in outer (never across address families)."""
-    return inner.network_address in outer and inner.broadcast_address in outer
 
 
 def read_annotations(checker: Checker, meta: ObjectMeta, where: str) -> tuple[bool, str | None]:

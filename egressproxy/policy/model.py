@@ -43,6 +43,11 @@ class CidrRange:
         return address in self.cidr and not any(address in excluded for excluded in self.excepts)
 
 
+def within(inner: IPNetwork, outer: IPNetwork) -> bool:
+    """Whether every address of inner is in outer (never across address families)."""
+    return inner.network_address in outer and inner.broadcast_address in outer
+
+
 @dataclass(frozen=True)
 class NetworkId:
     group: str

@@ -315,10 +315,8 @@ def authority_host(authority: str) -> str | None:
     HTTP's whitespace (space, tab) is taken off: nginx keeps `\xa0` or `\x1c` in a host,
     which then names no server of its own and gets its default one.
     """
-    parsed = _parse_authority(authority.strip(" \t").encode("latin-1"))
-    if parsed is None or parsed[0] is None:
-        return None
-    return parsed[0].removesuffix(".") or None
+    address = authority_address(authority, 0)
+    return address[0] if address else None
 
 
 def authority_address(authority: str, default_port: int) -> tuple[str, int] | None:
