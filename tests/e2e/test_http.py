@@ -684,6 +684,10 @@ def test_a_first_head_the_client_ends_early_gets_400(world: World, proxy: StartP
         (b"get /admin HTTP/1.1\r\nHost: httpbin.org\r\n\r\n", 403),
         (b"GET\r/admin HTTP/1.1\r\nHost: httpbin.org\r\n\r\n", 400),  # http.server's split
         (b"GET /admin?\x01 HTTP/1.1\r\nHost: httpbin.org\r\n\r\n", 400),
+        (  # a method of any length (h11, Go): decided, not spliced past the rules
+            b"X" * 200 + b" /admin HTTP/1.1\r\nHost: httpbin.org\r\nContent-Length: 1\r\n\r\nx",
+            403,
+        ),
     ],
 )
 def test_an_irregular_request_line_is_http(
@@ -800,13 +804,16 @@ def test_paths_are_decided_by_the_bytes_curl_sends(
         assert result.stdout == status, (path, result)
 
 
-@pytest.mark.parametrize("target", ["/caf%C3%A9#", "caf%C3%A9", "*"])
+@pytest.mark.parametrize(
+    "target", ["/caf%C3%A9#", "caf%C3%A9", "*", "http://httpbin.org:81/caf%C3%A9"]
+)
 def test_a_target_a_server_reads_otherwise_is_refused(
     world: World, proxy: StartProxy, target: str
 ) -> None:
     """nginx ends a path at `#` (`/café#` is the denied `/café` there), some servers take
-    `café` for `/café`, and `*` is OPTIONS' alone: 400, never a decision on a path the
-    upstream reads otherwise."""
+    `café` for `/café`, `*` is OPTIONS' alone, and an absolute form naming another port
+    than the Host's names another server to one who reads the Host: 400, never a decision
+    the upstream reads otherwise."""
     run_proxy(proxy, PATH_SPELLINGS)
     sock = world.connect(world.host("httpbin.org").v4, 80)
     try:
