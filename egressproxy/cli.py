@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from egressproxy.policy.errors import DNS_LABEL, DNS_SUBDOMAIN
 from egressproxy.settings import (
     ADMIN_PORT,
     DEFAULT_CLUSTER_NETWORKS,
@@ -34,6 +35,14 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 ChoiceT = TypeVar("ChoiceT", bound=enum.Enum)
 
 
+def policy_path(text: str) -> Path:
+    """Path('') is the working directory: `--policy=$FILE` with FILE unset would be
+    refused as "Is a directory", naming a file the user never gave."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty: name the policy file")
+    return Path(text)
+
+
 def endpoint(text: str) -> Endpoint:
     """HOST:PORT or [V6]:PORT, host an IP literal."""
     host, sep, port_text = text.rpartition(":")
@@ -48,11 +57,16 @@ def endpoint(text: str) -> Endpoint:
     return Endpoint(str(address), port(port_text))
 
 
+PORT_DIGITS = re.compile(r"[0-9]{1,5}")
+"""ASCII digits only: int() would take `1_5001`, ` 80` and other scripts' digits, which no
+other tool reading the same flag (iptables, a manifest) would."""
+WHOLE_NUMBER = re.compile(r"0[xX][0-9a-fA-F]+|[0-9]+")
+
+
 def port(text: str) -> int:
-    try:
-        number = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not PORT_DIGITS.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number")
+    number = int(text)
     if not 0 < number < 65536:
         raise argparse.ArgumentTypeError(f"port {number} is outside 1-65535")
     return number
@@ -65,8 +79,8 @@ def port_list(text: str) -> frozenset[int]:
         first, dash, last = item.strip().partition("-")
         if not first and not dash:
             continue
-        low = port(first)
-        high = port(last) if dash else low
+        low = port(first.strip())
+        high = port(last.strip()) if dash else low
         if high < low:
             raise argparse.ArgumentTypeError(f"{item.strip()!r}: the range ends before it starts")
         ports.update(range(low, high + 1))
@@ -90,13 +104,11 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """Decimal, or hexadecimal as marks are often written (0x539); a leading zero is
     decimal, not octal."""
-    try:
-        number = int(text, 16) if text.lower().startswith("0x") else int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if number < 0:
+    if text.startswith("-") and WHOLE_NUMBER.fullmatch(text[1:]):
         raise argparse.ArgumentTypeError("must not be negative")
-    return number
+    if not WHOLE_NUMBER.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(text, 0 if text[1:2] in ("x", "X") else 10)
 
 
 def worker_count(text: str) -> int:
@@ -160,8 +172,6 @@ def default_listeners() -> tuple[Endpoint, ...]:
     return (v4, Endpoint("::", PROXY_PORT)) if ipv6_available() else (v4,)
 
 
-NAMESPACE_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
-"""A Kubernetes namespace's name: an RFC 1123 label."""
 DOMAIN_NAME = re.compile(
     r"(?:[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
 )
@@ -170,7 +180,7 @@ DOMAIN_NAME = re.compile(
 def namespace_name(text: str) -> str:
     """--egress-namespace: a name no namespace can have (empty, say) would silently make
     the global egress namespace's networks apply to no client."""
-    if not NAMESPACE_NAME.fullmatch(text):
+    if not DNS_LABEL.fullmatch(text):
         raise argparse.ArgumentTypeError(
             f"{text!r} is no namespace name (lower-case letters, digits and '-', at most 63)"
         )
@@ -194,18 +204,12 @@ def client_namespace(text: str) -> str | None:
     return namespace_name(text)
 
 
-SERVICE_ACCOUNT_NAME = re.compile(
-    r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*"
-)
-"""A Kubernetes service account's name: an RFC 1123 subdomain."""
-
-
 def service_account_name(text: str) -> str | None:
     """--service-account, empty for unset: a name no service account can have would match
     no OSM Egress `sources` entry, silently."""
     if not text:
         return None
-    if len(text) > 253 or not SERVICE_ACCOUNT_NAME.fullmatch(text):
+    if len(text) > 253 or not DNS_SUBDOMAIN.fullmatch(text):
         raise argparse.ArgumentTypeError(
             f"{text!r} is no service account name (lower-case letters, digits, '-' and '.')"
         )
@@ -213,19 +217,32 @@ def service_account_name(text: str) -> str | None:
 
 
 def add_identity_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--namespace", type=client_namespace, default=os.environ.get("POD_NAMESPACE") or None
-    )
-    parser.add_argument(
-        "--service-account",
-        type=service_account_name,
-        default=os.environ.get("POD_SERVICE_ACCOUNT") or None,
-    )
+    parser.add_argument("--namespace", type=client_namespace, default=argparse.SUPPRESS)
+    parser.add_argument("--service-account", type=service_account_name, default=argparse.SUPPRESS)
     parser.add_argument(
         "--cluster-networks", type=network_list, default=network_list(DEFAULT_CLUSTER_NETWORKS)
     )
     parser.add_argument("--cluster-domain", type=domain_name, default="cluster.local")
     parser.add_argument("--egress-namespace", type=namespace_name, default="linkerd-egress")
+
+
+IDENTITY_FROM_ENVIRONMENT: dict[str, tuple[str, Callable[[str], str | None]]] = {
+    "namespace": ("POD_NAMESPACE", client_namespace),
+    "service_account": ("POD_SERVICE_ACCOUNT", service_account_name),
+}
+"""Flag → the Downward API variable that stands in for it when it is not given."""
+
+
+def identity_from_environment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill the identity flags not given from the environment; a bad value is blamed on
+    the variable, which is what the user must fix, not on a flag never typed."""
+    for flag, (variable, convert) in IDENTITY_FROM_ENVIRONMENT.items():
+        if hasattr(args, flag):
+            continue
+        try:
+            setattr(args, flag, convert(os.environ.get(variable, "")))
+        except argparse.ArgumentTypeError as error:
+            parser.error(f"environment variable {variable}: {error}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run the proxy")
-    run.add_argument("--policy", type=Path, default=None)
+    run.add_argument("--policy", type=policy_path, default=None)
     run.add_argument("--listen", type=endpoint, action="append", default=None)
     run.add_argument("--admin", type=endpoint, default=Endpoint("0.0.0.0", ADMIN_PORT))
     run.add_argument("--workers", type=worker_count, default=1)
@@ -267,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=LOG_LEVELS, default="info")
 
     check = commands.add_parser("check", help="validate a policy file and explain decisions")
-    check.add_argument("--policy", type=Path, required=True)
+    check.add_argument("--policy", type=policy_path, required=True)
     check.add_argument("--explain", metavar="DEST", default=None)
     add_identity_flags(check)
 
@@ -284,6 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
     iptables.add_argument("--block-udp", action="store_true")
     iptables.add_argument("--dry-run", action="store_true")
     return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("run", "check"):
+        identity_from_environment(parser, args)
+    return args
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -322,7 +347,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.command == "run":
         from egressproxy import server
 

@@ -119,8 +119,8 @@ class Checker:
         self, node: YMap, key: str, expected: type[T], where: str, *, required: bool = False
     ) -> T | None:
         if key not in node or node[key] is None:
-            if required:
-                self.error(node.line, f"{where}: missing required field {key!r}")
+            if required:  # at the key when it is there with no value
+                self.error(node.line_of(key), f"{where}: missing required field {key!r}")
             return None
         return self.typed(node[key], expected, node.line_of(key), f"{where}.{key}")
 
@@ -232,6 +232,11 @@ class Checker:
         return value
 
 
+DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
+"""An RFC 1123 label, as Kubernetes names namespaces: one spelled otherwise (`Payments`) is
+no namespace, and a resource in it would silently apply to no client."""
+DNS_SUBDOMAIN = re.compile(r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*")
+"""An RFC 1123 subdomain (at most 253 characters), as Kubernetes names most objects."""
 HOST_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
 HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`|~]+")
 GRPC_NAMES = {
@@ -307,7 +312,22 @@ def read_object_meta(
         return None
     checker.known_fields(meta, where, OBJECT_META_FIELDS)
     name = checker.get(meta, "name", str, where, required=True)
-    namespace = checker.get(meta, "namespace", str, where) or ("default" if namespaced else "")
+    if name is not None and (len(name) > 253 or not DNS_SUBDOMAIN.fullmatch(name)):
+        checker.error(
+            meta.line_of("name"),
+            f"{where}.name: {name!r} is no object name Kubernetes accepts "
+            "(lower-case letters, digits, '-' and '.', at most 253)",
+        )
+        name = None
+    namespace = checker.get(meta, "namespace", str, where)
+    if namespace and not DNS_LABEL.fullmatch(namespace):
+        checker.error(
+            meta.line_of("namespace"),
+            f"{where}.namespace: {namespace!r} is no namespace name "
+            "(lower-case letters, digits and '-', at most 63)",
+        )
+        return None
+    namespace = namespace or ("default" if namespaced else "")
     annotations: dict[str, str] = {}
     annotation_lines: dict[str, int] = {}
     raw = checker.get(meta, "annotations", YMap, where)

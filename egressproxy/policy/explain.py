@@ -35,7 +35,6 @@ from egressproxy.policy.index import (
     PortTable,
     client_matches,
     compile_policy,
-    default_ranges,
     route_name,
     routes_unused,
     serves_client,
@@ -193,6 +192,8 @@ def consumer_note(route: Route, network: Network, settings: Settings) -> str:
 
 
 def describe_ranges(network: Network, settings: Settings) -> str:
+    if network.ranges is None and not settings.cluster_networks:
+        return "everything (--cluster-networks is empty)"
     if network.ranges is None:
         return "everything outside " + ", ".join(str(n) for n in settings.cluster_networks)
     return (
@@ -293,8 +294,8 @@ def resolve_without_dns(host: str, settings: Settings) -> tuple[IPAddress, str, 
                 "an address outside the cluster networks"
             )
             return address, note, hostname
-    everything = default_ranges(settings)[0].cidr
-    raise ValueError(f"every documentation address is inside --cluster-networks ({everything})")
+    inside = ", ".join(str(network) for network in settings.cluster_networks)
+    raise ValueError(f"every documentation address is inside --cluster-networks ({inside})")
 
 
 def print_explanation(query: ExplainQuery, index: PolicyIndex, out: TextIO) -> None:

@@ -19,8 +19,12 @@ from egressproxy.policy.model import Model
 
 log = logging.getLogger(__name__)
 
-MAX_NODES = 200_000
-"""Alias expansion ("billion laughs") is cut off here; real policies are far smaller."""
+MAX_POLICY_BYTES = 16 * 1024 * 1024
+"""A policy is read no further: a device such as /dev/zero, or a log given by mistake, would
+otherwise fill memory. A list of 100,000 CIDRs is some 3 MiB."""
+MAX_ALIAS_NODES = 200_000
+"""Nodes that YAML aliases may add by repeating what is already written ("billion laughs"
+expands a few lines to 9^9 nodes); the nodes written out in the file are not counted."""
 
 
 def load_policy(path: Path) -> Model:
@@ -30,13 +34,18 @@ def load_policy(path: Path) -> Model:
 
 def read_policy(file: str) -> bytes:
     """The file's bytes; PolicyError naming the file (no line: none was read) when it cannot
-    be read: missing, a directory, permission denied."""
+    be read (missing, a directory, permission denied) or is larger than MAX_POLICY_BYTES.
+    A pipe is read as a file is (`check --policy <(kubectl get … -o yaml)`)."""
     try:
         with open(file, "rb") as policy:
-            return policy.read()
+            data = policy.read(MAX_POLICY_BYTES + 1)
     except OSError as error:
         reason = f"cannot read the policy: {error.strerror or error}"
         raise PolicyError([Problem(file, None, reason)]) from None
+    if len(data) > MAX_POLICY_BYTES:
+        reason = f"the policy is larger than {MAX_POLICY_BYTES // (1024 * 1024)} MiB"
+        raise PolicyError([Problem(file, None, reason)])
+    return data
 
 
 def decode_policy(data: bytes, file: str) -> str:
@@ -49,10 +58,7 @@ def decode_policy(data: bytes, file: str) -> str:
 
 def load_policy_text(text: str, file: str) -> Model:
     checker = Checker(file)
-    try:
-        documents = parse_documents(text, checker)
-    except RecursionError:
-        raise PolicyError([Problem(file, 1, "YAML nesting is too deep")]) from None
+    documents = parse_documents(text, checker)
     if checker.problems:
         raise PolicyError(checker.problems)
     if not documents:  # emptied or truncated by mistake: passing everything would fail open
@@ -130,23 +136,15 @@ def network_kind_meant(kind: str) -> str | None:
 
 def parse_documents(text: str, checker: Checker) -> list[YMap]:
     """Every non-empty document as a YMap; syntax errors become problems at the YAML mark."""
-    try:
-        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        line = mark.line + 1 if mark is not None else 1
-        checker.error(line, f"YAML syntax: {error.problem or error.context}")
-        return []
-    except yaml.YAMLError as error:
-        position = getattr(error, "position", 0)
-        checker.error(text[:position].count("\n") + 1, f"YAML: {error}")
-        return []
+    nodes = compose_documents(text, checker)
     builder = TreeBuilder(checker)
     documents = []
     for node in nodes:
-        if node is None:
-            continue
-        tree = builder.build(node)
+        try:
+            tree = builder.build(node)
+        except RecursionError:
+            checker.error(builder.line, "YAML nesting is too deep")
+            return []
         if tree is None:
             continue
         if isinstance(tree, YMap):
@@ -154,6 +152,32 @@ def parse_documents(text: str, checker: Checker) -> list[YMap]:
         else:
             checker.error(node.start_mark.line + 1, "a policy document must be a mapping")
     return documents
+
+
+def compose_documents(text: str, checker: Checker) -> list[yaml.Node]:
+    """PyYAML's node graph of each document; [] and a problem where the YAML is broken."""
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as error:  # a character YAML forbids, found before parsing
+        line = text[: error.position].count("\n") + 1
+        checker.error(line, f"YAML: unacceptable character #x{error.character:04x}")
+        return []
+    nodes = []
+    try:
+        while loader.check_node():
+            if (node := loader.get_node()) is not None:
+                nodes.append(node)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        checker.error(line, f"YAML syntax: {error.problem or error.context}")
+        return []
+    except RecursionError:
+        checker.error(loader.line + 1, "YAML nesting is too deep")
+        return []
+    finally:
+        loader.dispose()
+    return nodes
 
 
 def expand_lists(documents: list[YMap], checker: Checker) -> list[YMap]:
@@ -179,22 +203,34 @@ def expand_lists(documents: list[YMap], checker: Checker) -> list[YMap]:
     return expanded
 
 
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class TreeBuilder:
-    """yaml.Node → YMap / YList / plain scalars, counting nodes against MAX_NODES."""
+    """yaml.Node → YMap / YList / plain scalars, counting the nodes that aliases repeat
+    against MAX_ALIAS_NODES."""
 
     def __init__(self, checker: Checker) -> None:
         self.checker = checker
         self.scalars = yaml.constructor.SafeConstructor()
-        self.budget = MAX_NODES
+        self.alias_budget = MAX_ALIAS_NODES
+        self.built: set[int] = set()
         self.active: set[int] = set()
+        self.line = 1
+        """The line of the node last entered: where nesting too deep for Python was."""
 
-    def build(self, node: yaml.Node) -> object:
-        line = node.start_mark.line + 1
-        self.budget -= 1
-        if self.budget < 0:
-            if self.budget == -1:
-                self.checker.error(line, f"the policy expands to more than {MAX_NODES} nodes")
-            return None
+    def build(self, node: yaml.Node, repeated: bool = False) -> object:
+        """repeated: node is reached through an alias of something already built."""
+        line = self.line = node.start_mark.line + 1
+        repeated = repeated or id(node) in self.built
+        self.built.add(id(node))
+        if repeated:
+            self.alias_budget -= 1
+            if self.alias_budget < 0:
+                if self.alias_budget == -1:
+                    reason = f"YAML aliases expand the policy by more than {MAX_ALIAS_NODES} nodes"
+                    self.checker.error(line, reason)
+                return None
         if isinstance(node, yaml.ScalarNode):
             return self.scalar(node, line)
         if id(node) in self.active:
@@ -203,9 +239,9 @@ class TreeBuilder:
         self.active.add(id(node))
         try:
             if isinstance(node, yaml.SequenceNode):
-                return self.sequence(node, line)
+                return self.sequence(node, line, repeated)
             if isinstance(node, yaml.MappingNode):
-                return self.mapping(node, line)
+                return self.mapping(node, line, repeated)
         finally:
             self.active.discard(id(node))
         self.checker.error(line, "unsupported YAML node")
@@ -225,25 +261,47 @@ class TreeBuilder:
                 return None
         return value
 
-    def sequence(self, node: yaml.SequenceNode, line: int) -> YList:
+    def sequence(self, node: yaml.SequenceNode, line: int, repeated: bool) -> YList:
         result = YList(line)
         for item in node.value:
-            result.append(self.build(item))
+            result.append(self.build(item, repeated))
             result.item_lines.append(item.start_mark.line + 1)
         return result
 
-    def mapping(self, node: yaml.MappingNode, line: int) -> YMap:
+    def mapping(self, node: yaml.MappingNode, line: int, repeated: bool) -> YMap:
         result = YMap(line)
+        merged: list[YMap] = []
         for key_node, value_node in node.value:
             key_line = key_node.start_mark.line + 1
             if not isinstance(key_node, yaml.ScalarNode):
                 self.checker.error(key_line, "a mapping key must be a plain value")
+                continue
+            if key_node.tag == MERGE_TAG:
+                merged.extend(self.merge(value_node, key_line, repeated))
                 continue
             key = self.scalar(key_node, key_line)
             text = key if isinstance(key, str) else str(key)
             if text in result:
                 self.checker.error(key_line, f"duplicate key {text!r}")
                 continue
-            result[text] = self.build(value_node)
+            result[text] = self.build(value_node, repeated)
             result.key_lines[text] = key_line
+        for source in merged:
+            for text, value in source.items():
+                if text not in result:
+                    result[text] = value
+                    result.key_lines[text] = source.line_of(text)
         return result
+
+    def merge(self, node: yaml.Node, line: int, repeated: bool) -> list[YMap]:
+        """The mappings a merge key (`<<: *base`) names, first taking precedence, as kubectl's
+        YAML reads them; the mapping's own keys override them all."""
+        sources = node.value if isinstance(node, yaml.SequenceNode) else [node]
+        mappings = []
+        for source in sources:
+            built = self.build(source, repeated)
+            if isinstance(built, YMap):
+                mappings.append(built)
+            elif built is not None or isinstance(source, yaml.ScalarNode):
+                self.checker.error(line, "a merge key (<<) takes a mapping or a list of mappings")
+        return mappings

@@ -409,6 +409,48 @@ def test_explain_rejects_bad_destinations(
     assert err.splitlines()[-1].startswith("egressproxy check: --explain")
 
 
+@pytest.mark.parametrize(
+    ("cluster", "said"),
+    [
+        ("", "  networks: everything (--cluster-networks is empty)"),
+        ("0.0.0.0/0,::/0", "every documentation address is inside --cluster-networks"
+                           " (0.0.0.0/0, ::/0)"),
+        ("192.0.2.0/24,198.51.100.0/24,203.0.113.0/24,2001:db8::/32",
+         "every documentation address is inside --cluster-networks (192.0.2.0/24,"
+         " 198.51.100.0/24, 203.0.113.0/24, 2001:db8::/32)"),
+    ],
+)  # fmt: skip
+def test_the_cluster_networks_are_named_as_given(
+    capsys: pytest.CaptureFixture[str], cluster: str, said: str
+) -> None:
+    """An empty list printed "everything outside " and nothing; a list that holds every
+    address the explanation may assume was reported as 0.0.0.0/0, which was not given."""
+    args = ["check", "--policy", str(STEP5), f"--cluster-networks={cluster}"]
+    status = cli.main([*args, "--explain", "https://example.com/"] if "inside" in said else args)
+    captured = capsys.readouterr()
+    assert status == (2 if "inside" in said else 0)
+    assert said in (captured.err if "inside" in said else captured.out)
+
+
+def test_identity_flags_fall_back_on_the_downward_api_variables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("POD_NAMESPACE", "curl")
+    monkeypatch.setenv("POD_SERVICE_ACCOUNT", "curl-sa")
+    settings = cli.settings_from(cli.parse_args(["check", "--policy", str(STEP5)]))
+    assert (settings.namespace, settings.service_account) == ("curl", "curl-sa")
+    given = cli.parse_args(["run", "--namespace", "web", "--service-account="])
+    assert (given.namespace, given.service_account) == ("web", None)
+
+
+def test_an_empty_policy_path_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """Path('') is the working directory: it was refused as ".: Is a directory"."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["check", "--policy="])
+    assert exited.value.code == 2
+    assert "argument --policy: is empty: name the policy file" in capsys.readouterr().err
+
+
 def test_a_file_it_may_not_read_is_named_without_a_line(tmp_path: Path) -> None:
     """Run as nobody (the suite runs as root, which may read anything)."""
     policy = tmp_path / "policy.yaml"
@@ -659,7 +701,7 @@ def test_an_empty_identity_flag_is_unset_as_an_empty_environment_variable_is(
     assert "network:     EgressNetwork app/deny-all" in out
     assert "action:      DENY (tcp)" in out
     for command in ("check", "run"):
-        args = cli.build_parser().parse_args(
+        args = cli.parse_args(
             [command, "--policy", str(policy), "--namespace=", "--service-account="]
         )
         settings = cli.settings_from(args)

@@ -11,6 +11,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from egressproxy.policy import loader
 from egressproxy.policy.decision import (
     Action,
     ConnectionFacts,
@@ -433,12 +434,135 @@ def test_alias_bomb_and_recursion_are_policy_errors() -> None:
     for level in "bcdefgh":
         previous = chr(ord(level) - 1)
         bomb += f"{level}: &{level} [{', '.join([f'*{previous}'] * 10)}]\n"
-    with pytest.raises(PolicyError, match="more than"):
-        load_policy_text(bomb, "p.yaml")
-    with pytest.raises(PolicyError):
-        load_policy_text("&a [*a]", "p.yaml")
-    with pytest.raises(PolicyError):
-        load_policy_text("[" * 5000 + "]" * 5000, "p.yaml")
+    assert problems(bomb) == ["p.yaml:1: YAML aliases expand the policy by more than 200000 nodes"]
+    assert problems("&a [*a]")[0] == "p.yaml:1: recursive YAML alias"
+    assert problems("[" * 5000 + "]" * 5000) == ["p.yaml:1: YAML nesting is too deep"]
+
+
+def test_only_what_aliases_repeat_counts_against_their_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A long policy written out (100,000 CIDRs) is no alias bomb: it was refused as one
+    once its nodes passed the limit meant for expansion."""
+    monkeypatch.setattr(loader, "MAX_ALIAS_NODES", 50)
+    written = NETWORK.replace("Deny\n", "Deny\n  networks:\n") + "".join(
+        f"  - cidr: 198.51.100.{host}/32\n" for host in range(100)
+    )
+    assert len(load_policy_text(written, "p.yaml").networks[0].ranges or ()) == 100
+    repeated = written + "  - &entry {cidr: 203.0.113.0/24}\n" + "  - *entry\n" * 51
+    assert problems(repeated) == [
+        "p.yaml:109: YAML aliases expand the policy by more than 50 nodes",  # the anchor
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "lines"),
+    [
+        (NETWORK + "  x: " + "[" * 5000 + "]" * 5000 + "\n", range(8, 9)),
+        (NETWORK + "---\n" + NETWORK + "  x: " + "{a: " * 5000 + "}" * 5000 + "\n", range(16, 17)),
+        (NETWORK + "".join("  " * depth + "k:\n" for depth in range(1, 3000)), range(100, 3007)),
+    ],
+)
+def test_nesting_too_deep_is_reported_where_it_is(text: str, lines: range) -> None:
+    """Not at line 1 of the file, which is no help in a long one. (Block nesting is cut
+    where Python's stack ends, some hundreds of lines in.)"""
+    [problem] = problems(text)
+    line, reason = problem.removeprefix("p.yaml:").split(": ", 1)
+    assert int(line) in lines and reason == "YAML nesting is too deep"
+
+
+def test_a_forbidden_character_is_one_problem_at_its_line() -> None:
+    """PyYAML's message adds a second line, a character position: no FILE:LINE: line."""
+    assert problems(NETWORK + "  x: a\x00b\n") == ["p.yaml:8: YAML: unacceptable character #x0000"]
+
+
+def test_merge_keys_merge_as_kubectl_reads_them() -> None:
+    """`<<: *base` is YAML 1.1's merge, which kubectl applies: the mapping's own keys win,
+    then the merged mappings in order. It was refused as an unknown tag."""
+    text = NETWORK.replace("Deny\n", "Deny\n  networks:\n") + (
+        "  - &wide {cidr: 198.51.100.0/24, except: [198.51.100.7/32]}\n"
+        "  - &other {cidr: 203.0.113.0/24, except: [203.0.113.9/32]}\n"
+        "  - <<: *wide\n"
+        "    cidr: 198.51.100.0/25\n"
+        "  - <<: [*other, *wide]\n"
+    )
+    ranges = load_policy_text(text, "p.yaml").networks[0].ranges or ()
+    assert [(str(r.cidr), [str(e) for e in r.excepts]) for r in ranges] == [
+        ("198.51.100.0/24", ["198.51.100.7/32"]),
+        ("203.0.113.0/24", ["203.0.113.9/32"]),
+        ("198.51.100.0/25", ["198.51.100.7/32"]),
+        ("203.0.113.0/24", ["203.0.113.9/32"]),
+    ]
+    merged_field = NETWORK.replace("Deny\n", "Deny\n  networks:\n") + (
+        "  - &base {cidr: 198.51.100.0/24, bogus: 1}\n  - <<: *base\n"
+    )
+    where = "EgressNetwork egress-test/all-egress-traffic.spec.networks"
+    assert problems(merged_field) == [
+        f"p.yaml:9: {where}[0]: unknown field 'bogus'",
+        f"p.yaml:9: {where}[1]: unknown field 'bogus'",
+    ]
+    for value in ("5", "[5]", ""):
+        assert problems(NETWORK + f"  <<: {value}\n") == [
+            "p.yaml:8: a merge key (<<) takes a mapping or a list of mappings"
+        ]
+
+
+def test_a_required_field_left_empty_is_missing_at_its_own_line() -> None:
+    text = NETWORK.replace("  trafficPolicy: Deny\n", "  networks: []\n  trafficPolicy:\n")
+    assert problems(text)[-1] == (
+        "p.yaml:8: EgressNetwork egress-test/all-egress-traffic.spec: "
+        "missing required field 'trafficPolicy'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [
+        ("namespace", "Egress-Test", "is no namespace name"),
+        ("namespace", "egress.test", "is no namespace name"),
+        ("namespace", "a" * 64, "is no namespace name"),
+        ("name", "All_Egress", "is no object name Kubernetes accepts"),
+        ("name", "-all", "is no object name Kubernetes accepts"),
+        ("name", "a" * 254, "is no object name Kubernetes accepts"),
+    ],
+)
+def test_a_name_kubernetes_refuses_is_an_error(field: str, value: str, said: str) -> None:
+    """The API server refuses them, so no cluster has them; here a namespace spelled so
+    (`Egress-Test`) silently applied to no client, and the network's Deny to no one."""
+    text = NETWORK.replace(
+        "namespace: egress-test" if field == "namespace" else "name: all-egress-traffic",
+        f"{field}: {value}",
+    )
+    line = 4 if field == "namespace" else 5
+    [problem] = problems(text)
+    assert problem.startswith(f"p.yaml:{line}: EgressNetwork.metadata.{field}: {value!r} {said} (")
+
+
+def test_names_kubernetes_accepts_load() -> None:
+    for field, value in [("name", "a.b-c"), ("name", "a" * 253), ("namespace", "a" * 63)]:
+        text = NETWORK.replace(
+            "namespace: egress-test" if field == "namespace" else "name: all-egress-traffic",
+            f"{field}: {value}",
+        )
+        assert load_policy_text(text, "p.yaml").networks
+    empty = NETWORK.replace("namespace: egress-test", "namespace: ''")
+    assert load_policy_text(empty, "p.yaml").networks[0].id.namespace == "default"
+
+
+def test_a_policy_is_read_no_further_than_its_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/dev/zero, or a multi-gigabyte log given by mistake, would fill memory."""
+    with pytest.raises(PolicyError) as caught:
+        load_policy(Path("/dev/zero"))
+    assert str(caught.value) == "/dev/zero: the policy is larger than 16 MiB"
+    monkeypatch.setattr(loader, "MAX_POLICY_BYTES", len(NETWORK))
+    policy = tmp_path / "p.yaml"
+    policy.write_text(NETWORK)
+    assert load_policy(policy).networks
+    policy.write_text(NETWORK + "\n")
+    with pytest.raises(PolicyError, match="larger than"):
+        load_policy(policy)
 
 
 YAML_TEXT = st.recursive(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from egressproxy.cli import non_negative_int, positive_int
+from egressproxy.cli import non_negative_int, port, port_list, positive_int
 from egressproxy.netfilter import PROXY_SOURCE_PORTS, set_mark
 from egressproxy.server import startup_problem
 from egressproxy.settings import MAX_WORKERS, Settings
@@ -188,9 +188,21 @@ def test_whole_numbers_are_decimal_or_hexadecimal() -> None:
     assert non_negative_int("010") == 10
     assert non_negative_int("0x539") == 1337
     assert positive_int("0X2a") == 42
-    for text in ("1e3", "0o17", "-0x1", "ten"):
+    for text in ("1e3", "0o17", "ten", "1_000", " 7", "0x_1f", "\u0661"):
         with pytest.raises(argparse.ArgumentTypeError, match="is not a whole number"):
             non_negative_int(text)
+    for text in ("-1", "-0x1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="must not be negative"):
+            non_negative_int(text)
+
+
+@pytest.mark.parametrize("text", ["1_5001", " 80", "+80", "\uff18\uff10", "80.0", ""])
+def test_a_port_is_ascii_digits(text: str) -> None:
+    """int() takes all of these; iptables and the manifests that carry the same ports
+    take none."""
+    with pytest.raises(argparse.ArgumentTypeError, match="is not a port number"):
+        port(text)
+    assert port_list(" 25 , 8000 - 8002 ") == {25, 8000, 8001, 8002}
 
 
 def proxy_on_a_fifo(policy: Path) -> subprocess.Popen[str]:
@@ -267,7 +279,8 @@ def test_a_client_identity_no_cluster_can_have_is_a_usage_error(
     assert "Traceback" not in refused.stderr
 
 
-def test_a_client_identity_from_the_environment_is_checked_as_the_flag_is() -> None:
+def test_a_client_identity_from_the_environment_is_blamed_on_the_variable() -> None:
+    """The user never typed --namespace: the error names what to fix, POD_NAMESPACE."""
     assert os.environ.get("POD_NAMESPACE") is None
     refused = subprocess.run(
         [sys.executable, "-m", "egressproxy", "check", "--policy", "/nonexistent/policy.yaml"],
@@ -278,4 +291,8 @@ def test_a_client_identity_from_the_environment_is_checked_as_the_flag_is() -> N
         env={**os.environ, "PYTHONPATH": str(REPO), "POD_NAMESPACE": "Egress-Test"},
     )
     assert refused.returncode == 2, refused.stderr
-    assert "argument --namespace: 'Egress-Test' is no namespace name" in refused.stderr
+    assert (
+        "error: environment variable POD_NAMESPACE: 'Egress-Test' is no namespace name"
+        in refused.stderr
+    )
+    assert "--namespace" not in refused.stderr
