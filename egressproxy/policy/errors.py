@@ -163,9 +163,15 @@ class Checker:
         return value
 
     def port(self, node: YMap, key: str, where: str, *, required: bool = False) -> int | None:
-        number = self.get(node, key, int, where, required=required)
+        if node.get(key) is None:
+            self.get(node, key, int, where, required=required)
+            return None
+        return self.port_value(node[key], node.line_of(key), f"{where}.{key}")
+
+    def port_value(self, value: object, line: int, where: str) -> int | None:
+        number = self.typed(value, int, line, where)
         if number is not None and not 0 < number < 65536:
-            self.error(node.line_of(key), f"{where}.{key}: port {number} is outside 1-65535")
+            self.error(line, f"{where}: port {number} is outside 1-65535")
             return None
         return number
 

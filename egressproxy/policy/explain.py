@@ -35,6 +35,7 @@ from egressproxy.policy.index import (
     PortTable,
     client_matches,
     compile_policy,
+    covered_ranges,
     route_name,
     routes_unused,
     serves_client,
@@ -192,17 +193,22 @@ def consumer_note(route: Route, network: Network, settings: Settings) -> str:
 
 
 def describe_ranges(network: Network, settings: Settings) -> str:
-    if network.ranges is None and not settings.cluster_networks:
+    interception = network.interception
+    if network.ranges is None and interception is None and not settings.cluster_networks:
         return "everything (--cluster-networks is empty)"
-    if network.ranges is None:
+    if network.ranges is None and interception is None:
         return "everything outside " + ", ".join(str(n) for n in settings.cluster_networks)
-    return (
+    described = (
         ", ".join(
             str(r.cidr) + (f" except {', '.join(str(e) for e in r.excepts)}" if r.excepts else "")
-            for r in network.ranges
+            for r in covered_ranges(network, settings)
         )
         or "none"
     )
+    if interception is not None and interception.excluded_ports:
+        ports = ", ".join(str(port) for port in sorted(interception.excluded_ports))
+        described += f"; not port {ports} (outboundPortExclusionList)"
+    return described
 
 
 @dataclass(frozen=True)

@@ -616,6 +616,41 @@ def default_ranges(settings: Settings) -> tuple[CidrRange, ...]:
     )
 
 
+def covered_ranges(network: Network, settings: Settings) -> tuple[CidrRange, ...]:
+    """The addresses a network takes: its `networks`, else everything outside the cluster
+    networks (or, for OSM, what outboundIPRangeInclusionList names outside them), less
+    what OSM's outboundIPRangeExclusionList leaves out."""
+    interception = network.interception
+    if network.ranges is not None:
+        ranges = network.ranges
+    elif interception is not None and interception.included is not None:
+        cluster = settings.cluster_networks
+        ranges = tuple(
+            CidrRange(cidr, tuple(inside for inside in cluster if within(inside, cidr)))
+            for cidr in interception.included
+            if not any(within(cidr, outer) for outer in cluster)
+        )
+    else:
+        ranges = default_ranges(settings)
+    if interception is None:
+        return ranges
+    return tuple(
+        narrowed for entry in ranges if (narrowed := without(entry, interception.excluded))
+    )
+
+
+def without(entry: CidrRange, excluded: Sequence[IPNetwork]) -> CidrRange | None:
+    """entry with the excluded blocks inside it added to its excepts; None if one holds it."""
+    if any(within(entry.cidr, block) for block in excluded):
+        return None
+    more = tuple(
+        block
+        for block in excluded
+        if within(block, entry.cidr) and not any(within(block, known) for known in entry.excepts)
+    )
+    return dataclasses.replace(entry, excepts=entry.excepts + more) if more else entry
+
+
 def networks_in_scope(networks: Sequence[Network], settings: Settings) -> list[Network]:
     """Linkerd's rule: the client's namespace's networks if any, else the global namespace's."""
     if settings.namespace is None:
@@ -734,8 +769,7 @@ class PolicyIndex:
                 network, network.audit or settings.audit, refusal(network, settings)
             )
             self.compiled[network.id] = compiled
-            ranges = network.ranges if network.ranges is not None else default_ranges(settings)
-            covered.extend((cidr, compiled) for cidr in ranges)
+            covered.extend((cidr, compiled) for cidr in covered_ranges(network, settings))
         self.cidrs = CidrTable(covered)
         self.port_kinds = port_kinds(model.routes)
         routes = sorted(
@@ -841,7 +875,11 @@ class PolicyIndex:
             pass
         if len(self.networks) >= MAX_MEMOISED_NETWORKS:
             self.networks.clear()
-        network = self.networks[destination] = self.cidrs.lookup(destination.ip)
+        network = self.cidrs.lookup(destination.ip)
+        interception = network.network.interception if network is not None else None
+        if interception is not None and destination.port in interception.excluded_ports:
+            network = None  # OSM's outboundPortExclusionList: never redirected
+        self.networks[destination] = network
         return network
 
     def never_sniffed(self, destination: Destination) -> bool:
@@ -1080,7 +1118,8 @@ class PolicyIndex:
         if decision is None:
             if len(self.untouched_decisions) >= MAX_MEMOISED_DECISIONS:
                 self.untouched_decisions.clear()
-            decision = self.untouched_decisions[key] = no_network(protocol, destination)
+            excluding = self.cidrs.lookup(destination.ip)  # a network whose port it is not
+            decision = self.untouched_decisions[key] = no_network(protocol, destination, excluding)
         return decision
 
     def remember(self, key: tuple[int, int, RouteProtocol, str], decision: Decision) -> Decision:
@@ -1158,13 +1197,20 @@ class PolicyIndex:
         }
 
 
-def no_network(protocol: RouteProtocol, destination: Destination) -> Decision:
+def no_network(
+    protocol: RouteProtocol, destination: Destination, excluding: CompiledNetwork | None
+) -> Decision:
+    reason = (
+        f"port {destination.port} is in the outboundPortExclusionList of {excluding.network.id}"
+        if excluding is not None
+        else f"{destination.ip} is covered by no egress network"
+    )
     return Decision(
         action=Action.PASS,
         protocol=protocol,
         parent=None,
         route=None,
-        reason=f"{destination.ip} is covered by no egress network: passed untouched",
+        reason=f"{reason}: passed untouched",
     )
 
 

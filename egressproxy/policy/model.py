@@ -64,6 +64,19 @@ class NetworkId:
 
 
 @dataclass(frozen=True)
+class Interception:
+    """What OSM's sidecar redirect leaves out, from the MeshConfig's traffic lists: that
+    traffic never reaches OSM's proxy, so here it matches no network (passes untouched)."""
+
+    included: tuple[IPNetwork, ...] | None
+    """outboundIPRangeInclusionList: only these are redirected; None: everything."""
+    excluded: tuple[IPNetwork, ...]
+    """outboundIPRangeExclusionList, which wins over the inclusion list."""
+    excluded_ports: frozenset[int]
+    """outboundPortExclusionList."""
+
+
+@dataclass(frozen=True)
 class Network:
     id: NetworkId
     ranges: tuple[CidrRange, ...] | None
@@ -80,6 +93,7 @@ class Network:
     routes_off: str | None = None
     """Why the routes written for this network are not applied (OSM's MeshConfig with
     featureFlags.enableEgressPolicy false), for `check` and /config; None: they are."""
+    interception: Interception | None = None
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from egressproxy.policy.model import (
     Attachment,
     ClientRef,
     HttpMatch,
+    Interception,
     MatchKind,
     Network,
     NetworkId,
@@ -284,8 +285,32 @@ def read_mesh_config(
             if policies_off is not None
             else None
         ),
+        interception=read_interception(checker, traffic, f"{where}.traffic"),
     )
     return network, policies_off
+
+
+def read_interception(checker: Checker, traffic: YMap, where: str) -> Interception | None:
+    """The outbound lists OSM's injector turns into iptables RETURN rules; None: none set."""
+
+    def cidrs(key: str) -> tuple[IPNetwork, ...]:
+        return tuple(
+            network
+            for line, text in checker.strings(traffic, key, where)
+            if (network := checker.network(text, line, f"{where}.{key}")) is not None
+        )
+
+    included = cidrs("outboundIPRangeInclusionList")
+    excluded = cidrs("outboundIPRangeExclusionList")
+    ports = frozenset(
+        number
+        for index, line, item in checker.items(traffic, "outboundPortExclusionList", where)
+        if (number := checker.port_value(item, line, f"{where}.outboundPortExclusionList[{index}]"))
+        is not None
+    )
+    if not (included or excluded or ports):
+        return None
+    return Interception(included or None, excluded, ports)
 
 
 def read_feature_flags(checker: Checker, spec: YMap, where: str) -> Origin | None:

@@ -155,6 +155,30 @@ def test_an_osm_tcp_server_first_port_is_not_sniffed(world: World, proxy: StartP
     assert running.logged(r"route=Egress/curl/smtp decision=allow"), running.log_text()
 
 
+OSM_EXCLUSIONS = """\
+apiVersion: config.openservicemesh.io/v1alpha2
+kind: MeshConfig
+metadata: {name: osm-mesh-config, namespace: osm-system}
+spec:
+  traffic:
+    enableEgress: false
+    outboundIPRangeExclusionList: [203.0.113.10/32]
+    outboundPortExclusionList: [25]
+"""
+
+
+def test_osms_outbound_exclusions_pass_untouched(world: World, proxy: StartProxy) -> None:
+    """With egress off, what the MeshConfig's exclusion lists name passes (OSM's redirect
+    never takes it to the proxy); the rest is denied."""
+    proxy(OSM_EXCLUSIONS)
+    document, local_port = curl_json(world, "-4", "https://httpbin.org/excluded")
+    assert_relayed_to(document, "httpbin.org", "203.0.113.10", 443, local_port)
+    denied = world.curl("-4", "https://github.com/", timeout=CURL_TIMEOUT)
+    assert denied.returncode != 0, denied
+    with world.connect(world.host("google.com").v4, 25) as sock:
+        assert recv_line(sock, timeout=2.0) == b"220 google.com ESMTP ready\r\n"
+
+
 @pytest.mark.parametrize("family", ["v4", "v6"])
 def test_banner_after_the_sniff_timeout(world: World, proxy: StartProxy, family: str) -> None:
     """The client waits for the server: the sniff times out, the connection goes opaque."""

@@ -1058,3 +1058,125 @@ def test_an_http_port_listed_twice_routes_as_listed_once() -> None:
     (route,) = [route for route in index.model.routes if route.ref == egress("ports")]
     assert [attachment.port for attachment in route.attachments] == [80]
     assert request_to(index, "foo.com").route == egress("ports")
+
+
+def intercepting(lists: str, settings: Settings = CURL) -> PolicyIndex:
+    """MESH_EGRESS_OFF with these spec.traffic lists, and an Egress allowing https
+    httpbin.org on 443 (which the lists may take out of the MeshConfig's hands)."""
+    mesh_config = MESH_EGRESS_OFF.replace(
+        "{enableEgress: false}", f"{{enableEgress: false, {lists}}}"
+    )
+    text = mesh_config + ONE_EGRESS.format(
+        name="httpbin", hosts="httpbin.org", addresses="", port=443, protocol="https"
+    )
+    return compile_policy(load_policy_text(text, "p.yaml"), settings)
+
+
+def connection(index: PolicyIndex, address: str, port: int, sni: str | None = None) -> Decision:
+    detected = Detected.TLS if sni else Detected.OPAQUE
+    destination = Destination(ipaddress.ip_address(address), port)
+    return index.decide_connection(ConnectionFacts(destination, detected, sni))
+
+
+@pytest.mark.parametrize(
+    ("lists", "address", "port", "passed"),
+    [
+        ("outboundIPRangeExclusionList: [203.0.113.0/24]", "203.0.113.9", 443, True),
+        ("outboundIPRangeExclusionList: [203.0.113.0/24]", "198.51.100.9", 443, False),
+        ("outboundIPRangeExclusionList: ['0.0.0.0/0']", "198.51.100.9", 5432, True),
+        ("outboundIPRangeExclusionList: ['0.0.0.0/0']", "2001:db8::9", 5432, False),
+        ("outboundPortExclusionList: [5432, 6379]", "198.51.100.9", 5432, True),
+        ("outboundPortExclusionList: [5432, 6379]", "198.51.100.9", 5433, False),
+        ("outboundIPRangeInclusionList: [198.51.100.0/24]", "203.0.113.9", 443, True),
+        ("outboundIPRangeInclusionList: [198.51.100.0/24]", "2001:db8::9", 443, True),
+        ("outboundIPRangeInclusionList: [198.51.100.0/24]", "198.51.100.9", 443, False),
+        (
+            "outboundIPRangeInclusionList: [198.51.100.0/24],"
+            " outboundIPRangeExclusionList: [198.51.100.0/25]",
+            "198.51.100.9",
+            443,
+            True,
+        ),
+        (
+            "outboundIPRangeInclusionList: [198.51.100.0/24],"
+            " outboundIPRangeExclusionList: [198.51.100.0/25]",
+            "198.51.100.200",
+            443,
+            False,
+        ),
+    ],
+)
+def test_the_mesh_configs_outbound_lists_take_traffic_out_of_its_network(
+    lists: str, address: str, port: int, passed: bool
+) -> None:
+    """OSM's injector turns these lists into iptables RETURN rules (exclusions first), so
+    that traffic never meets OSM's proxy: it passes whatever enableEgress says. Accepted
+    and ignored, they had it denied."""
+    index = intercepting(lists)
+    decision = connection(index, address, port)
+    if passed:
+        assert (decision.action, decision.parent) == (Action.PASS, None), decision.reason
+        assert decision.reason.endswith("passed untouched")
+    else:
+        assert (decision.action, decision.route) == (
+            Action.DENY,
+            RouteRef("", "default", "", "tcp-egress-deny"),
+        )
+
+
+def test_an_excluded_port_passes_untouched_and_the_policy_still_decides_the_rest() -> None:
+    index = intercepting("outboundPortExclusionList: [443]")
+    excluded = connection(index, "198.51.100.9", 443, sni="example.com")
+    assert (excluded.action, excluded.parent) == (Action.PASS, None)
+    assert excluded.reason == (
+        "port 443 is in the outboundPortExclusionList of MeshConfig osm-system/osm-mesh-config:"
+        " passed untouched"
+    )
+    assert connection(intercepting(""), "198.51.100.9", 443, sni="httpbin.org").route == egress(
+        "httpbin"
+    )
+    request = RequestFacts(Destination(EXTERNAL, 443), "x.com", "GET", "/", "", (), grpc=False)
+    assert index.decide_request(request).parent is None
+
+
+def test_the_inclusion_list_leaves_the_cluster_networks_out() -> None:
+    """The cluster networks are never egress: an inclusion list naming one (OSM redirects
+    in-mesh traffic too) must not put pod-to-pod traffic under the egress policy."""
+    index = intercepting("outboundIPRangeInclusionList: [10.0.0.0/8, 198.0.0.0/8]")
+    assert connection(index, "10.1.2.3", 443).parent is None
+    assert connection(index, "198.51.100.9", 443).action == Action.DENY
+    assert connection(index, "203.0.113.9", 443).parent is None
+    wide = intercepting("outboundIPRangeInclusionList: [0.0.0.0/0]")
+    assert connection(wide, "10.1.2.3", 443).parent is None
+    assert connection(wide, "203.0.113.9", 443).action == Action.DENY
+
+
+@pytest.mark.parametrize(
+    ("lists", "reason"),
+    [
+        (
+            "outboundIPRangeExclusionList: [not-a-cidr]",
+            "MeshConfig osm-system/osm-mesh-config.spec.traffic.outboundIPRangeExclusionList:"
+            " 'not-a-cidr' is not a CIDR",
+        ),
+        (
+            "outboundIPRangeInclusionList: 10.0.0.0/8",
+            "MeshConfig osm-system/osm-mesh-config.spec.traffic.outboundIPRangeInclusionList:"
+            " expected a list, got the string '10.0.0.0/8'",
+        ),
+        (
+            "outboundPortExclusionList: [0]",
+            "MeshConfig osm-system/osm-mesh-config.spec.traffic.outboundPortExclusionList[0]:"
+            " port 0 is outside 1-65535",
+        ),
+        (
+            "outboundPortExclusionList: ['5432']",
+            "MeshConfig osm-system/osm-mesh-config.spec.traffic.outboundPortExclusionList[0]:"
+            " expected an integer, got the string '5432'",
+        ),
+    ],
+)
+def test_a_bad_outbound_list_is_an_error_at_its_line(lists: str, reason: str) -> None:
+    with pytest.raises(PolicyError) as caught:
+        intercepting(lists)
+    assert [str(problem) for problem in caught.value.problems] == [f"p.yaml:5: {reason}"]
