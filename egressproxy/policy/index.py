@@ -1334,6 +1334,8 @@ def jsonable(value: object) -> object:
         return value.isoformat()
     if isinstance(value, tuple | list):
         return [jsonable(item) for item in value]
+    if isinstance(value, frozenset):
+        return [jsonable(item) for item in sorted(value)]
     if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
         return str(value)
     return value

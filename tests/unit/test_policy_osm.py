@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -1180,3 +1181,16 @@ def test_a_bad_outbound_list_is_an_error_at_its_line(lists: str, reason: str) ->
     with pytest.raises(PolicyError) as caught:
         intercepting(lists)
     assert [str(problem) for problem in caught.value.problems] == [f"p.yaml:5: {reason}"]
+
+
+def test_config_shows_the_outbound_lists() -> None:
+    """/config's policy is the model as JSON: the port set broke its rendering."""
+    index = intercepting(
+        "outboundIPRangeInclusionList: [198.51.100.0/24], outboundPortExclusionList: [6379, 25]"
+    )
+    [network] = json.loads(json.dumps(index.describe()))["networks"]
+    assert network["interception"] == {
+        "included": ["198.51.100.0/24"],
+        "excluded": [],
+        "excluded_ports": [25, 6379],
+    }
