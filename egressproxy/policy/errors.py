@@ -8,6 +8,7 @@ instead of raising at the first one, so a user fixes a file in one pass.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from typing import Any, TypeVar
 from egressproxy.policy.decision import is_ip_literal
 from egressproxy.policy.regex import Pattern, RegexError
 from egressproxy.settings import IPNetwork
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,23 @@ class Checker:
             return None
         return pattern
 
+    def path_regex(self, pattern: str, line: int, where: str) -> str | None:
+        """A regular expression on request paths, which are matched with their escapes
+        decoded: one written with `%20` or `%2F` (as OSM's Envoy, matching paths raw, would
+        take it) never matches, so it is warned about."""
+        if self.regex(pattern, line, where) is None:
+            return None
+        if PERCENT_ESCAPE.search(pattern):
+            log.warning(
+                "%s:%d: %s: %r has a percent-escape, but paths are matched decoded (as a "
+                "server resolves them): write the character itself (a space, not %%20)",
+                self.file,
+                line,
+                where,
+                pattern,
+            )
+        return pattern
+
     def hostname(
         self, text: str, line: int, where: str, *, addresses: str | None, wildcard: bool = True
     ) -> str | None:
@@ -243,6 +263,7 @@ DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
 no namespace, and a resource in it would silently apply to no client."""
 DNS_SUBDOMAIN = re.compile(r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*")
 """An RFC 1123 subdomain (at most 253 characters), as Kubernetes names most objects."""
+PERCENT_ESCAPE = re.compile(r"(?<!\\)%[0-9A-Fa-f]{2}")
 HOST_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
 HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`|~]+")
 GRPC_NAMES = {

@@ -560,7 +560,7 @@ def read_http_match(checker: Checker, node: YMap, where: str) -> HttpMatch:
         value = checker.get(path_node, "value", str, path_where) or "/"
         line = path_node.line_of("value")
         if kind == MatchKind.REGEX:
-            path = PathMatch(kind, value) if checker.regex(value, line, path_where) else None
+            path = PathMatch(kind, value) if checker.path_regex(value, line, path_where) else None
         elif not value.startswith("/"):
             checker.error(line, f"{path_where}.value: {value!r} must start with '/'")
         else:

@@ -301,7 +301,7 @@ def read_http(checker: Checker, node: YMap, where: str) -> list[HttpMatch]:
                 checker.error(
                     line, f"{where}.{key}: empty: no path matches it; omit it to match any"
                 )
-            elif checker.regex(value, line, f"{where}.{key}"):
+            elif checker.path_regex(value, line, f"{where}.{key}"):
                 path = PathMatch(MatchKind.REGEX, value)
         elif not value.startswith("/"):
             checker.error(line, f"{where}.{key}: {value!r} must start with '/'")

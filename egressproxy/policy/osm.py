@@ -354,7 +354,7 @@ def read_route_group(
         name = checker.get(item, "name", str, item_where) or f"matches[{index}]"
         path = None
         regex = checker.get(item, "pathRegex", str, item_where)
-        if regex is not None and checker.regex(regex, item.line_of("pathRegex"), item_where):
+        if regex is not None and checker.path_regex(regex, item.line_of("pathRegex"), item_where):
             path = PathMatch(MatchKind.REGEX, regex)
         headers = []
         header_map = checker.get(item, "headers", YMap, item_where)
@@ -405,7 +405,7 @@ def read_egress(
     if spec is None:
         return []
     checker.known_fields(spec, where, {"sources", "hosts", "ipAddresses", "ports", "matches"})
-    clients = read_sources(checker, spec, where)
+    clients, sources_again = read_sources(checker, spec, where)
     # OSM admits an IPv4 host: Envoy matches it against the Host header of its http ports.
     host_lines = []
     star_lines = []
@@ -442,6 +442,8 @@ def read_egress(
             listed.append(port)
             if number not in ports.setdefault(name, []):
                 ports[name].append(number)
+    if "http" in ports and hosts:
+        warn_sources_listed_again(checker.file, sources_again)
     for line in star_lines:
         refuse_star_host(checker, line, where, ports)
     if "https" in ports:
@@ -623,10 +625,14 @@ def egress_cidr(checker: Checker, text: str, line: int, where: str) -> IPNetwork
     return checker.network(text, line, where)
 
 
-def read_sources(checker: Checker, spec: YMap, where: str) -> tuple[ClientRef, ...]:
+def read_sources(
+    checker: Checker, spec: YMap, where: str
+) -> tuple[tuple[ClientRef, ...], list[tuple[str, int]]]:
+    """The clients, and (where, line) of each source that names one named before."""
     if "sources" not in spec:
         checker.error(spec.line, f"{where}: missing required field 'sources'")
-    clients = []
+    clients: list[ClientRef] = []
+    again = []
     for item_where, item in checker.mappings(spec, "sources", where):
         checker.known_fields(item, item_where, {"kind", "name", "namespace"})
         kind = checker.get(item, "kind", str, item_where, required=True)
@@ -637,8 +643,26 @@ def read_sources(checker: Checker, spec: YMap, where: str) -> tuple[ClientRef, .
                 item.line_of("kind"), f"{item_where}.kind: only ServiceAccount is supported"
             )
         elif kind and name and namespace:
-            clients.append(ClientRef(kind, namespace, name))
-    return tuple(clients)
+            client = ClientRef(kind, namespace, name)
+            if client in clients:
+                again.append((item_where, item.line))
+            clients.append(client)
+    return tuple(clients), again
+
+
+def warn_sources_listed_again(file: str, again: Sequence[tuple[str, int]]) -> None:
+    """OSM builds an Egress's http routes once per source entry that names the client
+    (ListEgressPoliciesForSourceIdentity), so a service account listed twice puts each
+    host's virtual host twice in the port's route configuration, which Envoy rejects."""
+    for where, line in again:
+        log.warning(
+            "%s:%d: %s: this service account is listed again: OSM gives Envoy each host's "
+            "virtual host twice in the http port's route configuration, which Envoy rejects "
+            "for it, keeping its previous configuration",
+            file,
+            line,
+            where,
+        )
 
 
 def refuse_upstream_traffic_setting(

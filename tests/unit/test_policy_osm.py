@@ -1194,3 +1194,52 @@ def test_config_shows_the_outbound_lists() -> None:
         "excluded": [],
         "excluded_ports": [25, 6379],
     }
+
+
+def test_a_path_regex_with_a_percent_escape_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Paths are matched decoded, so `/files/my%20doc` (which OSM's Envoy would match
+    against the raw path) matches no request: the user hears it at load, at its line."""
+    text = (EXAMPLES / "osm-5-egress-routegroup.yaml").read_text()
+    escaped = text.replace("pathRegex: /get", "pathRegex: /files/my%20doc\\.pdf")
+    with caplog.at_level("WARNING", logger="egressproxy.policy.errors"):
+        index = compile_policy(load_policy_text(escaped, "p.yaml"), CURL)
+        load_policy_text(text.replace("pathRegex: /get", "pathRegex: /100\\%25"), "p.yaml")
+    assert [record.getMessage() for record in caplog.records] == [
+        "p.yaml:19: HTTPRouteGroup curl/egress-http-route.spec.matches[0]: "
+        "'/files/my%20doc\\\\.pdf' has a percent-escape, but paths are matched decoded (as a "
+        "server resolves them): write the character itself (a space, not %20)"
+    ]
+    assert http(index, "httpbin.org", "/files/my%20doc.pdf").action == Action.DENY
+
+
+@pytest.mark.parametrize(("protocol", "warned"), [("http", True), ("tcp", False)])
+def test_a_service_account_listed_twice_is_warned_about_on_http_ports(
+    caplog: pytest.LogCaptureFixture, protocol: str, warned: bool
+) -> None:
+    """OSM builds the http routes once per matching source entry: the second builds each
+    host's virtual host again, and Envoy rejects the duplicate domain."""
+    text = MESH_EGRESS_OFF + ONE_EGRESS.format(
+        name="twice", hosts="httpbin.org", addresses="", port=80, protocol=protocol
+    ).replace(
+        "  sources: [{kind: ServiceAccount, name: curl, namespace: curl}]\n",
+        "  sources:\n"
+        "  - {kind: ServiceAccount, name: curl, namespace: curl}\n"
+        "  - {kind: ServiceAccount, name: other, namespace: curl}\n"
+        "  - {kind: ServiceAccount, name: curl, namespace: curl}\n",
+    )
+    with caplog.at_level("WARNING", logger="egressproxy.policy.osm"):
+        load_policy_text(text, "p.yaml")
+    messages = [
+        record.getMessage() for record in caplog.records if "sources" in record.getMessage()
+    ]
+    assert messages == (
+        [
+            "p.yaml:14: Egress curl/twice.spec.sources[2]: this service account is listed "
+            "again: OSM gives Envoy each host's virtual host twice in the http port's route "
+            "configuration, which Envoy rejects for it, keeping its previous configuration"
+        ]
+        if warned
+        else []
+    )
