@@ -1077,7 +1077,6 @@ class H2Proxy(asyncio.Protocol):
             return
         if padding:
             self.h2.acknowledge_received_data(padding, event.stream_id)
-        stream.record.bytes_from_client += len(event.data)
         stream.to_upstream += event.data
         if stream.upstream_id:
             self._pump_upstream(stream)
@@ -1110,6 +1109,7 @@ class H2Proxy(asyncio.Protocol):
                 chunk = bytes(pending[:size])
                 connection.send_data(stream.upstream_id, chunk)
                 del pending[:size]
+                stream.record.bytes_from_client += size  # counted once it goes upstream
                 kept = stream.kept
                 if kept is not None and len(kept) + size <= REPLAY_LIMIT:
                     kept += chunk
@@ -1179,7 +1179,7 @@ class H2Proxy(asyncio.Protocol):
         """The client reset the stream: on its RST_STREAM's event, or found closed in h2
         before that event came, when sending on it (the event then finds it gone)."""
         self._client_cancelled(stream)
-        self._finish_stream(stream, "client_reset")
+        self._finish_stream(stream, "reset")
         self._count_premature_reset(stream)
 
     def _count_premature_reset(self, stream: _Stream) -> None:
@@ -1375,6 +1375,7 @@ class H2Proxy(asyncio.Protocol):
         stream.retried = True
         stream.upstream_id, stream.end_sent = 0, False
         stream.to_upstream[:0] = stream.kept or b""
+        stream.record.bytes_from_client -= len(stream.kept or b"")  # counted when sent again
         stream.kept = None  # sent again once only: acknowledged as it goes
         stream.close_upstream_window()
         self._forward(stream, key)

@@ -367,6 +367,31 @@ async def test_unreachable_upstream_gives_502(h2_setup: tuple[LoopbackProxy, int
     assert proxy.ledger.connect_failures == ["connect_refused"], "one connect, counted once"
 
 
+@pytest.mark.asyncio
+async def test_a_body_no_upstream_took_is_not_counted_as_sent(
+    h2_setup: tuple[LoopbackProxy, int],
+) -> None:
+    """egress_sent_bytes_total counts bytes sent towards an upstream: a body held while
+    the connect failed went nowhere (HTTP/1 counted 0, h2 counted it all)."""
+    proxy, _ = h2_setup
+    client = await connect_h2(proxy)
+    sent = client.request("POST", "/sent", bytes(1000))
+    async with asyncio.timeout(TIMEOUT):
+        await sent.done.wait()
+    client.transport.close()
+    proxy.destination[0] = local(closed_port())
+    client = await connect_h2(proxy)
+    refused = client.request("POST", "/refused", bytes(1000))
+    async with asyncio.timeout(TIMEOUT):
+        await refused.done.wait()
+    client.transport.close()
+    await proxy.wait_closed_flows(2)
+    assert sorted((r.path, r.status, r.bytes_from_client) for r in proxy.ledger.requests) == [
+        ("/refused", 502, 0),
+        ("/sent", 200, 1000),
+    ]
+
+
 class ClosedWindowClient(H2Client):
     """Gives the server no window for stream data (SETTINGS_INITIAL_WINDOW_SIZE 0) until
     it opens one stream's window itself."""
@@ -1356,6 +1381,8 @@ async def test_an_upstream_goaway_finishes_its_streams_and_retries_the_unprocess
         ("/sent-body", 502, "reset"),
         ("/unprocessed", 200, ""),
     ]
+    sent = {r.path: r.bytes_from_client for r in proxy.ledger.requests}
+    assert sent["/kept-body"] == len(b"partial"), "sent twice, counted once"
 
 
 class RollingGrpcOrigin(asyncio.Protocol):
@@ -3146,7 +3173,7 @@ async def test_a_download_reset_in_the_read_that_opens_its_window_is_cancelled_u
 ) -> None:
     """The client opens a waiting download's window and resets it in one read: h2 has
     closed the stream when the WINDOW_UPDATE's event makes the proxy send on it, before the
-    RST_STREAM's event comes. The stream ended as client_reset there, but its upstream twin
+    RST_STREAM's event comes. The stream ended as reset there, but its upstream twin
     was neither reset nor let go of: it kept its upstream stream slot and window until the
     upstream ended it (never, its window closed). It is now cancelled upstream, as a
     client's reset is."""
@@ -3172,20 +3199,20 @@ async def test_a_download_reset_in_the_read_that_opens_its_window_is_cancelled_u
         client.transport.close()
         await origins.proxy.wait_closed_flows(1)
     outcomes = [(r.path, r.status, r.error) for r in origins.proxy.ledger.requests]
-    assert outcomes == [("/held", 200, "client_reset")]
+    assert outcomes == [("/held", 200, "reset")]
 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("method", "path", "headers", "counted"),
     [
-        ("GET", "/denied/x", {}, [("/denied/x", 403, "client_reset"), ("/held", 200, "")]),
-        ("HEAD", "/denied/x", {}, [("/denied/x", 403, "client_reset"), ("/held", 200, "")]),
+        ("GET", "/denied/x", {}, [("/denied/x", 403, "reset"), ("/held", 200, "")]),
+        ("HEAD", "/denied/x", {}, [("/denied/x", 403, "reset"), ("/held", 200, "")]),
         (
             "POST",
             "/test.Echo/Fail",
             {"content-type": "application/grpc"},
-            [("/held", 200, ""), ("/test.Echo/Fail", 403, "client_reset")],
+            [("/held", 200, ""), ("/test.Echo/Fail", 403, "reset")],
         ),
         ("GET", "/after-goaway", {}, [("/held", 200, "")]),
     ],
@@ -3256,7 +3283,7 @@ async def test_a_stream_the_client_ends_gives_its_upstream_slot_to_one_waiting(
         client.transport.close()
         await proxy.wait_closed_flows(1)
     outcomes = sorted((r.path, r.status, r.error) for r in proxy.ledger.requests)
-    first_error = "client_reset" if ending == "reset" else "bad_request"
+    first_error = "reset" if ending == "reset" else "bad_request"
     assert outcomes == [("/first", None, first_error), ("/second", 200, "")]
 
 
