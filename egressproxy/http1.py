@@ -960,13 +960,14 @@ class Http1Proxy(asyncio.Protocol):
         )
         if decision.action is DENY_ACTION:
             record.answered_by_proxy(403, "")
-            if request.close:
+            closing = request.close or self.draining or flow.context.draining
+            if closing:  # said, so no client sends its next request into the close
                 denial = DENIED_CLOSING_HEAD if seen.method == "HEAD" else DENIED_CLOSING_RESPONSE
             else:
                 denial = DENIED_HEAD if seen.method == "HEAD" else DENIED_RESPONSE
             self._write_client(denial)
             self._report(record)
-            if request.close or self.draining or flow.context.draining:
+            if closing:
                 self._close()
             return
         self.record = record
@@ -1610,7 +1611,7 @@ class Http1Proxy(asyncio.Protocol):
         payload = (text + "\n").encode()
         headers = [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(payload))]
         close = self.client.they_are_waiting_for_100_continue and self._expects_body()
-        if close:
+        if close or self.draining or self.flow.context.draining:
             headers.append((b"connection", b"close"))
         reason = HTTPStatus(status).phrase.encode()
         head = h11.Response(status_code=status, headers=headers, reason=reason)

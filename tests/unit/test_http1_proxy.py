@@ -769,6 +769,41 @@ async def test_the_answer_in_flight_at_a_drain_says_connection_close(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET /denied HTTP/1.1\r\nHost: example.test\r\n\r\n", 403),
+        (b"HEAD /denied HTTP/1.1\r\nHost: example.test\r\n\r\n", 403),
+        (
+            b"POST /denied HTTP/1.1\r\nHost: example.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"0\r\n\r\n",
+            403,
+        ),
+        (b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n", 502),
+    ],
+    ids=["lean 403", "lean 403 to HEAD", "h11 403", "502"],
+)
+async def test_the_proxys_own_answer_during_a_drain_says_connection_close(
+    setup: tuple[LoopbackProxy, int, int], request_bytes: bytes, status: int
+) -> None:
+    """As the upstream's answers do during a drain: the connection closes after it, and a
+    client told keep-alive may send its next request into the close."""
+    proxy, _, _ = setup
+    if status == 502:
+        proxy.destination[0] = local(closed_port())
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    async with asyncio.timeout(5):
+        proxy.context.draining = True  # the connection is still being sniffed, as serve() does
+        writer.write(request_bytes)
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.read()
+    writer.close()
+    await proxy.wait_closed_flows(1)
+    assert head.split(b" ", 2)[1] == str(status).encode()
+    assert connection_fields(head) == [b"close"]
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("first", [b"", b"GET / HTTP/1.1\r\nHost: example.test\r\n\r\n"])
 async def test_an_absolute_target_with_an_unbalanced_bracket_gets_400(
     setup: tuple[LoopbackProxy, int, int], first: bytes
