@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import uvloop
 from prometheus_client import CollectorRegistry
@@ -70,10 +70,14 @@ def main(settings: Settings) -> int:
             settings, on_reload=lambda ok: meters.policy_reloaded(ok, store.current.generation)
         )
         try:
-            store.load_initial()
+            with stopped_cleanly_by_signals():
+                store.load_initial()
         except PolicyError as error:
             print(error, file=sys.stderr)
             return 1
+        except StoppedBeforeStart:
+            log.info("stopped while loading the policy")
+            return 0
         meters.policy_loaded(store.current.generation)
         listeners = []
         for endpoint in settings.listen:
@@ -97,6 +101,28 @@ def main(settings: Settings) -> int:
         if metrics_dir is not None and os.getpid() == owner:
             shutil.rmtree(metrics_dir, ignore_errors=True)
         accesslog.shutdown_logging()
+
+
+class StoppedBeforeStart(Exception):
+    """SIGTERM or SIGINT while the first policy loads (seconds for a large one, forever
+    from a hung mount): nothing serves yet, so stopping is a clean exit, not death by
+    the signal."""
+
+
+def _stop_before_start(signum: int, frame: object) -> None:
+    raise StoppedBeforeStart
+
+
+@contextlib.contextmanager
+def stopped_cleanly_by_signals() -> Iterator[None]:
+    """Within: SIGTERM and SIGINT raise StoppedBeforeStart (a blocked read returns)."""
+    stops = (signal.SIGTERM, signal.SIGINT)
+    previous = {signum: signal.signal(signum, _stop_before_start) for signum in stops}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def startup_problem(settings: Settings) -> str:

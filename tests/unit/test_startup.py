@@ -241,6 +241,24 @@ def test_a_sighup_before_the_policy_is_in_is_not_fatal(tmp_path: Path) -> None:
     assert process.returncode == 0, errors
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_before_the_policy_is_in_is_a_clean_exit(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
+    """SIGTERM while the first policy loads (a large one takes seconds) killed the proxy
+    by the signal (status -15): the drain contract says exit 0, and nothing serves yet."""
+    process = proxy_on_a_fifo(tmp_path / "policy.yaml")
+    try:
+        time.sleep(1.0)  # past the interpreter's start, into the wait for the policy
+        process.send_signal(stop)
+        _, errors = process.communicate(timeout=30)
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+    assert process.returncode == 0, errors
+    assert "Traceback" not in errors
+
+
 def test_a_policy_read_that_never_returns_does_not_hold_the_exit(tmp_path: Path) -> None:
     """The policy is a FIFO: once it is in, the watcher's next read waits for a writer that
     never comes, as a read from a hung mount would. SIGTERM must still end the proxy."""
