@@ -478,9 +478,10 @@ class Metrics:
             self.policy_reloads(result)
         self.policy_generation = Gauge(
             "egress_policy_generation",
-            "Generation of the policy in force (1 for the first one loaded)",
+            "Generation of the policy in force (1 for the first one loaded); with --workers,"
+            " the lowest any worker has in force",
             registry=registry,
-            multiprocess_mode="max",
+            multiprocess_mode="livemin",
         )
         self.open_connections = Gauge(
             "egress_open_connections",

@@ -96,7 +96,9 @@ def main(settings: Settings) -> int:
             return uvloop.run(
                 serve(settings, store, listeners, accounting, registry, admin_socket=admin_socket)
             )
-        return supervise(settings, store, listeners, admin_socket, accounting, registry)
+        return supervise(
+            settings, store, listeners, admin_socket, accounting, registry, meters.policy_loaded
+        )
     finally:
         if metrics_dir is not None and os.getpid() == owner:
             shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -431,6 +433,7 @@ def supervise(
     admin_socket: socket.socket,
     accounting: Accounting,
     registry: CollectorRegistry,
+    generation_in_force: Callable[[int], None],
 ) -> int:
     """--workers N: N forked workers, each with its own SO_REUSEPORT listeners (the kernel
     spreads new connections over them); this process serves admin.
@@ -440,7 +443,9 @@ def supervise(
     accepted there, where a listener closed with it still queued would reset it.
 
     This process alone reloads the policy, and sends each one to the workers down a
-    pipe each (store.follow); it alone counts the reloads.
+    pipe each (store.follow); it alone counts the reloads. Each worker reports the
+    generation it has in force (generation_in_force), and the gauge shows the lowest: a
+    worker still compiling, or one that could not, runs the older policy meanwhile.
     """
     ready_read, ready_write = os.pipe()
     children: list[int] = []
@@ -464,6 +469,8 @@ def supervise(
                 for descriptor in (ready_read, feed_write, *feeds):
                     os.close(descriptor)
                 store.on_reload = None
+                store.on_adopted = generation_in_force
+                generation_in_force(store.current.generation)
                 upstream.take_worker_share(index, settings.workers)
                 admin_socket.close()
                 if index == 0:

@@ -67,6 +67,8 @@ class PolicyStore:
         self.settings = settings
         self.file = str(settings.policy_file)
         self.on_reload = on_reload
+        self.on_adopted: Callable[[int], None] | None = None
+        """A worker's: told each generation it puts in force (adopt)."""
         self._current: Snapshot | None = None
         self._last_digest: bytes | None = None
         self._in_force_digest: bytes | None = None
@@ -189,6 +191,8 @@ class PolicyStore:
             return
         self._install(index, generation)
         log.debug("%s: policy generation %d adopted", self.file, generation)
+        if self.on_adopted is not None:
+            self.on_adopted(generation)
 
     def _attempt(
         self, force: bool, last_digest: bytes | None, in_force: bytes | None

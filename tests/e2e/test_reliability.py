@@ -1223,6 +1223,41 @@ def test_policy_rewritten_under_load_switches_without_a_failed_request(
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def test_the_generation_gauge_waits_for_every_worker(world: World, proxy: StartProxy) -> None:
+    """With --workers the parent compiles a reload first and shows it in /config; a worker
+    runs the older policy until it has compiled the new one too. The gauge showed the
+    parent's generation at once (seconds early, for a large policy): it is now the lowest
+    any worker has in force. A stopped worker stands for one still compiling."""
+    directory = make_workdir("generation-workers")
+    directory.chmod(0o755)
+    policy = directory / "policy.yaml"
+
+    def write(text: str, generation: int) -> None:
+        staged = directory / f"staged-{generation}.yaml"
+        staged.write_text(text)
+        staged.chmod(0o644)
+        staged.replace(policy)
+
+    def generation() -> float:
+        return metric(metrics_text(running), "egress_policy_generation")
+
+    write(RELOADED.format(action="deny"), 1)
+    running = proxy(None, "--policy", str(policy), "--workers", "2")
+    workers = Path(f"/proc/{running.pid}/task/{running.pid}/children").read_text().split()
+    assert len(workers) == 2
+    try:
+        assert wait_until(lambda: generation() == 1, 5.0)
+        os.kill(int(workers[1]), signal.SIGSTOP)
+        write(RELOADED.format(action="allow"), 2)
+        assert wait_until(partial(loaded, running, 2), 5.0)
+        time.sleep(POLL_WINDOW)  # the running worker has adopted it by now
+        assert generation() == 1, "a worker still runs generation 1"
+    finally:
+        os.kill(int(workers[1]), signal.SIGCONT)
+        shutil.rmtree(directory, ignore_errors=True)
+    assert wait_until(lambda: generation() == 2, 5.0)
+
+
 def loaded(running: Proxy, generation: int) -> bool:
     status, body = running.admin_get("/config")
     assert status == 200
