@@ -422,8 +422,8 @@ def read_egress(
         for line, text in checker.strings(spec, "ipAddresses", where)
         if (network := egress_cidr(checker, text, line, f"{where}.ipAddresses")) is not None
     )
-    if "ports" not in spec:
-        checker.error(spec.line, f"{where}: missing required field 'ports'")
+    if spec.get("ports") is None:  # null is unset in Kubernetes: still missing
+        checker.error(spec.line_of("ports"), f"{where}: missing required field 'ports'")
     ports: dict[str, list[int]] = {}
     listed: list[ListedPort] = []
     for index, (item_where, item) in enumerate(checker.mappings(spec, "ports", where)):
@@ -629,8 +629,8 @@ def read_sources(
     checker: Checker, spec: YMap, where: str
 ) -> tuple[tuple[ClientRef, ...], list[tuple[str, int]]]:
     """The clients, and (where, line) of each source that names one named before."""
-    if "sources" not in spec:
-        checker.error(spec.line, f"{where}: missing required field 'sources'")
+    if spec.get("sources") is None:
+        checker.error(spec.line_of("sources"), f"{where}: missing required field 'sources'")
     clients: list[ClientRef] = []
     again = []
     for item_where, item in checker.mappings(spec, "sources", where):

@@ -1243,3 +1243,21 @@ def test_a_service_account_listed_twice_is_warned_about_on_http_ports(
         if warned
         else []
     )
+
+
+@pytest.mark.parametrize(("field", "line"), [("sources", 11), ("ports", 14)])
+def test_a_required_egress_field_left_empty_is_missing(field: str, line: int) -> None:
+    """`ports:` with no value is null, which Kubernetes takes for unset: the CRD refuses
+    the Egress. It loaded as an Egress with no ports (or sources), allowing nothing,
+    silently."""
+    egress = ONE_EGRESS.format(
+        name="empty", hosts="httpbin.org", addresses="", port=443, protocol="https"
+    )
+    emptied = "\n".join(
+        f"  {field}:" if text.startswith(f"  {field}:") else text for text in egress.split("\n")
+    )
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(MESH_EGRESS_OFF + emptied, "p.yaml")
+    assert [str(problem) for problem in caught.value.problems] == [
+        f"p.yaml:{line}: Egress curl/empty.spec: missing required field {field!r}"
+    ]
