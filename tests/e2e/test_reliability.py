@@ -1184,21 +1184,31 @@ spec:
 """
 
 
-def test_policy_rewritten_under_load_switches_without_a_failed_request(
-    world: World, proxy: StartProxy
-) -> None:
-    directory = make_workdir("reload")
+@contextlib.contextmanager
+def replaced_policy(name: str) -> Iterator[tuple[Path, Callable[[str, int], None]]]:
+    """A policy file the proxy's uid can read, and a writer that replaces it whole with a
+    generation's text (a rename, as a ConfigMap update does); removed at the end."""
+    directory = make_workdir(name)
     directory.chmod(0o755)
     policy = directory / "policy.yaml"
 
-    def write(action: str, generation: int) -> None:
+    def write(text: str, generation: int) -> None:
         staged = directory / f"staged-{generation}.yaml"
-        staged.write_text(RELOADED.format(action=action))
+        staged.write_text(text)
         staged.chmod(0o644)
         staged.replace(policy)
 
-    write("deny", 1)
     try:
+        yield policy, write
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_policy_rewritten_under_load_switches_without_a_failed_request(
+    world: World, proxy: StartProxy
+) -> None:
+    with replaced_policy("reload") as (policy, write):
+        write(RELOADED.format(action="deny"), 1)
         running = proxy(None, "--policy", str(policy))
         hammer = Hammer()
         hammer.start("keep-alive", lambda: KeepAliveGetter(world, "/get", 200), 3)
@@ -1206,7 +1216,7 @@ def test_policy_rewritten_under_load_switches_without_a_failed_request(
         try:
             for generation in range(2, 8):
                 action = "allow" if generation % 2 == 0 else "deny"
-                write(action, generation)
+                write(RELOADED.format(action=action), generation)
                 assert wait_until(partial(loaded, running, generation), 5.0), (
                     f"generation {generation} never loaded"
                 )
@@ -1219,8 +1229,6 @@ def test_policy_rewritten_under_load_switches_without_a_failed_request(
             hammer.finish()
         assert hammer.failures == []
         assert hammer.done > 100
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_the_generation_gauge_waits_for_every_worker(world: World, proxy: StartProxy) -> None:
@@ -1228,34 +1236,25 @@ def test_the_generation_gauge_waits_for_every_worker(world: World, proxy: StartP
     runs the older policy until it has compiled the new one too. The gauge showed the
     parent's generation at once (seconds early, for a large policy): it is now the lowest
     any worker has in force. A stopped worker stands for one still compiling."""
-    directory = make_workdir("generation-workers")
-    directory.chmod(0o755)
-    policy = directory / "policy.yaml"
-
-    def write(text: str, generation: int) -> None:
-        staged = directory / f"staged-{generation}.yaml"
-        staged.write_text(text)
-        staged.chmod(0o644)
-        staged.replace(policy)
 
     def generation() -> float:
         return metric(metrics_text(running), "egress_policy_generation")
 
-    write(RELOADED.format(action="deny"), 1)
-    running = proxy(None, "--policy", str(policy), "--workers", "2")
-    workers = Path(f"/proc/{running.pid}/task/{running.pid}/children").read_text().split()
-    assert len(workers) == 2
-    try:
-        assert wait_until(lambda: generation() == 1, 5.0)
-        os.kill(int(workers[1]), signal.SIGSTOP)
-        write(RELOADED.format(action="allow"), 2)
-        assert wait_until(partial(loaded, running, 2), 5.0)
-        time.sleep(POLL_WINDOW)  # the running worker has adopted it by now
-        assert generation() == 1, "a worker still runs generation 1"
-    finally:
-        os.kill(int(workers[1]), signal.SIGCONT)
-        shutil.rmtree(directory, ignore_errors=True)
-    assert wait_until(lambda: generation() == 2, 5.0)
+    with replaced_policy("generation-workers") as (policy, write):
+        write(RELOADED.format(action="deny"), 1)
+        running = proxy(None, "--policy", str(policy), "--workers", "2")
+        workers = Path(f"/proc/{running.pid}/task/{running.pid}/children").read_text().split()
+        assert len(workers) == 2
+        try:
+            assert wait_until(lambda: generation() == 1, 5.0)
+            os.kill(int(workers[1]), signal.SIGSTOP)
+            write(RELOADED.format(action="allow"), 2)
+            assert wait_until(partial(loaded, running, 2), 5.0)
+            time.sleep(POLL_WINDOW)  # the running worker has adopted it by now
+            assert generation() == 1, "a worker still runs generation 1"
+        finally:
+            os.kill(int(workers[1]), signal.SIGCONT)
+        assert wait_until(lambda: generation() == 2, 5.0)
 
 
 def loaded(running: Proxy, generation: int) -> bool:
@@ -1273,15 +1272,6 @@ def test_workers_run_the_policies_their_supervisor_reloads(world: World, proxy: 
     """With --workers only the supervisor reads the policy file: its workers run each
     policy it reloads, under its generation, so a change or a bad file is logged once,
     and a SIGHUP sent to a worker reloads nothing."""
-    directory = make_workdir("reload-workers")
-    directory.chmod(0o755)
-    policy = directory / "policy.yaml"
-
-    def write(text: str, generation: int) -> None:
-        staged = directory / f"staged-{generation}.yaml"
-        staged.write_text(text)
-        staged.chmod(0o644)
-        staged.replace(policy)
 
     def probes_allowed() -> bool:
         httpbin = world.host("httpbin.org").v4
@@ -1289,8 +1279,8 @@ def test_workers_run_the_policies_their_supervisor_reloads(world: World, proxy: 
             http_get(world, httpbin, 80, "/probe", "httpbin.org")[0] == 200 for _ in range(10)
         )
 
-    write(RELOADED.format(action="deny"), 1)
-    try:
+    with replaced_policy("reload-workers") as (policy, write):
+        write(RELOADED.format(action="deny"), 1)
         running = proxy(None, "--policy", str(policy), "--workers", "2")
         write(RELOADED.format(action="allow"), 2)
         assert wait_until(partial(loaded, running, 2), 5.0)
@@ -1311,5 +1301,3 @@ def test_workers_run_the_policies_their_supervisor_reloads(world: World, proxy: 
         assert log_text.count("policy reloaded, generation") == 1, log_text
         assert log_text.count(f"{policy}:2: YAML syntax") == 1, log_text
         assert probes_allowed()
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
