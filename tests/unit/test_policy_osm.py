@@ -1143,12 +1143,19 @@ def test_an_excluded_port_passes_untouched_and_the_policy_still_decides_the_rest
 def test_the_inclusion_list_leaves_the_cluster_networks_out() -> None:
     """The cluster networks are never egress: an inclusion list naming one (OSM redirects
     in-mesh traffic too) must not put pod-to-pod traffic under the egress policy."""
-    index = intercepting("outboundIPRangeInclusionList: [10.0.0.0/8, 198.0.0.0/8]")
-    assert connection(index, "10.1.2.3", 443).parent is None
+    cluster = Settings(
+        namespace="curl",
+        service_account="curl",
+        cluster_networks=(ipaddress.ip_network("198.18.0.0/15"),),
+    )
+    index = intercepting("outboundIPRangeInclusionList: [198.0.0.0/8]", cluster)
+    assert connection(index, "198.18.0.5", 443).parent is None
     assert connection(index, "198.51.100.9", 443).action == Action.DENY
     assert connection(index, "203.0.113.9", 443).parent is None
-    wide = intercepting("outboundIPRangeInclusionList: [0.0.0.0/0]")
-    assert connection(wide, "10.1.2.3", 443).parent is None
+    inside = intercepting("outboundIPRangeInclusionList: [198.18.0.0/16]", cluster)
+    assert connection(inside, "198.18.0.5", 443).parent is None
+    wide = intercepting("outboundIPRangeInclusionList: [0.0.0.0/0]", cluster)
+    assert connection(wide, "198.18.0.5", 443).parent is None
     assert connection(wide, "203.0.113.9", 443).action == Action.DENY
 
 
@@ -1161,9 +1168,9 @@ def test_the_inclusion_list_leaves_the_cluster_networks_out() -> None:
             " 'not-a-cidr' is not a CIDR",
         ),
         (
-            "outboundIPRangeInclusionList: 10.0.0.0/8",
+            "outboundIPRangeInclusionList: 198.51.100.0/24",
             "MeshConfig osm-system/osm-mesh-config.spec.traffic.outboundIPRangeInclusionList:"
-            " expected a list, got the string '10.0.0.0/8'",
+            " expected a list, got the string '198.51.100.0/24'",
         ),
         (
             "outboundPortExclusionList: [0]",
