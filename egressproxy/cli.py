@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from egressproxy.policy.errors import DNS_LABEL, DNS_SUBDOMAIN
+from egressproxy.policy.errors import DNS_LABEL, DNS_SUBDOMAIN, PORT_DIGITS
 from egressproxy.settings import (
     ADMIN_PORT,
     DEFAULT_CLUSTER_NETWORKS,
@@ -57,9 +57,6 @@ def endpoint(text: str) -> Endpoint:
     return Endpoint(str(address), port(port_text))
 
 
-PORT_DIGITS = re.compile(r"[0-9]{1,5}")
-"""ASCII digits only: int() would take `1_5001`, ` 80` and other scripts' digits, which no
-other tool reading the same flag (iptables, a manifest) would."""
 WHOLE_NUMBER = re.compile(r"0[xX][0-9a-fA-F]+|[0-9]+")
 
 

@@ -230,7 +230,7 @@ class Checker:
             return None
         if not is_hostname(name, wildcard=wildcard):
             self.error(
-                line, f"{where}: {text!r} is not a valid hostname{idna_hint(name, wildcard)}"
+                line, f"{where}: {text!r} is not a valid hostname{hostname_hint(name, wildcard)}"
             )
             return None
         return name
@@ -264,6 +264,10 @@ no namespace, and a resource in it would silently apply to no client."""
 DNS_SUBDOMAIN = re.compile(r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*")
 """An RFC 1123 subdomain (at most 253 characters), as Kubernetes names most objects."""
 PERCENT_ESCAPE = re.compile(r"(?<!\\)%[0-9A-Fa-f]{2}")
+PORT_DIGITS = re.compile(r"[0-9]{1,5}")
+"""ASCII digits, at most five: int() would take `1_5001`, ` 80` and other scripts' digits
+(`٣`), which no other tool reading the same text (iptables, a manifest) would, and int() of
+thousands of digits raises."""
 HOST_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
 HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`|~]+")
 GRPC_NAMES = {
@@ -279,17 +283,25 @@ def is_hostname(name: str, *, wildcard: bool) -> bool:
     return bool(labels) and all(HOST_LABEL.fullmatch(label) for label in labels.split("."))
 
 
-def idna_hint(name: str, wildcard: bool) -> str:
-    """For an internationalised name, the ASCII (`xn--`) form that SNI and Host carry."""
-    if name.isascii():
-        return ""
-    try:
-        ascii_name = name.encode("idna").decode("ascii").lower()
-    except UnicodeError:
-        return ""
-    if not is_hostname(ascii_name, wildcard=wildcard):
-        return ""
-    return f" (an internationalised name: write its IDNA form {ascii_name!r})"
+def hostname_hint(name: str, wildcard: bool) -> str:
+    """What an invalid hostname was probably meant to be: its IDNA form, the name without
+    a port (which SNI never carries and a port field matches), or a leading wildcard."""
+    if not name.isascii():
+        try:
+            ascii_name = name.encode("idna").decode("ascii").lower()
+        except UnicodeError:
+            return ""
+        if not is_hostname(ascii_name, wildcard=wildcard):
+            return ""
+        return f" (an internationalised name: write its IDNA form {ascii_name!r})"
+    bare, colon, port = name.rpartition(":")
+    if colon and PORT_DIGITS.fullmatch(port) and is_hostname(bare, wildcard=wildcard):
+        return f" (a hostname carries no port: write {bare!r} and match the port on its own)"
+    if "*" in name:
+        if not wildcard:
+            return " (no wildcard here: name one host)"
+        return " (a wildcard is only a whole first label, as in '*.example.com')"
+    return ""
 
 
 @dataclass(frozen=True)

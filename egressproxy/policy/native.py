@@ -14,7 +14,7 @@ import re
 from collections.abc import Collection, Sequence
 
 from egressproxy.policy.decision import Action, RouteProtocol, RouteRef, is_ip_literal
-from egressproxy.policy.errors import Checker, YList, YMap, read_object_meta
+from egressproxy.policy.errors import PORT_DIGITS, Checker, YList, YMap, read_object_meta
 from egressproxy.policy.linkerd import (
     HTTP_METHODS,
     TOP_LEVEL_FIELDS,
@@ -45,9 +45,6 @@ SUPPORTED: dict[tuple[str, str], frozenset[str]] = {
     (GROUP, "EgressPolicy"): frozenset({"v1alpha1"})
 }
 ACTIONS = {"allow": Action.PASS, "deny": Action.DENY, "route": Action.ROUTE}
-PORT_DIGITS = re.compile(r"[0-9]{1,5}")
-"""ASCII digits only: str.isdigit() also takes `²` and `٣`, and int() of thousands of digits
-raises."""
 PATH_KEYS = {"path": MatchKind.EXACT, "pathPrefix": MatchKind.PREFIX, "pathRegex": MatchKind.REGEX}
 HEADER_KEYS = {"headers": MatchKind.EXACT, "headersRegex": MatchKind.REGEX}
 QUERY_KEYS = {"query": MatchKind.EXACT, "queryRegex": MatchKind.REGEX}

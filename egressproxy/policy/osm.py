@@ -409,7 +409,9 @@ def read_egress(
     # OSM admits an IPv4 host: Envoy matches it against the Host header of its http ports.
     host_lines = []
     star_lines = []
+    hosts_given = False
     for line, text in checker.strings(spec, "hosts", where):
+        hosts_given = True
         if text.strip() == "*":
             star_lines.append(line)
         elif (
@@ -473,8 +475,9 @@ def read_egress(
             # port still has the HTTP filter chain, which then takes plaintext HTTP to 404.
             rules = (Rule(name="egress", origin=origin),) if http_rules is None else http_rules
             if not hosts or not rules:
-                nothing = "no hosts" if not hosts else "no HTTPRouteGroup matches"
-                log.info("%s: %s: %s: its http ports allow nothing", origin, where, nothing)
+                if hosts or not hosts_given:  # else the refused hosts said why
+                    nothing = "no HTTPRouteGroup matches" if hosts else "no hosts"
+                    log.info("%s: %s: %s: its http ports allow nothing", origin, where, nothing)
                 rules = ()
         routes.append(
             Route(

@@ -304,6 +304,15 @@ def test_bad_route_targets_are_errors_with_lines(target: str) -> None:
     ]
 
 
+def test_a_wildcard_route_target_is_refused_as_one() -> None:
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(route_rule_to("*.a.example:443"), "n.yaml")
+    assert [str(problem) for problem in caught.value.problems] == [
+        "n.yaml:7: EgressPolicy p.spec.rules[0].to: '*.a.example' is not a valid hostname "
+        "(no wildcard here: name one host)"
+    ]
+
+
 def test_empty_lists_and_an_empty_name_are_errors() -> None:
     """`hosts: []` meant any host, as if omitted: on an allow rule it allowed everything."""
     text = """\

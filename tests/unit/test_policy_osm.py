@@ -481,6 +481,39 @@ def test_an_idn_egress_host_hints_at_its_idna_form() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("host", "hint"),
+    [
+        (
+            "httpbin.org:80",
+            "a hostname carries no port: write 'httpbin.org' and match the port on its own",
+        ),
+        ("httpbin.*", "a wildcard is only a whole first label, as in '*.example.com'"),
+        ("*bin.org", "a wildcard is only a whole first label, as in '*.example.com'"),
+    ],
+)
+def test_a_refused_egress_host_says_what_it_was_meant_to_be(
+    host: str, hint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A host that is a name with a port, or a partial wildcard, is refused with what to
+    write instead, and without the info line that the Egress has no hosts: it has one, the
+    refused one."""
+    text = (
+        (EXAMPLES / "osm-3-egress-policy.yaml")
+        .read_text()
+        .replace("  - httpbin.org", f"  - {host!r}", 1)
+    )
+    with (
+        caplog.at_level("INFO", logger="egressproxy.policy.osm"),
+        pytest.raises(PolicyError) as caught,
+    ):
+        load_policy_text(text, "p.yaml")
+    assert [problem.reason for problem in caught.value.problems] == [
+        f"Egress curl/httpbin-80.spec.hosts: {host!r} is not a valid hostname ({hint})"
+    ]
+    assert [record.getMessage() for record in caplog.records] == []
+
+
 @pytest.mark.parametrize("header", ["x team", "x-team:"])
 def test_route_group_header_names_are_tokens(header: str) -> None:
     """SMI HTTPRouteGroup headers map a name to a regex: the value is a regex, the name a
