@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from egressproxy.policy.decision import RouteProtocol, RouteRef, is_ip_literal
-from egressproxy.policy.errors import Checker, ObjectMeta, YMap, read_object_meta
+from egressproxy.policy.errors import Checker, ObjectMeta, YList, YMap, read_object_meta
 from egressproxy.policy.linkerd import (
     HTTP_METHODS,
     TOP_LEVEL_FIELDS,
@@ -357,7 +357,15 @@ def read_route_group(
         if regex is not None and checker.path_regex(regex, item.line_of("pathRegex"), item_where):
             path = PathMatch(MatchKind.REGEX, regex)
         headers = []
-        header_map = checker.get(item, "headers", YMap, item_where)
+        header_map = None
+        if isinstance(item.get("headers"), YList):  # Gateway API's form, not SMI's
+            checker.error(
+                item.line_of("headers"),
+                f"{item_where}.headers: expected a mapping of each header name to a regular "
+                "expression (`headers: {user-agent: '.*Android.*'}`), got a list",
+            )
+        else:
+            header_map = checker.get(item, "headers", YMap, item_where)
         for header, value in (header_map or {}).items():
             line = header_map.line_of(header) if header_map is not None else item.line
             text = checker.typed(value, str, line, f"{item_where}.headers.{header}")

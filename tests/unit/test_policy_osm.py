@@ -529,6 +529,24 @@ def test_route_group_header_names_are_tokens(header: str) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    "listed", ['    - x-team: ".*"\n', '    - name: x-team\n      value: ".*"\n']
+)
+def test_route_group_headers_as_a_list_say_what_smi_takes(listed: str) -> None:
+    """SMI's headers are a mapping: a list (Gateway API's form, or a list of one-entry
+    mappings) is refused once, at its line, with the form to write."""
+    text = (EXAMPLES / "osm-5-egress-routegroup.yaml").read_text()
+    start = text.index("  - name: status")
+    broken = text[:start] + "    headers:\n" + listed + text[start:]
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(broken, "p.yaml")
+    assert [str(problem) for problem in caught.value.problems] == [
+        f"p.yaml:{text.count(chr(10), 0, start) + 1}: HTTPRouteGroup "
+        "curl/egress-http-route.spec.matches[0].headers: expected a mapping of each header "
+        "name to a regular expression (`headers: {user-agent: '.*Android.*'}`), got a list"
+    ]
+
+
 def request_to(index: PolicyIndex, authority: str, port: int = 80, path: str = "/get") -> Decision:
     """A request as the data plane sees it: the authority as sent, its host lower-cased."""
     hostname = authority.rpartition(":")[0] if ":" in authority else authority
