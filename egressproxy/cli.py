@@ -232,7 +232,8 @@ IDENTITY_FROM_ENVIRONMENT: dict[str, tuple[str, Callable[[str], str | None]]] = 
 
 def identity_from_environment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Fill the identity flags not given from the environment; a bad value is blamed on
-    the variable, which is what the user must fix, not on a flag never typed."""
+    the variable, which is what the user must fix, not on a flag never typed, with the
+    usage of the command that reads it."""
     for flag, (variable, convert) in IDENTITY_FROM_ENVIRONMENT.items():
         if hasattr(args, flag):
             continue
@@ -254,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--admin", type=endpoint, default=Endpoint("0.0.0.0", ADMIN_PORT))
     run.add_argument("--workers", type=worker_count, default=1)
     add_identity_flags(run)
+    run.set_defaults(command_parser=run)
     run.add_argument("--mark", type=mark, default=None)
     run.add_argument("--sniff-timeout", type=seconds, default=1.0)
     run.add_argument("--opaque-ports", type=port_list, default=port_list(DEFAULT_OPAQUE_PORTS))
@@ -284,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--policy", type=policy_path, required=True)
     check.add_argument("--explain", metavar="DEST", default=None)
     add_identity_flags(check)
+    check.set_defaults(command_parser=check)
 
     iptables = commands.add_parser("iptables", help="install the redirect to the proxy")
     iptables.add_argument("action", choices=("install", "uninstall", "show"))
@@ -303,8 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("run", "check"):
-        identity_from_environment(parser, args)
+    command_parser = vars(args).pop("command_parser", None)
+    if command_parser is not None:
+        identity_from_environment(command_parser, args)
     return args
 
 
