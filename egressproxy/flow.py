@@ -41,7 +41,7 @@ from egressproxy.sniff import (
 )
 from egressproxy.sniff.detect import Sniffer, sniff
 from egressproxy.sniff.http import authority_host, could_begin_request
-from egressproxy.sniff.tls import BEFORE_A_HELLO
+from egressproxy.sniff.tls import BEFORE_A_HELLO, FIRST_RECORD_TYPES
 from egressproxy.splice import MAX_PIPES, SplicedRelay, Splicer
 from egressproxy.timeouts import IdleSweep, PendingTimeout, TimeoutQueue
 from egressproxy.verify import REFUSALS, Resolver, verification_mode
@@ -126,9 +126,6 @@ OPAQUE_REASONS = frozenset(
 )
 """Sniff outcomes that mean "not HTTP or TLS at all"; any other reason the parsers give
 means an HTTP head or ClientHello that is malformed or too large to read."""
-TLS_RECORD_HANDSHAKE = 0x16
-TLS_RECORD_START = bytes([TLS_RECORD_HANDSHAKE, 3])
-"""A handshake record of TLS (any minor version): what a ClientHello begins with."""
 HEADER_TIMEOUT = "header_timeout"
 """The sniff outcome of a request head still incomplete at --header-timeout."""
 HEAD_CUT_BY_EOF = "eof_in_head"
@@ -165,12 +162,10 @@ def _classify(sniffed: Sniffed, first_bytes: bytes) -> tuple[Detected, str | Non
         return Detected.HTTP1, _without_root_dot(sniffed.host), "http1"
     if isinstance(sniffed, H2Preface):
         return Detected.H2, None, "h2"
-    if first_bytes[:2] == TLS_RECORD_START and sniffed.reason not in OPAQUE_REASONS:
-        return Detected.TLS, None, sniffed.reason  # a hello the sniffer cannot read
     if sniffed.reason in OPAQUE_REASONS:
         return Detected.OPAQUE, None, sniffed.reason
-    if first_bytes[:1] == bytes([TLS_RECORD_HANDSHAKE]):
-        return Detected.TLS, None, sniffed.reason
+    if first_bytes and first_bytes[0] in FIRST_RECORD_TYPES:
+        return Detected.TLS, None, sniffed.reason  # a hello the sniffer cannot read
     return Detected.HTTP1, None, sniffed.reason
 
 

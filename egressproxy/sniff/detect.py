@@ -1,13 +1,13 @@
 """Which protocol a connection speaks, from its first bytes.
 
 Dispatch on the first byte keeps the common cases to one parser: a TLS record starts
-with 0x16, an HTTP/1 method with an upper-case letter, the h2 preface with "P" (shared
-with PATCH, POST, PUT). Text that the strict request grammar refuses is asked once more
-whether it is an irregular request line (doubled spaces, a lower-case method), which
-stays HTTP. Empty lines before a request line are skipped (RFC 9112 2.2), a bounded
-number of them: past those the head is HTTP refused (bad_request_line). Binary bytes
-are opaque at once, so server-speaks-first and binary protocols never wait for a buffer
-to fill.
+with 0x16 (0x15 for an alert before the hello), an HTTP/1 method with an upper-case
+letter, the h2 preface with "P" (shared with PATCH, POST, PUT). Text that the strict
+request grammar refuses is asked once more whether it is an irregular request line
+(doubled spaces, a lower-case method), which stays HTTP. Empty lines before a request
+line are skipped (RFC 9112 2.2), a bounded number of them: past those the head is HTTP
+refused (bad_request_line). Binary bytes are opaque at once, so server-speaks-first and
+binary protocols never wait for a buffer to fill.
 """
 
 from __future__ import annotations
@@ -33,9 +33,8 @@ from egressproxy.sniff.http import (
     parse_request_head,
     request_hold,
 )
-from egressproxy.sniff.tls import RecordWalk, parse_client_hello, read_again_at
+from egressproxy.sniff.tls import FIRST_RECORD_TYPES, RecordWalk, parse_client_hello, read_again_at
 
-_TLS_HANDSHAKE = 0x16
 _LETTER_P = 0x50
 
 
@@ -48,7 +47,7 @@ def sniff(buf: bytes, records: RecordWalk | None = None) -> Sniffed | NeedMore:
     skipped = empty_lines_before(buf) if first in _LINE_ENDS else 0
     if skipped and buf[skipped : skipped + 1].isupper():
         return _settle(_request(buf[skipped:]))
-    if first == _TLS_HANDSHAKE:
+    if first in FIRST_RECORD_TYPES:
         return _settle(parse_client_hello(buf, records))
     if first == _LETTER_P:
         preface = parse_h2_preface(buf)
@@ -76,7 +75,7 @@ class Sniffer:
 
     def __init__(self, buf: bytes) -> None:
         """buf: the bytes so far, which sniff finds incomplete."""
-        self._records = RecordWalk() if buf[0] == _TLS_HANDSHAKE else None
+        self._records = RecordWalk() if buf[0] in FIRST_RECORD_TYPES else None
         self._hold = hold(buf, self._records)
         self._resume = max(0, len(buf) - self._hold.overlap)
         """Where the stop is searched for from: just before the bytes that came since."""
@@ -101,7 +100,7 @@ def hold(buf: bytes, records: RecordWalk | None = None) -> Hold:
     that ends the part of it still growing; at the next byte while that part is not yet
     known (empty lines, the h2 preface)."""
     first = buf[0]
-    if first == _TLS_HANDSHAKE:
+    if first in FIRST_RECORD_TYPES:
         return Hold(read_again_at(buf, records))
     if first in _LINE_ENDS:
         skipped = empty_lines_before(buf)

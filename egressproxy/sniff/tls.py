@@ -11,11 +11,22 @@ from __future__ import annotations
 from egressproxy.sniff import NEED_MORE, SNIFF_BUFFER_LIMIT, NeedMore, NotThis, TlsHello
 from egressproxy.sniff.http import is_plausible_host
 
+_CONTENT_TYPE_ALERT = 21
 _CONTENT_TYPE_HANDSHAKE = 22
+FIRST_RECORD_TYPES = frozenset({_CONTENT_TYPE_HANDSHAKE, _CONTENT_TYPE_ALERT})
+"""What the first byte of a client's first flight may be: Go's and Java's TLS servers read
+a hello behind warning alerts, so a flight that starts with one is read as a hello too."""
+_ALERT_LENGTH = 2
 _HANDSHAKE_CLIENT_HELLO = 1
 _RECORD_HEADER_LENGTH = 5
 _HANDSHAKE_HEADER_LENGTH = 4
-_MAX_RECORD_LENGTH = 1 << 14  # RFC 8446 section 5.1
+_MAX_RECORD_LENGTH = (1 << 14) + 2048
+"""RFC 8446 5.1 allows 2^14 bytes of plaintext, but Go's server takes records up to its
+limit for ciphertext (2^14 + 2048) before the version is agreed, and Java's as long:
+a hello in such a record has a name those servers read. Longer, none does."""
+_MAX_RECORD_MAJOR_VERSION = 0x0F
+"""Go's server takes a first flight in records of any version below 16.0 (Java's in 4.1
+too), OpenSSL's only 3.x: a hello in a record of version 4.1 has a name Go and Java read."""
 # A call walks the records from the start (from where a RecordWalk stopped, for a hello in
 # pieces): the bound caps that walk. A real hello needs one record, a deliberately split
 # one tens; 16 KiB of one-byte records would be over 2700.
@@ -30,7 +41,7 @@ _MALFORMED_RECORD = NotThis("malformed_record")
 TOO_MANY_RECORDS = "too_many_records"
 """More records than _MAX_RECORDS before the hello is whole."""
 _NOT_TLS = NotThis("not_tls")
-BEFORE_A_HELLO = frozenset({"not_tls", "malformed_record_length", "not_client_hello"})
+BEFORE_A_HELLO = frozenset({"not_tls", "not_client_hello"})
 """Reasons given before the bytes showed a ClientHello's first byte: binary data that
 begins as a TLS record may stop there. Any other reason is a ClientHello the sniffer
 cannot read."""
@@ -102,10 +113,13 @@ def _read_records(buf: bytes, walk: RecordWalk | None) -> TlsHello | NotThis | i
             # Its first two bytes are checked as they come, the length once it is whole.
             return record_start + (len(header) + 1 if len(header) < 2 else _RECORD_HEADER_LENGTH)
         record_length = header[3] << 8 | header[4]
-        if record_length > _MAX_RECORD_LENGTH:
-            return NotThis("malformed_record_length")
         fragment_start = record_start + _RECORD_HEADER_LENGTH
         record_end = fragment_start + record_length
+        if header[0] == _CONTENT_TYPE_ALERT:
+            if record_length != _ALERT_LENGTH:
+                return _NOT_TLS  # an alert is level and description: no TLS client's this
+            record_start = record_end  # Go and Java read the hello after a warning alert
+            continue
         if record_length == 0:
             # RFC 8446 forbids empty handshake records, but OpenSSL skips them and reads
             # the hello after: so must the sniffer, or the name would go unseen.
@@ -114,6 +128,8 @@ def _read_records(buf: bytes, walk: RecordWalk | None) -> TlsHello | NotThis | i
         fragment = buf[fragment_start:record_end]
         if gathered == 0 and fragment and fragment[0] != _HANDSHAKE_CLIENT_HELLO:
             return NotThis("not_client_hello")
+        if record_length > _MAX_RECORD_LENGTH and (gathered or fragment):
+            return NotThis("malformed_record_length")  # in a hello: a name may be in it
         fragments.append(fragment)
         gathered += len(fragment)
         if message_length < 0 and gathered >= _HANDSHAKE_HEADER_LENGTH:
@@ -144,14 +160,17 @@ def _stop(walk: RecordWalk, gathered: int, message_length: int, start: int, reco
 
 
 def _check_record_header(header: bytes, *, first: bool) -> NotThis | None:
-    """Reject on whatever part of a record header has arrived, so non-TLS fails at once."""
+    """Reject on whatever part of a record header has arrived, so non-TLS fails at once.
+    first: no byte of the hello came yet, so an alert may still come before it."""
     if not header:
         return None
-    mismatch = _NOT_TLS if first else _MALFORMED_RECORD
-    if header[0] != _CONTENT_TYPE_HANDSHAKE:
-        return mismatch
-    if len(header) >= 2 and header[1] != 3:
-        return mismatch
+    if first:
+        if header[0] not in FIRST_RECORD_TYPES:
+            return _NOT_TLS
+    elif header[0] != _CONTENT_TYPE_HANDSHAKE:
+        return _MALFORMED_RECORD
+    if len(header) >= 2 and header[1] > _MAX_RECORD_MAJOR_VERSION:
+        return _NOT_TLS if first else _MALFORMED_RECORD
     return None  # any minor version: OpenSSL reads a hello in a record of 03 ff
 
 

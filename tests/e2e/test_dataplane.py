@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import socket
+import struct
 import time
 import uuid
 from collections.abc import Callable
@@ -381,6 +382,51 @@ def test_a_hello_the_sniffer_cannot_read_is_denied(
         sock.shutdown(socket.SHUT_WR)
         assert bytes_before_close(sock) == b""
     assert running.logged(r"error=forbidden"), running.log_text()
+
+
+NO_HTTPBIN = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: no-httpbin}
+spec:
+  default: allow
+  rules:
+  - {name: no-httpbin, hosts: [httpbin.org], action: deny}
+"""
+
+
+def in_record_version(version: bytes) -> Callable[[bytes], bytes]:
+    return lambda hello: hello[:1] + version + hello[3:]
+
+
+@pytest.mark.parametrize(
+    "disguise",
+    [
+        pytest.param(lambda hello: b"\x15\x03\x01\x00\x02\x01\x5a" + hello, id="alert-first"),
+        pytest.param(in_record_version(b"\x04\x01"), id="record-version-4.1"),
+        pytest.param(in_record_version(b"\x00\x02"), id="record-version-0.2"),
+        pytest.param(
+            lambda hello: hello[:3] + struct.pack("!H", 17000) + hello[5:] + bytes(17000),
+            id="record-over-16KiB",
+        ),
+    ],
+)
+def test_a_hello_disguised_for_go_or_java_servers_meets_the_host_rules(
+    world: World, proxy: StartProxy, disguise: Callable[[bytes], bytes]
+) -> None:
+    """Go's and Java's TLS servers read a hello behind a warning alert, in a record of
+    version 4.1 or 0.2, or in one of up to 2^14 + 2048 bytes (OpenSSL refuses all three).
+    Each went through as opaque TCP or as TLS without a name, past a rule denying the
+    name, which is now read and denied."""
+    running = proxy(NO_HTTPBIN)
+    hello = client_hello(world.tls_context(), "httpbin.org")
+    with world.connect(world.host("httpbin.org").v4, 443) as sock:
+        sock.sendall(disguise(hello))
+        sock.shutdown(socket.SHUT_WR)
+        assert bytes_before_close(sock) == b""
+    assert running.logged(r"protocol=tls hostname=httpbin\.org .*error=forbidden"), (
+        running.log_text()
+    )
 
 
 def test_garbage_is_relayed_and_the_proxy_stays_up(world: World, proxy: StartProxy) -> None:

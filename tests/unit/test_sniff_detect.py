@@ -109,7 +109,8 @@ def test_h2_prior_knowledge_capture() -> None:
         # LDAP's bind (ASN.1): `0`, a length that is whitespace (0x1d), then a tag, \x02
         (b"0\x1d\x02\x01\x01`\x18\x02\x01\x03\x04\x08cn=admin\x80\x09password", "not_http"),
         (b"\x16\x03\x01\x00\x05\x02", "not_client_hello"),
-        (b"\x16\x04", "not_tls"),
+        (b"\x16\x10", "not_tls"),
+        (b"\x15\x03\x03\x00\x02\x02\x28\x17", "not_tls"),  # an alert, then no hello
         (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "bad_host"),
     ],
 )

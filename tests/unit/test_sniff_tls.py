@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from egressproxy.sniff import NEED_MORE, SNIFF_BUFFER_LIMIT, NeedMore, NotThis, TlsHello
+from egressproxy.sniff.detect import sniff
 from egressproxy.sniff.tls import parse_client_hello, read_again_at
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
@@ -226,10 +227,12 @@ def test_a_first_record_of_any_tls_minor_version_is_read(minor: int) -> None:
         (b"G", "not_tls"),
         (b"GET / HTTP/1.1\r\n\r\n", "not_tls"),
         (b"\x80\x2e\x01\x03\x01", "not_tls"),  # SSLv2-compatible ClientHello
-        (b"\x16\x02", "not_tls"),
-        (b"\x15\x03\x03\x00\x02\x02\x28", "not_tls"),  # an alert
+        (b"\x16\x10", "not_tls"),  # version 16.x: Go's server calls that no TLS
+        (b"\x15\x03\x03\x00\x02\x02\x28\x17\x03", "not_tls"),  # an alert, then data
+        (b"\x15\x03\x03\x00\x03", "not_tls"),  # no alert is three bytes
         (b"\x16\x03\x01\x00\x00\x17\x03", "not_tls"),  # an empty record, then data
-        (b"\x16\x03\x01\x40\x01", "malformed_record_length"),
+        (b"\x16\x03\x01\x48\x01\x02", "not_client_hello"),  # longer than any TLS takes
+        (b"\x16\x03\x01\x48\x01\x01", "malformed_record_length"),  # and a hello in it
         (b"\x16\x03\x03\x00\x30\x02", "not_client_hello"),  # a ServerHello
     ],
 )
@@ -242,10 +245,51 @@ def test_later_records_must_be_handshake_records() -> None:
     split = frame(message, [10])
     change_cipher_spec = split[:15] + b"\x14" + split[16:]
     assert parse_client_hello(change_cipher_spec) == NotThis("malformed_record")
-    bad_version = split[:16] + b"\x02" + split[17:]
+    bad_version = split[:16] + b"\x10" + split[17:]
     assert parse_client_hello(bad_version) == NotThis("malformed_record")
     after_the_first = split[:15] + b"\x14\x03\x01\x00\x00" + split[15:]
     assert parse_client_hello(after_the_first) == NotThis("malformed_record")
+
+
+WARNING_ALERT = b"\x15\x03\x01\x00\x02\x01\x5a"  # warning, user_canceled
+
+
+def test_a_hello_behind_warning_alerts_is_read() -> None:
+    """Go's TLS server drops warning alerts before the hello and Java's reads past one, so
+    the name in a hello behind them is read: passed as opaque TCP, it went past host rules
+    and --ech deny."""
+    message = client_hello([sni_extension(b"example.com")])
+    for data in (WARNING_ALERT + frame(message), WARNING_ALERT * 3 + frame(message, [10])):
+        assert parse_client_hello(data) == TlsHello("example.com", (), False)
+        assert sniff(data) == TlsHello("example.com", (), False)
+        for cut in range(1, len(data)):
+            assert parse_client_hello(data[:cut]) == NEED_MORE, cut
+        assert_read_again_at_holds(data)
+    after_the_hello_began = frame(message, [10])
+    alert_inside = after_the_hello_began[:15] + WARNING_ALERT + after_the_hello_began[15:]
+    assert parse_client_hello(alert_inside) == NotThis("malformed_record")
+
+
+@pytest.mark.parametrize("major", [0x00, 0x02, 0x04, 0x0F])
+def test_a_hello_in_records_of_any_version_below_16_is_read(major: int) -> None:
+    """Go's server takes a first flight in records of any version below 16.0 and Java's in
+    4.1: a name there went past host rules as opaque TCP (OpenSSL refuses the record)."""
+    message = client_hello([sni_extension(b"example.com")])
+    records = frame(message, [10])
+    for start in (0, 15):
+        records = records[: start + 1] + bytes([major]) + records[start + 2 :]
+    assert parse_client_hello(records) == TlsHello("example.com", (), False)
+
+
+def test_a_hello_in_a_record_longer_than_tls_allows_is_unreadable() -> None:
+    """Go's and Java's servers read a hello in a record of up to 2^14 + 2048 bytes; such a
+    hello no longer fits the sniffer's buffer, so it is one the sniffer cannot read (which
+    the flow denies), not binary data before a hello (which it passes as opaque)."""
+    message = client_hello([sni_extension(b"example.com"), extension(21, bytes(16500))])
+    record = b"\x16\x03\x01" + u16(len(message)) + message
+    assert 1 << 14 < len(message) <= (1 << 14) + 2048
+    assert parse_client_hello(record) == NotThis("too_large")
+    assert parse_client_hello(record[:5]) == NEED_MORE  # its type byte decides
 
 
 EMPTY_RECORD = b"\x16\x03\x01\x00\x00"
