@@ -179,16 +179,19 @@ def detect_backend() -> Backend:
         )
         return nft
     for backend in present:
-        if any(table.holds_own() for table in parse_save(saved[backend]).values()):
+        if any(
+            table.holds_own() for text in saved[backend] for table in parse_save(text).values()
+        ):
             return backend
     for backend in present:
-        if any(canary in saved[backend] for canary in KUBERNETES_CANARIES):
+        if any(canary in text for text in saved[backend] for canary in KUBERNETES_CANARIES):
             return backend
     return legacy if _rule_count(saved[legacy]) > _rule_count(saved[nft]) else nft
 
 
-def _save_everything(backend: Backend) -> str:
-    """Both families' rules; a backend the kernel cannot serve holds none.
+def _save_everything(backend: Backend) -> list[str]:
+    """Each family's rules, apart: joined, IPv6's tables would hide IPv4's of the same
+    name from parse_save. A backend the kernel cannot serve holds none.
 
     Never `-t TABLE`: legacy save would instantiate the table it is asked for."""
     texts = []
@@ -198,11 +201,11 @@ def _save_everything(backend: Backend) -> str:
                 texts.append(run_tool(backend.tool(family, "save")))
             except ToolFailed:
                 continue
-    return "".join(texts)
+    return texts
 
 
-def _rule_count(saved: str) -> int:
-    return sum(1 for line in saved.splitlines() if line.startswith("-"))
+def _rule_count(saved: list[str]) -> int:
+    return sum(1 for text in saved for line in text.splitlines() if line.startswith("-"))
 
 
 def families(backend: Backend, ipv6: bool | None, *, capturing: bool = False) -> list[Family]:

@@ -651,6 +651,29 @@ def test_the_backend_holding_the_rules_stays_theirs(lab: Lab) -> None:
     assert [after[tool] for tool in nft] == [before[tool] for tool in nft]
 
 
+def test_ipv4_rules_are_found_beside_an_ipv6_table_of_the_same_name(lab: Lab) -> None:
+    """An IPv4-only install in legacy, whose IPv6 nat table holds another tool's rule, then
+    more rules in nft: show and uninstall found no rules (the two families' nat tables
+    were read as one, IPv6's hiding IPv4's) and left the redirect in place."""
+    app = lab.namespace()
+    for n in range(1, 4):
+        sh(f"ip netns exec {app} iptables-legacy -A INPUT -s 192.0.2.{n} -j DROP")
+    sh(f"ip netns exec {app} ip6tables-legacy -t nat -A POSTROUTING -s 2001:db8::1 -j RETURN")
+    first = egressproxy(app, "install", f"--proxy-uid={PROXY_UID}", "--no-ipv6")
+    assert first.returncode == 0, first.stderr
+    assert "iptables-legacy" in first.stdout
+    for n in range(1, 13):
+        sh(f"ip netns exec {app} iptables-nft -A INPUT -s 198.51.100.{n} -j DROP")
+    shown = egressproxy(app, "show")
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "EGRESSPROXY_OUTPUT" in shown.stdout
+    removed = egressproxy(app, "uninstall")
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stdout.strip() == "egressproxy rules removed (IPv4, iptables-legacy)"
+    after = saved_rules(app)
+    assert all("EGRESSPROXY" not in text for text in after.values())
+
+
 def test_other_tools_rules_in_any_bytes_are_kept(lab: Lab) -> None:
     """iptables keeps a comment's bytes as given, and one typed in a Latin-1 terminal is
     no UTF-8: install, show and uninstall still work, and keep that rule as it was."""
