@@ -5,12 +5,14 @@ the Dockerfile and the systemd unit agree with each other and with the command l
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -331,6 +333,37 @@ def test_dockerignore_lets_in_only_what_the_build_copies() -> None:
 
 
 # --- systemd ---------------------------------------------------------------------------------
+
+
+def test_setup_opens_the_venv_and_only_lets_others_pass_through_its_parents() -> None:
+    """With EGRESSPROXY_VENV in a home directory, setup made the whole home readable by
+    every user, recursively (`chmod -R a+rX` of the venv's parent), private keys included.
+    The venv's pip and python here are stand-ins, so nothing is installed."""
+    with tempfile.TemporaryDirectory() as scratch:
+        home = Path(scratch) / "home"
+        keys, venv = home / ".ssh", home / "venv"
+        (venv / "bin").mkdir(parents=True)
+        keys.mkdir()
+        (keys / "id_ed25519").write_text("PRIVATE KEY\n")
+        for stand_in in ("python", "pip"):
+            (venv / "bin" / stand_in).write_text("#!/bin/sh\nexit 0\n")
+            (venv / "bin" / stand_in).chmod(0o700)
+        (keys / "id_ed25519").chmod(0o600)
+        for directory in (keys, home, Path(scratch)):
+            directory.chmod(0o700)
+        done = subprocess.run(
+            [str(ROOT / "scripts/setup")],
+            env={**os.environ, "EGRESSPROXY_VENV": str(venv)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr
+        modes = {path: path.stat().st_mode & 0o777 for path in (keys, keys / "id_ed25519")}
+        assert modes == {keys: 0o700, keys / "id_ed25519": 0o600}
+        assert home.stat().st_mode & 0o777 == 0o711
+        assert (venv / "bin" / "python").stat().st_mode & 0o777 == 0o755
+        assert f"letting other users pass through {home} (chmod a+x)" in done.stdout
 
 
 def test_the_unit_readme_links_the_console_script_scripts_setup_makes() -> None:
