@@ -51,8 +51,35 @@ class Endpoint:
 
 
 def parse_networks(text: str) -> tuple[IPNetwork, ...]:
-    """Comma-separated CIDRs; ValueError names the bad one."""
-    return tuple(ipaddress.ip_network(item.strip()) for item in text.split(",") if item.strip())
+    """Comma-separated CIDRs; ValueError names the bad one. A zone (`fe80::%eth0/64`) is
+    refused: ip6tables refuses it too, after the IPv4 rules were committed."""
+    networks = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        network = ipaddress.ip_network(item.strip())
+        if isinstance(network, ipaddress.IPv6Network) and network.network_address.scope_id:
+            raise ValueError(f"{item.strip()!r} has a zone: a network is written without one")
+        networks.append(unmapped_network(network))
+    return tuple(networks)
+
+
+IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def unmapped_network(network: IPNetwork) -> IPNetwork:
+    """::ffff:192.0.2.0/120 is 192.0.2.0/24: the addresses an IPv4-mapped network names
+    reach iptables and the policy as IPv4 (a dual-stack socket's IPv4 peer included), so
+    as IPv6 it would match none of them."""
+    if (
+        isinstance(network, ipaddress.IPv6Network)
+        and network.prefixlen >= IPV4_MAPPED.prefixlen
+        and network.subnet_of(IPV4_MAPPED)
+    ):
+        mapped = network.network_address.ipv4_mapped
+        assert mapped is not None
+        return ipaddress.IPv4Network((mapped, network.prefixlen - IPV4_MAPPED.prefixlen))
+    return network
 
 
 def bundled_policy() -> Path:

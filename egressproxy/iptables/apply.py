@@ -179,9 +179,7 @@ def detect_backend() -> Backend:
         )
         return nft
     for backend in present:
-        if any(
-            table.holds_own() for text in saved[backend] for table in parse_save(text).values()
-        ):
+        if any(table.holds_own() for text in saved[backend] for table in parse_save(text).values()):
             return backend
     for backend in present:
         if any(canary in text for text in saved[backend] for canary in KUBERNETES_CANARIES):

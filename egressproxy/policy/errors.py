@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from egressproxy.policy.decision import is_ip_literal
 from egressproxy.policy.regex import Pattern, RegexError
-from egressproxy.settings import IPNetwork
+from egressproxy.settings import IPNetwork, unmapped_network
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class Checker:
     def network(self, text: str, line: int, where: str) -> IPNetwork | None:
         """A CIDR (or a bare address, meaning /32 or /128); host bits set are allowed."""
         try:
-            return ipaddress.ip_network(text.strip(), strict=False)
+            return unmapped_network(ipaddress.ip_network(text.strip(), strict=False))
         except ValueError:
             self.error(line, f"{where}: {text!r} is not a CIDR")
             return None

@@ -700,6 +700,35 @@ def test_a_wrong_port_range_is_one_line(
     assert f"argument --include-ports: {message}" in capsys.readouterr().err
 
 
+def test_a_network_with_a_zone_is_refused_before_any_rule(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """ip6tables refuses `fe80::%eth0/64`, after the IPv4 rules were committed: the install
+    failed half done, and --dry-run took it."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(
+            ["iptables", "install", "--proxy-uid=1", "--exclude-cidrs=fe80::%eth0/64"]
+        )
+    assert (
+        "argument --exclude-cidrs: 'fe80::%eth0/64' has a zone: a network is written without one"
+        in capsys.readouterr().err
+    )
+
+
+def test_an_ipv4_mapped_network_is_excluded_as_ipv4() -> None:
+    """IPv4 traffic, a dual-stack socket's included, meets only the IPv4 rules: as an IPv6
+    rule `::ffff:192.0.2.0/120` excluded nothing, and iptables-save's spelling of it
+    (`::ffff:192.0.2.0/120`) differed from the comment's, so no install was ever found
+    already done."""
+    args = ["iptables", "install", "--proxy-uid=1", "--exclude-cidrs=::ffff:192.0.2.0/120,::/0"]
+    excluded = build_parser().parse_args(args).exclude_cidrs
+    assert excluded == (ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("::/0"))
+    options = Options(proxy_uid=1, exclude_cidrs=excluded)
+    text = {family: render(tables(options, family)) for family in (V4, V6)}
+    assert "-d 192.0.2.0/24" in text[V4]
+    assert "192.0.2" not in text[V6] and "ffff" not in text[V6]
+
+
 @pytest.mark.parametrize(
     ("addresses", "default_route", "used"),
     [

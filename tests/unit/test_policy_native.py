@@ -313,6 +313,25 @@ def test_a_wildcard_route_target_is_refused_as_one() -> None:
     ]
 
 
+def test_an_ipv4_mapped_cidr_matches_the_ipv4_addresses_it_names() -> None:
+    """Destinations are matched as IPv4 when IPv4-mapped (a dual-stack socket's view), so a
+    rule written `::ffff:198.51.100.0/120` matched no connection at all."""
+    text = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: p}
+spec:
+  default: deny
+  networks: ["::ffff:198.51.100.0/120"]
+  rules:
+  - {name: mapped, cidrs: ["::ffff:198.51.100.7"], action: allow}
+"""
+    index = compile_policy(load_policy_text(text, "n.yaml"), Settings())
+    assert tcp(index, "198.51.100.7", 5432).action == Action.PASS
+    assert tcp(index, "::ffff:198.51.100.7", 5432).action == Action.PASS
+    assert tcp(index, "198.51.100.8", 5432).action == Action.DENY
+
+
 def test_empty_lists_and_an_empty_name_are_errors() -> None:
     """`hosts: []` meant any host, as if omitted: on an allow rule it allowed everything."""
     text = """\
