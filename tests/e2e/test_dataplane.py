@@ -45,6 +45,7 @@ from .clients import (
 )
 from .netns import http_get_in, sockets_in
 from .proxy_process import StartProxy
+from .test_http import HTTPBIN_DENIED
 from .world import BLACKHOLE_V4, CLIENT_V4, CLIENT_V6, PROXY_PORT, World
 
 pytestmark = pytest.mark.e2e
@@ -384,17 +385,6 @@ def test_a_hello_the_sniffer_cannot_read_is_denied(
     assert running.logged(r"error=forbidden"), running.log_text()
 
 
-NO_HTTPBIN = """\
-apiVersion: egressproxy.io/v1alpha1
-kind: EgressPolicy
-metadata: {name: no-httpbin}
-spec:
-  default: allow
-  rules:
-  - {name: no-httpbin, hosts: [httpbin.org], action: deny}
-"""
-
-
 def in_record_version(version: bytes) -> Callable[[bytes], bytes]:
     return lambda hello: hello[:1] + version + hello[3:]
 
@@ -418,7 +408,7 @@ def test_a_hello_disguised_for_go_or_java_servers_meets_the_host_rules(
     version 4.1 or 0.2, or in one of up to 2^14 + 2048 bytes (OpenSSL refuses all three).
     Each went through as opaque TCP or as TLS without a name, past a rule denying the
     name, which is now read and denied."""
-    running = proxy(NO_HTTPBIN)
+    running = proxy(HTTPBIN_DENIED)
     hello = client_hello(world.tls_context(), "httpbin.org")
     with world.connect(world.host("httpbin.org").v4, 443) as sock:
         sock.sendall(disguise(hello))
