@@ -28,7 +28,7 @@ from egressproxy.policy.decision import (
 )
 from egressproxy.policy.store import PolicyStore
 from egressproxy.records import Accounting, FlowRecord
-from egressproxy.relay import WRITE_BUFFER_HIGH, RelayResult, abort_with_reset
+from egressproxy.relay import WRITE_BUFFER_HIGH, RelayResult, abort_with_reset, close_with_reset
 from egressproxy.settings import EchPolicy, Settings, VerifyDestination
 from egressproxy.sniff import (
     NEED_MORE,
@@ -523,15 +523,17 @@ class Flow(asyncio.Protocol):
             self.transport.close()
             self.finish(error.kind)
             return
-        if self.client_gone:
-            upstream_socket.close()
+        if self.client_gone or self.transport.is_closing():
+            # is_closing: the loop read the client's reset, and tells the protocol only
+            # later (connection_lost): spliced, the reset would reach the upstream as a FIN.
+            close_with_reset(upstream_socket)
             self.finish("reset")
             return
         try:
             client_socket = self._take_socket()
         except OSError as error:
             log.warning("%s: cannot take over the connection: %s", self.record.client, error)
-            upstream_socket.close()
+            close_with_reset(upstream_socket)
             self.transport.abort()
             self.context.accounting.upstream_failed("no_file_descriptors")
             self.finish("no_file_descriptors")

@@ -74,6 +74,13 @@ def quiet_for(watched: WatchedForIdleness, held: int, now: float) -> float:
     return now - watched.last_activity
 
 
+def close_with_reset(sock: socket.socket) -> None:
+    """Close with an RST: a peer whose stream was cut must not take it for complete."""
+    with contextlib.suppress(OSError):  # not connected yet: nothing to reset
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+    sock.close()
+
+
 def abort_with_reset(transport: asyncio.Transport) -> None:
     """Close with an RST: abort() alone only skips the write buffer and sends a FIN."""
     sock = transport.get_extra_info("socket")

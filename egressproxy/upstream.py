@@ -14,6 +14,7 @@ from egressproxy.errors import DNS_ERROR, UpstreamError
 from egressproxy.lookups import LookupThreads
 from egressproxy.netfilter import PROXY_SOURCE_PORTS, set_mark
 from egressproxy.policy.decision import Action, Decision, Destination
+from egressproxy.relay import close_with_reset
 from egressproxy.timeouts import TimeoutQueue
 
 ProtocolT = TypeVar("ProtocolT", bound=asyncio.BaseProtocol)
@@ -295,7 +296,7 @@ async def _socket_connected(
         sock.bind(source)
         await connector(sock, (ip, port))
     except BaseException:
-        sock.close()
+        close_with_reset(sock)  # cancelled once made: the client is gone, so is the stream
         raise
     return sock
 

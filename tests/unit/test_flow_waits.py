@@ -9,15 +9,17 @@ import gc
 import os
 import socket
 import struct
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import uvloop
 
+from egressproxy.flow import Flow
 from egressproxy.relay import WRITE_BUFFER_HIGH
 from egressproxy.settings import VerifyDestination
+from egressproxy.splice import Splicer
 from tests.unit.http_harness import ALLOW_ALL, Recording, local, loopback_proxy, proxy_to_origin
 from tests.unit.test_upstream_deadline import listener_that_never_answers
 from tests.unit.test_verified_flows import HELLO, HeldResolver, until
@@ -98,6 +100,77 @@ def test_a_reset_while_the_upstream_is_connected_to_finishes_the_flow_at_once(
     errors, connecting, expected_fds, fds = run(scenario())
     assert (errors, connecting) == (["reset"], 0)
     assert fds == expected_fds, "both ends of the client's connection gone, no upstream socket"
+
+
+async def until_the_reset_is_read(flow: Flow) -> None:
+    """Until the loop read the client's reset (the transport is closing), and no longer:
+    the flow is told (connection_lost) in the loop's next round."""
+    for _ in range(100):
+        if flow.transport.is_closing():
+            break
+        await asyncio.sleep(0)
+    assert flow.transport.is_closing() and not flow.client_gone
+
+
+async def until_cancelled(flow: Flow) -> None:
+    """Until the flow, told of the reset, cancels the connect that was still waiting."""
+    await asyncio.sleep(TIMEOUT)
+
+
+@pytest.mark.parametrize(
+    "after_the_connect",
+    [
+        pytest.param(until_the_reset_is_read, id="connect-done-reset-read"),
+        pytest.param(until_cancelled, id="connect-done-then-cancelled"),
+    ],
+)
+def test_a_client_reset_as_the_upstream_connect_completes_reaches_the_upstream_as_one(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    after_the_connect: Callable[[Flow], Awaitable[None]],
+) -> None:
+    """The client resets just as the upstream connect completes. The loop reads the reset
+    and tells the flow only later (connection_lost, in its next round): a connect
+    finishing in between saw a client still there, and spliced, the reset socket read as
+    an EOF, so the upstream got the first bytes and a FIN, a cut stream that looked
+    complete. A connect cancelled once made closed its socket with a FIN too."""
+
+    async def scenario() -> tuple[bytes, str, list[str]]:
+        loop = asyncio.get_running_loop()
+        origin = socket.create_server(("127.0.0.1", 0))
+        origin.setblocking(False)
+        client = socket.socket()
+        client.setblocking(False)
+        async with loopback_proxy(
+            tmp_path, monkeypatch, ALLOW_ALL, local(origin.getsockname()[1])
+        ) as proxy:
+            real_connect = Splicer.connect
+
+            async def connect_as_the_client_resets(
+                splicer: Splicer, sock: socket.socket, address: tuple[str, int]
+            ) -> None:
+                await real_connect(splicer, sock, address)
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+                client.close()
+                (flow,) = proxy.context.open_flows.flows
+                await after_the_connect(flow)
+
+            monkeypatch.setattr(Splicer, "connect", connect_as_the_client_resets)
+            await loop.sock_connect(client, (proxy.host, proxy.port))
+            await loop.sock_sendall(client, b"\x00 an opaque protocol")
+            upstream, _ = await loop.sock_accept(origin)
+            received, end = b"", "eof"
+            try:
+                while chunk := await loop.sock_recv(upstream, 65536):
+                    received += chunk
+            except ConnectionResetError:
+                end = "reset"
+            upstream.close()
+            await proxy.wait_closed_flows(1, timeout=2.0)
+        origin.close()
+        return received, end, [flow.error for flow in proxy.ledger.flows]
+
+    assert run(scenario()) == (b"", "reset", ["reset"])
 
 
 @pytest.mark.parametrize("size", [100, 4 << 20], ids=["a-little", "more-than-is-buffered"])
