@@ -39,12 +39,20 @@ PIPE_SHARE = 32
 PR_SET_PDEATHSIG = 1
 """prctl(2): the signal a worker gets when its supervisor dies."""
 WORKER_SIGHUP = "SIGHUP ignored by a worker: send it to the supervisor (pid %d) to reload"
+STOPS = frozenset({signal.SIGTERM, signal.SIGINT})
+HURRY = signal.SIGUSR1
+"""The supervisor's word to its workers that a second stop came: end the drain at once.
+Another SIGTERM or SIGINT to a worker is no such word, as systemd (KillMode=control-group)
+and Ctrl-C send one to every process of the proxy, and the supervisor forwards its own."""
+CONTROLS = STOPS | {signal.SIGHUP, HURRY}
 
 
 def main(settings: Settings) -> int:
-    # A reload asked for before the policy is in has nothing to reload; until the loop's
-    # handler takes over (workers inherit this across fork), SIGHUP must not end us.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Held until the loop's handlers take over (serve, _supervisor: workers inherit the
+    # mask across fork), so that a stop or reload during start-up is acted on once the
+    # proxy can, and never kills a half-made process. Blocked before the log's writer
+    # thread starts, which inherits the mask and so never takes them for the main thread.
+    signal.pthread_sigmask(signal.SIG_BLOCK, CONTROLS)
     accesslog.setup_logging(settings)
     owner = os.getpid()
     metrics_dir = None
@@ -118,11 +126,12 @@ def _stop_before_start(signum: int, frame: object) -> None:
 @contextlib.contextmanager
 def stopped_cleanly_by_signals() -> Iterator[None]:
     """Within: SIGTERM and SIGINT raise StoppedBeforeStart (a blocked read returns)."""
-    stops = (signal.SIGTERM, signal.SIGINT)
-    previous = {signum: signal.signal(signum, _stop_before_start) for signum in stops}
+    previous = {signum: signal.signal(signum, _stop_before_start) for signum in STOPS}
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)
     try:
         yield
     finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
@@ -243,17 +252,24 @@ async def serve(
 
     def stop_signal() -> None:
         """The first SIGTERM or SIGINT drains; another ends the drain at once (an
-        operator's second Ctrl-C, a second `kill`: through the supervisor too)."""
-        (hurry if stop.is_set() else stop).set()
+        operator's second Ctrl-C, a second `kill`). A worker hears that from its
+        supervisor alone (HURRY)."""
+        (hurry if stop.is_set() and policy_feed is None else stop).set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    def hurry_signal() -> None:
+        stop.set()
+        hurry.set()
+
+    for signum in STOPS:
         loop.add_signal_handler(signum, stop_signal)
     if policy_feed is None:
         loop.add_signal_handler(signal.SIGHUP, store.request_reload)
         watcher = loop.create_task(store.watch(), name="policy watch")
     else:
+        loop.add_signal_handler(HURRY, hurry_signal)
         loop.add_signal_handler(signal.SIGHUP, log.info, WORKER_SIGHUP, os.getppid())
         watcher = loop.create_task(store.follow(policy_feed), name="policy feed")
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROLS)
     acceptor = Acceptor(listeners)
     limit, pipes = descriptor_budget(settings.max_connections)
     open_flows = OpenFlows(limit, on_full=acceptor.pause, on_room=acceptor.resume)
@@ -288,6 +304,9 @@ async def serve(
         admin_server.close()
     context.splicer.close()
     context.resolver.close()
+    # Held again before the loop gives the signals back their default (ending the
+    # process): a stop or a hurry that comes now is one too late, not a death by signal.
+    signal.pthread_sigmask(signal.SIG_BLOCK, CONTROLS)
     log.info("stopped")
     return 0
 
@@ -542,15 +561,18 @@ async def _supervisor(
     health = admin.Health()
     stop = asyncio.Event()
 
-    def forward(signum: int) -> None:
+    def forward() -> None:
+        """The first stop drains the workers; another (an operator's second) hurries them."""
+        word = HURRY if stop.is_set() else signal.SIGTERM
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+                os.kill(pid, word)
         stop.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, forward, signum)
+    for signum in STOPS:
+        loop.add_signal_handler(signum, forward)
     loop.add_signal_handler(signal.SIGHUP, store.request_reload)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROLS)
     for feed in feeds:
         transport, _ = await loop.connect_write_pipe(
             asyncio.Protocol, os.fdopen(feed, "wb", buffering=0)
@@ -570,7 +592,7 @@ async def _supervisor(
             if not stop.is_set():
                 died_serving.append(pid)
                 log.error("worker %d exited (%d); stopping the others", pid, exit_codes[pid])
-                forward(signal.SIGTERM)
+                forward()
 
     worker_count = len(children)
     reaper = loop.create_task(reap(), name="reap workers")
@@ -587,7 +609,7 @@ async def _supervisor(
     os.close(ready_read)
     if started < worker_count and not stop.is_set():
         log.error("a worker failed to start; stopping the others")
-        forward(signal.SIGTERM)
+        forward()
     health.listening = started == worker_count
     await stop.wait()
     health.draining = True

@@ -92,11 +92,15 @@ class Proxy:
             time.sleep(0.05)
         return True
 
-    def send_signal(self, sig: int) -> None:
-        """Send a signal without waiting (SIGHUP, or SIGTERM to watch the drain)."""
+    def send_signal(self, sig: int, *, group: bool = False) -> None:
+        """Send a signal without waiting (SIGHUP, or SIGTERM to watch the drain); group: to
+        every process of the proxy at once, as systemd and Ctrl-C do (it leads a session)."""
         if sig in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL):
             self.exit_expected = True
-        os.kill(self.pid, sig)
+        if group:
+            os.killpg(self.pid, sig)
+        else:
+            os.kill(self.pid, sig)
 
     def wait(self, timeout: float = STOP_TIMEOUT) -> int:
         """The exit code; raises subprocess.TimeoutExpired if it is still running."""

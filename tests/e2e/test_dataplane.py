@@ -9,6 +9,7 @@ port shows the request was relayed, not delivered directly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -536,6 +537,31 @@ def test_a_second_sigterm_ends_the_drain_at_once(
         running.send_signal(signal.SIGTERM)
         assert running.wait(10.0) == 0
         assert bytes_before_close(sock, timeout=5.0) == b""
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_sent_to_every_process_of_the_workers_drains_once(
+    world: World, proxy: StartProxy, stop: signal.Signals
+) -> None:
+    """systemd (KillMode=control-group) and Ctrl-C signal every process of --workers at
+    once, and the supervisor forwards its own: a worker took the two for an operator's
+    second stop and cut its connections at once. A second stop to all still hurries."""
+    running = proxy(None, "--workers", "2")
+    echo = world.host("httpbin.org").v4
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(world.connect(echo, servers.ECHO_PORT)) for _ in range(6)]
+        for index, sock in enumerate(socks):
+            assert echo_once(sock, b"\x00before %d" % index) == b"\x00before %d" % index
+        running.send_signal(stop, group=True)
+        time.sleep(0.5)
+        assert running.returncode is None and running.admin_get("/ready")[0] == 503
+        for index, sock in enumerate(socks):
+            assert echo_once(sock, b"draining %d" % index) == b"draining %d" % index, index
+        running.send_signal(stop, group=True)
+        assert running.wait(10.0) == 0
+        for sock in socks:
+            assert bytes_before_close(sock, timeout=5.0) == b""
+    assert "Traceback" not in running.log_text()
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1", "::1"])

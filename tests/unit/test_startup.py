@@ -1,6 +1,7 @@
 """What stops the proxy before it serves: said in one line, never a traceback."""
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -205,14 +206,15 @@ def test_a_port_is_ascii_digits(text: str) -> None:
     assert port_list(" 25 , 8000 - 8002 ") == {25, 8000, 8001, 8002}
 
 
-def proxy_on_a_fifo(policy: Path) -> subprocess.Popen[str]:
-    """The proxy started on a policy file that is a FIFO: each read waits for a writer."""
+def proxy_on_a_fifo(policy: Path, *args: str) -> subprocess.Popen[str]:
+    """The proxy started on a policy file that is a FIFO: each read waits for a writer.
+    It leads a process group of its own, its workers'."""
     os.mkfifo(policy)
     return subprocess.Popen(
         [sys.executable, "-m", "egressproxy", "run", "--allow-root", "--policy", str(policy),
-         "--listen", f"127.0.0.1:{free_port()}", "--admin", f"127.0.0.1:{free_port()}"],
+         "--listen", f"127.0.0.1:{free_port()}", "--admin", f"127.0.0.1:{free_port()}", *args],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
     )  # fmt: skip
 
 
@@ -257,6 +259,47 @@ def test_a_stop_before_the_policy_is_in_is_a_clean_exit(
         process.wait(timeout=10)
     assert process.returncode == 0, errors
     assert "Traceback" not in errors
+
+
+def children_of(pid: int) -> int:
+    try:
+        return len(Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
+    except OSError:
+        return 0
+
+
+@pytest.mark.parametrize("forked", [1, 4], ids=["after-the-first-fork", "after-the-last-fork"])
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_the_workers_start_is_a_clean_exit(
+    tmp_path: Path, stop: signal.Signals, forked: int
+) -> None:
+    """Once the policy is in, the supervisor forks its workers, and each sets up before its
+    loop handles signals. A stop then killed the supervisor by the signal (SIGTERM), was
+    swallowed by a fork hook and lost (SIGINT: still serving), or killed a worker not yet
+    listening (exit 1). Now it waits for the loop: exit 0, and no process of it left."""
+    policy = tmp_path / "policy.yaml"
+    process = proxy_on_a_fifo(policy, "--workers", "4")
+    try:
+        write_policy(policy)
+        deadline = time.monotonic() + 20
+        while children_of(process.pid) < forked and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        process.send_signal(stop)
+        _, errors = process.communicate(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # its workers too, if it failed
+        process.wait(timeout=10)
+    assert process.returncode == 0, errors
+    assert "Traceback" not in errors and "Exception ignored" not in errors, errors
+    for _ in range(100):  # its workers exit before it reaps them: none can be left
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("a process of the proxy outlived it")
 
 
 def test_a_policy_read_that_never_returns_does_not_hold_the_exit(tmp_path: Path) -> None:
