@@ -8,6 +8,9 @@ DNS_ERROR = "dns_error"
 """The resolver gave no answer for a name (a route's backend, or the name a destination is
 verified against): unreachable for now, not refused, so to gRPC UNAVAILABLE."""
 
+NO_FILE_DESCRIPTORS = "no_file_descriptors"
+"""The open-file limit, or the share of it left for upstream connections, is used up."""
+
 PROXY_ERROR = "proxy_error"
 """The proxy itself failed a connection (the kernel refused it a resource, or a bug): the
 connection is reset and counted, never left open."""

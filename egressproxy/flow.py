@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from egressproxy import http1, http1_lean, http2, upstream
-from egressproxy.errors import PROXY_ERROR, UpstreamError, log_proxy_error
+from egressproxy.errors import NO_FILE_DESCRIPTORS, PROXY_ERROR, UpstreamError, log_proxy_error
 from egressproxy.netfilter import is_local_address, local_destination, original_destination
 from egressproxy.policy.decision import (
     Action,
@@ -55,6 +55,10 @@ class OpenFlows:
     def __init__(self, limit: int, on_full: Callable[[], None], on_room: Callable[[], None]):
         self.limit = limit
         self.flows: set[Flow] = set()
+        self.extra = 0
+        """Upstream connections past a connection's first (an h2 connection's, which
+        multiplexes streams to several), each counted as a connection: the limit is what
+        the descriptors allow, two a connection."""
         self.full = False
         self._on_full = on_full
         self._on_room = on_room
@@ -67,15 +71,29 @@ class OpenFlows:
 
     def add(self, flow: Flow) -> None:
         self.flows.add(flow)
-        if not self.full and len(self.flows) >= self.limit:
-            self.full = True
-            self._on_full()
+        self._check()
 
     def discard(self, flow: Flow) -> None:
         self.flows.discard(flow)
-        if self.full and len(self.flows) < self.limit:
-            self.full = False
-            self._on_room()
+        self._check()
+
+    def take_extra(self) -> bool:
+        """Room for one more upstream connection of an open one; False when full."""
+        if self.full:
+            return False
+        self.extra += 1
+        self._check()
+        return True
+
+    def give_back_extra(self) -> None:
+        self.extra -= 1
+        self._check()
+
+    def _check(self) -> None:
+        full = len(self.flows) + self.extra >= self.limit
+        if full != self.full:
+            self.full = full
+            (self._on_full if full else self._on_room)()
 
 
 @dataclass
@@ -535,8 +553,8 @@ class Flow(asyncio.Protocol):
             log.warning("%s: cannot take over the connection: %s", self.record.client, error)
             close_with_reset(upstream_socket)
             self.transport.abort()
-            self.context.accounting.upstream_failed("no_file_descriptors")
-            self.finish("no_file_descriptors")
+            self.context.accounting.upstream_failed(NO_FILE_DESCRIPTORS)
+            self.finish(NO_FILE_DESCRIPTORS)
             return
         context = self.context
         self.relay = SplicedRelay(

@@ -30,7 +30,7 @@ import hyperframe.frame
 from h11 import _abnf
 
 from egressproxy import upstream as upstream_connector
-from egressproxy.errors import PROXY_ERROR, UpstreamError, log_proxy_error
+from egressproxy.errors import NO_FILE_DESCRIPTORS, PROXY_ERROR, UpstreamError, log_proxy_error
 from egressproxy.h2_windows import ConnectionWindows, GrowthBudget, StreamWindow
 from egressproxy.http1 import DENIED_BODY, unavailable_status
 from egressproxy.http1_lean import MAX_RESPONSE_HEAD
@@ -589,9 +589,11 @@ class _Stream:
 class _Upstream(asyncio.Protocol):
     """One upstream h2 connection carrying many client streams."""
 
-    def __init__(self, proxy: H2Proxy, key: tuple[str, int]) -> None:
+    def __init__(self, proxy: H2Proxy, key: tuple[str, int], extra: bool) -> None:
         self.proxy = proxy
         self.key = key
+        self.extra = extra
+        """Counted in OpenFlows.extra until it is closed, or never connected."""
         self.h2 = _Connection(True, MAX_RESPONSE_HEAD)
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, _Stream] = {}
@@ -974,7 +976,17 @@ class H2Proxy(asyncio.Protocol):
     def _forward(self, stream: _Stream, key: tuple[str, int]) -> None:
         upstream = self.upstreams.get(key)
         if upstream is None:
-            upstream = _Upstream(self, key)
+            # The connection's first upstream is in the two descriptors it is counted
+            # for; each other one (another backend, or a new one after a GOAWAY while
+            # the old one finishes) takes room from the accepting: one client must not
+            # use up the descriptors every other connection needs.
+            extra = bool(self._all_upstreams())
+            if extra and not self.flow.context.open_flows.take_extra():
+                self.accounting.upstream_failed(NO_FILE_DESCRIPTORS)
+                error = NO_FILE_DESCRIPTORS
+                self._answer(stream, unavailable_status(error), f"upstream {error}", error)
+                return
+            upstream = _Upstream(self, key, extra)
             self.upstreams[key] = upstream
             self.connecting[key] = self.loop.create_task(
                 self._connect(upstream),
@@ -1017,6 +1029,15 @@ class H2Proxy(asyncio.Protocol):
             self._flush()
         except Exception as unforeseen:
             self._failed_in_task(unforeseen, f"connecting to {key[0]}:{key[1]}")
+        finally:
+            if upstream.transport is None:  # failed or cancelled: no connection_lost comes
+                self._give_back(upstream)
+
+    def _give_back(self, upstream: _Upstream) -> None:
+        """The upstream holds no descriptor any more: its room goes back, once."""
+        if upstream.extra:
+            upstream.extra = False
+            self.flow.context.open_flows.give_back_extra()
 
     def _failed_in_task(self, error: Exception, doing: str) -> None:
         """The proxy itself failed while a task waited (a bug, or a resource the kernel
@@ -1498,6 +1519,7 @@ class H2Proxy(asyncio.Protocol):
         self.upstream_lost(upstream, failure)
 
     def upstream_lost(self, upstream: _Upstream, error: str) -> None:
+        self._give_back(upstream)
         self.upstream_full(upstream, False)
         self._forget(upstream)
         if not self.closed:

@@ -10,7 +10,7 @@ import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TypeVar
 
-from egressproxy.errors import DNS_ERROR, UpstreamError
+from egressproxy.errors import DNS_ERROR, NO_FILE_DESCRIPTORS, UpstreamError
 from egressproxy.lookups import LookupThreads
 from egressproxy.netfilter import PROXY_SOURCE_PORTS, set_mark
 from egressproxy.policy.decision import Action, Decision, Destination
@@ -27,8 +27,8 @@ CONNECT_ERRORS = {
     errno.ENETUNREACH: "unreachable",
     errno.EACCES: "unreachable",
     errno.ETIMEDOUT: "connect_timeout",
-    errno.EMFILE: "no_file_descriptors",
-    errno.ENFILE: "no_file_descriptors",
+    errno.EMFILE: NO_FILE_DESCRIPTORS,
+    errno.ENFILE: NO_FILE_DESCRIPTORS,
 }
 """errno of a failed connect → the `error` label. EACCES is a firewall's or a route's
 prohibition: ICMPv6 administratively prohibited and `ip route add prohibit` (v4 and v6)

@@ -1488,6 +1488,70 @@ async def test_streams_waiting_for_an_upstream_that_says_goaway_go_elsewhere_onc
     assert [(r.path, r.status, r.error) for r in proxy.ledger.requests] == [("/a", 502, "reset")]
 
 
+class OneStreamH2Origin(SlowH2Origin):
+    """Says GOAWAY as each connection's first stream comes (it is the last one taken), and
+    closes once it answered it after DELAY: each stream needs a connection of its own. It
+    keeps count of the connections open at once."""
+
+    DELAY = 0.5
+
+    def __init__(self, open_now: list[int], most: list[int]) -> None:
+        self.open_now, self.most = open_now, most
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.open_now[0] += 1
+        self.most[0] = max(self.most[0], self.open_now[0])
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.open_now[0] -= 1
+
+    def data_received(self, data: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                self.transport.write(self.h2.data_to_send() + goaway(event.stream_id))
+                loop.call_later(self.DELAY, self.answer_and_close, event.stream_id)
+        self.transport.write(self.h2.data_to_send())
+
+    def answer_and_close(self, stream_id: int) -> None:
+        self.answer(stream_id)
+        self.transport.close()
+
+
+@pytest.mark.asyncio
+async def test_one_h2_client_cannot_take_the_descriptors_of_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An h2 connection counts as one against the descriptors' limit, but opens an upstream
+    per backend, and a new one per GOAWAY while the old one finishes: one client whose
+    upstream says GOAWAY after every stream held one descriptor a stream, until none was
+    left and the proxy dropped every new client (libuv accepts and closes at EMFILE). Past
+    its first, each upstream now takes room from the accepting, and a stream that finds
+    none is answered 502 no_file_descriptors."""
+    open_now, most = [0], [0]
+    async with proxy_to_h2_origin(
+        lambda: OneStreamH2Origin(open_now, most), tmp_path, monkeypatch
+    ) as proxy:
+        open_flows = proxy.context.open_flows
+        open_flows.limit = 4  # the client's connection and three more upstreams
+        client = await connect_h2(proxy)
+        answers = []
+        for number in range(8):
+            answers.append(client.request("GET", f"/{number}"))
+            await asyncio.sleep(0.03)  # past the GOAWAY of the stream before
+        full_while_held = open_flows.full
+        async with asyncio.timeout(TIMEOUT):
+            for answer in answers:
+                await answer.done.wait()
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
+        left = (open_flows.extra, open_flows.full)
+    statuses = [(a.headers[":status"], bytes(a.body)) for a in answers]
+    assert statuses == [("200", b"late")] * 4 + [("502", b"upstream no_file_descriptors\n")] * 4
+    assert (most[0], full_while_held, left) == (4, True, (0, False))
+
+
 class RefusingH2Origin(SlowH2Origin):
     """Refuses (RST_STREAM REFUSED_STREAM, before any response) every /always stream and the
     first /once stream; answers the rest after DELAY."""
