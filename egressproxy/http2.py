@@ -529,6 +529,7 @@ class _Stream:
         "end_sent",
         "headers",
         "kept",
+        "own_answer",
         "record",
         "request_ended",
         "request_trailers",
@@ -561,6 +562,8 @@ class _Stream:
         self.end_sent = False
         """The end of the request (END_STREAM or trailers) went upstream."""
         self.to_client = bytearray()
+        self.own_answer = False
+        """to_client holds the proxy's own answer, not bytes from the upstream."""
         self.response_ended = False
         self.response_trailers: Headers | None = None
         self.response_started = False
@@ -927,6 +930,7 @@ class H2Proxy(asyncio.Protocol):
             (b"content-length", b"%d" % len(body)),
         ]
         stream.upstream, stream.upstream_id = None, 0  # a failed upstream's, if any
+        stream.own_answer = True
         stream.close_upstream_window()
         stream.response_started = stream.response_ended = True
         head_only = stream.record.method == "HEAD"  # the length a GET's body would have
@@ -1475,6 +1479,8 @@ class H2Proxy(asyncio.Protocol):
         if stream.done:
             return
         stream.done = True
+        if stream.to_client and not stream.own_answer:  # counted as it came, never sent
+            stream.record.bytes_from_upstream -= len(stream.to_client)
         self._give_back_windows(stream)
         self.streams.pop(stream.client_id, None)
         stream.record.error = stream.record.error or error

@@ -1488,6 +1488,42 @@ async def test_streams_waiting_for_an_upstream_that_says_goaway_go_elsewhere_onc
     assert [(r.path, r.status, r.error) for r in proxy.ledger.requests] == [("/a", 502, "reset")]
 
 
+@pytest.mark.asyncio
+async def test_answer_bytes_a_reset_stream_never_got_are_not_counted(
+    h2_setup: tuple[LoopbackProxy, int],
+) -> None:
+    """A client whose window lets 1,000 bytes through resets the stream: the record said
+    65,535 bytes came from the upstream, the whole stream window the proxy had taken in
+    and then dropped; the request direction counts bytes as they go on, and so now does
+    the answer's."""
+    proxy, _ = h2_setup
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.local_settings = h2.settings.Settings(
+        client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1000}
+    )
+    client.initiate_connection()
+    stream_id = client.get_next_available_stream_id()
+    request = [(":method", "GET"), (":scheme", "http"), (":authority", "example.test")]
+    client.send_headers(stream_id, [*request, (":path", "/bytes/300000")], end_stream=True)
+    writer.write(client.data_to_send())
+    received = 0
+    async with asyncio.timeout(TIMEOUT):
+        while received < 1000:
+            for event in client.receive_data(await reader.read(65536)):
+                if isinstance(event, h2.events.DataReceived):
+                    received += len(event.data)  # never acknowledged: the window stays shut
+            writer.write(client.data_to_send())
+    await asyncio.sleep(0.2)  # the upstream fills the proxy's side of the stream meanwhile
+    client.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+    writer.write(client.data_to_send())
+    await proxy.wait_requests(1)
+    writer.close()
+    (record,) = proxy.ledger.requests
+    assert (received, record.status, record.error) == (1000, 200, "reset")
+    assert record.bytes_from_upstream == received
+
+
 class OneStreamH2Origin(SlowH2Origin):
     """Says GOAWAY as each connection's first stream comes (it is the last one taken), and
     closes once it answered it after DELAY: each stream needs a connection of its own. It
