@@ -387,8 +387,11 @@ MAX_PENDING_LINES = 16_384
 megabytes of records); past it, lines are dropped and counted rather than held."""
 STOP_PATIENCE = 2.0
 """At exit the writer is waited for while it makes progress, and given up on after this
-many seconds in which stderr took no line."""
+many seconds in which stderr took no byte."""
 DROPS_LOGGER = "egressproxy.log"
+WRITE_SLICE = 64 * 1024
+"""Bytes written at most at once: a write returns, and counts as progress, as a slow
+reader takes each slice, not only once it took the whole batch."""
 
 
 class _Stop:
@@ -421,7 +424,9 @@ class LineWriter:
         self.dropped = 0
         self.drop_lock = threading.Lock()
         self.writes = 0
-        """Writes finished, written or failed: what stop() watches for progress."""
+        """os.write calls returned, written or failed: what stop() watches for progress. A
+        batch can be a megabyte, which a slow reader (journald under load) takes for
+        longer than STOP_PATIENCE while taking bytes all along (WRITE_SLICE)."""
 
     def put(self, item: QueueItem) -> None:
         if self.queue.qsize() < MAX_PENDING_LINES:
@@ -511,7 +516,15 @@ class LineWriter:
             for chunk in _line_chunks(encoded) if self.whole_lines else (encoded,):
                 data = memoryview(chunk)
                 while data:
-                    data = data[os.write(self.descriptor, data) :]
+                    try:
+                        data = data[os.write(self.descriptor, data[:WRITE_SLICE]) :]
+                    except BlockingIOError:
+                        # Another process sharing stderr's open file made it non-blocking:
+                        # a full pipe is a wait, not a broken stderr (dropping the rest
+                        # of the batch cut a line, and counted nothing).
+                        select.select([], [self.descriptor], [])
+                    finally:
+                        self.writes += 1
         except (OSError, ValueError):
             # stderr is closed or broken: there is nowhere left to report that to.
             return

@@ -728,6 +728,72 @@ def test_a_stderr_nobody_reads_keeps_no_process_from_exiting() -> None:
     assert (process.returncode, output) == (0, b"stopped\n")
 
 
+def writer_to(write_end: int) -> LineWriter:
+    stream = os.fdopen(write_end, "w", closefd=False)
+    writer = LineWriter(stream, LineFormatter(LogFormat.JSON))
+    writer.start()
+    return writer
+
+
+def logged_lines(writer: LineWriter, count: int) -> None:
+    for number in range(count):
+        writer.put(
+            logging.LogRecord("egressproxy.test", logging.WARNING, __file__, 0,
+                              "line %d %s", (number, "x" * 200), None)
+        )  # fmt: skip
+
+
+def numbers_in(data: bytes) -> list[int]:
+    return [int(json.loads(line)["message"].split()[1]) for line in data.decode().splitlines()]
+
+
+def test_a_slow_reader_that_takes_bytes_all_along_gets_every_line_at_exit() -> None:
+    """A batch (up to a megabyte) was one write, which a slow reader (journald under load)
+    took for longer than the patience at exit: that counted as no progress, the writer
+    was given up on, and the lines still queued were lost with a line cut in half."""
+    read_end, write_end = os.pipe()
+    writer = writer_to(write_end)
+    chunks: list[bytes] = []
+
+    def read_slowly() -> None:
+        while chunk := os.read(read_end, 4096):
+            chunks.append(chunk)
+            time.sleep(0.005)  # about 800 KB/s
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    try:
+        logged_lines(writer, 3000)  # about 900 KB: a second for the reader
+        writer.stop(patience=0.25)
+    finally:
+        os.close(write_end)
+        reader.join(10)
+        os.close(read_end)
+    assert numbers_in(b"".join(chunks)) == list(range(3000))
+
+
+def test_a_non_blocking_stderr_that_fills_is_waited_for_not_dropped() -> None:
+    """Another process sharing stderr's open file can make it non-blocking: a full pipe
+    raised EAGAIN, which the writer took for a broken stderr, dropping the rest of the
+    batch without counting it and cutting a line in two."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    writer = writer_to(write_end)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=read_all, args=(read_end, chunks))
+    try:
+        logged_lines(writer, 2000)  # about 600 KB: the pipe holds 64 KiB
+        time.sleep(0.3)
+        reader.start()
+        writer.stop(patience=10)
+    finally:
+        os.close(write_end)
+        reader.join(10)
+        os.close(read_end)
+    assert numbers_in(b"".join(chunks)) == list(range(2000))
+    assert writer.dropped == 0
+
+
 def test_workers_sharing_a_pipe_write_whole_lines_at_most_pipe_buf_at_once() -> None:
     """With --workers N every worker writes to one stderr. A write to a pipe or a stream
     socket is atomic only up to PIPE_BUF: a batch of lines written at once had another
