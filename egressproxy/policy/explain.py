@@ -44,6 +44,7 @@ from egressproxy.policy.index import (
 from egressproxy.policy.loader import load_policy
 from egressproxy.policy.model import Model, Network, Route, TrafficPolicy
 from egressproxy.settings import Settings
+from egressproxy.sniff.http import authority_host
 
 ASSUMED_ADDRESSES = ("203.0.113.1", "198.51.100.1", "192.0.2.1", "2001:db8::1")
 DEFAULT_PORTS = {"http": 80, "https": 443, "tls": 443, "grpc": 80}
@@ -86,6 +87,13 @@ def _compile_saying_what_is_skipped(settings: Settings) -> tuple[Model, PolicyIn
         policy_log.setLevel(level)
 
 
+REFUSED_BESIDE = {
+    RouteProtocol.GRPC: "; HTTP that is no gRPC call denied",
+    RouteProtocol.TLS: "; anything but TLS denied",
+}
+"""What a port whose routes fix its protocol denies even on an Allow network."""
+
+
 def print_summary(model: Model, index: PolicyIndex, settings: Settings, out: TextIO) -> None:
     client = (
         f"namespace {settings.namespace}" if settings.namespace else "any namespace (unset)"
@@ -115,9 +123,10 @@ def print_summary(model: Model, index: PolicyIndex, settings: Settings, out: Tex
             where = f"port {port}" if port is not None else "every port"
             compiled = index.compiled.get(network.id)
             fixed = compiled.table(port).fixed if compiled and port is not None else None
-            protocol = (
-                f" ({fixed.value.upper()}, else {fixed.value}-egress-{verdict})" if fixed else ""
-            )
+            protocol = ""
+            if fixed:
+                refused = REFUSED_BESIDE.get(fixed, "") if verdict == "allow" else ""
+                protocol = f" ({fixed.value.upper()}, else {fixed.value}-egress-{verdict}{refused})"
             taken = index.port_kinds.get((network.id, port)) if port is not None else None
             labels = "; ".join(
                 route_label(route, taken) + consumer_note(route, network, settings)
@@ -259,15 +268,16 @@ def parse_destination(text: str, settings: Settings, index: PolicyIndex) -> Expl
         )
     grpc = scheme == "grpc"
     headers = (("content-type", "application/grpc"),) if grpc else ()
+    authority = host_as_sent(parts.netloc.rpartition("@")[2])
     request = RequestFacts(
         destination,
-        hostname,
+        authority_host(authority),  # as the data plane reads Host: an address is one too
         "POST" if grpc else "GET",
         path,
         wire_text(parts.query, "surrogateescape"),
         headers,
         grpc=grpc,
-        authority=host_as_sent(parts.netloc.rpartition("@")[2]),
+        authority=authority,
     )
     return ExplainQuery(text, None, request, assumed)
 

@@ -579,6 +579,68 @@ def test_explain_says_which_hosts_an_osm_http_port_takes(
     assert "host:" not in out
 
 
+def test_explain_matches_an_address_in_host_as_the_data_plane_does(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """OSM takes an IPv4 address in hosts, matched against Host on http ports, and the
+    data plane reads `Host: 203.0.113.9` as that host: explain read no host from an
+    address and said the request was denied, while curl's got through."""
+    policy = tmp_path / "address.yaml"
+    policy.write_text(
+        (EXAMPLES / "osm-3-egress-policy.yaml").read_text().replace("httpbin.org", "203.0.113.9")
+    )
+    status, out, _ = check(capsys, policy, "http://203.0.113.9/get", namespace=None)
+    assert status == 0
+    assert "hostname:    203.0.113.9\n" in out
+    assert "route:       Egress curl/httpbin-80\n" in out
+    assert "action:      PASS to the original destination (http)\n" in out
+
+
+FIXED_PORTS_ON_AN_ALLOW_NETWORK = """\
+apiVersion: policy.linkerd.io/v1alpha1
+kind: EgressNetwork
+metadata: {namespace: ns, name: net}
+spec: {trafficPolicy: Allow}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {namespace: ns, name: g}
+spec:
+  parentRefs: [{name: net, kind: EgressNetwork, group: policy.linkerd.io, port: 80}]
+  rules: [{matches: [{method: {service: a.B}}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TLSRoute
+metadata: {namespace: ns, name: t}
+spec:
+  hostnames: [httpbin.org]
+  parentRefs: [{name: net, kind: EgressNetwork, group: policy.linkerd.io, port: 443}]
+  rules: [{}]
+"""
+
+
+def test_the_summary_says_what_a_fixed_port_of_an_allow_network_denies(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A port of GRPCRoutes denies HTTP that is no gRPC call, a port of TLSRoutes anything
+    but TLS, on an Allow network too: the summary said only `else grpc-egress-allow`."""
+    policy = tmp_path / "fixed.yaml"
+    policy.write_text(FIXED_PORTS_ON_AN_ALLOW_NETWORK)
+    status, out, _ = check(capsys, policy, namespace="ns")
+    assert status == 0
+    assert (
+        "  port 80 (GRPC, else grpc-egress-allow; HTTP that is no gRPC call denied): "
+        "GRPCRoute ns/g\n"
+    ) in out
+    assert (
+        "  port 443 (TLS, else tls-egress-allow; anything but TLS denied): "
+        "TLSRoute ns/t [httpbin.org]\n"
+    ) in out
+    for destination in ("http://example.com/get", "tcp://203.0.113.5:443"):
+        status, out, _ = check(capsys, policy, destination, namespace="ns")
+        assert (status, "action:      DENY" in out) == (0, True), out
+
+
 def test_check_refuses_an_osm_star_host_at_its_line(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
