@@ -826,9 +826,12 @@ class PolicyIndex:
         return self.port_kinds[attachment.network, attachment.port] is not route.protocol
 
     def applies(self, route: Route) -> bool:
-        """Whether the route decides any of this client's traffic."""
+        """Whether the route decides any of this client's traffic: on some parent and port
+        that takes it, not one where a route of another kind wins (RouteReasonConflicted)."""
         return client_matches(route.clients, self.settings) and any(
-            self.attached_network(route, attachment) is not None for attachment in route.attachments
+            self.attached_network(route, attachment) is not None
+            and not self.conflicted(route, attachment)
+            for attachment in route.attachments
         )
 
     def add_route(self, table: PortTable, route: Route) -> None:

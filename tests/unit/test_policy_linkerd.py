@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -843,6 +845,14 @@ def test_a_grpc_route_of_another_namespace_leaves_the_ports_http_routes_unused_f
     team_a = compiled(text, Settings(namespace="team-a"))
     assert http(team_a, "api.example.com", "/").route == default("grpc-egress-deny")
 
+    def applying(index: PolicyIndex) -> dict[str, object]:
+        routes: Any = json.loads(json.dumps(index.describe()))["routes"]
+        return {route["ref"]["name"]: route["applies"] for route in routes}
+
+    # /config says so too: it said the HTTPRoute applied
+    assert applying(team_a) == {"allow-everything": False, "team-a-grpc": True}
+    assert applying(without_grpc) == {"allow-everything": True}
+
 
 def test_a_tls_route_leaves_the_ports_tcp_routes_unused() -> None:
     """TLSRoute before TCPRoute: TLS goes by SNI (the default when none matches) and
@@ -963,8 +973,6 @@ def test_annotations_and_global_audit() -> None:
 
 
 def test_describe_is_json() -> None:
-    import json
-
     description = step("linkerd-5-redirect.yaml").describe()
     text = json.dumps(description)
     assert "unencrypted-http" in text and "internal-egress" in text
