@@ -528,6 +528,14 @@ def read_backend_ref(
                 node.line_of("name"),
                 f"{where}: backendRef EgressNetwork {namespace}/{name} is not this route's parent",
             )
+        elif len(parents) > 1:
+            others = ", ".join(sorted(f"{p.namespace}/{p.name}" for p in parents if p != target))
+            checker.error(
+                node.line_of("name"),
+                f"{where}: backendRef EgressNetwork {namespace}/{name} serves that parent "
+                f"only: Linkerd gives the route's traffic of its other parents ({others}) an "
+                "invalid backend, which fails it; attach the route to one EgressNetwork",
+            )
         return None
     if kind != "Service" or group not in ("", "core"):
         checker.error(node.line_of("kind"), f"{where}: backendRef kind {kind} is not supported")

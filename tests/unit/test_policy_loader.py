@@ -336,6 +336,26 @@ def test_zero_weight_backends_beside_one_that_weighs_are_left_out() -> None:
     ]
 
 
+def test_an_egress_network_backend_of_a_route_with_two_parents_is_an_error() -> None:
+    """Linkerd's controller gives an EgressNetwork backend to the parent of that name only,
+    and the route's traffic of any other parent an invalid backend, which fails it: it
+    went to its original destination here, past that other network's Deny."""
+    second = NETWORK.replace("all-egress-traffic", "other-egress")
+    route = backends(f"{{{PARENT_BACKEND}}}").replace(
+        "  rules:",
+        "    - {name: other-egress, kind: EgressNetwork, group: policy.linkerd.io, port: 80}\n"
+        "  rules:",
+    )
+    text = NETWORK + "---\n" + second + route
+    line = text.splitlines().index(f"      - {{{PARENT_BACKEND}}}") + 1
+    assert problems(text) == [
+        f"p.yaml:{line}: HTTPRoute egress-test/httpbin-get.spec.rules[0].backendRefs[0]: "
+        "backendRef EgressNetwork egress-test/all-egress-traffic serves that parent only: "
+        "Linkerd gives the route's traffic of its other parents (egress-test/other-egress) an "
+        "invalid backend, which fails it; attach the route to one EgressNetwork"
+    ]
+
+
 def test_yaml_syntax_error_uses_the_mark() -> None:
     assert problems(NETWORK + "  networks: [\n") == [
         "p.yaml:9: YAML syntax: expected the node content, but found '<stream end>'"
