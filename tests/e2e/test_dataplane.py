@@ -561,7 +561,6 @@ def test_a_stop_sent_to_every_process_of_the_workers_drains_once(
         assert running.wait(10.0) == 0
         for sock in socks:
             assert bytes_before_close(sock, timeout=5.0) == b""
-    assert "Traceback" not in running.log_text()
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1", "::1"])
