@@ -487,7 +487,9 @@ class Http1Proxy(asyncio.Protocol):
         self.batch: list[bytes] | None = None
         """Client-bound bytes collected while one upstream read is handled."""
         self.processing = False
-        self.draining = False
+        self.draining = flow.context.draining
+        """The server stops: this connection closes after its exchange in flight. Set here
+        for a connection still sniffing when the drain began, and by drain() for the rest."""
         self.error = ""
         self.last_activity = self.loop.time()
         self.head_deadline: float | None = None
@@ -960,7 +962,7 @@ class Http1Proxy(asyncio.Protocol):
         )
         if decision.action is DENY_ACTION:
             record.answered_by_proxy(403, "")
-            closing = request.close or self.draining or flow.context.draining
+            closing = request.close or self.draining
             if closing:  # said, so no client sends its next request into the close
                 denial = DENIED_CLOSING_HEAD if seen.method == "HEAD" else DENIED_CLOSING_RESPONSE
             else:
@@ -1011,7 +1013,7 @@ class Http1Proxy(asyncio.Protocol):
             self.response_remaining = response.body_length - len(body)
             record.bytes_from_upstream += len(body)
             head = response.head
-            if (self.draining or self.flow.context.draining) and not response.close:
+            if self.draining and not response.close:
                 head = closing_head(head)  # the connection ends with this answer: say so
             if self.batch is not None:
                 self.batch.extend((head, body))
@@ -1055,7 +1057,7 @@ class Http1Proxy(asyncio.Protocol):
         record, self.record = self.record, None
         assert record is not None
         self._report(record)
-        if self.exchange_close or self.draining or self.flow.context.draining:
+        if self.exchange_close or self.draining:
             self.resume_client(_PAUSED_BY_UPSTREAM)
             self._close()
             return
@@ -1295,12 +1297,7 @@ class Http1Proxy(asyncio.Protocol):
         if ours not in (h11.DONE, h11.MUST_CLOSE) or theirs is h11.SEND_BODY:
             return
         self._finish_exchange()
-        if (
-            ours is not h11.DONE
-            or theirs is not h11.DONE
-            or self.draining
-            or self.flow.context.draining
-        ):
+        if ours is not h11.DONE or theirs is not h11.DONE or self.draining:
             self._close()
             return
         rest, self.inbox_eof = client.trailing_data
@@ -1486,7 +1483,6 @@ class Http1Proxy(asyncio.Protocol):
         if (
             self.client.their_state is h11.SEND_BODY  # an early answer: see _answered_early
             or self.draining
-            or self.flow.context.draining
         ):
             response = _closing(response)  # the connection ends with this answer: say so
         head = self.client.send(_as_http11(response))
@@ -1611,7 +1607,7 @@ class Http1Proxy(asyncio.Protocol):
         payload = (text + "\n").encode()
         headers = [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(payload))]
         close = self.client.they_are_waiting_for_100_continue and self._expects_body()
-        if close or self.draining or self.flow.context.draining:
+        if close or self.draining:
             headers.append((b"connection", b"close"))
         reason = HTTPStatus(status).phrase.encode()
         head = h11.Response(status_code=status, headers=headers, reason=reason)
