@@ -170,16 +170,22 @@ def read_cidr_ranges(checker: Checker, spec: YMap, where: str) -> list[CidrRange
     ranges = []
     for item_where, item in checker.mappings(spec, "networks", where):
         checker.known_fields(item, item_where, {"cidr", "except"})
-        text = checker.get(item, "cidr", str, item_where, required=True)
-        cidr = checker.network(text, item.line_of("cidr"), f"{item_where}.cidr") if text else None
-        excepts = [
-            (line, network)
-            for line, excepted in checker.strings(item, "except", item_where)
-            if (network := checker.network(excepted, line, f"{item_where}.except")) is not None
-        ]
-        if cidr is not None:
-            ranges.append(cidr_range(checker, cidr, excepts, item_where))
+        if (entry := read_cidr_entry(checker, item, item_where)) is not None:
+            ranges.append(entry)
     return ranges
+
+
+def read_cidr_entry(checker: Checker, item: YMap, where: str) -> CidrRange | None:
+    """A `{cidr, except}` entry whose fields are known; None where it is wrong. An empty
+    cidr is wrong too: dropped, it left a Deny network covering nothing."""
+    text = checker.get(item, "cidr", str, where, required=True)
+    cidr = None if text is None else checker.network(text, item.line_of("cidr"), f"{where}.cidr")
+    excepts = [
+        (line, network)
+        for line, excepted in checker.strings(item, "except", where)
+        if (network := checker.network(excepted, line, f"{where}.except")) is not None
+    ]
+    return None if cidr is None else cidr_range(checker, cidr, excepts, where)
 
 
 def cidr_range(

@@ -19,9 +19,9 @@ from egressproxy.policy.linkerd import (
     HTTP_METHODS,
     TOP_LEVEL_FIELDS,
     VERIFY_MODES,
-    cidr_range,
     kind_of,
     read_annotations,
+    read_cidr_entry,
 )
 from egressproxy.policy.model import (
     Attachment,
@@ -125,15 +125,8 @@ def read_networks(checker: Checker, spec: YMap, where: str) -> tuple[CidrRange, 
         if node is None:
             continue
         known_fields(checker, node, item_where, {"cidr", "except"})
-        text = checker.get(node, "cidr", str, item_where, required=True)
-        cidr = checker.network(text, node.line_of("cidr"), f"{item_where}.cidr") if text else None
-        excepts = [
-            (except_line, excluded)
-            for except_line, value in checker.strings(node, "except", item_where)
-            if (excluded := checker.network(value, except_line, f"{item_where}.except")) is not None
-        ]
-        if cidr is not None:
-            ranges.append(cidr_range(checker, cidr, excepts, item_where))
+        if (entry := read_cidr_entry(checker, node, item_where)) is not None:
+            ranges.append(entry)
     return tuple(ranges)
 
 

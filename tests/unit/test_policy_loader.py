@@ -72,6 +72,30 @@ def test_bad_cidr() -> None:
     assert found[1].startswith("p.yaml:10: ") and "'nonsense' is not a CIDR" in found[1]
 
 
+@pytest.mark.parametrize(
+    "networks",
+    [
+        "  networks:\n  - cidr: ''\n",
+        "  networks:\n  - cidr: ''\n    except: [10.0.0.0/8]\n",
+    ],
+)
+@pytest.mark.parametrize(
+    "header",
+    [
+        NETWORK,
+        "apiVersion: egressproxy.io/v1alpha1\nkind: EgressPolicy\nmetadata:\n"
+        "  name: p\n  namespace: egress-test\nspec:\n  default: deny\n",
+    ],
+    ids=["linkerd", "native"],
+)
+def test_an_empty_cidr_is_an_error(header: str, networks: str) -> None:
+    """An empty cidr (a template value left blank) was dropped: the Deny network covered
+    nothing, and its traffic passed untouched."""
+    found = problems(header + networks)
+    assert len(found) == 1 and found[0].startswith("p.yaml:9: "), found
+    assert found[0].endswith(".spec.networks[0].cidr: '' is not a CIDR")
+
+
 def test_networks_are_checked_as_linkerds_admission_webhook_checks_them() -> None:
     """`networks: []` made a network covering nothing, which in the client's namespace hid
     the global namespace's networks: all its egress passed untouched. An exception outside
