@@ -8,6 +8,7 @@ a Model or a PolicyError: the proxy must never die on a bad file.
 
 from __future__ import annotations
 
+import difflib
 import logging
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def load_policy_text(text: str, file: str) -> Model:
                 f"{kind}: apiVersion {api_version!r} is not supported "
                 f"(use {', '.join(f'{group}/{v}' if group else v for v in sorted(versions))})",
             )
-        elif meant := network_kind_meant(kind):
+        elif meant := network_kind_meant(kind, group):
             checker.error(
                 document.line_of("apiVersion"),
                 f"{kind} of apiVersion {api_version!r} is no kind egressproxy reads (it reads "
@@ -123,15 +124,26 @@ NETWORK_KINDS = frozenset({"EgressNetwork", "MeshConfig", "EgressPolicy"})
 leave its traffic to no network (a Deny silently becomes a pass)."""
 
 
-def network_kind_meant(kind: str) -> str | None:
-    """The network kind this one spells but for case, with its apiVersions (None: none)."""
+def network_kind_meant(kind: str, group: str) -> str | None:
+    """The network kind this one misspells (case, a letter or two) with its apiVersions,
+    or any kind of egressproxy's own group, which has no other (None: none meant)."""
+    spelled = kind.lower()
     meant = [
-        f"{known} of {group}/{version}"
-        for (group, known), versions in SUPPORTED.items()
-        if known in NETWORK_KINDS and known.lower() == kind.lower()
+        f"{known} of {known_group}/{version}"
+        for (known_group, known), versions in SUPPORTED.items()
+        if known in NETWORK_KINDS
+        and (
+            group == native.GROUP == known_group
+            or difflib.SequenceMatcher(None, known.lower(), spelled).ratio() >= NEAR_MISS
+        )
         for version in sorted(versions)
     ]
     return ", ".join(meant) if meant else None
+
+
+NEAR_MISS = 0.85
+"""How alike a kind must be to a network kind to be taken for a typo of it: EgresNetwork
+and EgressPolicies are (0.96, 0.85), EgressGatewayPolicy (0.77) or Egress (0.67) are not."""
 
 
 def parse_documents(text: str, checker: Checker) -> list[YMap]:

@@ -191,6 +191,8 @@ def test_a_lone_surrogate_is_no_text() -> None:
         ("policy.linkerd.com/v1alpha1", "EgressNetwork"),
         ("v1alpha1", "EgressNetwork"),
         ("policy.linkerd.io/v1alpha1", "egressnetwork"),
+        ("policy.linkerd.io/v1alpha1", "EgresNetwork"),
+        ("policy.linkerd.io/v1alpha1", "EgressNetworks"),
     ],
 )
 def test_a_network_kind_in_another_group_or_case_is_an_error(api_version: str, kind: str) -> None:
@@ -204,6 +206,42 @@ def test_a_network_kind_in_another_group_or_case_is_an_error(api_version: str, k
         " reads EgressNetwork of policy.linkerd.io/v1alpha1): skipped, its network would let"
         " the traffic it covers through"
     ]
+
+
+@pytest.mark.parametrize(
+    ("api_version", "kind", "meant"),
+    [
+        ("egressproxy.io/v1alpha1", "EgresPolicy", "EgressPolicy of egressproxy.io/v1alpha1"),
+        ("egressproxy.io/v1alpha1", "EgressRule", "EgressPolicy of egressproxy.io/v1alpha1"),
+        ("egressproxy.io/v1alpha1", "EgressPolicies", "EgressPolicy of egressproxy.io/v1alpha1"),
+        (
+            "config.openservicemesh.io/v1alpha2",
+            "MeshConfg",
+            "MeshConfig of config.openservicemesh.io",
+        ),
+    ],
+)
+def test_a_misspelt_network_kind_is_an_error(api_version: str, kind: str, meant: str) -> None:
+    """A typo in a network kind made it a kind of no egress meaning, skipped with an info
+    line: the policy's Deny vanished, and everything passed. egressproxy.io has one kind, so
+    any other in it is a mistake."""
+    text = f"apiVersion: {api_version}\nkind: {kind}\nmetadata:\n  name: p\nspec: {{}}\n"
+    [found] = problems(text)
+    assert found.startswith(f"p.yaml:1: {kind} of apiVersion {api_version!r} is no kind"), found
+    assert f"(it reads {meant}" in found
+
+
+@pytest.mark.parametrize(
+    ("api_version", "kind"),
+    [("policy.openservicemesh.io/v1alpha1", "IngressBackend"), ("v1", "ConfigMap")],
+)
+def test_other_kinds_are_still_skipped(
+    api_version: str, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = NETWORK + f"---\napiVersion: {api_version}\nkind: {kind}\nmetadata:\n  name: p\n"
+    with caplog.at_level(logging.INFO):
+        load_policy_text(text, "p.yaml")
+    assert f"p.yaml:10: skipping {kind}: no egress meaning" in caplog.messages
 
 
 def test_unsupported_filter_is_an_error() -> None:
