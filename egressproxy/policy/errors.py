@@ -115,7 +115,10 @@ class Checker:
         """value if it has the expected type (bool is not an int), else a problem and None."""
         if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
             return value
-        self.error(line, f"{where}: expected {TYPE_NAMES[expected]}, got {describe_value(value)}")
+        problem = f"{where}: expected {TYPE_NAMES[expected]}, got {describe_value(value)}"
+        if expected is str and isinstance(value, bool):
+            problem += " (YAML reads yes, no, on, off, true and false unquoted as one: quote it)"
+        self.error(line, problem)
         return None
 
     def get(

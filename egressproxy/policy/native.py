@@ -84,7 +84,7 @@ def read_policy(
     audit, verify = read_annotations(checker, meta, where)
     audit = bool(checker.get(spec, "audit", bool, where)) or audit
     if "verifyDestination" in spec:
-        verify = checker.choice(spec, "verifyDestination", where, VERIFY_MODES, "off")
+        verify = read_verify_mode(checker, spec, where)
     network_id = NetworkId(GROUP, "EgressPolicy", meta.namespace, meta.name)
     networks.append(
         Network(
@@ -146,11 +146,7 @@ def read_rule(
         {"name", "hosts", "cidrs", "ports", "http", "grpc", "action", "to", "verifyDestination"},
     )
     reject_empty_lists(checker, node, where, ("hosts", "cidrs", "ports", "http", "grpc"))
-    verify = (
-        checker.choice(node, "verifyDestination", where, VERIFY_MODES, "off")
-        if "verifyDestination" in node
-        else None
-    )
+    verify = read_verify_mode(checker, node, where) if "verifyDestination" in node else None
     hosts = tuple(
         hostname
         for line, text in checker.strings(node, "hosts", where)
@@ -228,6 +224,13 @@ def reject_empty_lists(checker: Checker, node: YMap, where: str, keys: Sequence[
             checker.error(
                 node.line_of(key), f"{where}.{key}: empty list: list at least one or omit it"
             )
+
+
+def read_verify_mode(checker: Checker, node: YMap, where: str) -> str:
+    """`verifyDestination`, where YAML 1.1 reads the documented `off`, unquoted, as false."""
+    if node.get("verifyDestination") is False:
+        return "off"
+    return checker.choice(node, "verifyDestination", where, VERIFY_MODES, "off")
 
 
 def known_fields(checker: Checker, node: YMap, where: str, allowed: Collection[str]) -> None:

@@ -171,6 +171,44 @@ def test_audit_deny_rule_and_networks() -> None:
     assert tcp(index, "169.254.169.254", 80).parent is None
 
 
+@pytest.mark.parametrize(("written", "mode"), [("off", "off"), ("false", "off"), ("log", "log")])
+def test_verify_destination_off_may_be_written_unquoted(written: str, mode: str) -> None:
+    """YAML 1.1 reads an unquoted `off`, as the README writes it, as false: refused with
+    "expected a string", the documented spelling could not be used."""
+    text = f"""\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {{name: standalone}}
+spec:
+  default: deny
+  verifyDestination: enforce
+  rules:
+  - {{name: pinned, hosts: [x.example], action: allow, verifyDestination: {written}}}
+"""
+    index = compile_policy(load_policy_text(text, "p.yaml"), Settings())
+    assert tls(index, "x.example").verify_destination == mode
+    spec_level = text.replace("enforce", written).replace(", verifyDestination: " + written, "")
+    index = compile_policy(load_policy_text(spec_level, "p.yaml"), Settings())
+    assert tls(index, "x.example").verify_destination == mode
+
+
+def test_verify_destination_on_is_refused() -> None:
+    text = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: standalone}
+spec:
+  default: deny
+  verifyDestination: on
+"""
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(text, "p.yaml")
+    assert str(caught.value) == (
+        "p.yaml:6: EgressPolicy standalone.spec.verifyDestination: expected a string, got a"
+        " boolean (YAML reads yes, no, on, off, true and false unquoted as one: quote it)"
+    )
+
+
 def test_route_and_deny_actions() -> None:
     index = index_of("native-3-redirect.yaml")
     legacy = http(index, "legacy.example.com", "/anything")
