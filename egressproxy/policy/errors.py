@@ -258,6 +258,13 @@ class Checker:
             kind = "a protobuf service name (pkg.Service)" if key == "service" else "a method name"
             self.error(line, f"{where}.{key}: {value!r} is not {kind}")
             return None
+        if value.startswith("."):  # protobuf's fully-qualified form, which Gateway API admits
+            self.error(
+                line,
+                f"{where}.{key}: {value!r} matches no call a gRPC client makes: its path "
+                f"names the service without the leading dot (write {value[1:]!r})",
+            )
+            return None
         return value
 
 

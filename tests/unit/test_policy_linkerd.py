@@ -1061,6 +1061,11 @@ def test_header_match_names_are_tokens(match_type: str) -> None:
             "{service: pkg.\u212aube}",
             "service: 'pkg.\u212aube' is not a protobuf service name",
         ),
+        (
+            "{service: .pkg.Greeter}",
+            "service: '.pkg.Greeter' matches no call a gRPC client makes: its path names the"
+            " service without the leading dot (write 'pkg.Greeter')",
+        ),
     ],
 )
 def test_grpc_exact_names_are_protobuf_names(method: str, problem: str) -> None:

@@ -658,6 +658,11 @@ spec:
             'grpc: [{service: pkg.Greeter, method: "Say Hello"}]',
             "grpc[0].method: 'Say Hello' is not a method name",
         ),
+        (
+            "grpc: [{service: .pkg.Admin}]",
+            "grpc[0].service: '.pkg.Admin' matches no call a gRPC client makes: its path"
+            " names the service without the leading dot (write 'pkg.Admin')",
+        ),
     ],
     ids=[
         "ipv4-host",
@@ -668,6 +673,7 @@ spec:
         "header-colon",
         "grpc-slash",
         "grpc-space",
+        "grpc-leading-dot",
     ],
 )
 def test_names_that_can_never_match_are_errors(rule: str, problem: str) -> None:
@@ -1025,12 +1031,15 @@ def test_bad_grpc_regex_matches_are_errors_with_lines(rule: str, line: int, prob
 
 
 GRPC_NAMES = {
-    "service": ["pkg.Svc", ".pkg.Svc", "pkg.Other"],
+    "service": ["pkg.Svc", "pkg.Other"],
     "method": ["Call", "Get", "GetAll"],
 }
 """Exact parts: a dot in them must stay a dot."""
 GRPC_CALLED = {
-    "service": [*GRPC_NAMES["service"], "pkg.svc", "other.Svc", "pkgXSvc", "XpkgXSvc", "Svc"],
+    "service": [
+        *GRPC_NAMES["service"],
+        *("pkg.svc", ".pkg.Svc", "other.Svc", "pkgXSvc", "XpkgXSvc", "Svc"),
+    ],
     "method": [*GRPC_NAMES["method"], "call", "X"],
 }
 """The parts of the calls: often met by the patterns and exact parts, sometimes nearly."""
