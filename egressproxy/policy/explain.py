@@ -124,12 +124,17 @@ def print_summary(model: Model, index: PolicyIndex, settings: Settings, out: Tex
             compiled = index.compiled.get(network.id)
             fixed = compiled.table(port).fixed if compiled and port is not None else None
             protocol = ""
-            if fixed:
+            unsniffed = unsniffed_port(port, compiled, settings)
+            if unsniffed:
+                protocol = f" ({unsniffed}: never sniffed, else tcp-egress-{verdict})"
+            elif fixed:
                 refused = REFUSED_BESIDE.get(fixed, "") if verdict == "allow" else ""
                 protocol = f" ({fixed.value.upper()}, else {fixed.value}-egress-{verdict}{refused})"
             taken = index.port_kinds.get((network.id, port)) if port is not None else None
             labels = "; ".join(
-                route_label(route, taken) + consumer_note(route, network, settings)
+                route_label(route, taken)
+                + (NEVER_SNIFFED if unsniffed and needs_sniffing(route) else "")
+                + consumer_note(route, network, settings)
                 for route in routes
             )
             print(f"  {where}{protocol}: {labels}", file=out)
@@ -137,16 +142,37 @@ def print_summary(model: Model, index: PolicyIndex, settings: Settings, out: Tex
         if compiled is None:  # out of this client's scope: its tables as for any client
             unscoped = dataclasses.replace(settings, namespace=None, service_account=None)
             compiled = compile_policy(model, unscoped).compiled[network.id]
-        print(f"  otherwise: {unmatched_defaults(compiled, verdict)}", file=out)
+        print(f"  otherwise: {unmatched_defaults(compiled, verdict, settings)}", file=out)
     if not model.networks:
         print("\nno egress networks: all traffic passes untouched", file=out)
 
 
-def unmatched_defaults(network: CompiledNetwork, verdict: str) -> str:
+NEVER_SNIFFED = " (never matches: the port is not sniffed)"
+
+
+def unsniffed_port(port: int | None, network: CompiledNetwork | None, settings: Settings) -> str:
+    """Why connections to this port are decided as opaque TCP at once, as the data plane
+    (and --explain) decide them; "" when they are sniffed."""
+    if port is None:
+        return ""
+    if port in settings.opaque_ports:
+        return "in --opaque-ports"
+    if network is not None and network.table(port).server_first:
+        return "an OSM tcp-server-first port"
+    return ""
+
+
+def needs_sniffing(route: Route) -> bool:
+    """A route only sniffed traffic can match: one of HTTP, gRPC or TLS, or with hostnames."""
+    return route.protocol is not RouteProtocol.TCP or bool(route.hostnames)
+
+
+def unmatched_defaults(network: CompiledNetwork, verdict: str, settings: Settings) -> str:
     """The default route of what no rule matches, as decide_* pick it: gRPC gets
     grpc-egress-* only on a port with gRPC rules (plain HTTP too when it has no HTTP rules),
     TLS gets tls-egress-* on a port with TLS rules and no TCP ones (OSM: with https
-    Egresses). A port whose routes fix the protocol says its own default on its line."""
+    Egresses). A port whose routes fix the protocol, or that is never sniffed, says its own
+    default on its line; --opaque-ports take everything as other traffic."""
 
     def targets(table: PortTable) -> dict[str, str]:
         return {
@@ -168,10 +194,13 @@ def unmatched_defaults(network: CompiledNetwork, verdict: str) -> str:
     base = targets(network.every_port)
     text = said(base)
     for port, table in sorted(network.ports.items()):
-        if table.fixed is None:
+        if table.fixed is None and not unsniffed_port(port, network, settings):
             differs = {k: v for k, v in targets(table).items() if base[k] != v}
             if differs:
                 text += f"; port {port}: {said(differs)}"
+    opaque = ", ".join(str(port) for port in sorted(settings.opaque_ports))
+    if opaque:
+        text += f"; --opaque-ports {opaque}: everything → tcp-egress-{verdict}"
     return text
 
 

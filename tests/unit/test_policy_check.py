@@ -21,6 +21,13 @@ STEP5_SKIPS = "26: skipping Deployment: no egress meaning"
 """The info line for the guide's Deployment (line 26), on stderr."""
 
 
+OPAQUE_DEFAULTS = (
+    "; --opaque-ports 25, 587, 3306, 4444, 5432, 6379, 9300, 11211: everything → tcp-egress-deny"
+)
+"""The end of a Deny network's `otherwise:` line: the default --opaque-ports are never
+sniffed, so everything there is other traffic."""
+
+
 def check(
     capsys: pytest.CaptureFixture[str],
     policy: Path,
@@ -42,8 +49,8 @@ def test_valid_policy_prints_a_summary(capsys: pytest.CaptureFixture[str]) -> No
     )
     assert "port 443 (TLS, else tls-egress-deny): TLSRoute egress-test/tls-egress" in out
     assert (
-        "otherwise: HTTP and gRPC → http-egress-deny, TLS and other traffic → tcp-egress-deny\n"
-        in out
+        "otherwise: HTTP and gRPC → http-egress-deny, TLS and other traffic → tcp-egress-deny"
+        f"{OPAQUE_DEFAULTS}\n" in out
     )
     assert len(out.splitlines()) < 25
 
@@ -70,7 +77,11 @@ def test_summary_names_the_protocol_of_each_native_rule(
     assert status == 0
     github = "EgressRule standalone.github [github.com, *.github.com]"
     assert f"port 443: {github} (TLS); {github} (HTTP)" in out
-    assert "port 5432: EgressRule standalone.database (TCP)" in out
+    assert (
+        "port 5432 (in --opaque-ports: never sniffed, else tcp-egress-deny):"
+        " EgressRule standalone.database (TCP); EgressRule standalone.database (HTTP)"
+        " (never matches: the port is not sniffed)\n" in out
+    )
 
 
 @pytest.mark.parametrize(
@@ -80,13 +91,13 @@ def test_summary_names_the_protocol_of_each_native_rule(
             "native-1-allowlist.yaml",
             "HTTP and gRPC → http-egress-deny, TLS → tls-egress-deny,"
             " other traffic → tcp-egress-deny;"
-            " port 5432: TLS → tcp-egress-deny; port 50051: gRPC → grpc-egress-deny",
+            " port 50051: gRPC → grpc-egress-deny" + OPAQUE_DEFAULTS,
             "tls-egress-deny",  # every port has the TLS rule of *.debian.org
         ),
         (
             "osm-3-egress-policy.yaml",
             "HTTP and gRPC → http-egress-deny, TLS and other traffic → tcp-egress-deny;"
-            " port 443: TLS → tls-egress-deny",
+            " port 443: TLS → tls-egress-deny" + OPAQUE_DEFAULTS,
             "tcp-egress-deny",
         ),
     ],
@@ -122,7 +133,7 @@ def test_summary_names_the_grpc_default_of_a_port_with_grpc_rules_alone(
     )
     status, out, _ = check(capsys, policy)
     assert status == 0
-    assert out.endswith("; port 9000: HTTP and gRPC → grpc-egress-deny\n")
+    assert out.endswith(f"; port 9000: HTTP and gRPC → grpc-egress-deny{OPAQUE_DEFAULTS}\n")
     _, explained, _ = check(capsys, policy, "http://example.org:9000/")
     assert "route:       default grpc-egress-deny" in explained
 
@@ -358,6 +369,11 @@ spec:
     assert "port:        in --opaque-ports: never sniffed, decided as opaque TCP" in out
     assert "route:       default tcp-egress-deny" in out
     assert "action:      DENY (tcp)" in out
+    status, out, _ = check(capsys, policy)  # and the summary says so (it said HTTP)
+    assert (
+        "  port 3306 (in --opaque-ports: never sniffed, else tcp-egress-deny):"
+        " HTTPRoute egress-test/r (never matches: the port is not sniffed)\n" in out
+    )
 
 
 def test_explain_decides_an_osm_tcp_server_first_port_as_opaque_tcp(
@@ -395,6 +411,12 @@ spec:
     assert "action:      DENY" in out, "no http chain for an address no tcp chain covers"
     status, out, _ = check(capsys, policy, "http://198.51.100.7:8000/", namespace="curl")
     assert "route:       Egress curl/banner" in out and "action:      PASS" in out
+    status, out, _ = check(capsys, policy, namespace="curl")
+    assert (
+        "  port 8000 (an OSM tcp-server-first port: never sniffed, else tcp-egress-deny):"
+        " Egress curl/web [foo.com] (HTTP) (never matches: the port is not sniffed);"
+        " Egress curl/banner (TCP)\n"
+    ) in out
 
 
 @pytest.mark.parametrize(
