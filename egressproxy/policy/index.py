@@ -50,6 +50,7 @@ from egressproxy.policy.model import (
     Model,
     Network,
     NetworkId,
+    Origin,
     Route,
     Rule,
     ServiceBackend,
@@ -707,7 +708,8 @@ def routes_unused(network: CompiledNetwork) -> str | None:
 
 
 def compile_policy(model: Model, settings: Settings) -> PolicyIndex:
-    """The index, with a warning for each network in scope whose routes Linkerd refuses."""
+    """The index, with a warning for each network in scope whose routes Linkerd refuses,
+    and for each rule address its network never takes."""
     index = PolicyIndex(model, settings)
     with_routes = {a.network for route in model.routes for a in route.attachments}
     for compiled in index.compiled.values():
@@ -715,7 +717,58 @@ def compile_policy(model: Model, settings: Settings) -> PolicyIndex:
             log.warning(
                 "%s: %s: %s", compiled.network.origin, compiled.network.id, compiled.routes_refused
             )
+    unreachable = unreachable_rule_cidrs(model, settings)
+    for origin in sorted(unreachable, key=lambda origin: origin.line):
+        log.warning("%s: %s", origin, unreachable[origin])
     return index
+
+
+def unreachable_rule_cidrs(model: Model, settings: Settings) -> dict[Origin, str]:
+    """A rule's addresses (native `cidrs`, OSM `ipAddresses`) outside every address its
+    network takes, by the rule: no traffic there reaches the rule (a native deny of
+    192.168.1.0/24, inside the default --cluster-networks, held for nothing)."""
+    networks = {network.id: network for network in model.networks}
+    outside: dict[tuple[Origin, str, NetworkId], list[IPNetwork]] = {}
+    for route in model.routes:
+        for attachment in route.attachments:
+            network = networks.get(attachment.network)
+            if network is None:
+                continue
+            taken = covered_ranges(network, settings)
+            for rule in route.rules:
+                key = (rule.origin, rule.name, network.id)
+                for cidr in rule.cidrs:
+                    unreached = not any(reaches(cidr, entry) for entry in taken)
+                    if unreached and cidr not in outside.setdefault(key, []):
+                        outside[key].append(cidr)
+    return {
+        origin: (
+            f"{name}: {', '.join(map(str, cidrs))} {'is' if len(cidrs) == 1 else 'are'} outside"
+            f" every address {network_id} takes"
+            f" ({describe_taken(networks[network_id], settings)}): the rule matches no"
+            " traffic there"
+        )
+        for (origin, name, network_id), cidrs in outside.items()
+        if cidrs
+    }
+
+
+def reaches(cidr: IPNetwork, entry: CidrRange) -> bool:
+    """Whether some address of cidr is in the entry (one of its excepts may hold it all)."""
+    return (
+        cidr.version == entry.cidr.version
+        and cidr.overlaps(entry.cidr)
+        and not any(within(cidr, excepted) for excepted in entry.excepts)
+    )
+
+
+def describe_taken(network: Network, settings: Settings) -> str:
+    if network.ranges is not None:
+        return "its networks"
+    if network.interception is not None:
+        return "what the MeshConfig's outbound IP ranges leave outside --cluster-networks"
+    cluster = ", ".join(str(block) for block in settings.cluster_networks)
+    return f"everything outside --cluster-networks {cluster}"
 
 
 MAX_MEMOISED_DECISIONS = 4096

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import re
 from pathlib import Path
 from urllib.parse import urlencode
@@ -207,6 +208,56 @@ spec:
         "p.yaml:6: EgressPolicy standalone.spec.verifyDestination: expected a string, got a"
         " boolean (YAML reads yes, no, on, off, true and false unquoted as one: quote it)"
     )
+
+
+def test_a_rule_address_its_network_never_takes_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`default: allow` and a deny of the LAN: the LAN is inside the default
+    --cluster-networks, so its traffic is no egress and the deny held for nothing,
+    silently."""
+    text = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: host}
+spec:
+  default: allow
+  rules:
+  - {name: no-lan, cidrs: [192.168.1.0/24, 10.20.0.0/16], action: deny}
+  - {name: some-lan, cidrs: [192.168.1.0/24, 198.51.100.0/24], action: deny}
+  - {name: everything, cidrs: [0.0.0.0/0], action: deny}
+"""
+    with caplog.at_level(logging.WARNING):
+        compile_policy(load_policy_text(text, "p.yaml"), Settings())
+    assert caplog.messages == [
+        "p.yaml:7: no-lan: 192.168.1.0/24, 10.20.0.0/16 are outside every address"
+        " EgressPolicy host takes (everything outside --cluster-networks 10.0.0.0/8,"
+        " 100.64.0.0/10, 172.16.0.0/12, 192.168.0.0/16, fd00::/8): the rule matches no"
+        " traffic there",
+        "p.yaml:8: some-lan: 192.168.1.0/24 is outside every address EgressPolicy host"
+        " takes (everything outside --cluster-networks 10.0.0.0/8, 100.64.0.0/10,"
+        " 172.16.0.0/12, 192.168.0.0/16, fd00::/8): the rule matches no traffic there",
+    ]
+    caplog.clear()
+    taken = text.replace("  default: allow\n", "  default: allow\n  networks: [192.168.0.0/16]\n")
+    with caplog.at_level(logging.WARNING):
+        compile_policy(load_policy_text(taken, "p.yaml"), Settings())
+    assert [message.split(" takes ")[0] for message in caplog.messages] == [
+        "p.yaml:8: no-lan: 10.20.0.0/16 is outside every address EgressPolicy host",
+        "p.yaml:9: some-lan: 198.51.100.0/24 is outside every address EgressPolicy host",
+    ]
+    assert all(
+        message.endswith(" takes (its networks): the rule matches no traffic there")
+        for message in caplog.messages
+    )
+    caplog.clear()
+    excepted = text.replace(
+        "  default: allow\n",
+        "  default: allow\n  networks: [{cidr: 0.0.0.0/0, except: [192.168.0.0/16]}]\n",
+    ).replace(", 10.20.0.0/16", "")
+    with caplog.at_level(logging.WARNING):
+        compile_policy(load_policy_text(excepted, "p.yaml"), Settings())
+    assert [message.split(":")[2] for message in caplog.messages] == [" no-lan", " some-lan"]
 
 
 def test_route_and_deny_actions() -> None:
