@@ -17,7 +17,12 @@ from typing import cast
 
 from egressproxy import http1, http1_lean, http2, upstream
 from egressproxy.errors import NO_FILE_DESCRIPTORS, PROXY_ERROR, UpstreamError, log_proxy_error
-from egressproxy.netfilter import is_local_address, local_destination, original_destination
+from egressproxy.netfilter import (
+    is_local_address,
+    local_destination,
+    original_destination,
+    plain_host,
+)
 from egressproxy.policy.decision import (
     Action,
     ConnectionFacts,
@@ -280,7 +285,7 @@ class Flow(asyncio.Protocol):
         if self.context.watch_loops:
             self.peer = peer
         if peer:  # written as the access line's other addresses are: [IPv6]:PORT
-            host = peer[0]
+            host = plain_host(peer[0])
             self.record.client = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
         else:
             self.record.client = "?"
@@ -382,7 +387,9 @@ class Flow(asyncio.Protocol):
             return False
         if not upstream.is_own_connection(self.peer, destination):
             return False
-        log.warning("%s is the proxy's own upstream connection: a redirect loop", self.peer)
+        log.warning(
+            "%s is the proxy's own upstream connection: a redirect loop", self.record.client
+        )
         self._refuse("loop")
         return True
 

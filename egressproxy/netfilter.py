@@ -128,4 +128,18 @@ def set_mark(sock: socket.socket, mark: int) -> None:
 
 
 def _is_v4_mapped(host: str) -> bool:
+    """As the kernel writes a v4-mapped peer (a dual-stack socket's IPv4 client)."""
     return host.startswith("::ffff:") and "." in host
+
+
+def plain_host(host: str) -> str:
+    """An IPv4-mapped IPv6 address as the IPv4 address it means, however it is written
+    (a dual-stack socket's peer, a route's `[::ffff:c633:640a]` backend, a name's mapped
+    answer); any other host as it is. The packets of a mapped address are IPv4."""
+    if ":" not in host or "ffff" not in host.lower():
+        return host
+    try:
+        mapped = ipaddress.IPv6Address(host).ipv4_mapped
+    except ValueError:
+        return host
+    return str(mapped) if mapped is not None else host

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from egressproxy.errors import DNS_ERROR, NO_FILE_DESCRIPTORS, UpstreamError
 from egressproxy.lookups import LookupThreads
-from egressproxy.netfilter import PROXY_SOURCE_PORTS, set_mark
+from egressproxy.netfilter import PROXY_SOURCE_PORTS, plain_host, set_mark
 from egressproxy.policy.decision import Action, Decision, Destination
 from egressproxy.relay import close_with_reset
 from egressproxy.timeouts import TimeoutQueue
@@ -121,7 +121,7 @@ async def _from_source_port(
     deadline = _Deadline(timeouts)
     ip = ""
     try:
-        ip = host if _is_ip_literal(host) else await _resolve(lookups, host, port)
+        ip = plain_host(host if _is_ip_literal(host) else await _resolve(lookups, host, port))
         wildcard = "::" if ":" in ip else "0.0.0.0"
         for _ in range(SOURCE_PORT_ATTEMPTS):
             try:
@@ -264,10 +264,7 @@ def is_own_connection(
     4-tuple must match: the kernel reuses a local port towards other destinations, so a
     workload sharing the proxy's address may well have the same (address, port).
     """
-    host = peer[0]
-    if host.startswith("::ffff:") and "." in host:
-        host = host[len("::ffff:") :]
-    known = _own_endpoints.get((host, peer[1]))
+    known = _own_endpoints.get((plain_host(peer[0]), peer[1]))
     if known is None or _closed(known):
         return False
     remote = _remote(known)

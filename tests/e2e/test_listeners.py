@@ -38,11 +38,13 @@ def served_by(world: World, family: str, url: str) -> str:
 def test_a_dual_stack_listener_serves_ipv4_clients_as_v4_mapped(
     world: World, proxy: StartProxy
 ) -> None:
+    """The socket sees `::ffff:198.18.0.2`; the access line says the IPv4 address, as it
+    says the destination, so one client has one spelling whichever listener took it."""
     running = proxy(None, "--listen", "[::]:15001")
     httpbin = world.host("httpbin.org")
     assert served_by(world, "-4", "http://httpbin.org/get") == httpbin.v4
     assert served_by(world, "-6", "http://httpbin.org/get") == httpbin.v6
-    assert running.logged(r"client=\[::ffff:198\.18\.0\.2\]:\d+ "), running.log_text()
+    assert running.logged(r"client=198\.18\.0\.2:\d+ "), running.log_text()
     assert running.logged(r"client=\[2001:db8:0:1::2\]:\d+ "), running.log_text()
 
 

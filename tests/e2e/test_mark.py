@@ -81,6 +81,27 @@ def test_without_the_mark_a_root_proxy_would_loop_and_says_so(
     assert running.logged("own upstream connection: a redirect loop"), running.log_text()
 
 
+def test_a_root_proxy_closes_a_loop_through_an_ipv4_mapped_backend(
+    world: World, proxy: StartProxy
+) -> None:
+    """A route to `[::ffff:a.b.c.d]` connects over IPv4, so the loop guard, which keys on
+    IPv4 addresses, knows the connection when it comes back. It went out of an IPv6
+    socket, and each hop opened another until the connection limit stopped accepting."""
+    address = world.host("httpbin.org").v4
+    policy = (
+        "apiVersion: egressproxy.io/v1alpha1\nkind: EgressPolicy\nmetadata: {name: p}\n"
+        "spec:\n  default: allow\n  rules:\n"
+        f'  - {{name: r, hosts: [httpbin.org], action: route, to: "[::ffff:{address}]:80"}}\n'
+    )
+    running = proxy(policy, "--allow-root", "--max-connections", "64", as_root=True)
+    result = world.curl(
+        "-4", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", "http://httpbin.org/get"
+    )
+    assert result.stdout.decode() == "502"
+    assert running.logged("own upstream connection: a redirect loop"), running.log_text()
+    assert "connection limit reached" not in running.log_text()
+
+
 def test_the_proxy_warns_when_workloads_could_get_its_source_ports(
     world: World, proxy: StartProxy
 ) -> None:

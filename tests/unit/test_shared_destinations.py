@@ -70,3 +70,12 @@ def test_the_client_address_picks_the_table_asked() -> None:
     assert (answers["::ffff:198.51.100.7"].ip, answers["::ffff:198.51.100.7"].port) == v4
     v6 = (ipaddress.IPv6Address("2001:db8::20"), 443)
     assert (answers["2001:db8::7"].ip, answers["2001:db8::7"].port) == v6
+
+
+def test_an_ipv4_mapped_host_is_its_ipv4_address_however_written() -> None:
+    """A dual-stack socket's peer, a route's backend, a name's mapped answer: the packets
+    are IPv4, and the loop guard and the access log know the IPv4 address."""
+    assert netfilter.plain_host("::ffff:198.51.100.2") == "198.51.100.2"
+    assert netfilter.plain_host("::FFFF:c633:6402") == "198.51.100.2"
+    for host in ("198.51.100.2", "2001:db8::ffff:1", "ffff::1", "::1", "fe80::1%eth0", "h.example"):
+        assert netfilter.plain_host(host) == host
