@@ -858,7 +858,8 @@ class Http1Proxy(asyncio.Protocol):
                 and not self.inbox_eof
                 and http1_lean.still_incomplete(self.inbox, self.head_scanned, limit)
             ):
-                self.head_scanned = len(self.inbox)
+                if not self._refused_request_line():
+                    self.head_scanned = len(self.inbox)
                 return  # its deadline runs
             like = (
                 http1_lean.parse_request_like(self.inbox, repeated.request, repeated.fields, limit)
@@ -869,7 +870,7 @@ class Http1Proxy(asyncio.Protocol):
             if request is NEED_MORE:
                 if self.inbox_eof:
                     self._leave_lean()
-                else:
+                elif not self._refused_request_line():
                     self.head_scanned = len(self.inbox)
                     self._await_head()
                 return
@@ -877,6 +878,15 @@ class Http1Proxy(asyncio.Protocol):
             if request is None or not self._lean_request(request, repeated if like else None):
                 self._leave_lean()
                 return
+
+    def _refused_request_line(self) -> bool:
+        """A head still incomplete whose first line no server would take: 400 now."""
+        line = http1_lean.refused_request_line(self.inbox, self.head_scanned)
+        if line is None:
+            return False
+        log.info("%s: bad request line: %r", self.flow.record.client, line[:100])
+        self._protocol_failure(400, "bad_request")
+        return True
 
     def _leave_lean(self) -> None:
         """From the next request on, h11 reads the client (until the exchange ends)."""

@@ -170,6 +170,19 @@ def still_incomplete(buffer: bytes, scanned: int, limit: int) -> bool:
     return buffer.find(b"\n\n", start) < 0 and buffer.find(b"\n\r\n", start) < 0
 
 
+def refused_request_line(buffer: bytes, scanned: int) -> bytes | None:
+    """The first line of a head not yet whole, if it has just ended (after the first
+    `scanned` bytes, found before to be no whole head) and is no request line h11 takes;
+    else None. HTTP/0.9's `GET /path` is all its client sends: waiting for the rest of
+    its head ran into the header timeout (408), where h11 answers such a line 400."""
+    start = max(0, scanned - 1)
+    end = buffer.find(b"\n", start)
+    if end < 0 or (start and buffer.find(b"\n", 0, start) >= 0):
+        return None  # not ended yet, or ended before and looked at then
+    line = buffer[:end].removesuffix(b"\r")
+    return line if _REQUEST_LINE.fullmatch(line) is None else None
+
+
 def parse_request(buffer: bytes, limit: int) -> LeanRequest | Incomplete | None:
     """The request at the start of buffer, NEED_MORE, or None: h11's to handle."""
     tidy = _TIDY_REQUEST.match(buffer, 0, limit)

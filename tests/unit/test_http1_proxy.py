@@ -933,6 +933,58 @@ async def test_bad_request_heads(
     assert (proxy.ledger.requests[-1].status, proxy.ledger.requests[-1].error) == (status, error)
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("first", [False, True], ids=["first", "keep_alive"])
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [b"GET /admin\r\n"],
+        [b"GET /adm", b"in\n"],
+        [b"GET /a HTTP/1.1", b" \r\nHost: example.test\r\n"],
+        [b"GET  /a  HTTP/1.1\r\nHost: example.test", b"\r\n"],
+    ],
+    ids=["http09", "http09-in-pieces", "trailing-space", "doubled-spaces"],
+)
+async def test_a_bad_request_line_is_answered_400_before_its_head_ends(
+    setup: tuple[LoopbackProxy, int, int], pieces: list[bytes], first: bool
+) -> None:
+    """HTTP/0.9's `GET /path` is all its client sends: waiting for the rest of a head that
+    never comes, it was answered 408 after --header-timeout, and held the connection."""
+    proxy, _, _ = setup
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    if first:
+        writer.write(b"GET /first HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        assert (await read_response(reader))[0] == 200
+    for piece in pieces:
+        writer.write(piece)
+        await writer.drain()
+        await asyncio.sleep(0.02)
+    async with asyncio.timeout(0.3):  # the header timeout is 0.5 s
+        assert (await read_response(reader))[0] == 400
+        assert await reader.read() == b""
+    writer.close()
+    await proxy.wait_closed_flows(1)
+    assert (proxy.ledger.requests[-1].status, proxy.ledger.requests[-1].error) == (
+        400,
+        "bad_request",
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_request_line_that_comes_in_pieces_is_not_refused(
+    setup: tuple[LoopbackProxy, int, int],
+) -> None:
+    proxy, _, _ = setup
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    for piece in [b"GET /a HT", b"TP/1.1\r", b"\nHost: example.test\r\n", b"\r\n"]:
+        writer.write(piece)
+        await writer.drain()
+        await asyncio.sleep(0.02)
+    assert (await read_response(reader))[0] == 200
+    writer.close()
+    await proxy.wait_closed_flows(1)
+
+
 async def send_in_pieces(writer: asyncio.StreamWriter) -> None:
     """5,000 bytes of a field value, 50 at a time, each its own read as far as timing goes."""
     for _ in range(100):
