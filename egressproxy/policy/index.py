@@ -736,7 +736,7 @@ def unreachable_rule_cidrs(model: Model, settings: Settings) -> dict[Origin, str
                 continue
             taken = covered_ranges(network, settings)
             for rule in route.rules:
-                key = (rule.origin, rule.name, network.id)
+                key = (rule.origin, f"{route.ref.kind} {route_name(route.ref)}", network.id)
                 for cidr in rule.cidrs:
                     unreached = not any(reaches(cidr, entry) for entry in taken)
                     if unreached and cidr not in outside.setdefault(key, []):

@@ -230,12 +230,12 @@ spec:
     with caplog.at_level(logging.WARNING):
         compile_policy(load_policy_text(text, "p.yaml"), Settings())
     assert caplog.messages == [
-        "p.yaml:7: no-lan: 192.168.1.0/24, 10.20.0.0/16 are outside every address"
+        "p.yaml:7: EgressRule host.no-lan: 192.168.1.0/24, 10.20.0.0/16 are outside every address"
         " EgressPolicy host takes (everything outside --cluster-networks 10.0.0.0/8,"
         " 100.64.0.0/10, 172.16.0.0/12, 192.168.0.0/16, fd00::/8): the rule matches no"
         " traffic there",
-        "p.yaml:8: some-lan: 192.168.1.0/24 is outside every address EgressPolicy host"
-        " takes (everything outside --cluster-networks 10.0.0.0/8, 100.64.0.0/10,"
+        "p.yaml:8: EgressRule host.some-lan: 192.168.1.0/24 is outside every address"
+        " EgressPolicy host takes (everything outside --cluster-networks 10.0.0.0/8, 100.64.0.0/10,"
         " 172.16.0.0/12, 192.168.0.0/16, fd00::/8): the rule matches no traffic there",
     ]
     caplog.clear()
@@ -243,8 +243,9 @@ spec:
     with caplog.at_level(logging.WARNING):
         compile_policy(load_policy_text(taken, "p.yaml"), Settings())
     assert [message.split(" takes ")[0] for message in caplog.messages] == [
-        "p.yaml:8: no-lan: 10.20.0.0/16 is outside every address EgressPolicy host",
-        "p.yaml:9: some-lan: 198.51.100.0/24 is outside every address EgressPolicy host",
+        "p.yaml:8: EgressRule host.no-lan: 10.20.0.0/16 is outside every address EgressPolicy host",
+        "p.yaml:9: EgressRule host.some-lan: 198.51.100.0/24 is outside every address"
+        " EgressPolicy host",
     ]
     assert all(
         message.endswith(" takes (its networks): the rule matches no traffic there")
@@ -257,7 +258,10 @@ spec:
     ).replace(", 10.20.0.0/16", "")
     with caplog.at_level(logging.WARNING):
         compile_policy(load_policy_text(excepted, "p.yaml"), Settings())
-    assert [message.split(":")[2] for message in caplog.messages] == [" no-lan", " some-lan"]
+    assert [message.split(":")[2] for message in caplog.messages] == [
+        " EgressRule host.no-lan",
+        " EgressRule host.some-lan",
+    ]
 
 
 def test_route_and_deny_actions() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -138,6 +139,23 @@ def test_ip_addresses_restrict_tcp_egress() -> None:
         Destination(ipaddress.ip_address("203.0.113.1"), 443), Detected.TLS, "a"
     )
     assert index.decide_connection(outside).action == Action.DENY
+
+
+def test_ip_addresses_the_mesh_never_takes_are_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A VPC database at 10.1.0.0/16 is inside the default --cluster-networks: the
+    Egress for it never decides its traffic, which is not egress here."""
+    text = (
+        (EXAMPLES / "osm-4-egress-tcp.yaml")
+        .read_text()
+        .replace("  ports:\n", "  ipAddresses:\n  - 10.1.0.0/16\n  - 198.51.100.0/24\n  ports:\n")
+    )
+    with caplog.at_level(logging.WARNING):
+        compile_policy(load_policy_text(text, "p.yaml"), CURL)
+    [warning] = caplog.messages
+    assert warning.startswith("p.yaml:")
+    assert ": Egress curl/tcp-443: 10.1.0.0/16 is outside every address MeshConfig" in warning
 
 
 def test_egress_without_mesh_config_is_egress_disabled() -> None:
