@@ -273,6 +273,8 @@ def parse_destination(text: str, settings: Settings, index: PolicyIndex) -> Expl
         if port == 0:  # not the scheme's default port, as `or` below would make it
             raise ValueError
     except ValueError:
+        if parts.netloc.count(":") > 1 and "[" not in parts.netloc:
+            raise ValueError("an IPv6 address goes in brackets: [2001:db8::1]:443") from None
         raise ValueError("the port is not a number from 1 to 65535") from None
     port = port or DEFAULT_PORTS.get(scheme)
     if port is None:

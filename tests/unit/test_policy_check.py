@@ -419,6 +419,15 @@ spec:
     ) in out
 
 
+def test_explain_asks_for_brackets_around_an_ipv6_address(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """It said the port was not a number."""
+    status, out, err = check(capsys, STEP5, "tcp://2001:db8::1:5432")
+    assert (status, out) == (2, "")
+    assert err.splitlines()[-1].endswith(": an IPv6 address goes in brackets: [2001:db8::1]:443")
+
+
 @pytest.mark.parametrize(
     "destination",
     ["ftp://x/", "tcp://203.0.113.5", "http:///nohost", "http://h:99999/", "http://h:0/"],
