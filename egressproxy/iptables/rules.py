@@ -69,6 +69,13 @@ class Family(enum.Enum):
         return ipaddress.IPv6Network("::1/128")
 
     @property
+    def link_local(self) -> IPNetwork | None:
+        """IPv6 link-local, which REDIRECT cannot take: its scope is lost on the way to ::1,
+        so the kernel drops the redirected SYN and the connection hangs. IPv4's link-local
+        (a cloud's 169.254.169.254) redirects, and is captured."""
+        return ipaddress.IPv6Network("fe80::/10") if self is Family.IPV6 else None
+
+    @property
     def label(self) -> str:
         return "IPv4" if self is Family.IPV4 else "IPv6"
 
@@ -236,6 +243,8 @@ def _own_traffic(options: Options, family: Family, chain: str, *, nat: bool) -> 
             mark = f"{options.proxy_mark:#x}"
             yield Rule(chain, f"proxy mark {mark} goes direct", "RETURN", f"-m mark --mark {mark}")
         yield Rule(chain, "loopback goes direct", "RETURN", f"-d {family.loopback}")
+        if nat and family.link_local is not None:
+            yield Rule(chain, "link-local goes direct", "RETURN", f"-d {family.link_local}")
         yield Rule(chain, "this host goes direct", "RETURN", "-o lo")
     elif nat:
         yield Rule(chain, "this host goes direct", "RETURN", "-m addrtype --dst-type LOCAL")

@@ -73,6 +73,7 @@ SIDECAR_FULL_V6 = """\
 -A EGRESSPROXY_OUTPUT -m owner --uid-owner 2102 -m comment --comment "egressproxy: proxy uid 2102 goes direct" -j RETURN
 -A EGRESSPROXY_OUTPUT -m mark --mark 0x2a -m comment --comment "egressproxy: proxy mark 0x2a goes direct" -j RETURN
 -A EGRESSPROXY_OUTPUT -d ::1/128 -m comment --comment "egressproxy: loopback goes direct" -j RETURN
+-A EGRESSPROXY_OUTPUT -d fe80::/10 -m comment --comment "egressproxy: link-local goes direct" -j RETURN
 -A EGRESSPROXY_OUTPUT -o lo -m comment --comment "egressproxy: this host goes direct" -j RETURN
 -A EGRESSPROXY_OUTPUT -d 2001:db8::/32 -m comment --comment "egressproxy: excluded network 2001:db8::/32" -j RETURN
 -A EGRESSPROXY_OUTPUT -p tcp -m multiport --dports 22,8000:8002 -m comment --comment "egressproxy: excluded ports 22,8000:8002" -j RETURN
