@@ -9,6 +9,7 @@ Only the routes at the best hostname level are evaluated against a request.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import enum
 import ipaddress
@@ -728,22 +729,23 @@ def unreachable_rule_cidrs(model: Model, settings: Settings) -> dict[Origin, str
     network takes, by the rule: no traffic there reaches the rule (a native deny of
     192.168.1.0/24, inside the default --cluster-networks, held for nothing)."""
     networks = {network.id: network for network in model.networks}
-    outside: dict[tuple[Origin, str, NetworkId], list[IPNetwork]] = {}
+    taken: dict[NetworkId, AddressSpans] = {}
+    outside: dict[tuple[Origin, str, NetworkId], dict[IPNetwork, None]] = {}
     for route in model.routes:
         for attachment in route.attachments:
             network = networks.get(attachment.network)
             if network is None:
                 continue
-            taken = covered_ranges(network, settings)
+            if network.id not in taken:
+                taken[network.id] = AddressSpans(covered_ranges(network, settings))
+            spans = taken[network.id]
             for rule in route.rules:
                 key = (rule.origin, f"{route.ref.kind} {route_name(route.ref)}", network.id)
-                for cidr in rule.cidrs:
-                    unreached = not any(reaches(cidr, entry) for entry in taken)
-                    if unreached and cidr not in outside.setdefault(key, []):
-                        outside[key].append(cidr)
+                unreached = outside.setdefault(key, {})
+                unreached.update((cidr, None) for cidr in rule.cidrs if not spans.meets(cidr))
     return {
         origin: (
-            f"{name}: {', '.join(map(str, cidrs))} {'is' if len(cidrs) == 1 else 'are'} outside"
+            f"{name}: {listed(list(cidrs))} {'is' if len(cidrs) == 1 else 'are'} outside"
             f" every address {network_id} takes"
             f" ({describe_taken(networks[network_id], settings)}): the rule matches no"
             " traffic there"
@@ -753,13 +755,49 @@ def unreachable_rule_cidrs(model: Model, settings: Settings) -> dict[Origin, str
     }
 
 
-def reaches(cidr: IPNetwork, entry: CidrRange) -> bool:
-    """Whether some address of cidr is in the entry (one of its excepts may hold it all)."""
-    return (
-        cidr.version == entry.cidr.version
-        and cidr.overlaps(entry.cidr)
-        and not any(within(cidr, excepted) for excepted in entry.excepts)
-    )
+BLOCKS_LISTED = 10
+"""A warning names this many blocks at most: a rule may have thousands."""
+
+
+def listed(blocks: list[IPNetwork]) -> str:
+    text = ", ".join(map(str, blocks[:BLOCKS_LISTED]))
+    more = len(blocks) - BLOCKS_LISTED
+    return text + (f" and {more} more" if more > 0 else "")
+
+
+class AddressSpans:
+    """The addresses of CIDR ranges less their excepts, as sorted disjoint spans of integers
+    per address family: whether a block meets them takes a bisection, not a scan of every
+    range (a policy may have 100,000 networks, and rules with as many cidrs)."""
+
+    def __init__(self, ranges: Sequence[CidrRange]) -> None:
+        spans: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+        for entry in ranges:
+            start, end = int(entry.cidr.network_address), int(entry.cidr.broadcast_address)
+            for excepted in sorted(entry.excepts, key=lambda block: int(block.network_address)):
+                low, high = int(excepted.network_address), int(excepted.broadcast_address)
+                if start < low:
+                    spans[entry.cidr.version].append((start, min(end, low - 1)))
+                start = max(start, high + 1)
+            if start <= end:
+                spans[entry.cidr.version].append((start, end))
+        self.starts: dict[int, list[int]] = {}
+        self.ends: dict[int, list[int]] = {}
+        for version, found in spans.items():
+            merged: list[tuple[int, int]] = []
+            for start, end in sorted(found):
+                if merged and start <= merged[-1][1] + 1:
+                    merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+                else:
+                    merged.append((start, end))
+            self.starts[version] = [start for start, _ in merged]
+            self.ends[version] = [end for _, end in merged]
+
+    def meets(self, block: IPNetwork) -> bool:
+        """Whether some address of block is in the spans."""
+        starts, ends = self.starts[block.version], self.ends[block.version]
+        position = bisect.bisect_right(starts, int(block.broadcast_address)) - 1
+        return position >= 0 and ends[position] >= int(block.network_address)
 
 
 def describe_taken(network: Network, settings: Settings) -> str:

@@ -19,6 +19,7 @@ from egressproxy.policy.index import (
     MAX_MEMOISED_DECISIONS,
     MAX_MEMOISED_LEVELS,
     MAX_MEMOISED_REQUEST_TEXT,
+    AddressSpans,
     CidrTable,
     CompiledNetwork,
     HostTable,
@@ -139,6 +140,25 @@ def test_cidr_table_picks_what_a_scan_of_every_entry_picks(
     covering = [(size(c), n.network.order, n) for c, n in entries if c.covers(target)]
     expected = min(covering, key=lambda found: found[:2])[2] if covering else None
     assert CidrTable(entries).lookup(target) is expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(V4_BLOCKS, st.lists(V4_BLOCKS, max_size=3)), max_size=6),
+    V4_BLOCKS,
+)
+def test_address_spans_meet_a_block_as_a_scan_of_its_addresses_finds(
+    blocks: list[tuple[ipaddress.IPv4Network, list[ipaddress.IPv4Network]]],
+    block: ipaddress.IPv4Network,
+) -> None:
+    """Overlapping entries, nested and overlapping exceptions: the spans say a block meets
+    them exactly when one of its addresses is in an entry and in none of its exceptions."""
+    ranges = [
+        CidrRange(entry, tuple(e for e in excepts if e.subnet_of(entry) and e != entry))
+        for entry, excepts in blocks
+    ]
+    expected = any(entry.covers(address) for address in block for entry in ranges)
+    assert AddressSpans(ranges).meets(block) is expected
 
 
 def test_default_network_excludes_cluster_networks_per_family() -> None:

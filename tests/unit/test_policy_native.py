@@ -264,6 +264,18 @@ spec:
     ]
 
 
+def test_a_warning_names_ten_blocks_at_most(caplog: pytest.LogCaptureFixture) -> None:
+    lan = ", ".join(f"192.168.{third}.0/24" for third in range(12))
+    text = (
+        "apiVersion: egressproxy.io/v1alpha1\nkind: EgressPolicy\nmetadata: {name: host}\n"
+        f"spec:\n  default: allow\n  rules:\n  - {{cidrs: [{lan}], action: deny}}\n"
+    )
+    with caplog.at_level(logging.WARNING):
+        compile_policy(load_policy_text(text, "p.yaml"), Settings())
+    [warning] = caplog.messages
+    assert ", 192.168.9.0/24 and 2 more are outside every address EgressPolicy host" in warning
+
+
 def test_route_and_deny_actions() -> None:
     index = index_of("native-3-redirect.yaml")
     legacy = http(index, "legacy.example.com", "/anything")
