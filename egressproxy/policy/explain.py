@@ -89,9 +89,10 @@ def _compile_saying_what_is_skipped(settings: Settings) -> tuple[Model, PolicyIn
 
 REFUSED_BESIDE = {
     RouteProtocol.GRPC: "; HTTP that is no gRPC call denied",
-    RouteProtocol.TLS: "; anything but TLS denied",
+    RouteProtocol.TLS: "; anything but TLS with a server name denied",
 }
-"""What a port whose routes fix its protocol denies even on an Allow network."""
+"""What a port whose routes fix its protocol denies even on an Allow network (and, for
+TLS, even where a TLSRoute takes every hostname: Linkerd's TLS stack requires one)."""
 
 
 def print_summary(model: Model, index: PolicyIndex, settings: Settings, out: TextIO) -> None:
@@ -128,7 +129,8 @@ def print_summary(model: Model, index: PolicyIndex, settings: Settings, out: Tex
             if unsniffed:
                 protocol = f" ({unsniffed}: never sniffed, else tcp-egress-{verdict})"
             elif fixed:
-                refused = REFUSED_BESIDE.get(fixed, "") if verdict == "allow" else ""
+                shown = verdict == "allow" or fixed is RouteProtocol.TLS
+                refused = REFUSED_BESIDE.get(fixed, "") if shown else ""
                 protocol = f" ({fixed.value.upper()}, else {fixed.value}-egress-{verdict}{refused})"
             taken = index.port_kinds.get((network.id, port)) if port is not None else None
             labels = "; ".join(

@@ -1018,6 +1018,14 @@ class PolicyIndex:
         table = network.table(destination.port)
         if table.envoy:
             return self.through_filter_chain(network, table, facts)
+        if table.fixed == RouteProtocol.TLS and facts.hostname is None:
+            what = "TLS without a server name" if facts.detected == Detected.TLS else "not TLS"
+            return self.refused_on_fixed_port(
+                network,
+                destination,
+                RouteProtocol.TLS,
+                f"{what} on port {destination.port}, whose routes are TLSRoutes",
+            )
         if facts.detected == Detected.TLS and table.fixed not in (
             RouteProtocol.HTTP,
             RouteProtocol.GRPC,
@@ -1030,11 +1038,11 @@ class PolicyIndex:
             if table.fixed == RouteProtocol.TLS or (table.tls and not table.tcp):
                 return self.default(network, destination, RouteProtocol.TLS, "no TLSRoute matched")
         if table.fixed == RouteProtocol.TLS and facts.detected != Detected.TLS:
-            return dataclasses.replace(
-                self.default(network, destination, RouteProtocol.TLS, ""),
-                action=Action.DENY,
-                audit=network.audit,
-                reason=f"not TLS on port {destination.port}, whose routes are TLSRoutes",
+            return self.refused_on_fixed_port(
+                network,
+                destination,
+                RouteProtocol.TLS,
+                f"not TLS on port {destination.port}, whose routes are TLSRoutes",
             )
         if table.fixed not in (RouteProtocol.HTTP, RouteProtocol.GRPC):
             for rule in table.tcp:
@@ -1170,17 +1178,31 @@ class PolicyIndex:
     def not_a_call(self, network: CompiledNetwork, destination: Destination) -> Decision:
         """linkerd2-proxy's default egress route for gRPC, like every GRPCRoute match, takes
         only a POST of /service/method (a rule without matches takes anything): a request
-        no rule took that is no call matches no route there (a 404), and is denied here,
-        under the port's default route."""
-        key = (id(network), destination.port, GRPC_PROTOCOL, NOT_A_CALL)
+        no rule took that is no call matches no route there (a 404), and is denied here."""
+        return self.refused_on_fixed_port(
+            network,
+            destination,
+            GRPC_PROTOCOL,
+            f"{NOT_A_CALL} on port {destination.port}, whose routes are GRPCRoutes",
+        )
+
+    def refused_on_fixed_port(
+        self, network: CompiledNetwork, destination: Destination, protocol: RouteProtocol, why: str
+    ) -> Decision:
+        """What no route of a port's fixed protocol can take: Linkerd's proxy finds no route
+        for it (a TLS stack requires a server name; a gRPC route only takes calls) and
+        fails it. Denied under the default deny route, whatever the network's default: a
+        `tls-egress-allow` label on a denial would file it under what was allowed."""
+        key = (id(network), destination.port, protocol, why)
         decision = self.decisions.get(key)
         if decision is None:
             decision = self.remember(
                 key,
                 dataclasses.replace(
-                    self.default(network, destination, GRPC_PROTOCOL, ""),
+                    self.default(network, destination, protocol, ""),
                     action=Action.DENY,
-                    reason=f"{NOT_A_CALL} on port {destination.port}, whose routes are GRPCRoutes",
+                    route=RouteRef("", "default", "", f"{protocol.value}-egress-deny"),
+                    reason=why,
                 ),
             )
         return decision

@@ -47,7 +47,10 @@ def test_valid_policy_prints_a_summary(capsys: pytest.CaptureFixture[str]) -> No
         "port 80 (HTTP, else http-egress-deny):"
         " HTTPRoute egress-test/httpbin-get; HTTPRoute egress-test/unencrypted-http" in out
     )
-    assert "port 443 (TLS, else tls-egress-deny): TLSRoute egress-test/tls-egress" in out
+    assert (
+        "port 443 (TLS, else tls-egress-deny; anything but TLS with a server name denied):"
+        " TLSRoute egress-test/tls-egress" in out
+    )
     assert (
         "otherwise: HTTP and gRPC → http-egress-deny, TLS and other traffic → tcp-egress-deny"
         f"{OPAQUE_DEFAULTS}\n" in out
@@ -63,7 +66,8 @@ def test_summary_marks_routes_the_ports_protocol_leaves_unused(
     status, out, err = check(capsys, mixed)
     assert (status, err) == (0, f"{mixed}:{STEP5_SKIPS}\n")
     assert (
-        "port 443 (TLS, else tls-egress-deny): TLSRoute egress-test/tls-egress;"
+        "port 443 (TLS, else tls-egress-deny; anything but TLS with a server name denied):"
+        " TLSRoute egress-test/tls-egress;"
         " TCPRoute egress-test/anything (unused: the port's TLS routes take precedence)"
     ) in out
 
@@ -664,7 +668,7 @@ def test_the_summary_says_what_a_fixed_port_of_an_allow_network_denies(
         "GRPCRoute ns/g\n"
     ) in out
     assert (
-        "  port 443 (TLS, else tls-egress-allow; anything but TLS denied): "
+        "  port 443 (TLS, else tls-egress-allow; anything but TLS with a server name denied): "
         "TLSRoute ns/t [httpbin.org]\n"
     ) in out
     for destination in ("http://example.com/get", "tcp://203.0.113.5:443"):

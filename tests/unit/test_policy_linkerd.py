@@ -160,13 +160,21 @@ def test_step5_redirects_plaintext_to_the_internal_service() -> None:
     )
     assert google.backend == Backend("internal-egress.egress-test.svc.cluster.local", 80)
     assert http(index, "httpbin.org", "/ip").route == route("HTTPRoute", "unencrypted-http")
-    for sni in ("httpbin.org", "github.com", None):
+    for sni in ("httpbin.org", "github.com"):
         assert labels(tls(index, sni)) == (
             Action.PASS,
             RouteProtocol.TLS,
             parent(443),
             route("TLSRoute", "tls-egress"),
         )
+    # linkerd2-proxy's TLS stack requires a server name (NewDetectRequiredSni): a hello
+    # without one is failed before any route, even the one that takes every hostname
+    assert labels(tls(index, None)) == (
+        Action.DENY,
+        RouteProtocol.TLS,
+        parent(443),
+        default("tls-egress-deny"),
+    )
 
 
 def test_step5_cluster_domain_is_baked_in() -> None:
@@ -732,14 +740,18 @@ def test_grpc_matches_rank_by_the_characters_of_service_then_method() -> None:
 def test_what_is_no_grpc_call_matches_no_default_route_on_a_grpc_port(policy: str) -> None:
     """linkerd2-proxy's default egress route for gRPC takes only a POST of /service/method,
     as every GRPCRoute match does: a GET, or a path of one segment, that no rule took
-    matches no route there (a 404) and is denied here, under the port's default route."""
+    matches no route there (a 404) and is denied here, under the default deny route (on
+    an Allow network too: a denial labelled grpc-egress-allow would count as allowed)."""
     net = network("all-egress-traffic", "egress-test", policy)
     service = grpc_route("service", "  - matches:\n    - method: {service: pkg.Greeter}\n")
     index = compiled(net + "---" + service)
     name = f"grpc-egress-{policy.lower()}"
     for method, path in (("GET", "/admin"), ("GET", "/pkg.Other/Call"), ("POST", "/admin")):
         decided = grpc_call(index, path, method=method)
-        assert (decided.action, decided.route) == (Action.DENY, default(name)), (method, path)
+        assert (decided.action, decided.route) == (Action.DENY, default("grpc-egress-deny")), (
+            method,
+            path,
+        )
     called = grpc_call(index, "/pkg.Other/Call")
     expected = Action.PASS if policy == "Allow" else Action.DENY
     assert (called.action, called.route) == (expected, default(name))
@@ -873,6 +885,38 @@ def test_a_tls_route_leaves_the_ports_tcp_routes_unused() -> None:
             default("tls-egress-deny"),
         )
         assert decision.reason == "not TLS on port 443, whose routes are TLSRoutes"
+
+
+@pytest.mark.parametrize("policy", ["Allow", "Deny"])
+@pytest.mark.parametrize("hostnames", ["  hostnames: [api.example.com]\n", ""])
+def test_a_tls_route_port_refuses_tls_without_a_server_name(policy: str, hostnames: str) -> None:
+    """linkerd2-proxy's TLS stack requires a server name (NewDetectRequiredSni): a hello
+    without one, or bytes that are no TLS, are failed before any route, a TLSRoute that
+    takes every hostname included. They passed there. Denied under tls-egress-deny, on an
+    Allow network too: under tls-egress-allow, a dashboard counted them as allowed."""
+    route_text = (
+        "---\napiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TLSRoute\n"
+        "metadata: {name: api, namespace: egress-test}\nspec:\n" + hostnames + "  parentRefs:\n"
+        "  - {name: all-egress-traffic, kind: EgressNetwork, group: policy.linkerd.io, port: 443}\n"
+        "  rules: [{}]\n"
+    )
+    index = compiled(network("all-egress-traffic", "egress-test", policy) + route_text)
+    assert tls(index, "api.example.com").route == route("TLSRoute", "api")
+    for decision, reason in (
+        (tls(index, None), "TLS without a server name on port 443, whose routes are TLSRoutes"),
+        (opaque(index, 443), "not TLS on port 443, whose routes are TLSRoutes"),
+        (
+            http(index, "api.example.com", "/", port=443),
+            "not TLS on port 443, whose routes are TLSRoutes",
+        ),
+    ):
+        assert labels(decision) == (
+            Action.DENY,
+            RouteProtocol.TLS,
+            parent(443),
+            default("tls-egress-deny"),
+        )
+        assert decision.reason == reason
 
 
 def test_a_parent_ref_is_an_egress_network_only_with_linkerds_group(
