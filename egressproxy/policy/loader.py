@@ -216,6 +216,8 @@ def expand_lists(documents: list[YMap], checker: Checker) -> list[YMap]:
 
 
 MERGE_TAG = "tag:yaml.org,2002:merge"
+MAX_INTEGER_BITS = 64
+"""No field takes more; Python will not write an integer of more than 4,300 digits."""
 
 
 class TreeBuilder:
@@ -271,6 +273,10 @@ class TreeBuilder:
             except UnicodeEncodeError:  # a lone surrogate, written as "\ud800": no text
                 self.checker.error(line, f"YAML value {node.value!r}: not valid Unicode")
                 return None
+        elif isinstance(value, int) and value.bit_length() > MAX_INTEGER_BITS:
+            # YAML reads 0x… of any length; the decimal text of such a number raises
+            self.checker.error(line, f"YAML value {node.value[:20]!r}…: too large a number")
+            return None
         return value
 
     def sequence(self, node: yaml.SequenceNode, line: int, repeated: bool) -> YList:

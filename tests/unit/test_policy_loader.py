@@ -178,6 +178,14 @@ def test_a_policy_without_documents_is_refused(text: str) -> None:
     ]
 
 
+@pytest.mark.parametrize("written", ["0x" + "f" * 4000, "0b" + "1" * 20000, "0" + "7" * 5000])
+def test_a_huge_number_is_an_error_not_a_traceback(written: str) -> None:
+    """YAML reads 0x… of any length, and Python will not write an integer of more than
+    4,300 digits: the message about its type raised instead of reporting it."""
+    text = NETWORK.replace("trafficPolicy: Deny", f"trafficPolicy: Deny\n  networks: {written}")
+    assert problems(text) == [f"p.yaml:8: YAML value {written[:20]!r}…: too large a number"]
+
+
 def test_a_lone_surrogate_is_no_text() -> None:
     """`"\\ud800"` is valid YAML but no Unicode text: refused at its line (it broke the
     summary's print with a traceback)."""
