@@ -37,10 +37,11 @@ def grpc_code_of_answer(status: int, error: str) -> int | None:
 
 
 def grpc_status_of(fields: Iterable[tuple[bytes, bytes]]) -> int | None:
-    """The grpc-status of response headers or trailers (lower-case names), None if none."""
+    """The grpc-status of response headers or trailers (lower-case names), None if none
+    or none a status code could be (int() of over 4,300 digits raises, on the loop)."""
     for name, value in fields:
         if name == b"grpc-status":
-            return int(value) if value.isdigit() else None
+            return int(value) if value.isdigit() and len(value) <= 10 else None
     return None
 
 

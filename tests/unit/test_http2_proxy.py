@@ -3553,3 +3553,45 @@ async def test_an_upstream_connected_while_the_client_reads_nothing_waits_for_it
         first.close()
         second.close()
     assert unsent < 2 << 20
+
+
+class LongGrpcStatusOrigin(asyncio.Protocol):
+    """Answers every call trailers-only, with a grpc-status of 5,000 digits."""
+
+    STATUS = "0" * 5000
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        self.h2.initiate_connection()
+        self.transport.write(self.h2.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                headers = [(":status", "200"), ("content-type", "application/grpc")]
+                self.h2.send_headers(
+                    event.stream_id, [*headers, ("grpc-status", self.STATUS)], end_stream=True
+                )
+        self.transport.write(self.h2.data_to_send())
+
+
+@pytest.mark.asyncio
+async def test_a_grpc_status_of_thousands_of_digits_is_no_status(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """int() refuses more than 4,300 digits: reading the status raised on the loop, and
+    the upstream connection and every call on it failed. It is no status (UNKNOWN)."""
+    async with proxy_to_h2_origin(LongGrpcStatusOrigin, tmp_path, monkeypatch) as proxy:
+        client = await connect_h2(proxy)
+        headers = {"content-type": "application/grpc", "te": "trailers"}
+        calls = [client.request("POST", "/test.Echo/Echo", b"", headers) for _ in range(2)]
+        async with asyncio.timeout(TIMEOUT):
+            for answer in calls:
+                await answer.done.wait()
+        assert [answer.headers.get("grpc-status") for answer in calls] == [
+            LongGrpcStatusOrigin.STATUS
+        ] * 2
+        await proxy.wait_requests(2)
+        client.transport.close()
+    assert [(r.grpc_status, r.error) for r in proxy.ledger.requests] == [(None, "")] * 2
