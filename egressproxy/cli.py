@@ -115,6 +115,18 @@ def worker_count(text: str) -> int:
     return number
 
 
+MAX_HEADER_BYTES = 8 * 1024 * 1024
+"""Envoy's ceiling for request headers (max_request_headers_kb); HTTP/2 carries the limit
+in a 32-bit setting, and a head that size is held in memory per connection."""
+
+
+def header_size(text: str) -> int:
+    number = positive_int(text)
+    if number > MAX_HEADER_BYTES:
+        raise argparse.ArgumentTypeError(f"{number} is more than {MAX_HEADER_BYTES} (8 MiB)")
+    return number
+
+
 def mark(text: str) -> int:
     """A netfilter mark: 32 bits, and 0 is no mark."""
     number = positive_int(text)
@@ -265,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--connect-timeout", type=seconds, default=5.0)
     run.add_argument("--idle-timeout", type=seconds, default=3600.0)
     run.add_argument("--header-timeout", type=seconds, default=10.0)
-    run.add_argument("--max-header-bytes", type=positive_int, default=65536)
+    run.add_argument("--max-header-bytes", type=header_size, default=65536)
     run.add_argument(
         "--verify-destination",
         type=one_of(VerifyDestination),

@@ -132,6 +132,15 @@ def test_every_worker_of_the_most_gets_a_connects_tries_of_source_ports() -> Non
     )
 
 
+def test_a_header_limit_past_8_mib_is_a_usage_error() -> None:
+    """HTTP/2 carries the limit in a 32-bit setting: 2**32 was taken at start, and every
+    h2c connection then failed with a traceback."""
+    refused = start("--allow-root", "--max-header-bytes", "4294967296")
+    assert refused.returncode == 2
+    assert "argument --max-header-bytes: 4294967296 is more than 8388608 (8 MiB)" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 def test_a_mark_wider_than_32_bits_is_a_usage_error() -> None:
     refused = start("--allow-root", "--mark", "0x100000000")
     assert refused.returncode == 2
