@@ -40,9 +40,6 @@ ACCESS_LOGGER = "egressproxy.access"
 ACCESS_ENTRY = "access"
 """The LogRecord attribute holding an access line's record and duration."""
 
-PER_REQUEST = frozenset({RouteProtocol.HTTP, RouteProtocol.GRPC})
-"""Connections handed to the HTTP handlers, which log each request instead."""
-
 _TEXT_SPECIAL = re.compile(r'[ "=\\]')
 """Characters that make a text value ambiguous unless quoted (so do unprintable ones)."""
 
@@ -150,7 +147,7 @@ def _decided_template(keys: tuple[str, ...], json_lines: bool) -> str:
 
 
 class AccessLog:
-    """The Accounting that writes access lines.
+    """Writes access lines (server.Reporting hands it the connections and requests).
 
     With the process's writer running (setup_logging), a line is handed to it as an
     AccessEntry. A logger given explicitly (tests, embedding) gets LogRecords instead.
@@ -159,12 +156,6 @@ class AccessLog:
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self.logger = logger or logging.getLogger(ACCESS_LOGGER)
         self.to_writer = logger is None
-
-    def connection_opened(self) -> None:
-        """Lines are written when a connection ends."""
-
-    def connection_decided(self, record: FlowRecord) -> None:
-        """Lines are written when a connection ends."""
 
     def connection_closed(self, record: FlowRecord) -> None:
         """An HTTP connection's requests have their lines; one that carried none (an h2
@@ -177,15 +168,6 @@ class AccessLog:
     def request_finished(self, record: RequestRecord) -> None:
         if self.logger.isEnabledFor(logging.INFO):
             self._write(record)
-
-    def policy_reloaded(self, ok: bool, generation: int) -> None:
-        """The policy store logs reloads itself."""
-
-    def upstream_failed(self, error: str) -> None:
-        """The failed request or connection has its own line."""
-
-    def destination_unconfirmed(self, error: str, hostname: str, mode: str, times: int) -> None:
-        """The resolver logs what it found."""
 
     def _write(self, record: FlowRecord | RequestRecord) -> None:
         duration = time.monotonic() - record.started

@@ -150,7 +150,6 @@ class ParsedRequest:
     6.1: faulty framing; h11 also reads `HTTP/0.9`): the policy and the upstream could frame
     the body differently, and the head is forwarded raw, so it is refused (400). (A second
     Host h11 refuses itself.)"""
-    is_connect: bool
     head_size: int
     """Bytes of the request line and header lines (h11 only bounds an incomplete head)."""
     h2c_upgrade: bool
@@ -231,7 +230,6 @@ def parse_request(request: h11.Request, destination: Destination) -> ParsedReque
         facts=facts,
         has_body=chunked or content_length.lstrip(b"0") != b"",
         smuggling=chunked and (content_length != b"" or request.http_version < b"1.1"),
-        is_connect=is_connect,
         head_size=head_size,
         h2c_upgrade=h2c_upgrade,
         bad_authority=bool(authority) and hostname is None,
@@ -382,7 +380,7 @@ class _Upstream(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.proxy.upstream_lost(self, exc)
+        self.proxy.upstream_lost(self)
 
     def pause_writing(self) -> None:
         if self.proxy.upstream is self:
@@ -1420,7 +1418,7 @@ class Http1Proxy(asyncio.Protocol):
             else:  # NEED_DATA, or ConnectionClosed after the response
                 return
 
-    def upstream_lost(self, upstream: _Upstream, exc: Exception | None) -> None:
+    def upstream_lost(self, upstream: _Upstream) -> None:
         if upstream is not self.upstream:
             self._forget_idle(upstream)
             return

@@ -349,7 +349,7 @@ class _RequestMeters:
 
 
 class Metrics:
-    """The Accounting the data plane reports to, turned into metric samples."""
+    """What the data plane reports (through server.Reporting), turned into metric samples."""
 
     def __init__(
         self, registry: CollectorRegistry, *, max_hostnames: int, shared: str | None = None
@@ -548,7 +548,7 @@ class Metrics:
 
     def connection_closed(self, record: FlowRecord) -> None:
         self._open_connections.inc(-1)
-        self._count_error(record.error, record.hostname)
+        self._count_error(record.error)
         decision = record.decision
         meters = self.route_meters(decision)
         meters.connection_ended(time.monotonic() - record.started)
@@ -572,7 +572,7 @@ class Metrics:
                 self._request_meters.clear()
             meters = self._request_meters[key] = _RequestMeters(self, record)
         if record.error:
-            self._count_error(record.error, record.hostname)
+            self._count_error(record.error)
         meters.route.count_bytes(record.bytes_from_client, record.bytes_from_upstream)
         if meters.statuses is not None and meters.duration is not None:
             meters.statuses.inc(1)
@@ -597,7 +597,7 @@ class Metrics:
         """The first policy is in force (not a reload: nothing is counted)."""
         self.policy_generation.set(generation)
 
-    def _count_error(self, error: str, hostname: str | None) -> None:
+    def _count_error(self, error: str) -> None:
         if error == ORIGINAL_DST_FAILED:
             self.original_destination_failures.inc()
         elif error == LOOP:
@@ -634,7 +634,6 @@ class LoopValue:
     prometheus-client's own single-process value takes a lock for every change, a third of
     what an increment costs, and a request makes five of them."""
 
-    _multiprocess = False
     __slots__ = ("_exemplar", "_value")
 
     def __init__(self, *_: object, **__: object) -> None:

@@ -119,7 +119,8 @@ class RequestRecord:
 
 
 class Accounting(Protocol):
-    """Where the data plane reports; metrics and the access log implement it."""
+    """Where the data plane reports: server.Reporting, which hands it on to the metrics
+    and the access log."""
 
     def connection_opened(self) -> None: ...
 

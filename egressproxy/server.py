@@ -521,9 +521,7 @@ def supervise(
     os.close(ready_write)
     for sock in listeners:
         sock.close()
-    return uvloop.run(
-        _supervisor(settings, store, registry, children, ready_read, feeds, admin_socket)
-    )
+    return uvloop.run(_supervisor(store, registry, children, ready_read, feeds, admin_socket))
 
 
 def _not_started(workers: int, index: int, error: OSError, children: list[int]) -> int:
@@ -549,7 +547,6 @@ def _signal_ready(ready_write: int) -> None:
 
 
 async def _supervisor(
-    settings: Settings,
     store: PolicyStore,
     registry: CollectorRegistry,
     children: list[int],

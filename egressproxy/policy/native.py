@@ -160,10 +160,7 @@ def read_rule(
     )
     ports: list[int | None] = []
     for index, line, item in checker.items(node, "ports", where):
-        port = checker.typed(item, int, line, f"{where}.ports[{index}]")
-        if port is not None and not 0 < port < 65536:
-            checker.error(line, f"{where}.ports[{index}]: port {port} is outside 1-65535")
-        elif port is not None:
+        if (port := checker.port_value(item, line, f"{where}.ports[{index}]")) is not None:
             ports.append(port)
     action = ACTIONS[checker.choice(node, "action", where, list(ACTIONS), "allow")]
     backend = read_backend(checker, node, where, action)

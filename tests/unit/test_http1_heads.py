@@ -152,7 +152,7 @@ def test_facts_of_an_origin_form_request() -> None:
         "x=1&y=2",
     )
     assert facts.headers[0] == ("host", "API.example.test:80")
-    assert facts.grpc and parsed.has_body and not parsed.smuggling and not parsed.is_connect
+    assert facts.grpc and parsed.has_body and not parsed.smuggling
 
 
 def test_absolute_form_authority_wins_over_host() -> None:
@@ -172,11 +172,7 @@ def test_connect_is_decided_on_its_target() -> None:
     parsed = parse_request(
         request(b"CONNECT example.test:443 HTTP/1.1\r\nHost: other.test\r\n\r\n"), DESTINATION
     )
-    assert (parsed.facts.hostname, parsed.facts.path, parsed.is_connect) == (
-        "example.test",
-        "/",
-        True,
-    )
+    assert (parsed.facts.hostname, parsed.facts.path) == ("example.test", "/")
 
 
 def test_content_length_beside_chunked_is_smuggling() -> None:
