@@ -121,7 +121,7 @@ class FlowContext:
     sniff_timeouts: TimeoutQueue = field(init=False)
     """--sniff-timeout from the accept: no byte yet."""
     hello_timeouts: TimeoutQueue = field(init=False)
-    """--sniff-complete-timeout from the first byte: the rest of a hello or opaque bytes."""
+    """Settings.sniff_complete_timeout (10 s) from the first byte: the rest of a hello."""
     head_timeouts: TimeoutQueue = field(init=False)
     """From the first byte of what looks like a request head: --header-timeout if shorter."""
     connect_timeouts: TimeoutQueue = field(init=False)
