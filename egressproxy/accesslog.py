@@ -34,7 +34,7 @@ from typing import TextIO
 
 from egressproxy.policy.decision import Action, Decision, Destination, RouteProtocol
 from egressproxy.records import FlowRecord, RequestRecord
-from egressproxy.settings import LogFormat, Settings
+from egressproxy.settings import LogFormat, Settings, host_port
 
 ACCESS_LOGGER = "egressproxy.access"
 ACCESS_ENTRY = "access"
@@ -69,9 +69,7 @@ def route_text(decision: Decision | None) -> str:
 def address_text(destination: Destination | None) -> str:
     if destination is None:
         return ""
-    if destination.ip.version == 6:
-        return f"[{destination.ip}]:{destination.port}"
-    return f"{destination.ip}:{destination.port}"
+    return host_port(destination.host, destination.port)
 
 
 CONNECTION_KEYS = (

@@ -34,7 +34,7 @@ from egressproxy.policy.decision import (
 from egressproxy.policy.store import PolicyStore
 from egressproxy.records import Accounting, FlowRecord
 from egressproxy.relay import WRITE_BUFFER_HIGH, RelayResult, abort_with_reset, close_with_reset
-from egressproxy.settings import EchPolicy, Settings, VerifyDestination
+from egressproxy.settings import EchPolicy, Settings, VerifyDestination, host_port
 from egressproxy.sniff import (
     NEED_MORE,
     SNIFF_BUFFER_LIMIT,
@@ -285,8 +285,7 @@ class Flow(asyncio.Protocol):
         if self.context.watch_loops:
             self.peer = peer
         if peer:  # written as the access line's other addresses are: [IPv6]:PORT
-            host = plain_host(peer[0])
-            self.record.client = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+            self.record.client = host_port(plain_host(peer[0]), peer[1])
         else:
             self.record.client = "?"
         try:

@@ -47,7 +47,12 @@ class Endpoint:
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
+
+
+def host_port(host: str, port: object) -> str:
+    """HOST:PORT, an IPv6 literal in brackets so that the port stays apart."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_networks(text: str) -> tuple[IPNetwork, ...]:

@@ -12,6 +12,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from egressproxy.settings import host_port
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -155,8 +157,7 @@ class Backend:
     port: int
 
     def __str__(self) -> str:
-        """HOST:PORT, an IPv6 literal in brackets so that the port stays apart."""
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 @dataclass(frozen=True)
