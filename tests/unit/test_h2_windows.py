@@ -125,6 +125,44 @@ def test_a_client_that_stopped_reading_for_a_while_does_not_grow_by_emptying_its
     assert (stream.limit, stream.increment()) == (RESERVE, RESERVE)
 
 
+def test_a_client_slow_since_its_first_untaken_bytes_does_not_grow_when_more_arrive() -> None:
+    """Slowness counts from when the client first left bytes untaken, not from the latest
+    DATA frame: counted from that, a client that read nothing for 1.5 s while the upstream
+    kept sending looked quick, and its stream drew from the pool for a reader that lags."""
+    windows = connection()
+    stream = windows.open()
+    stream.received(RESERVE // 2, RESERVE // 2, 0.0)
+    stream.received(RESERVE // 2, RESERVE // 2, 0.9 * SLOW_SECONDS)
+    stream.forwarded(RESERVE, 1.5 * SLOW_SECONDS)
+    assert (stream.limit, windows.free) == (RESERVE, POOL)
+    assert stream.increment() == RESERVE
+
+
+def test_a_window_update_is_sent_once_exactly_a_sixteenth_is_due() -> None:
+    """An update goes once a sixteenth of the window is due (4 KiB of 64 KiB, where Go's
+    transport refreshes its windows), not a byte later: the upstream is sent for as soon
+    as Go's own client would send for it."""
+    windows = ConnectionWindows(STREAMS, 65536, 65536, 0, GrowthBudget(0))
+    stream = windows.open()
+    stream.received(4095, 4095, 0.0)
+    stream.forwarded(4095, 0.1)
+    assert stream.increment() == 0, "less than a sixteenth"
+    stream.received(1, 1, 0.2)
+    stream.forwarded(1, 0.3)
+    assert stream.increment() == 4096
+
+
+def test_an_ended_stream_is_sent_no_window_update() -> None:
+    """The upstream sends nothing more on a stream it ended: an update there is a frame
+    for nothing, and one h2 refuses once the stream is closed."""
+    windows = connection()
+    stream = windows.open()
+    stream.received(RESERVE // 2, RESERVE // 2, 0.0)
+    stream.end()
+    stream.forwarded(RESERVE // 2, 0.1)
+    assert (stream.increment(), stream.window) == (0, 0)
+
+
 def all_or_some(most: int) -> st.SearchStrategy[int]:
     """Often all (what a window allows, what the client has), else any part of it."""
     return st.one_of(st.just(most), st.integers(0, most))

@@ -426,3 +426,61 @@ def test_a_response_head_found_again_is_the_same_response(
     first = http1_lean.parse_response(data, method)
     if isinstance(first, LeanResponse):
         assert http1_lean.parse_response(data[: first.size] + after, method) == first
+
+
+@pytest.mark.parametrize("status", [204, 304])
+@pytest.mark.parametrize("colon", [b": ", b":"], ids=["tidy", "untidy"])
+def test_a_bodiless_status_has_no_body_whatever_its_content_length(
+    status: int, colon: bytes
+) -> None:
+    """RFC 9112 6.3: a 204 or 304 ends at its head; a 304's Content-Length is the length
+    of the body a GET would have had. Read as a body, the next response's bytes (or a wait
+    for 1234 bytes that never come) would go to the client as this one's."""
+    head = b'HTTP/1.1 %d X\r\nETag: "x"\r\nContent-Length%s1234\r\n\r\n' % (status, colon)
+    lean = check_response(head, b"GET")
+    assert lean is not None and lean.status == status
+    assert lean.body_length == 0
+
+
+@pytest.mark.parametrize("status", [100, 103])
+def test_an_interim_response_with_a_content_length_is_left_to_h11(status: int) -> None:
+    """A 1xx is followed by the final response: the lean path reads final ones only."""
+    head = b"HTTP/1.1 %d X\r\nContent-Length: 1234\r\n\r\n" % status
+    assert http1_lean.parse_response(head, b"GET") is None
+
+
+def test_a_head_past_the_limit_without_a_line_end_is_no_longer_incomplete() -> None:
+    """still_incomplete spares a head coming a few bytes a read from being parsed whole
+    again; past the limit the parsers leave the head to h11, which answers 431 at once:
+    "still incomplete" there would leave the request waiting for its header deadline (408)."""
+    head = b"GET /" + b"a" * LIMIT
+    at_limit, past_limit = head[:LIMIT], head[: LIMIT + 1]
+    scanned = LIMIT - 100
+    assert http1_lean.parse_request(head[:scanned], LIMIT) is NEED_MORE
+    assert http1_lean.parse_request(at_limit, LIMIT) is NEED_MORE
+    assert http1_lean.still_incomplete(at_limit, scanned, LIMIT) is True
+    assert http1_lean.parse_request(past_limit, LIMIT) is None
+    assert http1_lean.still_incomplete(past_limit, scanned, LIMIT) is False
+
+
+def test_an_untidy_head_within_the_limit_but_longer_written_out_is_left_to_h11() -> None:
+    """head_size counts the head as it goes upstream (`Name: value`), which the handler
+    answers 431 past the limit on h11's path: a head whose raw bytes fit but whose written
+    form does not must not be served on the lean path where h11's would refuse it."""
+    fields = b"".join(b"X-%03d:v\r\n" % number for number in range(100))
+    head = b"GET / HTTP/1.1\r\nHost:a.test\r\n" + fields + b"\r\n"
+    _, request, _ = h11_request(head)
+    assert request is not None
+    assert len(head) <= LIMIT < parse_request(request, DESTINATION).head_size
+    assert http1_lean.parse_request(head, LIMIT) is None
+
+
+def test_a_request_that_expects_100_continue_is_left_to_h11() -> None:
+    """h11 keeps a client's wait for 100 Continue (they_are_waiting_for_100_continue),
+    which the handler reads to close a connection whose body will not come; the lean path
+    keeps no such state."""
+    head = b"GET / HTTP/1.1\r\nHost: a.test\r\nExpect: 100-continue\r\n\r\n"
+    assert http1_lean.parse_request(head, LIMIT) is None
+    assert isinstance(
+        http1_lean.parse_request(head.replace(b"Expect", b"X-Expect"), LIMIT), LeanRequest
+    )

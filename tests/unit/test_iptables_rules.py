@@ -193,6 +193,37 @@ def test_options_that_cannot_work_are_refused(options: Options, message: str) ->
 
 
 @pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (Options(proxy_mark=0), "--proxy-mark 0 is outside 1-4294967295"),
+        (Options(proxy_mark=2**32), "--proxy-mark 4294967296 is outside 1-4294967295"),
+        (Options(proxy_uid=1, proxy_port=65536), "--proxy-port: port 65536 is outside 1-65535"),
+        (
+            Options(proxy_uid=1, exclude_ports=frozenset({65536})),
+            "--exclude-ports: port 65536 is outside 1-65535",
+        ),
+    ],
+    ids=["mark-0", "mark-2**32", "proxy-port-65536", "excluded-port-65536"],
+)
+def test_a_value_just_past_its_range_is_refused(options: Options, message: str) -> None:
+    """A mark 0 RETURN (`-m mark --mark 0x0`) matches every unmarked packet, so nothing
+    the application sends would reach the proxy; a port of 65536 is none iptables takes,
+    refused here in one line rather than by iptables-restore."""
+    with pytest.raises(OptionsError, match="^" + message):
+        tables(options, V4)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [Options(proxy_mark=1), Options(proxy_mark=2**32 - 1), Options(proxy_uid=1, proxy_port=65535)],
+    ids=["mark-1", "mark-2**32-1", "proxy-port-65535"],
+)
+def test_a_value_at_the_edge_of_its_range_is_taken(options: Options) -> None:
+    """The bounds are inclusive: the lowest and highest mark and port are real ones."""
+    assert "REDIRECT" in render(tables(options, V4))
+
+
+@pytest.mark.parametrize(
     ("ports", "groups"),
     [
         ([], ()),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +26,7 @@ from egressproxy.policy.index import (
     HostTable,
     PolicyIndex,
     compile_policy,
+    names_another_port,
     normalized_path,
 )
 from egressproxy.policy.loader import load_policy_text
@@ -501,3 +503,119 @@ def test_a_normalised_path_has_no_dot_segments_or_empty_ones(text: str) -> None:
     assert "//" not in path
     segments = path.split("/")[1:]
     assert "." not in segments and ".." not in segments
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [("/a/b/.", "/a/b/"), ("/a/b/..", "/a/"), ("/a/./b", "/a/b"), ("/.", "/")],
+)
+def test_a_dot_segment_at_the_end_leaves_its_slash(path: str, expected: str) -> None:
+    """RFC 3986 5.2.4: `/a/b/.` is the directory `/a/b/`, which a rule on the exact path
+    `/a/b/` (or a prefix written with its slash) must still take, as the server reads it."""
+    assert normalized_path(path) == expected
+
+
+@pytest.mark.parametrize(
+    ("authority", "port", "another"),
+    [
+        ("[2001:db8::1]", 80, False),
+        ("[2001:db8::1]:80", 80, False),
+        ("[2001:db8::1]:8080", 80, True),
+        ("a.example", 80, False),
+        ("a.example:80", 80, False),
+    ],
+)
+def test_an_ipv6_literal_names_a_port_only_after_its_bracket(
+    authority: str, port: int, another: bool
+) -> None:
+    """The colons inside `[2001:db8::1]` are the address's: read as a port, an IPv6 host
+    without one would name another port, and OSM's Egress deny every request to it."""
+    destination = Destination(ipaddress.ip_address("2001:db8::1"), port)
+    facts = RequestFacts(destination, None, "GET", "/", "", (), grpc=False, authority=authority)
+    assert names_another_port(facts) is another
+
+
+INCLUSION_WITHIN_EXCLUSION = """\
+apiVersion: config.openservicemesh.io/v1alpha2
+kind: MeshConfig
+metadata: {name: osm-mesh-config, namespace: osm-system}
+spec:
+  traffic:
+    enableEgress: false
+    outboundIPRangeInclusionList: [203.0.113.0/24]
+    outboundIPRangeExclusionList: [203.0.0.0/16]
+"""
+
+
+def test_an_excluded_block_holding_an_included_range_leaves_it_untouched() -> None:
+    """The exclusion list leaves its addresses out of what the sidecar is given, those of
+    the inclusion list among them: a range it holds whole is no egress the mesh decides,
+    so the proxy passes it untouched (denying it, with egress off, would refuse what OSM never
+    hands its sidecar)."""
+    index = compile_policy(load_policy_text(INCLUSION_WITHIN_EXCLUSION, "p.yaml"), Settings())
+    for address in ("203.0.113.5", "203.0.113.255"):
+        destination = Destination(ipaddress.ip_address(address), 443)
+        decision = index.decide_connection(ConnectionFacts(destination, Detected.OPAQUE, None))
+        assert (decision.action, decision.parent, decision.route) == (Action.PASS, None, None)
+
+
+SAME_SECOND_NETWORKS = """\
+apiVersion: policy.linkerd.io/v1alpha1
+kind: EgressNetwork
+metadata: {name: zeta, namespace: linkerd-egress, creationTimestamp: "2024-01-01T00:00:00Z"}
+spec: {trafficPolicy: Allow, networks: [{cidr: 203.0.113.0/24}]}
+---
+apiVersion: policy.linkerd.io/v1alpha1
+kind: EgressNetwork
+metadata: {name: alpha, namespace: linkerd-egress, creationTimestamp: "2024-01-01T00:00:00Z"}
+spec: {trafficPolicy: Deny, networks: [{cidr: 203.0.113.0/24}]}
+"""
+
+
+def test_networks_created_in_the_same_second_are_ordered_by_name_not_by_file() -> None:
+    """Linkerd orders networks of equal size by creationTimestamp, then namespace/name: the
+    cluster has no document order, so the one written first (zeta, Allow) must not win over
+    alpha (Deny), which Linkerd picks."""
+    index = compile_policy(load_policy_text(SAME_SECOND_NETWORKS, "p.yaml"), Settings())
+    destination = Destination(ipaddress.ip_address("203.0.113.5"), 5432)
+    decision = index.decide_connection(ConnectionFacts(destination, Detected.OPAQUE, None))
+    assert decision.parent is not None and decision.parent.name == "alpha"
+    assert decision.action is Action.DENY
+
+
+EQUAL_RULES_FOR_A_CALL = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {{name: p}}
+spec:
+  default: allow
+  rules:
+  - {{name: first-allow, hosts: [h.example], {matches}}}
+  - {{name: second-deny, hosts: [h.example], {matches}, action: deny}}
+  - {{name: grpc-other, hosts: [h.example], grpc: [{{service: other.Svc}}]}}
+"""
+
+
+@pytest.mark.parametrize(
+    "matches",
+    ["grpc: [{service: pkg.Svc}]", "http: [{pathPrefix: /pkg.Svc}]"],
+    ids=["grpc-matches", "http-matches"],
+)
+def test_between_equal_rules_for_a_grpc_call_the_one_written_first_wins(matches: str) -> None:
+    """As for an HTTP request (the README's rule): of two rules matching a call equally,
+    gRPC matches or HTTP ones, the first written decides, not the last one seen."""
+    text = EQUAL_RULES_FOR_A_CALL.format(matches=matches)
+    index = compile_policy(load_policy_text(text, "p.yaml"), Settings())
+    call = RequestFacts(
+        Destination(ipaddress.ip_address("203.0.113.7"), 50051),
+        "h.example",
+        "POST",
+        "/pkg.Svc/M",
+        "",
+        (("content-type", "application/grpc"),),
+        grpc=True,
+        authority="h.example:50051",
+    )
+    decision = index.decide_request(call)
+    assert decision.route is not None and decision.route.name == "p.first-allow"
+    assert decision.action is Action.PASS

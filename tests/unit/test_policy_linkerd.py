@@ -1258,3 +1258,36 @@ def test_a_grpc_method_match_with_both_parts_empty_is_refused() -> None:
     problems = route_problems(document)
     assert len(problems) == 1
     assert problems[0][1].endswith("one of service or method is required")
+
+
+@pytest.mark.parametrize("group", ['""', "core"])
+def test_a_service_backend_ref_of_the_core_group_is_a_service(group: str) -> None:
+    """Linkerd's policy controller takes a Service backendRef of group "" or `core`
+    alike: a route written with `group: core` sends its requests to the Service, and
+    refusing it refused a policy Linkerd applies."""
+    rules = f"  - backendRefs: [{{group: {group}, kind: Service, name: sink, port: 8080}}]\n"
+    index = compiled(DENY_NET + "---" + http_route("to-sink", rules))
+    facts = RequestFacts(Destination(EXTERNAL, 80), "example.com", "GET", "/", "", (), grpc=False)
+    decision = index.decide_request(facts)
+    assert decision.route == route("HTTPRoute", "to-sink")
+    assert decision.backend is not None and decision.backend.host.startswith("sink.")
+    assert decision.backend.port == 8080
+
+
+@pytest.mark.parametrize("value", ["yes", "True", "1", ""])
+def test_the_audit_annotation_is_true_or_false_and_nothing_else(value: str) -> None:
+    """A value read loosely (`yes` as true, or as false) turns a network's denials into
+    logged passes, or the other way, on a word its author may have meant otherwise: the
+    policy is refused instead, naming the annotation."""
+    annotated = network(
+        "all-egress-traffic",
+        "egress-test",
+        "Deny",
+        extra=f"  annotations:\n    egressproxy.io/audit: '{value}'\n",
+    )
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(annotated, "policy.yaml")
+    assert [problem.reason for problem in caught.value.problems] == [
+        "EgressNetwork egress-test/all-egress-traffic.spec: annotation egressproxy.io/audit"
+        ' must be "true" or "false"'
+    ]

@@ -360,6 +360,24 @@ spec:
     ]
 
 
+def test_a_policy_without_a_default_is_refused() -> None:
+    """spec.default is required (README): a policy that leaves it out says nothing of the
+    requests its rules miss, and taking either answer for it would pass or deny them all
+    unasked."""
+    text = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: p}
+spec:
+  rules: [{hosts: [a.example]}]
+"""
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(text, "n.yaml")
+    assert [str(problem) for problem in caught.value.problems] == [
+        "n.yaml:5: EgressPolicy p.spec: missing required field 'default' (allow or deny)"
+    ]
+
+
 def route_rule_to(target: str) -> str:
     return f"""\
 apiVersion: egressproxy.io/v1alpha1
@@ -379,6 +397,7 @@ spec:
         ("A.Example.:8080", Backend("a.example", 8080)),
         ("192.0.2.1:80", Backend("192.0.2.1", 80)),
         ("[2001:db8::1]:443", Backend("2001:db8::1", 443)),
+        ("a.example:65535", Backend("a.example", 65535)),
     ],
 )
 def test_route_targets(target: str, backend: Backend) -> None:
@@ -398,6 +417,7 @@ def test_route_targets(target: str, backend: Backend) -> None:
         "[[::1]]:80",
         "a.example",
         "a.example:0",
+        "a.example:65536",  # one past the last port: a backend no connection reaches
     ],
 )
 def test_bad_route_targets_are_errors_with_lines(target: str) -> None:

@@ -158,6 +158,33 @@ def test_ip_addresses_the_mesh_never_takes_are_warned_about(
     assert ": Egress curl/tcp-443: 10.1.0.0/16 is outside every address MeshConfig" in warning
 
 
+MESH_CONFIG_WITHOUT_ENABLE_EGRESS = """\
+apiVersion: config.openservicemesh.io/v1alpha2
+kind: MeshConfig
+metadata: {{name: osm-mesh-config, namespace: osm-system}}
+spec:
+{spec}
+"""
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["  traffic: {}", "  {}", "  traffic: {enableEgress: false}"],
+    ids=["empty-traffic", "empty-spec", "written-false"],
+)
+def test_a_mesh_config_without_enable_egress_is_egress_disabled(spec: str) -> None:
+    """OSM reads the MeshConfig into a Go struct: enableEgress left out is false, egress
+    disabled, and every destination without an Egress policy is denied, not passed."""
+    text = MESH_CONFIG_WITHOUT_ENABLE_EGRESS.format(spec=spec)
+    index = compile_policy(load_policy_text(text, "p.yaml"), CURL)
+    decision = tls(index, "httpbin.org")
+    assert (decision.action, decision.parent, decision.route) == (
+        Action.DENY,
+        mesh(443),
+        RouteRef("", "default", "", "tcp-egress-deny"),
+    )
+
+
 def test_egress_without_mesh_config_is_egress_disabled() -> None:
     text = (EXAMPLES / "osm-3-egress-policy.yaml").read_text().split("---", 1)[1]
     index = compile_policy(load_policy_text(text, "p.yaml"), CURL)

@@ -184,6 +184,17 @@ def test_more_empty_lines_than_allowed_are_http_refused(line_ends: bytes) -> Non
     assert _classify(Opaque("bad_request_line"), head)[0] is Detected.HTTP1
 
 
+@pytest.mark.parametrize("line_end", [b"\r\n", b"\n"])
+def test_ten_empty_lines_are_skipped_and_the_eleventh_is_refused(line_end: bytes) -> None:
+    """Apache's number, written out rather than read from EMPTY_LINES_ALLOWED: a change
+    of the constant changes what requests the proxy serves (fewer: a client's stray line
+    ends answered 400; more: heads nginx reads but the proxy no longer bounds alike)."""
+    head = b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n"
+    assert sniff(line_end * 10 + head) == sniff(head)
+    assert isinstance(sniff(head), HttpRequestHead)
+    assert sniff(line_end * 11 + head) == Opaque("bad_request_line")
+
+
 def bytes_sniffed_one_byte_a_read(
     flight: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[Sniffed | NeedMore, int, int]:
@@ -362,3 +373,14 @@ def test_only_get_makes_a_line_without_a_version_http(flight: bytes) -> None:
     assume(_GET_THEN_SEPARATOR.match(request_line) is None)
     result = sniff(flight)
     assert result is NEED_MORE or _classify(result, flight)[0] is not Detected.HTTP1
+
+
+@pytest.mark.parametrize("method", ["ACL", "ZAP"])
+def test_a_method_at_either_end_of_the_alphabet_is_an_http_head(method: str) -> None:
+    """The strict parser takes a head whose first byte is A to Z (WebDAV's ACL, and Z at
+    the other end): a range one letter short sent them to the loose reader, which refuses
+    a regular head (bad_request_line, 400) or takes it without its host."""
+    head = method.encode() + b" /x HTTP/1.1\r\nHost: a.example\r\n\r\n"
+    assert sniff(head) == HttpRequestHead(method, "/x", "HTTP/1.1", "a.example", None)
+    for end in range(1, len(head)):
+        assert sniff(head[:end]) is NEED_MORE, head[:end]

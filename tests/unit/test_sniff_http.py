@@ -233,6 +233,28 @@ def test_plausible_hosts(name: str, plausible: bool) -> None:
     assert is_plausible_host(name) is plausible
 
 
+NAME_OF_253 = ".".join(["a" * 63] * 3 + ["b" * 61])
+
+
+@pytest.mark.parametrize(
+    ("name", "plausible"),
+    [
+        (NAME_OF_253, True),
+        (NAME_OF_253 + ".", True),
+        (NAME_OF_253 + "b", False),
+        (NAME_OF_253 + "b.", False),
+    ],
+    ids=["253", "253-and-root-dot", "254", "254-and-root-dot"],
+)
+def test_a_host_name_is_plausible_up_to_253_characters(name: str, plausible: bool) -> None:
+    """A DNS name is at most 255 octets on the wire (RFC 1035 2.3.4), 253 characters
+    written out, its root dot not counted: a name of 254 is no host a resolver answers
+    for, and one of 253 written with its root dot (as a client may send it) is a real one,
+    which the host rules must still see."""
+    assert len(NAME_OF_253) == 253
+    assert is_plausible_host(name) is plausible
+
+
 def test_h2_preface_prefixes_need_more_and_the_whole_preface_answers() -> None:
     capture = (CAPTURES / "curl_h2_prior_knowledge.bin").read_bytes()
     assert capture.startswith(H2_PREFACE)

@@ -12,7 +12,15 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from egressproxy.flow import _classify
-from egressproxy.sniff import NEED_MORE, SNIFF_BUFFER_LIMIT, NeedMore, NotThis, Sniffed, tls
+from egressproxy.sniff import (
+    NEED_MORE,
+    SNIFF_BUFFER_LIMIT,
+    HttpRequestHead,
+    NeedMore,
+    NotThis,
+    Sniffed,
+    tls,
+)
 from egressproxy.sniff.detect import Sniffer, sniff
 from egressproxy.sniff.http import (
     EMPTY_LINES_ALLOWED,
@@ -225,3 +233,32 @@ def test_a_request_line_still_growing_is_a_loose_one_still_growing(data: bytes) 
     line = data.split(b"\n", 1)[0][: SNIFF_BUFFER_LIMIT - 1]
     if parse_request_head(line) is NEED_MORE:
         assert loose_request_line(line) is NEED_MORE
+
+
+SPLIT_HEADS = [
+    *(path.read_bytes()[:600] for path in FLIGHTS),
+    *P_HEADS,
+    b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n",
+    b"GET / HTTP/1.0\n\n",
+    b"\r\n\r\nGET / HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    *(line + b"\r\nHost: a.test\r\n\r\n" for line in IRREGULAR_REQUEST_LINES[:8]),
+]
+"""Every head of the corpus and captures (their first bytes) and heads of every shape."""
+
+
+@pytest.mark.parametrize("flight", SPLIT_HEADS)
+def test_a_flight_in_two_reads_is_answered_as_in_one_at_every_split(flight: bytes) -> None:
+    """The first Sniffer searches for a head's end from just before the bytes that came
+    since its first read: searched from the end of that read, a head whose last CRLF came
+    in the second read ("...Host: a.example\\r\\n" then "\\r\\n") needed more for ever."""
+    for cut in range(1, len(flight)):
+        assert_sniffed_as_one_read(flight, [cut])
+    assert_sniffed_as_one_read(flight, [1] * len(flight))
+
+
+def test_a_head_end_split_over_the_first_two_reads_is_found() -> None:
+    """The shape of the split above, spelt out: the head's final CRLF in the second read."""
+    first = b"GET / HTTP/1.1\r\nHost: a.example\r\n"
+    assert sniff(first) is NEED_MORE
+    assert Sniffer(first).sniff(first + b"\r\n") == sniff(first + b"\r\n")
+    assert isinstance(sniff(first + b"\r\n"), HttpRequestHead)

@@ -292,6 +292,35 @@ def test_a_hello_in_a_record_longer_than_tls_allows_is_unreadable() -> None:
     assert parse_client_hello(record[:5]) == NEED_MORE  # its type byte decides
 
 
+@pytest.mark.parametrize(
+    ("record_length", "expected"),
+    [
+        ((1 << 14) + 2048, TlsHello("example.com", (), False)),
+        ((1 << 14) + 2049, NotThis("malformed_record_length")),
+    ],
+    ids=["go-max-ciphertext", "one-byte-more"],
+)
+def test_a_short_hello_is_read_in_a_record_up_to_gos_longest(
+    record_length: int, expected: TlsHello | NotThis
+) -> None:
+    """Go's server reads a hello in a record of up to 2^14 + 2048 bytes (maxCiphertext),
+    the rest of the record being what comes after: refused there, a name Go serves went
+    unseen by the policy; read one byte longer, a record no server reads passed as one."""
+    message = client_hello([sni_extension(b"example.com")])
+    record = b"\x16\x03\x01" + u16(record_length) + message + bytes(50)
+    assert parse_client_hello(record) == expected
+
+
+def test_a_lone_header_of_a_record_longer_than_any_server_reads_needs_more() -> None:
+    """Its length is not yet a hello's: the first byte of the fragment decides whether a
+    hello (malformed_record_length) or binary data that began as a record (opaque) came,
+    and a flow answered malformed at the header denied data it should have passed."""
+    header = b"\x16\x03\x01\xff\xff"
+    assert parse_client_hello(header) is NEED_MORE
+    assert parse_client_hello(header + b"\x02" + bytes(20)) == NotThis("not_client_hello")
+    assert parse_client_hello(header + b"\x01" + bytes(20)) == NotThis("malformed_record_length")
+
+
 EMPTY_RECORD = b"\x16\x03\x01\x00\x00"
 
 
@@ -325,6 +354,19 @@ def test_too_many_records_is_refused_before_the_buffer_limit() -> None:
     message = client_hello([sni_extension(b"example.com"), extension(21, bytes(400))])
     tiny_records = frame(message, [1] * 300)
     assert parse_client_hello(tiny_records) == NotThis("too_many_records")
+
+
+@pytest.mark.parametrize(
+    ("records", "expected"),
+    [(256, TlsHello("example.com", (), False)), (257, NotThis("too_many_records"))],
+)
+def test_a_hello_is_read_in_up_to_256_records(records: int, expected: TlsHello | NotThis) -> None:
+    """The bound on the records walked: a hello split into 256 (tens in practice) is still
+    read, one in 257 is refused; a bound moved by one changes which split hellos pass."""
+    message = client_hello([sni_extension(b"example.com"), extension(21, bytes(400))])
+    split = frame(message, [1] * (records - 1))
+    assert split.count(b"\x16\x03\x01") == records
+    assert parse_client_hello(split) == expected
 
 
 def test_a_hello_that_does_not_fit_the_buffer_is_too_large() -> None:
@@ -409,6 +451,32 @@ def test_implausible_server_names(name: bytes) -> None:
 def test_malformed_extensions(extensions: list[bytes], reason: str) -> None:
     result = parse_client_hello(frame(client_hello(extensions)))
     assert result == NotThis(f"malformed_{reason}")
+
+
+@pytest.mark.parametrize(
+    ("extensions", "reason"),
+    [
+        ([extension(0, u16(3) + b"\x00" + u16(12) + b"evil.example")], "malformed_sni"),
+        ([extension(16, u16(3) + b"\x02h2\x08http/1.1")], "malformed_alpn"),
+    ],
+    ids=["sni", "alpn"],
+)
+def test_a_list_shorter_than_its_extension_is_malformed(
+    extensions: list[bytes], reason: str
+) -> None:
+    """A list length that disagrees with its extension's, though the entries fill the
+    extension: OpenSSL and BoringSSL refuse such a hello, so read anyway, the policy judged
+    a name (or protocols) that no server reads."""
+    assert parse_client_hello(frame(client_hello(extensions))) == NotThis(reason)
+
+
+def test_a_hello_body_of_34_bytes_is_malformed_not_an_exception() -> None:
+    """Version and random, then no session-id length: reading the byte past the body
+    would raise IndexError in the worker's loop instead of answering malformed_hello."""
+    body = b"\x03\x03" + bytes(range(32))
+    assert len(body) == 34
+    message = b"\x01" + len(body).to_bytes(3, "big") + body
+    assert parse_client_hello(frame(message)) == NotThis("malformed_hello")
 
 
 def test_malformed_hello_bodies() -> None:
