@@ -10,6 +10,7 @@ from typing import Protocol
 from egressproxy.errors import DNS_ERROR
 from egressproxy.policy.decision import Decision, Destination, Detected, RouteProtocol
 
+GRPC_UNKNOWN = 2
 GRPC_PERMISSION_DENIED = 7
 GRPC_RESOURCE_EXHAUSTED = 8
 GRPC_INTERNAL = 13
@@ -37,11 +38,12 @@ def grpc_code_of_answer(status: int, error: str) -> int | None:
 
 
 def grpc_status_of(fields: Iterable[tuple[bytes, bytes]]) -> int | None:
-    """The grpc-status of response headers or trailers (lower-case names), None if none
-    or none a status code could be (int() of over 4,300 digits raises, on the loop)."""
+    """The grpc-status of response headers or trailers (lower-case names), None if none;
+    UNKNOWN for one that is no code, as gRPC clients read it (and int() of over 4,300
+    digits raises, on the loop)."""
     for name, value in fields:
         if name == b"grpc-status":
-            return int(value) if value.isdigit() and len(value) <= 10 else None
+            return int(value) if value.isdigit() and len(value) <= 10 else GRPC_UNKNOWN
     return None
 
 

@@ -126,7 +126,9 @@ def print_summary(model: Model, index: PolicyIndex, settings: Settings, out: Tex
             fixed = compiled.table(port).fixed if compiled and port is not None else None
             protocol = ""
             unsniffed = unsniffed_port(port, compiled, settings)
-            if unsniffed:
+            if unsniffed and fixed is RouteProtocol.TLS:  # opaque there is "not TLS"
+                protocol = f" ({unsniffed}: never sniffed, so all denied: tls-egress-deny)"
+            elif unsniffed:
                 protocol = f" ({unsniffed}: never sniffed, else tcp-egress-{verdict})"
             elif fixed:
                 shown = verdict == "allow" or fixed is RouteProtocol.TLS
@@ -200,7 +202,11 @@ def unmatched_defaults(network: CompiledNetwork, verdict: str, settings: Setting
             differs = {k: v for k, v in targets(table).items() if base[k] != v}
             if differs:
                 text += f"; port {port}: {said(differs)}"
-    opaque = ", ".join(str(port) for port in sorted(settings.opaque_ports))
+    opaque = ", ".join(
+        str(port)
+        for port in sorted(settings.opaque_ports)
+        if network.table(port).fixed is not RouteProtocol.TLS  # said on the port's line
+    )
     if opaque:
         text += f"; --opaque-ports {opaque}: everything → tcp-egress-{verdict}"
     return text
@@ -275,7 +281,8 @@ def parse_destination(text: str, settings: Settings, index: PolicyIndex) -> Expl
         if port == 0:  # not the scheme's default port, as `or` below would make it
             raise ValueError
     except ValueError:
-        if parts.netloc.count(":") > 1 and "[" not in parts.netloc:
+        host_and_port = parts.netloc.rpartition("@")[2]
+        if host_and_port.count(":") > 1 and "[" not in host_and_port:
             raise ValueError("an IPv6 address goes in brackets: [2001:db8::1]:443") from None
         raise ValueError("the port is not a number from 1 to 65535") from None
     port = port or DEFAULT_PORTS.get(scheme)

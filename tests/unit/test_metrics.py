@@ -51,7 +51,7 @@ from egressproxy.policy.decision import (
 )
 from egressproxy.policy.index import PolicyIndex, compile_policy
 from egressproxy.policy.loader import load_policy, load_policy_text
-from egressproxy.records import FlowRecord, RequestRecord
+from egressproxy.records import FlowRecord, RequestRecord, grpc_status_of
 from egressproxy.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -1162,3 +1162,17 @@ def test_any_accept_header_gets_a_scrape(
     else:
         families = {family.name for family in text_string_to_metric_families(body.decode())}
     assert "egress_policy_generation" in families
+
+
+@pytest.mark.parametrize(
+    ("value", "code"),
+    [(b"0", 0), (b"14", 14), (b"99999999999", 2), (b"0" * 5000, 2), (b"abc", 2), (b"", 2)],
+)
+def test_a_grpc_status_that_is_no_code_is_unknown(value: bytes, code: int) -> None:
+    """As gRPC clients (and Linkerd, through tonic) read it. As None (no status), a
+    trailer's bad status left the head's OK in force, and the call was counted OK."""
+    assert grpc_status_of([(b"content-type", b"application/grpc"), (b"grpc-status", value)]) == code
+
+
+def test_no_grpc_status_is_none() -> None:
+    assert grpc_status_of([(b"content-type", b"application/grpc")]) is None

@@ -426,10 +426,14 @@ spec:
 def test_explain_asks_for_brackets_around_an_ipv6_address(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """It said the port was not a number."""
+    """It said the port was not a number (which a user and password before the host do
+    not change)."""
     status, out, err = check(capsys, STEP5, "tcp://2001:db8::1:5432")
     assert (status, out) == (2, "")
     assert err.splitlines()[-1].endswith(": an IPv6 address goes in brackets: [2001:db8::1]:443")
+    status, out, err = check(capsys, STEP5, "https://user:pw@example.com:99999")
+    assert (status, out) == (2, "")
+    assert err.splitlines()[-1].endswith(": the port is not a number from 1 to 65535")
 
 
 @pytest.mark.parametrize(
@@ -674,6 +678,24 @@ def test_the_summary_says_what_a_fixed_port_of_an_allow_network_denies(
     for destination in ("http://example.com/get", "tcp://203.0.113.5:443"):
         status, out, _ = check(capsys, policy, destination, namespace="ns")
         assert (status, "action:      DENY" in out) == (0, True), out
+
+
+def test_the_summary_says_a_tls_route_port_never_sniffed_denies_all(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Connections to a port in --opaque-ports are opaque, and a port of TLSRoutes refuses
+    what is not TLS, on an Allow network too: the summary said `else tcp-egress-allow`."""
+    policy = tmp_path / "fixed.yaml"
+    policy.write_text(FIXED_PORTS_ON_AN_ALLOW_NETWORK.replace("port: 443", "port: 5432"))
+    status, out, _ = check(capsys, policy, namespace="ns")
+    assert status == 0
+    assert (
+        "  port 5432 (in --opaque-ports: never sniffed, so all denied: tls-egress-deny):"
+        " TLSRoute ns/t [httpbin.org] (never matches: the port is not sniffed)\n"
+    ) in out
+    assert "; --opaque-ports 25, 587, 3306, 4444, 6379, 9300, 11211: everything →" in out
+    status, out, _ = check(capsys, policy, "tcp://203.0.113.5:5432", namespace="ns")
+    assert "route:       default tls-egress-deny" in out and "action:      DENY" in out
 
 
 def test_check_refuses_an_osm_star_host_at_its_line(

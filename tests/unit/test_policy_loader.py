@@ -241,7 +241,12 @@ def test_a_misspelt_network_kind_is_an_error(api_version: str, kind: str, meant:
 
 @pytest.mark.parametrize(
     ("api_version", "kind"),
-    [("policy.openservicemesh.io/v1alpha1", "IngressBackend"), ("v1", "ConfigMap")],
+    [
+        ("policy.openservicemesh.io/v1alpha1", "IngressBackend"),
+        ("v1", "ConfigMap"),
+        ("gwin.yandex.cloud/v1", "IngressPolicy"),  # as like EgressPolicy as a typo (0.88)
+        ("policy.linkerd.io/v1beta3", "Server"),
+    ],
 )
 def test_other_kinds_are_still_skipped(
     api_version: str, kind: str, caplog: pytest.LogCaptureFixture
