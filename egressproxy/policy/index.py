@@ -1018,8 +1018,10 @@ class PolicyIndex:
         table = network.table(destination.port)
         if table.envoy:
             return self.through_filter_chain(network, table, facts)
-        if table.fixed == RouteProtocol.TLS and facts.hostname is None:
-            what = "TLS without a server name" if facts.detected == Detected.TLS else "not TLS"
+        if table.fixed == RouteProtocol.TLS and (
+            facts.detected != Detected.TLS or facts.hostname is None
+        ):
+            what = "not TLS" if facts.detected != Detected.TLS else "TLS without a server name"
             return self.refused_on_fixed_port(
                 network,
                 destination,
@@ -1037,13 +1039,6 @@ class PolicyIndex:
                             return self.matched(network, destination, RouteProtocol.TLS, rule)
             if table.fixed == RouteProtocol.TLS or (table.tls and not table.tcp):
                 return self.default(network, destination, RouteProtocol.TLS, "no TLSRoute matched")
-        if table.fixed == RouteProtocol.TLS and facts.detected != Detected.TLS:
-            return self.refused_on_fixed_port(
-                network,
-                destination,
-                RouteProtocol.TLS,
-                f"not TLS on port {destination.port}, whose routes are TLSRoutes",
-            )
         if table.fixed not in (RouteProtocol.HTTP, RouteProtocol.GRPC):
             for rule in table.tcp:
                 if rule.covers(destination.ip):
