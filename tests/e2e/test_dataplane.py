@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import struct
 import time
 import uuid
@@ -180,6 +181,46 @@ def test_osms_outbound_exclusions_pass_untouched(world: World, proxy: StartProxy
     assert denied.returncode != 0, denied
     with world.connect(world.host("google.com").v4, 25) as sock:
         assert recv_line(sock, timeout=2.0) == b"220 google.com ESMTP ready\r\n"
+
+
+TLS_ROUTE_FOR_EVERY_NAME = """\
+apiVersion: policy.linkerd.io/v1alpha1
+kind: EgressNetwork
+metadata: {name: all-egress-traffic, namespace: egress-test}
+spec: {trafficPolicy: Deny}
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TLSRoute
+metadata: {name: tls-egress, namespace: egress-test}
+spec:
+  parentRefs:
+  - {name: all-egress-traffic, kind: EgressNetwork, group: policy.linkerd.io, port: 443}
+  rules:
+  - backendRefs:
+    - {name: all-egress-traffic, kind: EgressNetwork, group: policy.linkerd.io}
+"""
+
+
+def test_tls_without_a_server_name_is_refused_on_a_port_of_tls_routes(
+    world: World, proxy: StartProxy
+) -> None:
+    """The guide's TLSRoute for every hostname: Linkerd's TLS stack requires a server
+    name, so a hello without one is closed; it was spliced through."""
+    running = proxy(TLS_ROUTE_FOR_EVERY_NAME, "--namespace", "egress-test")
+    address = world.host("httpbin.org").v4
+    with (
+        world.connect(address, 443) as sock,
+        world.tls_context().wrap_socket(sock, server_hostname="httpbin.org") as named,
+    ):
+        assert named.version() is not None
+    nameless = ssl.create_default_context(cafile=str(world.ca_cert))
+    nameless.check_hostname = False
+    with world.connect(address, 443) as sock, pytest.raises(OSError):
+        nameless.wrap_socket(sock, server_hostname=None).close()
+    assert running.logged(
+        r"access .* hostname=- ech=false route=default/tls-egress-deny decision=deny status=-"
+        r" error=forbidden bytes_sent=0 "
+    ), running.log_text()
 
 
 @pytest.mark.parametrize("family", ["v4", "v6"])

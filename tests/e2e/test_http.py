@@ -425,6 +425,24 @@ def test_a_head_nginx_would_read_otherwise_is_refused_not_relayed(
     assert running.logged(r"access .* protocol=http1 .* status=400 error=bad_request ")
 
 
+@pytest.mark.parametrize("line", [b"GET /get\r\n", b"GET  /get  HTTP/1.1\r\n"])
+def test_a_bad_request_line_is_answered_400_while_its_client_waits(
+    world: World, proxy: StartProxy, line: bytes
+) -> None:
+    """An HTTP/0.9 client sends its one line and waits for the answer: the rest of a head
+    never comes, and the line was answered 408 only at --header-timeout (10 s)."""
+    running = proxy(NATIVE_HOST_DENY, "--namespace", "egress-test")
+    sock = world.connect(world.host("httpbin.org").v4, 80)
+    try:
+        sock.sendall(line)
+        sock.settimeout(3.0)  # well before the header timeout
+        answer = sock.recv(4096)
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert running.logged(r"access .* protocol=http1 .* status=400 error=bad_request ")
+
+
 def test_a_versionless_line_of_another_method_than_get_is_relayed_as_bytes(
     world: World, proxy: StartProxy
 ) -> None:
