@@ -514,6 +514,10 @@ class SlowH2Origin(asyncio.Protocol):
             self.h2.send_data(stream_id, b"late", end_stream=True)
         self.transport.write(self.h2.data_to_send())
 
+    def answer_and_close(self, stream_id: int) -> None:
+        self.answer(stream_id)
+        self.transport.close()
+
 
 @pytest_asyncio.fixture
 async def slow_h2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[LoopbackProxy]:
@@ -1338,10 +1342,6 @@ class GoawayH2Origin(SlowH2Origin):
                     loop.call_later(self.DELAY, self.answer_and_close, self.streams[0])
         self.transport.write(self.h2.data_to_send())
 
-    def answer_and_close(self, stream_id: int) -> None:
-        self.answer(stream_id)
-        self.transport.close()
-
 
 @pytest.mark.asyncio
 async def test_an_upstream_goaway_finishes_its_streams_and_retries_the_unprocessed(
@@ -1549,10 +1549,6 @@ class OneStreamH2Origin(SlowH2Origin):
                 self.transport.write(self.h2.data_to_send() + goaway(event.stream_id))
                 loop.call_later(self.DELAY, self.answer_and_close, event.stream_id)
         self.transport.write(self.h2.data_to_send())
-
-    def answer_and_close(self, stream_id: int) -> None:
-        self.answer(stream_id)
-        self.transport.close()
 
 
 @pytest.mark.asyncio
