@@ -16,6 +16,18 @@ IP6T_SO_ORIGINAL_DST = 80
 SOCKADDR_IN_SIZE = 16
 SOCKADDR_IN6_SIZE = 28
 
+NLMSG_HEADER = struct.Struct("=IHHII")
+"""linux/netlink.h nlmsghdr: length, type, flags, sequence, port id."""
+NLM_F_REQUEST = 1
+RTM_NEWROUTE = 24
+RTM_GETROUTE = 26
+RTA_DST = 1
+RTMSG_TYPE_OFFSET = 7
+"""linux/rtnetlink.h rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type."""
+RTN_LOCAL = 2
+NETLINK_TIMEOUT = 1.0
+NETLINK_REPLY_SIZE = 4096
+
 PROXY_SOURCE_PORTS = range(16384, 32768)
 """The local ports of the proxy's upstream connections, bound explicitly.
 
@@ -79,15 +91,40 @@ def local_destination(sockname: tuple[str, int] | tuple[str, int, int, int]) -> 
     return Destination(unmapped(ipaddress.ip_address(sockname[0].split("%", 1)[0])), sockname[1])
 
 
-def is_local_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Whether this host owns address: binding to it succeeds only then."""
+def route_request(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
+    """An RTM_GETROUTE netlink message asking the kernel how it would route to address."""
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
+    packed = address.packed
+    route = struct.pack("=BBBBBBBBI", family, len(packed) * 8, 0, 0, 0, 0, 0, 0, 0)
+    destination = struct.pack("=HH", 4 + len(packed), RTA_DST) + packed
+    length = NLMSG_HEADER.size + len(route) + len(destination)
+    return NLMSG_HEADER.pack(length, RTM_GETROUTE, NLM_F_REQUEST, 1, 0) + route + destination
+
+
+def is_local_route(reply: bytes) -> bool:
+    """Whether the kernel's answer to route_request is a route of type local (an error,
+    such as no route at all, is not)."""
+    route_type_at = NLMSG_HEADER.size + RTMSG_TYPE_OFFSET
+    if len(reply) <= route_type_at:
+        return False
+    message_type = NLMSG_HEADER.unpack_from(reply)[1]
+    return message_type == RTM_NEWROUTE and reply[route_type_at] == RTN_LOCAL
+
+
+def is_local_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether the kernel delivers address to this host, asked of its routing table (one
+    netlink exchange): binding to the address would say yes to any address where
+    net.ipv4/ipv6.ip_nonlocal_bind is set, and pyroute2 cannot run in a running loop.
+    Linux connects to an unspecified address (0.0.0.0, ::) as to its own."""
+    if address.is_unspecified:
+        return True
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as netlink:
+        netlink.settimeout(NETLINK_TIMEOUT)
         try:
-            probe.bind((str(address), 0))
+            netlink.sendto(route_request(address), (0, 0))
+            return is_local_route(netlink.recv(NETLINK_REPLY_SIZE))
         except OSError:
             return False
-    return True
 
 
 def source_ports_conflict(ephemeral: str, reserved: str) -> str | None:

@@ -631,6 +631,26 @@ def test_redirected_connection_to_the_proxys_own_address_is_closed(
     assert_served(world)
 
 
+@pytest.mark.parametrize("family", ["v4", "v6"])
+def test_a_remote_port_like_the_listeners_is_no_loop_where_nonlocal_bind_is_set(
+    world: World, proxy: StartProxy, family: str
+) -> None:
+    """With ip_nonlocal_bind any address can be bound, so binding cannot tell the proxy's
+    own addresses from a remote one: a connection to another host's port 15001 goes there."""
+    sysctl = f"net.ip{family}.ip_nonlocal_bind"
+    target = world.host("httpbin.org").address(family)
+    world.run(["sysctl", "-qw", f"{sysctl}=1"]).check_returncode()
+    try:
+        running = proxy()
+        with world.connect(target, PROXY_PORT) as sock:  # nothing listens there
+            sock.sendall(b"hello\n")
+            assert closed_by_peer(sock, timeout=5.0)
+        assert running.logged(r"error=connect_refused"), running.log_text()
+        assert "connected to the proxy itself" not in running.log_text()
+    finally:
+        world.run(["sysctl", "-qw", f"{sysctl}=0"]).check_returncode()
+
+
 # --- upstream failures, timeouts, backpressure --------------------------------
 
 

@@ -1,0 +1,48 @@
+"""The loop guard's question "is this address the host's own?", asked of the kernel's
+routing table over netlink (binding cannot tell where ip_nonlocal_bind is set)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+
+import pytest
+
+from egressproxy import netfilter
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.9.9.9", "::1", "0.0.0.0", "::"])
+def test_loopback_and_unspecified_addresses_are_the_hosts(address: str) -> None:
+    assert netfilter.is_local_address(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize("address", ["198.51.100.7", "2001:db8::7"])
+def test_documentation_addresses_are_not(address: str) -> None:
+    assert not netfilter.is_local_address(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize("address", ["203.0.113.9", "2001:db8::9"])
+def test_the_request_is_one_well_formed_route_lookup(address: str) -> None:
+    parsed = ipaddress.ip_address(address)
+    request = netfilter.route_request(parsed)
+    length, message_type, flags, _, _ = netfilter.NLMSG_HEADER.unpack_from(request)
+    assert (length, message_type, flags) == (len(request), netfilter.RTM_GETROUTE, 1)
+    family, destination_bits = request[16], request[17]
+    assert family == (socket.AF_INET6 if parsed.version == 6 else socket.AF_INET)
+    assert destination_bits == len(parsed.packed) * 8
+    attribute_length, attribute_type = struct.unpack_from("=HH", request, 28)
+    assert (attribute_length, attribute_type) == (4 + len(parsed.packed), netfilter.RTA_DST)
+    assert request[32:] == parsed.packed
+
+
+def reply(message_type: int, route_type: int) -> bytes:
+    route = struct.pack("=BBBBBBBBI", socket.AF_INET, 32, 0, 0, 254, 2, 254, route_type, 0)
+    return netfilter.NLMSG_HEADER.pack(16 + len(route), message_type, 0, 1, 0) + route
+
+
+def test_only_a_route_of_type_local_is_local() -> None:
+    assert netfilter.is_local_route(reply(netfilter.RTM_NEWROUTE, netfilter.RTN_LOCAL))
+    assert not netfilter.is_local_route(reply(netfilter.RTM_NEWROUTE, 1))  # unicast
+    assert not netfilter.is_local_route(reply(2, netfilter.RTN_LOCAL))  # NLMSG_ERROR
+    assert not netfilter.is_local_route(reply(netfilter.RTM_NEWROUTE, netfilter.RTN_LOCAL)[:23])
