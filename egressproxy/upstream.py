@@ -117,23 +117,40 @@ async def _from_source_port(
     lookups: LookupThreads,
     attempt: Callable[[str, tuple[str, int]], Awaitable[Connected]],
 ) -> Connected:
-    """Resolve host, then attempt from one source port after another until one is free."""
+    """Resolve host, then attempt its addresses in the resolver's order (a backend's name
+    may have several, and one that refuses or is unreachable is skipped), each from one
+    source port after another until one is free; all within one connect timeout. When
+    every address fails, the first failure is the one reported."""
     deadline = _Deadline(timeouts)
-    ip = ""
+    resolved = False
     try:
-        ip = plain_host(host if _is_ip_literal(host) else await _resolve(lookups, host, port))
-        wildcard = "::" if ":" in ip else "0.0.0.0"
-        for _ in range(SOURCE_PORT_ATTEMPTS):
+        ips = (host,) if _is_ip_literal(host) else await _resolve(lookups, host, port)
+        resolved = True
+        first_failure: OSError | None = None
+        for ip in ips:
+            ip = plain_host(ip)
+            wildcard = "::" if ":" in ip else "0.0.0.0"
             try:
-                return await attempt(ip, (wildcard, _source_ports.take()))
+                for _ in range(SOURCE_PORT_ATTEMPTS):
+                    try:
+                        return await attempt(ip, (wildcard, _source_ports.take()))
+                    except OSError as error:
+                        if error.errno not in SOURCE_PORT_TAKEN:
+                            raise
             except OSError as error:
-                if error.errno not in SOURCE_PORT_TAKEN:
-                    raise
+                first_failure = first_failure or error
+                continue
+            raise UpstreamError(
+                "no_source_port",
+                f"{host}:{port}: {SOURCE_PORT_ATTEMPTS} source ports in a row were taken",
+            )
+        assert first_failure is not None, "a lookup answers with an address or raises"
+        raise first_failure
     except asyncio.CancelledError:
         if not deadline.expired:
             raise
         deadline.task.uncancel()
-        if not ip:
+        if not resolved:
             raise UpstreamError("dns_timeout", host) from None
         raise UpstreamError("connect_timeout", f"{host}:{port}") from None
     except OSError as error:
@@ -141,9 +158,6 @@ async def _from_source_port(
         raise UpstreamError(kind, f"{host}:{port}: {error.strerror}") from None
     finally:
         deadline.pending.cancel()
-    raise UpstreamError(
-        "no_source_port", f"{host}:{port}: {SOURCE_PORT_ATTEMPTS} source ports in a row were taken"
-    )
 
 
 class _Deadline:
@@ -311,11 +325,11 @@ def _is_ip_literal(host: str) -> bool:
     return True
 
 
-async def _resolve(lookups: LookupThreads, host: str, port: int) -> str:
+async def _resolve(lookups: LookupThreads, host: str, port: int) -> list[str]:
     try:
         found = await lookups.addresses(host, port)
     except OSError as error:
         raise UpstreamError(DNS_ERROR, f"{host}: {error}") from None
     if not found:
         raise UpstreamError(DNS_ERROR, f"{host}: no addresses")
-    return found[0]
+    return found

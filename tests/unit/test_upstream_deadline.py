@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 import uvloop
 
+from egressproxy import lookups as lookups_module
 from egressproxy import upstream
 from egressproxy.errors import UpstreamError
 from egressproxy.lookups import LookupThreads
@@ -149,3 +150,51 @@ def test_a_name_that_never_resolves_ends_as_dns_timeout_within_the_connect_timeo
         kind, took = uvloop.run(scenario())
     assert kind == "dns_timeout"
     assert 0.25 <= took < 2.0
+
+
+@pytest.mark.parametrize("spliced", [False, True])
+def test_a_backend_name_with_several_addresses_connects_to_the_first_that_answers(
+    monkeypatch: pytest.MonkeyPatch, spliced: bool
+) -> None:
+    """A route's backend may resolve to several addresses (a headless Service): one that
+    refuses is skipped within the connect timeout; when all refuse, that is the error."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    port = server.getsockname()[1]
+    answers = {
+        "backend.example.test": ["127.0.0.2", "127.0.0.1"],
+        "nobody.example.test": ["127.0.0.2", "127.0.0.3"],
+    }
+    monkeypatch.setattr(lookups_module, "stream_addresses", lambda host, _: answers[host])
+
+    async def scenario(host: str) -> str:
+        loop = asyncio.get_running_loop()
+        lookups, splicer = LookupThreads(), Splicer(loop)
+        options = {"timeouts": TimeoutQueue(loop, 2.0), "mark": None, "lookups": lookups}
+        try:
+            async with asyncio.timeout(5.0):
+                if spliced:
+                    sock = await upstream.open_socket(
+                        host, port, connector=splicer.connect, **options
+                    )
+                    peer = sock.getpeername()[0]
+                    sock.close()
+                    return str(peer)
+                transport, _ = await upstream.connect(
+                    host, port, asyncio.Protocol, connector=loop.sock_connect, **options
+                )
+                peer = transport.get_extra_info("peername")[0]
+                transport.close()
+                return str(peer)
+        except UpstreamError as error:
+            return error.kind
+        finally:
+            splicer.close()
+            lookups.close()
+
+    try:
+        assert uvloop.run(scenario("backend.example.test")) == "127.0.0.1"
+        assert uvloop.run(scenario("nobody.example.test")) == "connect_refused"
+    finally:
+        server.close()
