@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import logging
 
+FORBIDDEN = "forbidden"
+"""A TLS or TCP connection the policy denied, closed before anything went upstream (as
+Linkerd names it)."""
+
 DNS_ERROR = "dns_error"
 """The resolver gave no answer for a name (a route's backend, or the name a destination is
 verified against): unreachable for now, not refused, so to gRPC UNAVAILABLE."""

@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from egressproxy import http1, http1_lean, http2, upstream
-from egressproxy.errors import NO_FILE_DESCRIPTORS, PROXY_ERROR, UpstreamError, log_proxy_error
+from egressproxy.errors import (
+    FORBIDDEN,
+    NO_FILE_DESCRIPTORS,
+    PROXY_ERROR,
+    UpstreamError,
+    log_proxy_error,
+)
 from egressproxy.netfilter import (
     is_local_address,
     local_destination,
@@ -465,7 +471,7 @@ class Flow(asyncio.Protocol):
         a route, plain HTTP on a port of TLSRoutes say, is told why with a 403 first."""
         if detected is Detected.HTTP1:
             self._answer(403, "traffic not allowed")
-        self.record.error = "forbidden"
+        self.record.error = FORBIDDEN
         self.transport.close()
 
     def _answer(self, status: int, body: str) -> None:

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, valu
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from egressproxy.errors import DNS_ERROR
+from egressproxy.errors import DNS_ERROR, FORBIDDEN
 from egressproxy.policy.decision import (
     GRPC_PROTOCOL,
     Action,
@@ -235,6 +235,31 @@ class _RouteChildren(Generic[Family]):
         return child
 
 
+class _OpenChildren(_RouteChildren[Counter]):
+    """A route's counters of opened connections, which bring its counters of connections
+    closed without error and closed as forbidden into being at zero, as Linkerd's proxy
+    does when it builds a route: a series that exists before its first increment lets
+    Prometheus's increase() and rate() see that increment."""
+
+    def __init__(
+        self,
+        family: Counter,
+        identity: Callable[[RouteKey], tuple[str, ...]],
+        closes: _RouteChildren[Counter],
+    ) -> None:
+        super().__init__(family, identity)
+        self.closes = closes
+
+    def __call__(self, route: RouteKey, *extra: str) -> Counter:
+        if (route, extra) not in self.cache:
+            for error in PRECREATED_CLOSE_ERRORS:
+                self.closes(route, *extra, error)
+        return super().__call__(route, *extra)
+
+
+PRECREATED_CLOSE_ERRORS = ("", FORBIDDEN)
+
+
 class _Children(Generic[Family]):
     """Children of a family with a few plain labels, cached by their values."""
 
@@ -378,6 +403,12 @@ class Metrics:
             )
             return _RouteChildren(family, self._identity)
 
+        def opened(
+            name: str, help_text: str, labels: tuple[str, ...], closes: _RouteChildren[Counter]
+        ) -> _OpenChildren:
+            family = Counter(name, help_text, (*ROUTE_IDENTITY, *labels), registry=registry)
+            return _OpenChildren(family, self._identity, closes)
+
         def plain(name: str, help_text: str, labels: tuple[str, ...]) -> _Children[Counter]:
             return _Children(Counter(name, help_text, labels, registry=registry))
 
@@ -403,23 +434,27 @@ class Metrics:
             ("hostname",),
             ROUTE_DURATION_BUCKETS,
         )
-        self.tls_open = counter(
-            "outbound_tls_route_open_total", "TLS connections opened by route", ("hostname",)
-        )
         self.tls_close = counter(
             "outbound_tls_route_close_total",
             "TLS connections closed by route and outcome",
             ("hostname", "error"),
         )
-        self.tcp_open = counter(
-            "outbound_tcp_route_open_total",
-            "TCP connections opened by route",
-            ("target_ip", "target_port"),
+        self.tls_open = opened(
+            "outbound_tls_route_open_total",
+            "TLS connections opened by route",
+            ("hostname",),
+            self.tls_close,
         )
         self.tcp_close = counter(
             "outbound_tcp_route_close_total",
             "TCP connections closed by route and outcome",
             ("target_ip", "target_port", "error"),
+        )
+        self.tcp_open = opened(
+            "outbound_tcp_route_open_total",
+            "TCP connections opened by route",
+            ("target_ip", "target_port"),
+            self.tcp_close,
         )
         self.audit_would_deny = counter(
             "egress_audit_would_deny_total",

@@ -166,7 +166,10 @@ def test_every_kind_of_traffic_then_one_scrape(world: World, proxy: StartProxy) 
     assert unordered(samples["outbound_tls_route_close_total"]) == unordered(
         [
             ({**tls_allowed, "error": ""}, 1),
+            ({**tls_allowed, "error": "forbidden"}, 0),
+            ({**tls_denied, "error": ""}, 0),
             ({**tls_denied, "error": "forbidden"}, 1),
+            ({**plain_denied, "error": ""}, 0),
             ({**plain_denied, "error": "forbidden"}, 1),
         ]
     )
@@ -182,7 +185,11 @@ def test_every_kind_of_traffic_then_one_scrape(world: World, proxy: StartProxy) 
     assert unordered(samples["outbound_tcp_route_close_total"]) == unordered(
         [
             ({**echo, "error": ""}, 1),
+            ({**echo, "error": "forbidden"}, 0),
+            ({**refused, "error": ""}, 0),
+            ({**refused, "error": "forbidden"}, 0),
             ({**refused, "error": "connect_refused"}, 1),
+            ({**denied, "error": ""}, 0),
             ({**denied, "error": "forbidden"}, 1),
         ]
     )

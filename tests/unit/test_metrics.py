@@ -385,7 +385,9 @@ def test_guide_tlsroute_open(registry: CollectorRegistry, metrics: Metrics) -> N
 def test_guide_tls_egress_deny_close(registry: CollectorRegistry, metrics: Metrics) -> None:
     index = guide_step("linkerd-4-tlsroute.yaml")
     whole_connection(metrics, connection(index, Detected.TLS, 443, "github.com", error="forbidden"))
-    labels, value = only(scrape(registry), "outbound_tls_route_close_total")
+    closes = scrape(registry)["outbound_tls_route_close_total"]
+    ((labels, value),) = [(labels, value) for labels, value in closes if labels["error"]]
+    assert [({**labels, "error": ""}, 0)] == [sample for sample in closes if sample[0] != labels]
     assert labels == {
         "parent_group": "policy.linkerd.io",
         "parent_kind": "EgressNetwork",
@@ -521,7 +523,9 @@ def test_tls_allowed_denied_failed(registry: CollectorRegistry, metrics: Metrics
     assert unordered(samples["outbound_tls_route_close_total"]) == unordered(
         [
             ({**allowed, "error": ""}, 1),
+            ({**allowed, "error": "forbidden"}, 0),
             ({**allowed, "error": "connect_timeout"}, 1),
+            ({**denied, "error": ""}, 0),
             ({**denied, "error": "forbidden"}, 1),
         ]
     )
@@ -551,12 +555,40 @@ def test_tcp_allowed_denied_failed(registry: CollectorRegistry, metrics: Metrics
     assert unordered(samples["outbound_tcp_route_close_total"]) == unordered(
         [
             ({**allowed, "error": ""}, 1),
+            ({**allowed, "error": "forbidden"}, 0),
             ({**allowed, "error": "reset"}, 1),
+            ({**denied, "error": ""}, 0),
             ({**denied, "error": "forbidden"}, 1),
         ]
     )
     assert "egress_upstream_connect_errors_total" not in samples
     assert samples["egress_sniff_outcomes_total"] == [({"outcome": "timeout"}, 3)]
+
+
+def test_an_open_route_has_its_close_series_at_zero_before_its_first_close(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    """As Linkerd's proxy creates them with the route: Prometheus's increase() over a series
+    that first appears at 1 sees no increase, so the first denial would go unseen."""
+    index = policy(EVERY_ROUTE_KIND)
+    for record in (
+        connection(index, Detected.TLS, 443, "github.com"),
+        connection(index, Detected.OPAQUE, 5432),
+    ):
+        metrics.connection_opened()
+        metrics.connection_decided(record)
+    samples = scrape(registry)
+    closes = [
+        (labels["route_name"], labels["error"], value)
+        for family in ("outbound_tls_route_close_total", "outbound_tcp_route_close_total")
+        for labels, value in samples[family]
+    ]
+    assert sorted(closes) == [
+        ("postgres", "", 0),
+        ("postgres", "forbidden", 0),
+        ("tls-egress-deny", "", 0),
+        ("tls-egress-deny", "forbidden", 0),
+    ]
 
 
 def test_tcp_target_ip_v6(registry: CollectorRegistry, metrics: Metrics) -> None:
@@ -617,8 +649,11 @@ def test_audited_denial_counts_would_deny_on_the_deny_route(
         "200",
         "",
     )
-    tcp_labels, _ = only(samples, "outbound_tcp_route_close_total")
-    assert (tcp_labels["route_name"], tcp_labels["error"]) == ("tcp-egress-deny", "")
+    closes = samples["outbound_tcp_route_close_total"]
+    assert sorted((labels["route_name"], labels["error"], value) for labels, value in closes) == [
+        ("tcp-egress-deny", "", 1),
+        ("tcp-egress-deny", "forbidden", 0),
+    ]
 
 
 def test_original_destination_failures_and_loops(
