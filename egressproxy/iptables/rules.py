@@ -27,6 +27,7 @@ import dataclasses
 import enum
 import ipaddress
 import shlex
+import socket
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -250,11 +251,19 @@ def _own_traffic(options: Options, family: Family, chain: str, *, nat: bool) -> 
         yield Rule(chain, "this host goes direct", "RETURN", "-m addrtype --dst-type LOCAL")
 
 
+def saved_form(network: IPNetwork) -> str:
+    """network as iptables-save prints it, through the C library's inet_ntop as it does,
+    so that a second install finds the first one's rules: glibc ends an IPv4-compatible
+    or IPv4-mapped IPv6 address in a dotted quad (`::10.0.0.0/120`), Python does not."""
+    family = socket.AF_INET6 if network.version == 6 else socket.AF_INET
+    return f"{socket.inet_ntop(family, network.network_address.packed)}/{network.prefixlen}"
+
+
 def _excluded(options: Options, family: Family, chain: str, protocol: str) -> Iterator[Rule]:
     for network in options.exclude_cidrs:
         if network.version == family.value:
             # iptables-save prints no `-d` for a whole family (0.0.0.0/0, ::/0).
-            matches = f"-d {network}" if network.prefixlen else ""
+            matches = f"-d {saved_form(network)}" if network.prefixlen else ""
             yield Rule(chain, f"excluded network {network}", "RETURN", matches)
     for group in port_groups(options.exclude_ports):
         yield Rule(

@@ -481,11 +481,15 @@ def test_reinstall_with_other_options_leaves_only_the_new_rules(lab: Lab) -> Non
     assert saved_rules(app) == before
 
 
-def test_excluding_a_whole_family_installs_once(lab: Lab) -> None:
-    """iptables-save prints no `-d 0.0.0.0/0`: a second install still sees the first."""
+@pytest.mark.parametrize("excluded", ["0.0.0.0/0,::/0", "::a00:0/120,::ffff:a00:0/120"])
+def test_excluding_networks_iptables_save_prints_its_own_way_installs_once(
+    lab: Lab, excluded: str
+) -> None:
+    """iptables-save prints no `-d 0.0.0.0/0`, and `::10.0.0.0/120` for ::a00:0/120: a
+    second install still sees the first."""
     app = lab.namespace()
     before = saved_rules(app)
-    options = (f"--proxy-uid={PROXY_UID}", "--exclude-cidrs=0.0.0.0/0,::/0", "--block-udp")
+    options = (f"--proxy-uid={PROXY_UID}", f"--exclude-cidrs={excluded}", "--block-udp")
     first = egressproxy(app, "install", *options)
     assert first.returncode == 0, first.stderr
     installed = saved_rules(app)

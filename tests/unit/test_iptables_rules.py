@@ -39,6 +39,7 @@ from egressproxy.iptables.rules import (
     port_groups,
     render,
     rule_target,
+    saved_form,
     tables,
 )
 from egressproxy.settings import IPNetwork
@@ -154,6 +155,24 @@ def test_excluding_a_whole_family_is_written_as_iptables_save_prints_it(
             f'-A {chain} -m comment --comment "egressproxy: excluded network {everything}"'
             " -j RETURN"
         ) in lines
+
+
+@pytest.mark.parametrize(
+    ("cidr", "as_saved"),
+    [
+        ("::a00:0/120", "::10.0.0.0/120"),
+        ("::ffff:a00:0/120", "::ffff:10.0.0.0/120"),
+        ("::1/128", "::1/128"),
+        ("2001:db8::/32", "2001:db8::/32"),
+        ("10.0.0.0/8", "10.0.0.0/8"),
+    ],
+)
+def test_an_excluded_network_is_written_as_iptables_save_prints_it(
+    cidr: str, as_saved: str
+) -> None:
+    """ip6tables-save prints an IPv4-compatible or IPv4-mapped address with a dotted quad,
+    Python without: written as Python does, a second install rewrote the chains."""
+    assert saved_form(net(cidr)) == as_saved
 
 
 def test_uninstall_of_a_fresh_install() -> None:
