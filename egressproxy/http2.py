@@ -1003,6 +1003,7 @@ class H2Proxy(asyncio.Protocol):
 
     async def _connect(self, upstream: _Upstream) -> None:
         key = upstream.key
+        connected = False
         try:
             await upstream_connector.connect(
                 key[0],
@@ -1013,6 +1014,7 @@ class H2Proxy(asyncio.Protocol):
                 connector=self.flow.context.splicer.connect,
                 lookups=self.flow.context.resolver.threads,
             )
+            connected = True
             self.connecting.pop(key, None)
             assert upstream.transport is not None
             if self.closed:
@@ -1034,7 +1036,8 @@ class H2Proxy(asyncio.Protocol):
         except Exception as unforeseen:
             self._failed_in_task(unforeseen, f"connecting to {key[0]}:{key[1]}")
         finally:
-            if upstream.transport is None:  # failed or cancelled: no connection_lost comes
+            if not connected:  # failed or cancelled: no connection_lost need come (uvloop
+                # closes a transport made just before the cancel without telling it)
                 self._give_back(upstream)
 
     def _give_back(self, upstream: _Upstream) -> None:
@@ -1571,6 +1574,8 @@ class H2Proxy(asyncio.Protocol):
         for task in [*self.connecting.values(), *self.verifying]:
             task.cancel()
         for upstream in self._all_upstreams():
+            if upstream.transport is None:  # a connect cancelled before it ever ran
+                self._give_back(upstream)  # has no finally to do it
             upstream.close()
         self.upstreams.clear()
         self.retired.clear()

@@ -2979,6 +2979,71 @@ async def held_origins(
 
 
 @pytest.mark.asyncio
+async def test_upstreams_a_client_leaves_while_they_connect_give_their_room_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Streams to two upstreams, each cancelled, then GOAWAY, all in one write: the second
+    upstream (room taken from the accepting) had its connect cancelled before it ever ran,
+    and its room never came back; each such client took one place against
+    --max-connections for good, until the worker stopped accepting with nothing open."""
+    async with held_origins(tmp_path, monkeypatch) as origins:
+        proxy = origins.proxy
+        for number in range(3):
+            client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            client.initiate_connection()
+            for stream_id, path in ((1, "/first"), (3, "/second")):
+                head = [(":method", "GET"), (":scheme", "http"), (":authority", "a.test")]
+                client.send_headers(stream_id, [*head, (":path", path)], end_stream=True)
+                client.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+            client.close_connection()
+            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+            writer.write(client.data_to_send())
+            writer.write_eof()
+            async with asyncio.timeout(TIMEOUT):
+                await reader.read()
+            writer.close()
+            await proxy.wait_closed_flows(number + 1)
+        open_flows = proxy.context.open_flows
+        assert (open_flows.extra, open_flows.full) == (0, False)
+
+
+@pytest.mark.asyncio
+async def test_an_upstream_whose_connect_is_cancelled_once_made_gives_its_room_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvloop closes a transport made just before the connect was cancelled without calling
+    connection_lost: the room of an upstream whose transport was set then still has to
+    come back (here the cancel comes as uvloop leaves it: made, closed, never told)."""
+    real_connect = egressproxy.http2.upstream_connector.connect
+
+    async def made_then_cancelled(host: str, port: int, *args: Any, **kwargs: Any) -> Any:
+        transport, protocol = await real_connect(host, port, *args, **kwargs)
+        if port != first_port:
+            protocol.connection_lost = lambda exc: None
+            transport.abort()
+            raise asyncio.CancelledError
+        return transport, protocol
+
+    monkeypatch.setattr(egressproxy.http2.upstream_connector, "connect", made_then_cancelled)
+    async with held_origins(tmp_path, monkeypatch) as origins:
+        proxy = origins.proxy
+        first_port = proxy.destination[0].port
+        client = await connect_h2(proxy)
+        first = client.request("GET", "/first")
+        await origins.requested("/first")
+        client.request("GET", "/second")
+        async with asyncio.timeout(TIMEOUT):
+            while not origins.second:
+                await asyncio.sleep(0.01)
+        origins.first[0].answer("/first")
+        async with asyncio.timeout(TIMEOUT):
+            await first.done.wait()
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
+        assert proxy.context.open_flows.extra == 0
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("closing", ["drain", "client-goaway"])
 async def test_a_closing_connection_closes_each_upstream_as_its_last_stream_ends(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, closing: str
