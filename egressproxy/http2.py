@@ -107,8 +107,20 @@ keeps within the concurrent-stream limit while every stream costs the worker a d
 and the upstream a request. As Envoy does (premature_reset_total_stream_count and its
 min_stream_lifetime of 1 s): once a connection has opened this many streams, more than
 half of them reset by the client before their answer began and within
-PREMATURE_RESET_SECONDS is a flood. A client cancelling now and then, or calls that ran
-into their deadlines, never gets there."""
+PREMATURE_RESET_SECONDS is a flood. A client cancelling now and then never gets there,
+and a gRPC call the client reset as its deadline ran out (see deadline_ran_out) is not
+premature however short its life: a slow upstream with tight deadlines is not an attack,
+and ending the connection would fail every other call on it."""
+MIN_COUNTED_DEADLINE = 0.1
+"""A grpc-timeout shorter than this does not excuse its call's reset: a client that sets
+one and resets at once makes at most MAX_CONCURRENT_STREAMS streams per this many seconds,
+as many as a client of an upstream that answers in this time would."""
+DEADLINE_SHARE = 0.9
+"""Of its grpc-timeout a call must have lived for its reset to be the deadline's: the
+client's clock started before its head reached the proxy."""
+GRPC_TIMEOUT = re.compile(rb"([0-9]{1,8})([HMSmun])")
+"""gRPC over HTTP/2: TimeoutValue (at most 8 digits) and TimeoutUnit."""
+GRPC_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 MAX_ENCODER_TABLE = 4096
 """Our HPACK encoder's dynamic table, whatever larger size a peer allows (RFC 7541 4.2): a
 peer's SETTINGS_HEADER_TABLE_SIZE of 2^31 would make us keep every distinct header we
@@ -356,6 +368,19 @@ class _Connection(h2.connection.H2Connection):
         with contextlib.suppress(h2.exceptions.StreamClosedError):
             self.reset_stream(stream_id, code)
         return [], [MalformedMessage(stream_id, reason, head)]
+
+
+def deadline_ran_out(headers: Headers, lived: float) -> bool:
+    """Whether a call reset after `lived` seconds was reset by its client's deadline: it
+    carried a grpc-timeout of at least MIN_COUNTED_DEADLINE and lived DEADLINE_SHARE of it."""
+    for name, value in headers:
+        if name == b"grpc-timeout":
+            timeout = GRPC_TIMEOUT.fullmatch(value)
+            if timeout is None:
+                return False
+            seconds = int(timeout[1]) * GRPC_TIMEOUT_UNITS[timeout[2]]
+            return seconds >= MIN_COUNTED_DEADLINE and lived >= seconds * DEADLINE_SHARE
+    return False
 
 
 def stream_facts(headers: Headers, flow: Flow) -> tuple[RequestFacts, str]:
@@ -1212,10 +1237,12 @@ class H2Proxy(asyncio.Protocol):
 
     def _count_premature_reset(self, stream: _Stream) -> None:
         """A stream the client ended before its answer began: within PREMATURE_RESET_SECONDS
-        it counts against STREAMS_BEFORE_RESETS_COUNT."""
+        it counts against STREAMS_BEFORE_RESETS_COUNT, unless its gRPC deadline ran out."""
+        lived = time.monotonic() - stream.record.started
         if (
             not stream.response_started
-            and time.monotonic() - stream.record.started < PREMATURE_RESET_SECONDS
+            and lived < PREMATURE_RESET_SECONDS
+            and not deadline_ran_out(stream.headers, lived)
         ):
             self.premature_resets += 1
             if (

@@ -41,6 +41,7 @@ from egressproxy.http2 import (
     STREAMS_BEFORE_RESETS_COUNT,
     UPSTREAM_STREAM_WINDOW,
     GoawayFilter,
+    deadline_ran_out,
 )
 from egressproxy.metrics import Metrics
 from egressproxy.server import Reporting
@@ -2129,6 +2130,69 @@ async def test_streams_the_client_makes_the_proxy_reset_are_a_flood(
     cut.cancel()
     assert [flow.error for flow in proxy.ledger.flows] == ["flood"]
     assert STREAMS_BEFORE_RESETS_COUNT <= len(proxy.ledger.requests) < 1000
+
+
+@pytest.mark.parametrize(
+    ("timeout", "lived", "ran_out"),
+    [
+        (b"200m", 0.19, True),
+        (b"200m", 0.05, False),  # reset long before its deadline
+        (b"50m", 0.06, False),  # under MIN_COUNTED_DEADLINE
+        (b"1S", 0.95, True),
+        (b"200000u", 0.19, True),
+        (b"123456789m", 0.5, False),  # nine digits: not a grpc-timeout
+        (b"5x", 10.0, False),
+        (b"", 10.0, False),
+    ],
+)
+def test_a_reset_is_the_deadlines_when_the_call_lived_its_grpc_timeout(
+    timeout: bytes, lived: float, ran_out: bool
+) -> None:
+    headers = [(b":method", b"POST"), (b"grpc-timeout", timeout)]
+    assert deadline_ran_out(headers, lived) is ran_out
+    assert not deadline_ran_out(headers[:1], lived)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("grpc_timeout", "reset_after", "flood"),
+    [("150m", 0.15, False), ("150m", 0.0, True), ("60m", 0.07, True)],
+)
+async def test_calls_reset_as_their_deadlines_run_out_are_no_flood(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    grpc_timeout: str,
+    reset_after: float,
+    flood: bool,
+) -> None:
+    """A slow upstream and calls with tight deadlines: every call is reset by its client
+    within a second, before any answer. That is no rapid reset when each lived its
+    grpc-timeout (the connection, and any other call on it, goes on), and still one when the
+    resets come before it or the deadline is too short to count."""
+    async with held_origins(tmp_path, monkeypatch) as origins:
+        proxy = origins.proxy
+        client = await connect_h2(proxy)
+        for _ in range(3):  # 600 calls, over STREAMS_BEFORE_RESETS_COUNT
+            if client.lost.is_set():
+                break
+            calls = [
+                client.request("POST", "/first", headers={"grpc-timeout": grpc_timeout})
+                for _ in range(200)
+            ]
+            await asyncio.sleep(reset_after)
+            for stream_id, answer in client.answers.items():
+                if answer in calls:
+                    client.h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+            client.transport.write(client.h2.data_to_send())
+        async with asyncio.timeout(TIMEOUT):
+            if flood:
+                await client.lost.wait()
+            else:
+                await proxy.wait_requests(600)
+        assert client.lost.is_set() is flood
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
+    assert [flow.error for flow in proxy.ledger.flows] == ["flood" if flood else ""]
 
 
 @pytest.mark.asyncio
