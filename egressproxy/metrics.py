@@ -692,6 +692,9 @@ class LoopValue:
 
 
 METRICS_DIRECTORY_PREFIX = "egressproxy-metrics-"
+STARTING_DIRECTORY_PREFIX = "egressproxy-starting-"
+"""A run's metrics directory until its lock is held: another run starting at the same time
+must not find it unlocked and take it for a dead run's."""
 OWNER_LOCK = "owner.lock"
 """A file in each run's metrics directory that the run's processes hold locked (flock) for
 as long as one of them lives: a directory whose lock can be taken is a dead run's."""
@@ -739,9 +742,14 @@ def keep_values(workers: int) -> str | None:
         return None
     global _owner_lock
     try:
-        directory = tempfile.mkdtemp(prefix=METRICS_DIRECTORY_PREFIX, dir=parent or None)
-        _owner_lock = os.open(Path(directory) / OWNER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        starting = tempfile.mkdtemp(prefix=STARTING_DIRECTORY_PREFIX, dir=parent or None)
+        _owner_lock = os.open(Path(starting) / OWNER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(_owner_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        name = (
+            METRICS_DIRECTORY_PREFIX + os.path.basename(starting)[len(STARTING_DIRECTORY_PREFIX) :]
+        )
+        directory = os.path.join(os.path.dirname(starting), name)
+        os.rename(starting, directory)  # locked before the other runs' clean-up can see it
     except OSError as error:
         # Without one usable, tempfile.gettempdir() itself raises: name the search instead.
         where = f"{MULTIPROCESS_ENV}={parent}" if parent else "TMPDIR, /tmp, /var/tmp or /usr/tmp"

@@ -197,3 +197,43 @@ def test_the_directory_of_a_killed_run_is_removed_a_live_ones_kept(tmp_path: Pat
         assert second.returncode == 0, errors
     assert sorted(preset.iterdir()) == sorted([stale, live, foreign])
     assert (foreign / "counter_4242.db").read_bytes() == STALE
+
+
+RACING_RUN = """
+import fcntl, os, sys
+from egressproxy import metrics
+
+real_flock = fcntl.flock
+raced = []
+
+def flock_after_another_runs_cleanup(descriptor, operation):
+    if not raced:  # the new run's own lock: another run's clean-up comes just before it
+        raced.append(True)
+        metrics._remove_dead_runs(sys.argv[1])
+    return real_flock(descriptor, operation)
+
+metrics.fcntl.flock = flock_after_another_runs_cleanup
+directory = metrics.keep_values(2)
+print(os.path.isdir(directory), os.path.basename(directory), sorted(os.listdir(sys.argv[1])))
+"""
+
+
+def test_a_run_starting_beside_another_is_not_taken_for_a_dead_one(tmp_path: Path) -> None:
+    """Two runs starting at once in one directory: the other's clean-up came between the
+    new run's making its directory and locking it, found the lock free, and removed the
+    directory of a live run (whose every connection then failed on its files)."""
+    preset = tmp_path / "multiproc"
+    preset.mkdir()
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "PROMETHEUS_MULTIPROC_DIR": str(preset)}
+    result = subprocess.run(
+        [sys.executable, "-c", RACING_RUN, str(preset)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=EXIT_TIMEOUT,
+        check=True,
+    )
+    exists, name, listed = result.stdout.split(" ", 2)
+    assert exists == "True", result.stdout
+    assert name.startswith(metrics.METRICS_DIRECTORY_PREFIX)
+    assert listed.strip() == repr([name])
