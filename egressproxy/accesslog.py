@@ -16,6 +16,7 @@ the writer is given up on after STOP_PATIENCE without progress.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -398,6 +399,10 @@ class LineWriter:
         """Write at most PIPE_BUF bytes of whole lines at once: a longer write to a pipe or
         a stream socket (a container's stderr, journald's) is not atomic, and another
         process's lines would land in the middle of ours."""
+        self.write_lock: tuple[str, int, int] | None = None
+        """(path, opened by, descriptor) of the file the processes of the run hold locked
+        (flock) while they write (share_writes): a line longer than PIPE_BUF is written
+        in pieces, between which another process's lines would land."""
         self.encoding = getattr(stream, "encoding", None) or "utf-8"
         self.formatter = formatter
         self.thread: threading.Thread | None = None
@@ -493,23 +498,51 @@ class LineWriter:
                 self.stream.flush()
                 return
             encoded = text.encode(self.encoding, "backslashreplace")
-            for chunk in _line_chunks(encoded) if self.whole_lines else (encoded,):
-                data = memoryview(chunk)
-                while data:
-                    try:
-                        data = data[os.write(self.descriptor, data[:WRITE_SLICE]) :]
-                    except BlockingIOError:
-                        # Another process sharing stderr's open file made it non-blocking:
-                        # a full pipe is a wait, not a broken stderr (dropping the rest
-                        # of the batch cut a line, and counted nothing).
-                        select.select([], [self.descriptor], [])
-                    finally:
-                        self.writes += 1
+            if not self.whole_lines:
+                self._write_out(encoded)
+                return
+            lock = self._lock_descriptor()
+            if lock is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                for chunk in _line_chunks(encoded):
+                    self._write_out(chunk)
+            finally:
+                if lock is not None:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
         except (OSError, ValueError):
             # stderr is closed or broken: there is nowhere left to report that to.
             return
         finally:
             self.writes += 1
+
+    def _write_out(self, data: bytes) -> None:
+        assert self.descriptor is not None
+        rest = memoryview(data)
+        while rest:
+            try:
+                rest = rest[os.write(self.descriptor, rest[:WRITE_SLICE]) :]
+            except BlockingIOError:
+                # Another process sharing stderr's open file made it non-blocking: a full
+                # pipe is a wait, not a broken stderr (dropping the rest of the batch cut
+                # a line, and counted nothing).
+                select.select([], [self.descriptor], [])
+            finally:
+                self.writes += 1
+
+    def _lock_descriptor(self) -> int | None:
+        """This process's own descriptor of the write lock (each opens the file itself: the
+        processes would share the lock of one inherited open file); None without one."""
+        if self.write_lock is None:
+            return None
+        path, opened_by, descriptor = self.write_lock
+        if opened_by != os.getpid():
+            try:
+                descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:
+                return None
+            self.write_lock = (path, os.getpid(), descriptor)
+        return descriptor
 
 
 def _is_pipe_or_socket(descriptor: int | None) -> bool:
@@ -582,6 +615,13 @@ def setup_logging(settings: Settings) -> None:
             before=_pause_writer, after_in_parent=_resume_writer, after_in_child=_resume_writer
         )
         _fork_hooks_registered = True
+
+
+def share_writes(lock_path: str) -> None:
+    """The processes of this run (the supervisor and the workers it forks) take turns at
+    stderr, holding the file at lock_path locked while they write."""
+    if _writer is not None and _writer.whole_lines:
+        _writer.write_lock = (lock_path, 0, -1)
 
 
 def shutdown_logging() -> None:

@@ -45,6 +45,8 @@ HURRY = signal.SIGUSR1
 Another SIGTERM or SIGINT to a worker is no such word, as systemd (KillMode=control-group)
 and Ctrl-C send one to every process of the proxy, and the supervisor forwards its own."""
 CONTROLS = STOPS | {signal.SIGHUP, HURRY}
+WRITE_LOCK = "stderr.lock"
+"""The file in the run's metrics directory its processes hold locked while they write."""
 
 
 def main(settings: Settings) -> int:
@@ -70,6 +72,8 @@ def main(settings: Settings) -> int:
         except OSError as error:
             print(f"egressproxy: {error}", file=sys.stderr)
             return 2
+        if metrics_dir is not None:
+            accesslog.share_writes(os.path.join(metrics_dir, WRITE_LOCK))
         registry = CollectorRegistry()
         meters = metrics.Metrics(registry, max_hostnames=settings.max_hostnames, shared=metrics_dir)
         if metrics_dir is not None:

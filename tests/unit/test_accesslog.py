@@ -839,3 +839,59 @@ def test_a_line_longer_than_pipe_buf_is_written_alone_and_whole() -> None:
     assert b"".join(chunks) == data
     assert chunks[:2] == [b"a\n", long_line]
     assert all(len(chunk) <= select.PIPE_BUF and chunk.endswith(b"\n") for chunk in chunks[2:])
+
+
+LONG_LINES_WORKER = """
+import logging, os, sys
+from egressproxy.accesslog import LineFormatter, LineWriter
+from egressproxy.settings import LogFormat
+worker, lock_path = sys.argv[1], sys.argv[2]
+writer = LineWriter(os.fdopen(2, "w", closefd=False), LineFormatter(LogFormat.JSON), shared=True)
+writer.write_lock = (lock_path, 0, -1)
+writer.start()
+for number in range(60):
+    length = 6000 if number % 2 else 100  # longer than PIPE_BUF, and short ones between
+    message = "%s %d " + worker * length
+    writer.put(logging.LogRecord("egressproxy.test", logging.WARNING, "", 0, message,
+                                 (worker, number), None))
+writer.stop(patience=20)
+"""
+
+
+def test_workers_lines_longer_than_pipe_buf_are_never_cut_by_another_workers(
+    tmp_path: Path,
+) -> None:
+    """A line longer than PIPE_BUF goes to a pipe in pieces when the pipe fills: another
+    worker's lines landed between them (two broken lines for a log parser). The workers of
+    a run take turns at stderr, each holding the run's lock file while it writes."""
+    read_end, write_end = os.pipe()
+    package_root = Path(accesslog.__file__).resolve().parents[1]
+    environment = {"PYTHONPATH": str(package_root), "PATH": os.environ.get("PATH", "")}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", LONG_LINES_WORKER, worker, str(tmp_path / "stderr.lock")],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=write_end,
+            env=environment,
+        )
+        for worker in "ab"
+    ]
+    os.close(write_end)
+    chunks: list[bytes] = []
+    try:
+        while chunk := os.read(read_end, 1024):  # slowly, so that the pipe fills
+            chunks.append(chunk)
+            time.sleep(0.0005)
+    finally:
+        for worker in workers:
+            worker.wait(30)
+        os.close(read_end)
+    lines = b"".join(chunks).decode().splitlines()
+    messages = [json.loads(line)["message"] for line in lines]
+    for worker in "ab":
+        own = [message for message in messages if message.startswith(worker)]
+        assert own == [
+            f"{worker} {number} " + worker * (6000 if number % 2 else 100) for number in range(60)
+        ]
+    assert [worker.returncode for worker in workers] == [0, 0]
