@@ -147,9 +147,11 @@ class ParsedRequest:
     has_body: bool
     smuggling: bool
     """Content-Length beside Transfer-Encoding, or Transfer-Encoding below HTTP/1.1 (RFC 9112
-    6.1: faulty framing; h11 also reads `HTTP/0.9`): the policy and the upstream could frame
-    the body differently, and the head is forwarded raw, so it is refused (400). (A second
-    Host h11 refuses itself.)"""
+    6.1: faulty framing; h11 also reads `HTTP/0.9`), or a body on a CONNECT (RFC 9110
+    9.3.6: it has none, so an upstream refusing the tunnel reads the body as its next
+    request, one no policy decided): the policy and the upstream could frame the body
+    differently, and the head is forwarded raw, so it is refused (400). (A second Host h11
+    refuses itself.)"""
     head_size: int
     """Bytes of the request line and header lines (h11 only bounds an incomplete head)."""
     h2c_upgrade: bool
@@ -160,7 +162,8 @@ class ParsedRequest:
     """A target no server reads as the policy would (400): not origin-form (`/…`), absolute
     form, `*` for OPTIONS or CONNECT's authority (`admin`, which some servers take for
     `/admin`); a `#`, which nginx takes for the end of the path (`/admin#x`); or an
-    absolute form whose host or port differs from the Host's, which the upstream may read
+    absolute form, or a CONNECT's authority, whose host or port differs from the Host's
+    (a Host without a port names 443 for a CONNECT), which the upstream may read
     instead."""
 
 
@@ -203,6 +206,8 @@ def parse_request(request: h11.Request, destination: Destination) -> ParsedReque
     )
     if is_connect:
         authority, path, query = target, "/", ""
+        if host_header is not None and not same_server(target, host_header, "https"):
+            bad_target = True
     elif target.startswith("/") or target == "*":
         path, _, query = target.partition("?")
     else:
@@ -229,7 +234,8 @@ def parse_request(request: h11.Request, destination: Destination) -> ParsedReque
     return ParsedRequest(
         facts=facts,
         has_body=chunked or content_length.lstrip(b"0") != b"",
-        smuggling=chunked and (content_length != b"" or request.http_version < b"1.1"),
+        smuggling=(chunked and (content_length != b"" or request.http_version < b"1.1"))
+        or (is_connect and (chunked or content_length.lstrip(b"0") != b"")),
         head_size=head_size,
         h2c_upgrade=h2c_upgrade,
         bad_authority=bool(authority) and hostname is None,

@@ -539,6 +539,38 @@ async def test_upgrade_and_connect_are_spliced(setup: tuple[LoopbackProxy, int, 
     assert tunnels == [(101, 28, 28, ""), (200, 9, 9, "")], "reported as the tunnels end"
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        ("Host: example.test:443\r\nContent-Length: 0\r\n", 200),
+        ("Host: example.test\r\n", 200),  # a Host without a port names 443
+        ("Host: example.test:443\r\nContent-Length: 38\r\n", 400),
+        ("Host: example.test:443\r\nTransfer-Encoding: chunked\r\n", 400),
+        ("Host: other.test:443\r\n", 400),
+        ("Host: example.test:444\r\n", 400),
+    ],
+)
+async def test_a_connect_with_a_body_or_another_host_gets_400(
+    setup: tuple[LoopbackProxy, int, int], head: str, status: int
+) -> None:
+    """A CONNECT has no content (RFC 9110 9.3.6): an upstream that refuses the tunnel and
+    keeps the connection (a forward proxy's 407) reads a body as its next request, one the
+    policy never decided. And its Host must name its target, as h2 requires of :authority
+    and host: an upstream may read either."""
+    proxy, _, _ = setup
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    smuggled = b"GET http://blocked.test/ HTTP/1.1\r\n\r\n"
+    writer.write(f"CONNECT example.test:443 HTTP/1.1\r\n{head}\r\n".encode() + smuggled)
+    answer = await asyncio.wait_for(read_response(reader, head_only=True), 5.0)
+    assert answer[0] == status
+    if status == 400:
+        assert await asyncio.wait_for(reader.read(), 5.0) == b"bad request\n"  # then closed
+    writer.close()
+    await proxy.wait_closed_flows(1)
+    assert [record.status for record in proxy.ledger.requests] == [status]
+
+
 async def urgent_in_the_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """An origin whose 5-byte body has its middle byte sent as TCP urgent data."""
     await reader.readuntil(b"\r\n\r\n")
