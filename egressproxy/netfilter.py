@@ -115,16 +115,31 @@ def is_local_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> 
     """Whether the kernel delivers address to this host, asked of its routing table (one
     netlink exchange): binding to the address would say yes to any address where
     net.ipv4/ipv6.ip_nonlocal_bind is set, and pyroute2 cannot run in a running loop.
-    Linux connects to an unspecified address (0.0.0.0, ::) as to its own."""
+    Where netlink sockets are forbidden (systemd's RestrictAddressFamilies), binding
+    answers. Linux connects to an unspecified address (0.0.0.0, ::) as to its own."""
     if address.is_unspecified:
         return True
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as netlink:
+    try:
+        netlink = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    except OSError:
+        return _bindable(address)
+    with netlink:
         netlink.settimeout(NETLINK_TIMEOUT)
         try:
             netlink.sendto(route_request(address), (0, 0))
             return is_local_route(netlink.recv(NETLINK_REPLY_SIZE))
         except OSError:
             return False
+
+
+def _bindable(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((str(address), 0))
+        except OSError:
+            return False
+    return True
 
 
 def source_ports_conflict(ephemeral: str, reserved: str) -> str | None:

@@ -46,3 +46,20 @@ def test_only_a_route_of_type_local_is_local() -> None:
     assert not netfilter.is_local_route(reply(netfilter.RTM_NEWROUTE, 1))  # unicast
     assert not netfilter.is_local_route(reply(2, netfilter.RTN_LOCAL))  # NLMSG_ERROR
     assert not netfilter.is_local_route(reply(netfilter.RTM_NEWROUTE, netfilter.RTN_LOCAL)[:23])
+
+
+@pytest.mark.parametrize(("address", "local"), [("127.0.0.1", True), ("198.51.100.7", False)])
+def test_where_netlink_is_forbidden_binding_answers(
+    monkeypatch: pytest.MonkeyPatch, address: str, local: bool
+) -> None:
+    """systemd's RestrictAddressFamilies makes socket(AF_NETLINK) fail: the error escaped
+    connection_made, and the connection hung, uncounted, holding its place."""
+    real_socket = socket.socket
+
+    def no_netlink(family: int = -1, *args: object, **kwargs: object) -> socket.socket:
+        if family == socket.AF_NETLINK:
+            raise OSError(97, "Address family not supported by protocol")
+        return real_socket(family, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(netfilter.socket, "socket", no_netlink)
+    assert netfilter.is_local_address(ipaddress.ip_address(address)) is local
