@@ -118,15 +118,16 @@ async def _from_source_port(
     attempt: Callable[[str, tuple[str, int]], Awaitable[Connected]],
 ) -> Connected:
     """Resolve host, then attempt its addresses in the resolver's order (a backend's name
-    may have several, and one that refuses or is unreachable is skipped), each from one
-    source port after another until one is free; all within one connect timeout. When
-    every address fails, the first failure is the one reported."""
+    may have several, and one that refuses, is unreachable or cannot be used here is
+    skipped), each from one source port after another until one is free; all within one
+    connect timeout, which an address that drops packets uses up. When every address
+    fails, the first failure is the one reported."""
     deadline = _Deadline(timeouts)
     resolved = False
     try:
         ips = (host,) if _is_ip_literal(host) else await _resolve(lookups, host, port)
         resolved = True
-        first_failure: OSError | None = None
+        first_failure: OSError | UpstreamError | None = None
         for ip in ips:
             ip = plain_host(ip)
             wildcard = "::" if ":" in ip else "0.0.0.0"
@@ -140,7 +141,9 @@ async def _from_source_port(
             except OSError as error:
                 first_failure = first_failure or error
                 continue
-            raise UpstreamError(
+            # Every port taken, or the address's family unusable here (IPv6 disabled:
+            # EADDRNOTAVAIL whatever the port).
+            first_failure = first_failure or UpstreamError(
                 "no_source_port",
                 f"{host}:{port}: {SOURCE_PORT_ATTEMPTS} source ports in a row were taken",
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 from collections.abc import Iterator
 
@@ -196,5 +197,41 @@ def test_a_backend_name_with_several_addresses_connects_to_the_first_that_answer
     try:
         assert uvloop.run(scenario("backend.example.test")) == "127.0.0.1"
         assert uvloop.run(scenario("nobody.example.test")) == "connect_refused"
+    finally:
+        server.close()
+
+
+def test_an_address_no_source_port_can_reach_is_skipped_for_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where IPv6 is disabled, every source port fails alike for a backend's IPv6 address
+    (EADDRNOTAVAIL): that ended the connect as no_source_port, the next address (IPv4)
+    never tried. Here the first address's refusals stand for that."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    port = server.getsockname()[1]
+    monkeypatch.setattr(
+        lookups_module, "stream_addresses", lambda host, _: ["127.0.0.2", "127.0.0.1"]
+    )
+    monkeypatch.setattr(upstream, "SOURCE_PORT_TAKEN", (errno.ECONNREFUSED,))
+
+    async def scenario() -> str:
+        loop = asyncio.get_running_loop()
+        lookups = LookupThreads()
+        try:
+            async with asyncio.timeout(5.0):
+                transport, _ = await upstream.connect(
+                    "dual.example.test", port, asyncio.Protocol, timeouts=TimeoutQueue(loop, 2.0),
+                    mark=None, connector=loop.sock_connect, lookups=lookups,
+                )  # fmt: skip
+            peer = str(transport.get_extra_info("peername")[0])
+            transport.close()
+            return peer
+        finally:
+            lookups.close()
+
+    try:
+        assert uvloop.run(scenario()) == "127.0.0.1"
     finally:
         server.close()
