@@ -370,6 +370,10 @@ STOP_PATIENCE = 2.0
 """At exit the writer is waited for while it makes progress, and given up on after this
 many seconds in which stderr took no byte."""
 DROPS_LOGGER = "egressproxy.log"
+LOCK_PATIENCE = STOP_PATIENCE
+"""How long a writer waits for another process of the run to finish writing (the write
+lock) before it writes unlocked: its lines stay whole up to PIPE_BUF even so."""
+LOCK_RETRY = 0.002
 WRITE_SLICE = 64 * 1024
 """Bytes written at most at once: a write returns, and counts as progress, as a slow
 reader takes each slice, not only once it took the whole batch."""
@@ -502,8 +506,8 @@ class LineWriter:
                 self._write_out(encoded)
                 return
             lock = self._lock_descriptor()
-            if lock is not None:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+            if lock is not None and not self._take_turn(lock):
+                lock = None
             try:
                 for chunk in _line_chunks(encoded):
                     self._write_out(chunk)
@@ -529,6 +533,21 @@ class LineWriter:
                 select.select([], [self.descriptor], [])
             finally:
                 self.writes += 1
+
+    def _take_turn(self, lock: int) -> bool:
+        """Wait for the write lock, at most LOCK_PATIENCE. Each try counts as progress:
+        stop() must not give up on a writer whose turn waits for another's writes to a
+        slow stderr, which are progress too."""
+        deadline = time.monotonic() + LOCK_PATIENCE
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                self.writes += 1
+                time.sleep(LOCK_RETRY)
 
     def _lock_descriptor(self) -> int | None:
         """This process's own descriptor of the write lock (each opens the file itself: the

@@ -895,3 +895,62 @@ def test_workers_lines_longer_than_pipe_buf_are_never_cut_by_another_workers(
             f"{worker} {number} " + worker * (6000 if number % 2 else 100) for number in range(60)
         ]
     assert [worker.returncode for worker in workers] == [0, 0]
+
+
+TURN_WORKER = """
+import logging, os, sys, time
+from egressproxy.accesslog import STOP_PATIENCE, LineFormatter, LineWriter
+from egressproxy.settings import LogFormat
+worker, lock_path, count, wait = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+writer = LineWriter(os.fdopen(2, "w", closefd=False), LineFormatter(LogFormat.JSON), shared=True)
+writer.write_lock = (lock_path, 0, -1)
+time.sleep(wait)
+for number in range(count):
+    writer.put(logging.LogRecord("egressproxy.test", logging.WARNING, "", 0,
+                                 "%s %d " + "x" * 2000, (worker, number), None))
+writer.start()
+time.sleep(0.1)
+writer.stop(STOP_PATIENCE)
+"""
+
+
+def test_a_worker_waiting_its_turn_at_a_slow_stderr_is_not_given_up_on(tmp_path: Path) -> None:
+    """One worker writes 900 KB to a stderr read at 256 KiB/s, holding the run's write lock;
+    another stops meanwhile with a few lines: waiting for its turn made no progress of its
+    own, so its writer was given up on after STOP_PATIENCE and its lines lost."""
+    read_end, write_end = os.pipe()
+    package_root = Path(accesslog.__file__).resolve().parents[1]
+    environment = {"PYTHONPATH": str(package_root), "PATH": os.environ.get("PATH", "")}
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                TURN_WORKER,
+                worker,
+                str(tmp_path / "stderr.lock"),
+                str(count),
+                str(wait),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=write_end,
+            env=environment,
+        )
+        for worker, count, wait in (("a", 450, 0.0), ("b", 5, 0.5))
+    ]
+    os.close(write_end)
+    chunks: list[bytes] = []
+    try:
+        while chunk := os.read(read_end, 4096):
+            chunks.append(chunk)
+            time.sleep(4096 / (256 * 1024))
+    finally:
+        for worker in workers:
+            worker.wait(30)
+        os.close(read_end)
+    messages = [json.loads(line)["message"] for line in b"".join(chunks).decode().splitlines()]
+    assert [message.split()[1] for message in messages if message.startswith("b")] == [
+        str(number) for number in range(5)
+    ]
+    assert sum(message.startswith("a") for message in messages) == 450
