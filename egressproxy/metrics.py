@@ -9,6 +9,7 @@ Model: linkerd2-proxy's `register(reg)` then `metrics(labels)`.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -703,10 +704,24 @@ _owner_lock: int | None = None
 workers hold it too)."""
 
 
+STALE_STARTING_SECONDS = 60.0
+"""A run is in its starting directory for a few system calls: one older than this was
+left by a run killed (or failed) right then."""
+
+
 def _remove_dead_runs(parent: str) -> None:
     """Remove the metrics directories that runs killed before their cleanup (SIGKILL, an
     OOM kill) left in parent: only ours (the prefix, our uid's, a lock file) whose lock is
-    free. Their files are never summed in: each run reads only its own directory."""
+    free, and starting directories of ours left long ago. Their files are never summed
+    in: each run reads only its own directory."""
+    for candidate in Path(parent).glob(STARTING_DIRECTORY_PREFIX + "*"):
+        with contextlib.suppress(OSError):
+            status = candidate.lstat()
+            if (
+                status.st_uid == os.getuid()
+                and time.time() - status.st_mtime > STALE_STARTING_SECONDS
+            ):
+                shutil.rmtree(candidate, ignore_errors=True)
     for candidate in Path(parent).glob(METRICS_DIRECTORY_PREFIX + "*"):
         try:
             if candidate.lstat().st_uid != os.getuid():
@@ -741,6 +756,7 @@ def keep_values(workers: int) -> str | None:
         values.ValueClass = LoopValue
         return None
     global _owner_lock
+    starting = ""
     try:
         starting = tempfile.mkdtemp(prefix=STARTING_DIRECTORY_PREFIX, dir=parent or None)
         _owner_lock = os.open(Path(starting) / OWNER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
@@ -751,6 +767,8 @@ def keep_values(workers: int) -> str | None:
         directory = os.path.join(os.path.dirname(starting), name)
         os.rename(starting, directory)  # locked before the other runs' clean-up can see it
     except OSError as error:
+        if starting:
+            shutil.rmtree(starting, ignore_errors=True)
         # Without one usable, tempfile.gettempdir() itself raises: name the search instead.
         where = f"{MULTIPROCESS_ENV}={parent}" if parent else "TMPDIR, /tmp, /var/tmp or /usr/tmp"
         reason = error.strerror or str(error)

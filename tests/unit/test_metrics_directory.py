@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,17 @@ def test_a_run_starting_beside_another_is_not_taken_for_a_dead_one(tmp_path: Pat
     assert exists == "True", result.stdout
     assert name.startswith(metrics.METRICS_DIRECTORY_PREFIX)
     assert listed.strip() == repr([name])
+
+
+def test_a_starting_directory_left_long_ago_is_removed_a_fresh_one_kept(tmp_path: Path) -> None:
+    """A run killed (or failed) in the few system calls between making its directory and
+    naming it left it under the starting prefix, where no clean-up looked."""
+    old = tmp_path / (metrics.STARTING_DIRECTORY_PREFIX + "old")
+    fresh = tmp_path / (metrics.STARTING_DIRECTORY_PREFIX + "fresh")
+    for directory in (old, fresh):
+        directory.mkdir()
+        (directory / metrics.OWNER_LOCK).touch()
+    long_ago = time.time() - 2 * metrics.STALE_STARTING_SECONDS
+    os.utime(old, (long_ago, long_ago))
+    metrics._remove_dead_runs(str(tmp_path))
+    assert sorted(tmp_path.iterdir()) == [fresh]
