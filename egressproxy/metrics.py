@@ -239,8 +239,8 @@ class _RouteChildren(Generic[Family]):
 class _OpenChildren(_RouteChildren[Counter]):
     """A route's counters of opened connections, which bring its counters of connections
     closed without error and closed as forbidden into being at zero, as Linkerd's proxy
-    does when it builds a route: a series that exists before its first increment lets
-    Prometheus's increase() and rate() see that increment."""
+    does with its error kinds when it builds a route: a series that exists before its
+    first increment lets Prometheus's increase() and rate() see that increment."""
 
     def __init__(
         self,
