@@ -548,6 +548,8 @@ class LineWriter:
                     return False
                 self.writes += 1
                 time.sleep(LOCK_RETRY)
+            except OSError:  # no lock to be had (ENOLCK): the lines go out all the same
+                return False
 
     def _lock_descriptor(self) -> int | None:
         """This process's own descriptor of the write lock (each opens the file itself: the

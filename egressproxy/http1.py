@@ -162,8 +162,7 @@ class ParsedRequest:
     """A target no server reads as the policy would (400): not origin-form (`/…`), absolute
     form, `*` for OPTIONS or CONNECT's authority (`admin`, which some servers take for
     `/admin`); a `#`, which nginx takes for the end of the path (`/admin#x`); or an
-    absolute form, or a CONNECT's authority, whose host or port differs from the Host's
-    (a Host without a port names 443 for a CONNECT), which the upstream may read
+    absolute form whose host or port differs from the Host's, which the upstream may read
     instead."""
 
 
@@ -204,10 +203,8 @@ def parse_request(request: h11.Request, destination: Destination) -> ParsedReque
     bad_target = b"#" in request.target or isinstance(
         target_authority(request.method, request.target), NotThis
     )
-    if is_connect:
+    if is_connect:  # decided, as forward proxies tunnel, on the target, whatever the Host
         authority, path, query = target, "/", ""
-        if host_header is not None and not same_server(target, host_header, "https"):
-            bad_target = True
     elif target.startswith("/") or target == "*":
         path, _, query = target.partition("?")
     else:

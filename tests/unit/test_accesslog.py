@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import ipaddress
 import json
@@ -954,3 +955,27 @@ def test_a_worker_waiting_its_turn_at_a_slow_stderr_is_not_given_up_on(tmp_path:
         str(number) for number in range(5)
     ]
     assert sum(message.startswith("a") for message in messages) == 450
+
+
+def test_lines_go_out_when_the_write_lock_cannot_be_had(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock the kernel will not give (ENOLCK: lock records used up, lockd gone on NFS)
+    lost the whole batch, uncounted: the lines go out unlocked instead."""
+
+    def no_locks(descriptor: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(accesslog.fcntl, "flock", no_locks)
+    read_end, write_end = os.pipe()
+    stream = os.fdopen(write_end, "w", closefd=False)
+    writer = LineWriter(stream, LineFormatter(LogFormat.JSON), shared=True)
+    writer.write_lock = (str(tmp_path / "stderr.lock"), 0, -1)
+    writer.start()
+    logged_lines(writer, 3)
+    writer.stop(patience=5)
+    os.close(write_end)
+    chunks: list[bytes] = []
+    read_all(read_end, chunks)
+    os.close(read_end)
+    assert numbers_in(b"".join(chunks)) == [0, 1, 2]
