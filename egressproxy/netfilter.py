@@ -27,6 +27,7 @@ RTMSG_TYPE_OFFSET = 7
 RTN_LOCAL = 2
 NETLINK_TIMEOUT = 1.0
 NETLINK_REPLY_SIZE = 4096
+NONLOCAL_BIND = "/proc/sys/net/ipv{}/ip_nonlocal_bind"
 
 PROXY_SOURCE_PORTS = range(16384, 32768)
 """The local ports of the proxy's upstream connections, bound explicitly.
@@ -133,7 +134,16 @@ def is_local_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> 
 
 
 def _bindable(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether binding to address succeeds, where that says it is the host's: not where
+    ip_nonlocal_bind lets any address be bound. Then False; a connection the proxy makes
+    to its own listener that way is still caught as a loop when it arrives (its original
+    destination is the listener's own address)."""
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        if Path(NONLOCAL_BIND.format(address.version)).read_text().strip() != "0":
+            return False
+    except OSError:
+        pass
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         try:
             probe.bind((str(address), 0))

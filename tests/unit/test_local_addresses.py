@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -48,12 +49,9 @@ def test_only_a_route_of_type_local_is_local() -> None:
     assert not netfilter.is_local_route(reply(netfilter.RTM_NEWROUTE, netfilter.RTN_LOCAL)[:23])
 
 
-@pytest.mark.parametrize(("address", "local"), [("127.0.0.1", True), ("198.51.100.7", False)])
-def test_where_netlink_is_forbidden_binding_answers(
-    monkeypatch: pytest.MonkeyPatch, address: str, local: bool
-) -> None:
-    """systemd's RestrictAddressFamilies makes socket(AF_NETLINK) fail: the error escaped
-    connection_made, and the connection hung, uncounted, holding its place."""
+@pytest.fixture
+def netlink_forbidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    """socket(AF_NETLINK) fails, as under systemd's RestrictAddressFamilies."""
     real_socket = socket.socket
 
     def no_netlink(family: int = -1, *args: object, **kwargs: object) -> socket.socket:
@@ -62,4 +60,26 @@ def test_where_netlink_is_forbidden_binding_answers(
         return real_socket(family, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(netfilter.socket, "socket", no_netlink)
+
+
+@pytest.mark.usefixtures("netlink_forbidden")
+@pytest.mark.parametrize(("address", "local"), [("127.0.0.1", True), ("198.51.100.7", False)])
+def test_where_netlink_is_forbidden_binding_answers(address: str, local: bool) -> None:
+    """systemd's RestrictAddressFamilies makes socket(AF_NETLINK) fail: the error escaped
+    connection_made, and the connection hung, uncounted, holding its place."""
     assert netfilter.is_local_address(ipaddress.ip_address(address)) is local
+
+
+@pytest.mark.usefixtures("netlink_forbidden")
+def test_without_netlink_nor_a_meaningful_bind_no_address_is_the_hosts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With ip_nonlocal_bind set every address binds: the bind answer, yes for every
+    address, refused every connection to another host's port 15001 as a loop. The
+    proxy's own connection to its listener is still caught when it arrives."""
+    for version in (4, 6):
+        (tmp_path / f"ipv{version}").mkdir()
+        (tmp_path / f"ipv{version}" / "ip_nonlocal_bind").write_text("1\n")
+    monkeypatch.setattr(netfilter, "NONLOCAL_BIND", str(tmp_path / "ipv{}" / "ip_nonlocal_bind"))
+    assert not netfilter.is_local_address(ipaddress.ip_address("127.0.0.1"))
+    assert not netfilter.is_local_address(ipaddress.ip_address("::1"))
