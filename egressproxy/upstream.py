@@ -120,17 +120,21 @@ async def _from_source_port(
     """Resolve host, then attempt its addresses in the resolver's order (a backend's name
     may have several, and one that refuses, is unreachable or cannot be used here is
     skipped), each from one source port after another until one is free; all within one
-    connect timeout, which an address that drops packets uses up. When every address
-    fails, the first failure is the one reported."""
+    connect timeout, of which each address but the last gets an equal share of what is
+    left (as Go's dialer does), so one that drops packets does not use it up. When every
+    address fails, the first failure is the one reported."""
     deadline = _Deadline(timeouts)
     resolved = False
     try:
         ips = (host,) if _is_ip_literal(host) else await _resolve(lookups, host, port)
         resolved = True
         first_failure: OSError | UpstreamError | None = None
+        left = len(ips)
         for ip in ips:
             ip = plain_host(ip)
             wildcard = "::" if ":" in ip else "0.0.0.0"
+            share = _Share(deadline, left) if left > 1 else None
+            left -= 1
             try:
                 for _ in range(SOURCE_PORT_ATTEMPTS):
                     try:
@@ -138,9 +142,18 @@ async def _from_source_port(
                     except OSError as error:
                         if error.errno not in SOURCE_PORT_TAKEN:
                             raise
+            except asyncio.CancelledError:
+                if share is None or not share.expired or deadline.expired:
+                    raise
+                share.task.uncancel()  # its share ran out: it drops packets, say
+                first_failure = first_failure or OSError(errno.ETIMEDOUT, "timed out")
+                continue
             except OSError as error:
                 first_failure = first_failure or error
                 continue
+            finally:
+                if share is not None:
+                    share.timer.cancel()
             # Every port taken, or the address's family unusable here (IPv6 disabled:
             # EADDRNOTAVAIL whatever the port).
             first_failure = first_failure or UpstreamError(
@@ -161,6 +174,26 @@ async def _from_source_port(
         raise UpstreamError(kind, f"{host}:{port}: {error.strerror}") from None
     finally:
         deadline.pending.cancel()
+
+
+class _Share:
+    """One of several addresses' share of the time left before the deadline: the task is
+    cancelled when it runs out, and goes on to the next address."""
+
+    __slots__ = ("expired", "task", "timer")
+
+    def __init__(self, deadline: _Deadline, addresses_left: int) -> None:
+        self.task = deadline.task
+        self.expired = False
+        loop = self.task.get_loop()
+        now = loop.time()
+        self.timer = loop.call_at(
+            now + (deadline.pending.when - now) / addresses_left, self._expire
+        )
+
+    def _expire(self) -> None:
+        self.expired = True
+        self.task.cancel()
 
 
 class _Deadline:

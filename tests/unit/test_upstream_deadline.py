@@ -235,3 +235,42 @@ def test_an_address_no_source_port_can_reach_is_skipped_for_the_next(
         assert uvloop.run(scenario()) == "127.0.0.1"
     finally:
         server.close()
+
+
+def test_an_address_that_drops_packets_leaves_the_next_its_share_of_the_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A headless Service whose first endpoint is gone (its packets dropped): that
+    address used up the whole connect timeout and the next was never tried. Each address
+    but the last now gets an equal share of the time left."""
+    with listener_that_never_answers() as port:
+        server = socket.socket()
+        server.bind(("127.0.0.2", port))
+        server.listen(4)
+        monkeypatch.setattr(
+            lookups_module, "stream_addresses", lambda host, _: ["127.0.0.1", "127.0.0.2"]
+        )
+
+        async def scenario() -> tuple[str, float]:
+            loop = asyncio.get_running_loop()
+            lookups = LookupThreads()
+            started = loop.time()
+            try:
+                async with asyncio.timeout(5.0):
+                    transport, _ = await upstream.connect(
+                        "headless.example.test", port, asyncio.Protocol,
+                        timeouts=TimeoutQueue(loop, 1.0), mark=None,
+                        connector=loop.sock_connect, lookups=lookups,
+                    )  # fmt: skip
+                peer = str(transport.get_extra_info("peername")[0])
+                transport.close()
+                return peer, loop.time() - started
+            finally:
+                lookups.close()
+
+        try:
+            peer, took = uvloop.run(scenario())
+        finally:
+            server.close()
+    assert peer == "127.0.0.2"
+    assert 0.4 <= took < 0.9
