@@ -481,11 +481,11 @@ def test_reinstall_with_other_options_leaves_only_the_new_rules(lab: Lab) -> Non
     assert saved_rules(app) == before
 
 
-@pytest.mark.parametrize("excluded", ["0.0.0.0/0,::/0", "::a00:0/120,::ffff:a00:0/120"])
+@pytest.mark.parametrize("excluded", ["0.0.0.0/0,::/0", "::c000:200/120,::ffff:c000:200/120"])
 def test_excluding_networks_iptables_save_prints_its_own_way_installs_once(
     lab: Lab, excluded: str
 ) -> None:
-    """iptables-save prints no `-d 0.0.0.0/0`, and `::10.0.0.0/120` for ::a00:0/120: a
+    """iptables-save prints no `-d 0.0.0.0/0`, and `::192.0.2.0/120` for ::c000:200/120: a
     second install still sees the first."""
     app = lab.namespace()
     before = saved_rules(app)

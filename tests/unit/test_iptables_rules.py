@@ -160,11 +160,11 @@ def test_excluding_a_whole_family_is_written_as_iptables_save_prints_it(
 @pytest.mark.parametrize(
     ("cidr", "as_saved"),
     [
-        ("::a00:0/120", "::10.0.0.0/120"),
-        ("::ffff:a00:0/120", "::ffff:10.0.0.0/120"),
+        ("::c000:200/120", "::192.0.2.0/120"),
+        ("::ffff:c000:200/120", "::ffff:192.0.2.0/120"),
         ("::1/128", "::1/128"),
         ("2001:db8::/32", "2001:db8::/32"),
-        ("10.0.0.0/8", "10.0.0.0/8"),
+        ("198.51.100.0/24", "198.51.100.0/24"),
     ],
 )
 def test_an_excluded_network_is_written_as_iptables_save_prints_it(
