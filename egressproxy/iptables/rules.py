@@ -254,7 +254,7 @@ def _own_traffic(options: Options, family: Family, chain: str, *, nat: bool) -> 
 def saved_form(network: IPNetwork) -> str:
     """network as iptables-save prints it, through the C library's inet_ntop as it does,
     so that a second install finds the first one's rules: glibc ends an IPv4-compatible
-    or IPv4-mapped IPv6 address in a dotted quad (`::10.0.0.0/120`), Python does not."""
+    or IPv4-mapped IPv6 address in a dotted quad (`::192.0.2.0/120`), Python does not."""
     family = socket.AF_INET6 if network.version == 6 else socket.AF_INET
     return f"{socket.inet_ntop(family, network.network_address.packed)}/{network.prefixlen}"
 
