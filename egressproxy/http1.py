@@ -228,11 +228,12 @@ def parse_request(request: h11.Request, destination: Destination) -> ParsedReque
         grpc=grpc,
         authority=authority or None,
     )
+    has_body = chunked or content_length.lstrip(b"0") != b""
     return ParsedRequest(
         facts=facts,
-        has_body=chunked or content_length.lstrip(b"0") != b"",
+        has_body=has_body,
         smuggling=(chunked and (content_length != b"" or request.http_version < b"1.1"))
-        or (is_connect and (chunked or content_length.lstrip(b"0") != b"")),
+        or (is_connect and has_body),
         head_size=head_size,
         h2c_upgrade=h2c_upgrade,
         bad_authority=bool(authority) and hostname is None,

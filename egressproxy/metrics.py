@@ -232,8 +232,11 @@ class _RouteChildren(Generic[Family]):
         if child is None:
             if len(self.cache) >= MAX_BOUND_KINDS:  # the family keeps its children
                 self.cache.clear()
-            child = self.cache[key] = self.family.labels(*self.identity(route), *extra)
+            child = self.cache[key] = self._made(route, extra)
         return child
+
+    def _made(self, route: RouteKey, extra: tuple[str, ...]) -> Family:
+        return self.family.labels(*self.identity(route), *extra)
 
 
 class _OpenChildren(_RouteChildren[Counter]):
@@ -251,11 +254,10 @@ class _OpenChildren(_RouteChildren[Counter]):
         super().__init__(family, identity)
         self.closes = closes
 
-    def __call__(self, route: RouteKey, *extra: str) -> Counter:
-        if (route, extra) not in self.cache:
-            for error in PRECREATED_CLOSE_ERRORS:
-                self.closes(route, *extra, error)
-        return super().__call__(route, *extra)
+    def _made(self, route: RouteKey, extra: tuple[str, ...]) -> Counter:
+        for error in PRECREATED_CLOSE_ERRORS:
+            self.closes(route, *extra, error)
+        return super()._made(route, extra)
 
 
 PRECREATED_CLOSE_ERRORS = ("", FORBIDDEN)
