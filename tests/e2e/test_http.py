@@ -574,6 +574,22 @@ def test_websocket_upgrade_and_connect_are_spliced(
         sock.close()
 
 
+def test_a_connect_with_a_body_gets_400_through_the_redirect(
+    world: World, proxy: StartProxy, http_servers: None
+) -> None:
+    """A CONNECT has no content: a forward proxy refusing the tunnel (407) and keeping the
+    connection would read the body as its next request, one the policy never decided."""
+    running = proxy(policy(H1_PORT), "--namespace", "egress-test")
+    smuggled = b"GET http://github.com/ HTTP/1.1\r\nHost: github.com\r\n\r\n"
+    with world.connect(world.host("example.test").v4, H1_PORT) as sock:
+        sock.sendall(
+            b"CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(smuggled), smuggled)
+        )
+        assert _read_head(sock).startswith(b"HTTP/1.1 400 ")
+    assert running.logged(r"protocol=http1 .*status=400 error=bad_request"), running.log_text()
+
+
 ONLY_GITHUB = """\
 apiVersion: policy.linkerd.io/v1alpha1
 kind: EgressNetwork
