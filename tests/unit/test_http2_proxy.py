@@ -2937,7 +2937,17 @@ async def test_a_closing_connection_whose_client_reads_nothing_is_cut(
     assert [flow.error for flow in proxy.ledger.flows] == [error]
 
 
-class HeldH2Origin(asyncio.Protocol):
+class PlainH2Origin(asyncio.Protocol):
+    """An h2 origin with h2's default settings, which says them on connecting."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        self.h2.initiate_connection()
+        self.transport.write(self.h2.data_to_send())
+
+
+class HeldH2Origin(PlainH2Origin):
     """An h2 origin that answers a stream only when the test says (answer), and keeps what
     the proxy did to its connection: the streams reset (id, code), the GOAWAY's code, the
     loss of the connection."""
@@ -2949,12 +2959,6 @@ class HeldH2Origin(asyncio.Protocol):
         self.resets: list[tuple[int, int]] = []
         self.goaway: int | None = None
         self.lost = asyncio.Event()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-        self.h2.initiate_connection()
-        self.transport.write(self.h2.data_to_send())
 
     def data_received(self, data: bytes) -> None:
         for event in self.h2.receive_data(data):
@@ -3680,16 +3684,10 @@ async def test_an_upstream_connected_while_the_client_reads_nothing_waits_for_it
     assert unsent < 2 << 20
 
 
-class LongGrpcStatusOrigin(asyncio.Protocol):
+class LongGrpcStatusOrigin(PlainH2Origin):
     """Answers every call trailers-only, with a grpc-status of 5,000 digits."""
 
     STATUS = "0" * 5000
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-        self.h2.initiate_connection()
-        self.transport.write(self.h2.data_to_send())
 
     def data_received(self, data: bytes) -> None:
         for event in self.h2.receive_data(data):
