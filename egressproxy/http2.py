@@ -44,7 +44,7 @@ from egressproxy.relay import (
     quiet_for,
 )
 from egressproxy.settings import VerifyDestination
-from egressproxy.sniff.http import H2_PREFACE, authority_host
+from egressproxy.sniff.http import H2_PREFACE, authority_address, authority_host
 from egressproxy.verify import REFUSALS, verification_mode
 
 if TYPE_CHECKING:
@@ -434,6 +434,10 @@ def stream_facts(headers: Headers, flow: Flow) -> tuple[RequestFacts, str]:
     )
     if named and hostname is None:
         return facts, "malformed :authority"
+    if plain_connect:  # its :authority is host and port to tunnel to (RFC 9113 8.5)
+        address = authority_address(authority or "", 0)
+        if address is None or not address[1]:
+            return facts, "CONNECT :authority without a port"
     if not TOKEN.fullmatch(method):
         return facts, "malformed :method"
     return facts, "malformed :path" if bad_path else ""

@@ -1888,7 +1888,8 @@ async def test_a_method_or_path_http1_refuses_and_an_extended_connects_path_are_
     """A :method that is no token or a :path that is not visible ASCII would let an HTTP/1
     upstream behind an h2 front read another request line; an extended CONNECT (RFC 8441,
     with :protocol) carries a :path like any request, judged as one (only a plain CONNECT
-    has none). Each gets 400, its stream alone; the good one beside them is answered."""
+    has none, and its :authority must name a port, as HTTP/1's target must). Each gets
+    400, its stream alone; the good one beside them is answered."""
     proxy, _ = h2_setup
     client = await connect_h2(proxy, LaxH2Client)
     authority = [(":scheme", "http"), (":authority", "example.test")]
@@ -1898,13 +1899,17 @@ async def test_a_method_or_path_http1_refuses_and_an_extended_connects_path_are_
         [(":method", "GET"), *authority, (":path", "/caf\u00e9")],
         [(":method", "CONNECT"), (":protocol", "websocket"), *authority, (":path", "denied")],
         [(":method", "CONNECT"), (":protocol", "websocket"), *authority, (":path", "/x/../denied")],
+        [(":method", "CONNECT"), (":authority", "example.test")],
+        [(":method", "CONNECT"), (":authority", "example.test:")],
+        [(":method", "CONNECT"), ("host", "example.test:80")],
         [(":method", "GET"), *authority, (":path", "/good")],
     ]
     answers = [client.send_block(block) for block in blocks]
     async with asyncio.timeout(TIMEOUT):
         for answer in answers:
             await answer.done.wait()
-    assert [answer.headers[":status"] for answer in answers] == [*["400"] * 3, "400", "403", "200"]
+    statuses = [answer.headers[":status"] for answer in answers]
+    assert statuses == [*["400"] * 3, "400", "403", *["400"] * 3, "200"]
     client.transport.close()
     await proxy.wait_closed_flows(1)
 
