@@ -317,14 +317,30 @@ def read_route(document: YMap, order: int, context: RouteContext) -> Route | Non
             )
         return None
     written = spec.get("rules")
+    rules_line = spec.line_of("rules") if "rules" in spec else document.line_of("spec")
     if not written and protocol in (RouteProtocol.TLS, RouteProtocol.TCP):
         checker.error(
-            spec.line_of("rules") if "rules" in spec else document.line_of("spec"),
+            rules_line,
             f"{where}.rules: missing or empty: a {kind} needs its one rule (the Gateway API "
             "CRD requires at least one; Kubernetes would refuse the object)",
         )
-    if not written:  # an HTTPRoute's or GRPCRoute's default: one rule that matches all
+    if written is None and protocol is RouteProtocol.HTTP:
+        # The HTTPRoute CRD's default, which Kubernetes fills in only where rules is absent
+        # or null: one rule that matches all.
         rules = (Rule(name="rules[0]", origin=Origin(checker.file, spec.line)),)
+    elif not written and protocol in (RouteProtocol.HTTP, RouteProtocol.GRPC):
+        why = (
+            "Kubernetes fills in an HTTPRoute's default rule only where rules is absent"
+            if protocol is RouteProtocol.HTTP
+            else "a GRPCRoute has no default rule"
+        )
+        log.warning(
+            "%s:%d: %s has no rules: it matches no request, as in Linkerd (%s)",
+            checker.file,
+            rules_line,
+            where.removesuffix(".spec"),
+            why,
+        )
     if protocol in (RouteProtocol.TLS, RouteProtocol.TCP) and isinstance(written, YList):
         # Rules without matches: the first would take every connection, the others none.
         for index in range(1, len(written)):

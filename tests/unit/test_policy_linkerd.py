@@ -694,6 +694,53 @@ def test_a_grpc_match_naming_no_method_takes_only_calls(match: str) -> None:
         assert (decided.action, decided.route) == (Action.DENY, default("grpc-egress-deny")), path
 
 
+ROUTE_HEAD = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: {kind}
+metadata: {{name: r, namespace: egress-test}}
+spec:
+  parentRefs:
+  - {{name: all-egress-traffic, kind: EgressNetwork, group: policy.linkerd.io, port: 80}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("kind", "rules", "matches_all"),
+    [
+        ("HTTPRoute", "", True),
+        ("HTTPRoute", "  rules: null\n", True),
+        ("HTTPRoute", "  rules: []\n", False),
+        ("GRPCRoute", "", False),
+        ("GRPCRoute", "  rules: null\n", False),
+        ("GRPCRoute", "  rules: []\n", False),
+    ],
+)
+def test_only_an_httproute_without_rules_gets_the_default_rule(
+    kind: str, rules: str, matches_all: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Kubernetes fills in the HTTPRoute CRD's default rule (PathPrefix /) where rules is
+    absent or null, not where it is `[]`; the GRPCRoute CRD has no default. A route
+    without rules matches nothing in linkerd2-proxy: on a Deny network it must not open
+    its port to every request, and loading it says it matches nothing."""
+    text = DENY_NET + "---" + ROUTE_HEAD.format(kind=kind) + rules
+    with caplog.at_level(logging.WARNING, logger="egressproxy.policy"):
+        index = compiled(text)
+    deny = default("grpc-egress-deny" if kind == "GRPCRoute" else "http-egress-deny")
+    for method, path in (("GET", "/admin"), ("POST", "/pkg.Svc/Call")):
+        decided = grpc_call(index, path, port=80, method=method)
+        expected = (Action.PASS, route(kind, "r")) if matches_all else (Action.DENY, deny)
+        assert (decided.action, decided.route) == expected, (method, path)
+    warnings = [record.getMessage() for record in caplog.records]
+    if matches_all:
+        assert warnings == []
+    else:
+        line = text.count("\n") if rules else text[: text.rindex("spec:")].count("\n") + 1
+        assert len(warnings) == 1
+        assert warnings[0].startswith(
+            f"policy.yaml:{line}: {kind} egress-test/r has no rules: it matches no request"
+        ), warnings
+
+
 def test_a_call_path_splits_as_linkerds_does() -> None:
     """Service and method are the first two segments; what follows does not hide a call
     from its service's rule (nor from a deny of it)."""
