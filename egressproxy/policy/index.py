@@ -270,6 +270,15 @@ def as_some_servers_read(normalized: str) -> str:
     return _resolved(_PARAMETERS.sub("", path)) if path.startswith("/") else path
 
 
+def with_dot_segments(path: str) -> str | None:
+    """A path as servers that route it before resolving it read it (Express, and Linkerd's
+    own matching): decoded and its slashes merged, its `.` and `..` segments kept; None
+    when it has none. To them `/admin/../public` is under `/admin`."""
+    decoded = _SLASHES.sub("/", unquote(path, encoding="latin-1"))
+    segments = decoded.split("/")
+    return decoded if "." in segments or ".." in segments else None
+
+
 def _resolved(path: str) -> str:
     """A decoded path with its slashes merged and its dot segments removed."""
     parts = _SLASHES.sub("/", path).split("/")[1:]
@@ -1062,18 +1071,27 @@ class PolicyIndex:
     def decide_uncached_request(self, facts: RequestFacts) -> Decision:
         """One HTTP/1 request, HTTP/2 stream or gRPC call, its path matched as normalised.
 
-        A path with `;` or `\\` in it is decided again as some servers read it, and when
-        that reading is denied, so is the request: else `/public/..;/admin` would pass a
-        rule allowing `/public` on to a Tomcat's `/admin`. The first decision stands
-        otherwise, so no request gets further than its path as written would."""
-        path = normalized_path(facts.path)
-        if path is not facts.path:
+        A path with `;` or `\\` in it is decided again as some servers read it, and one
+        with dot segments as servers that keep them do; when such a reading is denied, so is
+        the request: else `/public/..;/admin` would pass a rule allowing `/public` on to a
+        Tomcat's `/admin`, and `/admin/../public` on to an Express app's `/admin`. The first
+        decision stands otherwise, so no request gets further than its path as written
+        would."""
+        written = facts.path
+        path = normalized_path(written)
+        if path is not written:
             facts = facts._replace(path=path)
         decision = self._decide_normalized(facts)
-        if decision.action is not DENY_ACTION and (";" in path or "\\" in path):
-            other = self._decide_normalized(facts._replace(path=as_some_servers_read(path)))
-            if other.action is DENY_ACTION:
-                return other
+        if decision.action is DENY_ACTION:
+            return decision
+        readings = [with_dot_segments(written)] if path is not written else []
+        if ";" in path or "\\" in path:
+            readings.append(as_some_servers_read(path))
+        for reading in readings:
+            if reading is not None:
+                other = self._decide_normalized(facts._replace(path=reading))
+                if other.action is DENY_ACTION:
+                    return other
         return decision
 
     def _decide_normalized(self, facts: RequestFacts) -> Decision:

@@ -440,6 +440,18 @@ def test_a_path_some_servers_read_otherwise_is_denied_if_either_reading_is() -> 
     assert path_action("allow", "/admin", "deny", "/ad;x/min") is Action.PASS
 
 
+def test_a_path_with_dot_segments_is_denied_if_its_segments_as_written_are() -> None:
+    """Express and Linkerd match a path before resolving its dot segments: to them
+    `/admin/../public` is under /admin. It is denied where /admin is, and does not get into
+    an allow on /public that only its resolved form matches."""
+    for path in ("/admin/../public", "/admin/%2e%2e/public", "/admin//./x", "/admin/."):
+        assert path_action("allow", "/admin", "deny", path) is Action.DENY, path
+    for path in ("/admin/../public", "/x/./../public/a", "/%2e/public"):
+        assert path_action("deny", "/public", "allow", path) is Action.DENY, path
+    for path in ("/public/../public/a", "/public/./a", "/public/a/.."):
+        assert path_action("deny", "/public", "allow", path) is Action.PASS, path
+
+
 TWO_PATH_RULES = """\
 apiVersion: egressproxy.io/v1alpha1
 kind: EgressPolicy
