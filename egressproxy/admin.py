@@ -25,10 +25,13 @@ log = logging.getLogger("egressproxy.admin")
 MAX_REQUEST_HEAD = 16 * 1024
 IDLE_TIMEOUT = 10.0
 MAX_ADMIN_CONNECTIONS = 32
-"""Admin connections open at once; a new one past it is closed at once. They take
-descriptors from the reserve the connection limit leaves (server.FD_RESERVE), and a few
-hundred idle ones (each kept up to IDLE_TIMEOUT) would leave the data plane none: its
-clients would be accepted and closed unseen, far below --max-connections."""
+"""Admin connections open at once; past it, a new one takes the place of the one that has
+waited longest for its next request (or is closed at once when every one is being
+answered). They take descriptors from the reserve the connection limit leaves
+(server.FD_RESERVE), and a few hundred idle ones (each kept up to IDLE_TIMEOUT) would
+leave the data plane none: its clients would be accepted and closed unseen, far below
+--max-connections. Refusing every newcomer instead let 32 idle connections, reopened as
+they were closed, shut the kubelet's probes and the scrapes out for good."""
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,8 @@ class AdminConnection(asyncio.Protocol):
     """Seconds from the connection's start or its last answer to the next complete request
     head; a scraper reusing its connection restarts the clock with every request."""
 
-    def __init__(self, handlers: Handlers, open_connections: set[AdminConnection]) -> None:
+    def __init__(self, handlers: Handlers, open_connections: dict[AdminConnection, None]) -> None:
+        """open_connections: the server's, in the order they began to wait for a request."""
         self.handlers = handlers
         self.open_connections = open_connections
         self.connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
@@ -143,16 +147,30 @@ class AdminConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        if len(self.open_connections) >= MAX_ADMIN_CONNECTIONS:
-            log.debug("admin: %d connections open: one more closed", MAX_ADMIN_CONNECTIONS)
+        if len(self.open_connections) >= MAX_ADMIN_CONNECTIONS and not self._make_room():
+            log.debug("admin: %d connections answering: one more closed", MAX_ADMIN_CONNECTIONS)
             self.transport.abort()
             return
-        self.open_connections.add(self)
         self._start_idle_timer()
+
+    def _make_room(self) -> bool:
+        """Close the connection that has waited longest for its next request; False when
+        every one is being answered."""
+        for waiting in self.open_connections:
+            if waiting.answering is None:
+                log.debug(
+                    "admin: %d connections open: the longest idle closed",
+                    len(self.open_connections),
+                )
+                del self.open_connections[waiting]
+                waiting.timer.cancel()
+                waiting.transport.abort()
+                return True
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self in self.open_connections:
-            self.open_connections.remove(self)
+            del self.open_connections[self]
             self.timer.cancel()
 
     def pause_writing(self) -> None:
@@ -213,6 +231,9 @@ class AdminConnection(asyncio.Protocol):
                     self._start_idle_timer()
 
     def _start_idle_timer(self) -> None:
+        """And move to the end of the waiting order."""
+        self.open_connections.pop(self, None)
+        self.open_connections[self] = None
         loop = asyncio.get_running_loop()
         self.timer = loop.call_later(self.idle_timeout, self._idle)
 
@@ -227,9 +248,10 @@ class AdminConnection(asyncio.Protocol):
     def _answer(self, request: h11.Request) -> None:
         method = request.method.decode("ascii", "replace")
         path = admin_path(request.target.decode("ascii", "replace"))
-        headers = {
-            name.decode().lower(): value.decode("latin-1") for name, value in request.headers
-        }
+        headers: dict[str, str] = {}
+        for raw_name, raw_value in request.headers:  # repeated fields are one list (RFC 9110 5.3)
+            name, value = raw_name.decode().lower(), raw_value.decode("latin-1")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
         head_only = method == "HEAD"
         handler = self.handlers.get(path)
         if method not in ("GET", "HEAD"):
@@ -304,7 +326,7 @@ def bind_admin(endpoint: Endpoint) -> socket.socket:
 
 async def start_admin(sock: socket.socket, handlers: Handlers) -> asyncio.Server:
     loop = asyncio.get_running_loop()
-    open_connections: set[AdminConnection] = set()
+    open_connections: dict[AdminConnection, None] = {}
     server = await loop.create_server(
         lambda: AdminConnection(handlers, open_connections), sock=sock
     )

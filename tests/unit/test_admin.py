@@ -305,6 +305,29 @@ def test_a_target_with_an_unbalanced_bracket_is_answered_404() -> None:
     assert live.startswith(b"HTTP/1.1 200 "), "the connection is still served"
 
 
+def test_repeated_header_lines_reach_a_handler_as_one_list() -> None:
+    """RFC 9110 5.3: `Accept: text/plain` and `Accept: application/openmetrics-text;q=0.1`
+    on two lines are one list; only the last reached the scrape, which then chose
+    OpenMetrics."""
+
+    def echo(headers: dict[str, str]) -> admin.Response:
+        return admin.text(200, headers["accept"])
+
+    async def scenario() -> bytes:
+        async with admin_port({"/echo": echo}) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                b"GET /echo HTTP/1.1\r\nHost: admin\r\nAccept: text/plain\r\n"
+                b"Accept: application/openmetrics-text;q=0.1\r\n\r\n"
+            )
+            answer = await asyncio.wait_for(reader.readuntil(b"q=0.1\n"), CLOSE_WAIT)
+            writer.close()
+            return answer
+
+    answer = asyncio.run(scenario())
+    assert answer.endswith(b"\r\n\r\ntext/plain, application/openmetrics-text;q=0.1\n"), answer
+
+
 def test_a_method_not_allowed_says_which_are() -> None:
     """RFC 9110 15.5.6: a 405 MUST carry Allow."""
 
@@ -333,36 +356,68 @@ def test_an_absolute_form_request_is_answered() -> None:
     assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"live\n"), answer
 
 
-def test_admin_connections_past_the_cap_are_closed_at_once() -> None:
+def test_past_the_cap_a_new_admin_connection_takes_the_longest_idle_ones_place() -> None:
     """Admin connections shared the descriptor reserve with nothing to bound them: a few
     hundred idle ones (each kept up to 10 s) filled it, and the data plane's clients were
-    then accepted and closed unseen, far below --max-connections. Past the cap a new one
-    is closed at once; the ones held are served, and a slot freed is taken again."""
+    then accepted and closed unseen. At the cap every newcomer was closed, so 32 idle
+    connections, reopened as they were closed, shut the kubelet's probes out for good: now
+    a newcomer takes the place of the connection that has waited longest for a request,
+    and the others held stay served."""
 
-    async def scenario() -> tuple[list[bytes], bytes, bytes]:
+    async def scenario() -> tuple[bytes, bytes, bytes]:
         async with admin_port({"/live": lambda _: admin.text(200, "live")}) as port:
             held = [
                 await asyncio.open_connection("127.0.0.1", port)
                 for _ in range(admin.MAX_ADMIN_CONNECTIONS)
             ]
+            reader, writer = held[0]
+            writer.write(LIVE)  # the first held now waits since its answer: not the longest
+            await live_response(reader)
+            probe_reader, probe_writer = await asyncio.open_connection("127.0.0.1", port)
+            probe_writer.write(LIVE)
+            probe = await live_response(probe_reader)
+            evicted = await asyncio.wait_for(held[1][0].read(), CLOSE_WAIT)
+            writer.write(LIVE)
+            still_served = await live_response(reader)
+            for _, held_writer in [*held, (probe_reader, probe_writer)]:
+                held_writer.close()
+            return probe, evicted, still_served
+
+    probe, evicted, still_served = asyncio.run(scenario())
+    assert probe.startswith(b"HTTP/1.1 200 "), probe
+    assert evicted == b"", "the longest idle was closed, unanswered"
+    assert still_served.startswith(b"HTTP/1.1 200 ")
+
+
+def test_past_the_cap_a_new_admin_connection_is_closed_while_every_one_is_answered() -> None:
+    """Connections whose answers are in the making are not closed for a newcomer."""
+    release = threading.Event()
+
+    def slow(_: dict[str, str]) -> admin.Response:
+        release.wait(CLOSE_WAIT)
+        return admin.text(200, "live")
+
+    async def scenario() -> tuple[bytes, list[bytes]]:
+        async with admin_port({"/metrics": admin.OffLoop(slow)}) as port:
+            held = [
+                await asyncio.open_connection("127.0.0.1", port)
+                for _ in range(admin.MAX_ADMIN_CONNECTIONS)
+            ]
+            for _, writer in held:
+                writer.write(b"GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n")
+                await writer.drain()
+            await asyncio.sleep(0.2)
             past = await asyncio.open_connection("127.0.0.1", port)
             past_read = await asyncio.wait_for(past[0].read(), CLOSE_WAIT)
-            reader, writer = held[0]
-            writer.write(b"GET /live HTTP/1.1\r\nHost: admin\r\n\r\n")
-            answered = await live_response(reader)
-            for _, held_writer in held:
-                held_writer.close()
-            await asyncio.sleep(0.1)
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"GET /live HTTP/1.1\r\nHost: admin\r\n\r\n")
-            again = await live_response(reader)
-            writer.close()
-            past[1].close()
-            return [past_read], answered, again
+            release.set()
+            answers = [await live_response(reader) for reader, _ in held]
+            for _, writer in [*held, past]:
+                writer.close()
+            return past_read, answers
 
-    (past_read,), answered, again = asyncio.run(scenario())
+    past_read, answers = asyncio.run(scenario())
     assert past_read == b"", "closed at once, unanswered"
-    assert answered.startswith(b"HTTP/1.1 200 ") and again.startswith(b"HTTP/1.1 200 ")
+    assert all(answer.startswith(b"HTTP/1.1 200 ") for answer in answers)
 
 
 @pytest.mark.parametrize("client", ["127.0.0.1", "::1"])
