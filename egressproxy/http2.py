@@ -25,6 +25,8 @@ import h2.exceptions
 import h2.settings
 import h2.utilities
 import hpack
+import hpack.huffman
+import hpack.huffman_constants
 import hyperframe.exceptions
 import hyperframe.frame
 from h11 import _abnf
@@ -89,10 +91,11 @@ smaller, streams waiting for a slot starved the ones holding the slots, and the 
 connection hung. It bounds what one client connection can make the proxy hold."""
 
 MAX_ANSWERS_UNREAD = 1000
-"""PINGs, SETTINGS (each answered by h2 at once) and new streams (a denied or malformed one
-is answered at once) a peer may send while it reads nothing of ours (its write buffer
-high): past that it floods and its connection ends, as with Envoy's max_outbound_frames
-(CVE-2019-9512, -9515). Pausing its reading instead could deadlock a peer that writes its
+"""PINGs, SETTINGS (each answered by h2 at once), frames on streams reset before (each
+answered with a RST_STREAM) and new streams (a denied or malformed one is answered at
+once) a peer may send while it reads nothing of ours (its write buffer high): past that
+it floods and its connection ends, as with Envoy's max_outbound_frames (CVE-2019-9512,
+-9514, -9515). Pausing its reading instead could deadlock a peer that writes its
 request body before it reads our response."""
 ANSWERED_BY_H2 = (h2.events.PingReceived, h2.events.RemoteSettingsChanged)
 MAX_NEW_STREAMS_PER_READ = 4 * MAX_CONCURRENT_STREAMS
@@ -128,17 +131,18 @@ forward to it (nghttp2's default cap, as in Envoy)."""
 
 
 class AnswersUnread:
-    """The PINGs and SETTINGS one peer (client or upstream) sent while its write buffer
-    was high, against MAX_ANSWERS_UNREAD."""
+    """The frames one peer (client or upstream) sent that asked for an answer while its
+    write buffer was high, against MAX_ANSWERS_UNREAD."""
 
     __slots__ = ("count",)
 
     def __init__(self) -> None:
         self.count = 0
 
-    def flooding(self, events: list[h2.events.Event]) -> bool:
-        """Count the answers these events asked for; True once past the limit."""
-        self.count += sum(
+    def flooding(self, events: list[h2.events.Event], connection: _Connection) -> bool:
+        """Count the answers these events, and the frames h2 answered with a reset, asked
+        for; True once past the limit."""
+        self.count += connection.resets_answered + sum(
             isinstance(event, ANSWERED_BY_H2) or opens_a_stream(event) for event in events
         )
         return self.count > MAX_ANSWERS_UNREAD
@@ -209,6 +213,35 @@ class _BlockKeepingDecoder(hpack.Decoder):
         return self.last_block
 
 
+class LinearHuffmanEncoder(hpack.huffman.HuffmanEncoder):
+    """hpack's Huffman coding in time linear in a value's length. hpack's own shifts one
+    integer as long as the value once per byte: quadratic, 0.2 s for 64 KiB, so a few KB
+    of HPACK references to one long cookie made a worker spend seconds re-encoding the
+    heads it forwards while every other connection waited."""
+
+    CODES = tuple(
+        format(code, f"0{length}b")
+        for code, length in zip(
+            hpack.huffman_constants.REQUEST_CODES,
+            hpack.huffman_constants.REQUEST_CODES_LENGTH,
+            strict=True,
+        )
+    )
+
+    def __init__(self) -> None:
+        super().__init__(
+            hpack.huffman_constants.REQUEST_CODES, hpack.huffman_constants.REQUEST_CODES_LENGTH
+        )
+
+    def encode(self, bytes_to_encode: bytes | None) -> bytes:
+        if not bytes_to_encode:
+            return b""
+        bits = "".join(map(self.CODES.__getitem__, bytes_to_encode))
+        padding = -len(bits) % 8  # with ones (RFC 7541 5.2)
+        value = ((int(bits, 2) + 1) << padding) - 1
+        return value.to_bytes((len(bits) + padding) // 8, "big")
+
+
 class _Connection(h2.connection.H2Connection):
     """h2, where a malformed message is a stream error, as RFC 9113 8.1.1 asks.
 
@@ -242,7 +275,11 @@ class _Connection(h2.connection.H2Connection):
             client_side=client_side, header_encoding=None, validate_inbound_headers=client_side
         )
         super().__init__(config=config)
+        self.encoder.huffman_coder = LinearHuffmanEncoder()
         self.max_header_bytes = max_header_bytes
+        self.resets_answered = 0
+        """RST_STREAMs h2 queued in answer to the frames the last receive() took (frames on
+        streams reset before): answers a peer that reads nothing makes us hold."""
         self.decoder = _BlockKeepingDecoder(OVERSIZED_HEAD_FACTOR * max_header_bytes)
         self.local_settings = h2.settings.Settings(
             client=client_side,
@@ -255,6 +292,13 @@ class _Connection(h2.connection.H2Connection):
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_bytes,
             },
         )
+
+    def _stream_is_closed_by_reset(self, stream_id: int) -> bool:
+        """h2 asks this of a frame on a closed stream, and answers the frame with a
+        RST_STREAM when true: counted."""
+        answered = super()._stream_is_closed_by_reset(stream_id)
+        self.resets_answered += answered
+        return answered
 
     def _acknowledge_settings(self) -> list[hyperframe.frame.Frame]:
         """As h2 does, with our encoder's table kept to MAX_ENCODER_TABLE: the size update
@@ -527,7 +571,7 @@ class GoawayFilter:
 
 
 def receive(
-    connection: h2.connection.H2Connection, frames: GoawayFilter, data: bytes
+    connection: _Connection, frames: GoawayFilter, data: bytes
 ) -> tuple[list[h2.events.Event], list[hyperframe.frame.GoAwayFrame]]:
     """A peer's bytes through its filter and h2: the events, and the GOAWAYs taken out.
     Raises h2's ProtocolError, with h2's GOAWAY queued (FRAME_SIZE_ERROR for an oversized
@@ -537,6 +581,7 @@ def receive(
     except h2.exceptions.FrameTooLargeError:
         connection.close_connection(h2.errors.ErrorCodes.FRAME_SIZE_ERROR)
         raise
+    connection.resets_answered = 0
     return connection.receive_data(data), goaways
 
 
@@ -768,8 +813,8 @@ class H2Proxy(asyncio.Protocol):
             self._client_event(event)
             if self.closed:  # flooded, or closed: the events left change nothing
                 return
-        if self.client_full and self.answers_unread.flooding(events):
-            self._flooded("PING/SETTINGS/new streams while not reading")
+        if self.client_full and self.answers_unread.flooding(events, self.h2):
+            self._flooded("PING/SETTINGS/RST_STREAM answers or new streams while not reading")
             return
         if goaways:
             self._client_goaway()
@@ -872,13 +917,13 @@ class H2Proxy(asyncio.Protocol):
         self.streams_opened += 1
         if event.stream_ended is not None:
             stream.request_ended = True
+        if head_size(headers) > self.settings.max_header_bytes:  # before malformed's scan
+            text = "request header fields too large"
+            self._answer(stream, 431, text, "header_too_large")
+            return
         problem = malformed(headers, trailers=False)
         if problem:
             self._malformed(stream, problem)
-            return
-        if head_size(headers) > self.settings.max_header_bytes:
-            text = "request header fields too large"
-            self._answer(stream, 431, text, "header_too_large")
             return
         if bad_request:
             self._answer(stream, 400, f"bad request: {bad_request}", "bad_request")
@@ -1292,10 +1337,10 @@ class H2Proxy(asyncio.Protocol):
             return
         for event in events:
             self._upstream_event(upstream, event)
-        if upstream in self.full_upstreams and upstream.answers_unread.flooding(events):
-            log.warning(
-                "%s: h2 PING/SETTINGS flood from %s:%s", self.flow.record.client, *upstream.key
-            )
+        if upstream in self.full_upstreams and upstream.answers_unread.flooding(
+            events, upstream.h2
+        ):
+            log.warning("%s: h2 answer flood from %s:%s", self.flow.record.client, *upstream.key)
             self._cut_upstream(upstream, "flood")
             return
         for goaway in goaways:
