@@ -97,7 +97,6 @@ once) a peer may send while it reads nothing of ours (its write buffer high): pa
 it floods and its connection ends, as with Envoy's max_outbound_frames (CVE-2019-9512,
 -9514, -9515). Pausing its reading instead could deadlock a peer that writes its
 request body before it reads our response."""
-ANSWERED_BY_H2 = (h2.events.PingReceived, h2.events.RemoteSettingsChanged)
 MAX_NEW_STREAMS_PER_READ = 4 * MAX_CONCURRENT_STREAMS
 """More request heads than this in one read are a flood: a client keeping to our 256
 concurrent streams learns that one ended only from our answers, which go out after the
@@ -140,11 +139,9 @@ class AnswersUnread:
         self.count = 0
 
     def flooding(self, events: list[h2.events.Event], connection: _Connection) -> bool:
-        """Count the answers these events, and the frames h2 answered with a reset, asked
-        for; True once past the limit."""
-        self.count += connection.resets_answered + sum(
-            isinstance(event, ANSWERED_BY_H2) or opens_a_stream(event) for event in events
-        )
+        """Count the frames h2 answered the last bytes received with and the streams they
+        opened; True once past the limit."""
+        self.count += connection.answered + sum(map(opens_a_stream, events))
         return self.count > MAX_ANSWERS_UNREAD
 
 
@@ -277,9 +274,11 @@ class _Connection(h2.connection.H2Connection):
         super().__init__(config=config)
         self.encoder.huffman_coder = LinearHuffmanEncoder()
         self.max_header_bytes = max_header_bytes
-        self.resets_answered = 0
-        """RST_STREAMs h2 queued in answer to the frames the last receive() took (frames on
-        streams reset before): answers a peer that reads nothing makes us hold."""
+        self.frames_queued = 0
+        self.answered = 0
+        """Frames h2 queued in answer to the last bytes receive() took (PING and SETTINGS
+        ACKs, a RST_STREAM for each frame on a stream reset before): what a peer that reads
+        nothing makes us hold."""
         self.decoder = _BlockKeepingDecoder(OVERSIZED_HEAD_FACTOR * max_header_bytes)
         self.local_settings = h2.settings.Settings(
             client=client_side,
@@ -293,12 +292,9 @@ class _Connection(h2.connection.H2Connection):
             },
         )
 
-    def _stream_is_closed_by_reset(self, stream_id: int) -> bool:
-        """h2 asks this of a frame on a closed stream, and answers the frame with a
-        RST_STREAM when true: counted."""
-        answered = super()._stream_is_closed_by_reset(stream_id)
-        self.resets_answered += answered
-        return answered
+    def _prepare_for_sending(self, frames: list[hyperframe.frame.Frame]) -> None:
+        self.frames_queued += len(frames)
+        super()._prepare_for_sending(frames)
 
     def _acknowledge_settings(self) -> list[hyperframe.frame.Frame]:
         """As h2 does, with our encoder's table kept to MAX_ENCODER_TABLE: the size update
@@ -581,8 +577,10 @@ def receive(
     except h2.exceptions.FrameTooLargeError:
         connection.close_connection(h2.errors.ErrorCodes.FRAME_SIZE_ERROR)
         raise
-    connection.resets_answered = 0
-    return connection.receive_data(data), goaways
+    queued = connection.frames_queued
+    events = connection.receive_data(data)
+    connection.answered = connection.frames_queued - queued
+    return events, goaways
 
 
 def _goaway_frame(raw: bytes) -> hyperframe.frame.GoAwayFrame | None:

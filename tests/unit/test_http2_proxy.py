@@ -25,9 +25,14 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import hpack
+import hpack.huffman
+import hpack.huffman_constants
+import hpack.huffman_table
 import hyperframe.frame
 import pytest
 import pytest_asyncio
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 import egressproxy.http2
@@ -41,6 +46,7 @@ from egressproxy.http2 import (
     STREAMS_BEFORE_RESETS_COUNT,
     UPSTREAM_STREAM_WINDOW,
     GoawayFilter,
+    LinearHuffmanEncoder,
     deadline_ran_out,
 )
 from egressproxy.metrics import Metrics
@@ -1196,6 +1202,47 @@ async def test_a_request_head_over_max_header_bytes_gets_431_on_its_stream(
     assert outcomes == [("/big", 431, "header_too_large")] * 2 + [("/after", 200, "")]
 
 
+@given(st.binary(max_size=300))
+def test_the_linear_huffman_coding_is_hpacks(value: bytes) -> None:
+    """hpack's coder takes time quadratic in a value's length (a few KB of references to
+    one long cookie cost seconds to forward); ours writes the same bytes, which decode back,
+    and both the proxy's h2 connections use it."""
+    hpacks = hpack.huffman.HuffmanEncoder(
+        hpack.huffman_constants.REQUEST_CODES, hpack.huffman_constants.REQUEST_CODES_LENGTH
+    )
+    ours = LinearHuffmanEncoder().encode(value)
+    assert ours == hpacks.encode(value)
+    assert hpack.huffman_table.decode_huffman(ours) == value
+    for client_side in (False, True):
+        connection = egressproxy.http2._Connection(client_side, 65536)
+        assert isinstance(connection.encoder.huffman_coder, LinearHuffmanEncoder)
+
+
+@pytest.mark.asyncio
+async def test_a_head_over_max_header_bytes_is_refused_by_its_size_before_its_bytes_are_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """h2's validation of a head walks every byte of its values in Python, and a head
+    decodes up to four times --max-header-bytes: each one past the limit was walked before
+    its size was seen. Now one too large gets 431 by its size, malformed or not (an
+    upper-case name would be a reset)."""
+    async with proxy_to_h2_origin(H2Server, tmp_path, monkeypatch, max_header_bytes=4096) as proxy:
+        client = await connect_h2(proxy, LaxH2Client)
+        block = [*REQUEST, (":path", "/big")]
+        big = client.send_block([*block, ("X-Big", "a" * 8000)])
+        small = client.send_block([*block, ("X-Small", "a")])
+        async with asyncio.timeout(TIMEOUT):
+            await big.done.wait()
+            await small.done.wait()
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
+    assert (big.headers.get(":status"), small.headers.get(":status"), small.reset) == (
+        "431",
+        None,
+        True,
+    )
+
+
 @pytest.mark.asyncio
 async def test_grpc_calls_refused_for_their_head_get_grpc_answers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -1990,12 +2037,14 @@ async def held_until_cut(
 
 
 @pytest.mark.asyncio
-async def test_a_client_that_floods_pings_and_never_reads_is_cut_off(
-    h2_setup: tuple[LoopbackProxy, int],
+@pytest.mark.parametrize("answered", ["pings", "frames on a reset stream"])
+async def test_a_client_that_floods_answered_frames_and_never_reads_is_cut_off(
+    h2_setup: tuple[LoopbackProxy, int], answered: str
 ) -> None:
-    """Each PING asks for a PING ACK: a client that sends them and reads nothing would
-    have the proxy queue the ACKs without end. Past MAX_ANSWERS_UNREAD of them while its
-    write buffer is high, the connection ends."""
+    """Each PING asks for a PING ACK, and each frame on a stream reset before for a
+    RST_STREAM (CVE-2019-9514; an empty DATA frame costs the client no window): a client
+    that sends them and reads nothing would have the proxy queue the answers without end.
+    Past MAX_ANSWERS_UNREAD of them while its write buffer is high, the connection ends."""
     proxy, _ = h2_setup
     loop = asyncio.get_running_loop()
     sock = socket.socket()
@@ -2006,10 +2055,17 @@ async def test_a_client_that_floods_pings_and_never_reads_is_cut_off(
     _, writer = await asyncio.open_connection(sock=sock)
     client = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding="utf-8"))
     client.initiate_connection()
+    if answered == "pings":
+        frame = hyperframe.frame.PingFrame(0, opaque_data=b"flooding")
+    else:
+        request = [(":method", "POST"), (":scheme", "http"), (":authority", "example.test")]
+        client.send_headers(1, [*request, (":path", "/upload")])
+        client.reset_stream(1)
+        frame = hyperframe.frame.DataFrame(1)
     writer.write(client.data_to_send())
     handler = await only_handler(proxy)
-    pings = hyperframe.frame.PingFrame(0, opaque_data=b"flooding").serialize() * 4096
-    held = await held_until_cut(handler, writer, [pings] * ((8 << 20) // len(pings)))  # 8 MiB
+    flood = frame.serialize() * 4096
+    held = await held_until_cut(handler, writer, [flood] * ((8 << 20) // len(flood)))  # 8 MiB
     writer.close()
     await proxy.wait_closed_flows(1)
     assert handler.flow.record.error == "flood"
