@@ -652,6 +652,14 @@ class Http1Proxy(asyncio.Protocol):
             if not self.paused:
                 self.transport.resume_reading()
 
+    def _hold_backlog(self) -> None:
+        """After an exchange, as data_received does: pipelined requests past
+        WRITE_BUFFER_HIGH wait unread while the next exchange runs. Reading again at the end
+        of every exchange let one more read in each time: a client pipelining faster than
+        the upstream answered grew the inbox without end."""
+        if self.lean and self.exchange is not None and len(self.inbox) > WRITE_BUFFER_HIGH:
+            self.pause_client(_PAUSED_BY_BACKLOG)
+
     def _count_backlog(self, size: int) -> None:
         """Bytes waiting for the exchange in progress; too many: stop reading the client."""
         self.backlog += size
@@ -1077,6 +1085,7 @@ class Http1Proxy(asyncio.Protocol):
             self.resume_client(_PAUSED_BY_UPSTREAM | _PAUSED_BY_BACKLOG)
         if self.inbox or self.inbox_eof:
             self._process_lean()
+            self._hold_backlog()
 
     def _lean_to_h11(self, upstream: _Upstream | None, received: bytes) -> None:
         """Replay the lean request into h11 (both sides), then let h11 read the response.
@@ -1319,6 +1328,7 @@ class Http1Proxy(asyncio.Protocol):
         self.resume_client(_PAUSED_BY_BACKLOG)
         if not self.processing:
             self._process_lean()
+            self._hold_backlog()
 
     def _finish_exchange(self) -> None:
         self.response_started = self.request_body_sent = False

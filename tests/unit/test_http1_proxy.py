@@ -27,6 +27,7 @@ from egressproxy.http1_lean import LeanRequest
 from egressproxy.metrics import Metrics, exposition
 from egressproxy.policy.decision import Decision, Detected, RequestFacts
 from egressproxy.policy.index import PolicyIndex
+from egressproxy.relay import WRITE_BUFFER_HIGH
 from egressproxy.server import Reporting
 from egressproxy.settings import LogFormat, VerifyDestination
 from egressproxy.sniff.http import EMPTY_LINES_ALLOWED
@@ -438,6 +439,41 @@ async def test_pipelined_requests_are_answered_in_order(
         else:
             assert document(body)["target"] == path
     writer.close()
+
+
+@pytest.mark.asyncio
+async def test_requests_pipelined_faster_than_answered_wait_unread(
+    setup: tuple[LoopbackProxy, int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past WRITE_BUFFER_HIGH of pipelined bytes the proxy stops reading the client until
+    they are served. It read again at the end of every exchange, so each exchange let one
+    more read in: a client pipelining faster than the upstream answered grew the proxy's
+    buffer without end (and its CPU, copying it for every request). Every request is still
+    answered, in order."""
+    proxy, _, _ = setup
+    peak = [0]
+    received = Http1Proxy.data_received
+
+    def recording(handler: Http1Proxy, data: bytes) -> None:
+        received(handler, data)
+        peak[0] = max(peak[0], len(handler.inbox))
+
+    monkeypatch.setattr(Http1Proxy, "data_received", recording)
+    pad = "p" * 1400
+    requests = [
+        f"GET /{number} HTTP/1.1\r\nHost: example.test\r\nX-Pad: {pad}\r\n\r\n".encode()
+        for number in range(1500)
+    ]
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(b"".join(requests))
+    async with asyncio.timeout(60):
+        for number in range(len(requests)):
+            status, _, body = await read_response(reader)
+            assert (status, document(body)["target"]) == (200, f"/{number}")
+    writer.close()
+    await proxy.wait_closed_flows(1)
+    assert sum(map(len, requests)) > 6 * WRITE_BUFFER_HIGH
+    assert peak[0] <= 2 * WRITE_BUFFER_HIGH, f"{peak[0]} bytes of requests held"
 
 
 @pytest.mark.asyncio
