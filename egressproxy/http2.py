@@ -1153,7 +1153,7 @@ class H2Proxy(asyncio.Protocol):
             stream.to_upstream.clear()
 
     def _open_waiting(self, upstream: _Upstream) -> None:
-        if not upstream.settled:
+        if not upstream.settled or upstream in self.retired:  # its waiting ones go elsewhere
             return
         limit = upstream.h2.remote_settings.max_concurrent_streams
         while upstream.waiting and upstream.h2.open_outbound_streams < limit:
@@ -1333,6 +1333,8 @@ class H2Proxy(asyncio.Protocol):
             upstream.flush()
             self._cut_upstream(upstream, "bad_response")
             return
+        if goaways:  # no stream is opened on it from now on (RFC 9113 6.8), though one of
+            self._retire(upstream)  # the frames read with the GOAWAY frees a slot
         for event in events:
             self._upstream_event(upstream, event)
         if upstream in self.full_upstreams and upstream.answers_unread.flooding(
@@ -1390,6 +1392,7 @@ class H2Proxy(asyncio.Protocol):
                     self._refused(stream, upstream.key)
                 else:
                     self._upstream_reset(stream, code)
+                    self._open_waiting(upstream)
         elif isinstance(event, MalformedMessage):
             self._bad_response(upstream, event.stream_id, event.reason)
         elif isinstance(event, h2.events.WindowUpdated):
@@ -1427,9 +1430,7 @@ class H2Proxy(asyncio.Protocol):
         ones it did not process (above it) and those still waiting for it go elsewhere,
         once (_refused): an upstream that says GOAWAY before it takes any stream would
         else have them open connection after connection without end."""
-        if self.upstreams.get(upstream.key) is upstream:
-            del self.upstreams[upstream.key]
-        self.retired.add(upstream)
+        self._retire(upstream)
         waiting = list(upstream.waiting)
         upstream.waiting.clear()
         unprocessed = [s for up_id, s in upstream.streams.items() if up_id > last_stream_id]
@@ -1438,6 +1439,12 @@ class H2Proxy(asyncio.Protocol):
         for stream in [*waiting, *unprocessed]:
             if not stream.done:
                 self._refused(stream, upstream.key)
+
+    def _retire(self, upstream: _Upstream) -> None:
+        """New streams go to another connection; this one's finish on it."""
+        if self.upstreams.get(upstream.key) is upstream:
+            del self.upstreams[upstream.key]
+        self.retired.add(upstream)
 
     def _response_started(
         self, upstream: _Upstream, stream: _Stream, headers: Headers, ended: bool
@@ -1465,6 +1472,7 @@ class H2Proxy(asyncio.Protocol):
             client = self.flow.record.client
             log.info("%s: bad h2 response from %s:%s: %s", client, *upstream.key, reason)
             self._upstream_reset(stream, h2.errors.ErrorCodes.INTERNAL_ERROR, "bad_response")
+            self._open_waiting(upstream)  # its slot is free: the stream is reset both ways
 
     def _refused(self, stream: _Stream, key: tuple[str, int]) -> None:
         """The upstream did not process the stream (RST_STREAM REFUSED_STREAM, above its
@@ -1602,11 +1610,20 @@ class H2Proxy(asyncio.Protocol):
         self.upstream_lost(upstream, failure)
 
     def upstream_lost(self, upstream: _Upstream, error: str) -> None:
+        """Its streams fail, but for those that waited for one of the stream slots of a
+        working connection (it said its SETTINGS): never sent, they go to a new connection,
+        once (_refused)."""
         self._give_back(upstream)
         self.upstream_full(upstream, False)
         self._forget(upstream)
         if not self.closed:
+            resent = [s for s in upstream.waiting if s.replayable] if upstream.settled else []
+            for stream in resent:
+                upstream.waiting.remove(stream)
             self._fail_streams(upstream, error)
+            for stream in resent:
+                if not stream.done:
+                    self._refused(stream, upstream.key)
             self._flush()
 
     # ---- connection ----------------------------------------------------------------

@@ -3289,6 +3289,123 @@ class OneStreamH2Server(H2Server):
         super().connection_made(transport)
 
 
+class OneSlotH2Origin(SlowH2Origin):
+    """One stream at a time; answers after DELAY, but /reset with RST_STREAM INTERNAL_ERROR,
+    /reset-late with a head, some body and that reset, /bad with `:status 20x`, /goaway
+    with its answer and a GOAWAY in one write, /close with a head and then its connection
+    closed. Each connection's request paths go to `connections`."""
+
+    DELAY = 0.1
+    LIMIT = 1
+
+    def __init__(self, connections: list[list[str]]) -> None:
+        self.paths: list[str] = []
+        connections.append(self.paths)
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                path = dict(event.headers or [])[b":path"].decode()
+                self.paths.append(path)
+                asyncio.get_running_loop().call_later(self.DELAY, self.act, event.stream_id, path)
+        self.transport.write(self.h2.data_to_send())
+
+    def act(self, stream_id: int, path: str) -> None:
+        if path in ("/reset", "/reset-late"):
+            if path == "/reset-late":
+                self.h2.send_headers(stream_id, [(":status", "200")])
+                self.h2.send_data(stream_id, b"part")
+            self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        elif path == "/bad":
+            self.h2.send_headers(stream_id, [(":status", "20x")], end_stream=True)
+        elif path == "/close":
+            self.h2.send_headers(stream_id, [(":status", "200")])
+            self.transport.write(self.h2.data_to_send())
+            self.transport.close()
+            return
+        else:
+            with contextlib.suppress(h2.exceptions.StreamClosedError):
+                self.h2.send_headers(stream_id, [(":status", "200"), ("content-length", "4")])
+                self.h2.send_data(stream_id, b"late", end_stream=True)
+            if path == "/goaway":
+                self.transport.write(self.h2.data_to_send() + goaway(stream_id))
+                return
+        self.transport.write(self.h2.data_to_send())
+
+
+async def first_then_waiting(proxy: LoopbackProxy, first: str) -> tuple[Answer, Answer]:
+    """/first's answer, and that of /waiting, sent while /first holds the one slot."""
+    client = await connect_h2(proxy)
+    holding = client.request("GET", first)
+    await asyncio.sleep(0.05)
+    waiting = client.request("GET", "/waiting")
+    async with asyncio.timeout(TIMEOUT):
+        await holding.done.wait()
+        await waiting.done.wait()
+    client.transport.close()
+    await proxy.wait_closed_flows(1)
+    return holding, waiting
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("first", "status"), [("/reset", "502"), ("/reset-late", "200"), ("/bad", "502")]
+)
+async def test_a_slot_an_upstream_reset_or_malformed_answer_frees_goes_to_a_waiting_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: str, status: str
+) -> None:
+    """The stream waiting for the upstream's one slot was opened when an answer ended or a
+    stream was refused, not when the upstream reset the stream holding it or answered it
+    malformed: it waited for another stream's event, or for --idle-timeout (an hour by
+    default), which then cut the whole client connection."""
+    connections: list[list[str]] = []
+    origin = functools.partial(OneSlotH2Origin, connections)
+    async with proxy_to_h2_origin(origin, tmp_path, monkeypatch) as proxy:
+        holding, waiting = await first_then_waiting(proxy, first)
+    assert holding.headers[":status"] == status
+    assert (waiting.headers[":status"], bytes(waiting.body)) == ("200", b"late")
+    assert connections == [[first, "/waiting"]]
+
+
+@pytest.mark.asyncio
+async def test_no_stream_is_opened_on_an_upstream_after_its_goaway(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 9113 6.8: the receiver of a GOAWAY MUST NOT open more streams on its connection.
+    The GOAWAY read with the answer that freed the slot (nginx's at keepalive_requests) was
+    handled after it, and the waiting stream went to the closing connection (then again to
+    a new one, its one retry spent, or 502 with a body past REPLAY_LIMIT)."""
+    connections: list[list[str]] = []
+    origin = functools.partial(OneSlotH2Origin, connections)
+    async with proxy_to_h2_origin(origin, tmp_path, monkeypatch) as proxy:
+        holding, waiting = await first_then_waiting(proxy, "/goaway")
+    assert [answer.headers[":status"] for answer in (holding, waiting)] == ["200", "200"]
+    assert connections == [["/goaway"], ["/waiting"]]
+
+
+@pytest.mark.asyncio
+async def test_streams_waiting_for_a_lost_upstream_go_to_a_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream waiting for a stream slot was never sent: when the upstream's connection
+    ends without a GOAWAY, it goes to a new connection, as after one, where it failed 502
+    "upstream reset". The stream in flight is reset (its answer began)."""
+    connections: list[list[str]] = []
+    origin = functools.partial(OneSlotH2Origin, connections)
+    async with proxy_to_h2_origin(origin, tmp_path, monkeypatch) as proxy:
+        holding, waiting = await first_then_waiting(proxy, "/close")
+    assert (holding.reset, waiting.headers[":status"], bytes(waiting.body)) == (
+        True,
+        "200",
+        b"late",
+    )
+    assert connections == [["/close"], ["/waiting"]]
+    assert [(r.path, r.status, r.error) for r in proxy.ledger.requests] == [
+        ("/close", 200, "reset"),
+        ("/waiting", 200, ""),
+    ]
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("waiting", [1, 20])
 async def test_streams_waiting_for_the_upstreams_slot_do_not_starve_the_one_using_it(
