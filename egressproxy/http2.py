@@ -1366,7 +1366,11 @@ class H2Proxy(asyncio.Protocol):
         elif isinstance(event, h2.events.InformationalResponseReceived):
             stream = upstream.streams.get(event.stream_id or 0)
             if stream is not None and not stream.done:
-                self.h2.send_headers(stream.client_id, list(event.headers or []))
+                headers = list(event.headers or [])
+                if (b":status", b"101") in headers:  # RFC 9113 8.6: none in HTTP/2
+                    self._malformed_response(upstream, stream, "a 101 response")
+                    return
+                self.h2.send_headers(stream.client_id, headers)
         elif isinstance(event, h2.events.TrailersReceived):
             stream = upstream.streams.get(event.stream_id or 0)
             if stream is not None and not stream.done:
@@ -1451,10 +1455,13 @@ class H2Proxy(asyncio.Protocol):
     ) -> None:
         status = next((value for name, value in headers if name == b":status"), b"")
         if not FINAL_STATUS.fullmatch(status):  # h2 took it for a final status, not 1xx
-            with contextlib.suppress(h2.exceptions.StreamClosedError):
-                upstream.h2.reset_stream(stream.upstream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
-            self._bad_response(upstream, stream.upstream_id, f"malformed :status {status!r}")
+            self._malformed_response(upstream, stream, f"malformed :status {status!r}")
             return
+        if ended and status not in (b"204", b"304") and stream.record.method != "HEAD":
+            length = next((value for name, value in headers if name == b"content-length"), b"0")
+            if length.lstrip(b"0"):  # RFC 9113 8.1.1: a body it says it has is missing
+                self._malformed_response(upstream, stream, f"content-length {length!r}, no body")
+                return
         stream.response_started = True
         self._let_go_of_kept(stream)
         stream.record.status = int(status)
@@ -1464,6 +1471,12 @@ class H2Proxy(asyncio.Protocol):
         self.h2.send_headers(stream.client_id, headers, end_stream=ended)
         if ended:
             self._stream_complete(stream)
+
+    def _malformed_response(self, upstream: _Upstream, stream: _Stream, reason: str) -> None:
+        """A response head we found malformed: its stream is reset upstream, and fails."""
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
+            upstream.h2.reset_stream(stream.upstream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        self._bad_response(upstream, stream.upstream_id, reason)
 
     def _bad_response(self, upstream: _Upstream, upstream_id: int, reason: str) -> None:
         """A response h2 or we found malformed: its stream alone fails, as bad_response."""

@@ -3406,6 +3406,57 @@ async def test_streams_waiting_for_a_lost_upstream_go_to_a_new_one(
     ]
 
 
+class HeadOnlyH2Origin(PlainH2Origin):
+    """Answers every stream with a head alone (END_STREAM) saying content-length: 100,
+    after a 101 for /switch."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        config = h2.config.H2Configuration(client_side=False, validate_outbound_headers=False)
+        self.h2 = h2.connection.H2Connection(config)
+        self.h2.initiate_connection()
+        self.transport.write(self.h2.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                stream_id = cast(int, event.stream_id)
+                if dict(event.headers or [])[b":path"] == b"/switch":
+                    self.h2.send_headers(stream_id, [(":status", "101")])
+                head = [(":status", "200"), ("content-length", "100")]
+                self.h2.send_headers(stream_id, head, end_stream=True)
+        self.transport.write(self.h2.data_to_send())
+
+
+@pytest.mark.asyncio
+async def test_a_response_head_missing_its_body_or_a_101_is_not_forwarded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 9113 8.1.1: an intermediary must not forward a malformed response; a head with
+    END_STREAM that says content-length: 100 is one, but for HEAD (or 204, 304), and
+    HTTP/2 has no 101 (8.6). curl took each forwarded for a stream not closed cleanly;
+    the proxy counted it a success. Each gets 502 bad_response, its stream alone."""
+    async with proxy_to_h2_origin(HeadOnlyH2Origin, tmp_path, monkeypatch) as proxy:
+        client = await connect_h2(proxy)
+        answers = [
+            client.request("GET", "/get"),
+            client.request("HEAD", "/head"),
+            client.request("GET", "/switch"),
+        ]
+        async with asyncio.timeout(TIMEOUT):
+            for answer in answers:
+                await answer.done.wait()
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
+    assert [answer.headers[":status"] for answer in answers] == ["502", "200", "502"]
+    outcomes = sorted((r.path, r.status, r.error) for r in proxy.ledger.requests)
+    assert outcomes == [
+        ("/get", 502, "bad_response"),
+        ("/head", 200, ""),
+        ("/switch", 502, "bad_response"),
+    ]
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("waiting", [1, 20])
 async def test_streams_waiting_for_the_upstreams_slot_do_not_starve_the_one_using_it(
