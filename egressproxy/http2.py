@@ -601,6 +601,7 @@ class _Stream:
         "end_sent",
         "headers",
         "kept",
+        "last_activity",
         "own_answer",
         "record",
         "request_ended",
@@ -616,10 +617,12 @@ class _Stream:
         "upstream_window",
     )
 
-    def __init__(self, client_id: int, record: RequestRecord, headers: Headers) -> None:
+    def __init__(self, client_id: int, record: RequestRecord, headers: Headers, now: float) -> None:
         self.client_id = client_id
         self.record = record
         self.headers = headers
+        self.last_activity = now
+        """When a byte of its own last moved either way (H2Proxy.tick)."""
         self.upstream: _Upstream | None = None
         self.upstream_id = 0
         self.upstream_window: StreamWindow | None = None
@@ -910,7 +913,7 @@ class H2Proxy(asyncio.Protocol):
             grpc=facts.grpc,
             decision=decision,
         )
-        stream = _Stream(event.stream_id, record, headers)
+        stream = _Stream(event.stream_id, record, headers, self.last_activity)
         self.streams[event.stream_id] = stream
         self.streams_opened += 1
         if event.stream_ended is not None:
@@ -1177,6 +1180,7 @@ class H2Proxy(asyncio.Protocol):
             return
         if padding:
             self.h2.acknowledge_received_data(padding, event.stream_id)
+        stream.last_activity = self.last_activity
         stream.to_upstream += event.data
         if stream.upstream_id:
             self._pump_upstream(stream)
@@ -1264,7 +1268,8 @@ class H2Proxy(asyncio.Protocol):
         stream = self.streams.get(event.stream_id)
         if event.head:
             record = RequestRecord.unread(self.flow.record, "h2")
-            stream = self.streams[event.stream_id] = _Stream(event.stream_id, record, [])
+            stream = _Stream(event.stream_id, record, [], self.last_activity)
+            self.streams[event.stream_id] = stream
         if stream is not None:
             self._malformed(stream, event.reason)
             if not event.head:
@@ -1353,7 +1358,8 @@ class H2Proxy(asyncio.Protocol):
             if stream is None or stream.done or stream.upstream_window is None:
                 return  # its connection window goes back in upstream.flush
             assert event.data is not None
-            size, now = event.flow_controlled_length or 0, self.loop.time()
+            size, now = event.flow_controlled_length or 0, self.last_activity
+            stream.last_activity = now
             stream.upstream_window.received(size, len(event.data), now)
             stream.record.bytes_from_upstream += len(event.data)
             stream.to_client += event.data
@@ -1361,11 +1367,13 @@ class H2Proxy(asyncio.Protocol):
         elif isinstance(event, h2.events.ResponseReceived):
             stream = upstream.streams.get(event.stream_id or 0)
             if stream is not None and not stream.done:
+                stream.last_activity = self.last_activity
                 headers: Headers = list(event.headers or [])
                 self._response_started(upstream, stream, headers, event.stream_ended is not None)
         elif isinstance(event, h2.events.InformationalResponseReceived):
             stream = upstream.streams.get(event.stream_id or 0)
             if stream is not None and not stream.done:
+                stream.last_activity = self.last_activity
                 headers = list(event.headers or [])
                 if (b":status", b"101") in headers:  # RFC 9113 8.6: none in HTTP/2
                     self._malformed_response(upstream, stream, "a 101 response")
@@ -1533,6 +1541,7 @@ class H2Proxy(asyncio.Protocol):
                     break
                 self.h2.send_data(stream.client_id, bytes(pending[:size]))
                 del pending[:size]
+                stream.last_activity = now
                 if window is not None:
                     window.forwarded(size, now)
             self._reopen_upstream(stream)
@@ -1720,9 +1729,20 @@ class H2Proxy(asyncio.Protocol):
     def tick(self) -> None:
         """The idle sweep's check, every quarter of --idle-timeout: no bytes either way for
         a whole timeout ends the connection with a GOAWAY; closing, none of the unsent
-        bytes going out for a whole timeout cuts it."""
+        bytes going out for a whole timeout cuts it. A stream none of whose bytes moved for
+        a whole timeout times out alone (an upstream that took it and never answers, while
+        PINGs or other streams keep the connection busy), as an HTTP/1 request does."""
         now = self.loop.time()
-        if quiet_for(self, held_bytes(self.transport), now) < self.settings.idle_timeout:
+        timeout = self.settings.idle_timeout
+        if quiet_for(self, held_bytes(self.transport), now) < timeout:
+            quiet = [s for s in self.streams.values() if now - s.last_activity >= timeout]
+            for stream in quiet:
+                upstream = stream.upstream
+                self._timed_out(stream)
+                if upstream is not None:  # its slot goes to one waiting
+                    self._open_waiting(upstream)
+            if quiet:
+                self._flush()
             return
         if self.closed:
             log.info(

@@ -473,6 +473,31 @@ async def test_streams_waiting_when_the_connection_goes_idle_are_answered(
 
 
 @pytest.mark.asyncio
+async def test_a_stream_times_out_alone_while_its_connection_is_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--idle-timeout was the connection's alone: a client sending PINGs (gRPC keepalive)
+    or using other streams kept a stream its upstream never answers waiting for ever. The
+    stream gets 504 idle_timeout once none of its bytes moved for the timeout, and the
+    connection goes on."""
+    async with proxy_to_origin(Silent(), tmp_path, monkeypatch, POLICY, idle_timeout=0.4) as proxy:
+        client = await connect_h2(proxy)
+        hung = client.request("GET", "/a")
+        async with asyncio.timeout(TIMEOUT):
+            while not hung.done.is_set():
+                client.h2.ping(b"keepbusy")
+                client.transport.write(client.h2.data_to_send())
+                await asyncio.sleep(0.1)
+        assert not (client.lost.is_set() or client.goaway)
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
+    assert (hung.headers[":status"], bytes(hung.body)) == ("504", b"upstream idle_timeout\n")
+    assert [(r.path, r.status, r.error) for r in proxy.ledger.requests] == [
+        ("/a", 504, "idle_timeout")
+    ]
+
+
+@pytest.mark.asyncio
 async def test_streams_cut_by_the_drain_timeout_say_drain(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
