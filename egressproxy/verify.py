@@ -76,9 +76,11 @@ def absolute_addresses(hostname: str) -> list[str]:
 def verification_mode(
     decision: Decision, hostname: str | None, default: VerifyDestination
 ) -> VerifyDestination:
-    """How to check this traffic's destination: OFF when nothing rests on a name.
+    """How to check this traffic's destination: OFF when it names no host.
 
-    A network's annotation overrides --verify-destination. Traffic that is denied,
+    Named traffic is checked whatever let it through, a host rule or a network's default:
+    the name is what the metrics and the access log show. A route's or network's
+    annotation overrides --verify-destination. Traffic that is denied,
     routed to a backend (the client's address is not used), or covered by no network
     (passed untouched on its address alone) needs no check. An audited network denies
     nothing: there enforce only logs, and the traffic passes.
