@@ -127,9 +127,14 @@ def request_head(request: h11.Request) -> bytes:
 
 
 def response_head(response: h11.Response | h11.InformationalResponse) -> bytes:
-    """The response head as the upstream wrote it."""
+    """The response head as the upstream wrote it, but for a Transfer-Encoding on a 204 or
+    304, which has no body: http.client (and requests, botocore) would wait for the chunks
+    it announces, which the proxy does not forward (nginx drops it too)."""
     parts = [b"HTTP/%s %d %s\r\n" % (response.http_version, response.status_code, response.reason)]
-    parts.extend(b"%s: %s\r\n" % item for item in response.headers.raw_items())
+    fields = response.headers.raw_items()
+    if response.status_code in (204, 304):
+        fields = [field for field in fields if field[0].lower() != b"transfer-encoding"]
+    parts.extend(b"%s: %s\r\n" % item for item in fields)
     parts.append(b"\r\n")
     return b"".join(parts)
 

@@ -476,6 +476,51 @@ async def test_requests_pipelined_faster_than_answered_wait_unread(
     assert peak[0] <= 2 * WRITE_BUFFER_HIGH, f"{peak[0]} bytes of requests held"
 
 
+BODILESS_ANSWERS = {
+    b"/204": b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"/304": b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"/after": b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngood",
+}
+
+
+async def bodiless_origin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers each request by its path from BODILESS_ANSWERS."""
+    with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+        while head := await reader.readuntil(b"\r\n\r\n"):
+            writer.write(BODILESS_ANSWERS[head.split(b" ", 2)[1]])
+    writer.close()
+
+
+def http_client_statuses(port: int, paths: list[str]) -> list[tuple[int, bytes]]:
+    """Python's http.client on one keep-alive connection: each path's status and body."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    answers = []
+    try:
+        for path in paths:
+            connection.request("GET", path, headers={"Host": "example.test"})
+            response = connection.getresponse()
+            answers.append((response.status, response.read()))
+    finally:
+        connection.close()
+    return answers
+
+
+@pytest.mark.asyncio
+async def test_a_204_or_304_goes_out_without_the_transfer_encoding_it_has_no_body_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 204 (which RFC 9112 6.1 forbids it on) or a 304 saying Transfer-Encoding: chunked
+    had its head forwarded as written, but not the zero chunk past it (no body): Python's
+    http.client, and requests and botocore on it, let chunked win and waited for a chunk
+    that never came. The field is dropped, as nginx does; the next request is answered."""
+    async with proxy_to_origin(bodiless_origin, tmp_path, monkeypatch, ALLOW_ALL) as proxy:
+        answers = await asyncio.to_thread(
+            http_client_statuses, proxy.port, ["/204", "/after", "/304", "/after"]
+        )
+        await proxy.wait_closed_flows(1)
+    assert answers == [(204, b""), (200, b"good"), (304, b""), (200, b"good")]
+
+
 @pytest.mark.asyncio
 async def test_bodies_stream_both_ways(setup: tuple[LoopbackProxy, int, int]) -> None:
     proxy, _, _ = setup
