@@ -1414,7 +1414,10 @@ class Http1Proxy(asyncio.Protocol):
                 log.info(
                     "%s: bad response from %s:%s: %s", self.flow.record.client, *upstream.key, error
                 )
-                self._upstream_broken(upstream, "reset" if not data else "bad_response")
+                # bytes of a response that never made one (an EOF cut them): not a reset,
+                # and the request is not sent again to an upstream that answered it
+                received = data or connection.trailing_data[0]
+                self._upstream_broken(upstream, "bad_response" if received else "reset")
                 return
             kind = type(event)
             if kind is h11.Data:
@@ -1443,7 +1446,9 @@ class Http1Proxy(asyncio.Protocol):
             return
         if self.closed:
             return
-        self._upstream_broken(upstream, "reset")
+        # a lean response head an EOF left incomplete: as in _pull_upstream_events
+        cut_head = self.exchange is not None and self.response_received
+        self._upstream_broken(upstream, "bad_response" if cut_head else "reset")
 
     def _forget_idle(self, upstream: _Upstream) -> None:
         if self.idle.get(upstream.key) is upstream:

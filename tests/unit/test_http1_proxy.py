@@ -521,6 +521,53 @@ async def test_a_204_or_304_goes_out_without_the_transfer_encoding_it_has_no_bod
     assert answers == [(204, b""), (200, b"good"), (304, b""), (200, b"good")]
 
 
+class GarbageSecond:
+    """Answers a connection's first request, then its second with bytes that are no
+    response and an EOF; keeps each request line it read."""
+
+    def __init__(self) -> None:
+        self.requests: list[bytes] = []
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            for answer in (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"SSH-2.0-x"):
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.requests.append(head.split(b"\r\n", 1)[0])
+                if b"Content-Length: 4" in head:
+                    await reader.readexactly(4)
+                writer.write(answer)
+        writer.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("second", ["GET /2", "POST /2"], ids=["lean", "h11"])
+async def test_bytes_that_are_no_response_before_an_eof_are_a_bad_response(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, second: str
+) -> None:
+    """An upstream that answered with bytes that make no response head, then closed, was
+    counted `reset`, and a GET on a kept connection was sent again (RFC 9110 9.2.2 allows
+    that only for a connection closed before any answer; nginx does not retry a bad
+    header): 502 bad_response, the request sent once."""
+    origin = GarbageSecond()
+    async with proxy_to_origin(origin, tmp_path, monkeypatch, ALLOW_ALL) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"GET /1 HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        async with asyncio.timeout(5):
+            first = await read_response(reader)
+        body = b"Content-Length: 4\r\n\r\nbody" if second.startswith("POST") else b"\r\n"
+        writer.write(second.encode() + b" HTTP/1.1\r\nHost: example.test\r\n" + body)
+        async with asyncio.timeout(5):
+            status, _, text = await read_response(reader)
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    assert (first[0], status, text) == (200, 502, b"upstream bad_response\n")
+    assert origin.requests == [b"GET /1 HTTP/1.1", second.encode() + b" HTTP/1.1"]
+    assert [(r.path, r.status, r.error) for r in proxy.ledger.requests] == [
+        ("/1", 200, ""),
+        ("/2", 502, "bad_response"),
+    ]
+
+
 @pytest.mark.asyncio
 async def test_bodies_stream_both_ways(setup: tuple[LoopbackProxy, int, int]) -> None:
     proxy, _, _ = setup
