@@ -326,6 +326,15 @@ def _framed_twice(response: h11.Response) -> bool:
     return b"content-length" in names and b"transfer-encoding" in names
 
 
+def _head_size(response: h11.Response) -> int:
+    """About the bytes of its head as written: h11 bounds only a head still incomplete, so
+    one that came whole in one read would pass MAX_RESPONSE_HEAD however large."""
+    size = len(response.reason) + 15
+    for name, value in response.headers.raw_items():
+        size += len(name) + len(value) + 4
+    return size
+
+
 def _self_delimited(response: h11.Response, request_method: bytes) -> bool:
     """The response body's end is marked in the message itself (not by closing)."""
     if response.status_code in (204, 304) or request_method == b"HEAD":
@@ -1426,6 +1435,11 @@ class Http1Proxy(asyncio.Protocol):
                 if _framed_twice(event):  # type: ignore[arg-type]
                     client = self.flow.record.client
                     log.info("%s: response from %s:%s framed twice", client, *upstream.key)
+                    self._upstream_broken(upstream, "bad_response")
+                    return
+                if _head_size(event) > MAX_RESPONSE_HEAD:  # type: ignore[arg-type]
+                    client = self.flow.record.client
+                    log.info("%s: response head from %s:%s too large", client, *upstream.key)
                     self._upstream_broken(upstream, "bad_response")
                     return
                 self._response_started(event)  # type: ignore[arg-type]

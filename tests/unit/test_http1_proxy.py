@@ -568,6 +568,40 @@ async def test_bytes_that_are_no_response_before_an_eof_are_a_bad_response(
     ]
 
 
+def head_of(size: int) -> bytes:
+    """A 200 head of about size bytes (1 KiB fields), and its 2-byte body."""
+    fields = b"".join(b"X-Field-%d: %s\r\n" % (n, b"v" * 1000) for n in range(size // 1024))
+    return b"HTTP/1.1 200 OK\r\n" + fields + b"Content-Length: 2\r\n\r\nok"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("size", "status"), [(60 * 1024, 200), (128 * 1024, 502)])
+async def test_a_response_head_over_64_kib_is_refused_however_it_arrives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int, status: int
+) -> None:
+    """h11 bounds only a head still incomplete: a 128 KiB head whose first 64 KiB came
+    alone, then the rest, was forwarded (the same head in one write got 502)."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        head = head_of(size)
+        writer.write(head[:65536])
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(head[65536:])
+        await writer.drain()
+        writer.close()
+
+    async with proxy_to_origin(answer, tmp_path, monkeypatch, ALLOW_ALL) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port, limit=1 << 20)
+        writer.write(b"POST /big HTTP/1.1\r\nHost: example.test\r\nContent-Length: 0\r\n\r\n")
+        async with asyncio.timeout(5):
+            answered, _, _ = await read_response(reader)
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    assert answered == status
+
+
 @pytest.mark.asyncio
 async def test_bodies_stream_both_ways(setup: tuple[LoopbackProxy, int, int]) -> None:
     proxy, _, _ = setup
