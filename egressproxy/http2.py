@@ -23,6 +23,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 import h2.utilities
 import hpack
 import hpack.huffman
@@ -210,6 +211,10 @@ class _BlockKeepingDecoder(hpack.Decoder):
         return self.last_block
 
 
+WINDOW_UPDATE = hyperframe.frame.WindowUpdateFrame.type
+RST_STREAM = hyperframe.frame.RstStreamFrame.type
+
+
 class LinearHuffmanEncoder(hpack.huffman.HuffmanEncoder):
     """hpack's Huffman coding in time linear in a value's length. hpack's own shifts one
     integer as long as the value once per byte: quadratic, 0.2 s for 64 KiB, so a few KB
@@ -293,8 +298,25 @@ class _Connection(h2.connection.H2Connection):
         )
 
     def _prepare_for_sending(self, frames: list[hyperframe.frame.Frame]) -> None:
-        self.frames_queued += len(frames)
+        """Counted: every frame but WINDOW_UPDATEs, which only give back window the peer
+        spent."""
+        self.frames_queued += sum(frame.type != WINDOW_UPDATE for frame in frames)
         super()._prepare_for_sending(frames)
+
+    def _handle_data_on_closed_stream(
+        self,
+        events: list[h2.events.Event],
+        exc: h2.exceptions.StreamClosedError,
+        frame: hyperframe.frame.DataFrame,
+    ) -> tuple[list[hyperframe.frame.Frame], list[h2.events.Event]]:
+        """As h2, but DATA on a stream we reset draws no RST_STREAM: the peer may have sent
+        it before ours reached it, and it is ignored (RFC 9113 5.1; its window is given
+        back). Answered, a client uploading or an upstream streaming at the time counted as
+        a flood of answers."""
+        frames, events = super()._handle_data_on_closed_stream(events, exc, frame)
+        if self._stream_closed_by(frame.stream_id) is h2.stream.StreamClosedBy.SEND_RST_STREAM:
+            frames = [answer for answer in frames if answer.type != RST_STREAM]
+        return frames, events
 
     def _acknowledge_settings(self) -> list[hyperframe.frame.Frame]:
         """As h2 does, with our encoder's table kept to MAX_ENCODER_TABLE: the size update
@@ -1213,6 +1235,7 @@ class H2Proxy(asyncio.Protocol):
                 chunk = bytes(pending[:size])
                 connection.send_data(stream.upstream_id, chunk)
                 del pending[:size]
+                stream.last_activity = self.last_activity
                 stream.record.bytes_from_client += size  # counted once it goes upstream
                 kept = stream.kept
                 if kept is not None and len(kept) + size <= REPLAY_LIMIT:

@@ -2097,6 +2097,50 @@ async def test_a_client_that_floods_answered_frames_and_never_reads_is_cut_off(
     assert held < 1 << 20, f"{held} bytes held for a client that does not read"
 
 
+@pytest.mark.asyncio
+async def test_data_a_client_sent_before_it_read_the_proxys_reset_is_no_flood(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 9113 5.1: frames that come on a stream after we reset it may have been sent
+    before our RST_STREAM arrived, and are ignored. h2 answered each DATA frame with a
+    RST_STREAM, counted against a client not reading: one uploading in small frames (a
+    gRPC message each) to a stream answered 403 was cut, its download with it."""
+    loop = asyncio.get_running_loop()
+    origin = await loop.create_server(H2Server, "127.0.0.1", 0)
+    port = origin.sockets[0].getsockname()[1]
+    try:
+        async with loopback_proxy(tmp_path, monkeypatch, POLICY, local(port)) as proxy:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, (proxy.host, proxy.port))
+            _, writer = await asyncio.open_connection(sock=sock)
+            client = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding="utf-8"))
+            client.initiate_connection()
+            client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: (1 << 31) - 1})
+            client.increment_flow_control_window(1 << 30)
+            base = [(":scheme", "http"), (":authority", "example.test")]
+            download = [(":method", "GET"), *base, (":path", "/bytes/8388608")]
+            client.send_headers(1, download, end_stream=True)
+            client.send_headers(3, [(":method", "POST"), *base, (":path", "/denied")])
+            writer.write(client.data_to_send())
+            handler = await only_handler(proxy)
+            async with asyncio.timeout(TIMEOUT):
+                while not handler.client_full:
+                    await asyncio.sleep(0.01)
+            for _ in range(egressproxy.http2.MAX_ANSWERS_UNREAD + 100):
+                client.send_data(3, b"x" * 20)  # within the stream's window
+            writer.write(client.data_to_send())
+            await writer.drain()
+            await asyncio.sleep(0.5)
+            cut = (handler.closed, handler.flow.record.error)
+            writer.close()
+            await proxy.wait_closed_flows(1)
+    finally:
+        origin.close()
+    assert cut == (False, "")
+
+
 DENIED_BLOCK = [(":method", "GET"), (":scheme", "http"), (":authority", "example.test"),
                 (":path", "/denied")]  # fmt: skip
 
@@ -3432,8 +3476,8 @@ async def test_streams_waiting_for_a_lost_upstream_go_to_a_new_one(
 
 
 class HeadOnlyH2Origin(PlainH2Origin):
-    """Answers every stream with a head alone (END_STREAM) saying content-length: 100,
-    after a 101 for /switch."""
+    """Answers every stream with a head alone (END_STREAM) saying content-length: 100, but
+    /switch with a 101 and then a sound 200."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -3448,6 +3492,9 @@ class HeadOnlyH2Origin(PlainH2Origin):
                 stream_id = cast(int, event.stream_id)
                 if dict(event.headers or [])[b":path"] == b"/switch":
                     self.h2.send_headers(stream_id, [(":status", "101")])
+                    self.h2.send_headers(stream_id, [(":status", "200"), ("content-length", "4")])
+                    self.h2.send_data(stream_id, b"good", end_stream=True)
+                    continue
                 head = [(":status", "200"), ("content-length", "100")]
                 self.h2.send_headers(stream_id, head, end_stream=True)
         self.transport.write(self.h2.data_to_send())
