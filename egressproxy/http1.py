@@ -79,6 +79,13 @@ _PAUSED_BY_BACKLOG = 2
 _PAUSED_BY_CLIENT_WRITE = 4
 """The client reads nothing of what is written to it: its next requests wait (the proxy's
 own answers, a 403 longer than its request, would else pile up without bound)."""
+_PAUSED_BY_TURN = 8
+"""MAX_BODY_EVENTS_PER_TURN of the client's body were handled: the rest on a later turn."""
+
+MAX_BODY_EVENTS_PER_TURN = 1024
+"""Body pieces (h11 Data events) one side's bytes are handled in before the loop serves
+the other connections: a chunked body of 1-byte chunks is 40,000 of them in one 256 KiB
+read, and took the worker 250 ms, every other connection waiting."""
 
 _LINE_ENDS = (b"\r", b"\n")
 """The first bytes of an empty line, which RFC 9112 2.2 lets precede a request line."""
@@ -469,6 +476,7 @@ class Http1Proxy(asyncio.Protocol):
         "tunnel",
         "tunnel_relay",
         "upstream",
+        "upstream_turn",
         "verified",
     )
 
@@ -482,6 +490,8 @@ class Http1Proxy(asyncio.Protocol):
         self.idle: dict[tuple[str, int], _Upstream] = {}
         self.upstream: _Upstream | None = None
         """The upstream of the exchange in progress."""
+        self.upstream_turn: _Upstream | None = None
+        """An upstream not read while the rest of what it sent waits for a later turn."""
         self.request: h11.Request | None = None
         self.parsed: ParsedRequest | None = None
         self.record: RequestRecord | None = None
@@ -629,7 +639,7 @@ class Http1Proxy(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.client_write_paused = False
-        if self.upstream is not None:
+        if self.upstream is not None and self.upstream is not self.upstream_turn:
             self.upstream.transport.resume_reading()
         if self.paused & _PAUSED_BY_CLIENT_WRITE:
             self.resume_client(_PAUSED_BY_CLIENT_WRITE)
@@ -816,6 +826,7 @@ class Http1Proxy(asyncio.Protocol):
 
     def _pull_client_events(self) -> None:
         client = self.client
+        pieces = 0
         while not self.closed and not self.lean:
             if client.their_state is h11.MUST_CLOSE:
                 return  # the request said close (RFC 9112 9.6): no later request is read
@@ -827,6 +838,11 @@ class Http1Proxy(asyncio.Protocol):
             kind = type(event)
             if kind is h11.Data:
                 self._request_data(event)  # type: ignore[arg-type]
+                pieces += 1
+                if pieces == MAX_BODY_EVENTS_PER_TURN:
+                    self.pause_client(_PAUSED_BY_TURN)
+                    self.loop.call_soon(self._next_client_turn)
+                    return
             elif kind is h11.Request:
                 self._request_started(event)  # type: ignore[arg-type]
                 if self.connecting is not None:
@@ -848,6 +864,11 @@ class Http1Proxy(asyncio.Protocol):
                 if self.record is None:
                     self._close()
                 return
+
+    def _next_client_turn(self) -> None:
+        self.resume_client(_PAUSED_BY_TURN)
+        if not self.closed and not self.lean:
+            self._process()
 
     def _process_lean(self) -> None:
         """Serve requests from the inbox while each is lean; hand the first other to h11."""
@@ -1407,6 +1428,24 @@ class Http1Proxy(asyncio.Protocol):
         finally:
             self._flush_batch()
 
+    def _next_upstream_turn(self, upstream: _Upstream) -> None:
+        """The rest of what the upstream sent, and its reading again once that is done."""
+        if self.upstream_turn is upstream:
+            self.upstream_turn = None
+        if upstream is not self.upstream or self.closed:
+            return
+        self.batch = []
+        try:
+            self._pull_upstream_events(upstream, upstream.h11, b"")
+        finally:
+            self._flush_batch()
+        if (
+            upstream is not self.upstream_turn
+            and not upstream.transport.is_closing()
+            and (upstream is not self.upstream or not self.client_write_paused)
+        ):  # current, or kept idle once its response ended
+            upstream.transport.resume_reading()
+
     def _flush_batch(self) -> None:
         """Write what one read of the upstream produced with one system call."""
         batch, self.batch = self.batch, None
@@ -1416,6 +1455,7 @@ class Http1Proxy(asyncio.Protocol):
     def _pull_upstream_events(
         self, upstream: _Upstream, connection: h11.Connection, data: bytes
     ) -> None:
+        pieces = 0
         while upstream is self.upstream:
             try:
                 event = connection.next_event()
@@ -1431,6 +1471,12 @@ class Http1Proxy(asyncio.Protocol):
             kind = type(event)
             if kind is h11.Data:
                 self._response_data(event)  # type: ignore[arg-type]
+                pieces += 1
+                if pieces == MAX_BODY_EVENTS_PER_TURN:
+                    upstream.transport.pause_reading()
+                    self.upstream_turn = upstream
+                    self.loop.call_soon(self._next_upstream_turn, upstream)
+                    return
             elif kind is h11.Response:
                 if _framed_twice(event):  # type: ignore[arg-type]
                     client = self.flow.record.client

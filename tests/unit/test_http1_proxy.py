@@ -602,6 +602,79 @@ async def test_a_response_head_over_64_kib_is_refused_however_it_arrives(
     assert answered == status
 
 
+TINY_CHUNKS = 5000
+"""Well past MAX_BODY_EVENTS_PER_TURN body pieces in one body."""
+
+
+async def tiny_chunks_origin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers each GET with TINY_CHUNKS chunks of one byte each, in one write."""
+    body = b"".join(b"1\r\n%c\r\n" % (65 + n % 26) for n in range(TINY_CHUNKS))
+    with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+        while await reader.readuntil(b"\r\n\r\n"):
+            head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            writer.write(head + body + b"0\r\n\r\n")
+    writer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_body_of_tiny_chunks_is_relayed_in_turns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunked response of 1-byte chunks is one h11 event a byte: 40,000 of them in one
+    read held the worker's loop 250 ms while every other connection waited. They are
+    handled MAX_BODY_EVENTS_PER_TURN at a time, the upstream unread in between; the body
+    arrives whole, and the upstream kept after it answers the next request."""
+    turns = [0]
+    next_turn = Http1Proxy._next_upstream_turn
+
+    def counting(handler: Http1Proxy, upstream: Any) -> None:
+        turns[0] += 1
+        next_turn(handler, upstream)
+
+    monkeypatch.setattr(Http1Proxy, "_next_upstream_turn", counting)
+    expected = bytes(65 + n % 26 for n in range(TINY_CHUNKS))
+    async with proxy_to_origin(tiny_chunks_origin, tmp_path, monkeypatch, ALLOW_ALL) as proxy:
+        answers = await asyncio.to_thread(http_client_statuses, proxy.port, ["/a", "/b"])
+        await proxy.wait_closed_flows(1)
+    assert answers == [(200, expected), (200, expected)]
+    assert turns[0] >= 2 * (TINY_CHUNKS // 1024)
+
+
+@pytest.mark.asyncio
+async def test_an_upload_of_tiny_chunks_is_forwarded_in_turns(
+    setup: tuple[LoopbackProxy, int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for a client's chunked request body: the client is not read while the
+    rest of what it sent waits for a later turn; the origin gets the body whole."""
+    proxy, _, _ = setup
+    turns = [0]
+    next_turn = Http1Proxy._next_client_turn
+
+    def counting(handler: Http1Proxy) -> None:
+        turns[0] += 1
+        next_turn(handler)
+
+    monkeypatch.setattr(Http1Proxy, "_next_client_turn", counting)
+    payload = bytes(65 + n % 26 for n in range(TINY_CHUNKS))
+    chunks = b"".join(b"1\r\n%c\r\n" % byte for byte in payload)
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(
+        b"POST /upload HTTP/1.1\r\nHost: example.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + chunks
+        + b"0\r\n\r\n"
+    )
+    async with asyncio.timeout(10):
+        status, _, body = await read_response(reader)
+    writer.close()
+    await proxy.wait_closed_flows(1)
+    assert status == 200
+    assert document(body)["body"] == {
+        "length": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+    }
+    assert turns[0] >= TINY_CHUNKS // 1024
+
+
 @pytest.mark.asyncio
 async def test_bodies_stream_both_ways(setup: tuple[LoopbackProxy, int, int]) -> None:
     proxy, _, _ = setup
