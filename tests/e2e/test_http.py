@@ -1127,6 +1127,19 @@ def test_grpcio_allowed_and_denied(world: World, proxy: StartProxy, http_servers
     )
 
 
+def test_a_grpc_route_without_rules_opens_nothing(world: World, proxy: StartProxy) -> None:
+    """A GRPCRoute's CRD fills in no default rule, and linkerd2-proxy matches nothing on a
+    route without rules: through the redirect, a GRPCRoute naming only its hostname lets
+    no request through a Deny network (it let every HTTP request through)."""
+    rule_less = GRPC_POLICY.format(port=80).split("  rules:")[0] + "  hostnames: [httpbin.org]\n"
+    run_proxy(proxy, rule_less)
+    conn = connection(world, "httpbin.org")
+    try:
+        assert request(conn, "GET", "/get", "httpbin.org")[0] == 403
+    finally:
+        conn.close()
+
+
 def test_grpcio_metadata_past_max_header_bytes_is_resource_exhausted(
     world: World, proxy: StartProxy, http_servers: None
 ) -> None:
