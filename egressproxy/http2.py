@@ -1784,8 +1784,8 @@ class H2Proxy(asyncio.Protocol):
         self.transport.abort()
 
     def _timed_out(self, stream: _Stream) -> None:
-        """A stream still waiting when the connection went idle: 504 (gRPC: UNAVAILABLE),
-        as HTTP/1 answers, or a reset once its response has begun."""
+        """A stream still waiting when it, or its whole connection, went idle: 504 (gRPC:
+        UNAVAILABLE), as HTTP/1 answers, or a reset once its response has begun."""
         if stream.done:
             return
         self._cancel_upstream(stream)
