@@ -37,7 +37,7 @@ from egressproxy.policy.decision import (
     Detected,
     RouteProtocol,
 )
-from egressproxy.policy.store import PolicyStore
+from egressproxy.policy.store import PolicyStore, Snapshot
 from egressproxy.records import Accounting, FlowRecord
 from egressproxy.relay import WRITE_BUFFER_HIGH, RelayResult, abort_with_reset, close_with_reset
 from egressproxy.settings import EchPolicy, Settings, VerifyDestination, host_port
@@ -282,6 +282,9 @@ class Flow(asyncio.Protocol):
         self.relay: SplicedRelay | None = None
         """The splice, once a TLS or opaque connection is handed over."""
         self.record = FlowRecord(client="")
+        self.snapshot: Snapshot | None = None
+        """The policy in force when the connection opened, until it is decided by it: kept
+        no longer, so that no open connection holds a policy a reload has replaced."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -307,8 +310,8 @@ class Flow(asyncio.Protocol):
             log.warning("%s connected to the proxy itself, not redirected", self.record.client)
             self._refuse("loop")
             return
-        self.snapshot = self.context.policy.current
-        index = self.snapshot.index
+        self.snapshot = snapshot = self.context.policy.current
+        index = snapshot.index
         if destination.port in index.unsniffed_ports and index.never_sniffed(destination):
             self._decide(Opaque("opaque_port"))
             return
@@ -423,7 +426,9 @@ class Flow(asyncio.Protocol):
         self.record.sniff_outcome = outcome
         self.record.ech = ech
         facts = ConnectionFacts(self.record.destination, detected, hostname)
-        decision = self.snapshot.index.decide_connection(facts)
+        snapshot, self.snapshot = self.snapshot, None
+        assert snapshot is not None
+        decision = snapshot.index.decide_connection(facts)
         settings = self.context.settings
         ech_denied = self.record.ech and settings.ech is EchPolicy.DENY
         self.record.decision = decision

@@ -63,6 +63,7 @@ from egressproxy.verify import REFUSALS, verification_mode
 
 if TYPE_CHECKING:
     from egressproxy.flow import Flow
+    from egressproxy.policy.index import PolicyIndex
 
 log = logging.getLogger("egressproxy.http1")
 
@@ -446,6 +447,7 @@ class Http1Proxy(asyncio.Protocol):
         "exchange_reusable",
         "flow",
         "forwarding",
+        "generation",
         "head_deadline",
         "head_scanned",
         "held",
@@ -486,6 +488,8 @@ class Http1Proxy(asyncio.Protocol):
         self.accounting = flow.context.accounting
         self.transport = flow.transport
         self.loop = flow.context.loop
+        self.generation = 0
+        """The generation of the policy the last request was decided by (_policy_index)."""
         self._client: h11.Connection | None = None
         self.idle: dict[tuple[str, int], _Upstream] = {}
         self.upstream: _Upstream | None = None
@@ -540,8 +544,8 @@ class Http1Proxy(asyncio.Protocol):
         response head, each with what was made of it. A client that polls, a health
         check, a load generator send the same head again and again, and an upstream
         answers them alike (its Date changes once a second): such a head, found again
-        byte for byte at the start of what came, is neither parsed nor decided again.
-        The connection's policy snapshot is fixed, so its decision is the same."""
+        byte for byte at the start of what came, is neither parsed nor decided again,
+        while the policy it was decided by is in force (_policy_index)."""
         self.response_remaining = -1
         """Its response's body bytes still to come; -1 until the head is through."""
         self.exchange_reusable = True
@@ -892,6 +896,7 @@ class Http1Proxy(asyncio.Protocol):
                 if self.inbox_eof:
                     self._close()
                 return
+            self._policy_index()
             repeated = self.repeated_request
             if repeated is not None and self.inbox.startswith(repeated.raw):
                 self.head_scanned = self.empty_lines = 0
@@ -924,6 +929,16 @@ class Http1Proxy(asyncio.Protocol):
                 self._leave_lean()
                 return
 
+    def _policy_index(self) -> PolicyIndex:
+        """The policy in force now. Each request is decided by it, as Linkerd routes each
+        request by the routes it last heard of, so a reload reaches the next request of a
+        keep-alive connection; a head found again is decided again under a new policy."""
+        current = self.flow.context.policy.current
+        if current.generation != self.generation:
+            self.generation = current.generation
+            self.repeated_request = None
+        return current.index
+
     def _refused_request_line(self) -> bool:
         """A head still incomplete whose first line no server would take: 400 now."""
         line = http1_lean.refused_request_line(self.inbox, self.head_scanned)
@@ -947,6 +962,7 @@ class Http1Proxy(asyncio.Protocol):
 
         like: the request seen before whose field lines this one's repeat (parse_request_like)."""
         flow = self.flow
+        index = self._policy_index()
         target = request.target.decode("latin-1")
         if not target.startswith("/") or "#" in target:
             return False  # h11's path answers it (see ParsedRequest.bad_target)
@@ -955,7 +971,7 @@ class Http1Proxy(asyncio.Protocol):
             like is not None
             and path == like.path
             and request.method == like.request.method
-            and not flow.snapshot.index.reads_query
+            and not index.reads_query
         ):  # the same Host, headers, method and path: the same decision
             self._serve_lean(request, like)
             return True
@@ -977,7 +993,7 @@ class Http1Proxy(asyncio.Protocol):
             request.grpc,
             request.host or None,
         )
-        decision = flow.snapshot.index.decide_request(facts)
+        decision = index.decide_request(facts)
         if decision.protocol is GRPC_PROTOCOL:
             return False  # h11's path reads the grpc-status of its response
         denied = decision.action is DENY_ACTION
@@ -1156,7 +1172,7 @@ class Http1Proxy(asyncio.Protocol):
         flow = self.flow
         assert flow.record.destination is not None
         parsed = parse_request(request, flow.record.destination)
-        decision = flow.snapshot.index.decide_request(parsed.facts)
+        decision = self._policy_index().decide_request(parsed.facts)
         self.request, self.parsed = request, parsed
         self.record = RequestRecord(
             client=flow.record.client,

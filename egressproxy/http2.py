@@ -923,7 +923,7 @@ class H2Proxy(asyncio.Protocol):
             return
         headers: Headers = list(event.headers)
         facts, bad_request = stream_facts(headers, self.flow)
-        decision = self.flow.snapshot.index.decide_request(facts)
+        decision = self.flow.context.policy.current.index.decide_request(facts)  # in force now
         assert self.flow.record.destination is not None
         record = RequestRecord(
             client=self.flow.record.client,

@@ -1231,6 +1231,36 @@ def test_policy_rewritten_under_load_switches_without_a_failed_request(
         assert hammer.done > 100
 
 
+def test_a_reload_decides_the_next_request_of_an_open_keep_alive_connection(
+    world: World, proxy: StartProxy
+) -> None:
+    """Through the redirect, one keep-alive connection's requests follow each reload:
+    allowed, denied, allowed again (each head sent twice, the second found again), as
+    Linkerd routes each request by the routes it last heard of."""
+    with replaced_policy("reload-open") as (policy, write):
+        write(RELOADED.format(action="allow"), 1)
+        running = proxy(None, "--policy", str(policy))
+        connection = NamespaceHTTPConnection(
+            world.client_ns, world.host("httpbin.org").v4, 80, TIMEOUT
+        )
+        statuses, sockets = [], set()
+        try:
+            for generation, action in enumerate(["allow", "deny", "allow"], start=1):
+                if generation > 1:
+                    write(RELOADED.format(action=action), generation)
+                    assert wait_until(partial(loaded, running, generation), 5.0)
+                for _ in range(2):
+                    connection.request("GET", "/probe", headers={"Host": "httpbin.org"})
+                    response = connection.getresponse()
+                    response.read()
+                    statuses.append(response.status)
+                    sockets.add(connection.sock.getsockname())
+        finally:
+            connection.close()
+    assert statuses == [200, 200, 403, 403, 200, 200]
+    assert len(sockets) == 1, "one connection throughout"
+
+
 def test_the_generation_gauge_waits_for_every_worker(world: World, proxy: StartProxy) -> None:
     """With --workers the parent compiles a reload first and shows it in /config; a worker
     runs the older policy until it has compiled the new one too. The gauge showed the

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import http.client
 import json
 import logging
 import re
 import socket
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ from tests.unit.http_harness import (
     LoopbackProxy,
     Silent,
     closed_port,
+    echo,
     local,
     loopback_proxy,
     names_never_resolve,
@@ -148,6 +151,77 @@ async def test_each_request_on_a_keep_alive_connection_is_decided_on_its_own(
     await proxy.wait_closed_flows(1)
     statuses = [(record.path, record.status) for record in proxy.ledger.requests]
     assert statuses == [("/a", 200), ("/denied", 403), ("/b", 200), ("/denied/x", 403)]
+
+
+SWITCH_DENIED = POLICY.replace("pathPrefix: /denied", "pathPrefix: /switch")
+
+
+async def reload_policy(proxy: LoopbackProxy, text: str) -> None:
+    """Rewrite the proxy's policy file and put it in force, as a SIGHUP does."""
+    Path(proxy.context.settings.policy_file).write_text(text)
+    assert await proxy.context.policy.reload(force=True)
+
+
+@pytest.mark.asyncio
+async def test_a_reload_reaches_the_next_request_of_a_keep_alive_connection(
+    setup: tuple[LoopbackProxy, int, int],
+) -> None:
+    """Linkerd routes each request by the routes it last heard of: a policy reloaded while
+    a keep-alive connection is open decides its next requests, the same head sent again
+    (served from what the connection remembers), one like it but for its query, and one
+    h11 reads (absolute form), and a second reload back again."""
+    proxy, _, backend_port = setup
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    heads = [
+        b"GET /switch HTTP/1.1\r\nHost: example.test\r\n\r\n",
+        b"GET /switch?n=1 HTTP/1.1\r\nHost: example.test\r\n\r\n",
+        b"GET http://example.test/switch HTTP/1.1\r\nHost: example.test\r\n\r\n",
+    ]
+    policies = [
+        POLICY.format(backend=backend_port),
+        SWITCH_DENIED.format(backend=backend_port),
+        POLICY.format(backend=backend_port),
+    ]
+    statuses = []
+    for generation, text in enumerate(policies):
+        if generation:
+            await reload_policy(proxy, text)
+        for head in [heads[0], *heads]:  # the first head twice: the second is remembered
+            writer.write(head)
+            statuses.append((await read_response(reader))[0])
+    writer.close()
+    await proxy.wait_closed_flows(1)
+    assert statuses == [200] * 4 + [403] * 4 + [200] * 4
+    assert [r.status for r in proxy.ledger.requests] == statuses
+    assert len(proxy.ledger.flows) == 1
+
+
+@pytest.mark.asyncio
+async def test_open_connections_hold_no_policy_a_reload_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spliced connection and an idle keep-alive one, both open across a reload, let go
+    of the policy they were decided by: a reload must not leave one large policy in
+    memory for each long-lived connection."""
+    async with (
+        origin(h1) as http_port,
+        proxy_to_origin(echo, tmp_path, monkeypatch, ALLOW_ALL) as proxy,
+    ):
+        replaced = weakref.ref(proxy.context.policy.current)
+        spliced_reader, spliced_writer = await asyncio.open_connection(proxy.host, proxy.port)
+        spliced_writer.write(b"\x00opaque")
+        assert await spliced_reader.readexactly(7) == b"\x00opaque"
+        proxy.destination[0] = local(http_port)
+        http_reader, http_writer = await asyncio.open_connection(proxy.host, proxy.port)
+        http_writer.write(b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        assert (await read_response(http_reader))[0] == 200
+        await reload_policy(proxy, ALLOW_ALL.replace("name: test", "name: reloaded"))
+        gc.collect()
+        held = replaced() is not None
+        for writer in (spliced_writer, http_writer):
+            writer.close()
+        await proxy.wait_closed_flows(2)
+    assert not held
 
 
 @pytest.mark.asyncio

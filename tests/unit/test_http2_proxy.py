@@ -355,6 +355,29 @@ async def test_streams_are_decided_and_multiplexed(h2_setup: tuple[LoopbackProxy
 
 
 @pytest.mark.asyncio
+async def test_a_reload_reaches_the_next_stream_of_an_open_connection(
+    h2_setup: tuple[LoopbackProxy, int],
+) -> None:
+    """Each stream is decided by the policy in force when it opens, as Linkerd routes
+    each request by the routes it last heard of: a reload reaches an open connection."""
+    proxy, _ = h2_setup
+    client = await connect_h2(proxy)
+    statuses = []
+    for text in (POLICY, POLICY.replace("pathPrefix: /denied", "pathPrefix: /switch"), POLICY):
+        if statuses:
+            Path(proxy.context.settings.policy_file).write_text(text)
+            assert await proxy.context.policy.reload(force=True)
+        answer = client.request("GET", "/switch")
+        async with asyncio.timeout(TIMEOUT):
+            await answer.done.wait()
+        statuses.append(answer.headers[":status"])
+    client.transport.close()
+    await proxy.wait_closed_flows(1)
+    assert statuses == ["200", "403", "200"]
+    assert [r.status for r in proxy.ledger.requests] == [200, 403, 200]
+
+
+@pytest.mark.asyncio
 async def test_unreachable_upstream_gives_502(h2_setup: tuple[LoopbackProxy, int]) -> None:
     proxy, _ = h2_setup
     proxy.destination[0] = local(closed_port())
