@@ -461,6 +461,7 @@ class Http1Proxy(asyncio.Protocol):
         "loop",
         "parsed",
         "paused",
+        "policy",
         "processing",
         "record",
         "repeated_request",
@@ -488,6 +489,7 @@ class Http1Proxy(asyncio.Protocol):
         self.accounting = flow.context.accounting
         self.transport = flow.transport
         self.loop = flow.context.loop
+        self.policy = flow.context.policy
         self.generation = 0
         """The generation of the policy the last request was decided by (_policy_index)."""
         self._client: h11.Connection | None = None
@@ -896,7 +898,8 @@ class Http1Proxy(asyncio.Protocol):
                 if self.inbox_eof:
                     self._close()
                 return
-            self._policy_index()
+            if self.policy.current.generation != self.generation:
+                self._policy_index()
             repeated = self.repeated_request
             if repeated is not None and self.inbox.startswith(repeated.raw):
                 self.head_scanned = self.empty_lines = 0
@@ -933,7 +936,7 @@ class Http1Proxy(asyncio.Protocol):
         """The policy in force now. Each request is decided by it, as Linkerd routes each
         request by the routes it last heard of, so a reload reaches the next request of a
         keep-alive connection; a head found again is decided again under a new policy."""
-        current = self.flow.context.policy.current
+        current = self.policy.current
         if current.generation != self.generation:
             self.generation = current.generation
             self.repeated_request = None

@@ -69,11 +69,13 @@ class PolicyStore:
         self.on_reload = on_reload
         self.on_adopted: Callable[[int], None] | None = None
         """A worker's: told each generation it puts in force (adopt)."""
-        self._current: Snapshot | None = None
+        self.current: Snapshot
+        """The policy in force: from load_initial() on (read before it, AttributeError);
+        a plain attribute, since every HTTP request reads it."""
         self._last_digest: bytes | None = None
+        """Digest of the last content tried, good or bad: the same bad file is reported once."""
         self._in_force_digest: bytes | None = None
         """Digest of the content in force: the same read again is no change."""
-        """Digest of the last content tried, good or bad: the same bad file is reported once."""
         self._forced = False
         """A forced reload is asked for and not yet begun."""
         self._owed = False
@@ -82,12 +84,6 @@ class PolicyStore:
         """Set by request_reload() to wake watch() before its next poll."""
         self.feeds: list[asyncio.WriteTransport] = []
         """The workers' pipes (a supervisor's): each reloaded policy goes down every one."""
-
-    @property
-    def current(self) -> Snapshot:
-        if self._current is None:
-            raise RuntimeError("PolicyStore.current read before load_initial()")
-        return self._current
 
     def load_initial(self) -> None:
         """Load the first policy; PolicyError when the file is unusable (the proxy cannot start)."""
@@ -149,7 +145,7 @@ class PolicyStore:
             return False
         index, data = outcome
         self._in_force_digest = self._last_digest
-        generation = (self._current.generation if self._current else 0) + 1
+        generation = self.current.generation + 1
         self._install(index, generation)
         log.info("%s: policy reloaded, generation %d", self.file, generation)
         for feed in self.feeds:
@@ -258,8 +254,8 @@ class PolicyStore:
         return compile_policy(load_policy_text(text, self.file), self.settings)
 
     def _install(self, index: PolicyIndex, generation: int) -> None:
-        replacing = self._current is not None
-        self._current = Snapshot(index, generation, datetime.now(UTC), self.file)
+        replacing = hasattr(self, "current")
+        self.current = Snapshot(index, generation, datetime.now(UTC), self.file)
         if replacing and gc.get_freeze_count():
             refreeze()
 
