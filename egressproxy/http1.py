@@ -63,7 +63,6 @@ from egressproxy.verify import REFUSALS, verification_mode
 
 if TYPE_CHECKING:
     from egressproxy.flow import Flow
-    from egressproxy.policy.index import PolicyIndex
 
 log = logging.getLogger("egressproxy.http1")
 
@@ -490,8 +489,11 @@ class Http1Proxy(asyncio.Protocol):
         self.transport = flow.transport
         self.loop = flow.context.loop
         self.policy = flow.context.policy
-        self.generation = 0
-        """The generation of the policy the last request was decided by (_policy_index)."""
+        """Each request is decided by the policy in force when its head comes, as Linkerd
+        routes each request by the routes it last heard of: a reload reaches the next
+        request of a keep-alive connection."""
+        self.generation = self.policy.current.generation
+        """The policy's generation when the lean path last looked for a head found again."""
         self._client: h11.Connection | None = None
         self.idle: dict[tuple[str, int], _Upstream] = {}
         self.upstream: _Upstream | None = None
@@ -547,7 +549,7 @@ class Http1Proxy(asyncio.Protocol):
         check, a load generator send the same head again and again, and an upstream
         answers them alike (its Date changes once a second): such a head, found again
         byte for byte at the start of what came, is neither parsed nor decided again,
-        while the policy it was decided by is in force (_policy_index)."""
+        while the policy it was decided by is in force (generation)."""
         self.response_remaining = -1
         """Its response's body bytes still to come; -1 until the head is through."""
         self.exchange_reusable = True
@@ -898,8 +900,9 @@ class Http1Proxy(asyncio.Protocol):
                 if self.inbox_eof:
                     self._close()
                 return
-            if self.policy.current.generation != self.generation:
-                self._policy_index()
+            generation = self.policy.current.generation
+            if generation != self.generation:  # a reload: no head is decided as before it
+                self.generation, self.repeated_request = generation, None
             repeated = self.repeated_request
             if repeated is not None and self.inbox.startswith(repeated.raw):
                 self.head_scanned = self.empty_lines = 0
@@ -932,16 +935,6 @@ class Http1Proxy(asyncio.Protocol):
                 self._leave_lean()
                 return
 
-    def _policy_index(self) -> PolicyIndex:
-        """The policy in force now. Each request is decided by it, as Linkerd routes each
-        request by the routes it last heard of, so a reload reaches the next request of a
-        keep-alive connection; a head found again is decided again under a new policy."""
-        current = self.policy.current
-        if current.generation != self.generation:
-            self.generation = current.generation
-            self.repeated_request = None
-        return current.index
-
     def _refused_request_line(self) -> bool:
         """A head still incomplete whose first line no server would take: 400 now."""
         line = http1_lean.refused_request_line(self.inbox, self.head_scanned)
@@ -965,7 +958,7 @@ class Http1Proxy(asyncio.Protocol):
 
         like: the request seen before whose field lines this one's repeat (parse_request_like)."""
         flow = self.flow
-        index = self._policy_index()
+        index = self.policy.current.index
         target = request.target.decode("latin-1")
         if not target.startswith("/") or "#" in target:
             return False  # h11's path answers it (see ParsedRequest.bad_target)
@@ -1175,7 +1168,7 @@ class Http1Proxy(asyncio.Protocol):
         flow = self.flow
         assert flow.record.destination is not None
         parsed = parse_request(request, flow.record.destination)
-        decision = self._policy_index().decide_request(parsed.facts)
+        decision = self.policy.current.index.decide_request(parsed.facts)
         self.request, self.parsed = request, parsed
         self.record = RequestRecord(
             client=flow.record.client,
