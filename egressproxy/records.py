@@ -11,6 +11,8 @@ from egressproxy.errors import DNS_ERROR
 from egressproxy.policy.decision import Decision, Destination, Detected, RouteProtocol
 
 GRPC_UNKNOWN = 2
+MAX_GRPC_CODE = 16
+"""UNAUTHENTICATED, the last code gRPC defines."""
 GRPC_PERMISSION_DENIED = 7
 GRPC_RESOURCE_EXHAUSTED = 8
 GRPC_INTERNAL = 13
@@ -39,11 +41,13 @@ def grpc_code_of_answer(status: int, error: str) -> int | None:
 
 def grpc_status_of(fields: Iterable[tuple[bytes, bytes]]) -> int | None:
     """The grpc-status of response headers or trailers (lower-case names), None if none;
-    UNKNOWN for one that is no code, as gRPC clients read it (and int() of over 4,300
-    digits raises, on the loop)."""
+    UNKNOWN for one that is no code of gRPC's (0 to 16), as gRPC clients read it, so the
+    access log's number is the metric's label (and int() of over 4,300 digits raises, on
+    the loop)."""
     for name, value in fields:
         if name == b"grpc-status":
-            return int(value) if value.isdigit() and len(value) <= 10 else GRPC_UNKNOWN
+            code = int(value) if value.isdigit() and len(value) <= 10 else GRPC_UNKNOWN
+            return code if code <= MAX_GRPC_CODE else GRPC_UNKNOWN
     return None
 
 

@@ -1201,11 +1201,22 @@ def test_any_accept_header_gets_a_scrape(
 
 @pytest.mark.parametrize(
     ("value", "code"),
-    [(b"0", 0), (b"14", 14), (b"99999999999", 2), (b"0" * 5000, 2), (b"abc", 2), (b"", 2)],
+    [
+        *((b"%d" % code, code) for code in range(17)),
+        (b"007", 7),
+        (b"17", 2),
+        (b"99", 2),
+        (b"4294967303", 2),
+        (b"99999999999", 2),
+        (b"0" * 5000, 2),
+        (b"abc", 2),
+        (b"", 2),
+    ],
 )
 def test_a_grpc_status_that_is_no_code_is_unknown(value: bytes, code: int) -> None:
     """As gRPC clients (and Linkerd, through tonic) read it. As None (no status), a
-    trailer's bad status left the head's OK in force, and the call was counted OK."""
+    trailer's bad status left the head's OK in force, and the call was counted OK; as
+    its number (17, 99), the access log said what the metric's UNKNOWN did not."""
     assert grpc_status_of([(b"content-type", b"application/grpc"), (b"grpc-status", value)]) == code
 
 
