@@ -635,7 +635,8 @@ class Http1Proxy(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self.record is not None:  # cut by the drain timeout (Flow.abort), or by the client
-            self._request_failed(self.flow.record.error or "reset")
+            error = "" if self._answered_whole_locally() else self.flow.record.error or "reset"
+            self._request_failed(error)
         self._close_upstreams()
         self._stop()
         self.flow.finish(self.error or ("reset" if exc else ""))
@@ -1743,7 +1744,23 @@ class Http1Proxy(asyncio.Protocol):
             # the body was malformed while it streamed: the upstream request is broken too
             self.upstream.transport.abort()
             self.upstream = None
+        if self._answered_whole_locally():  # the rest of a body nothing waits for came short
+            self._request_failed("")
+            self._linger()
+            return
         self._protocol_failure(status, kind)
+
+    def _answered_whole_locally(self) -> bool:
+        """The proxy's own answer (403, 502 …) went out whole while the client still sends
+        its body: the exchange is over as far as anyone reads it. A client that then stops
+        sending (curl and Go's net/http end an upload on a final answer) or resets changes
+        neither its outcome nor its error."""
+        return (
+            self.record is not None
+            and not self.forwarding
+            and self._client is not None
+            and self.client.our_state in (h11.DONE, h11.MUST_CLOSE)
+        )
 
     def _protocol_failure(self, status: int, kind: str) -> None:
         """A request the proxy cannot parse: answer (if it can), record, and close."""
@@ -1754,7 +1771,8 @@ class Http1Proxy(asyncio.Protocol):
                 began = self.head_deadline - self.settings.header_timeout
                 self.record.started -= self.loop.time() - began
         can_answer = self.client.our_state in (h11.IDLE, h11.SEND_RESPONSE)
-        self.record.status = status if can_answer else self.record.status
+        if can_answer:  # a gRPC call's code too: the one its client gets for that cause
+            self.record.answered_by_proxy(status, kind)
         self._request_failed(kind)
         self.error = kind
         if not can_answer:

@@ -29,7 +29,7 @@ from egressproxy.http1_lean import LeanRequest
 from egressproxy.metrics import Metrics, exposition
 from egressproxy.policy.decision import Decision, Detected, RequestFacts
 from egressproxy.policy.index import PolicyIndex
-from egressproxy.relay import WRITE_BUFFER_HIGH
+from egressproxy.relay import WRITE_BUFFER_HIGH, abort_with_reset
 from egressproxy.server import Reporting
 from egressproxy.settings import LogFormat, VerifyDestination
 from egressproxy.sniff.http import EMPTY_LINES_ALLOWED
@@ -153,6 +153,22 @@ async def test_each_request_on_a_keep_alive_connection_is_decided_on_its_own(
     assert statuses == [("/a", 200), ("/denied", 403), ("/b", 200), ("/denied/x", 403)]
 
 
+GRPC_ONLY = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: test
+spec:
+  default: allow
+  rules:
+  - name: echo
+    grpc:
+    - service: test.Echo
+      method: Echo
+    action: allow
+"""
+"""A policy whose port is one of gRPC rules: every request on it is of the gRPC family."""
+
 SWITCH_DENIED = POLICY.replace("pathPrefix: /denied", "pathPrefix: /switch")
 
 
@@ -222,6 +238,59 @@ async def test_open_connections_hold_no_policy_a_reload_replaced(
             writer.close()
         await proxy.wait_closed_flows(2)
     assert not held
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("reset", [False, True])
+async def test_a_denied_upload_the_client_gives_up_is_counted_as_denied(
+    setup: tuple[LoopbackProxy, int, int], reset: bool
+) -> None:
+    """curl and Go's net/http stop an upload once a final answer comes, and close: the
+    403 went out whole, so the request is counted as a deny (no error) whether the client
+    then closes or resets, as an upstream's early answer is, and as h2 counts it."""
+    proxy, _, _ = setup
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    head = b"POST /denied HTTP/1.1\r\nHost: example.test\r\nContent-Length: 10000000\r\n\r\n"
+    writer.write(head + b"x" * 65536)
+    status, _, _ = await read_response(reader)
+    if reset:
+        abort_with_reset(writer.transport)
+    else:
+        writer.close()
+    await proxy.wait_closed_flows(1)
+    assert [(r.status, r.error) for r in proxy.ledger.requests] == [(403, "")]
+    assert (status, proxy.ledger.flows[0].error) == (403, "reset" if reset else "")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("fields", "answer", "code"),
+    [
+        (f"x-big: {'a' * 5000}\r\nContent-Length: 0\r\n", 431, 8),
+        ("Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", 400, 13),
+    ],
+)
+async def test_a_grpc_call_refused_for_its_head_over_http1_gets_the_code_of_that_cause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fields: str, answer: int, code: int
+) -> None:
+    """A call of the gRPC route family refused for its head is counted with the code a
+    gRPC client gets for that cause (RESOURCE_EXHAUSTED for 431, INTERNAL for 400), as
+    over h2 and as the proxy's other answers are; it was UNKNOWN, with no status logged."""
+    async with proxy_to_origin(
+        h1, tmp_path, monkeypatch, GRPC_ONLY, max_header_bytes=4096
+    ) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(
+            (
+                "POST /test.Echo/Echo HTTP/1.1\r\nHost: example.test\r\n"
+                f"content-type: application/grpc\r\n{fields}\r\n0\r\n\r\n"
+            ).encode()
+        )
+        status, _, _ = await read_response(reader)
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    assert status == answer
+    assert [(r.status, r.grpc_status) for r in proxy.ledger.requests] == [(answer, code)]
 
 
 @pytest.mark.asyncio
