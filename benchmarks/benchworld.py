@@ -87,6 +87,9 @@ http {{
     ssl_certificate {tmp}/cert.pem;
     ssl_certificate_key {tmp}/key.pem;
     root {tmp}/www;
+    location /{small}/ {{
+      try_files /{small} =404;
+    }}
   }}
 }}
 """
@@ -386,7 +389,7 @@ class World:
         )
         (self.tmp / "key.pem").chmod(0o600)
         (self.tmp / "nginx.conf").write_text(
-            NGINX_CONF.format(tmp=self.tmp, web=WEB_IP, host=HOSTNAME)
+            NGINX_CONF.format(tmp=self.tmp, web=WEB_IP, host=HOSTNAME, small=SMALL_FILE)
         )
 
     @staticmethod

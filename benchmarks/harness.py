@@ -95,8 +95,10 @@ HAPROXY_HTTP = (
 frontend transparent
   mode http
   bind 0.0.0.0:{PROXY_PORT}
+  acl bench_file path /{SMALL_FILE} /{LARGE_FILE}
+  acl bench_file path_beg /{SMALL_FILE}/
   http-request deny deny_status 403 unless {{ hdr(host) -i {HOSTNAME} }}
-  http-request deny deny_status 403 unless {{ path /{SMALL_FILE} /{LARGE_FILE} }}
+  http-request deny deny_status 403 unless bench_file
   default_backend original_destination
 backend original_destination
   mode http
@@ -128,6 +130,7 @@ spec:
     - matches:
         - path: {{type: Exact, value: /{SMALL_FILE}}}
         - path: {{type: Exact, value: /{LARGE_FILE}}}
+        - path: {{type: PathPrefix, value: /{SMALL_FILE}/}}
 ---
 apiVersion: gateway.networking.k8s.io/v1alpha2
 kind: TLSRoute
@@ -370,11 +373,12 @@ def parse_wrk(output: str) -> Measurement:
 
 
 VARIED_REQUESTS = """\
--- every request of the run its own: the target's query counts them
+-- every request of the run its own path, /100b/1, /100b/2 ... (nginx serves /100b for
+-- each): a proxy decides each anew, none from an earlier request's decision
 counter = 0
 request = function()
   counter = counter + 1
-  return wrk.format(nil, wrk.path .. "?n=" .. counter)
+  return wrk.format(nil, wrk.path .. "/" .. counter)
 end
 """
 
@@ -382,7 +386,7 @@ end
 def wrk(
     context: Run, url: str, *, connections: int, close: bool, varied: bool = False
 ) -> Measurement:
-    """varied: no two requests of the run have the same head (VARIED_REQUESTS)."""
+    """varied: no two requests of the run have the same path (VARIED_REQUESTS)."""
     command = ["wrk", "-t1", f"-c{connections}", f"-d{context.duration}s", "--latency"]
     if close:
         command += ["-H", "Connection: close"]
@@ -399,7 +403,7 @@ def wrk(
 
 
 def decided_requests(context: Run) -> int | None:
-    """Requests egressproxy counted on its HTTP route metric (per-request decisions), if any."""
+    """Requests egressproxy counted on its HTTP route metric, one by one, if any."""
     if context.started is None or not context.proxy.name.startswith("egressproxy"):
         return None
     try:
@@ -653,6 +657,9 @@ def run_all(world: World, rounds: int, duration: int, idle_connections: int) -> 
                         Run(world, proxy, started, duration, idle_connections)
                     )
                     this_round.setdefault(workload.name, {})[proxy.name] = measurement
+                    for problem in invalid(measurement, idle_connections):
+                        results.failures.append(f"{label}: {problem}")
+                        print(f"  INVALID {label}: {problem}", file=sys.stderr, flush=True)
                 except (
                     RuntimeError,
                     TimeoutError,
@@ -667,6 +674,21 @@ def run_all(world: World, rounds: int, duration: int, idle_connections: int) -> 
                     if started is not None:
                         world.stop(started)
     return results
+
+
+def invalid(measurement: Measurement, idle_connections: int) -> list[str]:
+    """Why a measurement says nothing of the proxy: answers other than the file (a
+    refused request costs a proxy less than a forwarded one), nothing moved, or idle
+    connections the proxy did not all answer. Such a run fails the benchmark."""
+    problems = []
+    if measurement.get("non_2xx"):
+        problems.append(f"{measurement['non_2xx']} answers were not 2xx")
+    connections = measurement.get("connections")
+    if connections is None and not measurement.get("value"):  # idle: a page holds many
+        problems.append("nothing was measured (a result of 0)")
+    if connections is not None and connections < idle_connections:
+        problems.append(f"{connections} of {idle_connections} idle connections answered")
+    return problems
 
 
 # -- reporting ----------------------------------------------------------------
@@ -705,7 +727,7 @@ def notes(results: Results, workload: Workload, proxy: str) -> str:
     decided = results.median(workload.name, proxy, "decided_requests")
     if decided is not None:
         requests = results.median(workload.name, proxy, "requests") or 0
-        parts.append(f"{decided / requests:.0%} of requests decided" if requests else "")
+        parts.append(f"{decided / requests:.0%} of requests counted on a route" if requests else "")
     errors = results.median(workload.name, proxy, "errors")
     non_2xx = results.median(workload.name, proxy, "non_2xx")
     if errors:

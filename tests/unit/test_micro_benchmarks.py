@@ -42,3 +42,17 @@ def test_bench_sniff_times_every_parser() -> None:
     for row in rows:
         assert row.endswith("µs/call"), row
         assert float(row.split()[-2]) > 0, row
+
+
+def test_a_benchmark_run_that_measured_nothing_of_the_proxy_fails() -> None:
+    """Refused requests, a result of 0 and idle connections left unanswered fail the run
+    (and so the smoke test); they made rows that only the notes called invalid."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from harness import invalid
+
+    assert invalid({"value": 7000.0, "non_2xx": 0}, 5000) == []
+    assert invalid({"value": 2.2, "connections": 5000}, 5000) == []
+    assert invalid({"value": 0.0, "connections": 100}, 100) == []  # idle: pages are shared
+    assert len(invalid({"value": 7000.0, "non_2xx": 25000}, 5000)) == 1
+    assert len(invalid({"value": 0.0}, 5000)) == 1
+    assert len(invalid({"value": 2.2, "connections": 4999}, 5000)) == 1
