@@ -153,13 +153,9 @@ async def test_each_request_on_a_keep_alive_connection_is_decided_on_its_own(
     assert statuses == [("/a", 200), ("/denied", 403), ("/b", 200), ("/denied/x", 403)]
 
 
-GRPC_ONLY = """\
-apiVersion: egressproxy.io/v1alpha1
-kind: EgressPolicy
-metadata:
-  name: test
-spec:
-  default: allow
+GRPC_ONLY = (
+    ALLOW_ALL
+    + """\
   rules:
   - name: echo
     grpc:
@@ -167,6 +163,7 @@ spec:
       method: Echo
     action: allow
 """
+)
 """A policy whose port is one of gRPC rules: every request on it is of the gRPC family."""
 
 SWITCH_DENIED = POLICY.replace("pathPrefix: /denied", "pathPrefix: /switch")
