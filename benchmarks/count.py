@@ -12,8 +12,9 @@ WARM_UP + N; the difference over N is the cost of one exchange, start-up and shu
 cancelled out.
 The exchanges are made one after the other by a Python client in the client
 namespace: `new-conn` one `Connection: close` request per connection, `keepalive` N
-requests on one connection (`keepalive-varied`: each with its own query, so no head comes
-twice), `new-tls` one request per TLS connection (full handshake).
+requests on one connection (`keepalive-varied`: each with its own path, /100b/N, so no
+head comes twice and each is decided anew, as in the benchmark's "no head twice" rows),
+`new-tls` one request per TLS connection (full handshake).
 As root, with valgrind and strace installed (docs/performance.md).
 """
 
@@ -53,10 +54,10 @@ STOP_TIMEOUT = 300.0
 EXCHANGE_TIMEOUT = 30.0
 
 
-def request(close: bool, query: str = "") -> bytes:
+def request(close: bool, suffix: str = "") -> bytes:
     connection = "close" if close else "keep-alive"
     return (
-        f"GET /{SMALL_FILE}{query} HTTP/1.1\r\nHost: {HOSTNAME}\r\nUser-Agent: count\r\n"
+        f"GET /{SMALL_FILE}{suffix} HTTP/1.1\r\nHost: {HOSTNAME}\r\nUser-Agent: count\r\n"
         f"Connection: {connection}\r\n\r\n"
     ).encode()
 
@@ -89,7 +90,7 @@ def drive(workload: str, exchanges: int) -> None:
         varied = workload == "keepalive-varied"
         with socket.create_connection((WEB_IP, 80), timeout=EXCHANGE_TIMEOUT) as sock:
             for number in range(exchanges):
-                sock.sendall(request(close=False, query=f"?n={number}" if varied else ""))
+                sock.sendall(request(close=False, suffix=f"/{number}" if varied else ""))
                 answers.append(read_response(sock, size=100))
     elif workload == "new-tls":
         context = ssl.create_default_context()
