@@ -590,6 +590,55 @@ def test_a_connect_with_a_body_gets_400_through_the_redirect(
     assert running.logged(r"protocol=http1 .*status=400 error=bad_request"), running.log_text()
 
 
+def test_a_denied_upload_the_client_gives_up_counts_as_the_deny(
+    world: World, proxy: StartProxy
+) -> None:
+    """curl and Go end an upload once a final answer comes: the 403 that went out whole is
+    what the request is counted and logged as, error empty, however the client leaves."""
+    running = proxy(policy(), "--namespace", "egress-test")
+    with world.connect(world.host("httpbin.org").v4, 80) as sock:
+        sock.sendall(
+            b"POST /post HTTP/1.1\r\nHost: httpbin.org\r\nContent-Length: 10000000\r\n\r\n"
+            + b"x" * 65536
+        )
+        assert _read_head(sock).startswith(b"HTTP/1.1 403 ")
+    assert running.logged(r"access .* protocol=http1 .* status=403 error=- "), running.log_text()
+    text = metrics_text(world)
+    statuses = "outbound_http_route_request_statuses_total"
+    assert metric(text, statuses, http_status="403", error="") == 1
+    assert metric(text, statuses, http_status="403") == 1
+
+
+def test_a_grpc_call_over_http1_refused_for_its_head_gets_the_grpc_code_of_that_cause(
+    world: World, proxy: StartProxy
+) -> None:
+    """On a port of GRPCRoutes an HTTP/1 call whose head is past --max-header-bytes is
+    answered 431 and counted RESOURCE_EXHAUSTED, as the same call over h2 is."""
+    running = proxy(
+        GRPC_POLICY.format(port=GRPC_PORT),
+        "--namespace",
+        "egress-test",
+        "--max-header-bytes",
+        "4096",
+    )
+    with world.connect(world.host("example.test").v4, GRPC_PORT) as sock:
+        sock.sendall(
+            b"POST /test.Echo/Echo HTTP/1.1\r\nHost: example.test\r\n"
+            b"Content-Type: application/grpc\r\nX-Big: %s\r\nContent-Length: 0\r\n\r\n"
+            % (b"a" * 6000)
+        )
+        assert _read_head(sock).startswith(b"HTTP/1.1 431 ")
+    assert running.logged(r"access .* protocol=grpc .* status=8 error=header_too_large ")
+    text = metrics_text(world)
+    exhausted = metric(
+        text,
+        "outbound_grpc_route_request_statuses_total",
+        grpc_status="RESOURCE_EXHAUSTED",
+        error="header_too_large",
+    )
+    assert exhausted == 1
+
+
 ONLY_GITHUB = """\
 apiVersion: policy.linkerd.io/v1alpha1
 kind: EgressNetwork
