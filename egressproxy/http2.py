@@ -923,7 +923,8 @@ class H2Proxy(asyncio.Protocol):
             return
         headers: Headers = list(event.headers)
         facts, bad_request = stream_facts(headers, self.flow)
-        decision = self.flow.context.policy.current.index.decide_request(facts)  # in force now
+        policy = self.flow.context.policy.current  # a reload reaches the next stream
+        decision = policy.index.decide_request(facts)
         assert self.flow.record.destination is not None
         record = RequestRecord(
             client=self.flow.record.client,
