@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 from urllib.parse import parse_qsl, unquote
 
 from egressproxy.policy.decision import (
@@ -402,12 +402,113 @@ DEFAULT_GRPC_MATCH = CompiledGrpcMatch(GrpcMatch(any_method=True))
 """A gRPC rule without matches takes every call, whatever its method."""
 
 
+class RankedMatch(NamedTuple):
+    """One HTTP match of a rule at a hostname level, as RankedLevel orders it."""
+
+    order: int
+    """Where a walk over the level's rules (oldest first) and their matches meets it: of
+    two matches of one score, the one met first wins."""
+    rule: CompiledRule
+    match: CompiledHttpMatch
+    by_path_alone: bool
+    """It takes every request whose path it matches: no method, header, query, address or
+    authority of the request counts."""
+
+
+@dataclass(frozen=True)
+class RankedLevel:
+    """A hostname level's HTTP matches ordered so that the first one a request fits is the
+    one Gateway API precedence picks (best score, then the oldest rule and its first match):
+    a request is held against the few matches its path can meet, not against every one."""
+
+    exact: dict[str, tuple[RankedMatch, ...]]
+    """Exact path matches by their path, best first; any of them outranks every other."""
+    others: tuple[RankedMatch, ...]
+    """Prefix matches (a rule without matches is a prefix `/`), best first."""
+    patterns: tuple[RankedMatch, ...]
+    """RegularExpression matches, whose score depends on the path they match."""
+    reads_query: bool
+    most_specific_host_only: bool
+
+
+def rank_level(level: Sequence[CompiledRule]) -> RankedLevel:
+    met = (
+        (rule, match)
+        for rule in level
+        for match in rule.http or (DEFAULT_HTTP_MATCH,)
+    )  # fmt: skip
+    matches = [
+        RankedMatch(
+            order,
+            rule,
+            match,
+            not (rule.rule.cidrs or rule.route.port_in_host_must_match or match.method)
+            and not (match.headers or match.query),
+        )
+        for order, (rule, match) in enumerate(met)
+    ]
+    best_first = sorted(
+        (ranked for ranked in matches if ranked.match.pattern is None),
+        key=lambda ranked: (ranked.match.score, -ranked.order),
+        reverse=True,
+    )
+    exact: dict[str, list[RankedMatch]] = {}
+    for ranked in best_first:
+        if ranked.match.exact_path:
+            exact.setdefault(ranked.match.path_value, []).append(ranked)
+    return RankedLevel(
+        exact={path: tuple(ranked) for path, ranked in exact.items()},
+        others=tuple(ranked for ranked in best_first if not ranked.match.exact_path),
+        patterns=tuple(ranked for ranked in matches if ranked.match.pattern is not None),
+        reads_query=any(ranked.match.query for ranked in matches),
+        most_specific_host_only=any(rule.route.most_specific_host_only for rule in level),
+    )
+
+
+class HttpRules(HostTable[CompiledRule]):
+    """A port's HTTP rules by hostname, each level of them ranked (RankedLevel) once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ranked_levels: dict[str | None, tuple[RankedLevel, ...]] = {}
+        self._rankings: dict[int, RankedLevel] = {}
+        """By id() of the level's list: the table holds each of its lists as long as it
+        lives, so no other list takes that id meanwhile."""
+
+    def add(self, hostnames: Sequence[str], item: CompiledRule) -> None:
+        super().add(hostnames, item)
+        self._ranked_levels.clear()
+        self._rankings.clear()
+
+    def sort(self, key: Callable[[CompiledRule], tuple[object, ...]]) -> None:
+        super().sort(key)
+        self._ranked_levels.clear()
+        self._rankings.clear()
+
+    def ranked_levels(self, hostname: str | None) -> tuple[RankedLevel, ...]:
+        """levels(hostname) ranked, remembered as levels() remembers them."""
+        ranked = self._ranked_levels.get(hostname)
+        if ranked is None:
+            if len(self._ranked_levels) >= MAX_MEMOISED_LEVELS:
+                self._ranked_levels.clear()
+            ranked = self._ranked_levels[hostname] = tuple(
+                self._ranking(level) for level in self.levels(hostname)
+            )
+        return ranked
+
+    def _ranking(self, level: list[CompiledRule]) -> RankedLevel:
+        ranking = self._rankings.get(id(level))
+        if ranking is None:
+            ranking = self._rankings[id(level)] = rank_level(level)
+        return ranking
+
+
 @dataclass
 class PortTable:
     """The routes of one port of one network, by family."""
 
     fixed: RouteProtocol | None = None
-    http: HostTable[CompiledRule] = field(default_factory=HostTable)
+    http: HttpRules = field(default_factory=HttpRules)
     grpc: HostTable[CompiledRule] = field(default_factory=HostTable)
     tls: HostTable[CompiledRule] = field(default_factory=HostTable)
     tcp: list[CompiledRule] = field(default_factory=list)
@@ -1353,38 +1454,68 @@ def matches_headers_or_query(model: Model) -> bool:
     )
 
 
-def best_http_rule(table: HostTable[CompiledRule], request: RequestFacts) -> CompiledRule | None:
-    """Most specific hostname level first; within it Gateway API match precedence, then age.
+def best_http_rule(table: HttpRules, request: RequestFacts) -> CompiledRule | None:
+    """Most specific hostname level first; within it Gateway API match precedence, then age
+    (RankedLevel: the first match that fits, but for a RegularExpression that outranks it).
 
     A level holding an OSM route ends the search whatever it matched; an OSM route takes no
     request whose authority names another port than the destination's.
     """
-    query: list[tuple[str, str]] | None = None
-    other_port: bool | None = None
-    for level in table.levels(request.hostname):
-        best: CompiledRule | None = None
-        best_score: tuple[object, ...] = ()
-        for rule in level:
-            if not rule.covers(request.destination.ip):
-                continue
-            if rule.route.port_in_host_must_match:
-                if other_port is None:
-                    other_port = names_another_port(request)
-                if other_port:
-                    continue
-            for match in rule.http or (DEFAULT_HTTP_MATCH,):
-                score = match.score if match.pattern is None else match.score_for(request.path)
-                if best is not None and score <= best_score:
-                    continue
-                if query is None and match.query:
-                    query = parse_qsl(request.query, keep_blank_values=True, encoding="latin-1")
-                if match.matches(request, query or ()):
-                    best, best_score = rule, score
+    path = request.path
+    for level in table.ranked_levels(request.hostname):
+        query = (
+            parse_qsl(request.query, keep_blank_values=True, encoding="latin-1")
+            if level.reads_query
+            else ()
+        )
+        best = _first_fitting(level.exact.get(path, ()), request, query) or _first_fitting(
+            level.others, request, query
+        )
+        if level.patterns and (best is None or not best.match.exact_path):
+            best = _best_pattern(level.patterns, best, request, query)
         if best is not None:
-            return best
-        if any(rule.route.most_specific_host_only for rule in level):
+            return best.rule
+        if level.most_specific_host_only:
             return None
     return None
+
+
+def _first_fitting(
+    ranked: Sequence[RankedMatch], request: RequestFacts, query: Sequence[tuple[str, str]]
+) -> RankedMatch | None:
+    for candidate in ranked:
+        if candidate.by_path_alone:
+            if candidate.match.path_matches(request.path):
+                return candidate
+        elif _fits(candidate, request, query):
+            return candidate
+    return None
+
+
+def _best_pattern(
+    patterns: Sequence[RankedMatch],
+    best: RankedMatch | None,
+    request: RequestFacts,
+    query: Sequence[tuple[str, str]],
+) -> RankedMatch | None:
+    """best, or a RegularExpression match that fits and outranks it for this path."""
+    rank: tuple[tuple[object, ...], int] | None = None
+    if best is not None:
+        rank = (best.match.score, -best.order)
+    for candidate in patterns:
+        candidate_rank = (candidate.match.score_for(request.path), -candidate.order)
+        if (rank is None or candidate_rank > rank) and _fits(candidate, request, query):
+            best, rank = candidate, candidate_rank
+    return best
+
+
+def _fits(candidate: RankedMatch, request: RequestFacts, query: Sequence[tuple[str, str]]) -> bool:
+    rule = candidate.rule
+    if not rule.covers(request.destination.ip):
+        return False
+    if rule.route.port_in_host_must_match and names_another_port(request):
+        return False
+    return candidate.match.matches(request, query)
 
 
 def names_another_port(request: RequestFacts) -> bool:

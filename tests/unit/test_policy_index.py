@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 import pytest
 from hypothesis import given, settings
@@ -17,14 +19,18 @@ from egressproxy.policy.decision import (
     RequestFacts,
 )
 from egressproxy.policy.index import (
+    DEFAULT_HTTP_MATCH,
     MAX_MEMOISED_DECISIONS,
     MAX_MEMOISED_LEVELS,
     MAX_MEMOISED_REQUEST_TEXT,
     AddressSpans,
     CidrTable,
     CompiledNetwork,
+    CompiledRule,
     HostTable,
+    HttpRules,
     PolicyIndex,
+    best_http_rule,
     compile_policy,
     names_another_port,
     normalized_path,
@@ -631,3 +637,158 @@ def test_between_equal_rules_for_a_grpc_call_the_one_written_first_wins(matches:
     decision = index.decide_request(call)
     assert decision.route is not None and decision.route.name == "p.first-allow"
     assert decision.action is Action.PASS
+
+
+def walked_best_http_rule(table: HttpRules, request: RequestFacts) -> CompiledRule | None:
+    """Gateway API precedence as its words say it, by a walk over every rule and match of
+    the most specific hostname level first: the best score, the first met of equals."""
+    for level in table.levels(request.hostname):
+        best: CompiledRule | None = None
+        best_score: tuple[object, ...] = ()
+        for rule in level:
+            if not rule.covers(request.destination.ip):
+                continue
+            if rule.route.port_in_host_must_match and names_another_port(request):
+                continue
+            for match in rule.http or (DEFAULT_HTTP_MATCH,):
+                score = match.score_for(request.path)
+                query = parse_qsl(request.query, keep_blank_values=True, encoding="latin-1")
+                if (best is None or score > best_score) and match.matches(request, query):
+                    best, best_score = rule, score
+        if best is not None:
+            return best
+        if any(rule.route.most_specific_host_only for rule in level):
+            return None
+    return None
+
+
+RANKED_ROUTE = """---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{namespace: linkerd-egress, name: r{number}{created}}}
+spec:
+  parentRefs: [{{name: all, kind: EgressNetwork, group: policy.linkerd.io, port: 80}}]
+  hostnames: {hostnames}
+  rules: {rules}
+"""
+RANKED_PATHS = ["/", "/a", "/a/", "/a/b", "/ab", "/b/1", "/b/12"]
+HTTP_MATCHES = st.fixed_dictionaries(
+    {},
+    optional={
+        "path": st.builds(
+            lambda kind, value: {"type": kind, "value": value},
+            st.sampled_from(["Exact", "PathPrefix", "RegularExpression"]),
+            st.sampled_from(["/", "/a", "/a/", "/a/b", "/b/[0-9]+", "/a.*"]),
+        ),
+        "method": st.sampled_from(["GET", "POST"]),
+        "headers": st.just([{"name": "x-a", "value": "1"}]),
+        "queryParams": st.just([{"name": "q", "value": "1"}]),
+    },
+)
+HTTP_ROUTES = st.lists(
+    st.tuples(
+        st.sampled_from([[], ["a.example"], ["*.example"]]),
+        st.lists(st.lists(HTTP_MATCHES, max_size=3), min_size=1, max_size=3),
+        st.sampled_from(["", "2026-01-01T00:00:00Z", "2025-01-01T00:00:00Z"]),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+def ranked_index(routes: list[tuple[list[str], list[list[dict[str, object]]], str]]) -> PolicyIndex:
+    text = """apiVersion: policy.linkerd.io/v1alpha1
+kind: EgressNetwork
+metadata: {namespace: linkerd-egress, name: all}
+spec: {trafficPolicy: Deny}
+"""
+    for number, (hostnames, rules, created) in enumerate(routes):
+        text += RANKED_ROUTE.format(
+            number=number,
+            created=f", creationTimestamp: '{created}'" if created else "",
+            hostnames=json.dumps(hostnames),
+            rules=json.dumps([{"matches": matches} for matches in rules]),
+        )
+    return compile_policy(load_policy_text(text, "ranked.yaml"), Settings())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    HTTP_ROUTES,
+    st.lists(
+        st.tuples(
+            st.sampled_from([None, "a.example", "b.example"]),
+            st.sampled_from(["GET", "POST"]),
+            st.sampled_from(RANKED_PATHS),
+            st.sampled_from(["", "q=1"]),
+            st.sampled_from([(), (("x-a", "1"),)]),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+)
+def test_a_ranked_level_picks_the_rule_a_walk_over_every_match_picks(
+    routes: list[tuple[list[str], list[list[dict[str, object]]], str]],
+    requests: list[tuple[str | None, str, str, str, tuple[tuple[str, str], ...]]],
+) -> None:
+    """best_http_rule holds a request against the matches its path can meet, best first:
+    it picks what Gateway API precedence picks among every match of the level."""
+    index = ranked_index(routes)
+    destination = Destination(ipaddress.ip_address("203.0.113.9"), 80)
+    network = index.network_for(destination)
+    assert network is not None
+    table = network.table(80).http
+    for hostname, method, path, query, headers in requests:
+        facts = RequestFacts(destination, hostname, method, path, query, headers, False)
+        assert best_http_rule(table, facts) is walked_best_http_rule(table, facts), facts
+
+
+@pytest.mark.parametrize(
+    ("name", "config"),
+    [
+        ("osm-3-egress-policy.yaml", Settings(namespace="curl", service_account="curl")),
+        ("osm-5-egress-routegroup.yaml", Settings(namespace="curl", service_account="curl")),
+        ("native-1-allowlist.yaml", Settings()),
+    ],
+)
+def test_ranked_levels_of_the_examples_pick_what_a_walk_picks(name: str, config: Settings) -> None:
+    """The other dialects' rules too: OSM's (an authority's port, most specific host only),
+    the native one's (addresses, methods)."""
+    index = compile_policy(load_policy_text((EXAMPLES / name).read_text(), name), config)
+    checked = 0
+    for network in index.compiled.values():
+        for table in (network.every_port, *network.ports.values()):
+            for hostname, _ in table.http.entries():
+                for address in ("203.0.113.9", "198.51.100.9"):
+                    for path in ("/", "/get", "/get/x", "/headers", "/post", "/x"):
+                        for method, authority in [("GET", None), ("POST", "h:8080")]:
+                            destination = Destination(ipaddress.ip_address(address), 80)
+                            facts = RequestFacts(
+                                destination, hostname, method, path, "", (), False, authority
+                            )
+                            ranked = best_http_rule(table.http, facts)
+                            assert ranked is walked_best_http_rule(table.http, facts), facts
+                            checked += ranked is not None
+    assert checked
+
+
+@pytest.mark.parametrize("older", ["Regex", "Prefix"])
+def test_a_regular_expression_and_a_prefix_of_one_score_go_to_the_older_route(
+    older: str,
+) -> None:
+    """`/a.*` matching all of `/a` and the prefix `/a` both count two characters."""
+    matches = {
+        "Regex": [[{"path": {"type": "RegularExpression", "value": "/a.*"}}]],
+        "Prefix": [[{"path": {"type": "PathPrefix", "value": "/a"}}]],
+    }
+    newer = "Prefix" if older == "Regex" else "Regex"
+    index = ranked_index(
+        [([], matches[older], "2025-01-01T00:00:00Z"), ([], matches[newer], "2026-01-01T00:00:00Z")]
+    )
+    destination = Destination(ipaddress.ip_address("203.0.113.9"), 80)
+    network = index.network_for(destination)
+    assert network is not None
+    facts = RequestFacts(destination, "a.example", "GET", "/a", "", (), False)
+    best = best_http_rule(network.table(80).http, facts)
+    assert best is not None and best.route.ref.name == "r0"
+    assert best is walked_best_http_rule(network.table(80).http, facts)
