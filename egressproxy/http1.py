@@ -1018,15 +1018,15 @@ class Http1Proxy(asyncio.Protocol):
         self.host_header, self.hostname = request.host, seen.hostname
         self.inbox = self.inbox[request.size :]
         self.head_deadline = None
-        record = RequestRecord(
-            client=flow.record.client,
-            destination=destination,
-            protocol="http1",
-            hostname=seen.hostname,
-            method=seen.method,
-            path=seen.path,
-            grpc=request.grpc,
-            decision=decision,
+        record = RequestRecord(  # by position: keywords cost half as much again, per request
+            flow.record.client,
+            destination,
+            "http1",
+            seen.hostname,
+            seen.method,
+            seen.path,
+            request.grpc,
+            decision,
         )
         if decision.action is DENY_ACTION:
             record.answered_by_proxy(403, "")
