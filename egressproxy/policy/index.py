@@ -926,9 +926,10 @@ MAX_MEMOISED_REQUEST_TEXT = 512
 """A request whose path and authority are longer together is decided without the memo, which
 then holds at most MAX_MEMOISED_DECISIONS times this many characters of them."""
 
-RequestKey = tuple[Destination, str | None, str, str, bool, str | None]
+RequestKey = tuple[str, int, str | None, str, str, bool, str | None]
 """What a request's decision depends on when the policy matches no header or query:
-destination, hostname, method, path, gRPC or not, and the authority (OSM reads its port)."""
+destination (as its host text and port: a Destination hashes in Python, text in C),
+hostname, method, path, gRPC or not, and the authority (OSM reads its port)."""
 
 
 class PolicyIndex:
@@ -1161,7 +1162,16 @@ class PolicyIndex:
         path, authority = facts.path, facts.authority
         if memo is None or len(path) + len(authority or "") > MAX_MEMOISED_REQUEST_TEXT:
             return self.decide_uncached_request(facts)
-        key = (facts.destination, facts.hostname, facts.method, path, facts.grpc, authority)
+        destination = facts.destination
+        key = (
+            destination.host,
+            destination.port,
+            facts.hostname,
+            facts.method,
+            path,
+            facts.grpc,
+            authority,
+        )
         decision = memo.get(key)
         if decision is None:
             if len(memo) >= MAX_MEMOISED_DECISIONS:
