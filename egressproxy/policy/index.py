@@ -432,11 +432,7 @@ class RankedLevel:
 
 
 def rank_level(level: Sequence[CompiledRule]) -> RankedLevel:
-    met = (
-        (rule, match)
-        for rule in level
-        for match in rule.http or (DEFAULT_HTTP_MATCH,)
-    )  # fmt: skip
+    met = ((rule, match) for rule in level for match in rule.http or (DEFAULT_HTTP_MATCH,))
     matches = [
         RankedMatch(
             order,
