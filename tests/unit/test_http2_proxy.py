@@ -262,6 +262,13 @@ async def connect_h2(proxy: LoopbackProxy, kind: type[ClientT] = H2Client) -> Cl
     return client
 
 
+async def all_answered(answers: Iterable[Answer]) -> None:
+    """Until every one of answers is complete, TIMEOUT for them all."""
+    async with asyncio.timeout(TIMEOUT):
+        for answer in answers:
+            await answer.done.wait()
+
+
 async def only_handler(proxy: LoopbackProxy) -> Any:
     """The H2Proxy of the proxy's one open connection, once there is one."""
     async with asyncio.timeout(TIMEOUT):
@@ -329,9 +336,7 @@ async def test_streams_are_decided_and_multiplexed(h2_setup: tuple[LoopbackProxy
     denied = client.request("GET", "/denied/thing")
     download = client.request("GET", f"/bytes/{total}")
     posted = client.request("POST", "/upload", upload)
-    async with asyncio.timeout(TIMEOUT):
-        for answer in (allowed, denied, download, posted):
-            await answer.done.wait()
+    await all_answered((allowed, denied, download, posted))
     assert allowed.headers[":status"] == "200"
     echoed = json.loads(allowed.body)
     assert ["x-test", "kept"] in echoed["headers"]
@@ -383,9 +388,7 @@ async def test_unreachable_upstream_gives_502(h2_setup: tuple[LoopbackProxy, int
     proxy.destination[0] = local(closed_port())
     client = await connect_h2(proxy)
     answers = [client.request("GET", path) for path in ("/a", "/b", "/c")]
-    async with asyncio.timeout(TIMEOUT):
-        for answer in answers:
-            await answer.done.wait()
+    await all_answered(answers)
     for answer in answers:
         assert (answer.headers[":status"], bytes(answer.body)) == (
             "502",
@@ -586,9 +589,7 @@ async def test_a_burst_waits_for_the_upstreams_stream_limit(slow_h2: LoopbackPro
     its SETTINGS say so, so none is refused, and all ten are answered."""
     client = await connect_h2(slow_h2)
     answers = [client.request("GET", f"/{number}") for number in range(10)]
-    async with asyncio.timeout(TIMEOUT):
-        for answer in answers:
-            await answer.done.wait()
+    await all_answered(answers)
     assert [(a.headers[":status"], bytes(a.body)) for a in answers] == [("200", b"late")] * 10
     client.transport.close()
     await slow_h2.wait_closed_flows(1)
@@ -1075,9 +1076,7 @@ async def test_an_upstream_reset_keeps_its_error_code(
     async with proxy_to_h2_origin(ResettingH2Origin, tmp_path, monkeypatch) as proxy:
         client = await connect_h2(proxy)
         answers = [client.request("GET", f"/reset/{int(code)}") for code in codes]
-        async with asyncio.timeout(TIMEOUT):
-            for answer in answers:
-                await answer.done.wait()
+        await all_answered(answers)
         client.transport.close()
         await proxy.wait_closed_flows(1)
     assert [(a.headers[":status"], a.reset_code) for a in answers] == [
@@ -1309,9 +1308,7 @@ async def test_grpc_calls_refused_for_their_head_get_grpc_answers(
             client.request("POST", "/test.Echo/Echo", b"\0\0\0\0\0", grpc_call, "x.test:80:80"),
             client.request("GET", "/after"),
         ]
-        async with asyncio.timeout(TIMEOUT):
-            for call in calls:
-                await call.done.wait()
+        await all_answered(calls)
         client.transport.close()
         await proxy.wait_closed_flows(1)
     wire = [
@@ -1377,9 +1374,7 @@ async def test_a_response_head_too_large_fails_its_stream_not_the_upstream_conne
         client = await connect_h2(proxy)
         large = client.request("GET", "/large", headers={"x-head-bytes": str(70_000)})
         good = client.request("GET", "/good")
-        async with asyncio.timeout(TIMEOUT):
-            for answer in (large, good):
-                await answer.done.wait()
+        await all_answered((large, good))
         assert (large.headers[":status"], bytes(large.body)) == ("502", b"upstream bad_response\n")
         assert (good.headers[":status"], good.headers["x-indexed"]) == ("200", "kept")
         assert bytes(good.body) == b"late"
@@ -1400,9 +1395,7 @@ async def test_a_response_head_past_four_times_the_limit_ends_its_upstream_conne
         client = await connect_h2(proxy)
         bomb = client.request("GET", "/bomb", headers={"x-head-bytes": str(4 * 65536)})
         beside = client.request("GET", "/beside")
-        async with asyncio.timeout(TIMEOUT):
-            for answer in (bomb, beside):
-                await answer.done.wait()
+        await all_answered((bomb, beside))
         assert [a.headers[":status"] for a in (bomb, beside)] == ["502", "502"]
         client.transport.close()
         await proxy.wait_closed_flows(1)
@@ -1458,9 +1451,7 @@ async def test_an_upstream_goaway_finishes_its_streams_and_retries_the_unprocess
             client.request("POST", "/kept-body", b"partial"),
             client.request("POST", "/sent-body", bytes(2 * REPLAY_LIMIT)),
         ]
-        async with asyncio.timeout(TIMEOUT):
-            for answer in answers:
-                await answer.done.wait()
+        await all_answered(answers)
         client.transport.close()
         await proxy.wait_closed_flows(1)
     assert [(a.headers[":status"], bytes(a.body)) for a in answers] == [
@@ -1669,9 +1660,7 @@ async def test_one_h2_client_cannot_take_the_descriptors_of_the_others(
             answers.append(client.request("GET", f"/{number}"))
             await asyncio.sleep(0.03)  # past the GOAWAY of the stream before
         full_while_held = open_flows.full
-        async with asyncio.timeout(TIMEOUT):
-            for answer in answers:
-                await answer.done.wait()
+        await all_answered(answers)
         client.transport.close()
         await proxy.wait_closed_flows(1)
         left = (open_flows.extra, open_flows.full)
@@ -1968,9 +1957,7 @@ async def test_a_path_no_server_reads_as_the_policy_does_is_refused(
     client = await connect_h2(proxy)
     paths = ["/a", "/denied#", "/a/..#/denied", "denied", "*"]
     answers = [client.request("GET", path) for path in paths]
-    async with asyncio.timeout(TIMEOUT):
-        for answer in answers:
-            await answer.done.wait()
+    await all_answered(answers)
     assert [answer.headers[":status"] for answer in answers] == ["200", *["400"] * 4]
     client.transport.close()
     await proxy.wait_closed_flows(1)
@@ -2000,9 +1987,7 @@ async def test_a_method_or_path_http1_refuses_and_an_extended_connects_path_are_
         [(":method", "GET"), *authority, (":path", "/good")],
     ]
     answers = [client.send_block(block) for block in blocks]
-    async with asyncio.timeout(TIMEOUT):
-        for answer in answers:
-            await answer.done.wait()
+    await all_answered(answers)
     statuses = [answer.headers[":status"] for answer in answers]
     assert statuses == [*["400"] * 3, "400", "403", *["400"] * 3, "200"]
     client.transport.close()
@@ -2023,9 +2008,7 @@ async def test_an_authority_with_an_empty_or_malformed_port_gets_no_default(
             client = await connect_h2(proxy)
             authorities = ["example.test", "blocked.test:", "blocked.test:80:80"]
             answers = [client.request("GET", "/a", authority=name) for name in authorities]
-            async with asyncio.timeout(TIMEOUT):
-                for answer in answers:
-                    await answer.done.wait()
+            await all_answered(answers)
             statuses = [answer.headers[":status"] for answer in answers]
             assert statuses == ["200", "403", "400"]
             client.transport.close()
@@ -2053,9 +2036,7 @@ async def test_an_osm_egress_decides_an_authority_as_the_same_host_in_http1(
             client = await connect_h2(proxy)
             authorities = [host.format(port=port) for host in OSM_HOST_CASES[matches]]
             answers = [client.request("GET", "/a", authority=name) for name in authorities]
-            async with asyncio.timeout(TIMEOUT):
-                for answer in answers:
-                    await answer.done.wait()
+            await all_answered(answers)
             client.transport.close()
             await proxy.wait_closed_flows(1)
     finally:
@@ -2418,9 +2399,7 @@ async def test_the_hpack_table_the_proxy_keeps_for_a_client_stays_small(
     proxy, _ = h2_setup
     client = await connect_h2(proxy, LargeTableClient)
     answers = [client.request("GET", f"/a{n}") for n in range(3)]
-    async with asyncio.timeout(TIMEOUT):
-        for answer in answers:
-            await answer.done.wait()
+    await all_answered(answers)
     assert [answer.headers[":status"] for answer in answers] == ["200"] * 3
     assert client.h2.decoder.header_table_size == MAX_ENCODER_TABLE
     client.transport.close()
@@ -2578,9 +2557,7 @@ async def only_the_good_stream_answered(
 ) -> None:
     """Each bad stream reset PROTOCOL_ERROR, the good one answered 200 on the same
     connection (no GOAWAY), and only the good one reached the origin."""
-    async with asyncio.timeout(TIMEOUT):
-        for answer in [*bad, good]:
-            await answer.done.wait()
+    await all_answered([*bad, good])
     assert [(a.reset, a.reset_code) for a in bad] == [
         (True, h2.errors.ErrorCodes.PROTOCOL_ERROR)
     ] * len(bad)
@@ -2633,9 +2610,7 @@ async def test_streams_on_a_grpc_port_are_grpc_calls_in_metrics_and_log(
             client.request("POST", "/test.Echo/Echo", b"x"),
             client.request("POST", "/test.Echo/Echo", b"\0\0\0\0\0", grpc_call),
         ]
-        async with asyncio.timeout(TIMEOUT):
-            for answer in answers:
-                await answer.done.wait()
+        await all_answered(answers)
         client.transport.close()
         async with asyncio.timeout(TIMEOUT):
             while proxy.context.open_flows.flows:
@@ -2693,9 +2668,7 @@ async def test_a_backend_lookup_that_times_out_gets_504_or_unavailable(
                 client.request("GET", "/routed"),
                 client.request("POST", "/test.Echo/Echo", b"\0\0\0\0\0", grpc_call),
             ]
-            async with asyncio.timeout(TIMEOUT):
-                for answer in answers:
-                    await answer.done.wait()
+            await all_answered(answers)
             client.transport.close()
             await proxy.wait_closed_flows(1)
     wire = [(a.headers[":status"], a.headers.get("grpc-status")) for a in answers]
@@ -2786,9 +2759,7 @@ async def test_a_stream_past_the_stream_limit_is_refused_not_the_connection(
         client.h2.remote_settings.acknowledge()  # past the proxy's limit of 2
         within = [client.request("GET", f"/{number}") for number in range(2)]
         past = client.request("GET", "/past")
-        async with asyncio.timeout(TIMEOUT):
-            for answer in [*within, past]:
-                await answer.done.wait()
+        await all_answered([*within, past])
         assert (past.reset, past.reset_code) == (True, h2.errors.ErrorCodes.REFUSED_STREAM)
         after = client.request("GET", "/after")
         async with asyncio.timeout(TIMEOUT):
@@ -2891,9 +2862,7 @@ async def test_a_malformed_response_fails_its_stream_not_the_upstream_connection
         head, body, short, status, long_status, good = (
             client.request("GET", path) for path in paths
         )
-        async with asyncio.timeout(TIMEOUT):
-            for answer in (head, body, short, status, long_status, good):
-                await answer.done.wait()
+        await all_answered((head, body, short, status, long_status, good))
         assert [a.headers[":status"] for a in (head, status, long_status)] == ["502"] * 3
         assert [(a.reset, a.reset_code) for a in (body, short)] == [
             (True, h2.errors.ErrorCodes.INTERNAL_ERROR)
@@ -2930,9 +2899,7 @@ async def test_a_grpc_call_the_proxy_answers_on_an_http_route_counts_its_cause(
             client.request("POST", "/test.Echo/Echo", b"\0" * 5, grpc_call, "blocked.test"),
             client.request("POST", "/test.Echo/Echo", b"\0" * 5, grpc_call, "example.test"),
         ]
-        async with asyncio.timeout(TIMEOUT):
-            for answer in answers:
-                await answer.done.wait()
+        await all_answered(answers)
         client.transport.close()
         async with asyncio.timeout(TIMEOUT):
             while proxy.context.open_flows.flows:
@@ -3026,9 +2993,7 @@ async def test_an_informational_response_that_ends_its_stream_fails_that_stream_
         headers = {"content-type": "application/grpc", "te": "trailers"} if family == "grpc" else {}
         bad = client.request(*request_args, {**headers, "x-reply": "1xx-end-stream"})
         good = client.request(*request_args, headers)
-        async with asyncio.timeout(TIMEOUT):
-            for answer in (bad, good):
-                await answer.done.wait()
+        await all_answered((bad, good))
         assert (bad.headers[":status"], bad.headers.get("grpc-status")) == bad_wire
         if family == "http":
             assert (good.headers[":status"], bytes(good.body)) == ("200", b"late")
@@ -3538,9 +3503,7 @@ async def test_a_response_head_missing_its_body_or_a_101_is_not_forwarded(
             client.request("HEAD", "/head"),
             client.request("GET", "/switch"),
         ]
-        async with asyncio.timeout(TIMEOUT):
-            for answer in answers:
-                await answer.done.wait()
+        await all_answered(answers)
         client.transport.close()
         await proxy.wait_closed_flows(1)
     assert [answer.headers[":status"] for answer in answers] == ["502", "200", "502"]
@@ -3574,9 +3537,7 @@ async def test_streams_waiting_for_the_upstreams_slot_do_not_starve_the_one_usin
         for stream_id in list(client.uploads):
             await window_spent(client, stream_id)
         client.upload(first_id, bytes(100_000))
-        async with asyncio.timeout(TIMEOUT):
-            for answer in (first, *others):
-                await answer.done.wait()
+        await all_answered((first, *others))
         client.transport.close()
         await proxy.wait_closed_flows(1)
     lengths = [json.loads(answer.body)["body"]["length"] for answer in (first, *others)]
@@ -4033,9 +3994,7 @@ async def test_a_grpc_status_of_thousands_of_digits_is_unknown(
         client = await connect_h2(proxy)
         headers = {"content-type": "application/grpc", "te": "trailers"}
         calls = [client.request("POST", "/test.Echo/Echo", b"", headers) for _ in range(2)]
-        async with asyncio.timeout(TIMEOUT):
-            for answer in calls:
-                await answer.done.wait()
+        await all_answered(calls)
         assert [answer.headers.get("grpc-status") for answer in calls] == [
             LongGrpcStatusOrigin.STATUS
         ] * 2
