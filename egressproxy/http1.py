@@ -40,6 +40,7 @@ from egressproxy.policy.decision import (
     RequestFacts,
     RouteProtocol,
 )
+from egressproxy.policy.index import RequestDecider
 from egressproxy.records import RequestRecord, grpc_status_of
 from egressproxy.relay import (
     WRITE_BUFFER_HIGH,
@@ -438,6 +439,7 @@ class Http1Proxy(asyncio.Protocol):
         "client_write_paused",
         "closed",
         "connecting",
+        "decider",
         "draining",
         "empty_lines",
         "error",
@@ -494,6 +496,9 @@ class Http1Proxy(asyncio.Protocol):
         request of a keep-alive connection."""
         self.generation = self.policy.current.generation
         """The policy's generation when the lean path last looked for a head found again."""
+        self.decider: RequestDecider | None = None
+        """The lean path's decider for this connection's destination, by the policy in force
+        when it was made."""
         self._client: h11.Connection | None = None
         self.idle: dict[tuple[str, int], _Upstream] = {}
         self.upstream: _Upstream | None = None
@@ -958,7 +963,6 @@ class Http1Proxy(asyncio.Protocol):
         """Decide and deny or forward a lean request; False: h11 must take it (nothing done).
 
         like: the request seen before whose field lines this one's repeat (parse_request_like)."""
-        flow = self.flow
         index = self.policy.current.index
         target = request.target.decode("latin-1")
         if not target.startswith("/") or "#" in target:
@@ -972,25 +976,20 @@ class Http1Proxy(asyncio.Protocol):
         ):  # the same Host, headers, method and path: the same decision
             self._serve_lean(request, like)
             return True
-        destination = flow.record.destination
-        assert destination is not None
         if request.host != self.host_header:
             hostname = authority_host(request.host)
             if hostname is None and request.host:
                 return False  # h11's path answers it 400
             self.host_header, self.hostname = request.host, hostname
         method = request.method.decode("latin-1")
-        facts = RequestFacts(
-            destination,
-            self.hostname,
-            method,
-            path,
-            query,
-            request.headers,
-            request.grpc,
-            request.host or None,
+        decider = self.decider
+        if decider is None or decider.index is not index:
+            destination = self.flow.record.destination
+            assert destination is not None
+            decider = self.decider = RequestDecider(index, destination)
+        decision = decider.decide(
+            self.hostname, method, path, query, request.headers, request.grpc, request.host or None
         )
-        decision = index.decide_request(facts)
         if decision.protocol is GRPC_PROTOCOL:
             return False  # h11's path reads the grpc-status of its response
         denied = decision.action is DENY_ACTION

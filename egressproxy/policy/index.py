@@ -918,6 +918,7 @@ def describe_taken(network: Network, settings: Settings) -> str:
 MAX_MEMOISED_DECISIONS = 4096
 MAX_MEMOISED_NETWORKS = 4096
 """Bounds the memo when many destinations are decided (it is cleared, not evicted, when full)."""
+NO_HTTP_ROUTE = "no HTTPRoute matched"
 MAX_MEMOISED_REQUEST_TEXT = 512
 """A request whose path and authority are longer together is decided without the memo, which
 then holds at most MAX_MEMOISED_DECISIONS times this many characters of them."""
@@ -1246,9 +1247,7 @@ class PolicyIndex:
         rule = best_http_rule(table.http, facts)
         if rule is not None:
             return self.matched(network, destination, HTTP_PROTOCOL, rule)
-        return self.unmatched_request(
-            network, table, destination, HTTP_PROTOCOL, "no HTTPRoute matched"
-        )
+        return self.unmatched_request(network, table, destination, HTTP_PROTOCOL, NO_HTTP_ROUTE)
 
     def unmatched_request(
         self,
@@ -1292,7 +1291,7 @@ class PolicyIndex:
             return self.default(network, destination, HTTP_PROTOCOL, NO_FILTER_CHAIN)
         rule = best_http_rule(table.http, request) if chain.rule is None else chain.rule
         if rule is None:
-            return self.default(network, destination, HTTP_PROTOCOL, "no HTTPRoute matched")
+            return self.default(network, destination, HTTP_PROTOCOL, NO_HTTP_ROUTE)
         return self.matched(network, destination, HTTP_PROTOCOL, rule)
 
     def not_a_call(self, network: CompiledNetwork, destination: Destination) -> Decision:
@@ -1431,6 +1430,87 @@ class PolicyIndex:
                 {**as_dict(route), "applies": self.applies(route)} for route in self.model.routes
             ],
         }
+
+
+class RequestDecider:
+    """decide_request for the requests of one connection, whose destination is fixed: its
+    network and port table are found once, and on a port of HTTP rules alone (no gRPC,
+    OSM or fixed TLS/TCP routes) a path read one way only (decide_uncached_request) is
+    matched against the rules at once. A request decided anew (each its own path, say)
+    costs a quarter fewer instructions; the facts are made only when the memo has no
+    answer."""
+
+    __slots__ = ("_destination", "_host", "_http", "_network", "_port", "_table", "index")
+
+    def __init__(self, index: PolicyIndex, destination: Destination) -> None:
+        self.index = index
+        self._destination = destination
+        self._host, self._port = destination.host, destination.port
+        network = index.network_for(destination)
+        table = network.table(destination.port) if network is not None else None
+        self._network, self._table = network, table
+        self._http = (
+            table.http
+            if table is not None
+            and (table.fixed is HTTP_PROTOCOL or (table.fixed is None and not table.grpc))
+            and not table.envoy
+            else None
+        )
+        """The port's HTTP rules when they alone decide its requests; else None."""
+
+    def decide(
+        self,
+        hostname: str | None,
+        method: str,
+        path: str,
+        query: str,
+        headers: tuple[tuple[str, str], ...],
+        grpc: bool,
+        authority: str | None,
+    ) -> Decision:
+        """index.decide_request(RequestFacts(destination, hostname, …))."""
+        index = self.index
+        memo = index.request_decisions
+        key = None
+        if memo is not None and len(path) + len(authority or "") <= MAX_MEMOISED_REQUEST_TEXT:
+            key = (self._host, self._port, hostname, method, path, grpc, authority)
+            decision = memo.get(key)
+            if decision is not None:
+                return decision
+        facts = RequestFacts(
+            self._destination, hostname, method, path, query, headers, grpc, authority
+        )
+        http = self._http
+        if http is None or not read_one_way(path):
+            decision = index.decide_uncached_request(facts)
+        else:
+            network, table = self._network, self._table
+            assert network is not None and table is not None
+            rule = best_http_rule(http, facts)
+            decision = (
+                index.matched(network, self._destination, HTTP_PROTOCOL, rule)
+                if rule is not None
+                else index.unmatched_request(
+                    network, table, self._destination, HTTP_PROTOCOL, NO_HTTP_ROUTE
+                )
+            )
+        if key is not None and memo is not None:
+            if len(memo) >= MAX_MEMOISED_DECISIONS:
+                memo.clear()
+            memo[key] = decision
+        return decision
+
+
+def read_one_way(path: str) -> bool:
+    """Whether decide_uncached_request reads the path as written and no other way: it has
+    nothing to decode, no slashes to merge, no dot segment, no `;` or `\\`."""
+    return (
+        "%" not in path
+        and "//" not in path
+        and "/." not in path
+        and ";" not in path
+        and "\\" not in path
+    )
 
 
 def no_network(

@@ -30,6 +30,7 @@ from egressproxy.policy.index import (
     HostTable,
     HttpRules,
     PolicyIndex,
+    RequestDecider,
     best_http_rule,
     compile_policy,
     names_another_port,
@@ -499,6 +500,81 @@ PATH_SEGMENTS = st.sampled_from(
         "a\\..\\admin",
     ]
 )
+
+
+DECIDER_PATHS = st.one_of(
+    REQUEST_PATHS,
+    wire(24),
+    st.lists(
+        st.sampled_from(
+            ["", "get", "a", ".", "..", "%2e", "%2F", ";x", "b\\c", "helloworld.Greeter"]
+        ),
+        max_size=4,
+    ).map(lambda segments: "/" + "/".join(segments)),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.sampled_from(INDEXES + MEMO_INDEXES + list(PATH_INDEXES.values())),
+    st.one_of(
+        st.sampled_from([ipaddress.ip_address("203.0.113.9"), ipaddress.ip_address("10.0.0.1")]),
+        ADDRESSES,
+    ),
+    st.sampled_from([80, 443, 8080, 50051]),
+    REQUEST_HOSTNAMES | st.just("app.example.com"),
+    st.sampled_from(["GET", "POST", "get"]),
+    DECIDER_PATHS,
+    wire(12),
+    st.lists(st.tuples(st.sampled_from(["x-a", "host", "content-type"]), wire(6)), max_size=2),
+    st.booleans(),
+    st.sampled_from([None, "httpbin.org", "httpbin.org:8080"]),
+)
+def test_a_connection_s_decider_decides_each_request_as_decide_request_does(
+    index: PolicyIndex,
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    port: int,
+    hostname: str | None,
+    method: str,
+    path: str,
+    query: str,
+    headers: list[tuple[str, str]],
+    grpc: bool,
+    authority: str | None,
+) -> None:
+    """Its shortcut (a port of HTTP rules alone, a path read one way) and the memo it
+    shares with decide_request give the answer decide_uncached_request gives, the first
+    time and from memory."""
+    destination = Destination(address, port)
+    decider = RequestDecider(index, destination)
+    facts = RequestFacts(
+        destination, hostname, method, path, query, tuple(headers), grpc, authority
+    )
+    expected = index.decide_uncached_request(facts)
+    for _ in range(2):
+        assert decider.decide(*facts[1:]) == expected
+        assert index.decide_request(facts) == expected
+
+
+@pytest.mark.parametrize("default", sorted(PATH_INDEXES))
+def test_a_decider_reads_a_path_every_way_decide_request_does(default: str) -> None:
+    """Paths that one of decide_uncached_request's readings denies, and their plain kin."""
+    index = PATH_INDEXES[default]
+    destination = Destination(ipaddress.ip_address("203.0.113.7"), 80)
+    decider = RequestDecider(index, destination)
+    for path in (
+        "/admin;v=1",
+        "/admin%3Bx",
+        "/x\\..\\admin",
+        "/admin/../public",
+        "//admin",
+        "/%61dmin",
+        "/public/..;/admin",
+        "/public/a",
+        "/admin",
+    ):
+        facts = RequestFacts(destination, "app.example.com", "GET", path, "", (), False)
+        assert decider.decide(*facts[1:]) == index.decide_uncached_request(facts), path
 
 
 @given(st.sampled_from(sorted(PATH_INDEXES)), st.lists(PATH_SEGMENTS, max_size=5))
