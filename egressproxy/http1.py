@@ -1002,7 +1002,9 @@ class Http1Proxy(asyncio.Protocol):
             fields = b""
         else:
             fields = like.fields if like else http1_lean.field_lines(request, raw)
-        seen = _SeenRequest(raw, fields, request, self.hostname, method, path, decision)
+        seen = tuple.__new__(  # a C call, where _SeenRequest(...) runs a Python __new__
+            _SeenRequest, (raw, fields, request, self.hostname, method, path, decision)
+        )
         self.repeated_request = None if request.close else seen
         self._serve_lean(request, seen)
         return True

@@ -227,7 +227,9 @@ def parse_request_like(
     if method == b"CONNECT" or size > limit or head_size > limit or like.close:
         return None
     headers, host, grpc = like.headers, like.host, like.grpc
-    return LeanRequest(method, target, headers, host, grpc, buffer[:size], size, head_size, False)
+    return tuple.__new__(  # a C call, where LeanRequest(...) runs a Python __new__
+        LeanRequest, (method, target, headers, host, grpc, buffer[:size], size, head_size, False)
+    )
 
 
 def _request(

@@ -309,6 +309,8 @@ class CompiledHttpMatch:
         self.exact_path = self.path_kind == MatchKind.EXACT
         """Asked for every request: a plain attribute, where an enum member costs a call."""
         self.prefix = value.rstrip("/") if self.path_kind == MatchKind.PREFIX else value
+        self.below_prefix = self.prefix + "/"
+        """What the paths below a PathPrefix start with, made once: it is asked per request."""
         self.pattern = Pattern(value) if self.path_kind == MatchKind.REGEX else None
         self.method = match.method
         self.method_any_case = match.method_any_case
@@ -343,7 +345,7 @@ class CompiledHttpMatch:
             return path == self.path_value
         if self.pattern is not None:
             return self.pattern.fullmatch(path)
-        return not self.prefix or path == self.prefix or path.startswith(self.prefix + "/")
+        return not self.prefix or path == self.prefix or path.startswith(self.below_prefix)
 
 
 DEFAULT_HTTP_MATCH = CompiledHttpMatch(HttpMatch())
@@ -1477,8 +1479,9 @@ class RequestDecider:
             decision = memo.get(key)
             if decision is not None:
                 return decision
-        facts = RequestFacts(
-            self._destination, hostname, method, path, query, headers, grpc, authority
+        facts = tuple.__new__(  # a C call, where RequestFacts(...) runs a Python __new__
+            RequestFacts,
+            (self._destination, hostname, method, path, query, headers, grpc, authority),
         )
         http = self._http
         if http is None or not read_one_way(path):
@@ -1554,9 +1557,10 @@ def best_http_rule(table: HttpRules, request: RequestFacts) -> CompiledRule | No
             if level.reads_query
             else ()
         )
-        best = _first_fitting(level.exact.get(path, ()), request, query) or _first_fitting(
-            level.others, request, query
-        )
+        exact = level.exact.get(path)  # most paths are no rule's Exact value: no call then
+        best = _first_fitting(exact, request, query) if exact else None
+        if best is None:
+            best = _first_fitting(level.others, request, query)
         if level.patterns and (best is None or not best.match.exact_path):
             best = _best_pattern(level.patterns, best, request, query)
         if best is not None:
