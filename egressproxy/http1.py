@@ -459,6 +459,7 @@ class Http1Proxy(asyncio.Protocol):
         "inbox_eof",
         "last_activity",
         "lean",
+        "lean_verdict",
         "loop",
         "parsed",
         "paused",
@@ -481,7 +482,6 @@ class Http1Proxy(asyncio.Protocol):
         "tunnel_relay",
         "upstream",
         "upstream_turn",
-        "verified",
     )
 
     def __init__(self, flow: Flow) -> None:
@@ -567,8 +567,8 @@ class Http1Proxy(asyncio.Protocol):
         self.host_header = ""
         self.hostname: str | None = None
         """The last Host header and its hostname: a connection mostly sends one."""
-        self.verified: tuple[Decision | None, str | None, bool] = (None, None, False)
-        """The last decision and hostname _verifies answered, and its answer."""
+        self.lean_verdict: tuple[Decision | None, str | None, bool] = (None, None, False)
+        """The last decision and hostname _lean_verdict answered, and its answer."""
 
     @property
     def client(self) -> h11.Connection:
@@ -990,14 +990,12 @@ class Http1Proxy(asyncio.Protocol):
         decision = decider.decide(
             self.hostname, method, path, query, request.headers, request.grpc, request.host or None
         )
-        if decision.protocol is GRPC_PROTOCOL:
-            return False  # h11's path reads the grpc-status of its response
-        denied = decision.action is DENY_ACTION
-        if denied and decision.audit:
+        known_decision, known_hostname, lean = self.lean_verdict
+        if decision is not known_decision or self.hostname is not known_hostname:
+            lean = self._lean_verdict(decision)
+        if not lean:
             return False
-        if not denied and self._verifies(decision):
-            return False
-        raw = self.inbox[: request.size]
+        raw = request.head if like else self.inbox[: request.size]  # a like head is as it came
         if request.close:
             fields = b""
         else:
@@ -1240,15 +1238,20 @@ class Http1Proxy(asyncio.Protocol):
         except Exception as unforeseen:
             self._failed_in_task(unforeseen, f"verifying {record.hostname}")
 
-    def _verifies(self, decision: Decision) -> bool:
-        """Whether the lean request's destination must be verified, asked once per decision
-        and hostname: a connection's requests mostly share both."""
-        known_decision, known_hostname, verifies = self.verified
-        if decision is not known_decision or self.hostname is not known_hostname:
+    def _lean_verdict(self, decision: Decision) -> bool:
+        """Whether the lean path serves a request of this decision and hostname (remembered
+        in lean_verdict: a connection's requests mostly share both). Not a request in the
+        gRPC route family (h11's path reads the grpc-status of its response), nor an audited
+        denial, nor one whose destination is to be verified."""
+        if decision.protocol is GRPC_PROTOCOL:
+            lean = False
+        elif decision.action is DENY_ACTION:
+            lean = not decision.audit
+        else:
             mode = verification_mode(decision, self.hostname, self.settings.verify_destination)
-            verifies = mode is not VerifyDestination.OFF
-            self.verified = (decision, self.hostname, verifies)
-        return verifies
+            lean = mode is VerifyDestination.OFF
+        self.lean_verdict = (decision, self.hostname, lean)
+        return lean
 
     def _target(self, decision: Decision) -> tuple[str, int]:
         """address_for, asked once per decision: a connection's requests mostly share one."""

@@ -219,10 +219,13 @@ def parse_request_like(
     head, or parse_request's to answer. fields must not be empty. A client's requests mostly
     share their fields."""
     line = _TIDY_REQUEST_LINE.match(buffer, 0, limit)
-    if line is None or not buffer.startswith(fields, line.end()):
+    if line is None:
         return None
-    method, target = line[1], line[2]
-    size = line.end() + len(fields)
+    line_end = line.end()
+    if not buffer.startswith(fields, line_end):
+        return None
+    method, target = line.groups()
+    size = line_end + len(fields)
     head_size = len(method) + len(target) + 12 + len(fields)
     if method == b"CONNECT" or size > limit or head_size > limit or like.close:
         return None

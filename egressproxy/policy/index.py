@@ -1442,7 +1442,16 @@ class RequestDecider:
     costs a quarter fewer instructions; the facts are made only when the memo has no
     answer."""
 
-    __slots__ = ("_destination", "_host", "_http", "_network", "_port", "_table", "index")
+    __slots__ = (
+        "_destination",
+        "_host",
+        "_http",
+        "_last_matched",
+        "_network",
+        "_port",
+        "_table",
+        "index",
+    )
 
     def __init__(self, index: PolicyIndex, destination: Destination) -> None:
         self.index = index
@@ -1459,6 +1468,9 @@ class RequestDecider:
             else None
         )
         """The port's HTTP rules when they alone decide its requests; else None."""
+        self._last_matched: tuple[CompiledRule | None, Decision | None] = (None, None)
+        """The rule the shortcut last matched and its decision: a connection's requests
+        mostly fall under one rule."""
 
     def decide(
         self,
@@ -1490,13 +1502,16 @@ class RequestDecider:
             network, table = self._network, self._table
             assert network is not None and table is not None
             rule = best_http_rule(http, facts)
-            decision = (
-                index.matched(network, self._destination, HTTP_PROTOCOL, rule)
-                if rule is not None
-                else index.unmatched_request(
+            last_rule, last_decision = self._last_matched
+            if rule is None:
+                decision = index.unmatched_request(
                     network, table, self._destination, HTTP_PROTOCOL, NO_HTTP_ROUTE
                 )
-            )
+            elif rule is last_rule and last_decision is not None:
+                decision = last_decision
+            else:
+                decision = index.matched(network, self._destination, HTTP_PROTOCOL, rule)
+                self._last_matched = (rule, decision)
         if key is not None and memo is not None:
             if len(memo) >= MAX_MEMOISED_DECISIONS:
                 memo.clear()
