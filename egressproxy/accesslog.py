@@ -33,7 +33,7 @@ from json.encoder import encode_basestring_ascii
 from logging.handlers import QueueHandler
 from typing import TextIO
 
-from egressproxy.policy.decision import Action, Decision, Destination, RouteProtocol
+from egressproxy.policy.decision import GRPC_PROTOCOL, Action, Decision, Destination
 from egressproxy.records import FlowRecord, RequestRecord
 from egressproxy.settings import LogFormat, Settings, host_port
 
@@ -110,13 +110,13 @@ MAX_REMEMBERED_TEXTS = 4096
 tail, words) it keeps."""
 REQUEST_TEMPLATES = {
     False: (
-        "%s access %s path=%s %s bytes_sent=%d bytes_received=%d duration=%r",
+        "%s access %s path=%s %s bytes_sent=%d bytes_received=%d duration=%.6f",
         "client={} {} method={}",
         "status={} error={}",
     ),
     True: (
         '{"time":"%s","log":"access",%s,"path":%s,%s,"bytes_sent":%d,"bytes_received":%d,'
-        '"duration":%r}',
+        '"duration":%.6f}',
         '"client":{},{},"method":{}',
         '"status":{},"error":{}',
     ),
@@ -219,7 +219,7 @@ class LineFormatter(logging.Formatter):
         )
         self.decided: dict[DecidedKey, tuple[Destination | None, Decision | None, str]] = {}
         self.request_heads: dict[RequestHeadKey, tuple[Destination, Decision, str]] = {}
-        self.request_tails: dict[tuple[str, str], str] = {}
+        self.request_tails: dict[tuple[int | None, str], str] = {}
         self.words: dict[str, str] = {}
         self.second = -1
         self.second_text = ""
@@ -247,8 +247,15 @@ class LineFormatter(logging.Formatter):
     def timestamp(self, created: float) -> str:
         """RFC 3339 in UTC with milliseconds, microseconds rounded first as datetime does.
 
-        Lines come in bursts within one second, whose text is kept.
+        Lines come in bursts within one second, whose text is kept; a time within it is
+        that second's text and its milliseconds (the fraction, created less the second, is
+        exact: the two are within a factor of two of each other).
         """
+        fraction = created - self.second
+        if self.second >= 0 and 0.0 <= fraction < 1.0:
+            micros = round(fraction * 1_000_000)
+            if micros < 1_000_000:
+                return self.second_text + MILLISECOND_TEXTS[micros // 1000]
         fraction, whole = math.modf(created)
         micros = round(fraction * 1_000_000)
         second = int(whole)
@@ -275,19 +282,17 @@ class LineFormatter(logging.Formatter):
             word(record.error),
             record.bytes_from_client,
             record.bytes_from_upstream,
-            round(duration, 6),
+            f"{duration:.6f}",
         )
 
     def request_line(self, record: RequestRecord, created: float, duration: float) -> str:
         """Its client, destination, decision and method are remembered as one text (a
         connection's requests share them), and so are its status and error."""
         decision, destination = record.decision, record.destination
-        if decision.protocol is RouteProtocol.GRPC:  # the metrics' family
-            protocol = "grpc"
-            status = "" if record.grpc_status is None else str(record.grpc_status)
+        if decision.protocol is GRPC_PROTOCOL:  # the metrics' family
+            protocol, status = "grpc", record.grpc_status
         else:
-            protocol = record.protocol
-            status = "" if record.status is None else str(record.status)
+            protocol, status = record.protocol, record.status
         key = (
             record.client,
             id(destination),
@@ -310,7 +315,10 @@ class LineFormatter(logging.Formatter):
         if tail is None:
             if len(self.request_tails) >= MAX_REMEMBERED_TEXTS:
                 self.request_tails.clear()
-            tail = self.request_tail_template.format(self.encode(status), self.encode(record.error))
+            status_text = "" if status is None else str(status)
+            tail = self.request_tail_template.format(
+                self.encode(status_text), self.encode(record.error)
+            )
             self.request_tails[status, record.error] = tail
         return self.request_template % (
             self.timestamp(created),
@@ -319,7 +327,7 @@ class LineFormatter(logging.Formatter):
             tail,
             record.bytes_from_client,
             record.bytes_from_upstream,
-            round(duration, 6),
+            duration,
         )
 
     def decided_text(

@@ -575,9 +575,9 @@ def test_lines_sharing_remembered_texts_read_back(
 def test_timestamp_is_datetimes_to_the_millisecond(created: float) -> None:
     """The second's text is kept between lines; the time still reads as datetime reads it."""
     formatter = LineFormatter(LogFormat.TEXT)
-    formatter.timestamp(created - 1)
-    expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
-    assert formatter.timestamp(created) == expected.replace("+00:00", "Z")
+    for moment in (max(created - later, 0) for later in (1, 0.0004, 0, 0)):
+        expected = datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds")
+        assert formatter.timestamp(moment) == expected.replace("+00:00", "Z"), moment
 
 
 # --- the process's log output -------------------------------------------------------------
