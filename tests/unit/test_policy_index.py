@@ -517,39 +517,32 @@ DECIDER_PATHS = st.one_of(
 @settings(max_examples=500, deadline=None)
 @given(
     st.sampled_from(INDEXES + MEMO_INDEXES + list(PATH_INDEXES.values())),
-    st.one_of(
-        st.sampled_from([ipaddress.ip_address("203.0.113.9"), ipaddress.ip_address("10.0.0.1")]),
-        ADDRESSES,
+    st.builds(
+        RequestFacts,
+        st.builds(
+            Destination,
+            st.sampled_from([ipaddress.ip_address("203.0.113.9"), ipaddress.ip_address("10.0.0.1")])
+            | ADDRESSES,
+            st.sampled_from([80, 443, 8080, 50051]),
+        ),
+        REQUEST_HOSTNAMES | st.just("app.example.com"),
+        st.sampled_from(["GET", "POST", "get"]),
+        DECIDER_PATHS,
+        wire(12),
+        st.lists(
+            st.tuples(st.sampled_from(["x-a", "host", "content-type"]), wire(6)), max_size=2
+        ).map(tuple),
+        st.booleans(),
+        st.sampled_from([None, "httpbin.org", "httpbin.org:8080"]),
     ),
-    st.sampled_from([80, 443, 8080, 50051]),
-    REQUEST_HOSTNAMES | st.just("app.example.com"),
-    st.sampled_from(["GET", "POST", "get"]),
-    DECIDER_PATHS,
-    wire(12),
-    st.lists(st.tuples(st.sampled_from(["x-a", "host", "content-type"]), wire(6)), max_size=2),
-    st.booleans(),
-    st.sampled_from([None, "httpbin.org", "httpbin.org:8080"]),
 )
 def test_a_connection_s_decider_decides_each_request_as_decide_request_does(
-    index: PolicyIndex,
-    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
-    port: int,
-    hostname: str | None,
-    method: str,
-    path: str,
-    query: str,
-    headers: list[tuple[str, str]],
-    grpc: bool,
-    authority: str | None,
+    index: PolicyIndex, facts: RequestFacts
 ) -> None:
     """Its shortcut (a port of HTTP rules alone, a path read one way) and the memo it
     shares with decide_request give the answer decide_uncached_request gives, the first
     time and from memory."""
-    destination = Destination(address, port)
-    decider = RequestDecider(index, destination)
-    facts = RequestFacts(
-        destination, hostname, method, path, query, tuple(headers), grpc, authority
-    )
+    decider = RequestDecider(index, facts.destination)
     expected = index.decide_uncached_request(facts)
     for _ in range(2):
         assert decider.decide(*facts[1:]) == expected
