@@ -253,9 +253,14 @@ def normalized_path(path: str) -> str:
 
     Bytes in, bytes out (one character per byte, see wire_text): `/caf%C3%A9` and the
     same UTF-8 sent raw are one path."""
-    if not path.startswith("/") or ("%" not in path and "//" not in path and "/." not in path):
+    if not path.startswith("/") or resolved_as_written(path):
         return path
     return _resolved(unquote(path, encoding="latin-1"))
+
+
+def resolved_as_written(path: str) -> bool:
+    """Nothing to decode, no slashes to merge, no dot segment: resolving changes nothing."""
+    return "%" not in path and "//" not in path and "/." not in path
 
 
 _PARAMETERS = re.compile(r";[^/]*")
@@ -1156,27 +1161,9 @@ class PolicyIndex:
         return self.default(network, destination, RouteProtocol.TCP, "no route matched")
 
     def decide_request(self, facts: RequestFacts) -> Decision:
-        """decide_uncached_request's answer, from the memo where it applies."""
-        memo = self.request_decisions
-        path, authority = facts.path, facts.authority
-        if memo is None or len(path) + len(authority or "") > MAX_MEMOISED_REQUEST_TEXT:
-            return self.decide_uncached_request(facts)
-        destination = facts.destination
-        key = (
-            destination.host,
-            destination.port,
-            facts.hostname,
-            facts.method,
-            path,
-            facts.grpc,
-            authority,
-        )
-        decision = memo.get(key)
-        if decision is None:
-            if len(memo) >= MAX_MEMOISED_DECISIONS:
-                memo.clear()
-            decision = memo[key] = self.decide_uncached_request(facts)
-        return decision
+        """decide_uncached_request's answer, from the memo where it applies: a RequestDecider
+        made for this one request (a connection's handler keeps one for all of its own)."""
+        return RequestDecider(self, facts.destination).decide(*facts[1:])
 
     def decide_uncached_request(self, facts: RequestFacts) -> Decision:
         """One HTTP/1 request, HTTP/2 stream or gRPC call, its path matched as normalised.
@@ -1442,16 +1429,7 @@ class RequestDecider:
     costs a quarter fewer instructions; the facts are made only when the memo has no
     answer."""
 
-    __slots__ = (
-        "_destination",
-        "_host",
-        "_http",
-        "_last_matched",
-        "_network",
-        "_port",
-        "_table",
-        "index",
-    )
+    __slots__ = ("_destination", "_host", "_http", "_network", "_port", "_table", "index")
 
     def __init__(self, index: PolicyIndex, destination: Destination) -> None:
         self.index = index
@@ -1468,9 +1446,6 @@ class RequestDecider:
             else None
         )
         """The port's HTTP rules when they alone decide its requests; else None."""
-        self._last_matched: tuple[CompiledRule | None, Decision | None] = (None, None)
-        """The rule the shortcut last matched and its decision: a connection's requests
-        mostly fall under one rule."""
 
     def decide(
         self,
@@ -1482,7 +1457,8 @@ class RequestDecider:
         grpc: bool,
         authority: str | None,
     ) -> Decision:
-        """index.decide_request(RequestFacts(destination, hostname, …))."""
+        """decide_uncached_request(RequestFacts(destination, hostname, …)), remembered in
+        the index's memo by the facts a policy without header or query matches reads."""
         index = self.index
         memo = index.request_decisions
         key = None
@@ -1502,16 +1478,13 @@ class RequestDecider:
             network, table = self._network, self._table
             assert network is not None and table is not None
             rule = best_http_rule(http, facts)
-            last_rule, last_decision = self._last_matched
-            if rule is None:
-                decision = index.unmatched_request(
+            decision = (
+                index.matched(network, self._destination, HTTP_PROTOCOL, rule)
+                if rule is not None
+                else index.unmatched_request(
                     network, table, self._destination, HTTP_PROTOCOL, NO_HTTP_ROUTE
                 )
-            elif rule is last_rule and last_decision is not None:
-                decision = last_decision
-            else:
-                decision = index.matched(network, self._destination, HTTP_PROTOCOL, rule)
-                self._last_matched = (rule, decision)
+            )
         if key is not None and memo is not None:
             if len(memo) >= MAX_MEMOISED_DECISIONS:
                 memo.clear()
@@ -1520,15 +1493,9 @@ class RequestDecider:
 
 
 def read_one_way(path: str) -> bool:
-    """Whether decide_uncached_request reads the path as written and no other way: it has
-    nothing to decode, no slashes to merge, no dot segment, no `;` or `\\`."""
-    return (
-        "%" not in path
-        and "//" not in path
-        and "/." not in path
-        and ";" not in path
-        and "\\" not in path
-    )
+    """Whether decide_uncached_request reads the path as written and no other way: it is as
+    resolved as written (normalized_path) and has no `;` or `\\` (as_some_servers_read)."""
+    return resolved_as_written(path) and ";" not in path and "\\" not in path
 
 
 def no_network(

@@ -164,6 +164,21 @@ def test_tls_connection_text_line() -> None:
     }
 
 
+@pytest.mark.parametrize("log_format", [LogFormat.TEXT, LogFormat.JSON])
+def test_a_duration_is_written_in_seconds_to_the_microsecond(log_format: LogFormat) -> None:
+    """Six decimals on request and connection lines alike (README: the access log)."""
+    out = Lines(log_format)
+    out.access_log.request_finished(
+        http_request(guide_step("linkerd-3-httproute.yaml"), "/get", 200)
+    )
+    out.access_log.connection_closed(
+        tls_connection(guide_step("linkerd-4-tlsroute.yaml"), "httpbin.org")
+    )
+    ending = r"duration=\d+\.\d{6}" if log_format is LogFormat.TEXT else r'"duration":\d+\.\d{6}\}'
+    for line in out.lines():
+        assert re.search(ending + "$", line), line
+
+
 def test_denied_tls_connection_json_line() -> None:
     out = Lines(LogFormat.JSON)
     index = guide_step("linkerd-4-tlsroute.yaml")

@@ -27,8 +27,8 @@ from egressproxy.accesslog import AccessLog
 from egressproxy.http1 import Http1Proxy, closing_head
 from egressproxy.http1_lean import LeanRequest
 from egressproxy.metrics import Metrics, exposition
-from egressproxy.policy.decision import Decision, Detected, RequestFacts
-from egressproxy.policy.index import PolicyIndex, RequestDecider
+from egressproxy.policy.decision import Decision, Detected
+from egressproxy.policy.index import RequestDecider
 from egressproxy.relay import WRITE_BUFFER_HIGH, abort_with_reset
 from egressproxy.server import Reporting
 from egressproxy.settings import LogFormat, VerifyDestination
@@ -1535,20 +1535,15 @@ async def test_a_request_like_the_last_but_for_its_query_keeps_the_last_decision
     the method and path are the last's too and the policy reads no query, the last decision
     stands; another method or path is decided again."""
     decided: list[tuple[str, str]] = []
-    decide_request, decide = PolicyIndex.decide_request, RequestDecider.decide
+    decide = RequestDecider.decide
 
-    def counted(index: PolicyIndex, facts: RequestFacts) -> Decision:
-        decided.append((facts.method, facts.path))
-        return decide_request(index, facts)
-
-    def counted_by_decider(
+    def counted(
         decider: RequestDecider, hostname: str | None, method: str, path: str, *rest: Any
     ) -> Decision:
         decided.append((method, path))
         return decide(decider, hostname, method, path, *rest)
 
-    monkeypatch.setattr(PolicyIndex, "decide_request", counted)
-    monkeypatch.setattr(RequestDecider, "decide", counted_by_decider)
+    monkeypatch.setattr(RequestDecider, "decide", counted)
     sent = [
         ("GET", "/a?n=1", 200),
         ("GET", "/a?n=2", 200),
