@@ -8,6 +8,12 @@ A side's EOF reaches the other side as a FIN, its reset as a reset: a stream cut
 crash must not look complete (a close-delimited response, an aborted upload). The bytes
 a side sent before its reset still go first, as far as the proxy has them. A cut by the
 proxy itself (the drain timeout) resets both sides for the same reason.
+
+A reset from a side whose EOF came first is passed on all the same, but is no failure of
+the connection (its error stays empty): that end had sent everything and closed its
+socket, whose kernel refuses what came after. curl and browsers end TLS that way, with
+their close_notify and FIN and a close at once, so the server's close_notify meets a
+closed socket: counted as a reset, every download they finish would be one.
 """
 
 from __future__ import annotations
@@ -313,7 +319,7 @@ class Relay(IdleCounting):
     def side_lost(self, side: _Side, exc: Exception | None) -> None:
         if exc is not None or side.reset:
             side.reset = True
-            if not self._error:
+            if not self._error and not side.eof:  # see the module's docstring
                 self._error = "reset"
             deadline = self._idle_sweep.loop.time() + RESET_GRACE_SECONDS
             self._reset_when_sent(side.peer, SENT_CHECK_SECONDS, deadline)

@@ -372,7 +372,7 @@ class SplicedRelay(IdleCounting):
         if side.reset:
             return
         side.reset = True
-        if not self._error:
+        if not self._error and not side.eof:  # after its EOF: no failure (relay's docstring)
             self._error = "reset"
         if self._reset_deadline is None:
             self._reset_deadline = self._splicer.loop.call_later(

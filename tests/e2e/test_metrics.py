@@ -116,6 +116,23 @@ def settled(proxy: Proxy, name: str, expected_total: float) -> dict[str, list[Sa
         time.sleep(0.05)
 
 
+def test_https_that_curl_finishes_closes_without_an_error(world: World, proxy: StartProxy) -> None:
+    """curl ends TLS with its close_notify and a close at once, so the server's close_notify
+    meets a closed socket and the client's kernel resets: a download that came whole is
+    still no failure (INTERFACE 4: error is empty on success)."""
+    running = proxy(GUIDE_STEP_4.read_text())
+    for _ in range(3):
+        assert curl_status(world, "-4", "https://httpbin.org/get") == "200"
+    samples = settled(running, "outbound_tls_route_close_total", 3)
+    tls_allowed = route(443, "TLSRoute", "tls-egress", hostname="httpbin.org")
+    assert unordered(samples["outbound_tls_route_close_total"]) == unordered(
+        [({**tls_allowed, "error": ""}, 3), ({**tls_allowed, "error": "forbidden"}, 0)]
+    )
+    line = r"protocol=tls [^\n]* error=- "
+    assert running.logged(rf"{line}(?s:.*){line}(?s:.*){line}"), running.log_text()
+    assert "error=reset" not in running.log_text()
+
+
 def test_every_kind_of_traffic_then_one_scrape(world: World, proxy: StartProxy) -> None:
     running = proxy(GUIDE_STEP_4.read_text() + TCP_ROUTE, "--connect-timeout", "0.5")
     httpbin = world.host("httpbin.org")

@@ -13,7 +13,7 @@ import pytest
 
 from egressproxy.relay import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW, Relay, RelayResult
 from egressproxy.timeouts import IdleSweep
-from tests.unit.test_splice import read_slowly, send_and_end, tcp_pair
+from tests.unit.test_splice import read_slowly, read_to_eof, send_and_end, tcp_pair
 
 CHUNK = 64 * 1024
 
@@ -162,3 +162,23 @@ async def test_an_idle_cut_resets_a_reader_it_drops_bytes_for() -> None:
         received, reset = await read_slowly(client_end, 1 << 20, 0)
     assert result.error == "idle_timeout"
     assert reset, f"an EOF after {received} of {result.bytes_from_upstream} bytes"
+
+
+@pytest.mark.asyncio
+async def test_a_reset_after_the_side_s_own_eof_is_passed_on_but_is_no_failure() -> None:
+    """As in the spliced relay: a client that sent its FIN and closed resets what comes
+    after; it had finished, so the tunnel did not fail, and the upstream gets the reset."""
+    loop = asyncio.get_running_loop()
+    async with (
+        asyncio.timeout(10),
+        tcp_relay(idle_timeout=60) as (relay, results, client_end, upstream_end),
+    ):
+        await send_and_end(client_end, b"close frame")
+        client_end.close()
+        assert await read_to_eof(upstream_end) == b"close frame"
+        await loop.sock_sendall(upstream_end, b"close frame too")
+        await asyncio.sleep(0.1)  # the client's reset comes back; a write then fails with it
+        await loop.sock_sendall(upstream_end, b"and more")
+        result = await finished(results)
+    assert relay.client.reset, "the client's kernel did not reset: the scenario did not happen"
+    assert result.error == ""

@@ -253,6 +253,31 @@ def test_a_reset_while_the_relay_is_held_back_reaches_the_other_side_as_one(
         assert received == 0
 
 
+@pytest.mark.parametrize("max_pipes", [splice.MAX_PIPES, 0])
+def test_a_reset_after_the_side_s_own_eof_is_passed_on_but_is_no_failure(
+    max_pipes: int,
+) -> None:
+    """curl ends TLS with its close_notify and FIN and a close at once: the server's
+    close_notify then meets a closed socket, whose kernel resets. The client had sent all
+    it meant to, so the connection did not fail (error empty); a client reset before its
+    EOF is still one (the test above)."""
+
+    async def scenario() -> tuple[bytes, RelayResult, bool]:
+        loop = asyncio.get_running_loop()
+        async with spliced(max_pipes=max_pipes) as world:
+            await send_and_end(world.client, b"close_notify")
+            world.client.close()
+            came = await read_to_eof(world.upstream)
+            await loop.sock_sendall(world.upstream, b"close_notify too")
+            result = await world.finished()
+            return came, result, world.relay.client.reset
+
+    came, result, client_reset = run(scenario())
+    assert came == b"close_notify"
+    assert client_reset, "the client's kernel did not reset: the scenario did not happen"
+    assert (result.error, result.bytes_from_client) == ("", len(came))
+
+
 def test_pipes_are_lent_up_to_their_limit_and_pooled() -> None:
     pipes = Pipes(limit=1)
     lent = pipes.take()
