@@ -42,15 +42,12 @@ FEED_HEADER = struct.Struct("!QQ")
 """A policy sent to a worker: its generation and length, then its bytes."""
 
 
-class NoReload(enum.Enum):
+class StillChanging(enum.Enum):
     STILL_CHANGING = "still changing"
-    IN_FORCE = "in force"
 
 
-STILL_CHANGING = NoReload.STILL_CHANGING
+STILL_CHANGING = StillChanging.STILL_CHANGING
 """A reload found the file still being written: nothing was tried."""
-IN_FORCE = NoReload.IN_FORCE
-"""A reload found the content in force (back after a failed read): nothing to put in force."""
 
 
 @dataclass(frozen=True)
@@ -73,9 +70,10 @@ class PolicyStore:
         """The policy in force: from load_initial() on (read before it, AttributeError);
         a plain attribute, since every HTTP request reads it."""
         self._last_digest: bytes | None = None
-        """Digest of the last content tried, good or bad: the same bad file is reported once."""
-        self._in_force_digest: bytes | None = None
-        """Digest of the content in force: the same read again is no change."""
+        """Digest of the last content tried, good or bad: the same content again is no
+        change, so a bad file is reported once; a file back as it was after a failed read
+        (a bad edit reverted, a file gone for a moment) is one, and reloads: its success
+        counted is how a dashboard sees the failure is over."""
         self._forced = False
         """A forced reload is asked for and not yet begun."""
         self._owed = False
@@ -88,7 +86,7 @@ class PolicyStore:
     def load_initial(self) -> None:
         """Load the first policy; PolicyError when the file is unusable (the proxy cannot start)."""
         data = read_policy(self.file)
-        self._last_digest = self._in_force_digest = hashlib.sha256(data).digest()
+        self._last_digest = hashlib.sha256(data).digest()
         self._install(self._compile(data), generation=1)
 
     def request_reload(self) -> None:
@@ -125,18 +123,16 @@ class PolicyStore:
         forced (SIGHUP). An unusable file keeps the running policy, is logged as
         FILE:LINE: reason, and reported to on_reload(False).
         """
-        last_digest, in_force = self._last_digest, self._in_force_digest
+        last_digest = self._last_digest
         attempt = await in_daemon_thread(
-            lambda: self._attempt(force, last_digest, in_force), name="policy reload"
+            lambda: self._attempt(force, last_digest), name="policy reload"
         )
         if attempt is None:
             return False
-        if isinstance(attempt, NoReload):  # still changing: looked at again, as forced
+        if isinstance(attempt, StillChanging):  # looked at again, as forced
             self._owed = self._owed or force
             return False
         self._last_digest, outcome = attempt
-        if isinstance(outcome, NoReload):  # IN_FORCE
-            return False
         if isinstance(outcome, PolicyError):
             for problem in outcome.problems:
                 log.error("%s", problem)
@@ -144,7 +140,6 @@ class PolicyStore:
                 self.on_reload(False)
             return False
         index, data = outcome
-        self._in_force_digest = self._last_digest
         generation = self.current.generation + 1
         self._install(index, generation)
         log.info("%s: policy reloaded, generation %d", self.file, generation)
@@ -191,12 +186,11 @@ class PolicyStore:
             self.on_adopted(generation)
 
     def _attempt(
-        self, force: bool, last_digest: bytes | None, in_force: bytes | None
-    ) -> tuple[bytes, tuple[PolicyIndex, bytes] | PolicyError | NoReload] | NoReload | None:
+        self, force: bool, last_digest: bytes | None
+    ) -> tuple[bytes, tuple[PolicyIndex, bytes] | PolicyError] | StillChanging | None:
         """The file's digest and its compiled index (with the bytes it came from) or its
         problems, off the loop; None when the content is the last one tried and the
-        reload is not forced; STILL_CHANGING when the file is being written (_settled);
-        the digest and IN_FORCE when the content is the one in force (unforced)."""
+        reload is not forced; STILL_CHANGING when the file is being written (_settled)."""
         try:
             data = read_policy(self.file)
         except PolicyError as unreadable:
@@ -211,8 +205,6 @@ class PolicyStore:
         digest = hashlib.sha256(data).digest()
         if not force and digest == last_digest:
             return None
-        if not force and digest == in_force:
-            return digest, IN_FORCE
         try:
             return digest, (self._compile(data), data)
         except PolicyError as error:

@@ -236,24 +236,29 @@ def test_a_reload_that_fails_unforeseen_does_not_end_the_watch(
     assert any("MemoryError" in (record.exc_text or "") for record in caplog.records)
 
 
-def test_a_file_back_as_it_was_after_a_failed_read_is_no_reload(tmp_path: Path) -> None:
-    """INTERFACE: a reload on a change of content. A file gone for a moment (a failed
-    read, reported) and back unchanged bumped the generation and counted a good reload,
-    and every worker was sent the same policy again."""
+def test_a_file_back_as_it_was_after_a_failed_reload_is_a_change_and_reloads(
+    tmp_path: Path,
+) -> None:
+    """INTERFACE: a change of content is one reload. A bad edit reverted (or a file gone
+    for a moment, then back) changes the file from what was last read: it reloads, so the
+    good reload counted after the failed one tells a dashboard the failure is over (it
+    was a silent no-op, and the error stood alone). The same content again is still none."""
     path = tmp_path / "policy.yaml"
     write(path, "Deny")
     store, reported = make_store(path)
+    good = path.read_text()
+    path.write_text(good.replace("trafficPolicy", "trafficPolicyy"))
+    assert reload(store) is False
+    assert (store.current.generation, reported) == (1, [False])
+    path.write_text(good)
+    assert reload(store) is True
+    assert reload(store) is False, "the same content again"
+    assert (store.current.generation, reported, action(store)) == (2, [False, True], Action.DENY)
     path.rename(tmp_path / "away.yaml")
     assert reload(store) is False
     (tmp_path / "away.yaml").rename(path)
-    assert reload(store) is False
-    assert (store.current.generation, reported) == (1, [False])
-    path.unlink()
-    assert reload(store) is False
-    assert reported == [False, False], "gone again: reported again"
-    write(path, "Allow")
     assert reload(store) is True
-    assert (store.current.generation, action(store)) == (2, Action.PASS)
+    assert (store.current.generation, reported) == (3, [False, True, False, True])
 
 
 def test_an_unreadable_file_on_reload_is_named_without_a_line(
