@@ -97,23 +97,7 @@ def read(
         or kind_of(document) == (LINKERD_GROUP, "HTTPRoute")
         if (route := read_route(document, order, context)) is not None
     ]
-    refuse_routes_defined_twice(routes, checker)
     return networks, routes
-
-
-def refuse_routes_defined_twice(routes: Sequence[Route], checker: Checker) -> None:
-    """The API server holds one route per group, kind, namespace and name (`kubectl apply`
-    keeps the last of a file's two): applying both, the first one's rules would still
-    allow what the second no longer does. An error, as a network defined twice is."""
-    first_lines: dict[RouteRef, int] = {}
-    for route in routes:
-        first = first_lines.setdefault(route.ref, route.origin.line)
-        if first != route.origin.line:
-            ref = route.ref
-            checker.error(
-                route.origin.line,
-                f"{ref.kind} {ref.namespace}/{ref.name} is defined twice (first at line {first})",
-            )
 
 
 def read_egress_network(document: YMap, order: int, checker: Checker) -> Network | None:

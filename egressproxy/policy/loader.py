@@ -94,15 +94,11 @@ def load_policy_text(text: str, file: str) -> Model:
             )
         else:
             log.info("%s:%d: skipping %s: no egress meaning", file, kind_line, kind)
+    recognised = last_of_each_object(recognised, file)
     networks, routes = linkerd.read(recognised, checker)
     osm_networks, osm_routes = osm.read(recognised, checker)
     native_networks, native_routes = native.read(recognised, checker)
     all_networks = [*networks, *osm_networks, *native_networks]
-    seen: dict[object, int] = {}
-    for network in all_networks:
-        if network.id in seen:
-            checker.error(network.origin.line, f"{network.id} is defined twice")
-        seen[network.id] = network.origin.line
     if checker.problems:
         raise PolicyError(sorted(checker.problems, key=lambda problem: problem.line or 0))
     return Model(
@@ -110,6 +106,51 @@ def load_policy_text(text: str, file: str) -> Model:
         networks=tuple(all_networks),
         routes=tuple([*routes, *osm_routes, *native_routes]),
     )
+
+
+def last_of_each_object(documents: list[tuple[int, YMap]], file: str) -> list[tuple[int, YMap]]:
+    """One document per object, as the API server holds one per group, kind, namespace and
+    name: a later one takes an earlier one's place, with a warning. `kubectl apply` of a
+    file, or of a guide's steps one after the other (Linkerd's re-applies two routes),
+    keeps the last, and the object keeps the place of its first, its age among routes."""
+    places: dict[tuple[str, str, str, str], tuple[int, int]] = {}
+    """Each object's place in `kept`, and the line where it was first given."""
+    kept: list[tuple[int, YMap]] = []
+    for order, document in documents:
+        key = object_key(document)
+        known = None if key is None else places.get(key)
+        if key is None or known is None:
+            if key is not None:
+                places[key] = (len(kept), document.line)
+            kept.append((order, document))
+            continue
+        place, first_line = known
+        _, kind, namespace, name = key
+        log.warning(
+            "%s:%d: %s %s is given again (first at line %d): the last one is used, as "
+            "kubectl apply keeps it",
+            file,
+            document.line,
+            kind,
+            f"{namespace}/{name}" if namespace else name,
+            first_line,
+        )
+        kept[place] = (kept[place][0], document)
+    return kept
+
+
+def object_key(document: YMap) -> tuple[str, str, str, str] | None:
+    """(group, kind, namespace, name) of an object, its namespace defaulted as the dialects
+    default it; None when the document does not say them (its dialect reports that)."""
+    api_version, kind = document.get("apiVersion"), document.get("kind")
+    metadata = document.get("metadata")
+    if not isinstance(api_version, str) or not isinstance(kind, str):
+        return None
+    if not isinstance(metadata, YMap) or not isinstance(name := metadata.get("name"), str):
+        return None
+    group = api_version.rpartition("/")[0]
+    namespace = metadata.get("namespace") or ("" if group == native.GROUP else "default")
+    return group, kind, str(namespace), name
 
 
 SUPPORTED: dict[tuple[str, str], frozenset[str]] = {

@@ -115,12 +115,11 @@ def read(
     for extra in mesh_configs[1:]:
         checker.error(extra.origin.line, f"{extra.id}: only one MeshConfig may be given")
     groups: dict[tuple[str, str], list[RouteGroupMatch]] = {}
-    group_lines: dict[tuple[str, str], int] = {}
     for _, document in documents:
         if kind_of(document) != (SMI_GROUP, "HTTPRouteGroup"):
             continue
         meta, matches = read_route_group(document, checker)
-        if meta is not None and not defined_twice(checker, "HTTPRouteGroup", meta, group_lines):
+        if meta is not None:
             groups[(meta.namespace, meta.name)] = matches
     egresses = [
         (order, document)
@@ -138,11 +137,10 @@ def read(
             namespace, name, TrafficPolicy.DENY, first_order, checker.file, first.line
         )
         policies_off = None
-    egress_lines: dict[tuple[str, str], int] = {}
     routes = [
         route
         for order, document in egresses
-        for route in read_egress(document, order, checker, mesh_config.id, groups, egress_lines)
+        for route in read_egress(document, order, checker, mesh_config.id, groups)
     ]
     if mesh_config.traffic_policy is TrafficPolicy.ALLOW:
         # OSM: "Mesh-wide global egress is enabled, so EgressPolicy is implicitly disabled".
@@ -165,22 +163,6 @@ def read(
         return [mesh_config], []
     warn_envoy_rejections(routes, checker.file)
     return [mesh_config], routes
-
-
-def defined_twice(
-    checker: Checker, kind: str, meta: ObjectMeta, first_lines: dict[tuple[str, str], int]
-) -> bool:
-    """The API server holds one object per namespace and name (`kubectl apply` keeps the
-    last of a file's two): applying both Egresses allows what neither alone does, and a
-    second HTTPRouteGroup silently drops the first one's matches. An error, as a network
-    defined twice is."""
-    first = first_lines.setdefault((meta.namespace, meta.name), meta.line)
-    if first == meta.line:
-        return False
-    checker.error(
-        meta.line, f"{kind} {meta.namespace}/{meta.name} is defined twice (first at line {first})"
-    )
-    return True
 
 
 def warn_envoy_rejections(routes: Sequence[Route], file: str) -> None:
@@ -402,11 +384,10 @@ def read_egress(
     checker: Checker,
     parent: NetworkId,
     groups: dict[tuple[str, str], list[RouteGroupMatch]],
-    first_lines: dict[tuple[str, str], int],
 ) -> list[Route]:
     checker.known_fields(document, "Egress", TOP_LEVEL_FIELDS)
     meta = read_object_meta(checker, document, "Egress")
-    if meta is None or defined_twice(checker, "Egress", meta, first_lines):
+    if meta is None:
         return []
     where = f"Egress {meta.namespace}/{meta.name}.spec"
     spec = checker.get(document, "spec", YMap, where, required=True)

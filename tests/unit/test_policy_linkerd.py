@@ -177,6 +177,32 @@ def test_step5_redirects_plaintext_to_the_internal_service() -> None:
     )
 
 
+def test_the_guides_manifests_appended_step_after_step_decide_as_its_last_step(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """kubectl apply of each step's manifests in turn: step 5 applies httpbin-get and
+    tls-egress again (the TLSRoute now without hostnames), and each step here gives the
+    network again (Allow, then Deny). Appended to one file, the last of each is in force,
+    as the API server holds it, with a warning; refused, step 5 never came in force."""
+    files = sorted(path.name for path in EXAMPLES.glob("linkerd-*.yaml"))
+    assert len(files) == 5
+    text = "\n---\n".join((EXAMPLES / name).read_text() for name in files)
+    with caplog.at_level(logging.WARNING):
+        appended = compile_policy(load_policy_text(text, "guide.yaml"), CLIENT)
+    last = step(files[-1])
+    for host, path in [("httpbin.org", "/get"), ("httpbin.org", "/ip"), ("google.com", "/")]:
+        decisions = [http(index, host, path) for index in (appended, last)]
+        assert len({(labels(each), each.backend) for each in decisions}) == 1, decisions
+    for sni in ("httpbin.org", "github.com", None):
+        assert labels(tls(appended, sni)) == labels(tls(last, sni))
+    assert labels(tls(appended, "github.com"))[0] is Action.PASS
+    given_again = [record.getMessage() for record in caplog.records if "given again" in record.msg]
+    assert sum("TLSRoute egress-test/tls-egress" in line for line in given_again) == 1
+    networks = [line for line in given_again if "EgressNetwork egress-test/all-egress" in line]
+    assert len(networks) == 4
+    assert len({line.partition("first at line ")[2] for line in networks}) == 1, networks
+
+
 def test_step5_cluster_domain_is_baked_in() -> None:
     index = step(
         "linkerd-5-redirect.yaml", Settings(namespace="egress-test", cluster_domain="corp")

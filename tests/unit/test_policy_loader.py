@@ -22,6 +22,7 @@ from egressproxy.policy.decision import (
 from egressproxy.policy.errors import PolicyError, Problem
 from egressproxy.policy.index import compile_policy
 from egressproxy.policy.loader import load_policy, load_policy_text
+from egressproxy.policy.model import MatchKind, PathMatch, TrafficPolicy
 from egressproxy.settings import Settings, bundled_policy
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
@@ -143,12 +144,12 @@ spec:
 
 
 def test_dangling_parent_every_error_reported() -> None:
-    text = NETWORK + ROUTE + ROUTE.replace("port: 80", "sectionName: x")
-    found = problems(text)
+    other = ROUTE.replace("port: 80", "sectionName: x").replace("httpbin-get", "httpbin-ip")
+    found = problems(NETWORK + ROUTE + other)
     assert found == [
         "p.yaml:16: HTTPRoute egress-test/httpbin-get.spec.parentRefs[0]: "
         "EgressNetwork egress-test/all-egress-trafic does not exist in this policy",
-        "p.yaml:32: HTTPRoute egress-test/httpbin-get.spec.parentRefs[0]: "
+        "p.yaml:32: HTTPRoute egress-test/httpbin-ip.spec.parentRefs[0]: "
         "port is required for an EgressNetwork parent (as in Linkerd)",
     ]
 
@@ -515,13 +516,23 @@ def test_every_example_and_the_bundled_policy_load() -> None:
         compile_policy(load_policy(file), Settings())
 
 
-def test_duplicate_keys_and_duplicate_networks() -> None:
+def test_a_duplicate_key_is_an_error_and_a_network_given_twice_the_last_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A key twice in one mapping is a mistake (kubectl refuses it too); an object given
+    twice is what `kubectl apply` of the file would hold: the last one, with a warning."""
     assert problems(NETWORK + "  trafficPolicy: Allow\n") == [
         "p.yaml:8: duplicate key 'trafficPolicy'"
     ]
-    assert problems(NETWORK + "---\n" + NETWORK) == [
-        "p.yaml:9: EgressNetwork egress-test/all-egress-traffic is defined twice"
-    ]
+    allow = NETWORK.replace("trafficPolicy: Deny", "trafficPolicy: Allow")
+    assert allow != NETWORK
+    with caplog.at_level(logging.WARNING):
+        model = load_policy_text(NETWORK + "---\n" + allow, "p.yaml")
+    assert [network.traffic_policy for network in model.networks] == [TrafficPolicy.ALLOW]
+    assert (
+        "p.yaml:9: EgressNetwork egress-test/all-egress-traffic is given again (first at line 1)"
+        in caplog.text
+    )
 
 
 def test_alias_bomb_and_recursion_are_policy_errors() -> None:
@@ -739,12 +750,14 @@ def test_yaml_punctuation_gives_model_or_policy_error(text: str) -> None:
     only_policy_errors(text)
 
 
-def test_a_route_defined_twice_is_an_error() -> None:
-    """The API server holds one route per kind, namespace and name, and `kubectl apply` of
-    a file naming one twice keeps the last: egressproxy applied both, so the first copy's
-    rules still allowed what the second no longer does. Like a network defined twice, it is
-    an error at the second document. The same name in another kind or group is another
-    object."""
+def test_a_route_given_twice_is_the_last_one_in_the_first_ones_place(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The API server holds one route per group, kind, namespace and name, and `kubectl
+    apply` of a file naming one twice keeps the last: egressproxy applied both (the first
+    copy's rules still allowed what the second no longer does), then refused the file. The
+    last is used, in the first one's place (its age among routes); the same name in
+    another kind or group is another object."""
     route = """\
 ---
 apiVersion: gateway.networking.k8s.io/v1
@@ -760,8 +773,18 @@ spec:
         "rules:\n  - matches: [{path: {type: PathPrefix, value: /get}}]", "rules: [{}]"
     ) + route.replace("gateway.networking.k8s.io/v1", "policy.linkerd.io/v1beta3")
     again = route.replace("/get", "/post")
-    assert problems(NETWORK + route + other_kinds + again) == [
-        "p.yaml:35: HTTPRoute egress-test/web is defined twice (first at line 9)"
+    with caplog.at_level(logging.WARNING):
+        model = load_policy_text(NETWORK + route + other_kinds + again, "p.yaml")
+    assert "p.yaml:35: HTTPRoute egress-test/web is given again (first at line 9)" in caplog.text
+    kinds = [(route.ref.group, route.ref.kind, route.order) for route in model.routes]
+    assert kinds == [
+        ("gateway.networking.k8s.io", "HTTPRoute", 1),
+        ("gateway.networking.k8s.io", "GRPCRoute", 2),
+        ("policy.linkerd.io", "HTTPRoute", 3),
+    ]
+    web = model.routes[0]
+    assert [str(match.path) for rule in web.rules for match in rule.http_matches] == [
+        str(PathMatch(MatchKind.PREFIX, "/post"))
     ]
 
 

@@ -379,24 +379,25 @@ def test_egress_matches_are_checked_as_osms_admission_webhook_does(match: str, r
 
 
 @pytest.mark.parametrize("kind", ["Egress", "HTTPRouteGroup"])
-def test_an_egress_or_route_group_defined_twice_is_an_error(kind: str) -> None:
+def test_an_egress_or_route_group_given_twice_is_the_last_one(kind: str) -> None:
     """The API server holds one object per namespace and name, and `kubectl apply` of a
-    file naming one twice keeps the last: egressproxy applied both Egresses (the first one's
-    hosts stayed allowed) and silently dropped the first HTTPRouteGroup's matches. Like a
-    network defined twice, it is an error at the second document."""
+    file naming one twice keeps the last: egressproxy applied both Egresses once (the first
+    one's hosts stayed allowed) and silently dropped the first HTTPRouteGroup's matches,
+    then refused the file. The last one is used, in the first one's place."""
     text = (EXAMPLES / "osm-5-egress-routegroup.yaml").read_text()
     documents = text.split("---\n")
     again = next(document for document in documents if f"kind: {kind}\n" in document)
-    changed = again.replace("httpbin.org", "example.com").replace("/get", "/delete")
-    policy = text + "---\n" + changed
-    with pytest.raises(PolicyError) as caught:
-        load_policy_text(policy, "p.yaml")
-    name = "httpbin-80" if kind == "Egress" else "egress-http-route"
-    first = text.count("\n", 0, text.index(again)) + 1
-    second = text.count("\n") + 2
-    assert [(p.line, p.reason) for p in caught.value.problems] == [
-        (second, f"{kind} curl/{name} is defined twice (first at line {first})")
-    ]
+    changed = again.replace("httpbin.org", "example.com").replace(
+        "pathRegex: /get", "pathRegex: /delete"
+    )
+    first = load_policy_text(text, "p.yaml")
+    last = load_policy_text(text + "---\n" + changed, "p.yaml")
+    assert len(last.routes) == len(first.routes) == 1
+    route = last.routes[0]
+    hosts = ("example.com",) if kind == "Egress" else ("httpbin.org",)
+    paths = {match.path.value for rule in route.rules for match in rule.http_matches if match.path}
+    assert (route.hostnames, route.order) == (hosts, first.routes[0].order)
+    assert ("/delete" if kind == "HTTPRouteGroup" else "/get") in paths, paths
 
 
 UPSTREAM_TRAFFIC_SETTING = (
