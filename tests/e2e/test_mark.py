@@ -76,6 +76,7 @@ def test_without_the_mark_a_root_proxy_would_loop_and_says_so(
     """Without --mark the root proxy's own connection is redirected back to it: the loop
     guard closes it instead of proxying to itself."""
     running = proxy(None, "--allow-root", as_root=True)
+    assert running.logged("running as root without --mark: the redirect must let uid 0")
     result = world.curl("-4", "-o", "/dev/null", "-w", "%{http_code}", "http://httpbin.org/get")
     assert result.stdout.decode() == "502"
     assert running.logged("own upstream connection: a redirect loop"), running.log_text()
