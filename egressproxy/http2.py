@@ -35,7 +35,7 @@ from h11 import _abnf
 from egressproxy import upstream as upstream_connector
 from egressproxy.errors import NO_FILE_DESCRIPTORS, PROXY_ERROR, UpstreamError, log_proxy_error
 from egressproxy.h2_windows import ConnectionWindows, GrowthBudget, StreamWindow
-from egressproxy.http1 import DENIED_BODY, unavailable_status
+from egressproxy.http1 import DENIED_BODY, LINGER_SECONDS, unavailable_status
 from egressproxy.http1_lean import MAX_RESPONSE_HEAD
 from egressproxy.policy.decision import Action, Decision, RequestFacts
 from egressproxy.records import RequestRecord, grpc_code_of_answer, grpc_status_of
@@ -819,8 +819,10 @@ class H2Proxy(asyncio.Protocol):
     # ---- client side ---------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = self.loop.time()
         self.flow.record.bytes_from_client += len(data)
+        if self.closed:  # after our FIN (_close): dropped, and no sign of life
+            return
+        self.last_activity = self.loop.time()
         try:
             events, goaways = receive(self.h2, self.goaways, data)
         except h2.exceptions.ProtocolError as error:
@@ -850,8 +852,13 @@ class H2Proxy(asyncio.Protocol):
         self.transport.abort()
 
     def eof_received(self) -> bool:
-        """The client sends no more: its connection closes, as on an EOF before start."""
-        self._close()
+        """The client sends no more: its connection closes, as on an EOF before start (or
+        after our own FIN, both sides being done)."""
+        self.flow.client_eof = True
+        if self.closed:
+            self.transport.close()
+        else:
+            self._close()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -1737,18 +1744,37 @@ class H2Proxy(asyncio.Protocol):
         """Close once what is written has gone out. Nothing more will: the streams still in
         flight are cut and the upstreams closed now, not when the client has read the rest.
 
-        While bytes are still unsent the idle sweep stays on, as for HTTP/1: a client that
-        stopped reading would otherwise hold the connection (its place against
-        --max-connections) for ever."""
+        A client that has not sent its EOF gets our FIN after the rest, and is read (what
+        it sends dropped) until it closes too or all that was written has left the proxy
+        (_close_once_sent): closed with its bytes unread (the WINDOW_UPDATEs that follow
+        the last DATA frames), the connection would be reset, and the reset drops what the
+        socket has not sent yet, so a stream that finished in the drain lost its end. While
+        bytes are still unsent the idle sweep stays on, as for HTTP/1: a client that stopped
+        reading would otherwise hold the connection (its place against --max-connections)
+        for ever."""
         if self.closed:
             return
         self._flush()
         self.closed = True
         self._cut_streams()
-        self.transport.close()
+        if self.flow.client_eof or not self.transport.can_write_eof():
+            self.transport.close()
+        else:
+            self.transport.write_eof()
+            self.loop.call_later(LINGER_SECONDS, self._close_once_sent)
         self.last_activity = self.loop.time()
-        if not self.transport.get_write_buffer_size():
+        if not held_bytes(self.transport):
             self.flow.context.idle_sweep.discard(self)
+
+    def _close_once_sent(self) -> None:
+        """After our FIN: closed once every byte written has left the proxy (a reset then
+        drops nothing), looked at again until then."""
+        if self.transport.is_closing():
+            return
+        if held_bytes(self.transport):
+            self.loop.call_later(LINGER_SECONDS, self._close_once_sent)
+        else:
+            self.transport.close()
 
     def tick(self) -> None:
         """The idle sweep's check, every quarter of --idle-timeout: no bytes either way for

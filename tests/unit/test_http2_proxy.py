@@ -634,6 +634,60 @@ class GoawayReadingClient(H2Client):
                 super().data_received(frame)
 
 
+class SlowReadingClient(GoawayReadingClient):
+    """Reads a little at a time (a small receive buffer, a pause after each read), and
+    acknowledges each DATA frame as it reads it, as h2's and Go's clients do: WINDOW_UPDATEs
+    keep coming until its last frame is read. lost_with: how its connection ended."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost_with: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+        self.h2.increment_flow_control_window(1 << 20)
+        self.transport.write(self.h2.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self.transport.pause_reading()
+        asyncio.get_running_loop().call_later(0.002, self.transport.resume_reading)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost_with = exc
+        super().connection_lost(exc)
+
+
+@pytest.mark.asyncio
+async def test_a_stream_the_drain_lets_finish_keeps_its_end_for_a_slow_reader(
+    h2_setup: tuple[LoopbackProxy, int],
+) -> None:
+    """The drain let a download finish, then closed the connection with the slow client's
+    WINDOW_UPDATEs unread: the kernel reset it, and the reset dropped the stream's last
+    frames not yet sent, its END_STREAM with them, while the log said 200 and no error.
+    Our FIN now follows them, and the client is read until it closes."""
+    proxy, _ = h2_setup
+    size = 4 << 20
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (proxy.host, proxy.port))
+    _, client = await loop.create_connection(SlowReadingClient, sock=sock)
+    answer = client.request("GET", f"/bytes/{size}")
+    async with asyncio.timeout(TIMEOUT):
+        while len(answer.body) < 256 * 1024:
+            await asyncio.sleep(0.01)
+        for flow in list(proxy.context.open_flows.flows):
+            flow.drain()
+        await client.lost.wait()
+    assert (len(answer.body), answer.done.is_set(), answer.reset) == (size, True, False)
+    assert client.lost_with is None, "the connection was reset"
+    await proxy.wait_closed_flows(1)
+    assert [(r.status, r.error) for r in proxy.ledger.requests] == [(200, "")]
+
+
 def goaway(last_stream_id: int) -> bytes:
     """A GOAWAY frame (NO_ERROR), written past the h2 library: its own close_connection()
     would make it refuse every frame after, the answers of streams in flight too."""
