@@ -546,6 +546,13 @@ class GoawayFilter:
         self.held = b""
         """A frame header, or a whole GOAWAY frame, begun but not complete yet."""
         self.in_header_block = False
+        self.passing_header_block = False
+        """The frame whose bytes are passing is a HEADERS or CONTINUATION frame."""
+
+    @property
+    def head_incomplete(self) -> bool:
+        """A header block (a request's head) is begun and not whole yet."""
+        return self.in_header_block or (self.passing > 0 and self.passing_header_block)
 
     def split(
         self, data: bytes, max_frame_size: int
@@ -576,7 +583,8 @@ class GoawayFilter:
                     goaways.append(frame)
                     position = keep_from = position + size
                     continue
-            if kind in _HEADER_BLOCK:
+            self.passing_header_block = kind in _HEADER_BLOCK
+            if self.passing_header_block:
                 self.in_header_block = not flags & _END_HEADERS
             step = min(size, end - position)
             position += step
@@ -778,6 +786,8 @@ class H2Proxy(asyncio.Protocol):
         self.loop = flow.context.loop
         self.h2 = _Connection(False, self.settings.max_header_bytes)
         self.goaways = GoawayFilter(len(H2_PREFACE))
+        self.head_timer: asyncio.TimerHandle | None = None
+        """Runs while a request head is incomplete: --header-timeout, as for HTTP/1."""
         self.streams: dict[int, _Stream] = {}
         self.upstreams: dict[tuple[str, int], _Upstream] = {}
         """The upstream new streams to (host, port) go to."""
@@ -844,6 +854,29 @@ class H2Proxy(asyncio.Protocol):
         if goaways:
             self._client_goaway()
         self._flush()
+        if self.goaways.head_incomplete != (self.head_timer is not None) and not self.closed:
+            if self.head_timer is None:
+                timeout = self.settings.header_timeout
+                self.head_timer = self.loop.call_later(timeout, self._head_timed_out)
+            else:
+                self.head_timer.cancel()
+                self.head_timer = None
+
+    def _head_timed_out(self) -> None:
+        """A request head still incomplete at --header-timeout (a client trickling it,
+        slowloris): no stream to answer 408 on yet, so the connection takes no new stream
+        (GOAWAY) and closes once those in flight are done, as after a drain's GOAWAY."""
+        self.head_timer = None
+        log.info(
+            "%s: h2 request head incomplete after %ss",
+            self.flow.record.client,
+            self.settings.header_timeout,
+        )
+        self.error = self.flow.record.error = "header_timeout"
+        self._goaway()
+        self._flush()
+        if not self.streams:
+            self._close()
 
     def _flooded(self, what: str) -> None:
         log.warning("%s: h2 flood (%s), cut", self.flow.record.client, what)
@@ -863,6 +896,8 @@ class H2Proxy(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         closed_here, self.closed = self.closed, True
+        if self.head_timer is not None:
+            self.head_timer.cancel()
         self._cut_streams()
         self.flow.context.idle_sweep.discard(self)
         self.flow.finish(self.error or ("reset" if exc and not closed_here else ""))
@@ -1756,6 +1791,8 @@ class H2Proxy(asyncio.Protocol):
             return
         self._flush()
         self.closed = True
+        if self.head_timer is not None:
+            self.head_timer.cancel()
         self._cut_streams()
         if self.flow.client_eof or not self.transport.can_write_eof():
             self.transport.close()

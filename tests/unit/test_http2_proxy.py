@@ -617,6 +617,64 @@ async def test_drain_lets_streams_in_flight_finish(slow_h2: LoopbackProxy) -> No
     assert [(r.path, r.status, r.error) for r in slow_h2.ledger.requests] == [("/slow", 200, "")]
 
 
+def request_bytes(split_head: bool) -> bytes:
+    """A client's preface, SETTINGS and one GET's head: one HEADERS frame, or (split_head)
+    a HEADERS frame without END_HEADERS and a CONTINUATION that ends the block."""
+    client = h2.connection.H2Connection()
+    client.initiate_connection()
+    start = client.data_to_send()
+    head = [(":method", "GET"), (":scheme", "http"), (":authority", "example.test"),
+            (":path", "/bytes/10"), ("x-padding", "p" * 64)]  # fmt: skip
+    client.send_headers(1, head, end_stream=True)
+    headers = client.data_to_send()
+    if not split_head:
+        return start + headers
+    block = headers[9:]
+    first = hyperframe.frame.HeadersFrame(1, data=block[:10], flags=["END_STREAM"])
+    rest = hyperframe.frame.ContinuationFrame(1, data=block[10:], flags=["END_HEADERS"])
+    return start + first.serialize() + rest.serialize()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("split_head", [False, True], ids=["headers", "continuation"])
+async def test_a_request_head_trickled_past_the_header_timeout_ends_the_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, split_head: bool
+) -> None:
+    """--header-timeout held for HTTP/1 heads only: an h2 client trickling its HEADERS (or
+    its CONTINUATIONs) a byte now and then kept its connection, and a few hundred such
+    took every place against --max-connections. With no stream to answer 408 on, the
+    connection gets a GOAWAY and ends; a head that comes whole in time is answered."""
+    async with proxy_to_h2_origin(H2Server, tmp_path, monkeypatch, header_timeout=0.5) as proxy:
+        loop = asyncio.get_running_loop()
+        data = request_bytes(split_head)
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(data[:-5])
+        started = loop.time()
+        async with asyncio.timeout(TIMEOUT):
+            for byte in data[-5:-1]:  # a byte every 0.2 s, never the last
+                await asyncio.sleep(0.2)
+                writer.write(bytes([byte]))
+            answer = bytearray(await reader.read())
+        ended = loop.time() - started
+        kinds = [kind for kind, _ in frames_of(answer)]
+        writer.close()
+        await proxy.wait_closed_flows(1)
+        assert hyperframe.frame.GoAwayFrame.type in kinds
+        assert 0.5 <= ended < 3.5, ended
+        assert [flow.error for flow in proxy.ledger.flows] == ["header_timeout"]
+        assert proxy.ledger.requests == []
+
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(data[:-5])
+        await asyncio.sleep(0.3)
+        writer.write(data[-5:])
+        async with asyncio.timeout(TIMEOUT):
+            while not proxy.ledger.requests:
+                await asyncio.sleep(0.01)
+        writer.close()
+        assert [(r.status, r.error) for r in proxy.ledger.requests] == [(200, "")]
+
+
 class GoawayReadingClient(H2Client):
     """Reads on after a GOAWAY from the proxy: the h2 library would refuse every frame after
     it, the answers of streams in flight too, so GOAWAY frames are taken out here."""
