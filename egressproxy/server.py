@@ -63,12 +63,6 @@ def main(settings: Settings) -> int:
         if problem:
             print(f"egressproxy: {problem}", file=sys.stderr)
             return 2
-        if os.geteuid() == 0 and settings.mark is None:
-            log.warning(
-                "running as root without --mark: the redirect must let uid 0 go direct "
-                "(egressproxy iptables install --proxy-uid 0), else each connection comes "
-                "back to the proxy and is closed as a loop"
-            )
         raise_open_file_limit()
         conflict = read_source_ports_conflict()
         if conflict:
@@ -109,6 +103,12 @@ def main(settings: Settings) -> int:
         except OSError as error:
             print(f"egressproxy: --admin {settings.admin}: {error.strerror}", file=sys.stderr)
             return 2
+        if os.geteuid() == 0 and settings.mark is None:
+            log.warning(
+                "running as root without --mark: the redirect must let uid 0 go direct "
+                "(egressproxy iptables install --proxy-uid 0), else each connection comes "
+                "back to the proxy and is closed as a loop"
+            )
         accounting = Reporting(meters, accesslog.AccessLog())
         if settings.workers == 1:
             return uvloop.run(
