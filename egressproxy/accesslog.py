@@ -16,6 +16,7 @@ the writer is given up on after STOP_PATIENCE without progress.
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import json
 import logging
@@ -178,11 +179,19 @@ class AccessLog:
 
 
 def _text_value(text: str) -> str:
+    """An empty value is a dash, so a value that is one is quoted, as ambiguous ones are."""
     if not text:
         return "-"
-    if text.isprintable() and not _TEXT_SPECIAL.search(text):
+    if text.isprintable() and not _TEXT_SPECIAL.search(text) and text != "-":
         return text
     return json.dumps(text)
+
+
+def _one_line(message: str) -> str:
+    """A diagnostic's text with its unprintable characters escaped: it may quote a peer's
+    bytes (h2's error for a header with a newline in it), which would otherwise start a
+    line of their own, one that could pass for an access line, or write raw control bytes."""
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in message)
 
 
 MILLISECOND_TEXTS = tuple(f".{millis:03d}Z" for millis in range(1000))
@@ -615,6 +624,16 @@ class _ToWriter(QueueHandler):
     def __init__(self, writer: LineWriter) -> None:
         super().__init__(writer.queue)
         self.writer = writer
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        """As QueueHandler's (the message made, a traceback appended), a text message made
+        one line first: see _one_line."""
+        message = record.getMessage()
+        if not self.writer.formatter.json and not message.isprintable():
+            record = copy.copy(record)
+            record.msg, record.args = _one_line(message), None
+        prepared: logging.LogRecord = super().prepare(record)
+        return prepared
 
     def enqueue(self, record: logging.LogRecord) -> None:
         self.writer.put(record)

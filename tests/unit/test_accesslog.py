@@ -303,6 +303,19 @@ def test_text_values_with_spaces_are_quoted() -> None:
     assert fields["path"] == "/a b=c"
 
 
+def test_a_dash_is_quoted_where_a_bare_one_means_empty() -> None:
+    """`- /allow` and `Host: -` reach the proxy as a method and a hostname of "-": written
+    bare, they read as no method and no hostname."""
+    out = Lines(LogFormat.TEXT)
+    index = guide_step("linkerd-1-allow.yaml")
+    record = dataclasses.replace(http_request(index, "/get", 200), method="-", hostname="-")
+    out.access_log.request_finished(record)
+    out.access_log.request_finished(dataclasses.replace(record, method="", hostname=None))
+    quoted, bare = out.lines()
+    assert ' hostname="-" ' in quoted and ' method="-" ' in quoted, quoted
+    assert " hostname=- " in bare and " method=- " in bare, bare
+
+
 def test_ipv6_destination() -> None:
     out = Lines(LogFormat.JSON)
     destination = Destination(ipaddress.ip_address("2001:db8::5"), 443)
@@ -663,6 +676,34 @@ def test_text_log_line_with_exception(monkeypatch: pytest.MonkeyPatch) -> None:
     assert_rfc3339(time_text)
     assert (level, name, message) == ("ERROR", "egressproxy.test", "failed")
     assert traceback[-1] == "ValueError: broken"
+
+
+@pytest.mark.parametrize(
+    "quoted",
+    ["v\n2026-01-01T00:00:00.000Z access client=6.6.6.6:1", "a\x00b\x1b[2J\rc\x85", "plain"],
+)
+def test_a_diagnostic_quoting_a_peers_bytes_stays_one_printable_line(
+    monkeypatch: pytest.MonkeyPatch, quoted: str
+) -> None:
+    """h2's error for a header value with a newline in it quotes the value: logged as it
+    came, the rest began a line of its own (one that could pass for an access line), and
+    NUL, ESC or CR went to stderr raw. Unprintable characters are escaped in text (JSON
+    escapes them already); a traceback still follows on lines of its own."""
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    setup_logging(Settings(log_format=LogFormat.TEXT, log_level="info"))
+    logging.getLogger("egressproxy.http2").info("bad h2 request: %s", quoted)
+    try:
+        raise ValueError(quoted)
+    except ValueError:
+        logging.getLogger("egressproxy.http2").exception("failed on %s", quoted)
+    shutdown_logging()
+    first, second, *traceback = stream.getvalue().splitlines()
+    escaped = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in quoted)
+    assert first.endswith(f" INFO egressproxy.http2 bad h2 request: {escaped}"), first
+    assert second.endswith(f" ERROR egressproxy.http2 failed on {escaped}"), second
+    assert traceback[0] == "Traceback (most recent call last):"
+    assert first.isprintable() and second.isprintable()
 
 
 def read_all(descriptor: int, into: list[bytes]) -> None:
