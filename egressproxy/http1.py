@@ -30,7 +30,13 @@ import h11
 from egressproxy import http1_lean
 from egressproxy import upstream as upstream_connector
 from egressproxy.errors import PROXY_ERROR, UpstreamError, log_proxy_error
-from egressproxy.http1_lean import MAX_RESPONSE_HEAD, NEED_MORE, LeanRequest, LeanResponse
+from egressproxy.http1_lean import (
+    MAX_RESPONSE_HEAD,
+    NEED_MORE,
+    LeanRequest,
+    LeanResponse,
+    is_grpc_content_type,
+)
 from egressproxy.policy.decision import (
     DENY_ACTION,
     GRPC_PROTOCOL,
@@ -207,7 +213,7 @@ def parse_request(request: h11.Request, destination: Destination) -> ParsedReque
         elif name == b"transfer-encoding":
             chunked = True
         elif name == b"content-type":
-            grpc = text_value.lower().startswith("application/grpc")
+            grpc = is_grpc_content_type(text_value)
         elif name == b"upgrade":
             h2c_upgrade = h2c_upgrade or "h2c" in text_value.lower()
     target = request.target.decode("latin-1")

@@ -65,6 +65,16 @@ _TIDY_FRAMING = re.compile(rb"\r\n(content-length|transfer-encoding|connection):
 _REFUSED_REQUEST_HEADERS = frozenset((b"transfer-encoding", b"upgrade", b"expect"))
 
 
+def is_grpc_content_type(value: str) -> bool:
+    """gRPC's content-type (its HTTP/2 protocol spec): application/grpc, alone or with a
+    +subtype or ;parameters, and gRPC-Web's application/grpc-web…; application/grpcx is
+    some other type, whose request a gRPC rule must not take for a call."""
+    kind = value.partition(";")[0].strip().lower()
+    return kind == "application/grpc" or kind.startswith(
+        ("application/grpc+", "application/grpc-web")
+    )
+
+
 class LeanRequest(NamedTuple):
     """A bodiless HTTP/1.1 request, the last of its connection or not."""
 
@@ -269,7 +279,7 @@ def _request(
         elif lower == b"connection":
             close = close or _says_close(value)
         elif lower == b"content-type":
-            grpc = text_value.lower().startswith("application/grpc")
+            grpc = is_grpc_content_type(text_value)
         headers.append((lower.decode("latin-1"), text_value))
     if host is None or head_size > limit or (close and len(buffer) > size):
         return None

@@ -36,7 +36,7 @@ from egressproxy import upstream as upstream_connector
 from egressproxy.errors import NO_FILE_DESCRIPTORS, PROXY_ERROR, UpstreamError, log_proxy_error
 from egressproxy.h2_windows import ConnectionWindows, GrowthBudget, StreamWindow
 from egressproxy.http1 import DENIED_BODY, LINGER_SECONDS, unavailable_status
-from egressproxy.http1_lean import MAX_RESPONSE_HEAD
+from egressproxy.http1_lean import MAX_RESPONSE_HEAD, is_grpc_content_type
 from egressproxy.policy.decision import Action, Decision, RequestFacts
 from egressproxy.records import RequestRecord, grpc_code_of_answer, grpc_status_of
 from egressproxy.relay import (
@@ -474,7 +474,7 @@ def stream_facts(headers: Headers, flow: Flow) -> tuple[RequestFacts, str]:
         if name == "host":
             host = value
         elif name == "content-type":
-            grpc = value.lower().startswith("application/grpc")
+            grpc = is_grpc_content_type(value)
     plain_connect = method == "CONNECT" and not extended_connect  # no :path (RFC 9113 8.5)
     bad_path = (
         "#" in path

@@ -38,7 +38,8 @@ NAMES = [
 VALUES = [
     "example.test", "example.test:8080", "0", "00", "7", "-1", "1 2", "chunked", "gzip, chunked",
     "close", "keep-alive", "Keep-Alive, Close", "upgrade", "websocket", "100-continue",
-    "application/grpc", "text/plain", "a  b", "", " ", "\x80x", "a\x00b", "a\rb", "a\nb",
+    "application/grpc", "application/grpcx", "application/grpc+proto", "Application/GRPC; q=1",
+    "text/plain", "a  b", "", " ", "\x80x", "a\x00b", "a\rb", "a\nb",
     "99999999999999999999", "a\x0bb", "a\x0cb", "\x7f", "a\tb", "\x01", "1\t",
 ]  # fmt: skip
 SEPARATORS = [":", ": ", ":\t", " :", ":  "]
@@ -484,3 +485,24 @@ def test_a_request_that_expects_100_continue_is_left_to_h11() -> None:
     assert isinstance(
         http1_lean.parse_request(head.replace(b"Expect", b"X-Expect"), LIMIT), LeanRequest
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "grpc"),
+    [
+        ("application/grpc", True),
+        ("Application/GRPC", True),
+        ("application/grpc+proto", True),
+        ("application/grpc; charset=utf-8", True),
+        ("application/grpc-web-text", True),
+        ("application/grpcx", False),
+        ("application/grpc_evil", False),
+        ("application/grpcfoo/bar", False),
+        ("application/json", False),
+        ("", False),
+    ],
+)
+def test_grpc_is_its_content_type_not_one_that_begins_like_it(value: str, grpc: bool) -> None:
+    """gRPC's spec: application/grpc, then nothing, a +subtype or ;parameters. Any type
+    that began with the letters counted, so application/grpcx passed a gRPC allow rule."""
+    assert http1_lean.is_grpc_content_type(value) is grpc
