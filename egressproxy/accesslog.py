@@ -643,6 +643,11 @@ _writer: LineWriter | None = None
 _fork_hooks_registered = False
 
 
+QUIET_LIBRARIES = ("hpack",)
+"""Loggers kept at INFO or above whatever --log-level says: at DEBUG, hpack writes every
+header it decodes or encodes, Authorization and Cookie values too, a line each."""
+
+
 def setup_logging(settings: Settings) -> None:
     """Route every log record and access line through a queue to a writer thread."""
     global _writer, _fork_hooks_registered
@@ -654,6 +659,8 @@ def setup_logging(settings: Settings) -> None:
         root.removeHandler(old)
     root.addHandler(_ToWriter(writer))
     root.setLevel(settings.log_level.upper())
+    for library in QUIET_LIBRARIES:
+        logging.getLogger(library).setLevel(max(logging.INFO, root.level))
     writer.start()
     _writer = writer
     if not _fork_hooks_registered:

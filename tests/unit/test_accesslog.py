@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import hpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -704,6 +705,20 @@ def test_a_diagnostic_quoting_a_peers_bytes_stays_one_printable_line(
     assert second.endswith(f" ERROR egressproxy.http2 failed on {escaped}"), second
     assert traceback[0] == "Traceback (most recent call last):"
     assert first.isprintable() and second.isprintable()
+
+
+def test_debug_logging_writes_no_header_hpack_decodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At --log-level debug, hpack logged every header it decoded, an h2 client's
+    Authorization among them; the proxy's own debug lines still come."""
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    setup_logging(Settings(log_format=LogFormat.TEXT, log_level="debug"))
+    encoded = hpack.Encoder().encode([(b"authorization", b"Bearer SECRET")])
+    assert hpack.Decoder().decode(encoded) == [("authorization", "Bearer SECRET")]
+    logging.getLogger("egressproxy.http2").debug("a debug line")
+    shutdown_logging()
+    assert "a debug line" in stream.getvalue()
+    assert "SECRET" not in stream.getvalue()
 
 
 def read_all(descriptor: int, into: list[bytes]) -> None:
