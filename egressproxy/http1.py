@@ -275,8 +275,9 @@ def as_sent_by_h11(request: h11.Request) -> h11.Request:
 
 
 def without_upgrade(request: h11.Request) -> h11.Request:
-    """The request minus its Upgrade and HTTP2-Settings headers, the one rewrite the proxy
-    makes: an h2c upgrade would carry requests past the per-request policy."""
+    """The request minus its Upgrade and HTTP2-Settings headers, the one header the proxy
+    takes out (h11's framing aside): an h2c upgrade would carry requests past the
+    per-request policy."""
     headers = [
         (name, value)
         for name, value in request.headers.raw_items()
