@@ -679,6 +679,7 @@ def test_text_log_line_with_exception(monkeypatch: pytest.MonkeyPatch) -> None:
     assert traceback[-1] == "ValueError: broken"
 
 
+@pytest.mark.usefixtures("restore_logging")
 @pytest.mark.parametrize(
     "quoted",
     ["v\n2026-01-01T00:00:00.000Z access client=6.6.6.6:1", "a\x00b\x1b[2J\rc\x85", "plain"],
@@ -707,6 +708,7 @@ def test_a_diagnostic_quoting_a_peers_bytes_stays_one_printable_line(
     assert first.isprintable() and second.isprintable()
 
 
+@pytest.mark.usefixtures("restore_logging")
 def test_debug_logging_writes_no_header_hpack_decodes(monkeypatch: pytest.MonkeyPatch) -> None:
     """At --log-level debug, hpack logged every header it decoded, an h2 client's
     Authorization among them; the proxy's own debug lines still come."""
