@@ -215,6 +215,10 @@ class H2Server(asyncio.Protocol):
         for event in events:
             if getattr(event, "stream_id", None) in reset:
                 self.streams.pop(event.stream_id, None)  # h2 has forgotten it already
+                self.pending.pop(event.stream_id, None)
+                self.leftover.pop(event.stream_id, None)
+                if isinstance(event, h2.events.DataReceived):  # the connection's window
+                    self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif isinstance(event, h2.events.RequestReceived):
                 self.streams[event.stream_id] = {
                     "headers": [[n, v] for n, v in event.headers],
@@ -259,6 +263,15 @@ class H2Server(asyncio.Protocol):
         self.h2.send_data(stream_id, body, end_stream=True)
 
     def _pump(self, stream_id: int) -> None:
+        import h2.exceptions
+
+        try:
+            self._send_what_fits(stream_id)
+        except h2.exceptions.StreamClosedError:  # reset by the client meanwhile
+            self.pending.pop(stream_id, None)
+            self.leftover.pop(stream_id, None)
+
+    def _send_what_fits(self, stream_id: int) -> None:
         chunks = self.pending[stream_id]
         data = self.leftover.pop(stream_id, b"")
         while True:
