@@ -1176,6 +1176,74 @@ def test_grpcio_allowed_and_denied(world: World, proxy: StartProxy, http_servers
     )
 
 
+GRPC_OR_OPEN = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {{name: grpc-or-open}}
+spec:
+  default: deny
+  rules:
+  - name: echo
+    ports: [{port}]
+    grpc: [{{service: test.Echo}}]
+  - name: open
+    ports: [{port}]
+    http: [{{pathPrefix: /open}}]
+"""
+
+
+def test_a_content_type_that_only_begins_like_grpcs_is_no_call(
+    world: World, proxy: StartProxy, http_servers: None
+) -> None:
+    """On a port of gRPC and HTTP rules, application/grpcx is plain HTTP, which the gRPC
+    rule does not allow; it passed that rule as a call. (A Linkerd GRPCRoute fixes its
+    port's protocol, so there every request is a call, whatever its content-type.)"""
+    run_proxy(proxy, GRPC_OR_OPEN.format(port=GRPC_PORT))
+    url = f"http://example.test:{GRPC_PORT}/test.Echo/Echo"
+    statuses = {}
+    for content_type in ("application/grpcx", "application/grpc+proto"):
+        result = world.curl("--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_code}",
+                            "-X", "POST", "-H", f"content-type: {content_type}", url)  # fmt: skip
+        statuses[content_type] = result.stdout.decode()
+    assert statuses == {"application/grpcx": "403", "application/grpc+proto": "200"}
+
+
+def test_an_h2_head_trickled_past_the_header_timeout_ends_its_connection(
+    world: World, proxy: StartProxy, http_servers: None
+) -> None:
+    """--header-timeout holds for h2 heads too: with no stream to answer 408 on, a GOAWAY
+    and the end of the connection, where a trickled head held it for the idle timeout."""
+    import h2.connection
+
+    running = proxy(policy(H2_PORT), "--namespace", "egress-test", "--header-timeout", "1")
+    client = h2.connection.H2Connection()
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "GET"), (":scheme", "http"),
+                            (":authority", f"example.test:{H2_PORT}"), (":path", "/get")],
+                        end_stream=True)  # fmt: skip
+    data = client.data_to_send()
+    sock = world.connect(world.host("example.test").v4, H2_PORT)
+    try:
+        sock.sendall(data[:-4])
+        started = time.monotonic()
+        for byte in data[-4:-1]:  # a byte every 0.3 s, never the last
+            time.sleep(0.3)
+            sock.sendall(bytes([byte]))
+        answer = recv_until_eof(sock, TIMEOUT)
+        ended = time.monotonic() - started
+    finally:
+        sock.close()
+    goaway_type = 7
+    kinds = []
+    while len(answer) >= 9:
+        length = int.from_bytes(answer[:3], "big")
+        kinds.append(answer[3])
+        answer = answer[9 + length :]
+    assert goaway_type in kinds, kinds
+    assert 1.0 <= ended < 5.0, ended
+    assert running.logged("h2 request head incomplete after 1.0s"), running.log_text()
+
+
 def test_a_grpc_route_without_rules_opens_nothing(world: World, proxy: StartProxy) -> None:
     """A GRPCRoute's CRD fills in no default rule, and linkerd2-proxy matches nothing on a
     route without rules: through the redirect, a GRPCRoute naming only its hostname lets
