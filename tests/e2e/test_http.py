@@ -1063,6 +1063,59 @@ def test_sigterm_finishes_the_request_in_flight(world: World, proxy: StartProxy)
     assert started.wait(STOP_TIMEOUT) == 0
 
 
+def test_sigterm_keeps_the_end_of_an_h2_stream_a_slow_reader_still_reads(
+    world: World, proxy: StartProxy, http_servers: None
+) -> None:
+    """A slow h2 reader acknowledges each DATA frame as it reads it. When the drain let its
+    download finish, the proxy closed with those WINDOW_UPDATEs unread, the kernel reset the
+    connection and dropped the last frames not yet sent, END_STREAM with them; the log said
+    200. GOAWAY frames are taken out before h2 sees them (it refuses every frame after
+    one, the answers of streams in flight too)."""
+    import h2.connection
+    import h2.events
+    import h2.settings
+
+    running = proxy(policy(H2_PORT), "--namespace", "egress-test")
+    size = 4 << 20
+    client = h2.connection.H2Connection()
+    client.initiate_connection()
+    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+    client.increment_flow_control_window(1 << 20)
+    client.send_headers(1, [(":method", "GET"), (":scheme", "http"),
+                            (":authority", f"example.test:{H2_PORT}"),
+                            (":path", f"/bytes/{size}")], end_stream=True)  # fmt: skip
+    sock = world.connect(world.host("example.test").v4, H2_PORT)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    received, ended, unread = 0, False, bytearray()
+    deadline = time.monotonic() + 3 * TIMEOUT
+    try:
+        sock.sendall(client.data_to_send())
+        while not ended and time.monotonic() < deadline:
+            data = sock.recv(4096)
+            if not data:
+                break
+            unread += data
+            frames = bytearray()
+            while len(unread) >= 9 and len(unread) >= 9 + int.from_bytes(unread[:3], "big"):
+                size_of = 9 + int.from_bytes(unread[:3], "big")
+                if unread[3] != 7:  # GOAWAY
+                    frames += unread[:size_of]
+                del unread[:size_of]
+            for event in client.receive_data(bytes(frames)):
+                if isinstance(event, h2.events.DataReceived):
+                    received += len(event.data)
+                    client.acknowledge_received_data(event.flow_controlled_length, 1)
+                    if received >= 256 * 1024 and received - len(event.data) < 256 * 1024:
+                        running.send_signal(signal.SIGTERM)
+                ended = ended or isinstance(event, h2.events.StreamEnded)
+            sock.sendall(client.data_to_send())
+            time.sleep(0.002)
+    finally:
+        sock.close()
+    assert (received, ended) == (size, True)
+    assert running.wait(STOP_TIMEOUT) == 0
+
+
 FULL_PIPE = 48 << 10
 """A pipe holds 64 KiB, less what its pages leave unfilled; the lines of the requests
 below are ten times that."""
