@@ -15,10 +15,12 @@ Uninstall is the same convergence towards nothing.
 Receipts. Two side effects outlive the chains: an nftables table that did not
 exist before install (iptables-nft creates it, and it would stay behind, empty)
 and the forwarding switch gateway mode turns on. Install notes them in the
-comment of the jump it adds ("; created table", "; turned on forwarding"), and of
-the last rule of its chains (which outlive a lost jump), so a later uninstall
-undoes exactly those and nothing it did not do, with no state kept anywhere but in
-the rules themselves.
+comment of the jump it adds ("; created table", "; turned on forwarding"), of the
+last rule of its chains (which outlive a lost jump), and as an empty chain named for
+the receipt (which outlives `iptables -t nat -F`, a flush of every chain's rules), so
+a later uninstall undoes exactly those and nothing it did not do, with no state kept
+anywhere but in the rules themselves. Only a reload that deletes the chains too
+(`-X`, a restore without --noflush) loses them.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ UDP_CHAIN = "EGRESSPROXY_UDP"
 COMMENT_PREFIX = "egressproxy: "
 CREATED_TABLE = "created table"
 TURNED_ON_FORWARDING = "turned on forwarding"
+# Chain names are at most 28 characters.
+RECEIPT_CHAINS = {
+    CREATED_TABLE: "EGRESSPROXY_CREATED_TABLE",
+    TURNED_ON_FORWARDING: "EGRESSPROXY_TURNED_ON_FWD",
+}
 DNS_PORT = 53
 # xt_multiport takes at most 15 ports per rule, a range counting as two.
 MULTIPORT_LIMIT = 15
@@ -445,13 +452,16 @@ def _receipts(saved: SavedTable) -> frozenset[str]:
     notes: set[str] = set()
     for line in (*saved.own_jumps(), *saved.own_rules()):
         notes.update(rule_comment(line).split("; ")[1:])
+    chains = saved.own_chains()
+    notes.update(note for note, chain in RECEIPT_CHAINS.items() if chain in chains)
     return frozenset(notes)
 
 
 def _noted(table: Table, notes: Sequence[str]) -> Table:
-    """The receipts on the jump and on the last rule of the own chains: a firewall reload
-    or `iptables -F` drops the jump and leaves the chains, and install puts the jump
-    back; read from the chains, the receipts are still there for uninstall."""
+    """The receipts on the jump, on the last rule of the own chains and as empty chains:
+    a firewall reload or `iptables -F` drops the jump, or every rule, and leaves the
+    chains, and install puts them back; read from the chains, the receipts are still
+    there for uninstall."""
     if not notes:
         return table
 
@@ -459,7 +469,10 @@ def _noted(table: Table, notes: Sequence[str]) -> Table:
         return dataclasses.replace(rule, comment="; ".join((rule.comment, *notes)))
 
     return dataclasses.replace(
-        table, rules=(*table.rules[:-1], noted(table.rules[-1])), jump=noted(table.jump)
+        table,
+        chains=(*table.chains, *(RECEIPT_CHAINS[note] for note in notes)),
+        rules=(*table.rules[:-1], noted(table.rules[-1])),
+        jump=noted(table.jump),
     )
 
 
@@ -524,12 +537,14 @@ def capture_problems(saved: Mapping[str, SavedTable]) -> list[str]:
     a jump another tool's rule has since been put in front of (Docker puts its FORWARD
     jump first on every start). Install mends both."""
     problems = []
+    receipts = RECEIPT_CHAINS.values()
     for name, table in saved.items():
-        if not table.own_chains():
+        chains = [chain for chain in table.own_chains() if chain not in receipts]
+        if not chains:
             continue
         jumps = table.own_jumps()
         if not jumps:
-            problems.append(f"{name}: nothing jumps into {', '.join(table.own_chains())}")
+            problems.append(f"{name}: nothing jumps into {', '.join(chains)}")
         for line in jumps:
             chain = rule_chain(line)
             first = next(rule for rule in table.rules if rule_chain(rule) == chain)

@@ -572,10 +572,12 @@ def test_gateway_redirects_routed_tcp_and_forwards_the_rest(lab: Lab) -> None:
     assert "no egressproxy rules are installed" in nothing.stderr
 
 
-def test_uninstall_after_install_mended_a_flushed_jump_turns_forwarding_off(lab: Lab) -> None:
-    """The README's repair: `iptables -F` dropped the jumps (show exits 3), install puts
-    them back. The receipts lived on the jumps only, so uninstall then left forwarding
-    on (the gateway routing past the proxy) and the tables it had made."""
+@pytest.mark.parametrize("flush", ["-F PREROUTING", "-F"])
+def test_uninstall_after_install_mended_a_flush_turns_forwarding_off(lab: Lab, flush: str) -> None:
+    """The README's repair: `iptables -F` dropped the jumps, or every rule of the table
+    (show exits 3), install puts them back. The receipts lived on the jumps, then on the
+    rules only, so uninstall then left forwarding on (the gateway routing past the proxy)
+    and the tables it had made."""
     gateway = lab.namespace()
     for switch in ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"):
         sh(f"ip netns exec {gateway} sysctl -qw {switch}=0")
@@ -583,7 +585,7 @@ def test_uninstall_after_install_mended_a_flushed_jump_turns_forwarding_off(lab:
     assert egressproxy(gateway, "install", "--mode=gateway").returncode == 0
     assert forwarding(gateway) == ("1", "1")
     for tool in ("iptables-nft", "ip6tables-nft"):
-        sh(f"ip netns exec {gateway} {tool} -t nat -F PREROUTING")
+        sh(f"ip netns exec {gateway} {tool} -t nat {flush}")
     assert egressproxy(gateway, "show").returncode == 3
     mended = egressproxy(gateway, "install", "--mode=gateway")
     assert mended.returncode == 0, mended.stderr

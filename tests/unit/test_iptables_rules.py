@@ -640,15 +640,19 @@ def test_receipts_are_kept_in_the_jump_comment() -> None:
 
 
 @pytest.mark.parametrize("droppable", [True, False])
-def test_receipts_outlive_a_lost_jump_that_install_puts_back(droppable: bool) -> None:
-    """`iptables -F` (a firewall reload) drops our jumps and leaves the chains; the README
-    says to install again. The receipts went with the jump, so the next uninstall left
+@pytest.mark.parametrize("flushed", ["the jumps", "every chain"])
+def test_receipts_outlive_a_flush_that_install_mends(droppable: bool, flushed: str) -> None:
+    """`iptables -F PREROUTING` (a firewall reload) drops our jumps and leaves the chains,
+    `iptables -t nat -F` empties our chains too; the README says to install again. The
+    receipts went with the jump, then with the rules, so the next uninstall left
     forwarding on, the gateway routing past the proxy, and the table it had made."""
     model = Model({}, forwarding=False)
     options = Options(mode=GATEWAY, block_udp=True)
     model.install(options, droppable)
     for table, builtin in (("nat", "PREROUTING"), ("filter", "FORWARD")):
-        model.tables[table][builtin].clear()
+        chains = model.tables[table]
+        for rules in chains.values() if flushed == "every chain" else [chains[builtin]]:
+            rules.clear()
     model.install(options, droppable)
     assert capture_problems(model.saved()) == []
     assert not model.install(options, droppable), "a second install changes nothing"
