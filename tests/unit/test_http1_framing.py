@@ -357,6 +357,31 @@ async def test_an_http_1_0_client_gets_a_chunked_response_with_trailers_whole(
 
 
 @pytest.mark.asyncio
+async def test_an_http_1_0_keep_alive_client_gets_its_answer_and_a_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """h11 keeps no HTTP/1.0 connection alive (the README says so): `ab -k` gets its
+    response whole, told `Connection: close`, then the close, and the request after it
+    on the same connection is never read."""
+
+    heads: list[bytes] = []
+    script = always(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nKeep-Alive: timeout=5\r\n\r\nok")
+    async with proxy_to_origin(scripted(script, heads), tmp_path, monkeypatch, ALLOW_ALL) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        request = b"GET /a HTTP/1.0\r\nHost: example.test\r\nConnection: keep-alive\r\n\r\n"
+        writer.write(request + request.replace(b"/a", b"/b"))
+        async with asyncio.timeout(TIMEOUT):
+            answer = await reader.read()
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    head, body = answer.split(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\nConnection: close" in head
+    assert body == b"ok"
+    assert [(r.path, r.status) for r in proxy.ledger.requests] == [("/a", 200)]
+    assert [head.split(b"\r\n", 1)[0] for head in heads] == [b"GET /a HTTP/1.0"]
+
+
+@pytest.mark.asyncio
 async def test_an_early_answer_then_close_reaches_an_uploading_client_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
