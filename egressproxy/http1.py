@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -98,6 +99,10 @@ _LINE_ENDS = (b"\r", b"\n")
 """The first bytes of an empty line, which RFC 9112 2.2 lets precede a request line."""
 
 _PROTOCOL_ERRORS = {400: "bad_request", 431: "header_too_large", 501: "not_implemented"}
+_BARE_LINE_FEED = re.compile(rb"(?<!\r)\n")
+"""A line of a chunked body ended by LF alone: h11 waits for the CRLF that ends a chunk
+line, and both sides would wait out the idle timeout. Like llhttp (Node, Envoy), the
+proxy refuses it at once, from either side: framing its peers may read otherwise."""
 
 
 TIMEOUT_ERRORS = frozenset({"connect_timeout", "dns_timeout", "idle_timeout"})
@@ -873,6 +878,12 @@ class Http1Proxy(asyncio.Protocol):
             elif event is h11.NEED_DATA:
                 if client.their_state is h11.IDLE and client.trailing_data[0]:
                     self._await_head()
+                elif client.their_state is h11.SEND_BODY and _BARE_LINE_FEED.search(
+                    client.trailing_data[0]
+                ):
+                    self._client_protocol_error(
+                        h11.RemoteProtocolError("chunk line ended by LF alone", 400)
+                    )
                 return
             elif event is h11.PAUSED:
                 # after a request, or an Upgrade or CONNECT awaiting its answer (h11's
@@ -1522,6 +1533,12 @@ class Http1Proxy(asyncio.Protocol):
                     self._switch(upstream)
                 return
             else:  # NEED_DATA, or ConnectionClosed after the response
+                if connection.their_state is h11.SEND_BODY and _BARE_LINE_FEED.search(
+                    connection.trailing_data[0]
+                ):
+                    client = self.flow.record.client
+                    log.info("%s: chunk line from %s:%s ended by LF alone", client, *upstream.key)
+                    self._upstream_broken(upstream, "bad_response")
                 return
 
     def upstream_lost(self, upstream: _Upstream) -> None:
@@ -1750,7 +1767,7 @@ class Http1Proxy(asyncio.Protocol):
     def _client_protocol_error(self, error: h11.RemoteProtocolError) -> None:
         status = error.error_status_hint
         kind = _PROTOCOL_ERRORS.get(status, "bad_request")
-        log.info("%s: bad request head: %s", self.flow.record.client, error)
+        log.info("%s: bad request: %s", self.flow.record.client, error)
         if self.upstream is not None:
             # the body was malformed while it streamed: the upstream request is broken too
             self.upstream.transport.abort()

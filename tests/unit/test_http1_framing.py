@@ -5,6 +5,7 @@ framing is faulty, byte for byte on both sides, and the connection after each.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 from collections.abc import Callable
@@ -280,6 +281,66 @@ async def test_transfer_encoding_in_an_http_1_0_request_is_refused(
         await proxy.wait_closed_flows(1)
     assert answer.startswith(b"HTTP/1.1 400 ")
     assert heads == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "body",
+    [b"5\nhello\n0\n\n", b"5\r\nhello\r\n0\n\n", b"5;ext=1\n"],
+    ids=["every-line", "last", "extension"],
+)
+async def test_a_chunk_line_ended_by_lf_alone_is_refused_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: bytes
+) -> None:
+    """h11 waits for the CRLF of a chunk line: with the head already upstream, client and
+    upstream both waited out the idle timeout, and the client got a 504 for its own fault.
+    Framing its peers may read otherwise is refused now: 400, the upstream request cut."""
+    heads: list[bytes] = []
+
+    async def awaits_the_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        with contextlib.suppress(ConnectionError):
+            await reader.read()
+        writer.close()
+
+    async with proxy_to_origin(awaits_the_body, tmp_path, monkeypatch, ALLOW_ALL) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(
+            b"POST /a HTTP/1.1\r\nHost: example.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        await asyncio.sleep(0.1)
+        writer.write(body)
+        async with asyncio.timeout(TIMEOUT):
+            answer = await reader.read()
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert len(heads) == 1
+    assert [(r.path, r.status, r.error) for r in proxy.ledger.requests] == [
+        ("/a", 400, "bad_request")
+    ]
+
+
+@pytest.mark.asyncio
+async def test_a_response_chunk_line_ended_by_lf_alone_is_refused_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same from an upstream that keeps its connection: the client waited out the
+    idle timeout for the rest of a body the proxy could not frame. Now its response is
+    cut at once, as any bad response begun, counted bad_response."""
+    heads: list[bytes] = []
+    script = always(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\n0\n\n")
+    async with proxy_to_origin(scripted(script, heads), tmp_path, monkeypatch, ALLOW_ALL) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        async with asyncio.timeout(TIMEOUT):
+            with contextlib.suppress(ConnectionResetError):
+                await reader.read()
+        writer.close()
+        await proxy.wait_closed_flows(1)
+    assert [(r.path, r.status, r.error) for r in proxy.ledger.requests] == [
+        ("/a", 200, "bad_response")
+    ]
 
 
 @pytest.mark.asyncio
