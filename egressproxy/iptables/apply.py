@@ -206,9 +206,10 @@ def _rule_count(saved: list[str]) -> int:
     return sum(1 for text in saved for line in text.splitlines() if line.startswith("-"))
 
 
-def families(backend: Backend, ipv6: bool | None, *, capturing: bool = False) -> list[Family]:
+def families(backend: Backend, ipv6: bool | None, action: str) -> list[Family]:
     """`--ipv6` asks for IPv6 and fails without it; left unsaid, IPv6 is programmed when
-    ip6tables works, and a capture without it warns if the namespace uses IPv6."""
+    ip6tables works, a capture without it warns if the namespace uses IPv6, and show or
+    uninstall without it warns that IPv6 rules of an earlier install go unseen."""
     if ipv6 is False:
         return [Family.IPV4]
     kernel_has_ipv6 = Path("/proc/net/if_inet6").exists()
@@ -217,12 +218,12 @@ def families(backend: Backend, ipv6: bool | None, *, capturing: bool = False) ->
         return [Family.IPV4, Family.IPV6]
     if ipv6:
         raise ApplyError(f"--ipv6: {unusable}")
-    if capturing and kernel_has_ipv6:
-        used = read_ipv6_in_use()
-        if used:
-            print(
-                f"egressproxy iptables install: {uncaptured_ipv6(unusable, used)}", file=sys.stderr
-            )
+    if not kernel_has_ipv6:
+        return [Family.IPV4]
+    if action != "install":
+        print(f"egressproxy iptables {action}: {unchecked_ipv6(action, unusable)}", file=sys.stderr)
+    elif used := read_ipv6_in_use():
+        print(f"egressproxy iptables install: {uncaptured_ipv6(unusable, used)}", file=sys.stderr)
     return [Family.IPV4]
 
 
@@ -247,6 +248,14 @@ def ipv6_in_use(addresses: Iterable[tuple[str, str]], default_route: bool) -> li
     if default_route:
         used.append("a default route")
     return used
+
+
+def unchecked_ipv6(action: str, unusable: str) -> str:
+    what = "shown" if action == "show" else "removed"
+    return (
+        f"WARNING: IPv6 rules are not {what} ({unusable}): any an earlier install made are"
+        f" {'unseen' if action == 'show' else 'left in place'}; pass --no-ipv6 if it made none"
+    )
 
 
 def uncaptured_ipv6(unusable: str, used: Sequence[str]) -> str:
@@ -435,7 +444,7 @@ def main(action: str, options: Options, dry_run: bool) -> int:
             if conflict:
                 raise ApplyError(conflict)
         backend = detect_backend()
-        chosen = families(backend, options.ipv6, capturing=action == "install")
+        chosen = families(backend, options.ipv6, action)
         if action == "show":
             return show(backend, chosen)
         if dry_run:

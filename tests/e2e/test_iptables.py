@@ -786,5 +786,31 @@ def test_ipv6_left_uncaptured_is_warned_when_the_namespace_uses_it(
     assert saved_rules(app) == before
 
 
+def test_uninstall_and_show_without_ip6tables_say_ipv6_rules_are_left(
+    lab: Lab, tmp_path: Path
+) -> None:
+    """ip6tables gone (or failing) after an install of both families: uninstall removed the
+    IPv4 rules, said all was done and left IPv6 captured in silence. Now it says so, as
+    show does, and --no-ipv6 says none were made."""
+    app = lab.namespace()
+    before = saved_rules(app)
+    assert egressproxy(app, "install", f"--proxy-uid={PROXY_UID}").returncode == 0
+    fake = failing_ip6tables(tmp_path)
+    warning = "WARNING: IPv6 rules are not {} (ip6tables-nft-save failed: ip6tables-nft-save:"
+    shown = egressproxy(app, "show", path_first=fake)
+    assert shown.returncode == 0, shown.stderr
+    assert warning.format("shown") in shown.stderr
+    removed = egressproxy(app, "uninstall", path_first=fake)
+    assert removed.returncode == 0, removed.stderr
+    assert warning.format("removed") in removed.stderr and "left in place" in removed.stderr
+    left = saved_rules(app)
+    assert "EGRESSPROXY_OUTPUT" in left["ip6tables-nft-save"]
+    assert "EGRESSPROXY_OUTPUT" not in left["iptables-nft-save"]
+    quiet = egressproxy(app, "uninstall", "--no-ipv6", path_first=fake)
+    assert (quiet.returncode, "WARNING" in quiet.stderr) == (0, False)
+    assert egressproxy(app, "uninstall").returncode == 0
+    assert saved_rules(app) == before
+
+
 if __name__ == "__main__":
     {"serve": serve, "probe": probe}[sys.argv[1]](json.loads(sys.argv[2]))
