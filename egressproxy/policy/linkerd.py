@@ -9,6 +9,7 @@ original destination; a Service backendRef goes to NAME.NAMESPACE.svc.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -571,12 +572,15 @@ def read_http_match(checker: Checker, node: YMap, where: str) -> HttpMatch:
                 path_node, "type", path_where, [k.value for k in MatchKind], "PathPrefix"
             )
         )
-        value = checker.get(path_node, "value", str, path_where) or "/"
+        value = checker.get(path_node, "value", str, path_where)
+        if value is None:
+            value = "/"
         line = path_node.line_of("value")
         if kind == MatchKind.REGEX:
-            path = PathMatch(kind, value) if checker.path_regex(value, line, path_where) else None
-        elif not value.startswith("/"):
-            checker.error(line, f"{path_where}.value: {value!r} must start with '/'")
+            regex = checker.path_regex(value, line, path_where)  # `''` matches no path
+            path = None if regex is None else PathMatch(kind, regex)
+        elif refused := refused_path_value(value):
+            checker.error(line, f"{path_where}.value: {value!r} {refused}")
         else:
             path = PathMatch(kind, value)
     method = checker.get(node, "method", str, where)
@@ -588,6 +592,31 @@ def read_http_match(checker: Checker, node: YMap, where: str) -> HttpMatch:
         headers=read_value_matches(checker, node, "headers", where, header_names=True),
         query=read_value_matches(checker, node, "queryParams", where, header_names=False),
     )
+
+
+_PATH_VALUE = re.compile(r"(?:[-A-Za-z0-9/._~!$&'()*+,;=:@]|%[0-9a-fA-F]{2}|[^\x00-\x7f])+")
+_PATH_VALUE_SEQUENCES = ("//", "/./", "/../", "%2f", "%2F", "#")
+
+
+def refused_path_value(value: str) -> str | None:
+    """Why the API server refuses an Exact or PathPrefix value (HTTPPathMatch's CEL rules),
+    or None. Taken as written, an empty value or one ending in `/..` widens to `/`, every
+    path: a route meant to allow one path would allow them all. Text beyond ASCII, which
+    the API server wants percent-encoded, is taken as its UTF-8 (`/café`), as a client
+    sends it."""
+    if not value:
+        return "must not be empty (leave it out for '/', every path)"
+    if not value.startswith("/"):
+        return "must start with '/'"
+    for sequence in _PATH_VALUE_SEQUENCES:
+        if sequence in value:
+            return f"must not contain {sequence!r}"
+    for end in ("/..", "/."):
+        if value.endswith(end):
+            return f"must not end with {end!r}"
+    if not _PATH_VALUE.fullmatch(value):
+        return "has a character a path cannot hold unescaped"
+    return None
 
 
 def read_value_matches(
@@ -621,7 +650,10 @@ def read_value_matches(
             checker.error(name_line, f"{item_where}.name: {name!r} is given twice in {key}")
             continue
         names.add(name)
-        if kind == MatchKind.REGEX and not checker.regex(value, item.line_of("value"), item_where):
+        if (
+            kind == MatchKind.REGEX
+            and checker.regex(value, item.line_of("value"), item_where) is None
+        ):
             continue
         compared = name.lower() if header_names else name
         if compared in counted:

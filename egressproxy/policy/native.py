@@ -291,7 +291,7 @@ def read_http(checker: Checker, node: YMap, where: str) -> list[HttpMatch]:
                 checker.error(
                     line, f"{where}.{key}: empty: no path matches it; omit it to match any"
                 )
-            elif checker.path_regex(value, line, f"{where}.{key}"):
+            elif checker.path_regex(value, line, f"{where}.{key}") is not None:
                 path = PathMatch(MatchKind.REGEX, value)
         elif not value.startswith("/"):
             checker.error(line, f"{where}.{key}: {value!r} must start with '/'")
@@ -334,7 +334,10 @@ def read_value_matches(
                     checker.error(line, f"{where}.{key}: a parameter name must not be empty")
             if text is None or not named:
                 continue
-            if kind == MatchKind.REGEX and not checker.regex(text, line, f"{where}.{key}.{name}"):
+            if (
+                kind == MatchKind.REGEX
+                and checker.regex(text, line, f"{where}.{key}.{name}") is None
+            ):
                 continue
             found.append(ValueMatch(name.lower() if header_names else name, kind, text))
     return tuple(found)
@@ -358,8 +361,9 @@ def read_grpc(checker: Checker, node: YMap, where: str) -> GrpcMatch:
             checker.error(
                 node.line_of(regex_key), f"{where}.{regex_key}: empty: omit it to match any"
             )
-        elif pattern is not None and checker.regex(
-            pattern, node.line_of(regex_key), f"{where}.{regex_key}"
+        elif (
+            pattern is not None
+            and checker.regex(pattern, node.line_of(regex_key), f"{where}.{regex_key}") is not None
         ):
             patterns[key] = pattern
     headers = read_value_matches(checker, node, where, HEADER_KEYS, header_names=True)

@@ -336,7 +336,8 @@ def read_route_group(
         name = checker.get(item, "name", str, item_where) or f"matches[{index}]"
         path = None
         regex = checker.get(item, "pathRegex", str, item_where)
-        if regex is not None and checker.path_regex(regex, item.line_of("pathRegex"), item_where):
+        line = item.line_of("pathRegex")
+        if regex is not None and checker.path_regex(regex, line, item_where) is not None:
             path = PathMatch(MatchKind.REGEX, regex)
         headers = []
         header_map = None
@@ -353,7 +354,8 @@ def read_route_group(
             text = checker.typed(value, str, line, f"{item_where}.headers.{header}")
             if checker.header_name(header, line, f"{item_where}.headers") is None:
                 continue
-            if text is not None and checker.regex(text, line, f"{item_where}.headers.{header}"):
+            header_where = f"{item_where}.headers.{header}"
+            if text is not None and checker.regex(text, line, header_where) is not None:
                 # OSM makes `host` a matcher of Envoy's :authority, and any other spelling
                 # one of that name, which Envoy lower-cases and finds as the :authority entry
                 # of its header map: the Host of HTTP/1 requests either way.

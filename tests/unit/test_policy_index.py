@@ -744,10 +744,16 @@ RANKED_PATHS = ["/", "/a", "/a/", "/a/b", "/ab", "/b/1", "/b/12"]
 HTTP_MATCHES = st.fixed_dictionaries(
     {},
     optional={
-        "path": st.builds(
-            lambda kind, value: {"type": kind, "value": value},
-            st.sampled_from(["Exact", "PathPrefix", "RegularExpression"]),
-            st.sampled_from(["/", "/a", "/a/", "/a/b", "/b/[0-9]+", "/a.*"]),
+        "path": st.one_of(
+            st.builds(
+                lambda kind, value: {"type": kind, "value": value},
+                st.sampled_from(["Exact", "PathPrefix"]),
+                st.sampled_from(["/", "/a", "/a/", "/a/b", "/b/1", "/a.b"]),
+            ),
+            st.builds(
+                lambda value: {"type": "RegularExpression", "value": value},
+                st.sampled_from(["/", "/a", "/a/", "/a/b", "/b/[0-9]+", "/a.*", ""]),
+            ),
         ),
         "method": st.sampled_from(["GET", "POST"]),
         "headers": st.just([{"name": "x-a", "value": "1"}]),

@@ -478,10 +478,10 @@ def test_http_match_precedence() -> None:
 
 def test_rule_paths_are_normalised_as_request_paths_are() -> None:
     """A request path is matched decoded, merged and without dot segments; so are the
-    Exact and PathPrefix values, else `/files/a%20b` or `/a//b` could never match."""
+    Exact and PathPrefix values, else `/files/a%20b` or `/a/%62` could never match."""
     routes = [
         http_route("exact", "  - matches:\n    - path: {type: Exact, value: /files/a%20b}\n"),
-        http_route("prefix", "  - matches:\n    - path: {type: PathPrefix, value: /a//b/}\n"),
+        http_route("prefix", "  - matches:\n    - path: {type: PathPrefix, value: /a/%62/}\n"),
     ]
     index = compiled("---".join([DENY_NET, *routes]))
     assert request(index, "/files/a%20b") == "exact"
@@ -523,6 +523,49 @@ def test_text_in_the_policy_matches_the_utf8_a_request_sends() -> None:
     assert request(index, "/q", query="q=%E6%97%A5%E6%9C%AC&citt%C3%A0=x") == "query"
     assert request(index, "/q", query=sent("q=日本&città=x")) == "query"
     assert request(index, "/q", query="q=%E6%97%A5%E6%9C%AC&citt%E0=x") == "http-egress-deny"
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("''", "must not be empty (leave it out for '/', every path)"),
+        ("admin", "must start with '/'"),
+        ("/..", "must not end with '/..'"),
+        ("/admin/..", "must not end with '/..'"),
+        ("/admin/.", "must not end with '/.'"),
+        ("/a//b", "must not contain '//'"),
+        ("/a/./b", "must not contain '/./'"),
+        ("/a/../b", "must not contain '/../'"),
+        ("/a%2fb", "must not contain '%2f'"),
+        ("/a%2Fb", "must not contain '%2F'"),
+        ("'/a#b'", "must not contain '#'"),
+        ("'/a b'", "has a character a path cannot hold unescaped"),
+        ("/a%zz", "has a character a path cannot hold unescaped"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["Exact", "PathPrefix"])
+def test_a_path_value_the_api_server_refuses_is_refused(kind: str, value: str, reason: str) -> None:
+    """HTTPPathMatch's CEL rules. Taken as written, `''` became `/` and `/admin/..`
+    normalised to `/`: a route meant for one path allowed every path of its hosts."""
+    document = http_route("r", f"  - matches:\n    - path: {{type: {kind}, value: {value}}}\n")
+    shown = value.strip("'")
+    assert route_problems(document) == [
+        (
+            line_of(document, "- path:"),
+            f"HTTPRoute egress-test/r.spec.rules[0].matches[0].path.value: {shown!r} {reason}",
+        )
+    ]
+
+
+def test_an_empty_regular_expression_matches_no_path() -> None:
+    """As in Linkerd, whose regular expressions match the whole path: `''` is no `/`."""
+    index = compiled(
+        DENY_NET
+        + "---"
+        + http_route("r", "  - matches:\n    - path: {type: RegularExpression, value: ''}\n")
+    )
+    assert request(index, "/") == "http-egress-deny"
+    assert request(index, "/anything") == "http-egress-deny"
 
 
 def test_a_trailing_slash_does_not_lengthen_a_prefix() -> None:

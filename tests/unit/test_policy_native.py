@@ -798,6 +798,18 @@ def native_rule(model: Model, name: str) -> Rule:
     return found
 
 
+def test_an_empty_header_or_query_regex_matches_an_empty_value_only() -> None:
+    """A regular expression matches the whole value: `""` takes a header or parameter sent
+    empty. Read as false, it was dropped, and the rule matched without it."""
+    text = HEADER_AND_QUERY_MATCHES.replace('"curl/[0-9.]+"', '""').replace('"[0-9]+"', '""')
+    index = compile_policy(load_policy_text(text, "n.yaml"), Settings())
+    sent = (("x-team", "blue"), ("user-agent", ""))
+    assert http(index, "h.example", "/api", headers=sent, query="v=1&page=").action == Action.PASS
+    assert http(index, "h.example", "/api", headers=sent, query="v=1&page=2").action == Action.DENY
+    other = (("x-team", "blue"), ("user-agent", "curl/8"))
+    assert http(index, "h.example", "/api", headers=other, query="v=1&page=").action == Action.DENY
+
+
 def test_header_and_query_matches_compile_to_the_gateway_api_ones() -> None:
     """The same ValueMatch objects as an HTTPRoute's and a GRPCRoute's matches: one matcher
     decides both dialects."""

@@ -314,6 +314,38 @@ def test_the_most_specific_egress_host_alone_decides_a_request() -> None:
     assert http(index, "www.example.com", "/delete").route == egress("everything")
 
 
+@pytest.mark.parametrize(
+    ("match", "allowed"),
+    [
+        ("pathRegex: ''", []),
+        ("headers: {x-debug: ''}", ["/get empty", "/x empty"]),
+    ],
+)
+def test_an_empty_regular_expression_of_a_route_group_matches_only_empty_text(
+    match: str, allowed: list[str]
+) -> None:
+    """Envoy matches a regular expression against the whole path or value: `''` takes no
+    path and only a header sent empty. Read as false, it was dropped, and the match
+    took every path or any value of the header."""
+    group = ONLY_GET.replace("pathRegex: /get\n    methods: [GET]", match)
+    matches = (
+        "matches: [{apiGroup: specs.smi-spec.io/v1alpha4, kind: HTTPRouteGroup, name: only-get}]"
+    )
+    text = "---\n".join(
+        [WILDCARD_AND_EXACT.format(name="api", host="api.example.com", matches=matches), group]
+    )
+    index = compile_policy(load_policy_text(text, "osm.yaml"), CURL)
+    passed = []
+    for path in ("/get", "/x"):
+        for name, headers in (("empty", (("x-debug", ""),)), ("set", (("x-debug", "1"),))):
+            facts = RequestFacts(
+                Destination(EXTERNAL, 80), "api.example.com", "GET", path, "", headers, grpc=False
+            )
+            if index.decide_request(facts).action == Action.PASS:
+                passed.append(f"{path} {name}")
+    assert passed == allowed
+
+
 def test_route_group_methods_are_the_crds_upper_case_values() -> None:
     """Envoy matches OSM's :method header exactly, and the CRD admits only upper-case
     methods: `get` is an error at its line rather than a rule that matches GET."""
