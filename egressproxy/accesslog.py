@@ -416,10 +416,13 @@ class LineWriter:
         self.queue: queue.SimpleQueue[QueueItem] = queue.SimpleQueue()
         self.stream = stream
         self.descriptor = _descriptor(stream)
-        self.whole_lines = shared and _is_pipe_or_socket(self.descriptor)
-        """Write at most PIPE_BUF bytes of whole lines at once: a longer write to a pipe or
-        a stream socket (a container's stderr, journald's) is not atomic, and another
-        process's lines would land in the middle of ours."""
+        self.whole_lines = shared
+        """Write whole lines only, at most line_slice bytes at once: another process's
+        lines would land in the middle of ours between two writes of a line."""
+        self.line_slice = WRITE_SLICE if _is_regular_file(self.descriptor) else select.PIPE_BUF
+        """A write to a pipe or a stream socket (a container's stderr, journald's) or a
+        terminal is atomic only up to PIPE_BUF; one to a regular file (`2>>proxy.log`),
+        whole."""
         self.write_lock: tuple[str, int, int] | None = None
         """(path, opened by, descriptor) of the file the processes of the run hold locked
         (flock) while they write (share_writes): a line longer than PIPE_BUF is written
@@ -526,7 +529,7 @@ class LineWriter:
             if lock is not None and not self._take_turn(lock):
                 lock = None
             try:
-                for chunk in _line_chunks(encoded):
+                for chunk in _line_chunks(encoded, self.line_slice):
                     self._write_out(chunk)
             finally:
                 if lock is not None:
@@ -583,24 +586,24 @@ class LineWriter:
         return descriptor
 
 
-def _is_pipe_or_socket(descriptor: int | None) -> bool:
+def _is_regular_file(descriptor: int | None) -> bool:
     if descriptor is None:
         return False
     try:
         mode = os.fstat(descriptor).st_mode
     except OSError:
         return False
-    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+    return stat.S_ISREG(mode)
 
 
-def _line_chunks(data: bytes) -> list[bytes]:
-    """data (whole lines) cut at line ends into pieces of at most PIPE_BUF bytes; a longer
+def _line_chunks(data: bytes, limit: int) -> list[bytes]:
+    """data (whole lines) cut at line ends into pieces of at most limit bytes; a longer
     line is a piece of its own."""
     chunks: list[bytes] = []
     start = 0
     while start < len(data):
-        end = data.rfind(b"\n", start, start + select.PIPE_BUF) + 1
-        if end <= start:  # one line longer than PIPE_BUF
+        end = data.rfind(b"\n", start, start + limit) + 1
+        if end <= start:  # one line longer than limit
             end = data.find(b"\n", start) + 1 or len(data)
         chunks.append(data[start:end])
         start = end

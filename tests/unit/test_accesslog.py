@@ -909,7 +909,7 @@ def test_workers_sharing_a_pipe_write_whole_lines_at_most_pipe_buf_at_once() -> 
 def test_a_line_longer_than_pipe_buf_is_written_alone_and_whole() -> None:
     long_line = b"x" * (select.PIPE_BUF + 10) + b"\n"
     data = b"a\n" + long_line + b"b\n" * 3000
-    chunks = accesslog._line_chunks(data)
+    chunks = accesslog._line_chunks(data, select.PIPE_BUF)
     assert b"".join(chunks) == data
     assert chunks[:2] == [b"a\n", long_line]
     assert all(len(chunk) <= select.PIPE_BUF and chunk.endswith(b"\n") for chunk in chunks[2:])
@@ -969,6 +969,52 @@ def test_workers_lines_longer_than_pipe_buf_are_never_cut_by_another_workers(
             f"{worker} {number} " + worker * (6000 if number % 2 else 100) for number in range(60)
         ]
     assert [worker.returncode for worker in workers] == [0, 0]
+
+
+FILE_WORKER = """
+import logging, os, sys, time
+from egressproxy.accesslog import LineFormatter, LineWriter
+from egressproxy.settings import LogFormat
+worker, start = sys.argv[1], float(sys.argv[2])
+writer = LineWriter(os.fdopen(2, "w", closefd=False), LineFormatter(LogFormat.JSON), shared=True)
+time.sleep(max(0.0, start - time.time()))  # the workers write at the same time
+writer.start()
+for number in range(LINES):
+    deadline = time.monotonic() + 20
+    while number % 4000 == 0 and writer.queue.qsize() > 4000 and time.monotonic() < deadline:
+        time.sleep(0.001)  # none dropped: fewer than MAX_PENDING_LINES wait
+    writer.put(logging.LogRecord("egressproxy.test", logging.WARNING, "", 0,
+                                 "%s %d " + worker * 500, (worker, number), None))
+writer.stop(patience=20)
+"""
+
+
+def test_workers_sharing_a_regular_file_write_whole_lines(tmp_path: Path) -> None:
+    """`2>>proxy.log`, or systemd's StandardError=append:. A batch of lines went to a file
+    in 64 KiB slices cut anywhere, and another worker's slices landed between them: lines
+    torn in two, broken JSON for a log parser. Now each write is whole lines."""
+    package_root = Path(accesslog.__file__).resolve().parents[1]
+    environment = {"PYTHONPATH": str(package_root), "PATH": os.environ.get("PATH", "")}
+    log_path = tmp_path / "proxy.log"
+    start = str(time.time() + 1.0)
+    with log_path.open("ab") as log_file:
+        workers = [
+            subprocess.Popen(
+                [sys.executable, "-c", FILE_WORKER.replace("LINES", "24000"), worker, start],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+                env=environment,
+            )
+            for worker in "abc"
+        ]
+        for worker in workers:
+            worker.wait(60)
+    assert [worker.returncode for worker in workers] == [0, 0, 0]
+    messages = [json.loads(line)["message"] for line in log_path.read_text().splitlines()]
+    for worker in "abc":
+        own = [message for message in messages if message.startswith(worker)]
+        assert own == [f"{worker} {number} " + worker * 500 for number in range(24000)]
 
 
 TURN_WORKER = """
