@@ -394,7 +394,3 @@ def entry() -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     return code
-
-
-if __name__ == "__main__":
-    sys.exit(entry())

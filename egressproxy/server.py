@@ -27,6 +27,7 @@ from egressproxy.policy.errors import PolicyError
 from egressproxy.policy.store import PolicyStore
 from egressproxy.records import Accounting, FlowRecord, RequestRecord
 from egressproxy.settings import Endpoint, Settings
+from egressproxy.signals import CONTROLS, HURRY, STOPS
 
 log = logging.getLogger("egressproxy.server")
 
@@ -39,12 +40,6 @@ PIPE_SHARE = 32
 PR_SET_PDEATHSIG = 1
 """prctl(2): the signal a worker gets when its supervisor dies."""
 WORKER_SIGHUP = "SIGHUP ignored by a worker: send it to the supervisor (pid %d) to reload"
-STOPS = frozenset({signal.SIGTERM, signal.SIGINT})
-HURRY = signal.SIGUSR1
-"""The supervisor's word to its workers that a second stop came: end the drain at once.
-Another SIGTERM or SIGINT to a worker is no such word, as systemd (KillMode=control-group)
-and Ctrl-C send one to every process of the proxy, and the supervisor forwards its own."""
-CONTROLS = STOPS | {signal.SIGHUP, HURRY}
 WRITE_LOCK = "stderr.lock"
 """The file in the run's metrics directory its processes hold locked while they write."""
 
