@@ -721,6 +721,11 @@ class _Upstream(asyncio.Protocol):
         assumes none), so no stream is opened and a burst is not refused wholesale."""
         self.failure = ""
         """Why the proxy cut it (bad_response, flood); else its streams fail as "reset"."""
+        self.went_away = False
+        """It said GOAWAY: written to only while it waits for a window (may_write)."""
+        self.owed = False
+        """Frames written at the next flush whatever may_write says: a WINDOW_UPDATE given
+        while it waited (the window it opens means it waits no more), a stream's reset."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -765,7 +770,8 @@ class _Upstream(asyncio.Protocol):
     def flush(self) -> None:
         """What h2 has to send, after a WINDOW_UPDATE giving back the connection window
         its streams no longer hold (h2_windows); none once h2 has closed the connection."""
-        if self.transport is not None:
+        if self.transport is not None and (self.owed or self.may_write()):
+            self.owed = False
             due = self.windows.due(self.h2.inbound_flow_control_window)
             if due:
                 with contextlib.suppress(h2.exceptions.ProtocolError):
@@ -773,6 +779,21 @@ class _Upstream(asyncio.Protocol):
             data = self.h2.data_to_send()
             if data:
                 self.transport.write(data)
+
+    def may_write(self) -> bool:
+        """A server that said GOAWAY closes as soon as its last answer is written (grpc-go
+        and grpc-core, max_connection_age in Kubernetes), some of it maybe still unsent
+        while the proxy has yet to read what came before; a byte that reaches it after
+        that close makes its kernel abort the connection and drop what is unsent, and the
+        calls failed mid-stream. So such a server is written to (its WINDOW_UPDATEs, its
+        PING's ACK) only while it cannot finish without a window: a stream of it not
+        ended, or the connection, has none left. It has not closed then."""
+        if not self.went_away or self.h2.inbound_flow_control_window <= 0:
+            return True
+        return any(
+            window is not None and not window.ended and window.window <= 0
+            for window in (stream.upstream_window for stream in self.streams.values())
+        )
 
 
 class H2Proxy(asyncio.Protocol):
@@ -1388,6 +1409,7 @@ class H2Proxy(asyncio.Protocol):
         if stream.upstream_id:
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 upstream.h2.reset_stream(stream.upstream_id, h2.errors.ErrorCodes.CANCEL)
+                upstream.owed = True
             upstream.streams.pop(stream.upstream_id, None)
         elif stream in upstream.waiting:
             upstream.waiting.remove(stream)
@@ -1523,6 +1545,7 @@ class H2Proxy(asyncio.Protocol):
         if self.upstreams.get(upstream.key) is upstream:
             del self.upstreams[upstream.key]
         self.retired.add(upstream)
+        upstream.went_away = True
 
     def _response_started(
         self, upstream: _Upstream, stream: _Stream, headers: Headers, ended: bool
@@ -1550,6 +1573,7 @@ class H2Proxy(asyncio.Protocol):
         """A response head we found malformed: its stream is reset upstream, and fails."""
         with contextlib.suppress(h2.exceptions.StreamClosedError):
             upstream.h2.reset_stream(stream.upstream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            upstream.owed = True
         self._bad_response(upstream, stream.upstream_id, reason)
 
     def _bad_response(self, upstream: _Upstream, upstream_id: int, reason: str) -> None:
@@ -1627,12 +1651,13 @@ class H2Proxy(asyncio.Protocol):
         to a twin h2 has reset and forgotten already (a malformed response whose events
         are still being read), nor on a connection h2 has closed."""
         window, upstream = stream.upstream_window, stream.upstream
-        if window is None or upstream is None:
+        if window is None or upstream is None or not upstream.may_write():
             return
         increment = window.increment()
         if increment and stream.upstream_id in upstream.h2.streams:
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 upstream.h2.increment_flow_control_window(increment, stream.upstream_id)
+                upstream.owed = True
 
     def _stream_complete(self, stream: _Stream) -> None:
         upstream = stream.upstream
@@ -1640,6 +1665,7 @@ class H2Proxy(asyncio.Protocol):
             if not stream.end_sent and stream.upstream_id:  # answered before the request ended
                 with contextlib.suppress(h2.exceptions.StreamClosedError):
                     upstream.h2.reset_stream(stream.upstream_id, h2.errors.ErrorCodes.NO_ERROR)
+                    upstream.owed = True
                 upstream.flush()
             upstream.streams.pop(stream.upstream_id, None)
             self._open_waiting(upstream)
