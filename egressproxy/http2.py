@@ -725,7 +725,8 @@ class _Upstream(asyncio.Protocol):
         """It said GOAWAY: written to only while it waits for a window (may_write)."""
         self.owed = False
         """Frames written at the next flush whatever may_write says: a WINDOW_UPDATE given
-        while it waited (the window it opens means it waits no more), a stream's reset."""
+        while it waited (the window it opens means it waits no more), a stream's reset,
+        a request's body and end."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -1298,6 +1299,7 @@ class H2Proxy(asyncio.Protocol):
                     return
                 chunk = bytes(pending[:size])
                 connection.send_data(stream.upstream_id, chunk)
+                upstream.owed = True  # a stream whose request goes on is not finished
                 del pending[:size]
                 stream.last_activity = self.last_activity
                 stream.record.bytes_from_client += size  # counted once it goes upstream
@@ -1308,7 +1310,7 @@ class H2Proxy(asyncio.Protocol):
                     self._let_go_of_kept(stream)
                     self.h2.acknowledge_received_data(size, stream.client_id)
             if stream.request_ended and not stream.end_sent:
-                stream.end_sent = True
+                stream.end_sent = upstream.owed = True
                 if stream.request_trailers is not None:
                     trailers = stream.request_trailers
                     connection.send_headers(stream.upstream_id, trailers, end_stream=True)

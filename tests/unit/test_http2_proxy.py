@@ -3860,6 +3860,64 @@ async def test_an_upstream_that_said_goaway_is_written_to_only_once_it_waits_for
     assert [(r.status, r.error) for r in proxy.ledger.requests] == [(200, "")]
 
 
+class BodyKeepingOrigin(HeldH2Origin):
+    """A HeldH2Origin that keeps the request bodies it receives, and which have ended."""
+
+    def __init__(self, connections: list[HeldH2Origin]) -> None:
+        super().__init__(connections)
+        self.bodies: dict[int, bytes] = {}
+        self.ended: set[int] = set()
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.h2.receive_data(data):
+            stream_id = cast(int, getattr(event, "stream_id", 0))
+            if isinstance(event, h2.events.RequestReceived):
+                self.requests[dict(event.headers or [])[b":path"].decode()] = stream_id
+            elif isinstance(event, h2.events.DataReceived):
+                self.bodies[stream_id] = self.bodies.get(stream_id, b"") + (event.data or b"")
+            elif isinstance(event, h2.events.StreamEnded):
+                self.ended.add(stream_id)
+        self.transport.write(self.h2.data_to_send())
+
+
+@pytest.mark.asyncio
+async def test_an_upload_to_an_upstream_that_said_goaway_still_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client-streaming or bidi call on a connection its server has since said GOAWAY
+    on: the server waits for the rest of the request, so the proxy writes it (a stream
+    whose request goes on is one the server has not finished)."""
+    loop = asyncio.get_running_loop()
+    connections: list[HeldH2Origin] = []
+    server = await loop.create_server(lambda: BodyKeepingOrigin(connections), "127.0.0.1", 0)
+    try:
+        destination = local(server.sockets[0].getsockname()[1])
+        async with loopback_proxy(tmp_path, monkeypatch, ALLOW_ALL, destination) as proxy:
+            client = await connect_h2(proxy)
+            stream_id, answer = client.open_stream("POST", "/upload")
+            async with asyncio.timeout(TIMEOUT):
+                while not connections or "/upload" not in connections[0].requests:
+                    await asyncio.sleep(0.01)
+            (origin,) = connections
+            assert isinstance(origin, BodyKeepingOrigin)
+            upstream_id = origin.requests["/upload"]
+            origin.begin("/upload")
+            origin.transport.write(goaway(upstream_id))
+            await asyncio.sleep(0.1)
+            client.upload(stream_id, b"x" * 1000)
+            async with asyncio.timeout(TIMEOUT):
+                while upstream_id not in origin.ended:
+                    await asyncio.sleep(0.01)
+            origin.h2.send_data(upstream_id, b"done", end_stream=True)
+            origin.transport.write(origin.h2.data_to_send())
+            await all_answered([answer])
+            client.transport.close()
+            await proxy.wait_closed_flows(1)
+    finally:
+        server.close()
+    assert (origin.bodies[upstream_id], answer.body) == (b"x" * 1000, b"done")
+
+
 @pytest.mark.asyncio
 async def test_a_download_reset_in_the_read_that_opens_its_window_is_cancelled_upstream(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
