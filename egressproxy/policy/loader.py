@@ -62,13 +62,17 @@ def load_policy_text(text: str, file: str) -> Model:
     documents = parse_documents(text, checker)
     if checker.problems:
         raise PolicyError(checker.problems)
-    if not documents:  # emptied or truncated by mistake: passing everything would fail open
+    listed = expand_lists(documents, checker)
+    if not listed and not checker.problems:
+        # emptied or truncated by mistake, or `kubectl get … -o yaml` of none: an empty
+        # List; passing everything would fail open
+        empty = " (its List has no items)" if documents else ""
         reason = (
-            "the policy has no documents: to let all traffic through, say so"
+            f"the policy has no documents{empty}: to let all traffic through, say so"
             " (config/policy.yaml allows everything)"
         )
         raise PolicyError([Problem(file, 1, reason)])
-    documents = expand_lists(documents, checker)
+    documents = listed
     recognised: list[tuple[int, YMap]] = []
     for order, document in enumerate(documents):
         kind_line = document.line_of("kind")

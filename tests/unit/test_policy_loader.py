@@ -179,6 +179,23 @@ def test_a_policy_without_documents_is_refused(text: str) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        'apiVersion: v1\nitems: []\nkind: List\nmetadata:\n  resourceVersion: ""\n',
+        "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: List\n  items: []\n",
+    ],
+)
+def test_a_list_without_items_is_refused_as_no_documents(text: str) -> None:
+    """`kubectl get egressnetworks -A -o yaml > policy.yaml` where there are none: the
+    List stands for no resource, and was taken as a valid policy of no network, which
+    lets every connection through, at start-up and on reload."""
+    assert problems(text) == [
+        "p.yaml:1: the policy has no documents (its List has no items): to let all traffic"
+        " through, say so (config/policy.yaml allows everything)"
+    ]
+
+
 @pytest.mark.parametrize("written", ["0x" + "f" * 4000, "0b" + "1" * 20000, "0" + "7" * 5000])
 def test_a_huge_number_is_an_error_not_a_traceback(written: str) -> None:
     """YAML reads 0x… of any length, and Python will not write an integer of more than
