@@ -1473,9 +1473,6 @@ class H2Proxy(asyncio.Protocol):
             stream = upstream.streams.get(event.stream_id or 0)
             if stream is not None and not stream.done:
                 stream.response_trailers = list(event.headers or [])
-                status = grpc_status_of(stream.response_trailers)
-                if status is not None:
-                    stream.record.grpc_status = status
                 self._response_ended(stream)
         elif isinstance(event, h2.events.StreamEnded):
             stream = upstream.streams.get(event.stream_id or 0)
@@ -1642,6 +1639,11 @@ class H2Proxy(asyncio.Protocol):
                     self.h2.send_headers(
                         stream.client_id, stream.response_trailers, end_stream=True
                     )
+                    # the status the client got: trailers it never got (it reset the
+                    # stream, or the idle timeout cut it, first) leave UNKNOWN counted
+                    status = grpc_status_of(stream.response_trailers)
+                    if status is not None:
+                        stream.record.grpc_status = status
                 else:
                     self.h2.end_stream(stream.client_id)
                 self._stream_complete(stream)

@@ -3919,6 +3919,37 @@ async def test_an_upload_to_an_upstream_that_said_goaway_still_goes(
 
 
 @pytest.mark.asyncio
+async def test_a_grpc_status_the_client_never_got_is_not_counted_as_its_status(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upstream's answer and its trailers (grpc-status 0) are in, held for a client
+    that gives no window, and the client cancels: the call was counted grpc_status OK
+    with error reset, where the client saw CANCELLED. A status counts once it is sent."""
+    async with held_origins(tmp_path, monkeypatch) as origins:
+        client = await connect_h2(origins.proxy, ClosedWindowClient)
+        answer = client.request(
+            "POST", "/pkg.Svc/Call", headers={"content-type": "application/grpc"}
+        )
+        origin = await origins.requested("/pkg.Svc/Call")
+        stream_id = origin.requests["/pkg.Svc/Call"]
+        origin.begin("/pkg.Svc/Call")
+        origin.h2.send_data(stream_id, bytes(100))
+        origin.h2.send_headers(stream_id, [("grpc-status", "0")], end_stream=True)
+        origin.transport.write(origin.h2.data_to_send())
+        handler = await only_handler(origins.proxy)
+        async with asyncio.timeout(TIMEOUT):
+            while not (1 in handler.streams and handler.streams[1].response_ended):
+                await asyncio.sleep(0.01)
+        client.h2.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+        client.transport.write(client.h2.data_to_send())
+        client.transport.close()
+        await origins.proxy.wait_closed_flows(1)
+    assert answer.body == b""
+    outcomes = [(r.grpc_status, r.error) for r in origins.proxy.ledger.requests]
+    assert outcomes == [(None, "reset")]
+
+
+@pytest.mark.asyncio
 async def test_a_download_reset_in_the_read_that_opens_its_window_is_cancelled_upstream(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
