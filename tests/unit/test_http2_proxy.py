@@ -3793,6 +3793,33 @@ async def test_a_stream_on_an_upstream_that_sent_goaway_is_cancelled_when_the_cl
     assert request_statuses(registry, "http") == [("http-egress-allow", "", "reset", 1.0)]
 
 
+@contextlib.asynccontextmanager
+async def one_h2_origin(
+    kind: Callable[[list[HeldH2Origin]], HeldH2Origin],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[tuple[LoopbackProxy, list[HeldH2Origin]]]:
+    """A loopback proxy in front of one origin of kind, and the origin's connections."""
+    loop = asyncio.get_running_loop()
+    connections: list[HeldH2Origin] = []
+    server = await loop.create_server(lambda: kind(connections), "127.0.0.1", 0)
+    try:
+        destination = local(server.sockets[0].getsockname()[1])
+        async with loopback_proxy(tmp_path, monkeypatch, ALLOW_ALL, destination) as proxy:
+            yield proxy, connections
+    finally:
+        server.close()
+
+
+async def requested_of(connections: list[HeldH2Origin], path: str) -> HeldH2Origin:
+    """The one origin connection, once it has received the request for path."""
+    async with asyncio.timeout(TIMEOUT):
+        while not connections or path not in connections[0].requests:
+            await asyncio.sleep(0.01)
+    (origin,) = connections
+    return origin
+
+
 class WindowCountingOrigin(HeldH2Origin):
     """A HeldH2Origin that counts the stream WINDOW_UPDATEs it receives."""
 
@@ -3818,43 +3845,33 @@ async def test_an_upstream_that_said_goaway_is_written_to_only_once_it_waits_for
     WINDOW_UPDATE reaching them after that close made their kernel abort the connection,
     drop what was unsent, and calls failed mid-stream (13% of streaming calls under
     load). After a GOAWAY the proxy gives a window only once the stream's is spent."""
-    loop = asyncio.get_running_loop()
-    connections: list[HeldH2Origin] = []
-    server = await loop.create_server(lambda: WindowCountingOrigin(connections), "127.0.0.1", 0)
-    try:
-        destination = local(server.sockets[0].getsockname()[1])
-        async with loopback_proxy(tmp_path, monkeypatch, ALLOW_ALL, destination) as proxy:
-            client = await connect_h2(proxy)
-            answer = client.request("GET", "/download")
-            async with asyncio.timeout(TIMEOUT):
-                while not connections or "/download" not in connections[0].requests:
-                    await asyncio.sleep(0.01)
-            (origin,) = connections
-            assert isinstance(origin, WindowCountingOrigin)
-            stream_id = origin.requests["/download"]
-            origin.begin("/download")
-            origin.transport.write(goaway(stream_id))
-            window = origin.h2.local_flow_control_window(stream_id)
-            for size in (window // 2, window - window // 2):  # half, then what is left
-                frame_size = origin.h2.max_outbound_frame_size
-                for start in range(0, size, frame_size):
-                    origin.h2.send_data(stream_id, bytes(min(frame_size, size - start)))
-                origin.transport.write(origin.h2.data_to_send())
-                async with asyncio.timeout(TIMEOUT):
-                    while len(answer.body) < window // 2 or (
-                        size != window // 2 and origin.stream_updates == 0
-                    ):
-                        await asyncio.sleep(0.01)
-                if size == window // 2:
-                    await asyncio.sleep(0.2)
-                    assert origin.stream_updates == 0, "written to while it did not wait"
-            origin.h2.send_data(stream_id, b"end", end_stream=True)
+    async with one_h2_origin(WindowCountingOrigin, tmp_path, monkeypatch) as (proxy, connections):
+        client = await connect_h2(proxy)
+        answer = client.request("GET", "/download")
+        origin = await requested_of(connections, "/download")
+        assert isinstance(origin, WindowCountingOrigin)
+        stream_id = origin.requests["/download"]
+        origin.begin("/download")
+        origin.transport.write(goaway(stream_id))
+        window = origin.h2.local_flow_control_window(stream_id)
+        for size in (window // 2, window - window // 2):  # half, then what is left
+            frame_size = origin.h2.max_outbound_frame_size
+            for start in range(0, size, frame_size):
+                origin.h2.send_data(stream_id, bytes(min(frame_size, size - start)))
             origin.transport.write(origin.h2.data_to_send())
-            await all_answered([answer])
-            client.transport.close()
-            await proxy.wait_closed_flows(1)
-    finally:
-        server.close()
+            async with asyncio.timeout(TIMEOUT):
+                while len(answer.body) < window // 2 or (
+                    size != window // 2 and origin.stream_updates == 0
+                ):
+                    await asyncio.sleep(0.01)
+            if size == window // 2:
+                await asyncio.sleep(0.2)
+                assert origin.stream_updates == 0, "written to while it did not wait"
+        origin.h2.send_data(stream_id, b"end", end_stream=True)
+        origin.transport.write(origin.h2.data_to_send())
+        await all_answered([answer])
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
     assert (answer.reset, len(answer.body)) == (False, window + 3)
     assert origin.stream_updates >= 1
     assert [(r.status, r.error) for r in proxy.ledger.requests] == [(200, "")]
@@ -3887,34 +3904,24 @@ async def test_an_upload_to_an_upstream_that_said_goaway_still_goes(
     """A client-streaming or bidi call on a connection its server has since said GOAWAY
     on: the server waits for the rest of the request, so the proxy writes it (a stream
     whose request goes on is one the server has not finished)."""
-    loop = asyncio.get_running_loop()
-    connections: list[HeldH2Origin] = []
-    server = await loop.create_server(lambda: BodyKeepingOrigin(connections), "127.0.0.1", 0)
-    try:
-        destination = local(server.sockets[0].getsockname()[1])
-        async with loopback_proxy(tmp_path, monkeypatch, ALLOW_ALL, destination) as proxy:
-            client = await connect_h2(proxy)
-            stream_id, answer = client.open_stream("POST", "/upload")
-            async with asyncio.timeout(TIMEOUT):
-                while not connections or "/upload" not in connections[0].requests:
-                    await asyncio.sleep(0.01)
-            (origin,) = connections
-            assert isinstance(origin, BodyKeepingOrigin)
-            upstream_id = origin.requests["/upload"]
-            origin.begin("/upload")
-            origin.transport.write(goaway(upstream_id))
-            await asyncio.sleep(0.1)
-            client.upload(stream_id, b"x" * 1000)
-            async with asyncio.timeout(TIMEOUT):
-                while upstream_id not in origin.ended:
-                    await asyncio.sleep(0.01)
-            origin.h2.send_data(upstream_id, b"done", end_stream=True)
-            origin.transport.write(origin.h2.data_to_send())
-            await all_answered([answer])
-            client.transport.close()
-            await proxy.wait_closed_flows(1)
-    finally:
-        server.close()
+    async with one_h2_origin(BodyKeepingOrigin, tmp_path, monkeypatch) as (proxy, connections):
+        client = await connect_h2(proxy)
+        stream_id, answer = client.open_stream("POST", "/upload")
+        origin = await requested_of(connections, "/upload")
+        assert isinstance(origin, BodyKeepingOrigin)
+        upstream_id = origin.requests["/upload"]
+        origin.begin("/upload")
+        origin.transport.write(goaway(upstream_id))
+        await asyncio.sleep(0.1)
+        client.upload(stream_id, b"x" * 1000)
+        async with asyncio.timeout(TIMEOUT):
+            while upstream_id not in origin.ended:
+                await asyncio.sleep(0.01)
+        origin.h2.send_data(upstream_id, b"done", end_stream=True)
+        origin.transport.write(origin.h2.data_to_send())
+        await all_answered([answer])
+        client.transport.close()
+        await proxy.wait_closed_flows(1)
     assert (origin.bodies[upstream_id], answer.body) == (b"x" * 1000, b"done")
 
 
