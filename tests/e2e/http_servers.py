@@ -1,6 +1,6 @@
 """HTTP services the HTTP tests need beyond servers.py: raw heads, upgrades, h2c, gRPC.
 
-    ip netns exec NS python http_servers.py --h1 PORT --h2 PORT --grpc PORT
+    ip netns exec NS python http_servers.py --h1 PORT --h2 PORT --grpc PORT --grpc-aged PORT
 
 Runs in the world's internet namespace on the wildcard addresses; the unit tests
 start the same coroutines on 127.0.0.1.
@@ -13,7 +13,9 @@ h1 (h11):  GET /raw-head answers the request head byte for byte as it arrived;
            length and closes; GET /status/N answers status N.
 h2 (h2):   a JSON document of each stream's pseudo-headers, headers and body hash;
            GET /bytes/N streams the test stream (flow control respected).
-gRPC:      /test.Echo/Echo returns its request bytes; /test.Echo/Fail aborts NOT_FOUND.
+gRPC:      /test.Echo/Echo returns its request bytes; /test.Echo/Fail aborts NOT_FOUND;
+           /test.Echo/Stream streams STREAMED_MESSAGES messages. The --grpc-aged server
+           serves the same, each of its connections closed after CONNECTION_AGE_MS.
 """
 
 from __future__ import annotations
@@ -294,7 +296,14 @@ class H2Server(asyncio.Protocol):
 # --- gRPC ---------------------------------------------------------------------------
 
 
-def grpc_server(address: str) -> tuple[Any, int]:
+STREAMED_MESSAGES, STREAMED_SIZE = 200, 20_000
+"""What test.Echo/Stream answers: this many messages of this many bytes."""
+CONNECTION_AGE_MS = 500
+"""The aged server's max_connection_age: it says GOAWAY and closes each connection this
+often, as a gRPC server behind a Kubernetes Service is often told to."""
+
+
+def grpc_server(address: str, max_connection_age_ms: int | None = None) -> tuple[Any, int]:
     """A grpcio server with generic (protoc-free) handlers, started; and its port."""
     from concurrent import futures
 
@@ -302,6 +311,10 @@ def grpc_server(address: str) -> tuple[Any, int]:
 
     def echo(request: bytes, context: Any) -> bytes:
         return request
+
+    def stream(request: bytes, context: Any) -> Iterator[bytes]:
+        for _ in range(STREAMED_MESSAGES):
+            yield bytes(STREAMED_SIZE)
 
     def fail(request: bytes, context: Any) -> bytes:
         context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
@@ -312,9 +325,16 @@ def grpc_server(address: str) -> tuple[Any, int]:
         {
             "Echo": grpc.unary_unary_rpc_method_handler(echo),
             "Fail": grpc.unary_unary_rpc_method_handler(fail),
+            "Stream": grpc.unary_stream_rpc_method_handler(stream),
         },
     )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    options = []
+    if max_connection_age_ms is not None:
+        options = [
+            ("grpc.max_connection_age_ms", max_connection_age_ms),
+            ("grpc.max_connection_age_grace_ms", 20_000),
+        ]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=options)
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port(address)
     server.start()
@@ -335,6 +355,35 @@ def grpc_call(target: str, method: str, payload: bytes, metadata_bytes: int = 0)
         except grpc.RpcError as error:
             return {"code": error.code().name, "response": None}
     return {"code": "OK", "response": response.decode("latin-1")}
+
+
+def grpc_streams(target: str, seconds: float, callers: int = 8) -> dict[str, int]:
+    """test.Echo/Stream called over and over by `callers` threads on one channel for
+    `seconds`: how many calls got every message, and how many ended with each code."""
+    import time
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    outcomes: Counter[str] = Counter()
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    with grpc.insecure_channel(target, options=options) as channel:
+        call: Any = channel.unary_stream("/test.Echo/Stream")
+
+        def caller() -> None:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                try:
+                    received = sum(1 for _ in call(b"", timeout=20))
+                    outcomes["OK" if received == STREAMED_MESSAGES else "SHORT"] += 1
+                except grpc.RpcError as error:
+                    outcomes[error.code().name] += 1
+
+        with ThreadPoolExecutor(callers) as pool:
+            for done in [pool.submit(caller) for _ in range(callers)]:
+                done.result()
+    return dict(outcomes)
 
 
 def _listening_socket(address: str, port: int) -> socket.socket:
@@ -378,19 +427,34 @@ def main() -> None:
         help="be a gRPC client instead: one call, its outcome as JSON",
     )
     parser.add_argument("--metadata-bytes", type=int, default=0, help="with --call")
+    parser.add_argument(
+        "--grpc-aged", type=int, help="a gRPC server whose connections age: CONNECTION_AGE_MS"
+    )
+    parser.add_argument(
+        "--streams",
+        nargs=2,
+        metavar=("TARGET", "SECONDS"),
+        help="be a gRPC client instead: streaming calls, their outcomes as JSON",
+    )
     args = parser.parse_args()
     if args.call:
         target, method, payload = args.call
         print(json.dumps(grpc_call(target, method, payload.encode(), args.metadata_bytes)))
         return
-    if None in (args.h1, args.h2, args.grpc):
-        parser.error("--h1, --h2 and --grpc are required to serve")
+    if args.streams:
+        target, seconds = args.streams
+        print(json.dumps(grpc_streams(target, float(seconds))))
+        return
+    if None in (args.h1, args.h2, args.grpc, args.grpc_aged):
+        parser.error("--h1, --h2, --grpc and --grpc-aged are required to serve")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     grpc, _ = grpc_server(f"[::]:{args.grpc}")
+    aged, _ = grpc_server(f"[::]:{args.grpc_aged}", CONNECTION_AGE_MS)
     try:
         asyncio.run(serve(args.h1, args.h2))
     finally:
         grpc.stop(None)
+        aged.stop(None)
 
 
 if __name__ == "__main__":

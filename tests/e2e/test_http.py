@@ -29,7 +29,7 @@ from .world import BLACKHOLE_V4, STOP_TIMEOUT, World, stop_process
 
 pytestmark = pytest.mark.e2e
 
-H1_PORT, H2_PORT, GRPC_PORT = 8080, 8081, 50051
+H1_PORT, H2_PORT, GRPC_PORT, GRPC_AGED_PORT = 8080, 8081, 50051, 50052
 H2_URL = f"http://example.test:{H2_PORT}/get"
 SERVERS_READY_TIMEOUT = 15.0
 TIMEOUT = 10.0
@@ -123,6 +123,8 @@ def http_servers(world: World) -> Iterator[None]:
                 str(H2_PORT),
                 "--grpc",
                 str(GRPC_PORT),
+                "--grpc-aged",
+                str(GRPC_AGED_PORT),
             ],
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -131,7 +133,9 @@ def http_servers(world: World) -> Iterator[None]:
         )
     try:
         deadline = time.monotonic() + SERVERS_READY_TIMEOUT
-        while b"ready" not in log_path.read_bytes() or not _accepts(world, GRPC_PORT):
+        while b"ready" not in log_path.read_bytes() or not all(
+            _accepts(world, port) for port in (GRPC_PORT, GRPC_AGED_PORT)
+        ):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"http_servers.py did not start:\n{log_path.read_text()}")
             time.sleep(0.05)
@@ -1227,6 +1231,46 @@ def test_grpcio_allowed_and_denied(world: World, proxy: StartProxy, http_servers
         )
         == 1
     )
+
+
+GRPC_STREAMS = """\
+apiVersion: egressproxy.io/v1alpha1
+kind: EgressPolicy
+metadata: {{name: streams}}
+spec:
+  default: deny
+  rules:
+  - name: echo
+    ports: [{port}]
+    grpc: [{{service: test.Echo}}]
+"""
+
+
+def test_grpc_streams_finish_on_connections_their_server_ages_out(
+    world: World, proxy: StartProxy, http_servers: None
+) -> None:
+    """A gRPC server at max_connection_age (500 ms here) says GOAWAY and closes once its
+    last answer is written, some of it still unsent while the proxy reads slowly. The
+    proxy's WINDOW_UPDATEs reaching it after that close made its kernel abort the
+    connection and drop the rest: about one streaming call in twenty failed INTERNAL
+    through the redirect, none directly. Every call must get every message."""
+    run_proxy(proxy, GRPC_STREAMS.format(port=GRPC_AGED_PORT))
+    result = world.run(
+        [
+            "env",
+            "GRPC_DNS_RESOLVER=native",
+            sys.executable,
+            str(Path(__file__).with_name("http_servers.py")),
+            "--streams",
+            f"example.test:{GRPC_AGED_PORT}",
+            "5",
+        ],
+        timeout=60,
+    )
+    assert result.returncode == 0, result
+    outcomes = json.loads(result.stdout)
+    assert set(outcomes) == {"OK"}, outcomes
+    assert outcomes["OK"] >= 20, "calls outlived connections, several of them each"
 
 
 GRPC_OR_OPEN = """\
