@@ -29,7 +29,7 @@ from .world import BLACKHOLE_V4, STOP_TIMEOUT, World, stop_process
 
 pytestmark = pytest.mark.e2e
 
-H1_PORT, H2_PORT, GRPC_PORT, GRPC_AGED_PORT = 8080, 8081, 50051, 50052
+H1_PORT, H2_PORT, GRPC_PORT, GRPC_AGED_PORT = 8080, 8081, 50051, 50061
 H2_URL = f"http://example.test:{H2_PORT}/get"
 SERVERS_READY_TIMEOUT = 15.0
 TIMEOUT = 10.0
