@@ -1186,20 +1186,24 @@ def grpc_call(
     host: str = "example.test",
     metadata_bytes: int = 0,
 ) -> dict[str, Any]:
+    return grpc_client(
+        world,
+        ["--call", f"{host}:{port}", method, payload, "--metadata-bytes", str(metadata_bytes)],
+        timeout=20,
+    )
+
+
+def grpc_client(world: World, arguments: list[str], timeout: float) -> dict[str, Any]:
+    """http_servers.py as a gRPC client in the client namespace: its JSON outcome."""
     result = world.run(
         [
             "env",
             "GRPC_DNS_RESOLVER=native",
             sys.executable,
             str(Path(__file__).with_name("http_servers.py")),
-            "--call",
-            f"{host}:{port}",
-            method,
-            payload,
-            "--metadata-bytes",
-            str(metadata_bytes),
+            *arguments,
         ],
-        timeout=20,
+        timeout=timeout,
     )
     assert result.returncode == 0, result
     return json.loads(result.stdout)  # type: ignore[no-any-return]
@@ -1255,20 +1259,7 @@ def test_grpc_streams_finish_on_connections_their_server_ages_out(
     connection and drop the rest: about one streaming call in twenty failed INTERNAL
     through the redirect, none directly. Every call must get every message."""
     run_proxy(proxy, GRPC_STREAMS.format(port=GRPC_AGED_PORT))
-    result = world.run(
-        [
-            "env",
-            "GRPC_DNS_RESOLVER=native",
-            sys.executable,
-            str(Path(__file__).with_name("http_servers.py")),
-            "--streams",
-            f"example.test:{GRPC_AGED_PORT}",
-            "5",
-        ],
-        timeout=60,
-    )
-    assert result.returncode == 0, result
-    outcomes = json.loads(result.stdout)
+    outcomes = grpc_client(world, ["--streams", f"example.test:{GRPC_AGED_PORT}", "5"], 60)
     assert set(outcomes) == {"OK"}, outcomes
     assert outcomes["OK"] >= 20, "calls outlived connections, several of them each"
 
